@@ -1,0 +1,156 @@
+// lstm_backward.cu: backpropagation through time for lstm_forward.cu, float32.
+//
+// Computes, for t = T-1 .. 0 (gate order i, f, g, o; dz are pre-activation grads):
+//     dh_t  = dy_t + dz_{t+1}·W_hh                 (at t = T-1: dy_t + dh_n)
+//     dc_t  = carry + dh_t·o·(1 - tanh²(c_t))      (carry at t = T-1: dc_n)
+//     dz^i = dc_t·g·i(1-i)    dz^f = dc_t·c_{t-1}·f(1-f)
+//     dz^g = dc_t·i·(1-g²)    dz^o = dh_t·tanh(c_t)·o(1-o)
+//     carry = dc_t·f                                (flows into c_{t-1})
+// then, over all steps at once:
+//     dW_ih = dzᵀ·x   dW_hh = dzᵀ·h_prev   db = Σ_{t,b} dz   dx = dz·W_ih
+//     dh0 = dz_0·W_hh   dc0 = carry after t = 0
+//
+// Kernels, launched by rnnkernels/_launch.py:
+//   1. lstm_backward_step<...>, once per step t, in reverse order: a block owns a tile
+//      of UnitTile hidden units j and BatchTile batch rows; it computes the recurrent
+//      gradient dz_{t+1}·W_hh[:, j] (K = 4H, staged through shared memory), adds dy_t,
+//      reads the saved gates and c_t, c_{t-1} and the dc carry of its (b, j) pairs,
+//      and writes dz_t for the four gates of j and the new carry. All in registers.
+//   2. gemm<...> (gemm.cuh) for dx, dW_ih, dW_hh, dh0 over T·B rows at once.
+//   3. column_sum<...> for db: fixed-order sums, no atomics.
+// Every output element is summed by one thread in a fixed order, so gradients are
+// bitwise identical run after run.
+//
+// Layouts (row-major, C-contiguous, float32):
+//   w_hh      [4H, H]        gates [T, B, 4H] activated i, f, g, o saved by forward
+//   c_all     [T+1, B, H]    c_all[0] = c0, c_all[t+1] = c_t (saved by forward)
+//   dy        [T, B, H]      dh_n, dc_n [B, H]
+//   dc_carry  [B, H]         starts as dc_n; after step 0 it is dc0
+//   dgates    [T, B, 4H]     dz, pre-activation gate gradients
+//
+// Notes for the launcher: same block/grid shape as lstm_forward_step; any B, H >= 1.
+#include "common.cuh"
+#include "gemm.cuh"
+
+namespace rnnkernels {
+
+template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile>
+__global__ void __launch_bounds__(UnitTile * BatchThreads)
+lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,g,o
+                   const float* __restrict__ gates,  // [T, B, 4H] activated gates
+                   const float* __restrict__ c_all,  // [T+1, B, H]
+                   const float* __restrict__ dy,     // [T, B, H]
+                   const float* __restrict__ dh_n,   // [B, H], added at t = T-1
+                   float* dc_carry,                  // [B, H], read then overwritten
+                   float* dgates,                    // [T, B, 4H]; reads slot t+1, writes t
+                   int steps,                        // T
+                   int batch,                        // B
+                   int hidden,                       // H
+                   int step) {                       // t, 0 <= t < T
+    constexpr int Threads = UnitTile * BatchThreads;
+    constexpr int BatchTile = BatchThreads * RowsPerThread;
+    static_assert(Threads % 32 == 0, "whole warps only");
+    static_assert((KTile & (KTile - 1)) == 0, "KTile must be a power of two");
+
+    // w_tile[k][u] = W_hh[k0 + k, unit0 + u]: the units are W_hh's contiguous dimension,
+    // so loads coalesce and a warp reads consecutive words.
+    __shared__ float w_tile[KTile][UnitTile];
+    // dz_tile[r][k] = dz_{t+1}[row0 + r, k0 + k]
+    __shared__ float dz_tile[BatchTile][KTile + 1];
+
+    const int unit_in_tile = threadIdx.x;
+    const int batch_lane = threadIdx.y;
+    const int thread = threadIdx.y * UnitTile + threadIdx.x;
+    const int unit0 = blockIdx.x * UnitTile;
+    const int row0 = blockIdx.y * BatchTile;
+    const int gate_width = lstm_gates * hidden;
+    const index_t state_size = (index_t)batch * hidden;
+
+    float dh[RowsPerThread];
+#pragma unroll
+    for (int r = 0; r < RowsPerThread; ++r) dh[r] = 0.0f;
+
+    // The last step has no dz_{t+1}; the branch is uniform over the grid.
+    if (step + 1 < steps) {
+        const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
+        for (int k0 = 0; k0 < gate_width; k0 += KTile) {
+            for (int e = thread; e < UnitTile * KTile; e += Threads) {
+                const int u = e % UnitTile, kk = e / UnitTile;
+                const int unit = unit0 + u, k = k0 + kk;
+                w_tile[kk][u] = (unit < hidden && k < gate_width) ? w_hh[(index_t)k * hidden + unit] : 0.0f;
+            }
+            for (int e = thread; e < BatchTile * KTile; e += Threads) {
+                const int kk = e % KTile, r = e / KTile;
+                const int row = row0 + r, k = k0 + kk;
+                dz_tile[r][kk] = (row < batch && k < gate_width) ? dz_next[(index_t)row * gate_width + k] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < KTile; ++kk) {
+                const float w = w_tile[kk][unit_in_tile];
+#pragma unroll
+                for (int r = 0; r < RowsPerThread; ++r)
+                    dh[r] = fmaf(dz_tile[batch_lane + r * BatchThreads][kk], w, dh[r]);
+            }
+            __syncthreads();
+        }
+    }
+
+    const int unit = unit0 + unit_in_tile;
+    if (unit >= hidden) return;
+#pragma unroll
+    for (int r = 0; r < RowsPerThread; ++r) {
+        const int row = row0 + batch_lane + r * BatchThreads;
+        if (row >= batch) continue;
+        const index_t cell = (index_t)row * hidden + unit;
+        const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
+        const float* gates_row = gates + gate_offset;
+        const float input_gate = gates_row[unit];
+        const float forget_gate = gates_row[hidden + unit];
+        const float cell_gate = gates_row[2 * hidden + unit];
+        const float output_gate = gates_row[3 * hidden + unit];
+        const float c = c_all[(index_t)(step + 1) * state_size + cell];
+        const float c_prev = c_all[(index_t)step * state_size + cell];
+        const float tanh_c = tanh_activation(c);
+
+        float dh_total = dh[r] + dy[(index_t)step * state_size + cell];
+        if (step + 1 == steps) dh_total += dh_n[cell];
+        const float dc = dc_carry[cell] + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
+
+        float* dz = dgates + gate_offset;
+        dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
+        dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
+        dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
+        dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
+        dc_carry[cell] = dc * forget_gate;
+    }
+}
+
+// out[col] = Σ_row matrix[row, col], for db = Σ_{t,b} dz. Thread (x, y) of a block sums
+// rows y, y + RowThreads, ... of column blockIdx.x·ColumnTile + x in increasing order,
+// then the RowThreads partial sums meet in a fixed-shape tree: deterministic, no atomics.
+template <int ColumnTile, int RowThreads>
+__global__ void __launch_bounds__(ColumnTile * RowThreads)
+column_sum(const float* __restrict__ matrix,  // [rows, cols]
+           float* __restrict__ out,           // [cols]
+           int rows,
+           int cols) {
+    static_assert((RowThreads & (RowThreads - 1)) == 0, "RowThreads must be a power of two");
+    static_assert((ColumnTile * RowThreads) % 32 == 0, "whole warps only");
+    __shared__ float partial[RowThreads][ColumnTile];
+
+    const int col = blockIdx.x * ColumnTile + threadIdx.x;
+    float sum = 0.0f;
+    if (col < cols)
+        for (int row = threadIdx.y; row < rows; row += RowThreads) sum += matrix[(index_t)row * cols + col];
+    partial[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+#pragma unroll
+    for (int stride = RowThreads / 2; stride > 0; stride /= 2) {
+        if (threadIdx.y < stride) partial[threadIdx.y][threadIdx.x] += partial[threadIdx.y + stride][threadIdx.x];
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && col < cols) out[col] = partial[0][threadIdx.x];
+}
+
+}  // namespace rnnkernels

@@ -1,0 +1,396 @@
+"""The launch plan of the CUDA LSTM kernels, written once for two runtimes.
+
+``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
+kernels of ``csrc/`` through a small *runtime* object with three members:
+
+* ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
+* ``sm_count``: streaming multiprocessors, for the tile heuristic;
+* ``function(source, name_expression)``: a launchable kernel, called like CuPy's
+  ``RawKernel``: ``kernel(grid, block, args)`` with arrays as pointers and NumPy
+  scalars (``np.int32``) by value.
+
+:class:`CupyRuntime` (``backend="cuda"``) compiles with NVRTC through
+``cupy.RawModule`` and launches on the caller's current CuPy stream;
+:class:`EmulatorRuntime` (``backend="emulated"``) runs the same kernels, compiled
+from the same text, on the CPU emulator (``rnnkernels.emulator``). So every launch
+the GPU makes is also made, and checked, in CI.
+
+Which matrix product, and why. The input projection (x·W_ihᵀ + b over all T·B rows)
+and the weight/input gradients after the backward loop use our own tiled FP32 GEMM
+(``csrc/gemm.cuh``), not cuBLAS: it is exact FP32 (never TF32), bitwise
+deterministic (each output is summed by one thread in a fixed order, no split-K),
+and the emulator can run it, so CI tests every launch. It is slower than cuBLAS, but
+the sequential recurrence (one launch per step) dominates LSTM time.
+
+Every kernel instance the launcher can pick is listed in ONE table, :data:`KERNELS`;
+the NVRTC check (``rnnkernels/nvrtc_check.py``) compiles exactly those.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _sources
+
+FORWARD_SOURCE = "lstm_forward.cu"
+BACKWARD_SOURCE = "lstm_backward.cu"
+GATES = 4  # i, f, g, o
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- tiles
+@dataclass(frozen=True)
+class StepTile:
+    """Tile of the per-step kernels (forward and backward share it).
+
+    A block is ``unit_tile x batch_threads`` threads and owns ``unit_tile`` hidden
+    units and ``batch_tile = batch_threads * rows_per_thread`` batch rows; the
+    reduction dimension (H forward, 4H backward) is staged ``k_tile`` at a time."""
+
+    name: str
+    unit_tile: int
+    batch_threads: int
+    rows_per_thread: int
+    k_tile: int
+
+    @property
+    def threads(self) -> int:
+        return self.unit_tile * self.batch_threads
+
+    @property
+    def batch_tile(self) -> int:
+        return self.batch_threads * self.rows_per_thread
+
+    def block(self) -> tuple[int, int, int]:
+        return (self.unit_tile, self.batch_threads, 1)
+
+    def grid(self, batch: int, hidden: int) -> tuple[int, int, int]:
+        return (_ceil_div(hidden, self.unit_tile), _ceil_div(batch, self.batch_tile), 1)
+
+    def _parameters(self) -> str:
+        return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}"
+
+    def forward_name(self, training: bool) -> str:
+        return f"rnnkernels::lstm_forward_step<{self._parameters()}, {str(training).lower()}>"
+
+    def backward_name(self) -> str:
+        return f"rnnkernels::lstm_backward_step<{self._parameters()}>"
+
+
+# Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
+# (from L2) fewer times per step, since every block column reads all of W_hh's rows of
+# its units; a shorter one makes more blocks, which a small batch needs to fill the GPU.
+# unit_tile * batch_threads is a whole number of warps; rows_per_thread * 4 gate
+# accumulators stay well inside the register budget (see the NVRTC check).
+STEP_TILES = (
+    StepTile("batch16", unit_tile=32, batch_threads=4, rows_per_thread=4, k_tile=32),
+    StepTile("batch8", unit_tile=32, batch_threads=4, rows_per_thread=2, k_tile=32),
+    StepTile("batch4", unit_tile=16, batch_threads=4, rows_per_thread=1, k_tile=32),
+    StepTile("batch1", unit_tile=32, batch_threads=1, rows_per_thread=1, k_tile=32),
+)
+
+
+def choose_step_tile(batch: int, hidden: int, sm_count: int) -> StepTile:
+    """Largest tile whose grid still gives every SM a block; if none does, the tile
+    with the most blocks. Tiles whose batch tile exceeds the batch rounded up to a
+    power of two are skipped: most of their threads would have no row."""
+    padded_batch = 1 << max(batch - 1, 0).bit_length()
+    fitting = [t for t in STEP_TILES if t.batch_tile <= padded_batch] or [STEP_TILES[-1]]
+    for tile in fitting:
+        grid = tile.grid(batch, hidden)
+        if grid[0] * grid[1] >= sm_count:
+            return tile
+    return max(fitting, key=lambda t: (_blocks(t, batch, hidden), -STEP_TILES.index(t)))
+
+
+def _blocks(tile: StepTile, batch: int, hidden: int) -> int:
+    grid = tile.grid(batch, hidden)
+    return grid[0] * grid[1]
+
+
+@dataclass(frozen=True)
+class GemmVariant:
+    """One instance of ``gemm<...>`` (csrc/gemm.cuh): operand layouts and bias."""
+
+    transpose_a: bool
+    transpose_b: bool
+    has_bias: bool
+    # 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, K staged 16 at a time:
+    # the classic register-blocked shape; these products are not on the critical path.
+    tile_m: int = 64
+    tile_n: int = 64
+    tile_k: int = 16
+    thread_m: int = 4
+    thread_n: int = 4
+
+    @property
+    def threads(self) -> int:
+        return (self.tile_m // self.thread_m) * (self.tile_n // self.thread_n)
+
+    def name(self) -> str:
+        flags = ", ".join(str(v).lower() for v in (self.transpose_a, self.transpose_b, self.has_bias))
+        return (
+            f"rnnkernels::gemm<{self.tile_m}, {self.tile_n}, {self.tile_k}, "
+            f"{self.thread_m}, {self.thread_n}, {flags}>"
+        )
+
+
+# C = A·Bᵀ (+ b): the input projection gx = x·W_ihᵀ + b.
+GEMM_INPUT_PROJECTION = GemmVariant(transpose_a=False, transpose_b=True, has_bias=True)
+GEMM_INPUT_PROJECTION_NO_BIAS = GemmVariant(transpose_a=False, transpose_b=True, has_bias=False)
+# C = Aᵀ·B: dW_ih = dzᵀ·x and dW_hh = dzᵀ·h_prev.
+GEMM_WEIGHT_GRADIENT = GemmVariant(transpose_a=True, transpose_b=False, has_bias=False)
+# C = A·B: dx = dz·W_ih and dh0 = dz_0·W_hh.
+GEMM_INPUT_GRADIENT = GemmVariant(transpose_a=False, transpose_b=False, has_bias=False)
+
+
+@dataclass(frozen=True)
+class ColumnSum:
+    """``column_sum<ColumnTile, RowThreads>``: 32 columns (one warp reads 32 consecutive
+    words of a row) by 8 row-threads per block."""
+
+    column_tile: int = 32
+    row_threads: int = 8
+
+    def name(self) -> str:
+        return f"rnnkernels::column_sum<{self.column_tile}, {self.row_threads}>"
+
+
+COLUMN_SUM = ColumnSum()
+
+# THE kernel table: every instance a launcher here can pick, per source file.
+KERNELS: dict[str, tuple[str, ...]] = {
+    FORWARD_SOURCE: (
+        GEMM_INPUT_PROJECTION.name(),
+        GEMM_INPUT_PROJECTION_NO_BIAS.name(),
+        *(tile.forward_name(training) for tile in STEP_TILES for training in (False, True)),
+    ),
+    BACKWARD_SOURCE: (
+        *(tile.backward_name() for tile in STEP_TILES),
+        GEMM_WEIGHT_GRADIENT.name(),
+        GEMM_INPUT_GRADIENT.name(),
+        COLUMN_SUM.name(),
+    ),
+}
+
+# Kernels that run once per step: the NVRTC check fails if any of them spills.
+STEP_KERNEL_PREFIXES = ("rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<")
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options shared by the runtime loader and the NVRTC check (no -arch: CuPy
+    adds the device's). The digest define changes CuPy's on-disk cache key whenever
+    any csrc/ file, headers included, changes."""
+    return (
+        f"--include-path={_sources.csrc_dir()}",
+        f"-DRNNKERNELS_SOURCES={_sources.sources_digest()}",
+    )
+
+
+# ------------------------------------------------------------------------ runtimes
+class CupyRuntime:
+    """Launches through CuPy on the current device and the current CuPy stream."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+        self._device_id = cupy.cuda.Device().id
+
+    @property
+    def sm_count(self) -> int:
+        return _cupy_sm_count(self._device_id)
+
+    def function(self, source: str, name_expression: str) -> Callable[..., Any]:
+        module = _cupy_module(source, compile_options(), self._device_id)
+        return module.get_function(name_expression)
+
+
+@functools.cache
+def _cupy_sm_count(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+@functools.cache
+def _cupy_module(source: str, options: tuple[str, ...], device_id: int):
+    """One NVRTC build per (source, options, device), holding every instance of
+    :data:`KERNELS` for that source. CuPy also caches the binary on disk, keyed on the
+    source text and the options (which carry the csrc/ digest)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(
+            code=_sources.read_source(source),
+            options=options,
+            name_expressions=KERNELS[source],
+        )
+        module.compile()
+    return module
+
+
+class EmulatorRuntime:
+    """Runs the kernels on the CPU emulator; arrays are NumPy arrays."""
+
+    # The emulator runs every CUDA thread on the CPU; the SM count only feeds the tile
+    # heuristic, and a small one picks the tiles with fewer, larger blocks.
+    sm_count = 4
+
+    def __init__(self, *, sanitize: bool = False, seed: int | None = None) -> None:
+        self.xp = np
+        self.sanitize = sanitize
+        self.seed = seed
+
+    def function(self, source: str, name_expression: str) -> Callable[..., Any]:
+        kernel = _emulator_module(source, _sources.sources_digest(), self.sanitize).get_function(
+            name_expression
+        )
+        seed = self.seed
+
+        def launch(grid, block, args):
+            return kernel(grid, block, args, seed=seed)
+
+        return launch
+
+
+@functools.cache
+def _emulator_module(source: str, digest: str, sanitize: bool):
+    from . import emulator
+
+    return emulator.load_module(
+        [_sources.read_source(source)],
+        KERNELS[source],
+        include_dirs=(str(_sources.csrc_dir()),),
+        defines={"RNNKERNELS_SOURCES": digest},
+        sanitize=sanitize,
+    )
+
+
+# ---------------------------------------------------------------------- launch plan
+@dataclass
+class Saved:
+    """What :func:`forward` keeps for :func:`backward` (opaque to the API)."""
+
+    x: Any  # [T, B, I]
+    w_ih: Any  # [4H, I]
+    w_hh: Any  # [4H, H]
+    has_bias: bool
+    gates: Any  # [T, B, 4H] activated i, f, g, o
+    h_all: Any  # [T+1, B, H], h_all[0] = h0
+    c_all: Any  # [T+1, B, H], c_all[0] = c0
+    step_tile: StepTile
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_sizes(steps: int, batch: int, input_size: int, hidden: int) -> None:
+    if hidden < 1:
+        raise ValueError(f"the CUDA LSTM kernels need hidden_size >= 1, got {hidden}")
+    if steps < 1 or batch < 1:
+        raise ValueError(f"the CUDA LSTM kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
+    # Sizes travel as 32-bit kernel arguments (offsets are computed in 64 bits).
+    for what, value in (("T*B", steps * batch), ("4*hidden_size", GATES * hidden), ("input_size", input_size)):
+        if value > _INT32_MAX:
+            raise ValueError(f"{what} = {value} exceeds the 32-bit size the CUDA kernels take")
+
+
+def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
+    """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh)."""
+    kernel = rt.function(
+        FORWARD_SOURCE if variant in (GEMM_INPUT_PROJECTION, GEMM_INPUT_PROJECTION_NO_BIAS) else BACKWARD_SOURCE,
+        variant.name(),
+    )
+    grid = (_ceil_div(m, variant.tile_m), _ceil_div(n, variant.tile_n), 1)
+    if grid[0] == 0 or grid[1] == 0:
+        return
+    # Without a bias the kernel never reads the pointer; pass c so it is a valid one.
+    bias_arg = bias if variant.has_bias else c
+    i32 = np.int32
+    kernel(grid, (variant.threads, 1, 1), (a, i32(lda), b, i32(ldb), bias_arg, c, i32(n), i32(m), i32(n), i32(k)))
+
+
+def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepTile | None = None):
+    """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``."""
+    xp = rt.xp
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    _check_sizes(steps, batch, input_size, hidden)
+    gate_width = GATES * hidden
+    tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
+
+    # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
+    gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
+    variant = GEMM_INPUT_PROJECTION if bias is not None else GEMM_INPUT_PROJECTION_NO_BIAS
+    _gemm(rt, variant, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
+
+    # 2. The recurrence, one launch per step.
+    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
+    c_all = xp.empty((steps + 1 if training else 2, batch, hidden), dtype=np.float32)
+    h_all[0] = h0
+    c_all[0] = c0
+    # Inference saves no gates; the kernel never touches the pointer, pass a valid one.
+    gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
+    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training))
+    grid, block = tile.grid(batch, hidden), tile.block()
+    b32, h32 = np.int32(batch), np.int32(hidden)
+    for t in range(steps):
+        step_kernel(grid, block, (gx, w_hh, h_all, c_all, gates, b32, h32, np.int32(t)))
+
+    # y is copied out of the saved h_all so that a caller editing y in place cannot
+    # corrupt the gradients; without training nothing is saved and y is a view.
+    y = h_all[1:].copy() if training else h_all[1:]
+    h_n = h_all[steps].copy()
+    c_n = c_all[steps if training else steps % 2].copy()
+    saved = Saved(x, w_ih, w_hh, bias is not None, gates, h_all, c_all, tile) if training else None
+    return y, h_n, c_n, saved
+
+
+def backward(rt, saved: Saved, dy, dh_n, dc_n, *, step_tile: StepTile | None = None):
+    """The backend contract's backward on runtime ``rt``: returns
+    ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None when forward had no bias."""
+    xp = rt.xp
+    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    gate_width = GATES * hidden
+    tile = step_tile or saved.step_tile
+    rows = steps * batch
+
+    # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
+    dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
+    dc_carry = dc_n.copy()
+    step_kernel = rt.function(BACKWARD_SOURCE, tile.backward_name())
+    grid, block = tile.grid(batch, hidden), tile.block()
+    i32 = np.int32
+    sizes = (i32(steps), i32(batch), i32(hidden))
+    for t in reversed(range(steps)):
+        step_kernel(grid, block, (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_carry, dgates, *sizes, i32(t)))
+
+    # 2. Products over all steps at once; dz is [T·B, 4H] row-major.
+    dx = xp.empty((steps, batch, input_size), dtype=np.float32)
+    _gemm(rt, GEMM_INPUT_GRADIENT, dgates, gate_width, w_ih, input_size, None, dx, rows, input_size, gate_width)
+    dw_ih = xp.empty((gate_width, input_size), dtype=np.float32)
+    _gemm(rt, GEMM_WEIGHT_GRADIENT, dgates, gate_width, x, input_size, None, dw_ih, gate_width, input_size, rows)
+    dw_hh = xp.empty((gate_width, hidden), dtype=np.float32)
+    # h_prev = h_all[0:T] is the first T·B rows of h_all.
+    _gemm(rt, GEMM_WEIGHT_GRADIENT, dgates, gate_width, saved.h_all, hidden, None, dw_hh, gate_width, hidden, rows)
+    dh0 = xp.empty((batch, hidden), dtype=np.float32)
+    _gemm(rt, GEMM_INPUT_GRADIENT, dgates, gate_width, w_hh, hidden, None, dh0, batch, hidden, gate_width)
+
+    db = None
+    if saved.has_bias:
+        db = xp.empty((gate_width,), dtype=np.float32)
+        kernel = rt.function(BACKWARD_SOURCE, COLUMN_SUM.name())
+        kernel(
+            (_ceil_div(gate_width, COLUMN_SUM.column_tile), 1, 1),
+            (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
+            (dgates, db, i32(rows), i32(gate_width)),
+        )
+    return dx, dw_ih, dw_hh, db, dh0, dc_carry

@@ -1,0 +1,196 @@
+"""Compile every kernel instance of the table with NVRTC and report ptxas's numbers.
+
+    python -m rnnkernels.nvrtc_check [--arch sm_80 sm_90]
+
+needs only the NVRTC library (``pip install rnnkernels[cuda13]``), no GPU and no
+driver. For each source in :data:`rnnkernels._launch.KERNELS` and each architecture it
+compiles all of that source's instances at once, with the runtime's options plus
+``-arch=<arch> -Xptxas=-v``, and prints one row per kernel: registers, static shared
+memory, stack frame and spill stores/loads. Exits 1 if a per-step kernel spills or a
+kernel needs more registers than its launch bounds allow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+
+from . import _launch, _sources
+
+DEFAULT_ARCHES = ("sm_80", "sm_90")
+_REGISTER_FILE = 65536  # 32-bit registers per SM on sm_80 / sm_90
+_MAX_REGISTERS_PER_THREAD = 255
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """ptxas's resource usage for one kernel instance on one architecture."""
+
+    name: str  # the name expression, e.g. rnnkernels::lstm_forward_step<32, 4, 4, 32, true>
+    arch: str
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    threads: int  # block size the launcher uses (the kernel's launch bounds)
+
+    @property
+    def register_limit(self) -> int:
+        """Registers per thread that still let one block of ``threads`` fit an SM."""
+        return min(_MAX_REGISTERS_PER_THREAD, _REGISTER_FILE // self.threads)
+
+    @property
+    def is_step_kernel(self) -> bool:
+        return self.name.startswith(_launch.STEP_KERNEL_PREFIXES)
+
+
+def block_threads() -> dict[str, int]:
+    """Threads per block for every name expression of the kernel table."""
+    threads = {}
+    for tile in _launch.STEP_TILES:
+        threads[tile.backward_name()] = tile.threads
+        for training in (False, True):
+            threads[tile.forward_name(training)] = tile.threads
+    for variant in (
+        _launch.GEMM_INPUT_PROJECTION,
+        _launch.GEMM_INPUT_PROJECTION_NO_BIAS,
+        _launch.GEMM_WEIGHT_GRADIENT,
+        _launch.GEMM_INPUT_GRADIENT,
+    ):
+        threads[variant.name()] = variant.threads
+    threads[_launch.COLUMN_SUM.name()] = _launch.COLUMN_SUM.column_tile * _launch.COLUMN_SUM.row_threads
+    return threads
+
+
+def load_nvrtc():
+    """cupy.cuda.nvrtc, or a RuntimeError saying what to install."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:  # ImportError, or the library failing to load
+        raise RuntimeError(
+            "the NVRTC check needs CuPy and the NVRTC library: "
+            "pip install rnnkernels[cuda13] (or rnnkernels[cuda12])"
+        ) from error
+    return nvrtc
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USAGE = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    """Mangled kernel name -> {registers, shared_bytes, stack_bytes, spill_stores,
+    spill_loads}, from a ``-Xptxas=-v`` log."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if match := _ENTRY.search(line):
+            current = kernels.setdefault(match.group(1), {"shared_bytes": 0})
+        elif current is None:
+            continue
+        elif match := _FRAME.search(line):
+            current["stack_bytes"], current["spill_stores"], current["spill_loads"] = map(int, match.groups())
+        elif match := _USAGE.search(line):
+            current["registers"] = int(match.group(1))
+            if smem := _SMEM.search(line):
+                current["shared_bytes"] = int(smem.group(1))
+    return kernels
+
+
+def compile_source(source: str, arch: str) -> list[KernelReport]:
+    """Compile every table instance of ``source`` for ``arch``; one report per instance.
+    Raises RuntimeError with the NVRTC log if compilation fails."""
+    nvrtc = load_nvrtc()
+    names = _launch.KERNELS[source]
+    program = nvrtc.createProgram(_sources.read_source(source), source, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(program, name)
+        options = [*_launch.compile_options(), f"-arch={arch}", "-Xptxas=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(
+                f"NVRTC failed to compile {source} for {arch}:\n{nvrtc.getProgramLog(program)}"
+            ) from error
+        log = nvrtc.getProgramLog(program)
+        usage = parse_ptxas_log(log)
+        threads = block_threads()
+        reports = []
+        for name in names:
+            lowered = nvrtc.getLoweredName(program, name)
+            if lowered not in usage:
+                raise RuntimeError(f"ptxas reported nothing for {name} ({lowered}) in:\n{log}")
+            numbers = usage[lowered]
+            reports.append(
+                KernelReport(
+                    name=name,
+                    arch=arch,
+                    registers=numbers["registers"],
+                    shared_bytes=numbers["shared_bytes"],
+                    stack_bytes=numbers["stack_bytes"],
+                    spill_stores=numbers["spill_stores"],
+                    spill_loads=numbers["spill_loads"],
+                    threads=threads[name],
+                )
+            )
+        return reports
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def check_all(arches=DEFAULT_ARCHES) -> list[KernelReport]:
+    """Reports for every source of the kernel table and every architecture."""
+    return [report for arch in arches for source in _launch.KERNELS for report in compile_source(source, arch)]
+
+
+def problems(reports: list[KernelReport]) -> list[str]:
+    """Why the reports fail the check: spills in per-step kernels, or more registers
+    than the launch bounds allow (empty when all is well)."""
+    found = []
+    for r in reports:
+        if r.is_step_kernel and (r.spill_stores or r.spill_loads):
+            found.append(f"{r.name} on {r.arch} spills ({r.spill_stores} B stored, {r.spill_loads} B loaded)")
+        if r.registers > r.register_limit:
+            found.append(f"{r.name} on {r.arch} uses {r.registers} registers > {r.register_limit}")
+    return found
+
+
+def format_table(reports: list[KernelReport]) -> str:
+    header = ("kernel", "arch", "threads", "regs", "smem B", "stack B", "spill st B", "spill ld B")
+    rows = [
+        (r.name.removeprefix("rnnkernels::"), r.arch, r.threads, r.registers, r.shared_bytes,
+         r.stack_bytes, r.spill_stores, r.spill_loads)
+        for r in reports
+    ]
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHES), help="e.g. sm_80 sm_90")
+    args = parser.parse_args(argv)
+    reports = check_all(args.arch)
+    print(f"NVRTC {'.'.join(map(str, load_nvrtc().getVersion()))}, sources {_sources.sources_digest()}")
+    print(format_table(reports))
+    found = problems(reports)
+    for problem in found:
+        print("FAIL:", problem, file=sys.stderr)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

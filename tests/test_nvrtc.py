@@ -1,0 +1,70 @@
+"""Every kernel instance the launcher can pick compiles with NVRTC for sm_80 and sm_90,
+and the per-step kernels do not spill. Needs the NVRTC library only, no GPU."""
+
+import pytest
+
+from rnnkernels import _launch, nvrtc_check
+
+pytestmark = pytest.mark.nvrtc
+
+
+def _nvrtc_or_skip():
+    try:
+        return nvrtc_check.load_nvrtc()
+    except RuntimeError as error:
+        pytest.skip(f"NVRTC is not available: {error.__cause__ or error}")
+
+
+@pytest.fixture(scope="module", params=nvrtc_check.DEFAULT_ARCHES)
+def reports(request):
+    _nvrtc_or_skip()
+    arch = request.param
+    found = [r for source in _launch.KERNELS for r in nvrtc_check.compile_source(source, arch)]
+    # Shown with -s, and kept in the report of a failing test.
+    print(f"\nptxas resource usage, {arch}:\n{nvrtc_check.format_table(found)}")
+    return found
+
+
+def test_every_table_instance_compiles(reports):
+    compiled = {r.name for r in reports}
+    listed = {name for names in _launch.KERNELS.values() for name in names}
+    assert compiled == listed
+    # Every tile the heuristic can return is in the table.
+    for tile in _launch.STEP_TILES:
+        assert tile.backward_name() in compiled
+        assert {tile.forward_name(False), tile.forward_name(True)} <= compiled
+
+
+def test_step_kernels_do_not_spill(reports):
+    step_reports = [r for r in reports if r.is_step_kernel]
+    assert len(step_reports) == 3 * len(_launch.STEP_TILES)
+    spilling = [r for r in step_reports if r.spill_stores or r.spill_loads or r.stack_bytes]
+    assert not spilling, nvrtc_check.format_table(spilling)
+
+
+def test_registers_within_launch_bounds(reports):
+    assert not nvrtc_check.problems(reports)
+    for r in reports:
+        assert 0 < r.registers <= r.register_limit, r
+        assert r.shared_bytes <= 48 * 1024, f"{r.name} exceeds the 48 KiB of static shared memory"
+
+
+def test_parse_ptxas_log():
+    log = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem\n"
+    )
+    assert nvrtc_check.parse_ptxas_log(log) == {
+        "_Z3fooPf": {"registers": 40, "shared_bytes": 2048, "stack_bytes": 8, "spill_stores": 4, "spill_loads": 12}
+    }
+
+
+def test_tile_heuristic_picks_listed_tiles():
+    for batch in (1, 2, 3, 4, 5, 8, 16, 17, 64, 1000):
+        for hidden in (1, 7, 33, 512, 4096):
+            for sm_count in (4, 132):
+                assert _launch.choose_step_tile(batch, hidden, sm_count) in _launch.STEP_TILES
+    assert _launch.choose_step_tile(1, 512, 132).batch_tile == 1
+    assert _launch.choose_step_tile(256, 1024, 132).name == "batch16"
