@@ -1,0 +1,70 @@
+"""``backend="cuda"``: the CUDA LSTM kernels of ``csrc/`` on an NVIDIA GPU, via CuPy.
+
+Arrays are CuPy arrays (the API converts DLPack / ``__cuda_array_interface__`` inputs);
+every kernel and copy runs on the caller's current CuPy stream, on the device holding
+``x``. Kernels are compiled with NVRTC through ``cupy.RawModule`` once per (source,
+options, device) and cached on disk by CuPy. The launch plan is shared with
+``backend="emulated"`` (``rnnkernels/_launch.py``, which also says why the large
+products use our own FP32 GEMM rather than cuBLAS).
+"""
+
+from __future__ import annotations
+
+from . import _launch
+from ._backend import Backend
+
+_INSTALL = "pip install rnnkernels[cuda13] (CUDA 13 driver) or rnnkernels[cuda12] (CUDA 12 driver)"
+
+
+def check_available() -> None:
+    """Raise a RuntimeError saying what is missing: CuPy, NVRTC or a GPU."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError(f"backend='cuda' needs CuPy: {_INSTALL}") from error
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError: no driver, or an unusable one
+        raise RuntimeError(
+            f"backend='cuda' found no usable NVIDIA GPU or driver ({error}); "
+            "it needs an NVIDIA GPU with a CUDA driver. Use backend='cpu' elsewhere."
+        ) from error
+    if count == 0:
+        raise RuntimeError("backend='cuda' found no NVIDIA GPU; use backend='cpu'")
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:
+        raise RuntimeError(f"backend='cuda' needs the NVRTC library: {_INSTALL}") from error
+
+
+def _check_same_device(device_id: int, *arrays) -> None:
+    for array in arrays:
+        if array is not None and array.device.id != device_id:
+            raise ValueError(f"all arrays must be on GPU {device_id}; one is on GPU {array.device.id}")
+
+
+def forward(x, w_ih, w_hh, bias, h0, c0, training):
+    """The backend contract's forward (rnnkernels/_backend.py) on CuPy float32 arrays."""
+    _check_same_device(x.device.id, w_ih, w_hh, bias, h0, c0)
+    with x.device:
+        return _launch.forward(_launch.CupyRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
+
+
+def backward(saved, dy, dh_n, dc_n):
+    """The backend contract's backward on the ``saved`` of :func:`forward`."""
+    device = saved.x.device
+    _check_same_device(device.id, dy, dh_n, dc_n)
+    with device:
+        return _launch.backward(_launch.CupyRuntime(), saved, dy, dh_n, dc_n)
+
+
+BACKEND = Backend(
+    name="cuda",
+    device="cuda",
+    compute_dtypes=("float32",),
+    forward=forward,
+    backward=backward,
+    check_available=check_available,
+)

@@ -1,0 +1,42 @@
+"""``backend="emulated"``: the CUDA LSTM kernels of ``csrc/`` run on the CPU emulator.
+
+The same kernel text, the same instances and the same launch plan as
+``backend="cuda"`` (``rnnkernels/_launch.py``), on NumPy arrays: this is how CI, which
+has no GPU, tests every launch the GPU makes. It is slow (every CUDA thread runs on
+the CPU); use it for checking, not for training.
+"""
+
+from __future__ import annotations
+
+from . import _launch
+from ._backend import Backend
+
+
+def check_available() -> None:
+    """Raise a RuntimeError when the emulator cannot run here (no C++ compiler)."""
+    try:
+        from . import emulator
+    except ImportError as error:
+        raise RuntimeError("backend='emulated' needs rnnkernels.emulator, missing from this installation") from error
+    if not emulator.compiler_available():
+        raise RuntimeError("backend='emulated' needs a C++17 compiler (g++ or clang++) on PATH")
+
+
+def forward(x, w_ih, w_hh, bias, h0, c0, training):
+    """The backend contract's forward (rnnkernels/_backend.py) on NumPy float32 arrays."""
+    return _launch.forward(_launch.EmulatorRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
+
+
+def backward(saved, dy, dh_n, dc_n):
+    """The backend contract's backward on the ``saved`` of :func:`forward`."""
+    return _launch.backward(_launch.EmulatorRuntime(), saved, dy, dh_n, dc_n)
+
+
+BACKEND = Backend(
+    name="emulated",
+    device="cpu",
+    compute_dtypes=("float32",),
+    forward=forward,
+    backward=backward,
+    check_available=check_available,
+)
