@@ -1,0 +1,325 @@
+"""``rnnkernels-bench``: sequential LSTM cost beside a parallel attention baseline.
+
+    rnnkernels-bench [--quick | --full] [--device auto|cpu|cuda]
+                     [--mode forward|training|decode|all] [--seq-lens 64,256,...]
+                     [--batch B] [--hidden H] [--dtype float32|bfloat16|float16|float64]
+                     [--json PATH] [--csv PATH] [--plot PATH]
+
+Presets (``--quick``, the default, ``--full``) pick lengths, sizes and repeat counts per
+device; ``--seq-lens``, ``--batch``, ``--hidden`` and ``--repeats`` override them.
+
+Exit status: 0 when every implementation that could run validated and was timed
+(implementations that cannot run here, e.g. without PyTorch or for an unsupported
+dtype, are "skipped" rows); 1 when any row is an "error" (a wrong result or a failure);
+2 for a usage error (bad arguments, ``--device cuda`` without a GPU, ``--plot`` without
+matplotlib).
+
+Output: a console table (with ``rich`` when installed, plain text otherwise: ``rich`` is
+in the ``bench`` extra and only makes it prettier), a progress display on stderr, and
+with ``--json``/``--csv``/``--plot`` the rows and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from . import impls as impl_registry
+from . import plot as plotting
+from .device_info import device_info, gpu_present
+from .flops import MODES
+from .runner import ROW_FIELDS, Settings, cells, run_suite
+from .timing import Schedule
+
+
+@dataclass(frozen=True)
+class Preset:
+    seq_lens: tuple[int, ...]
+    batch: int
+    hidden: int
+    schedule: Schedule
+
+
+PRESETS = {
+    # --quick on a CPU finishes in well under a minute on 2 cores, Numba compilation
+    # included; the default takes a few minutes; --full tens of minutes.
+    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(2, 5, 30, 0.15)),
+    ("cpu", "default"): Preset((32, 64, 128, 256, 512, 1024), 8, 128, Schedule(2, 7, 50, 0.5)),
+    ("cpu", "full"): Preset((32, 64, 128, 256, 512, 1024, 2048), 16, 256,
+                            Schedule(3, 10, 100, 1.5)),
+    ("cuda", "quick"): Preset((128, 512, 2048), 8, 256, Schedule(5, 20, 100, 0.3)),
+    ("cuda", "default"): Preset((64, 128, 256, 512, 1024, 2048, 4096), 16, 512,
+                                Schedule(10, 30, 200, 0.5)),
+    ("cuda", "full"): Preset((64, 128, 256, 512, 1024, 2048, 4096, 8192), 16, 512,
+                             Schedule(10, 50, 500, 1.0)),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnkernels-bench",
+        description="Time an LSTM (rnnkernels and the vendor baseline) beside one causal "
+        "attention layer (d_model = H) for training, inference over a sequence and "
+        "token-by-token decoding, across sequence lengths. Every implementation is "
+        "checked against a float64 reference before it is timed.")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few lengths, small sizes (<1 min on a 2-core CPU)")
+    size.add_argument("--full", action="store_true", help="more lengths, larger sizes, more repeats")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: a GPU where one is usable, else the CPU")
+    parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    parser.add_argument("--seq-lens", type=_positive_ints, metavar="T1,T2,...",
+                        help="sequence (decode: context) lengths")
+    parser.add_argument("--batch", type=_positive_int, metavar="B")
+    parser.add_argument("--hidden", type=_positive_int, metavar="H",
+                        help="LSTM hidden and input size; attention d_model")
+    parser.add_argument("--heads", type=_positive_int, default=1,
+                        help="attention heads (default 1; H must divide by it)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                        default="float32")
+    parser.add_argument("--repeats", type=_positive_int, metavar="N",
+                        help="at least N timed repeats per implementation")
+    parser.add_argument("--impls", metavar="NAME,...",
+                        help="implementations to run (default: all for the device; "
+                        "'reference' is opt-in on the CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write device, config and rows as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    return parser
+
+
+def resolve_device(requested: str) -> str:
+    present, why = gpu_present()
+    if requested == "cuda" and not present:
+        raise UsageError(f"--device cuda, but no GPU is usable here: {why}")
+    if requested == "auto":
+        return "cuda" if present else "cpu"
+    return requested
+
+
+def make_settings(args: argparse.Namespace, device: str) -> Settings:
+    preset = PRESETS[(device, "quick" if args.quick else "full" if args.full else "default")]
+    schedule = preset.schedule
+    if args.repeats:
+        schedule = Schedule(schedule.warmup, args.repeats, max(args.repeats, schedule.max_repeats),
+                            schedule.budget_s)
+    hidden = args.hidden or preset.hidden
+    if hidden % args.heads:
+        raise UsageError(f"--hidden {hidden} is not divisible by --heads {args.heads}")
+    names = None if args.impls is None else tuple(
+        name.strip() for name in args.impls.split(",") if name.strip())
+    try:
+        selected = impl_registry.select_impls(device, names)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return Settings(device=device, modes=MODES if args.mode == "all" else (args.mode,),
+                    seq_lens=args.seq_lens or preset.seq_lens, batch=args.batch or preset.batch,
+                    hidden=hidden, dtype=args.dtype, heads=args.heads, schedule=schedule,
+                    impls=selected, seed=args.seed)
+
+
+def config_dict(settings: Settings, preset_name: str) -> dict:
+    return {
+        "preset": preset_name, "device": settings.device, "modes": list(settings.modes),
+        "seq_lens": list(settings.seq_lens), "batch": settings.batch,
+        "hidden": settings.hidden, "input_size": settings.hidden, "dtype": settings.dtype,
+        "attention_heads": settings.heads, "seed": settings.seed,
+        "impls": [impl.name for impl in settings.impls],
+        "schedule": vars(settings.schedule),
+        "flops": "matmul FLOPs, formulas in rnnkernels/bench/flops.py",
+    }
+
+
+# --- output -----------------------------------------------------------------------------
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "ms":
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if kind == "tflops":
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    if kind == "bytes":
+        return f"{value / 2**20:.1f}"
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+TABLE_COLUMNS = (("mode", "mode", ""), ("model", "model", ""), ("impl", "impl", ""),
+                 ("T", "T", ""), ("median ms", "median_ms", "ms"), ("p10 ms", "p10_ms", "ms"),
+                 ("p90 ms", "p90_ms", "ms"), ("TFLOP/s", "tflops", "tflops"),
+                 ("seq steps", "sequential_steps", ""), ("peak MiB", "peak_mem_bytes", "bytes"),
+                 ("vs baseline", "ratio_to_baseline", "ratio"), ("status", "status", ""))
+
+
+def table_cells(row: dict) -> list[str]:
+    return [_fmt(row[key], kind) for _, key, kind in TABLE_COLUMNS]
+
+
+def print_table(rows: list[dict], title: str, out=None) -> None:
+    out = out or sys.stdout
+    notes = [(row["impl"], row["mode"], row["T"], row["note"]) for row in rows
+             if row["status"] != "ok" and row["note"]]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        lines = [[header for header, _, _ in TABLE_COLUMNS]] + [table_cells(row) for row in rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_COLUMNS))]
+        print(title, file=out)
+        for line in lines:
+            print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)), file=out)
+    else:
+        table = Table(title=title)
+        for header, _, kind in TABLE_COLUMNS:
+            table.add_column(header, justify="left" if not kind and header != "T" else "right")
+        previous = None
+        for row in rows:
+            if previous is not None and (row["mode"], row["model"]) != previous:
+                table.add_section()
+            previous = (row["mode"], row["model"])
+            style = {"error": "bold red", "skipped": "dim"}.get(row["status"])
+            table.add_row(*table_cells(row), style=style)
+        Console(file=out, width=max(140, Console(file=out).width)).print(table)
+    for impl, mode, T, note in notes:
+        print(f"  {impl} {mode} T={T}: {note}", file=out)
+
+
+class Progress:
+    """A progress bar on stderr (rich), or one line per finished cell without rich."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        try:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn)
+        except ImportError:
+            self._rich = None
+        else:
+            self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=Console(stderr=True), transient=True)
+            self._task = self._rich.add_task("starting", total=total)
+
+    def __enter__(self):
+        if self._rich:
+            self._rich.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._rich:
+            self._rich.__exit__(*exc)
+
+    def start(self, model, mode, T):
+        if self._rich:
+            self._rich.update(self._task, description=f"{mode:8} {model:9} T={T}")
+
+    def finish(self, model, mode, T, rows):
+        self.done += 1
+        if self._rich:
+            self._rich.advance(self._task)
+        else:
+            print(f"[{self.done}/{self.total}] {mode} {model} T={T}", file=sys.stderr, flush=True)
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=2, allow_nan=False)
+        file.write("\n")
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if row[key] is None else row[key] for key in ROW_FIELDS})
+
+
+def _json_safe(rows: list[dict]) -> list[dict]:
+    """Infinite or NaN numbers (e.g. an error of inf) become null: JSON has no inf."""
+    def clean(value):
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            return None
+        return value
+    return [{key: clean(value) for key, value in row.items()} for row in rows]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        if args.plot:
+            plotting.require_matplotlib()
+        device = resolve_device(args.device)
+        settings = make_settings(args, device)
+    except (UsageError, RuntimeError) as error:
+        print(f"rnnkernels-bench: error: {error}", file=sys.stderr)
+        return 2
+    preset_name = "quick" if args.quick else "full" if args.full else "default"
+    info = device_info(device)
+    with Progress(len(cells(settings))) as progress:
+        rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
+    rows = _json_safe(rows)
+    elapsed = time.perf_counter() - started
+    data = {"device": info, "config": {**config_dict(settings, preset_name),
+                                       "wall_seconds": round(elapsed, 2)},
+            "results": rows}
+    title = (f"rnnkernels-bench on {info['name']} ({device}) — B={settings.batch}, "
+             f"H={settings.hidden}, {settings.dtype}, {elapsed:.1f} s")
+    print_table(rows, title)
+    if args.json:
+        write_json(args.json, data)
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.plot:
+        try:
+            plotting.plot_results(data, args.plot)
+        except ValueError as error:
+            print(f"rnnkernels-bench: cannot plot: {error}", file=sys.stderr)
+            return 1
+    errors = [row for row in rows if row["status"] == "error"]
+    if errors:
+        print(f"rnnkernels-bench: {len(errors)} implementation(s) failed validation or "
+              "could not run; see the status column and notes above", file=sys.stderr)
+        return 1
+    if not any(row["status"] == "ok" for row in rows):
+        print("rnnkernels-bench: nothing could run with these settings", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""The implementations the suite compares, the problems they solve, and their checks.
+
+A *problem* is one (model, mode, T, B, H, dtype). Its inputs are drawn once in float64
+from a seeded generator; every implementation gets them cast to the benchmark dtype,
+and its result is compared with a float64 *reference* on the same inputs before it is
+timed (``validate``). An implementation whose result is off is not timed.
+
+LSTM implementations (I = H, with biases and initial state):
+  rnnkernels-cpu   ``rnnkernels.lstm_forward(..., backend="cpu")`` on NumPy arrays
+  rnnkernels-cuda  ``backend="cuda"`` on CuPy arrays
+  reference        ``backend="reference"`` (NumPy float64; opt-in with --impls)
+  torch-cpu        ``torch.nn.LSTM`` on the CPU                 (baseline on a CPU)
+  cudnn            ``torch.nn.LSTM`` on the GPU, i.e. cuDNN     (baseline on a GPU)
+Attention implementations (``rnnkernels/bench/attention.py``):
+  attention-numpy  NumPy, hand-written backward                 (CPU)
+  attention-cupy   CuPy: cuBLAS GEMMs and the causal-softmax RawKernel  (GPU)
+  attention-sdpa   PyTorch ``scaled_dot_product_attention``, autograd (baseline)
+
+Modes: ``forward`` is inference over the whole sequence (LSTM ``training=False``, no
+autograd for PyTorch); ``training`` is forward then backward with a random upstream
+gradient dy for the output sequence; ``decode`` is one new token at context length T
+(one LSTM step from a given state; one attention query against a KV cache of T tokens).
+
+References (float64): PyTorch on the benchmark device when PyTorch is installed (an
+implementation independent of the code under test), else ``rnnkernels``' float64
+reference backend for the LSTM and the NumPy attention in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import attention as attn
+from .flops import MODELS, MODES
+
+# Largest accepted error, max|got - want| / max(max|want|, 1e-3), per output, by dtype.
+TOLERANCE = {"float64": 1e-7, "float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
+DTYPES = tuple(TOLERANCE)
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: str
+    mode: str
+    T: int
+    B: int
+    H: int
+    dtype: str = "float32"
+    heads: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if self.T < 1 or self.B < 1 or self.H < 1:
+            raise ValueError(f"T, B and H must be positive, got {self.T}, {self.B}, {self.H}")
+        if self.model == "attention":
+            attn.head_dim(self.H, self.heads)
+
+
+def make_inputs(p: Problem) -> dict[str, np.ndarray]:
+    """float64 inputs of one problem, the same for every implementation."""
+    rng = np.random.default_rng(
+        [p.seed, p.T, p.B, p.H, p.heads, MODES.index(p.mode), MODELS.index(p.model)])
+    bound = 1.0 / math.sqrt(p.H)  # torch's default init range for both layers
+
+    def uniform(*shape):
+        return rng.uniform(-bound, bound, size=shape)
+
+    H, B, T = p.H, p.B, p.T
+    if p.model == "lstm":
+        inputs = {"w_ih": uniform(4 * H, H), "w_hh": uniform(4 * H, H),
+                  "b_ih": uniform(4 * H), "b_hh": uniform(4 * H),
+                  "h0": 0.5 * rng.standard_normal((B, H)),
+                  "c0": 0.5 * rng.standard_normal((B, H))}
+        steps = 1 if p.mode == "decode" else T
+        inputs["x"] = rng.standard_normal((steps, B, H))
+        if p.mode == "training":
+            inputs["dy"] = rng.standard_normal((T, B, H))
+        return inputs
+    inputs = {name: uniform(H, H) for name in ("wq", "wk", "wv", "wo")}
+    if p.mode == "decode":
+        d = H // p.heads
+        inputs["x"] = rng.standard_normal((B, H))
+        inputs["k_cache"] = rng.standard_normal((B, p.heads, T + 1, d))
+        inputs["v_cache"] = rng.standard_normal((B, p.heads, T + 1, d))
+    else:
+        inputs["x"] = rng.standard_normal((T, B, H))
+        if p.mode == "training":
+            inputs["dy"] = rng.standard_normal((T, B, H))
+    return inputs
+
+
+def to_host(a) -> np.ndarray:
+    """Any NumPy, CuPy or PyTorch array as a float64 NumPy array."""
+    if isinstance(a, np.ndarray):
+        return a.astype(np.float64)
+    module = type(a).__module__
+    if module.startswith("torch"):
+        import torch
+
+        return a.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if module.startswith("cupy"):
+        return a.get().astype(np.float64)
+    raise TypeError(f"cannot bring {type(a)} to the host")
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    if got.shape != want.shape:
+        raise ValueError(f"shape {got.shape} where {want.shape} was expected")
+    if not np.all(np.isfinite(got)):
+        return math.inf
+    scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-3)
+    return float(np.max(np.abs(got - want), initial=0.0)) / scale
+
+
+def compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, float]:
+    """Relative error of every output the reference has; a missing output is an error."""
+    missing = sorted(set(want) - set(got))
+    if missing:
+        raise KeyError(f"implementation did not return {missing}")
+    return {name: relative_error(got[name], want[name]) for name in want}
+
+
+class Unavailable(Exception):
+    """An implementation cannot run here. ``error`` says whether that is a failure (our
+    own code is broken or missing) or an expected absence (no PyTorch installed)."""
+
+    def __init__(self, reason: str, error: bool = False):
+        super().__init__(reason)
+        self.error = error
+
+
+@dataclass
+class Prepared:
+    run: Callable[[], Any]  # one call: the thing timed; GPU work is not synchronized
+    collect: Callable[[Any], dict[str, np.ndarray]]  # run()'s result as float64 arrays
+
+
+@dataclass
+class Impl:
+    name: str
+    model: str
+    device: str  # "cpu" or "cuda"
+    dtypes: tuple[str, ...]
+    build: Callable[[Problem, dict[str, np.ndarray]], Prepared]
+    timer: str  # "cpu", "cupy" or "torch-cuda"
+    peak_method: str | None  # a key of timing.PEAK_METHODS, or None when unknown
+    baseline: bool = False
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def _torch():
+    try:
+        import torch
+    except ImportError as error:
+        raise Unavailable("PyTorch is not installed (pip install rnnkernels[torch])") from error
+    return torch
+
+
+def _torch_device(device: str):
+    torch = _torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Unavailable(f"PyTorch {torch.__version__} was built without CUDA or sees no GPU")
+    return torch
+
+
+def _torch_dtype(torch, dtype: str):
+    return getattr(torch, dtype)
+
+
+def _cupy():
+    from .timing import require_gpu_cupy
+
+    try:
+        return require_gpu_cupy()
+    except RuntimeError as error:
+        raise Unavailable(str(error), error=True) from error
+
+
+def _rnnkernels():
+    try:
+        import rnnkernels
+        forward, backward = rnnkernels.lstm_forward, rnnkernels.lstm_backward
+    except (ImportError, AttributeError) as error:
+        raise Unavailable(f"rnnkernels.lstm_forward is not importable: {error}",
+                          error=True) from error
+    return forward, backward
+
+
+# --- LSTM -------------------------------------------------------------------------------
+
+LSTM_GRADS = ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0", "dc0")
+
+
+def _ours_build(backend: str, device: str):
+    def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+        lstm_forward, lstm_backward = _rnnkernels()
+        xp = np if device == "cpu" else _cupy()
+        dtype = "float64" if backend == "reference" else p.dtype
+        a = {k: xp.asarray(v.astype(dtype)) for k, v in inputs.items()}
+        args = (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"])
+
+        if p.mode == "training":
+            def run():
+                out = lstm_forward(*args, training=True, backend=backend)
+                return out, lstm_backward(out, dy=a["dy"])
+
+            def collect(result):
+                out, grads = result
+                got = {"y": to_host(out.y), "h_n": to_host(out.h_n), "c_n": to_host(out.c_n)}
+                got.update({name: to_host(getattr(grads, name)) for name in LSTM_GRADS})
+                return got
+            return Prepared(run, collect)
+
+        def run():
+            return lstm_forward(*args, training=False, backend=backend)
+
+        def collect(out):
+            got = {"h_n": to_host(out.h_n), "c_n": to_host(out.c_n)}
+            if p.mode == "forward":
+                got["y"] = to_host(out.y)
+            return got
+        return Prepared(run, collect)
+    return build
+
+
+def _torch_lstm_build(device: str):
+    def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+        torch = _torch_device(device)
+        if device == "cuda" and not torch.backends.cudnn.is_available():
+            raise Unavailable("PyTorch has CUDA but no cuDNN", error=True)
+        dtype = _torch_dtype(torch, p.dtype)
+        return _torch_lstm(torch, p.mode, inputs, torch.device(device), dtype)
+    return build
+
+
+def _torch_lstm(torch, mode, inputs, device, dtype) -> Prepared:
+    """torch.nn.LSTM with the problem's weights (shared by the impls and the reference)."""
+    H = inputs["w_hh"].shape[1]
+    lstm = torch.nn.LSTM(H, H).to(device=device, dtype=dtype)
+    t = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in inputs.items()}
+    with torch.no_grad():
+        for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
+            torch_name = name.replace("w_", "weight_").replace("b_", "bias_") + "_l0"
+            getattr(lstm, torch_name).copy_(t[name])
+    if device.type == "cuda":
+        lstm.flatten_parameters()
+    h0, c0 = t["h0"][None], t["c0"][None]
+    params = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+
+    if mode == "training":
+        x = t["x"].clone().requires_grad_(True)
+        h0.requires_grad_(True)
+        c0.requires_grad_(True)
+
+        def run():
+            y, (h_n, c_n) = lstm(x, (h0, c0))
+            grads = torch.autograd.grad(y, [x, *params, h0, c0], grad_outputs=t["dy"])
+            return y, h_n, c_n, grads
+
+        def collect(result):
+            y, h_n, c_n, grads = result
+            got = {"y": to_host(y), "h_n": to_host(h_n[0]), "c_n": to_host(c_n[0])}
+            for name, grad in zip(LSTM_GRADS, grads):
+                got[name] = to_host(grad[0] if name in ("dh0", "dc0") else grad)
+            return got
+        return Prepared(run, collect)
+
+    def run():
+        with torch.no_grad():
+            return lstm(t["x"], (h0, c0))
+
+    def collect(result):
+        y, (h_n, c_n) = result
+        got = {"h_n": to_host(h_n[0]), "c_n": to_host(c_n[0])}
+        if mode == "forward":
+            got["y"] = to_host(y)
+        return got
+    return Prepared(run, collect)
+
+
+# --- attention --------------------------------------------------------------------------
+
+ATTENTION_GRADS = ("dx", "dwq", "dwk", "dwv", "dwo")
+
+
+def _array_attention_build(device: str):
+    def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+        if device == "cpu":
+            xp, softmax = np, attn.numpy_causal_softmax
+        else:
+            xp, softmax = _cupy(), attn.cupy_causal_softmax
+        return _array_attention(xp, softmax, p, inputs)
+    return build
+
+
+def _array_attention(xp, softmax, p: Problem, inputs) -> Prepared:
+    a = {k: xp.asarray(v.astype(p.dtype)) for k, v in inputs.items()}
+    weights = (a["wq"], a["wk"], a["wv"], a["wo"])
+    if p.mode == "decode":
+        def run():
+            return attn.attention_decode(a["x"], a["k_cache"], a["v_cache"], *weights,
+                                         xp=xp, softmax=softmax)
+        return Prepared(run, lambda y: {"y": to_host(y)})
+    if p.mode == "forward":
+        def run():
+            return attn.attention_forward(a["x"], *weights, p.heads, xp=xp, softmax=softmax,
+                                          training=False)[0]
+        return Prepared(run, lambda y: {"y": to_host(y)})
+
+    def run():
+        y, saved = attn.attention_forward(a["x"], *weights, p.heads, xp=xp, softmax=softmax)
+        return y, attn.attention_backward(saved, a["dy"], xp=xp)
+
+    def collect(result):
+        y, grads = result
+        got = {"y": to_host(y)}
+        got.update({name: to_host(g) for name, g in zip(ATTENTION_GRADS, grads)})
+        return got
+    return Prepared(run, collect)
+
+
+def _sdpa_build(device: str):
+    def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+        torch = _torch_device(device)
+        return _torch_attention(torch, p, inputs, torch.device(device),
+                                _torch_dtype(torch, p.dtype))
+    return build
+
+
+def _torch_attention(torch, p: Problem, inputs, device, dtype) -> Prepared:
+    t = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in inputs.items()}
+    weights = [t["wq"], t["wk"], t["wv"], t["wo"]]
+    if p.mode == "decode":
+        def run():
+            with torch.no_grad():
+                return attn.torch_attention_decode(t["x"], t["k_cache"], t["v_cache"], *weights)
+        return Prepared(run, lambda y: {"y": to_host(y)})
+    if p.mode == "forward":
+        def run():
+            with torch.no_grad():
+                return attn.torch_attention_forward(t["x"], *weights, p.heads)
+        return Prepared(run, lambda y: {"y": to_host(y)})
+
+    x = t["x"].requires_grad_(True)
+    for w in weights:
+        w.requires_grad_(True)
+
+    def run():
+        y = attn.torch_attention_forward(x, *weights, p.heads)
+        return y, torch.autograd.grad(y, [x, *weights], grad_outputs=t["dy"])
+
+    def collect(result):
+        y, grads = result
+        got = {"y": to_host(y)}
+        got.update({name: to_host(g) for name, g in zip(ATTENTION_GRADS, grads)})
+        return got
+    return Prepared(run, collect)
+
+
+# --- the registry -----------------------------------------------------------------------
+
+def all_impls() -> list[Impl]:
+    """Every implementation, in table order (ours first, then the baselines)."""
+    return [
+        Impl("rnnkernels-cpu", "lstm", "cpu", ("float32", "float64"), _ours_build("cpu", "cpu"),
+             "cpu", "tracemalloc",
+             note="peak memory misses allocations inside Numba code"),
+        Impl("rnnkernels-cuda", "lstm", "cuda", ("float32", "float64", "float16"),
+             _ours_build("cuda", "cuda"), "cupy", "cupy-memory-hook"),
+        Impl("reference", "lstm", "cpu", DTYPES, _ours_build("reference", "cpu"), "cpu",
+             "tracemalloc", note="computes in float64 whatever the dtype"),
+        Impl("torch-cpu", "lstm", "cpu", ("float32", "float64", "bfloat16"),
+             _torch_lstm_build("cpu"), "cpu", None, baseline=True),
+        Impl("cudnn", "lstm", "cuda", ("float32", "float64", "float16", "bfloat16"),
+             _torch_lstm_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
+             baseline=True),
+        Impl("attention-numpy", "attention", "cpu", ("float32", "float64"),
+             _array_attention_build("cpu"), "cpu", "tracemalloc"),
+        Impl("attention-cupy", "attention", "cuda", ("float32", "float16"),
+             _array_attention_build("cuda"), "cupy", "cupy-memory-hook"),
+        Impl("attention-sdpa", "attention", "cpu", ("float32", "float64", "bfloat16"),
+             _sdpa_build("cpu"), "cpu", None, baseline=True),
+        Impl("attention-sdpa", "attention", "cuda", ("float32", "float64", "float16", "bfloat16"),
+             _sdpa_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
+             baseline=True),
+    ]
+
+
+DEFAULT_IMPLS = {
+    "cpu": ("rnnkernels-cpu", "torch-cpu", "attention-numpy", "attention-sdpa"),
+    "cuda": ("rnnkernels-cuda", "cudnn", "attention-cupy", "attention-sdpa"),
+}
+
+
+def select_impls(device: str, names: tuple[str, ...] | None = None) -> list[Impl]:
+    """The implementations to run on ``device``: the defaults, or ``names``."""
+    available = {impl.name: impl for impl in all_impls() if impl.device == device}
+    wanted = DEFAULT_IMPLS[device] if names is None else names
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) for device {device}: {unknown}; "
+                         f"choose from {sorted(available)}")
+    return [available[name] for name in wanted]
+
+
+def baseline_name(model: str, device: str) -> str:
+    for impl in all_impls():
+        if impl.model == model and impl.device == device and impl.baseline:
+            return impl.name
+    raise ValueError(f"no baseline for {model} on {device}")
+
+
+# --- the float64 reference ----------------------------------------------------------------
+
+def reference_outputs(p: Problem, inputs: dict[str, np.ndarray],
+                      device: str) -> tuple[dict[str, np.ndarray], str]:
+    """float64 outputs for the problem, and the name of what computed them."""
+    try:
+        torch = _torch_device(device)
+    except Unavailable:
+        torch = None
+    if torch is not None:
+        name = f"torch-float64-{device}"
+        if p.model == "lstm":
+            prepared = _torch_lstm(torch, p.mode, inputs, torch.device(device), torch.float64)
+        else:
+            prepared = _torch_attention(torch, p, inputs, torch.device(device), torch.float64)
+        return prepared.collect(prepared.run()), name
+    if p.model == "lstm":
+        prepared = _ours_build("reference", "cpu")(p, inputs)
+        return prepared.collect(prepared.run()), "rnnkernels-reference"
+    p64 = Problem(**{**p.__dict__, "dtype": "float64"})
+    prepared = _array_attention(np, attn.numpy_causal_softmax, p64, inputs)
+    return prepared.collect(prepared.run()), "attention-numpy-float64"

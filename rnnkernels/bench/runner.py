@@ -1,0 +1,150 @@
+"""One benchmark run: for every (mode, model, T), validate each implementation against
+the float64 reference, measure its peak memory on one call, then time all that passed,
+interleaved (``timing.measure_interleaved``). Produces the result rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import flops as flop_formulas
+from . import timing
+from .impls import (TOLERANCE, Impl, Prepared, Problem, Unavailable, baseline_name,
+                    compare, make_inputs, reference_outputs)
+
+ROW_FIELDS = (
+    "model", "impl", "mode", "device", "T", "B", "H", "heads", "dtype", "status",
+    "median_ms", "p10_ms", "p90_ms", "repeats", "flops", "tflops", "sequential_steps",
+    "peak_mem_bytes", "peak_mem_method", "ratio_to_baseline", "ratio_p10", "ratio_p90",
+    "baseline", "max_rel_err", "validated_against", "timer", "note",
+)
+STATUSES = ("ok", "skipped", "error")
+
+
+@dataclass
+class Settings:
+    device: str  # "cpu" or "cuda"
+    modes: tuple[str, ...]
+    seq_lens: tuple[int, ...]
+    batch: int
+    hidden: int
+    dtype: str
+    heads: int
+    schedule: timing.Schedule
+    impls: list[Impl]
+    seed: int = 0
+
+
+def _timer_factories() -> dict[str, Callable[[], timing.Timer]]:
+    return {"cpu": timing.CpuTimer, "cupy": timing.cupy_event_timer,
+            "torch-cuda": timing.torch_event_timer}
+
+
+def _row(impl: Impl, p: Problem, status: str, note: str = "", **values) -> dict:
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(model=p.model, impl=impl.name, mode=p.mode, device=impl.device, T=p.T, B=p.B,
+               H=p.H, heads=p.heads if p.model == "attention" else None, dtype=p.dtype,
+               status=status, flops=flop_formulas.flops(p.model, p.mode, p.T, p.B, p.H),
+               sequential_steps=flop_formulas.sequential_steps(p.model, p.mode, p.T),
+               note=note or (impl.note if status == "ok" else "") or None)
+    row.update(values)
+    return row
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+def run_cell(settings: Settings, model: str, mode: str, T: int,
+             timers: dict[str, timing.Timer]) -> list[dict]:
+    """Rows of every selected implementation of ``model`` for one (mode, T)."""
+    p = Problem(model, mode, T, settings.batch, settings.hidden, settings.dtype,
+                settings.heads, settings.seed)
+    impls = [impl for impl in settings.impls if impl.model == model]
+    inputs = make_inputs(p)
+    rows: dict[str, dict] = {}
+    prepared: dict[str, Prepared] = {}
+    reference = None
+    tolerance = TOLERANCE[p.dtype]
+    for impl in impls:
+        if p.dtype not in impl.dtypes:
+            rows[impl.name] = _row(impl, p, "skipped",
+                                   f"{impl.name} does not support {p.dtype}")
+            continue
+        try:
+            if reference is None:
+                reference = reference_outputs(p, inputs, settings.device)
+            want, validated_against = reference
+            if impl.timer not in timers:
+                timers[impl.timer] = _timer_factories()[impl.timer]()
+            candidate = impl.build(p, inputs)
+            errors = compare(candidate.collect(candidate.run()), want)
+        except Unavailable as reason:
+            rows[impl.name] = _row(impl, p, "error" if reason.error else "skipped", str(reason))
+            continue
+        except Exception as error:  # recorded in the row, and the run exits non-zero
+            rows[impl.name] = _row(impl, p, "error", _error_text(error))
+            continue
+        worst = max(errors, key=errors.get)
+        row = _row(impl, p, "ok", max_rel_err=errors[worst], validated_against=validated_against,
+                   timer=timers[impl.timer].method)
+        if errors[worst] > tolerance:
+            row.update(status="error", note=f"wrong result, not timed: {worst} off by "
+                       f"{errors[worst]:.3g} relative (tolerance {tolerance:g} for {p.dtype})")
+        else:
+            prepared[impl.name] = candidate
+        rows[impl.name] = row
+
+    for name, candidate in list(prepared.items()):
+        impl = next(impl for impl in impls if impl.name == name)
+        if impl.peak_method is None:
+            continue
+        try:
+            rows[name].update(peak_mem_bytes=timing.PEAK_METHODS[impl.peak_method](candidate.run),
+                              peak_mem_method=impl.peak_method)
+        except Exception as error:
+            rows[name].update(status="error", note=f"peak memory: {_error_text(error)}")
+            del prepared[name]
+
+    try:
+        samples = timing.measure_interleaved(
+            {name: c.run for name, c in prepared.items()},
+            {name: timers[next(i.timer for i in impls if i.name == name)] for name in prepared},
+            settings.schedule)
+    except Exception as error:
+        for name in prepared:
+            rows[name].update(status="error", note=f"timing: {_error_text(error)}")
+        return list(rows.values())
+
+    for name, times in samples.items():
+        stats = timing.summarize(times)
+        rows[name].update(stats)
+        rows[name]["tflops"] = rows[name]["flops"] / (stats["median_ms"] * 1e-3) / 1e12
+
+    base = baseline_name(model, settings.device)
+    if base in samples:
+        for name, times in samples.items():
+            ratio = timing.paired_ratio(times, samples[base])
+            rows[name].update(ratio_to_baseline=ratio["median"], ratio_p10=ratio["p10"],
+                              ratio_p90=ratio["p90"], baseline=base)
+    return list(rows.values())
+
+
+def cells(settings: Settings) -> list[tuple[str, str, int]]:
+    """(model, mode, T) in run order."""
+    return [(model, mode, T) for mode in settings.modes for model in ("lstm", "attention")
+            for T in settings.seq_lens
+            if any(impl.model == model for impl in settings.impls)]
+
+
+def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[dict]], None]
+              = lambda *args: None, on_cell_start: Callable[[str, str, int], None]
+              = lambda *args: None) -> list[dict]:
+    rows: list[dict] = []
+    timers: dict[str, timing.Timer] = {}
+    for model, mode, T in cells(settings):
+        on_cell_start(model, mode, T)
+        cell_rows = run_cell(settings, model, mode, T, timers)
+        rows.extend(cell_rows)
+        on_cell_done(model, mode, T, cell_rows)
+    return rows

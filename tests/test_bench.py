@@ -1,0 +1,506 @@
+"""Tests of the benchmark suite (rnnkernels/bench): argument parsing, FLOP formulas, the
+NumPy attention layer and its hand-written backward, timing logic, validation before
+timing, the JSON/CSV schema, and a smoke run of the CLI with tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from rnnkernels.bench import attention as attn
+from rnnkernels.bench import cli, flops, impls, plot, runner, timing
+
+# --- argument parsing ----------------------------------------------------------------------
+
+
+def test_parser_defaults():
+    args = cli.build_parser().parse_args([])
+    assert (args.quick, args.full, args.device, args.mode, args.dtype) == (
+        False, False, "auto", "all", "float32")
+    assert args.seq_lens is None and args.json is None and args.plot is None
+
+
+def test_parser_seq_lens_sorted_unique():
+    args = cli.build_parser().parse_args(["--seq-lens", "256,64,64,1024", "--batch", "3"])
+    assert args.seq_lens == (64, 256, 1024) and args.batch == 3
+
+
+@pytest.mark.parametrize("argv", [["--quick", "--full"], ["--seq-lens", "64,x"],
+                                  ["--seq-lens", "0,4"], ["--batch", "0"],
+                                  ["--dtype", "int8"], ["--device", "tpu"],
+                                  ["--mode", "sideways"]])
+def test_parser_rejects(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cuda_without_gpu_is_a_clear_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "gpu_present", lambda: (False, "CuPy sees no GPU"))
+    assert cli.main(["--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "no GPU" in err
+
+
+def test_auto_device_follows_gpu_presence(monkeypatch):
+    monkeypatch.setattr(cli, "gpu_present", lambda: (False, "none"))
+    assert cli.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(cli, "gpu_present", lambda: (True, "one"))
+    assert cli.resolve_device("auto") == "cuda"
+    assert cli.resolve_device("cpu") == "cpu"
+
+
+def test_settings_from_presets_and_overrides():
+    parser = cli.build_parser()
+    quick = cli.make_settings(parser.parse_args(["--quick"]), "cpu")
+    assert quick.seq_lens == cli.PRESETS[("cpu", "quick")].seq_lens
+    assert len(quick.seq_lens) >= 3 and quick.modes == flops.MODES
+    custom = cli.make_settings(parser.parse_args(
+        ["--full", "--mode", "decode", "--seq-lens", "8,16", "--hidden", "32", "--repeats", "3"]),
+        "cuda")
+    assert custom.modes == ("decode",) and custom.seq_lens == (8, 16) and custom.hidden == 32
+    assert custom.schedule.min_repeats == 3
+    assert [i.name for i in custom.impls] == list(impls.DEFAULT_IMPLS["cuda"])
+    with pytest.raises(cli.UsageError, match="heads"):
+        cli.make_settings(parser.parse_args(["--hidden", "30", "--heads", "4"]), "cpu")
+    with pytest.raises(cli.UsageError, match="unknown implementation"):
+        cli.make_settings(parser.parse_args(["--impls", "cudnn"]), "cpu")
+
+
+# --- FLOP formulas ----------------------------------------------------------------------
+
+
+def test_lstm_flops():
+    T, B, H = 5, 3, 4
+    per_step = 2 * B * 4 * H * (H + H)
+    assert flops.lstm_flops("forward", T, B, H) == T * per_step == 5 * 2 * 3 * 16 * 8
+    assert flops.lstm_flops("training", T, B, H) == 3 * T * per_step
+    assert flops.lstm_flops("decode", 1, B, H) == flops.lstm_flops("decode", 999, B, H) == per_step
+    assert flops.lstm_flops("forward", T, B, H, I=7) == 2 * T * B * 4 * H * (7 + H)
+
+
+def test_attention_flops_count_causal_pairs():
+    T, B, H = 6, 2, 8
+    mask = np.tril(np.ones((T, T), dtype=bool))
+    assert flops.causal_pairs(T) == mask.sum() == 21
+    projections = 4 * 2 * T * B * H * H
+    forward = projections + 2 * 2 * B * int(mask.sum()) * H
+    assert flops.attention_flops("forward", T, B, H) == forward
+    assert flops.attention_flops("training", T, B, H) == 3 * forward
+    assert flops.attention_flops("decode", T, B, H) == 8 * B * H * H + 4 * B * (T + 1) * H
+
+
+def test_sequential_steps_and_bad_arguments():
+    assert [flops.sequential_steps("lstm", m, 50) for m in flops.MODES] == [50, 100, 1]
+    assert [flops.sequential_steps("attention", m, 50) for m in flops.MODES] == [1, 2, 1]
+    with pytest.raises(ValueError):
+        flops.flops("gru", "forward", 1, 1, 1)
+    with pytest.raises(ValueError):
+        flops.lstm_flops("backward", 1, 1, 1)
+
+
+# --- the attention layer ------------------------------------------------------------------
+
+
+def naive_attention(x, wq, wk, wv, wo, heads):
+    """Loops over batch, head and query position, in float64: the layer's definition."""
+    T, B, H = x.shape
+    d = H // heads
+    q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
+    o = np.zeros((T, B, H))
+    for b in range(B):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            for t in range(T):
+                scores = np.array([q[t, b, cols] @ k[j, b, cols] for j in range(t + 1)])
+                scores /= math.sqrt(d)
+                weights = np.exp(scores - scores.max())
+                weights /= weights.sum()
+                o[t, b, cols] = sum(weights[j] * v[j, b, cols] for j in range(t + 1))
+    return o @ wo.T
+
+
+def random_layer(T, B, H, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, B, H))
+    weights = [rng.uniform(-1, 1, (H, H)) / math.sqrt(H) for _ in range(4)]
+    return x.astype(dtype), [w.astype(dtype) for w in weights]
+
+
+@pytest.mark.parametrize("T,B,H,heads", [(1, 1, 4, 1), (5, 3, 6, 1), (7, 2, 8, 2), (4, 1, 12, 3)])
+def test_attention_forward_matches_definition(T, B, H, heads):
+    x, w = random_layer(T, B, H)
+    y, saved = attn.attention_forward(x, *w, heads)
+    np.testing.assert_allclose(y, naive_attention(x, *w, heads), rtol=1e-12, atol=1e-12)
+    assert saved is not None
+    assert attn.attention_forward(x, *w, heads, training=False)[1] is None
+
+
+def test_attention_float32_close_to_float64():
+    x, w = random_layer(64, 3, 32)
+    want = attn.attention_forward(x, *w)[0]
+    got = attn.attention_forward(x.astype(np.float32), *[a.astype(np.float32) for a in w])[0]
+    assert got.dtype == np.float32
+    assert impls.relative_error(got.astype(np.float64), want) < 1e-5
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_backward_matches_finite_differences(heads):
+    T, B, H = 4, 2, 4
+    x, w = random_layer(T, B, H, seed=1)
+    dy = np.random.default_rng(2).standard_normal((T, B, H))
+    _, saved = attn.attention_forward(x, *w, heads)
+    grads = attn.attention_backward(saved, dy)
+    params = [x, *w]
+
+    def loss():
+        return float(np.sum(attn.attention_forward(x, *w, heads, training=False)[0] * dy))
+
+    eps = 1e-6
+    for param, grad in zip(params, grads):
+        numeric = np.zeros_like(param)
+        for index in np.ndindex(param.shape):
+            original = param[index]
+            param[index] = original + eps
+            plus = loss()
+            param[index] = original - eps
+            minus = loss()
+            param[index] = original
+            numeric[index] = (plus - minus) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_matches_torch_sdpa_and_autograd(heads):
+    torch = pytest.importorskip("torch")
+    T, B, H = 33, 3, 16
+    x, w = random_layer(T, B, H, seed=3)
+    dy = np.random.default_rng(4).standard_normal((T, B, H))
+    y, saved = attn.attention_forward(x, *w, heads)
+    grads = attn.attention_backward(saved, dy)
+    tx = torch.tensor(x, requires_grad=True)
+    tw = [torch.tensor(a, requires_grad=True) for a in w]
+    ty = attn.torch_attention_forward(tx, *tw, heads)
+    tgrads = torch.autograd.grad(ty, [tx, *tw], grad_outputs=torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, tgrads):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_decode_equals_last_position_of_full_forward(heads):
+    T, B, H = 9, 2, 8
+    x, w = random_layer(T + 1, B, H, seed=5)
+    full = attn.attention_forward(x, *w, heads)[0]
+    d = H // heads
+
+    def cache(weight):  # keys/values of the first T tokens, [B, heads, T + 1, d]
+        values = (x.reshape(-1, H) @ weight.T).reshape(T + 1, B, heads, d).transpose(1, 2, 0, 3)
+        out = np.ascontiguousarray(values)
+        out[:, :, -1] = 0  # the new token's slot: decode must write it
+        return out
+
+    k_cache, v_cache = cache(w[1]), cache(w[2])
+    y = attn.attention_decode(x[-1], k_cache, v_cache, *w)
+    np.testing.assert_allclose(y, full[-1], rtol=1e-12, atol=1e-12)
+    again = attn.attention_decode(x[-1], k_cache, v_cache, *w)  # repeating is idempotent
+    np.testing.assert_array_equal(y, again)
+
+
+@pytest.mark.torch
+def test_torch_decode_matches_numpy_decode():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    B, H, heads, T = 2, 8, 2, 5
+    x_new = rng.standard_normal((B, H))
+    caches = [rng.standard_normal((B, heads, T + 1, H // heads)) for _ in range(2)]
+    w = [rng.standard_normal((H, H)) for _ in range(4)]
+    want = attn.attention_decode(x_new, *[c.copy() for c in caches], *w)
+    got = attn.torch_attention_decode(torch.tensor(x_new), *[torch.tensor(c) for c in caches],
+                                      *[torch.tensor(a) for a in w])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_numpy_causal_softmax_mask_and_rows():
+    scores = np.random.default_rng(7).standard_normal((2, 5, 5))
+    p = attn.numpy_causal_softmax(scores.copy(), 0.5)
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    assert np.all(p[:, np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0)
+    np.testing.assert_allclose(p[:, 0, 0], 1.0)
+    rectangular = attn.numpy_causal_softmax(scores[:, 3:, :].copy(), 0.5)  # 2 queries, 5 keys
+    np.testing.assert_allclose(rectangular, p[:, 3:, :])
+
+
+def test_head_dim_must_divide():
+    with pytest.raises(ValueError, match="heads"):
+        attn.head_dim(10, 3)
+
+
+def test_kernel_source_is_package_data():
+    source = attn.kernel_source()
+    assert source.startswith('#line 1 "rnnkernels/bench/causal_softmax.cu"')
+    assert "causal_softmax_float32" in source and "causal_softmax_float16" in source
+
+
+@pytest.mark.nvrtc
+def test_causal_softmax_kernel_compiles_with_nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as error:  # no CuPy or no NVRTC library
+        pytest.skip(f"NVRTC unavailable: {error}")
+    program = nvrtc.createProgram(attn.kernel_source(), "causal_softmax.cu", (), ())
+    try:
+        nvrtc.compileProgram(program, ("--gpu-architecture=compute_80", "--std=c++17"))
+    except nvrtc.NVRTCError:
+        pytest.fail(nvrtc.getProgramLog(program))
+    ptx = nvrtc.getPTX(program)
+    assert b"causal_softmax_float32" in ptx and b"causal_softmax_float16" in ptx
+
+
+def _gpu_or_skip():
+    try:
+        return timing.require_gpu_cupy()
+    except RuntimeError as error:
+        pytest.skip(f"needs a GPU with CuPy: {error}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float16, 2e-3)])
+@pytest.mark.parametrize("queries,keys", [(1, 1), (7, 7), (300, 300), (1, 1000), (3, 9)])
+def test_cupy_causal_softmax_matches_numpy(dtype, tol, queries, keys):
+    cupy = _gpu_or_skip()
+    scores = np.random.default_rng(8).standard_normal((2, 3, queries, keys))
+    want = attn.numpy_causal_softmax(scores.copy(), 0.3)
+    got = attn.cupy_causal_softmax(cupy.asarray(scores.astype(dtype)), 0.3).get()
+    np.testing.assert_allclose(got.astype(np.float64), want, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", flops.MODES)
+def test_cupy_attention_matches_numpy(mode):
+    _gpu_or_skip()
+    p = impls.Problem("attention", mode, 70, 3, 32, "float32", heads=2)
+    inputs = impls.make_inputs(p)
+    cpu = next(i for i in impls.all_impls() if i.name == "attention-numpy").build(p, inputs)
+    gpu = next(i for i in impls.all_impls() if i.name == "attention-cupy").build(p, inputs)
+    errors = impls.compare(gpu.collect(gpu.run()), cpu.collect(cpu.run()))
+    assert max(errors.values()) < 1e-4
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+def test_summarize_and_paired_ratio():
+    stats = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert stats["median_ms"] == 3.0 and stats["repeats"] == 5
+    assert stats["p10_ms"] == pytest.approx(1.4) and stats["p90_ms"] == pytest.approx(4.6)
+    ratio = timing.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
+    assert ratio["median"] == 2.0
+    with pytest.raises(ValueError):
+        timing.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+class FakeTimer:
+    method = "fake"
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def time_ms(self, fn):
+        fn()
+        self.log.append(self.name)
+        return float(len(self.log))
+
+
+def test_measure_interleaved_rotates_and_respects_schedule():
+    log: list[str] = []
+    calls = {name: (lambda: None) for name in "abc"}
+    timers = {name: FakeTimer(log, name) for name in "abc"}
+    ticks = iter(range(1000))
+    samples = timing.measure_interleaved(calls, timers, timing.Schedule(1, 4, 10, 1e9),
+                                         clock=lambda: next(ticks) * 0.0)
+    assert {len(v) for v in samples.values()} == {10}  # budget never runs out: max repeats
+    assert log[:3] == ["a", "b", "c"]  # warm-up
+    assert log[3:12] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating order
+    log.clear()
+    clock = iter(range(1000))
+    samples = timing.measure_interleaved(calls, timers, timing.Schedule(0, 4, 10, 0.5),
+                                         clock=lambda: float(next(clock)))
+    assert {len(v) for v in samples.values()} == {4}  # budget spent: stop at min repeats
+    with pytest.raises(ValueError):
+        timing.Schedule(0, 5, 4, 1.0)
+
+
+def test_cuda_event_timer_flushes_then_brackets_the_call():
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.id = len([e for e in log if e.startswith("new")])
+            log.append(f"new{self.id}")
+
+        def record(self):
+            log.append(f"record{self.id}")
+
+        def synchronize(self):
+            log.append(f"sync{self.id}")
+
+    timer = timing.CudaEventTimer("fake-events", Event, lambda start, end: 1.25,
+                                  lambda: log.append("flush"))
+    assert timer.time_ms(lambda: log.append("work")) == 1.25
+    assert log == ["flush", "new0", "new1", "record0", "work", "record1", "sync1"]
+
+
+def test_l2_flush_size():
+    assert timing.l2_flush_bytes(50 << 20) == 100 << 20
+    assert timing.l2_flush_bytes(1 << 20) == 8 << 20
+    with pytest.raises(ValueError):
+        timing.l2_flush_bytes(-1)
+
+
+def test_tracemalloc_peak_sees_numpy_temporaries():
+    def work():
+        temporary = np.ones(1_000_000)  # 8 MB, freed before returning
+        return float(temporary.sum())
+
+    peak = timing.tracemalloc_peak_bytes(work)
+    assert 8_000_000 <= peak < 9_000_000
+
+
+# --- validation, rows, outputs -------------------------------------------------------------
+
+
+def tiny_settings(impl_list, modes=("forward",), seq_lens=(4, 8), dtype="float32"):
+    return runner.Settings(device="cpu", modes=modes, seq_lens=seq_lens, batch=2, hidden=8,
+                           dtype=dtype, heads=1, schedule=timing.Schedule(0, 2, 2, 0.0),
+                           impls=impl_list)
+
+
+def numpy_attention_impl(name="attention-numpy", wrong=False):
+    base = next(i for i in impls.all_impls() if i.name == "attention-numpy")
+
+    def build(p, inputs):
+        prepared = base.build(p, inputs)
+        if not wrong:
+            return prepared
+        return impls.Prepared(lambda: prepared.run() * 1.01, prepared.collect)
+
+    return impls.Impl(name, "attention", "cpu", base.dtypes, build, "cpu", "tracemalloc")
+
+
+def test_wrong_result_is_an_error_row_and_not_timed():
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl(wrong=True)]))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["status"] == "error" and row["median_ms"] is None
+        assert "wrong result" in row["note"] and row["max_rel_err"] > 1e-3
+
+
+def test_unsupported_dtype_is_a_skipped_row():
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl()], dtype="bfloat16"))
+    assert all(row["status"] == "skipped" and "bfloat16" in row["note"] for row in rows)
+
+
+def test_exceptions_become_error_rows():
+    def build(p, inputs):
+        raise RuntimeError("kernel exploded")
+
+    broken = impls.Impl("broken", "attention", "cpu", ("float32",), build, "cpu", None)
+    rows = runner.run_suite(tiny_settings([broken, numpy_attention_impl()]))
+    assert [r["status"] for r in rows if r["impl"] == "broken"] == ["error", "error"]
+    assert all("kernel exploded" in r["note"] for r in rows if r["impl"] == "broken")
+    assert all(r["status"] == "ok" for r in rows if r["impl"] == "attention-numpy")
+
+
+def test_ok_rows_carry_every_field():
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl()], modes=flops.MODES))
+    assert len(rows) == 6
+    for row in rows:
+        assert tuple(row) == runner.ROW_FIELDS
+        assert row["status"] == "ok" and row["repeats"] == 2
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert row["flops"] == flops.attention_flops(row["mode"], row["T"], 2, 8)
+        assert row["tflops"] == pytest.approx(row["flops"] / row["median_ms"] / 1e9)
+        assert row["peak_mem_method"] == "tracemalloc" and row["peak_mem_bytes"] > 0
+        assert row["validated_against"]
+
+
+def test_json_and_csv_writers(tmp_path):
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl()]))
+    cli.write_csv(tmp_path / "r.csv", rows)
+    with open(tmp_path / "r.csv", newline="") as file:
+        read = list(csv.DictReader(file))
+    assert len(read) == len(rows) and tuple(read[0]) == runner.ROW_FIELDS
+    assert float(read[0]["median_ms"]) == pytest.approx(rows[0]["median_ms"])
+    cli.write_json(tmp_path / "r.json", {"device": {}, "config": {}, "results": rows})
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == rows
+
+
+def test_crossovers():
+    assert plot.crossovers([1, 4], [1.0, 4.0], [2.0, 2.0]) == [pytest.approx(2.0)]
+    assert plot.crossovers([1, 2, 4], [1.0, 1.0, 1.0], [2.0, 3.0, 4.0]) == []
+    assert plot.crossovers([1, 2, 4], [1.0, 3.0, 1.0], [2.0, 2.0, 2.0]) == [
+        pytest.approx(2 ** (math.log(2) / math.log(3))), pytest.approx(2 * 2 ** (math.log(1.5) / math.log(3)))]
+
+
+# --- the command, end to end ---------------------------------------------------------------
+
+REQUIRED = ("model", "impl", "mode", "T", "B", "H", "dtype", "median_ms", "p10_ms", "p90_ms",
+            "flops", "tflops", "sequential_steps", "peak_mem_bytes")
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_cli_smoke_run(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    paths = {ext: tmp_path / f"r.{ext}" for ext in ("json", "csv", "png")}
+    status = cli.main(["--quick", "--device", "cpu", "--seq-lens", "8,16,32", "--batch", "2",
+                       "--hidden", "16", "--repeats", "2", "--json", str(paths["json"]),
+                       "--csv", str(paths["csv"]), "--plot", str(paths["png"])])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    data = json.loads(paths["json"].read_text())
+    assert set(data) >= {"device", "config", "results"}
+    assert data["device"]["kind"] == "cpu" and data["device"]["cpu"]
+    assert data["device"]["versions"]["numpy"] == np.__version__
+    assert data["config"]["seq_lens"] == [8, 16, 32] and data["config"]["batch"] == 2
+    rows = data["results"]
+    assert {r["impl"] for r in rows} == set(impls.DEFAULT_IMPLS["cpu"])
+    for model in ("lstm", "attention"):
+        for mode in flops.MODES:
+            assert {r["T"] for r in rows if r["model"] == model and r["mode"] == mode
+                    and r["status"] == "ok"} == {8, 16, 32}
+    for row in rows:
+        assert set(REQUIRED) <= set(row) and row["status"] == "ok"
+        assert row["ratio_to_baseline"] > 0 and row["baseline"] in ("torch-cpu", "attention-sdpa")
+    assert all(r["peak_mem_bytes"] is None for r in rows if r["impl"] == "torch-cpu")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(csv.DictReader(paths["csv"].open()))) == len(rows)
+    assert "rnnkernels-cpu" in out and "attention-numpy" in out
+
+
+def test_plot_from_saved_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16)))
+    path = tmp_path / "r.json"
+    cli.write_json(path, {"device": {"name": "test"}, "config": {}, "results": rows})
+    assert plot.main([str(path), str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_bfloat16_on_cpu_skips_numpy_code_with_a_note():
+    settings = tiny_settings([i for i in impls.select_impls("cpu")
+                              if i.name in ("rnnkernels-cpu", "attention-numpy")],
+                             dtype="bfloat16")
+    rows = runner.run_suite(settings)
+    assert rows and all(r["status"] == "skipped" and "bfloat16" in r["note"] for r in rows)
