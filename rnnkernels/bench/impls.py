@@ -378,7 +378,7 @@ def all_impls() -> list[Impl]:
         Impl("rnnkernels-cpu", "lstm", "cpu", ("float32", "float64"), _ours_build("cpu", "cpu"),
              "cpu", "tracemalloc",
              note="peak memory misses allocations inside Numba code"),
-        Impl("rnnkernels-cuda", "lstm", "cuda", ("float32", "float64", "float16"),
+        Impl("rnnkernels-cuda", "lstm", "cuda", ("float32",),  # as rnnkernels/cuda.py
              _ours_build("cuda", "cuda"), "cupy", "cupy-memory-hook"),
         Impl("reference", "lstm", "cpu", DTYPES, _ours_build("reference", "cpu"), "cpu",
              "tracemalloc", note="computes in float64 whatever the dtype"),
