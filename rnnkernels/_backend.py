@@ -1,0 +1,43 @@
+"""The contract between the public API (``rnnkernels/_api.py``) and a backend.
+
+The API validates every argument, moves arrays to the backend's memory, makes the
+layout time-major and C-contiguous, fills in zeros for a missing state or gradient,
+and handles the empty shapes (T == 0 or B == 0) itself. A backend therefore sees only
+well-formed, non-empty problems and implements two functions:
+
+``forward(x, w_ih, w_hh, bias, h0, c0, training) -> (y, h_n, c_n, saved)``
+    x     [T, B, I]   time-major, C-contiguous, T >= 1, B >= 1
+    w_ih  [4H, I]     rows in gate order i, f, g, o (torch.nn.LSTM's layout)
+    w_hh  [4H, H]
+    bias  [4H] or None: b_ih + b_hh, already summed by the API
+    h0,c0 [B, H]      never None
+    y [T, B, H]; h_n, c_n [B, H]; ``saved`` is whatever backward needs (opaque to
+    the API), or None when ``training`` is False.
+
+``backward(saved, dy, dh_n, dc_n) -> (dx, dw_ih, dw_hh, db, dh0, dc0)``
+    dy [T, B, H], dh_n and dc_n [B, H], never None. ``db`` is the gradient of the
+    summed bias (it equals both db_ih and db_hh), None when forward had no bias.
+
+All arrays a backend receives share one floating dtype from ``compute_dtypes`` and
+live on its ``device`` ("cpu": NumPy arrays, "cuda": CuPy arrays); it returns arrays
+of the same kind and, except for the reference (always float64), the same dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: the functions above plus what the API must know."""
+
+    name: str
+    device: str  # "cpu" (NumPy arrays) or "cuda" (CuPy arrays)
+    compute_dtypes: tuple[str, ...]  # input dtypes it accepts, e.g. ("float32",)
+    forward: Callable[..., tuple[Any, Any, Any, Any]]
+    backward: Callable[..., tuple[Any, Any, Any, Any, Any, Any]]
+    # Called before use; raises a clear RuntimeError saying what to install when the
+    # backend cannot run here (no CuPy, no GPU, no C++ compiler).
+    check_available: Callable[[], None] = lambda: None

@@ -1,0 +1,60 @@
+"""Packaging for rnnkernels.
+
+The CUDA sources live in the top-level ``csrc/`` folder of the repository. They are
+mapped into the wheel as the package ``rnnkernels.csrc`` (``package_dir`` below) so an
+installed, non-editable copy finds them next to its Python files; in a source checkout
+``rnnkernels/_sources.py`` falls back to the top-level folder. The sdist carries them
+through ``MANIFEST.in``.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+CUDA_RUNTIME_13 = ["cupy-cuda13x>=13.3", "nvidia-cuda-nvrtc>=13.0"]
+CUDA_RUNTIME_12 = ["cupy-cuda12x>=13.3", "nvidia-cuda-nvrtc-cu12>=12.4"]
+TORCH = ["torch>=2.4"]
+BENCH = ["matplotlib>=3.7", "rich>=13"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"] + TORCH + BENCH
+
+setup(
+    name="rnnkernels",
+    version="0.1.0",
+    description="Hand-written CUDA kernels for recurrent networks (LSTM first), "
+    "with a float64 reference, a Numba CPU backend and a CPU emulator for the kernels.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8")
+    if (HERE / "README.md").exists()
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "rnnkernels",
+        "rnnkernels.csrc",
+        "rnnkernels.emulator",
+        "rnnkernels.bench",
+    ],
+    package_dir={"rnnkernels.csrc": "csrc"},
+    package_data={
+        "rnnkernels.csrc": ["*.cu", "*.cuh"],
+        "rnnkernels.emulator": ["*.h", "*.cpp", "include/*.h"],
+    },
+    include_package_data=True,
+    install_requires=["numpy>=1.24", "numba>=0.59"],
+    extras_require={
+        "cuda13": CUDA_RUNTIME_13,
+        "cuda12": CUDA_RUNTIME_12,
+        "torch": TORCH,
+        "bench": BENCH,
+        "test": TEST,
+    },
+    entry_points={"console_scripts": ["rnnkernels-bench=rnnkernels.bench.cli:main"]},
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
