@@ -1,0 +1,158 @@
+r"""The float64 NumPy reference LSTM: the definition every backend is checked against.
+
+It is written to read like the equations, not to be fast.
+
+Layouts and gate order (exactly ``torch.nn.LSTM``, so its weights load unchanged)::
+
+    x     [T, B, I]    input sequence, time-major
+    w_ih  [4H, I]      rows: i (0:H), f (H:2H), g (2H:3H), o (3H:4H)
+    w_hh  [4H, H]      same row blocks
+    bias  [4H]         b_ih + b_hh (the two biases only ever appear summed)
+    h0,c0 [B, H]
+
+Forward, for t = 0 .. T-1::
+
+    z_t = x_t W_ihᵀ + h_{t-1} W_hhᵀ + b                      [B, 4H]
+    i_t = σ(z_t^i)   f_t = σ(z_t^f)   g_t = tanh(z_t^g)   o_t = σ(z_t^o)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t
+    h_t = o_t ⊙ tanh(c_t)            y_t = h_t
+
+with h_{-1} = h0, c_{-1} = c0, σ(z) = 1 / (1 + e^{-z}). Outputs: y [T, B, H],
+h_n = h_{T-1}, c_n = c_{T-1}.
+
+Saved for backward (``training=True``): x, the weights, the activated gates
+(i, f, g, o) [T, B, 4H], every hidden state h_{-1} .. h_{T-1} and cell state
+c_{-1} .. c_{T-1} as [T+1, B, H] arrays whose index 0 is the initial state.
+
+Backward through time. With dh_t = ∂L/∂h_t arriving from y_t (dy_t) and from step t+1,
+and dc_t the gradient flowing into c_t from step t+1, for t = T-1 .. 0::
+
+    dh_t  = dy_t + dz_{t+1} W_hh                 (dz_T W_hh := dh_n)
+    dc_t  = dc_{t+1}-carry + dh_t ⊙ o_t ⊙ (1 - tanh²(c_t))   (carry at T-1 := dc_n)
+    dz^o  = dh_t ⊙ tanh(c_t) ⊙ o_t (1 - o_t)
+    dz^i  = dc_t ⊙ g_t ⊙ i_t (1 - i_t)
+    dz^f  = dc_t ⊙ c_{t-1} ⊙ f_t (1 - f_t)
+    dz^g  = dc_t ⊙ i_t ⊙ (1 - g_t²)
+    carry = dc_t ⊙ f_t                           (flows to c_{t-1})
+
+and, summing over all steps, with dz [T, B, 4H]::
+
+    dW_ih = Σ_t dz_tᵀ x_t        dW_hh = Σ_t dz_tᵀ h_{t-1}      db = Σ_{t,b} dz_t
+    dx_t  = dz_t W_ih            dh0 = dz_0 W_hh                  dc0 = carry after t = 0
+
+``db`` is the gradient of both b_ih and b_hh. The same recurrence, with per-step norms
+‖dh_t‖ and ‖dc_t‖ (over batch and units), is what the kernels compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """σ(z) = 1 / (1 + e^{-z}), written so that no exponential overflows."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@dataclass
+class Saved:
+    """What the reference forward keeps for its backward."""
+
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [4H, I]
+    w_hh: np.ndarray  # [4H, H]
+    has_bias: bool
+    gates: np.ndarray  # [T, B, 4H] activated i, f, g, o
+    h: np.ndarray  # [T+1, B, H]; h[0] = h0, h[t+1] = h_t
+    c: np.ndarray  # [T+1, B, H]; c[0] = c0, c[t+1] = c_t
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
+    """One LSTM layer in float64. Returns ``(y, h_n, c_n, saved)`` (see the module
+    docstring for shapes); ``saved`` is None unless ``training``."""
+    x, w_ih, w_hh, bias, h0, c0 = map(_f64, (x, w_ih, w_hh, bias, h0, c0))
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    b = np.zeros(4 * hidden) if bias is None else bias
+
+    gates = np.empty((steps, batch, 4 * hidden))
+    h = np.empty((steps + 1, batch, hidden))
+    c = np.empty((steps + 1, batch, hidden))
+    h[0], c[0] = h0, c0
+    for t in range(steps):
+        z = x[t] @ w_ih.T + h[t] @ w_hh.T + b
+        zi, zf, zg, zo = np.split(z, 4, axis=1)
+        i, f, g, o = sigmoid(zi), sigmoid(zf), np.tanh(zg), sigmoid(zo)
+        c[t + 1] = f * c[t] + i * g
+        h[t + 1] = o * np.tanh(c[t + 1])
+        gates[t] = np.concatenate([i, f, g, o], axis=1)
+
+    y = h[1:].copy()
+    saved = Saved(x, w_ih, w_hh, bias is not None, gates, h, c) if training else None
+    return y, h[steps].copy(), c[steps].copy(), saved
+
+
+def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
+    """Backpropagation through time for :func:`forward`.
+
+    Returns ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None without bias. With
+    ``return_step_norms``, two more arrays follow: ``dh_norms[t] = ‖∂L/∂h_t‖`` and
+    ``dc_norms[t] = ‖∂L/∂c_t‖`` (Frobenius norm over batch and units, [T])."""
+    dy, dh_n, dc_n = map(_f64, (dy, dh_n, dc_n))
+    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    steps = x.shape[0]
+
+    dz = np.empty_like(saved.gates)
+    dh_norms = np.empty(steps)
+    dc_norms = np.empty(steps)
+    dh_next = dh_n  # gradient reaching h_t from step t+1 (and from h_n)
+    carry = dc_n  # gradient reaching c_t from step t+1 (and from c_n)
+    for t in reversed(range(steps)):
+        i, f, g, o = np.split(saved.gates[t], 4, axis=1)
+        c_prev, c_t = saved.c[t], saved.c[t + 1]
+        tanh_c = np.tanh(c_t)
+
+        dh = dy[t] + dh_next
+        dc = carry + dh * o * (1.0 - tanh_c**2)
+        dz[t] = np.concatenate(
+            [
+                dc * g * i * (1.0 - i),  # dz^i
+                dc * c_prev * f * (1.0 - f),  # dz^f
+                dc * i * (1.0 - g**2),  # dz^g
+                dh * tanh_c * o * (1.0 - o),  # dz^o
+            ],
+            axis=1,
+        )
+        dh_norms[t], dc_norms[t] = np.linalg.norm(dh), np.linalg.norm(dc)
+        carry = dc * f
+        dh_next = dz[t] @ w_hh
+
+    flat_dz = dz.reshape(-1, dz.shape[2])
+    dx = dz @ w_ih
+    dw_ih = flat_dz.T @ x.reshape(-1, x.shape[2])
+    dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
+    db = flat_dz.sum(axis=0) if saved.has_bias else None
+    grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
+    return grads + (dh_norms, dc_norms) if return_step_norms else grads
+
+
+def _make_backend():
+    from ._backend import Backend
+
+    return Backend(
+        name="reference",
+        device="cpu",
+        compute_dtypes=("float16", "float32", "float64"),
+        forward=forward,
+        backward=backward,
+    )
+
+
+BACKEND = _make_backend()

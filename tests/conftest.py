@@ -1,0 +1,57 @@
+"""Shared helpers: random LSTM problems and the error measure every test uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+PARAM_NAMES = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0")
+
+
+def rel_err(a, b) -> float:
+    """‖a − b‖ / ‖b‖ over all elements, computed in float64 (0 when both are empty)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    denom = np.linalg.norm(b)
+    if denom == 0.0:
+        return float(np.linalg.norm(a))
+    return float(np.linalg.norm(a - b) / denom)
+
+
+def make_problem(steps, batch, input_size, hidden, *, dtype=np.float64, bias=True, state=True, seed=0, scale=1.0):
+    """Inputs for lstm_forward as a dict, with torch.nn.LSTM's default weight scale
+    U(±1/√H) times ``scale``."""
+    rng = np.random.default_rng(seed)
+    bound = scale / np.sqrt(hidden)
+
+    def u(*shape):
+        return rng.uniform(-bound, bound, shape).astype(dtype)
+
+    problem = {
+        "x": rng.standard_normal((steps, batch, input_size)).astype(dtype),
+        "w_ih": u(4 * hidden, input_size),
+        "w_hh": u(4 * hidden, hidden),
+        "b_ih": u(4 * hidden) if bias else None,
+        "b_hh": u(4 * hidden) if bias else None,
+        "h0": rng.standard_normal((batch, hidden)).astype(dtype) * 0.5 if state else None,
+        "c0": rng.standard_normal((batch, hidden)).astype(dtype) * 0.5 if state else None,
+    }
+    return problem
+
+
+def make_upstream(steps, batch, hidden, *, dtype=np.float64, seed=1):
+    """Random dy, dh_n, dc_n."""
+    rng = np.random.default_rng(seed)
+    return {
+        "dy": rng.standard_normal((steps, batch, hidden)).astype(dtype),
+        "dh_n": rng.standard_normal((batch, hidden)).astype(dtype),
+        "dc_n": rng.standard_normal((batch, hidden)).astype(dtype),
+    }
+
+
+GRAD_OF = {"x": "dx", "w_ih": "dw_ih", "w_hh": "dw_hh", "b_ih": "db_ih", "b_hh": "db_hh", "h0": "dh0", "c0": "dc0"}
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="torch is not installed (pip install rnnkernels[torch])")
