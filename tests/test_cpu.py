@@ -1,0 +1,128 @@
+"""The Numba CPU backend against the float64 reference and against torch.nn.LSTM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import GRAD_OF, make_problem, make_upstream, rel_err, torch_or_skip
+
+import rnnkernels
+
+TOLERANCE = {np.float32: 2e-5, np.float64: 1e-9}
+
+SHAPES = [  # T, B, I, H: tile-breaking sizes, I != H, single steps and rows
+    (1, 1, 1, 1),
+    (1, 3, 5, 7),
+    (5, 1, 33, 17),
+    (7, 3, 16, 40),
+    (12, 4, 20, 33),
+    (3, 2, 64, 48),
+]
+
+
+def _compare(problem, upstream, dtype, batch_first=False):
+    cpu = rnnkernels.lstm_forward(**problem, batch_first=batch_first, backend="cpu")
+    ref = rnnkernels.lstm_forward(**problem, batch_first=batch_first, backend="reference")
+    tol = TOLERANCE[dtype]
+    assert cpu.y.dtype == dtype
+    for field in ("y", "h_n", "c_n"):
+        assert rel_err(getattr(cpu, field), getattr(ref, field)) < tol, field
+    g_cpu = rnnkernels.lstm_backward(cpu, **upstream)
+    g_ref = rnnkernels.lstm_backward(ref, **upstream)
+    for name, grad_name in GRAD_OF.items():
+        got, want = getattr(g_cpu, grad_name), getattr(g_ref, grad_name)
+        if problem.get(name) is None and name.startswith("b"):
+            assert got is None and want is None
+            continue
+        assert got.dtype == dtype, grad_name
+        assert rel_err(got, want) < tol, grad_name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_cpu_matches_reference(shape, dtype):
+    steps, batch, input_size, hidden = shape
+    problem = make_problem(*shape, dtype=dtype, seed=sum(shape))
+    _compare(problem, make_upstream(steps, batch, hidden, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("state", [True, False])
+@pytest.mark.parametrize("upstream", ["all", "dy only", "dh_n only", "none", "zeros"])
+def test_cpu_options_match_reference(dtype, bias, state, upstream):
+    steps, batch, input_size, hidden = 6, 3, 9, 11
+    problem = make_problem(steps, batch, input_size, hidden, dtype=dtype, bias=bias, state=state, seed=5)
+    full = make_upstream(steps, batch, hidden, dtype=dtype)
+    chosen = {
+        "all": full,
+        "dy only": {"dy": full["dy"]},
+        "dh_n only": {"dh_n": full["dh_n"]},
+        "none": {},
+        "zeros": {k: np.zeros_like(v) for k, v in full.items()},
+    }[upstream]
+    _compare(problem, chosen, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_batch_first_and_parallel_path(dtype):
+    # B·H >= the parallel threshold, so the prange loops run.
+    steps, batch, input_size, hidden = 3, 64, 10, 300
+    problem = make_problem(steps, batch, input_size, hidden, dtype=dtype, seed=11)
+    problem["x"] = np.ascontiguousarray(problem["x"].transpose(1, 0, 2))
+    upstream = make_upstream(steps, batch, hidden, dtype=dtype)
+    upstream["dy"] = np.ascontiguousarray(upstream["dy"].transpose(1, 0, 2))
+    _compare(problem, upstream, dtype, batch_first=True)
+
+
+def test_cpu_step_norms_match_reference():
+    problem = make_problem(8, 3, 5, 6, dtype=np.float32, seed=2)
+    upstream = make_upstream(8, 3, 6, dtype=np.float32)
+    norms = {}
+    for backend in ("cpu", "reference"):
+        out = rnnkernels.lstm_forward(**problem, backend=backend)
+        grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
+        norms[backend] = (grads.dh_norms, grads.dc_norms)
+    assert norms["cpu"][0].shape == (8,)
+    assert rel_err(norms["cpu"][0], norms["reference"][0]) < 2e-5
+    assert rel_err(norms["cpu"][1], norms["reference"][1]) < 2e-5
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_cpu_matches_torch_lstm(dtype, batch_first):
+    torch = torch_or_skip()
+    steps, batch, input_size, hidden = 9, 4, 7, 13
+    torch_dtype = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    lstm = torch.nn.LSTM(input_size, hidden, batch_first=batch_first, dtype=torch_dtype)
+    problem = {
+        "w_ih": lstm.weight_ih_l0.detach().numpy(),
+        "w_hh": lstm.weight_hh_l0.detach().numpy(),
+        "b_ih": lstm.bias_ih_l0.detach().numpy(),
+        "b_hh": lstm.bias_hh_l0.detach().numpy(),
+    }
+    rng = np.random.default_rng(0)
+    x_shape = (batch, steps, input_size) if batch_first else (steps, batch, input_size)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    h0 = rng.standard_normal((batch, hidden)).astype(dtype)
+    c0 = rng.standard_normal((batch, hidden)).astype(dtype)
+    dy = rng.standard_normal(x_shape[:2] + (hidden,)).astype(dtype)
+
+    x_t = torch.tensor(x, requires_grad=True)
+    h0_t = torch.tensor(h0[None], requires_grad=True)
+    c0_t = torch.tensor(c0[None], requires_grad=True)
+    y_t, _ = lstm(x_t, (h0_t, c0_t))
+    y_t.backward(torch.from_numpy(dy))
+
+    out = rnnkernels.lstm_forward(x, **problem, h0=h0, c0=c0, batch_first=batch_first, backend="cpu")
+    grads = rnnkernels.lstm_backward(out, dy=dy)
+    tol = 10 * TOLERANCE[dtype] if dtype == np.float32 else 1e-9
+    assert rel_err(out.y, y_t.detach().numpy()) < tol
+    assert rel_err(grads.dx, x_t.grad.numpy()) < tol
+    assert rel_err(grads.dh0, h0_t.grad[0].numpy()) < tol
+    assert rel_err(grads.dc0, c0_t.grad[0].numpy()) < tol
+    assert rel_err(grads.dw_ih, lstm.weight_ih_l0.grad.numpy()) < tol
+    assert rel_err(grads.dw_hh, lstm.weight_hh_l0.grad.numpy()) < tol
+    assert rel_err(grads.db_ih, lstm.bias_ih_l0.grad.numpy()) < tol
+    assert rel_err(grads.db_hh, lstm.bias_hh_l0.grad.numpy()) < tol
