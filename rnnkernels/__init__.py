@@ -1,0 +1,23 @@
+"""rnnkernels: hand-written CUDA kernels for recurrent networks, LSTM first.
+
+    out = rnnkernels.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    grads = rnnkernels.lstm_backward(out, dy)
+
+Backends: "reference" (NumPy float64, the definition of the math), "cpu" (Numba),
+"cuda" (our CUDA kernels through CuPy), "emulated" (those kernels on a CPU emulator,
+for debugging) and "auto". See ``rnnkernels/reference.py`` for the equations.
+"""
+
+from ._api import BACKENDS, LSTMGrads, LSTMOutput, get_backend, lstm_backward, lstm_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "LSTMGrads",
+    "LSTMOutput",
+    "get_backend",
+    "lstm_backward",
+    "lstm_forward",
+    "__version__",
+]
