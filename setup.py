@@ -9,7 +9,7 @@ through ``MANIFEST.in``.
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -17,7 +17,7 @@ CUDA_RUNTIME_13 = ["cupy-cuda13x>=13.3", "nvidia-cuda-nvrtc>=13.0"]
 CUDA_RUNTIME_12 = ["cupy-cuda12x>=13.3", "nvidia-cuda-nvrtc-cu12>=12.4"]
 TORCH = ["torch>=2.4"]
 BENCH = ["matplotlib>=3.7", "rich>=13"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"] + TORCH + BENCH
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build>=1"] + TORCH + BENCH
 
 setup(
     name="rnnkernels",
@@ -29,16 +29,12 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "rnnkernels",
-        "rnnkernels.csrc",
-        "rnnkernels.emulator",
-        "rnnkernels.bench",
-    ],
+    packages=find_packages(include=["rnnkernels", "rnnkernels.*"]) + ["rnnkernels.csrc"],
     package_dir={"rnnkernels.csrc": "csrc"},
     package_data={
         "rnnkernels.csrc": ["*.cu", "*.cuh"],
         "rnnkernels.emulator": ["*.h", "*.cpp", "include/*.h"],
+        "rnnkernels.bench": ["*.cu"],
     },
     include_package_data=True,
     install_requires=["numpy>=1.24", "numba>=0.59"],
