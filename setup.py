@@ -17,7 +17,7 @@ CUDA_RUNTIME_13 = ["cupy-cuda13x>=13.3", "nvidia-cuda-nvrtc>=13.0"]
 CUDA_RUNTIME_12 = ["cupy-cuda12x>=13.3", "nvidia-cuda-nvrtc-cu12>=12.4"]
 TORCH = ["torch>=2.4"]
 BENCH = ["matplotlib>=3.7", "rich>=13"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build>=1"] + TORCH + BENCH
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build>=1", "setuptools>=64", "wheel"] + TORCH + BENCH
 
 setup(
     name="rnnkernels",
