@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 
 from . import impls as impl_registry
 from . import plot as plotting
-from .device_info import device_info, gpu_present
+from .device_info import device_info, gpu_present, load_average
 from .flops import MODES
 from .runner import ROW_FIELDS, Settings, cells, run_suite
 from .timing import Schedule
@@ -290,16 +291,22 @@ def main(argv=None) -> int:
         return 2
     preset_name = "quick" if args.quick else "full" if args.full else "default"
     info = device_info(device)
+    load_before = load_average()
     with Progress(len(cells(settings))) as progress:
         rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
     rows = _json_safe(rows)
     elapsed = time.perf_counter() - started
     data = {"device": info, "config": {**config_dict(settings, preset_name),
-                                       "wall_seconds": round(elapsed, 2)},
+                                       "wall_seconds": round(elapsed, 2),
+                                       "load_average_1m": [load_before, load_average()]},
             "results": rows}
     title = (f"rnnkernels-bench on {info['name']} ({device}) — B={settings.batch}, "
              f"H={settings.hidden}, {settings.dtype}, {elapsed:.1f} s")
     print_table(rows, title)
+    if device == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1):
+        print(f"warning: the 1-minute load average was {load_before:.1f} on "
+              f"{os.cpu_count()} cores when the run started; other work skews CPU timings",
+              file=sys.stderr)
     if args.json:
         write_json(args.json, data)
     if args.csv:

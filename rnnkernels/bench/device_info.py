@@ -29,13 +29,21 @@ def package_versions() -> dict[str, str | None]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    try:  # a source checkout that is not installed still has a CuPy or torch module
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:
-        pass
+    # A source checkout that is not installed has no metadata; ask the modules.
+    for name in ("rnnkernels", "torch"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            pass
     return versions
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine skews CPU timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def gpu_present() -> tuple[bool, str]:
