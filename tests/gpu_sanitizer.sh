@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the fast GPU tests of tests/test_cuda_kernels.py under compute-sanitizer's
+# memcheck (out-of-bounds / misaligned global and shared accesses) and racecheck
+# (shared-memory hazards). Exits non-zero on the first error report.
+#
+#   bash tests/gpu_sanitizer.sh            # needs a GPU, CuPy and compute-sanitizer
+#   COMPUTE_SANITIZER=/path/to/compute-sanitizer bash tests/gpu_sanitizer.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sanitizer="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || true)}"
+for root in "${CUDA_HOME:-}" /usr/local/cuda; do
+    if [[ -z "$sanitizer" && -n "$root" && -x "$root/bin/compute-sanitizer" ]]; then
+        sanitizer="$root/bin/compute-sanitizer"
+    fi
+done
+if [[ -z "$sanitizer" ]]; then
+    echo "compute-sanitizer not found: put it on PATH or set COMPUTE_SANITIZER" >&2
+    exit 2
+fi
+
+export RNNKERNELS_UNDER_SANITIZER=1
+python="${PYTHON:-python}"
+# The slow tests (large shapes, T = 4096) add nothing the small ones do not cover
+# here and would take far longer under instrumentation.
+for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    "$sanitizer" --tool "$tool" --error-exitcode 1 --target-processes all \
+        "$python" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/test_cuda_kernels.py
+done
+echo "compute-sanitizer: memcheck and racecheck clean"

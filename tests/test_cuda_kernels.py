@@ -1,0 +1,371 @@
+"""The CUDA LSTM kernels (csrc/) against the float64 reference.
+
+* marker ``emulated``: the kernels on the CPU emulator (``rnnkernels.emulator``), small
+  shapes, runs in CI; skipped with a reason where the emulator cannot run.
+* marker ``gpu``: the kernels on an NVIDIA GPU through CuPy; skipped with a reason where
+  there is none. Run them all with ``python -m pytest -m gpu tests/``; the shapes
+  marked ``slow`` too are the large ones, the long sequence and the sanitizer run.
+
+Both go through the one launch plan (rnnkernels/_launch.py) with a runtime object, so
+the emulated tests exercise exactly the launches the GPU makes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnnkernels import _launch
+from rnnkernels.reference import backward as ref_backward
+from rnnkernels.reference import forward as ref_forward
+
+OUTPUTS = ("y", "h_n", "c_n")
+GRADIENTS = ("dx", "dw_ih", "dw_hh", "db", "dh0", "dc0")
+EMULATED_TOLERANCE = 5e-5
+GPU_TOLERANCE = 1e-5
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------ helpers
+@dataclass
+class Problem:
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [4H, I]
+    w_hh: np.ndarray  # [4H, H]
+    bias: np.ndarray | None  # [4H]
+    h0: np.ndarray  # [B, H]
+    c0: np.ndarray  # [B, H]
+    dy: np.ndarray  # [T, B, H]
+    dh_n: np.ndarray  # [B, H]
+    dc_n: np.ndarray  # [B, H]
+
+
+def make_problem(steps, batch, input_size, hidden, *, bias=True, initial_state=True, upstream="all", seed=0):
+    """float32 inputs; weights drawn like torch.nn.LSTM's init, U(-1/√H, 1/√H).
+    ``upstream``: "all" (dy, dh_n, dc_n random), "y" (only dy; dh_n = dc_n = 0, as when
+    the final state is unused) or "none" (all zeros, as when no output is used)."""
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(hidden)
+
+    def uniform(*shape):
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def zeros(*shape):
+        return np.zeros(shape, np.float32)
+
+    state = normal if initial_state else zeros
+    return Problem(
+        x=normal(steps, batch, input_size),
+        w_ih=uniform(4 * hidden, input_size),
+        w_hh=uniform(4 * hidden, hidden),
+        bias=uniform(4 * hidden) if bias else None,
+        h0=state(batch, hidden),
+        c0=state(batch, hidden),
+        dy=zeros(steps, batch, hidden) if upstream == "none" else normal(steps, batch, hidden),
+        dh_n=normal(batch, hidden) if upstream == "all" else zeros(batch, hidden),
+        dc_n=normal(batch, hidden) if upstream == "all" else zeros(batch, hidden),
+    )
+
+
+def run_kernels(runtime, problem, *, step_tile=None, to_device=np.asarray, to_host=np.asarray):
+    """Forward (training and inference) and backward through ``runtime``; host arrays."""
+    device = {name: None if value is None else to_device(value) for name, value in vars(problem).items()}
+    args = (device["x"], device["w_ih"], device["w_hh"], device["bias"], device["h0"], device["c0"])
+    y, h_n, c_n, saved = _launch.forward(runtime, *args, True, step_tile=step_tile)
+    y_inf, h_n_inf, c_n_inf, saved_inf = _launch.forward(runtime, *args, False, step_tile=step_tile)
+    assert saved_inf is None
+    grads = _launch.backward(runtime, saved, device["dy"], device["dh_n"], device["dc_n"])
+    results = dict(zip(OUTPUTS, (y, h_n, c_n)))
+    results.update(zip(("y_inference", "h_n_inference", "c_n_inference"), (y_inf, h_n_inf, c_n_inf)))
+    results.update(zip(GRADIENTS, grads))
+    return {name: None if value is None else to_host(value) for name, value in results.items()}
+
+
+def reference_results(problem):
+    y, h_n, c_n, saved = ref_forward(problem.x, problem.w_ih, problem.w_hh, problem.bias, problem.h0, problem.c0, True)
+    grads = ref_backward(saved, problem.dy, problem.dh_n, problem.dc_n)
+    results = dict(zip(OUTPUTS, (y, h_n, c_n)))
+    results.update(y_inference=y, h_n_inference=h_n, c_n_inference=c_n)
+    results.update(zip(GRADIENTS, grads))
+    return results
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (the absolute error if expected is 0)."""
+    difference = np.abs(np.asarray(actual, np.float64) - expected).max(initial=0.0)
+    scale = np.abs(expected).max(initial=0.0)
+    return float(difference / scale) if scale > 0 else float(difference)
+
+
+def assert_matches_reference(results, problem, tolerance):
+    expected = reference_results(problem)
+    errors = {}
+    for name, want in expected.items():
+        got = results[name]
+        if want is None:
+            assert got is None, f"{name} should be None without a bias"
+            continue
+        assert got.dtype == np.float32, f"{name} is {got.dtype}"
+        assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+        assert np.isfinite(got).all(), f"{name} is not finite"
+        errors[name] = relative_error(got, want)
+    too_large = {name: f"{error:.2e}" for name, error in errors.items() if not error < tolerance}
+    assert not too_large, f"relative error above {tolerance:g}: {too_large}"
+    return errors
+
+
+def assert_bitwise_equal(first, second):
+    for name, value in first.items():
+        if value is None:
+            assert second[name] is None
+        else:
+            assert value.tobytes() == second[name].tobytes(), f"{name} differs between runs"
+
+
+# The small grid: shapes that break tilings (B in {1, 3}, T = 1, H not a multiple of
+# 32, I != H), with and without bias.
+SMALL_SHAPES = [
+    (steps, batch, 5 if hidden == 33 else 12, hidden)
+    for batch in (1, 3)
+    for steps in (1, 5)
+    for hidden in (7, 33)
+]
+SMALL_CASES = [
+    pytest.param(shape, bias, id=f"T{shape[0]}-B{shape[1]}-I{shape[2]}-H{shape[3]}-{'bias' if bias else 'nobias'}")
+    for shape in SMALL_SHAPES
+    for bias in (True, False)
+]
+# Initial state and upstream gradients: zero or not, and gradients missing.
+STATE_CASES = [
+    pytest.param(initial_state, upstream, id=f"{'state' if initial_state else 'zerostate'}-upstream_{upstream}")
+    for initial_state, upstream in ((False, "all"), (True, "y"), (True, "none"), (False, "none"))
+]
+
+
+# ---------------------------------------------------------------------- emulated
+@pytest.fixture(scope="module")
+def emulator():
+    from rnnkernels import emulated
+
+    try:
+        emulated.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    return _launch.EmulatorRuntime()
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("shape, bias", SMALL_CASES)
+def test_emulated_matches_reference(emulator, shape, bias):
+    problem = make_problem(*shape, bias=bias, seed=sum(shape))
+    assert_matches_reference(run_kernels(emulator, problem), problem, EMULATED_TOLERANCE)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("initial_state, upstream", STATE_CASES)
+def test_emulated_state_and_missing_gradients(emulator, initial_state, upstream):
+    problem = make_problem(3, 3, 5, 33, initial_state=initial_state, upstream=upstream, seed=7)
+    results = run_kernels(emulator, problem)
+    assert_matches_reference(results, problem, EMULATED_TOLERANCE)
+    if upstream == "none":
+        for name in GRADIENTS:
+            assert not results[name].any(), f"{name} must be exactly zero without upstream gradients"
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_emulated_every_step_tile(emulator, tile):
+    # B = 5 crosses a batch-tile boundary of every tile; H = 40 one of the unit tiles.
+    problem = make_problem(3, 5, 8, 40, seed=11)
+    assert_matches_reference(run_kernels(emulator, problem, step_tile=tile), problem, EMULATED_TOLERANCE)
+
+
+@pytest.mark.emulated
+def test_emulated_backend_functions(emulator):
+    """The registered backend's functions, as the API calls them."""
+    from rnnkernels import emulated
+
+    problem = make_problem(2, 3, 4, 9, seed=3)
+    y, h_n, c_n, saved = emulated.BACKEND.forward(
+        problem.x, problem.w_ih, problem.w_hh, problem.bias, problem.h0, problem.c0, True
+    )
+    grads = emulated.BACKEND.backward(saved, problem.dy, problem.dh_n, problem.dc_n)
+    results = dict(zip(OUTPUTS, (y, h_n, c_n)), **dict(zip(GRADIENTS, grads)))
+    expected = reference_results(problem)
+    for name, value in results.items():
+        assert relative_error(value, expected[name]) < EMULATED_TOLERANCE, name
+    assert emulated.BACKEND.forward(problem.x, problem.w_ih, problem.w_hh, None, problem.h0, problem.c0, False)[3] is None
+
+
+@pytest.mark.emulated
+def test_emulated_deterministic_across_runs_and_schedules():
+    """Bitwise-identical results run after run, whatever order the emulator runs the
+    threads in (its seed shuffles the schedule)."""
+    from rnnkernels import emulated
+
+    try:
+        emulated.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    problem = make_problem(4, 3, 5, 33, seed=5)
+    first = run_kernels(_launch.EmulatorRuntime(seed=1), problem)
+    assert_bitwise_equal(first, run_kernels(_launch.EmulatorRuntime(seed=1), problem))
+    assert_bitwise_equal(first, run_kernels(_launch.EmulatorRuntime(seed=2), problem))
+
+
+@pytest.mark.emulated
+def test_emulated_sanitized_run_is_clean():
+    """The emulator's checked mode (out-of-bounds accesses, shared-memory races) finds
+    nothing in a run that crosses every boundary check."""
+    from rnnkernels import emulated
+
+    try:
+        emulated.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    problem = make_problem(2, 3, 5, 33, seed=9)
+    results = run_kernels(_launch.EmulatorRuntime(sanitize=True), problem)
+    assert_matches_reference(results, problem, EMULATED_TOLERANCE)
+
+
+@pytest.mark.emulated
+def test_emulated_large_activations_stay_finite(emulator):
+    """Pre-activations of order 1e4: sigmoid and tanh must saturate, not overflow."""
+    problem = make_problem(3, 2, 3, 7, seed=13)
+    for name in ("x", "w_ih", "w_hh", "h0", "c0"):
+        setattr(problem, name, (getattr(problem, name) * 1e4).astype(np.float32))
+    problem.bias = (problem.bias * 1e4).astype(np.float32)
+    results = run_kernels(emulator, problem)
+    for name, value in results.items():
+        assert np.isfinite(value).all(), name
+    expected = reference_results(problem)
+    assert relative_error(results["y"], expected["y"]) < EMULATED_TOLERANCE
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.fixture(scope="module")
+def gpu():
+    from rnnkernels import cuda
+
+    try:
+        cuda.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"no usable GPU: {error}")
+    import cupy
+
+    return _launch.CupyRuntime(), cupy.asarray, cupy.asnumpy
+
+
+def run_gpu(gpu, problem, **kwargs):
+    runtime, to_device, to_host = gpu
+    return run_kernels(runtime, problem, to_device=to_device, to_host=to_host, **kwargs)
+
+
+# (T, B, I, H): up to H = 512, B = 64, T = 64; odd sizes cross every tile boundary.
+LARGE_SHAPES = [(64, 64, 256, 512), (64, 8, 100, 257), (64, 1, 64, 512), (33, 17, 31, 96), (16, 64, 512, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, bias", SMALL_CASES)
+def test_gpu_matches_reference(gpu, shape, bias):
+    problem = make_problem(*shape, bias=bias, seed=sum(shape))
+    assert_matches_reference(run_gpu(gpu, problem), problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("initial_state, upstream", STATE_CASES)
+def test_gpu_state_and_missing_gradients(gpu, initial_state, upstream):
+    problem = make_problem(3, 3, 5, 33, initial_state=initial_state, upstream=upstream, seed=7)
+    assert_matches_reference(run_gpu(gpu, problem), problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_gpu_every_step_tile(gpu, tile):
+    problem = make_problem(6, 37, 20, 70, seed=11)
+    assert_matches_reference(run_gpu(gpu, problem, step_tile=tile), problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_gpu_large_matches_reference(gpu, shape):
+    problem = make_problem(*shape, seed=sum(shape))
+    assert_matches_reference(run_gpu(gpu, problem), problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_long_sequence_finite_and_close(gpu):
+    problem = make_problem(4096, 4, 32, 64, seed=17)
+    errors = assert_matches_reference(run_gpu(gpu, problem), problem, 1e-4)
+    print("T=4096 relative errors:", {name: f"{error:.1e}" for name, error in errors.items()})
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic(gpu):
+    problem = make_problem(16, 19, 24, 96, seed=19)
+    first = run_gpu(gpu, problem)
+    for _ in range(3):
+        assert_bitwise_equal(first, run_gpu(gpu, problem))
+
+
+@pytest.mark.gpu
+def test_gpu_backend_on_caller_stream(gpu):
+    """The registered backend on a non-default stream gives the default stream's bits."""
+    import cupy
+
+    from rnnkernels import cuda
+
+    problem = make_problem(5, 3, 6, 33, seed=23)
+    arrays = {name: None if value is None else cupy.asarray(value) for name, value in vars(problem).items()}
+
+    def run():
+        y, h_n, c_n, saved = cuda.BACKEND.forward(
+            arrays["x"], arrays["w_ih"], arrays["w_hh"], arrays["bias"], arrays["h0"], arrays["c0"], True
+        )
+        grads = cuda.BACKEND.backward(saved, arrays["dy"], arrays["dh_n"], arrays["dc_n"])
+        return {name: cupy.asnumpy(v) for name, v in zip(OUTPUTS + GRADIENTS, (y, h_n, c_n, *grads))}
+
+    on_default = run()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        on_stream = run()
+        stream.synchronize()
+    assert_bitwise_equal(on_default, on_stream)
+    expected = reference_results(problem)
+    for name, value in on_default.items():
+        assert relative_error(value, expected[name]) < GPU_TOLERANCE, name
+
+
+def _compute_sanitizer() -> str | None:
+    found = os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and Path(root, "bin", "compute-sanitizer").is_file():
+            return str(Path(root, "bin", "compute-sanitizer"))
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_compute_sanitizer_clean(gpu):
+    """tests/gpu_sanitizer.sh: the fast GPU tests under memcheck and racecheck."""
+    if os.environ.get("RNNKERNELS_UNDER_SANITIZER"):
+        pytest.skip("already running under compute-sanitizer")
+    if _compute_sanitizer() is None:
+        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    completed = subprocess.run(
+        ["bash", str(REPO / "tests" / "gpu_sanitizer.sh")], cwd=REPO, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-6000:]
