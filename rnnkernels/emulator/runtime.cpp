@@ -1,0 +1,1105 @@
+// runtime.cpp: the fiber scheduler of the rnnkernels CPU emulator.
+//
+// One launch at a time per loaded module (a mutex serialises them). A launch
+//   1. checks the configuration and the arguments against the kernel's signature;
+//   2. runs the blocks: in a normal launch one block after another, in a seeded random
+//      order; in a cooperative launch all blocks together, so that grid sync works;
+//   3. inside a block, runs each CUDA thread as a fiber until it reaches a
+//      synchronisation point (barrier, warp exchange, grid sync, atomic, fence, exit),
+//      then draws the next runnable fiber at random.
+// When no fiber can run and some have not finished, the launch fails with a report of
+// who waits where (a deadlock) instead of hanging.
+//
+// Shared memory. Static __shared__ variables live in one linker section
+// [__rnnemu_shared_begin, __rnnemu_shared_end) (see cuda_emulator.h and the link step
+// in __init__.py); dynamic shared memory is a per-block heap buffer. Both are filled
+// with 0xFF when a block starts. In a cooperative launch the blocks share the one
+// static section, so the scheduler saves and restores it when it switches blocks.
+//
+// Fibers. On x86-64 a dozen instructions of assembly switch stacks (callee-saved
+// registers, the SSE and x87 control words); elsewhere, or with
+// -DRNNEMU_USE_UCONTEXT, swapcontext() does it. Under AddressSanitizer every switch is
+// announced with __sanitizer_start/finish_switch_fiber.
+#include "runtime.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define RNNEMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define RNNEMU_ASAN 0
+#endif
+
+#if defined(__x86_64__) && !defined(RNNEMU_USE_UCONTEXT)
+#define RNNEMU_ASM_SWITCH 1
+#else
+#define RNNEMU_ASM_SWITCH 0
+#include <ucontext.h>
+#endif
+
+extern "C" char __rnnemu_shared_begin[] RNNEMU_HIDDEN;
+extern "C" char __rnnemu_shared_end[] RNNEMU_HIDDEN;
+
+namespace rnnemu {
+
+unsigned int current_thread_index[3];
+unsigned int current_block_index[3];
+unsigned int current_block_dim[3];
+unsigned int current_grid_dim[3];
+
+namespace {
+
+constexpr unsigned char kPoison = 0xFF;
+constexpr unsigned kMaxBlockThreads = 1024;
+constexpr unsigned long long kMaxCooperativeThreads = 1ull << 16;
+constexpr unsigned long long kMaxSharedBytes = 227 * 1024;  // the largest any GPU allows
+
+// ---------------------------------------------------------------------------------
+// Context switching
+// ---------------------------------------------------------------------------------
+#if RNNEMU_ASM_SWITCH
+// rnnemu_switch_context(save, load): push the callee-saved registers and the control
+// words, store the stack pointer in *save, load `load`, pop, return into the other side.
+// A new fiber's stack is laid out so that the first switch "returns" into
+// rnnemu_fiber_trampoline with the entry function in r13 and its argument in r12.
+extern "C" void rnnemu_switch_context(void** save, void* load) RNNEMU_HIDDEN;
+extern "C" void rnnemu_fiber_trampoline() RNNEMU_HIDDEN;
+asm(R"(
+    .text
+    .globl rnnemu_switch_context
+    .hidden rnnemu_switch_context
+    .type rnnemu_switch_context, @function
+rnnemu_switch_context:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    fldcw (%rsp)
+    ldmxcsr 8(%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size rnnemu_switch_context, .-rnnemu_switch_context
+
+    .globl rnnemu_fiber_trampoline
+    .hidden rnnemu_fiber_trampoline
+    .type rnnemu_fiber_trampoline, @function
+rnnemu_fiber_trampoline:
+    movq %r12, %rdi
+    xorl %ebp, %ebp
+    andq $-16, %rsp
+    call *%r13
+    ud2
+    .size rnnemu_fiber_trampoline, .-rnnemu_fiber_trampoline
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+void init_context(Context& context, char* stack_low, size_t stack_size, void (*entry)(void*),
+                  void* argument) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack_low) + stack_size) & ~uintptr_t(15);
+    uint64_t* slot = reinterpret_cast<uint64_t*>(top - 16);  // return address, 16-aligned
+    slot[0] = reinterpret_cast<uint64_t>(&rnnemu_fiber_trampoline);
+    slot[1] = 0;
+    uint64_t* sp = slot - 8;
+    uint32_t mxcsr = 0;
+    uint16_t fcw = 0;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fcw));
+    sp[0] = fcw;                                    // popped by fldcw
+    sp[1] = mxcsr;                                  // popped by ldmxcsr
+    sp[2] = 0;                                      // r15
+    sp[3] = 0;                                      // r14
+    sp[4] = reinterpret_cast<uint64_t>(entry);      // r13
+    sp[5] = reinterpret_cast<uint64_t>(argument);   // r12
+    sp[6] = 0;                                      // rbx
+    sp[7] = 0;                                      // rbp
+    context.sp = sp;
+}
+
+inline void raw_switch(Context& from, Context& to) { rnnemu_switch_context(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+void (*g_ucontext_entry)(void*) = nullptr;
+
+void ucontext_trampoline(unsigned int high, unsigned int low) {
+    void* argument = reinterpret_cast<void*>((uintptr_t(high) << 32) | uintptr_t(low));
+    g_ucontext_entry(argument);
+    std::abort();
+}
+
+void init_context(Context& context, char* stack_low, size_t stack_size, void (*entry)(void*),
+                  void* argument) {
+    g_ucontext_entry = entry;
+    getcontext(&context.uc);
+    context.uc.uc_stack.ss_sp = stack_low;
+    context.uc.uc_stack.ss_size = stack_size;
+    context.uc.uc_link = nullptr;
+    uintptr_t bits = reinterpret_cast<uintptr_t>(argument);
+    makecontext(&context.uc, reinterpret_cast<void (*)()>(&ucontext_trampoline), 2,
+                unsigned(bits >> 32), unsigned(bits & 0xffffffffu));
+}
+
+inline void raw_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ---------------------------------------------------------------------------------
+// Stacks: one mmap per fiber with a PROT_NONE guard page below it, reused across
+// launches. Pages are committed only when touched.
+// ---------------------------------------------------------------------------------
+size_t stack_bytes() {
+    size_t kib = RNNEMU_ASAN ? 1024 : 256;
+    if (const char* text = std::getenv("RNNKERNELS_EMULATOR_STACK_KB")) {
+        long value = std::atol(text);
+        if (value >= 16) kib = size_t(value);
+    }
+    return kib * 1024;
+}
+
+struct Stack {
+    char* low;
+    size_t size;
+};
+
+std::vector<Stack> g_stacks;
+
+bool ensure_stacks(size_t count, std::string& error) {
+    static const size_t size = stack_bytes();
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    while (g_stacks.size() < count) {
+        void* base = mmap(nullptr, size + page, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (base == MAP_FAILED) {
+            error = "could not map a stack for fiber " + std::to_string(g_stacks.size()) +
+                    " (" + std::to_string(count) + " threads requested)";
+            return false;
+        }
+        mprotect(base, page, PROT_NONE);
+        g_stacks.push_back(Stack{static_cast<char*>(base) + page, size});
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------------
+// Launch state
+// ---------------------------------------------------------------------------------
+enum class State : unsigned char { runnable, barrier, warp, grid, done };
+
+struct Block;
+
+struct Fiber {
+    Context context;
+    Stack stack;
+    void* asan_fake_stack = nullptr;
+    Block* block = nullptr;
+    unsigned index[3] = {0, 0, 0};
+    unsigned linear = 0;  // index within the block, x fastest
+    State state = State::runnable;
+    // barrier
+    BarrierKind barrier_kind = barrier_plain;
+    int predicate = 0;
+    int barrier_result = 0;
+    // warp exchange
+    WarpOp op = warp_sync;
+    unsigned mask = 0;
+    unsigned long long value = 0;
+    int argument = 0;
+    int width = 32;
+    unsigned long long result = 0;
+    // where it waits
+    const char* file = "";
+    int line = 0;
+};
+
+struct Block {
+    unsigned index[3] = {0, 0, 0};
+    Fiber* fibers = nullptr;  // thread_count fibers, linear order
+    unsigned live = 0;        // not exited
+    unsigned arrived = 0;     // waiting at the barrier
+    std::vector<Fiber*> runnable;
+    unsigned char* dynamic_shared = nullptr;
+    std::vector<unsigned char> saved_static;  // cooperative launches
+    bool static_initialised = false;
+};
+
+struct Rng {  // splitmix64
+    unsigned long long state;
+    unsigned long long next() {
+        unsigned long long z = (state += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    size_t below(size_t n) { return size_t(next() % n); }
+};
+
+struct Launch {
+    const KernelInfo* kernel = nullptr;
+    void** args = nullptr;
+    unsigned grid[3] = {1, 1, 1};
+    unsigned block[3] = {1, 1, 1};
+    unsigned thread_count = 0;
+    size_t shared_bytes = 0;
+    bool cooperative = false;
+    Rng rng{0};
+    std::vector<Fiber> fibers;
+    std::vector<Block> blocks;
+    Block* current = nullptr;  // block of the fiber that runs or ran last
+    Block* loaded = nullptr;   // block whose static shared memory is in the section
+    Fiber* running = nullptr;
+    bool hop = false;  // a yield point asked to pick a random block next
+    unsigned long long idle_yields = 0;
+    unsigned long long spin_limit = 0;
+    std::string error;
+    Context scheduler;
+    void* scheduler_fake_stack = nullptr;
+    const void* scheduler_stack_bottom = nullptr;
+    size_t scheduler_stack_size = 0;
+};
+
+Launch* g_launch = nullptr;
+std::mutex g_launch_mutex;
+
+size_t static_shared_size() { return size_t(__rnnemu_shared_end - __rnnemu_shared_begin); }
+
+void poison(void* data, size_t size) {
+    if (size) std::memset(data, kPoison, size);
+}
+
+// ---------------------------------------------------------------------------------
+// Switching between the scheduler and fibers
+// ---------------------------------------------------------------------------------
+void switch_to_fiber(Launch& launch, Fiber* fiber) {
+#if RNNEMU_ASAN
+    __sanitizer_start_switch_fiber(&launch.scheduler_fake_stack, fiber->stack.low,
+                                   fiber->stack.size);
+#endif
+    raw_switch(launch.scheduler, fiber->context);
+#if RNNEMU_ASAN
+    __sanitizer_finish_switch_fiber(launch.scheduler_fake_stack, nullptr, nullptr);
+#endif
+}
+
+void arrived_in_fiber(Launch& launch, Fiber* fiber) {
+#if RNNEMU_ASAN
+    __sanitizer_finish_switch_fiber(fiber->asan_fake_stack, &launch.scheduler_stack_bottom,
+                                    &launch.scheduler_stack_size);
+#else
+    (void)launch;
+    (void)fiber;
+#endif
+}
+
+void switch_to_scheduler(Launch& launch, Fiber* fiber) {
+#if RNNEMU_ASAN
+    __sanitizer_start_switch_fiber(&fiber->asan_fake_stack, launch.scheduler_stack_bottom,
+                                   launch.scheduler_stack_size);
+#endif
+    raw_switch(fiber->context, launch.scheduler);
+    arrived_in_fiber(launch, fiber);
+}
+
+Launch& this_launch() {
+    if (!g_launch || !g_launch->running) {
+        std::fprintf(stderr,
+                     "rnnkernels emulator: a CUDA device function was called outside a "
+                     "kernel launch\n");
+        std::abort();
+    }
+    return *g_launch;
+}
+
+std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* pattern, ...) {
+    char buffer[1024];
+    va_list list;
+    va_start(list, pattern);
+    std::vsnprintf(buffer, sizeof buffer, pattern, list);
+    va_end(list);
+    return buffer;
+}
+
+std::string thread_name(const Fiber* fiber) {
+    const Block* block = fiber->block;
+    return format("thread (%u,%u,%u) of block (%u,%u,%u)", fiber->index[0], fiber->index[1],
+                  fiber->index[2], block->index[0], block->index[1], block->index[2]);
+}
+
+// Ends the launch with an error, from inside a fiber. The fiber is never resumed.
+[[noreturn]] void fail(Launch& launch, const std::string& message) {
+    if (launch.error.empty()) launch.error = message;
+    Fiber* fiber = launch.running;
+    switch_to_scheduler(launch, fiber);
+    std::abort();
+}
+
+const char* op_name(WarpOp op) {
+    switch (op) {
+        case warp_sync: return "__syncwarp";
+        case warp_shfl: return "__shfl_sync";
+        case warp_shfl_up: return "__shfl_up_sync";
+        case warp_shfl_down: return "__shfl_down_sync";
+        case warp_shfl_xor: return "__shfl_xor_sync";
+        case warp_ballot: return "__ballot_sync";
+        case warp_all: return "__all_sync";
+        case warp_any: return "__any_sync";
+        case warp_uni: return "__uni_sync";
+        case warp_match_any: return "__match_any_sync";
+        case warp_reduce_add: return "__reduce_add_sync";
+        case warp_reduce_umin:
+        case warp_reduce_imin: return "__reduce_min_sync";
+        case warp_reduce_umax:
+        case warp_reduce_imax: return "__reduce_max_sync";
+        case warp_reduce_and: return "__reduce_and_sync";
+        case warp_reduce_or: return "__reduce_or_sync";
+        case warp_reduce_xor: return "__reduce_xor_sync";
+    }
+    return "warp operation";
+}
+
+const char* barrier_name(BarrierKind kind) {
+    switch (kind) {
+        case barrier_plain: return "__syncthreads()";
+        case barrier_count: return "__syncthreads_count()";
+        case barrier_and: return "__syncthreads_and()";
+        case barrier_or: return "__syncthreads_or()";
+    }
+    return "__syncthreads()";
+}
+
+std::string wait_description(const Fiber* fiber) {
+    switch (fiber->state) {
+        case State::runnable: return "is runnable";
+        case State::done: return "has exited";
+        case State::barrier:
+            return format("waits at %s (%s:%d)", barrier_name(fiber->barrier_kind), fiber->file,
+                          fiber->line);
+        case State::warp:
+            return format("waits at %s(mask=0x%08x) (%s:%d)", op_name(fiber->op), fiber->mask,
+                          fiber->file, fiber->line);
+        case State::grid:
+            return format("waits at grid sync (%s:%d)", fiber->file, fiber->line);
+    }
+    return "";
+}
+
+void progress(Launch& launch) { launch.idle_yields = 0; }
+
+void make_runnable(Fiber* fiber) {
+    fiber->state = State::runnable;
+    fiber->block->runnable.push_back(fiber);
+}
+
+// Lanes of the warp starting at `first` that exist (a partial last warp has fewer).
+unsigned present_lanes(const Launch& launch, unsigned first) {
+    unsigned count = std::min(32u, launch.thread_count - first);
+    return count == 32 ? 0xffffffffu : ((1u << count) - 1u);
+}
+
+// ---------------------------------------------------------------------------------
+// Block barrier
+// ---------------------------------------------------------------------------------
+void release_barrier(Launch& launch, Block* block) {
+    const Fiber* first = nullptr;
+    int count = 0;
+    int total = 0;
+    for (unsigned t = 0; t < launch.thread_count; ++t) {
+        const Fiber* fiber = &block->fibers[t];
+        if (fiber->state != State::barrier) continue;
+        if (!first) {
+            first = fiber;
+        } else if (fiber->line != first->line || std::strcmp(fiber->file, first->file) != 0 ||
+                   fiber->barrier_kind != first->barrier_kind) {
+            fail(launch, format("threads of block (%u,%u,%u) met at different barriers: %s %s, "
+                                "%s %s; CUDA leaves this undefined (a barrier in divergent "
+                                "code?)",
+                                block->index[0], block->index[1], block->index[2],
+                                thread_name(first).c_str(), wait_description(first).c_str(),
+                                thread_name(fiber).c_str(), wait_description(fiber).c_str()));
+        }
+        total += 1;
+        count += fiber->predicate != 0;
+    }
+    for (unsigned t = 0; t < launch.thread_count; ++t) {
+        Fiber* fiber = &block->fibers[t];
+        if (fiber->state != State::barrier) continue;
+        switch (fiber->barrier_kind) {
+            case barrier_plain: fiber->barrier_result = 0; break;
+            case barrier_count: fiber->barrier_result = count; break;
+            case barrier_and: fiber->barrier_result = count == total; break;
+            case barrier_or: fiber->barrier_result = count != 0; break;
+        }
+        make_runnable(fiber);
+    }
+    block->arrived = 0;
+    progress(launch);
+}
+
+// ---------------------------------------------------------------------------------
+// Warp exchange
+// ---------------------------------------------------------------------------------
+unsigned long long lane_value(Launch& launch, Fiber* warp, unsigned lane, unsigned source,
+                              unsigned participants, unsigned present) {
+    if (source == lane) return warp[lane].value;
+    if (!((present >> source) & 1u)) return ~0ull;  // beyond a partial warp: poison
+    if (!((participants >> source) & 1u)) {
+        fail(launch, format("%s: %s reads lane %u, which is not in the mask 0x%08x (%s:%d)",
+                            op_name(warp[lane].op), thread_name(&warp[lane]).c_str(), source,
+                            warp[lane].mask, warp[lane].file, warp[lane].line));
+    }
+    return warp[source].value;
+}
+
+void complete_warp_exchange(Launch& launch, Fiber* warp, unsigned participants,
+                            unsigned present) {
+    const WarpOp op = warp[__builtin_ctz(participants)].op;
+    unsigned ballot = 0;
+    unsigned long long sum = 0, umin = ~0ull, umax = 0, all_and = ~0ull, all_or = 0,
+                       all_xor = 0;
+    long long imin = INT32_MAX, imax = INT32_MIN;
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (!((participants >> lane) & 1u)) continue;
+        const unsigned long long v = warp[lane].value;
+        if (v) ballot |= 1u << lane;
+        sum += v;
+        umin = std::min(umin, v);
+        umax = std::max(umax, v);
+        imin = std::min<long long>(imin, int(unsigned(v)));
+        imax = std::max<long long>(imax, int(unsigned(v)));
+        all_and &= v;
+        all_or |= v;
+        all_xor ^= v;
+    }
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (!((participants >> lane) & 1u)) continue;
+        Fiber& fiber = warp[lane];
+        const unsigned width = unsigned(fiber.width);
+        const unsigned segment = lane & ~(width - 1u);
+        unsigned source = lane;
+        switch (op) {
+            case warp_sync: fiber.result = 0; break;
+            case warp_shfl:
+                source = segment + (unsigned(fiber.argument) & (width - 1u));
+                fiber.result = lane_value(launch, warp, lane, source, participants, present);
+                break;
+            case warp_shfl_up: {
+                const unsigned delta = unsigned(fiber.argument);
+                source = (lane - segment) >= delta ? lane - delta : lane;
+                fiber.result = lane_value(launch, warp, lane, source, participants, present);
+                break;
+            }
+            case warp_shfl_down: {
+                const unsigned delta = unsigned(fiber.argument);
+                source = (lane - segment) + delta < width ? lane + delta : lane;
+                fiber.result = lane_value(launch, warp, lane, source, participants, present);
+                break;
+            }
+            case warp_shfl_xor:
+                source = lane ^ unsigned(fiber.argument);
+                if (source >= segment + width) source = lane;  // later groups: own value
+                fiber.result = lane_value(launch, warp, lane, source, participants, present);
+                break;
+            case warp_ballot: fiber.result = ballot; break;
+            case warp_all: fiber.result = ballot == participants; break;
+            case warp_any: fiber.result = ballot != 0; break;
+            case warp_uni: fiber.result = ballot == 0 || ballot == participants; break;
+            case warp_match_any: {
+                unsigned same = 0;
+                for (unsigned other = 0; other < 32; ++other) {
+                    if (((participants >> other) & 1u) && warp[other].value == fiber.value)
+                        same |= 1u << other;
+                }
+                fiber.result = same;
+                break;
+            }
+            case warp_reduce_add: fiber.result = unsigned(sum); break;
+            case warp_reduce_umin: fiber.result = umin; break;
+            case warp_reduce_umax: fiber.result = umax; break;
+            case warp_reduce_imin: fiber.result = (unsigned long long)(unsigned)int(imin); break;
+            case warp_reduce_imax: fiber.result = (unsigned long long)(unsigned)int(imax); break;
+            case warp_reduce_and: fiber.result = all_and; break;
+            case warp_reduce_or: fiber.result = all_or; break;
+            case warp_reduce_xor: fiber.result = all_xor; break;
+        }
+    }
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if ((participants >> lane) & 1u) make_runnable(&warp[lane]);
+    }
+    progress(launch);
+}
+
+// ---------------------------------------------------------------------------------
+// The fiber body and thread exit
+// ---------------------------------------------------------------------------------
+void thread_exit(Launch& launch, Fiber* fiber) {
+    Block* block = fiber->block;
+    fiber->state = State::done;
+    block->live -= 1;
+    progress(launch);
+    // Lanes of the same warp that wait for this one in a warp exchange never complete.
+    const unsigned first = fiber->linear & ~31u;
+    const unsigned lane = fiber->linear & 31u;
+    Fiber* warp = &block->fibers[first];
+    const unsigned present = present_lanes(launch, first);
+    for (unsigned other = 0; other < 32; ++other) {
+        if (!((present >> other) & 1u)) continue;
+        const Fiber& waiting = warp[other];
+        if (waiting.state == State::warp && ((waiting.mask >> lane) & 1u)) {
+            fail(launch, format("%s exited while %s named it in its mask; on a GPU this is "
+                                "undefined behaviour",
+                                thread_name(fiber).c_str(), (thread_name(&waiting) + " " +
+                                                             wait_description(&waiting)).c_str()));
+        }
+    }
+    if (block->arrived > 0 && block->arrived == block->live) release_barrier(launch, block);
+    switch_to_scheduler(launch, fiber);
+}
+
+void fiber_main(void* argument) {
+    Fiber* fiber = static_cast<Fiber*>(argument);
+    arrived_in_fiber(*g_launch, fiber);
+    for (;;) {
+        Launch& launch = *g_launch;
+        try {
+            launch.kernel->invoke(launch.kernel->kernel, launch.args);
+        } catch (...) {
+            fail(launch, "a C++ exception escaped the kernel in " + thread_name(fiber));
+        }
+        thread_exit(launch, fiber);  // returns when the fiber is given another block
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The scheduler
+// ---------------------------------------------------------------------------------
+void set_block_globals(Launch& launch, Block* block) {
+    for (int d = 0; d < 3; ++d) current_block_index[d] = block->index[d];
+    launch.current = block;
+}
+
+// Makes `block`'s static shared memory the content of the section.
+void load_static_shared(Launch& launch, Block* block) {
+    if (launch.loaded == block) return;
+    const size_t size = static_shared_size();
+    if (launch.loaded && launch.cooperative) {
+        std::memcpy(launch.loaded->saved_static.data(), __rnnemu_shared_begin, size);
+    }
+    if (block->static_initialised) {
+        std::memcpy(__rnnemu_shared_begin, block->saved_static.data(), size);
+    } else {
+        poison(__rnnemu_shared_begin, size);
+        block->static_initialised = true;
+    }
+    launch.loaded = block;
+}
+
+Fiber* pick(Launch& launch) {
+    Block* block = launch.current;
+    if (launch.hop || !block || block->runnable.empty()) {
+        launch.hop = false;
+        size_t candidates = 0;
+        for (Block& b : launch.blocks) candidates += !b.runnable.empty();
+        if (candidates == 0) return nullptr;
+        size_t choice = launch.rng.below(candidates);
+        for (Block& b : launch.blocks) {
+            if (b.runnable.empty()) continue;
+            if (choice-- == 0) {
+                block = &b;
+                break;
+            }
+        }
+    }
+    std::vector<Fiber*>& runnable = block->runnable;
+    const size_t i = launch.rng.below(runnable.size());
+    Fiber* fiber = runnable[i];
+    runnable[i] = runnable.back();
+    runnable.pop_back();
+    return fiber;
+}
+
+std::string deadlock_report(Launch& launch) {
+    for (Block& block : launch.blocks) {
+        bool stuck = false;
+        for (unsigned t = 0; t < launch.thread_count; ++t) {
+            State s = block.fibers[t].state;
+            stuck |= s == State::barrier || s == State::warp;
+        }
+        if (!stuck) continue;
+        std::string report = format(
+            "deadlock: no thread of block (%u,%u,%u) can continue (block size (%u,%u,%u)):",
+            block.index[0], block.index[1], block.index[2], launch.block[0], launch.block[1],
+            launch.block[2]);
+        // Group the threads by what they do, in order of first appearance.
+        std::vector<std::pair<std::string, unsigned>> groups;
+        std::vector<const Fiber*> examples;
+        for (unsigned t = 0; t < launch.thread_count; ++t) {
+            const Fiber* fiber = &block.fibers[t];
+            std::string what = wait_description(fiber);
+            auto it = std::find_if(groups.begin(), groups.end(),
+                                   [&](const auto& g) { return g.first == what; });
+            if (it == groups.end()) {
+                groups.emplace_back(what, 1u);
+                examples.push_back(fiber);
+            } else {
+                it->second += 1;
+            }
+        }
+        for (size_t g = 0; g < groups.size(); ++g) {
+            report += format("\n  %u thread(s) %s, e.g. thread (%u,%u,%u)", groups[g].second,
+                             groups[g].first.c_str(), examples[g]->index[0],
+                             examples[g]->index[1], examples[g]->index[2]);
+        }
+        // Name one missing partner of a warp exchange.
+        for (unsigned t = 0; t < launch.thread_count; ++t) {
+            const Fiber* fiber = &block.fibers[t];
+            if (fiber->state != State::warp) continue;
+            const unsigned first = t & ~31u;
+            const unsigned present = present_lanes(launch, first);
+            for (unsigned lane = 0; lane < 32; ++lane) {
+                if (!(((fiber->mask & present) >> lane) & 1u)) continue;
+                const Fiber* other = &block.fibers[first + lane];
+                if (other->state != State::warp || other->mask != fiber->mask) {
+                    report += format("\n  e.g. thread (%u,%u,%u) %s and waits for lane %u, "
+                                     "thread (%u,%u,%u), which %s",
+                                     fiber->index[0], fiber->index[1], fiber->index[2],
+                                     wait_description(fiber).c_str(), lane, other->index[0],
+                                     other->index[1], other->index[2],
+                                     wait_description(other).c_str());
+                    return report;
+                }
+            }
+        }
+        return report;
+    }
+    return "deadlock";
+}
+
+// Nothing can run. Returns true to continue (a grid sync completed), false to stop:
+// the launch finished, or launch.error says why not.
+bool on_quiescent(Launch& launch) {
+    bool waiting = false, grid = false, all_done = true;
+    for (const Fiber& fiber : launch.fibers) {
+        if (fiber.block == nullptr) continue;
+        waiting |= fiber.state == State::barrier || fiber.state == State::warp;
+        grid |= fiber.state == State::grid;
+        all_done &= fiber.state == State::done;
+    }
+    if (waiting) {
+        launch.error = deadlock_report(launch);
+        return false;
+    }
+    if (all_done) return false;
+    if (grid) {
+        for (const Block& block : launch.blocks) {
+            if (block.live == 0) {
+                const Fiber* example = nullptr;
+                for (const Fiber& fiber : launch.fibers)
+                    if (fiber.state == State::grid) example = example ? example : &fiber;
+                launch.error = format(
+                    "deadlock: block (%u,%u,%u) exited without reaching the grid sync at "
+                    "which %s waits (%s:%d)",
+                    block.index[0], block.index[1], block.index[2],
+                    thread_name(example).c_str(), example->file, example->line);
+                return false;
+            }
+        }
+        for (Fiber& fiber : launch.fibers) {
+            if (fiber.state == State::grid) make_runnable(&fiber);
+        }
+        progress(launch);
+        return true;
+    }
+    return false;
+}
+
+void run_scheduler(Launch& launch) {
+    for (;;) {
+        if (!launch.error.empty()) return;
+        Fiber* fiber = pick(launch);
+        if (!fiber) {
+            if (!on_quiescent(launch)) return;
+            continue;
+        }
+        if (fiber->block != launch.current) set_block_globals(launch, fiber->block);
+        load_static_shared(launch, fiber->block);
+        for (int d = 0; d < 3; ++d) current_thread_index[d] = fiber->index[d];
+        launch.running = fiber;
+        switch_to_fiber(launch, fiber);
+        launch.running = nullptr;
+    }
+}
+
+// Gives the threads of `block` to fibers[first ...] and makes them all runnable.
+void start_block(Launch& launch, Block& block, Fiber* fibers) {
+    block.fibers = fibers;
+    block.live = launch.thread_count;
+    block.arrived = 0;
+    block.runnable.clear();
+    block.static_initialised = false;
+    poison(block.dynamic_shared, launch.shared_bytes);
+    unsigned t = 0;
+    for (unsigned z = 0; z < launch.block[2]; ++z) {
+        for (unsigned y = 0; y < launch.block[1]; ++y) {
+            for (unsigned x = 0; x < launch.block[0]; ++x, ++t) {
+                Fiber& fiber = fibers[t];
+                fiber.block = &block;
+                fiber.index[0] = x;
+                fiber.index[1] = y;
+                fiber.index[2] = z;
+                fiber.linear = t;
+                make_runnable(&fiber);
+            }
+        }
+    }
+    // make_runnable pushed in order; the scheduler draws at random anyway.
+}
+
+unsigned char* allocate_dynamic_shared(size_t bytes) {
+    void* data = nullptr;
+    // Exactly `bytes` (plus nothing) so that AddressSanitizer sees an overrun.
+    if (posix_memalign(&data, 128, bytes ? bytes : 1) != 0) return nullptr;
+    return static_cast<unsigned char*>(data);
+}
+
+std::string type_name(char code, unsigned size) {
+    switch (code) {
+        case 'p': return "pointer";
+        case 'b': return "bool";
+        case 'i': return "int" + std::to_string(8 * size);
+        case 'u': return "uint" + std::to_string(8 * size);
+        case 'f': return "float" + std::to_string(8 * size);
+        default: return "a by-value type of " + std::to_string(size) + " bytes";
+    }
+}
+
+std::string check_arguments(const KernelInfo* kernel, int arg_count, const char* codes,
+                            const unsigned* sizes) {
+    if (arg_count != kernel->param_count) {
+        return format("kernel %s takes %d argument(s), got %d", kernel->name,
+                      kernel->param_count, arg_count);
+    }
+    for (int i = 0; i < arg_count; ++i) {
+        const char want = kernel->param_codes[i];
+        const unsigned want_size = kernel->param_sizes[i];
+        if (want == '?') {
+            return format("kernel %s: parameter %d is %s, which the emulator cannot pass from "
+                          "Python (only pointers and scalars)",
+                          kernel->name, i, type_name(want, want_size).c_str());
+        }
+        // Signedness may differ (the bits are the same); kind and size may not.
+        const bool integer_pair = (want == 'i' || want == 'u') &&
+                                  (codes[i] == 'i' || codes[i] == 'u');
+        if ((want != codes[i] && !integer_pair) || want_size != sizes[i]) {
+            return format("kernel %s: argument %d is %s, but the parameter is %s", kernel->name,
+                          i, type_name(codes[i], sizes[i]).c_str(),
+                          type_name(want, want_size).c_str());
+        }
+    }
+    return "";
+}
+
+std::string check_configuration(const unsigned* grid, const unsigned* block, size_t shared,
+                                bool cooperative) {
+    const unsigned long long threads = 1ull * block[0] * block[1] * block[2];
+    if (!grid[0] || !grid[1] || !grid[2] || !block[0] || !block[1] || !block[2])
+        return "invalid launch configuration: grid and block dimensions must be >= 1";
+    if (block[0] > 1024 || block[1] > 1024 || block[2] > 64 || threads > kMaxBlockThreads)
+        return format("invalid launch configuration: block (%u,%u,%u) exceeds (1024,1024,64) or "
+                      "1024 threads",
+                      block[0], block[1], block[2]);
+    if (grid[0] > 2147483647u || grid[1] > 65535u || grid[2] > 65535u)
+        return format("invalid launch configuration: grid (%u,%u,%u) exceeds "
+                      "(2147483647,65535,65535)",
+                      grid[0], grid[1], grid[2]);
+    if (shared > kMaxSharedBytes)
+        return format("invalid launch configuration: %zu bytes of dynamic shared memory, more "
+                      "than the %llu any GPU allows",
+                      shared, kMaxSharedBytes);
+    const unsigned long long blocks = 1ull * grid[0] * grid[1] * grid[2];
+    if (cooperative && blocks * threads > kMaxCooperativeThreads)
+        return format("cooperative launch of %llu threads: the emulator runs at most %llu "
+                      "threads at once",
+                      blocks * threads, kMaxCooperativeThreads);
+    return "";
+}
+
+unsigned long long spin_limit() {
+    unsigned long long limit = 1ull << 24;
+    if (const char* text = std::getenv("RNNKERNELS_EMULATOR_SPIN_LIMIT")) {
+        unsigned long long value = std::strtoull(text, nullptr, 10);
+        if (value) limit = value;
+    }
+    return limit;
+}
+
+void init_fibers(Launch& launch, size_t count) {
+    launch.fibers.resize(count);
+    for (size_t i = 0; i < count; ++i) {
+        Fiber& fiber = launch.fibers[i];
+        fiber.stack = g_stacks[i];
+#if RNNEMU_ASAN
+        // Frames left behind by an earlier launch that ended in an error.
+        ASAN_UNPOISON_MEMORY_REGION(fiber.stack.low, fiber.stack.size);
+#endif
+        init_context(fiber.context, fiber.stack.low, fiber.stack.size, &fiber_main, &fiber);
+    }
+}
+
+std::string run_launch(Launch& launch) {
+    const unsigned long long block_count = 1ull * launch.grid[0] * launch.grid[1] * launch.grid[2];
+    std::string error;
+    const size_t fiber_count = launch.cooperative ? size_t(block_count) * launch.thread_count
+                                                  : launch.thread_count;
+    if (!ensure_stacks(fiber_count, error)) return error;
+    init_fibers(launch, fiber_count);
+    const size_t static_size = static_shared_size();
+
+    if (launch.cooperative) {
+        launch.blocks.resize(size_t(block_count));
+        size_t b = 0;
+        for (unsigned z = 0; z < launch.grid[2]; ++z)
+            for (unsigned y = 0; y < launch.grid[1]; ++y)
+                for (unsigned x = 0; x < launch.grid[0]; ++x, ++b) {
+                    Block& block = launch.blocks[b];
+                    block.index[0] = x;
+                    block.index[1] = y;
+                    block.index[2] = z;
+                    block.dynamic_shared = allocate_dynamic_shared(launch.shared_bytes);
+                    block.saved_static.assign(static_size, kPoison);
+                    start_block(launch, block, &launch.fibers[b * launch.thread_count]);
+                }
+        run_scheduler(launch);
+        return launch.error;
+    }
+
+    // Normal launch: one block after another, in a seeded random order.
+    std::vector<unsigned long long> sequence(static_cast<size_t>(block_count));
+    for (size_t i = 0; i < sequence.size(); ++i) sequence[i] = i;
+    for (size_t i = sequence.size(); i > 1; --i) {
+        std::swap(sequence[i - 1], sequence[launch.rng.below(i)]);
+    }
+    launch.blocks.resize(1);
+    Block& block = launch.blocks[0];
+    block.dynamic_shared = allocate_dynamic_shared(launch.shared_bytes);
+    for (unsigned long long linear : sequence) {
+        block.index[0] = unsigned(linear % launch.grid[0]);
+        block.index[1] = unsigned((linear / launch.grid[0]) % launch.grid[1]);
+        block.index[2] = unsigned(linear / (1ull * launch.grid[0] * launch.grid[1]));
+        start_block(launch, block, launch.fibers.data());
+        launch.loaded = nullptr;
+        launch.current = nullptr;
+        run_scheduler(launch);
+        if (!launch.error.empty()) break;
+    }
+    return launch.error;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+// Functions the shim calls from inside a kernel
+// ---------------------------------------------------------------------------------
+int block_barrier(BarrierKind kind, int predicate, const char* file, int line) {
+    Launch& launch = this_launch();
+    Fiber* fiber = launch.running;
+    Block* block = fiber->block;
+    fiber->state = State::barrier;
+    fiber->barrier_kind = kind;
+    fiber->predicate = predicate;
+    fiber->file = file;
+    fiber->line = line;
+    block->arrived += 1;
+    if (block->arrived == block->live) release_barrier(launch, block);
+    switch_to_scheduler(launch, fiber);
+    return fiber->barrier_result;
+}
+
+unsigned long long warp_exchange(WarpOp op, unsigned int mask, unsigned long long value,
+                                 int argument, int width, const char* file, int line) {
+    Launch& launch = this_launch();
+    Fiber* fiber = launch.running;
+    const unsigned lane = fiber->linear & 31u;
+    const unsigned first = fiber->linear & ~31u;
+    Fiber* warp = &fiber->block->fibers[first];
+    if (!((mask >> lane) & 1u)) {
+        fail(launch, format("%s(mask=0x%08x) in %s: the mask does not name the calling lane %u "
+                            "(%s:%d)",
+                            op_name(op), mask, thread_name(fiber).c_str(), lane, file, line));
+    }
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+        fail(launch, format("%s: width %d is not a power of two in [1, 32] (%s:%d)", op_name(op),
+                            width, file, line));
+    }
+    const unsigned present = present_lanes(launch, first);
+    const unsigned participants = mask & present;
+    for (unsigned other = 0; other < 32; ++other) {
+        if (((participants >> other) & 1u) && warp[other].state == State::done) {
+            fail(launch, format("%s(mask=0x%08x) in %s names lane %u, which has exited (%s:%d)",
+                                op_name(op), mask, thread_name(fiber).c_str(), other, file,
+                                line));
+        }
+    }
+    fiber->state = State::warp;
+    fiber->op = op;
+    fiber->mask = mask;
+    fiber->value = value;
+    fiber->argument = argument;
+    fiber->width = width;
+    fiber->file = file;
+    fiber->line = line;
+    bool complete = true;
+    for (unsigned other = 0; other < 32 && complete; ++other) {
+        if (!((participants >> other) & 1u) || other == lane) continue;
+        const Fiber& partner = warp[other];
+        if (partner.state != State::warp || partner.mask != mask) {
+            complete = false;
+        } else if (partner.op != op) {
+            fail(launch, format("lanes of one warp meet with mask 0x%08x at different operations: "
+                                "%s %s, %s %s",
+                                mask, thread_name(&partner).c_str(),
+                                wait_description(&partner).c_str(), thread_name(fiber).c_str(),
+                                wait_description(fiber).c_str()));
+        }
+    }
+    if (complete) complete_warp_exchange(launch, warp, participants, present);
+    switch_to_scheduler(launch, fiber);
+    return fiber->result;
+}
+
+void grid_sync(const char* file, int line) {
+    Launch& launch = this_launch();
+    Fiber* fiber = launch.running;
+    if (!launch.cooperative) {
+        fail(launch, format("grid sync (%s:%d) in a launch that is not cooperative; launch with "
+                            "cooperative=True",
+                            file, line));
+    }
+    fiber->state = State::grid;
+    fiber->file = file;
+    fiber->line = line;
+    switch_to_scheduler(launch, fiber);
+}
+
+bool launch_is_cooperative() { return this_launch().cooperative; }
+
+void yield_point() {
+    Launch* launch = g_launch;
+    if (!launch || !launch->running) return;
+    Fiber* fiber = launch->running;
+    if (++launch->idle_yields > launch->spin_limit) {
+        fail(*launch,
+             format("livelock: %llu atomics/fences in a row without any thread reaching a "
+                    "barrier or exiting, last in %s; a spin-wait for a block that cannot run "
+                    "(normal launches run blocks one after another)? "
+                    "RNNKERNELS_EMULATOR_SPIN_LIMIT raises the limit",
+                    launch->idle_yields, thread_name(fiber).c_str()));
+    }
+    fiber->block->runnable.push_back(fiber);
+    launch->hop = launch->cooperative;
+    switch_to_scheduler(*launch, fiber);
+}
+
+void* dynamic_shared_memory() { return this_launch().current->dynamic_shared; }
+
+unsigned int lane_id() { return this_launch().running->linear & 31u; }
+
+unsigned int live_lanes() {
+    Launch& launch = this_launch();
+    const unsigned first = launch.running->linear & ~31u;
+    const unsigned present = present_lanes(launch, first);
+    unsigned live = 0;
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (((present >> lane) & 1u) &&
+            launch.running->block->fibers[first + lane].state != State::done)
+            live |= 1u << lane;
+    }
+    return live;
+}
+
+long long clock_ticks() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+void kernel_trap(const char* what, const char* file, int line) {
+    Launch& launch = this_launch();
+    fail(launch, format("%s called %s (%s:%d)", thread_name(launch.running).c_str(), what, file,
+                        line));
+}
+
+}  // namespace rnnemu
+
+// ---------------------------------------------------------------------------------
+// Entry points for Python (ctypes)
+// ---------------------------------------------------------------------------------
+// Runs one launch. Returns 0, or 1 with a message in `error`.
+RNNEMU_EXPORT int rnnemu_launch(const rnnemu::KernelInfo* kernel, const unsigned* grid,
+                                const unsigned* block, unsigned long long shared_bytes,
+                                int cooperative, unsigned long long seed, int arg_count,
+                                void** args, const char* arg_codes, const unsigned* arg_sizes,
+                                char* error, unsigned long error_size) {
+    using namespace rnnemu;
+    std::string message = check_arguments(kernel, arg_count, arg_codes, arg_sizes);
+    if (message.empty()) message = check_configuration(grid, block, shared_bytes, cooperative);
+    if (message.empty()) {
+        std::lock_guard<std::mutex> lock(g_launch_mutex);
+        Launch launch;
+        launch.kernel = kernel;
+        launch.args = args;
+        for (int d = 0; d < 3; ++d) {
+            launch.grid[d] = grid[d];
+            launch.block[d] = block[d];
+            current_block_dim[d] = block[d];
+            current_grid_dim[d] = grid[d];
+        }
+        launch.thread_count = block[0] * block[1] * block[2];
+        launch.shared_bytes = size_t(shared_bytes);
+        launch.cooperative = cooperative != 0;
+        launch.rng.state = seed;
+        launch.spin_limit = spin_limit();
+        g_launch = &launch;
+        message = run_launch(launch);
+        g_launch = nullptr;
+        for (Block& b : launch.blocks) std::free(b.dynamic_shared);
+    }
+    if (message.empty()) return 0;
+    std::snprintf(error, error_size, "%s", message.c_str());
+    return 1;
+}
+
+// Bytes of static shared memory in this module (all kernels together).
+RNNEMU_EXPORT unsigned long long rnnemu_static_shared_bytes() {
+    return rnnemu::static_shared_size();
+}
