@@ -1,0 +1,608 @@
+"""``LSTM``: a framework-free, multi-layer, bidirectional LSTM over NumPy and CuPy
+arrays, laid out exactly like ``torch.nn.LSTM``.
+
+Every layer and direction runs on the single-layer ``lstm_forward`` /
+``lstm_backward`` (``rnnkernels/_api.py``); this file only arranges the calls.
+
+Shapes (``torch.nn.LSTM``'s; D = 2 if bidirectional else 1, L = num_layers)::
+
+    x          [T, B, I]   ([B, T, I] with batch_first; [T, I] unbatched)
+    h0, c0     [L*D, B, H] (index layer*D + direction; [L*D, H] unbatched)
+    y          [T, B, D*H] (forward direction in [..., :H], reverse in [..., H:])
+    h_n, c_n   [L*D, B, H]
+    weight_ih_l{k}[_reverse] [4H, I] for k = 0, [4H, D*H] above
+    weight_hh_l{k}[_reverse] [4H, H]; bias_ih_l{k}[_reverse], bias_hh_l{k}[_reverse] [4H]
+
+Variable lengths. Row b of a batch with ``lengths[b] = n`` runs steps 0 .. n-1 only:
+``y[t, b] = 0`` for t >= n, and ``h_n[:, b]``, ``c_n[:, b]`` are the states after
+its step n-1 (h0, c0 when n = 0). The reverse direction reads row b backwards from
+step n-1. The rows are sorted by length, longest first, once per call; then the time
+axis is cut at every distinct length into segments, and each segment is one kernel
+call over the rows still running, a prefix of the sorted batch::
+
+    lengths (sorted) 5 5 3 1
+    segment [0, 1)   rows 0..3      states carried from one segment to the next,
+    segment [1, 3)   rows 0..2      rows that end keep their final state
+    segment [3, 5)   rows 0..1
+
+so every valid step is computed once, as in a packed sequence, with as many calls per
+layer and direction as there are distinct lengths (one for equal lengths). Backward
+runs the segments in reverse: the state gradient a segment returns for its first step
+becomes the upstream gradient of the rows that continue into the segment before it,
+and a row's ``dh_n``/``dc_n`` enters at the end of its own last segment. That is
+exact BPTT on each row's own sequence; padded steps get zero gradient. The reverse
+direction gathers each row reversed within its own length (padding stays in place),
+runs the same forward code, and gathers back.
+
+Dropout (``dropout=p``) multiplies the output of every layer but the last by a mask
+of Bernoulli(1 - p) / (1 - p), in training mode only, as torch does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _arrays
+from ._api import BACKENDS, lstm_backward, lstm_forward
+
+__all__ = ["LSTM", "LSTMModuleGrads", "parameter_names"]
+
+
+def _xp_of(array):
+    return np if isinstance(array, np.ndarray) else _arrays.import_cupy()
+
+
+def parameter_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+    """``torch.nn.LSTM``'s parameter names, in its order (layer, direction, then
+    weight_ih, weight_hh, bias_ih, bias_hh)."""
+    names = []
+    for layer in range(num_layers):
+        for suffix in ("", "_reverse")[: 2 if bidirectional else 1]:
+            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+            names += [f"{kind}_l{layer}{suffix}" for kind in kinds]
+    return names
+
+
+# ----------------------------------------------------------------------------- lengths
+
+
+class _Plan:
+    """How a batch with per-row lengths is cut into single-layer kernel calls (see the
+    module docstring). ``order`` sorts the rows longest first (None when they already
+    are); ``segments`` are (first step, stop step, rows) over the sorted rows."""
+
+    def __init__(self, lengths, steps: int, batch: int):
+        self.steps, self.batch = steps, batch
+        if lengths is None:
+            lengths = np.full(batch, steps, dtype=np.int64)
+        self.uniform = bool(np.all(lengths == steps))
+        order = np.argsort(-lengths, kind="stable")
+        if self.uniform or np.array_equal(order, np.arange(batch)):
+            self.order = self.restore = None
+            self.sorted_lengths = lengths
+        else:
+            self.order, self.restore = order, np.argsort(order)
+            self.sorted_lengths = lengths[order]
+        if self.uniform:
+            self.segments = [(0, steps, batch)]
+        else:
+            self.segments, start = [], 0
+            for stop in sorted(set(int(n) for n in self.sorted_lengths if n > 0)):
+                self.segments.append((start, stop, int(np.count_nonzero(self.sorted_lengths >= stop))))
+                start = stop
+        self._reverse_index = {}
+
+    def flip(self, array):
+        """``array`` [T, B, F] (sorted rows) with each row reversed within its own
+        length; padding stays where it is. Its own inverse."""
+        xp = _xp_of(array)
+        if self.uniform:
+            return xp.ascontiguousarray(array[::-1])
+        if xp not in self._reverse_index:
+            t = np.arange(self.steps)[:, None]
+            n = self.sorted_lengths[None, :]
+            rows = np.where(t < n, n - 1 - t, t)
+            cols = np.broadcast_to(np.arange(self.batch)[None, :], rows.shape)
+            self._reverse_index[xp] = (xp.asarray(rows), xp.asarray(cols))
+        rows, cols = self._reverse_index[xp]
+        return array[rows, cols]
+
+
+def _host_lengths(lengths, batch: int, steps: int):
+    """``lengths`` (a sequence of ints or an integer array of any kind) as a host int64
+    array [B], checked against the batch."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        host = np.asarray(lengths)
+    else:
+        host = _arrays.to_backend(lengths, "cpu") if not isinstance(lengths, np.ndarray) else lengths
+    host = np.asarray(host)
+    if host.dtype.kind not in "iu" and host.size:
+        raise TypeError(f"lengths must hold integers, got dtype {host.dtype}")
+    host = host.astype(np.int64).reshape(-1)
+    if host.shape != (batch,):
+        raise ValueError(f"lengths must have one entry per sequence in the batch ({batch}), got shape {host.shape}")
+    if host.size and (host.min() < 0 or host.max() > steps):
+        raise ValueError(f"lengths must lie in [0, {steps}] (the padded length), got {host.tolist()}")
+    return host
+
+
+# ----------------------------------------------------------------------------- one direction
+
+
+def run_direction(x, weights, h0, c0, plan: _Plan, reverse: bool, training: bool, backend: str):
+    """One layer in one direction over sorted rows. ``x`` [T, B, I], ``weights`` =
+    (w_ih, w_hh, b_ih, b_hh) with biases possibly None, ``h0``/``c0`` [B, H], all
+    backend arrays of one dtype. Returns ``(y, h_n, c_n, tape)``; ``tape`` (the
+    per-segment forward outputs) is None unless ``training``."""
+    xp = _xp_of(x)
+    dtype = x.dtype
+    steps, batch, _ = x.shape
+    hidden = weights[1].shape[1]
+    if reverse:
+        x = plan.flip(x)
+    outs = []
+    if plan.uniform:
+        out = lstm_forward(x, *weights, h0, c0, training=training, backend=backend)
+        y, h_n, c_n = (xp.asarray(a).astype(dtype, copy=False) for a in (out.y, out.h_n, out.c_n))
+        outs.append(out)
+    else:
+        y = xp.zeros((steps, batch, hidden), dtype)
+        h_n, c_n = h0.astype(dtype, copy=True), c0.astype(dtype, copy=True)
+        for start, stop, rows in plan.segments:
+            # Copies of the states: the kernels may keep their inputs for backward,
+            # and h_n / c_n are written again below.
+            out = lstm_forward(
+                x[start:stop, :rows], *weights, h_n[:rows].copy(), c_n[:rows].copy(),
+                training=training, backend=backend,
+            )
+            y[start:stop, :rows] = out.y
+            h_n[:rows] = out.h_n
+            c_n[:rows] = out.c_n
+            outs.append(out)
+    if reverse:
+        y = plan.flip(y)
+    return y, h_n, c_n, (outs if training else None)
+
+
+def backward_direction(tape, plan: _Plan, reverse: bool, dy, dh_n, dc_n, input_size: int, has_bias: bool):
+    """Gradients of :func:`run_direction` from its ``tape``: ``dy`` [T, B, H],
+    ``dh_n``/``dc_n`` [B, H]. Returns ``(dx, dw_ih, dw_hh, db, dh0, dc0)``; ``db``
+    is the gradient of each bias (None without biases)."""
+    xp = _xp_of(dy)
+    dtype = dy.dtype
+    steps, batch, hidden = dy.shape
+    if reverse:
+        dy = plan.flip(dy)
+    if plan.uniform:
+        g = lstm_backward(tape[0], dy, dh_n, dc_n)
+        cast = lambda a: None if a is None else xp.asarray(a).astype(dtype, copy=False)  # noqa: E731
+        dx, dw_ih, dw_hh, db, dh0, dc0 = map(cast, (g.dx, g.dw_ih, g.dw_hh, g.db_ih, g.dh0, g.dc0))
+    else:
+        dx = xp.zeros((steps, batch, input_size), dtype)
+        dw_ih = xp.zeros((4 * hidden, input_size), dtype)
+        dw_hh = xp.zeros((4 * hidden, hidden), dtype)
+        db = xp.zeros(4 * hidden, dtype) if has_bias else None
+        dh0, dc0 = dh_n.astype(dtype, copy=True), dc_n.astype(dtype, copy=True)
+        for (start, stop, rows), out in reversed(list(zip(plan.segments, tape))):
+            g = lstm_backward(out, dy[start:stop, :rows], dh0[:rows].copy(), dc0[:rows].copy())
+            dx[start:stop, :rows] = g.dx
+            dw_ih += g.dw_ih
+            dw_hh += g.dw_hh
+            if has_bias:
+                db += g.db_ih
+            dh0[:rows] = g.dh0
+            dc0[:rows] = g.dc0
+    if reverse:
+        dx = plan.flip(dx)
+    return dx, dw_ih, dw_hh, db, dh0, dc0
+
+
+# ----------------------------------------------------------------------------- module
+
+
+@dataclass
+class LSTMModuleGrads:
+    """What :meth:`LSTM.backward` returns: ``dx`` shaped like the input, ``dh0`` and
+    ``dc0`` like the initial state ([L*D, B, H]; the gradient with respect to the zero
+    state when none was given), and ``params``, parameter name -> gradient."""
+
+    dx: Any
+    dh0: Any
+    dc0: Any
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Tape:
+    plan: _Plan
+    kind: _arrays.Kind
+    batch_first: bool
+    unbatched: bool
+    input_shape: tuple
+    layers: list  # per layer, per direction: tape of run_direction
+    masks: list  # per layer but the last: dropout mask or None
+
+
+class LSTM:
+    """A multi-layer, optionally bidirectional LSTM, a drop-in for ``torch.nn.LSTM``'s
+    math and parameters, over NumPy (``device="cpu"``) or CuPy (``device="cuda"``)
+    arrays.
+
+    ``lstm(x, state=None, lengths=None)`` returns ``(y, (h_n, c_n))`` with torch's
+    shapes (see the module docstring), as the kind of array ``x`` is. In training
+    mode (the default; see :meth:`train`, :meth:`eval`) the call also records what
+    :meth:`backward` needs; the next :meth:`backward` uses the most recent call.
+
+    Parameters are named and shaped like ``torch.nn.LSTM``'s and initialized like
+    them, U(-1/√H, 1/√H), from ``seed`` (an int, a ``numpy.random.Generator`` or None).
+    The same generator draws the dropout masks. ``backend`` is passed to
+    :func:`rnnkernels.lstm_forward` ("auto": cuda for CuPy arrays, cpu otherwise).
+    ``proj_size`` (LSTM with projections) is not implemented yet.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        proj_size: int = 0,
+        dtype=np.float32,
+        backend: str = "auto",
+        device: str = "cpu",
+        seed=None,
+    ):
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "input_size" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if proj_size:
+            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels yet")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0) or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' (NumPy arrays) or 'cuda' (CuPy arrays), got {device!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
+        self.dropout, self.proj_size = float(dropout), 0
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating-point dtype, got {self.dtype}")
+        self.backend, self.device = backend, device
+        self.training = True
+        self._rng = np.random.default_rng(seed)
+        self._last: _Tape | None = None
+        self._params: dict[str, Any] = {}
+        self.reset_parameters()
+
+    # -- parameters --------------------------------------------------------------------
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _shapes(self) -> dict[str, tuple]:
+        hidden, directions = self.hidden_size, self.num_directions
+        shapes = {}
+        for name in parameter_names(self.num_layers, self.bidirectional, self.bias):
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                shapes[name] = (4 * hidden, self.input_size if layer == 0 else directions * hidden)
+            elif name.startswith("weight_hh"):
+                shapes[name] = (4 * hidden, hidden)
+            else:
+                shapes[name] = (4 * hidden,)
+        return shapes
+
+    def _xp(self):
+        return np if self.device == "cpu" else _arrays.import_cupy()
+
+    def reset_parameters(self):
+        """Every parameter from U(-1/√H, 1/√H), like ``torch.nn.LSTM``."""
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        xp = self._xp()
+        self._params = {
+            name: xp.asarray(self._rng.uniform(-bound, bound, shape).astype(self.dtype))
+            for name, shape in self._shapes().items()
+        }
+
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        """(name, array) pairs in ``torch.nn.LSTM``'s order; the arrays are the
+        module's own (update them in place to train)."""
+        return list(self._params.items())
+
+    def parameters(self) -> list[Any]:
+        return list(self._params.values())
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameter name -> a copy of the array (NumPy or CuPy), keyed and shaped like
+        ``torch.nn.LSTM.state_dict()``."""
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy parameters in from ``state_dict`` (name -> NumPy/CuPy array or torch
+        tensor, e.g. ``torch.nn.LSTM(...).state_dict()``), cast to the module's dtype.
+        With ``strict``, the keys must be exactly the module's. Returns
+        ``(missing_keys, unexpected_keys)``."""
+        shapes = self._shapes()
+        missing = [name for name in shapes if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in shapes]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict does not fit this LSTM: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        new = {}
+        for name, shape in shapes.items():
+            if name not in state_dict:
+                continue
+            value = _arrays.to_backend(state_dict[name], self.device)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+            new[name] = value.astype(self.dtype, copy=True)
+        self._params.update(new)
+        return missing, unexpected
+
+    @classmethod
+    def from_torch(cls, module, **kwargs) -> "LSTM":
+        """An ``LSTM`` with the configuration and weights of a ``torch.nn.LSTM``
+        (``dtype``, ``backend``, ``device``, ``seed`` may be given as keywords)."""
+        if getattr(module, "proj_size", 0):
+            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels yet")
+        lstm = cls(
+            module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
+            module.dropout, module.bidirectional, **kwargs,
+        )
+        lstm.load_state_dict(module.state_dict())
+        return lstm
+
+    # -- Keras --------------------------------------------------------------------------
+
+    def load_keras_weights(self, weights, layer: int = 0):
+        """Set layer ``layer`` from Keras LSTM weights, the list ``get_weights()`` gives:
+        ``[kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H]]`` (no bias with
+        ``use_bias=False``), twice (forward, then backward) for a ``Bidirectional``
+        layer. Keras's gate order i, f, c, o is torch's i, f, g, o; the kernels are
+        transposed, ``bias`` goes to ``bias_ih`` and ``bias_hh`` is set to zero. The
+        Keras layer must use the default activations (tanh, sigmoid)."""
+        per_direction = 3 if self.bias else 2
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if len(weights) != per_direction * self.num_directions:
+            raise ValueError(
+                f"expected {per_direction * self.num_directions} Keras arrays for this layer "
+                f"({'kernel, recurrent_kernel' + (', bias' if self.bias else '')} per direction, "
+                f"{self.num_directions} direction(s)), got {len(weights)}"
+            )
+        state = {}
+        for direction in range(self.num_directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            arrays = [_arrays.to_backend(a, self.device) for a in weights[direction * per_direction:][:per_direction]]
+            state["weight_ih" + suffix] = arrays[0].T
+            state["weight_hh" + suffix] = arrays[1].T
+            if self.bias:
+                state["bias_ih" + suffix] = arrays[2]
+                state["bias_hh" + suffix] = self._xp().zeros_like(arrays[2])
+        self.load_state_dict(state, strict=False)
+
+    def keras_weights(self, layer: int = 0) -> list:
+        """Layer ``layer`` as Keras LSTM weights (see :meth:`load_keras_weights`):
+        ``[kernel, recurrent_kernel, bias]`` per direction, bias = bias_ih + bias_hh."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        xp = self._xp()
+        out = []
+        for direction in range(self.num_directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            out.append(xp.ascontiguousarray(self._params["weight_ih" + suffix].T))
+            out.append(xp.ascontiguousarray(self._params["weight_hh" + suffix].T))
+            if self.bias:
+                out.append(self._params["bias_ih" + suffix] + self._params["bias_hh" + suffix])
+        return out
+
+    # -- modes ---------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "LSTM":
+        """Training mode: dropout on, calls record what :meth:`backward` needs."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "LSTM":
+        """Inference mode: no dropout, nothing recorded, inference kernels."""
+        return self.train(False)
+
+    def __repr__(self):
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False))
+            if getattr(self, name) != default
+        )
+        return f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, backend={self.backend!r})"
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _weights(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        p = self._params
+        if self.bias:
+            return p["weight_ih" + suffix], p["weight_hh" + suffix], p["bias_ih" + suffix], p["bias_hh" + suffix]
+        return p["weight_ih" + suffix], p["weight_hh" + suffix], None, None
+
+    def _to_device(self, value, name: str):
+        kind = _arrays.array_kind(value, name)
+        dtype = _arrays.array_dtype(value)
+        if dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {_arrays.dtype_name(value)} but this LSTM's parameters are {self.dtype}")
+        return _arrays.to_backend(value, self.device), kind
+
+    def __call__(self, x, state=None, lengths=None):
+        """``(y, (h_n, c_n))``; see the class docstring."""
+        return self.forward(x, state, lengths)
+
+    def forward(self, x, state=None, lengths=None):
+        xb, kind = self._to_device(x, "x")
+        xp = self._xp()
+        if xb.ndim not in (2, 3):
+            raise ValueError(f"x must be 3-D ([B, T, I] with batch_first, else [T, B, I]) or 2-D [T, I], got shape {tuple(xb.shape)}")
+        unbatched = xb.ndim == 2
+        if unbatched:
+            xb = xb[:, None, :]
+        elif self.batch_first:
+            xb = xb.transpose(1, 0, 2)
+        steps, batch, input_size = xb.shape
+        if input_size != self.input_size:
+            raise ValueError(f"x must have {self.input_size} features (input_size), got {input_size}")
+        hidden, layers, directions = self.hidden_size, self.num_layers, self.num_directions
+        state_shape = (layers * directions, hidden) if unbatched else (layers * directions, batch, hidden)
+        if state is None:
+            h0 = xp.zeros((layers * directions, batch, hidden), self.dtype)
+            c0 = xp.zeros_like(h0)
+        else:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError("state must be a pair (h0, c0)")
+            (h0, _), (c0, _) = self._to_device(state[0], "h0"), self._to_device(state[1], "c0")
+            for name, value in (("h0", h0), ("c0", c0)):
+                if tuple(value.shape) != state_shape:
+                    raise ValueError(f"{name} must have shape {state_shape} (num_layers * num_directions, batch, hidden), got {tuple(value.shape)}")
+            if unbatched:
+                h0, c0 = h0[:, None, :], c0[:, None, :]
+        plan = _Plan(_host_lengths(lengths, batch, steps), steps, batch)
+        if plan.order is not None:
+            xb, h0, c0 = xb[:, plan.order], h0[:, plan.order], c0[:, plan.order]
+
+        training = self.training
+        layer_input, h_n, c_n, tapes, masks = xb, [], [], [], []
+        for layer in range(layers):
+            outputs, layer_tapes = [], []
+            for direction in range(directions):
+                k = layer * directions + direction
+                y, h, c, tape = run_direction(
+                    layer_input, self._weights(layer, direction), h0[k], c0[k], plan,
+                    reverse=direction == 1, training=training, backend=self.backend,
+                )
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+                layer_tapes.append(tape)
+            tapes.append(layer_tapes)
+            layer_input = outputs[0] if directions == 1 else xp.concatenate(outputs, axis=2)
+            if layer < layers - 1:
+                mask = self._dropout_mask(layer_input.shape) if training and self.dropout > 0 else None
+                if mask is not None:
+                    layer_input = layer_input * mask
+                masks.append(mask)
+        y, h_n, c_n = layer_input, xp.stack(h_n), xp.stack(c_n)
+
+        if plan.order is not None:
+            y, h_n, c_n = y[:, plan.restore], h_n[:, plan.restore], c_n[:, plan.restore]
+        if unbatched:
+            y, h_n, c_n = y[:, 0], h_n[:, 0], c_n[:, 0]
+        elif self.batch_first:
+            y = y.transpose(1, 0, 2)
+        self._last = None
+        if training:
+            self._last = _Tape(plan, kind, self.batch_first, unbatched, tuple(x.shape), tapes, masks)
+        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), kind)  # noqa: E731
+        return back(y), (back(h_n), back(c_n))
+
+    def _dropout_mask(self, shape):
+        keep = 1.0 - self.dropout
+        if keep == 0.0:
+            mask = np.zeros(shape, self.dtype)
+        else:
+            mask = ((self._rng.random(shape) < keep) / keep).astype(self.dtype)
+        return self._xp().asarray(mask)
+
+    # -- backward ------------------------------------------------------------------------
+
+    def backward(self, dy=None, dh_n=None, dc_n=None) -> LSTMModuleGrads:
+        """Gradients of the most recent training-mode call. ``dy`` is shaped like its
+        ``y``, ``dh_n`` and ``dc_n`` like its ``h_n`` and ``c_n``; a missing one is
+        zero. Returns :class:`LSTMModuleGrads`: ``dx`` (as the kind of the input),
+        ``dh0``, ``dc0`` and the parameter gradients (module arrays)."""
+        tape = self._last
+        if tape is None:
+            raise ValueError(
+                "backward needs a forward call made in training mode (lstm.train()); "
+                "the last call was in eval mode or there was none"
+            )
+        xp = self._xp()
+        plan = tape.plan
+        steps, batch = plan.steps, plan.batch
+        hidden, layers, directions = self.hidden_size, self.num_layers, self.num_directions
+
+        def upstream(value, name, shape_tm, user_shape):
+            if value is None:
+                return xp.zeros(shape_tm, self.dtype)
+            arr, _ = self._to_device(value, name)
+            if tuple(arr.shape) != user_shape:
+                raise ValueError(f"{name} must have shape {user_shape}, like the forward's output, got {tuple(arr.shape)}")
+            return arr
+
+        y_tm = (steps, batch, directions * hidden)
+        if tape.unbatched:
+            y_user = (steps, directions * hidden)
+            s_user = (layers * directions, hidden)
+        else:
+            y_user = (batch, steps, directions * hidden) if tape.batch_first else y_tm
+            s_user = (layers * directions, batch, hidden)
+        s_tm = (layers * directions, batch, hidden)
+        dy_b = upstream(dy, "dy", y_tm, y_user)
+        dh_b = upstream(dh_n, "dh_n", s_tm, s_user)
+        dc_b = upstream(dc_n, "dc_n", s_tm, s_user)
+        if tape.unbatched:
+            dy_b = dy_b[:, None] if dy is not None else dy_b
+            dh_b = dh_b[:, None] if dh_n is not None else dh_b
+            dc_b = dc_b[:, None] if dc_n is not None else dc_b
+        elif tape.batch_first and dy is not None:
+            dy_b = dy_b.transpose(1, 0, 2)
+        if plan.order is not None:
+            dy_b, dh_b, dc_b = dy_b[:, plan.order], dh_b[:, plan.order], dc_b[:, plan.order]
+
+        grads: dict[str, Any] = {}
+        dh0 = [None] * (layers * directions)
+        dc0 = [None] * (layers * directions)
+        d_out = dy_b
+        for layer in reversed(range(layers)):
+            input_size = self.input_size if layer == 0 else directions * hidden
+            d_in = None
+            for direction in range(directions):
+                k = layer * directions + direction
+                dx, dw_ih, dw_hh, db, dh0[k], dc0[k] = backward_direction(
+                    tape.layers[layer][direction], plan, direction == 1,
+                    xp.ascontiguousarray(d_out[:, :, direction * hidden:(direction + 1) * hidden]),
+                    dh_b[k], dc_b[k], input_size, self.bias,
+                )
+                d_in = dx if d_in is None else d_in + dx
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
+                if self.bias:
+                    grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db, db.copy()
+            if layer > 0 and tape.masks[layer - 1] is not None:
+                d_in = d_in * tape.masks[layer - 1]
+            d_out = d_in
+        dx, dh0, dc0 = d_out, xp.stack(dh0), xp.stack(dc0)
+        if plan.order is not None:
+            dx, dh0, dc0 = dx[:, plan.restore], dh0[:, plan.restore], dc0[:, plan.restore]
+        if tape.unbatched:
+            dx, dh0, dc0 = dx[:, 0], dh0[:, 0], dc0[:, 0]
+        elif tape.batch_first:
+            dx = dx.transpose(1, 0, 2)
+        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), tape.kind)  # noqa: E731
+        ordered = {name: grads[name] for name in self._params}
+        return LSTMModuleGrads(dx=back(dx), dh0=back(dh0), dc0=back(dc0), params=ordered)

@@ -1,0 +1,219 @@
+"""``LSTM``: ``torch.nn.LSTM``'s constructor, parameters and forward, on rnnkernels."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .._api import BACKENDS
+from ..modules import parameter_names
+from . import _ops  # noqa: F401  (registers torch.ops.rnnkernels.*)
+
+
+class LSTM(nn.Module):
+    """A drop-in for ``torch.nn.LSTM`` that runs rnnkernels' LSTM kernels.
+
+    Same constructor (``proj_size`` must be 0 for now), same parameter names, shapes
+    and initialization, same ``forward(input, hx=None)`` with padded or
+    ``PackedSequence`` input, same outputs; a strict ``load_state_dict`` of an
+    ``nn.LSTM``'s state dict works and vice versa. Two additions, both optional
+    keywords: ``backend`` in the constructor (a name for ``rnnkernels.lstm_forward``,
+    "auto" by default: the cpu backend for CPU tensors, our CUDA kernels for CUDA
+    tensors) and ``lengths`` in ``forward`` (per-row lengths [B] for padded input,
+    the same result as packing it, without the packing).
+
+    dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
+    follows torch's semantics (training mode only, not after the last layer) but
+    draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if input_size < 0:
+            raise ValueError("input_size must be non-negative")
+        if proj_size:
+            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels.torch.LSTM yet")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+        self.mode = "LSTM"
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
+        directions = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names = parameter_names(num_layers, bidirectional, bias)
+        for name in self._flat_weights_names:
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                shape = (4 * hidden_size, input_size if layer == 0 else directions * hidden_size)
+            elif name.startswith("weight_hh"):
+                shape = (4 * hidden_size, hidden_size)
+            else:
+                shape = (4 * hidden_size,)
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every parameter from U(-1/√H, 1/√H), as ``torch.nn.LSTM`` does."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def _flat_weights(self) -> list:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped per layer and direction, as ``nn.LSTM.all_weights``."""
+        per = 4 if self.bias else 2
+        flat = self._flat_weights
+        return [flat[i : i + per] for i in range(0, len(flat), per)]
+
+    def flatten_parameters(self) -> None:
+        """A no-op, kept so code written for cuDNN's ``nn.LSTM`` runs unchanged: the
+        kernels read the parameters where they are."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.backend != "auto":
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def _layer_weights(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+        if self.bias:
+            return w_ih, w_hh, getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
+        return w_ih, w_hh, None, None
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
+        integers, padded input only) stops each row at its own length."""
+        directions = 2 if self.bidirectional else 1
+        state_rows = self.num_layers * directions
+        packed = isinstance(input, PackedSequence)
+        order = restore = None
+        unbatched = False
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths is for padded input; a PackedSequence carries its own")
+            data, batch_sizes, order, restore = input
+            # Padded, time-major, rows in the packed (longest-first) order.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            batch = int(batch_sizes[0])
+            if data.dim() != 2:
+                raise ValueError(f"LSTM: Expected packed input data to be 2D, got {data.dim()}D instead")
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            unbatched = input.dim() == 2
+            if unbatched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            batch = x.shape[1]
+            if lengths is not None:
+                lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
+                if lengths.shape[0] != batch:
+                    raise ValueError(f"lengths must have one entry per sequence ({batch}), got {lengths.shape[0]}")
+                sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+                if bool((order == torch.arange(batch)).all()):
+                    order = None
+                else:
+                    lengths, restore = sorted_lengths, torch.argsort(order)
+                    x = x.index_select(1, order.to(x.device))
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
+        if x.dtype != self.weight_ih_l0.dtype:
+            raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
+
+        if hx is None:
+            h0 = c0 = x.new_zeros((state_rows, batch, self.hidden_size))
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            expected = (state_rows, self.hidden_size) if unbatched else (state_rows, batch, self.hidden_size)
+            for i, value in enumerate((h0, c0)):
+                if tuple(value.shape) != expected:
+                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if order is not None:
+                h0, c0 = h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device))
+
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                y, h, c = torch.ops.rnnkernels.lstm_layer(
+                    layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
+                    direction == 1, self.backend,
+                )
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output, h_n, c_n = layer_input, torch.stack(h_n), torch.stack(c_n)
+
+        if restore is not None:
+            h_n, c_n = h_n.index_select(1, restore.to(h_n.device)), c_n.index_select(1, restore.to(c_n.device))
+        if packed:
+            output = pack_padded_sequence(output, lengths, enforce_sorted=True)
+            return PackedSequence(output.data, batch_sizes, order, restore), (h_n, c_n)
+        if restore is not None:
+            output = output.index_select(1, restore.to(output.device))
+        if unbatched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
