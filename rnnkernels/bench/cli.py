@@ -48,7 +48,7 @@ class Preset:
 PRESETS = {
     # --quick on a CPU finishes in well under a minute on 2 cores, Numba compilation
     # included; the default takes a few minutes; --full tens of minutes.
-    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(2, 5, 30, 0.15)),
+    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(2, 5, 20, 0.1)),
     ("cpu", "default"): Preset((32, 64, 128, 256, 512, 1024), 8, 128, Schedule(2, 7, 50, 0.5)),
     ("cpu", "full"): Preset((32, 64, 128, 256, 512, 1024, 2048), 16, 256,
                             Schedule(3, 10, 100, 1.5)),
