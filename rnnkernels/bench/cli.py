@@ -189,8 +189,10 @@ def table_cells(row: dict) -> list[str]:
 
 def print_table(rows: list[dict], title: str, out=None) -> None:
     out = out or sys.stdout
-    notes = [(row["impl"], row["mode"], row["T"], row["note"]) for row in rows
-             if row["status"] != "ok" and row["note"]]
+    notes: dict[tuple[str, str], list[str]] = {}  # (impl, note) -> where it happened
+    for row in rows:
+        if row["status"] != "ok" and row["note"]:
+            notes.setdefault((row["impl"], row["note"]), []).append(f"{row['mode']} T={row['T']}")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -212,8 +214,8 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
             style = {"error": "bold red", "skipped": "dim"}.get(row["status"])
             table.add_row(*table_cells(row), style=style)
         Console(file=out, width=max(140, Console(file=out).width)).print(table)
-    for impl, mode, T, note in notes:
-        print(f"  {impl} {mode} T={T}: {note}", file=out)
+    for (impl, note), where in notes.items():
+        print(f"  {impl} ({', '.join(where)}): {note}", file=out)
 
 
 class Progress:
