@@ -49,6 +49,8 @@ PLANTED_BUGS = [
     "tree_sum<false>",
     "stencil_unwritten",
     "stencil_unwritten_dynamic",
+    "read_never_written",
+    "read_never_written_template<3>",
     "write_shifted",
     "barrier_against_shuffle",
     "divergent_barriers",
@@ -449,6 +451,14 @@ def test_read_of_unwritten_shared_memory_is_poisoned(bugs, name):
     assert np.isnan(out[127]), "the read of the unwritten tile[128] should give NaN"
 
 
+@pytest.mark.parametrize("name", ["read_never_written", "read_never_written_template<3>"])
+def test_shared_memory_nobody_writes_reads_as_poison(bugs, name):
+    out = np.zeros(4, np.float32)
+    bugs.get_function(name)(1, 4, (out,))
+    assert np.isnan(out).all()
+    assert (out.view(np.uint32) == 0xFFFFFFFF).all()
+
+
 def test_out_of_bounds_write_is_caught_by_address_sanitizer(tmp_path):
     libasan = emulator.asan_runtime()
     if libasan is None:
@@ -487,9 +497,20 @@ def test_out_of_bounds_write_is_caught_by_address_sanitizer(tmp_path):
     assert "planted_bugs.cu" in result.stderr  # the report points at the kernel's line
 
 
-def test_sanitize_needs_the_preloaded_runtime():
-    with pytest.raises(EmulatorError, match="LD_PRELOAD"):
-        emulator.load_module([KERNELS / "planted_bugs.cu"], ["write_shifted"], sanitize=True)
+def test_sanitized_launches_from_a_plain_process_run_in_a_helper():
+    """Without ASan preloaded here, sanitize=True runs each launch in a helper process
+    on copies of the arrays' memory: results come back, an overrun becomes an error."""
+    if emulator.asan_runtime() is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan.so)")
+    module = emulator.load_module([KERNELS / "planted_bugs.cu"], ["write_shifted"], sanitize=True)
+    kernel = module.get_function("write_shifted")
+    workspace = np.zeros(1000, np.float32)
+    kernel(1, 100, (workspace[10:], np.int32(0)))  # a view: pointer to workspace[10]
+    np.testing.assert_array_equal(workspace, np.r_[np.zeros(10), np.ones(100), np.zeros(890)])
+    kernel(1, 990, (workspace[10:], np.int32(0)))  # ends exactly at the end: fine
+    with pytest.raises(EmulatorError, match="heap-buffer-overflow"):
+        kernel(1, 990, (workspace[10:], np.int32(1)))  # one past the end of the allocation
+    kernel(1, 10, (workspace, np.int32(0)))  # a new helper takes over after the report
 
 
 def test_deadlock_raises_instead_of_hanging(bugs):

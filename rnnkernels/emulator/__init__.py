@@ -154,6 +154,34 @@ _SCALAR_TYPES = {
 }
 
 
+def classify_arguments(args, kernel_name: str) -> list[tuple[str, object]]:
+    """("array", ndarray), ("null", None) or ("scalar", numpy scalar) per argument;
+    TypeError naming the argument for anything else."""
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple, got {type(args).__name__}")
+    classified: list[tuple[str, object]] = []
+    for i, arg in enumerate(args):
+        if isinstance(arg, np.ndarray):
+            classified.append(("array", arg))
+        elif arg is None:
+            classified.append(("null", None))
+        elif isinstance(arg, np.generic) and (arg.dtype.kind, arg.dtype.itemsize) in _SCALAR_TYPES:
+            classified.append(("scalar", arg))
+        else:
+            hint = ""
+            if isinstance(arg, (bool, int, float)):
+                hint = "; wrap Python numbers in a NumPy scalar such as numpy.int32(...)"
+            elif type(arg).__module__.startswith("cupy"):
+                hint = "; the emulator runs on NumPy arrays, not CuPy arrays"
+            raise TypeError(
+                f"argument {i} of {kernel_name}: cannot pass "
+                f"{type(arg).__module__}.{type(arg).__qualname__} to a kernel (NumPy "
+                f"arrays, NumPy scalars of int32, uint32, int64, uint64, float32, "
+                f"float64 or bool, and None are accepted){hint}"
+            )
+    return classified
+
+
 def _launch_dims(value, what: str) -> tuple[int, int, int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         dims = (int(value),)
@@ -169,6 +197,14 @@ def _launch_dims(value, what: str) -> tuple[int, int, int]:
     if any(d < 1 or d >= 2**32 for d in dims):
         raise EmulatorError(f"invalid launch configuration: {what} {dims} (each must be >= 1)")
     return dims  # type: ignore[return-value]
+
+
+def check_launch(grid, block, shared_mem) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    grid3 = _launch_dims(grid, "grid")
+    block3 = _launch_dims(block, "block")
+    if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+        raise EmulatorError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
+    return grid3, block3
 
 
 def _seed(seed) -> int:
@@ -207,39 +243,22 @@ class EmulatedKernel:
         that grid sync works. seed: the scheduling seed; None means
         ``$RNNKERNELS_EMULATOR_SEED`` or 0, so runs are reproducible.
         """
-        grid3 = _launch_dims(grid, "grid")
-        block3 = _launch_dims(block, "block")
-        if not isinstance(args, (tuple, list)):
-            raise TypeError(f"args must be a tuple, got {type(args).__name__}")
-        if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
-            raise EmulatorError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
+        grid3, block3 = check_launch(grid, block, shared_mem)
         count = len(args)
         holders = []
         pointers = (ctypes.c_void_p * max(count, 1))()
         sizes = (ctypes.c_uint * max(count, 1))()
         codes = bytearray()
-        for i, arg in enumerate(args):
-            if isinstance(arg, np.ndarray):
-                holder = ctypes.c_void_p(arg.__array_interface__["data"][0])
+        for i, (kind, value) in enumerate(classify_arguments(args, self.name_expression)):
+            if kind == "array":
+                holder = ctypes.c_void_p(value.__array_interface__["data"][0])
                 code = b"p"
-            elif arg is None:
+            elif kind == "null":
                 holder = ctypes.c_void_p(None)
                 code = b"p"
-            elif isinstance(arg, np.generic) and (arg.dtype.kind, arg.dtype.itemsize) in _SCALAR_TYPES:
-                ctype, code = _SCALAR_TYPES[(arg.dtype.kind, arg.dtype.itemsize)]
-                holder = ctype(arg.item())
             else:
-                hint = ""
-                if isinstance(arg, (bool, int, float)):
-                    hint = "; wrap Python numbers in a NumPy scalar such as numpy.int32(...)"
-                elif type(arg).__module__.startswith("cupy"):
-                    hint = "; the emulator runs on NumPy arrays, not CuPy arrays"
-                raise TypeError(
-                    f"argument {i} of {self.name_expression}: cannot pass "
-                    f"{type(arg).__module__}.{type(arg).__qualname__} to a kernel (NumPy "
-                    f"arrays, NumPy scalars of int32, uint32, int64, uint64, float32, "
-                    f"float64 or bool, and None are accepted){hint}"
-                )
+                ctype, code = _SCALAR_TYPES[(value.dtype.kind, value.dtype.itemsize)]
+                holder = ctype(value.item())
             holders.append(holder)
             pointers[i] = ctypes.addressof(holder)
             sizes[i] = ctypes.sizeof(holder)
@@ -280,13 +299,18 @@ def load_module(
 ) -> EmulatedModule:
     """Compiles `sources` for the emulator (or takes them from the cache) and loads them.
 
-    sources: paths of ``.cu`` files, included in order into one translation unit.
+    sources: paths of ``.cu`` files, included in order into one translation unit; a
+    string that contains a newline is taken as the text of a source instead (as
+    ``_sources.read_source`` returns it), and its quoted includes come from
+    include_dirs.
     name_expressions: kernels to export, e.g. ``"my_kernel"`` or
     ``"lstm_forward_step<32, 4, true>"`` (evaluated in the global namespace, as NVRTC
     does). include_dirs: extra ``-I`` folders. defines: ``{"NAME": value}`` passed as
     ``-DNAME=value`` (``None`` for a bare ``-DNAME``). sanitize: build with
-    AddressSanitizer; the process must have been started with the ASan runtime
-    preloaded (see :func:`asan_runtime`).
+    AddressSanitizer. Where the process was started with the ASan runtime preloaded
+    (see :func:`asan_runtime`) the kernels run in it; elsewhere each launch runs in a
+    helper process that has it, on copies of the arrays' memory that are copied back,
+    and an ASan report becomes an EmulatorError.
 
     Modules are memoised per process and cached on disk by a hash of the shim, every
     source and header beside it, the name expressions, the flags and the compiler.
@@ -301,16 +325,15 @@ def load_module(
         raise EmulatorError(
             "the CPU emulator needs a C++ compiler: none found as $CXX or g++ on PATH"
         )
-    if sanitize and not _asan_loaded():
+    in_helper_process = sanitize and not _asan_loaded()
+    if in_helper_process and asan_runtime() is None:
         raise EmulatorError(
-            "sanitize=True needs AddressSanitizer's runtime loaded before Python starts: "
-            f"LD_PRELOAD={asan_runtime() or '$(g++ -print-file-name=libasan.so)'} "
-            "ASAN_OPTIONS=detect_leaks=0 python ..."
+            "sanitize=True needs AddressSanitizer, but the C++ compiler has no libasan.so"
         )
     plan = _build.BuildPlan(
-        _build.resolve_paths(sources, "source"),
+        _build.resolve_sources(sources),
         [str(e) for e in name_expressions],
-        _build.resolve_paths(include_dirs, "include"),
+        _build.resolve_folders(include_dirs),
         dict(defines or {}),
         bool(sanitize),
     )
@@ -325,6 +348,17 @@ def load_module(
                 _build.build(plan, target)
             except _build.BuildError as error:
                 raise EmulatorError(str(error)) from None
-        module = EmulatedModule(target, plan.name_expressions, plan.sanitize)
+        if in_helper_process:
+            from . import _sanitizer
+
+            module = _sanitizer.SanitizedModule(
+                target,
+                [str(s) if isinstance(s, Path) else s for s in plan.sources],
+                plan.name_expressions,
+                [str(d) for d in plan.include_dirs],
+                dict(defines or {}),
+            )
+        else:
+            module = EmulatedModule(target, plan.name_expressions, plan.sanitize)
         _modules[key] = module
         return module

@@ -56,6 +56,12 @@
 // swaps between blocks of a cooperative launch.
 #define RNNEMU_STRINGIFY2(x) #x
 #define RNNEMU_STRINGIFY(x) RNNEMU_STRINGIFY2(x)
+//
+// The section attribute also matters for correctness at -O2: g++ treats a plain static
+// whose address never escapes as invisible to other functions, so it could keep its
+// value in a register across __syncthreads() (an external call) or fold a never-written
+// one to 0. A variable in a named section (or in a comdat group, for templates) is
+// reloaded after every call, like shared memory must be.
 #define __shared__ static __attribute__((section("rnnemu_shared." RNNEMU_STRINGIFY(__COUNTER__))))
 
 // ---------------------------------------------------------------------------------
@@ -118,31 +124,55 @@ inline void* emulator_dynamic_shared_memory() { return ::rnnemu::dynamic_shared_
 // Synchronisation: block barrier, warp shuffles and votes, fences
 // ---------------------------------------------------------------------------------
 // The trailing file/line defaults record the caller's location for deadlock reports.
+// Every call into the scheduler is also a compiler memory barrier: other threads run
+// during it and may have written any memory.
+#define RNNEMU_FENCE() asm volatile("" ::: "memory")
 #define RNNEMU_WHERE const char *rnnemu_file = __builtin_FILE(), int rnnemu_line = __builtin_LINE()
 #define RNNEMU_AT rnnemu_file, rnnemu_line
 
+namespace rnnemu {
+inline int fenced_barrier(BarrierKind kind, int predicate, const char* file, int line) {
+    RNNEMU_FENCE();
+    const int result = block_barrier(kind, predicate, file, line);
+    RNNEMU_FENCE();
+    return result;
+}
+inline unsigned long long fenced_exchange(WarpOp op, unsigned int mask, unsigned long long value,
+                                          int argument, int width, const char* file, int line) {
+    RNNEMU_FENCE();
+    const unsigned long long result = warp_exchange(op, mask, value, argument, width, file, line);
+    RNNEMU_FENCE();
+    return result;
+}
+inline void fenced_yield() {
+    RNNEMU_FENCE();
+    yield_point();
+    RNNEMU_FENCE();
+}
+}  // namespace rnnemu
+
 inline void __syncthreads(RNNEMU_WHERE) {
-    ::rnnemu::block_barrier(::rnnemu::barrier_plain, 0, RNNEMU_AT);
+    ::rnnemu::fenced_barrier(::rnnemu::barrier_plain, 0, RNNEMU_AT);
 }
 inline int __syncthreads_count(int predicate, RNNEMU_WHERE) {
-    return ::rnnemu::block_barrier(::rnnemu::barrier_count, predicate, RNNEMU_AT);
+    return ::rnnemu::fenced_barrier(::rnnemu::barrier_count, predicate, RNNEMU_AT);
 }
 inline int __syncthreads_and(int predicate, RNNEMU_WHERE) {
-    return ::rnnemu::block_barrier(::rnnemu::barrier_and, predicate, RNNEMU_AT);
+    return ::rnnemu::fenced_barrier(::rnnemu::barrier_and, predicate, RNNEMU_AT);
 }
 inline int __syncthreads_or(int predicate, RNNEMU_WHERE) {
-    return ::rnnemu::block_barrier(::rnnemu::barrier_or, predicate, RNNEMU_AT);
+    return ::rnnemu::fenced_barrier(::rnnemu::barrier_or, predicate, RNNEMU_AT);
 }
 inline void __syncwarp(unsigned int mask = 0xffffffffu, RNNEMU_WHERE) {
-    ::rnnemu::warp_exchange(::rnnemu::warp_sync, mask, 0, 0, warpSize, RNNEMU_AT);
+    ::rnnemu::fenced_exchange(::rnnemu::warp_sync, mask, 0, 0, warpSize, RNNEMU_AT);
 }
 
 // Fences: host fences, and a point where the scheduler may switch threads so that
 // spin-waits on memory written by other threads make progress (see runtime.h).
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::yield_point(); }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::yield_point(); }
-inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::yield_point(); }
-inline void __nanosleep(unsigned int) { ::rnnemu::yield_point(); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
+inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
+inline void __nanosleep(unsigned int) { ::rnnemu::fenced_yield(); }
 
 namespace rnnemu {
 template <typename T>
@@ -163,78 +193,78 @@ inline T from_bits(unsigned long long bits) {
 
 template <typename T>
 inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize, RNNEMU_WHERE) {
-    return ::rnnemu::from_bits<T>(::rnnemu::warp_exchange(
+    return ::rnnemu::from_bits<T>(::rnnemu::fenced_exchange(
         ::rnnemu::warp_shfl, mask, ::rnnemu::to_bits(var), src_lane, width, RNNEMU_AT));
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize,
                         RNNEMU_WHERE) {
-    return ::rnnemu::from_bits<T>(::rnnemu::warp_exchange(
+    return ::rnnemu::from_bits<T>(::rnnemu::fenced_exchange(
         ::rnnemu::warp_shfl_up, mask, ::rnnemu::to_bits(var), int(delta), width, RNNEMU_AT));
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize,
                           RNNEMU_WHERE) {
-    return ::rnnemu::from_bits<T>(::rnnemu::warp_exchange(
+    return ::rnnemu::from_bits<T>(::rnnemu::fenced_exchange(
         ::rnnemu::warp_shfl_down, mask, ::rnnemu::to_bits(var), int(delta), width, RNNEMU_AT));
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize,
                          RNNEMU_WHERE) {
-    return ::rnnemu::from_bits<T>(::rnnemu::warp_exchange(
+    return ::rnnemu::from_bits<T>(::rnnemu::fenced_exchange(
         ::rnnemu::warp_shfl_xor, mask, ::rnnemu::to_bits(var), lane_mask, width, RNNEMU_AT));
 }
 inline unsigned int __ballot_sync(unsigned int mask, int predicate, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_ballot, mask, predicate != 0, 0,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_ballot, mask, predicate != 0, 0,
                                             warpSize, RNNEMU_AT));
 }
 inline int __all_sync(unsigned int mask, int predicate, RNNEMU_WHERE) {
-    return int(::rnnemu::warp_exchange(::rnnemu::warp_all, mask, predicate != 0, 0, warpSize,
+    return int(::rnnemu::fenced_exchange(::rnnemu::warp_all, mask, predicate != 0, 0, warpSize,
                                        RNNEMU_AT));
 }
 inline int __any_sync(unsigned int mask, int predicate, RNNEMU_WHERE) {
-    return int(::rnnemu::warp_exchange(::rnnemu::warp_any, mask, predicate != 0, 0, warpSize,
+    return int(::rnnemu::fenced_exchange(::rnnemu::warp_any, mask, predicate != 0, 0, warpSize,
                                        RNNEMU_AT));
 }
 inline int __uni_sync(unsigned int mask, int predicate, RNNEMU_WHERE) {
-    return int(::rnnemu::warp_exchange(::rnnemu::warp_uni, mask, predicate != 0, 0, warpSize,
+    return int(::rnnemu::fenced_exchange(::rnnemu::warp_uni, mask, predicate != 0, 0, warpSize,
                                        RNNEMU_AT));
 }
 template <typename T>
 inline unsigned int __match_any_sync(unsigned int mask, T value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_match_any, mask,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_match_any, mask,
                                             ::rnnemu::to_bits(value), 0, warpSize, RNNEMU_AT));
 }
 inline unsigned int __reduce_add_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_add, mask, value, 0, warpSize,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_add, mask, value, 0, warpSize,
                                             RNNEMU_AT));
 }
 inline unsigned int __reduce_min_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_umin, mask, value, 0,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_umin, mask, value, 0,
                                             warpSize, RNNEMU_AT));
 }
 inline unsigned int __reduce_max_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_umax, mask, value, 0,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_umax, mask, value, 0,
                                             warpSize, RNNEMU_AT));
 }
 inline int __reduce_min_sync(unsigned int mask, int value, RNNEMU_WHERE) {
-    return int(::rnnemu::warp_exchange(::rnnemu::warp_reduce_imin, mask,
+    return int(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_imin, mask,
                                        (unsigned long long)(unsigned)value, 0, warpSize, RNNEMU_AT));
 }
 inline int __reduce_max_sync(unsigned int mask, int value, RNNEMU_WHERE) {
-    return int(::rnnemu::warp_exchange(::rnnemu::warp_reduce_imax, mask,
+    return int(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_imax, mask,
                                        (unsigned long long)(unsigned)value, 0, warpSize, RNNEMU_AT));
 }
 inline unsigned int __reduce_and_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_and, mask, value, 0, warpSize,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_and, mask, value, 0, warpSize,
                                             RNNEMU_AT));
 }
 inline unsigned int __reduce_or_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_or, mask, value, 0, warpSize,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_or, mask, value, 0, warpSize,
                                             RNNEMU_AT));
 }
 inline unsigned int __reduce_xor_sync(unsigned int mask, unsigned int value, RNNEMU_WHERE) {
-    return unsigned(::rnnemu::warp_exchange(::rnnemu::warp_reduce_xor, mask, value, 0, warpSize,
+    return unsigned(::rnnemu::fenced_exchange(::rnnemu::warp_reduce_xor, mask, value, 0, warpSize,
                                             RNNEMU_AT));
 }
 // Approximation: the emulator does not track divergence, so the "active" lanes are
@@ -248,7 +278,7 @@ inline unsigned int __lanemask_lt() { return (1u << ::rnnemu::lane_id()) - 1u; }
 // ---------------------------------------------------------------------------------
 #define RNNEMU_ATOMIC_RMW(name, builtin, T)                                  \
     inline T name(T* address, T value) {                                    \
-        ::rnnemu::yield_point();                                            \
+        ::rnnemu::fenced_yield();                                            \
         return builtin(address, value, __ATOMIC_SEQ_CST);                   \
     }                                                                       \
     inline T name##_block(T* address, T value) { return name(address, value); } \
@@ -271,7 +301,7 @@ namespace rnnemu {
 // Compare-and-swap loop for the operations GCC has no builtin for (float add, min, max).
 template <typename T, typename F>
 inline T atomic_update(T* address, F update) {
-    yield_point();
+    fenced_yield();
     T expected = __atomic_load_n(address, __ATOMIC_SEQ_CST);
     while (!__atomic_compare_exchange_n(address, &expected, update(expected), false,
                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
@@ -331,7 +361,7 @@ RNNEMU_ATOMIC_MINMAX(unsigned long long)
 
 #define RNNEMU_ATOMIC_CAS(T)                                                              \
     inline T atomicCAS(T* address, T compare, T value) {                                 \
-        ::rnnemu::yield_point();                                                         \
+        ::rnnemu::fenced_yield();                                                         \
         __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_SEQ_CST,   \
                                     __ATOMIC_SEQ_CST);                                   \
         return compare; /* on failure __atomic_compare_exchange_n stored the old value */ \

@@ -40,6 +40,18 @@ __global__ void stencil_unwritten_dynamic(const float* x, float* out) {
     out[t] = 0.5f * (tile[t] + tile[t + 1]);
 }
 
+// Reads shared variables that no thread ever writes (a plain one and one in a template
+// kernel): the compiler must not fold them to 0, the poison must show.
+__global__ void read_never_written(float* out) {
+    __shared__ float never_written;
+    out[threadIdx.x] = never_written;
+}
+template <int N>
+__global__ void read_never_written_template(float* out) {
+    __shared__ float never_written[N];
+    out[threadIdx.x] = never_written[N - 1];
+}
+
 // Writes out[threadIdx.x + shift]: with shift = 1 the last thread writes one element
 // past the end of the array.
 __global__ void write_shifted(float* out, int shift) { out[threadIdx.x + shift] = 1.0f; }

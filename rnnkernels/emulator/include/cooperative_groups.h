@@ -9,7 +9,7 @@ namespace cooperative_groups {
 
 class thread_block {
   public:
-    void sync(RNNEMU_WHERE) const { ::rnnemu::block_barrier(::rnnemu::barrier_plain, 0, RNNEMU_AT); }
+    void sync(RNNEMU_WHERE) const { ::rnnemu::fenced_barrier(::rnnemu::barrier_plain, 0, RNNEMU_AT); }
     unsigned int thread_rank() const {
         return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     }
@@ -23,7 +23,11 @@ class thread_block {
 
 class grid_group {
   public:
-    void sync(RNNEMU_WHERE) const { ::rnnemu::grid_sync(RNNEMU_AT); }
+    void sync(RNNEMU_WHERE) const {
+        RNNEMU_FENCE();
+        ::rnnemu::grid_sync(RNNEMU_AT);
+        RNNEMU_FENCE();
+    }
     bool is_valid() const { return ::rnnemu::launch_is_cooperative(); }
     unsigned long long thread_rank() const {
         const unsigned long long block =
