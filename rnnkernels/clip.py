@@ -16,9 +16,10 @@ non-finite norm is returned so the caller can skip the step.
 Arrays may be NumPy, CuPy or torch tensors (CPU or CUDA), mixed. Sums of squares
 accumulate in float64 whatever the gradient dtype, so float16/float32 gradients whose
 squares would overflow their own dtype still give the right norm. On the GPU each array
-is read once by one fused reduction kernel (square, accumulate in float64, and NaN/Inf
-travel through the sum, so no separate isfinite pass); the per-array results stay on
-the device and are combined there, and the host waits once, for the final number.
+is read once by one fused reduction kernel (square, accumulate in float64; NaN and Inf
+travel through the sum, so there is no separate isfinite pass and no temporary); the
+per-array sums are stacked on the device and come to the host in one transfer, the
+only synchronization. (One launch per array, not one multi-tensor launch for all.)
 """
 
 from __future__ import annotations
