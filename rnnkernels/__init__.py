@@ -8,7 +8,9 @@ Backends: "reference" (NumPy float64, the definition of the math), "cpu" (Numba)
 for debugging) and "auto". See ``rnnkernels/reference.py`` for the equations.
 """
 
+from . import init
 from ._api import BACKENDS, LSTMGrads, LSTMOutput, get_backend, lstm_backward, lstm_forward
+from .clip import clip_grad_norm, global_grad_norm
 
 __version__ = "0.1.0"
 
@@ -16,7 +18,10 @@ __all__ = [
     "BACKENDS",
     "LSTMGrads",
     "LSTMOutput",
+    "clip_grad_norm",
     "get_backend",
+    "global_grad_norm",
+    "init",
     "lstm_backward",
     "lstm_forward",
     "__version__",
