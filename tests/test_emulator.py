@@ -43,6 +43,7 @@ PRIMITIVES = [
     "arrival_order",
     "scalar_kinds",
     "intrinsics",
+    "tile_sums",
 ]
 PLANTED_BUGS = [
     "tree_sum<true>",
@@ -175,6 +176,17 @@ def test_votes(primitives):
         assert (half_ballot[32 * warp : 32 * warp + 16] == bits & 0x0000FFFF).all()
         assert (half_ballot[32 * warp + 16 : 32 * warp + 32] == bits & 0xFFFF0000).all()
     assert all_[32:].all() and (count == predicate.sum()).all()
+
+
+def test_cooperative_groups_tiles(primitives):
+    x = np.random.default_rng(10).permutation(64).astype(np.int32)
+    sums, ranks = np.zeros(64, np.int32), np.zeros(64, np.int32)
+    ballots = np.zeros(64, np.uint32)
+    primitives.get_function("tile_sums")(1, 64, (x, sums, ballots, ranks))
+    tiles = x.reshape(8, 8)
+    np.testing.assert_array_equal(sums, np.repeat(tiles.sum(axis=1), 8))
+    np.testing.assert_array_equal(ballots, np.repeat(1 << tiles.argmax(axis=1), 8))
+    np.testing.assert_array_equal(ranks, np.arange(64) // 8 * 100 + np.arange(64) % 8)
 
 
 # ------------------------------------------------------------------------------------

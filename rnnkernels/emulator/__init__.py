@@ -10,11 +10,11 @@ out-of-bounds accesses, and a deadlock raises instead of hanging. README.md besi
 file documents what is exact, what is approximate, and which paths are GPU-only.
 
     from rnnkernels import emulator
-    module = emulator.load_module([source_path("lstm_forward.cu")],
-                                  ["lstm_forward_step<32, 4, 4, 16, true>"],
+    module = emulator.load_module([source_path("my_kernels.cu")],
+                                  ["scale", "tiled_sum<32, true>"],
                                   include_dirs=[csrc_dir()])
-    kernel = module.get_function("lstm_forward_step<32, 4, 4, 16, true>")
-    kernel(grid, block, (x, w, np.int32(n), None), shared_mem=0)
+    kernel = module.get_function("tiled_sum<32, true>")
+    kernel(grid, block, (x, out, np.int32(n), None), shared_mem=0)
 
 Arguments follow CuPy's ``RawKernel``: NumPy arrays become pointers to their first
 element, NumPy scalars are passed by value with their exact type, ``None`` is a null

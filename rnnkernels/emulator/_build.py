@@ -3,7 +3,8 @@
 A module is one shared library built from
   * ``rnnemu_kernels.cpp``, generated here: the shim (``cuda_emulator.h``), an
     ``#include`` of every source, and one ``extern "C"`` entry per name expression;
-  * ``runtime.cpp``, the scheduler, shipped beside this file;
+  * ``runtime.cpp``, the scheduler, shipped beside this file (compiled once per set of
+    flags and cached as ``runtime-<key>.o``);
 linked with a small linker script that gathers every static ``__shared__`` variable
 into the range the runtime poisons (see ``cuda_emulator.h``).
 

@@ -213,3 +213,21 @@ __global__ void intrinsics(const float* x, float* out) {
     __threadfence();
     __syncwarp();
 }
+
+// Cooperative-groups tiles of 8 threads: the tile sum (shfl_down), the lane of the
+// tile's maximum (ballot), and the block-wide thread rank.
+__global__ void tile_sums(const int* x, int* sum, unsigned* ballot, int* rank) {
+    cg::thread_block block = cg::this_thread_block();
+    cg::thread_block_tile<8> tile = cg::tiled_partition<8>(block);
+    const int v = x[block.thread_rank()];
+    int s = v;
+    for (int offset = tile.size() / 2; offset > 0; offset /= 2) s += tile.shfl_down(s, offset);
+    s = tile.shfl(s, 0);
+    int m = v;
+    for (int offset = 1; offset < 8; offset *= 2) m = max(m, tile.shfl_xor(m, offset));
+    tile.sync();
+    sum[block.thread_rank()] = s;
+    ballot[block.thread_rank()] = tile.ballot(v == m);
+    rank[block.thread_rank()] = tile.meta_group_rank() * 100 + tile.thread_rank();
+    block.sync();
+}
