@@ -44,6 +44,7 @@ PRIMITIVES = [
     "scalar_kinds",
     "intrinsics",
     "tile_sums",
+    "spin_lock_counter",
 ]
 PLANTED_BUGS = [
     "tree_sum<true>",
@@ -218,6 +219,13 @@ def test_atomics_under_contention_from_many_blocks(primitives):
     assert won.sum() == slots
     assert (owner % slots == np.arange(slots)).all()
     assert (won[owner] == 1).all()
+
+
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_spin_lock_makes_progress(primitives, cooperative):
+    lock, counter = np.zeros(1, np.int32), np.zeros(1, np.int32)
+    primitives.get_function("spin_lock_counter")(4, 32, (lock, counter), cooperative=cooperative)
+    assert counter[0] == 128 and lock[0] == 0
 
 
 # ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ becomes the EmulatorError, and the next launch starts a new helper.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import pickle
@@ -158,19 +159,39 @@ class _Helper:
         )
 
     def close(self) -> None:
-        if self.alive():
-            self.process.stdin.close()
-            self.process.wait(timeout=30)
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:  # the helper died with data unread
+                pass
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
 
 
 _helper: _Helper | None = None
 _helper_lock = threading.Lock()
 
 
+@atexit.register
+def _close_helper() -> None:
+    if _helper is not None:
+        try:
+            _helper.close()
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
 def _request(message):
     global _helper
     with _helper_lock:
         if _helper is None or not _helper.alive():
+            if _helper is not None:
+                _helper.close()
             _helper = _Helper()
         return _helper.request(message)
 

@@ -273,40 +273,23 @@ inline unsigned int __activemask() { return ::rnnemu::live_lanes(); }
 inline unsigned int __lanemask_lt() { return (1u << ::rnnemu::lane_id()) - 1u; }
 
 // ---------------------------------------------------------------------------------
-// Atomics: GCC __atomic builtins (real atomics, so also correct for memory that other
-// host threads touch). Each one is also a scheduling point, see yield_point().
+// Atomics: compare-and-swap loops on GCC __atomic builtins (real atomics, so also
+// correct for memory that other host threads touch). Each one is a scheduling point
+// (see yield_point() in runtime.h); one that changes memory counts as progress for the
+// livelock check, so only polling loops that never change anything trip it.
 // ---------------------------------------------------------------------------------
-#define RNNEMU_ATOMIC_RMW(name, builtin, T)                                  \
-    inline T name(T* address, T value) {                                    \
-        ::rnnemu::fenced_yield();                                            \
-        return builtin(address, value, __ATOMIC_SEQ_CST);                   \
-    }                                                                       \
-    inline T name##_block(T* address, T value) { return name(address, value); } \
-    inline T name##_system(T* address, T value) { return name(address, value); }
-#define RNNEMU_ATOMIC_INTEGERS(name, builtin)                       \
-    RNNEMU_ATOMIC_RMW(name, builtin, int)                           \
-    RNNEMU_ATOMIC_RMW(name, builtin, unsigned int)                  \
-    RNNEMU_ATOMIC_RMW(name, builtin, unsigned long long)
-RNNEMU_ATOMIC_INTEGERS(atomicAdd, __atomic_fetch_add)
-RNNEMU_ATOMIC_INTEGERS(atomicAnd, __atomic_fetch_and)
-RNNEMU_ATOMIC_INTEGERS(atomicOr, __atomic_fetch_or)
-RNNEMU_ATOMIC_INTEGERS(atomicXor, __atomic_fetch_xor)
-RNNEMU_ATOMIC_INTEGERS(atomicExch, __atomic_exchange_n)
-RNNEMU_ATOMIC_RMW(atomicSub, __atomic_fetch_sub, int)
-RNNEMU_ATOMIC_RMW(atomicSub, __atomic_fetch_sub, unsigned int)
-#undef RNNEMU_ATOMIC_INTEGERS
-#undef RNNEMU_ATOMIC_RMW
-
 namespace rnnemu {
-// Compare-and-swap loop for the operations GCC has no builtin for (float add, min, max).
 template <typename T, typename F>
 inline T atomic_update(T* address, F update) {
     fenced_yield();
     T expected = __atomic_load_n(address, __ATOMIC_SEQ_CST);
-    while (!__atomic_compare_exchange_n(address, &expected, update(expected), false,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    T desired = update(expected);
+    while (!__atomic_compare_exchange_n(address, &expected, desired, false, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+        desired = update(expected);
     }
-    return expected;
+    if (desired != expected) note_progress();
+    return expected;  // the old value
 }
 template <typename T, typename Bits, typename F>
 inline T atomic_update_bits(T* address, F update) {
@@ -326,6 +309,35 @@ inline T atomic_update_bits(T* address, F update) {
 }
 }  // namespace rnnemu
 
+#define RNNEMU_ATOMIC(name, T, new_value)                                              \
+    inline T name(T* address, T value) {                                               \
+        return ::rnnemu::atomic_update(address, [=](T old) { return static_cast<T>(new_value); }); \
+    }                                                                                  \
+    inline T name##_block(T* address, T value) { return name(address, value); }        \
+    inline T name##_system(T* address, T value) { return name(address, value); }
+#define RNNEMU_ATOMIC_INTEGERS(name, new_value)           \
+    RNNEMU_ATOMIC(name, int, new_value)                   \
+    RNNEMU_ATOMIC(name, unsigned int, new_value)          \
+    RNNEMU_ATOMIC(name, unsigned long long, new_value)
+// Integer addition wraps around, as on the GPU (computed unsigned: no signed overflow).
+RNNEMU_ATOMIC_INTEGERS(atomicAdd, (unsigned long long)old + (unsigned long long)value)
+RNNEMU_ATOMIC_INTEGERS(atomicAnd, old & value)
+RNNEMU_ATOMIC_INTEGERS(atomicOr, old | value)
+RNNEMU_ATOMIC_INTEGERS(atomicXor, old ^ value)
+RNNEMU_ATOMIC_INTEGERS(atomicExch, ((void)old, value))
+RNNEMU_ATOMIC(atomicSub, int, (unsigned long long)old - (unsigned long long)value)
+RNNEMU_ATOMIC(atomicSub, unsigned int, old - value)
+RNNEMU_ATOMIC(atomicMin, int, value < old ? value : old)
+RNNEMU_ATOMIC(atomicMin, unsigned int, value < old ? value : old)
+RNNEMU_ATOMIC(atomicMin, long long, value < old ? value : old)
+RNNEMU_ATOMIC(atomicMin, unsigned long long, value < old ? value : old)
+RNNEMU_ATOMIC(atomicMax, int, value > old ? value : old)
+RNNEMU_ATOMIC(atomicMax, unsigned int, value > old ? value : old)
+RNNEMU_ATOMIC(atomicMax, long long, value > old ? value : old)
+RNNEMU_ATOMIC(atomicMax, unsigned long long, value > old ? value : old)
+#undef RNNEMU_ATOMIC_INTEGERS
+#undef RNNEMU_ATOMIC
+
 inline float atomicAdd(float* address, float value) {
     return ::rnnemu::atomic_update_bits<float, unsigned int>(address,
                                                              [=](float x) { return x + value; });
@@ -342,31 +354,13 @@ inline float atomicExch(float* address, float value) {
     return ::rnnemu::atomic_update_bits<float, unsigned int>(address, [=](float) { return value; });
 }
 
-#define RNNEMU_ATOMIC_MINMAX(T)                                                          \
-    inline T atomicMin(T* address, T value) {                                           \
-        return ::rnnemu::atomic_update(address, [=](T x) { return value < x ? value : x; }); \
-    }                                                                                   \
-    inline T atomicMax(T* address, T value) {                                           \
-        return ::rnnemu::atomic_update(address, [=](T x) { return value > x ? value : x; }); \
-    }                                                                                   \
-    inline T atomicMin_block(T* a, T v) { return atomicMin(a, v); }                     \
-    inline T atomicMax_block(T* a, T v) { return atomicMax(a, v); }                     \
-    inline T atomicMin_system(T* a, T v) { return atomicMin(a, v); }                    \
-    inline T atomicMax_system(T* a, T v) { return atomicMax(a, v); }
-RNNEMU_ATOMIC_MINMAX(int)
-RNNEMU_ATOMIC_MINMAX(unsigned int)
-RNNEMU_ATOMIC_MINMAX(long long)
-RNNEMU_ATOMIC_MINMAX(unsigned long long)
-#undef RNNEMU_ATOMIC_MINMAX
 
-#define RNNEMU_ATOMIC_CAS(T)                                                              \
-    inline T atomicCAS(T* address, T compare, T value) {                                 \
-        ::rnnemu::fenced_yield();                                                         \
-        __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_SEQ_CST,   \
-                                    __ATOMIC_SEQ_CST);                                   \
-        return compare; /* on failure __atomic_compare_exchange_n stored the old value */ \
-    }                                                                                    \
-    inline T atomicCAS_block(T* a, T c, T v) { return atomicCAS(a, c, v); }              \
+#define RNNEMU_ATOMIC_CAS(T)                                                               \
+    inline T atomicCAS(T* address, T compare, T value) {                                  \
+        return ::rnnemu::atomic_update(address,                                           \
+                                       [=](T old) { return old == compare ? value : old; }); \
+    }                                                                                     \
+    inline T atomicCAS_block(T* a, T c, T v) { return atomicCAS(a, c, v); }               \
     inline T atomicCAS_system(T* a, T c, T v) { return atomicCAS(a, c, v); }
 RNNEMU_ATOMIC_CAS(int)
 RNNEMU_ATOMIC_CAS(unsigned int)

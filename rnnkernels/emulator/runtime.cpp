@@ -855,7 +855,7 @@ std::string check_configuration(const unsigned* grid, const unsigned* block, siz
 }
 
 unsigned long long spin_limit() {
-    unsigned long long limit = 1ull << 24;
+    unsigned long long limit = 1ull << 22;
     if (const char* text = std::getenv("RNNKERNELS_EMULATOR_SPIN_LIMIT")) {
         unsigned long long value = std::strtoull(text, nullptr, 10);
         if (value) limit = value;
@@ -1019,15 +1019,19 @@ void yield_point() {
     Fiber* fiber = launch->running;
     if (++launch->idle_yields > launch->spin_limit) {
         fail(*launch,
-             format("livelock: %llu atomics/fences in a row without any thread reaching a "
-                    "barrier or exiting, last in %s; a spin-wait for a block that cannot run "
-                    "(normal launches run blocks one after another)? "
+             format("livelock: %llu atomics/fences in a row changed no memory, and no thread "
+                    "passed a barrier or exited; last in %s. A spin-wait for a block that "
+                    "cannot run (normal launches run blocks one after another)? "
                     "RNNKERNELS_EMULATOR_SPIN_LIMIT raises the limit",
                     launch->idle_yields, thread_name(fiber).c_str()));
     }
     fiber->block->runnable.push_back(fiber);
     launch->hop = launch->cooperative;
     switch_to_scheduler(*launch, fiber);
+}
+
+void note_progress() {
+    if (g_launch) progress(*g_launch);
 }
 
 void* dynamic_shared_memory() { return this_launch().current->dynamic_shared; }

@@ -63,6 +63,8 @@ RNNEMU_HIDDEN bool launch_is_cooperative();
 // block), so spin-waits that poll with an atomic, a fence or __nanosleep make progress.
 // A spin-wait on a plain volatile load never yields and hangs, as it might on a GPU.
 RNNEMU_HIDDEN void yield_point();
+// An atomic changed memory: not a livelock.
+RNNEMU_HIDDEN void note_progress();
 
 RNNEMU_HIDDEN void* dynamic_shared_memory();
 RNNEMU_HIDDEN unsigned int lane_id();

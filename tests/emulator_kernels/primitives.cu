@@ -231,3 +231,16 @@ __global__ void tile_sums(const int* x, int* sum, unsigned* ballot, int* rank) {
     rank[block.thread_rank()] = tile.meta_group_rank() * 100 + tile.thread_rank();
     block.sync();
 }
+
+// A spin lock around a plain read-modify-write. The fence inside the critical section
+// lets other threads run (and spin) while the lock is held; the count is exact only if
+// the lock works and spinning threads let the holder continue.
+__global__ void spin_lock_counter(int* lock, int* counter) {
+    while (atomicCAS(lock, 0, 1) != 0) {
+    }
+    const int value = *counter;
+    __threadfence();
+    *counter = value + 1;
+    __threadfence();
+    atomicExch(lock, 0);
+}
