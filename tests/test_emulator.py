@@ -45,6 +45,7 @@ PRIMITIVES = [
     "intrinsics",
     "tile_sums",
     "spin_lock_counter",
+    "early_exit_barrier",
 ]
 PLANTED_BUGS = [
     "tree_sum<true>",
@@ -90,6 +91,12 @@ def test_block_reduction_in_static_shared_memory_of_a_template(primitives, threa
     np.testing.assert_allclose(out, x.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5)
     # Both instantiations' static shared arrays are in the poisoned range.
     assert primitives.static_shared_bytes >= (32 + 128) * 4
+
+
+def test_exited_threads_leave_the_barrier(primitives):
+    out = np.full(64, -1, np.int32)
+    primitives.get_function("early_exit_barrier")(1, 64, (out,))
+    np.testing.assert_array_equal(out, np.r_[np.arange(47, -1, -1), np.full(16, -1)])
 
 
 def test_dynamic_shared_memory(primitives):
@@ -570,6 +577,22 @@ def test_module_still_works_after_an_error(bugs):
         bugs.get_function("barrier_against_shuffle")(1, 32, (np.zeros(32, np.int32),))
     bugs.get_function("tree_sum<true>")(1, 256, (x, out))
     assert out[0] == 256
+
+
+def test_portable_ucontext_fibers():
+    """The swapcontext() fallback (used where there is no assembly switch) runs the
+    same scheduler."""
+    module = emulator.load_module(
+        [KERNELS / "planted_bugs.cu"],
+        ["tree_sum<true>", "barrier_against_shuffle"],
+        defines={"RNNEMU_USE_UCONTEXT": None},
+    )
+    x = np.random.default_rng(11).standard_normal((2, 256)).astype(np.float32)
+    out = np.zeros(2, np.float32)
+    module.get_function("tree_sum<true>")(2, 256, (x, out))
+    np.testing.assert_allclose(out, x.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(EmulatorError, match="deadlock"):
+        module.get_function("barrier_against_shuffle")(1, 32, (np.zeros(32, np.int32),))
 
 
 # ------------------------------------------------------------------------------------

@@ -244,3 +244,13 @@ __global__ void spin_lock_counter(int* lock, int* counter) {
     __threadfence();
     atomicExch(lock, 0);
 }
+
+// Threads 48..63 exit before the barrier; the others still meet at it (exited threads
+// no longer count, as on Volta and later GPUs).
+__global__ void early_exit_barrier(int* out) {
+    __shared__ int seen[64];
+    if (threadIdx.x >= 48) return;
+    seen[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = seen[47 - threadIdx.x];
+}
