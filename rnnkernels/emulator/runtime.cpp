@@ -12,7 +12,7 @@
 //
 // Shared memory. Static __shared__ variables live in one linker section
 // [__rnnemu_shared_begin, __rnnemu_shared_end) (see cuda_emulator.h and the link step
-// in __init__.py); dynamic shared memory is a per-block heap buffer. Both are filled
+// in _build.py); dynamic shared memory is a per-block heap buffer. Both are filled
 // with 0xFF when a block starts. In a cooperative launch the blocks share the one
 // static section, so the scheduler saves and restores it when it switches blocks.
 //
@@ -400,16 +400,16 @@ const char* barrier_name(BarrierKind kind) {
 
 std::string wait_description(const Fiber* fiber) {
     switch (fiber->state) {
-        case State::runnable: return "is runnable";
-        case State::done: return "has exited";
+        case State::runnable: return "runnable";
+        case State::done: return "exited";
         case State::barrier:
-            return format("waits at %s (%s:%d)", barrier_name(fiber->barrier_kind), fiber->file,
+            return format("waiting at %s (%s:%d)", barrier_name(fiber->barrier_kind), fiber->file,
                           fiber->line);
         case State::warp:
-            return format("waits at %s(mask=0x%08x) (%s:%d)", op_name(fiber->op), fiber->mask,
+            return format("waiting at %s(mask=0x%08x) (%s:%d)", op_name(fiber->op), fiber->mask,
                           fiber->file, fiber->line);
         case State::grid:
-            return format("waits at grid sync (%s:%d)", fiber->file, fiber->line);
+            return format("waiting at grid sync (%s:%d)", fiber->file, fiber->line);
     }
     return "";
 }
@@ -441,9 +441,9 @@ void release_barrier(Launch& launch, Block* block) {
             first = fiber;
         } else if (fiber->line != first->line || std::strcmp(fiber->file, first->file) != 0 ||
                    fiber->barrier_kind != first->barrier_kind) {
-            fail(launch, format("threads of block (%u,%u,%u) met at different barriers: %s %s, "
-                                "%s %s; CUDA leaves this undefined (a barrier in divergent "
-                                "code?)",
+            fail(launch, format("threads of block (%u,%u,%u) met at different barriers: %s (%s) "
+                                "and %s (%s); CUDA leaves this undefined (a barrier in "
+                                "divergent code?)",
                                 block->index[0], block->index[1], block->index[2],
                                 thread_name(first).c_str(), wait_description(first).c_str(),
                                 thread_name(fiber).c_str(), wait_description(fiber).c_str()));
@@ -576,10 +576,10 @@ void thread_exit(Launch& launch, Fiber* fiber) {
         if (!((present >> other) & 1u)) continue;
         const Fiber& waiting = warp[other];
         if (waiting.state == State::warp && ((waiting.mask >> lane) & 1u)) {
-            fail(launch, format("%s exited while %s named it in its mask; on a GPU this is "
-                                "undefined behaviour",
-                                thread_name(fiber).c_str(), (thread_name(&waiting) + " " +
-                                                             wait_description(&waiting)).c_str()));
+            fail(launch, format("%s exited while %s, %s, named it in its mask; on a GPU "
+                                "this is undefined behaviour",
+                                thread_name(fiber).c_str(), thread_name(&waiting).c_str(),
+                                wait_description(&waiting).c_str()));
         }
     }
     if (block->arrived > 0 && block->arrived == block->live) release_barrier(launch, block);
@@ -690,8 +690,8 @@ std::string deadlock_report(Launch& launch) {
                 if (!(((fiber->mask & present) >> lane) & 1u)) continue;
                 const Fiber* other = &block.fibers[first + lane];
                 if (other->state != State::warp || other->mask != fiber->mask) {
-                    report += format("\n  e.g. thread (%u,%u,%u) %s and waits for lane %u, "
-                                     "thread (%u,%u,%u), which %s",
+                    report += format("\n  e.g. thread (%u,%u,%u), %s, needs lane %u, "
+                                     "thread (%u,%u,%u), which is %s",
                                      fiber->index[0], fiber->index[1], fiber->index[2],
                                      wait_description(fiber).c_str(), lane, other->index[0],
                                      other->index[1], other->index[2],
@@ -985,8 +985,8 @@ unsigned long long warp_exchange(WarpOp op, unsigned int mask, unsigned long lon
         if (partner.state != State::warp || partner.mask != mask) {
             complete = false;
         } else if (partner.op != op) {
-            fail(launch, format("lanes of one warp meet with mask 0x%08x at different operations: "
-                                "%s %s, %s %s",
+            fail(launch, format("lanes of one warp meet with mask 0x%08x at different "
+                                "operations: %s (%s) and %s (%s)",
                                 mask, thread_name(&partner).c_str(),
                                 wait_description(&partner).c_str(), thread_name(fiber).c_str(),
                                 wait_description(fiber).c_str()));
