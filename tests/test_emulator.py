@@ -261,7 +261,8 @@ def test_grid_sync_two_phase_normalisation(primitives):
     primitives.get_function("grid_normalise")(
         blocks, threads, (x, partial, kept, out, np.int32(n)), cooperative=True
     )
-    block_sums = [x[b * threads : (b + 1) * threads].astype(np.float64).sum() for b in range(blocks)]
+    block_sums = [x[b * threads : (b + 1) * threads].astype(np.float64).sum()
+                  for b in range(blocks)]
     np.testing.assert_allclose(partial, block_sums, rtol=1e-5)
     np.testing.assert_array_equal(kept, partial)  # each block's shared memory survived
     np.testing.assert_allclose(out, x / x.astype(np.float64).sum(), rtol=1e-5)
@@ -440,7 +441,8 @@ def test_half_and_bfloat16_arithmetic_is_correctly_rounded(low_precision):
     )
     np.testing.assert_array_equal(outs[0], (a + b).view(np.uint16))  # NumPy rounds once too
     np.testing.assert_array_equal(outs[1], (a * b).view(np.uint16))
-    np.testing.assert_array_equal(outs[2], np.roll(a.reshape(-1, 32), -1, axis=1).reshape(-1).view(np.uint16))
+    rotated = np.roll(a.reshape(-1, 32), -1, axis=1).reshape(-1)  # lane i reads lane i + 1
+    np.testing.assert_array_equal(outs[2], rotated.view(np.uint16))
     as_float = lambda bits: (bits.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     np.testing.assert_array_equal(outs[3], _bfloat16_bits(as_float(a16) + as_float(b16)))
     np.testing.assert_array_equal(outs[4], _bfloat16_bits(as_float(a16) * as_float(b16)))

@@ -258,7 +258,9 @@ def _run(command: list[str], what: str, cwd: Path) -> None:
         log = (result.stdout + result.stderr).strip()
         if len(log) > _LOG_LIMIT:
             log = log[:_LOG_LIMIT] + f"\n[... {len(log) - _LOG_LIMIT} more characters of log]"
-        raise BuildError(f"{what} failed (exit {result.returncode}):\n$ {shlex.join(command)}\n{log}")
+        raise BuildError(
+            f"{what} failed (exit {result.returncode}):\n$ {shlex.join(command)}\n{log}"
+        )
 
 
 def _runtime_object(plan: BuildPlan, cache: Path) -> Path:

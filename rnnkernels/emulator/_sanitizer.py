@@ -118,7 +118,9 @@ class _Helper:
     def __init__(self) -> None:
         libasan = _build.asan_runtime()
         if libasan is None:
-            raise EmulatorError("sanitize=True needs AddressSanitizer (libasan.so) from the compiler")
+            raise EmulatorError(
+                "sanitize=True needs AddressSanitizer (libasan.so) from the compiler"
+            )
         env = dict(os.environ)
         env["LD_PRELOAD"] = " ".join(p for p in (libasan, env.get("LD_PRELOAD", "")) if p)
         env["ASAN_OPTIONS"] = ":".join(
