@@ -128,13 +128,21 @@ def asan_runtime() -> str | None:
 
 def cache_dir() -> Path:
     """``$RNNKERNELS_CACHE_DIR/emulator``, else ``$XDG_CACHE_HOME`` or
-    ``~/.cache`` + ``rnnkernels/emulator``."""
+    ``~/.cache`` + ``rnnkernels/emulator``; a folder in the temporary directory where
+    that one cannot be created."""
     root = os.environ.get("RNNKERNELS_CACHE_DIR")
     if root:
-        return Path(root) / "emulator"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "rnnkernels" / "emulator"
+        folder = Path(root) / "emulator"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg else Path.home() / ".cache"
+        folder = base / "rnnkernels" / "emulator"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / f"rnnkernels-emulator-{os.getuid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _shim_files() -> list[Path]:
