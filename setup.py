@@ -33,7 +33,7 @@ setup(
     package_dir={"rnnkernels.csrc": "csrc"},
     package_data={
         "rnnkernels.csrc": ["*.cu", "*.cuh"],
-        "rnnkernels.emulator": ["*.h", "*.cpp", "include/*.h"],
+        "rnnkernels.emulator": ["*.h", "*.cpp", "include/*.h", "README.md"],
         "rnnkernels.bench": ["*.cu"],
     },
     include_package_data=True,
