@@ -301,6 +301,12 @@ def _check_sizes(steps: int, batch: int, input_size: int, hidden: int) -> None:
             raise ValueError(f"{what} = {value} exceeds the 32-bit size the CUDA kernels take")
 
 
+def _check_grid(grid, kernel: str) -> None:
+    # CUDA allows 2^31 - 1 blocks in x but only 65535 in y and z.
+    if grid[0] > _INT32_MAX or grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"problem too large for {kernel}: grid {grid} exceeds CUDA's limits")
+
+
 def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
     """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh)."""
     kernel = rt.function(
@@ -310,6 +316,7 @@ def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
     grid = (_ceil_div(m, variant.tile_m), _ceil_div(n, variant.tile_n), 1)
     if grid[0] == 0 or grid[1] == 0:
         return
+    _check_grid(grid, variant.name())
     # Without a bias the kernel never reads the pointer; pass c so it is a valid one.
     bias_arg = bias if variant.has_bias else c
     i32 = np.int32
@@ -324,6 +331,7 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     _check_sizes(steps, batch, input_size, hidden)
     gate_width = GATES * hidden
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
+    _check_grid(tile.grid(batch, hidden), tile.forward_name(training))
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
     gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
@@ -337,8 +345,8 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     c_all[0] = c0
     # Inference saves no gates; the kernel never touches the pointer, pass a valid one.
     gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
-    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training))
     grid, block = tile.grid(batch, hidden), tile.block()
+    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training))
     b32, h32 = np.int32(batch), np.int32(hidden)
     for t in range(steps):
         step_kernel(grid, block, (gx, w_hh, h_all, c_all, gates, b32, h32, np.int32(t)))

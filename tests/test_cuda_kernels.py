@@ -369,3 +369,27 @@ def test_gpu_compute_sanitizer_clean(gpu):
         ["bash", str(REPO / "tests" / "gpu_sanitizer.sh")], cwd=REPO, capture_output=True, text=True
     )
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-6000:]
+
+
+# ------------------------------------------------------------- shape rejection
+class _NoLaunchRuntime:
+    """Fails the test if the launch plan gets as far as asking for a kernel."""
+
+    xp = np
+    sm_count = 4
+
+    def function(self, source, name_expression):
+        raise AssertionError(f"{name_expression} should not have been reached")
+
+
+@pytest.mark.parametrize(
+    "steps, batch, hidden, message",
+    [(2, 3, 0, "hidden_size >= 1"), (0, 3, 4, "T >= 1"), (2, 0, 4, "B >= 1"), (1, 2**20, 4, "grid")],
+)
+def test_unsupported_shapes_rejected_before_launch(steps, batch, hidden, message):
+    x = np.zeros((steps, batch, 3), np.float32)
+    state = np.zeros((batch, hidden), np.float32)
+    w_ih, w_hh = np.zeros((4 * hidden, 3), np.float32), np.zeros((4 * hidden, hidden), np.float32)
+    tile = _launch.STEP_TILES[-1]  # one row per block: 2^20 rows exceed grid.y
+    with pytest.raises(ValueError, match=message):
+        _launch.forward(_NoLaunchRuntime(), x, w_ih, w_hh, None, state, state, True, step_tile=tile)
