@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +25,11 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rnnkernels.bench import flops, impls, timing
-from rnnkernels.bench.device_info import device_info
+from rnnkernels.bench.device_info import device_info, load_average
 
 GOAL = 1.2
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")
 
 
 def main(argv=None) -> int:
@@ -38,8 +41,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads for PyTorch, Numba and NumPy's BLAS (sets "
+                        f"{', '.join(THREAD_VARIABLES)} and restarts; default: as they start)")
     parser.add_argument("--json", metavar="PATH", help="also write the samples and ratio")
     args = parser.parse_args(argv)
+    if args.threads and any(os.environ.get(name) != str(args.threads) for name in THREAD_VARIABLES):
+        # BLAS thread pools size themselves when NumPy loads: start again with the
+        # variables set, so NumPy's BLAS, Numba and PyTorch all use that many threads.
+        env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(args.threads))}
+        script_args = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *script_args], env)
 
     problem = impls.Problem("lstm", args.mode, args.seq_len, args.batch, args.hidden, args.dtype)
     inputs = impls.make_inputs(problem)
@@ -67,6 +79,8 @@ def main(argv=None) -> int:
         stats = timing.summarize(times)
         print(f"{name:15} median {stats['median_ms']:8.2f} ms  (p10 {stats['p10_ms']:.2f}, "
               f"p90 {stats['p90_ms']:.2f})  {count / stats['median_ms'] / 1e6:.1f} GFLOP/s")
+    print(f"threads: torch {__import__('torch').get_num_threads()}, numba "
+          f"{__import__('numba').get_num_threads()}; 1-minute load average {load_average()}")
     verdict = "meets" if ratio["median"] <= GOAL else "misses"
     print(f"ratio ours/torch, {args.mode}, T={args.seq_len} B={args.batch} I=H={args.hidden} "
           f"{args.dtype}: median {ratio['median']:.3f} (p10 {ratio['p10']:.3f}, p90 "

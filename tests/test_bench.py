@@ -47,6 +47,17 @@ def test_cuda_without_gpu_is_a_clear_usage_error(monkeypatch, capsys):
     assert "--device cuda" in err and "no GPU" in err
 
 
+def test_threads_from_python_needs_the_environment(monkeypatch):
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(cli.UsageError, match="OPENBLAS_NUM_THREADS"):
+        cli.apply_threads(1, ["--threads", "1"])
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    cli.apply_threads(1, ["--threads", "1"])  # already set: nothing to do
+    cli.apply_threads(None, [])
+
+
 def test_auto_device_follows_gpu_presence(monkeypatch):
     monkeypatch.setattr(cli, "gpu_present", lambda: (False, "none"))
     assert cli.resolve_device("auto") == "cpu"

@@ -111,11 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", metavar="NAME,...",
                         help="implementations to run (default: all for the device; "
                         "'reference' is opt-in on the CPU)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="CPU threads for PyTorch, Numba and NumPy's BLAS alike (sets "
+                        "OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS and restarts the command); "
+                        "1 gives steadier numbers on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write device, config and rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     return parser
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")
+
+
+def apply_threads(threads: int | None, argv) -> None:
+    """Make every thread pool use ``threads`` threads. BLAS pools size themselves when
+    NumPy loads, so the command starts again with the variables set (once: the new
+    process finds them set). Called with an explicit ``argv`` (from Python, not the
+    shell), it cannot restart and asks for the variables instead."""
+    if threads is None or all(os.environ.get(v) == str(threads) for v in THREAD_VARIABLES):
+        return
+    if argv is not None:
+        raise UsageError(f"--threads from Python needs {', '.join(THREAD_VARIABLES)} set to "
+                         f"{threads} before NumPy is imported")
+    env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "rnnkernels.bench", *sys.argv[1:]], env)
 
 
 def resolve_device(requested: str) -> str:
@@ -155,6 +178,7 @@ def config_dict(settings: Settings, preset_name: str) -> dict:
         "hidden": settings.hidden, "input_size": settings.hidden, "dtype": settings.dtype,
         "attention_heads": settings.heads, "seed": settings.seed,
         "impls": [impl.name for impl in settings.impls],
+        "thread_variables": {name: os.environ.get(name) for name in THREAD_VARIABLES},
         "schedule": vars(settings.schedule),
         "flops": "matmul FLOPs, formulas in rnnkernels/bench/flops.py",
     }
@@ -284,6 +308,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
+        apply_threads(args.threads, argv)
         if args.plot:
             plotting.require_matplotlib()
         device = resolve_device(args.device)
@@ -307,7 +332,8 @@ def main(argv=None) -> int:
     print_table(rows, title)
     if device == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1):
         print(f"warning: the 1-minute load average was {load_before:.1f} on "
-              f"{os.cpu_count()} cores when the run started; other work skews CPU timings",
+              f"{os.cpu_count()} cores when the run started; other work skews CPU timings "
+              "(--threads 1 suffers least from it)",
               file=sys.stderr)
     if args.json:
         write_json(args.json, data)
