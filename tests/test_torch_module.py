@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import warnings
 
-import numpy as np
 import pytest
 from conftest import rel_err
 
@@ -75,19 +74,14 @@ def _compare(ref, ours, dtype, packed, batch_first, state=True, seed=2):
 GRID = list(itertools.product([1, 2], [False, True], [False, True], [True, False], [False, True]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(
     "layers,bidirectional,batch_first,bias,packed", GRID,
     ids=[f"L{l}-{'bi' if d else 'uni'}-{'bf' if f else 'tm'}-{'bias' if b else 'nobias'}-{'packed' if p else 'padded'}" for l, d, f, b, p in GRID],
 )
-def test_matches_nn_lstm_float64(layers, bidirectional, batch_first, bias, packed):
-    ref, ours = _pair(layers, bidirectional, batch_first, bias, torch.float64)
-    _compare(ref, ours, torch.float64, packed, batch_first)
-
-
-@pytest.mark.parametrize("layers,bidirectional,packed", [(1, False, False), (2, True, False), (2, True, True), (1, True, True)])
-def test_matches_nn_lstm_float32(layers, bidirectional, packed):
-    ref, ours = _pair(layers, bidirectional, dtype=torch.float32)
-    _compare(ref, ours, torch.float32, packed, batch_first=False)
+def test_matches_nn_lstm(layers, bidirectional, batch_first, bias, packed, dtype):
+    ref, ours = _pair(layers, bidirectional, batch_first, bias, dtype)
+    _compare(ref, ours, dtype, packed, batch_first)
 
 
 def test_without_initial_state_and_unbatched():
