@@ -19,9 +19,13 @@ Backward (registered with ``register_autograd``) recomputes. An op can only retu
 tensors, and our forward's saved state is a backend object, so the forward op runs
 the inference kernels (``training=False``, nothing kept) and saves only its inputs;
 ``lstm_layer_backward`` runs the training forward again, then BPTT. The cost is one
-extra forward per layer and direction in a training step (about a third more time
-than forward + backward), and the saving is that no gates or states are held between
-forward and backward: only the layer inputs, which autograd keeps anyway.
+extra (inference) forward per layer and direction in a training step: measured on
+the cpu backend at T=50, B=32, I=H=128, float32, one thread, a module forward +
+backward takes 64 ms against 43 ms for ``lstm_forward(training=True)`` +
+``lstm_backward`` (+50%). The saving is memory: no gates or states are held between
+forward and backward, only the layer inputs, which autograd keeps anyway. Returning
+the workspace instead would need each backend to describe its saved arrays (shapes
+for the fake kernel), a change to the backend contract.
 
 ``lstm_layer_backward(dy, dh_n, dc_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh,
 db, dh0, dc0)``; ``db`` [4H] is the gradient of each bias (zeros without biases).
