@@ -16,10 +16,13 @@
 //      gradient dz_{t+1}·W_hh[:, j] (K = 4H, staged through shared memory), adds dy_t,
 //      reads the saved gates and c_t, c_{t-1} and the dc carry of its (b, j) pairs,
 //      and writes dz_t for the four gates of j and the new carry. All in registers.
+//      With StepNorms, the block also sums dh_t² and dc_t² over its (b, j) pairs and
+//      writes the two sums to its own slot of step_squares (see step_norms below).
 //   2. gemm<...> (gemm.cuh) for dx, dW_ih, dW_hh, dh0 over T·B rows at once.
 //   3. column_sum<...> for db: fixed-order sums, no atomics.
-// Every output element is summed by one thread in a fixed order, so gradients are
-// bitwise identical run after run.
+//   4. step_norms<...>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
+// Every output element is summed by one thread in a fixed order, so gradients (and
+// the norms) are bitwise identical run after run.
 //
 // Layouts (row-major, C-contiguous, float32):
 //   w_hh      [4H, H]        gates [T, B, 4H] activated i, f, g, o saved by forward
@@ -27,14 +30,59 @@
 //   dy        [T, B, H]      dh_n, dc_n [B, H]
 //   dc_carry  [B, H]         starts as dc_n; after step 0 it is dc0
 //   dgates    [T, B, 4H]     dz, pre-activation gate gradients
+//   step_squares [blocks, T, 2] float64, blocks = gridDim.x·gridDim.y of the step
+//                kernel: [block, t, 0] = Σ dh_t², [block, t, 1] = Σ dc_t² over the
+//                block's (b, j) pairs (StepNorms only)
+//   norms     [2, T] float64  norms[0] = ‖dh_t‖, norms[1] = ‖dc_t‖ (Frobenius, over b, j)
+//
+// The per-step norms are float64 sums of float32 squares: the square of a float32 is
+// exact in float64 (24-bit mantissa, squared, fits in 53 bits), so only the additions
+// round, at 2^-53 relative each; a float32 sum of n = B·H terms has a worst-case
+// relative error of n·2^-24 (6% at n = 10^6) and overflows once |dh| > ~1e19. The
+// cost is a few float64 adds per thread per step plus one block reduction, nothing
+// next to the K = 4H recurrent product the step already does.
 //
 // Notes for the launcher: same block/grid shape as lstm_forward_step; any B, H >= 1.
+// The block slot of step_squares makes the norms deterministic without atomics; the
+// slot layout [block, t, 2] lets step_norms read it coalesced (consecutive threads,
+// consecutive (t, quantity) pairs of one block).
 #include "common.cuh"
 #include "gemm.cuh"
 
 namespace rnnkernels {
 
-template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile>
+// Sums `first` and `second` over the Threads threads of a block (every thread must
+// call it; none may have exited). A fixed-shape tree, so the result does not depend on
+// the order threads run: a shuffle tree inside each warp, then thread 0 adds the warp
+// sums in warp order. The totals are valid in thread 0 only.
+template <int Threads>
+__device__ __forceinline__ void block_sum_pair(double& first, double& second) {
+    static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps only");
+    constexpr int Warps = Threads / 32;
+    __shared__ double warp_sums[2][Warps];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+        first += __shfl_down_sync(0xffffffffu, first, offset);
+        second += __shfl_down_sync(0xffffffffu, second, offset);
+    }
+    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    if (thread % 32 == 0) {
+        warp_sums[0][thread / 32] = first;
+        warp_sums[1][thread / 32] = second;
+    }
+    __syncthreads();
+    if (thread == 0) {
+        first = warp_sums[0][0];
+        second = warp_sums[1][0];
+#pragma unroll
+        for (int w = 1; w < Warps; ++w) {
+            first += warp_sums[0][w];
+            second += warp_sums[1][w];
+        }
+    }
+}
+
+template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool StepNorms>
 __global__ void __launch_bounds__(UnitTile * BatchThreads)
 lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,g,o
                    const float* __restrict__ gates,  // [T, B, 4H] activated gates
@@ -43,6 +91,7 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
                    const float* __restrict__ dh_n,   // [B, H], added at t = T-1
                    float* dc_carry,                  // [B, H], read then overwritten
                    float* dgates,                    // [T, B, 4H]; reads slot t+1, writes t
+                   double* step_squares,             // [blocks, T, 2]; StepNorms only
                    int steps,                        // T
                    int batch,                        // B
                    int hidden,                       // H
@@ -96,33 +145,54 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
         }
     }
 
+    // Σ dh² and Σ dc² over this thread's (b, j) pairs, in row order (StepNorms only;
+    // otherwise unused and compiled away).
+    double dh_squares = 0.0, dc_squares = 0.0;
     const int unit = unit0 + unit_in_tile;
-    if (unit >= hidden) return;
+    // No early return for unit >= hidden: with StepNorms every thread of the block
+    // takes part in the block reduction below.
+    if (unit < hidden) {
 #pragma unroll
-    for (int r = 0; r < RowsPerThread; ++r) {
-        const int row = row0 + batch_lane + r * BatchThreads;
-        if (row >= batch) continue;
-        const index_t cell = (index_t)row * hidden + unit;
-        const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-        const float* gates_row = gates + gate_offset;
-        const float input_gate = gates_row[unit];
-        const float forget_gate = gates_row[hidden + unit];
-        const float cell_gate = gates_row[2 * hidden + unit];
-        const float output_gate = gates_row[3 * hidden + unit];
-        const float c = c_all[(index_t)(step + 1) * state_size + cell];
-        const float c_prev = c_all[(index_t)step * state_size + cell];
-        const float tanh_c = tanh_activation(c);
+        for (int r = 0; r < RowsPerThread; ++r) {
+            const int row = row0 + batch_lane + r * BatchThreads;
+            if (row >= batch) continue;
+            const index_t cell = (index_t)row * hidden + unit;
+            const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
+            const float* gates_row = gates + gate_offset;
+            const float input_gate = gates_row[unit];
+            const float forget_gate = gates_row[hidden + unit];
+            const float cell_gate = gates_row[2 * hidden + unit];
+            const float output_gate = gates_row[3 * hidden + unit];
+            const float c = c_all[(index_t)(step + 1) * state_size + cell];
+            const float c_prev = c_all[(index_t)step * state_size + cell];
+            const float tanh_c = tanh_activation(c);
 
-        float dh_total = dh[r] + dy[(index_t)step * state_size + cell];
-        if (step + 1 == steps) dh_total += dh_n[cell];
-        const float dc = dc_carry[cell] + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
+            float dh_total = dh[r] + dy[(index_t)step * state_size + cell];
+            if (step + 1 == steps) dh_total += dh_n[cell];
+            const float dc = dc_carry[cell] + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
 
-        float* dz = dgates + gate_offset;
-        dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
-        dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
-        dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
-        dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
-        dc_carry[cell] = dc * forget_gate;
+            float* dz = dgates + gate_offset;
+            dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
+            dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
+            dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
+            dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
+            dc_carry[cell] = dc * forget_gate;
+            if constexpr (StepNorms) {
+                // The squares are exact in float64, so fma and mul-then-add agree.
+                dh_squares = fma((double)dh_total, (double)dh_total, dh_squares);
+                dc_squares = fma((double)dc, (double)dc, dc_squares);
+            }
+        }
+    }
+
+    if constexpr (StepNorms) {
+        block_sum_pair<Threads>(dh_squares, dc_squares);
+        if (thread == 0) {
+            const index_t block = (index_t)blockIdx.y * gridDim.x + blockIdx.x;
+            double* slot = step_squares + (block * steps + step) * 2;
+            slot[0] = dh_squares;
+            slot[1] = dc_squares;
+        }
     }
 }
 
@@ -151,6 +221,24 @@ column_sum(const float* __restrict__ matrix,  // [rows, cols]
         __syncthreads();
     }
     if (threadIdx.y == 0 && col < cols) out[col] = partial[0][threadIdx.x];
+}
+
+// norms[q, t] = sqrt(Σ_block step_squares[block, t, q]): the per-step gradient norms
+// from the step kernels' per-block sums. One thread per (t, q) pair adds the blocks in
+// increasing order: deterministic, no atomics. Launched once, after the step loop.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
+step_norms(const double* __restrict__ step_squares,  // [blocks, T, 2]
+           double* __restrict__ norms,               // [2, T]: ‖dh_t‖, then ‖dc_t‖
+           int blocks,                               // gridDim.x·gridDim.y of the step kernel
+           int steps) {                              // T
+    static_assert(Threads % 32 == 0, "whole warps only");
+    const index_t pair = (index_t)blockIdx.x * Threads + threadIdx.x;  // 2t + q
+    const index_t pairs = 2 * (index_t)steps;
+    if (pair >= pairs) return;
+    double sum = 0.0;
+    for (int block = 0; block < blocks; ++block) sum += step_squares[block * pairs + pair];
+    norms[(pair % 2) * steps + pair / 2] = sqrt(sum);
 }
 
 }  // namespace rnnkernels

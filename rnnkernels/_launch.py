@@ -77,8 +77,10 @@ class StepTile:
     def forward_name(self, training: bool) -> str:
         return f"rnnkernels::lstm_forward_step<{self._parameters()}, {str(training).lower()}>"
 
-    def backward_name(self) -> str:
-        return f"rnnkernels::lstm_backward_step<{self._parameters()}>"
+    def backward_name(self, step_norms: bool = False) -> str:
+        """``step_norms``: the instance that also writes the per-block sums of dh_t²
+        and dc_t² for the per-step gradient norms."""
+        return f"rnnkernels::lstm_backward_step<{self._parameters()}, {str(step_norms).lower()}>"
 
 
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
@@ -162,6 +164,20 @@ class ColumnSum:
 
 COLUMN_SUM = ColumnSum()
 
+
+@dataclass(frozen=True)
+class StepNorms:
+    """``step_norms<Threads>``: one thread per (step, dh or dc) pair; 128 threads, since
+    a launch has only 2T of them and each loops over the step kernel's blocks."""
+
+    threads: int = 128
+
+    def name(self) -> str:
+        return f"rnnkernels::step_norms<{self.threads}>"
+
+
+STEP_NORMS = StepNorms()
+
 # THE kernel table: every instance a launcher here can pick, per source file.
 KERNELS: dict[str, tuple[str, ...]] = {
     FORWARD_SOURCE: (
@@ -170,10 +186,11 @@ KERNELS: dict[str, tuple[str, ...]] = {
         *(tile.forward_name(training) for tile in STEP_TILES for training in (False, True)),
     ),
     BACKWARD_SOURCE: (
-        *(tile.backward_name() for tile in STEP_TILES),
+        *(tile.backward_name(step_norms) for tile in STEP_TILES for step_norms in (False, True)),
         GEMM_WEIGHT_GRADIENT.name(),
         GEMM_INPUT_GRADIENT.name(),
         COLUMN_SUM.name(),
+        STEP_NORMS.name(),
     ),
 }
 
@@ -360,9 +377,12 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     return y, h_n, c_n, saved
 
 
-def backward(rt, saved: Saved, dy, dh_n, dc_n, *, step_tile: StepTile | None = None):
+def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, step_tile: StepTile | None = None):
     """The backend contract's backward on runtime ``rt``: returns
-    ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None when forward had no bias."""
+    ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None when forward had no bias. With
+    ``return_step_norms``, ``dh_norms`` and ``dc_norms`` follow ([T] float64 arrays:
+    ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ over batch and units), computed inside the step kernels
+    (per-block sums of squares) and finished by one small ``step_norms`` launch."""
     xp = rt.xp
     x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
     steps, batch, input_size = x.shape
@@ -374,12 +394,27 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, step_tile: StepTile | None = N
     # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
     dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
     dc_carry = dc_n.copy()
-    step_kernel = rt.function(BACKWARD_SOURCE, tile.backward_name())
+    step_kernel = rt.function(BACKWARD_SOURCE, tile.backward_name(return_step_norms))
     grid, block = tile.grid(batch, hidden), tile.block()
+    _check_grid(grid, tile.backward_name(return_step_norms))
+    step_blocks = grid[0] * grid[1]
+    # One float64 slot per step kernel block and step for Σ dh² and Σ dc²: each block
+    # writes its own, so the norms need no atomics. Without norms the kernel never
+    # touches the pointer; pass a valid one.
+    step_squares = xp.empty((step_blocks, steps, 2), dtype=np.float64) if return_step_norms else dgates
     i32 = np.int32
     sizes = (i32(steps), i32(batch), i32(hidden))
     for t in reversed(range(steps)):
-        step_kernel(grid, block, (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_carry, dgates, *sizes, i32(t)))
+        step_kernel(
+            grid, block, (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_carry, dgates, step_squares, *sizes, i32(t))
+        )
+    if return_step_norms:
+        norms = xp.empty((2, steps), dtype=np.float64)
+        norms_grid = (_ceil_div(2 * steps, STEP_NORMS.threads), 1, 1)
+        _check_grid(norms_grid, STEP_NORMS.name())
+        rt.function(BACKWARD_SOURCE, STEP_NORMS.name())(
+            norms_grid, (STEP_NORMS.threads, 1, 1), (step_squares, norms, i32(step_blocks), i32(steps))
+        )
 
     # 2. Products over all steps at once; dz is [T·B, 4H] row-major.
     dx = xp.empty((steps, batch, input_size), dtype=np.float32)
@@ -401,4 +436,5 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, step_tile: StepTile | None = N
             (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
             (dgates, db, i32(rows), i32(gate_width)),
         )
-    return dx, dw_ih, dw_hh, db, dh0, dc_carry
+    grads = (dx, dw_ih, dw_hh, db, dh0, dc_carry)
+    return grads + (norms[0], norms[1]) if return_step_norms else grads

@@ -52,12 +52,14 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training):
         return _launch.forward(_launch.CupyRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
 
 
-def backward(saved, dy, dh_n, dc_n):
-    """The backend contract's backward on the ``saved`` of :func:`forward`."""
+def backward(saved, dy, dh_n, dc_n, return_step_norms=False):
+    """The backend contract's backward on the ``saved`` of :func:`forward`; with
+    ``return_step_norms``, ``dh_norms`` and ``dc_norms`` ([T] float64) follow the
+    gradients, computed inside the backward step kernels."""
     device = saved.x.device
     _check_same_device(device.id, dy, dh_n, dc_n)
     with device:
-        return _launch.backward(_launch.CupyRuntime(), saved, dy, dh_n, dc_n)
+        return _launch.backward(_launch.CupyRuntime(), saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
 
 
 BACKEND = Backend(

@@ -51,7 +51,8 @@ def block_threads() -> dict[str, int]:
     """Threads per block for every name expression of the kernel table."""
     threads = {}
     for tile in _launch.STEP_TILES:
-        threads[tile.backward_name()] = tile.threads
+        for step_norms in (False, True):
+            threads[tile.backward_name(step_norms)] = tile.threads
         for training in (False, True):
             threads[tile.forward_name(training)] = tile.threads
     for variant in (
@@ -62,6 +63,7 @@ def block_threads() -> dict[str, int]:
     ):
         threads[variant.name()] = variant.threads
     threads[_launch.COLUMN_SUM.name()] = _launch.COLUMN_SUM.column_tile * _launch.COLUMN_SUM.row_threads
+    threads[_launch.STEP_NORMS.name()] = _launch.STEP_NORMS.threads
     return threads
 
 

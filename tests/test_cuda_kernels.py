@@ -27,6 +27,7 @@ from rnnkernels.reference import forward as ref_forward
 
 OUTPUTS = ("y", "h_n", "c_n")
 GRADIENTS = ("dx", "dw_ih", "dw_hh", "db", "dh0", "dc0")
+STEP_NORMS = ("dh_norms", "dc_norms")
 EMULATED_TOLERANCE = 5e-5
 GPU_TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,8 @@ def make_problem(steps, batch, input_size, hidden, *, bias=True, initial_state=T
 
 
 def run_kernels(runtime, problem, *, step_tile=None, to_device=np.asarray, to_host=np.asarray):
-    """Forward (training and inference) and backward through ``runtime``; host arrays."""
+    """Forward (training and inference) and backward through ``runtime``; host arrays.
+    The backward runs without step norms (see :func:`run_step_norms` for with)."""
     device = {name: None if value is None else to_device(value) for name, value in vars(problem).items()}
     args = (device["x"], device["w_ih"], device["w_hh"], device["bias"], device["h0"], device["c0"])
     y, h_n, c_n, saved = _launch.forward(runtime, *args, True, step_tile=step_tile)
@@ -88,6 +90,46 @@ def run_kernels(runtime, problem, *, step_tile=None, to_device=np.asarray, to_ho
     results.update(zip(("y_inference", "h_n_inference", "c_n_inference"), (y_inf, h_n_inf, c_n_inf)))
     results.update(zip(GRADIENTS, grads))
     return {name: None if value is None else to_host(value) for name, value in results.items()}
+
+
+def run_step_norms(runtime, problem, *, step_tile=None, to_device=np.asarray, to_host=np.asarray):
+    """Forward (training), then backward through ``runtime`` twice from the same saved
+    state: with step norms (``GRADIENTS`` and ``STEP_NORMS``) and without (the gradients,
+    suffixed ``_plain``); host arrays."""
+    device = {name: None if value is None else to_device(value) for name, value in vars(problem).items()}
+    args = (device["x"], device["w_ih"], device["w_hh"], device["bias"], device["h0"], device["c0"])
+    saved = _launch.forward(runtime, *args, True, step_tile=step_tile)[3]
+    upstream = (device["dy"], device["dh_n"], device["dc_n"])
+    with_norms = _launch.backward(runtime, saved, *upstream, return_step_norms=True)
+    assert len(with_norms) == len(GRADIENTS) + len(STEP_NORMS)
+    plain = _launch.backward(runtime, saved, *upstream)
+    assert len(plain) == len(GRADIENTS)
+    results = dict(zip(GRADIENTS + STEP_NORMS, with_norms))
+    results.update(zip((name + "_plain" for name in GRADIENTS), plain))
+    return {name: None if value is None else to_host(value) for name, value in results.items()}
+
+
+def assert_step_norms_match_reference(results, problem, tolerance):
+    """The norms against the float64 reference, step by step: relative error below
+    ``tolerance`` at every step, exactly zero where the reference is zero; and the
+    gradients returned with the norms bitwise equal to those returned without."""
+    saved = ref_forward(problem.x, problem.w_ih, problem.w_hh, problem.bias, problem.h0, problem.c0, True)[3]
+    expected = ref_backward(saved, problem.dy, problem.dh_n, problem.dc_n, return_step_norms=True)[-2:]
+    steps = problem.x.shape[0]
+    for name, want in zip(STEP_NORMS, expected):
+        got = results[name]
+        assert got.dtype == np.float64 and got.shape == (steps,), f"{name}: {got.dtype} {got.shape}"
+        assert np.isfinite(got).all() and (got >= 0).all(), f"{name}: {got}"
+        assert (got[want == 0] == 0).all(), f"{name} must be exactly zero where the gradient is: {got}"
+        nonzero = want != 0
+        errors = np.abs(got[nonzero] - want[nonzero]) / want[nonzero]
+        assert (errors < tolerance).all(), f"{name}: relative errors {errors} above {tolerance:g}"
+    for name in GRADIENTS:
+        with_norms, plain = results[name], results[name + "_plain"]
+        if plain is None:
+            assert with_norms is None
+        else:
+            assert with_norms.tobytes() == plain.tobytes(), f"{name} changes when step norms are asked for"
 
 
 def reference_results(problem):
@@ -144,6 +186,19 @@ SMALL_CASES = [
     for shape in SMALL_SHAPES
     for bias in (True, False)
 ]
+# Upstream gradients for the step norms: all, dy only, the final state only, none.
+NORM_UPSTREAMS = ("all", "y", "state", "none")
+
+
+def make_norm_problem(shape, upstream, seed):
+    """:func:`make_problem` with ``upstream`` also taking "state": dy = 0, dh_n and dc_n
+    random (only the final state is used)."""
+    problem = make_problem(*shape, upstream="all" if upstream == "state" else upstream, seed=seed)
+    if upstream == "state":
+        problem.dy = np.zeros_like(problem.dy)
+    return problem
+
+
 # Initial state and upstream gradients: zero or not, and gradients missing.
 STATE_CASES = [
     pytest.param(initial_state, upstream, id=f"{'state' if initial_state else 'zerostate'}-upstream_{upstream}")
@@ -223,6 +278,69 @@ def test_emulated_deterministic_across_runs_and_schedules():
 
 
 @pytest.mark.emulated
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_emulated_step_norms_match_reference(emulator, shape):
+    # Every shape with all upstream gradients; the missing ones on two shapes below.
+    problem = make_norm_problem(shape, "all", seed=sum(shape))
+    assert_step_norms_match_reference(run_step_norms(emulator, problem), problem, EMULATED_TOLERANCE)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("upstream", NORM_UPSTREAMS[1:])
+@pytest.mark.parametrize("shape", [(5, 3, 5, 33), (5, 1, 12, 7)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_emulated_step_norms_missing_gradients(emulator, shape, upstream):
+    problem = make_norm_problem(shape, upstream, seed=3)
+    results = run_step_norms(emulator, problem)
+    assert_step_norms_match_reference(results, problem, EMULATED_TOLERANCE)
+    if upstream == "none":
+        for name in STEP_NORMS:
+            assert not results[name].any(), f"{name} must be exactly zero without upstream gradients"
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_emulated_step_norms_every_step_tile(emulator, tile):
+    # 1, 2 and 4 warps per block; B = 5 and H = 40 leave threads without a (b, j) pair,
+    # which must still take part in the block reduction.
+    problem = make_norm_problem((3, 5, 8, 40), "all", seed=11)
+    results = run_step_norms(emulator, problem, step_tile=tile)
+    assert_step_norms_match_reference(results, problem, EMULATED_TOLERANCE)
+
+
+@pytest.mark.emulated
+def test_emulated_step_norms_deterministic_across_runs_and_schedules():
+    from rnnkernels import emulated
+
+    try:
+        emulated.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    problem = make_norm_problem((4, 3, 5, 33), "all", seed=5)
+    first = run_step_norms(_launch.EmulatorRuntime(seed=1), problem)
+    assert_bitwise_equal(first, run_step_norms(_launch.EmulatorRuntime(seed=1), problem))
+    assert_bitwise_equal(first, run_step_norms(_launch.EmulatorRuntime(seed=2), problem))
+
+
+@pytest.mark.emulated
+def test_emulated_step_norms_through_the_api(emulator):
+    """rnnkernels.lstm_backward(..., return_step_norms=True) on backend="emulated"
+    gives the launch plan's norms, as float64 NumPy arrays."""
+    import rnnkernels
+
+    problem = make_norm_problem((3, 2, 4, 9), "all", seed=29)
+    out = rnnkernels.lstm_forward(
+        problem.x, problem.w_ih, problem.w_hh, b_ih=problem.bias, b_hh=np.zeros_like(problem.bias),
+        h0=problem.h0, c0=problem.c0, backend="emulated",
+    )
+    grads = rnnkernels.lstm_backward(out, problem.dy, problem.dh_n, problem.dc_n, return_step_norms=True)
+    saved = ref_forward(problem.x, problem.w_ih, problem.w_hh, problem.bias, problem.h0, problem.c0, True)[3]
+    expected = ref_backward(saved, problem.dy, problem.dh_n, problem.dc_n, return_step_norms=True)[-2:]
+    for got, want in zip((grads.dh_norms, grads.dc_norms), expected):
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.shape == (3,)
+        assert np.abs(got - want).max() / want.max() < EMULATED_TOLERANCE
+
+
+@pytest.mark.emulated
 def test_emulated_sanitized_run_is_clean():
     """The emulator's checked mode (out-of-bounds accesses, shared-memory races) finds
     nothing in a run that crosses every boundary check."""
@@ -233,8 +351,9 @@ def test_emulated_sanitized_run_is_clean():
     except RuntimeError as error:
         pytest.skip(f"the CPU emulator cannot run here: {error}")
     problem = make_problem(2, 3, 5, 33, seed=9)
-    results = run_kernels(_launch.EmulatorRuntime(sanitize=True), problem)
-    assert_matches_reference(results, problem, EMULATED_TOLERANCE)
+    runtime = _launch.EmulatorRuntime(sanitize=True)
+    assert_matches_reference(run_kernels(runtime, problem), problem, EMULATED_TOLERANCE)
+    assert_step_norms_match_reference(run_step_norms(runtime, problem), problem, EMULATED_TOLERANCE)
 
 
 @pytest.mark.emulated
@@ -309,6 +428,44 @@ def test_gpu_long_sequence_finite_and_close(gpu):
     problem = make_problem(4096, 4, 32, 64, seed=17)
     errors = assert_matches_reference(run_gpu(gpu, problem), problem, 1e-4)
     print("T=4096 relative errors:", {name: f"{error:.1e}" for name, error in errors.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("upstream", NORM_UPSTREAMS)
+def test_gpu_step_norms_match_reference(gpu, shape, upstream):
+    problem = make_norm_problem(shape, upstream, seed=sum(shape))
+    runtime, to_device, to_host = gpu
+    results = run_step_norms(runtime, problem, to_device=to_device, to_host=to_host)
+    assert_step_norms_match_reference(results, problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_gpu_step_norms_every_step_tile(gpu, tile):
+    problem = make_norm_problem((6, 37, 20, 70), "all", seed=11)
+    runtime, to_device, to_host = gpu
+    results = run_step_norms(runtime, problem, step_tile=tile, to_device=to_device, to_host=to_host)
+    assert_step_norms_match_reference(results, problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_gpu_large_step_norms_match_reference(gpu, shape):
+    problem = make_norm_problem(shape, "all", seed=sum(shape))
+    runtime, to_device, to_host = gpu
+    results = run_step_norms(runtime, problem, to_device=to_device, to_host=to_host)
+    assert_step_norms_match_reference(results, problem, GPU_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_gpu_step_norms_deterministic(gpu):
+    problem = make_norm_problem((16, 19, 24, 96), "all", seed=19)
+    runtime, to_device, to_host = gpu
+    first = run_step_norms(runtime, problem, to_device=to_device, to_host=to_host)
+    for _ in range(3):
+        assert_bitwise_equal(first, run_step_norms(runtime, problem, to_device=to_device, to_host=to_host))
 
 
 @pytest.mark.gpu
