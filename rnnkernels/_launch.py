@@ -158,6 +158,10 @@ class ColumnSum:
     column_tile: int = 32
     row_threads: int = 8
 
+    @property
+    def threads(self) -> int:
+        return self.column_tile * self.row_threads
+
     def name(self) -> str:
         return f"rnnkernels::column_sum<{self.column_tile}, {self.row_threads}>"
 
@@ -178,20 +182,21 @@ class StepNorms:
 
 STEP_NORMS = StepNorms()
 
-# THE kernel table: every instance a launcher here can pick, per source file.
-KERNELS: dict[str, tuple[str, ...]] = {
-    FORWARD_SOURCE: (
-        GEMM_INPUT_PROJECTION.name(),
-        GEMM_INPUT_PROJECTION_NO_BIAS.name(),
-        *(tile.forward_name(training) for tile in STEP_TILES for training in (False, True)),
-    ),
-    BACKWARD_SOURCE: (
-        *(tile.backward_name(step_norms) for tile in STEP_TILES for step_norms in (False, True)),
-        GEMM_WEIGHT_GRADIENT.name(),
-        GEMM_INPUT_GRADIENT.name(),
-        COLUMN_SUM.name(),
-        STEP_NORMS.name(),
-    ),
+# THE kernel table: every instance a launcher here can pick, per source file, with its
+# threads per block (the NVRTC check holds registers against that launch bound).
+KERNELS: dict[str, dict[str, int]] = {
+    FORWARD_SOURCE: {
+        GEMM_INPUT_PROJECTION.name(): GEMM_INPUT_PROJECTION.threads,
+        GEMM_INPUT_PROJECTION_NO_BIAS.name(): GEMM_INPUT_PROJECTION_NO_BIAS.threads,
+        **{tile.forward_name(training): tile.threads for tile in STEP_TILES for training in (False, True)},
+    },
+    BACKWARD_SOURCE: {
+        **{tile.backward_name(norms): tile.threads for tile in STEP_TILES for norms in (False, True)},
+        GEMM_WEIGHT_GRADIENT.name(): GEMM_WEIGHT_GRADIENT.threads,
+        GEMM_INPUT_GRADIENT.name(): GEMM_INPUT_GRADIENT.threads,
+        COLUMN_SUM.name(): COLUMN_SUM.threads,
+        STEP_NORMS.name(): STEP_NORMS.threads,
+    },
 }
 
 # Kernels that run once per step: the NVRTC check fails if any of them spills.
@@ -245,7 +250,7 @@ def _cupy_module(source: str, options: tuple[str, ...], device_id: int):
         module = cupy.RawModule(
             code=_sources.read_source(source),
             options=options,
-            name_expressions=KERNELS[source],
+            name_expressions=tuple(KERNELS[source]),
         )
         module.compile()
     return module
@@ -281,7 +286,7 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 
     return emulator.load_module(
         [_sources.read_source(source)],
-        KERNELS[source],
+        tuple(KERNELS[source]),
         include_dirs=(str(_sources.csrc_dir()),),
         defines={"RNNKERNELS_SOURCES": digest},
         sanitize=sanitize,

@@ -49,22 +49,7 @@ class KernelReport:
 
 def block_threads() -> dict[str, int]:
     """Threads per block for every name expression of the kernel table."""
-    threads = {}
-    for tile in _launch.STEP_TILES:
-        for step_norms in (False, True):
-            threads[tile.backward_name(step_norms)] = tile.threads
-        for training in (False, True):
-            threads[tile.forward_name(training)] = tile.threads
-    for variant in (
-        _launch.GEMM_INPUT_PROJECTION,
-        _launch.GEMM_INPUT_PROJECTION_NO_BIAS,
-        _launch.GEMM_WEIGHT_GRADIENT,
-        _launch.GEMM_INPUT_GRADIENT,
-    ):
-        threads[variant.name()] = variant.threads
-    threads[_launch.COLUMN_SUM.name()] = _launch.COLUMN_SUM.column_tile * _launch.COLUMN_SUM.row_threads
-    threads[_launch.STEP_NORMS.name()] = _launch.STEP_NORMS.threads
-    return threads
+    return {name: threads for table in _launch.KERNELS.values() for name, threads in table.items()}
 
 
 def load_nvrtc():
