@@ -55,3 +55,18 @@ GRAD_OF = {"x": "dx", "w_ih": "dw_ih", "w_hh": "dw_hh", "b_ih": "db_ih", "b_hh":
 
 def torch_or_skip():
     return pytest.importorskip("torch", reason="torch is not installed (pip install rnnkernels[torch])")
+
+
+_SUMMARY_SECTIONS: list[tuple[str, str]] = []
+
+
+def add_summary_section(title: str, text: str) -> None:
+    """Show ``text`` under ``title`` in pytest's terminal summary, so that reports such
+    as the ptxas table appear in every CI log, not only with ``-s``."""
+    _SUMMARY_SECTIONS.append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, text in _SUMMARY_SECTIONS:
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)

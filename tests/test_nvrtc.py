@@ -2,6 +2,7 @@
 and the per-step kernels do not spill. Needs the NVRTC library only, no GPU."""
 
 import pytest
+from conftest import add_summary_section
 
 from rnnkernels import _launch, nvrtc_check
 
@@ -20,8 +21,7 @@ def reports(request):
     _nvrtc_or_skip()
     arch = request.param
     found = [r for source in _launch.KERNELS for r in nvrtc_check.compile_source(source, arch)]
-    # Shown with -s, and kept in the report of a failing test.
-    print(f"\nptxas resource usage, {arch}:\n{nvrtc_check.format_table(found)}")
+    add_summary_section(f"ptxas resource usage, {arch} (NVRTC)", nvrtc_check.format_table(found))
     return found
 
 
