@@ -8,8 +8,12 @@ so the model has to read in order: embedding -> 2-layer bidirectional LSTM over
 packed, variable-length sequences -> the last hidden states of both directions ->
 linear classifier.
 
-    python examples/train_sentiment.py              # about 20 s on a laptop CPU
+    python examples/train_sentiment.py              # 6 epochs, about 25 s on one core
     python examples/train_sentiment.py --nn-lstm    # the same with torch.nn.LSTM
+
+It reaches about 97% test accuracy. On a small shared machine, run it with
+``OMP_NUM_THREADS=1``: the matrices are tiny, and spinning BLAS and torch threads
+fighting over two cores made it ten times slower here.
 
 The only rnnkernels line is the import of ``LSTM``; ``--nn-lstm`` swaps in
 ``torch.nn.LSTM`` to show that it is a drop-in.
