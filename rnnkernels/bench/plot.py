@@ -66,9 +66,9 @@ def crossover_text(rows) -> tuple[list[float], str]:
     points = crossovers(common, [lstm[t] for t in common], [attention[t] for t in common])
     if points:
         where = ", ".join(f"T ≈ {x:.0f}" for x in points)
-        return points, f"crossover (fastest LSTM = fastest attention): {where}"
+        return points, f"fastest LSTM = fastest attention at {where}"
     winner = "LSTM" if lstm[common[0]] < attention[common[0]] else "attention"
-    return [], f"no crossover in T {common[0]}..{common[-1]}: {winner} faster throughout"
+    return [], f"no crossover in T {common[0]}..{common[-1]}: {winner} faster"
 
 
 def plot_results(data: dict, path: str) -> None:
@@ -107,9 +107,7 @@ def plot_results(data: dict, path: str) -> None:
             ax.axvline(x, color="0.3", linestyle=":", linewidth=1.2)
             ax.annotate(f"crossover\nT ≈ {x:.0f}", xy=(x, 0.5), xycoords=("data", "axes fraction"),
                         xytext=(4, 0), textcoords="offset points", fontsize=9, color="0.2")
-        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=11)
-        ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8, wrap=True,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+        ax.set_title(f"{MODE_TITLES.get(mode, mode)}\n{text}", fontsize=10)
         ax.set_xlabel("context length T" if mode == "decode" else "sequence length T")
         ax.set_ylabel("time per call (ms, median)")
         ax.grid(True, which="both", alpha=0.3)
