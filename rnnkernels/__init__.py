@@ -6,16 +6,22 @@
 Backends: "reference" (NumPy float64, the definition of the math), "cpu" (Numba),
 "cuda" (our CUDA kernels through CuPy), "emulated" (those kernels on a CPU emulator,
 for debugging) and "auto". See ``rnnkernels/reference.py`` for the equations.
+
+``rnnkernels.LSTM`` is an ``nn.LSTM``-shaped module over NumPy and CuPy arrays;
+``rnnkernels.torch.LSTM`` (import it explicitly: it needs torch) replaces
+``torch.nn.LSTM``.
 """
 
 from . import init
 from ._api import BACKENDS, LSTMGrads, LSTMOutput, get_backend, lstm_backward, lstm_forward
 from .clip import clip_grad_norm, global_grad_norm
+from .modules import LSTM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LSTM",
     "LSTMGrads",
     "LSTMOutput",
     "clip_grad_norm",
