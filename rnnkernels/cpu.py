@@ -20,13 +20,12 @@ to pay for the fork; below that they run serially.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 
 from . import _fastmath
 from ._backend import Backend
+from .reference import Saved
 
 # Below this many hidden units per step (B·H), a parallel region costs more than it
 # saves on a few cores (measured on a 2-core x86 machine with float32).
@@ -118,19 +117,6 @@ _CELLS = {
 def _cells(dtype, batch, hidden):
     parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS
     return _CELLS[np.dtype(dtype), parallel]
-
-
-@dataclass
-class Saved:
-    """What the CPU forward keeps for its backward."""
-
-    x: np.ndarray  # [T, B, I]
-    w_ih: np.ndarray  # [4H, I]
-    w_hh: np.ndarray  # [4H, H]
-    has_bias: bool
-    gates: np.ndarray  # [T, B, 4H] activated i, f, g, o
-    h: np.ndarray  # [T+1, B, H]; h[0] = h0
-    c: np.ndarray  # [T+1, B, H]; c[0] = c0
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):

@@ -59,7 +59,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Saved:
-    """What the reference forward keeps for its backward."""
+    """What forward keeps for backward: the reference's, and the cpu backend's, which
+    keeps the same arrays in the input dtype."""
 
     x: np.ndarray  # [T, B, I]
     w_ih: np.ndarray  # [4H, I]

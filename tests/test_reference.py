@@ -8,7 +8,6 @@ import pytest
 from conftest import GRAD_OF, make_problem, make_upstream, rel_err
 
 import rnnkernels
-from rnnkernels import reference
 
 
 def _loss(problem, upstream, batch_first=False):
@@ -49,41 +48,6 @@ def test_reference_gradients_match_finite_differences(steps, batch, input_size, 
         analytic = getattr(grads, grad_name)
         assert analytic.shape == problem[name].shape
         assert rel_err(analytic, numerical) < 1e-6, name
-
-
-def test_reference_step_norms_match_finite_differences():
-    """‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ from the backward against finite differences taken by
-    perturbing h_t and c_t inside a hand-unrolled forward."""
-    steps, batch, input_size, hidden = 4, 2, 3, 3
-    p = make_problem(steps, batch, input_size, hidden, seed=7)
-    up = make_upstream(steps, batch, hidden, seed=8)
-    bias = p["b_ih"] + p["b_hh"]
-
-    def loss(t_perturbed, which, delta):
-        h, c, total = p["h0"], p["c0"], 0.0
-        for t in range(steps):
-            z = p["x"][t] @ p["w_ih"].T + h @ p["w_hh"].T + bias
-            i, f, g, o = np.split(z, 4, axis=1)
-            c = reference.sigmoid(f) * c + reference.sigmoid(i) * np.tanh(g)
-            if t == t_perturbed and which == "c":
-                c = c + delta  # before h_t reads it: the whole of ∂L/∂c_t
-            h = reference.sigmoid(o) * np.tanh(c)
-            if t == t_perturbed and which == "h":
-                h = h + delta
-            total += np.sum(up["dy"][t] * h)
-        return total + np.sum(up["dh_n"] * h) + np.sum(up["dc_n"] * c)
-
-    out = rnnkernels.lstm_forward(**p, backend="reference")
-    grads = rnnkernels.lstm_backward(out, **up, return_step_norms=True)
-    eps = 1e-6
-    for t in range(steps):
-        for which, norms in (("h", grads.dh_norms), ("c", grads.dc_norms)):
-            g = np.zeros((batch, hidden))
-            for index in np.ndindex(batch, hidden):
-                delta = np.zeros((batch, hidden))
-                delta[index] = eps
-                g[index] = (loss(t, which, delta) - loss(t, which, -delta)) / (2 * eps)
-            assert norms[t] == pytest.approx(np.linalg.norm(g), rel=1e-6), (which, t)
 
 
 def test_reference_returns_float64_for_float32_input():
