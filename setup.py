@@ -29,11 +29,15 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rnnkernels", "rnnkernels.*"]) + ["rnnkernels.csrc"],
+    # csrc/ and the emulator's stub CUDA headers are folders of data, declared as
+    # packages so that their files ship as package data.
+    packages=find_packages(include=["rnnkernels", "rnnkernels.*"])
+    + ["rnnkernels.csrc", "rnnkernels.emulator.include"],
     package_dir={"rnnkernels.csrc": "csrc"},
     package_data={
         "rnnkernels.csrc": ["*.cu", "*.cuh"],
-        "rnnkernels.emulator": ["*.h", "*.cpp", "include/*.h", "README.md"],
+        "rnnkernels.emulator": ["*.h", "*.cpp", "README.md"],
+        "rnnkernels.emulator.include": ["*.h"],
         "rnnkernels.bench": ["*.cu"],
     },
     include_package_data=True,

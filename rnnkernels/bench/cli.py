@@ -1,5 +1,10 @@
 """``rnnkernels-bench``: sequential LSTM cost beside a parallel attention baseline.
 
+    rnnkernels-bench gradient-flow [--steps T] [--json PATH] [--plot PATH] ...
+
+runs the gradient-flow report instead (``rnnkernels/gradient_flow.py``): ‖∂L/∂h_t‖
+along the sequence for a tanh RNN and an LSTM under several initializations.
+
     rnnkernels-bench [--quick | --full] [--device auto|cpu|cuda]
                      [--mode forward|training|decode|all] [--seq-lens 64,256,...]
                      [--batch B] [--hidden H] [--dtype float32|bfloat16|float16|float64]
@@ -305,6 +310,11 @@ def _json_safe(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "gradient-flow":
+        from ..gradient_flow import main as gradient_flow_main
+
+        return gradient_flow_main(words[1:], prog="rnnkernels-bench gradient-flow")
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
