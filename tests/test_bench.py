@@ -481,7 +481,10 @@ def test_cli_smoke_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     data = json.loads(paths["json"].read_text())
-    assert set(data) >= {"device", "config", "results"}
+    assert set(data) >= {"run", "device", "config", "results"}
+    assert data["run"]["command"].startswith("rnnkernels-bench --quick --device cpu")
+    assert data["run"]["date"].endswith("+00:00")
+    assert "commit" in data["run"]  # None outside a git checkout
     assert data["device"]["kind"] == "cpu" and data["device"]["cpu"]
     assert data["device"]["versions"]["numpy"] == np.__version__
     assert data["config"]["seq_lens"] == [8, 16, 32] and data["config"]["batch"] == 2

@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -286,6 +289,29 @@ class Progress:
             print(f"[{self.done}/{self.total}] {mode} {model} T={T}", file=sys.stderr, flush=True)
 
 
+def provenance(argv) -> dict:
+    """What made these numbers: the command line, the UTC date, and the git commit of
+    the rnnkernels source (None outside a git checkout; ``dirty`` when it has
+    uncommitted changes)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    source = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", source, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "command": shlex.join(["rnnkernels-bench", *words]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+    }
+
+
 def write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as file:
         json.dump(data, file, indent=2, allow_nan=False)
@@ -333,7 +359,7 @@ def main(argv=None) -> int:
         rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
     rows = _json_safe(rows)
     elapsed = time.perf_counter() - started
-    data = {"device": info, "config": {**config_dict(settings, preset_name),
+    data = {"run": provenance(argv), "device": info, "config": {**config_dict(settings, preset_name),
                                        "wall_seconds": round(elapsed, 2),
                                        "load_average_1m": [load_before, load_average()]},
             "results": rows}
