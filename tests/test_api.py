@@ -11,6 +11,22 @@ import rnnkernels
 
 HOST_BACKENDS = ["reference", "cpu"]
 
+
+def _emulator_ready() -> bool:
+    from rnnkernels import emulator
+
+    return emulator.compiler_available()
+
+
+# Validation is the API's, shared by every backend: each must refuse bad input the same
+# way, the emulated CUDA backend included.
+VALIDATING_BACKENDS = HOST_BACKENDS + [
+    pytest.param(
+        "emulated",
+        marks=[pytest.mark.emulated, pytest.mark.skipif(not _emulator_ready(), reason="no C++ compiler for the emulator")],
+    )
+]
+
 T, B, I, H = 4, 3, 5, 6
 
 
@@ -19,10 +35,10 @@ def problem():
     return make_problem(T, B, I, H, dtype=np.float32)
 
 
-def _call(problem, **changes):
+def _call(problem, default_backend="cpu", **changes):
     kwargs = dict(problem)
     kwargs.update(changes)
-    backend = kwargs.pop("backend", "cpu")
+    backend = kwargs.pop("backend", default_backend)
     return rnnkernels.lstm_forward(**kwargs, backend=backend)
 
 
@@ -53,9 +69,10 @@ def _call(problem, **changes):
         (dict(training=None), TypeError, ["training"]),
     ],
 )
-def test_bad_input_is_named(problem, changes, error, words):
+@pytest.mark.parametrize("backend", VALIDATING_BACKENDS)
+def test_bad_input_is_named(problem, backend, changes, error, words):
     with pytest.raises(error) as info:
-        _call(problem, **changes)
+        _call(problem, backend, **changes)
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
