@@ -82,6 +82,7 @@ class _Context:
     batch_first: bool
     sizes: tuple[int, int, int, int]  # T, B, I, H
     has_bias: bool
+    placement: tuple[Any, bool] = (None, False)  # _arrays.cuda_placement of the forward's x
 
 
 # ----------------------------------------------------------------------------- checks
@@ -221,38 +222,44 @@ def lstm_forward(
     xp = np if dev == "cpu" else _arrays.import_cupy()
     out_dtype = np.dtype(np.float64) if impl.name == "reference" else dtype
 
-    x_b = _arrays.to_backend(x, dev)
-    if batch_first:
-        x_b = xp.ascontiguousarray(x_b.transpose(1, 0, 2))
-    w_ih_b, w_hh_b = _arrays.to_backend(w_ih, dev), _arrays.to_backend(w_hh, dev)
-    bias = None
-    if b_ih is not None:
-        bias = _arrays.to_backend(b_ih, dev) + _arrays.to_backend(b_hh, dev)
-    if h0 is None:
-        h0_b = xp.zeros((batch, hidden), dtype)
-        c0_b = xp.zeros((batch, hidden), dtype)
-    else:
-        h0_b, c0_b = _arrays.to_backend(h0, dev), _arrays.to_backend(c0, dev)
+    # CUDA work runs on the GPU holding x and, for torch tensors, on torch's current
+    # stream (see _arrays.cuda_scope); host backends need no scope.
+    placement = _arrays.cuda_placement(x) if dev == "cuda" else (None, False)
+    with _arrays.cuda_scope(*placement):
+        x_b = _arrays.to_backend(x, dev)
+        if batch_first:
+            x_b = xp.ascontiguousarray(x_b.transpose(1, 0, 2))
+        w_ih_b, w_hh_b = _arrays.to_backend(w_ih, dev), _arrays.to_backend(w_hh, dev)
+        bias = None
+        if b_ih is not None:
+            bias = _arrays.to_backend(b_ih, dev) + _arrays.to_backend(b_hh, dev)
+        if h0 is None:
+            h0_b = xp.zeros((batch, hidden), dtype)
+            c0_b = xp.zeros((batch, hidden), dtype)
+        else:
+            h0_b, c0_b = _arrays.to_backend(h0, dev), _arrays.to_backend(c0, dev)
 
-    if steps == 0 or batch == 0:
-        y = xp.zeros((steps, batch, hidden), out_dtype)
-        h_n, c_n, saved = h0_b.astype(out_dtype), c0_b.astype(out_dtype), None
-    else:
-        y, h_n, c_n, saved = impl.forward(x_b, w_ih_b, w_hh_b, bias, h0_b, c0_b, training)
-    if batch_first:
-        y = xp.ascontiguousarray(y.transpose(1, 0, 2))
+        if steps == 0 or batch == 0:
+            y = xp.zeros((steps, batch, hidden), out_dtype)
+            h_n, c_n, saved = h0_b.astype(out_dtype), c0_b.astype(out_dtype), None
+        else:
+            y, h_n, c_n, saved = impl.forward(x_b, w_ih_b, w_hh_b, bias, h0_b, c0_b, training)
+        if batch_first:
+            y = xp.ascontiguousarray(y.transpose(1, 0, 2))
 
-    ctx = None
-    if training:
-        ctx = _Context(impl, saved, kind, dtype, batch_first, (steps, batch, input_size, hidden), bias is not None)
-    return LSTMOutput(
-        y=_arrays.from_backend(y, kind),
-        h_n=_arrays.from_backend(h_n, kind),
-        c_n=_arrays.from_backend(c_n, kind),
-        training=training,
-        backend=impl.name,
-        _ctx=ctx,
-    )
+        ctx = None
+        if training:
+            ctx = _Context(
+                impl, saved, kind, dtype, batch_first, (steps, batch, input_size, hidden), bias is not None, placement
+            )
+        return LSTMOutput(
+            y=_arrays.from_backend(y, kind),
+            h_n=_arrays.from_backend(h_n, kind),
+            c_n=_arrays.from_backend(c_n, kind),
+            training=training,
+            backend=impl.name,
+            _ctx=ctx,
+        )
 
 
 # ----------------------------------------------------------------------------- backward
@@ -281,54 +288,56 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
     out_dtype = np.dtype(np.float64) if impl.name == "reference" else ctx.dtype
     allowed = {ctx.dtype, out_dtype}
 
-    y_shape = (batch, steps, hidden) if ctx.batch_first else (steps, batch, hidden)
-    upstream = {"dy": (dy, y_shape, "like out.y"), "dh_n": (dh_n, (batch, hidden), "[B, H]"), "dc_n": (dc_n, (batch, hidden), "[B, H]")}
-    converted = {}
-    for name, (value, shape, meaning) in upstream.items():
-        if value is None:
-            converted[name] = xp.zeros((steps, batch, hidden) if name == "dy" else shape, out_dtype)
-            continue
-        kind, dtype = _check_array(value, name)
-        if kind.device != ctx.kind.device:
-            raise ValueError(f"{name} is on {kind.device} but the forward ran on {ctx.kind.device} arrays")
-        if dtype not in allowed:
-            raise TypeError(f"{name} must have dtype {' or '.join(sorted(d.name for d in allowed))}, got {dtype}")
-        _check_ndim(value, name, len(shape), meaning)
-        _check_shape(value, name, shape, meaning)
-        arr = _arrays.to_backend(value, dev).astype(out_dtype, copy=False)
-        if name == "dy" and ctx.batch_first:
-            arr = xp.ascontiguousarray(arr.transpose(1, 0, 2))
-        converted[name] = arr
+    # The forward's GPU and, for torch tensors, torch's current stream now.
+    with _arrays.cuda_scope(*ctx.placement):
+        y_shape = (batch, steps, hidden) if ctx.batch_first else (steps, batch, hidden)
+        upstream = {"dy": (dy, y_shape, "like out.y"), "dh_n": (dh_n, (batch, hidden), "[B, H]"), "dc_n": (dc_n, (batch, hidden), "[B, H]")}
+        converted = {}
+        for name, (value, shape, meaning) in upstream.items():
+            if value is None:
+                converted[name] = xp.zeros((steps, batch, hidden) if name == "dy" else shape, out_dtype)
+                continue
+            kind, dtype = _check_array(value, name)
+            if kind.device != ctx.kind.device:
+                raise ValueError(f"{name} is on {kind.device} but the forward ran on {ctx.kind.device} arrays")
+            if dtype not in allowed:
+                raise TypeError(f"{name} must have dtype {' or '.join(sorted(d.name for d in allowed))}, got {dtype}")
+            _check_ndim(value, name, len(shape), meaning)
+            _check_shape(value, name, shape, meaning)
+            arr = _arrays.to_backend(value, dev).astype(out_dtype, copy=False)
+            if name == "dy" and ctx.batch_first:
+                arr = xp.ascontiguousarray(arr.transpose(1, 0, 2))
+            converted[name] = arr
 
-    if steps == 0 or batch == 0:
-        dx = xp.zeros((steps, batch, input_size), out_dtype)
-        dw_ih = xp.zeros((4 * hidden, input_size), out_dtype)
-        dw_hh = xp.zeros((4 * hidden, hidden), out_dtype)
-        db = xp.zeros(4 * hidden, out_dtype) if ctx.has_bias else None
-        dh0, dc0 = converted["dh_n"], converted["dc_n"]
-        norms = (np.zeros(steps), np.zeros(steps))
-    else:
-        args = (ctx.saved, converted["dy"], converted["dh_n"], converted["dc_n"])
-        if return_step_norms:
-            dx, dw_ih, dw_hh, db, dh0, dc0, *norms = impl.backward(*args, return_step_norms=True)
+        if steps == 0 or batch == 0:
+            dx = xp.zeros((steps, batch, input_size), out_dtype)
+            dw_ih = xp.zeros((4 * hidden, input_size), out_dtype)
+            dw_hh = xp.zeros((4 * hidden, hidden), out_dtype)
+            db = xp.zeros(4 * hidden, out_dtype) if ctx.has_bias else None
+            dh0, dc0 = converted["dh_n"], converted["dc_n"]
+            norms = (np.zeros(steps), np.zeros(steps))
         else:
-            dx, dw_ih, dw_hh, db, dh0, dc0 = impl.backward(*args)
-    if ctx.batch_first:
-        dx = xp.ascontiguousarray(dx.transpose(1, 0, 2))
+            args = (ctx.saved, converted["dy"], converted["dh_n"], converted["dc_n"])
+            if return_step_norms:
+                dx, dw_ih, dw_hh, db, dh0, dc0, *norms = impl.backward(*args, return_step_norms=True)
+            else:
+                dx, dw_ih, dw_hh, db, dh0, dc0 = impl.backward(*args)
+        if ctx.batch_first:
+            dx = xp.ascontiguousarray(dx.transpose(1, 0, 2))
 
-    to_user = lambda a: _arrays.from_backend(a, ctx.kind)  # noqa: E731
-    grads = LSTMGrads(
-        dx=to_user(dx),
-        dw_ih=to_user(dw_ih),
-        dw_hh=to_user(dw_hh),
-        db_ih=to_user(db),
-        db_hh=None if db is None else to_user(db.copy()),
-        dh0=to_user(dh0),
-        dc0=to_user(dc0),
-    )
-    if return_step_norms:
-        grads.dh_norms, grads.dc_norms = (np.asarray(_to_host(n), dtype=np.float64) for n in norms)
-    return grads
+        to_user = lambda a: _arrays.from_backend(a, ctx.kind)  # noqa: E731
+        grads = LSTMGrads(
+            dx=to_user(dx),
+            dw_ih=to_user(dw_ih),
+            dw_hh=to_user(dw_hh),
+            db_ih=to_user(db),
+            db_hh=None if db is None else to_user(db.copy()),
+            dh0=to_user(dh0),
+            dc0=to_user(dc0),
+        )
+        if return_step_norms:
+            grads.dh_norms, grads.dc_norms = (np.asarray(_to_host(n), dtype=np.float64) for n in norms)
+        return grads
 
 
 def _to_host(a):

@@ -9,6 +9,7 @@ asked for), so ``import rnnkernels`` stays light on machines that have neither.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from dataclasses import dataclass
@@ -153,6 +154,58 @@ def from_backend(arr, kind: Kind):
     if kind.library == "cupy":
         return device_arr
     return _library_from_dlpack(kind.library, device_arr)
+
+
+def cupy_stream_of_torch(cupy, torch_stream, device_index: int):
+    """torch's CUDA stream ``torch_stream`` (on GPU ``device_index``) as a CuPy stream.
+
+    CuPy 14 deprecates ``cupy.cuda.ExternalStream`` (a DeprecationWarning on every
+    call) in favour of ``Stream.from_external``, which reads the CUDA stream protocol
+    (``__cuda_stream__``, on torch streams since torch 2.6 or so); older CuPy or torch
+    get ``ExternalStream`` with the device named, so CuPy never guesses it."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None and hasattr(torch_stream, "__cuda_stream__"):
+        return from_external(torch_stream)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_id=device_index)
+
+
+@contextlib.contextmanager
+def cuda_scope(device_index: int | None, torch_stream: bool):
+    """CuPy's current device set to ``device_index`` (unchanged when None) and, with
+    ``torch_stream``, torch's current stream of that device made CuPy's current stream.
+
+    Inside it every CuPy allocation and launch lands on the GPU that holds the inputs
+    (zeros for a missing state, the bias sum, the kernels), and for torch tensors runs
+    on the stream torch is using, so that torch's caching allocator, which only knows
+    its own streams, never hands out an input's memory while our kernels still read it.
+    """
+    if device_index is None:
+        yield
+        return
+    cupy = import_cupy()
+    with cupy.cuda.Device(device_index):
+        if not torch_stream:
+            yield
+            return
+        torch = sys.modules["torch"]
+        with cupy_stream_of_torch(cupy, torch.cuda.current_stream(device_index), device_index):
+            yield
+
+
+def cuda_placement(obj) -> tuple[int | None, bool]:
+    """``(device_index, torch_stream)`` for :func:`cuda_scope` from an input array:
+    the GPU it lives on (None for host arrays, or when the object does not say) and
+    whether it is a torch tensor."""
+    kind = array_kind(obj, "array")
+    if kind.device != "cuda":
+        return None, False
+    if kind.library == "torch":
+        return obj.device.index, True
+    if _is_cupy_array(obj):
+        return obj.device.id, False
+    if hasattr(obj, "__dlpack_device__"):
+        return int(obj.__dlpack_device__()[1]), False
+    return None, False
 
 
 def _library_from_dlpack(library: str, arr):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,29 @@ def pytest_terminal_summary(terminalreporter):
     for title, text in _SUMMARY_SECTIONS:
         terminalreporter.write_sep("-", title)
         terminalreporter.write_line(text)
+
+
+# ------------------------------------------------------------------ GPU sessions
+REQUIRE_GPU = "RNNKERNELS_REQUIRE_GPU"
+
+
+def gpu_skip_as_failure(report, item) -> str | None:
+    """With RNNKERNELS_REQUIRE_GPU=1 (set by tests/gpu_sanitizer.sh and
+    benchmarks/gpu_session.sh, on machines that have a GPU) a ``gpu`` test that skips
+    is a failure, not a pass: the reason it gives, or None when nothing changes."""
+    if os.environ.get(REQUIRE_GPU) != "1" or not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    if item.get_closest_marker("gpu") is None:
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return f"{REQUIRE_GPU}=1, but this GPU test skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    failure = gpu_skip_as_failure(report, item)
+    if failure is not None:
+        report.outcome = "failed"
+        report.longrepr = failure

@@ -291,8 +291,8 @@ class Progress:
 
 def provenance(argv) -> dict:
     """What made these numbers: the command line, the UTC date, and the git commit of
-    the rnnkernels source (None outside a git checkout; ``dirty`` when it has
-    uncommitted changes)."""
+    the rnnkernels source (outside a git checkout, $GIT_COMMIT if set, else None;
+    ``dirty`` when a checkout has uncommitted changes, None when unknown)."""
     words = sys.argv[1:] if argv is None else list(argv)
     source = os.path.dirname(os.path.abspath(__file__))
 
@@ -304,11 +304,16 @@ def provenance(argv) -> dict:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    if commit is None and os.environ.get("GIT_COMMIT"):
+        # A copy of the tree without .git (a GPU machine's): the commit it was made
+        # from, as the caller says (benchmarks/gpu_session.sh passes it on).
+        commit = os.environ["GIT_COMMIT"]
     return {
         "command": shlex.join(["rnnkernels-bench", *words]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "dirty": dirty,
     }
 
 

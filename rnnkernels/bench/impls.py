@@ -10,7 +10,7 @@ LSTM implementations (I = H, with biases and initial state):
   rnnkernels-cuda  ``backend="cuda"`` on CuPy arrays
   reference        ``backend="reference"`` (NumPy float64; opt-in with --impls)
   torch-cpu        ``torch.nn.LSTM`` on the CPU                 (baseline on a CPU)
-  cudnn            ``torch.nn.LSTM`` on the GPU, i.e. cuDNN     (baseline on a GPU)
+  cudnn            ``torch.nn.LSTM`` on the GPU, i.e. cuDNN, TF32 off (baseline on a GPU)
 Attention implementations (``rnnkernels/bench/attention.py``):
   attention-numpy  NumPy, hand-written backward                 (CPU)
   attention-cupy   CuPy: cuBLAS GEMMs and the causal-softmax RawKernel  (GPU)
@@ -246,9 +246,25 @@ def _torch_lstm_build(device: str):
     return build
 
 
+def exact_fp32_cudnn(torch) -> None:
+    """Turn TF32 off for cuDNN, for the rest of the process.
+
+    torch lets cuDNN's RNNs run float32 products as TF32 by default on Ampere and
+    later (``torch.backends.cudnn.allow_tf32`` is True; torch >= 2.9 reports it as
+    ``torch.backends.cudnn.rnn.fp32_precision == "tf32"``). rnnkernels computes exact
+    FP32, so the baseline must too: a TF32 cuDNN is faster for a different precision,
+    and its error (~1e-3 relative) sits at the float32 tolerance of ``validate``. The
+    legacy flag is set, not ``fp32_precision``: it exists on every torch this supports,
+    and setting it keeps the legacy and new settings consistent (mixing the two APIs
+    makes a later read of ``allow_tf32`` raise)."""
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def _torch_lstm(torch, mode, inputs, device, dtype) -> Prepared:
     """torch.nn.LSTM with the problem's weights (shared by the impls and the reference)."""
     H = inputs["w_hh"].shape[1]
+    if device.type == "cuda":
+        exact_fp32_cudnn(torch)
     lstm = torch.nn.LSTM(H, H).to(device=device, dtype=dtype)
     t = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in inputs.items()}
     with torch.no_grad():
@@ -386,7 +402,7 @@ def all_impls() -> list[Impl]:
              _torch_lstm_build("cpu"), "cpu", None, baseline=True),
         Impl("cudnn", "lstm", "cuda", ("float32", "float64", "float16", "bfloat16"),
              _torch_lstm_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
-             baseline=True),
+             baseline=True, note="TF32 off: exact FP32 like rnnkernels (see exact_fp32_cudnn)"),
         Impl("attention-numpy", "attention", "cpu", ("float32", "float64"),
              _array_attention_build("cpu"), "cpu", "tracemalloc"),
         Impl("attention-cupy", "attention", "cuda", ("float32", "float16"),

@@ -60,8 +60,7 @@ def _backend_arrays(device: torch.device):
         raise RuntimeError(f"rnnkernels runs on CPU and CUDA tensors, not on {device.type}")
     cupy = _arrays.import_cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with _arrays.cuda_scope(index, torch_stream=True):
         yield (
             cupy,
             lambda t: None if t is None else cupy.from_dlpack(t.detach()),
