@@ -242,8 +242,10 @@ def _cupy_sm_count(device_id: int) -> int:
 @functools.cache
 def _cupy_module(source: str, options: tuple[str, ...], device_id: int):
     """One NVRTC build per (source, options, device), holding every instance of
-    :data:`KERNELS` for that source. CuPy also caches the binary on disk, keyed on the
-    source text and the options (which carry the csrc/ digest)."""
+    :data:`KERNELS` for that source. CuPy's on-disk cache (keyed on the source text and
+    the options, which carry the csrc/ digest) skips modules built with
+    ``name_expressions`` before CuPy added that (cupy/cupy#9667, #9801): there each new
+    process compiles both sources once (seconds), never per call."""
     import cupy
 
     with cupy.cuda.Device(device_id):

@@ -61,8 +61,12 @@ PRESETS = {
     ("cpu", "full"): Preset((32, 64, 128, 256, 512, 1024, 2048), 16, 256,
                             Schedule(3, 10, 100, 1.5)),
     ("cuda", "quick"): Preset((128, 512, 2048), 8, 256, Schedule(5, 20, 100, 0.3)),
+    # GPU default: the LSTM runs one launch per step, and a step at B=16, H=512 is
+    # latency-bound (an estimate from the PTX, not yet measured: 20 to 150 us), so a
+    # T=4096 training call may take 1-2 s. 10 repeats (3 warm-ups) keep the whole
+    # preset within ~4 minutes; short calls still get up to 200 within 1 s.
     ("cuda", "default"): Preset((64, 128, 256, 512, 1024, 2048, 4096), 16, 512,
-                                Schedule(10, 30, 200, 0.5)),
+                                Schedule(3, 10, 200, 1.0)),
     ("cuda", "full"): Preset((64, 128, 256, 512, 1024, 2048, 4096, 8192), 16, 512,
                              Schedule(10, 50, 500, 1.0)),
 }
