@@ -314,7 +314,7 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
             dw_ih = xp.zeros((4 * hidden, input_size), out_dtype)
             dw_hh = xp.zeros((4 * hidden, hidden), out_dtype)
             db = xp.zeros(4 * hidden, out_dtype) if ctx.has_bias else None
-            dh0, dc0 = converted["dh_n"], converted["dc_n"]
+            dh0, dc0 = converted["dh_n"].copy(), converted["dc_n"].copy()  # never the caller's arrays
             norms = (np.zeros(steps), np.zeros(steps))
         else:
             args = (ctx.saved, converted["dy"], converted["dh_n"], converted["dc_n"])

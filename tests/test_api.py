@@ -126,6 +126,7 @@ def test_zero_steps(backend, batch_first):
     grads = rnnkernels.lstm_backward(out, dh_n=dh_n, return_step_norms=True)
     assert grads.dx.shape == p["x"].shape
     np.testing.assert_array_equal(grads.dh0, dh_n)
+    assert not np.shares_memory(grads.dh0, dh_n)
     np.testing.assert_array_equal(grads.dc0, np.zeros((B, H)))
     assert not grads.dw_ih.any() and not grads.dw_hh.any() and not grads.db_ih.any()
     assert grads.dh_norms.shape == (0,)
