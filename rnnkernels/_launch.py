@@ -38,6 +38,7 @@ from . import _sources
 
 FORWARD_SOURCE = "lstm_forward.cu"
 BACKWARD_SOURCE = "lstm_backward.cu"
+GRAD_NORM_SOURCE = "grad_norm.cu"
 GATES = 4  # i, f, g, o
 _INT32_MAX = 2**31 - 1
 
@@ -182,6 +183,29 @@ class StepNorms:
 
 STEP_NORMS = StepNorms()
 
+
+@dataclass(frozen=True)
+class GradNorm:
+    """``grad_norm_partial<T, Threads>`` and ``grad_norm_finish<Threads>``
+    (csrc/grad_norm.cu): the fused sum of squares of many arrays of one dtype, used by
+    clip_grad_norm; launched by rnnkernels/_grad_norm.py. 256 threads: 8 warps, enough
+    loads in flight per block for a streaming read, and the finishing block adds at most
+    4 block sums per thread."""
+
+    threads: int = 256
+
+    # numpy dtype name -> the kernel's element type (float16 is read as raw bits)
+    ELEMENT_TYPES = {"float16": "rnnkernels::half_bits", "float32": "float", "float64": "double"}
+
+    def partial_name(self, dtype_name: str) -> str:
+        return f"rnnkernels::grad_norm_partial<{self.ELEMENT_TYPES[dtype_name]}, {self.threads}>"
+
+    def finish_name(self) -> str:
+        return f"rnnkernels::grad_norm_finish<{self.threads}>"
+
+
+GRAD_NORM = GradNorm()
+
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound).
 KERNELS: dict[str, dict[str, int]] = {
@@ -196,6 +220,10 @@ KERNELS: dict[str, dict[str, int]] = {
         GEMM_INPUT_GRADIENT.name(): GEMM_INPUT_GRADIENT.threads,
         COLUMN_SUM.name(): COLUMN_SUM.threads,
         STEP_NORMS.name(): STEP_NORMS.threads,
+    },
+    GRAD_NORM_SOURCE: {
+        **{GRAD_NORM.partial_name(dtype): GRAD_NORM.threads for dtype in GradNorm.ELEMENT_TYPES},
+        GRAD_NORM.finish_name(): GRAD_NORM.threads,
     },
 }
 

@@ -15,11 +15,16 @@ non-finite norm is returned so the caller can skip the step.
 
 Arrays may be NumPy, CuPy or torch tensors (CPU or CUDA), mixed. Sums of squares
 accumulate in float64 whatever the gradient dtype, so float16/float32 gradients whose
-squares would overflow their own dtype still give the right norm. On the GPU each array
-is read once by one fused reduction kernel (square, accumulate in float64; NaN and Inf
-travel through the sum, so there is no separate isfinite pass and no temporary); the
-per-array sums are stacked on the device and come to the host in one transfer, the
-only synchronization. (One launch per array, not one multi-tensor launch for all.)
+squares would overflow their own dtype still give the right norm. CuPy gradients are
+grouped by dtype (float16, float32, float64) and each group is read once by ONE fused
+launch over all its arrays (csrc/grad_norm.cu through rnnkernels/_grad_norm.py: square,
+accumulate in float64 in a fixed order, no atomics, so bitwise deterministic; NaN and
+Inf travel through the sum, so there is no separate isfinite pass and no temporary).
+The per-dtype sums land in one device vector that comes to the host in one transfer,
+the only synchronization (one per GPU when gradients live on several). Per-array norms
+are computed only when that total is not finite, to name the offending arrays (or to
+redo, with scaling, a float64 sum that overflowed on finite values): a second pass, in
+that case only. torch tensors get one norm per tensor and one synchronization.
 """
 
 from __future__ import annotations
@@ -109,31 +114,59 @@ def _numpy_norm(a: np.ndarray) -> float:
     return largest * math.sqrt(float(np.dot(scaled, scaled)))
 
 
-_cupy_kernel = None
+def _fused_sums(rt, arrays: list, groups: list[list[int]]) -> list[float]:
+    """Σ x² in float64 over each group of ``arrays`` (``rt.xp`` arrays; a group holds the
+    indices of arrays of one dtype): one fused launch per group, then one transfer of
+    all the sums, the only synchronization."""
+    from . import _grad_norm
+    from ._launch import GRAD_NORM
+
+    xp = rt.xp
+    sums = xp.empty(len(groups), dtype=np.float64)
+    for slot, group in enumerate(groups):
+        members = [arrays[k] for k in group]
+        if members[0].dtype.name not in GRAD_NORM.ELEMENT_TYPES:  # a float dtype the kernel lacks
+            members = [m.astype(np.float64) for m in members]
+        _grad_norm.sum_of_squares(rt, members, sums[slot : slot + 1])
+    to_host = getattr(xp, "asnumpy", np.asarray)
+    return [float(v) for v in to_host(sums)]
 
 
-def _cupy_sum_of_squares():
-    """One reduction kernel: Σ x² accumulated in float64, for any float input dtype."""
-    global _cupy_kernel
-    if _cupy_kernel is None:
-        cupy = _arrays.import_cupy()
-        _cupy_kernel = cupy.ReductionKernel(
-            "T x",  # in: the gradient, any float dtype
-            "float64 total",  # out: the sum of squares
-            "(double)x * (double)x",  # map
-            "a + b",  # reduce (NaN and Inf propagate)
-            "total = a",  # post
-            "0.0",  # identity
-            "rnnkernels_sum_of_squares",
-        )
-    return _cupy_kernel
+def _fused_norms(rt, arrays: list) -> tuple[list[float], list[float] | None]:
+    """``(parts, norms)`` for ``arrays`` on runtime ``rt`` (rnnkernels/_launch.py): one
+    fused launch per dtype gives one part per dtype, and ``norms`` is None. Only when a
+    part is not finite, a second pass computes each array's own norm (one launch per
+    array, one transfer; the host rescales a float64 sum that overflowed on finite
+    values), and those norms are both the parts and ``norms``, to name the culprits."""
+    by_dtype: dict[str, list[int]] = {}
+    for k, array in enumerate(arrays):
+        by_dtype.setdefault(array.dtype.name, []).append(k)
+    sums = _fused_sums(rt, arrays, list(by_dtype.values()))
+    if all(math.isfinite(v) for v in sums):
+        return [math.sqrt(v) for v in sums], None
+    singles = _fused_sums(rt, arrays, [[k] for k in range(len(arrays))])
+    norms = [_finish_device_norm(math.sqrt(v), a) for v, a in zip(singles, arrays)]
+    return norms, norms
 
 
-def _device_sums(arrays: list) -> Any:
-    """Per-array sums of squares of CuPy arrays as one float64 CuPy vector (no sync)."""
-    cupy = _arrays.import_cupy()
-    kernel = _cupy_sum_of_squares()
-    return cupy.stack([kernel(a.reshape(-1)) for a in arrays])
+def _cupy_norms(named: list[tuple[str, Any]], indices: list[int], norms: list) -> list[float]:
+    """The global-norm parts of the CuPy gradients ``named[k]``, k in ``indices``, per
+    GPU through :func:`_fused_norms`; fills ``norms[k]`` when those were computed."""
+    from ._launch import CupyRuntime
+
+    by_device: dict[int, list[int]] = {}
+    for k in indices:
+        by_device.setdefault(named[k][1].device.id, []).append(k)
+    parts: list[float] = []
+    for members in by_device.values():
+        arrays = [named[k][1] for k in members]
+        with arrays[0].device:
+            device_parts, device_norms = _fused_norms(CupyRuntime(), arrays)
+        parts.extend(device_parts)
+        if device_norms is not None:
+            for k, norm in zip(members, device_norms):
+                norms[k] = norm
+    return parts
 
 
 def _torch_norms(tensors: list):
@@ -142,8 +175,11 @@ def _torch_norms(tensors: list):
     return torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in tensors])
 
 
-def _per_array_norms(named: list[tuple[str, Any]]) -> list[float]:
-    """‖g_k‖₂ for every gradient, with one host synchronization per device library."""
+def _norms(named: list[tuple[str, Any]]) -> tuple[list[float], list[float | None]]:
+    """``(parts, norms)``: the global norm is ``_combine(parts)``; ``norms[k]`` is
+    ‖g_k‖₂ for NumPy and torch gradients, and for CuPy ones only when their fused total
+    was not finite (None otherwise: they are then all finite). One host synchronization
+    per device library (per GPU for CuPy), two in CuPy's non-finite case."""
     norms: list[float | None] = [None] * len(named)
     cupy_idx, torch_idx = [], []
     for k, (_, array) in enumerate(named):
@@ -153,16 +189,14 @@ def _per_array_norms(named: list[tuple[str, Any]]) -> list[float]:
             cupy_idx.append(k)
         else:
             torch_idx.append(k)
-    if cupy_idx:
-        cupy = _arrays.import_cupy()
-        sums = cupy.asnumpy(_device_sums([named[k][1] for k in cupy_idx]))  # the one sync
-        for k, squares in zip(cupy_idx, sums):
-            norms[k] = _finish_device_norm(math.sqrt(float(squares)), named[k][1])
     if torch_idx:
         device_norms = _torch_norms([named[k][1] for k in torch_idx]).cpu().numpy()  # one sync
         for k, norm in zip(torch_idx, device_norms):
             norms[k] = _finish_device_norm(float(norm), named[k][1])
-    return norms
+    parts = [n for n in norms if n is not None]
+    if cupy_idx:
+        parts.extend(_cupy_norms(named, cupy_idx, norms))
+    return parts, norms
 
 
 def _finish_device_norm(norm: float, array) -> float:
@@ -172,6 +206,8 @@ def _finish_device_norm(norm: float, array) -> float:
         return norm
     if _arrays._is_torch_tensor(array):
         host = array.detach().cpu().double().numpy()
+    elif isinstance(array, np.ndarray):  # the emulated runtime's arrays
+        host = array
     else:
         host = _arrays.import_cupy().asnumpy(array)
     return _numpy_norm(np.asarray(host))
@@ -195,7 +231,7 @@ def _combine(norms: list[float]) -> float:
 def global_grad_norm(grads) -> float:
     """‖(g_1, …, g_n)‖₂ over the gradients in ``grads`` (as :func:`clip_grad_norm`
     collects them), without changing anything; NaN or Inf when one is."""
-    return _combine(_per_array_norms(_gather(grads, in_place=False)))
+    return _combine(_norms(_gather(grads, in_place=False))[0])
 
 
 def clip_grad_norm(grads, max_norm, *, eps=1e-6, error_if_nonfinite=True) -> float:
@@ -222,10 +258,12 @@ def clip_grad_norm(grads, max_norm, *, eps=1e-6, error_if_nonfinite=True) -> flo
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 
     named = _gather(grads, in_place=True)
-    norms = _per_array_norms(named)
-    total = _combine(norms)
+    parts, norms = _norms(named)
+    total = _combine(parts)
     if not math.isfinite(total):
-        bad = ", ".join(f"{name} (norm {n})" for (name, _), n in zip(named, norms) if not math.isfinite(n))
+        bad = ", ".join(
+            f"{name} (norm {n})" for (name, _), n in zip(named, norms) if n is not None and not math.isfinite(n)
+        )
         message = (
             f"clip_grad_norm: the global gradient norm is {total}: non-finite values in {bad}. "
             "Nothing was scaled."
