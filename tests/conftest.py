@@ -59,6 +59,17 @@ def torch_or_skip():
     return pytest.importorskip("torch", reason="torch is not installed (pip install rnnkernels[torch])")
 
 
+def cupy_or_skip():
+    """CuPy, when it is installed and reaches a GPU; otherwise the test skips, saying why."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CuPy sees no GPU")
+    except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
+        pytest.skip(f"no usable GPU: {error}")
+    return cupy
+
+
 _SUMMARY_SECTIONS: list[tuple[str, str]] = []
 
 

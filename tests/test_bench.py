@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import cupy_or_skip
 
 from rnnkernels.bench import attention as attn
 from rnnkernels.bench import cli, flops, impls, plot, runner, timing
@@ -275,18 +276,11 @@ def test_causal_softmax_kernel_compiles_with_nvrtc():
     assert b"causal_softmax_float32" in ptx and b"causal_softmax_float16" in ptx
 
 
-def _gpu_or_skip():
-    try:
-        return timing.require_gpu_cupy()
-    except RuntimeError as error:
-        pytest.skip(f"needs a GPU with CuPy: {error}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float16, 2e-3)])
 @pytest.mark.parametrize("queries,keys", [(1, 1), (7, 7), (300, 300), (1, 1000), (3, 9)])
 def test_cupy_causal_softmax_matches_numpy(dtype, tol, queries, keys):
-    cupy = _gpu_or_skip()
+    cupy = cupy_or_skip()
     scores = np.random.default_rng(8).standard_normal((2, 3, queries, keys))
     want = attn.numpy_causal_softmax(scores.copy(), 0.3)
     got = attn.cupy_causal_softmax(cupy.asarray(scores.astype(dtype)), 0.3).get()
@@ -296,7 +290,7 @@ def test_cupy_causal_softmax_matches_numpy(dtype, tol, queries, keys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", flops.MODES)
 def test_cupy_attention_matches_numpy(mode):
-    _gpu_or_skip()
+    cupy_or_skip()
     p = impls.Problem("attention", mode, 70, 3, 32, "float32", heads=2)
     inputs = impls.make_inputs(p)
     cpu = next(i for i in impls.all_impls() if i.name == "attention-numpy").build(p, inputs)

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_problem, torch_or_skip
+from conftest import cupy_or_skip, make_problem, torch_or_skip
 
 import rnnkernels
 from rnnkernels.clip import LSTM_PARAMETER_FIELDS, clip_grad_norm, global_grad_norm
@@ -158,12 +158,7 @@ def test_torch_tensors_clip_in_place_and_report_nan():
 
 @pytest.mark.gpu
 def test_cupy_matches_numpy():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
-        pytest.skip(f"no usable GPU: {error}")
+    cupy = cupy_or_skip()
     host = _grads()
     host["h"] = np.full(100, 300.0, np.float16)
     device = {k: cupy.asarray(v) for k, v in host.items()}

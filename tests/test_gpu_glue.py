@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gpu_skip_as_failure, make_problem, make_upstream, rel_err
+from conftest import cupy_or_skip, gpu_skip_as_failure, make_problem, make_upstream, rel_err
 
 import rnnkernels
 from rnnkernels import _arrays, _launch, _sources
@@ -280,19 +280,9 @@ def test_gpu_session_script_is_valid_bash():
 
 
 # -------------------------------------------------------------------- GPU
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("CuPy sees no GPU")
-    except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
-        pytest.skip(f"no usable GPU: {error}")
-    return cupy
-
-
 def _torch_cuda_or_skip():
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    _cupy_or_skip()
+    cupy_or_skip()
     if not torch.cuda.is_available():
         pytest.skip(f"torch {torch.__version__} sees no CUDA GPU")
     return torch
@@ -311,7 +301,7 @@ def _host_results(problem, upstream):
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_api_on_cupy_arrays(batch_first):
-    cupy = _cupy_or_skip()
+    cupy = cupy_or_skip()
     problem = make_problem(T, B, I, H, dtype=np.float32, seed=3)
     upstream = make_upstream(T, B, H, dtype=np.float32, seed=4)
     want_out, want_grads = _host_results(problem, upstream)
@@ -338,7 +328,7 @@ def test_api_on_cupy_arrays(batch_first):
 
 @pytest.mark.gpu
 def test_api_on_non_contiguous_cupy_inputs_and_missing_state():
-    cupy = _cupy_or_skip()
+    cupy = cupy_or_skip()
     problem = make_problem(T, B, I, H, dtype=np.float32, state=False, seed=5)
     want = rnnkernels.lstm_forward(**problem, backend="reference")
     device = {k: None if v is None else cupy.asarray(v) for k, v in problem.items()}

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import torch_or_skip
+from conftest import cupy_or_skip, torch_or_skip
 
 import rnnkernels
 from rnnkernels import init
@@ -154,19 +154,9 @@ def test_torch_like_gets_the_same_numbers():
     assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in params.values())
 
 
-def _usable_cupy():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
-        pytest.skip(f"no usable GPU: {error}")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_cupy_arrays_hold_the_host_numbers():
-    cupy = _usable_cupy()
+    cupy = cupy_or_skip()
     host = init.xavier_uniform((6, 5), rng=8)
     device = init.xavier_uniform((6, 5), rng=8, xp=cupy)
     assert isinstance(device, cupy.ndarray) and device.dtype == np.float32
