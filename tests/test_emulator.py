@@ -623,6 +623,19 @@ def test_cache_key_covers_headers_names_and_flags(tmp_path):
     assert key(defines={"TILE": 4}) != key()
 
 
+def test_one_runtime_object_serves_modules_with_different_defines(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "k.cu"
+    source.write_text("__global__ void k(float* x) { x[0] = TILE; }\n")
+    for tile in (1, 2):
+        plan = _build.BuildPlan([source], ["k"], [tmp_path], {"TILE": tile}, False)
+        _build.build(plan, _build.cache_dir() / f"{plan.key()}.so")
+    assert len(list(_build.cache_dir().glob("runtime-*.o"))) == 1
+    # The defines that configure the runtime itself still give it its own object.
+    ucontext = _build.BuildPlan([source], ["k"], [], {"TILE": 1, "RNNEMU_USE_UCONTEXT": None}, False)
+    assert "-DRNNEMU_USE_UCONTEXT" in ucontext.runtime_flags
+
+
 def test_compile_errors_carry_the_compiler_log(tmp_path):
     source = tmp_path / "broken.cu"
     source.write_text("__global__ void broken(float* x) { x[0] = undeclared_name; }\n")

@@ -220,6 +220,15 @@ class BuildPlan:
             for name, value in sorted(defines.items())
         ]
         extra = shlex.split(os.environ.get("RNNKERNELS_EMULATOR_CXXFLAGS", ""))
+        # runtime.cpp sees neither the kernels' include folders nor their defines, only
+        # the RNNEMU_* ones that configure it (RNNEMU_USE_UCONTEXT), so one runtime
+        # object serves every module built with the same compiler and options.
+        self.runtime_flags = [
+            *_BASE_FLAGS,
+            *(_SANITIZE_FLAGS if sanitize else _OPTIMIZE_FLAGS),
+            *extra,
+            *(flag for flag in self.define_flags if flag.startswith("-DRNNEMU_")),
+        ]
         self.compile_flags = [
             *_BASE_FLAGS,
             *(_SANITIZE_FLAGS if sanitize else _OPTIMIZE_FLAGS),
@@ -277,7 +286,7 @@ def _runtime_object(plan: BuildPlan, cache: Path) -> Path:
     for part in (
         _FORMAT_VERSION,
         compiler_identity() or "",
-        "\0".join(plan.compile_flags),
+        "\0".join(plan.runtime_flags),
         (SHIM_DIR / "runtime.cpp").read_text(encoding="utf-8"),
         (SHIM_DIR / "runtime.h").read_text(encoding="utf-8"),
     ):
@@ -289,7 +298,7 @@ def _runtime_object(plan: BuildPlan, cache: Path) -> Path:
     try:
         command = [
             *plan.compiler,
-            *plan.compile_flags,
+            *plan.runtime_flags,
             "-c",
             str(SHIM_DIR / "runtime.cpp"),
             "-o",
