@@ -1,7 +1,7 @@
 // common.cuh: device helpers shared by every rnnkernels kernel.
 //
-// What it holds: numerically safe activations (sigmoid, tanh) and a 64-bit index
-// helper. Nothing here includes a CUDA or system header: NVRTC compiles our sources
+// What it holds: numerically safe activations (sigmoid, tanh), a 64-bit index type
+// and the fixed-order float64 block sum of the norm kernels. Nothing here includes a CUDA or system header: NVRTC compiles our sources
 // without any header search path except csrc/ itself, and the CPU emulator provides
 // the CUDA built-ins (threadIdx, __syncthreads, expf, tanhf, ...) through its shim,
 // which defines RNNKERNELS_EMULATOR.
@@ -33,5 +33,33 @@ __device__ __forceinline__ float sigmoid(float x) {
 
 // tanhf is accurate to ~2 ulp and saturates to +-1 without overflow for large |x|.
 __device__ __forceinline__ float tanh_activation(float x) { return tanhf(x); }
+
+// Sums each of values[0 .. Count) over the Threads threads of a 1-D or 2-D block (every
+// thread must call it; none may have exited). A fixed-shape tree, so the result does
+// not depend on the order threads run: a shuffle tree inside each warp, then thread 0
+// adds the warp sums in warp order. The totals are valid in thread 0 only. Call it once
+// per kernel: a second call would overwrite warp_sums while thread 0 may still read it.
+template <int Threads, int Count>
+__device__ __forceinline__ void block_sum(double (&values)[Count]) {
+    static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps only");
+    constexpr int Warps = Threads / 32;
+    __shared__ double warp_sums[Count][Warps];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+#pragma unroll
+        for (int q = 0; q < Count; ++q) values[q] += __shfl_down_sync(0xffffffffu, values[q], offset);
+    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    if (thread % 32 == 0)
+#pragma unroll
+        for (int q = 0; q < Count; ++q) warp_sums[q][thread / 32] = values[q];
+    __syncthreads();
+    if (thread == 0)
+#pragma unroll
+        for (int q = 0; q < Count; ++q) {
+            values[q] = warp_sums[q][0];
+#pragma unroll
+            for (int w = 1; w < Warps; ++w) values[q] += warp_sums[q][w];
+        }
+}
 
 }  // namespace rnnkernels

@@ -60,27 +60,6 @@ __device__ __forceinline__ double widen(half_bits x) {
     return (double)magnitude;
 }
 
-// Sums `value` over the Threads threads of a 1-D block (every thread must call it;
-// none may have exited): a shuffle tree inside each warp, then thread 0 adds the warp
-// sums in warp order. A fixed shape, so the result does not depend on the order the
-// threads run. The total is valid in thread 0 only.
-template <int Threads>
-__device__ __forceinline__ double block_sum(double value) {
-    static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps only");
-    constexpr int Warps = Threads / 32;
-    __shared__ double warp_sums[Warps];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        value = warp_sums[0];
-#pragma unroll
-        for (int w = 1; w < Warps; ++w) value += warp_sums[w];
-    }
-    return value;
-}
-
 // The first k with ends[k] > position (exists for 0 <= position < ends[count-1]).
 __device__ __forceinline__ int array_holding(const long long* __restrict__ ends, int count, long long position) {
     int low = 0, high = count - 1;
@@ -107,7 +86,7 @@ grad_norm_partial(const unsigned long long* __restrict__ pointers,  // [count] a
     const long long start = (long long)blockIdx.x * chunk;
     const long long stop = start + chunk < total ? start + chunk : total;
 
-    double squares = 0.0;
+    double squares[1] = {0.0};
     // Walk the arrays overlapping [start, stop) in order; empty ones are skipped.
     long long position = start;
     for (int k = array_holding(ends, count, start); position < stop; ++k) {
@@ -116,13 +95,13 @@ grad_norm_partial(const unsigned long long* __restrict__ pointers,  // [count] a
         const T* __restrict__ values = reinterpret_cast<const T*>(pointers[k]);
         for (long long i = position + threadIdx.x; i < end; i += Threads) {
             const double x = widen(values[i - begin]);
-            squares = fma(x, x, squares);
+            squares[0] = fma(x, x, squares[0]);
         }
         position = end;
     }
 
-    squares = block_sum<Threads>(squares);
-    if (threadIdx.x == 0) block_sums[blockIdx.x] = squares;
+    block_sum<Threads>(squares);  // common.cuh
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = squares[0];
 }
 
 // out[0] = Σ_b block_sums[b], for ONE block: thread t adds b = t, t + Threads, … in
@@ -132,10 +111,10 @@ __global__ void __launch_bounds__(Threads)
 grad_norm_finish(const double* __restrict__ block_sums,  // [blocks]
                  int blocks,                             // gridDim.x of grad_norm_partial
                  double* __restrict__ out) {             // [1]
-    double sum = 0.0;
-    for (int b = threadIdx.x; b < blocks; b += Threads) sum += block_sums[b];
-    sum = block_sum<Threads>(sum);
-    if (threadIdx.x == 0) out[0] = sum;
+    double sum[1] = {0.0};
+    for (int b = threadIdx.x; b < blocks; b += Threads) sum[0] += block_sums[b];
+    block_sum<Threads>(sum);
+    if (threadIdx.x == 0) out[0] = sum[0];
 }
 
 }  // namespace rnnkernels

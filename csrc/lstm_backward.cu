@@ -51,37 +51,6 @@
 
 namespace rnnkernels {
 
-// Sums `first` and `second` over the Threads threads of a block (every thread must
-// call it; none may have exited). A fixed-shape tree, so the result does not depend on
-// the order threads run: a shuffle tree inside each warp, then thread 0 adds the warp
-// sums in warp order. The totals are valid in thread 0 only.
-template <int Threads>
-__device__ __forceinline__ void block_sum_pair(double& first, double& second) {
-    static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps only");
-    constexpr int Warps = Threads / 32;
-    __shared__ double warp_sums[2][Warps];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-        first += __shfl_down_sync(0xffffffffu, first, offset);
-        second += __shfl_down_sync(0xffffffffu, second, offset);
-    }
-    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
-    if (thread % 32 == 0) {
-        warp_sums[0][thread / 32] = first;
-        warp_sums[1][thread / 32] = second;
-    }
-    __syncthreads();
-    if (thread == 0) {
-        first = warp_sums[0][0];
-        second = warp_sums[1][0];
-#pragma unroll
-        for (int w = 1; w < Warps; ++w) {
-            first += warp_sums[0][w];
-            second += warp_sums[1][w];
-        }
-    }
-}
-
 template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool StepNorms>
 __global__ void __launch_bounds__(UnitTile * BatchThreads)
 lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,g,o
@@ -147,7 +116,7 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
 
     // Σ dh² and Σ dc² over this thread's (b, j) pairs, in row order (StepNorms only;
     // otherwise unused and compiled away).
-    double dh_squares = 0.0, dc_squares = 0.0;
+    double squares[2] = {0.0, 0.0};  // Σ dh², Σ dc²
     const int unit = unit0 + unit_in_tile;
     // No early return for unit >= hidden: with StepNorms every thread of the block
     // takes part in the block reduction below.
@@ -179,19 +148,19 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
             dc_carry[cell] = dc * forget_gate;
             if constexpr (StepNorms) {
                 // The squares are exact in float64, so fma and mul-then-add agree.
-                dh_squares = fma((double)dh_total, (double)dh_total, dh_squares);
-                dc_squares = fma((double)dc, (double)dc, dc_squares);
+                squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
+                squares[1] = fma((double)dc, (double)dc, squares[1]);
             }
         }
     }
 
     if constexpr (StepNorms) {
-        block_sum_pair<Threads>(dh_squares, dc_squares);
+        block_sum<Threads>(squares);
         if (thread == 0) {
             const index_t block = (index_t)blockIdx.y * gridDim.x + blockIdx.x;
             double* slot = step_squares + (block * steps + step) * 2;
-            slot[0] = dh_squares;
-            slot[1] = dc_squares;
+            slot[0] = squares[0];
+            slot[1] = squares[1];
         }
     }
 }
