@@ -130,6 +130,15 @@ def compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str
     return {name: relative_error(got[name], want[name]) for name in want}
 
 
+def validate(prepared: Prepared, want: dict[str, np.ndarray]) -> tuple[str, float]:
+    """Run ``prepared`` once and compare its outputs with the reference ``want``: the
+    name of the output furthest off and its relative error, to hold against
+    ``TOLERANCE[dtype]``."""
+    errors = compare(prepared.collect(prepared.run()), want)
+    worst = max(errors, key=errors.get)
+    return worst, errors[worst]
+
+
 class Unavailable(Exception):
     """An implementation cannot run here. ``error`` says whether that is a failure (our
     own code is broken or missing) or an expected absence (no PyTorch installed)."""

@@ -10,7 +10,7 @@ from typing import Callable
 from . import flops as flop_formulas
 from . import timing
 from .impls import (TOLERANCE, Impl, Prepared, Problem, Unavailable, baseline_name,
-                    compare, make_inputs, reference_outputs)
+                    make_inputs, reference_outputs, validate)
 
 ROW_FIELDS = (
     "model", "impl", "mode", "device", "T", "B", "H", "heads", "dtype", "status",
@@ -78,19 +78,18 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
             if impl.timer not in timers:
                 timers[impl.timer] = _timer_factories()[impl.timer]()
             candidate = impl.build(p, inputs)
-            errors = compare(candidate.collect(candidate.run()), want)
+            worst, max_err = validate(candidate, want)
         except Unavailable as reason:
             rows[impl.name] = _row(impl, p, "error" if reason.error else "skipped", str(reason))
             continue
         except Exception as error:  # recorded in the row, and the run exits non-zero
             rows[impl.name] = _row(impl, p, "error", _error_text(error))
             continue
-        worst = max(errors, key=errors.get)
-        row = _row(impl, p, "ok", max_rel_err=errors[worst], validated_against=validated_against,
+        row = _row(impl, p, "ok", max_rel_err=max_err, validated_against=validated_against,
                    timer=timers[impl.timer].method)
-        if errors[worst] > tolerance:
+        if max_err > tolerance:
             row.update(status="error", note=f"wrong result, not timed: {worst} off by "
-                       f"{errors[worst]:.3g} relative (tolerance {tolerance:g} for {p.dtype})")
+                       f"{max_err:.3g} relative (tolerance {tolerance:g} for {p.dtype})")
         else:
             prepared[impl.name] = candidate
         rows[impl.name] = row
