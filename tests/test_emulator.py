@@ -7,6 +7,7 @@ Kernels live in tests/emulator_kernels/*.cu. Each module compiles once per proce
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -579,6 +580,49 @@ def test_module_still_works_after_an_error(bugs):
         bugs.get_function("barrier_against_shuffle")(1, 32, (np.zeros(32, np.int32),))
     bugs.get_function("tree_sum<true>")(1, 256, (x, out))
     assert out[0] == 256
+
+
+def test_a_frame_bigger_than_the_fiber_stack_crashes_instead_of_corrupting(tmp_path):
+    """Locals bigger than the stack must hit the guard page, not jump over it into the
+    stack of the fiber mapped below (README: "a kernel that needs more crashes")."""
+    source = tmp_path / "big_frame.cu"
+    source.write_text(
+        textwrap.dedent(
+            """
+            __device__ __noinline__ void touch(volatile char* p) { p[0] = 1; }
+            // 24 KiB of locals on a 16 KiB stack: without stack probes, big[0] lands
+            // past the 4 KiB guard page, in a neighbouring fiber's stack.
+            __device__ __noinline__ int deep() {
+                volatile char big[24 * 1024];
+                touch(big);
+                return big[0];
+            }
+            __global__ void big_frame(int* out) {
+                out[threadIdx.x] = threadIdx.x == 31 ? deep() : 0;
+            }
+            """
+        )
+    )
+    emulator.load_module([source], ["big_frame"])  # compiled here, run in a new process
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import numpy as np
+            from rnnkernels import emulator
+            module = emulator.load_module([{str(source)!r}], ["big_frame"])
+            module.get_function("big_frame")(1, 64, (np.zeros(64, np.int32),))
+            print("ran past the end of its stack", flush=True)
+            """
+        )
+    )
+    env = dict(os.environ, RNNKERNELS_EMULATOR_STACK_KB="16")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert "ran past" not in result.stdout
+    assert result.returncode == -signal.SIGSEGV, result.stderr[-2000:]
 
 
 def test_portable_ucontext_fibers():

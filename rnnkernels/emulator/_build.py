@@ -63,6 +63,9 @@ _BASE_FLAGS = (
     "-fPIC",
     "-fvisibility=hidden",
     "-fno-strict-aliasing",  # CUDA code type-puns through reinterpret_cast (float4 loads)
+    # Probe every page of a big frame, so that locals larger than a fiber's stack fault on
+    # its guard page instead of landing in the stack of the fiber mapped below it.
+    "-fstack-clash-protection",
     "-pthread",
     "-Wno-unknown-pragmas",  # #pragma unroll
 )
