@@ -12,6 +12,7 @@ the emulated tests exercise exactly the launches the GPU makes.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -220,24 +221,6 @@ def emulator():
 
 
 @pytest.mark.emulated
-@pytest.mark.parametrize("shape, bias", SMALL_CASES)
-def test_emulated_matches_reference(emulator, shape, bias):
-    problem = make_problem(*shape, bias=bias, seed=sum(shape))
-    assert_matches_reference(run_kernels(emulator, problem), problem, EMULATED_TOLERANCE)
-
-
-@pytest.mark.emulated
-@pytest.mark.parametrize("initial_state, upstream", STATE_CASES)
-def test_emulated_state_and_missing_gradients(emulator, initial_state, upstream):
-    problem = make_problem(3, 3, 5, 33, initial_state=initial_state, upstream=upstream, seed=7)
-    results = run_kernels(emulator, problem)
-    assert_matches_reference(results, problem, EMULATED_TOLERANCE)
-    if upstream == "none":
-        for name in GRADIENTS:
-            assert not results[name].any(), f"{name} must be exactly zero without upstream gradients"
-
-
-@pytest.mark.emulated
 @pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
 def test_emulated_every_step_tile(emulator, tile):
     # B = 5 crosses a batch-tile boundary of every tile; H = 40 one of the unit tiles.
@@ -400,20 +383,6 @@ LARGE_SHAPES = [(64, 64, 256, 512), (64, 8, 100, 257), (64, 1, 64, 512), (33, 17
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, bias", SMALL_CASES)
-def test_gpu_matches_reference(gpu, shape, bias):
-    problem = make_problem(*shape, bias=bias, seed=sum(shape))
-    assert_matches_reference(run_gpu(gpu, problem), problem, GPU_TOLERANCE)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("initial_state, upstream", STATE_CASES)
-def test_gpu_state_and_missing_gradients(gpu, initial_state, upstream):
-    problem = make_problem(3, 3, 5, 33, initial_state=initial_state, upstream=upstream, seed=7)
-    assert_matches_reference(run_gpu(gpu, problem), problem, GPU_TOLERANCE)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
 def test_gpu_every_step_tile(gpu, tile):
     problem = make_problem(6, 37, 20, 70, seed=11)
@@ -536,6 +505,38 @@ def test_gpu_compute_sanitizer_clean(gpu):
         env={**os.environ, "PYTHON": sys.executable},  # this interpreter, not whatever `python` is
     )
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-6000:]
+
+
+# ------------------------------------------------------------------ both runtimes
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("emulated", marks=pytest.mark.emulated), pytest.param("gpu", marks=pytest.mark.gpu)],
+)
+def kernels(request):
+    """``(run, tolerance)`` on the emulator or on the GPU (each param carries its marker
+    and skips like the ``emulator`` and ``gpu`` fixtures): ``run(problem, **kwargs)`` is
+    :func:`run_kernels` on that runtime, with host arrays in and out."""
+    if request.param == "emulated":
+        return functools.partial(run_kernels, request.getfixturevalue("emulator")), EMULATED_TOLERANCE
+    return functools.partial(run_gpu, request.getfixturevalue("gpu")), GPU_TOLERANCE
+
+
+@pytest.mark.parametrize("shape, bias", SMALL_CASES)
+def test_matches_reference(kernels, shape, bias):
+    run, tolerance = kernels
+    problem = make_problem(*shape, bias=bias, seed=sum(shape))
+    assert_matches_reference(run(problem), problem, tolerance)
+
+
+@pytest.mark.parametrize("initial_state, upstream", STATE_CASES)
+def test_state_and_missing_gradients(kernels, initial_state, upstream):
+    run, tolerance = kernels
+    problem = make_problem(3, 3, 5, 33, initial_state=initial_state, upstream=upstream, seed=7)
+    results = run(problem)
+    assert_matches_reference(results, problem, tolerance)
+    if upstream == "none":
+        for name in GRADIENTS:
+            assert not results[name].any(), f"{name} must be exactly zero without upstream gradients"
 
 
 # ------------------------------------------------------------- shape rejection
