@@ -25,11 +25,10 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rnnkernels.bench import flops, impls, timing
+from rnnkernels.bench.cli import THREAD_VARIABLES, restart_with_threads, threads_in_effect
 from rnnkernels.bench.device_info import device_info, load_average
 
 GOAL = 1.2
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "NUMBA_NUM_THREADS")
 
 
 def main(argv=None) -> int:
@@ -46,12 +45,11 @@ def main(argv=None) -> int:
                         f"{', '.join(THREAD_VARIABLES)} and restarts; default: as they start)")
     parser.add_argument("--json", metavar="PATH", help="also write the samples and ratio")
     args = parser.parse_args(argv)
-    if args.threads and any(os.environ.get(name) != str(args.threads) for name in THREAD_VARIABLES):
-        # BLAS thread pools size themselves when NumPy loads: start again with the
-        # variables set, so NumPy's BLAS, Numba and PyTorch all use that many threads.
-        env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(args.threads))}
+    if args.threads and not threads_in_effect(args.threads):
+        # Start again with the variables set, so NumPy's BLAS, Numba and PyTorch all use
+        # that many threads.
         script_args = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *script_args], env)
+        restart_with_threads(args.threads, [os.path.abspath(__file__), *script_args])
 
     problem = impls.Problem("lstm", args.mode, args.seq_len, args.batch, args.hidden, args.dtype)
     inputs = impls.make_inputs(problem)

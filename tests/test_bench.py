@@ -59,6 +59,23 @@ def test_threads_from_python_needs_the_environment(monkeypatch):
     cli.apply_threads(None, [])
 
 
+def test_threads_from_the_shell_restart_the_command_with_the_variables(monkeypatch):
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli.sys, "argv", ["rnnkernels-bench", "--quick", "--threads", "2"])
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda *args: calls.append(args))
+    cli.apply_threads(2, None)
+    (executable, command, env), = calls
+    assert command == [executable, "-m", "rnnkernels.bench", "--quick", "--threads", "2"]
+    assert all(env[name] == "2" for name in cli.THREAD_VARIABLES)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert not cli.threads_in_effect(2)
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.setenv(name, "2")
+    assert cli.threads_in_effect(2) and cli.threads_in_effect(None)
+
+
 def test_auto_device_follows_gpu_presence(monkeypatch):
     monkeypatch.setattr(cli, "gpu_present", lambda: (False, "none"))
     assert cli.resolve_device("auto") == "cpu"

@@ -91,8 +91,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "NUMBA_NUM_THREADS")
+from rnnkernels.bench.cli import thread_environment  # noqa: E402
+
 SIZES = [(128, 16, 256, 256), (1024, 8, 128, 128), (512, 4, 64, 64), (128, 64, 512, 512)]
 TOLERANCE = {np.float32: 2e-5, np.float64: 1e-9}
 ROWS = 4  # rows per chunk of the recurrent product
@@ -598,7 +598,7 @@ def main():
         return
     results = []
     for threads in args.threads:
-        env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+        env = thread_environment(threads)
         out = Path(f"/tmp/01_time_loop_{os.getpid()}_{threads}.json")
         print(f"{threads} thread(s), load average {os.getloadavg()}", flush=True)
         cmd = [sys.executable, __file__, "--child", str(threads), "--repeats", str(args.repeats),

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import impls as impl_registry
 from . import plot as plotting
@@ -138,19 +139,35 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
                     "NUMBA_NUM_THREADS")
 
 
+def thread_environment(threads: int) -> dict[str, str]:
+    """``os.environ`` with every variable of ``THREAD_VARIABLES`` set to ``threads``."""
+    return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+
+
+def threads_in_effect(threads: int | None) -> bool:
+    """Whether this process already runs with ``threads`` threads (or none were asked)."""
+    return threads is None or all(os.environ.get(v) == str(threads) for v in THREAD_VARIABLES)
+
+
+def restart_with_threads(threads: int, command: list[str]) -> NoReturn:
+    """Replace this process by ``python *command`` with the thread variables set. BLAS
+    pools size themselves when NumPy loads, so setting them later does nothing; the new
+    process finds them set (check :func:`threads_in_effect` first, or it loops)."""
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *command], thread_environment(threads))
+
+
 def apply_threads(threads: int | None, argv) -> None:
-    """Make every thread pool use ``threads`` threads. BLAS pools size themselves when
-    NumPy loads, so the command starts again with the variables set (once: the new
-    process finds them set). Called with an explicit ``argv`` (from Python, not the
-    shell), it cannot restart and asks for the variables instead."""
-    if threads is None or all(os.environ.get(v) == str(threads) for v in THREAD_VARIABLES):
+    """Make every thread pool use ``threads`` threads: the command starts again with the
+    variables set (once: the new process finds them set). Called with an explicit
+    ``argv`` (from Python, not the shell), it cannot restart and asks for the variables
+    instead."""
+    if threads_in_effect(threads):
         return
     if argv is not None:
         raise UsageError(f"--threads from Python needs {', '.join(THREAD_VARIABLES)} set to "
                          f"{threads} before NumPy is imported")
-    env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "rnnkernels.bench", *sys.argv[1:]], env)
+    restart_with_threads(threads, ["-m", "rnnkernels.bench", *sys.argv[1:]])
 
 
 def resolve_device(requested: str) -> str:
