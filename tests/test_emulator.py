@@ -573,6 +573,32 @@ def test_trap_raises(bugs):
         bugs.get_function("calls_trap")(1, 8, (np.zeros(8, np.int32),))
 
 
+def test_exception_escaping_a_kernel_is_reported_and_freed(tmp_path):
+    source = tmp_path / "throws.cu"
+    source.write_text(
+        textwrap.dedent(
+            """
+            #include <exception>
+            #include <stdexcept>
+            __global__ void throws(int* out) {
+                if (threadIdx.x == 1) throw std::runtime_error("from a kernel");
+                out[threadIdx.x] = 1;
+            }
+            // 1 where this OS thread still holds a caught exception (a leaked handler).
+            __global__ void holds_exception(int* out) {
+                out[0] = std::current_exception() != nullptr;
+            }
+            """
+        )
+    )
+    module = emulator.load_module([source], ["throws", "holds_exception"])
+    out = np.zeros(4, np.int32)
+    with pytest.raises(EmulatorError, match=r"C\+\+ exception escaped the kernel in thread \(1,0,0\)"):
+        module.get_function("throws")(1, 4, (out,))
+    module.get_function("holds_exception")(1, 1, (out,))
+    assert out[0] == 0, "the escaped exception was left open on the launching thread"
+
+
 def test_module_still_works_after_an_error(bugs):
     x = np.ones((1, 256), np.float32)
     out = np.zeros(1, np.float32)

@@ -591,11 +591,13 @@ void fiber_main(void* argument) {
     arrived_in_fiber(*g_launch, fiber);
     for (;;) {
         Launch& launch = *g_launch;
+        bool threw = false;
         try {
             launch.kernel->invoke(launch.kernel->kernel, launch.args);
         } catch (...) {
-            fail(launch, "a C++ exception escaped the kernel in " + thread_name(fiber));
+            threw = true;  // fail() below, once the handler has freed the exception
         }
+        if (threw) fail(launch, "a C++ exception escaped the kernel in " + thread_name(fiber));
         thread_exit(launch, fiber);  // returns when the fiber is given another block
     }
 }
