@@ -112,8 +112,7 @@ class EmulatedModule:
             ctypes.c_char_p,  # error buffer
             ctypes.c_ulong,  # its size
         ]
-        self._launch = launch
-        self._lock = threading.Lock()
+        self._launch = launch  # runtime.cpp serialises launches of one module
         static_bytes = self._library.rnnemu_static_shared_bytes
         static_bytes.restype = ctypes.c_ulonglong
         self.static_shared_bytes = int(static_bytes())
@@ -142,7 +141,7 @@ class EmulatedModule:
         return f"<EmulatedModule {self.path.name} [{names}]>"
 
 
-# NumPy scalar dtype -> (ctypes type, type code, size); the codes match runtime.h.
+# NumPy scalar (kind, itemsize) -> (ctypes type, type code); the codes match runtime.h.
 _SCALAR_TYPES = {
     ("i", 4): (ctypes.c_int32, b"i"),
     ("u", 4): (ctypes.c_uint32, b"u"),
