@@ -227,6 +227,12 @@ KERNELS: dict[str, dict[str, int]] = {
     },
 }
 
+
+def _source_of(name_expression: str) -> str:
+    """The csrc/ file whose row of :data:`KERNELS` lists ``name_expression``."""
+    return next(source for source, names in KERNELS.items() if name_expression in names)
+
+
 # Kernels that run once per step: the NVRTC check fails if any of them spills.
 STEP_KERNEL_PREFIXES = ("rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<")
 
@@ -361,14 +367,11 @@ def _check_grid(grid, kernel: str) -> None:
 
 def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
     """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh)."""
-    kernel = rt.function(
-        FORWARD_SOURCE if variant in (GEMM_INPUT_PROJECTION, GEMM_INPUT_PROJECTION_NO_BIAS) else BACKWARD_SOURCE,
-        variant.name(),
-    )
     grid = (_ceil_div(m, variant.tile_m), _ceil_div(n, variant.tile_n), 1)
     if grid[0] == 0 or grid[1] == 0:
         return
     _check_grid(grid, variant.name())
+    kernel = rt.function(_source_of(variant.name()), variant.name())
     # Without a bias the kernel never reads the pointer; pass c so it is a valid one.
     bias_arg = bias if variant.has_bias else c
     i32 = np.int32
@@ -383,7 +386,8 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     _check_sizes(steps, batch, input_size, hidden)
     gate_width = GATES * hidden
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
-    _check_grid(tile.grid(batch, hidden), tile.forward_name(training))
+    grid, block = tile.grid(batch, hidden), tile.block()
+    _check_grid(grid, tile.forward_name(training))
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
     gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
@@ -397,7 +401,6 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     c_all[0] = c0
     # Inference saves no gates; the kernel never touches the pointer, pass a valid one.
     gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
-    grid, block = tile.grid(batch, hidden), tile.block()
     step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training))
     b32, h32 = np.int32(batch), np.int32(hidden)
     for t in range(steps):
