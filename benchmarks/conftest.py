@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from rnnkernels.bench.device_info import gpu_present
+from rnnkernels.bench.cli import UsageError, resolve_device
 
 
 def pytest_addoption(parser):
@@ -31,13 +31,10 @@ def pytest_addoption(parser):
 
 
 def bench_device(config) -> str:
-    requested = config.getoption("--bench-device")
-    present, why = gpu_present()
-    if requested == "cuda" and not present:
-        raise pytest.UsageError(f"--bench-device cuda, but no GPU is usable here: {why}")
-    if requested == "auto":
-        return "cuda" if present else "cpu"
-    return requested
+    try:
+        return resolve_device(config.getoption("--bench-device"), "--bench-device")
+    except UsageError as error:
+        raise pytest.UsageError(str(error)) from error
 
 
 def pytest_generate_tests(metafunc):

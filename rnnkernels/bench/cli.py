@@ -170,10 +170,12 @@ def apply_threads(threads: int | None, argv) -> None:
     restart_with_threads(threads, ["-m", "rnnkernels.bench", *sys.argv[1:]])
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, option: str = "--device") -> str:
+    """"cpu" or "cuda" for ``requested`` ("auto", "cpu" or "cuda"); a UsageError naming
+    ``option`` when "cuda" is asked for and no GPU is usable."""
     present, why = gpu_present()
     if requested == "cuda" and not present:
-        raise UsageError(f"--device cuda, but no GPU is usable here: {why}")
+        raise UsageError(f"{option} cuda, but no GPU is usable here: {why}")
     if requested == "auto":
         return "cuda" if present else "cpu"
     return requested
