@@ -41,6 +41,9 @@ BACKWARD_SOURCE = "lstm_backward.cu"
 GRAD_NORM_SOURCE = "grad_norm.cu"
 GATES = 4  # i, f, g, o
 _INT32_MAX = 2**31 - 1
+# Reduction loops step an int by one tile (k0 += TileK) past the last index, so a size
+# must leave a tile of headroom below 2^31 (64 covers every tile in the table).
+_MAX_SIZE = _INT32_MAX - 64
 
 
 # --------------------------------------------------------------------------- tiles
@@ -353,10 +356,11 @@ def _check_sizes(steps: int, batch: int, input_size: int, hidden: int) -> None:
         raise ValueError(f"the CUDA LSTM kernels need hidden_size >= 1, got {hidden}")
     if steps < 1 or batch < 1:
         raise ValueError(f"the CUDA LSTM kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
-    # Sizes travel as 32-bit kernel arguments (offsets are computed in 64 bits).
+    # Sizes travel as 32-bit kernel arguments (offsets are computed in 64 bits), and the
+    # tiled loops over them need a tile of headroom (_MAX_SIZE).
     for what, value in (("T*B", steps * batch), ("4*hidden_size", GATES * hidden), ("input_size", input_size)):
-        if value > _INT32_MAX:
-            raise ValueError(f"{what} = {value} exceeds the 32-bit size the CUDA kernels take")
+        if value > _MAX_SIZE:
+            raise ValueError(f"{what} = {value} exceeds {_MAX_SIZE}, the largest size the CUDA kernels take")
 
 
 def _check_grid(grid, kernel: str) -> None:

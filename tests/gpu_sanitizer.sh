@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the fast GPU tests of tests/test_cuda_kernels.py under compute-sanitizer's
+# Runs the fast GPU tests of tests/test_cuda_kernels.py and tests/test_grad_norm.py
+# (every kernel in csrc/) under compute-sanitizer's
 # memcheck (out-of-bounds / misaligned global and shared accesses) and racecheck
 # (shared-memory hazards). Exits non-zero on the first error report, on a failing
 # test, and when the GPU tests skip (RNNKERNELS_REQUIRE_GPU) or none are collected
@@ -35,6 +36,6 @@ fi
 for tool in memcheck racecheck; do
     echo "== compute-sanitizer --tool $tool"
     "$sanitizer" --tool "$tool" --error-exitcode 1 --target-processes all \
-        "$python" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/test_cuda_kernels.py
+        "$python" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/test_cuda_kernels.py tests/test_grad_norm.py
 done
 echo "compute-sanitizer: memcheck and racecheck clean"

@@ -561,3 +561,14 @@ def test_unsupported_shapes_rejected_before_launch(steps, batch, hidden, message
     tile = _launch.STEP_TILES[-1]  # one row per block: 2^20 rows exceed grid.y
     with pytest.raises(ValueError, match=message):
         _launch.forward(_NoLaunchRuntime(), x, w_ih, w_hh, None, state, state, True, step_tile=tile)
+
+
+def test_sizes_keep_a_tile_of_headroom_below_int32():
+    """The kernels' reduction loops step a 32-bit int one tile past the last index, so
+    the launcher refuses sizes within a tile of 2^31 before anything is allocated."""
+    limit = _launch._MAX_SIZE
+    _launch._check_sizes(limit, 1, 1, 1)  # T*B at the limit: accepted
+    with pytest.raises(ValueError, match="T\\*B = 2147483584 exceeds 2147483583"):
+        _launch._check_sizes(limit + 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="input_size"):
+        _launch._check_sizes(1, 1, limit + 1, 1)
