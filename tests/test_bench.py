@@ -76,6 +76,21 @@ def test_threads_from_the_shell_restart_the_command_with_the_variables(monkeypat
     assert cli.threads_in_effect(2) and cli.threads_in_effect(None)
 
 
+def test_gpu_present_asks_cupy_then_torch(monkeypatch):
+    from rnnkernels.bench import device_info
+
+    def missing(what):
+        def require():
+            raise RuntimeError(what)
+        return require
+
+    monkeypatch.setattr(device_info, "require_gpu_cupy", missing("CuPy sees no GPU"))
+    monkeypatch.setattr(device_info, "require_gpu_torch", missing("PyTorch has no CUDA"))
+    assert device_info.gpu_present() == (False, "CuPy sees no GPU; PyTorch has no CUDA")
+    monkeypatch.setattr(device_info, "require_gpu_torch", lambda: None)
+    assert device_info.gpu_present() == (True, "PyTorch sees a GPU")
+
+
 def test_auto_device_follows_gpu_presence(monkeypatch):
     monkeypatch.setattr(cli, "gpu_present", lambda: (False, "none"))
     assert cli.resolve_device("auto") == "cpu"

@@ -181,8 +181,12 @@ def resolve_device(requested: str, option: str = "--device") -> str:
     return requested
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
 def make_settings(args: argparse.Namespace, device: str) -> Settings:
-    preset = PRESETS[(device, "quick" if args.quick else "full" if args.full else "default")]
+    preset = PRESETS[(device, preset_name(args))]
     schedule = preset.schedule
     if args.repeats:
         schedule = Schedule(schedule.warmup, args.repeats, max(args.repeats, schedule.max_repeats),
@@ -202,9 +206,9 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
                     impls=selected, seed=args.seed)
 
 
-def config_dict(settings: Settings, preset_name: str) -> dict:
+def config_dict(settings: Settings, preset: str) -> dict:
     return {
-        "preset": preset_name, "device": settings.device, "modes": list(settings.modes),
+        "preset": preset, "device": settings.device, "modes": list(settings.modes),
         "seq_lens": list(settings.seq_lens), "batch": settings.batch,
         "hidden": settings.hidden, "input_size": settings.hidden, "dtype": settings.dtype,
         "attention_heads": settings.heads, "seed": settings.seed,
@@ -380,14 +384,13 @@ def main(argv=None) -> int:
     except (UsageError, RuntimeError) as error:
         print(f"rnnkernels-bench: error: {error}", file=sys.stderr)
         return 2
-    preset_name = "quick" if args.quick else "full" if args.full else "default"
     info = device_info(device)
     load_before = load_average()
     with Progress(len(cells(settings))) as progress:
         rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
     rows = _json_safe(rows)
     elapsed = time.perf_counter() - started
-    data = {"run": provenance(argv), "device": info, "config": {**config_dict(settings, preset_name),
+    data = {"run": provenance(argv), "device": info, "config": {**config_dict(settings, preset_name(args)),
                                        "wall_seconds": round(elapsed, 2),
                                        "load_average_1m": [load_before, load_average()]},
             "results": rows}

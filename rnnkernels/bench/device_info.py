@@ -6,6 +6,8 @@ import os
 import platform
 from importlib import metadata
 
+from .timing import require_gpu_cupy, require_gpu_torch
+
 PACKAGES = ("rnnkernels", "numpy", "numba", "torch", "cupy-cuda12x", "cupy-cuda13x",
             "matplotlib", "rich")
 
@@ -47,27 +49,16 @@ def load_average() -> float | None:
 
 
 def gpu_present() -> tuple[bool, str]:
-    """Whether a GPU is usable here, and a sentence saying why (not)."""
+    """Whether a GPU is usable here (through CuPy, else PyTorch), and a sentence saying
+    why (not): the checks of ``timing.require_gpu_cupy`` and ``require_gpu_torch``."""
     reasons = []
-    try:
-        import cupy
-
-        count = cupy.cuda.runtime.getDeviceCount()
-        if count > 0:
-            return True, f"CuPy sees {count} GPU(s)"
-        reasons.append("CuPy sees no GPU")
-    except ImportError:
-        reasons.append("CuPy is not installed")
-    except Exception as error:  # no driver, driver too old
-        reasons.append(f"CuPy cannot reach a GPU ({type(error).__name__}: {error})")
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return True, "PyTorch sees a GPU"
-        reasons.append(f"PyTorch {torch.__version__} sees no GPU")
-    except ImportError:
-        reasons.append("PyTorch is not installed")
+    for library, require in (("CuPy", require_gpu_cupy), ("PyTorch", require_gpu_torch)):
+        try:
+            require()
+        except RuntimeError as error:
+            reasons.append(str(error))
+        else:
+            return True, f"{library} sees a GPU"
     return False, "; ".join(reasons)
 
 
