@@ -33,7 +33,7 @@ def _l2_flush(impl: impls.Impl):
 
 def validate_and_time(benchmark, model, impl_name, mode, seq_len, dtype, device, sizes):
     batch, hidden, rounds = sizes
-    impl = next(i for i in impls.select_impls(device, (impl_name,)))
+    impl, = impls.select_impls(device, (impl_name,))
     if dtype not in impl.dtypes:
         pytest.skip(f"{impl_name} does not support {dtype}")
     problem = impls.Problem(model, mode, seq_len, batch, hidden, dtype)

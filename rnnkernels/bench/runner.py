@@ -60,13 +60,13 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
     """Rows of every selected implementation of ``model`` for one (mode, T)."""
     p = Problem(model, mode, T, settings.batch, settings.hidden, settings.dtype,
                 settings.heads, settings.seed)
-    impls = [impl for impl in settings.impls if impl.model == model]
+    impls = {impl.name: impl for impl in settings.impls if impl.model == model}
     inputs = make_inputs(p)
     rows: dict[str, dict] = {}
     prepared: dict[str, Prepared] = {}
     reference = None
     tolerance = TOLERANCE[p.dtype]
-    for impl in impls:
+    for impl in impls.values():
         if p.dtype not in impl.dtypes:
             rows[impl.name] = _row(impl, p, "skipped",
                                    f"{impl.name} does not support {p.dtype}")
@@ -95,7 +95,7 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         rows[impl.name] = row
 
     for name, candidate in list(prepared.items()):
-        impl = next(impl for impl in impls if impl.name == name)
+        impl = impls[name]
         if impl.peak_method is None:
             continue
         try:
@@ -108,7 +108,7 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
     try:
         samples = timing.measure_interleaved(
             {name: c.run for name, c in prepared.items()},
-            {name: timers[next(i.timer for i in impls if i.name == name)] for name in prepared},
+            {name: timers[impls[name].timer] for name in prepared},
             settings.schedule)
     except Exception as error:
         for name in prepared:
