@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import cupy_or_skip
 
 from rnnkernels import _grad_norm, _launch, clip
 
@@ -185,19 +186,9 @@ def test_clip_path_one_part_per_dtype_and_names_only_on_error(emulator):
 
 
 # --------------------------------------------------------------------------- gpu
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
-        pytest.skip(f"no usable GPU: {error}")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_gpu_clip_grad_norm_matches_numpy():
-    cupy = _cupy_or_skip()
+    cupy = cupy_or_skip()
     rng = np.random.default_rng(10)
     host = {
         "w": rng.standard_normal((512, 300)).astype(np.float32),
