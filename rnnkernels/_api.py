@@ -184,7 +184,9 @@ def lstm_forward(
     float32, float64), "cuda" (our CUDA kernels; float32), "emulated" (the CUDA
     kernels on the CPU emulator: slow, for debugging), or "auto" (cuda for device
     arrays, cpu otherwise). Results come back as the kind of array that came in.
-    With ``training=True`` the output carries what :func:`lstm_backward` needs.
+    With ``training=True`` the output carries what :func:`lstm_backward` needs,
+    including references to ``x`` and the weights (not copies): changing them in
+    place before the backward changes its gradients.
     """
     _check_flag(batch_first, "batch_first")
     _check_flag(training, "training")

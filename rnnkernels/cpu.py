@@ -6,8 +6,9 @@ way the CUDA kernels split it:
 * one large GEMM projects every step's input at once: ``gx = x W_ihᵀ + b``
   over T·B rows;
 * per step, one small GEMM ``h_{t-1} W_hhᵀ`` into a scratch buffer, then one Numba
-  loop applies all four gate activations and the cell update, reading each gate
-  pre-activation once and writing h_t, c_t and (when training) the gates;
+  call applies all four gate activations and the cell update, reading each gate
+  pre-activation once, writing h_t and c_t, and overwriting the step's slice of the
+  input projection with the activated gates (the buffer backward reads);
 * backward mirrors it: one Numba loop per step turns dh, dc and the saved gates into
   the gate gradients dz_t (and the per-step gradient norms), one GEMM carries
   dh_{t-1} = dz_t W_hh; after the loop, three large GEMMs and a column sum give
