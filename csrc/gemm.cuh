@@ -1,7 +1,13 @@
-// gemm.cuh: one tiled float32 matrix product, used for every "all steps at once"
-// product of the LSTM (the launcher, rnnkernels/_launch.py, lists each use):
+// gemm.cuh: one tiled matrix product with float32 arithmetic, used for every "all
+// steps at once" product of the LSTM (the launcher, rnnkernels/_launch.py, lists each
+// use):
 //
 //     C[M, N] = op(A)[M, K] · op(B)[K, N]  (+ bias[N] broadcast over rows)
+//
+// Element types: A is AType, B and bias are BType, C is CType, each float or half_bits
+// (common.cuh). Elements are widened to float on load (exact), summed in float, and C
+// is rounded once on store (to nearest even for half_bits). With all three float this
+// is the plain float32 product.
 //
 // Operands are row-major with a leading dimension (elements between rows):
 //     TransposeA == false: A is stored [M, K], element (m, k) at a[m * lda + k]
@@ -25,15 +31,15 @@
 
 namespace rnnkernels {
 
-template <int TileM, int TileN, int TileK, int ThreadM, int ThreadN, bool TransposeA,
-          bool TransposeB, bool HasBias>
+template <typename AType, typename BType, typename CType, int TileM, int TileN, int TileK, int ThreadM,
+          int ThreadN, bool TransposeA, bool TransposeB, bool HasBias>
 __global__ void __launch_bounds__((TileM / ThreadM) * (TileN / ThreadN))
-gemm(const float* __restrict__ a,     // see above: [M, K] or [K, M]
+gemm(const AType* __restrict__ a,     // see above: [M, K] or [K, M]
      int lda,                         // leading dimension of a
-     const float* __restrict__ b,     // see above: [K, N] or [N, K]
+     const BType* __restrict__ b,     // see above: [K, N] or [N, K]
      int ldb,                         // leading dimension of b
-     const float* __restrict__ bias,  // [N], read only when HasBias
-     float* __restrict__ c,           // [M, N] output, overwritten
+     const BType* __restrict__ bias,  // [N], read only when HasBias
+     CType* __restrict__ c,           // [M, N] output, overwritten
      int ldc,                         // leading dimension of c
      int m_size,                      // M
      int n_size,                      // N
@@ -69,7 +75,7 @@ gemm(const float* __restrict__ a,     // see above: [M, K] or [K, M]
             const int row = m0 + mm, k = k0 + kk;
             float value = 0.0f;
             if (row < m_size && k < k_size)
-                value = TransposeA ? a[(index_t)k * lda + row] : a[(index_t)row * lda + k];
+                value = to_float(TransposeA ? a[(index_t)k * lda + row] : a[(index_t)row * lda + k]);
             a_tile[kk][mm] = value;
         }
         for (int e = threadIdx.x; e < TileN * TileK; e += Threads) {
@@ -79,7 +85,7 @@ gemm(const float* __restrict__ a,     // see above: [M, K] or [K, M]
             const int col = n0 + nn, k = k0 + kk;
             float value = 0.0f;
             if (col < n_size && k < k_size)
-                value = TransposeB ? b[(index_t)col * ldb + k] : b[(index_t)k * ldb + col];
+                value = to_float(TransposeB ? b[(index_t)col * ldb + k] : b[(index_t)k * ldb + col]);
             b_tile[kk][nn] = value;
         }
         __syncthreads();
@@ -110,8 +116,8 @@ gemm(const float* __restrict__ a,     // see above: [M, K] or [K, M]
             const int col = n0 + thread_n + j * ThreadsN;
             if (col >= n_size) continue;
             float value = acc[i][j];
-            if (HasBias) value += bias[col];
-            c[(index_t)row * ldc + col] = value;
+            if (HasBias) value += to_float(bias[col]);
+            c[(index_t)row * ldc + col] = from_float<CType>(value);
         }
     }
 }

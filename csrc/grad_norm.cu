@@ -25,8 +25,8 @@
 // so Inf + Inf never makes a NaN); a float64 sum of finite squares can still overflow to
 // Inf (|x| > ~1e154), which the caller tells apart from a real Inf on the host.
 //
-// float16 is read as raw bits (half_bits below) and widened by our own conversion: NVRTC
-// here has no CUDA headers, so no cuda_fp16.h.
+// float16 is read as raw bits (half_bits, common.cuh) and widened by our own exact
+// conversion (to_float, common.cuh): NVRTC here has no CUDA headers, so no cuda_fp16.h.
 //
 // Notes for the launcher (rnnkernels/_grad_norm.py): 1-D grid of ceil(total / chunk)
 // blocks of Threads threads, any chunk >= 1 (a multiple of Threads wastes no lanes);
@@ -36,29 +36,10 @@
 
 namespace rnnkernels {
 
-// An IEEE binary16 value as its 16 bits (same size and layout as numpy.float16).
-struct half_bits {
-    unsigned short bits;
-};
-
 __device__ __forceinline__ double widen(float x) { return (double)x; }
 __device__ __forceinline__ double widen(double x) { return x; }
-
-// |x| of a binary16 value, exactly, in float64. Only squares are taken, so the sign is
-// dropped. Exponent field 0: zero or subnormal, mantissa·2^-24 (exact in float);
-// 31: Inf or NaN; otherwise rebias the exponent (15 -> 127) and widen the mantissa.
-__device__ __forceinline__ double widen(half_bits x) {
-    const unsigned int exponent = (x.bits >> 10) & 0x1fu;
-    const unsigned int mantissa = x.bits & 0x3ffu;
-    float magnitude;
-    if (exponent == 0)
-        magnitude = (float)mantissa * 5.9604644775390625e-8f;  // 2^-24
-    else if (exponent == 31)
-        magnitude = __int_as_float((int)(0x7f800000u | (mantissa << 13)));
-    else
-        magnitude = __int_as_float((int)(((exponent + 112u) << 23) | (mantissa << 13)));
-    return (double)magnitude;
-}
+// binary16 -> float64, exactly, through common.cuh's to_float (binary16 -> float is exact).
+__device__ __forceinline__ double widen(half_bits x) { return (double)to_float(x); }
 
 // The first k with ends[k] > position (exists for 0 <= position < ends[count-1]).
 __device__ __forceinline__ int array_holding(const long long* __restrict__ ends, int count, long long position) {

@@ -1,4 +1,4 @@
-// lstm_backward.cu: backpropagation through time for lstm_forward.cu, float32.
+// lstm_backward.cu: backpropagation through time for lstm_forward.cu; float32 math.
 //
 // Computes, for t = T-1 .. 0 (gate order i, f, g, o; dz are pre-activation grads):
 //     dh_t  = dy_t + dz_{t+1}·W_hh                 (at t = T-1: dy_t + dh_n)
@@ -11,7 +11,7 @@
 //     dh0 = dz_0·W_hh   dc0 = carry after t = 0
 //
 // Kernels, launched by rnnkernels/_launch.py:
-//   1. lstm_backward_step<...>, once per step t, in reverse order: a block owns a tile
+//   1. lstm_backward_step<Storage, ...>, once per step t, in reverse order: a block owns a tile
 //      of UnitTile hidden units j and BatchTile batch rows; it computes the recurrent
 //      gradient dz_{t+1}·W_hh[:, j] (K = 4H, staged through shared memory), adds dy_t,
 //      reads the saved gates and c_t, c_{t-1} and the dc carry of its (b, j) pairs,
@@ -19,15 +19,23 @@
 //      With StepNorms, the block also sums dh_t² and dc_t² over its (b, j) pairs and
 //      writes the two sums to its own slot of step_squares (see step_norms below).
 //   2. gemm<...> (gemm.cuh) for dx, dW_ih, dW_hh, dh0 over T·B rows at once.
-//   3. column_sum<...> for db: fixed-order sums, no atomics.
+//   3. column_sum<Storage, ...> for db: fixed-order sums, no atomics.
 //   4. step_norms<...>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
 // Every output element is summed by one thread in a fixed order, so gradients (and
 // the norms) are bitwise identical run after run.
 //
-// Layouts (row-major, C-contiguous, float32):
-//   w_hh      [4H, H]        gates [T, B, 4H] activated i, f, g, o saved by forward
+// Precision: Storage (common.cuh) is the problem's input type, float or half_bits.
+// Inputs read as Storage: w_hh, dy, dh_n here, and x, w_ih, w_hh in the gemms;
+// outputs written as Storage: dx, dW_ih, dW_hh, dh0 (gemm) and db (column_sum), each
+// rounded once from its float32 sum (dc0 is rounded by the launcher). Everything in
+// between is float32: the saved gates, c_all and h_all (the float32 states forward
+// really used, so dW_hh = dzᵀ·h_prev uses the h the recurrence consumed), dgates, the
+// dc carry and every sum. For float the kernels are the float32 ones, unchanged.
+//
+// Layouts (row-major, C-contiguous; Storage where marked, else float32):
+//   w_hh      [4H, H] Storage  gates [T, B, 4H] activated i, f, g, o saved by forward
 //   c_all     [T+1, B, H]    c_all[0] = c0, c_all[t+1] = c_t (saved by forward)
-//   dy        [T, B, H]      dh_n, dc_n [B, H]
+//   dy        [T, B, H] Storage  dh_n [B, H] Storage  (the launcher widens dc_n to dc_carry)
 //   dc_carry  [B, H]         starts as dc_n; after step 0 it is dc0
 //   dgates    [T, B, 4H]     dz, pre-activation gate gradients
 //   step_squares [blocks, T, 2] float64, blocks = gridDim.x·gridDim.y of the step
@@ -51,13 +59,13 @@
 
 namespace rnnkernels {
 
-template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool StepNorms>
+template <typename Storage, int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool StepNorms>
 __global__ void __launch_bounds__(UnitTile * BatchThreads)
-lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,g,o
-                   const float* __restrict__ gates,  // [T, B, 4H] activated gates
-                   const float* __restrict__ c_all,  // [T+1, B, H]
-                   const float* __restrict__ dy,     // [T, B, H]
-                   const float* __restrict__ dh_n,   // [B, H], added at t = T-1
+lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
+                   const float* __restrict__ gates,   // [T, B, 4H] activated gates
+                   const float* __restrict__ c_all,   // [T+1, B, H]
+                   const Storage* __restrict__ dy,    // [T, B, H]
+                   const Storage* __restrict__ dh_n,  // [B, H], added at t = T-1
                    float* dc_carry,                  // [B, H], read then overwritten
                    float* dgates,                    // [T, B, 4H]; reads slot t+1, writes t
                    double* step_squares,             // [blocks, T, 2]; StepNorms only
@@ -95,7 +103,7 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
             for (int e = thread; e < UnitTile * KTile; e += Threads) {
                 const int u = e % UnitTile, kk = e / UnitTile;
                 const int unit = unit0 + u, k = k0 + kk;
-                w_tile[kk][u] = (unit < hidden && k < gate_width) ? w_hh[(index_t)k * hidden + unit] : 0.0f;
+                w_tile[kk][u] = (unit < hidden && k < gate_width) ? to_float(w_hh[(index_t)k * hidden + unit]) : 0.0f;
             }
             for (int e = thread; e < BatchTile * KTile; e += Threads) {
                 const int kk = e % KTile, r = e / KTile;
@@ -136,8 +144,8 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
             const float c_prev = c_all[(index_t)step * state_size + cell];
             const float tanh_c = tanh_activation(c);
 
-            float dh_total = dh[r] + dy[(index_t)step * state_size + cell];
-            if (step + 1 == steps) dh_total += dh_n[cell];
+            float dh_total = dh[r] + to_float(dy[(index_t)step * state_size + cell]);
+            if (step + 1 == steps) dh_total += to_float(dh_n[cell]);
             const float dc = dc_carry[cell] + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
 
             float* dz = dgates + gate_offset;
@@ -165,13 +173,14 @@ lstm_backward_step(const float* __restrict__ w_hh,   // [4H, H], gate order i,f,
     }
 }
 
-// out[col] = Σ_row matrix[row, col], for db = Σ_{t,b} dz. Thread (x, y) of a block sums
+// out[col] = Σ_row matrix[row, col], for db = Σ_{t,b} dz, summed in float32 and rounded
+// once to Out (float or half_bits) on store. Thread (x, y) of a block sums
 // rows y, y + RowThreads, ... of column blockIdx.x·ColumnTile + x in increasing order,
 // then the RowThreads partial sums meet in a fixed-shape tree: deterministic, no atomics.
-template <int ColumnTile, int RowThreads>
+template <typename Out, int ColumnTile, int RowThreads>
 __global__ void __launch_bounds__(ColumnTile * RowThreads)
 column_sum(const float* __restrict__ matrix,  // [rows, cols]
-           float* __restrict__ out,           // [cols]
+           Out* __restrict__ out,             // [cols]
            int rows,
            int cols) {
     static_assert((RowThreads & (RowThreads - 1)) == 0, "RowThreads must be a power of two");
@@ -189,7 +198,7 @@ column_sum(const float* __restrict__ matrix,  // [rows, cols]
         if (threadIdx.y < stride) partial[threadIdx.y][threadIdx.x] += partial[threadIdx.y + stride][threadIdx.x];
         __syncthreads();
     }
-    if (threadIdx.y == 0 && col < cols) out[col] = partial[0][threadIdx.x];
+    if (threadIdx.y == 0 && col < cols) out[col] = from_float<Out>(partial[0][threadIdx.x]);
 }
 
 // norms[q, t] = sqrt(Σ_block step_squares[block, t, q]): the per-step gradient norms

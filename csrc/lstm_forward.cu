@@ -1,4 +1,4 @@
-// lstm_forward.cu: forward pass of one LSTM layer, float32.
+// lstm_forward.cu: forward pass of one LSTM layer; float32 or float16 inputs, float32 math.
 //
 // Computes, for t = 0 .. T-1 (gate order i, f, g, o as in torch.nn.LSTM):
 //     z_t = x_t·W_ihᵀ + b + h_{t-1}·W_hhᵀ                        [B, 4H]
@@ -7,9 +7,10 @@
 // with h_{-1} = h0, c_{-1} = c0.
 //
 // Two kernels, launched by rnnkernels/_launch.py:
-//   1. gemm<.., TransposeB = true, HasBias> (gemm.cuh), once for all steps:
+//   1. gemm<Storage, Storage, float, .., TransposeB = true, HasBias> (gemm.cuh), once
+//      for all steps:
 //          gx[T·B, 4H] = x[T·B, I]·W_ihᵀ + b          (b = b_ih + b_hh, or none)
-//   2. lstm_forward_step<..., Training>, once per step t, in order: a block owns a
+//   2. lstm_forward_step<Storage, ..., Training>, once per step t, in order: a block owns a
 //      tile of UnitTile hidden units j and BatchTile batch rows; it computes all four
 //      gate pre-activations of its (b, j) pairs, h_{t-1}·W_hh[g·H + j, :]ᵀ for
 //      g = i, f, g, o, by staging h_{t-1} and the four matching W_hh rows of each
@@ -17,10 +18,21 @@
 //      Gate values never round-trip through global memory (except the copy saved for
 //      backward when Training).
 //
-// Layouts (row-major, C-contiguous, float32):
-//   x      [T, B, I]          w_ih [4H, I]       w_hh [4H, H]       bias [4H]
+// Precision: the inputs x, w_ih, w_hh, bias (and h0, c0, which the launcher copies into
+// h_all[0], c_all[0]) are Storage: float for float32 problems, half_bits (binary16,
+// common.cuh) for float16 ones. Every product, sum and activation is float32, and the
+// workspaces gx, h_all, c_all, gates are float32 whatever Storage is. The recurrence
+// reads the float32 h_{t-1} and c_{t-1}, NOT their float16 roundings: a float16
+// problem follows the float32 trajectory from float16 inputs (more accurate than a
+// framework that stores h_t in float16 between steps), and only the outputs y, h_n,
+// c_n are rounded to float16, once, by the launcher (to nearest even). For float the
+// kernels are the float32 ones, unchanged.
+//
+// Layouts (row-major, C-contiguous; Storage where marked, else float32):
+//   x      [T, B, I] Storage  w_ih [4H, I] Storage  w_hh [4H, H] Storage  bias [4H] Storage
 //   gx     [T, B, 4H]         gate pre-activations from the input, bias included
-//   h_all  [T+1, B, H]        h_all[0] = h0, h_all[t+1] = h_t (so y = h_all[1:])
+//   h_all  [T+1, B, H]        h_all[0] = h0, h_all[t+1] = h_t (so y = h_all[1:], rounded
+//                             to the input dtype by the launcher)
 //   c_all  [T+1, B, H]        Training: c_all[0] = c0, c_all[t+1] = c_t
 //          [2, B, H]          inference: c_t lives in slot (t+1) % 2 (ping-pong)
 //   gates  [T, B, 4H]         Training only: activated i, f, g, o of every step
@@ -37,10 +49,10 @@
 
 namespace rnnkernels {
 
-template <int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool Training>
+template <typename Storage, int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool Training>
 __global__ void __launch_bounds__(UnitTile * BatchThreads)
-lstm_forward_step(const float* __restrict__ gx,    // [T, B, 4H] x·W_ihᵀ + b, gate order i,f,g,o
-                  const float* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
+lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + b, gate order i,f,g,o
+                  const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
                   float* h_all,                    // [T+1, B, H]; reads slot t, writes slot t+1
                   float* c_all,                    // [T+1, B, H] (Training) or [2, B, H]
                   float* gates,                    // [T, B, 4H] activated gates; Training only
@@ -83,7 +95,7 @@ lstm_forward_step(const float* __restrict__ gx,    // [T, B, 4H] x·W_ihᵀ + b,
             const int unit = unit0 + gate_row % UnitTile, gate = gate_row / UnitTile;
             const int k = k0 + kk;
             w_tile[kk][gate_row] = (unit < hidden && k < hidden)
-                                       ? w_hh[((index_t)gate * hidden + unit) * hidden + k]
+                                       ? to_float(w_hh[((index_t)gate * hidden + unit) * hidden + k])
                                        : 0.0f;
         }
         for (int e = thread; e < BatchTile * KTile; e += Threads) {

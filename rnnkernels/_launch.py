@@ -22,6 +22,15 @@ deterministic (each output is summed by one thread in a fixed order, no split-K)
 and the emulator can run it, so CI tests every launch. It is slower than cuBLAS, but
 the sequential recurrence (one launch per step) dominates LSTM time.
 
+Precision. float32 and float16 problems run the same kernel templates with a storage
+type parameter (:data:`STORAGE_TYPES`): inputs are read and outputs written in the
+problem's dtype, while every product, sum and activation, and every workspace (gx,
+h_all, c_all, gates, dgates, the dc carry), is float32. The recurrence consumes the
+float32 h_t, not its float16 rounding; y, h_n, c_n and dc0 are rounded to float16
+(nearest even) by ``astype`` here, the other gradients by the kernels that write them.
+The float32 instances are exactly the float32 kernels (the storage helpers are the
+identity for float).
+
 Every kernel instance the launcher can pick is listed in ONE table, :data:`KERNELS`;
 the NVRTC check (``rnnkernels/nvrtc_check.py``) compiles exactly those.
 """
@@ -44,6 +53,15 @@ _INT32_MAX = 2**31 - 1
 # Reduction loops step an int by one tile (k0 += TileK) past the last index, so a size
 # must leave a tile of headroom below 2^31 (64 covers every tile in the table).
 _MAX_SIZE = _INT32_MAX - 64
+
+
+# numpy dtype name -> the kernels' Storage type for it (csrc/common.cuh): the dtypes the
+# `cuda` and `emulated` backends accept. float16 arrives as raw 16-bit values.
+STORAGE_TYPES = {"float32": "float", "float16": "rnnkernels::half_bits"}
+
+
+def _storage(dtype_name: str) -> str:
+    return STORAGE_TYPES[dtype_name]
 
 
 # --------------------------------------------------------------------------- tiles
@@ -78,13 +96,14 @@ class StepTile:
     def _parameters(self) -> str:
         return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}"
 
-    def forward_name(self, training: bool) -> str:
-        return f"rnnkernels::lstm_forward_step<{self._parameters()}, {str(training).lower()}>"
+    def forward_name(self, training: bool, dtype: str = "float32") -> str:
+        """``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
+        return f"rnnkernels::lstm_forward_step<{_storage(dtype)}, {self._parameters()}, {str(training).lower()}>"
 
-    def backward_name(self, step_norms: bool = False) -> str:
+    def backward_name(self, step_norms: bool = False, dtype: str = "float32") -> str:
         """``step_norms``: the instance that also writes the per-block sums of dh_t²
         and dc_t² for the per-step gradient norms."""
-        return f"rnnkernels::lstm_backward_step<{self._parameters()}, {str(step_norms).lower()}>"
+        return f"rnnkernels::lstm_backward_step<{_storage(dtype)}, {self._parameters()}, {str(step_norms).lower()}>"
 
 
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
@@ -120,11 +139,16 @@ def _blocks(tile: StepTile, batch: int, hidden: int) -> int:
 
 @dataclass(frozen=True)
 class GemmVariant:
-    """One instance of ``gemm<...>`` (csrc/gemm.cuh): operand layouts and bias."""
+    """One use of ``gemm<...>`` (csrc/gemm.cuh): operand layouts, bias, and which of
+    A, B (with the bias) and C are in the problem's dtype (``*_stored``) rather than a
+    float32 workspace; :meth:`name` gives the instance for a dtype."""
 
     transpose_a: bool
     transpose_b: bool
     has_bias: bool
+    a_stored: bool
+    b_stored: bool
+    c_stored: bool
     # 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, K staged 16 at a time:
     # the classic register-blocked shape; these products are not on the critical path.
     tile_m: int = 64
@@ -137,21 +161,23 @@ class GemmVariant:
     def threads(self) -> int:
         return (self.tile_m // self.thread_m) * (self.tile_n // self.thread_n)
 
-    def name(self) -> str:
+    def name(self, dtype: str = "float32") -> str:
+        types = ", ".join(_storage(dtype) if stored else "float" for stored in (self.a_stored, self.b_stored, self.c_stored))
         flags = ", ".join(str(v).lower() for v in (self.transpose_a, self.transpose_b, self.has_bias))
         return (
-            f"rnnkernels::gemm<{self.tile_m}, {self.tile_n}, {self.tile_k}, "
+            f"rnnkernels::gemm<{types}, {self.tile_m}, {self.tile_n}, {self.tile_k}, "
             f"{self.thread_m}, {self.thread_n}, {flags}>"
         )
 
 
-# C = A·Bᵀ (+ b): the input projection gx = x·W_ihᵀ + b.
-GEMM_INPUT_PROJECTION = GemmVariant(transpose_a=False, transpose_b=True, has_bias=True)
-GEMM_INPUT_PROJECTION_NO_BIAS = GemmVariant(transpose_a=False, transpose_b=True, has_bias=False)
-# C = Aᵀ·B: dW_ih = dzᵀ·x and dW_hh = dzᵀ·h_prev.
-GEMM_WEIGHT_GRADIENT = GemmVariant(transpose_a=True, transpose_b=False, has_bias=False)
+# C = A·Bᵀ (+ b): the input projection gx = x·W_ihᵀ + b (x, W_ih, b stored; gx float32).
+GEMM_INPUT_PROJECTION = GemmVariant(False, True, True, a_stored=True, b_stored=True, c_stored=False)
+GEMM_INPUT_PROJECTION_NO_BIAS = GemmVariant(False, True, False, a_stored=True, b_stored=True, c_stored=False)
+# C = Aᵀ·B: dW_ih = dzᵀ·x (x stored) and dW_hh = dzᵀ·h_prev (h_all is float32).
+GEMM_WEIGHT_GRADIENT = GemmVariant(True, False, False, a_stored=False, b_stored=True, c_stored=True)
+GEMM_RECURRENT_WEIGHT_GRADIENT = GemmVariant(True, False, False, a_stored=False, b_stored=False, c_stored=True)
 # C = A·B: dx = dz·W_ih and dh0 = dz_0·W_hh.
-GEMM_INPUT_GRADIENT = GemmVariant(transpose_a=False, transpose_b=False, has_bias=False)
+GEMM_INPUT_GRADIENT = GemmVariant(False, False, False, a_stored=False, b_stored=True, c_stored=True)
 
 
 @dataclass(frozen=True)
@@ -166,8 +192,9 @@ class ColumnSum:
     def threads(self) -> int:
         return self.column_tile * self.row_threads
 
-    def name(self) -> str:
-        return f"rnnkernels::column_sum<{self.column_tile}, {self.row_threads}>"
+    def name(self, dtype: str = "float32") -> str:
+        """The instance writing the sums in ``dtype`` (from a float32 matrix)."""
+        return f"rnnkernels::column_sum<{_storage(dtype)}, {self.column_tile}, {self.row_threads}>"
 
 
 COLUMN_SUM = ColumnSum()
@@ -210,18 +237,31 @@ class GradNorm:
 GRAD_NORM = GradNorm()
 
 # THE kernel table: every instance a launcher here can pick, per source file, with its
-# threads per block (the NVRTC check holds registers against that launch bound).
+# threads per block (the NVRTC check holds registers against that launch bound). One
+# set per dtype of STORAGE_TYPES, float32 first; instances two uses share (float32's
+# weight gradients) appear once.
 KERNELS: dict[str, dict[str, int]] = {
     FORWARD_SOURCE: {
-        GEMM_INPUT_PROJECTION.name(): GEMM_INPUT_PROJECTION.threads,
-        GEMM_INPUT_PROJECTION_NO_BIAS.name(): GEMM_INPUT_PROJECTION_NO_BIAS.threads,
-        **{tile.forward_name(training): tile.threads for tile in STEP_TILES for training in (False, True)},
+        name: threads
+        for dtype in STORAGE_TYPES
+        for name, threads in (
+            (GEMM_INPUT_PROJECTION.name(dtype), GEMM_INPUT_PROJECTION.threads),
+            (GEMM_INPUT_PROJECTION_NO_BIAS.name(dtype), GEMM_INPUT_PROJECTION_NO_BIAS.threads),
+            *((tile.forward_name(training, dtype), tile.threads) for tile in STEP_TILES for training in (False, True)),
+        )
     },
     BACKWARD_SOURCE: {
-        **{tile.backward_name(norms): tile.threads for tile in STEP_TILES for norms in (False, True)},
-        GEMM_WEIGHT_GRADIENT.name(): GEMM_WEIGHT_GRADIENT.threads,
-        GEMM_INPUT_GRADIENT.name(): GEMM_INPUT_GRADIENT.threads,
-        COLUMN_SUM.name(): COLUMN_SUM.threads,
+        **{
+            name: threads
+            for dtype in STORAGE_TYPES
+            for name, threads in (
+                *((tile.backward_name(norms, dtype), tile.threads) for tile in STEP_TILES for norms in (False, True)),
+                (GEMM_WEIGHT_GRADIENT.name(dtype), GEMM_WEIGHT_GRADIENT.threads),
+                (GEMM_RECURRENT_WEIGHT_GRADIENT.name(dtype), GEMM_RECURRENT_WEIGHT_GRADIENT.threads),
+                (GEMM_INPUT_GRADIENT.name(dtype), GEMM_INPUT_GRADIENT.threads),
+                (COLUMN_SUM.name(dtype), COLUMN_SUM.threads),
+            )
+        },
         STEP_NORMS.name(): STEP_NORMS.threads,
     },
     GRAD_NORM_SOURCE: {
@@ -337,11 +377,11 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 class Saved:
     """What :func:`forward` keeps for :func:`backward` (opaque to the API)."""
 
-    x: Any  # [T, B, I]
+    x: Any  # [T, B, I], input dtype (float32 or float16), like w_ih and w_hh
     w_ih: Any  # [4H, I]
     w_hh: Any  # [4H, H]
     has_bias: bool
-    gates: Any  # [T, B, 4H] activated i, f, g, o
+    gates: Any  # [T, B, 4H] activated i, f, g, o; float32, like h_all and c_all
     h_all: Any  # [T+1, B, H], h_all[0] = h0
     c_all: Any  # [T+1, B, H], c_all[0] = c0
     step_tile: StepTile
@@ -369,13 +409,15 @@ def _check_grid(grid, kernel: str) -> None:
         raise ValueError(f"problem too large for {kernel}: grid {grid} exceeds CUDA's limits")
 
 
-def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
-    """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh)."""
+def _gemm(rt, variant: GemmVariant, dtype: str, a, lda, b, ldb, bias, c, m, n, k) -> None:
+    """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh), the
+    instance for a problem of numpy dtype name ``dtype``."""
     grid = (_ceil_div(m, variant.tile_m), _ceil_div(n, variant.tile_n), 1)
     if grid[0] == 0 or grid[1] == 0:
         return
-    _check_grid(grid, variant.name())
-    kernel = rt.function(_source_of(variant.name()), variant.name())
+    name = variant.name(dtype)
+    _check_grid(grid, name)
+    kernel = rt.function(_source_of(name), name)
     # Without a bias the kernel never reads the pointer; pass c so it is a valid one.
     bias_arg = bias if variant.has_bias else c
     i32 = np.int32
@@ -383,38 +425,41 @@ def _gemm(rt, variant: GemmVariant, a, lda, b, ldb, bias, c, m, n, k) -> None:
 
 
 def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepTile | None = None):
-    """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``."""
+    """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``.
+    All inputs share one dtype of :data:`STORAGE_TYPES`; y, h_n, c_n come back in it."""
     xp = rt.xp
+    dtype = x.dtype.name
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     _check_sizes(steps, batch, input_size, hidden)
     gate_width = GATES * hidden
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     grid, block = tile.grid(batch, hidden), tile.block()
-    _check_grid(grid, tile.forward_name(training))
+    _check_grid(grid, tile.forward_name(training, dtype))
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
     gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
     variant = GEMM_INPUT_PROJECTION if bias is not None else GEMM_INPUT_PROJECTION_NO_BIAS
-    _gemm(rt, variant, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
+    _gemm(rt, variant, dtype, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
 
-    # 2. The recurrence, one launch per step.
+    # 2. The recurrence, one launch per step, on float32 states (h0, c0 widened exactly).
     h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
     c_all = xp.empty((steps + 1 if training else 2, batch, hidden), dtype=np.float32)
     h_all[0] = h0
     c_all[0] = c0
     # Inference saves no gates; the kernel never touches the pointer, pass a valid one.
     gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
-    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training))
+    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training, dtype))
     b32, h32 = np.int32(batch), np.int32(hidden)
     for t in range(steps):
         step_kernel(grid, block, (gx, w_hh, h_all, c_all, gates, b32, h32, np.int32(t)))
 
     # y is copied out of the saved h_all so that a caller editing y in place cannot
-    # corrupt the gradients; without training nothing is saved and y is a view.
-    y = h_all[1:].copy() if training else h_all[1:]
-    h_n = h_all[steps].copy()
-    c_n = c_all[steps if training else steps % 2].copy()
+    # corrupt the gradients; without training nothing is saved and a float32 y is a
+    # view. Outputs are rounded to the input dtype here (float32: plain copies).
+    y = h_all[1:].astype(x.dtype, copy=training)
+    h_n = h_all[steps].astype(x.dtype)
+    c_n = c_all[steps if training else steps % 2].astype(x.dtype)
     saved = Saved(x, w_ih, w_hh, bias is not None, gates, h_all, c_all, tile) if training else None
     return y, h_n, c_n, saved
 
@@ -427,6 +472,7 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     (per-block sums of squares) and finished by one small ``step_norms`` launch."""
     xp = rt.xp
     x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    dtype = x.dtype.name  # dy, dh_n, dc_n share it (the API converts them)
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     gate_width = GATES * hidden
@@ -435,10 +481,11 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
 
     # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
     dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
-    dc_carry = dc_n.copy()
-    step_kernel = rt.function(BACKWARD_SOURCE, tile.backward_name(return_step_norms))
+    dc_carry = dc_n.astype(np.float32)  # a float32 copy, read and overwritten every step
+    step_name = tile.backward_name(return_step_norms, dtype)
+    step_kernel = rt.function(BACKWARD_SOURCE, step_name)
     grid, block = tile.grid(batch, hidden), tile.block()
-    _check_grid(grid, tile.backward_name(return_step_norms))
+    _check_grid(grid, step_name)
     step_blocks = grid[0] * grid[1]
     # One float64 slot per step kernel block and step for Σ dh² and Σ dc²: each block
     # writes its own, so the norms need no atomics. Without norms the kernel never
@@ -458,25 +505,30 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
             norms_grid, (STEP_NORMS.threads, 1, 1), (step_squares, norms, i32(step_blocks), i32(steps))
         )
 
-    # 2. Products over all steps at once; dz is [T·B, 4H] row-major.
-    dx = xp.empty((steps, batch, input_size), dtype=np.float32)
-    _gemm(rt, GEMM_INPUT_GRADIENT, dgates, gate_width, w_ih, input_size, None, dx, rows, input_size, gate_width)
-    dw_ih = xp.empty((gate_width, input_size), dtype=np.float32)
-    _gemm(rt, GEMM_WEIGHT_GRADIENT, dgates, gate_width, x, input_size, None, dw_ih, gate_width, input_size, rows)
-    dw_hh = xp.empty((gate_width, hidden), dtype=np.float32)
-    # h_prev = h_all[0:T] is the first T·B rows of h_all.
-    _gemm(rt, GEMM_WEIGHT_GRADIENT, dgates, gate_width, saved.h_all, hidden, None, dw_hh, gate_width, hidden, rows)
-    dh0 = xp.empty((batch, hidden), dtype=np.float32)
-    _gemm(rt, GEMM_INPUT_GRADIENT, dgates, gate_width, w_hh, hidden, None, dh0, batch, hidden, gate_width)
+    # 2. Products over all steps at once; dz is [T·B, 4H] row-major (float32). The
+    # gradients are written in the input dtype.
+    dx = xp.empty((steps, batch, input_size), dtype=x.dtype)
+    _gemm(rt, GEMM_INPUT_GRADIENT, dtype, dgates, gate_width, w_ih, input_size, None, dx, rows, input_size, gate_width)
+    dw_ih = xp.empty((gate_width, input_size), dtype=x.dtype)
+    _gemm(rt, GEMM_WEIGHT_GRADIENT, dtype, dgates, gate_width, x, input_size, None, dw_ih, gate_width, input_size, rows)
+    dw_hh = xp.empty((gate_width, hidden), dtype=x.dtype)
+    # h_prev = h_all[0:T] (float32) is the first T·B rows of h_all.
+    _gemm(
+        rt, GEMM_RECURRENT_WEIGHT_GRADIENT, dtype, dgates, gate_width, saved.h_all, hidden, None, dw_hh,
+        gate_width, hidden, rows,
+    )
+    dh0 = xp.empty((batch, hidden), dtype=x.dtype)
+    _gemm(rt, GEMM_INPUT_GRADIENT, dtype, dgates, gate_width, w_hh, hidden, None, dh0, batch, hidden, gate_width)
 
     db = None
     if saved.has_bias:
-        db = xp.empty((gate_width,), dtype=np.float32)
-        kernel = rt.function(BACKWARD_SOURCE, COLUMN_SUM.name())
+        db = xp.empty((gate_width,), dtype=x.dtype)
+        kernel = rt.function(BACKWARD_SOURCE, COLUMN_SUM.name(dtype))
         kernel(
             (_ceil_div(gate_width, COLUMN_SUM.column_tile), 1, 1),
             (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
             (dgates, db, i32(rows), i32(gate_width)),
         )
-    grads = (dx, dw_ih, dw_hh, db, dh0, dc_carry)
+    dc0 = dc_carry.astype(x.dtype, copy=False)  # float32: dc_carry itself
+    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
     return grads + (norms[0], norms[1]) if return_step_norms else grads

@@ -6,6 +6,14 @@ every kernel and copy runs on the caller's current CuPy stream, on the device ho
 options, device) and cached on disk by CuPy. The launch plan is shared with
 ``backend="emulated"`` (``rnnkernels/_launch.py``, which also says why the large
 products use our own FP32 GEMM rather than cuBLAS).
+
+dtypes: float32, and float16 with float32 math: float16 inputs are read as stored,
+every product, sum and activation and every saved state is float32, and the outputs
+(y, h_n, c_n) and gradients come back float16, each rounded once (to nearest even)
+from its float32 value. The recurrence consumes the float32 h_t, not its float16
+rounding, so it is more accurate than a framework keeping h_t in float16 between steps
+(and y is not bitwise what such a framework would feed back). bfloat16 is not offered:
+CuPy has no bfloat16 dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ def _check_same_device(device_id: int, *arrays) -> None:
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training):
-    """The backend contract's forward (rnnkernels/_backend.py) on CuPy float32 arrays."""
+    """The backend contract's forward (rnnkernels/_backend.py) on CuPy float32 or float16
+    arrays (see the module docstring for float16's precision)."""
     _check_same_device(x.device.id, w_ih, w_hh, bias, h0, c0)
     with x.device:
         return _launch.forward(_launch.CupyRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
@@ -65,7 +74,7 @@ def backward(saved, dy, dh_n, dc_n, return_step_norms=False):
 BACKEND = Backend(
     name="cuda",
     device="cuda",
-    compute_dtypes=("float32",),
+    compute_dtypes=("float32", "float16"),
     forward=forward,
     backward=backward,
     check_available=check_available,

@@ -4,6 +4,10 @@ The same kernel text, the same instances and the same launch plan as
 ``backend="cuda"`` (``rnnkernels/_launch.py``), on NumPy arrays: this is how CI, which
 has no GPU, tests every launch the GPU makes. It is slow (every CUDA thread runs on
 the CPU); use it for checking, not for training.
+
+dtypes: float32, and float16 with float32 math, exactly as ``backend="cuda"`` (see
+its module docstring): float16 in and out, float32 arithmetic and saved states, the
+recurrence on the float32 h_t. NumPy has no bfloat16, so neither backend offers it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ def check_available() -> None:
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training):
-    """The backend contract's forward (rnnkernels/_backend.py) on NumPy float32 arrays."""
+    """The backend contract's forward (rnnkernels/_backend.py) on NumPy float32 or float16
+    arrays (see the module docstring for float16's precision)."""
     return _launch.forward(_launch.EmulatorRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
 
 
@@ -37,7 +42,7 @@ def backward(saved, dy, dh_n, dc_n, return_step_norms=False):
 BACKEND = Backend(
     name="emulated",
     device="cpu",
-    compute_dtypes=("float32",),
+    compute_dtypes=("float32", "float16"),
     forward=forward,
     backward=backward,
     check_available=check_available,

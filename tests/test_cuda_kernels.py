@@ -354,6 +354,190 @@ def test_emulated_large_activations_stay_finite(emulator):
     assert relative_error(results["y"], expected["y"]) < EMULATED_TOLERANCE
 
 
+# ---------------------------------------------------------------------- float16
+# float16 problems: inputs and outputs float16, all math float32 (csrc/common.cuh).
+# Judged by error ratio: the kernels' error against the float64 reference must be at
+# most FLOAT16_RATIO times the error of the same LSTM done naively in float16 (every
+# product, sum and activation rounded to float16), plus an absolute sanity bound.
+FLOAT16_RATIO = 2.0
+FLOAT16_SANITY = 1e-2
+
+
+def to_float16(problem: Problem) -> Problem:
+    return Problem(**{name: None if v is None else v.astype(np.float16) for name, v in vars(problem).items()})
+
+
+def widened(problem: Problem) -> Problem:
+    """The float16 problem's exact values in float64, for the reference."""
+    return Problem(**{name: None if v is None else v.astype(np.float64) for name, v in vars(problem).items()})
+
+
+def naive_float16(problem: Problem) -> dict:
+    """Forward and backward of the LSTM in NumPy float16, each operation rounded to
+    float16, products accumulated in float16 too: what the kernels must beat."""
+    f16 = np.float16
+    x, w_ih, w_hh, bias = problem.x, problem.w_ih, problem.w_hh, problem.bias
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    one = f16(1)
+
+    def matmul(a, b):  # a [M, K] · b [K, N], a float16 sum over k
+        acc = np.zeros((a.shape[0], b.shape[1]), f16)
+        for k in range(a.shape[1]):
+            acc = acc + a[:, k : k + 1] * b[k : k + 1, :]
+        return acc
+
+    def sigmoid(z):
+        return one / (one + np.exp(-z))
+
+    h, c = problem.h0, problem.c0
+    hs, cs, gates = [h], [c], []
+    for t in range(steps):
+        z = matmul(x[t], w_ih.T) + matmul(h, w_hh.T)
+        if bias is not None:
+            z = z + bias
+        i, f, o = sigmoid(z[:, :hidden]), sigmoid(z[:, hidden : 2 * hidden]), sigmoid(z[:, 3 * hidden :])
+        g = np.tanh(z[:, 2 * hidden : 3 * hidden])
+        c = f * c + i * g
+        h = o * np.tanh(c)
+        hs.append(h), cs.append(c), gates.append((i, f, g, o))
+
+    dz_all = np.zeros((steps, batch, 4 * hidden), f16)
+    dh_next, dc = np.zeros((batch, hidden), f16), problem.dc_n
+    for t in reversed(range(steps)):
+        i, f, g, o = gates[t]
+        dh = problem.dy[t] + dh_next + (problem.dh_n if t == steps - 1 else f16(0))
+        tanh_c = np.tanh(cs[t + 1])
+        dc = dc + dh * o * (one - tanh_c * tanh_c)
+        dz_all[t] = np.concatenate(
+            [dc * g * i * (one - i), dc * cs[t] * f * (one - f), dc * i * (one - g * g), dh * tanh_c * o * (one - o)],
+            axis=1,
+        )
+        dh_next = matmul(dz_all[t], w_hh)
+        dc = dc * f
+    dz = dz_all.reshape(steps * batch, 4 * hidden)
+    h_prev = np.stack(hs[:-1]).reshape(steps * batch, hidden)
+    db = None
+    if bias is not None:
+        db = np.zeros(4 * hidden, f16)
+        for row in dz:
+            db = db + row
+    return {
+        "y": np.stack(hs[1:]), "h_n": h, "c_n": c,
+        "dx": matmul(dz, w_ih).reshape(x.shape), "dw_ih": matmul(dz.T, x.reshape(steps * batch, -1)),
+        "dw_hh": matmul(dz.T, h_prev), "db": db, "dh0": dh_next, "dc0": dc,
+    }
+
+
+def assert_float16_beats_naive(results, problem16):
+    """Every output float16 and finite, with error <= FLOAT16_RATIO x the naive float16
+    LSTM's and below FLOAT16_SANITY, both against float64 on the same float16 inputs."""
+    expected = reference_results(widened(problem16))
+    with np.errstate(over="ignore"):
+        naive = naive_float16(problem16)
+    ratios = {}
+    for name, want in expected.items():
+        got = results[name]
+        if want is None:
+            assert got is None, f"{name} should be None without a bias"
+            continue
+        assert got.dtype == np.float16, f"{name} is {got.dtype}"
+        assert got.shape == want.shape and np.isfinite(got).all(), name
+        error = relative_error(got, want)
+        naive_error = relative_error(naive[name.removesuffix("_inference")], want)
+        ratios[name] = error / naive_error if naive_error else (0.0 if error == 0 else np.inf)
+        assert error < FLOAT16_SANITY, f"{name}: relative error {error:.2e}"
+    too_large = {name: f"{r:.2f}" for name, r in ratios.items() if not r <= FLOAT16_RATIO}
+    assert not too_large, f"float16 error above {FLOAT16_RATIO} x naive float16: {too_large}"
+    return ratios
+
+
+FLOAT16_CASES = [
+    pytest.param(shape, bias_and_state, id=f"T{shape[0]}-B{shape[1]}-I{shape[2]}-H{shape[3]}-"
+                 + ("bias-state" if bias_and_state else "nobias-zerostate"))
+    for shape in SMALL_SHAPES
+    for bias_and_state in (True, False)
+]
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("shape, bias_and_state", FLOAT16_CASES)
+def test_emulated_float16_beats_naive_float16(emulator, shape, bias_and_state):
+    problem = to_float16(make_problem(*shape, bias=bias_and_state, initial_state=bias_and_state, seed=sum(shape)))
+    assert_float16_beats_naive(run_kernels(emulator, problem), problem)
+
+
+@pytest.mark.emulated
+def test_emulated_float16_large_inputs_stay_finite(emulator):
+    """|x| and |c0| ~ 1e4 (float16 holds up to 65504): the float32 math saturates the
+    gates; outputs and gradients are finite float16 and close to the float64 reference
+    rounded to float16 (some gradients are ~1e-100 there: a perfect kernel returns 0)."""
+    problem = make_problem(3, 2, 3, 7, seed=13)
+    problem.x = problem.x / np.abs(problem.x).max() * 1e4
+    problem.c0 = problem.c0 / np.abs(problem.c0).max() * 1e4
+    problem = to_float16(problem)
+    results = run_kernels(emulator, problem)
+    expected = reference_results(widened(problem))
+    for name, value in results.items():
+        assert value.dtype == np.float16 and np.isfinite(value).all(), name
+        assert np.abs(expected[name]).max() < 6e4, f"{name}: the test's problem must fit float16"
+        rounded = expected[name].astype(np.float16).astype(np.float64)
+        assert relative_error(value, rounded) < FLOAT16_SANITY, name
+
+
+@pytest.mark.emulated
+def test_emulated_float16_through_the_api(emulator):
+    """rnnkernels.lstm_forward/lstm_backward on backend="emulated" take float16 and
+    return float16; mixed float16/float32 inputs stay a TypeError, and the cpu backend
+    still rejects float16."""
+    import rnnkernels
+
+    problem = to_float16(make_problem(3, 2, 4, 9, seed=31))
+    zeros = np.zeros_like(problem.bias)
+    args = (problem.x, problem.w_ih, problem.w_hh)
+    kwargs = dict(b_ih=problem.bias, b_hh=zeros, h0=problem.h0, c0=problem.c0)
+    out = rnnkernels.lstm_forward(*args, **kwargs, backend="emulated")
+    grads = rnnkernels.lstm_backward(out, problem.dy, problem.dh_n, problem.dc_n)
+    results = {"y": out.y, "h_n": out.h_n, "c_n": out.c_n, "dx": grads.dx, "dw_ih": grads.dw_ih,
+               "dw_hh": grads.dw_hh, "db": grads.db_ih, "dh0": grads.dh0, "dc0": grads.dc0}
+    direct = run_kernels(emulator, problem)
+    for name, value in results.items():
+        assert isinstance(value, np.ndarray) and value.dtype == np.float16, name
+        assert value.tobytes() == direct[name].tobytes(), f"{name}: the API and the launch plan differ"
+    with pytest.raises(TypeError, match="share one dtype"):
+        rnnkernels.lstm_forward(problem.x, problem.w_ih.astype(np.float32), problem.w_hh, backend="emulated")
+    with pytest.raises(TypeError, match="backend 'cpu' supports dtypes"):
+        rnnkernels.lstm_forward(*args, **kwargs, backend="cpu")
+
+
+# SHA-256 of the float32 emulator results of the problem below at commit 2e2f9f7, before
+# float16 support, and where it was taken: the emulator runs the host's expf/tanhf, so
+# another libm may give other (equally valid) bits.
+FLOAT32_DIGEST = "1f22d5fa36308f6a980763439c17440773962b9ced69ef6a61c4d849a9d70eef"
+FLOAT32_DIGEST_PLATFORM = (("glibc", "2.36"), "x86_64")
+
+
+@pytest.mark.emulated
+def test_emulated_float32_bitwise_unchanged_by_float16_support(emulator):
+    """The float32 instances give the pre-float16 kernels' bits (forward training and
+    inference, backward with and without step norms)."""
+    import hashlib
+    import platform
+
+    here = (platform.libc_ver(), platform.machine())
+    if here != FLOAT32_DIGEST_PLATFORM:
+        pytest.skip(f"digest recorded on {FLOAT32_DIGEST_PLATFORM}, this is {here} (another libm)")
+    problem = make_problem(4, 3, 5, 33, seed=5)
+    results = run_kernels(emulator, problem)
+    results.update({f"norms_{k}": v for k, v in run_step_norms(emulator, problem).items()})
+    digest = hashlib.sha256()
+    for name in sorted(results):
+        if results[name] is not None:
+            digest.update(name.encode() + results[name].tobytes())
+    assert digest.hexdigest() == FLOAT32_DIGEST
+
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.fixture(scope="module")
 def gpu():

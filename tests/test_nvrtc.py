@@ -29,16 +29,17 @@ def test_every_table_instance_compiles(reports):
     compiled = {r.name for r in reports}
     listed = {name for names in _launch.KERNELS.values() for name in names}
     assert compiled == listed
-    # Every tile the heuristic can return is in the table.
-    for tile in _launch.STEP_TILES:
-        assert {tile.backward_name(False), tile.backward_name(True)} <= compiled
-        assert {tile.forward_name(False), tile.forward_name(True)} <= compiled
+    # Every tile the heuristic can return is in the table, for every dtype.
+    for dtype in _launch.STORAGE_TYPES:
+        for tile in _launch.STEP_TILES:
+            assert {tile.backward_name(False, dtype), tile.backward_name(True, dtype)} <= compiled
+            assert {tile.forward_name(False, dtype), tile.forward_name(True, dtype)} <= compiled
 
 
 def test_step_kernels_do_not_spill(reports):
     step_reports = [r for r in reports if r.is_step_kernel]
-    # forward inference and training, backward with and without step norms
-    assert len(step_reports) == 4 * len(_launch.STEP_TILES)
+    # forward inference and training, backward with and without step norms, per dtype
+    assert len(step_reports) == 4 * len(_launch.STEP_TILES) * len(_launch.STORAGE_TYPES)
     spilling = [r for r in step_reports if r.spill_stores or r.spill_loads or r.stack_bytes]
     assert not spilling, nvrtc_check.format_table(spilling)
 
