@@ -41,15 +41,15 @@ __device__ __forceinline__ float to_float(float value) { return value; }
 // shifted into place (<< 13) read as a float whose exponent is biased by 127 instead
 // of 15; multiplying by 2^112 rebiases it exactly, for normal and subnormal values
 // alike (a subnormal binary16 lands on a float denormal first; no flush to zero in our
-// builds). Exponent field 31 (Inf, NaN) maps to the float Inf/NaN with the payload
-// kept. The sign is copied last. No branches: one select.
+// builds). Exponent field 31 (Inf, NaN) comes out of the product as exponent 143 with
+// the mantissa in place; setting all exponent bits makes it the float Inf/NaN with the
+// payload kept. The sign is copied last. No branches.
 __device__ __forceinline__ float to_float(half_bits value) {
     const unsigned int magnitude = value.bits & 0x7fffu;
     const unsigned int sign = (unsigned int)(value.bits & 0x8000u) << 16;
-    const float finite = __uint_as_float(magnitude << 13) * 5.192296858534828e+33f;  // 2^112
-    const unsigned int widened =
-        magnitude >= 0x7c00u ? (0x7f800000u | ((magnitude & 0x3ffu) << 13)) : __float_as_uint(finite);
-    return __uint_as_float(widened | sign);
+    const float scaled = __uint_as_float(magnitude << 13) * 5.192296858534828e+33f;  // 2^112
+    const unsigned int special = magnitude >= 0x7c00u ? 0x7f800000u : 0u;
+    return __uint_as_float(__float_as_uint(scaled) | special | sign);
 }
 
 template <typename Storage>
