@@ -70,6 +70,19 @@ def cupy_or_skip():
     return cupy
 
 
+@pytest.fixture(scope="module")
+def emulator():
+    """The CPU emulator's runtime for the launch plan (rnnkernels/_launch.py); the test
+    skips, saying why, where the emulator cannot run (no C++ compiler)."""
+    from rnnkernels import _launch, emulated
+
+    try:
+        emulated.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    return _launch.EmulatorRuntime()
+
+
 _SUMMARY_SECTIONS: list[tuple[str, str]] = []
 
 

@@ -209,17 +209,6 @@ STATE_CASES = [
 
 
 # ---------------------------------------------------------------------- emulated
-@pytest.fixture(scope="module")
-def emulator():
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
-    return _launch.EmulatorRuntime()
-
-
 @pytest.mark.emulated
 @pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
 def test_emulated_every_step_tile(emulator, tile):

@@ -39,17 +39,6 @@ def _fused(rt, arrays, chunk=None) -> float:
     return float(out[0])
 
 
-@pytest.fixture(scope="module")
-def emulator():
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
-    return _launch.EmulatorRuntime()
-
-
 # ------------------------------------------------------------------ the chunk rule
 def test_chunk_rule():
     threads = _launch.GRAD_NORM.threads
