@@ -321,6 +321,15 @@ def _torch_lstm(torch, mode, inputs, device, dtype) -> Prepared:
 ATTENTION_GRADS = ("dx", "dwq", "dwk", "dwv", "dwo")
 
 
+def _collect_attention_training(result) -> dict:
+    """The host arrays to validate from a training call: (y, gradients in
+    ATTENTION_GRADS order), for every attention implementation."""
+    y, grads = result
+    got = {"y": to_host(y)}
+    got.update({name: to_host(g) for name, g in zip(ATTENTION_GRADS, grads)})
+    return got
+
+
 def _array_attention_build(device: str):
     def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
         if device == "cpu":
@@ -349,12 +358,7 @@ def _array_attention(xp, softmax, p: Problem, inputs) -> Prepared:
         y, saved = attn.attention_forward(a["x"], *weights, p.heads, xp=xp, softmax=softmax)
         return y, attn.attention_backward(saved, a["dy"], xp=xp)
 
-    def collect(result):
-        y, grads = result
-        got = {"y": to_host(y)}
-        got.update({name: to_host(g) for name, g in zip(ATTENTION_GRADS, grads)})
-        return got
-    return Prepared(run, collect)
+    return Prepared(run, _collect_attention_training)
 
 
 def _sdpa_build(device: str):
@@ -387,12 +391,7 @@ def _torch_attention(torch, p: Problem, inputs, device, dtype) -> Prepared:
         y = attn.torch_attention_forward(x, *weights, p.heads)
         return y, torch.autograd.grad(y, [x, *weights], grad_outputs=t["dy"])
 
-    def collect(result):
-        y, grads = result
-        got = {"y": to_host(y)}
-        got.update({name: to_host(g) for name, g in zip(ATTENTION_GRADS, grads)})
-        return got
-    return Prepared(run, collect)
+    return Prepared(run, _collect_attention_training)
 
 
 # --- the registry -----------------------------------------------------------------------
