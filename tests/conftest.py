@@ -70,17 +70,23 @@ def cupy_or_skip():
     return cupy
 
 
-@pytest.fixture(scope="module")
-def emulator():
-    """The CPU emulator's runtime for the launch plan (rnnkernels/_launch.py); the test
-    skips, saying why, where the emulator cannot run (no C++ compiler)."""
+def emulator_or_skip(seed=None):
+    """The CPU emulator's runtime for the launch plan (rnnkernels/_launch.py) with the
+    scheduling ``seed``; the test skips, saying why, where the emulator cannot run
+    (no C++ compiler)."""
     from rnnkernels import _launch, emulated
 
     try:
         emulated.check_available()
     except RuntimeError as error:
         pytest.skip(f"the CPU emulator cannot run here: {error}")
-    return _launch.EmulatorRuntime()
+    return _launch.EmulatorRuntime(seed=seed)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """:func:`emulator_or_skip` with the default seed, as a fixture."""
+    return emulator_or_skip()
 
 
 _SUMMARY_SECTIONS: list[tuple[str, str]] = []

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import emulator_or_skip
 
 from rnnkernels import _launch
 from rnnkernels.reference import backward as ref_backward
@@ -238,12 +239,7 @@ def test_emulated_backend_functions(emulator):
 def test_emulated_deterministic_across_runs_and_schedules():
     """Bitwise-identical results run after run, whatever order the emulator runs the
     threads in (its seed shuffles the schedule)."""
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    emulator_or_skip()
     problem = make_problem(4, 3, 5, 33, seed=5)
     first = run_kernels(_launch.EmulatorRuntime(seed=1), problem)
     assert_bitwise_equal(first, run_kernels(_launch.EmulatorRuntime(seed=1), problem))
@@ -282,12 +278,7 @@ def test_emulated_step_norms_every_step_tile(emulator, tile):
 
 @pytest.mark.emulated
 def test_emulated_step_norms_deterministic_across_runs_and_schedules():
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    emulator_or_skip()
     problem = make_norm_problem((4, 3, 5, 33), "all", seed=5)
     first = run_step_norms(_launch.EmulatorRuntime(seed=1), problem)
     assert_bitwise_equal(first, run_step_norms(_launch.EmulatorRuntime(seed=1), problem))
@@ -317,12 +308,7 @@ def test_emulated_step_norms_through_the_api(emulator):
 def test_emulated_sanitized_run_is_clean():
     """The emulator's checked mode (out-of-bounds accesses, shared-memory races) finds
     nothing in a run that crosses every boundary check."""
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    emulator_or_skip()
     problem = make_problem(2, 3, 5, 33, seed=9)
     runtime = _launch.EmulatorRuntime(sanitize=True)
     assert_matches_reference(run_kernels(runtime, problem), problem, EMULATED_TOLERANCE)

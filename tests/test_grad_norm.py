@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import cupy_or_skip
+from conftest import cupy_or_skip, emulator_or_skip
 
 from rnnkernels import _grad_norm, _launch, clip
 
@@ -111,12 +111,7 @@ def test_finite_float64_squares_overflow_to_inf(emulator):
 
 @pytest.mark.emulated
 def test_bitwise_identical_across_runs_and_schedules():
-    from rnnkernels import emulated
-
-    try:
-        emulated.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU emulator cannot run here: {error}")
+    emulator_or_skip()
     arrays = _random_arrays(np.float32, seed=6, scale=1e3)
     results = [_fused(_launch.EmulatorRuntime(seed=seed), arrays, chunk=100) for seed in (1, 1, 2, 7)]
     assert len({r.hex() for r in results}) == 1, results
