@@ -373,6 +373,21 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 
 
 # ---------------------------------------------------------------------- launch plan
+# How the recurrence runs. Every forward variant saves the same arrays (Saved), so any
+# forward pairs with any backward variant.
+#   "step": one launch of the step kernel per time step, from Python.
+VARIANTS = ("step",)
+
+
+def _check_variant(variant: str | None) -> str:
+    """The variant to run: ``variant``, or the default when None."""
+    if variant is None:
+        return "step"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
 @dataclass
 class Saved:
     """What :func:`forward` keeps for :func:`backward` (opaque to the API)."""
@@ -424,9 +439,23 @@ def _gemm(rt, variant: GemmVariant, dtype: str, a, lda, b, ldb, bias, c, m, n, k
     kernel(grid, (variant.threads, 1, 1), (a, i32(lda), b, i32(ldb), bias_arg, c, i32(n), i32(m), i32(n), i32(k)))
 
 
-def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepTile | None = None):
+def input_projection(rt, x, w_ih, bias):
+    """gx[T, B, 4H] = x·W_ihᵀ + b (float32) for all T·B rows at once; every forward
+    variant starts with it."""
+    steps, batch, input_size = x.shape
+    gate_width = w_ih.shape[0]
+    gx = rt.xp.empty((steps, batch, gate_width), dtype=np.float32)
+    variant = GEMM_INPUT_PROJECTION if bias is not None else GEMM_INPUT_PROJECTION_NO_BIAS
+    _gemm(rt, variant, x.dtype.name, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
+    return gx
+
+
+def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | None = None,
+            step_tile: StepTile | None = None):
     """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``.
-    All inputs share one dtype of :data:`STORAGE_TYPES`; y, h_n, c_n come back in it."""
+    All inputs share one dtype of :data:`STORAGE_TYPES`; y, h_n, c_n come back in it.
+    ``variant``: one of :data:`VARIANTS`, None for the default."""
+    _check_variant(variant)
     xp = rt.xp
     dtype = x.dtype.name
     steps, batch, input_size = x.shape
@@ -438,9 +467,7 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     _check_grid(grid, tile.forward_name(training, dtype))
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
-    gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
-    variant = GEMM_INPUT_PROJECTION if bias is not None else GEMM_INPUT_PROJECTION_NO_BIAS
-    _gemm(rt, variant, dtype, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
+    gx = input_projection(rt, x, w_ih, bias)
 
     # 2. The recurrence, one launch per step, on float32 states (h0, c0 widened exactly).
     h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
@@ -464,20 +491,22 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, step_tile: StepT
     return y, h_n, c_n, saved
 
 
-def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, step_tile: StepTile | None = None):
+def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, variant: str | None = None,
+             step_tile: StepTile | None = None):
     """The backend contract's backward on runtime ``rt``: returns
     ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None when forward had no bias. With
     ``return_step_norms``, ``dh_norms`` and ``dc_norms`` follow ([T] float64 arrays:
     ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ over batch and units), computed inside the step kernels
-    (per-block sums of squares) and finished by one small ``step_norms`` launch."""
+    (per-block sums of squares) and finished by one small ``step_norms`` launch.
+    ``variant``: one of :data:`VARIANTS`, None for the default."""
+    _check_variant(variant)
     xp = rt.xp
-    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    x, w_hh = saved.x, saved.w_hh
     dtype = x.dtype.name  # dy, dh_n, dc_n share it (the API converts them)
-    steps, batch, input_size = x.shape
+    steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     gate_width = GATES * hidden
     tile = step_tile or saved.step_tile
-    rows = steps * batch
 
     # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
     dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
@@ -497,16 +526,41 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
         step_kernel(
             grid, block, (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_carry, dgates, step_squares, *sizes, i32(t))
         )
-    if return_step_norms:
-        norms = xp.empty((2, steps), dtype=np.float64)
-        norms_grid = (_ceil_div(2 * steps, STEP_NORMS.threads), 1, 1)
-        _check_grid(norms_grid, STEP_NORMS.name())
-        rt.function(BACKWARD_SOURCE, STEP_NORMS.name())(
-            norms_grid, (STEP_NORMS.threads, 1, 1), (step_squares, norms, i32(step_blocks), i32(steps))
-        )
+    norms = finish_step_norms(rt, step_squares, steps) if return_step_norms else None
 
-    # 2. Products over all steps at once; dz is [T·B, 4H] row-major (float32). The
-    # gradients are written in the input dtype.
+    # 2. Products over all steps at once.
+    dx, dw_ih, dw_hh, db, dh0 = gradients_after_loop(rt, saved, dgates)
+    dc0 = dc_carry.astype(x.dtype, copy=False)  # float32: dc_carry itself
+    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
+    return grads + (norms[0], norms[1]) if return_step_norms else grads
+
+
+def finish_step_norms(rt, step_squares, steps: int):
+    """norms[2, T] (float64: ‖dh_t‖, ‖dc_t‖) from the per-block sums of squares
+    ``step_squares[blocks, T, 2]`` that a backward step kernel wrote."""
+    norms = rt.xp.empty((2, steps), dtype=np.float64)
+    norms_grid = (_ceil_div(2 * steps, STEP_NORMS.threads), 1, 1)
+    _check_grid(norms_grid, STEP_NORMS.name())
+    i32 = np.int32
+    rt.function(BACKWARD_SOURCE, STEP_NORMS.name())(
+        norms_grid, (STEP_NORMS.threads, 1, 1), (step_squares, norms, i32(step_squares.shape[0]), i32(steps))
+    )
+    return norms
+
+
+def gradients_after_loop(rt, saved: Saved, dgates):
+    """``(dx, dw_ih, dw_hh, db, dh0)`` from dz = ``dgates`` [T, B, 4H] (float32) of
+    every step, each a product over all steps at once (``db`` None without a bias);
+    written in the input dtype. Every backward variant ends with it."""
+    xp = rt.xp
+    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    gate_width = GATES * hidden
+    rows = steps * batch
+    i32 = np.int32
+    # dz is [T·B, 4H] row-major (float32).
     dx = xp.empty((steps, batch, input_size), dtype=x.dtype)
     _gemm(rt, GEMM_INPUT_GRADIENT, dtype, dgates, gate_width, w_ih, input_size, None, dx, rows, input_size, gate_width)
     dw_ih = xp.empty((gate_width, input_size), dtype=x.dtype)
@@ -529,6 +583,4 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
             (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
             (dgates, db, i32(rows), i32(gate_width)),
         )
-    dc0 = dc_carry.astype(x.dtype, copy=False)  # float32: dc_carry itself
-    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
-    return grads + (norms[0], norms[1]) if return_step_norms else grads
+    return dx, dw_ih, dw_hh, db, dh0

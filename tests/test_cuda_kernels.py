@@ -731,3 +731,11 @@ def test_sizes_keep_a_tile_of_headroom_below_int32():
         _launch._check_sizes(limit + 1, 1, 1, 1)
     with pytest.raises(ValueError, match="input_size"):
         _launch._check_sizes(1, 1, limit + 1, 1)
+
+
+def test_unknown_variant_rejected_before_launch():
+    x = np.zeros((2, 3, 3), np.float32)
+    state = np.zeros((3, 4), np.float32)
+    w_ih, w_hh = np.zeros((16, 3), np.float32), np.zeros((16, 4), np.float32)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        _launch.forward(_NoLaunchRuntime(), x, w_ih, w_hh, None, state, state, True, variant="warp-speed")
