@@ -1,17 +1,20 @@
 // common.cuh: device helpers shared by every rnnkernels kernel.
 //
 // What it holds: numerically safe activations (sigmoid, tanh), a 64-bit index type,
-// the fixed-order float64 block sum of the norm kernels, and the 16-bit storage type
-// half_bits with its exact conversions to_float / from_float (round to nearest even).
-// Nothing here includes a CUDA or system header: NVRTC compiles our sources
-// without any header search path except csrc/ itself, and the CPU emulator provides
-// the CUDA built-ins (threadIdx, __syncthreads, expf, tanhf, ...) through its shim,
-// which defines RNNKERNELS_EMULATOR.
+// the fixed-order float64 block sum of the norm kernels, and the conversions to_float /
+// from_float between float and the storage types (float, cuda_fp16.h's __half).
+// The one header included is NVIDIA's cuda_fp16.h: NVRTC finds it through the include
+// folders rnnkernels/_sources.py locates (the pip wheels' or a toolkit's), the CPU
+// emulator through its own stand-in (rnnkernels/emulator/include/cuda_fp16.h, same
+// semantics), which also provides the CUDA built-ins (threadIdx, __syncthreads, expf,
+// tanhf, ...) and defines RNNKERNELS_EMULATOR.
 //
 // Gate order everywhere is i, f, g, o (torch.nn.LSTM): gate row blocks
 // [0, H), [H, 2H), [2H, 3H), [3H, 4H) of w_ih [4H, I], w_hh [4H, H] and of every
 // [.., 4H] gate array.
 #pragma once
+
+#include <cuda_fp16.h>
 
 namespace rnnkernels {
 
@@ -25,32 +28,23 @@ constexpr int lstm_gates = 4;
 // ---------------------------------------------------------------- storage types
 // Kernels that take a `typename Storage` read their inputs and write their outputs as
 // Storage and do all arithmetic in float: Storage is float (float32 problems) or
-// half_bits (float16 problems). Load with to_float, store with from_float<Storage>; for
-// float both are the identity, so the float instances compile to exactly the code they
-// had before these helpers existed.
-
-// An IEEE binary16 value as its 16 bits (same size and layout as numpy.float16). NVRTC
-// here has no CUDA headers, so no cuda_fp16.h __half: the conversions are our own.
-struct half_bits {
-    unsigned short bits;
-};
+// __half (float16 problems; cuda_fp16.h, same size and layout as numpy.float16). Load
+// with to_float, store with from_float<Storage>; for float both are the identity, so the
+// float instances compile to exactly the code they had before these helpers existed.
+//
+// The __half conversions are NVIDIA's, and they are exact under the flags the kernels
+// really get: CuPy compiles every kernel with -ftz=true, which flushes float denormals
+// in the arithmetic NVVM generates. __half2float is one cvt.f32.f16 instruction, exact
+// for every binary16 value (each binary16 subnormal is a normal float), and
+// __float2half_rn is cvt.rn.f16.f32, round to nearest even, as numpy's astype(float16).
+// An earlier hand-written to_float built subnormals through a float multiply of a float
+// denormal, which -ftz=true turned into 0 for all 2046 subnormal patterns
+// (tests/emulator_kernels/ftz_conversions.cu keeps it, and tests/test_ftz.py shows the
+// emulator, which flushes like the GPU, catching it).
 
 __device__ __forceinline__ float to_float(float value) { return value; }
 
-// binary16 -> float, exact (every binary16 value is a float). The magnitude bits
-// shifted into place (<< 13) read as a float whose exponent is biased by 127 instead
-// of 15; multiplying by 2^112 rebiases it exactly, for normal and subnormal values
-// alike (a subnormal binary16 lands on a float denormal first; no flush to zero in our
-// builds). Exponent field 31 (Inf, NaN) comes out of the product as exponent 143 with
-// the mantissa in place; setting all exponent bits makes it the float Inf/NaN with the
-// payload kept. The sign is copied last. No branches.
-__device__ __forceinline__ float to_float(half_bits value) {
-    const unsigned int magnitude = value.bits & 0x7fffu;
-    const unsigned int sign = (unsigned int)(value.bits & 0x8000u) << 16;
-    const float scaled = __uint_as_float(magnitude << 13) * 5.192296858534828e+33f;  // 2^112
-    const unsigned int special = magnitude >= 0x7c00u ? 0x7f800000u : 0u;
-    return __uint_as_float(__float_as_uint(scaled) | special | sign);
-}
+__device__ __forceinline__ float to_float(__half value) { return __half2float(value); }
 
 template <typename Storage>
 __device__ __forceinline__ Storage from_float(float value);
@@ -60,40 +54,10 @@ __device__ __forceinline__ float from_float<float>(float value) {
     return value;
 }
 
-// float -> binary16, rounded to nearest, ties to even (as numpy's astype(float16) and
-// CUDA's __float2half_rn). |x| >= 65520 (halfway above the largest binary16, 65504)
-// becomes Inf; NaN stays NaN (quiet); |x| below 2^-14 becomes a subnormal, and |x| <=
-// 2^-25 (at most half the smallest subnormal; the tie goes to even, 0) becomes ±0.
+// Round to nearest, ties to even; |x| >= 65520 becomes Inf, NaN stays NaN.
 template <>
-__device__ __forceinline__ half_bits from_float<half_bits>(float value) {
-    const unsigned int bits = __float_as_uint(value);
-    const unsigned int sign = (bits >> 16) & 0x8000u;
-    const unsigned int magnitude = bits & 0x7fffffffu;
-    unsigned int result;
-    if (magnitude > 0x7f800000u) {
-        result = 0x7e00u;  // NaN
-    } else if (magnitude >= 0x477ff000u) {
-        result = 0x7c00u;  // Inf, or rounds to it
-    } else if (magnitude >= 0x38800000u) {
-        // Normal: drop 13 mantissa bits, rounding to even (a carry may bump the
-        // exponent, which is right), then rebias the exponent (127 -> 15).
-        const unsigned int rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
-        result = (rounded - 0x38000000u) >> 13;
-    } else if (magnitude > 0x33000000u) {
-        // Subnormal: value = significand·2^(exponent - 150), in units of 2^-24 that
-        // is significand >> (126 - exponent), a shift of 14 to 24 bits.
-        const unsigned int significand = (magnitude & 0x7fffffu) | 0x800000u;
-        const unsigned int shift = 126u - (magnitude >> 23);
-        const unsigned int kept = significand >> shift;
-        const unsigned int rest = significand & ((1u << shift) - 1u);
-        const unsigned int halfway = 1u << (shift - 1u);
-        result = kept + ((rest > halfway || (rest == halfway && (kept & 1u))) ? 1u : 0u);
-    } else {
-        result = 0u;
-    }
-    half_bits out;
-    out.bits = (unsigned short)(sign | result);
-    return out;
+__device__ __forceinline__ __half from_float<__half>(float value) {
+    return __float2half_rn(value);
 }
 
 // σ(x) = 1 / (1 + e^{-x}), computed from e^{-|x|} so the exponential never

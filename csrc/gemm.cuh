@@ -4,9 +4,9 @@
 //
 //     C[M, N] = op(A)[M, K] · op(B)[K, N]  (+ bias[N] broadcast over rows)
 //
-// Element types: A is AType, B and bias are BType, C is CType, each float or half_bits
+// Element types: A is AType, B and bias are BType, C is CType, each float or __half
 // (common.cuh). Elements are widened to float on load (exact), summed in float, and C
-// is rounded once on store (to nearest even for half_bits). With all three float this
+// is rounded once on store (to nearest even for __half). With all three float this
 // is the plain float32 product.
 //
 // Operands are row-major with a leading dimension (elements between rows):

@@ -4,7 +4,7 @@
 //
 // Layouts:
 //   pointers   [count] unsigned 64-bit: the address of g_k's first element; every
-//              g_k is contiguous, elements of type T (float, double or half_bits)
+//              g_k is contiguous, elements of type T (float, double or __half)
 //   ends       [count] int64: ends[k] = size(g_0) + … + size(g_k), the prefix sums of
 //              the sizes; total = ends[count-1] > 0. Arrays of size 0 are allowed.
 //   block_sums [gridDim.x] float64: block b's partial sum (grad_norm_partial)
@@ -25,8 +25,9 @@
 // so Inf + Inf never makes a NaN); a float64 sum of finite squares can still overflow to
 // Inf (|x| > ~1e154), which the caller tells apart from a real Inf on the host.
 //
-// float16 is read as raw bits (half_bits, common.cuh) and widened by our own exact
-// conversion (to_float, common.cuh): NVRTC here has no CUDA headers, so no cuda_fp16.h.
+// float16 is read as cuda_fp16.h's __half and widened by __half2float (to_float,
+// common.cuh), which is exact for every binary16 value, subnormals included, under the
+// -ftz=true CuPy compiles with.
 //
 // Notes for the launcher (rnnkernels/_grad_norm.py): 1-D grid of ceil(total / chunk)
 // blocks of Threads threads, any chunk >= 1 (a multiple of Threads wastes no lanes);
@@ -39,7 +40,7 @@ namespace rnnkernels {
 __device__ __forceinline__ double widen(float x) { return (double)x; }
 __device__ __forceinline__ double widen(double x) { return x; }
 // binary16 -> float64, exactly, through common.cuh's to_float (binary16 -> float is exact).
-__device__ __forceinline__ double widen(half_bits x) { return (double)to_float(x); }
+__device__ __forceinline__ double widen(__half x) { return (double)to_float(x); }
 
 // The first k with ends[k] > position (exists for 0 <= position < ends[count-1]).
 __device__ __forceinline__ int array_holding(const long long* __restrict__ ends, int count, long long position) {

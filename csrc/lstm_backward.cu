@@ -24,7 +24,7 @@
 // Every output element is summed by one thread in a fixed order, so gradients (and
 // the norms) are bitwise identical run after run.
 //
-// Precision: Storage (common.cuh) is the problem's input type, float or half_bits.
+// Precision: Storage (common.cuh) is the problem's input type, float or __half.
 // Inputs read as Storage: w_hh, dy, dh_n here, and x, w_ih, w_hh in the gemms;
 // outputs written as Storage: dx, dW_ih, dW_hh, dh0 (gemm) and db (column_sum), each
 // rounded once from its float32 sum (dc0 is rounded by the launcher). Everything in
@@ -174,7 +174,7 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
 }
 
 // out[col] = Σ_row matrix[row, col], for db = Σ_{t,b} dz, summed in float32 and rounded
-// once to Out (float or half_bits) on store. Thread (x, y) of a block sums
+// once to Out (float or __half) on store. Thread (x, y) of a block sums
 // rows y, y + RowThreads, ... of column blockIdx.x·ColumnTile + x in increasing order,
 // then the RowThreads partial sums meet in a fixed-shape tree: deterministic, no atomics.
 template <typename Out, int ColumnTile, int RowThreads>

@@ -19,7 +19,7 @@
 //      backward when Training).
 //
 // Precision: the inputs x, w_ih, w_hh, bias (and h0, c0, which the launcher copies into
-// h_all[0], c_all[0]) are Storage: float for float32 problems, half_bits (binary16,
+// h_all[0], c_all[0]) are Storage: float for float32 problems, __half (binary16,
 // common.cuh) for float16 ones. Every product, sum and activation is float32, and the
 // workspaces gx, h_all, c_all, gates are float32 whatever Storage is. The recurrence
 // reads the float32 h_{t-1} and c_{t-1}, NOT their float16 roundings: a float16

@@ -56,8 +56,9 @@ _MAX_SIZE = _INT32_MAX - 64
 
 
 # numpy dtype name -> the kernels' Storage type for it (csrc/common.cuh): the dtypes the
-# `cuda` and `emulated` backends accept. float16 arrives as raw 16-bit values.
-STORAGE_TYPES = {"float32": "float", "float16": "rnnkernels::half_bits"}
+# `cuda` and `emulated` backends accept. float16 is cuda_fp16.h's __half (numpy.float16's
+# size and layout).
+STORAGE_TYPES = {"float32": "float", "float16": "__half"}
 
 
 def _storage(dtype_name: str) -> str:
@@ -224,8 +225,8 @@ class GradNorm:
 
     threads: int = 256
 
-    # numpy dtype name -> the kernel's element type (float16 is read as raw bits)
-    ELEMENT_TYPES = {"float16": "rnnkernels::half_bits", "float32": "float", "float64": "double"}
+    # numpy dtype name -> the kernel's element type
+    ELEMENT_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
 
     def partial_name(self, dtype_name: str) -> str:
         return f"rnnkernels::grad_norm_partial<{self.ELEMENT_TYPES[dtype_name]}, {self.threads}>"
@@ -281,11 +282,16 @@ STEP_KERNEL_PREFIXES = ("rnnkernels::lstm_forward_step<", "rnnkernels::lstm_back
 
 
 def compile_options() -> tuple[str, ...]:
-    """NVRTC options shared by the runtime loader and the NVRTC check (no -arch: CuPy
-    adds the device's). The digest define changes CuPy's on-disk cache key whenever
-    any csrc/ file, headers included, changes."""
+    """Our NVRTC options, shared by the runtime loader and the NVRTC check: csrc/, then
+    NVIDIA's device header folders (``_sources.cuda_include_dirs``; FileNotFoundError
+    naming the pip packages when there are none). CuPy's RawModule adds its own to them,
+    -ftz=true and the device's -arch among them; ``nvrtc_check.cupy_nvrtc_options``
+    records that full list from CuPy's code, and the check compiles with it. The digest
+    define changes CuPy's on-disk cache key whenever any csrc/ file, headers included,
+    changes."""
     return (
         f"--include-path={_sources.csrc_dir()}",
+        *(f"--include-path={folder}" for folder in _sources.cuda_include_dirs()),
         f"-DRNNKERNELS_SOURCES={_sources.sources_digest()}",
     )
 
