@@ -2,20 +2,26 @@
 
     python -m rnnkernels.nvrtc_check [--arch sm_80 sm_90]
 
-needs only the NVRTC library (``pip install rnnkernels[cuda13]``), no GPU and no
-driver. For each source in :data:`rnnkernels._launch.KERNELS` and each architecture it
-compiles all of that source's instances at once, with the runtime's options plus
-``-arch=<arch> -Xptxas=-v``, and prints one row per kernel: registers, static shared
-memory, stack frame and spill stores/loads. Exits 1 if a per-step kernel spills or a
-kernel needs more registers than its launch bounds allow.
+needs only the NVRTC library and NVIDIA's device headers (``pip install
+rnnkernels[cuda13]``), no GPU and no driver. For each source in
+:data:`rnnkernels._launch.KERNELS` and each architecture it compiles all of that
+source's instances at once, with exactly the options CuPy's RawModule hands NVRTC at
+run time (:func:`cupy_nvrtc_options`: ours, plus CuPy's -ftz=true, C++ standard and
+include folders, with ``-arch=<arch>``) and ``-Xptxas=-v``, prints those options, and
+one row per kernel: registers, static shared memory, stack frame and spill
+stores/loads. Exits 1 if a per-step kernel spills or a kernel needs more registers than
+its launch bounds allow.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
+from unittest import mock
 
 from . import _launch, _sources
 
@@ -66,6 +72,80 @@ def load_nvrtc():
     return nvrtc
 
 
+class _Recorded(Exception):
+    """Raised by :class:`_RecordingProgram` once CuPy hands it the module's options."""
+
+    def __init__(self, options):
+        super().__init__("recorded")
+        self.options = tuple(options)
+
+
+class _RecordingProgram:
+    """Stands in for CuPy's NVRTC program class (cupy.cuda.compiler._NVRTCProgram): it
+    compiles nothing and reports the options CuPy passes to ``compile``."""
+
+    def __init__(self, src, name="default_program", headers=(), include_names=(), name_expressions=None,
+                 method="ptx"):
+        self.name_expressions = name_expressions
+
+    def compile(self, options=(), log_stream=None):
+        raise _Recorded(options)
+
+
+_ARCH_PLACEHOLDER = "-arch=<device>"
+_PROBE_SOURCE = 'extern "C" __global__ void rnnkernels_option_probe() {}\n'
+_recording_lock = threading.Lock()
+
+
+def cupy_nvrtc_options(options, arch: str) -> tuple[str, ...]:
+    """The options CuPy's RawModule hands NVRTC for a module built with ``options`` on a
+    device of architecture ``arch`` (e.g. "sm_90"), read from CuPy's own code rather
+    than copied from it, so the check cannot drift from the runtime: CuPy's add
+    -ftz=true, the C++ standard, its include folders and more, depending on the version.
+
+    How: RawModule compiles through ``cupy._core.core.compile_with_cache`` (see
+    cupy/_core/raw.pyx), which assembles CuPy's options and passes them down to
+    ``cupy.cuda.compiler``. This runs that very path with four of the compiler module's
+    names replaced for the duration, none of which alters the options: the NVRTC
+    program class by a recorder that compiles nothing; the device queries (there may be
+    no device) by ``arch``'s digits and an -arch placeholder, which becomes
+    ``-arch=<arch>`` (sm_: CuPy builds SASS when NVRTC knows the device, as for sm_80
+    and sm_90); the empty-program compile that reads NVRTC's version for the cache key
+    by an empty string, with CuPy's memo of it restored afterwards. CuPy's kernel cache
+    is kept in memory for the call, so nothing is read from or written to disk."""
+    from cupy._core import core
+    from cupy.cuda import compiler
+
+    if not re.fullmatch(r"sm_\d+", arch):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    digits = arch.removeprefix("sm_")
+    with _recording_lock, mock.patch.object(compiler, "_NVRTCProgram", _RecordingProgram), mock.patch.object(
+        compiler, "_get_arch", lambda: digits
+    ), mock.patch.object(
+        compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (_ARCH_PLACEHOLDER, "cubin")
+    ), mock.patch.object(compiler, "_preprocess", lambda *args, **kwargs: ""), mock.patch.dict(
+        compiler._empty_file_preprocess_cache
+    ), mock.patch.dict(os.environ, {"CUPY_CACHE_IN_MEMORY": "1"}):
+        try:
+            core.compile_with_cache(
+                _PROBE_SOURCE, tuple(options), prepend_cupy_headers=False,
+                name_expressions=("rnnkernels_option_probe",),
+            )
+        except _Recorded as recorded:
+            found = recorded.options
+        else:
+            raise RuntimeError("CuPy's compile path never reached NVRTC; cannot read its options")
+    if found.count(_ARCH_PLACEHOLDER) != 1:
+        raise RuntimeError(f"CuPy's options carry no single -arch where expected: {found}")
+    return tuple(f"-arch={arch}" if option == _ARCH_PLACEHOLDER else option for option in found)
+
+
+def check_options(arch: str) -> tuple[str, ...]:
+    """What the check compiles with: the runtime's options as CuPy passes them, plus
+    ptxas's report."""
+    return (*cupy_nvrtc_options(_launch.compile_options(), arch), "-Xptxas=-v")
+
+
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USAGE = re.compile(r"Used (\d+) registers")
@@ -100,7 +180,7 @@ def compile_source(source: str, arch: str) -> list[KernelReport]:
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
-        options = [*_launch.compile_options(), f"-arch={arch}", "-Xptxas=-v"]
+        options = list(check_options(arch))
         try:
             nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as error:
@@ -172,6 +252,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     reports = check_all(args.arch)
     print(f"NVRTC {'.'.join(map(str, load_nvrtc().getVersion()))}, sources {_sources.sources_digest()}")
+    for arch in args.arch:
+        print(f"options ({arch}, as CuPy's RawModule passes them):", " ".join(check_options(arch)))
     print(format_table(reports))
     found = problems(reports)
     for problem in found:
