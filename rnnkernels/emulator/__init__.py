@@ -45,6 +45,9 @@ __all__ = [
 
 DEFAULT_SEED = 0
 SEED_ENVIRONMENT_VARIABLE = "RNNKERNELS_EMULATOR_SEED"
+# Read by runtime.cpp at every launch: unset or "flush" flushes float32 denormals to zero
+# as the GPU does under CuPy's -ftz=true (the default); "keep" keeps IEEE denormals.
+DENORMALS_ENVIRONMENT_VARIABLE = "RNNKERNELS_EMULATOR_DENORMALS"
 _ERROR_BUFFER_BYTES = 8192
 
 

@@ -54,21 +54,38 @@ inline unsigned short narrow_from_double(double value) {
     return static_cast<unsigned short>(sign | (out + unsigned(kept)));
 }
 
-inline unsigned short float_to_half_bits(float f) { return narrow_from_double<5, 10>(double(f)); }
+// float -> double, exactly, denormals included even while a launch flushes them
+// (runtime.cpp sets MXCSR's DAZ bit, under which double(f) would read a float denormal
+// as 0). The GPU's conversion instructions (cvt.rn.bf16.f32, in cuda_bf16.h's inline
+// PTX) are not flushed by -ftz=true, so a float denormal keeps its bfloat16 value.
+inline double widen_float(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t mantissa = bits & 0x7fffffu;
+    if ((bits & 0x7f800000u) != 0 || mantissa == 0) return double(f);  // not a denormal
+    const double magnitude = std::ldexp(double(mantissa), -149);  // exact, a normal double
+    return (bits >> 31) ? -magnitude : magnitude;
+}
+
+inline unsigned short float_to_half_bits(float f) { return narrow_from_double<5, 10>(widen_float(f)); }
 inline unsigned short double_to_half_bits(double d) { return narrow_from_double<5, 10>(d); }
-inline unsigned short float_to_bfloat16_bits(float f) { return narrow_from_double<8, 7>(double(f)); }
+inline unsigned short float_to_bfloat16_bits(float f) { return narrow_from_double<8, 7>(widen_float(f)); }
 inline unsigned short double_to_bfloat16_bits(double d) { return narrow_from_double<8, 7>(d); }
 
 // Round toward zero (the _rz conversions): drop the extra bits; finite never becomes inf.
 template <int ExponentBits, int MantissaBits>
 inline unsigned short narrow_toward_zero(float value) {
-    const unsigned short nearest = narrow_from_double<ExponentBits, MantissaBits>(double(value));
+    const unsigned short nearest = narrow_from_double<ExponentBits, MantissaBits>(widen_float(value));
     constexpr unsigned magnitude_mask = (1u << (ExponentBits + MantissaBits)) - 1u;
     constexpr unsigned infinity = ((1u << ExponentBits) - 1u) << MantissaBits;
     const unsigned magnitude = nearest & magnitude_mask;
     if (magnitude > infinity) return nearest;  // NaN
-    // Widen back; if rounding went away from zero, step one unit toward zero.
-    const float f_abs = value < 0 ? -value : value;
+    // Widen back; if rounding went away from zero, step one unit toward zero. The
+    // magnitudes are compared as bit patterns (same order as the values for floats >= 0),
+    // which, unlike a float comparison, sees denormals while a launch flushes them.
+    uint32_t value_bits;
+    std::memcpy(&value_bits, &value, sizeof value_bits);
+    const uint32_t abs_bits = value_bits & 0x7fffffffu;
     float back;
     if constexpr (ExponentBits == 5) {
         const unsigned e = magnitude >> 10, m = magnitude & 0x3ff;
@@ -78,7 +95,9 @@ inline unsigned short narrow_toward_zero(float value) {
         uint32_t bits = uint32_t(magnitude) << 16;
         std::memcpy(&back, &bits, sizeof back);
     }
-    if (back > f_abs && magnitude > 0) return static_cast<unsigned short>(nearest - 1);
+    uint32_t back_bits;
+    std::memcpy(&back_bits, &back, sizeof back_bits);
+    if (back_bits > abs_bits && magnitude > 0) return static_cast<unsigned short>(nearest - 1);
     return nearest;
 }
 

@@ -44,6 +44,10 @@
 #define RNNEMU_ASAN 0
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr: the denormal mode of a launch
+#endif
+
 #if defined(__x86_64__) && !defined(RNNEMU_USE_UCONTEXT)
 #define RNNEMU_ASM_SWITCH 1
 #else
@@ -865,6 +869,45 @@ unsigned long long spin_limit() {
     return limit;
 }
 
+// Denormals, as on the GPU under our compile options. CuPy compiles every kernel with
+// -ftz=true, so the GPU's float32 arithmetic flushes denormal inputs and results to zero
+// (sign kept). A launch does the same by default: it sets MXCSR's FTZ (results) and DAZ
+// (inputs) bits for its duration and restores the caller's MXCSR after. Every fiber
+// inherits them: a fiber's context is made from the running MXCSR when its block starts,
+// and each stack switch saves and restores MXCSR. MXCSR also governs SSE double, which
+// -ftz=true leaves alone: float64 denormals (below ~2.2e-308) flush here, not on a GPU.
+// RNNKERNELS_EMULATOR_DENORMALS=keep turns this off (IEEE denormals, nvcc's default).
+struct DenormalMode {
+    std::string error;  // non-empty: the launch must not run
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int saved = _mm_getcsr();
+    bool changed = false;
+#endif
+    DenormalMode() {
+        const char* text = std::getenv("RNNKERNELS_EMULATOR_DENORMALS");
+        const std::string mode = text ? text : "";
+        if (mode == "keep") return;
+        if (!mode.empty() && mode != "flush") {
+            error = "RNNKERNELS_EMULATOR_DENORMALS=" + mode + ": expected flush (the default) or keep";
+            return;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_setcsr(saved | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+        changed = true;
+#else
+        error = "flushing denormals like the GPU is implemented for x86 only; set "
+                "RNNKERNELS_EMULATOR_DENORMALS=keep to run with IEEE denormals";
+#endif
+    }
+    ~DenormalMode() {
+#if defined(__x86_64__) || defined(__i386__)
+        if (changed) _mm_setcsr(saved);
+#endif
+    }
+    DenormalMode(const DenormalMode&) = delete;
+    DenormalMode& operator=(const DenormalMode&) = delete;
+};
+
 void init_fibers(Launch& launch, size_t count) {
     launch.fibers.resize(count);
     for (size_t i = 0; i < count; ++i) {
@@ -1096,7 +1139,10 @@ RNNEMU_EXPORT int rnnemu_launch(const rnnemu::KernelInfo* kernel, const unsigned
         launch.rng.state = seed;
         launch.spin_limit = spin_limit();
         g_launch = &launch;
-        message = run_launch(launch);
+        {
+            DenormalMode denormals;  // FTZ|DAZ while the launch runs, then the caller's MXCSR
+            message = denormals.error.empty() ? run_launch(launch) : denormals.error;
+        }
         g_launch = nullptr;
         for (Block& b : launch.blocks) std::free(b.dynamic_shared);
     }
