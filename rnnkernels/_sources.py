@@ -59,6 +59,9 @@ def sources_digest() -> str:
 # folder when it finds a toolkit, so rnnkernels finds them itself: first in the pip
 # wheels its cuda extras install, then in a toolkit. The CPU emulator never uses these
 # folders: its stand-ins for the same headers are in rnnkernels/emulator/include/.
+# CuPy puts the folders of its own bundled CCCL before any option of ours, so under CuPy
+# <nv/target> and <cuda/atomic> resolve to CuPy's copy first and ours is the fallback;
+# the NVRTC check compiles with CuPy's list, so it sees the same order.
 
 # What a folder pair must hold to be used: the device headers (cuda_fp16.h includes
 # vector_types.h; cuda_bf16.h and cooperative_groups.h sit beside them) and libcu++
