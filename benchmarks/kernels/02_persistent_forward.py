@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rnnkernels import _sources  # noqa: E402
+from rnnkernels import _launch, _sources  # noqa: E402
 from rnnkernels.reference import forward as reference_forward  # noqa: E402
 
 SOURCE = Path(__file__).resolve().with_suffix(".cu")
@@ -248,7 +248,7 @@ def compile_report(arch: str) -> list[dict]:
     try:
         for tile in TILES:
             nvrtc.addNameExpression(program, tile.kernel_name())
-        options = [f"-I{_sources.csrc_dir()}", f"-arch={arch}", "-Xptxas=-v"]
+        options = list(nvrtc_check.check_options(arch))  # CuPy's exact options, NVIDIA's headers
         try:
             nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as error:
@@ -282,7 +282,7 @@ class GpuPersistent:
             raise RuntimeError("this device does not support cooperative launches")
         self.module = cupy.RawModule(
             code=_source_text(),
-            options=(f"-I{_sources.csrc_dir()}", f"-DRNNKERNELS_SOURCES={_sources.sources_digest()}"),
+            options=_launch.compile_options(),  # csrc/, NVIDIA's header folders, the digest
             name_expressions=[tile.kernel_name() for tile in TILES],
             enable_cooperative_groups=True,
         )
