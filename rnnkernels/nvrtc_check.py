@@ -100,8 +100,9 @@ _recording_lock = threading.Lock()
 def cupy_nvrtc_options(options, arch: str) -> tuple[str, ...]:
     """The options CuPy's RawModule hands NVRTC for a module built with ``options`` on a
     device of architecture ``arch`` (e.g. "sm_90"), read from CuPy's own code rather
-    than copied from it, so the check cannot drift from the runtime: CuPy's add
-    -ftz=true, the C++ standard, its include folders and more, depending on the version.
+    than copied from it, so the check cannot drift from the runtime. CuPy adds -ftz=true,
+    the C++ standard, its include folders and more, depending on its version
+    (tests/test_ftz.py pins the set, and checks it against a real RawModule on a GPU).
 
     How: RawModule compiles through ``cupy._core.core.compile_with_cache`` (see
     cupy/_core/raw.pyx), which assembles CuPy's options and passes them down to

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import emulator_or_skip
+from conftest import cupy_or_skip, emulator_or_skip
 
 from rnnkernels import _launch, _sources, nvrtc_check
 from rnnkernels import emulator as emu
@@ -222,6 +222,29 @@ def test_check_compiles_with_cupys_exact_options():
     assert compiler._NVRTCProgram.__name__ == "_NVRTCProgram"
     with pytest.raises(ValueError, match="arch"):
         nvrtc_check.cupy_nvrtc_options(ours, "compute_90")
+
+
+@pytest.mark.gpu
+def test_recorded_options_are_what_rawmodule_passes_on_this_gpu(monkeypatch):
+    """On a GPU, a real cupy.RawModule (not the compile_with_cache path the recorder
+    goes through) hands NVRTC exactly what cupy_nvrtc_options says for this device."""
+    cupy = cupy_or_skip()
+    from cupy.cuda import compiler
+
+    monkeypatch.setattr(compiler, "_NVRTCProgram", nvrtc_check._RecordingProgram)
+    monkeypatch.setattr(compiler, "_preprocess", lambda *args, **kwargs: "")  # its program is not the module's
+    monkeypatch.setattr(compiler, "_empty_file_preprocess_cache", {})
+    monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")
+    ours = _launch.compile_options()
+    module = cupy.RawModule(
+        code='extern "C" __global__ void rnnkernels_rawmodule_probe() {}\n',
+        options=ours,
+        name_expressions=("rnnkernels_rawmodule_probe",),
+    )
+    with pytest.raises(nvrtc_check._Recorded) as recorded:
+        module.compile()
+    arch = "sm_" + cupy.cuda.Device().compute_capability
+    assert recorded.value.options == nvrtc_check.cupy_nvrtc_options(ours, arch)
 
 
 def test_nvrtc_check_passes_those_options_to_nvrtc(monkeypatch):
