@@ -228,3 +228,28 @@ def test_02_persistent_forward_with_a_planted_bug_fails_in_the_stale_model(persi
         text = planted(text, "        __threadfence();\n        const unsigned before", "        const unsigned before")
     errors = [persistent_error(persistent, text, seed) for seed in range(6)]
     assert max(errors) > 1e-3, errors
+
+
+def test_emulator_runtime_takes_a_memory_model():
+    from rnnkernels import _launch
+
+    assert _launch.EmulatorRuntime(memory_model="stale").memory_model == "stale"
+    assert _launch.EmulatorRuntime().memory_model is None
+    with pytest.raises(ValueError, match="memory_model"):
+        _launch.EmulatorRuntime(memory_model="weak")
+
+
+def test_product_kernels_are_exact_in_the_stale_model():
+    # Normal launches in the stale model: every block starts from the launch-start
+    # contents. The per-step kernels do not communicate between blocks, so nothing
+    # changes, bit for bit.
+    from test_cuda_kernels import assert_bitwise_equal, make_problem, run_kernels
+
+    from rnnkernels import _launch
+
+    problem = make_problem(3, 3, 5, 33, seed=7)
+    stale = _launch.EmulatorRuntime(seed=1, memory_model="stale")
+    results = run_kernels(stale, problem)
+    modules = [_launch._emulator_module(source, _launch._sources.sources_digest(), False) for source in (_launch.FORWARD_SOURCE, _launch.BACKWARD_SOURCE)]
+    assert all(module.last_view_switches > 0 for module in modules)  # their last launches had views
+    assert_bitwise_equal(results, run_kernels(_launch.EmulatorRuntime(seed=1), problem))

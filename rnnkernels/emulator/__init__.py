@@ -158,8 +158,10 @@ class EmulatedModule:
 
     @property
     def last_view_switches(self) -> int:
-        """How often the last stale-model launch of this module swapped a block's view of
-        global memory in (each swap copies the array arguments twice): its cost."""
+        """How often the last launch of this module put a block's view of the array
+        arguments into host memory (a block switch in a cooperative launch, a block start
+        in a normal one; each copies the arrays once or twice): the stale model's cost,
+        0 for a sequentially consistent launch."""
         return int(self._view_switches())
 
     def __repr__(self) -> str:

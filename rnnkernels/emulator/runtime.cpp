@@ -500,6 +500,7 @@ void memory_start_block(Launch& launch, Block& block) {
     } else {  // the one block of a normal launch: its view is host memory
         copy_to_host(memory, memory.initial);
         memory.loaded = &block;
+        memory.block_switches += 1;
     }
 }
 
@@ -1445,7 +1446,9 @@ RNNEMU_EXPORT void rnnemu_set_memory_model(int stale, int count,
     rnnemu::g_memory_request = std::move(request);
 }
 
-// Block switches that swapped global memory views in the last stale launch (cost).
+// How often the last launch put a block's view of the tracked arrays into host memory
+// (a block switch in a cooperative launch, a block start in a normal one): its cost,
+// and 0 when the launch ran sequentially consistent.
 RNNEMU_EXPORT unsigned long long rnnemu_view_switches() { return rnnemu::g_view_switches; }
 
 // Bytes of static shared memory in this module (all kernels together).
