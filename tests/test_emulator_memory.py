@@ -30,7 +30,7 @@ pytestmark = [
     ),
 ]
 
-ORDERINGS = ["correct", "no_release", "plain_load", "no_wait", "no_acquire"]
+ORDERINGS = ["correct", "acquire_release", "no_release", "plain_load", "no_wait", "no_acquire"]
 NAMES = [f"exchange_with_flags<Ordering::{o}>" for o in ORDERINGS] + [
     "exchange_with_grid_sync",
     "locked_counter<false>",
@@ -78,10 +78,11 @@ def exact_seeds(kernels, ordering, start, memory_model) -> list[bool]:
     return [np.array_equal(run_exchange(kernels, ordering, start, seed, memory_model), expected) for seed in SEEDS]
 
 
-def test_correct_exchange_is_exact_in_both_models(kernels, start):
-    assert all(exact_seeds(kernels, "correct", start, "sequential"))
+@pytest.mark.parametrize("ordering", ["correct", "acquire_release"])
+def test_correct_exchange_is_exact_in_both_models(kernels, start, ordering):
+    assert all(exact_seeds(kernels, ordering, start, "sequential"))
     assert kernels.last_view_switches == 0
-    assert all(exact_seeds(kernels, "correct", start, "stale"))
+    assert all(exact_seeds(kernels, ordering, start, "stale"))
     assert kernels.last_view_switches > 0  # the model was engaged: blocks had views
 
 

@@ -27,6 +27,7 @@
 
 enum class Ordering {
     correct,          // the contract above
+    acquire_release,  // the same with ld.acquire.gpu / st.release.gpu (inline PTX on a GPU)
     no_release,       // bug 1: no __threadfence() before the flag store
     plain_load,       // bug 2: the data read with plain loads (may hit a stale L1 line)
     no_wait,          // bug 3: the consumer does not wait for the flags
@@ -42,6 +43,29 @@ __device__ __forceinline__ unsigned next_value(const unsigned* previous, unsigne
     return 3u * a + b + step;
 }
 
+// ld.acquire.gpu and st.release.gpu, as cuda::atomic_ref's load(acquire) and
+// store(release) compile; on the emulator the built-ins they stand for.
+__device__ __forceinline__ unsigned load_acquire(unsigned* flag) {
+#ifdef RNNKERNELS_EMULATOR
+    const unsigned value = atomicAdd(flag, 0u);
+    __threadfence();
+    return value;
+#else
+    unsigned value;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(flag) : "memory");
+    return value;
+#endif
+}
+
+__device__ __forceinline__ void store_release(unsigned* flag, unsigned value) {
+#ifdef RNNKERNELS_EMULATOR
+    __threadfence();
+    atomicExch(flag, value);
+#else
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(value) : "memory");
+#endif
+}
+
 template <Ordering Order>
 __global__ void exchange_with_flags(unsigned* history,  // [steps + 1, n]
                                     unsigned* ready,    // [gridDim.x]
@@ -52,7 +76,10 @@ __global__ void exchange_with_flags(unsigned* history,  // [steps + 1, n]
         const unsigned* previous = history + (size_t)(step - 1) * n;
         unsigned* current = history + (size_t)step * n;
         // Wait until every producer has published step - 1 (step 0 is the host's).
-        if (Order != Ordering::no_wait && step > 1 && threadIdx.x < gridDim.x) {
+        if (Order == Ordering::acquire_release && step > 1 && threadIdx.x < gridDim.x) {
+            while (load_acquire(&ready[threadIdx.x]) < unsigned(step - 1)) {
+            }
+        } else if (Order != Ordering::no_wait && step > 1 && threadIdx.x < gridDim.x) {
             while (atomicAdd(&ready[threadIdx.x], 0u) < unsigned(step - 1)) {
             }
             if (Order != Ordering::no_acquire) __threadfence();
@@ -63,7 +90,9 @@ __global__ void exchange_with_flags(unsigned* history,  // [steps + 1, n]
             current[i] = next_value(previous, i, n, unsigned(step), Order != Ordering::plain_load);
         }
         __syncthreads();  // the whole slice is written before thread 0 publishes it
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && Order == Ordering::acquire_release) {
+            store_release(&ready[blockIdx.x], unsigned(step));
+        } else if (threadIdx.x == 0) {
             if (Order != Ordering::no_release) __threadfence();
             atomicExch(&ready[blockIdx.x], unsigned(step));
         }
