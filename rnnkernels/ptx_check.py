@@ -7,6 +7,12 @@ between blocks through global memory (persistent kernels: h_t or dz_t every step
         exchanged="h_all", flags="ready")
     assert report.ok, report.explain()
 
+    # every instance of a source in one NVRTC compile:
+    reports = ptx_check.check_exchanges(path, names, exchanged="h_all", flags="ready")
+
+    python -m rnnkernels.ptx_check csrc/lstm_persistent.cu 'rnnkernels::k<4, 2>' \
+        --exchanged h_all --flags ready          # exit status 1 if a problem is found
+
 needs only the NVRTC library (``pip install rnnkernels[cuda13]``): no GPU, no driver.
 The emulator's stale memory model (rnnkernels/emulator/README.md, "Memory ordering")
 checks the same contract by running the kernel; this check reads what the compiler
@@ -145,15 +151,39 @@ def check_exchange(
     RuntimeError with NVRTC's log if the source does not compile (or NVRTC is missing),
     ValueError for a parameter the kernel does not have.
     """
+    return check_exchanges(source, [name_expression], exchanged=exchanged, flags=flags,
+                           include_dirs=include_dirs, options=options, arch=arch)[0]
+
+
+def check_exchanges(
+    source: os.PathLike | str,
+    name_expressions: Sequence[str],
+    *,
+    exchanged: str | int | Sequence[str | int],
+    flags: str | int | Sequence[str | int],
+    include_dirs: Sequence[os.PathLike | str] = (),
+    options: Sequence[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+) -> list[ExchangeReport]:
+    """:func:`check_exchange` for several instances of one source (e.g. every tile of
+    a persistent kernel), compiled together in one NVRTC call; one report per name, in
+    order. ``exchanged`` and ``flags`` name the same parameters in each."""
+    if isinstance(name_expressions, str) or not name_expressions:
+        raise ValueError("name_expressions must be a non-empty sequence of name expressions")
     text, file_name = _read(source)
-    parameters = kernel_parameters(text, name_expression)
-    exchanged_params = _indices(exchanged, parameters, "exchanged", name_expression)
-    flag_params = _indices(flags, parameters, "flags", name_expression)
-    ptx, lowered = compile_to_ptx(text, file_name, name_expression, include_dirs, options, arch)
-    entry = entry_ptx(ptx, lowered)
-    report = ExchangeReport(name_expression, arch, exchanged_params, flag_params, ptx=entry)
-    _analyse(parse_instructions(entry), report)
-    return report
+    plans = []
+    for name in name_expressions:
+        parameters = kernel_parameters(text, name)
+        plans.append((name, _indices(exchanged, parameters, "exchanged", name),
+                      _indices(flags, parameters, "flags", name)))
+    ptx, lowered = compile_to_ptx(text, file_name, list(name_expressions), include_dirs, options, arch)
+    reports = []
+    for name, exchanged_params, flag_params in plans:
+        entry = entry_ptx(ptx, lowered[name])
+        report = ExchangeReport(name, arch, exchanged_params, flag_params, ptx=entry)
+        _analyse(parse_instructions(entry), report)
+        reports.append(report)
+    return reports
 
 
 # ------------------------------------------------------------------------ compiling
@@ -164,9 +194,9 @@ def _read(source) -> tuple[str, str]:
     return path.read_text(encoding="utf-8"), path.name
 
 
-def compile_to_ptx(text: str, file_name: str, name_expression: str, include_dirs=(), options=None,
-                   arch: str = DEFAULT_ARCH) -> tuple[str, str]:
-    """(PTX of the whole program, lowered name of ``name_expression``)."""
+def compile_to_ptx(text: str, file_name: str, name_expressions: Sequence[str], include_dirs=(), options=None,
+                   arch: str = DEFAULT_ARCH) -> tuple[str, dict[str, str]]:
+    """(PTX of the whole program, {name expression: lowered name})."""
     from . import _launch, _sources
     from .nvrtc_check import load_nvrtc
 
@@ -179,7 +209,8 @@ def compile_to_ptx(text: str, file_name: str, name_expression: str, include_dirs
     all_options = [*base, *folders, *CUPY_OPTIONS, f"-arch=compute_{arch[3:]}"]
     program = nvrtc.createProgram(f'#line 1 "{file_name}"\n' + text, file_name, [], [])
     try:
-        nvrtc.addNameExpression(program, name_expression)
+        for name in name_expressions:
+            nvrtc.addNameExpression(program, name)
         try:
             nvrtc.compileProgram(program, all_options)
         except nvrtc.NVRTCError as error:
@@ -187,7 +218,7 @@ def compile_to_ptx(text: str, file_name: str, name_expression: str, include_dirs
                 f"NVRTC failed to compile {file_name} for {arch}:\n{nvrtc.getProgramLog(program)}"
             ) from error
         ptx = nvrtc.getPTX(program)
-        lowered = nvrtc.getLoweredName(program, name_expression)
+        lowered = {name: nvrtc.getLoweredName(program, name) for name in name_expressions}
     finally:
         nvrtc.destroyProgram(program)
     if isinstance(ptx, bytes):
@@ -441,3 +472,29 @@ def _analyse(instructions: list[Instruction], report: ExchangeReport) -> None:
                     f"line {ins.line}: poll ({ins.text}) without an acquire: the exchanged buffer is read "
                     f"at line {instructions[j].line} with no gpu-scope fence in between"
                 )
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnkernels.ptx_check",
+        description="Check the memory ordering of a block-to-block exchange in a kernel's PTX (NVRTC, no GPU).",
+    )
+    parser.add_argument("source", help="the .cu file")
+    parser.add_argument("names", nargs="+", help="name expressions, e.g. 'rnnkernels::k<4, 2>'")
+    parser.add_argument("--exchanged", required=True, nargs="+", help="parameter(s) of the exchanged buffer")
+    parser.add_argument("--flags", required=True, nargs="+", help="parameter(s) of the ready flags / barrier words")
+    parser.add_argument("--arch", default=DEFAULT_ARCH)
+    parser.add_argument("-I", dest="include_dirs", action="append", default=[], help="extra include folder")
+    args = parser.parse_args(argv)
+    reports = check_exchanges(args.source, args.names, exchanged=args.exchanged, flags=args.flags,
+                              include_dirs=args.include_dirs, arch=args.arch)
+    for report in reports:
+        print(("ok    " if report.ok else "FAIL  ") + report.explain())
+    return 0 if all(report.ok for report in reports) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -72,13 +72,17 @@ def test_lock_with_plain_read_is_caught():
     assert through_l2.ok, through_l2.explain()
 
 
-def test_persistent_forward_of_experiment_02_passes():
-    report = ptx_check.check_exchange(PERSISTENT, PERSISTENT_KERNEL, exchanged="h_all", flags="barrier")
-    assert report.ok, report.explain()
-    # Its h_{t-1} reads; the plain loads of c_state and the ld.global.nc of w_hh and gx
-    # are other buffers, which the check leaves alone.
-    assert report.exchanged_loads and all(".cg." in load.opcode for load in report.exchanged_loads)
-    assert "ld.global.nc" in report.ptx and "ld.global.f32" in report.ptx
+def test_every_instance_of_experiment_02_passes():
+    from test_experiments import load_experiment
+
+    names = [tile.kernel_name() for tile in load_experiment("02_persistent_forward.py").TILES]
+    assert PERSISTENT_KERNEL in names
+    for report in ptx_check.check_exchanges(PERSISTENT, names, exchanged="h_all", flags="barrier"):
+        assert report.ok, report.explain()
+        # Its h_{t-1} reads; the plain loads of c_state and the ld.global.nc of w_hh and
+        # gx are other buffers, which the check leaves alone.
+        assert report.exchanged_loads and all(".cg." in load.opcode for load in report.exchanged_loads)
+        assert "ld.global.nc" in report.ptx and "ld.global.f32" in report.ptx
 
 
 @pytest.mark.parametrize(
@@ -108,3 +112,13 @@ def test_parameters_are_read_from_the_declaration():
         ptx_check.check_exchange(PERSISTENT, PERSISTENT_KERNEL, exchanged=9, flags="barrier")
     with pytest.raises(ValueError, match="arch"):
         ptx_check.check_exchange(PERSISTENT, PERSISTENT_KERNEL, exchanged=2, flags=4, arch="90")
+
+
+def test_every_instance_in_one_compile_and_the_command_line(capsys):
+    names = [f"exchange_with_flags<Ordering::{o}>" for o in ("correct", "no_release")]
+    reports = ptx_check.check_exchanges(ORDERING, names, exchanged="history", flags="ready")
+    assert [r.name_expression for r in reports] == names and [r.ok for r in reports] == [True, False]
+    assert ptx_check.main([str(ORDERING), names[0], "--exchanged", "history", "--flags", "ready"]) == 0
+    assert ptx_check.main([str(ORDERING), *names, "--exchanged", "history", "--flags", "ready"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "without a release" in out
