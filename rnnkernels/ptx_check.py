@@ -62,9 +62,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_ARCH = "sm_90"
 # CuPy's own NVRTC options besides the architecture (cupy/cuda/compiler.py): the PTX
@@ -248,7 +248,7 @@ def kernel_parameters(text: str, name_expression: str) -> list[str]:
     """Parameter names of the ``__global__`` function ``name_expression`` names, read
     from its declaration in ``text`` (house style: one parameter per line)."""
     base = re.sub(r"<.*", "", name_expression).split("::")[-1].strip()
-    stripped = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+    stripped = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.DOTALL)
     for match in re.finditer(r"\b" + re.escape(base) + r"\s*\(", stripped):
         before = stripped[max(0, match.start() - 400) : match.start()]
         if "__global__" not in before or ";" in before[before.rfind("__global__"):]:
@@ -476,7 +476,6 @@ def _analyse(instructions: list[Instruction], report: ExchangeReport) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m rnnkernels.ptx_check",

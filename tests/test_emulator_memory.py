@@ -10,7 +10,6 @@ written correctly and with one planted bug each.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ pytestmark = [
     ),
 ]
 
-ORDERINGS = ["correct", "acquire_release", "no_release", "plain_load", "no_wait", "no_acquire"]
+ORDERINGS = ["correct", "acquire_release", "sleepy_poll", "no_release", "plain_load", "no_wait", "no_acquire"]
 NAMES = [f"exchange_with_flags<Ordering::{o}>" for o in ORDERINGS] + [
     "exchange_with_grid_sync",
     "locked_counter<false>",
@@ -78,7 +77,7 @@ def exact_seeds(kernels, ordering, start, memory_model) -> list[bool]:
     return [np.array_equal(run_exchange(kernels, ordering, start, seed, memory_model), expected) for seed in SEEDS]
 
 
-@pytest.mark.parametrize("ordering", ["correct", "acquire_release"])
+@pytest.mark.parametrize("ordering", ["correct", "acquire_release", "sleepy_poll"])
 def test_correct_exchange_is_exact_in_both_models(kernels, start, ordering):
     assert all(exact_seeds(kernels, ordering, start, "sequential"))
     assert kernels.last_view_switches == 0

@@ -179,7 +179,13 @@ inline void __threadfence() {
     ::rnnemu::fenced_yield();
 }
 inline void __threadfence_system() { __threadfence(); }
-inline void __nanosleep(unsigned int) { ::rnnemu::fenced_yield(); }
+// A sleeping thread's weak L2 reads (__ldcg) see newer data when it wakes, so that a
+// poll on them makes progress in the stale memory model (a GPU's L2 reads do, sooner
+// or later; that is not an acquire: the data read after it still needs a fence).
+inline void __nanosleep(unsigned int) {
+    ::rnnemu::fenced_yield();
+    if (::rnnemu::stale_memory_active) ::rnnemu::refresh_l2_reads();
+}
 
 namespace rnnemu {
 template <typename T>

@@ -347,6 +347,8 @@ void poison(void* data, size_t size) {
 //     block's copy of L2 that its weak L1-bypassing loads (__ldcg) read: such a load
 //     sees what was published before the block's last fence and nothing newer (a GPU
 //     may satisfy a load early unless an acquire orders it after the flag).
+//     __nanosleep() refreshes `seen` too (a sleeper's L2 reads see newer data when it
+//     wakes), without publishing: a poll on __ldcg with a sleep makes progress.
 //     __threadfence_block() orders nothing for other blocks and publishes nothing.
 //   * atomics act on L2 (as on a GPU, where they execute there) and write the word's
 //     new value into the block's view, base and seen; __ldcv ("fetch again") reads L2
@@ -1343,6 +1345,12 @@ void publish_writes() {
     Block* block = launch.running->block;
     publish_block(memory, block);
     std::memcpy(block->seen, memory.l2, memory.total);
+}
+
+void refresh_l2_reads() {
+    Launch& launch = this_launch();
+    StaleMemory& memory = launch.memory;
+    if (memory.enabled) std::memcpy(launch.running->block->seen, memory.l2, memory.total);
 }
 
 void load_bypassing_l1(void* out, const void* address, size_t bytes, bool latest) {

@@ -73,6 +73,8 @@ extern RNNEMU_HIDDEN bool stale_memory_active;
 // __threadfence(): publish the running block's unpublished writes to L2 and let its
 // L1-bypassing loads see L2 as it is now.
 RNNEMU_HIDDEN void publish_writes();
+// __nanosleep(): the running block's __ldcg see L2 as it is now (nothing published).
+RNNEMU_HIDDEN void refresh_l2_reads();
 // __ldcg (latest = false: L2 as of the block's last fence) and __ldcv (latest = true:
 // L2 now); the block's own unpublished bytes win. Untracked memory is read directly.
 RNNEMU_HIDDEN void load_bypassing_l1(void* out, const void* address, size_t bytes, bool latest);

@@ -32,6 +32,8 @@ enum class Ordering {
     plain_load,       // bug 2: the data read with plain loads (may hit a stale L1 line)
     no_wait,          // bug 3: the consumer does not wait for the flags
     no_acquire,       // bug 4: the flag polled with a relaxed atomic, no fence after it
+    sleepy_poll,      // the flag polled with __ldcg and __nanosleep, then a fence
+                      // (emulator only: the PTX check wants a strong load of a flag)
 };
 
 __device__ __forceinline__ unsigned next_value(const unsigned* previous, unsigned i, unsigned n,
@@ -79,6 +81,11 @@ __global__ void exchange_with_flags(unsigned* history,  // [steps + 1, n]
         if (Order == Ordering::acquire_release && step > 1 && threadIdx.x < gridDim.x) {
             while (load_acquire(&ready[threadIdx.x]) < unsigned(step - 1)) {
             }
+        } else if (Order == Ordering::sleepy_poll && step > 1 && threadIdx.x < gridDim.x) {
+            while (__ldcg(&ready[threadIdx.x]) < unsigned(step - 1)) {
+                __nanosleep(64);
+            }
+            __threadfence();
         } else if (Order != Ordering::no_wait && step > 1 && threadIdx.x < gridDim.x) {
             while (atomicAdd(&ready[threadIdx.x], 0u) < unsigned(step - 1)) {
             }
