@@ -38,7 +38,9 @@ exchanged buffer's and the flags' kernel parameters (by name or index) are follo
 from their ``ld.param`` through every instruction that computes with them (``cvta``,
 ``add``, ``mad``, ``mov``, ...; a loaded value does not carry the taint) to the address
 operands of loads, stores and atomics. A register that mixes a tracked pointer with
-anything else stays tracked, so the check errs on the side of flagging a load.
+anything else stays tracked, so the check errs on the side of flagging a load. A
+pointer that goes through memory (stored to shared memory and loaded back) is lost:
+loads through it are not checked.
 
 Ordering is checked along the PTX text, which NVRTC lays out in source order, plus
 the loops' back edges (a backward ``bra``): after the end of a loop body comes its head
