@@ -5,7 +5,9 @@
 // onto C++ (or onto nothing), defines the built-in variables and types, and turns
 // every operation that synchronises threads (__syncthreads, warp shuffles and votes,
 // grid sync) into a call into the fiber scheduler in runtime.cpp. Everything else
-// (arithmetic, math functions, atomics) runs directly as host code.
+// (arithmetic, math functions, atomics) runs directly as host code; in the stale
+// memory model, fences, atomics and the L1-bypassing loads also call into the
+// runtime's views of global memory (runtime.cpp, "Global memory views").
 //
 // What kernels may rely on (see README.md beside this file for the full contract):
 //   * RNNKERNELS_EMULATOR is defined; __CUDA_ARCH__ and __CUDACC__ are not.

@@ -8,7 +8,8 @@
 //      synchronisation point (barrier, warp exchange, grid sync, atomic, fence, exit),
 //      then draws the next runnable fiber at random.
 // When no fiber can run and some have not finished, the launch fails with a report of
-// who waits where (a deadlock) instead of hanging.
+// who waits where (a deadlock) instead of hanging. In the stale memory model each
+// block also has its own view of the array arguments ("Global memory views" below).
 //
 // Shared memory. Static __shared__ variables live in one linker section
 // [__rnnemu_shared_begin, __rnnemu_shared_end) (see cuda_emulator.h and the link step
