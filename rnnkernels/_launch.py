@@ -348,19 +348,29 @@ class EmulatorRuntime:
     # heuristic, and a small one picks the tiles with fewer, larger blocks.
     sm_count = 4
 
-    def __init__(self, *, sanitize: bool = False, seed: int | None = None) -> None:
+    def __init__(self, *, sanitize: bool = False, seed: int | None = None, memory_model: str | None = None) -> None:
+        # memory_model: "sequential", "stale" or None (the emulator's default: stale for
+        # cooperative launches); see rnnkernels/emulator/README.md, "Memory ordering".
+        from .emulator import memory_model_for
+
         self.xp = np
         self.sanitize = sanitize
         self.seed = seed
+        if memory_model is not None:
+            memory_model_for(memory_model, cooperative=False)  # ValueError if unknown
+        self.memory_model = memory_model
 
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
         kernel = _emulator_module(source, _sources.sources_digest(), self.sanitize).get_function(
             name_expression
         )
         seed = self.seed
+        # Only when asked: the sanitizer's helper-process kernels take no memory_model
+        # (they follow $RNNKERNELS_EMULATOR_MEMORY).
+        options = {} if self.memory_model is None else {"memory_model": self.memory_model}
 
         def launch(grid, block, args):
-            return kernel(grid, block, args, seed=seed)
+            return kernel(grid, block, args, seed=seed, **options)
 
         return launch
 

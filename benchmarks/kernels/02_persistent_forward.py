@@ -180,7 +180,9 @@ def persistent_forward(xp, launch, problem, tile: PersistentTile, unit_tile: int
     hidden = w_hh.shape[1]
     gx = x.reshape(steps * batch, input_size) @ w_ih.T
     gx += problem["b_ih"] + problem["b_hh"]
-    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
+    # NaN, not empty(): a stale read of a slot the kernel has not written yet must not
+    # find an earlier run's answer left in reused memory (the stale-model tests rely on it).
+    h_all = xp.full((steps + 1, batch, hidden), np.nan, dtype=np.float32)
     h_all[0] = problem["h0"]
     c_state = problem["c0"].copy()
     barrier = xp.zeros((1,), dtype=np.uint32)

@@ -48,6 +48,11 @@ SEED_ENVIRONMENT_VARIABLE = "RNNKERNELS_EMULATOR_SEED"
 # Read by runtime.cpp at every launch: unset or "flush" flushes float32 denormals to zero
 # as the GPU does under CuPy's -ftz=true (the default); "keep" keeps IEEE denormals.
 DENORMALS_ENVIRONMENT_VARIABLE = "RNNKERNELS_EMULATOR_DENORMALS"
+# memory_model: "sequential" (every load sees the latest store: a missing fence passes)
+# or "stale" (GPU-like weak ordering: each block reads its own stale view of the array
+# arguments unless it reads through L2 after a fence; README.md, "Memory ordering").
+MEMORY_MODELS = ("sequential", "stale")
+MEMORY_ENVIRONMENT_VARIABLE = "RNNKERNELS_EMULATOR_MEMORY"
 _ERROR_BUFFER_BYTES = 8192
 
 
@@ -116,6 +121,21 @@ class EmulatedModule:
             ctypes.c_ulong,  # its size
         ]
         self._launch = launch  # runtime.cpp serialises launches of one module
+        set_memory = self._library.rnnemu_set_memory_model
+        set_memory.restype = None
+        set_memory.argtypes = [
+            ctypes.c_int,  # stale
+            ctypes.c_int,  # region count
+            ctypes.POINTER(ctypes.c_ulonglong),  # addresses
+            ctypes.POINTER(ctypes.c_ulonglong),  # sizes
+        ]
+        self._set_memory_model = set_memory
+        view_switches = self._library.rnnemu_view_switches
+        view_switches.restype = ctypes.c_ulonglong
+        self._view_switches = view_switches
+        # rnnemu_set_memory_model configures the next launch: the pair must not interleave
+        # with another thread's launch of this module.
+        self._launch_lock = threading.Lock()
         static_bytes = self._library.rnnemu_static_shared_bytes
         static_bytes.restype = ctypes.c_ulonglong
         self.static_shared_bytes = int(static_bytes())
@@ -138,6 +158,14 @@ class EmulatedModule:
                 f"{name_expression!r} was not among the name expressions of this module "
                 f"({known})"
             ) from None
+
+    @property
+    def last_view_switches(self) -> int:
+        """How often the last launch of this module put a block's view of the array
+        arguments into host memory (a block switch in a cooperative launch, a block start
+        in a normal one; each copies the arrays once or twice): the stale model's cost,
+        0 for a sequentially consistent launch."""
+        return int(self._view_switches())
 
     def __repr__(self) -> str:
         names = ", ".join(k.name_expression for k in self._kernels.values())
@@ -209,6 +237,36 @@ def check_launch(grid, block, shared_mem) -> tuple[tuple[int, int, int], tuple[i
     return grid3, block3
 
 
+def memory_model_for(memory_model, cooperative: bool) -> str:
+    """The memory model a launch runs in: ``memory_model`` if given, else
+    ``$RNNKERNELS_EMULATOR_MEMORY``, else "stale" for cooperative launches (the only ones
+    whose blocks can wait for each other) and "sequential" for normal ones."""
+    if memory_model is None:
+        text = os.environ.get(MEMORY_ENVIRONMENT_VARIABLE, "").strip()
+        if not text:
+            return "stale" if cooperative else "sequential"
+        if text not in MEMORY_MODELS:
+            raise EmulatorError(
+                f"{MEMORY_ENVIRONMENT_VARIABLE}={text!r} is not one of {MEMORY_MODELS}"
+            )
+        return text
+    if memory_model not in MEMORY_MODELS:
+        raise ValueError(f"memory_model must be one of {MEMORY_MODELS} or None, got {memory_model!r}")
+    return memory_model
+
+
+_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or np.byte_bounds  # NumPy 1
+
+
+def array_allocation(array: np.ndarray) -> tuple[int, int]:
+    """(address, bytes) of the memory behind ``array``: the extent of the outermost NumPy
+    array it is a view of, since a kernel may reach past a view into its base."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    low, high = _byte_bounds(array)
+    return low, high - low
+
+
 def _seed(seed) -> int:
     if seed is None:
         text = os.environ.get(SEED_ENVIRONMENT_VARIABLE, "").strip()
@@ -235,7 +293,8 @@ class EmulatedKernel:
         self.param_count = int(info.param_count)
         self.param_codes = info.param_codes.decode()
 
-    def __call__(self, grid, block, args, *, shared_mem=0, cooperative=False, seed=None) -> None:
+    def __call__(self, grid, block, args, *, shared_mem=0, cooperative=False, seed=None,
+                 memory_model=None) -> None:
         """Runs the kernel to completion on the CPU.
 
         grid, block: an int or a tuple of up to 3 ints. args: a tuple; each item is a
@@ -243,16 +302,22 @@ class EmulatedKernel:
         or None (null pointer). shared_mem: bytes of dynamic shared memory, see
         ``emulator_dynamic_shared_memory()``. cooperative: run all blocks together so
         that grid sync works. seed: the scheduling seed; None means
-        ``$RNNKERNELS_EMULATOR_SEED`` or 0, so runs are reproducible.
+        ``$RNNKERNELS_EMULATOR_SEED`` or 0, so runs are reproducible. memory_model:
+        "sequential" or "stale" (see :func:`memory_model_for` for the default); in
+        "stale" the array arguments' allocations get a GPU's weak memory ordering.
         """
         grid3, block3 = check_launch(grid, block, shared_mem)
+        stale = memory_model_for(memory_model, bool(cooperative)) == "stale"
         count = len(args)
         holders = []
         pointers = (ctypes.c_void_p * max(count, 1))()
         sizes = (ctypes.c_uint * max(count, 1))()
         codes = bytearray()
+        regions = []
         for i, (kind, value) in enumerate(classify_arguments(args, self.name_expression)):
             if kind == "array":
+                if stale:
+                    regions.append(array_allocation(value))
                 holder = ctypes.c_void_p(value.__array_interface__["data"][0])
                 code = b"p"
             elif kind == "null":
@@ -266,20 +331,28 @@ class EmulatedKernel:
             sizes[i] = ctypes.sizeof(holder)
             codes += code
         error = ctypes.create_string_buffer(_ERROR_BUFFER_BYTES)
-        status = self.module._launch(
-            self._address,
-            (ctypes.c_uint * 3)(*grid3),
-            (ctypes.c_uint * 3)(*block3),
-            int(shared_mem),
-            1 if cooperative else 0,
-            _seed(seed),
-            count,
-            ctypes.cast(pointers, ctypes.c_void_p),
-            bytes(codes),
-            sizes,
-            error,
-            _ERROR_BUFFER_BYTES,
-        )
+        scheduling_seed = _seed(seed)
+        with self.module._launch_lock:
+            self.module._set_memory_model(
+                1 if stale else 0,
+                len(regions),
+                (ctypes.c_ulonglong * max(len(regions), 1))(*(address for address, _ in regions)),
+                (ctypes.c_ulonglong * max(len(regions), 1))(*(size for _, size in regions)),
+            )
+            status = self.module._launch(
+                self._address,
+                (ctypes.c_uint * 3)(*grid3),
+                (ctypes.c_uint * 3)(*block3),
+                int(shared_mem),
+                1 if cooperative else 0,
+                scheduling_seed,
+                count,
+                ctypes.cast(pointers, ctypes.c_void_p),
+                bytes(codes),
+                sizes,
+                error,
+                _ERROR_BUFFER_BYTES,
+            )
         if status != 0:
             raise EmulatorError(error.value.decode(errors="replace"))
 

@@ -5,7 +5,9 @@
 // onto C++ (or onto nothing), defines the built-in variables and types, and turns
 // every operation that synchronises threads (__syncthreads, warp shuffles and votes,
 // grid sync) into a call into the fiber scheduler in runtime.cpp. Everything else
-// (arithmetic, math functions, atomics) runs directly as host code.
+// (arithmetic, math functions, atomics) runs directly as host code; in the stale
+// memory model, fences, atomics and the L1-bypassing loads also call into the
+// runtime's views of global memory (runtime.cpp, "Global memory views").
 //
 // What kernels may rely on (see README.md beside this file for the full contract):
 //   * RNNKERNELS_EMULATOR is defined; __CUDA_ARCH__ and __CUDACC__ are not.
@@ -169,10 +171,23 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu, RNNEMU_WHERE) {
 
 // Fences: host fences, and a point where the scheduler may switch threads so that
 // spin-waits on memory written by other threads make progress (see runtime.h).
+// In the stale memory model __threadfence and __threadfence_system also publish the
+// block's writes to the other blocks; __threadfence_block orders nothing for them.
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
-inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::rnnemu::fenced_yield(); }
-inline void __nanosleep(unsigned int) { ::rnnemu::fenced_yield(); }
+inline void __threadfence() {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    RNNEMU_FENCE();
+    if (::rnnemu::stale_memory_active) ::rnnemu::publish_writes();
+    ::rnnemu::fenced_yield();
+}
+inline void __threadfence_system() { __threadfence(); }
+// A sleeping thread's weak L2 reads (__ldcg) see newer data when it wakes, so that a
+// poll on them makes progress in the stale memory model (a GPU's L2 reads do, sooner
+// or later; that is not an acquire: the data read after it still needs a fence).
+inline void __nanosleep(unsigned int) {
+    ::rnnemu::fenced_yield();
+    if (::rnnemu::stale_memory_active) ::rnnemu::refresh_l2_reads();
+}
 
 namespace rnnemu {
 template <typename T>
@@ -279,15 +294,20 @@ inline unsigned int __lanemask_lt() { return (1u << ::rnnemu::lane_id()) - 1u; }
 // livelock check, so only polling loops that never change anything trip it.
 // ---------------------------------------------------------------------------------
 namespace rnnemu {
+// In the stale memory model the update acts on L2 (where a GPU executes atomics) and
+// the new value is copied into the running block's view.
 template <typename T, typename F>
 inline T atomic_update(T* address, F update) {
     fenced_yield();
-    T expected = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+    T* target = stale_memory_active ? static_cast<T*>(atomic_address(address, sizeof(T)))
+                                    : address;
+    T expected = __atomic_load_n(target, __ATOMIC_SEQ_CST);
     T desired = update(expected);
-    while (!__atomic_compare_exchange_n(address, &expected, desired, false, __ATOMIC_SEQ_CST,
+    while (!__atomic_compare_exchange_n(target, &expected, desired, false, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
         desired = update(expected);
     }
+    if (target != address) atomic_done(address, sizeof(T));
     if (desired != expected) note_progress();
     return expected;  // the old value
 }
@@ -513,13 +533,31 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
     return r;
 }
 
-// Cache-hinted loads and stores are plain loads and stores.
+// Cache-hinted loads and stores. By default all are plain loads and stores. In the
+// stale memory model (runtime.cpp, "Global memory views") the two that bypass L1 read
+// L2: __ldcg (ld.global.cg, "cache global": L2, not L1) sees L2 as of the block's last
+// fence, __ldcv (ld.global.cv, "don't cache, fetch again") sees L2 now. The others may
+// hit a stale L1 line and read the block's view like a plain load: __ldg
+// (ld.global.nc, the non-coherent read-only path), __ldca (cache all levels), __ldcs
+// (streaming, allocates in L1 evict-first) and __ldlu (ld.lu is ld.cs on global
+// addresses, PTX ISA). Stores of any hint are weak: they reach other blocks only at a
+// fence, like plain stores.
+namespace rnnemu {
+template <typename T>
+inline T load_bypassing_l1(const T* p, bool latest) {
+    if (!stale_memory_active) return *p;
+    RNNEMU_FENCE();  // the view in host memory may hold stores the compiler has not made yet
+    T value;
+    load_bypassing_l1(&value, p, sizeof(T), latest);
+    return value;
+}
+}  // namespace rnnemu
 template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return ::rnnemu::load_bypassing_l1(p, false); }
 template <typename T> inline T __ldca(const T* p) { return *p; }
 template <typename T> inline T __ldcs(const T* p) { return *p; }
 template <typename T> inline T __ldlu(const T* p) { return *p; }
-template <typename T> inline T __ldcv(const T* p) { return *p; }
+template <typename T> inline T __ldcv(const T* p) { return ::rnnemu::load_bypassing_l1(p, true); }
 template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 template <typename T> inline void __stwb(T* p, T v) { *p = v; }

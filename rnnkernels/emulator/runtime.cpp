@@ -8,7 +8,8 @@
 //      synchronisation point (barrier, warp exchange, grid sync, atomic, fence, exit),
 //      then draws the next runnable fiber at random.
 // When no fiber can run and some have not finished, the launch fails with a report of
-// who waits where (a deadlock) instead of hanging.
+// who waits where (a deadlock) instead of hanging. In the stale memory model each
+// block also has its own view of the array arguments ("Global memory views" below).
 //
 // Shared memory. Static __shared__ variables live in one linker section
 // [__rnnemu_shared_begin, __rnnemu_shared_end) (see cuda_emulator.h and the link step
@@ -64,6 +65,7 @@ unsigned int current_thread_index[3];
 unsigned int current_block_index[3];
 unsigned int current_block_dim[3];
 unsigned int current_grid_dim[3];
+bool stale_memory_active = false;
 
 namespace {
 
@@ -255,6 +257,12 @@ struct Block {
     unsigned char* dynamic_shared = nullptr;
     std::vector<unsigned char> saved_static;  // cooperative launches
     bool static_initialised = false;
+    // Stale memory model (see "Global memory views" below): this block's copies of the
+    // tracked buffers, each laid out like StaleMemory::l2.
+    unsigned char* view = nullptr;  // its plain loads and stores (in host memory while loaded)
+    unsigned char* base = nullptr;  // the view as of its last publish: view != base is dirty
+    unsigned char* seen = nullptr;  // L2 as of its last fence: what its weak __ldcg reads
+    unsigned long long linear = 0;  // x fastest: the order of the launch-end publish
 };
 
 struct Rng {  // splitmix64
@@ -266,6 +274,31 @@ struct Rng {  // splitmix64
         return z ^ (z >> 31);
     }
     size_t below(size_t n) { return size_t(next() % n); }
+};
+
+// One array argument's allocation, tracked by the stale memory model.
+struct GlobalRegion {
+    unsigned char* host;  // the memory the kernel's pointers point into
+    size_t size;
+    size_t offset;  // where its copy starts in every buffer of StaleMemory and Block
+};
+
+struct PendingBytes {  // a finished block's unpublished writes (normal launches)
+    unsigned long long block;
+    size_t offset;
+    std::vector<unsigned char> bytes;
+};
+
+struct StaleMemory {
+    bool enabled = false;
+    std::vector<GlobalRegion> regions;  // sorted by address, disjoint
+    size_t total = 0;                   // bytes of one copy (regions plus alignment gaps)
+    std::vector<unsigned char*> allocations;
+    unsigned char* initial = nullptr;  // contents at launch start
+    unsigned char* l2 = nullptr;       // what is globally visible
+    Block* loaded = nullptr;           // block whose view is in host memory
+    std::vector<PendingBytes> pending;
+    unsigned long long block_switches = 0;
 };
 
 struct Launch {
@@ -290,6 +323,7 @@ struct Launch {
     void* scheduler_fake_stack = nullptr;
     const void* scheduler_stack_bottom = nullptr;
     size_t scheduler_stack_size = 0;
+    StaleMemory memory;
 };
 
 Launch* g_launch = nullptr;
@@ -299,6 +333,236 @@ size_t static_shared_size() { return size_t(__rnnemu_shared_end - __rnnemu_share
 
 void poison(void* data, size_t size) {
     if (size) std::memset(data, kPoison, size);
+}
+
+// ---------------------------------------------------------------------------------
+// Global memory views: the stale memory model
+// ---------------------------------------------------------------------------------
+// With memory_model="stale" (README.md, "Memory ordering"), the allocations behind the
+// launch's array arguments (the regions) get a GPU's weak ordering, made visible:
+//   * every block has a private VIEW of them: the launch-start contents plus its own
+//     plain stores. Plain loads and stores, and the hinted ones that may hit L1 or sit
+//     in a store queue (__ldg, __ldca, __ldcs, __ldlu, __stcg, __stcs, __stwb, __stwt),
+//     touch the view: host memory holds the view of the block whose thread runs, and
+//     the scheduler swaps views when it switches blocks, as it does static shared
+//     memory. An L1 that is never invalidated plus a store queue that drains only at a
+//     fence: stricter than a GPU, never looser.
+//   * L2 holds what is globally visible. __threadfence() and __threadfence_system()
+//     publish the block's dirty bytes (view != base) to L2, then refresh `seen`, the
+//     block's copy of L2 that its weak L1-bypassing loads (__ldcg) read: such a load
+//     sees what was published before the block's last fence and nothing newer (a GPU
+//     may satisfy a load early unless an acquire orders it after the flag).
+//     __nanosleep() refreshes `seen` too (a sleeper's L2 reads see newer data when it
+//     wakes), without publishing: a poll on __ldcg with a sleep makes progress.
+//     __threadfence_block() orders nothing for other blocks and publishes nothing.
+//   * atomics act on L2 (as on a GPU, where they execute there) and write the word's
+//     new value into the block's view, base and seen; __ldcv ("fetch again") reads L2
+//     as it is now.
+//   * a block's L1-bypassing loads return its own unpublished bytes where it has any
+//     (a thread sees its own stores).
+//   * grid sync publishes every block's dirty bytes (in block order), then sets every
+//     view, base and seen to L2: plain loads after it see everything before it.
+//   * at the end of the launch, every block's dirty bytes are published in block order
+//     and host memory gets L2. Normal launches work the same way, block after block:
+//     each block starts from the launch-start contents and L2 as it is then.
+// Dirty bytes are found by comparing view with base, so a plain store of the value the
+// view already holds does not count as a write. Only a byte written by several blocks
+// in one launch with flags (not a grid sync) between them can suffer from that; then L2
+// may keep the other block's value: a false alarm, never a missed bug.
+// Cost: a memcpy of the regions per block switch (cooperative launches switch blocks at
+// every atomic and fence) plus a compare per fence; keep emulated shapes small.
+struct MemoryRequest {  // set by rnnemu_set_memory_model for the next launch
+    bool stale = false;
+    std::vector<std::pair<unsigned char*, size_t>> regions;
+};
+MemoryRequest g_memory_request;
+unsigned long long g_view_switches = 0;  // of the last launch, for rnnemu_view_switches
+
+const GlobalRegion* find_region(const StaleMemory& memory, const void* address, size_t bytes) {
+    const unsigned char* start = static_cast<const unsigned char*>(address);
+    for (const GlobalRegion& region : memory.regions) {
+        if (start >= region.host && start + bytes <= region.host + region.size) return &region;
+    }
+    return nullptr;
+}
+
+unsigned char* new_copy(StaleMemory& memory) {
+    void* data = nullptr;
+    if (posix_memalign(&data, 64, memory.total ? memory.total : 1) != 0) throw std::bad_alloc();
+    memory.allocations.push_back(static_cast<unsigned char*>(data));
+    return static_cast<unsigned char*>(data);
+}
+
+void copy_from_host(const StaleMemory& memory, unsigned char* copy) {
+    for (const GlobalRegion& region : memory.regions)
+        std::memcpy(copy + region.offset, region.host, region.size);
+}
+
+void copy_to_host(const StaleMemory& memory, const unsigned char* copy) {
+    for (const GlobalRegion& region : memory.regions)
+        std::memcpy(region.host, copy + region.offset, region.size);
+}
+
+// The block's view of `region`: host memory while the block is loaded.
+unsigned char* view_of(const StaleMemory& memory, Block* block, const GlobalRegion& region) {
+    return memory.loaded == block ? region.host : block->view + region.offset;
+}
+
+// Calls found(start, length) for each run of bytes where view and base differ.
+template <typename F>
+void for_each_dirty_run(const unsigned char* view, const unsigned char* base, size_t size,
+                        F found) {
+    size_t i = 0;
+    while (i < size) {
+        // Whole 64-byte chunks that are clean are the common case: memcmp skips them.
+        if (i % 64 == 0 && i + 64 <= size && std::memcmp(view + i, base + i, 64) == 0) {
+            i += 64;
+            continue;
+        }
+        if (view[i] == base[i]) {
+            ++i;
+            continue;
+        }
+        size_t end = i + 1;
+        while (end < size && view[end] != base[end]) ++end;
+        found(i, end - i);
+        i = end;
+    }
+}
+
+// The block's unpublished writes go to L2 (and become its base).
+void publish_block(StaleMemory& memory, Block* block) {
+    for (const GlobalRegion& region : memory.regions) {
+        const unsigned char* view = view_of(memory, block, region);
+        unsigned char* base = block->base + region.offset;
+        unsigned char* l2 = memory.l2 + region.offset;
+        for_each_dirty_run(view, base, region.size, [&](size_t start, size_t length) {
+            std::memcpy(l2 + start, view + start, length);
+            std::memcpy(base + start, view + start, length);
+        });
+    }
+}
+
+// Normal launches: the finished block's unpublished writes, published at launch end.
+void keep_pending(StaleMemory& memory, Block* block) {
+    for (const GlobalRegion& region : memory.regions) {
+        const unsigned char* view = view_of(memory, block, region);
+        const unsigned char* base = block->base + region.offset;
+        for_each_dirty_run(view, base, region.size, [&](size_t start, size_t length) {
+            memory.pending.push_back(PendingBytes{
+                block->linear, region.offset + start,
+                std::vector<unsigned char>(view + start, view + start + length)});
+        });
+    }
+}
+
+void memory_begin(Launch& launch, MemoryRequest& request) {
+    StaleMemory& memory = launch.memory;
+    if (!request.stale || request.regions.empty()) return;
+    std::sort(request.regions.begin(), request.regions.end());
+    for (const auto& [host, size] : request.regions) {
+        if (size == 0) continue;
+        if (!memory.regions.empty()) {
+            GlobalRegion& last = memory.regions.back();
+            if (host < last.host + last.size) {  // overlapping views of one array: merge
+                last.size = std::max(last.size, size_t(host + size - last.host));
+                continue;
+            }
+        }
+        memory.regions.push_back(GlobalRegion{host, size, 0});
+    }
+    // Each copy keeps the host address's alignment modulo 64, so an atomic on the L2
+    // copy of a word is as aligned as on the host.
+    size_t offset = 0;
+    for (GlobalRegion& region : memory.regions) {
+        const size_t misalignment = reinterpret_cast<uintptr_t>(region.host) % 64;
+        offset = (offset + 63) / 64 * 64 + misalignment;
+        region.offset = offset;
+        offset += region.size;
+    }
+    memory.total = offset;
+    memory.initial = new_copy(memory);
+    memory.l2 = new_copy(memory);
+    copy_from_host(memory, memory.initial);
+    std::memcpy(memory.l2, memory.initial, memory.total);
+    for (Block& block : launch.blocks) {
+        block.view = new_copy(memory);
+        block.base = new_copy(memory);
+        block.seen = new_copy(memory);
+    }
+    memory.enabled = true;  // only now: every copy exists
+    stale_memory_active = true;
+}
+
+// A block starts: its view and base are the launch-start contents; its weak
+// L1-bypassing loads see L2 as it is now (in a normal launch: with the finished
+// blocks' fenced writes).
+void memory_start_block(Launch& launch, Block& block) {
+    StaleMemory& memory = launch.memory;
+    if (!memory.enabled) return;
+    std::memcpy(block.base, memory.initial, memory.total);
+    std::memcpy(block.seen, memory.l2, memory.total);
+    if (launch.cooperative) {
+        std::memcpy(block.view, memory.initial, memory.total);
+    } else {  // the one block of a normal launch: its view is host memory
+        copy_to_host(memory, memory.initial);
+        memory.loaded = &block;
+        memory.block_switches += 1;
+    }
+}
+
+// Makes `block`'s view the content of host memory.
+void memory_load_view(Launch& launch, Block* block) {
+    StaleMemory& memory = launch.memory;
+    if (!memory.enabled || memory.loaded == block) return;
+    if (memory.loaded) copy_from_host(memory, memory.loaded->view);
+    copy_to_host(memory, block->view);
+    memory.loaded = block;
+    memory.block_switches += 1;
+}
+
+void memory_end_block(Launch& launch, Block& block) {
+    if (launch.memory.enabled && !launch.cooperative) keep_pending(launch.memory, &block);
+}
+
+void memory_grid_sync(Launch& launch) {
+    StaleMemory& memory = launch.memory;
+    if (!memory.enabled) return;
+    if (memory.loaded) copy_from_host(memory, memory.loaded->view);
+    memory.loaded = nullptr;
+    for (Block& block : launch.blocks) publish_block(memory, &block);
+    for (Block& block : launch.blocks) {
+        std::memcpy(block.view, memory.l2, memory.total);
+        std::memcpy(block.base, memory.l2, memory.total);
+        std::memcpy(block.seen, memory.l2, memory.total);
+    }
+}
+
+// Publishes what no fence published, in block order, and gives host memory L2. Also
+// after an error, so that the arrays hold one consistent state.
+void memory_end(Launch& launch) {
+    StaleMemory& memory = launch.memory;
+    stale_memory_active = false;
+    g_view_switches = memory.block_switches;
+    if (memory.enabled) {
+        memory.enabled = false;
+        if (launch.cooperative) {
+            if (memory.loaded) copy_from_host(memory, memory.loaded->view);
+            memory.loaded = nullptr;
+            for (Block& block : launch.blocks) publish_block(memory, &block);
+        } else {
+            std::stable_sort(memory.pending.begin(), memory.pending.end(),
+                             [](const PendingBytes& a, const PendingBytes& b) {
+                                 return a.block < b.block;
+                             });
+            for (const PendingBytes& run : memory.pending)
+                std::memcpy(memory.l2 + run.offset, run.bytes.data(), run.bytes.size());
+        }
+        copy_to_host(memory, memory.l2);
+    }
+    for (unsigned char* data : memory.allocations) std::free(data);
+    memory.allocations.clear();
+    for (Block& block : launch.blocks) block.view = block.base = block.seen = nullptr;
 }
 
 // ---------------------------------------------------------------------------------
@@ -740,6 +1004,7 @@ bool on_quiescent(Launch& launch) {
                 return false;
             }
         }
+        memory_grid_sync(launch);
         for (Fiber& fiber : launch.fibers) {
             if (fiber.state == State::grid) make_runnable(&fiber);
         }
@@ -759,6 +1024,7 @@ void run_scheduler(Launch& launch) {
         }
         if (fiber->block != launch.current) set_block_globals(launch, fiber->block);
         load_static_shared(launch, fiber->block);
+        memory_load_view(launch, fiber->block);
         for (int d = 0; d < 3; ++d) current_thread_index[d] = fiber->index[d];
         launch.running = fiber;
         switch_to_fiber(launch, fiber);
@@ -921,7 +1187,7 @@ void init_fibers(Launch& launch, size_t count) {
     }
 }
 
-std::string run_launch(Launch& launch) {
+std::string run_launch(Launch& launch, MemoryRequest& memory_request) {
     const unsigned long long block_count = 1ull * launch.grid[0] * launch.grid[1] * launch.grid[2];
     std::string error;
     const size_t fiber_count = launch.cooperative ? size_t(block_count) * launch.thread_count
@@ -932,6 +1198,7 @@ std::string run_launch(Launch& launch) {
 
     if (launch.cooperative) {
         launch.blocks.resize(size_t(block_count));
+        memory_begin(launch, memory_request);
         size_t b = 0;
         for (unsigned z = 0; z < launch.grid[2]; ++z)
             for (unsigned y = 0; y < launch.grid[1]; ++y)
@@ -942,7 +1209,9 @@ std::string run_launch(Launch& launch) {
                     block.index[2] = z;
                     block.dynamic_shared = allocate_dynamic_shared(launch.shared_bytes);
                     block.saved_static.assign(static_size, kPoison);
+                    block.linear = b;
                     start_block(launch, block, &launch.fibers[b * launch.thread_count]);
+                    memory_start_block(launch, block);
                 }
         run_scheduler(launch);
         return launch.error;
@@ -955,16 +1224,20 @@ std::string run_launch(Launch& launch) {
         std::swap(sequence[i - 1], sequence[launch.rng.below(i)]);
     }
     launch.blocks.resize(1);
+    memory_begin(launch, memory_request);
     Block& block = launch.blocks[0];
     block.dynamic_shared = allocate_dynamic_shared(launch.shared_bytes);
     for (unsigned long long linear : sequence) {
         block.index[0] = unsigned(linear % launch.grid[0]);
         block.index[1] = unsigned((linear / launch.grid[0]) % launch.grid[1]);
         block.index[2] = unsigned(linear / (1ull * launch.grid[0] * launch.grid[1]));
+        block.linear = linear;
         start_block(launch, block, launch.fibers.data());
+        memory_start_block(launch, block);
         launch.loaded = nullptr;
         launch.current = nullptr;
         run_scheduler(launch);
+        memory_end_block(launch, block);
         if (!launch.error.empty()) break;
     }
     return launch.error;
@@ -1108,6 +1381,60 @@ void kernel_trap(const char* what, const char* file, int line) {
                         line));
 }
 
+// Stale memory model hooks (the shim calls them only while stale_memory_active).
+void publish_writes() {
+    Launch& launch = this_launch();
+    StaleMemory& memory = launch.memory;
+    if (!memory.enabled) return;
+    Block* block = launch.running->block;
+    publish_block(memory, block);
+    std::memcpy(block->seen, memory.l2, memory.total);
+}
+
+void refresh_l2_reads() {
+    Launch& launch = this_launch();
+    StaleMemory& memory = launch.memory;
+    if (memory.enabled) std::memcpy(launch.running->block->seen, memory.l2, memory.total);
+}
+
+void load_bypassing_l1(void* out, const void* address, size_t bytes, bool latest) {
+    Launch& launch = this_launch();
+    const StaleMemory& memory = launch.memory;
+    const GlobalRegion* region = memory.enabled ? find_region(memory, address, bytes) : nullptr;
+    if (!region) {
+        std::memcpy(out, address, bytes);
+        return;
+    }
+    const Block* block = launch.running->block;
+    const unsigned char* view = static_cast<const unsigned char*>(address);
+    const size_t offset = region->offset + size_t(view - region->host);
+    const unsigned char* base = block->base + offset;
+    const unsigned char* source = (latest ? memory.l2 : block->seen) + offset;
+    unsigned char* result = static_cast<unsigned char*>(out);
+    for (size_t i = 0; i < bytes; ++i) result[i] = view[i] != base[i] ? view[i] : source[i];
+}
+
+void* atomic_address(void* address, size_t bytes) {
+    Launch& launch = this_launch();
+    const StaleMemory& memory = launch.memory;
+    const GlobalRegion* region = memory.enabled ? find_region(memory, address, bytes) : nullptr;
+    if (!region) return address;
+    return memory.l2 + region->offset + size_t(static_cast<unsigned char*>(address) - region->host);
+}
+
+void atomic_done(void* address, size_t bytes) {
+    Launch& launch = this_launch();
+    const StaleMemory& memory = launch.memory;
+    const GlobalRegion* region = memory.enabled ? find_region(memory, address, bytes) : nullptr;
+    if (!region) return;
+    Block* block = launch.running->block;
+    const size_t offset =
+        region->offset + size_t(static_cast<unsigned char*>(address) - region->host);
+    std::memcpy(address, memory.l2 + offset, bytes);
+    std::memcpy(block->base + offset, memory.l2 + offset, bytes);
+    std::memcpy(block->seen + offset, memory.l2 + offset, bytes);
+}
+
 }  // namespace rnnemu
 
 // ---------------------------------------------------------------------------------
@@ -1120,6 +1447,8 @@ RNNEMU_EXPORT int rnnemu_launch(const rnnemu::KernelInfo* kernel, const unsigned
                                 void** args, const char* arg_codes, const unsigned* arg_sizes,
                                 char* error, unsigned long error_size) {
     using namespace rnnemu;
+    MemoryRequest memory_request = std::move(g_memory_request);  // for this launch only
+    g_memory_request = MemoryRequest();
     std::string message = check_arguments(kernel, arg_count, arg_codes, arg_sizes);
     if (message.empty()) message = check_configuration(grid, block, shared_bytes, cooperative);
     if (message.empty()) {
@@ -1141,8 +1470,17 @@ RNNEMU_EXPORT int rnnemu_launch(const rnnemu::KernelInfo* kernel, const unsigned
         g_launch = &launch;
         {
             DenormalMode denormals;  // FTZ|DAZ while the launch runs, then the caller's MXCSR
-            message = denormals.error.empty() ? run_launch(launch) : denormals.error;
+            if (!denormals.error.empty()) {
+                message = denormals.error;
+            } else {
+                try {
+                    message = run_launch(launch, memory_request);
+                } catch (const std::bad_alloc&) {  // thrown before any fiber runs
+                    message = "out of memory for the stale memory model's copies of the arrays";
+                }
+            }
         }
+        memory_end(launch);
         g_launch = nullptr;
         for (Block& b : launch.blocks) std::free(b.dynamic_shared);
     }
@@ -1150,6 +1488,27 @@ RNNEMU_EXPORT int rnnemu_launch(const rnnemu::KernelInfo* kernel, const unsigned
     std::snprintf(error, error_size, "%s", message.c_str());
     return 1;
 }
+
+// The memory model of the NEXT rnnemu_launch only: stale != 0 gives the `count`
+// allocations [addresses[i], addresses[i] + sizes[i]) a GPU's weak ordering (see
+// "Global memory views"); overlapping ones are merged. The caller makes the two calls
+// back to back under one lock (rnnkernels/emulator/__init__.py).
+RNNEMU_EXPORT void rnnemu_set_memory_model(int stale, int count,
+                                           const unsigned long long* addresses,
+                                           const unsigned long long* sizes) {
+    rnnemu::MemoryRequest request;
+    request.stale = stale != 0;
+    for (int i = 0; i < count; ++i) {
+        request.regions.emplace_back(reinterpret_cast<unsigned char*>(uintptr_t(addresses[i])),
+                                     size_t(sizes[i]));
+    }
+    rnnemu::g_memory_request = std::move(request);
+}
+
+// How often the last launch put a block's view of the tracked arrays into host memory
+// (a block switch in a cooperative launch, a block start in a normal one): its cost,
+// and 0 when the launch ran sequentially consistent.
+RNNEMU_EXPORT unsigned long long rnnemu_view_switches() { return rnnemu::g_view_switches; }
 
 // Bytes of static shared memory in this module (all kernels together).
 RNNEMU_EXPORT unsigned long long rnnemu_static_shared_bytes() {

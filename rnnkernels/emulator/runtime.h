@@ -66,6 +66,23 @@ RNNEMU_HIDDEN void yield_point();
 // An atomic changed memory: not a livelock.
 RNNEMU_HIDDEN void note_progress();
 
+// The stale memory model (memory_model="stale"; runtime.cpp, "Global memory views").
+// True while a launch runs in it; the shim calls the hooks below only then, so the
+// default, sequentially consistent mode pays one branch per hinted load or atomic.
+extern RNNEMU_HIDDEN bool stale_memory_active;
+// __threadfence(): publish the running block's unpublished writes to L2 and let its
+// L1-bypassing loads see L2 as it is now.
+RNNEMU_HIDDEN void publish_writes();
+// __nanosleep(): the running block's __ldcg see L2 as it is now (nothing published).
+RNNEMU_HIDDEN void refresh_l2_reads();
+// __ldcg (latest = false: L2 as of the block's last fence) and __ldcv (latest = true:
+// L2 now); the block's own unpublished bytes win. Untracked memory is read directly.
+RNNEMU_HIDDEN void load_bypassing_l1(void* out, const void* address, size_t bytes, bool latest);
+// Atomics: the address to update (the L2 copy of a tracked word, else `address`), and
+// afterwards atomic_done copies the word's new value into the block's view.
+RNNEMU_HIDDEN void* atomic_address(void* address, size_t bytes);
+RNNEMU_HIDDEN void atomic_done(void* address, size_t bytes);
+
 RNNEMU_HIDDEN void* dynamic_shared_memory();
 RNNEMU_HIDDEN unsigned int lane_id();
 RNNEMU_HIDDEN unsigned int live_lanes();

@@ -232,13 +232,16 @@ __global__ void tile_sums(const int* x, int* sum, unsigned* ballot, int* rank) {
     block.sync();
 }
 
-// A spin lock around a plain read-modify-write. The fence inside the critical section
-// lets other threads run (and spin) while the lock is held; the count is exact only if
-// the lock works and spinning threads let the holder continue.
+// A spin lock around a read-modify-write. The fences inside the critical section let
+// other threads run (and spin) while the lock is held; the count is exact only if the
+// lock works and spinning threads let the holder continue. The counter is read through
+// L2 after an acquire fence: another block wrote it, and a plain load may hit a stale
+// L1 line (the stale memory model of cooperative launches shows that).
 __global__ void spin_lock_counter(int* lock, int* counter) {
     while (atomicCAS(lock, 0, 1) != 0) {
     }
-    const int value = *counter;
+    __threadfence();
+    const int value = __ldcg(counter);
     __threadfence();
     *counter = value + 1;
     __threadfence();
