@@ -287,7 +287,33 @@ def check_variant(rt: Runtime, variant: str, dtype: str, shape, seed: int) -> di
 
 # --------------------------------------------------------------------------- stages
 def stage_env(args, record) -> None:
+    # Cheapest and most useful first: a cold torch import on a fresh machine can take
+    # many seconds, so it comes last and cannot cost the device's description.
+    import rnnkernels
+
     record("python", version=sys.version, executable=sys.executable, platform=platform.platform())
+    record("source", commit=_commit(), sources_digest=_sources.sources_digest(), variants=list(_launch.VARIANTS),
+           modelled_variants=list(cost_model.MODELS), rnnkernels_file=rnnkernels.__file__)
+    record("tools", compute_sanitizer=_sanitizer_path(), nvidia_smi=shutil.which("nvidia-smi"),
+           nvcc=shutil.which("nvcc"), ncu=shutil.which("ncu"))
+    if args.emulated:
+        record("device", emulated=True, model_device=cost_model.DEFAULT_DEVICE)
+    else:
+        if shutil.which("nvidia-smi"):
+            query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit"
+            rc, output = run_group(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], 10)
+            record("nvidia_smi", query=query, exit=rc, output=output.strip())
+        cupy = Runtime(False).cupy
+        attributes = cupy.cuda.Device().attributes
+        keep = ("MultiProcessorCount", "ClockRate", "MemoryClockRate", "GlobalMemoryBusWidth", "L2CacheSize",
+                "MaxSharedMemoryPerBlockOptin", "MaxSharedMemoryPerMultiprocessor", "ComputeCapabilityMajor",
+                "ComputeCapabilityMinor", "CooperativeLaunch")
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        dev = cost_model.from_cupy_attributes(name, attributes)
+        record("device", name=name, attributes={k: attributes.get(k) for k in keep},
+               cupy_runtime=cupy.cuda.runtime.runtimeGetVersion(), cupy_driver=cupy.cuda.runtime.driverGetVersion(),
+               model_device=_device_dict(dev))
     versions = {}
     for name in ("numpy", "numba", "cupy", "torch"):
         try:
@@ -295,40 +321,10 @@ def stage_env(args, record) -> None:
         except Exception as error:  # noqa: BLE001 - record what is missing, go on
             versions[name] = f"NOT IMPORTABLE: {type(error).__name__}: {error}"
     record("versions", **versions)
-    import rnnkernels
-
-    record("source", commit=_commit(), sources_digest=_sources.sources_digest(), variants=list(_launch.VARIANTS),
-           modelled_variants=list(cost_model.MODELS), rnnkernels_file=rnnkernels.__file__)
-    sanitizer = _sanitizer_path()
-    record("tools", compute_sanitizer=sanitizer, nvidia_smi=shutil.which("nvidia-smi"), nvcc=shutil.which("nvcc"),
-           ncu=shutil.which("ncu"))
-    if args.emulated:
-        record("device", emulated=True, model_device=cost_model.DEFAULT_DEVICE)
-        return
-    if shutil.which("nvidia-smi"):
-        query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit"
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True,
-                              timeout=10)
-        record("nvidia_smi", query=query, output=done.stdout.strip(), error=done.stderr.strip())
-    rt = Runtime(False)
-    cupy = rt.cupy
-    attributes = cupy.cuda.Device().attributes
-    keep = ("MultiProcessorCount", "ClockRate", "MemoryClockRate", "GlobalMemoryBusWidth", "L2CacheSize",
-            "MaxSharedMemoryPerBlockOptin", "MaxSharedMemoryPerMultiprocessor", "ComputeCapabilityMajor",
-            "ComputeCapabilityMinor", "CooperativeLaunch")
-    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    dev = cost_model.from_cupy_attributes(name, attributes)
-    record("device", name=name, attributes={k: attributes.get(k) for k in keep},
-           cupy_runtime=cupy.cuda.runtime.runtimeGetVersion(), cupy_driver=cupy.cuda.runtime.driverGetVersion(),
-           model_device=_device_dict(dev))
-    try:
-        import torch
-
+    if not args.emulated and "torch" in sys.modules:
+        torch = sys.modules["torch"]
         record("torch", cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                available=torch.cuda.is_available())
-    except Exception as error:  # noqa: BLE001
-        record("torch", error=f"{type(error).__name__}: {error}")
 
 
 def _commit() -> str:

@@ -323,16 +323,17 @@ def _check(direction: str) -> None:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
-def step_kernel_us(direction: str, p: Problem, dev: Device) -> tuple[float, dict, dict]:
+def step_kernel_us(direction: str, p: Problem, dev: Device, tile=None) -> tuple[float, dict, dict]:
     """One launch of the per-step kernel (csrc/lstm_forward.cu / lstm_backward.cu) with
-    the tile ``_launch.choose_step_tile`` picks; returns (us, terms, counts).
+    ``tile`` (a ``_launch.StepTile``; default: the one ``_launch.choose_step_tile``
+    picks); returns (us, terms, counts).
 
     Counts: K = H forward, 4H backward (the reduction); blocks = units/unit_tile x
     B/batch_tile; every block column re-reads the W_hh rows of its units from L2, every
     block row re-reads its batch rows of h (forward) or dz (backward), so
 
         L2 bytes = batch_blocks · 4H·H·s + unit_blocks · B·K·4
-        FLOPs    = 2 · B · 4H · H
+        FLOPs    = 2 · B' · 4H' · H    (B', H' rounded up to whole tiles: executed)
         chain    = waves · ceil(K / k_tile) · L2 latency   (each k tile's loads wait
                    for L2 before its FMAs; waves = ceil(blocks / (SMs · resident)))
 
@@ -341,7 +342,7 @@ def step_kernel_us(direction: str, p: Problem, dev: Device) -> tuple[float, dict
     HBM bytes are :func:`hbm_bytes_per_step`, plus 4H·H·s when W_hh is larger than half
     the L2 (then it does not survive in L2 from one step to the next)."""
     b, h, s = p.batch, p.hidden, p.storage_bytes
-    tile = _launch.choose_step_tile(b, h, dev.sms)
+    tile = tile or _launch.choose_step_tile(b, h, dev.sms)
     grid = tile.grid(b, h)
     unit_blocks, batch_blocks = grid[0], grid[1]
     blocks = unit_blocks * batch_blocks
@@ -349,7 +350,8 @@ def step_kernel_us(direction: str, p: Problem, dev: Device) -> tuple[float, dict
     resident = max(1, min(32, 2048 // tile.threads))
     waves = math.ceil(blocks / (dev.sms * resident))
     l2_bytes = batch_blocks * GATES * h * h * s + unit_blocks * b * k * 4
-    flops = 2.0 * b * GATES * h * h
+    # Executed FMAs: a partly empty tile still runs its zero-filled rows and units.
+    flops = 2.0 * (batch_blocks * tile.batch_tile) * GATES * (unit_blocks * tile.unit_tile) * h
     active = min(1.0, blocks / dev.sms)
     hbm = hbm_bytes_per_step(direction, p)
     if GATES * h * h * s > dev.l2_bytes // 2:
@@ -365,6 +367,15 @@ def step_kernel_us(direction: str, p: Problem, dev: Device) -> tuple[float, dict
     counts = {"tile": tile.name, "blocks": blocks, "waves": waves, "l2_bytes": l2_bytes, "hbm_bytes": hbm,
               "flops": flops, "serial_l2_round_trips": waves * math.ceil(k / tile.k_tile)}
     return max(terms.values()), terms, counts
+
+
+def best_step_tile(direction: str, p: Problem, dev: Device, tiles=None):
+    """(tile, predicted kernel us) of the fastest of ``tiles`` (default
+    ``_launch.STEP_TILES``) for the per-step kernel: the tile table's hook. Ties keep
+    the table's order."""
+    tiles = _launch.STEP_TILES if tiles is None else tiles
+    scored = [(tile, step_kernel_us(direction, p, dev, tile)[0]) for tile in tiles]
+    return min(scored, key=lambda item: item[1])
 
 
 def _gemm_share(direction: str, p: Problem, dev: Device, efficiency: float) -> float:

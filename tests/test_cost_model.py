@@ -45,12 +45,24 @@ def test_step_kernel_counts_the_l2_rereads_of_its_tile():
     assert (tile.name, tile.grid(64, 512)) == ("batch4", (32, 16, 1))
     us, terms, counts = cost_model.step_kernel_us("forward_inference", problem, H200)
     assert counts["l2_bytes"] == 16 * 4 * 512 * 512 * 4 + 32 * 64 * 512 * 4
-    assert counts["flops"] == 2 * 64 * 4 * 512 * 512
+    assert counts["flops"] == 2 * 64 * 4 * 512 * 512  # 64 and 512 fill whole tiles
+    # B = 3 runs a whole batch tile of 4 rows (zero-filled): executed FMAs count.
+    _, _, padded = cost_model.step_kernel_us("forward_inference", Problem(3, 512), H200, tile)
+    assert padded["flops"] == 2 * 4 * 4 * 512 * 512
     assert terms["l2_us"] == pytest.approx(counts["l2_bytes"] / (H200.l2_gbs * 1e3))
     assert us == max(terms.values())
     # float16 storage halves the W_hh bytes, not the float32 h re-reads.
     _, _, half = cost_model.step_kernel_us("forward_inference", Problem(64, 512, dtype="float16"), H200)
     assert half["l2_bytes"] == 16 * 4 * 512 * 512 * 2 + 32 * 64 * 512 * 4
+
+
+def test_best_step_tile_ranks_the_tile_table():
+    problem = Problem(64, 512)
+    tile, us = cost_model.best_step_tile("forward_inference", problem, H200)
+    assert tile in _launch.STEP_TILES
+    assert us == min(cost_model.step_kernel_us("forward_inference", problem, H200, t)[0] for t in _launch.STEP_TILES)
+    only = _launch.STEP_TILES[-1]
+    assert cost_model.best_step_tile("backward", problem, H200, tiles=[only])[0] is only
 
 
 def test_step_variant_is_launch_bound_when_the_kernel_is_short():
