@@ -906,7 +906,8 @@ def render_markdown(report: dict) -> str:
     for f in records.get("ftz", []):
         lines += ["", "## FTZ probe", "",
                   f"- float16 conversions through common.cuh exact: {f['conversions_exact']}",
-                  f"- float32 denormal arithmetic preserved (no flush): {f['denormals_preserved']}"]
+                  f"- float32 denormal arithmetic: {f['denormals']} (ieee: kept; ftz: flushed, as CuPy's "
+                  "-ftz=true should make it)"]
         lines += [f"  - {m}" for m in f["conversion_mismatches"] + f["denormal_arithmetic_mismatches"]]
     sanitizer = records.get("sanitizer", [])
     if sanitizer:

@@ -21,8 +21,8 @@
 //                       out    [blocks] unsigned  out[b] = last step block b saw
 //                                                 completed by everyone (= steps)
 //   grid_sync_loop    the same with cooperative_groups::this_grid().sync() (only when
-//                     RNNKERNELS_COOPERATIVE_GROUPS is defined: NVRTC needs the CUDA
-//                     headers for it; the emulator maps the header onto its shim).
+//                     RNNKERNELS_COOPERATIVE_GROUPS is defined: it lives in a module of
+//                     its own, so that the others still build if this one does not).
 //                       out    [blocks] unsigned  out[b] = steps
 //   empty_kernel      nothing: the launch gap from Python and inside a CUDA graph.
 //   stream_read       every thread sums float4s grid-stride over `data`, `repeats`
@@ -31,13 +31,15 @@
 //                       data   [n4] float4
 //                       out    [gridDim.x · blockDim.x] float  per-thread sums
 //   ftz_probe         float16 <-> float conversions through OUR helpers (common.cuh
-//                     to_float / from_float<half_bits>, what the kernels use) and
-//                     float32 arithmetic on denormals, compiled with the options CuPy
-//                     uses for our kernels: records whether the GPU flushes anything.
-//                       half_in     [n] half_bits  bit patterns, subnormals included
+//                     to_float / from_float<__half>, what the kernels use) and float32
+//                     arithmetic on denormals, compiled with the options CuPy uses for
+//                     our kernels (-ftz=true among them): records what the GPU does.
+//                     Expected: exact conversions (cvt is not flushed), flushed float32
+//                     denormal arithmetic; the emulator flushes the same way by default.
+//                       half_in     [n] __half     bit patterns, subnormals included
 //                       half_wide   [n] float      to_float(half_in[i])
 //                       float_in    [n] float      inputs, denormals included
-//                       half_narrow [n] half_bits  from_float<half_bits>(float_in[i])
+//                       half_narrow [n] __half     from_float<__half>(float_in[i])
 //                       float_out   [4n] float     x·2, x+x, fmaf(x, 1, 0), x·0.5 of
 //                                                  float_in[i] at [4i .. 4i+3]
 #include "common.cuh"
@@ -132,17 +134,17 @@ __global__ void stream_read(const float4* __restrict__ data,  // [n4]
     out[thread] = sum;
 }
 
-__global__ void ftz_probe(const half_bits* __restrict__ half_in,  // [n]
-                          float* half_wide,                       // [n]
-                          const float* __restrict__ float_in,     // [n]
-                          half_bits* half_narrow,                 // [n]
-                          float* float_out,                       // [4n]
+__global__ void ftz_probe(const __half* __restrict__ half_in,   // [n]
+                          float* half_wide,                      // [n]
+                          const float* __restrict__ float_in,    // [n]
+                          __half* half_narrow,                   // [n]
+                          float* float_out,                      // [4n]
                           int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     half_wide[i] = to_float(half_in[i]);
     const float x = float_in[i];
-    half_narrow[i] = from_float<half_bits>(x);
+    half_narrow[i] = from_float<__half>(x);
     float_out[4 * i + 0] = x * 2.0f;
     float_out[4 * i + 1] = x + x;
     float_out[4 * i + 2] = fmaf(x, 1.0f, 0.0f);

@@ -43,37 +43,18 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rnnkernels import _sources  # noqa: E402
+from rnnkernels import _launch, _sources  # noqa: E402
 
 SOURCE = Path(__file__).resolve().with_suffix(".cu")
 NAMES = ("rnnkernels::pointer_chase", "rnnkernels::flag_barrier", "rnnkernels::empty_kernel",
          "rnnkernels::stream_read", "rnnkernels::ftz_probe")
 COOPERATIVE_NAMES = ("rnnkernels::flag_barrier", "rnnkernels::grid_sync_loop")
+COOPERATIVE_DEFINE = "-DRNNKERNELS_COOPERATIVE_GROUPS"
 LINE_WORDS = 32  # 128-byte cache line / 4-byte entries
 
 
 def _source_text() -> str:
     return f'#line 1 "benchmarks/kernels/{SOURCE.name}"\n' + SOURCE.read_text(encoding="utf-8")
-
-
-def cuda_include_dirs() -> list[str]:
-    """Folders holding cooperative_groups.h and the CCCL headers it includes, for NVRTC
-    (which ships neither); empty when no CUDA toolkit is found."""
-    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
-    try:
-        from cupy.cuda import get_cuda_path
-
-        roots.insert(0, get_cuda_path() or "")
-    except Exception:  # noqa: BLE001 - CuPy absent or without a CUDA path: try the others
-        pass
-    for root in roots:
-        include = Path(root) / "include" if root else None
-        if include and (include / "cooperative_groups.h").is_file():
-            dirs = [str(include)]
-            if (include / "cccl").is_dir():
-                dirs.append(str(include / "cccl"))
-            return dirs
-    return []
 
 
 # --------------------------------------------------------------------------- runtimes
@@ -91,20 +72,16 @@ class GpuKernels:
         dev = cupy.cuda.Device()
         self.sm_count = dev.attributes["MultiProcessorCount"]
         self.l2_bytes = dev.attributes["L2CacheSize"]
-        options = (f"-I{_sources.csrc_dir()}",)
+        # The kernels' own options (csrc/ and NVIDIA's header folders, which hold
+        # cuda_fp16.h and cooperative_groups.h): CuPy adds the rest, -ftz=true included.
+        options = _launch.compile_options()
         self.module = cupy.RawModule(code=_source_text(), options=options, name_expressions=NAMES)
         self.module.compile()
-        includes = cuda_include_dirs()
-        self.cg_reason = "" if includes else "no CUDA headers for cooperative_groups.h (NVRTC ships none)"
-        self.cooperative = None
-        if includes:
-            try:
-                self.cooperative = self._cooperative_module(
-                    options + tuple(f"-I{d}" for d in includes) + ("-DRNNKERNELS_COOPERATIVE_GROUPS",),
-                    COOPERATIVE_NAMES)
-            except Exception as error:  # noqa: BLE001 - the flags barrier can still run without grid.sync
-                self.cg_reason = f"grid.sync module did not compile: {type(error).__name__}: {str(error)[:500]}"
-        if self.cooperative is None:
+        self.cg_reason = ""
+        try:
+            self.cooperative = self._cooperative_module(options + (COOPERATIVE_DEFINE,), COOPERATIVE_NAMES)
+        except Exception as error:  # noqa: BLE001 - the flags barrier can still run without grid.sync
+            self.cg_reason = f"grid.sync module did not compile: {type(error).__name__}: {str(error)[:500]}"
             self.cooperative = self._cooperative_module(options, COOPERATIVE_NAMES[:1])
 
     def _cooperative_module(self, options, names):
@@ -320,10 +297,17 @@ def bandwidth(rt, repeats=5) -> dict:
     return result
 
 
+def _flush(values: np.ndarray) -> np.ndarray:
+    """float32 denormals to zero, sign kept (what -ftz=true does to inputs and results)."""
+    tiny = np.abs(values) < np.finfo(np.float32).tiny
+    return np.where(tiny & np.isfinite(values), np.copysign(np.float32(0), values), values).astype(np.float32)
+
+
 def probe_ftz(rt) -> dict:
     """float16 <-> float32 through our helpers, and float32 denormal arithmetic, against
-    NumPy (IEEE, no flushing). ``conversions_exact`` must hold (our kernels rely on
-    it); ``denormals_preserved`` records what the device does under CuPy's options."""
+    NumPy. ``conversions_exact`` must hold (our kernels rely on it); ``denormals`` says
+    what the arithmetic did: "ieee" (kept), "ftz" (inputs and results flushed to zero,
+    sign kept: CuPy's -ftz=true) or "other" (see the mismatches)."""
     half_bits = np.array([0x0001, 0x0002, 0x0200, 0x03FF, 0x8001, 0x83FF, 0x0400, 0x3C00, 0x7BFF, 0x7C00],
                          dtype=np.uint16)
     floats = np.array([1.17549435e-38, 5.877472e-39, 1e-40, 1.4e-45, -3e-39, 1.0, 5.96e-08, 3.0e-05,
@@ -340,9 +324,13 @@ def probe_ftz(rt) -> dict:
     got_wide, got_narrow, got_out = (rt.asnumpy(a) for a in (half_wide, half_narrow, float_out))
     want_wide = half_in.view(np.float16).astype(np.float32)
     want_narrow = float_in.astype(np.float16).view(np.uint16)
-    with np.errstate(all="ignore"):
-        want_out = np.stack([float_in * np.float32(2), float_in + float_in, float_in * np.float32(1) + np.float32(0),
-                             float_in * np.float32(0.5)], axis=1).reshape(-1)
+    def arithmetic_of(x):
+        with np.errstate(all="ignore"):
+            return np.stack([x * np.float32(2), x + x, x * np.float32(1) + np.float32(0), x * np.float32(0.5)],
+                            axis=1).reshape(-1)
+
+    want_out = arithmetic_of(float_in)
+    flushed_out = _flush(arithmetic_of(_flush(float_in)))
     mismatches = []
     for what, got, want, inputs in (("float16->float32", got_wide.view(np.uint32), want_wide.view(np.uint32), half_in),
                                     ("float32->float16", got_narrow, want_narrow, float_in)):
@@ -352,8 +340,12 @@ def probe_ftz(rt) -> dict:
     ops = ("x*2", "x+x", "fmaf(x,1,0)", "x*0.5")
     for i in np.flatnonzero(got_out.view(np.uint32) != want_out.view(np.uint32)):
         arithmetic.append(f"{ops[i % 4]} of {float_in[i // 4]!r}: got {got_out[i]!r}, IEEE {want_out[i]!r}")
+    bits = got_out.view(np.uint32)
+    denormals = ("ieee" if np.array_equal(bits, want_out.view(np.uint32))
+                 else "ftz" if np.array_equal(bits, flushed_out.view(np.uint32)) else "other")
     return {
         "conversions_exact": not mismatches,
+        "denormals": denormals,
         "denormals_preserved": not arithmetic,
         "conversion_mismatches": mismatches,
         "denormal_arithmetic_mismatches": arithmetic,
@@ -391,6 +383,8 @@ def main(argv=None) -> int:
     rt = kernels(args.emulated)
     results = run_all(rt)
     results["ftz"] = probe_ftz(rt)
+    print(f"ftz: conversions exact {results['ftz']['conversions_exact']}, float32 denormal arithmetic: "
+          f"{results['ftz']['denormals']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     failed = [key for key in results if key.endswith("_error")] + ([] if results["ftz"]["conversions_exact"] else ["ftz"])
