@@ -77,8 +77,10 @@ _DATASHEET_H100 = "NVIDIA H100 Tensor Core GPU datasheet / Hopper whitepaper (SX
 _DATASHEET_H200 = "NVIDIA H200 datasheet (same GH100 compute as H100 SXM: 67 TFLOPS FP32; 4.8 TB/s HBM3e); 132 SMs and 60 MB L2 as PyTorch reported on this workplace's H200 (KINDS.md, 2026-10-28)"
 _DATASHEET_A100 = "NVIDIA A100 datasheet / Ampere whitepaper (SXM4 80GB: 108 SMs, 1410 MHz, 19.5 TFLOPS FP32, 2.04 TB/s HBM2e, 40 MB L2, 164 KB shared/SM, 163 KB/block)"
 _LATENCY_PAPER = ("Luo et al., 'Benchmarking and Dissecting the Nvidia Hopper GPU Architecture', arXiv:2402.13499, "
-                  "latency table: L2 hit about 260 cycles on both H800 and A100 (value as read from the paper's table; "
-                  "the GPU session's pointer chase replaces it)")
+                  "pointer-chase L2 hit latency on Hopper (H800) and Ampere (A100): about 260 cycles, a value recalled "
+                  "from the paper's latency table and NOT re-checked when this was written (same order as the 236 "
+                  "cycles github.com/sjfeng1999/gpu-arch-microbenchmark reports for Turing); the GPU session's "
+                  "pointer chase replaces it")
 _ESTIMATE_SYNC = ("ESTIMATE, not a citation: about 4 serial L2 round trips (release store, arrival, last arrival seen, "
                   "acquire) plus polling slack; the GPU session's flag round trip / grid.sync replace it")
 _ESTIMATE_L2_BW = ("ESTIMATE, not a citation: about 2.5x the HBM bandwidth, the ratio public L2 bandwidth tests "
