@@ -227,7 +227,8 @@ def test_02_persistent_forward_with_a_planted_bug_fails_in_the_stale_model(persi
     else:
         text = planted(text, "        __threadfence();\n        const unsigned before", "        const unsigned before")
     errors = [persistent_error(persistent, text, seed) for seed in range(6)]
-    assert max(errors) > 1e-3, errors
+    # A stale read may return the NaN the launcher filled h_all with: NaN counts as wrong.
+    assert any(not error <= 1e-3 for error in errors), errors
 
 
 def test_emulator_runtime_takes_a_memory_model():
