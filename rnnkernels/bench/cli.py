@@ -3,7 +3,12 @@
     rnnkernels-bench gradient-flow [--steps T] [--json PATH] [--plot PATH] ...
 
 runs the gradient-flow report instead (``rnnkernels/gradient_flow.py``): ‖∂L/∂h_t‖
-along the sequence for a tanh RNN and an LSTM under several initializations.
+along the sequence for a tanh RNN and an LSTM under several initializations;
+
+    rnnkernels-bench stability [--runs-dir DIR] ...
+
+runs ``--quick`` twice back to back and says whether the figures are stable
+(``rnnkernels/bench/stability.py``). ``SUBCOMMANDS`` lists them all for ``--help``.
 
     rnnkernels-bench [--quick | --full] [--device auto|cpu|cuda]
                      [--mode forward|training|decode|all] [--seq-lens 64,256,...]
@@ -21,19 +26,28 @@ matplotlib).
 
 Output: a console table (with ``rich`` when installed, plain text otherwise: ``rich`` is
 in the ``bench`` extra and only makes it prettier), a progress display on stderr, and
-with ``--json``/``--csv``/``--plot`` the rows and the plot.
+the rows as JSON and CSV and the plot, written to ``./rnnkernels-results/`` unless
+``--json``/``--csv``/``--plot`` or ``--out-dir`` say otherwise (``--no-save``: none).
+
+Threads: on a machine with at most ``SMALL_MACHINE_CORES`` cores, and unless ``--threads``
+or the environment's thread variables say otherwise, every library (PyTorch, Numba, the
+BLAS under NumPy) gets one thread: their pools, each as wide as the machine, otherwise
+spin against each other and against the implementation timed next to them, and the
+figures moved by 10-100x between two runs on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -42,8 +56,8 @@ from . import impls as impl_registry
 from . import plot as plotting
 from .device_info import device_info, gpu_present, load_average
 from .flops import MODES
-from .runner import ROW_FIELDS, Settings, cells, run_suite
-from .timing import Schedule
+from .runner import ROW_DOCS, ROW_FIELDS, Settings, cells, run_suite
+from .timing import LOAD_LIMIT, NOISE_LIMIT, Schedule
 
 
 @dataclass(frozen=True)
@@ -55,22 +69,36 @@ class Preset:
 
 
 PRESETS = {
-    # --quick on a CPU finishes in well under a minute on 2 cores, Numba compilation
-    # included; the default takes a few minutes; --full tens of minutes.
-    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(2, 5, 20, 0.1)),
-    ("cpu", "default"): Preset((32, 64, 128, 256, 512, 1024), 8, 128, Schedule(2, 7, 50, 0.5)),
+    # --quick on a CPU finishes in about a minute on 2 cores, Numba compilation
+    # included; the default takes a few minutes; --full tens of minutes. CPU warm-up is
+    # 3 rounds and at least 0.1-0.3 s (clock ramp-up, caches); at least 15 repeats so that
+    # p10 and p90 are not single samples; a cell that fails the noise or load check is
+    # timed again up to twice (timing.measure_checked).
+    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(3, 15, 60, 0.25, 0.1, 2)),
+    ("cpu", "default"): Preset((32, 64, 128, 256, 512, 1024), 8, 128,
+                               Schedule(3, 15, 100, 0.5, 0.2, 2)),
     ("cpu", "full"): Preset((32, 64, 128, 256, 512, 1024, 2048), 16, 256,
-                            Schedule(3, 10, 100, 1.5)),
-    ("cuda", "quick"): Preset((128, 512, 2048), 8, 256, Schedule(5, 20, 100, 0.3)),
+                            Schedule(3, 20, 200, 1.5, 0.3, 2)),
+    ("cuda", "quick"): Preset((128, 512, 2048), 8, 256, Schedule(5, 20, 100, 0.3, 0.1, 1)),
     # GPU default: the LSTM runs one launch per step, and a step at B=16, H=512 is
     # latency-bound (an estimate from the PTX, not yet measured: 20 to 150 us), so a
     # T=4096 training call may take 1-2 s. 10 repeats (3 warm-ups) keep the whole
     # preset within ~4 minutes; short calls still get up to 200 within 1 s.
     ("cuda", "default"): Preset((64, 128, 256, 512, 1024, 2048, 4096), 16, 512,
-                                Schedule(3, 10, 200, 1.0)),
+                                Schedule(3, 10, 200, 1.0, 0.1, 1)),
     ("cuda", "full"): Preset((64, 128, 256, 512, 1024, 2048, 4096, 8192), 16, 512,
-                             Schedule(10, 50, 500, 1.0)),
+                             Schedule(10, 50, 500, 1.0, 0.2, 1)),
 }
+
+SUBCOMMANDS = {
+    "(none)": "time the LSTM implementations beside causal attention (the options below)",
+    "gradient-flow": "how much gradient reaches step 0 of a long sequence, per "
+                     "initialization (rnnkernels-bench gradient-flow --help)",
+    "stability": "run --quick twice back to back and say whether the figures agree "
+                 "(rnnkernels-bench stability --help)",
+}
+
+DEFAULT_OUT_DIR = "rnnkernels-results"
 
 
 class UsageError(Exception):
@@ -100,10 +128,14 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rnnkernels-bench",
-        description="Time an LSTM (rnnkernels and the vendor baseline) beside one causal "
-        "attention layer (d_model = H) for training, inference over a sequence and "
+        usage="rnnkernels-bench [gradient-flow | stability] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time an LSTM (rnnkernels, the vendor baseline and peers) beside one "
+        "causal attention layer (d_model = H) for training, inference over a sequence and "
         "token-by-token decoding, across sequence lengths. Every implementation is "
-        "checked against a float64 reference before it is timed.")
+        "checked against a float64 reference before it is timed.\n\nsubcommands:\n"
+        + "\n".join(f"  {name:15} {text}" for name, text in SUBCOMMANDS.items()),
+        epilog=columns_help())
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few lengths, small sizes (<1 min on a 2-core CPU)")
     size.add_argument("--full", action="store_true", help="more lengths, larger sizes, more repeats")
@@ -126,17 +158,63 @@ def build_parser() -> argparse.ArgumentParser:
                         "'reference' is opt-in on the CPU)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
                         help="CPU threads for PyTorch, Numba and NumPy's BLAS alike (sets "
-                        "OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS and restarts the command); "
-                        "1 gives steadier numbers on a busy machine")
+                        "OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS and restarts the command). "
+                        f"Default: 1 on machines with at most {SMALL_MACHINE_CORES} cores "
+                        "(steady figures), else each library's own default; thread "
+                        "variables already set in the environment are respected")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", metavar="DIR", default=DEFAULT_OUT_DIR,
+                        help="where the JSON, CSV and plot go unless a path is given for "
+                        f"each (default ./{DEFAULT_OUT_DIR}/, as bench-DEVICE-PRESET.*)")
     parser.add_argument("--json", metavar="PATH", help="write device, config and rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib; "
+                        "by default drawn when matplotlib is installed)")
+    parser.add_argument("--no-save", action="store_true",
+                        help="write no files, only the table (paths given explicitly still "
+                        "are written)")
     return parser
+
+
+def columns_help() -> str:
+    """The definitions of the ratio and trust columns, for --help and the table."""
+    lines = ["columns:",
+             "  ratio           ratio of medians: median ms / the baseline's median ms in "
+             "the same cell (below 1: faster than the baseline)",
+             "  paired p10-p90  10th-90th percentile of the per-repeat ratios "
+             "time[r] / baseline[r], each pair run back to back",
+             f"  p90/p10         spread of one row's times; above {NOISE_LIMIT:g}, or other "
+             f"processes taking over {100 * LOAD_LIMIT:.0f}% of the CPU while the cell ran,",
+             "                  the cell is timed again; if it still fails, the row is "
+             "flagged 'noisy' (table, JSON, plot) and no crossover is drawn from it"]
+    return "\n".join(lines)
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS")
+SMALL_MACHINE_CORES = 4
+POLICY_VARIABLE = "RNNKERNELS_BENCH_THREAD_POLICY"  # the reason, handed to the restart
+
+
+def thread_policy(requested: int | None, cpu_count: int | None,
+                  environ=None) -> tuple[int | None, str]:
+    """The threads to give every library, and why: ``--threads`` when given; else none
+    (leave them) when the environment already sets a thread variable; else 1 on a
+    machine of at most ``SMALL_MACHINE_CORES`` cores; else none (each library's default)."""
+    environ = os.environ if environ is None else environ
+    if requested is not None:
+        return requested, f"--threads {requested}"
+    if environ.get(POLICY_VARIABLE):  # this process is the restart the policy asked for
+        return int(environ["OMP_NUM_THREADS"]), environ[POLICY_VARIABLE]
+    already = [name for name in THREAD_VARIABLES if environ.get(name)]
+    if already:
+        return None, "as the environment sets " + ", ".join(
+            f"{name}={environ[name]}" for name in already)
+    cores = cpu_count or 1
+    if cores <= SMALL_MACHINE_CORES:
+        return 1, (f"1 thread per library (PyTorch, Numba, BLAS): the default on a "
+                   f"{cores}-core machine")
+    return None, f"each library's default on a {cores}-core machine"
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -149,25 +227,34 @@ def threads_in_effect(threads: int | None) -> bool:
     return threads is None or all(os.environ.get(v) == str(threads) for v in THREAD_VARIABLES)
 
 
-def restart_with_threads(threads: int, command: list[str]) -> NoReturn:
+def restart_with_threads(threads: int, command: list[str], reason: str | None = None) -> NoReturn:
     """Replace this process by ``python *command`` with the thread variables set. BLAS
     pools size themselves when NumPy loads, so setting them later does nothing; the new
-    process finds them set (check :func:`threads_in_effect` first, or it loops)."""
+    process finds them set (check :func:`threads_in_effect` first, or it loops).
+    ``reason``, the thread policy's, is passed on so that the new process reports it."""
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *command], thread_environment(threads))
+    environment = thread_environment(threads)
+    if reason:
+        environment[POLICY_VARIABLE] = reason
+    os.execve(sys.executable, [sys.executable, *command], environment)
 
 
-def apply_threads(threads: int | None, argv) -> None:
+def apply_threads(threads: int | None, argv, explicit: bool = True,
+                  reason: str | None = None) -> bool:
     """Make every thread pool use ``threads`` threads: the command starts again with the
     variables set (once: the new process finds them set). Called with an explicit
-    ``argv`` (from Python, not the shell), it cannot restart and asks for the variables
-    instead."""
+    ``argv`` (from Python, not the shell), it cannot restart: for an ``explicit``
+    --threads it asks for the variables, for the default policy it leaves the pools as
+    they are. Returns whether the pools run with ``threads``."""
     if threads_in_effect(threads):
-        return
+        return True
+    if argv is not None and not explicit:
+        return False
     if argv is not None:
         raise UsageError(f"--threads from Python needs {', '.join(THREAD_VARIABLES)} set to "
                          f"{threads} before NumPy is imported")
-    restart_with_threads(threads, ["-m", "rnnkernels.bench", *sys.argv[1:]])
+    restart_with_threads(threads, ["-m", "rnnkernels.bench", *sys.argv[1:]],
+                         None if explicit else reason)
 
 
 def resolve_device(requested: str, option: str = "--device") -> str:
@@ -189,8 +276,8 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
     preset = PRESETS[(device, preset_name(args))]
     schedule = preset.schedule
     if args.repeats:
-        schedule = Schedule(schedule.warmup, args.repeats, max(args.repeats, schedule.max_repeats),
-                            schedule.budget_s)
+        schedule = dataclasses.replace(schedule, min_repeats=args.repeats,
+                                       max_repeats=max(args.repeats, schedule.max_repeats))
     hidden = args.hidden or preset.hidden
     if hidden % args.heads:
         raise UsageError(f"--hidden {hidden} is not divisible by --heads {args.heads}")
@@ -237,13 +324,25 @@ def _fmt(value, kind: str) -> str:
 
 TABLE_COLUMNS = (("mode", "mode", ""), ("model", "model", ""), ("impl", "impl", ""),
                  ("T", "T", ""), ("median ms", "median_ms", "ms"), ("p10 ms", "p10_ms", "ms"),
-                 ("p90 ms", "p90_ms", "ms"), ("TFLOP/s", "tflops", "tflops"),
-                 ("seq steps", "sequential_steps", ""), ("peak MiB", "peak_mem_bytes", "bytes"),
-                 ("vs baseline", "ratio_to_baseline", "ratio"), ("status", "status", ""))
+                 ("p90 ms", "p90_ms", "ms"), ("p90/p10", "spread", "spread"),
+                 ("TFLOP/s", "tflops", "tflops"), ("seq steps", "sequential_steps", ""),
+                 ("peak MiB", "peak_mem_bytes", "bytes"), ("ratio", "ratio_to_baseline", "ratio"),
+                 ("paired p10-p90", "ratio_p10", "ratio_range"), ("status", "status", "status"))
 
 
 def table_cells(row: dict) -> list[str]:
-    return [_fmt(row[key], kind) for _, key, kind in TABLE_COLUMNS]
+    cells = []
+    for _, key, kind in TABLE_COLUMNS:
+        if kind == "ratio_range":
+            cells.append("-" if row["ratio_p10"] is None else
+                         f"{row['ratio_p10']:.2f}-{row['ratio_p90']:.2f}")
+        elif kind == "spread":
+            cells.append("-" if row["spread"] is None else f"{row['spread']:.2f}")
+        elif kind == "status":
+            cells.append(f"{row['status']}, noisy" if row.get("noisy") else row["status"])
+        else:
+            cells.append(_fmt(row[key], kind))
+    return cells
 
 
 def print_table(rows: list[dict], title: str, out=None) -> None:
@@ -252,6 +351,9 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
     for row in rows:
         if row["status"] != "ok" and row["note"]:
             notes.setdefault((row["impl"], row["note"]), []).append(f"{row['mode']} T={row['T']}")
+        if row.get("noisy"):
+            notes.setdefault((row["impl"], "noisy: " + row["noise_reason"]), []).append(
+                f"{row['mode']} T={row['T']}")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -259,20 +361,27 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
         lines = [[header for header, _, _ in TABLE_COLUMNS]] + [table_cells(row) for row in rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_COLUMNS))]
         print(title, file=out)
+        print(columns_help(), file=out)
         for line in lines:
             print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)), file=out)
     else:
-        table = Table(title=title)
+        console = Console(file=out, width=max(150, Console(file=out).width))
+        console.print(title, highlight=False)
+        console.print(columns_help(), highlight=False, markup=False)
+        table = Table()
         for header, _, kind in TABLE_COLUMNS:
-            table.add_column(header, justify="left" if not kind and header != "T" else "right")
+            table.add_column(header, justify="left" if kind in ("", "status") and header != "T"
+                             else "right")
         previous = None
         for row in rows:
             if previous is not None and (row["mode"], row["model"]) != previous:
                 table.add_section()
             previous = (row["mode"], row["model"])
             style = {"error": "bold red", "skipped": "dim"}.get(row["status"])
+            if row.get("noisy"):
+                style = "yellow"
             table.add_row(*table_cells(row), style=style)
-        Console(file=out, width=max(140, Console(file=out).width)).print(table)
+        console.print(table)
     for (impl, note), where in notes.items():
         print(f"  {impl} ({', '.join(where)}): {note}", file=out)
 
@@ -367,16 +476,53 @@ def _json_safe(rows: list[dict]) -> list[dict]:
     return [{key: clean(value) for key, value in row.items()} for row in rows]
 
 
+def output_paths(args: argparse.Namespace, device: str) -> dict[str, str | None]:
+    """Where the JSON, CSV and plot go: the paths given, else ``--out-dir`` with names
+    from the device and preset (no plot there without matplotlib), none with --no-save."""
+    paths = {"json": args.json, "csv": args.csv, "plot": args.plot}
+    if args.no_save:
+        return paths
+    stem = os.path.join(args.out_dir, f"bench-{device}-{preset_name(args)}")
+    try:
+        plotting.require_matplotlib()
+        can_plot = True
+    except RuntimeError:
+        can_plot = False
+    defaults = {"json": stem + ".json", "csv": stem + ".csv",
+                "plot": stem + ".png" if can_plot else None}
+    return {kind: path or defaults[kind] for kind, path in paths.items()}
+
+
+def noise_summary(rows: list[dict]) -> str | None:
+    """One paragraph on rows flagged noisy, or None when every timed row passed."""
+    timed = [row for row in rows if row["status"] == "ok"]
+    noisy = [row for row in timed if row.get("noisy")]
+    if not noisy:
+        return None
+    loads = [row["other_load"] for row in timed if row.get("other_load") is not None]
+    worst = f"; other processes took up to {100 * max(loads):.0f}% of the CPU" if loads else ""
+    return (f"warning: {len(noisy)} of {len(timed)} timed rows are flagged noisy{worst}. "
+            "Their figures are not to be trusted and no crossover is drawn from them: "
+            "rerun on a quiet machine (`rnnkernels-bench stability` checks two runs).")
+
+
 def main(argv=None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words and words[0] == "gradient-flow":
         from ..gradient_flow import main as gradient_flow_main
 
         return gradient_flow_main(words[1:], prog="rnnkernels-bench gradient-flow")
+    if words and words[0] == "stability":
+        from .stability import main as stability_main
+
+        return stability_main(words[1:], prog="rnnkernels-bench stability")
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    threads, thread_reason = thread_policy(args.threads, os.cpu_count())
     try:
-        apply_threads(args.threads, argv)
+        if not apply_threads(threads, argv, explicit=args.threads is not None,
+                             reason=thread_reason):
+            thread_reason += " (not applied: called from Python, libraries keep their pools)"
         if args.plot:
             plotting.require_matplotlib()
         device = resolve_device(args.device)
@@ -384,34 +530,43 @@ def main(argv=None) -> int:
     except (UsageError, RuntimeError) as error:
         print(f"rnnkernels-bench: error: {error}", file=sys.stderr)
         return 2
+    paths = output_paths(args, device)
     info = device_info(device)
     load_before = load_average()
     with Progress(len(cells(settings))) as progress:
         rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
     rows = _json_safe(rows)
     elapsed = time.perf_counter() - started
-    data = {"run": provenance(argv), "device": info, "config": {**config_dict(settings, preset_name(args)),
-                                       "wall_seconds": round(elapsed, 2),
-                                       "load_average_1m": [load_before, load_average()]},
+    data = {"run": provenance(argv), "device": info,
+            "config": {**config_dict(settings, preset_name(args)),
+                       "thread_policy": thread_reason,
+                       "noise_limit_p90_p10": NOISE_LIMIT, "load_limit": LOAD_LIMIT,
+                       "wall_seconds": round(elapsed, 2),
+                       "load_average_1m": [load_before, load_average()]},
+            "columns": ROW_DOCS,
             "results": rows}
     title = (f"rnnkernels-bench on {info['name']} ({device}) — B={settings.batch}, "
-             f"H={settings.hidden}, {settings.dtype}, {elapsed:.1f} s")
+             f"H={settings.hidden}, {settings.dtype}, {elapsed:.1f} s; threads: {thread_reason}")
     print_table(rows, title)
-    if device == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1):
-        print(f"warning: the 1-minute load average was {load_before:.1f} on "
-              f"{os.cpu_count()} cores when the run started; other work skews CPU timings "
-              "(--threads 1 suffers least from it)",
-              file=sys.stderr)
-    if args.json:
-        write_json(args.json, data)
-    if args.csv:
-        write_csv(args.csv, rows)
-    if args.plot:
+    warning = noise_summary(rows)
+    if warning:
+        print(textwrap.fill(warning, 100), file=sys.stderr)
+    for kind, path in paths.items():
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if paths["json"]:
+        write_json(paths["json"], data)
+    if paths["csv"]:
+        write_csv(paths["csv"], rows)
+    if paths["plot"]:
         try:
-            plotting.plot_results(data, args.plot)
+            plotting.plot_results(data, paths["plot"])
         except ValueError as error:
             print(f"rnnkernels-bench: cannot plot: {error}", file=sys.stderr)
             return 1
+    written = [path for path in paths.values() if path]
+    if written:
+        print("wrote " + ", ".join(written))
     errors = [row for row in rows if row["status"] == "error"]
     if errors:
         print(f"rnnkernels-bench: {len(errors)} implementation(s) failed validation or "

@@ -1,6 +1,7 @@
 """One benchmark run: for every (mode, model, T), validate each implementation against
 the float64 reference, measure its peak memory on one call, then time all that passed,
-interleaved (``timing.measure_interleaved``). Produces the result rows."""
+interleaved, with the noise and load checks (``timing.measure_checked``). Produces the
+result rows; ``ROW_DOCS`` says what the timing columns mean (the JSON carries it)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,28 @@ ROW_FIELDS = (
     "model", "impl", "mode", "device", "T", "B", "H", "heads", "dtype", "status",
     "median_ms", "p10_ms", "p90_ms", "repeats", "flops", "tflops", "sequential_steps",
     "peak_mem_bytes", "peak_mem_method", "ratio_to_baseline", "ratio_p10", "ratio_p90",
-    "baseline", "max_rel_err", "validated_against", "timer", "note",
+    "baseline", "max_rel_err", "validated_against", "timer", "spread", "other_load",
+    "attempts", "noisy", "noise_reason", "note",
 )
+ROW_DOCS = {
+    "median_ms": "median time per call over the timed repeats, after warm-up",
+    "p10_ms": "10th percentile of the time per call", "p90_ms": "90th percentile",
+    "ratio_to_baseline": "ratio of medians: median_ms / the baseline's median_ms in the same "
+                         "cell (below 1: faster than the baseline)",
+    "ratio_p10": "10th percentile of the paired per-repeat ratios time[r] / baseline[r] "
+                 "(each pair ran back to back)",
+    "ratio_p90": "90th percentile of the paired per-repeat ratios",
+    "spread": "p90_ms / p10_ms: 1.0 is perfectly steady; above "
+              f"{timing.NOISE_LIMIT:g} the row is flagged noisy",
+    "other_load": "fraction of the machine's CPU time other processes took while the cell "
+                  "was timed (/proc/stat minus our own CPU time); above "
+                  f"{timing.LOAD_LIMIT:g} the row is flagged noisy",
+    "attempts": "how many times the cell was timed (a failed noise or load check times it "
+                "again; the calmest attempt is kept)",
+    "noisy": "true when the kept attempt still failed a check: do not trust this row's "
+             "figures, and no crossover is drawn from it",
+    "noise_reason": "which check failed",
+}
 STATUSES = ("ok", "skipped", "error")
 
 
@@ -33,6 +54,7 @@ class Settings:
     schedule: timing.Schedule
     impls: list[Impl]
     seed: int = 0
+    probe: timing.LoadProbe | None = None  # None: a LoadProbe of this machine
 
 
 def _timer_factories() -> dict[str, Callable[[], timing.Timer]]:
@@ -106,26 +128,28 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
             del prepared[name]
 
     try:
-        samples = timing.measure_interleaved(
+        checked = timing.measure_checked(
             {name: c.run for name, c in prepared.items()},
             {name: timers[impls[name].timer] for name in prepared},
-            settings.schedule)
+            settings.schedule, probe=settings.probe)
     except Exception as error:
         for name in prepared:
             rows[name].update(status="error", note=f"timing: {_error_text(error)}")
         return list(rows.values())
 
+    samples = checked.samples
     for name, times in samples.items():
         stats = timing.summarize(times)
         rows[name].update(stats)
         rows[name]["tflops"] = rows[name]["flops"] / (stats["median_ms"] * 1e-3) / 1e12
+        rows[name].update(spread=checked.spreads[name], other_load=checked.other_load,
+                          attempts=checked.attempts, noisy=name in checked.noisy,
+                          noise_reason=checked.noisy.get(name))
 
     base = baseline_name(model, settings.device)
     if base in samples:
         for name, times in samples.items():
-            ratio = timing.paired_ratio(times, samples[base])
-            rows[name].update(ratio_to_baseline=ratio["median"], ratio_p10=ratio["p10"],
-                              ratio_p90=ratio["p90"], baseline=base)
+            rows[name].update(timing.ratio_columns(times, samples[base]), baseline=base)
     return list(rows.values())
 
 

@@ -10,8 +10,20 @@ time of one call; the row reports the median and the 10th and 90th percentiles.
 
 All implementations of one (model, mode, T) are timed *interleaved*: repeat r runs each
 of them once, in an order that rotates with r, so a slow patch of the machine (another
-process, frequency scaling) hits them all alike. A ratio to a baseline is the median of
-the per-repeat ratios.
+process, frequency scaling) hits them all alike.
+
+Ratios to a baseline (see ``ratio_columns``): the headline is the *ratio of medians*,
+``median(ours) / median(baseline)``, which agrees with the medians printed beside it;
+the *paired* p10-p90 range of the per-repeat ratios ``ours[r] / baseline[r]`` goes
+beside it as the spread (each pair ran back to back, so a slow patch cancels out).
+
+Trust (``measure_checked``): after warm-up (a number of calls *and* a minimum time, so
+that Numba has compiled, caches are warm and the clock has ramped), each cell is timed;
+its spread p90/p10 and the CPU time that *other* processes took during it (from
+/proc/stat against our own ``os.times()``) are checked. A cell whose spread exceeds
+``NOISE_LIMIT`` or whose competing load exceeds ``LOAD_LIMIT`` is timed again, up to
+``retries`` times; the calmest attempt is kept, and if it still fails a check its rows
+are flagged ``noisy`` with the reason.
 
 Peak memory, ``peak_mem_bytes``: the most memory allocated at once *during* one call,
 beyond what existed before it (inputs and weights excluded, outputs and workspace
@@ -26,6 +38,8 @@ included), measured on a call of its own outside the timed repeats:
 
 from __future__ import annotations
 
+import math
+import os
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -45,13 +59,35 @@ def summarize(samples_ms) -> dict[str, float]:
 
 
 def paired_ratio(samples_ms, baseline_ms) -> dict[str, float]:
-    """Median (and p10/p90) of the per-repeat ratios ``samples[r] / baseline[r]``."""
+    """Median (and p10/p90) of the per-repeat ratios ``samples[r] / baseline[r]``. Not the
+    headline ratio (see ``ratio_columns``): the median of ratios can differ a lot from
+    the ratio of the medians when the two distributions have different shapes."""
     a = np.asarray(samples_ms, dtype=np.float64)
     b = np.asarray(baseline_ms, dtype=np.float64)
     if a.shape != b.shape or a.size == 0:
         raise ValueError("paired samples must be non-empty and of equal length")
     p10, median, p90 = np.percentile(a / b, [10, 50, 90])
     return {"median": float(median), "p10": float(p10), "p90": float(p90)}
+
+
+def ratio_columns(samples_ms, baseline_ms) -> dict[str, float]:
+    """The ratio columns of a row against its baseline: ``ratio_to_baseline``, the ratio
+    of medians (the headline: it agrees with the medians of the two rows), and
+    ``ratio_p10``/``ratio_p90``, the 10th and 90th percentiles of the paired per-repeat
+    ratios (how much it moved from repeat to repeat)."""
+    paired = paired_ratio(samples_ms, baseline_ms)
+    median = float(np.median(np.asarray(samples_ms, dtype=np.float64)))
+    base = float(np.median(np.asarray(baseline_ms, dtype=np.float64)))
+    if base <= 0:
+        raise ValueError(f"baseline median must be positive, got {base}")
+    return {"ratio_to_baseline": median / base, "ratio_p10": paired["p10"],
+            "ratio_p90": paired["p90"]}
+
+
+def spread(samples_ms) -> float:
+    """p90 / p10 of the samples: 1.0 for a perfectly steady timing."""
+    p10, p90 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [10, 90])
+    return float(p90 / p10) if p10 > 0 else math.inf
 
 
 class Timer(Protocol):
@@ -153,16 +189,21 @@ def torch_event_timer() -> CudaEventTimer:
 
 @dataclass
 class Schedule:
-    """How many times to run: ``warmup`` untimed calls each, then repeats until both
-    ``min_repeats`` are done and ``budget_s`` has passed, at most ``max_repeats``."""
+    """How many times to run: untimed warm-up rounds until both ``warmup`` rounds are
+    done and ``warmup_s`` has passed (at most ``max_repeats`` rounds), then repeats until
+    both ``min_repeats`` are done and ``budget_s`` has passed, at most ``max_repeats``.
+    ``retries``: how many times a cell that fails the noise or load check is timed again."""
 
     warmup: int = 3
     min_repeats: int = 10
     max_repeats: int = 100
     budget_s: float = 0.5
+    warmup_s: float = 0.0
+    retries: int = 0
 
     def __post_init__(self):
-        if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+        if (self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats
+                or self.warmup_s < 0 or self.retries < 0):
             raise ValueError(f"bad schedule {self}")
 
 
@@ -175,9 +216,15 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
         return samples
-    for _ in range(schedule.warmup):
+    started = clock()
+    rounds = 0
+    # A minimum warm-up *time* as well as a count: a fast call is over before the CPU
+    # clock has ramped up and the caches are warm after a few calls of a slower one.
+    while rounds < schedule.warmup or (clock() - started < schedule.warmup_s
+                                       and rounds < schedule.max_repeats):
         for name in names:
             timers[name].time_ms(calls[name])
+        rounds += 1
     started = clock()
     repeat = 0
     while repeat < schedule.max_repeats and (
@@ -188,6 +235,122 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
             samples[name].append(timers[name].time_ms(calls[name]))
         repeat += 1
     return samples
+
+
+# --- trust: competing load and spread ----------------------------------------------------
+
+NOISE_LIMIT = 1.5  # p90/p10 above this: the row's timing is too spread to trust
+LOAD_LIMIT = 0.1  # other processes took more than this fraction of the machine's CPU time
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU accounting at one instant: wall time, CPU seconds the whole machine spent
+    busy (None where /proc/stat is unreadable) and CPU seconds of this process."""
+
+    wall_s: float
+    machine_busy_s: float | None
+    own_s: float
+
+
+def read_proc_stat(path: str = "/proc/stat") -> float | None:
+    """Busy CPU seconds of the whole machine since boot, from the first ``cpu`` line of
+    /proc/stat: user, nice, system, irq, softirq and steal (steal is time the hypervisor
+    gave to other guests: just as lost to us). None where there is no /proc/stat."""
+    try:
+        with open(path, encoding="ascii") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]] + [0] * 8
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads (BLAS, Numba, torch)."""
+    times = os.times()
+    return times.user + times.system
+
+
+class LoadProbe:
+    """Measures the CPU time other processes take while a cell is timed: the machine's
+    busy time over an interval minus our own CPU time, as a fraction of the machine's
+    capacity (``cpus`` x wall time). The load average cannot do this: it counts
+    runnable threads averaged over a minute, including ours, and on 2 cores one other
+    busy process (load 1) already halves what a 2-thread run gets."""
+
+    def __init__(self, cpus: int | None = None, read_busy: Callable[[], float | None] = read_proc_stat,
+                 read_own: Callable[[], float] = own_cpu_seconds,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.cpus = cpus or os.cpu_count() or 1
+        self._read_busy, self._read_own, self._clock = read_busy, read_own, clock
+
+    def snapshot(self) -> CpuSnapshot:
+        return CpuSnapshot(self._clock(), self._read_busy(), self._read_own())
+
+    def other_fraction(self, before: CpuSnapshot, after: CpuSnapshot) -> float | None:
+        """Fraction of the machine's CPU time used by other processes between the two
+        snapshots (0 = none, 1 = every core busy with other work); None when unknown.
+        /proc/stat counts in clock ticks (10 ms), so short intervals read coarsely."""
+        wall = after.wall_s - before.wall_s
+        if before.machine_busy_s is None or after.machine_busy_s is None or wall <= 0:
+            return None
+        other = (after.machine_busy_s - before.machine_busy_s) - (after.own_s - before.own_s)
+        return min(1.0, max(0.0, other / (wall * self.cpus)))
+
+
+@dataclass
+class CheckedSamples:
+    """Samples of the attempt that was kept, and what the checks found."""
+
+    samples: dict[str, list[float]]
+    attempts: int
+    other_load: float | None  # fraction of the machine other processes used
+    spreads: dict[str, float]
+    noisy: dict[str, str]  # name -> why its timing is not to be trusted (absent: trusted)
+
+
+def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: float,
+              load_limit: float) -> dict[str, str]:
+    found = {}
+    for name, value in spreads.items():
+        reasons = []
+        if value > noise_limit:
+            reasons.append(f"p90/p10 = {value:.2f} > {noise_limit:g}")
+        if other_load is not None and other_load > load_limit:
+            reasons.append(f"other processes took {100 * other_load:.0f}% of the CPU")
+        if reasons:
+            found[name] = "; ".join(reasons)
+    return found
+
+
+def measure_checked(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
+                    schedule: Schedule, probe: LoadProbe | None = None,
+                    noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT,
+                    measure: Callable[..., dict[str, list[float]]] | None = None
+                    ) -> CheckedSamples:
+    """``measure_interleaved`` with the noise and load checks of the module docstring:
+    up to ``1 + schedule.retries`` attempts, stopping at the first that passes; the
+    attempt kept is the first that passes, else the one with the smallest worst spread."""
+    probe = probe or LoadProbe()
+    measure = measure or measure_interleaved
+    best: CheckedSamples | None = None
+    for attempt in range(1, schedule.retries + 2):
+        before = probe.snapshot()
+        samples = measure(calls, timers, schedule)
+        other = probe.other_fraction(before, probe.snapshot())
+        spreads = {name: spread(values) for name, values in samples.items()}
+        checked = CheckedSamples(samples, attempt, other, spreads,
+                                 _problems(spreads, other, noise_limit, load_limit))
+        if not checked.noisy:
+            return checked
+        if best is None or max(spreads.values()) < max(best.spreads.values()):
+            best = checked
+        best.attempts = attempt
+    return best
 
 
 # --- peak memory ----------------------------------------------------------------------
