@@ -544,3 +544,259 @@ def test_bfloat16_on_cpu_skips_numpy_code_with_a_note():
                              dtype="bfloat16")
     rows = runner.run_suite(settings)
     assert rows and all(r["status"] == "skipped" and "bfloat16" in r["note"] for r in rows)
+
+
+# --- trust: ratio columns, noise and load checks, thread policy ---------------------------
+
+
+def test_ratio_of_medians_is_the_headline_and_the_paired_range_beside_it():
+    # The median of paired ratios can contradict the medians (issue 14: 7.86x where the
+    # medians gave 2.07x). Here both medians are 2 ms, the paired ratios 1/3, 2 and 1.5.
+    ours, base = [1.0, 2.0, 3.0], [3.0, 1.0, 2.0]
+    assert timing.paired_ratio(ours, base)["median"] == pytest.approx(1.5)
+    columns = timing.ratio_columns(ours, base)
+    assert columns["ratio_to_baseline"] == 1.0  # agrees with the medians beside it
+    assert columns["ratio_p10"] == pytest.approx(1 / 3 + 0.2 * (1.5 - 1 / 3))
+    assert columns["ratio_p90"] == pytest.approx(1.5 + 0.8 * 0.5)
+    with pytest.raises(ValueError):
+        timing.ratio_columns([1.0], [0.0])
+    assert timing.spread([1.0, 1.0, 1.0]) == 1.0
+    assert timing.spread([1.0] * 5 + [3.0] * 5) == pytest.approx(3.0)
+
+
+def test_read_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = __import__("os").sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {ticks} 0 {ticks} 999999 5 0 0 {2 * ticks} 0 0\ncpu0 1 2 3\n")
+    assert timing.read_proc_stat(str(stat)) == pytest.approx(4.0)  # user + system + steal
+    assert timing.read_proc_stat(str(tmp_path / "missing")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert timing.read_proc_stat(str(stat)) is None
+    assert timing.read_proc_stat() is None or timing.read_proc_stat() > 0  # this machine
+
+
+def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0):
+    """A LoadProbe whose readings advance by fixed amounts per snapshot."""
+    state = {"busy": 0.0, "own": 0.0, "wall": 0.0}
+
+    def advance(key, step):
+        def read():
+            value = state[key]
+            state[key] += step
+            return value
+        return read
+
+    return timing.LoadProbe(cpus, advance("busy", busy_per_call), advance("own", own_per_call),
+                            advance("wall", wall_per_call))
+
+
+def test_load_probe_counts_other_processes_not_ours():
+    # 1 s of wall time on 2 cores: the machine was busy 1.6 CPU-s, 1.0 of them ours.
+    probe = fake_probe(1.6, 1.0)
+    before = probe.snapshot()
+    assert probe.other_fraction(before, probe.snapshot()) == pytest.approx(0.3)
+    quiet = fake_probe(1.0, 1.0)
+    before = quiet.snapshot()
+    assert quiet.other_fraction(before, quiet.snapshot()) == 0.0
+    unknown = timing.LoadProbe(2, lambda: None, lambda: 0.0, iter([0.0, 1.0]).__next__)
+    assert unknown.other_fraction(unknown.snapshot(), unknown.snapshot()) is None
+
+
+def scripted_measure(attempts):
+    """A stand-in for measure_interleaved returning the given samples, one dict a call."""
+    script = iter(attempts)
+    return lambda calls, timers, schedule: next(script)
+
+
+STEADY = [1.0, 1.0, 1.1, 1.0, 1.05]
+WILD = [1.0, 1.0, 3.0, 5.0, 1.0]
+
+
+def test_measure_checked_reruns_a_noisy_cell_and_keeps_the_calm_attempt():
+    checked = timing.measure_checked({"a": None, "b": None}, {}, timing.Schedule(0, 5, 5, 0, retries=2),
+                                     probe=fake_probe(1.0, 1.0),
+                                     measure=scripted_measure([{"a": WILD, "b": STEADY},
+                                                               {"a": STEADY, "b": STEADY}]))
+    assert checked.attempts == 2 and not checked.noisy
+    assert checked.samples["a"] == STEADY and checked.other_load == 0.0
+
+
+def test_measure_checked_flags_what_stays_noisy_with_the_reason():
+    wilder = [1.0, 1.0, 9.0, 9.0, 1.0]
+    checked = timing.measure_checked({"a": None, "b": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(1.0, 1.0),
+                                     measure=scripted_measure([{"a": wilder, "b": STEADY},
+                                                               {"a": WILD, "b": STEADY}]))
+    assert checked.attempts == 2 and set(checked.noisy) == {"a"}
+    assert checked.samples["a"] == WILD  # the calmer of the two attempts
+    assert checked.noisy["a"].startswith("p90/p10 = ") and "> 1.5" in checked.noisy["a"]
+
+
+def test_measure_checked_flags_competing_load_even_when_the_spread_looks_fine():
+    # Another process held one of two cores (other = 0.5 of the machine) the whole time.
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(2.0, 1.0),
+                                     measure=scripted_measure([{"a": STEADY}, {"a": STEADY}]))
+    assert checked.attempts == 2 and checked.other_load == pytest.approx(0.5)
+    assert "other processes took 50% of the CPU" in checked.noisy["a"]
+
+
+def test_warmup_runs_for_a_minimum_time_as_well_as_a_count():
+    log: list[str] = []
+    clock = iter(float(t) for t in range(1000))
+    timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer(log, "a")},
+                               timing.Schedule(1, 2, 20, 0.0, warmup_s=5.0),
+                               clock=lambda: next(clock))
+    # the clock reads 0 at the start and 1 more at every check: warm-up rounds until it
+    # reads 5 (five rounds), then the two repeats
+    assert len(log) == 5 + 2
+    log.clear()
+    clock = iter(float(t) for t in range(1000))
+    timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer(log, "a")},
+                               timing.Schedule(1, 2, 3, 0.0, warmup_s=50.0),
+                               clock=lambda: next(clock))
+    assert len(log) == 3 + 2  # warm-up capped at max_repeats rounds
+    with pytest.raises(ValueError):
+        timing.Schedule(0, 1, 1, 0.0, warmup_s=-1.0)
+
+
+def test_rows_carry_the_checks_and_a_loaded_machine_flags_them(monkeypatch):
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4,))
+    settings.probe = fake_probe(2.0, 0.5)  # others: 1.5 of 2 cores
+    row, = runner.run_suite(settings)
+    assert row["noisy"] is True and "other processes took 75% of the CPU" in row["noise_reason"]
+    assert row["other_load"] == pytest.approx(0.75) and row["attempts"] == 1
+    assert row["spread"] == pytest.approx(row["p90_ms"] / row["p10_ms"])
+    settings.probe = fake_probe(1.0, 1.0)
+    settings.schedule = timing.Schedule(0, 3, 3, 0.0)
+    monkeypatch.setattr(timing, "measure_interleaved", scripted_measure(
+        [{"attention-numpy": STEADY}]))
+    row, = runner.run_suite(settings)
+    assert row["noisy"] is False and row["noise_reason"] is None and row["other_load"] == 0.0
+    assert set(runner.ROW_DOCS) <= set(runner.ROW_FIELDS)
+
+
+def test_thread_policy():
+    assert cli.thread_policy(3, 64, {})[0] == 3
+    threads, why = cli.thread_policy(None, 2, {})
+    assert threads == 1 and "2-core" in why
+    assert cli.thread_policy(None, 4, {})[0] == 1
+    assert cli.thread_policy(None, 16, {})[0] is None
+    threads, why = cli.thread_policy(None, 2, {"OMP_NUM_THREADS": "2"})
+    assert threads is None and "OMP_NUM_THREADS=2" in why
+    restarted = {"OMP_NUM_THREADS": "1", cli.POLICY_VARIABLE: "the default on a 2-core machine"}
+    assert cli.thread_policy(None, 2, restarted) == (1, "the default on a 2-core machine")
+
+
+def test_default_policy_restarts_from_the_shell_and_not_from_python(monkeypatch):
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert cli.apply_threads(1, ["--quick"], explicit=False) is False  # Python: no restart
+    monkeypatch.setattr(cli.sys, "argv", ["rnnkernels-bench", "--quick"])
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda *args: calls.append(args))
+    cli.apply_threads(1, None, explicit=False, reason="why")
+    (_, _, env), = calls
+    assert env["OMP_NUM_THREADS"] == "1" and env[cli.POLICY_VARIABLE] == "why"
+
+
+def test_help_lists_every_subcommand_and_defines_the_columns(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("gradient-flow", "stability"):
+        assert f"\n  {name} " in text
+    assert "ratio of medians" in text and "paired p10-p90" in text and "noisy" in text
+    assert "rnnkernels-results" in text
+
+
+def test_outputs_go_to_the_results_folder_unless_paths_are_given():
+    parser = cli.build_parser()
+    paths = cli.output_paths(parser.parse_args(["--quick"]), "cpu")
+    assert paths["json"] == "rnnkernels-results/bench-cpu-quick.json"
+    assert paths["csv"] == "rnnkernels-results/bench-cpu-quick.csv"
+    explicit = cli.output_paths(parser.parse_args(["--json", "a.json", "--out-dir", "o"]), "cuda")
+    assert explicit["json"] == "a.json" and explicit["csv"] == "o/bench-cuda-default.csv"
+    assert cli.output_paths(parser.parse_args(["--no-save"]), "cpu") == {
+        "json": None, "csv": None, "plot": None}
+
+
+def test_no_crossover_from_noisy_rows():
+    def rows(noisy_at=()):
+        out = []
+        for T, lstm_ms, attention_ms in ((32, 2.0, 1.0), (64, 4.0, 4.0 * 1.5), (128, 8.0, 20.0)):
+            out.append(dict(model="lstm", impl="l", T=T, status="ok", median_ms=lstm_ms,
+                            noisy=T in noisy_at))
+            out.append(dict(model="attention", impl="a", T=T, status="ok",
+                            median_ms=attention_ms, noisy=False))
+        return out
+
+    points, text = plot.crossover_text(rows())
+    assert len(points) == 1 and 32 < points[0] < 64 and "T ≈" in text
+    points, text = plot.crossover_text(rows(noisy_at=(64,)))
+    assert points == [] and "not shown" in text
+    points, text = plot.crossover_text(rows(noisy_at=(128,)))  # far from the crossing
+    assert len(points) == 1
+
+
+def test_crossover_labels_stay_inside_and_apart():
+    placed = plot._label_positions([300.0, 330.0, 900.0, 1000.0], 25.0, 1280.0)
+    assert [align for _, align, _, _ in placed] == ["left", "left", "right", "right"]
+    heights = [(valign, height) for _, _, valign, height in placed]
+    assert len(set(heights)) == 4 and all(0 < h < 1 for _, h in heights)
+
+
+def test_plot_with_noisy_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = runner.run_suite(tiny_settings([numpy_attention_impl()], seq_lens=(4, 8)))
+    for row, noisy in zip(rows, (True, False)):
+        row.update(noisy=noisy, noise_reason="p90/p10 = 2.00 > 1.5" if noisy else None,
+                   other_load=0.0)
+    data = {"device": {"name": "test"}, "config": {}, "results": rows}
+    plot.plot_results(data, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "1 of 2 timed rows are flagged noisy" in cli.noise_summary(rows)
+    rows[0]["noisy"] = False
+    assert cli.noise_summary(rows) is None
+
+
+# --- the stability check ------------------------------------------------------------------
+
+
+def stability_row(impl, T, median, p10=None, p90=None, noisy=False, status="ok"):
+    return dict(mode="forward", model="lstm", impl=impl, T=T, status=status, median_ms=median,
+                p10_ms=p10 or median * 0.9, p90_ms=p90 or median * 1.1, noisy=noisy,
+                noise_reason="p90/p10 = 3.00 > 1.5" if noisy else None)
+
+
+def test_stability_verdicts():
+    from rnnkernels.bench import stability
+
+    first = [stability_row("a", 32, 1.0), stability_row("b", 32, 2.0)]
+    verdict = stability.compare_runs(first, [stability_row("a", 32, 1.15), stability_row("b", 32, 1.8)])
+    assert verdict["stable"] and verdict["compared"] == 2 and not verdict["problems"]
+    verdict = stability.compare_runs(first, [stability_row("a", 32, 1.3), stability_row("b", 32, 2.0)])
+    assert not verdict["stable"] and "30% apart" in verdict["problems"][0]
+    # a wide spread is fine when flagged, a miss when not
+    wide = [stability_row("a", 32, 1.0, 0.5, 1.5, noisy=True), stability_row("b", 32, 2.0)]
+    verdict = stability.compare_runs(wide, first)
+    assert verdict["stable"] and len(verdict["flagged"]) == 1
+    wide[0]["noisy"] = False
+    verdict = stability.compare_runs(wide, first)
+    assert not verdict["stable"] and "not flagged" in verdict["problems"][0]
+    verdict = stability.compare_runs(first, first[:1])
+    assert not verdict["stable"] and "only in run 1" in verdict["problems"][0]
+    assert "verdict: NOT STABLE" in stability.format_verdict(verdict)
+    assert not stability.compare_runs([], [])["stable"]  # nothing compared proves nothing
+
+
+def test_stability_command_compares_saved_runs(tmp_path, capsys):
+    paths = []
+    for run, median in enumerate((1.0, 1.1)):
+        path = tmp_path / f"run{run}.json"
+        cli.write_json(path, {"results": [stability_row("a", 32, median)]})
+        paths.append(str(path))
+    assert cli.main(["stability", "--compare", *paths]) == 0
+    assert "verdict: STABLE" in capsys.readouterr().out
+    assert cli.main(["stability", "--compare", *paths, "--agreement", "0.05"]) == 1
+    assert cli.main(["stability", "--compare", paths[0], str(tmp_path / "missing.json")]) == 2

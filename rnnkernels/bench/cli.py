@@ -500,7 +500,8 @@ def noise_summary(rows: list[dict]) -> str | None:
     if not noisy:
         return None
     loads = [row["other_load"] for row in timed if row.get("other_load") is not None]
-    worst = f"; other processes took up to {100 * max(loads):.0f}% of the CPU" if loads else ""
+    worst = (f"; other processes took up to {100 * max(loads):.0f}% of the CPU"
+             if loads and max(loads) >= 0.01 else "")
     return (f"warning: {len(noisy)} of {len(timed)} timed rows are flagged noisy{worst}. "
             "Their figures are not to be trusted and no crossover is drawn from them: "
             "rerun on a quiet machine (`rnnkernels-bench stability` checks two runs).")

@@ -75,11 +75,11 @@ def ratio_columns(samples_ms, baseline_ms) -> dict[str, float]:
     of medians (the headline: it agrees with the medians of the two rows), and
     ``ratio_p10``/``ratio_p90``, the 10th and 90th percentiles of the paired per-repeat
     ratios (how much it moved from repeat to repeat)."""
+    if min(baseline_ms, default=0.0) <= 0:
+        raise ValueError("baseline times must be positive")
     paired = paired_ratio(samples_ms, baseline_ms)
     median = float(np.median(np.asarray(samples_ms, dtype=np.float64)))
     base = float(np.median(np.asarray(baseline_ms, dtype=np.float64)))
-    if base <= 0:
-        raise ValueError(f"baseline median must be positive, got {base}")
     return {"ratio_to_baseline": median / base, "ratio_p10": paired["p10"],
             "ratio_p90": paired["p90"]}
 
