@@ -32,7 +32,12 @@ CUDA_RUNTIME_12 = [
 ]
 TORCH = ["torch>=2.4"]
 BENCH = ["matplotlib>=3.7", "rich>=13"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build>=1", "setuptools>=64", "wheel"] + TORCH + BENCH
+# Peers timed beside rnnkernels where installed (skipped, saying why, where not): ONNX
+# Runtime's LSTM operator on the CPU. FlashRNN is GPU-only and pulls Triton, so it has
+# an extra of its own.
+PEERS = ["onnx>=1.14", "onnxruntime>=1.16"]
+GPU_PEERS = ["flashrnn>=1.0"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build>=1", "setuptools>=64", "wheel"] + TORCH + BENCH + PEERS
 
 setup(
     name="rnnkernels",
@@ -62,6 +67,8 @@ setup(
         "cuda12": CUDA_RUNTIME_12,
         "torch": TORCH,
         "bench": BENCH,
+        "peers": PEERS,
+        "gpu-peers": GPU_PEERS,
         "test": TEST,
     },
     entry_points={"console_scripts": ["rnnkernels-bench=rnnkernels.bench.cli:main"]},

@@ -108,7 +108,10 @@ def test_settings_from_presets_and_overrides():
         ["--full", "--mode", "decode", "--seq-lens", "8,16", "--hidden", "32", "--repeats", "3"]),
         "cuda")
     assert custom.modes == ("decode",) and custom.seq_lens == (8, 16) and custom.hidden == 32
-    assert custom.schedule.min_repeats == 3
+    assert custom.schedule.min_repeats == 3 and custom.schedule.retries == 1
+    assert cli.make_settings(parser.parse_args(["--retries", "0"]), "cpu").schedule.retries == 0
+    with pytest.raises(cli.UsageError, match="--retries"):
+        cli.make_settings(parser.parse_args(["--retries", "-1"]), "cpu")
     assert [i.name for i in custom.impls] == list(impls.DEFAULT_IMPLS["cuda"])
     with pytest.raises(cli.UsageError, match="heads"):
         cli.make_settings(parser.parse_args(["--hidden", "30", "--heads", "4"]), "cpu")
@@ -501,8 +504,9 @@ def test_cli_smoke_run(tmp_path, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     paths = {ext: tmp_path / f"r.{ext}" for ext in ("json", "csv", "png")}
-    status = cli.main(["--quick", "--device", "cpu", "--seq-lens", "8,16,32", "--batch", "2",
-                       "--hidden", "16", "--repeats", "2", "--json", str(paths["json"]),
+    status = cli.main(["--quick", "--device", "cpu", "--seq-lens", "8,16", "--batch", "2",
+                       "--hidden", "16", "--repeats", "2", "--retries", "0",
+                       "--json", str(paths["json"]),
                        "--csv", str(paths["csv"]), "--plot", str(paths["png"])])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -513,20 +517,31 @@ def test_cli_smoke_run(tmp_path, capsys):
     assert "commit" in data["run"]  # None outside a git checkout
     assert data["device"]["kind"] == "cpu" and data["device"]["cpu"]
     assert data["device"]["versions"]["numpy"] == np.__version__
-    assert data["config"]["seq_lens"] == [8, 16, 32] and data["config"]["batch"] == 2
+    assert data["config"]["seq_lens"] == [8, 16] and data["config"]["batch"] == 2
     rows = data["results"]
     assert {r["impl"] for r in rows} == set(impls.DEFAULT_IMPLS["cpu"])
     for model in ("lstm", "attention"):
         for mode in flops.MODES:
             assert {r["T"] for r in rows if r["model"] == model and r["mode"] == mode
-                    and r["status"] == "ok"} == {8, 16, 32}
+                    and r["status"] == "ok"} == {8, 16}
+    assert set(data["columns"]) >= {"ratio_to_baseline", "ratio_p10", "noisy", "other_load"}
+    assert "ratio of medians" in data["columns"]["ratio_to_baseline"]
+    assert data["config"]["thread_policy"]
     for row in rows:
-        assert set(REQUIRED) <= set(row) and row["status"] == "ok"
+        assert set(REQUIRED) <= set(row)
+        if row["impl"] == "onnxruntime" and (row["mode"] == "training" or row["status"] == "skipped"):
+            # inference only; absent without the peers extra: skipped, saying why
+            assert row["status"] == "skipped" and row["note"]
+            continue
+        assert row["status"] == "ok"
         assert row["ratio_to_baseline"] > 0 and row["baseline"] in ("torch-cpu", "attention-sdpa")
+        assert row["ratio_p10"] <= row["ratio_p90"] and isinstance(row["noisy"], bool)
+        assert row["spread"] == pytest.approx(row["p90_ms"] / row["p10_ms"])
     assert all(r["peak_mem_bytes"] is None for r in rows if r["impl"] == "torch-cpu")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(csv.DictReader(paths["csv"].open()))) == len(rows)
     assert "rnnkernels-cpu" in out and "attention-numpy" in out
+    assert "ratio of medians" in out and "paired p10-p90" in out  # the header defines them
 
 
 def test_plot_from_saved_json(tmp_path):
@@ -800,3 +815,77 @@ def test_stability_command_compares_saved_runs(tmp_path, capsys):
     assert "verdict: STABLE" in capsys.readouterr().out
     assert cli.main(["stability", "--compare", *paths, "--agreement", "0.05"]) == 1
     assert cli.main(["stability", "--compare", paths[0], str(tmp_path / "missing.json")]) == 2
+
+
+# --- peers: ONNX Runtime on the CPU, FlashRNN on a GPU ----------------------------------------
+
+
+def test_torch_gate_order_to_onnx():
+    H = 3
+    blocks = np.repeat(np.arange(4.0), H)[:, None] * np.ones((1, 2))  # torch block k holds k
+    assert impls.torch_gates_to_onnx(blocks)[:, 0].tolist() == [0] * H + [3] * H + [1] * H + [2] * H
+    bias = np.arange(8.0)  # H = 2, a 1-D bias
+    assert impls.torch_gates_to_onnx(bias).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+
+
+def lstm_reference(p, inputs):
+    prepared = impls._ours_build("reference", "cpu")(p, inputs)
+    return prepared.collect(prepared.run())
+
+
+def onnxruntime_or_skip():
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install rnnkernels[peers])")
+    return pytest.importorskip("onnxruntime",
+                               reason="onnxruntime is not installed (pip install rnnkernels[peers])")
+
+
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+def test_onnxruntime_lstm_matches_the_reference(mode):
+    onnxruntime_or_skip()  # its CPU LSTM kernel is float32 only
+    p = impls.Problem("lstm", mode, 7, 3, 5, "float32")
+    inputs = impls.make_inputs(p)
+    impl, = impls.select_impls("cpu", ("onnxruntime",))
+    errors = impls.compare(*(lambda prepared: (prepared.collect(prepared.run()),))(
+        impl.build(p, inputs)), lstm_reference(p, inputs))
+    assert set(errors) == ({"y", "h_n", "c_n"} if mode == "forward" else {"h_n", "c_n"})
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_a_wrong_onnx_gate_order_is_caught(monkeypatch):
+    onnxruntime_or_skip()
+    monkeypatch.setattr(impls, "TORCH_TO_ONNX_GATES", (0, 1, 2, 3))  # torch's order, unmapped
+    p = impls.Problem("lstm", "forward", 7, 3, 5, "float32")
+    inputs = impls.make_inputs(p)
+    impl, = impls.select_impls("cpu", ("onnxruntime",))
+    prepared = impl.build(p, inputs)
+    errors = impls.compare(prepared.collect(prepared.run()), lstm_reference(p, inputs))
+    assert max(errors.values()) > 1e-2
+
+
+def test_onnxruntime_training_is_a_skipped_row_with_the_reason():
+    impl, = impls.select_impls("cpu", ("onnxruntime",))
+    rows = runner.run_suite(tiny_settings([impl], modes=("training",), seq_lens=(4,)))
+    assert [r["status"] for r in rows] == ["skipped"] and "inference only" in rows[0]["note"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", flops.MODES)
+def test_flashrnn_weight_mapping_on_its_cpu_backend(mode):
+    """The same mapping the GPU peer uses, run through FlashRNN's pure-PyTorch 'vanilla'
+    backend, which runs on the CPU: checks the gate order and the layout of R."""
+    torch = pytest.importorskip("torch")
+    flashrnn = pytest.importorskip("flashrnn", reason="flashrnn is not installed (a GPU peer: "
+                                   "pip install flashrnn)")
+    p = impls.Problem("lstm", mode, 6, 2, 8, "float64")
+    inputs = impls.make_inputs(p)
+    prepared = impls.flashrnn_lstm(torch, flashrnn.flashrnn, mode, inputs, torch.device("cpu"),
+                                   torch.float64, "vanilla", "float64")
+    errors = impls.compare(prepared.collect(prepared.run()), lstm_reference(p, inputs))
+    assert max(errors.values()) < 1e-10, errors
+
+
+def test_flashrnn_without_a_gpu_is_skipped_with_the_reason():
+    p = impls.Problem("lstm", "forward", 4, 2, 8)
+    with pytest.raises(impls.Unavailable) as info:
+        impls._flashrnn_build(p, impls.make_inputs(p))
+    assert not info.value.error and str(info.value)

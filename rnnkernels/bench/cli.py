@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default="float32")
     parser.add_argument("--repeats", type=_positive_int, metavar="N",
                         help="at least N timed repeats per implementation")
+    parser.add_argument("--retries", type=int, metavar="N",
+                        help="times a cell failing the noise or load check is timed again "
+                        "(default 2 on a CPU, 1 on a GPU; 0: flag at once)")
     parser.add_argument("--impls", metavar="NAME,...",
                         help="implementations to run (default: all for the device; "
                         "'reference' is opt-in on the CPU)")
@@ -278,6 +281,10 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
     if args.repeats:
         schedule = dataclasses.replace(schedule, min_repeats=args.repeats,
                                        max_repeats=max(args.repeats, schedule.max_repeats))
+    if args.retries is not None:
+        if args.retries < 0:
+            raise UsageError(f"--retries must be 0 or more, got {args.retries}")
+        schedule = dataclasses.replace(schedule, retries=args.retries)
     hidden = args.hidden or preset.hidden
     if hidden % args.heads:
         raise UsageError(f"--hidden {hidden} is not divisible by --heads {args.heads}")

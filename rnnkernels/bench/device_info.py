@@ -9,7 +9,7 @@ from importlib import metadata
 from .timing import require_gpu_cupy, require_gpu_torch
 
 PACKAGES = ("rnnkernels", "numpy", "numba", "torch", "cupy-cuda12x", "cupy-cuda13x",
-            "matplotlib", "rich")
+            "matplotlib", "rich", "onnx", "onnxruntime", "flashrnn")
 
 
 def cpu_model() -> str:

@@ -11,6 +11,10 @@ LSTM implementations (I = H, with biases and initial state):
   reference        ``backend="reference"`` (NumPy float64; opt-in with --impls)
   torch-cpu        ``torch.nn.LSTM`` on the CPU                 (baseline on a CPU)
   cudnn            ``torch.nn.LSTM`` on the GPU, i.e. cuDNN, TF32 off (baseline on a GPU)
+  onnxruntime      ONNX Runtime's LSTM operator on the CPU, inference only (peer; the
+                   ``peers`` extra: onnx, onnxruntime)
+  flashrnn         FlashRNN's fused LSTM kernel on the GPU (peer; ``pip install flashrnn``)
+Peers that are not installed, or cannot run a problem, are "skipped" rows with the reason.
 Attention implementations (``rnnkernels/bench/attention.py``):
   attention-numpy  NumPy, hand-written backward                 (CPU)
   attention-cupy   CuPy: cuBLAS GEMMs and the causal-softmax RawKernel  (GPU)
@@ -29,6 +33,7 @@ reference backend for the LSTM and the NumPy attention in float64.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -316,6 +321,154 @@ def _torch_lstm(torch, mode, inputs, device, dtype) -> Prepared:
     return Prepared(run, collect)
 
 
+# --- peers: ONNX Runtime (CPU) and FlashRNN (GPU) ------------------------------------------
+
+# ONNX's LSTM operator stacks the gate blocks of W, R and B as i, o, f, c; torch (and
+# rnnkernels) as i, f, g, o. Block k of the ONNX weights is block TORCH_TO_ONNX_GATES[k]
+# of torch's: i = 0, o = 3, f = 1, c (the cell candidate, torch's g) = 2.
+TORCH_TO_ONNX_GATES = (0, 3, 1, 2)
+
+
+def torch_gates_to_onnx(weights: np.ndarray) -> np.ndarray:
+    """Rows of a [4H, ...] torch-ordered weight or bias reordered into ONNX's i, o, f, c."""
+    H = weights.shape[0] // 4
+    return np.concatenate([weights[k * H:(k + 1) * H] for k in TORCH_TO_ONNX_GATES])
+
+
+def onnx_lstm_model(inputs: dict[str, np.ndarray], dtype: str):
+    """A one-node ONNX graph: the LSTM operator with the problem's weights as
+    initializers; graph inputs X [T, B, I], initial_h and initial_c [1, B, H]; outputs
+    Y [T, 1, B, H], Y_h and Y_c [1, B, H]. Built with onnx.helper, by hand, because no
+    exporter takes our weights without a torch module in between."""
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as error:
+        raise Unavailable("onnx is not installed (pip install rnnkernels[peers])") from error
+    H = inputs["w_hh"].shape[1]
+    element = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[dtype]
+    # (ONNX Runtime's CPU LSTM kernel takes float32 only; float64 builds, for other runtimes)
+    W = torch_gates_to_onnx(inputs["w_ih"])[None].astype(dtype)  # [1, 4H, I]
+    R = torch_gates_to_onnx(inputs["w_hh"])[None].astype(dtype)  # [1, 4H, H]
+    B = np.concatenate([torch_gates_to_onnx(inputs["b_ih"]),   # [1, 8H]: W's bias, then R's
+                        torch_gates_to_onnx(inputs["b_hh"])])[None].astype(dtype)
+    node = helper.make_node("LSTM", ["X", "W", "R", "B", "", "initial_h", "initial_c"],
+                            ["Y", "Y_h", "Y_c"], hidden_size=H)
+    graph = helper.make_graph(
+        [node], "rnnkernels_bench_lstm",
+        [helper.make_tensor_value_info(name, element, shape) for name, shape in
+         (("X", ["T", "B", inputs["x"].shape[2]]), ("initial_h", [1, "B", H]),
+          ("initial_c", [1, "B", H]))],
+        [helper.make_tensor_value_info(name, element, None) for name in ("Y", "Y_h", "Y_c")],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
+         numpy_helper.from_array(B, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what opset 17 needs; newer onnx writes newer than older ORTs read
+    return model
+
+
+def _onnxruntime_build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+    if p.mode == "training":
+        raise Unavailable("ONNX Runtime's LSTM operator is inference only")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise Unavailable("onnxruntime is not installed (pip install rnnkernels[peers])") from error
+    options = onnxruntime.SessionOptions()
+    # ONNX Runtime's own pool ignores OMP_NUM_THREADS: give it the thread policy's count
+    # (0 = its default, one thread per core) like the other libraries.
+    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        onnx_lstm_model(inputs, p.dtype).SerializeToString(), options,
+        providers=["CPUExecutionProvider"])
+    feeds = {"X": inputs["x"].astype(p.dtype), "initial_h": inputs["h0"][None].astype(p.dtype),
+             "initial_c": inputs["c0"][None].astype(p.dtype)}
+
+    def run():
+        return session.run(None, feeds)
+
+    def collect(result):
+        y, h_n, c_n = result
+        got = {"h_n": h_n[0].astype(np.float64), "c_n": c_n[0].astype(np.float64)}
+        if p.mode == "forward":
+            got["y"] = y[:, 0].astype(np.float64)
+        return got
+    return Prepared(run, collect)
+
+
+def flashrnn_lstm(torch, flashrnn, mode: str, inputs, device, dtype, backend: str,
+                  kernel_dtype: str) -> Prepared:
+    """The problem through FlashRNN's ``flashrnn(..., function="lstm")``. FlashRNN has no
+    input projection: Wx = x W_ih^T is one GEMM here, inside the timed call (as in
+    rnnkernels and cuDNN). Its gate order is i, f, z, o, torch's; its recurrent weight
+    is R[g, head, d, p] (its default layout "GHDP", d the new hidden unit, p the previous)
+    with gate_g[d] = sum_p R[g, head, d, p] h[p]: torch's block W_hh[g H + d, p] as it
+    is; one head of size H; states [h, c]; outputs [S, B, T, head, D] ("SBTHD")."""
+    H = inputs["w_hh"].shape[1]
+    t = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in inputs.items()}
+    training = mode == "training"
+    names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0")
+    if training:
+        for name in names:
+            t[name].requires_grad_(True)
+
+    def call():
+        steps, batch = t["x"].shape[:2]
+        Wx = (t["x"] @ t["w_ih"].T).reshape(steps, batch, 4, 1, H).transpose(0, 1)  # [B,T,G,N,D]
+        R = t["w_hh"].reshape(4, 1, H, H)                                          # [G,N,D,P]
+        b = (t["b_ih"] + t["b_hh"]).reshape(4, 1, H)                               # [G,N,D]
+        states = torch.stack([t["h0"], t["c0"]])[:, :, None, None]                 # [S,B,1,N,D]
+        out, last = flashrnn(Wx.contiguous(), R.contiguous(), b.contiguous(), states=states,
+                             function="lstm", backend=backend, dtype=kernel_dtype)
+        # out [S, B, T, N, D], last [S, B, 1, N, D]
+        return out[0, :, :, 0].transpose(0, 1), last[0, :, 0, 0], last[1, :, 0, 0]
+
+    if training:
+        def run():
+            y, h_n, c_n = call()
+            grads = torch.autograd.grad(y, [t[name] for name in names], grad_outputs=t["dy"])
+            return y, h_n, c_n, grads
+
+        def collect(result):
+            y, h_n, c_n, grads = result
+            got = {"y": to_host(y), "h_n": to_host(h_n), "c_n": to_host(c_n)}
+            got.update({name: to_host(grad) for name, grad in zip(LSTM_GRADS, grads)})
+            return got
+        return Prepared(run, collect)
+
+    def run():
+        with torch.no_grad():
+            return call()
+
+    def collect(result):
+        y, h_n, c_n = result
+        got = {"h_n": to_host(h_n), "c_n": to_host(c_n)}
+        if mode == "forward":
+            got["y"] = to_host(y)
+        return got
+    return Prepared(run, collect)
+
+
+FLASHRNN_BACKEND = "cuda_fused"  # its fused kernel: R in registers and shared memory
+
+
+def _flashrnn_build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
+    torch = _torch_device("cuda")
+    try:
+        from flashrnn import flashrnn
+    except ImportError as error:
+        raise Unavailable("flashrnn is not installed (pip install flashrnn; GPU only)") from error
+    prepared = flashrnn_lstm(torch, flashrnn, p.mode, inputs, torch.device("cuda"),
+                             _torch_dtype(torch, p.dtype), FLASHRNN_BACKEND, p.dtype)
+    try:
+        prepared.run()  # FlashRNN compiles its kernels here, for this shape and dtype
+        torch.cuda.synchronize()
+    except Exception as error:  # a peer that cannot run this problem is skipped, saying why
+        raise Unavailable(f"flashrnn ({FLASHRNN_BACKEND}) cannot run this problem: "
+                          f"{type(error).__name__}: {error}") from error
+    return prepared
+
+
 # --- attention --------------------------------------------------------------------------
 
 ATTENTION_GRADS = ("dx", "dwq", "dwk", "dwv", "dwo")
@@ -411,6 +564,11 @@ def all_impls() -> list[Impl]:
         Impl("cudnn", "lstm", "cuda", ("float32", "float64", "float16", "bfloat16"),
              _torch_lstm_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
              baseline=True, note="TF32 off: exact FP32 like rnnkernels (see exact_fp32_cudnn)"),
+        Impl("onnxruntime", "lstm", "cpu", ("float32",), _onnxruntime_build, "cpu",
+             None, note="ONNX Runtime's LSTM operator, CPU, inference only"),
+        Impl("flashrnn", "lstm", "cuda", ("float32", "bfloat16", "float16"), _flashrnn_build,
+             "torch-cuda", "torch.cuda.max_memory_allocated",
+             note=f"FlashRNN {FLASHRNN_BACKEND}; x W_ih^T in torch inside the timed call"),
         Impl("attention-numpy", "attention", "cpu", ("float32", "float64"),
              _array_attention_build("cpu"), "cpu", "tracemalloc"),
         Impl("attention-cupy", "attention", "cuda", ("float32", "float16"),
@@ -424,8 +582,8 @@ def all_impls() -> list[Impl]:
 
 
 DEFAULT_IMPLS = {
-    "cpu": ("rnnkernels-cpu", "torch-cpu", "attention-numpy", "attention-sdpa"),
-    "cuda": ("rnnkernels-cuda", "cudnn", "attention-cupy", "attention-sdpa"),
+    "cpu": ("rnnkernels-cpu", "torch-cpu", "onnxruntime", "attention-numpy", "attention-sdpa"),
+    "cuda": ("rnnkernels-cuda", "cudnn", "flashrnn", "attention-cupy", "attention-sdpa"),
 }
 
 
