@@ -93,15 +93,45 @@ _SUMMARY_SECTIONS: list[tuple[str, str]] = []
 
 
 def add_summary_section(title: str, text: str) -> None:
-    """Show ``text`` under ``title`` in pytest's terminal summary, so that reports such
-    as the ptxas table appear in every CI log, not only with ``-s``."""
+    """Show ``text`` under ``title`` in pytest's terminal summary (see
+    ``pytest_terminal_summary`` for when in full)."""
     _SUMMARY_SECTIONS.append((title, text))
 
 
-def pytest_terminal_summary(terminalreporter):
-    for title, text in _SUMMARY_SECTIONS:
-        terminalreporter.write_sep("-", title)
-        terminalreporter.write_line(text)
+def pytest_addoption(parser):
+    parser.addoption("--ptxas-table", action="store_true",
+                     help="print the ptxas resource table (registers, spills) of every "
+                     "kernel in the summary (also printed with -v)")
+
+
+def brief_ptxas_summary(text: str) -> str:
+    """One line for a ptxas table of nvrtc_check.format_table: how many kernels, the most
+    registers, the spill bytes. Read from the right of each row (the last five columns
+    are regs, smem, stack, spill stores, spill loads), so kernel names may hold spaces."""
+    rows = [line.split() for line in text.splitlines()[2:] if line.strip()]
+    if not rows or any(len(row) < 6 or not all(f.isdigit() for f in row[-5:]) for row in rows):
+        return f"{len(rows)} lines (not a ptxas table)"
+    registers = max(int(row[-5]) for row in rows)
+    spills = sum(int(row[-2]) + int(row[-1]) for row in rows)
+    spilled = f"{spills} bytes of spill traffic" if spills else "no spills"
+    return f"{len(rows)} kernel instances, at most {registers} registers, {spilled}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The sections (the ptxas tables) in full only when asked, with --ptxas-table or
+    -v; in CI (CI=true) as one line each; otherwise not at all: a 98-line table before
+    every summary buried the test results."""
+    if not _SUMMARY_SECTIONS:
+        return
+    full = config.getoption("--ptxas-table", default=False) or config.getoption("verbose") > 0
+    if full:
+        for title, text in _SUMMARY_SECTIONS:
+            terminalreporter.write_sep("-", title)
+            terminalreporter.write_line(text)
+    elif os.environ.get("CI") == "true":
+        terminalreporter.write_sep("-", "ptxas resource usage (full table: --ptxas-table or -v)")
+        for title, text in _SUMMARY_SECTIONS:
+            terminalreporter.write_line(f"{title}: {brief_ptxas_summary(text)}")
 
 
 # ------------------------------------------------------------------ GPU sessions
