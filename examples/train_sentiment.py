@@ -8,12 +8,16 @@ so the model has to read in order: embedding -> 2-layer bidirectional LSTM over
 packed, variable-length sequences -> the last hidden states of both directions ->
 linear classifier.
 
-    python examples/train_sentiment.py              # 6 epochs, about 25 s on one core
+    python examples/train_sentiment.py              # 6 epochs: 11 s on 2 quiet cores
     python examples/train_sentiment.py --nn-lstm    # the same with torch.nn.LSTM
 
-It reaches about 97% test accuracy. On a small shared machine, run it with
-``OMP_NUM_THREADS=1``: the matrices are tiny, and spinning BLAS and torch threads
-fighting over two cores made it ten times slower here.
+It reaches about 97% test accuracy. On a machine of at most 4 cores it gives PyTorch,
+Numba and the BLAS one thread each (unless the environment already sets
+OMP_NUM_THREADS and the like, or ``--threads N`` is given): the matrices are tiny, and
+the libraries' thread pools spinning against each other on two cores made it 3 to 10
+times slower (35-117 s instead of 11 s, issue 14). With this default it took 58 s of
+wall time but only 17 s of CPU time on a 2-core machine shared with other work (load
+average 7.5), 2026-12-01: on a quiet machine, expect 11-20 s.
 
 The only rnnkernels line is the import of ``LSTM``; ``--nn-lstm`` swaps in
 ``torch.nn.LSTM`` to show that it is a drop-in.
@@ -22,13 +26,39 @@ The only rnnkernels line is the import of ``LSTM``; ``--nn-lstm`` swaps in
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import torch
-from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
-from rnnkernels.torch import LSTM
+
+def set_thread_policy(argv) -> None:
+    """One thread per library on small machines (see the docstring), set before NumPy,
+    Numba and PyTorch are imported: BLAS sizes its pool when NumPy loads, and setting it
+    later does nothing. ``--threads N`` sets N; variables already set are kept."""
+    threads = None
+    for i, word in enumerate(argv):
+        if word == "--threads" and i + 1 < len(argv):
+            threads = argv[i + 1]
+        elif word.startswith("--threads="):
+            threads = word.split("=", 1)[1]
+    if threads is None:
+        if any(os.environ.get(name) for name in THREAD_VARIABLES) or (os.cpu_count() or 1) > 4:
+            return
+        threads = "1"
+    for name in THREAD_VARIABLES:
+        os.environ[name] = threads
+
+
+if __name__ == "__main__":
+    set_thread_policy(sys.argv[1:])
+
+import torch  # noqa: E402  (after the thread policy)
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence  # noqa: E402
+
+from rnnkernels.torch import LSTM  # noqa: E402
 
 VOCAB = 24
 NOT = 12
@@ -125,5 +155,8 @@ if __name__ == "__main__":
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nn-lstm", action="store_true", help="use torch.nn.LSTM instead, for comparison")
+    parser.add_argument("--threads", type=int, help="threads per library (default: 1 on machines "
+                        "with at most 4 cores unless OMP_NUM_THREADS etc. are set, else the "
+                        "libraries' defaults)")
     args = parser.parse_args()
     main(epochs=args.epochs, train_size=args.train_size, seed=args.seed, nn_lstm=args.nn_lstm)

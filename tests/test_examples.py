@@ -38,3 +38,25 @@ def test_train_sentiment_learns():
     assert len(losses) == 3
     assert losses[-1] < 0.6 * losses[0], losses
     assert accuracy[-1] > 0.8, accuracy
+
+
+@pytest.mark.torch
+def test_train_sentiment_sets_one_thread_per_library_on_small_machines(monkeypatch):
+    pytest.importorskip("torch", reason="torch is not installed (pip install rnnkernels[torch])")
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import train_sentiment
+
+    def policy(argv, cores, **environment):
+        for name in train_sentiment.THREAD_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(train_sentiment.os, "cpu_count", lambda: cores)
+        train_sentiment.set_thread_policy(argv)
+        return [os.environ.get(name) for name in train_sentiment.THREAD_VARIABLES]
+
+    assert policy([], 2) == ["1"] * 4
+    assert policy([], 16) == [None] * 4  # a large machine keeps the libraries' defaults
+    assert policy([], 2, OMP_NUM_THREADS="2") == ["2", None, None, None]  # the user's choice
+    assert policy(["--threads", "3"], 2) == ["3"] * 4
+    assert policy(["--epochs", "1", "--threads=2"], 16) == ["2"] * 4
