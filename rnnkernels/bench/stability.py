@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 
+from .plot import require_matplotlib
 from .timing import NOISE_LIMIT
 
 AGREEMENT = 0.2  # largest accepted relative difference between the two medians
@@ -87,8 +88,17 @@ def load_rows(path: str) -> list[dict]:
         return json.load(file)["results"]
 
 
+def can_plot() -> bool:
+    try:
+        require_matplotlib()
+    except RuntimeError:
+        return False
+    return True
+
+
 def run_twice(folder: str, extra: list[str]) -> list[str] | None:
-    """Two ``rnnkernels-bench --quick`` runs, one after the other, each in a fresh
+    """Two ``rnnkernels-bench --quick`` runs (JSON, and a plot to look at where
+    matplotlib is installed), one after the other, each in a fresh
     process (so the second does not inherit the first's warm caches or compiled code:
     what a user who runs the command twice sees). The JSON paths, or None if a run failed."""
     os.makedirs(folder, exist_ok=True)
@@ -97,6 +107,8 @@ def run_twice(folder: str, extra: list[str]) -> list[str] | None:
         stem = os.path.join(folder, f"run{run}")
         command = [sys.executable, "-m", "rnnkernels.bench", "--quick", "--no-save",
                    "--json", stem + ".json", *extra]
+        if can_plot():
+            command += ["--plot", stem + ".png"]
         print(f"stability: run {run}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command)
         if done.returncode != 0:
