@@ -185,7 +185,9 @@ def plot_results(data: dict, path: str) -> None:
     if any_noisy:
         legend.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white",
                              markeredgecolor="0.3", label="hollow: flagged noisy, not trusted"))
-    figure.legend(handles=legend, loc="outside lower center", ncols=min(len(legend), 5),
+    # as many columns as the figure's width holds (about two per panel)
+    figure.legend(handles=legend, loc="outside lower center",
+                  ncols=min(len(legend), 2 * len(modes) + 1),
                   fontsize=9, frameon=False)
     config = data.get("config", {})
     device = data.get("device", {})
