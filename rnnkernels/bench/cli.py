@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rnnkernels-bench",
         usage="rnnkernels-bench [gradient-flow | stability] [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time an LSTM (rnnkernels, the vendor baseline and peers) beside one "
-        "causal attention layer (d_model = H) for training, inference over a sequence and "
-        "token-by-token decoding, across sequence lengths. Every implementation is "
-        "checked against a float64 reference before it is timed.\n\nsubcommands:\n"
+        description=textwrap.fill(
+            "Time an LSTM (rnnkernels, the vendor baseline and peers) beside one causal "
+            "attention layer (d_model = H) for training, inference over a sequence and "
+            "token-by-token decoding, across sequence lengths. Every implementation is "
+            "checked against a float64 reference before it is timed.", 88)
+        + "\n\nsubcommands:\n"
         + "\n".join(f"  {name:15} {text}" for name, text in SUBCOMMANDS.items()),
         epilog=columns_help())
     size = parser.add_mutually_exclusive_group()

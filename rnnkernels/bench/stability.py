@@ -124,7 +124,13 @@ def main(argv=None, prog: str = "rnnkernels-bench stability") -> int:
     if "--" in words:
         extra = words[words.index("--") + 1:]
         words = words[:words.index("--")]
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=f"{prog} [options] [-- BENCH-OPTIONS]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run rnnkernels-bench --quick twice back to back (BENCH-OPTIONS, after "
+        "--, go to both runs)\nand say whether the figures agree: every median within "
+        f"{100 * AGREEMENT:.0f}%, every row's p90/p10 under\n{NOISE_LIMIT:g} or the row "
+        "flagged noisy. Exit status 0: stable; 1: not; 2: a run failed.")
     parser.add_argument("--runs-dir", default=os.path.join("rnnkernels-results", "stability"),
                         help="where the two runs' JSON go (default ./rnnkernels-results/stability)")
     parser.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
