@@ -620,7 +620,7 @@ def test_load_probe_counts_other_processes_not_ours():
 def scripted_measure(attempts):
     """A stand-in for measure_interleaved returning the given samples, one dict a call."""
     script = iter(attempts)
-    return lambda calls, timers, schedule: next(script)
+    return lambda calls, timers, schedule, **options: next(script)
 
 
 STEADY = [1.0, 1.0, 1.1, 1.0, 1.05]
@@ -889,3 +889,25 @@ def test_flashrnn_without_a_gpu_is_skipped_with_the_reason():
     with pytest.raises(impls.Unavailable) as info:
         impls._flashrnn_build(p, impls.make_inputs(p))
     assert not info.value.error and str(info.value)
+
+
+def test_short_calls_are_batched_per_sample_and_reported_per_call():
+    assert timing.calls_per_sample(0.04, 1.0) == 25
+    assert timing.calls_per_sample(2.0, 1.0) == 1 and timing.calls_per_sample(0.04, 0.0) == 1
+    assert timing.calls_per_sample(0.0, 1.0) == 1000  # capped
+
+    class StepTimer:  # every call of the function "takes" 0.1 ms
+        method = "fake"
+
+        def time_ms(self, fn):
+            before = len(log)
+            fn()
+            return 0.1 * (len(log) - before)
+
+    log: list[int] = []
+    batches: dict[str, int] = {}
+    samples = timing.measure_interleaved({"a": lambda: log.append(1)}, {"a": StepTimer()},
+                                         timing.Schedule(1, 3, 3, 0.0, min_sample_s=0.001),
+                                         batches=batches)
+    assert batches == {"a": 10} and samples["a"] == [pytest.approx(0.1)] * 3
+    assert len(log) == 1 + 3 * 10  # one warm-up call, then three samples of ten

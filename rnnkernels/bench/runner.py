@@ -17,8 +17,8 @@ ROW_FIELDS = (
     "model", "impl", "mode", "device", "T", "B", "H", "heads", "dtype", "status",
     "median_ms", "p10_ms", "p90_ms", "repeats", "flops", "tflops", "sequential_steps",
     "peak_mem_bytes", "peak_mem_method", "ratio_to_baseline", "ratio_p10", "ratio_p90",
-    "baseline", "max_rel_err", "validated_against", "timer", "spread", "other_load",
-    "attempts", "noisy", "noise_reason", "note",
+    "baseline", "max_rel_err", "validated_against", "timer", "calls_per_sample", "spread",
+    "other_load", "attempts", "noisy", "noise_reason", "note",
 )
 ROW_DOCS = {
     "median_ms": "median time per call over the timed repeats, after warm-up",
@@ -28,6 +28,8 @@ ROW_DOCS = {
     "ratio_p10": "10th percentile of the paired per-repeat ratios time[r] / baseline[r] "
                  "(each pair ran back to back)",
     "ratio_p90": "90th percentile of the paired per-repeat ratios",
+    "calls_per_sample": "calls timed back to back per sample (a call shorter than the "
+                        "preset's minimum sample time is repeated; times are per call)",
     "spread": "p90_ms / p10_ms: 1.0 is perfectly steady; above "
               f"{timing.NOISE_LIMIT:g} the row is flagged noisy",
     "other_load": "fraction of the machine's CPU time other processes took while the cell "
@@ -143,7 +145,8 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         rows[name].update(stats)
         rows[name]["tflops"] = rows[name]["flops"] / (stats["median_ms"] * 1e-3) / 1e12
         rows[name].update(spread=checked.spreads[name], other_load=checked.other_load,
-                          attempts=checked.attempts, noisy=name in checked.noisy,
+                          attempts=checked.attempts, calls_per_sample=checked.batches.get(name, 1),
+                          noisy=name in checked.noisy,
                           noise_reason=checked.noisy.get(name))
 
     base = baseline_name(model, settings.device)

@@ -42,7 +42,7 @@ import math
 import os
 import time
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -192,7 +192,9 @@ class Schedule:
     """How many times to run: untimed warm-up rounds until both ``warmup`` rounds are
     done and ``warmup_s`` has passed (at most ``max_repeats`` rounds), then repeats until
     both ``min_repeats`` are done and ``budget_s`` has passed, at most ``max_repeats``.
-    ``retries``: how many times a cell that fails the noise or load check is timed again."""
+    ``retries``: how many times a cell that fails the noise or load check is timed again.
+    ``min_sample_s``: a shorter call is timed several times per sample (CPU only: on a
+    GPU every call is timed by events after its own L2 flush)."""
 
     warmup: int = 3
     min_repeats: int = 10
@@ -200,31 +202,61 @@ class Schedule:
     budget_s: float = 0.5
     warmup_s: float = 0.0
     retries: int = 0
+    min_sample_s: float = 0.0
 
     def __post_init__(self):
         if (self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats
-                or self.warmup_s < 0 or self.retries < 0):
+                or self.warmup_s < 0 or self.retries < 0 or self.min_sample_s < 0):
             raise ValueError(f"bad schedule {self}")
+
+
+def calls_per_sample(call_ms: float, min_sample_ms: float, limit: int = 1000) -> int:
+    """How many back-to-back calls one sample times so that it lasts ``min_sample_ms``:
+    1 when one call is long enough (or no minimum is set), at most ``limit``."""
+    if min_sample_ms <= 0 or call_ms >= min_sample_ms:
+        return 1
+    return min(limit, math.ceil(min_sample_ms / max(call_ms, 1e-6)))
 
 
 def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
                         schedule: Schedule,
-                        clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                        clock: Callable[[], float] = time.perf_counter,
+                        batches: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Time each call in ``calls`` with its timer, interleaved (see the module docstring).
-    Returns the samples in milliseconds, one list per name, all of equal length."""
+    Returns the samples in milliseconds per call, one list per name, all of equal length.
+
+    With ``schedule.min_sample_s`` set (CPU presets), a call shorter than that is timed
+    ``calls_per_sample`` times back to back per sample and the sample is their mean,
+    as ``timeit`` does: a 40 us call timed alone is at the mercy of every interrupt and
+    timer tick, which spread p90/p10 far more than the call varies. The count comes
+    from the last warm-up round and is written into ``batches`` (name -> calls)."""
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
         return samples
     started = clock()
     rounds = 0
+    last: dict[str, float] = {}
     # A minimum warm-up *time* as well as a count: a fast call is over before the CPU
     # clock has ramped up and the caches are warm after a few calls of a slower one.
-    while rounds < schedule.warmup or (clock() - started < schedule.warmup_s
-                                       and rounds < schedule.max_repeats):
+    while rounds < max(schedule.warmup, 1 if schedule.min_sample_s > 0 else 0) or (
+            clock() - started < schedule.warmup_s and rounds < schedule.max_repeats):
         for name in names:
-            timers[name].time_ms(calls[name])
+            last[name] = timers[name].time_ms(calls[name])
         rounds += 1
+    counts = {name: calls_per_sample(last.get(name, math.inf), 1e3 * schedule.min_sample_s)
+              for name in names}
+    if batches is not None:
+        batches.update(counts)
+
+    def batched(fn, count):
+        def run():
+            for _ in range(count):
+                result = fn()
+            return result
+        return run
+    timed = {name: calls[name] if counts[name] == 1 else batched(calls[name], counts[name])
+             for name in names}
     started = clock()
     repeat = 0
     while repeat < schedule.max_repeats and (
@@ -232,7 +264,7 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     ):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(timers[name].time_ms(calls[name]))
+            samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
         repeat += 1
     return samples
 
@@ -311,6 +343,7 @@ class CheckedSamples:
     other_load: float | None  # fraction of the machine other processes used
     spreads: dict[str, float]
     noisy: dict[str, str]  # name -> why its timing is not to be trusted (absent: trusted)
+    batches: dict[str, int] = field(default_factory=dict)  # calls per sample
 
 
 def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: float,
@@ -336,15 +369,16 @@ def measure_checked(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer
     up to ``1 + schedule.retries`` attempts, stopping at the first that passes; the
     attempt kept is the first that passes, else the one with the smallest worst spread."""
     probe = probe or LoadProbe()
-    measure = measure or measure_interleaved
     best: CheckedSamples | None = None
     for attempt in range(1, schedule.retries + 2):
         before = probe.snapshot()
-        samples = measure(calls, timers, schedule)
+        batches: dict[str, int] = {}
+        samples = (measure_interleaved(calls, timers, schedule, batches=batches)
+                   if measure is None else measure(calls, timers, schedule))
         other = probe.other_fraction(before, probe.snapshot())
         spreads = {name: spread(values) for name, values in samples.items()}
         checked = CheckedSamples(samples, attempt, other, spreads,
-                                 _problems(spreads, other, noise_limit, load_limit))
+                                 _problems(spreads, other, noise_limit, load_limit), batches)
         if not checked.noisy:
             return checked
         if best is None or max(spreads.values()) < max(best.spreads.values()):
