@@ -18,16 +18,19 @@
 //      and writes dz_t for the four gates of j and the new carry. All in registers.
 //      With StepNorms, the block also sums dh_t² and dc_t² over its (b, j) pairs and
 //      writes the two sums to its own slot of step_squares (see step_norms below).
-//   2. gemm<...> (gemm.cuh) for dx, dW_ih, dW_hh, dh0 over T·B rows at once.
+//   2. GEMMs on cuBLAS (NumPy in the emulator; rnnkernels/_gemm.py) for dx, dW_ih,
+//      dW_hh, dh0 over T·B rows at once.
 //   3. column_sum<Storage, ...> for db: fixed-order sums, no atomics.
 //   4. step_norms<...>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
-// Every output element is summed by one thread in a fixed order, so gradients (and
-// the norms) are bitwise identical run after run.
+// Every output element of our kernels is summed by one thread in a fixed order, and
+// cuBLAS is deterministic on one stream, so gradients (and the norms) are bitwise
+// identical run after run.
 //
 // Precision: Storage (common.cuh) is the problem's input type, float or __half.
-// Inputs read as Storage: w_hh, dy, dh_n here, and x, w_ih, w_hh in the gemms;
-// outputs written as Storage: dx, dW_ih, dW_hh, dh0 (gemm) and db (column_sum), each
-// rounded once from its float32 sum (dc0 is rounded by the launcher). Everything in
+// Inputs read as Storage: w_hh, dy, dh_n here (x, w_ih, w_hh also feed the GEMMs);
+// outputs written as Storage: db (column_sum) here, rounded once from its float32 sum
+// (the launcher rounds the GEMMs' float32 dx, dW_ih, dW_hh, dh0 and dc0 the same
+// way). Everything in
 // between is float32: the saved gates, c_all and h_all (the float32 states forward
 // really used, so dW_hh = dzᵀ·h_prev uses the h the recurrence consumed), dgates, the
 // dc carry and every sum. For float the kernels are the float32 ones, unchanged.
@@ -55,7 +58,6 @@
 // slot layout [block, t, 2] lets step_norms read it coalesced (consecutive threads,
 // consecutive (t, quantity) pairs of one block).
 #include "common.cuh"
-#include "gemm.cuh"
 
 namespace rnnkernels {
 

@@ -6,9 +6,8 @@
 //     c_t = f·c_{t-1} + i·g      h_t = o·tanh(c_t)      y_t = h_t
 // with h_{-1} = h0, c_{-1} = c0.
 //
-// Two kernels, launched by rnnkernels/_launch.py:
-//   1. gemm<Storage, Storage, float, .., TransposeB = true, HasBias> (gemm.cuh), once
-//      for all steps:
+// Two steps, launched by rnnkernels/_launch.py:
+//   1. a GEMM on cuBLAS (NumPy in the emulator; rnnkernels/_gemm.py), once for all steps:
 //          gx[T·B, 4H] = x[T·B, I]·W_ihᵀ + b          (b = b_ih + b_hh, or none)
 //   2. lstm_forward_step<Storage, ..., Training>, once per step t, in order: a block owns a
 //      tile of UnitTile hidden units j and BatchTile batch rows; it computes all four
@@ -45,7 +44,6 @@
 // (boundary checks on every load and store). One launch per step on one stream: step
 // t+1 reads the h_t that step t wrote.
 #include "common.cuh"
-#include "gemm.cuh"
 
 namespace rnnkernels {
 
