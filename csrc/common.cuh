@@ -74,7 +74,7 @@ __device__ __forceinline__ float sigmoid(float x) {
 // tanhf is accurate to ~2 ulp and saturates to +-1 without overflow for large |x|.
 __device__ __forceinline__ float tanh_activation(float x) { return tanhf(x); }
 
-// Sums each of values[0 .. Count) over the Threads threads of a 1-D or 2-D block (every
+// Sums each of values[0 .. Count) over the Threads threads of a 1-, 2- or 3-D block (every
 // thread must call it; none may have exited). A fixed-shape tree, so the result does
 // not depend on the order threads run: a shuffle tree inside each warp, then thread 0
 // adds the warp sums in warp order. The totals are valid in thread 0 only. Call it once
@@ -88,7 +88,7 @@ __device__ __forceinline__ void block_sum(double (&values)[Count]) {
     for (int offset = 16; offset > 0; offset /= 2)
 #pragma unroll
         for (int q = 0; q < Count; ++q) values[q] += __shfl_down_sync(0xffffffffu, values[q], offset);
-    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    const int thread = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     if (thread % 32 == 0)
 #pragma unroll
         for (int q = 0; q < Count; ++q) warp_sums[q][thread / 32] = values[q];

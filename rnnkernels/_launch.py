@@ -58,8 +58,8 @@ BACKWARD_SOURCE = "lstm_backward.cu"
 GRAD_NORM_SOURCE = "grad_norm.cu"
 GATES = 4  # i, f, g, o
 _INT32_MAX = 2**31 - 1
-# Reduction loops step an int by one tile (k0 += TileK) past the last index, so a size
-# must leave a tile of headroom below 2^31 (64 covers every tile in the table).
+# Reduction loops step an int by one tile (k0 += k_tile * k_split) past the last index,
+# so a size must leave a tile of headroom below 2^31 (64 covers every tile in the table).
 _MAX_SIZE = _INT32_MAX - 64
 
 
@@ -78,32 +78,35 @@ def _storage(dtype_name: str) -> str:
 class StepTile:
     """Tile of the per-step kernels (forward and backward share it).
 
-    A block is ``unit_tile x batch_threads`` threads and owns ``unit_tile`` hidden
-    units and ``batch_tile = batch_threads * rows_per_thread`` batch rows; the
-    reduction dimension (H forward, 4H backward) is staged ``k_tile`` at a time."""
+    A block is ``unit_tile x batch_threads x k_split`` threads and owns ``unit_tile``
+    hidden units and ``batch_tile = batch_threads * rows_per_thread`` batch rows; the
+    reduction dimension (H forward, 4H backward) is staged ``k_tile * k_split`` at a
+    time, and with ``k_split > 1`` split across that many thread slices (whole warps
+    or parts of one) whose partial sums are added in a fixed order at the end."""
 
     name: str
     unit_tile: int
     batch_threads: int
     rows_per_thread: int
     k_tile: int
+    k_split: int = 1
 
     @property
     def threads(self) -> int:
-        return self.unit_tile * self.batch_threads
+        return self.unit_tile * self.batch_threads * self.k_split
 
     @property
     def batch_tile(self) -> int:
         return self.batch_threads * self.rows_per_thread
 
     def block(self) -> tuple[int, int, int]:
-        return (self.unit_tile, self.batch_threads, 1)
+        return (self.unit_tile, self.batch_threads, self.k_split)
 
     def grid(self, batch: int, hidden: int) -> tuple[int, int, int]:
         return (_ceil_div(hidden, self.unit_tile), _ceil_div(batch, self.batch_tile), 1)
 
     def _parameters(self) -> str:
-        return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}"
+        return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}, {self.k_split}"
 
     def forward_name(self, training: bool, dtype: str = "float32") -> str:
         """``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
@@ -118,13 +121,21 @@ class StepTile:
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
 # (from L2) fewer times per step, since every block column reads all of W_hh's rows of
 # its units; a shorter one makes more blocks, which a small batch needs to fill the GPU.
-# unit_tile * batch_threads is a whole number of warps; rows_per_thread * 4 gate
-# accumulators stay well inside the register budget (see the NVRTC check).
+# unit_tile * batch_threads * k_split is a whole number of warps; rows_per_thread * 4
+# gate accumulators plus the staged loads of a round (each thread holds all of them in
+# registers at once) stay well inside the register budget (see the NVRTC check).
+# batch1: at B = 1 a block has one row, so units per block set the block count: 4 units
+# make ceil(H/4) blocks (192 at H = 768, more than the 132 SMs of an H100/H200), and the
+# H (or 4H) reduction is split over 16 slices of 4 threads (2 warps) so each block still
+# has enough threads and loads in flight. Its float32 sums run in another order than
+# the other tiles' (partials of 4-column slices added at the end): other last bits.
+# (Backward reads W_hh's columns: 4 units are 16-byte pieces of a row, half a 32-byte
+# sector; the price of the block count, paid from L2, where W_hh stays.)
 STEP_TILES = (
     StepTile("batch16", unit_tile=32, batch_threads=4, rows_per_thread=4, k_tile=32),
     StepTile("batch8", unit_tile=32, batch_threads=4, rows_per_thread=2, k_tile=32),
     StepTile("batch4", unit_tile=16, batch_threads=4, rows_per_thread=1, k_tile=32),
-    StepTile("batch1", unit_tile=32, batch_threads=1, rows_per_thread=1, k_tile=32),
+    StepTile("batch1", unit_tile=4, batch_threads=1, rows_per_thread=1, k_tile=4, k_split=16),
 )
 
 

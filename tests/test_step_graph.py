@@ -75,6 +75,31 @@ def test_emulated_variant_step_norms(emulator, variant):
 
 
 @pytest.mark.emulated
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_emulated_every_step_tile_over_several_rounds(emulator, tile):
+    """H = 70 takes 2 to 3 staging rounds forward (k_tile * k_split = 32 or 64 columns of
+    H) and 5 to 9 backward (4H), the last one partial; B = 3 leaves rows of every batch
+    tile empty. Outputs, gradients and step norms against the reference."""
+    problem = make_problem(3, 3, 8, 70, seed=13)
+    assert_matches_reference(run_kernels(emulator, problem, step_tile=tile), problem, EMULATED_TOLERANCE)
+    results = run_step_norms(emulator, problem, step_tile=tile)
+    assert_step_norms_match_reference(results, problem, EMULATED_TOLERANCE)
+
+
+def test_batch1_tile_fills_the_sms():
+    """At B = 1 the heuristic picks the k-split tile, whose grid gives each of an
+    H100/H200's 132 SMs at least one block from H = 528 up (4 units per block)."""
+    for hidden in (528, 768, 1024, 4096):
+        tile = _launch.choose_step_tile(1, hidden, 132)
+        assert tile.k_split > 1 and tile.batch_tile == 1, tile
+        grid = tile.grid(1, hidden)
+        assert grid[0] * grid[1] >= 132, (hidden, grid)
+    for tile in _launch.STEP_TILES:
+        assert tile.threads % 32 == 0, f"{tile.name}: whole warps only"
+        assert tile.threads % (tile.k_tile * tile.k_split) == 0, f"{tile.name}: staging takes whole rows per pass"
+
+
+@pytest.mark.emulated
 def test_emulated_graph_is_bitwise_the_step_variant(emulator):
     """Same kernels, same arguments, same order: the replay gives the step loop's bits,
     outputs, gradients and step norms alike."""
