@@ -505,10 +505,11 @@ FLOAT32_DIGEST_BLAS = "be2aedc735fe9c016a15f7c542993f7b49c6f258b760a7f04594a47ca
 
 
 @pytest.mark.emulated
-@pytest.mark.parametrize("variant", _launch.VARIANTS)
+@pytest.mark.parametrize("variant", ("step", "graph"))
 def test_emulated_float32_bits_pinned(emulator, variant):
     """The float32 results (forward training and inference, backward with and without
-    step norms) have the recorded bits, for every variant of the per-step path."""
+    step norms) have the recorded bits, for both variants of the per-step path (same
+    kernels, same launches)."""
     import hashlib
     import platform
 

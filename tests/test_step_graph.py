@@ -28,6 +28,9 @@ from test_cuda_kernels import (
 
 from rnnkernels import _graph, _launch
 
+# The per-step path's variants (other variants of _launch.VARIANTS have their own tests).
+PER_STEP_VARIANTS = ("step", "graph")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_graph_cache():
@@ -59,7 +62,7 @@ def _forward(rt, problem, training=True, **kwargs):
 
 # ---------------------------------------------------------------------- emulated
 @pytest.mark.emulated
-@pytest.mark.parametrize("variant", _launch.VARIANTS)
+@pytest.mark.parametrize("variant", PER_STEP_VARIANTS)
 @pytest.mark.parametrize("shape, bias", SMALL_CASES)
 def test_emulated_variant_matches_reference(emulator, variant, shape, bias):
     problem = make_problem(*shape, bias=bias, seed=sum(shape))
@@ -67,7 +70,7 @@ def test_emulated_variant_matches_reference(emulator, variant, shape, bias):
 
 
 @pytest.mark.emulated
-@pytest.mark.parametrize("variant", _launch.VARIANTS)
+@pytest.mark.parametrize("variant", PER_STEP_VARIANTS)
 def test_emulated_variant_step_norms(emulator, variant):
     problem = make_problem(4, 3, 5, 33, seed=21)
     results = run_step_norms(emulator, problem, variant=variant)
@@ -81,8 +84,9 @@ def test_emulated_every_step_tile_over_several_rounds(emulator, tile):
     H) and 5 to 9 backward (4H), the last one partial; B = 3 leaves rows of every batch
     tile empty. Outputs, gradients and step norms against the reference."""
     problem = make_problem(3, 3, 8, 70, seed=13)
-    assert_matches_reference(run_kernels(emulator, problem, step_tile=tile), problem, EMULATED_TOLERANCE)
-    results = run_step_norms(emulator, problem, step_tile=tile)
+    assert_matches_reference(run_kernels(emulator, problem, step_tile=tile, variant="graph"), problem,
+                             EMULATED_TOLERANCE)
+    results = run_step_norms(emulator, problem, step_tile=tile, variant="graph")
     assert_step_norms_match_reference(results, problem, EMULATED_TOLERANCE)
 
 
@@ -96,7 +100,10 @@ def test_batch1_tile_fills_the_sms():
         assert grid[0] * grid[1] >= 132, (hidden, grid)
     for tile in _launch.STEP_TILES:
         assert tile.threads % 32 == 0, f"{tile.name}: whole warps only"
-        assert tile.threads % (tile.k_tile * tile.k_split) == 0, f"{tile.name}: staging takes whole rows per pass"
+        rows_per_pass = tile.threads // (tile.k_tile * tile.k_split)
+        assert tile.threads % (tile.k_tile * tile.k_split) == 0 and tile.unit_tile % rows_per_pass == 0, (
+            f"{tile.name}: the forward staging takes whole rows per pass"
+        )
 
 
 @pytest.mark.emulated
