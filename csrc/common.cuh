@@ -60,6 +60,23 @@ __device__ __forceinline__ __half from_float<__half>(float value) {
     return __float2half_rn(value);
 }
 
+// True for float storage: the per-step kernels' 16-byte (float4) staging loads exist
+// for it only (no <type_traits> under NVRTC without headers).
+template <typename Storage>
+struct is_float_storage {
+    static constexpr bool value = false;
+};
+template <>
+struct is_float_storage<float> {
+    static constexpr bool value = true;
+};
+
+// Whether 16-byte loads of 4 consecutive floats along rows of `row_length` floats from
+// `base` are aligned: every row starts on a 16-byte boundary. Uniform over a launch.
+__device__ __forceinline__ bool rows_allow_float4(const void* base, int row_length) {
+    return (row_length % 4) == 0 && (reinterpret_cast<unsigned long long>(base) % 16) == 0;
+}
+
 // σ(x) = 1 / (1 + e^{-x}), computed from e^{-|x|} so the exponential never
 // overflows: for x >= 0 it is 1 / (1 + e^{-x}), for x < 0 it is e^{x} / (1 + e^{x}).
 // Finite and in [0, 1] for every finite x (and saturates exactly at |x| ~ 1e4).

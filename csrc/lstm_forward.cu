@@ -78,6 +78,15 @@ lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + 
     static_assert(Threads % KBlock == 0 && UnitTile % RowStep == 0, "staging needs whole rows per pass");
     constexpr int RowsPerGate = UnitTile / RowStep;
     constexpr int HLoads = (BatchTile * KBlock + Threads - 1) / Threads;
+    // float storage with rows on 16-byte boundaries (H % 4 == 0, aligned W_hh): the same
+    // W tile loaded as float4s, 4 consecutive k per load (a quarter of the load
+    // instructions; the same values land in w_tile, so the same bits). Thread e loads
+    // k = 4·(e % VecPerRow) of gate rows e / VecPerRow + j·VecRowStep of each gate.
+    constexpr int VecPerRow = KBlock / 4 > 0 ? KBlock / 4 : 1;
+    constexpr int VecRowStep = Threads / VecPerRow > 0 ? Threads / VecPerRow : 1;
+    constexpr bool CanVector = is_float_storage<Storage>::value && KBlock % 4 == 0 && Threads % VecPerRow == 0 &&
+                               UnitTile % VecRowStep == 0;
+    constexpr int VecRowsPerGate = CanVector ? UnitTile / VecRowStep : 1;
 
     // w_tile[k][g·UnitTile + u] = W_hh[g·H + unit0 + u, k0 + k]: the i, f, g, o rows of
     // a unit sit in the same tile. Threads of a warp read consecutive u (no bank
@@ -112,36 +121,85 @@ lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + 
     const Storage* w_load = w_hh + (index_t)(unit0 + load_unit) * hidden + load_k;
     const index_t gate_stride = (index_t)hidden * hidden;
     const int row_stride = RowStep * hidden;
+    // The float4 path's thread mapping (see VecPerRow); taken only when vector_rows.
+    const bool vector_rows = CanVector && rows_allow_float4(w_hh, hidden);
+    const int vec_k = 4 * (int)(thread % VecPerRow);
+    const int vec_unit = (int)(thread / VecPerRow);  // < VecRowStep
+    const Storage* w_vec = w_hh + (index_t)(unit0 + vec_unit) * hidden + vec_k;
+    const int vec_row_stride = VecRowStep * hidden;
 
-    for (int k0 = 0; k0 < hidden; k0 += KBlock) {
-        // Out-of-range elements load as 0.
+    // Each part of a round's staging: loads into registers, then (after all loads of
+    // the round are issued) stores to shared memory. Out-of-range elements are 0.
+    auto load_w = [&](float (&staged)[lstm_gates][RowsPerGate], int k0) {
         const bool k_in = load_k + k0 < hidden;
-        float w_staged[lstm_gates][RowsPerGate];
-        float h_staged[HLoads];
 #pragma unroll
         for (int g = 0; g < lstm_gates; ++g)
 #pragma unroll
             for (int j = 0; j < RowsPerGate; ++j)
-                w_staged[g][j] = (k_in && unit0 + load_unit + j * RowStep < hidden)
-                                     ? to_float(w_load[g * gate_stride + j * row_stride + k0])
-                                     : 0.0f;
+                staged[g][j] = (k_in && unit0 + load_unit + j * RowStep < hidden)
+                                   ? to_float(w_load[g * gate_stride + j * row_stride + k0])
+                                   : 0.0f;
+    };
+    auto store_w = [&](const float (&staged)[lstm_gates][RowsPerGate]) {
+#pragma unroll
+        for (int g = 0; g < lstm_gates; ++g)
+#pragma unroll
+            for (int j = 0; j < RowsPerGate; ++j) w_tile[load_k][g * UnitTile + load_unit + j * RowStep] = staged[g][j];
+    };
+    auto load_h = [&](float (&staged)[HLoads], int k0) {
 #pragma unroll
         for (int i = 0; i < HLoads; ++i) {
             const unsigned int e = thread + i * Threads;
             const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
             const int row = row0 + r, k = k0 + kk;
-            h_staged[i] = (e < BatchTile * KBlock && row < batch && k < hidden)
-                              ? h_prev[(index_t)row * hidden + k]
-                              : 0.0f;
+            staged[i] = (e < BatchTile * KBlock && row < batch && k < hidden) ? h_prev[(index_t)row * hidden + k] : 0.0f;
         }
-#pragma unroll
-        for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-            for (int j = 0; j < RowsPerGate; ++j) w_tile[load_k][g * UnitTile + load_unit + j * RowStep] = w_staged[g][j];
+    };
+    auto store_h = [&](const float (&staged)[HLoads]) {
 #pragma unroll
         for (int i = 0; i < HLoads; ++i) {
             const unsigned int e = thread + i * Threads;
-            if (e < BatchTile * KBlock) h_tile[e / KBlock][e % KBlock] = h_staged[i];
+            if (e < BatchTile * KBlock) h_tile[e / KBlock][e % KBlock] = staged[i];
+        }
+    };
+
+    for (int k0 = 0; k0 < hidden; k0 += KBlock) {
+        float h_staged[HLoads];
+        bool staged = false;
+        if constexpr (CanVector) {
+            if (vector_rows) {
+                // k < H with H % 4 == 0 and k % 4 == 0: all four columns are in range.
+                const bool k_in = vec_k + k0 < hidden;
+                float4 w_staged[lstm_gates][VecRowsPerGate];
+#pragma unroll
+                for (int g = 0; g < lstm_gates; ++g)
+#pragma unroll
+                    for (int j = 0; j < VecRowsPerGate; ++j)
+                        w_staged[g][j] = (k_in && unit0 + vec_unit + j * VecRowStep < hidden)
+                                             ? *reinterpret_cast<const float4*>(w_vec + g * gate_stride +
+                                                                                j * vec_row_stride + k0)
+                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                load_h(h_staged, k0);
+#pragma unroll
+                for (int g = 0; g < lstm_gates; ++g)
+#pragma unroll
+                    for (int j = 0; j < VecRowsPerGate; ++j) {
+                        const int column = g * UnitTile + vec_unit + j * VecRowStep;
+                        w_tile[vec_k][column] = w_staged[g][j].x;
+                        w_tile[vec_k + 1][column] = w_staged[g][j].y;
+                        w_tile[vec_k + 2][column] = w_staged[g][j].z;
+                        w_tile[vec_k + 3][column] = w_staged[g][j].w;
+                    }
+                store_h(h_staged);
+                staged = true;
+            }
+        }
+        if (!staged) {
+            float w_staged[lstm_gates][RowsPerGate];
+            load_w(w_staged, k0);
+            load_h(h_staged, k0);
+            store_w(w_staged);
+            store_h(h_staged);
         }
         __syncthreads();
 
