@@ -100,6 +100,9 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
     constexpr int ZLoads = (BatchTile * KBlock + Threads - 1) / Threads;
     static_assert(Threads % 32 == 0, "whole warps only");
     static_assert((KBlock & (KBlock - 1)) == 0, "KTile * KSplit must be a power of two");
+    constexpr int VecPerRow = UnitTile / 4 > 0 ? UnitTile / 4 : 1;
+    constexpr bool CanVector = is_float_storage<Storage>::value && UnitTile % 4 == 0;
+    constexpr int VecLoads = (VecPerRow * KBlock + Threads - 1) / Threads;
 
     // w_tile[k][u] = W_hh[k0 + k, unit0 + u]: the units are W_hh's contiguous dimension,
     // so loads coalesce and a warp reads consecutive words.
@@ -122,39 +125,83 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
 #pragma unroll
     for (int r = 0; r < RowsPerThread; ++r) dh[r] = 0.0f;
 
+    // dz_{t+1}'s tile: loads into registers, then stores (both W staging paths use them).
+    auto load_dz = [&](float (&staged)[ZLoads], const float* dz_next, int k0) {
+#pragma unroll
+        for (int i = 0; i < ZLoads; ++i) {
+            const unsigned int e = thread + i * Threads;
+            const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
+            const int row = row0 + r, k = k0 + kk;
+            staged[i] = (e < BatchTile * KBlock && row < batch && k < gate_width) ? dz_next[(index_t)row * gate_width + k]
+                                                                                   : 0.0f;
+        }
+    };
+    auto store_dz = [&](const float (&staged)[ZLoads]) {
+#pragma unroll
+        for (int i = 0; i < ZLoads; ++i) {
+            const unsigned int e = thread + i * Threads;
+            if (e < BatchTile * KBlock) dz_tile[e / KBlock][e % KBlock] = staged[i];
+        }
+    };
+    // float storage with W_hh's rows on 16-byte boundaries (H % 4 == 0, aligned pointer):
+    // the W tile loaded as float4s, 4 consecutive units per load (the same values land
+    // in w_tile, so the same bits); thread e loads units 4·(e % VecPerRow) of row
+    // e / VecPerRow. A uniform check, scalar loads otherwise.
+    const bool vector_rows = CanVector && rows_allow_float4(w_hh, hidden);
+
     // The last step has no dz_{t+1}; the branch is uniform over the grid.
     if (step + 1 < steps) {
         const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
         for (int k0 = 0; k0 < gate_width; k0 += KBlock) {
-            float w_staged[WLoads];
             float dz_staged[ZLoads];
+            bool staged = false;
+            if constexpr (CanVector) {
+                if (vector_rows) {
+                    // unit < H with H % 4 == 0 and unit % 4 == 0: all four units are in range.
+                    float4 w_staged[VecLoads];
 #pragma unroll
-            for (int i = 0; i < WLoads; ++i) {
-                const unsigned int e = thread + i * Threads;
-                const int u = (int)(e % UnitTile), kk = (int)(e / UnitTile);
-                const int unit = unit0 + u, k = k0 + kk;
-                w_staged[i] = (e < UnitTile * KBlock && unit < hidden && k < gate_width)
-                                  ? to_float(w_hh[(index_t)k * hidden + unit])
-                                  : 0.0f;
+                    for (int i = 0; i < VecLoads; ++i) {
+                        const unsigned int e = thread + i * Threads;
+                        const int u = 4 * (int)(e % VecPerRow), kk = (int)(e / VecPerRow);
+                        const int unit = unit0 + u, k = k0 + kk;
+                        w_staged[i] = (e < VecPerRow * KBlock && unit < hidden && k < gate_width)
+                                          ? *reinterpret_cast<const float4*>(w_hh + (index_t)k * hidden + unit)
+                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+                    load_dz(dz_staged, dz_next, k0);
+#pragma unroll
+                    for (int i = 0; i < VecLoads; ++i) {
+                        const unsigned int e = thread + i * Threads;
+                        if (e < VecPerRow * KBlock) {
+                            float* row = &w_tile[e / VecPerRow][4 * (e % VecPerRow)];
+                            row[0] = w_staged[i].x;
+                            row[1] = w_staged[i].y;
+                            row[2] = w_staged[i].z;
+                            row[3] = w_staged[i].w;
+                        }
+                    }
+                    store_dz(dz_staged);
+                    staged = true;
+                }
             }
+            if (!staged) {
+                float w_staged[WLoads];
 #pragma unroll
-            for (int i = 0; i < ZLoads; ++i) {
-                const unsigned int e = thread + i * Threads;
-                const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
-                const int row = row0 + r, k = k0 + kk;
-                dz_staged[i] = (e < BatchTile * KBlock && row < batch && k < gate_width)
-                                   ? dz_next[(index_t)row * gate_width + k]
-                                   : 0.0f;
-            }
+                for (int i = 0; i < WLoads; ++i) {
+                    const unsigned int e = thread + i * Threads;
+                    const int u = (int)(e % UnitTile), kk = (int)(e / UnitTile);
+                    const int unit = unit0 + u, k = k0 + kk;
+                    w_staged[i] = (e < UnitTile * KBlock && unit < hidden && k < gate_width)
+                                      ? to_float(w_hh[(index_t)k * hidden + unit])
+                                      : 0.0f;
+                }
+                load_dz(dz_staged, dz_next, k0);
 #pragma unroll
-            for (int i = 0; i < WLoads; ++i) {
-                const unsigned int e = thread + i * Threads;
-                if (e < UnitTile * KBlock) w_tile[e / UnitTile][e % UnitTile] = w_staged[i];
-            }
-#pragma unroll
-            for (int i = 0; i < ZLoads; ++i) {
-                const unsigned int e = thread + i * Threads;
-                if (e < BatchTile * KBlock) dz_tile[e / KBlock][e % KBlock] = dz_staged[i];
+                for (int i = 0; i < WLoads; ++i) {
+                    const unsigned int e = thread + i * Threads;
+                    if (e < UnitTile * KBlock) w_tile[e / UnitTile][e % UnitTile] = w_staged[i];
+                }
+                store_dz(dz_staged);
             }
             __syncthreads();
 #pragma unroll

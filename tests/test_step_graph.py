@@ -103,10 +103,11 @@ def _at_offset(array, offset_bytes):
 @pytest.mark.emulated
 @pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
 def test_emulated_float4_and_scalar_staging_agree_bitwise(emulator, tile):
-    """H = 40 (a multiple of 4): W_hh on a 16-byte boundary takes the forward kernel's
-    float4 staging, 4 bytes past one the scalar staging; both put the same values in
-    shared memory, so every output is bitwise the same (and matches the reference).
-    The step variant passes the caller's W_hh itself to the kernels."""
+    """H = 40 (a multiple of 4): W_hh on a 16-byte boundary takes the step kernels'
+    float4 staging (forward and backward), 4 bytes past one the scalar staging; both
+    put the same values in shared memory, so every output and gradient is bitwise the
+    same (and matches the reference). The step variant passes the caller's W_hh itself
+    to the kernels."""
     problem = make_problem(3, 3, 8, 40, seed=17)
     results = {}
     for offset in (0, 4):
