@@ -118,6 +118,22 @@ def test_emulated_float4_and_scalar_staging_agree_bitwise(emulator, tile):
     assert_matches_reference(results[0], problem, EMULATED_TOLERANCE)
 
 
+@pytest.mark.emulated
+@pytest.mark.parametrize("tile", _launch.STEP_TILES, ids=lambda tile: tile.name)
+def test_emulated_sanitized_float4_staging_is_clean(tile):
+    """AddressSanitizer finds no out-of-bounds access on the float4 path at the edges
+    (H = 40: the last unit tile and the last k round are partial)."""
+    emulator_or_skip()
+    problem = make_problem(2, 3, 5, 40, seed=23)
+    # Its own allocation (a view into a larger buffer would hide an overrun from ASan);
+    # malloc's 16-byte alignment puts it on the float4 path.
+    problem.w_hh = problem.w_hh.copy()
+    assert problem.w_hh.ctypes.data % 16 == 0
+    runtime = _launch.EmulatorRuntime(sanitize=True)
+    results = run_kernels(runtime, problem, step_tile=tile, variant="step")
+    assert_matches_reference(results, problem, EMULATED_TOLERANCE)
+
+
 def test_batch1_tile_fills_the_sms():
     """At B = 1 the heuristic picks the k-split tile, whose grid gives each of an
     H100/H200's 132 SMs at least one block from H = 528 up (4 units per block)."""
