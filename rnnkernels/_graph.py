@@ -32,7 +32,10 @@ dropped first), each with its workspace: for forward about
 4·(2·T·B·4H + 2·(T+1)·B·H) + 4H·H·itemsize bytes (gx, gates, h_all, c_all, W_hh), for
 backward about 4·(2·T·B·4H + (T+1)·B·H + T·B·H + 2·B·H) + 4H·H·itemsize (+ the step
 norms' slots): roughly the size of the saved state of one call, per cached shape.
-:func:`clear_cache` frees them all.
+:func:`clear_cache` frees them all. Dropping an entry while its graph may still be
+running is safe: CUDA frees an executable graph destroyed in flight when it completes,
+and the workspace, allocated on the caller's stream, goes back to CuPy's pool, which
+hands it out again only to later work on that stream (ordered after the replay).
 
 Keys: the runtime's ``graph_key()`` (device and caller's stream for CuPy: two streams
 must not share a workspace), the direction and every shape-like input of the plan

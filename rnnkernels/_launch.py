@@ -1,7 +1,7 @@
 """The launch plan of the CUDA LSTM kernels, written once for two runtimes.
 
 ``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
-kernels of ``csrc/`` through a small *runtime* object with three members:
+kernels of ``csrc/`` through a small *runtime* object with these members:
 
 * ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
 * ``sm_count``: streaming multiprocessors, for the tile heuristic;
@@ -34,8 +34,9 @@ Precision. float32 and float16 problems run the same kernel templates with a sto
 type parameter (:data:`STORAGE_TYPES`): inputs are read and outputs written in the
 problem's dtype, while every product, sum and activation, and every workspace (gx,
 h_all, c_all, gates, dgates, the dc carry), is float32. The recurrence consumes the
-float32 h_t, not its float16 rounding; y, h_n, c_n and dc0 are rounded to float16
-(nearest even) by ``astype`` here, the other gradients by the kernels that write them.
+float32 h_t, not its float16 rounding; y, h_n, c_n, dc0 and the GEMMs' float32 dx,
+dW_ih, dW_hh, dh0 are rounded to float16 (nearest even) by ``astype`` here, db by the
+kernel that writes it.
 The float32 instances are exactly the float32 kernels (the storage helpers are the
 identity for float).
 
