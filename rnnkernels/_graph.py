@@ -37,6 +37,13 @@ running is safe: CUDA frees an executable graph destroyed in flight when it comp
 and the workspace, allocated on the caller's stream, goes back to CuPy's pool, which
 hands it out again only to later work on that stream (ordered after the replay).
 
+When it pays: every call of a cached shape costs one graph launch instead of T kernel
+launches from Python, plus the copies above (one pass over the saved state). A new
+shape costs a capture (about what the T launches cost) and a workspace; a workload
+whose T changes on almost every call (unbucketed variable-length batches) gains
+nothing and holds up to CACHE_SIZE workspaces: ``variant="step"`` suits it better.
+Layers of one shape (the upper layers of a stack, both directions) share one graph.
+
 Keys: the runtime's ``graph_key()`` (device and caller's stream for CuPy: two streams
 must not share a workspace), the direction and every shape-like input of the plan
 (T, B, I, H, dtype, training or step norms, tile). Not thread-safe: calls from several
