@@ -17,18 +17,21 @@ HERE = Path(__file__).parent
 # mma.h's crt/, libcu++) come from the runtime, crt and cccl wheels, about 7 MB together.
 # rnnkernels/_sources.py finds their folders at run time (else a CUDA toolkit's).
 # CUDA 12 has no crt wheel: its runtime wheel carries what the kernels include.
+# cuBLAS runs the large GEMMs (rnnkernels/_gemm.py).
 CUDA_RUNTIME_13 = [
     "cupy-cuda13x>=13.3",
     "nvidia-cuda-nvrtc>=13.0",
     "nvidia-cuda-runtime>=13.0",
     "nvidia-cuda-crt>=13.0",
     "nvidia-cuda-cccl>=13.0",
+    "nvidia-cublas>=13.0",
 ]
 CUDA_RUNTIME_12 = [
     "cupy-cuda12x>=13.3",
     "nvidia-cuda-nvrtc-cu12>=12.4",
     "nvidia-cuda-runtime-cu12>=12.4",
     "nvidia-cuda-cccl-cu12>=12.4",
+    "nvidia-cublas-cu12>=12.4",
 ]
 TORCH = ["torch>=2.4"]
 BENCH = ["matplotlib>=3.7", "rich>=13"]

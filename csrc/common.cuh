@@ -60,6 +60,23 @@ __device__ __forceinline__ __half from_float<__half>(float value) {
     return __float2half_rn(value);
 }
 
+// True for float storage: the per-step kernels' 16-byte (float4) staging loads exist
+// for it only (no <type_traits> under NVRTC without headers).
+template <typename Storage>
+struct is_float_storage {
+    static constexpr bool value = false;
+};
+template <>
+struct is_float_storage<float> {
+    static constexpr bool value = true;
+};
+
+// Whether 16-byte loads of 4 consecutive floats along rows of `row_length` floats from
+// `base` are aligned: every row starts on a 16-byte boundary. Uniform over a launch.
+__device__ __forceinline__ bool rows_allow_float4(const void* base, int row_length) {
+    return (row_length % 4) == 0 && (reinterpret_cast<unsigned long long>(base) % 16) == 0;
+}
+
 // σ(x) = 1 / (1 + e^{-x}), computed from e^{-|x|} so the exponential never
 // overflows: for x >= 0 it is 1 / (1 + e^{-x}), for x < 0 it is e^{x} / (1 + e^{x}).
 // Finite and in [0, 1] for every finite x (and saturates exactly at |x| ~ 1e4).
@@ -74,7 +91,7 @@ __device__ __forceinline__ float sigmoid(float x) {
 // tanhf is accurate to ~2 ulp and saturates to +-1 without overflow for large |x|.
 __device__ __forceinline__ float tanh_activation(float x) { return tanhf(x); }
 
-// Sums each of values[0 .. Count) over the Threads threads of a 1-D or 2-D block (every
+// Sums each of values[0 .. Count) over the Threads threads of a 1-, 2- or 3-D block (every
 // thread must call it; none may have exited). A fixed-shape tree, so the result does
 // not depend on the order threads run: a shuffle tree inside each warp, then thread 0
 // adds the warp sums in warp order. The totals are valid in thread 0 only. Call it once
@@ -88,7 +105,7 @@ __device__ __forceinline__ void block_sum(double (&values)[Count]) {
     for (int offset = 16; offset > 0; offset /= 2)
 #pragma unroll
         for (int q = 0; q < Count; ++q) values[q] += __shfl_down_sync(0xffffffffu, values[q], offset);
-    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    const int thread = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     if (thread % 32 == 0)
 #pragma unroll
         for (int q = 0; q < Count; ++q) warp_sums[q][thread / 32] = values[q];

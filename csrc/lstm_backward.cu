@@ -18,16 +18,19 @@
 //      and writes dz_t for the four gates of j and the new carry. All in registers.
 //      With StepNorms, the block also sums dh_t² and dc_t² over its (b, j) pairs and
 //      writes the two sums to its own slot of step_squares (see step_norms below).
-//   2. gemm<...> (gemm.cuh) for dx, dW_ih, dW_hh, dh0 over T·B rows at once.
+//   2. GEMMs on cuBLAS (NumPy in the emulator; rnnkernels/_gemm.py) for dx, dW_ih,
+//      dW_hh, dh0 over T·B rows at once.
 //   3. column_sum<Storage, ...> for db: fixed-order sums, no atomics.
 //   4. step_norms<...>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
-// Every output element is summed by one thread in a fixed order, so gradients (and
-// the norms) are bitwise identical run after run.
+// Every output element of our kernels is summed by one thread in a fixed order, and
+// cuBLAS is deterministic on one stream, so gradients (and the norms) are bitwise
+// identical run after run.
 //
 // Precision: Storage (common.cuh) is the problem's input type, float or __half.
-// Inputs read as Storage: w_hh, dy, dh_n here, and x, w_ih, w_hh in the gemms;
-// outputs written as Storage: dx, dW_ih, dW_hh, dh0 (gemm) and db (column_sum), each
-// rounded once from its float32 sum (dc0 is rounded by the launcher). Everything in
+// Inputs read as Storage: w_hh, dy, dh_n here (x, w_ih, w_hh also feed the GEMMs);
+// outputs written as Storage: db (column_sum) here, rounded once from its float32 sum
+// (the launcher rounds the GEMMs' float32 dx, dW_ih, dW_hh, dh0 and dc0 the same
+// way). Everything in
 // between is float32: the saved gates, c_all and h_all (the float32 states forward
 // really used, so dW_hh = dzᵀ·h_prev uses the h the recurrence consumed), dgates, the
 // dc carry and every sum. For float the kernels are the float32 ones, unchanged.
@@ -50,17 +53,29 @@
 // cost is a few float64 adds per thread per step plus one block reduction, nothing
 // next to the K = 4H recurrent product the step already does.
 //
-// Notes for the launcher: same block/grid shape as lstm_forward_step; any B, H >= 1.
+// Notes for the launcher: same block/grid shape as lstm_forward_step (block =
+// (UnitTile, BatchThreads, KSplit)); any B, H >= 1.
 // The block slot of step_squares makes the norms deterministic without atomics; the
 // slot layout [block, t, 2] lets step_norms read it coalesced (consecutive threads,
 // consecutive (t, quantity) pairs of one block).
 #include "common.cuh"
-#include "gemm.cuh"
 
 namespace rnnkernels {
 
-template <typename Storage, int UnitTile, int BatchThreads, int RowsPerThread, int KTile, bool StepNorms>
-__global__ void __launch_bounds__(UnitTile * BatchThreads)
+// Row stride of the backward W_hh tile. With one slice (KSplit = 1) the units of a warp
+// read consecutive words of a row: no pad. With several, a warp holds slices z whose
+// rows sit KTile·stride words apart; a stride with KTile·stride = UnitTile (mod 32)
+// puts every (slice, unit) pair of a warp on its own bank (stride 9 for the batch1
+// tile); where none exists below UnitTile + 32, a pad of one.
+__host__ __device__ constexpr int backward_w_stride(int unit_tile, int k_tile, int k_split) {
+    if (k_split == 1) return unit_tile;
+    for (int stride = unit_tile; stride < unit_tile + 32; ++stride)
+        if ((k_tile * stride) % 32 == unit_tile % 32) return stride;
+    return unit_tile + 1;
+}
+
+template <typename Storage, int UnitTile, int BatchThreads, int RowsPerThread, int KTile, int KSplit, bool StepNorms>
+__global__ void __launch_bounds__(UnitTile * BatchThreads * KSplit)
 lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
                    const float* __restrict__ gates,   // [T, B, 4H] activated gates
                    const float* __restrict__ c_all,   // [T+1, B, H]
@@ -73,20 +88,34 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
                    int batch,                        // B
                    int hidden,                       // H
                    int step) {                       // t, 0 <= t < T
-    constexpr int Threads = UnitTile * BatchThreads;
+    constexpr int SliceThreads = UnitTile * BatchThreads;  // threads of one k slice
+    constexpr int Threads = SliceThreads * KSplit;
     constexpr int BatchTile = BatchThreads * RowsPerThread;
+    // As in lstm_forward_step: KBlock = KSplit·KTile columns of k (here 4H) staged per
+    // round, slice z sums columns [z·KTile, (z+1)·KTile) of each; every thread issues
+    // all its loads of a round into registers before storing any (loads in flight).
+    constexpr int KBlock = KTile * KSplit;
+    constexpr int WStride = backward_w_stride(UnitTile, KTile, KSplit);
+    constexpr int WLoads = (UnitTile * KBlock + Threads - 1) / Threads;
+    constexpr int ZLoads = (BatchTile * KBlock + Threads - 1) / Threads;
     static_assert(Threads % 32 == 0, "whole warps only");
-    static_assert((KTile & (KTile - 1)) == 0, "KTile must be a power of two");
+    static_assert((KBlock & (KBlock - 1)) == 0, "KTile * KSplit must be a power of two");
+    constexpr int VecPerRow = UnitTile / 4 > 0 ? UnitTile / 4 : 1;
+    constexpr bool CanVector = is_float_storage<Storage>::value && UnitTile % 4 == 0;
+    constexpr int VecLoads = (VecPerRow * KBlock + Threads - 1) / Threads;
 
     // w_tile[k][u] = W_hh[k0 + k, unit0 + u]: the units are W_hh's contiguous dimension,
     // so loads coalesce and a warp reads consecutive words.
-    __shared__ float w_tile[KTile][UnitTile];
+    __shared__ float w_tile[KBlock][WStride];
     // dz_tile[r][k] = dz_{t+1}[row0 + r, k0 + k]
-    __shared__ float dz_tile[BatchTile][KTile + 1];
+    __shared__ float dz_tile[BatchTile][KBlock + 1];
 
     const int unit_in_tile = threadIdx.x;
     const int batch_lane = threadIdx.y;
-    const int thread = threadIdx.y * UnitTile + threadIdx.x;
+    const int slice = KSplit > 1 ? (int)threadIdx.z : 0;
+    // unsigned: the % and / below by compile-time constants are masks, shifts or a
+    // multiply, never a 64-bit division.
+    const unsigned int thread = (threadIdx.z * BatchThreads + threadIdx.y) * UnitTile + threadIdx.x;
     const int unit0 = blockIdx.x * UnitTile;
     const int row0 = blockIdx.y * BatchTile;
     const int gate_width = lstm_gates * hidden;
@@ -96,23 +125,88 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
 #pragma unroll
     for (int r = 0; r < RowsPerThread; ++r) dh[r] = 0.0f;
 
+    // dz_{t+1}'s tile: loads into registers, then stores (both W staging paths use them).
+    auto load_dz = [&](float (&staged)[ZLoads], const float* dz_next, int k0) {
+#pragma unroll
+        for (int i = 0; i < ZLoads; ++i) {
+            const unsigned int e = thread + i * Threads;
+            const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
+            const int row = row0 + r, k = k0 + kk;
+            staged[i] = (e < BatchTile * KBlock && row < batch && k < gate_width) ? dz_next[(index_t)row * gate_width + k]
+                                                                                   : 0.0f;
+        }
+    };
+    auto store_dz = [&](const float (&staged)[ZLoads]) {
+#pragma unroll
+        for (int i = 0; i < ZLoads; ++i) {
+            const unsigned int e = thread + i * Threads;
+            if (e < BatchTile * KBlock) dz_tile[e / KBlock][e % KBlock] = staged[i];
+        }
+    };
+    // float storage with W_hh's rows on 16-byte boundaries (H % 4 == 0, aligned pointer):
+    // the W tile loaded as float4s, 4 consecutive units per load (the same values land
+    // in w_tile, so the same bits); thread e loads units 4·(e % VecPerRow) of row
+    // e / VecPerRow. A uniform check, scalar loads otherwise.
+    const bool vector_rows = CanVector && rows_allow_float4(w_hh, hidden);
+
     // The last step has no dz_{t+1}; the branch is uniform over the grid.
     if (step + 1 < steps) {
         const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
-        for (int k0 = 0; k0 < gate_width; k0 += KTile) {
-            for (int e = thread; e < UnitTile * KTile; e += Threads) {
-                const int u = e % UnitTile, kk = e / UnitTile;
-                const int unit = unit0 + u, k = k0 + kk;
-                w_tile[kk][u] = (unit < hidden && k < gate_width) ? to_float(w_hh[(index_t)k * hidden + unit]) : 0.0f;
+        for (int k0 = 0; k0 < gate_width; k0 += KBlock) {
+            float dz_staged[ZLoads];
+            bool staged = false;
+            if constexpr (CanVector) {
+                if (vector_rows) {
+                    // unit < H with H % 4 == 0 and unit % 4 == 0: all four units are in range.
+                    float4 w_staged[VecLoads];
+#pragma unroll
+                    for (int i = 0; i < VecLoads; ++i) {
+                        const unsigned int e = thread + i * Threads;
+                        const int u = 4 * (int)(e % VecPerRow), kk = (int)(e / VecPerRow);
+                        const int unit = unit0 + u, k = k0 + kk;
+                        w_staged[i] = (e < VecPerRow * KBlock && unit < hidden && k < gate_width)
+                                          ? *reinterpret_cast<const float4*>(w_hh + (index_t)k * hidden + unit)
+                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+                    load_dz(dz_staged, dz_next, k0);
+#pragma unroll
+                    for (int i = 0; i < VecLoads; ++i) {
+                        const unsigned int e = thread + i * Threads;
+                        if (e < VecPerRow * KBlock) {
+                            float* row = &w_tile[e / VecPerRow][4 * (e % VecPerRow)];
+                            row[0] = w_staged[i].x;
+                            row[1] = w_staged[i].y;
+                            row[2] = w_staged[i].z;
+                            row[3] = w_staged[i].w;
+                        }
+                    }
+                    store_dz(dz_staged);
+                    staged = true;
+                }
             }
-            for (int e = thread; e < BatchTile * KTile; e += Threads) {
-                const int kk = e % KTile, r = e / KTile;
-                const int row = row0 + r, k = k0 + kk;
-                dz_tile[r][kk] = (row < batch && k < gate_width) ? dz_next[(index_t)row * gate_width + k] : 0.0f;
+            if (!staged) {
+                float w_staged[WLoads];
+#pragma unroll
+                for (int i = 0; i < WLoads; ++i) {
+                    const unsigned int e = thread + i * Threads;
+                    const int u = (int)(e % UnitTile), kk = (int)(e / UnitTile);
+                    const int unit = unit0 + u, k = k0 + kk;
+                    w_staged[i] = (e < UnitTile * KBlock && unit < hidden && k < gate_width)
+                                      ? to_float(w_hh[(index_t)k * hidden + unit])
+                                      : 0.0f;
+                }
+                load_dz(dz_staged, dz_next, k0);
+#pragma unroll
+                for (int i = 0; i < WLoads; ++i) {
+                    const unsigned int e = thread + i * Threads;
+                    if (e < UnitTile * KBlock) w_tile[e / UnitTile][e % UnitTile] = w_staged[i];
+                }
+                store_dz(dz_staged);
             }
             __syncthreads();
 #pragma unroll
-            for (int kk = 0; kk < KTile; ++kk) {
+            for (int j = 0; j < KTile; ++j) {
+                const int kk = slice * KTile + j;
                 const float w = w_tile[kk][unit_in_tile];
 #pragma unroll
                 for (int r = 0; r < RowsPerThread; ++r)
@@ -122,13 +216,30 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
         }
     }
 
+    if constexpr (KSplit > 1) {
+        // The slices' partial sums meet in slice 0, added in slice order (deterministic;
+        // the last bits differ from a KSplit = 1 tile's single chain). The other slices
+        // go on with no (b, j) pair: with StepNorms they still join the block sum.
+        __shared__ float partial[KSplit - 1][RowsPerThread][SliceThreads];
+        const int lane = threadIdx.y * UnitTile + threadIdx.x;
+        if (slice > 0)
+#pragma unroll
+            for (int r = 0; r < RowsPerThread; ++r) partial[slice - 1][r][lane] = dh[r];
+        __syncthreads();
+        if (slice == 0)
+#pragma unroll
+            for (int z = 0; z < KSplit - 1; ++z)
+#pragma unroll
+                for (int r = 0; r < RowsPerThread; ++r) dh[r] += partial[z][r][lane];
+    }
+
     // Σ dh² and Σ dc² over this thread's (b, j) pairs, in row order (StepNorms only;
     // otherwise unused and compiled away).
     double squares[2] = {0.0, 0.0};  // Σ dh², Σ dc²
     const int unit = unit0 + unit_in_tile;
-    // No early return for unit >= hidden: with StepNorms every thread of the block
-    // takes part in the block reduction below.
-    if (unit < hidden) {
+    // No early return for unit >= hidden (or slice > 0): with StepNorms every thread of
+    // the block takes part in the block reduction below.
+    if (unit < hidden && slice == 0) {
 #pragma unroll
         for (int r = 0; r < RowsPerThread; ++r) {
             const int row = row0 + batch_lane + r * BatchThreads;

@@ -1,13 +1,18 @@
 """The launch plan of the CUDA LSTM kernels, written once for two runtimes.
 
 ``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
-kernels of ``csrc/`` through a small *runtime* object with three members:
+kernels of ``csrc/`` through a small *runtime* object with these members:
 
 * ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
 * ``sm_count``: streaming multiprocessors, for the tile heuristic;
 * ``function(source, name_expression)``: a launchable kernel, called like CuPy's
   ``RawKernel``: ``kernel(grid, block, args)`` with arrays as pointers and NumPy
-  scalars (``np.int32``) by value.
+  scalars (``np.int32``) by value;
+* ``gemm(a, b, c, transpose_a=, transpose_b=, accumulate=)``: the large products
+  (``rnnkernels/_gemm.py``: cuBLAS, or NumPy float32 in the emulator);
+* ``capture()`` and ``graph_key()``: record a region of launches once and replay it
+  (CUDA graphs, or the emulator's recording), for the ``graph`` variant
+  (``rnnkernels/_graph.py``).
 
 :class:`CupyRuntime` (``backend="cuda"``) compiles with NVRTC through
 ``cupy.RawModule`` and launches on the caller's current CuPy stream;
@@ -16,18 +21,22 @@ from the same text, on the CPU emulator (``rnnkernels.emulator``). So every laun
 the GPU makes is also made, and checked, in CI.
 
 Which matrix product, and why. The input projection (x·W_ihᵀ + b over all T·B rows)
-and the weight/input gradients after the backward loop use our own tiled FP32 GEMM
-(``csrc/gemm.cuh``), not cuBLAS: it is exact FP32 (never TF32), bitwise
-deterministic (each output is summed by one thread in a fixed order, no split-K),
-and the emulator can run it, so CI tests every launch. It is slower than cuBLAS, but
-the sequential recurrence (one launch per step) dominates LSTM time.
+and the weight/input gradients after the backward loop (dx, dW_ih, dW_hh, dh0) are large
+GEMMs: they run on cuBLAS through CuPy (exact FP32, never TF32; float16 operands with
+float32 accumulation; deterministic on one stream), and on NumPy float32 in the
+emulator, through the runtime's ``gemm`` method (``rnnkernels/_gemm.py`` says exactly
+what is called and why). The emulator therefore checks the plan and our kernels, not
+cuBLAS's bits. db stays on our ``column_sum`` kernel: a fixed-order sum, deterministic
+by construction (a cuBLAS gemv with a ones vector would be too, on one stream, but
+gains nothing for a [T·B, 4H] column sum that reads dz once).
 
 Precision. float32 and float16 problems run the same kernel templates with a storage
 type parameter (:data:`STORAGE_TYPES`): inputs are read and outputs written in the
 problem's dtype, while every product, sum and activation, and every workspace (gx,
 h_all, c_all, gates, dgates, the dc carry), is float32. The recurrence consumes the
-float32 h_t, not its float16 rounding; y, h_n, c_n and dc0 are rounded to float16
-(nearest even) by ``astype`` here, the other gradients by the kernels that write them.
+float32 h_t, not its float16 rounding; y, h_n, c_n, dc0 and the GEMMs' float32 dx,
+dW_ih, dW_hh, dh0 are rounded to float16 (nearest even) by ``astype`` here, db by the
+kernel that writes it.
 The float32 instances are exactly the float32 kernels (the storage helpers are the
 identity for float).
 
@@ -43,15 +52,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _sources
+from . import _gemm, _graph, _sources
 
 FORWARD_SOURCE = "lstm_forward.cu"
 BACKWARD_SOURCE = "lstm_backward.cu"
 GRAD_NORM_SOURCE = "grad_norm.cu"
 GATES = 4  # i, f, g, o
 _INT32_MAX = 2**31 - 1
-# Reduction loops step an int by one tile (k0 += TileK) past the last index, so a size
-# must leave a tile of headroom below 2^31 (64 covers every tile in the table).
+# Reduction loops step an int by one tile (k0 += k_tile * k_split) past the last index,
+# so a size must leave a tile of headroom below 2^31 (64 covers every tile in the table).
 _MAX_SIZE = _INT32_MAX - 64
 
 
@@ -70,32 +79,35 @@ def _storage(dtype_name: str) -> str:
 class StepTile:
     """Tile of the per-step kernels (forward and backward share it).
 
-    A block is ``unit_tile x batch_threads`` threads and owns ``unit_tile`` hidden
-    units and ``batch_tile = batch_threads * rows_per_thread`` batch rows; the
-    reduction dimension (H forward, 4H backward) is staged ``k_tile`` at a time."""
+    A block is ``unit_tile x batch_threads x k_split`` threads and owns ``unit_tile``
+    hidden units and ``batch_tile = batch_threads * rows_per_thread`` batch rows; the
+    reduction dimension (H forward, 4H backward) is staged ``k_tile * k_split`` at a
+    time, and with ``k_split > 1`` split across that many thread slices (whole warps
+    or parts of one) whose partial sums are added in a fixed order at the end."""
 
     name: str
     unit_tile: int
     batch_threads: int
     rows_per_thread: int
     k_tile: int
+    k_split: int = 1
 
     @property
     def threads(self) -> int:
-        return self.unit_tile * self.batch_threads
+        return self.unit_tile * self.batch_threads * self.k_split
 
     @property
     def batch_tile(self) -> int:
         return self.batch_threads * self.rows_per_thread
 
     def block(self) -> tuple[int, int, int]:
-        return (self.unit_tile, self.batch_threads, 1)
+        return (self.unit_tile, self.batch_threads, self.k_split)
 
     def grid(self, batch: int, hidden: int) -> tuple[int, int, int]:
         return (_ceil_div(hidden, self.unit_tile), _ceil_div(batch, self.batch_tile), 1)
 
     def _parameters(self) -> str:
-        return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}"
+        return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}, {self.k_split}"
 
     def forward_name(self, training: bool, dtype: str = "float32") -> str:
         """``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
@@ -110,13 +122,21 @@ class StepTile:
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
 # (from L2) fewer times per step, since every block column reads all of W_hh's rows of
 # its units; a shorter one makes more blocks, which a small batch needs to fill the GPU.
-# unit_tile * batch_threads is a whole number of warps; rows_per_thread * 4 gate
-# accumulators stay well inside the register budget (see the NVRTC check).
+# unit_tile * batch_threads * k_split is a whole number of warps; rows_per_thread * 4
+# gate accumulators plus the staged loads of a round (each thread holds all of them in
+# registers at once) stay well inside the register budget (see the NVRTC check).
+# batch1: at B = 1 a block has one row, so units per block set the block count: 4 units
+# make ceil(H/4) blocks (192 at H = 768, more than the 132 SMs of an H100/H200), and the
+# H (or 4H) reduction is split over 16 slices of 4 threads (2 warps) so each block still
+# has enough threads and loads in flight. Its float32 sums run in another order than
+# the other tiles' (partials of 4-column slices added at the end): other last bits.
+# (Backward reads W_hh's columns: 4 units are 16-byte pieces of a row, half a 32-byte
+# sector; the price of the block count, paid from L2, where W_hh stays.)
 STEP_TILES = (
     StepTile("batch16", unit_tile=32, batch_threads=4, rows_per_thread=4, k_tile=32),
     StepTile("batch8", unit_tile=32, batch_threads=4, rows_per_thread=2, k_tile=32),
     StepTile("batch4", unit_tile=16, batch_threads=4, rows_per_thread=1, k_tile=32),
-    StepTile("batch1", unit_tile=32, batch_threads=1, rows_per_thread=1, k_tile=32),
+    StepTile("batch1", unit_tile=4, batch_threads=1, rows_per_thread=1, k_tile=4, k_split=16),
 )
 
 
@@ -136,49 +156,6 @@ def choose_step_tile(batch: int, hidden: int, sm_count: int) -> StepTile:
 def _blocks(tile: StepTile, batch: int, hidden: int) -> int:
     grid = tile.grid(batch, hidden)
     return grid[0] * grid[1]
-
-
-@dataclass(frozen=True)
-class GemmVariant:
-    """One use of ``gemm<...>`` (csrc/gemm.cuh): operand layouts, bias, and which of
-    A, B (with the bias) and C are in the problem's dtype (``*_stored``) rather than a
-    float32 workspace; :meth:`name` gives the instance for a dtype."""
-
-    transpose_a: bool
-    transpose_b: bool
-    has_bias: bool
-    a_stored: bool
-    b_stored: bool
-    c_stored: bool
-    # 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, K staged 16 at a time:
-    # the classic register-blocked shape; these products are not on the critical path.
-    tile_m: int = 64
-    tile_n: int = 64
-    tile_k: int = 16
-    thread_m: int = 4
-    thread_n: int = 4
-
-    @property
-    def threads(self) -> int:
-        return (self.tile_m // self.thread_m) * (self.tile_n // self.thread_n)
-
-    def name(self, dtype: str = "float32") -> str:
-        types = ", ".join(_storage(dtype) if stored else "float" for stored in (self.a_stored, self.b_stored, self.c_stored))
-        flags = ", ".join(str(v).lower() for v in (self.transpose_a, self.transpose_b, self.has_bias))
-        return (
-            f"rnnkernels::gemm<{types}, {self.tile_m}, {self.tile_n}, {self.tile_k}, "
-            f"{self.thread_m}, {self.thread_n}, {flags}>"
-        )
-
-
-# C = A·Bᵀ (+ b): the input projection gx = x·W_ihᵀ + b (x, W_ih, b stored; gx float32).
-GEMM_INPUT_PROJECTION = GemmVariant(False, True, True, a_stored=True, b_stored=True, c_stored=False)
-GEMM_INPUT_PROJECTION_NO_BIAS = GemmVariant(False, True, False, a_stored=True, b_stored=True, c_stored=False)
-# C = Aᵀ·B: dW_ih = dzᵀ·x (x stored) and dW_hh = dzᵀ·h_prev (h_all is float32).
-GEMM_WEIGHT_GRADIENT = GemmVariant(True, False, False, a_stored=False, b_stored=True, c_stored=True)
-GEMM_RECURRENT_WEIGHT_GRADIENT = GemmVariant(True, False, False, a_stored=False, b_stored=False, c_stored=True)
-# C = A·B: dx = dz·W_ih and dh0 = dz_0·W_hh.
-GEMM_INPUT_GRADIENT = GemmVariant(False, False, False, a_stored=False, b_stored=True, c_stored=True)
 
 
 @dataclass(frozen=True)
@@ -239,16 +216,14 @@ GRAD_NORM = GradNorm()
 
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound). One
-# set per dtype of STORAGE_TYPES, float32 first; instances two uses share (float32's
-# weight gradients) appear once.
+# set per dtype of STORAGE_TYPES, float32 first. The large products are not here: they
+# run on cuBLAS (rnnkernels/_gemm.py).
 KERNELS: dict[str, dict[str, int]] = {
     FORWARD_SOURCE: {
         name: threads
         for dtype in STORAGE_TYPES
         for name, threads in (
-            (GEMM_INPUT_PROJECTION.name(dtype), GEMM_INPUT_PROJECTION.threads),
-            (GEMM_INPUT_PROJECTION_NO_BIAS.name(dtype), GEMM_INPUT_PROJECTION_NO_BIAS.threads),
-            *((tile.forward_name(training, dtype), tile.threads) for tile in STEP_TILES for training in (False, True)),
+            (tile.forward_name(training, dtype), tile.threads) for tile in STEP_TILES for training in (False, True)
         )
     },
     BACKWARD_SOURCE: {
@@ -257,9 +232,6 @@ KERNELS: dict[str, dict[str, int]] = {
             for dtype in STORAGE_TYPES
             for name, threads in (
                 *((tile.backward_name(norms, dtype), tile.threads) for tile in STEP_TILES for norms in (False, True)),
-                (GEMM_WEIGHT_GRADIENT.name(dtype), GEMM_WEIGHT_GRADIENT.threads),
-                (GEMM_RECURRENT_WEIGHT_GRADIENT.name(dtype), GEMM_RECURRENT_WEIGHT_GRADIENT.threads),
-                (GEMM_INPUT_GRADIENT.name(dtype), GEMM_INPUT_GRADIENT.threads),
                 (COLUMN_SUM.name(dtype), COLUMN_SUM.threads),
             )
         },
@@ -314,6 +286,20 @@ class CupyRuntime:
         module = _cupy_module(source, compile_options(), self._device_id)
         return module.get_function(name_expression)
 
+    def gemm(self, a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accumulate: bool = False):
+        """C = op(A)·op(B) (+ C) with cuBLAS on the current stream (rnnkernels/_gemm.py)."""
+        _gemm.cublas_gemm(self.xp, a, b, c, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate)
+
+    def capture(self):
+        """A context manager that captures the kernel launches made inside it into a CUDA
+        graph (rnnkernels/_graph.py); its value's ``graph`` replays them."""
+        return _graph.cupy_capture(self.xp)
+
+    def graph_key(self):
+        """What a captured graph and its workspaces are tied to: the device, and the
+        caller's stream (a workspace shared by two streams would be a race)."""
+        return ("cuda", self._device_id, self.xp.cuda.get_current_stream().ptr)
+
 
 @functools.cache
 def _cupy_sm_count(device_id: int) -> int:
@@ -359,6 +345,7 @@ class EmulatorRuntime:
         if memory_model is not None:
             memory_model_for(memory_model, cooperative=False)  # ValueError if unknown
         self.memory_model = memory_model
+        self._recorder = _graph.LaunchRecorder()
 
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
         kernel = _emulator_module(source, _sources.sources_digest(), self.sanitize).get_function(
@@ -368,11 +355,32 @@ class EmulatorRuntime:
         # Only when asked: the sanitizer's helper-process kernels take no memory_model
         # (they follow $RNNKERNELS_EMULATOR_MEMORY).
         options = {} if self.memory_model is None else {"memory_model": self.memory_model}
+        recorder = self._recorder
+
+        def run(grid, block, args):
+            kernel(grid, block, args, seed=seed, **options)
 
         def launch(grid, block, args):
-            return kernel(grid, block, args, seed=seed, **options)
+            if recorder.recording:
+                recorder.record(run, grid, block, args)
+            else:
+                run(grid, block, args)
 
         return launch
+
+    def gemm(self, a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accumulate: bool = False):
+        """C = op(A)·op(B) (+ C) with NumPy in float32 (rnnkernels/_gemm.py)."""
+        _gemm.numpy_gemm(a, b, c, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate)
+
+    def capture(self):
+        """A context manager that records the kernel launches made inside it instead of
+        running them; its value's ``graph`` replays them (rnnkernels/_graph.py)."""
+        return self._recorder.capture()
+
+    def graph_key(self):
+        """Recorded launches carry the scheduling seed, the build (sanitized or not) and
+        the memory model."""
+        return ("emulated", self.seed, self.sanitize, self.memory_model)
 
 
 @functools.cache
@@ -392,13 +400,17 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 # How the recurrence runs. Every forward variant saves the same arrays (Saved), so any
 # forward pairs with any backward variant.
 #   "step": one launch of the step kernel per time step, from Python.
-VARIANTS = ("step",)
+#   "graph": the same T launches captured once per call shape (a CUDA graph; the
+#            emulator records them) and replayed: one launch from Python per call.
+#            Same kernels and arguments as "step", so bitwise the same results.
+VARIANTS = ("step", "graph")
 
 
 def _check_variant(variant: str | None) -> str:
-    """The variant to run: ``variant``, or the default when None."""
+    """The variant to run: ``variant``, or the default when None. "graph" is the
+    default of the per-step path (one replay instead of T launches from Python)."""
     if variant is None:
-        return "step"
+        return "graph"
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return variant
@@ -440,30 +452,35 @@ def _check_grid(grid, kernel: str) -> None:
         raise ValueError(f"problem too large for {kernel}: grid {grid} exceeds CUDA's limits")
 
 
-def _gemm(rt, variant: GemmVariant, dtype: str, a, lda, b, ldb, bias, c, m, n, k) -> None:
-    """c[m, n] = op(a)·op(b) (+ bias) with ``variant``'s layouts (csrc/gemm.cuh), the
-    instance for a problem of numpy dtype name ``dtype``."""
-    grid = (_ceil_div(m, variant.tile_m), _ceil_div(n, variant.tile_n), 1)
-    if grid[0] == 0 or grid[1] == 0:
-        return
-    name = variant.name(dtype)
-    _check_grid(grid, name)
-    kernel = rt.function(_source_of(name), name)
-    # Without a bias the kernel never reads the pointer; pass c so it is a valid one.
-    bias_arg = bias if variant.has_bias else c
-    i32 = np.int32
-    kernel(grid, (variant.threads, 1, 1), (a, i32(lda), b, i32(ldb), bias_arg, c, i32(n), i32(m), i32(n), i32(k)))
-
-
-def input_projection(rt, x, w_ih, bias):
-    """gx[T, B, 4H] = x·W_ihᵀ + b (float32) for all T·B rows at once; every forward
-    variant starts with it."""
+def input_projection(rt, x, w_ih, bias, out=None):
+    """gx[T, B, 4H] = x·W_ihᵀ + b (float32) for all T·B rows at once, on the runtime's
+    GEMM (cuBLAS or NumPy, rnnkernels/_gemm.py); every forward variant starts with it.
+    ``out``: the float32 [T, B, 4H] array to write (a new one when None). The bias is
+    folded into the product: ``out`` is filled with it (widened to float32, exactly)
+    and the GEMM accumulates onto it (beta = 1), one pass over gx instead of two."""
     steps, batch, input_size = x.shape
     gate_width = w_ih.shape[0]
-    gx = rt.xp.empty((steps, batch, gate_width), dtype=np.float32)
-    variant = GEMM_INPUT_PROJECTION if bias is not None else GEMM_INPUT_PROJECTION_NO_BIAS
-    _gemm(rt, variant, x.dtype.name, x, input_size, w_ih, input_size, bias, gx, steps * batch, gate_width, input_size)
+    gx = rt.xp.empty((steps, batch, gate_width), dtype=np.float32) if out is None else out
+    rows = gx.reshape(steps * batch, gate_width)
+    if bias is not None:
+        rows[...] = bias  # broadcast over rows; float16 -> float32 is exact
+    rt.gemm(x.reshape(steps * batch, input_size), w_ih, rows, transpose_b=True, accumulate=bias is not None)
     return gx
+
+
+def _product(rt, a, b, out_dtype, *, transpose_a=False, transpose_b=False):
+    """op(a)·op(b) in float32 on the runtime's GEMM, returned in ``out_dtype``: a
+    float16 result is rounded once (to nearest even) from the float32 product. cuBLAS
+    multiplies two operands of one type only, so a float16 operand meeting a float32
+    one (dz) is widened to float32 first (exact; a temporary copy of it)."""
+    xp = rt.xp
+    if a.dtype != b.dtype:
+        a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    c = xp.empty((m, n), dtype=np.float32)
+    rt.gemm(a, b, c, transpose_a=transpose_a, transpose_b=transpose_b)
+    return c if out_dtype == np.float32 else c.astype(out_dtype)
 
 
 def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | None = None,
@@ -471,7 +488,7 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | N
     """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``.
     All inputs share one dtype of :data:`STORAGE_TYPES`; y, h_n, c_n come back in it.
     ``variant``: one of :data:`VARIANTS`, None for the default."""
-    _check_variant(variant)
+    variant = _check_variant(variant)
     xp = rt.xp
     dtype = x.dtype.name
     steps, batch, input_size = x.shape
@@ -481,6 +498,8 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | N
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     grid, block = tile.grid(batch, hidden), tile.block()
     _check_grid(grid, tile.forward_name(training, dtype))
+    if variant == "graph":
+        return _forward_graph(rt, x, w_ih, w_hh, bias, h0, c0, training, tile)
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
     gx = input_projection(rt, x, w_ih, bias)
@@ -507,6 +526,68 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | N
     return y, h_n, c_n, saved
 
 
+@dataclass
+class _ForwardWorkspace:
+    """The arrays a captured forward graph reads and writes (see rnnkernels/_graph.py):
+    layouts as in :func:`forward`."""
+
+    gx: Any  # [T, B, 4H] float32
+    w_hh: Any  # [4H, H] input dtype
+    h_all: Any  # [T+1, B, H] float32
+    c_all: Any  # [T+1 or 2, B, H] float32
+    gates: Any  # [T, B, 4H] float32 (training), else gx
+
+
+def _forward_graph(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, tile: StepTile):
+    """:func:`forward`'s recurrence as one replay of a captured graph of its T step
+    launches (the "graph" variant; rnnkernels/_graph.py says what is copied and why).
+    Same kernels, same arguments as "step": bitwise the same results."""
+    xp = rt.xp
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    gate_width = GATES * hidden
+    name = tile.forward_name(training, dtype)
+
+    def build():
+        gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
+        workspace = _ForwardWorkspace(
+            gx=gx,
+            w_hh=xp.empty_like(w_hh),
+            h_all=xp.empty((steps + 1, batch, hidden), dtype=np.float32),
+            c_all=xp.empty((steps + 1 if training else 2, batch, hidden), dtype=np.float32),
+            gates=xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx,
+        )
+        step_kernel = rt.function(FORWARD_SOURCE, name)  # loaded before capture begins
+        grid, block = tile.grid(batch, hidden), tile.block()
+        args = (workspace.gx, workspace.w_hh, workspace.h_all, workspace.c_all, workspace.gates)
+        b32, h32 = np.int32(batch), np.int32(hidden)
+        with rt.capture() as captured:
+            for t in range(steps):
+                step_kernel(grid, block, (*args, b32, h32, np.int32(t)))
+        return workspace, captured.graph
+
+    key = ("forward", steps, batch, input_size, hidden, dtype, training, tile)
+    workspace, graph = _graph.cached_graph(rt, key, build)
+    input_projection(rt, x, w_ih, bias, out=workspace.gx)
+    workspace.w_hh[...] = w_hh
+    workspace.h_all[0] = h0
+    workspace.c_all[0] = c0
+    graph.launch()
+
+    # Everything handed out is a copy: the next call overwrites the workspace.
+    y = workspace.h_all[1:].astype(x.dtype, copy=True)
+    h_n = workspace.h_all[steps].astype(x.dtype, copy=True)
+    c_n = workspace.c_all[steps if training else steps % 2].astype(x.dtype, copy=True)
+    saved = None
+    if training:
+        saved = Saved(
+            x, w_ih, w_hh, bias is not None, workspace.gates.copy(), workspace.h_all.copy(), workspace.c_all.copy(),
+            tile,
+        )
+    return y, h_n, c_n, saved
+
+
 def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, variant: str | None = None,
              step_tile: StepTile | None = None):
     """The backend contract's backward on runtime ``rt``: returns
@@ -515,7 +596,7 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ over batch and units), computed inside the step kernels
     (per-block sums of squares) and finished by one small ``step_norms`` launch.
     ``variant``: one of :data:`VARIANTS`, None for the default."""
-    _check_variant(variant)
+    variant = _check_variant(variant)
     xp = rt.xp
     x, w_hh = saved.x, saved.w_hh
     dtype = x.dtype.name  # dy, dh_n, dc_n share it (the API converts them)
@@ -523,6 +604,8 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     hidden = w_hh.shape[1]
     gate_width = GATES * hidden
     tile = step_tile or saved.step_tile
+    if variant == "graph":
+        return _backward_graph(rt, saved, dy, dh_n, dc_n, return_step_norms, tile)
 
     # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
     dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
@@ -547,6 +630,76 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     # 2. Products over all steps at once.
     dx, dw_ih, dw_hh, db, dh0 = gradients_after_loop(rt, saved, dgates)
     dc0 = dc_carry.astype(x.dtype, copy=False)  # float32: dc_carry itself
+    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
+    return grads + (norms[0], norms[1]) if return_step_norms else grads
+
+
+@dataclass
+class _BackwardWorkspace:
+    """The arrays a captured backward graph reads and writes (see rnnkernels/_graph.py):
+    layouts as in :func:`backward`."""
+
+    w_hh: Any  # [4H, H] input dtype
+    gates: Any  # [T, B, 4H] float32, the saved gates copied in
+    c_all: Any  # [T+1, B, H] float32, the saved cell states copied in
+    dy: Any  # [T, B, H] input dtype
+    dh_n: Any  # [B, H] input dtype
+    dc_carry: Any  # [B, H] float32
+    dgates: Any  # [T, B, 4H] float32
+    step_squares: Any  # [blocks, T, 2] float64 (step norms), else dgates
+
+
+def _backward_graph(rt, saved: Saved, dy, dh_n, dc_n, return_step_norms: bool, tile: StepTile):
+    """:func:`backward`'s reverse recurrence as one replay of a captured graph of its T
+    step launches (the "graph" variant); the products after the loop read dz straight
+    from the workspace (they run before the next call can overwrite it: same stream).
+    Same kernels, same arguments as "step": bitwise the same results."""
+    xp = rt.xp
+    x, w_hh = saved.x, saved.w_hh
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    gate_width = GATES * hidden
+    name = tile.backward_name(return_step_norms, dtype)
+    grid, block = tile.grid(batch, hidden), tile.block()
+    _check_grid(grid, name)
+
+    def build():
+        dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
+        workspace = _BackwardWorkspace(
+            w_hh=xp.empty_like(w_hh),
+            gates=xp.empty_like(saved.gates),
+            c_all=xp.empty_like(saved.c_all),
+            dy=xp.empty_like(dy),
+            dh_n=xp.empty_like(dh_n),
+            dc_carry=xp.empty((batch, hidden), dtype=np.float32),
+            dgates=dgates,
+            step_squares=(
+                xp.empty((grid[0] * grid[1], steps, 2), dtype=np.float64) if return_step_norms else dgates
+            ),
+        )
+        step_kernel = rt.function(BACKWARD_SOURCE, name)  # loaded before capture begins
+        i32 = np.int32
+        args = (workspace.w_hh, workspace.gates, workspace.c_all, workspace.dy, workspace.dh_n, workspace.dc_carry,
+                workspace.dgates, workspace.step_squares, i32(steps), i32(batch), i32(hidden))
+        with rt.capture() as captured:
+            for t in reversed(range(steps)):
+                step_kernel(grid, block, (*args, i32(t)))
+        return workspace, captured.graph
+
+    key = ("backward", steps, batch, input_size, hidden, dtype, return_step_norms, tile)
+    workspace, graph = _graph.cached_graph(rt, key, build)
+    workspace.w_hh[...] = w_hh
+    workspace.gates[...] = saved.gates
+    workspace.c_all[...] = saved.c_all
+    workspace.dy[...] = dy
+    workspace.dh_n[...] = dh_n
+    workspace.dc_carry[...] = dc_n  # widened to float32 (exact)
+    graph.launch()
+    norms = finish_step_norms(rt, workspace.step_squares, steps) if return_step_norms else None
+
+    dx, dw_ih, dw_hh, db, dh0 = gradients_after_loop(rt, saved, workspace.dgates)
+    dc0 = workspace.dc_carry.astype(x.dtype, copy=True)  # a copy: the workspace is reused
     grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
     return grads + (norms[0], norms[1]) if return_step_norms else grads
 
@@ -576,19 +729,13 @@ def gradients_after_loop(rt, saved: Saved, dgates):
     gate_width = GATES * hidden
     rows = steps * batch
     i32 = np.int32
-    # dz is [T·B, 4H] row-major (float32).
-    dx = xp.empty((steps, batch, input_size), dtype=x.dtype)
-    _gemm(rt, GEMM_INPUT_GRADIENT, dtype, dgates, gate_width, w_ih, input_size, None, dx, rows, input_size, gate_width)
-    dw_ih = xp.empty((gate_width, input_size), dtype=x.dtype)
-    _gemm(rt, GEMM_WEIGHT_GRADIENT, dtype, dgates, gate_width, x, input_size, None, dw_ih, gate_width, input_size, rows)
-    dw_hh = xp.empty((gate_width, hidden), dtype=x.dtype)
+    dz = dgates.reshape(rows, gate_width)  # [T·B, 4H] float32
+    dx = _product(rt, dz, w_ih, x.dtype).reshape(steps, batch, input_size)
+    dw_ih = _product(rt, dz, x.reshape(rows, input_size), x.dtype, transpose_a=True)
     # h_prev = h_all[0:T] (float32) is the first T·B rows of h_all.
-    _gemm(
-        rt, GEMM_RECURRENT_WEIGHT_GRADIENT, dtype, dgates, gate_width, saved.h_all, hidden, None, dw_hh,
-        gate_width, hidden, rows,
-    )
-    dh0 = xp.empty((batch, hidden), dtype=x.dtype)
-    _gemm(rt, GEMM_INPUT_GRADIENT, dtype, dgates, gate_width, w_hh, hidden, None, dh0, batch, hidden, gate_width)
+    h_prev = saved.h_all.reshape((steps + 1) * batch, hidden)[:rows]
+    dw_hh = _product(rt, dz, h_prev, x.dtype, transpose_a=True)
+    dh0 = _product(rt, dz[:batch], w_hh, x.dtype)
 
     db = None
     if saved.has_bias:

@@ -336,8 +336,9 @@ def step_kernel_us(direction: str, p: Problem, dev: Device, tile=None) -> tuple[
 
         L2 bytes = batch_blocks · 4H·H·s + unit_blocks · B·K·4
         FLOPs    = 2 · B' · 4H' · H    (B', H' rounded up to whole tiles: executed)
-        chain    = waves · ceil(K / k_tile) · L2 latency   (each k tile's loads wait
-                   for L2 before its FMAs; waves = ceil(blocks / (SMs · resident)))
+        chain    = waves · ceil(K / (k_tile · k_split)) · L2 latency   (each staging
+                   round of k_tile · k_split columns issues all its loads, then waits
+                   for L2 once before its FMAs; waves = ceil(blocks / (SMs · resident)))
 
     and kernel = max(L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth,
     FLOPs / (FP32 rate · active SMs / SMs · fma_efficiency(rows_per_thread)), chain).
@@ -350,6 +351,7 @@ def step_kernel_us(direction: str, p: Problem, dev: Device, tile=None) -> tuple[
     blocks = unit_blocks * batch_blocks
     k = h if direction != "backward" else GATES * h
     resident = max(1, min(32, 2048 // tile.threads))
+    rounds = math.ceil(k / (tile.k_tile * tile.k_split))
     waves = math.ceil(blocks / (dev.sms * resident))
     l2_bytes = batch_blocks * GATES * h * h * s + unit_blocks * b * k * 4
     # Executed FMAs: a partly empty tile still runs its zero-filled rows and units.
@@ -364,10 +366,10 @@ def step_kernel_us(direction: str, p: Problem, dev: Device, tile=None) -> tuple[
         "l2_us": l2_bytes / (dev.l2_gbs * 1e3),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
         "flops_us": flops / (dev.fp32_flops_per_us * active * fma_efficiency(tile.rows_per_thread)),
-        "chain_us": waves * math.ceil(k / tile.k_tile) * dev.l2_latency_ns / 1e3,
+        "chain_us": waves * rounds * dev.l2_latency_ns / 1e3,
     }
     counts = {"tile": tile.name, "blocks": blocks, "waves": waves, "l2_bytes": l2_bytes, "hbm_bytes": hbm,
-              "flops": flops, "serial_l2_round_trips": waves * math.ceil(k / tile.k_tile)}
+              "flops": flops, "serial_l2_round_trips": waves * rounds}
     return max(terms.values()), terms, counts
 
 

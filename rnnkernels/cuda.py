@@ -4,8 +4,11 @@ Arrays are CuPy arrays (the API converts DLPack / ``__cuda_array_interface__`` i
 every kernel and copy runs on the caller's current CuPy stream, on the device holding
 ``x``. Kernels are compiled with NVRTC through ``cupy.RawModule`` once per (source,
 options, device) and cached on disk by CuPy. The launch plan is shared with
-``backend="emulated"`` (``rnnkernels/_launch.py``, which also says why the large
-products use our own FP32 GEMM rather than cuBLAS).
+``backend="emulated"`` (``rnnkernels/_launch.py``). The large products (input
+projection, dx, dW_ih, dW_hh, dh0) run on cuBLAS in exact FP32, never TF32 (float16
+inputs: float16 products with float32 accumulation), deterministic on one stream
+(``rnnkernels/_gemm.py``). The T step launches of a call are captured once per call
+shape as a CUDA graph and replayed (``rnnkernels/_graph.py``).
 
 dtypes: float32, and float16 with float32 math: float16 inputs are read as stored,
 every product, sum and activation and every saved state is float32, and the outputs

@@ -2,8 +2,12 @@
 
 The same kernel text, the same instances and the same launch plan as
 ``backend="cuda"`` (``rnnkernels/_launch.py``), on NumPy arrays: this is how CI, which
-has no GPU, tests every launch the GPU makes. It is slow (every CUDA thread runs on
-the CPU); use it for checking, not for training.
+has no GPU, tests every launch the GPU makes (the graph variant's captured launches
+are recorded and replayed the same way). The large GEMMs, cuBLAS on a GPU, are
+NumPy float32 products here (``rnnkernels/_gemm.py``): float32-accurate, but summed in
+BLAS's order, not cuBLAS's, so this backend checks the launch plan and our kernels,
+not cuBLAS's bits. It is slow (every CUDA thread runs on the CPU); use it for checking,
+not for training.
 
 dtypes: float32, and float16 with float32 math, exactly as ``backend="cuda"`` (see
 its module docstring): float16 in and out, float32 arithmetic and saved states, the

@@ -192,8 +192,13 @@ def test_cupy_api_the_glue_relies_on():
     for name in ("compile", "get_function"):
         assert callable(getattr(module, name))
     assert hasattr(cupy.cuda.Stream, "from_external") or hasattr(cupy.cuda, "ExternalStream")
-    for name in ("Device", "Event", "get_elapsed_time", "set_allocator"):
+    for name in ("Device", "Event", "get_elapsed_time", "set_allocator", "get_current_stream", "Graph"):
         assert hasattr(cupy.cuda, name), name
+    # The graph variant (rnnkernels/_graph.py) and the cuBLAS GEMMs (rnnkernels/_gemm.py).
+    for name in ("begin_capture", "end_capture"):
+        assert callable(getattr(cupy.cuda.Stream, name)), name
+    assert callable(cupy.cuda.Graph.launch)
+    assert callable(cupy.cuda.device.get_cublas_handle)
     for name in ("malloc_postprocess", "free_postprocess"):
         assert hasattr(memory_hook.MemoryHook, name), name
     assert callable(cupy.from_dlpack)
