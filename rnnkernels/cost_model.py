@@ -269,11 +269,9 @@ class Breakdown:
     reason: str = ""
 
 
-# Fractions of the FP32 FMA peak assumed for the all-steps GEMMs (assumptions, to be
-# replaced by measurement): our register-blocked 64x64 CUDA-core GEMM (csrc/gemm.cuh:
-# 16 FMAs per 8 shared loads per thread and k, no double buffering), and cuBLAS SGEMM
-# (FP32, TF32 off), which reaches most of the FP32 peak on large products.
-OWN_GEMM_EFFICIENCY = 0.35
+# Fraction of the FP32 FMA peak assumed for the all-steps GEMMs, which every variant runs
+# on cuBLAS (rnnkernels/_gemm.py: FP32 compute, TF32 off): an assumption, to be replaced
+# by measurement; cuBLAS SGEMM reaches most of the FP32 peak on large products.
 CUBLAS_FP32_EFFICIENCY = 0.70
 
 
@@ -387,13 +385,13 @@ def _gemm_share(direction: str, p: Problem, dev: Device, efficiency: float) -> f
 
 
 def model_step(direction: str, p: Problem, dev: Device) -> Breakdown:
-    """"step": one Python launch of the per-step kernel per step; our GEMM after/before.
+    """"step": one Python launch of the per-step kernel per step; cuBLAS GEMMs after/before.
     The CPU issues launches asynchronously, so a step costs the slower of the CPU's
     launch and the GPU's kernel plus the gap between dependent kernels:
 
-        us = max(python_launch, kernel + graph_node_gap) + GEMM share (own GEMM)"""
+        us = max(python_launch, kernel + graph_node_gap) + GEMM share (cuBLAS)"""
     kernel, terms, counts = step_kernel_us(direction, p, dev)
-    gemm = _gemm_share(direction, p, dev, OWN_GEMM_EFFICIENCY)
+    gemm = _gemm_share(direction, p, dev, CUBLAS_FP32_EFFICIENCY)
     terms = {**terms, "kernel_us": kernel, "launch_us": dev.python_launch_us, "gap_us": dev.graph_node_us,
              "gemm_us": gemm}
     us = max(dev.python_launch_us, kernel + dev.graph_node_us) + gemm
@@ -518,7 +516,7 @@ def markdown_table(dev: Device, variants=None) -> str:
         f"{dev.fp32_tflops:.1f} TFLOP/s FP32, L2 latency {dev.l2_latency_ns:.0f} ns, grid sync "
         f"{dev.grid_sync_ns:.0f} ns, L2 {dev.l2_gbs / 1e3:.1f} TB/s, HBM {dev.hbm_gbs / 1e3:.2f} TB/s, "
         f"launch {dev.python_launch_us:.1f} us (Python) / {dev.graph_node_us:.1f} us (graph node), "
-        f"GEMMs at {OWN_GEMM_EFFICIENCY:.0%} (ours) / {CUBLAS_FP32_EFFICIENCY:.0%} (cuBLAS) of FP32 peak.",
+        f"GEMMs on cuBLAS at {CUBLAS_FP32_EFFICIENCY:.0%} of FP32 peak.",
         "",
         "| config | mode | " + " | ".join(f"{v} (us/step)" for v in variants) + " | target |",
         "|---|---|" + "---:|" * len(variants) + "---|",
