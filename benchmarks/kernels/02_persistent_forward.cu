@@ -7,7 +7,7 @@
 //     z_t = gx_t + h_{t-1}·W_hhᵀ                                   [B, 4H]
 //     i = σ(z^i)  f = σ(z^f)  g = tanh(z^g)  o = σ(z^o)
 //     c_t = f·c_{t-1} + i·g      h_t = o·tanh(c_t)
-// with gx = x·W_ihᵀ + b computed beforehand (csrc/gemm.cuh, as the product does), in
+// with gx = x·W_ihᵀ + b computed beforehand (one float32 matmul; cuBLAS in the product), in
 // ONE cooperative launch instead of T launches:
 //   * block b owns units [b·unit_tile, (b+1)·unit_tile): at start it copies the four
 //     gate rows of each of its units of W_hh into shared memory, where they stay for
