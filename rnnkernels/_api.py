@@ -126,16 +126,23 @@ def _check_flag(value, name: str):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _common(arrays: dict, what: str):
-    """The single device and dtype shared by ``arrays`` (name -> array or None)."""
+def _common(arrays: dict, what: str, required: tuple[str, ...]):
+    """The single kind (library and device) and dtype shared by ``arrays`` (name ->
+    array or None); the ``required`` ones may not be None."""
     kinds, dtypes = {}, {}
     for name, value in arrays.items():
-        if value is not None:
+        if value is not None or name in required:
             kinds[name], dtypes[name] = _check_array(value, name)
     devices = {k.device for k in kinds.values()}
     if len(devices) > 1:
         where = ", ".join(f"{n} on {k.device}" for n, k in kinds.items())
         raise ValueError(f"{what} must all be on one device, got {where}")
+    # One library too: results come back as the inputs' kind, and a torch tensor that
+    # requires grad mixed with NumPy arrays would silently lose its gradient.
+    libraries = {k.library for k in kinds.values()}
+    if len(libraries) > 1:
+        which = ", ".join(f"{n}: {k.library}" for n, k in kinds.items())
+        raise TypeError(f"{what} must all be one kind of array (one library), got {which}")
     if len(set(dtypes.values())) > 1:
         which = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
         raise TypeError(f"{what} must share one dtype, got {which}")
@@ -191,7 +198,7 @@ def lstm_forward(
     _check_flag(batch_first, "batch_first")
     _check_flag(training, "training")
     inputs = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h0": h0, "c0": c0}
-    kind, dtype = _common(inputs, "the inputs x, w_ih, w_hh, b_ih, b_hh, h0, c0")
+    kind, dtype = _common(inputs, "the inputs x, w_ih, w_hh, b_ih, b_hh, h0, c0", ("x", "w_ih", "w_hh"))
     _check_pair(b_ih, b_hh, "b_ih and b_hh")
     _check_pair(h0, c0, "h0 and c0")
 
@@ -221,8 +228,17 @@ def lstm_forward(
     impl = _resolve_backend(backend, kind.device)
     _check_backend_dtype(impl, dtype)
     dev = impl.device
-    xp = np if dev == "cpu" else _arrays.import_cupy()
+    if dev == "cpu" and kind.device == "cuda":
+        raise ValueError(
+            f"x is a CUDA array ({kind.library}), but backend {impl.name!r} runs on host (CPU) "
+            "arrays; use backend='cuda' (or 'auto'), or copy the inputs to the host"
+        )
     out_dtype = np.dtype(np.float64) if impl.name == "reference" else dtype
+
+    if kind.library == "torch" and _torch_needs_grad(inputs):
+        return _forward_with_autograd(inputs, batch_first, training, impl, out_dtype)
+
+    xp = np if dev == "cpu" else _arrays.import_cupy()
 
     # CUDA work runs on the GPU holding x and, for torch tensors, on torch's current
     # stream (see _arrays.cuda_scope); host backends need no scope.
@@ -234,7 +250,11 @@ def lstm_forward(
         w_ih_b, w_hh_b = _arrays.to_backend(w_ih, dev), _arrays.to_backend(w_hh, dev)
         bias = None
         if b_ih is not None:
-            bias = _arrays.to_backend(b_ih, dev) + _arrays.to_backend(b_hh, dev)
+            # Summed in the backend's precision: float64 for the reference, which
+            # promises float64 math (a float16 or float32 sum would round first).
+            bias = _arrays.to_backend(b_ih, dev).astype(out_dtype, copy=False) + _arrays.to_backend(b_hh, dev).astype(
+                out_dtype, copy=False
+            )
         if h0 is None:
             h0_b = xp.zeros((batch, hidden), dtype)
             c0_b = xp.zeros((batch, hidden), dtype)
@@ -264,6 +284,53 @@ def lstm_forward(
         )
 
 
+def _torch_needs_grad(inputs: dict) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs.values())
+
+
+@dataclass
+class _Recompute:
+    """The context of an output made through autograd (torch inputs that require
+    grad): the inputs, detached, and how to run the forward again. ``lstm_backward``
+    recomputes the training forward from them, as the custom op's own backward does,
+    so that such an output costs nothing extra unless ``lstm_backward`` is called."""
+
+    inputs: dict
+    batch_first: bool
+    backend: str
+
+
+def _forward_with_autograd(inputs: dict, batch_first: bool, training: bool, impl: Backend, out_dtype):
+    """Torch tensors that require grad: run through ``rnnkernels::lstm_layer``, the
+    custom op behind ``rnnkernels.torch.LSTM``, so that ``y``, ``h_n`` and ``c_n``
+    carry a ``grad_fn`` and ``loss.backward()`` (or torch.func) reaches the inputs."""
+    import torch
+
+    from .torch._ops import lstm_layer_autograd
+
+    # The op returns its input dtype; the reference promises float64 math and output,
+    # so it gets float64 inputs (autograd casts the gradients back).
+    target = torch.float64 if out_dtype == np.float64 else inputs["x"].dtype
+    args = {k: None if v is None else v.to(target) for k, v in inputs.items()}
+    x_t = args["x"].transpose(0, 1) if batch_first else args["x"]
+    batch, hidden = x_t.shape[1], args["w_hh"].shape[1]
+    h0, c0 = args["h0"], args["c0"]
+    if h0 is None:
+        h0 = c0 = x_t.new_zeros((batch, hidden))
+    y, h_n, c_n = lstm_layer_autograd(
+        x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], h0, c0, None, False, impl.name
+    )
+    if batch_first:
+        y = y.transpose(0, 1).contiguous()
+    ctx = None
+    if training:
+        detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
+        ctx = _Recompute(detached, batch_first, impl.name)
+    return LSTMOutput(y=y, h_n=h_n, c_n=c_n, training=training, backend=impl.name, _ctx=ctx)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
@@ -282,7 +349,9 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
             "lstm_backward needs an output made with lstm_forward(..., training=True); "
             "this one was made with training=False, so nothing was saved for backward"
         )
-    ctx: _Context = out._ctx
+    ctx = out._ctx
+    if isinstance(ctx, _Recompute):
+        ctx = lstm_forward(**ctx.inputs, batch_first=ctx.batch_first, training=True, backend=ctx.backend)._ctx
     steps, batch, input_size, hidden = ctx.sizes
     impl = ctx.backend
     dev = impl.device
@@ -302,6 +371,8 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
             kind, dtype = _check_array(value, name)
             if kind.device != ctx.kind.device:
                 raise ValueError(f"{name} is on {kind.device} but the forward ran on {ctx.kind.device} arrays")
+            if kind.library != ctx.kind.library:
+                raise TypeError(f"{name} is a {kind.library} array but the forward ran on {ctx.kind.library} arrays")
             if dtype not in allowed:
                 raise TypeError(f"{name} must have dtype {' or '.join(sorted(d.name for d in allowed))}, got {dtype}")
             _check_ndim(value, name, len(shape), meaning)

@@ -66,7 +66,14 @@ def array_kind(obj, name: str) -> Kind:
     if _is_cupy_array(obj):
         return Kind("cupy", "cuda")
     if _is_torch_tensor(obj):
-        return Kind("torch", "cuda" if obj.is_cuda else "cpu", obj.device)
+        if obj.device.type not in ("cpu", "cuda"):
+            # meta, mps, xla, ...: torch's own error ("can't convert meta device type
+            # tensor to numpy") would come later and name no argument.
+            raise TypeError(
+                f"{name} is a torch tensor on device {obj.device.type!r}; rnnkernels takes "
+                "CPU and CUDA tensors"
+            )
+        return Kind("torch", obj.device.type, obj.device)
     if hasattr(obj, "__cuda_array_interface__"):
         return Kind(_module_of(obj), "cuda")
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
@@ -79,9 +86,10 @@ def array_kind(obj, name: str) -> Kind:
             f"{name} lives on DLPack device type {device_type}; rnnkernels takes host "
             "(CPU) and CUDA arrays"
         )
+    got = "None" if obj is None else type(obj).__name__
     raise TypeError(
         f"{name} must be an array (NumPy, CuPy, a PyTorch tensor, or any object with "
-        f"__dlpack__ or __cuda_array_interface__), got {type(obj).__name__}"
+        f"__dlpack__ or __cuda_array_interface__), got {got}"
     )
 
 
@@ -208,9 +216,16 @@ def cuda_placement(obj) -> tuple[int | None, bool]:
     return None, False
 
 
+# Libraries whose array type lives in a module other than the one that imports it:
+# a JAX array's type is ``jaxlib._jax.ArrayImpl`` (``jaxlib.xla_extension`` in older
+# releases), but ``from_dlpack`` is ``jax.numpy.from_dlpack``.
+_FROM_DLPACK_HOME = {"jaxlib": "jax"}
+
+
 def _library_from_dlpack(library: str, arr):
     """Hand ``arr`` to ``library`` through its ``from_dlpack`` (jax.numpy, torch, ...);
     the array itself when the library has none."""
+    library = _FROM_DLPACK_HOME.get(library, library)
     for module_name in (library, f"{library}.numpy"):
         try:
             module = importlib.import_module(module_name)

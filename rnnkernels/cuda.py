@@ -21,6 +21,9 @@ CuPy has no bfloat16 dtype.
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 from . import _launch
 from ._backend import Backend
 
@@ -36,6 +39,13 @@ def check_available() -> None:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:  # CUDARuntimeError: no driver, or an unusable one
+        if not nvidia_driver_present():
+            # The CUDA runtime reports a missing driver as cudaErrorInsufficientDriver
+            # ("CUDA driver version is insufficient"), which reads like an upgrade hint.
+            raise RuntimeError(
+                "backend='cuda' found no NVIDIA driver on this machine (no libcuda, no "
+                "/proc/driver/nvidia): it needs an NVIDIA GPU and its driver. Use backend='cpu' here."
+            ) from error
         raise RuntimeError(
             f"backend='cuda' found no usable NVIDIA GPU or driver ({error}); "
             "it needs an NVIDIA GPU with a CUDA driver. Use backend='cpu' elsewhere."
@@ -48,6 +58,20 @@ def check_available() -> None:
         nvrtc.getVersion()
     except Exception as error:
         raise RuntimeError(f"backend='cuda' needs the NVRTC library: {_INSTALL}") from error
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver at all: its kernel module's
+    /proc entry (Linux) or a loadable driver library (libcuda, nvcuda.dll)."""
+    if os.path.exists("/proc/driver/nvidia"):
+        return True
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 def _check_same_device(device_id: int, *arrays) -> None:

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .._api import BACKENDS
 from ..modules import parameter_names
-from . import _ops  # noqa: F401  (registers torch.ops.rnnkernels.*)
+from . import _ops  # registers torch.ops.rnnkernels.*
 
 
 class LSTM(nn.Module):
@@ -193,7 +193,7 @@ class LSTM(nn.Module):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                y, h, c = torch.ops.rnnkernels.lstm_layer(
+                y, h, c = _ops.lstm_layer_autograd(
                     layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
                     direction == 1, self.backend,
                 )

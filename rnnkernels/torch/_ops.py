@@ -205,3 +205,62 @@ def _backward(ctx, dy, dh_n, dc_n):
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LSTMLayerFunction(torch.autograd.Function):
+    """``lstm_layer`` with the same backward, as an ``autograd.Function`` with its own
+    ``setup_context``, so that torch.func transforms (grad, vjp, jacrev, vmap) work.
+
+    torch (2.13) builds the autograd of a ``custom_op`` as an ``autograd.Function``
+    without ``setup_context``, which functorch refuses ("must override the
+    setup_context staticmethod"); this class is that Function written out. Eager
+    autograd and ``torch.compile`` go through it too (dynamo traces it, the op inside
+    stays opaque behind its fake)."""
+
+    # vmap runs forward and backward under vmap; the two ops' batching rules (below)
+    # loop over the mapped dimension.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend):
+        # Under torch.func the inputs here may still require grad at an outer level;
+        # no_grad keeps the op's own (functorch-incompatible) autograd out of it.
+        with torch.no_grad():
+            return lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward op has no autograd: no double backward
+    def backward(ctx, dy, dh_n, dc_n):
+        return _backward(ctx, dy, dh_n, dc_n)
+
+
+def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
+    """:func:`lstm_layer` with gradients for autograd and torch.func: what
+    ``rnnkernels.torch.LSTM`` and ``rnnkernels.lstm_forward`` (on tensors that require
+    grad) call."""
+    return _LSTMLayerFunction.apply(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
+
+
+def _looping_vmap(op, outputs: int):
+    """A batching rule for ``op``: one call per index of the mapped dimension, results
+    stacked along dimension 0. The kernels take one batch of sequences per call; a
+    vmapped dimension is a batch of such problems with different weights, which no
+    kernel here fuses, so a loop is what it costs."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for index in range(info.batch_size):
+            sliced = [a if d is None else a.select(d, index) for a, d in zip(args, in_dims)]
+            results.append(op(*sliced))
+        stacked = tuple(torch.stack([r[k] for r in results]) for k in range(outputs))
+        return stacked, (0,) * outputs
+
+    return rule
+
+
+torch.library.register_vmap(lstm_layer, _looping_vmap(lstm_layer, 3))
+torch.library.register_vmap(lstm_layer_backward, _looping_vmap(lstm_layer_backward, 6))
