@@ -215,7 +215,9 @@ def lstm_forward(
             f"{tuple(w_hh.shape)}: {gate_rows} rows is not 4 x {hidden}"
         )
     _check_ndim(w_ih, "w_ih", 2, "[4H, I]")
-    _check_shape(w_ih, "w_ih", (4 * hidden, input_size), "[4H, I] with H from w_hh and I from x")
+    _check_shape(
+        w_ih, "w_ih", (4 * hidden, input_size), f"[4H, I] with H from w_hh and I from x of shape {tuple(x.shape)}"
+    )
     for name in ("b_ih", "b_hh"):
         if inputs[name] is not None:
             _check_ndim(inputs[name], name, 1, "[4H]")
