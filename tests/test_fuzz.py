@@ -35,7 +35,7 @@ import rnnkernels
 
 SEED = int(os.environ.get("RNNKERNELS_FUZZ_SEED", "1101"))
 CHUNK = 100
-CASES = {"reference": 1000, "cpu": 1000, "emulated": 300}
+CASES = {"reference": 1000, "cpu": 1000, "emulated": 240}
 DTYPES = {"reference": ("float16", "float32", "float64"), "cpu": ("float32", "float64"), "emulated": ("float16", "float32")}
 STEPS = (0, 1, 1, 2, 3, 4, 6)
 BATCHES = (0, 1, 1, 2, 3, 5)

@@ -233,9 +233,40 @@ class _LSTMLayerFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the backward op has no autograd: no double backward
     def backward(ctx, dy, dh_n, dc_n):
-        return _backward(ctx, dy, dh_n, dc_n)
+        # The backward op has no autograd of its own: no double backward. Where one is
+        # asked for, say so rather than let the gradients act as constants (a gradient
+        # penalty would silently miss the LSTM's second-order terms).
+        nested = _grad_transforms_active()
+        if nested > 1:
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        with torch.no_grad():
+            grads = _backward(ctx, dy, dh_n, dc_n)
+        if nested or not torch.is_grad_enabled():
+            return grads
+        if not any(t is not None and t.requires_grad for t in (*ctx.saved_tensors, dy, dh_n, dc_n)):
+            return grads
+        # create_graph=True: what torch.autograd.function.once_differentiable does, but
+        # also when only the saved inputs (not the incoming gradients) require grad.
+        present = [g for g in grads if g is not None]
+        error = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present))
+        flagged = iter(error(*[g.detach().requires_grad_() for g in present]))
+        return tuple(None if g is None else next(flagged) for g in grads)
+
+
+_NO_DOUBLE_BACKWARD = (
+    "rnnkernels' LSTM has no double backward (a gradient of its gradients: "
+    "create_graph=True, or torch.func.grad nested in torch.func.grad)"
+)
+
+
+def _grad_transforms_active() -> int:
+    """How many torch.func grad/vjp transforms are running (0 outside torch.func).
+    Read from functorch's interpreter stack: torch has no public call for it."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    return sum(1 for interpreter in retrieve_all_functorch_interpreters() if interpreter.key() == grad)
 
 
 def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):

@@ -1,0 +1,441 @@
+"""Contracts every backend keeps (issue 11), and the issue's defects, each pinned:
+
+* forward and backward never modify their inputs; no result shares memory with an
+  input, with another result or with the state saved for backward;
+* arguments that overlap in memory are allowed (nothing writes into an argument)
+  and give the answer their copies give;
+* the same inputs give the same bits across runs, threads and processes;
+* ±Inf and NaN inputs give torch.nn.LSTM's pattern of Inf and NaN;
+* torch tensors that require grad get gradients through ``lstm_forward``;
+  torch.func works on ``rnnkernels.torch.LSTM``; JAX arrays come back as JAX
+  arrays; a machine without an NVIDIA driver is told so.
+
+Defects 3 and 7 of the issue are fixed on branch ``cpufast`` (rnnkernels/cpu.py,
+_fastmath.py): the tests that show them are marked ``xfail(strict=True)`` for exactly
+the cpu parametrizations that fail, so that they fail loudly once the fix lands and
+the mark must go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_problem, make_upstream, rel_err
+
+import rnnkernels
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0")
+RESULTS = ("y", "h_n", "c_n", "dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0", "dc0", "dh_norms", "dc_norms")
+DEFECT_3 = pytest.mark.xfail(strict=True, reason="defect 3 of issue 11, fixed on branch cpufast")
+DEFECT_7 = pytest.mark.xfail(strict=True, raises=AssertionError, reason="defect 7 of issue 11, fixed on branch cpufast")
+
+
+def _emulated(*marks):
+    from rnnkernels import emulator
+
+    return pytest.param(
+        "emulated",
+        marks=[pytest.mark.emulated, pytest.mark.skipif(not emulator.compiler_available(), reason="no C++ compiler"), *marks],
+    )
+
+
+BACKENDS = ["reference", "cpu", _emulated()]
+DTYPE = {"reference": np.float64, "cpu": np.float32, "emulated": np.float32}
+
+
+def _run(problem, upstream, backend, **kwargs):
+    out = rnnkernels.lstm_forward(**problem, backend=backend, **kwargs)
+    grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
+    return out, grads
+
+
+def _results(out, grads) -> dict:
+    found = {name: getattr(out, name) for name in ("y", "h_n", "c_n")}
+    found.update({name: getattr(grads, name) for name in RESULTS[3:]})
+    return found
+
+
+def _host(value):
+    return value.detach().numpy() if hasattr(value, "detach") else value
+
+
+# ------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_untouched_and_results_alias_nothing(backend, kind):
+    problem = make_problem(4, 3, 5, 33, dtype=DTYPE[backend], seed=21)
+    upstream = make_upstream(4, 3, 33, dtype=DTYPE[backend], seed=22)
+    if kind == "torch":
+        torch = pytest.importorskip("torch", reason="torch is not installed")
+        problem = {k: torch.from_numpy(v) for k, v in problem.items()}
+        upstream = {k: torch.from_numpy(v) for k, v in upstream.items()}
+    arguments = {**problem, **upstream}
+    before = {name: np.array(_host(value), copy=True) for name, value in arguments.items()}
+    out, grads = _run(problem, upstream, backend)
+    for name, value in arguments.items():
+        np.testing.assert_array_equal(_host(value), before[name], err_msg=f"the input {name} was modified")
+
+    results = {name: _host(value) for name, value in _results(out, grads).items()}
+    for name, value in results.items():
+        for other, argument in arguments.items():
+            assert not np.may_share_memory(value, _host(argument)), f"{name} shares memory with the input {other}"
+        for other, result in results.items():
+            if other != name:
+                assert not np.may_share_memory(value, result), f"{name} shares memory with {other}"
+
+    # Nothing returned is the saved state: scribbling on every result changes no later
+    # gradient.
+    expected = {name: value.copy() for name, value in results.items()}
+    for value in results.values():
+        value[...] = 7.0
+    again = {name: _host(value) for name, value in _results(out, rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)).items()}
+    for name in RESULTS[3:]:
+        np.testing.assert_array_equal(again[name], expected[name], err_msg=f"{name} changed after writing into the results")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_arguments_are_allowed(backend):
+    """rnnkernels never writes into an argument, so arguments may overlap: one array
+    for h0 and c0, for both biases, both weights in one buffer, the forward's own
+    outputs as the upstream gradients. The answer is the one their copies give."""
+    dtype = DTYPE[backend]
+    problem = make_problem(3, 2, 5, 5, dtype=dtype, seed=23)
+    buffer = np.concatenate([problem["w_ih"], problem["w_hh"]], axis=1)  # I == H: [4H, 2H]
+    shared = {
+        "x": problem["x"], "w_ih": buffer[:, :5], "w_hh": buffer[:, 5:], "b_ih": problem["b_ih"], "b_hh": problem["b_ih"],
+        "h0": problem["h0"], "c0": problem["h0"],
+    }
+    copies = {name: np.array(value) for name, value in shared.items()}
+    out = rnnkernels.lstm_forward(**shared, backend=backend)
+    want = rnnkernels.lstm_forward(**copies, backend=backend)
+    np.testing.assert_array_equal(out.y, want.y)
+    grads = rnnkernels.lstm_backward(out, dy=out.y, dh_n=out.h_n, dc_n=out.c_n)
+    want_grads = rnnkernels.lstm_backward(want, dy=want.y.copy(), dh_n=want.h_n.copy(), dc_n=want.c_n.copy())
+    for name in ("dx", "dw_ih", "dw_hh", "db_ih", "dh0", "dc0"):
+        np.testing.assert_array_equal(getattr(grads, name), getattr(want_grads, name), err_msg=name)
+    np.testing.assert_array_equal(out.y, want.y)  # dy = out.y was read, not written
+
+
+# ------------------------------------------------------------------ determinism
+
+# Per backend: (T, B, I, H, dtype) problems, small and (for cpu) large enough for the
+# parallel cell loops (B·H >= 16384), float32 and float64 where the backend takes them.
+DETERMINISM_PROBLEMS = {
+    "reference": [(3, 3, 5, 7, "float64"), (3, 16, 5, 64, "float32")],
+    # float64 alone crosses the serial/parallel line: each subprocess compiles what
+    # it runs afresh (its own Numba cache), the bulk of this test's time.
+    "cpu": [(3, 16, 5, 64, "float32"), (3, 3, 5, 7, "float64"), (2, 64, 8, 256, "float64")],
+    "emulated": [(3, 3, 5, 7, "float32"), (2, 5, 7, 33, "float16")],
+}
+
+
+def digests(backend: str, reverse: bool = False) -> dict:
+    """SHA-256 of every result (bytes) of each of ``backend``'s determinism problems,
+    run in the given order; what the subprocesses print."""
+    found = {}
+    problems = DETERMINISM_PROBLEMS[backend]
+    for steps, batch, inputs, hidden, dtype in reversed(problems) if reverse else problems:
+        problem = make_problem(steps, batch, inputs, hidden, dtype=np.dtype(dtype), seed=31)
+        upstream = make_upstream(steps, batch, hidden, dtype=np.dtype(dtype), seed=32)
+        digest = hashlib.sha256()
+        for name, value in _results(*_run(problem, upstream, backend)).items():
+            digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+        found[f"{steps}x{batch}x{inputs}x{hidden}/{dtype}"] = digest.hexdigest()
+    return found
+
+
+def _digests_in_subprocess(backend: str, reverse: bool, numba_cache: Path) -> dict:
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); import test_contracts; "
+        f"print(json.dumps(test_contracts.digests({backend!r}, {reverse})))"
+    )
+    # A fresh Numba cache shared by the two processes: what one compiles and caches,
+    # the other loads (issue 11, defect 3: a cached serial loop served where the
+    # parallel one was asked for, or the reverse).
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba_cache), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_bits_across_runs_and_threads(backend):
+    first = digests(backend)
+    assert digests(backend) == first, "a second run gave other bits"
+    found, errors = [], []
+
+    def work():
+        try:
+            found.append(digests(backend))
+        except Exception as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    assert all(result == first for result in found), "threads calling at once gave other bits"
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=DEFECT_3), _emulated()])
+def test_same_bits_across_processes(backend, tmp_path):
+    """Two fresh processes running the problems in opposite orders, and this one,
+    agree bit for bit: no result depends on what ran before."""
+    here = digests(backend)
+    forward_order = _digests_in_subprocess(backend, False, tmp_path)
+    reverse_order = _digests_in_subprocess(backend, True, tmp_path)
+    assert forward_order == here, "a fresh process gave other bits than this one"
+    assert reverse_order == here, "a process that ran the problems in another order gave other bits"
+
+
+# ------------------------------------------------------------------ Inf and NaN
+
+
+def _pattern(a):
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf, per element."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.select([np.isnan(a), np.isposinf(a), np.isneginf(a)], [1, 2, 3], 0)
+
+
+def _torch_results(problem, upstream) -> dict:
+    """torch.nn.LSTM's outputs and gradients, float64."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    t = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True) for k, v in problem.items()}
+    lstm = torch.nn.LSTM(problem["x"].shape[2], problem["w_hh"].shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for param, name in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"), ("bias_hh_l0", "b_hh")):
+            getattr(lstm, param).copy_(t[name])
+    y, (h_n, c_n) = lstm(t["x"], (t["h0"][None], t["c0"][None]))
+    outputs = {"y": y, "h_n": h_n[0], "c_n": c_n[0]}
+    loss = sum((o * torch.tensor(np.asarray(upstream[u], np.float64))).sum() for o, u in zip(outputs.values(), ("dy", "dh_n", "dc_n")))
+    wrt = [t["x"], lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, t["h0"], t["c0"]]
+    grads = torch.autograd.grad(loss, wrt)
+    found = {k: v.detach().numpy() for k, v in outputs.items()}
+    found.update({k: g.numpy() for k, g in zip(("dx", "dw_ih", "dw_hh", "db_ih", "dh0", "dc0"), grads)})
+    return found
+
+
+SPECIAL_CASES = [(where, value) for where in ("x", "w_hh", "h0") for value in ("+inf", "-inf", "nan")]
+# cpu float32 gives ±Inf where torch gives NaN for an infinite input (issue 11, defect 7).
+_CPU32_FAILS = {("x", "+inf"), ("x", "-inf"), ("w_hh", "+inf"), ("w_hh", "-inf"), ("h0", "+inf"), ("h0", "-inf")}
+SPECIAL_PARAMS = []
+for _backend, _dtype in (("reference", "float32"), ("reference", "float64"), ("cpu", "float32"), ("cpu", "float64"), ("emulated", "float32")):
+    for _where, _value in SPECIAL_CASES:
+        marks = [DEFECT_7] if _backend == "cpu" and _dtype == "float32" and (_where, _value) in _CPU32_FAILS else []
+        if _backend == "emulated":
+            marks += [pytest.mark.emulated]
+        SPECIAL_PARAMS.append(pytest.param(_backend, _dtype, _where, _value, marks=marks, id=f"{_backend}-{_dtype}-{_where}{_value}"))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend, dtype, where, value", SPECIAL_PARAMS)
+def test_inf_and_nan_inputs_follow_torch(backend, dtype, where, value):
+    """One ±Inf or NaN in x, w_hh or h0: every output and gradient has torch's
+    (float64) pattern of NaN, +Inf and -Inf, and its finite values elsewhere."""
+    if backend == "emulated":
+        from rnnkernels import emulator
+
+        if not emulator.compiler_available():
+            pytest.skip("no C++ compiler for the emulator")
+    problem = make_problem(3, 2, 4, 5, dtype=np.dtype(dtype), seed=3)
+    upstream = make_upstream(3, 2, 5, dtype=np.dtype(dtype), seed=4)
+    problem[where][(0,) * problem[where].ndim] = float(value)
+    want = _torch_results(problem, upstream)
+    out = rnnkernels.lstm_forward(**problem, backend=backend)
+    grads = rnnkernels.lstm_backward(out, **upstream)
+    got = _results(out, grads)
+    for name, expected in want.items():
+        pattern = _pattern(got[name])
+        mismatched = int((pattern != _pattern(expected)).sum())
+        assert mismatched == 0, f"{name}: {mismatched} elements differ from torch in NaN/Inf"
+        finite = pattern == 0
+        if finite.any():
+            assert rel_err(np.asarray(got[name], np.float64)[finite], expected[finite]) < 1e-4, name
+
+
+@pytest.mark.parametrize("name", ["sigmoid32", pytest.param("sigmoid32-at-minus-inf", marks=DEFECT_7), "sigmoid64"])
+def test_sigmoid_limits_are_exact(name):
+    """The cpu backend's activations: σ(-Inf) = 0 and σ(+Inf) = 1 exactly, as their
+    docstrings state."""
+    from rnnkernels import _fastmath
+
+    if name == "sigmoid64":
+        fn, dtype = _fastmath.sigmoid64, np.float64
+    else:
+        fn, dtype = _fastmath.sigmoid32, np.float32
+    assert fn(dtype(np.inf)) == 1.0
+    if name != "sigmoid32":
+        assert fn(dtype(-np.inf)) == 0.0
+
+
+# ------------------------------------------------------------------ defects 2, 5, 6, 8
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_reference_computes_in_float64_with_biases(dtype):
+    """Defect 2: the reference summed b_ih + b_hh in the input dtype first."""
+    problem = make_problem(3, 2, 4, 6, dtype=dtype, seed=41)
+    widened = {k: v.astype(np.float64) for k, v in problem.items()}
+    got = rnnkernels.lstm_forward(**problem, backend="reference")
+    want = rnnkernels.lstm_forward(**widened, backend="reference")
+    assert got.y.dtype == np.float64
+    np.testing.assert_array_equal(got.y, want.y)
+    up = make_upstream(3, 2, 6, dtype=np.float64, seed=42)
+    np.testing.assert_array_equal(rnnkernels.lstm_backward(got, **up).dw_hh, rnnkernels.lstm_backward(want, **up).dw_hh)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("backend", ["reference", "cpu", _emulated()])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gradients_flow_through_lstm_forward(backend, batch_first):
+    """Defect 5: torch tensors that require grad came back detached. Now y, h_n and
+    c_n carry a grad_fn (through the custom op behind rnnkernels.torch.LSTM), the
+    gradients are the reference's, and lstm_backward on the same output still works."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    dtype = DTYPE[backend]
+    problem = make_problem(4, 3, 5, 6, dtype=dtype, seed=43)
+    upstream = make_upstream(4, 3, 6, dtype=dtype, seed=44)
+    if batch_first:
+        problem["x"] = np.ascontiguousarray(problem["x"].transpose(1, 0, 2))
+        upstream["dy"] = np.ascontiguousarray(upstream["dy"].transpose(1, 0, 2))
+    tensors = {k: torch.from_numpy(v).requires_grad_() for k, v in problem.items()}
+    out = rnnkernels.lstm_forward(**tensors, batch_first=batch_first, backend=backend)
+    assert out.y.grad_fn is not None and out.h_n.grad_fn is not None and out.c_n.grad_fn is not None
+    loss = sum((o * torch.from_numpy(upstream[u])).sum() for o, u in zip((out.y, out.h_n, out.c_n), ("dy", "dh_n", "dc_n")))
+    loss.backward()
+
+    want_out = rnnkernels.lstm_forward(**problem, batch_first=batch_first, backend=backend)
+    want = rnnkernels.lstm_backward(want_out, **upstream)
+    tolerance = 1e-12 if backend == "reference" else 1e-6
+    assert rel_err(out.y.detach().numpy(), want_out.y) <= tolerance
+    for name, grad in (("x", "dx"), ("w_ih", "dw_ih"), ("w_hh", "dw_hh"), ("b_ih", "db_ih"), ("b_hh", "db_hh"), ("h0", "dh0"), ("c0", "dc0")):
+        assert tensors[name].grad.dtype == tensors[name].dtype
+        assert rel_err(tensors[name].grad.numpy(), getattr(want, grad)) <= tolerance, name
+    again = rnnkernels.lstm_backward(out, **{k: torch.from_numpy(v) for k, v in upstream.items()})
+    for name in ("dx", "dw_ih", "dw_hh", "db_ih", "dh0", "dc0"):
+        assert rel_err(getattr(again, name).numpy(), getattr(want, name)) <= tolerance, name
+    with torch.no_grad():
+        assert rnnkernels.lstm_forward(**tensors, batch_first=batch_first, backend=backend).y.grad_fn is None
+
+
+@pytest.mark.torch
+def test_torch_func_on_the_module():
+    """Defect 6: torch.func.grad failed on rnnkernels.torch.LSTM ("must override the
+    setup_context staticmethod"). grad and vjp now match torch.nn.LSTM; vmap (which
+    nn.LSTM itself lacks) matches a loop over the mapped inputs."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from rnnkernels.torch import LSTM
+
+    torch.manual_seed(0)
+    ours = LSTM(4, 5, num_layers=2, dtype=torch.float64)
+    theirs = torch.nn.LSTM(4, 5, num_layers=2, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def loss(module):
+        return lambda params, x: torch.func.functional_call(module, params, (x,))[0].sin().sum()
+
+    grads = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        grads[name] = torch.func.grad(loss(module), argnums=(0, 1))(params, x)
+    for key, value in grads["theirs"][0].items():
+        torch.testing.assert_close(grads["ours"][0][key], value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["ours"][1], grads["theirs"][1], rtol=1e-10, atol=1e-12)
+
+    cotangent = torch.randn(3, 2, 5, dtype=torch.float64)
+    (ours_vjp,) = torch.func.vjp(lambda x: ours(x)[0], x)[1](cotangent)
+    (their_vjp,) = torch.func.vjp(lambda x: theirs(x)[0], x)[1](cotangent)
+    torch.testing.assert_close(ours_vjp, their_vjp, rtol=1e-10, atol=1e-12)
+
+    xs = torch.randn(2, 3, 2, 4, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda x: ours(x)[0])(xs)
+    torch.testing.assert_close(mapped, torch.stack([theirs(x)[0] for x in xs]), rtol=1e-10, atol=1e-12)
+    mapped_grad = torch.func.vmap(torch.func.grad(lambda x: ours(x)[0].sum()))(xs)
+    loop_grad = torch.stack([torch.func.grad(lambda x: theirs(x)[0].sum())(x) for x in xs])
+    torch.testing.assert_close(mapped_grad, loop_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.torch
+def test_double_backward_says_it_is_not_supported():
+    """No second derivatives: an error, never gradients that silently act as constants."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from rnnkernels.torch import LSTM
+
+    lstm = LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda x: lstm(x)[0].sum())(x).sum())(x.detach())
+
+
+class _FakeJaxArray:
+    """Stands in for a jax.Array on the host: its type's module is jaxlib's, and it
+    speaks DLPack (as JAX arrays do)."""
+
+    __module__ = "jaxlib._jax"
+
+    def __init__(self, a):
+        self._a = np.asarray(a)
+        self.shape, self.dtype = self._a.shape, self._a.dtype
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_jax_arrays_come_back_as_jax_arrays(monkeypatch):
+    """Defect 8: JAX arrays came back as another library's arrays. JAX is not
+    installed here, so a fake ``jax`` package with ``jax.numpy.from_dlpack`` stands
+    in; rnnkernels must find it from the arrays' module (jaxlib)."""
+    jax = types.ModuleType("jax")
+    jax_numpy = types.ModuleType("jax.numpy")
+    jax_numpy.from_dlpack = lambda a: _FakeJaxArray(np.from_dlpack(a))
+    jax.numpy = jax_numpy
+    monkeypatch.setitem(sys.modules, "jax", jax)
+    monkeypatch.setitem(sys.modules, "jax.numpy", jax_numpy)
+    problem = make_problem(3, 2, 4, 5, dtype=np.float32, seed=45)
+    out = rnnkernels.lstm_forward(**{k: _FakeJaxArray(v) for k, v in problem.items()}, backend="cpu")
+    grads = rnnkernels.lstm_backward(out, dy=_FakeJaxArray(np.ones((3, 2, 5), np.float32)))
+    want = rnnkernels.lstm_forward(**problem, backend="cpu")
+    for value in (out.y, out.h_n, out.c_n, grads.dx, grads.dw_hh, grads.db_hh):
+        assert isinstance(value, _FakeJaxArray)
+    np.testing.assert_array_equal(out.y._a, want.y)
+
+
+def test_no_driver_is_called_no_driver():
+    """Defect 8: without any NVIDIA driver CuPy reports cudaErrorInsufficientDriver,
+    "CUDA driver version is insufficient"; the message must say there is no driver."""
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    from rnnkernels import cuda
+
+    if cuda.nvidia_driver_present():
+        pytest.skip("this machine has an NVIDIA driver; the message is for machines without one")
+    problem = make_problem(3, 2, 4, 5, dtype=np.float32, seed=46)
+    for call in (
+        lambda: rnnkernels.get_backend("cuda"),
+        lambda: rnnkernels.lstm_forward(**problem, backend="cuda"),
+    ):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        message = str(info.value)
+        assert "no NVIDIA driver" in message and "insufficient" not in message, message
