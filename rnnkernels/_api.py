@@ -193,7 +193,10 @@ def lstm_forward(
     arrays, cpu otherwise). Results come back as the kind of array that came in.
     With ``training=True`` the output carries what :func:`lstm_backward` needs,
     including references to ``x`` and the weights (not copies): changing them in
-    place before the backward changes its gradients.
+    place before the backward changes its gradients. Torch tensors that require grad
+    (with grad mode on) run through ``rnnkernels.torch``'s custom op instead, so that
+    ``y``, ``h_n`` and ``c_n`` carry a ``grad_fn``; :func:`lstm_backward` on such an
+    output recomputes the training forward first.
     """
     _check_flag(batch_first, "batch_first")
     _check_flag(training, "training")

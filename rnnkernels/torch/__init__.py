@@ -9,7 +9,7 @@ Each layer and direction is one call of the custom op ``rnnkernels::lstm_layer``
 (see ``_ops.py``), which runs the single-layer kernels: CPU tensors on the Numba cpu
 backend, CUDA tensors on our CUDA kernels, zero-copy, on torch's current stream. The
 op has fake (meta) and autograd registrations, so the module also runs under
-``torch.compile``. Dropout between layers, the packing and unpacking of a
+``torch.compile``, and torch.func transforms (grad, vjp, vmap) work on it. Dropout between layers, the packing and unpacking of a
 ``PackedSequence``, and the sorting of rows by length are ordinary torch operations.
 """
 

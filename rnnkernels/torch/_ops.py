@@ -29,7 +29,13 @@ for the fake kernel), a change to the backend contract.
 
 ``lstm_layer_backward(dy, dh_n, dc_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh,
 db, dh0, dc0)``; ``db`` [4H] is the gradient of each bias (zeros without biases).
-It has no autograd of its own: double backward is not supported.
+It has no autograd of its own: double backward is not supported (an error says so).
+
+``lstm_layer_autograd`` is what callers use (``rnnkernels.torch.LSTM``, and
+``rnnkernels.lstm_forward`` for tensors that require grad): the op wrapped in an
+``autograd.Function`` with ``setup_context``, which torch.func (grad, vjp, vmap)
+needs and the op's own autograd registration lacks; both ops have batching rules
+(a loop) for vmap.
 
 CUDA tensors cross into CuPy by DLPack, zero-copy, and the kernels run on torch's
 current stream of the tensors' device.
