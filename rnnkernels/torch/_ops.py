@@ -242,7 +242,10 @@ class _LSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         # The backward op has no autograd of its own: no double backward. Where one is
         # asked for, say so rather than let the gradients act as constants (a gradient
-        # penalty would silently miss the LSTM's second-order terms).
+        # penalty would silently miss the LSTM's second-order terms). torch.compile
+        # traces this backward and cannot trace those checks: it gets the plain one.
+        if torch.compiler.is_compiling():
+            return _backward(ctx, dy, dh_n, dc_n)
         nested = _grad_transforms_active()
         if nested > 1:
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
