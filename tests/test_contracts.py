@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_problem, make_upstream, rel_err
+from conftest import cupy_or_skip, make_problem, make_upstream, rel_err
 
 import rnnkernels
 
@@ -331,6 +331,28 @@ def test_gradients_flow_through_lstm_forward(backend, batch_first):
         assert rel_err(getattr(again, name).numpy(), getattr(want, name)) <= tolerance, name
     with torch.no_grad():
         assert rnnkernels.lstm_forward(**tensors, batch_first=batch_first, backend=backend).y.grad_fn is None
+
+
+@pytest.mark.gpu
+def test_gradients_flow_through_lstm_forward_on_cuda_tensors():
+    """Defect 5 on the GPU: CUDA tensors that require grad, zero-copy into the CUDA
+    kernels through the custom op; the same gradients as the cpu backend on the host."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    cupy_or_skip()
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA GPU")
+    problem = make_problem(5, 3, 7, 33, dtype=np.float32, seed=47)
+    upstream = make_upstream(5, 3, 33, dtype=np.float32, seed=48)
+    tensors = {k: torch.from_numpy(v).cuda().requires_grad_() for k, v in problem.items()}
+    out = rnnkernels.lstm_forward(**tensors)
+    assert out.backend == "cuda" and out.y.is_cuda and out.y.grad_fn is not None
+    loss = sum((o * torch.from_numpy(upstream[u]).cuda()).sum() for o, u in zip((out.y, out.h_n, out.c_n), ("dy", "dh_n", "dc_n")))
+    loss.backward()
+    want = rnnkernels.lstm_backward(rnnkernels.lstm_forward(**problem, backend="reference"), **upstream)
+    for name, grad in (("x", "dx"), ("w_ih", "dw_ih"), ("w_hh", "dw_hh"), ("b_ih", "db_ih"), ("h0", "dh0"), ("c0", "dc0")):
+        assert rel_err(tensors[name].grad.cpu().numpy(), getattr(want, grad)) < 1e-5, name
+    again = rnnkernels.lstm_backward(out, **{k: torch.from_numpy(v).cuda() for k, v in upstream.items()})
+    assert rel_err(again.dw_hh.cpu().numpy(), want.dw_hh) < 1e-5
 
 
 @pytest.mark.torch

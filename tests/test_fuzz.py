@@ -30,13 +30,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from conftest import cupy_or_skip
 
 import rnnkernels
 
 SEED = int(os.environ.get("RNNKERNELS_FUZZ_SEED", "1101"))
 CHUNK = 100
-CASES = {"reference": 1000, "cpu": 1000, "emulated": 240}
-DTYPES = {"reference": ("float16", "float32", "float64"), "cpu": ("float32", "float64"), "emulated": ("float16", "float32")}
+# "cuda" runs only on a GPU (marked gpu): host arguments, copied to the device and back.
+CASES = {"reference": 1000, "cpu": 1000, "emulated": 240, "cuda": 300}
+DTYPES = {
+    "reference": ("float16", "float32", "float64"),
+    "cpu": ("float32", "float64"),
+    "emulated": ("float16", "float32"),
+    "cuda": ("float16", "float32"),
+}
 STEPS = (0, 1, 1, 2, 3, 4, 6)
 BATCHES = (0, 1, 1, 2, 3, 5)
 SIZES = (1, 2, 3, 5, 7, 13, 31, 32, 33)
@@ -406,6 +413,13 @@ def test_fuzz_host(backend, start):
 @pytest.mark.emulated
 @pytest.mark.parametrize("backend, start", _chunks("emulated"))
 def test_fuzz_emulated(backend, start, emulator):
+    _run_chunk(backend, start)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, start", _chunks("cuda"))
+def test_fuzz_cuda(backend, start):
+    cupy_or_skip()
     _run_chunk(backend, start)
 
 
