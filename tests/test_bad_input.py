@@ -75,9 +75,9 @@ def _problem():
 FORWARD_CASES = []
 for _name in ("x", "w_ih", "w_hh"):
     FORWARD_CASES.append((f"{_name}-None", {_name: None}, TypeError, [_name, ARRAY, "None"]))
-for _name in SHAPES:
-    wrong_ndim = np.zeros(SHAPES[_name] + (1,), np.float32)
-    wrong_size = np.zeros(tuple(n + 1 for n in SHAPES[_name]), np.float32)
+for _name, _shape in SHAPES.items():
+    wrong_ndim = np.zeros(_shape + (1,), np.float32)
+    wrong_size = np.zeros(tuple(n + 1 for n in _shape), np.float32)
     FORWARD_CASES += [
         (f"{_name}-list", {_name: [[1.0, 2.0]]}, TypeError, [_name, ARRAY, "list"]),
         (f"{_name}-scalar", {_name: 1.5}, TypeError, [_name, ARRAY, "float"]),
@@ -90,14 +90,14 @@ for _name in SHAPES:
         # x's size is only wrong against the weights: the message names both.
         (f"{_name}-wrong-size", {_name: wrong_size}, ValueError,
          {"x": ["w_ih", f"x of shape {wrong_size.shape}"], "w_hh": ["w_hh", "[4H, H]", "rows is not 4 x"]}.get(
-             _name, [_name, "must have shape", str(SHAPES[_name])])),
-        (f"{_name}-int-array", {_name: np.zeros(SHAPES[_name], np.int32)}, TypeError, [_name, FLOAT, "int32"]),
-        (f"{_name}-complex-array", {_name: np.zeros(SHAPES[_name], np.complex64)}, TypeError, [_name, FLOAT, "complex64"]),
-        (f"{_name}-bool-array", {_name: np.zeros(SHAPES[_name], bool)}, TypeError, [_name, FLOAT, "bool"]),
-        (f"{_name}-object-array", {_name: np.zeros(SHAPES[_name], object)}, TypeError, [_name, FLOAT, "object"]),
-        (f"{_name}-other-dtype", {_name: np.zeros(SHAPES[_name], np.float64)}, TypeError, [f"{_name}: float64", "share one dtype"]),
-        (f"{_name}-on-gpu", {_name: FakeCudaArray(SHAPES[_name])}, ValueError, [f"{_name} on cuda", "one device"]),
-        (f"{_name}-dlpack-device", {_name: FakeDlpackArray(SHAPES[_name])}, TypeError, [_name, "DLPack device", "CUDA"]),
+             _name, [_name, "must have shape", str(_shape)])),
+        (f"{_name}-int-array", {_name: np.zeros(_shape, np.int32)}, TypeError, [_name, FLOAT, "int32"]),
+        (f"{_name}-complex-array", {_name: np.zeros(_shape, np.complex64)}, TypeError, [_name, FLOAT, "complex64"]),
+        (f"{_name}-bool-array", {_name: np.zeros(_shape, bool)}, TypeError, [_name, FLOAT, "bool"]),
+        (f"{_name}-object-array", {_name: np.zeros(_shape, object)}, TypeError, [_name, FLOAT, "object"]),
+        (f"{_name}-other-dtype", {_name: np.zeros(_shape, np.float64)}, TypeError, [f"{_name}: float64", "share one dtype"]),
+        (f"{_name}-on-gpu", {_name: FakeCudaArray(_shape)}, ValueError, [f"{_name} on cuda", "one device"]),
+        (f"{_name}-dlpack-device", {_name: FakeDlpackArray(_shape)}, TypeError, [_name, "DLPack device", "CUDA"]),
         (f"{_name}-meta", {_name: lambda p, n=_name: _torch().empty(SHAPES[n], device="meta")}, TypeError, [_name, "meta", "CPU and CUDA"]),
         (f"{_name}-torch-among-numpy", {_name: lambda p, n=_name: _torch().from_numpy(p[n])}, TypeError, [f"{_name}: torch", "one kind of array"]),
         (f"{_name}-bfloat16", {_name: lambda p, n=_name: _torch().zeros(SHAPES[n], dtype=_torch().bfloat16)}, TypeError, [_name, FLOAT, "bfloat16"]),

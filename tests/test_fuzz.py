@@ -134,7 +134,7 @@ def make_values(case: Case) -> dict:
     }
     values = {}
     for name, shape in shapes.items():
-        if name.startswith("w") or name.startswith("b"):
+        if name.startswith(("w", "b")):
             v = rng.uniform(-bound, bound, shape)
         else:
             v = rng.standard_normal(shape) * (0.5 if name in ("h0", "c0") else 1.0)
@@ -427,8 +427,8 @@ def test_cases_cover_what_the_issue_asks():
     """The drawn cases include every dtype, T and B of 0 and 1, the warp edges,
     every upstream subset and every layout: the fuzz cannot silently narrow."""
     seen = {key: set() for key in ("dtype", "steps", "batch", "size", "upstream", "layout", "flags")}
-    for backend in CASES:
-        for index in range(CASES[backend]):
+    for backend, count in CASES.items():
+        for index in range(count):
             case = make_case(backend, SEED, index)
             seen["dtype"].add((backend, case.dtype.name))
             seen["steps"].add(case.steps)
