@@ -240,7 +240,7 @@ def lstm_forward(
         )
     out_dtype = np.dtype(np.float64) if impl.name == "reference" else dtype
 
-    if kind.library == "torch" and _torch_needs_grad(inputs):
+    if kind.library == "torch" and _torch_needs_op(inputs):
         return _forward_with_autograd(inputs, batch_first, training, impl, out_dtype)
 
     xp = np if dev == "cpu" else _arrays.import_cupy()
@@ -289,10 +289,16 @@ def lstm_forward(
         )
 
 
-def _torch_needs_grad(inputs: dict) -> bool:
+def _torch_needs_op(inputs: dict) -> bool:
+    """Whether torch inputs must go through the custom op: some require grad (with
+    grad mode on), or torch.func transforms them (vmap's batched tensors have no
+    storage to hand a backend; the op has batching rules)."""
     import torch
 
-    return torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs.values())
+    present = [v for v in inputs.values() if v is not None]
+    if torch.is_grad_enabled() and any(v.requires_grad for v in present):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(v) for v in present)
 
 
 @dataclass
@@ -357,6 +363,11 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
     ctx = out._ctx
     if isinstance(ctx, _Recompute):
         ctx = lstm_forward(**ctx.inputs, batch_first=ctx.batch_first, training=True, backend=ctx.backend)._ctx
+        if isinstance(ctx, _Recompute):
+            raise ValueError(
+                "lstm_backward cannot run on tensors inside torch.func transforms (vmap, grad); "
+                "differentiate lstm_forward's outputs with torch.func.grad or torch.func.vjp instead"
+            )
     steps, batch, input_size, hidden = ctx.sizes
     impl = ctx.backend
     dev = impl.device

@@ -394,6 +394,27 @@ def test_torch_func_on_the_module():
 
 
 @pytest.mark.torch
+def test_torch_func_on_lstm_forward():
+    """torch.func.grad and vmap over lstm_forward itself (the op path); lstm_backward
+    inside a transform is refused with a message saying what to use instead."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    problem = {k: torch.from_numpy(v) for k, v in make_problem(3, 2, 4, 5, dtype=np.float64, seed=49).items()}
+    weights = {k: v for k, v in problem.items() if k != "x"}
+    x = problem["x"]
+    grad = torch.func.grad(lambda x: rnnkernels.lstm_forward(x, **weights, backend="cpu").y.sin().sum())(x)
+    leaf = x.clone().requires_grad_()
+    rnnkernels.lstm_forward(leaf, **weights, backend="cpu").y.sin().sum().backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=0)
+
+    xs = torch.randn(2, *x.shape, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda x: rnnkernels.lstm_forward(x, **weights, backend="cpu").y)(xs)
+    loop = torch.stack([rnnkernels.lstm_forward(a, **weights, backend="cpu").y for a in xs])
+    torch.testing.assert_close(mapped, loop, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lstm_backward cannot run .* inside torch.func"):
+        torch.func.vmap(lambda x: rnnkernels.lstm_backward(rnnkernels.lstm_forward(x, **weights)).dx)(xs)
+
+
+@pytest.mark.torch
 def test_double_backward_says_it_is_not_supported():
     """No second derivatives: an error, never gradients that silently act as constants."""
     torch = pytest.importorskip("torch", reason="torch is not installed")
