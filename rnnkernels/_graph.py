@@ -46,12 +46,15 @@ Layers of one shape (the upper layers of a stack, both directions) share one gra
 
 Keys: the runtime's ``graph_key()`` (device and caller's stream for CuPy: two streams
 must not share a workspace), the direction and every shape-like input of the plan
-(T, B, I, H, dtype, training or step norms, tile). Not thread-safe: calls from several
-host threads on one stream would share a workspace (as they would share the stream).
+(T, B, I, H, dtype, training or step norms, tile), and the calling host thread: threads
+calling at once must not share a workspace (they would overwrite each other's inputs
+between fill and replay: wrong answers, found by tests/test_contracts.py), so each
+thread gets its own graphs.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -65,19 +68,22 @@ class GraphCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # several threads may look up and evict at once
 
     def get(self, key):
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
 
     def put(self, key, entry):
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        return entry
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+            return entry
 
     def clear(self) -> None:
         self._entries.clear()
@@ -98,9 +104,9 @@ def clear_cache() -> None:
 
 
 def cached_graph(rt, key, build: Callable[[], tuple[Any, Any]]):
-    """The ``(workspace, graph)`` cached under ``(rt.graph_key(), *key)``, built by
+    """The ``(workspace, graph)`` cached under ``(rt.graph_key(), *key, thread)``, built by
     ``build()`` (which allocates the workspace and captures the graph) on a miss."""
-    full_key = (rt.graph_key(), *key)
+    full_key = (rt.graph_key(), *key, threading.get_ident())
     entry = CACHE.get(full_key)
     if entry is None:
         entry = CACHE.put(full_key, build())
