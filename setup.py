@@ -60,7 +60,7 @@ setup(
     package_data={
         "rnnkernels.csrc": ["*.cu", "*.cuh"],
         "rnnkernels.emulator": ["*.h", "*.cpp", "README.md"],
-        "rnnkernels.emulator.include": ["*.h"],
+        "rnnkernels.emulator.include": ["*.h", "cuda/*"],
         "rnnkernels.bench": ["*.cu"],
     },
     include_package_data=True,

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _gemm, _graph, _sources
+from . import _gemm, _graph, _persistent, _sources
 
 FORWARD_SOURCE = "lstm_forward.cu"
 BACKWARD_SOURCE = "lstm_backward.cu"
@@ -249,8 +249,21 @@ def _source_of(name_expression: str) -> str:
     return next(source for source, names in KERNELS.items() if name_expression in names)
 
 
-# Kernels that run once per step: the NVRTC check fails if any of them spills.
-STEP_KERNEL_PREFIXES = ("rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<")
+# ---- persistent variant (rnnkernels/_persistent.py): its instances, a separate block.
+for _dtype in STORAGE_TYPES:
+    KERNELS[FORWARD_SOURCE].update(
+        dict.fromkeys(_persistent.TILE.forward_names(_storage(_dtype)), _persistent.TILE.threads)
+    )
+    KERNELS[BACKWARD_SOURCE].update(
+        dict.fromkeys(_persistent.TILE.backward_names(_storage(_dtype)), _persistent.TILE.threads)
+    )
+# ---- end of the persistent block
+
+# Kernels that run once per step (or hold a whole sequence): the NVRTC check fails if
+# any of them spills.
+STEP_KERNEL_PREFIXES = (
+    "rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<", *_persistent.KERNEL_PREFIXES
+)
 
 
 def compile_options() -> tuple[str, ...]:
@@ -282,9 +295,35 @@ class CupyRuntime:
     def sm_count(self) -> int:
         return _cupy_sm_count(self._device_id)
 
+    @property
+    def max_shared_bytes(self) -> int:
+        """Dynamic shared memory one block may opt in to."""
+        return _cupy_attributes(self._device_id)["MaxSharedMemoryPerBlockOptin"]
+
+    @property
+    def cooperative_launch(self) -> bool:
+        return bool(_cupy_attributes(self._device_id)["CooperativeLaunch"])
+
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
         module = _cupy_module(source, compile_options(), self._device_id)
-        return module.get_function(name_expression)
+        function = module.get_function(name_expression)
+
+        def launch(grid, block, args, shared_mem=0, cooperative=False):
+            if shared_mem > _DEFAULT_SHARED:
+                _cupy_allow_shared(function, shared_mem)
+            function(grid, block, args, shared_mem=shared_mem, enable_cooperative_groups=cooperative)
+
+        return launch
+
+    def blocks_per_sm(self, source: str, name_expression: str, threads: int, shared_mem: int) -> int:
+        """Blocks of the instance resident per SM (the occupancy API: registers, static
+        and ``shared_mem`` dynamic shared memory), as a cooperative launch needs."""
+        from cupy_backends.cuda.api import driver
+
+        function = _cupy_module(source, compile_options(), self._device_id).get_function(name_expression)
+        if shared_mem > _DEFAULT_SHARED:
+            _cupy_allow_shared(function, shared_mem)
+        return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared_mem)
 
     def gemm(self, a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accumulate: bool = False):
         """C = op(A)·op(B) (+ C) with cuBLAS on the current stream (rnnkernels/_gemm.py)."""
@@ -299,6 +338,23 @@ class CupyRuntime:
         """What a captured graph and its workspaces are tied to: the device, and the
         caller's stream (a workspace shared by two streams would be a race)."""
         return ("cuda", self._device_id, self.xp.cuda.get_current_stream().ptr)
+
+
+# Dynamic shared memory a kernel may use without opting in (cudaFuncSetAttribute).
+_DEFAULT_SHARED = 48 * 1024
+
+
+def _cupy_allow_shared(function, shared_mem: int) -> None:
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+
+
+@functools.cache
+def _cupy_attributes(device_id: int) -> dict:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes
 
 
 @functools.cache
@@ -331,10 +387,16 @@ class EmulatorRuntime:
     """Runs the kernels on the CPU emulator; arrays are NumPy arrays."""
 
     # The emulator runs every CUDA thread on the CPU; the SM count only feeds the tile
-    # heuristic, and a small one picks the tiles with fewer, larger blocks.
+    # heuristic and the persistent plan, and a small one picks the tiles with fewer,
+    # larger blocks. Its "device" is small (4 SMs, 48 KiB of shared memory per block)
+    # so that the persistent plan splits H over blocks and chunks B on small shapes;
+    # tests pass smaller limits to force more of both.
     sm_count = 4
+    max_shared_bytes = 48 * 1024
+    cooperative_launch = True
 
-    def __init__(self, *, sanitize: bool = False, seed: int | None = None, memory_model: str | None = None) -> None:
+    def __init__(self, *, sanitize: bool = False, seed: int | None = None, memory_model: str | None = None,
+                 sm_count: int | None = None, max_shared_bytes: int | None = None) -> None:
         # memory_model: "sequential", "stale" or None (the emulator's default: stale for
         # cooperative launches); see rnnkernels/emulator/README.md, "Memory ordering".
         from .emulator import memory_model_for
@@ -346,6 +408,16 @@ class EmulatorRuntime:
             memory_model_for(memory_model, cooperative=False)  # ValueError if unknown
         self.memory_model = memory_model
         self._recorder = _graph.LaunchRecorder()
+        if sm_count is not None:
+            self.sm_count = sm_count
+        if max_shared_bytes is not None:
+            self.max_shared_bytes = max_shared_bytes
+
+    def blocks_per_sm(self, source: str, name_expression: str, threads: int, shared_mem: int) -> int:
+        """One block per "SM" when it fits the emulated limits (threads, shared memory,
+        and the emulator's 65536 threads of a cooperative launch over all SMs)."""
+        fits = threads <= 1024 and shared_mem <= self.max_shared_bytes and threads * self.sm_count <= 65536
+        return 1 if fits else 0
 
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
         kernel = _emulator_module(source, _sources.sources_digest(), self.sanitize).get_function(
@@ -357,14 +429,18 @@ class EmulatorRuntime:
         options = {} if self.memory_model is None else {"memory_model": self.memory_model}
         recorder = self._recorder
 
-        def run(grid, block, args):
-            kernel(grid, block, args, seed=seed, **options)
+        def run(grid, block, args, shared_mem=0, cooperative=False):
+            kernel(grid, block, args, shared_mem=shared_mem, cooperative=cooperative, seed=seed, **options)
 
-        def launch(grid, block, args):
+        def launch(grid, block, args, shared_mem=0, cooperative=False):
             if recorder.recording:
+                # Only the per-step launches are recorded (graph variant): no dynamic
+                # shared memory, not cooperative.
+                if shared_mem or cooperative:
+                    raise ValueError("a recorded launch takes no dynamic shared memory and is not cooperative")
                 recorder.record(run, grid, block, args)
             else:
-                run(grid, block, args)
+                run(grid, block, args, shared_mem=shared_mem, cooperative=cooperative)
 
         return launch
 
@@ -403,17 +479,26 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 #   "graph": the same T launches captured once per call shape (a CUDA graph; the
 #            emulator records them) and replayed: one launch from Python per call.
 #            Same kernels and arguments as "step", so bitwise the same results.
-VARIANTS = ("step", "graph")
+#   "persistent": one cooperative launch for all steps, W_hh stationary in shared
+#            memory (rnnkernels/_persistent.py); only where W_hh's slices fit on chip.
+# None: "persistent" where it fits the device (forward and backward, _persistent.choose),
+# else "graph"; "graph" whenever a step_tile is given.
+VARIANTS = ("step", "graph", "persistent")
 
 
-def _check_variant(variant: str | None) -> str:
-    """The variant to run: ``variant``, or the default when None. "graph" is the
-    default of the per-step path (one replay instead of T launches from Python)."""
-    if variant is None:
-        return "graph"
-    if variant not in VARIANTS:
+def _check_variant(variant: str | None) -> str | None:
+    """``variant``, checked; None stays None (see :func:`_default_variant`)."""
+    if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return variant
+
+
+def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None) -> str:
+    """What ``variant=None`` runs: "persistent" where it fits (no step_tile asked for),
+    else "graph", the per-step path's default (one replay instead of T launches)."""
+    if step_tile is None and _persistent.choose(rt, batch, hidden, dtype) == "persistent":
+        return "persistent"
+    return "graph"
 
 
 @dataclass
@@ -494,6 +579,10 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | N
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     _check_sizes(steps, batch, input_size, hidden)
+    if variant is None:
+        variant = _default_variant(rt, batch, hidden, dtype, step_tile)
+    if variant == "persistent":
+        return _persistent.forward(rt, x, w_ih, w_hh, bias, h0, c0, training)
     gate_width = GATES * hidden
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     grid, block = tile.grid(batch, hidden), tile.block()
@@ -597,6 +686,10 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     (per-block sums of squares) and finished by one small ``step_norms`` launch.
     ``variant``: one of :data:`VARIANTS`, None for the default."""
     variant = _check_variant(variant)
+    if variant is None:
+        variant = _default_variant(rt, saved.x.shape[1], saved.w_hh.shape[1], saved.x.dtype.name, step_tile)
+    if variant == "persistent":
+        return _persistent.backward(rt, saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
     xp = rt.xp
     x, w_hh = saved.x, saved.w_hh
     dtype = x.dtype.name  # dy, dh_n, dc_n share it (the API converts them)

@@ -80,17 +80,19 @@ def make_problem(steps, batch, input_size, hidden, *, bias=True, initial_state=T
     )
 
 
-def run_kernels(runtime, problem, *, step_tile=None, variant=None, to_device=np.asarray, to_host=np.asarray):
-    """Forward (training and inference) and backward through ``runtime`` (``variant`` of
-    _launch.VARIANTS, None: the default); host arrays. The backward runs without step
-    norms (see :func:`run_step_norms` for with)."""
+def run_kernels(runtime, problem, *, step_tile=None, variant=None, backward_variant=None, to_device=np.asarray,
+                to_host=np.asarray):
+    """Forward (training and inference) and backward through ``runtime``; host arrays.
+    The backward runs without step norms (see :func:`run_step_norms` for with).
+    ``variant``: the forward's (and, unless ``backward_variant`` is given, the
+    backward's) variant of _launch.VARIANTS; None: the default."""
     device = {name: None if value is None else to_device(value) for name, value in vars(problem).items()}
     args = (device["x"], device["w_ih"], device["w_hh"], device["bias"], device["h0"], device["c0"])
-    options = dict(step_tile=step_tile, variant=variant)
-    y, h_n, c_n, saved = _launch.forward(runtime, *args, True, **options)
-    y_inf, h_n_inf, c_n_inf, saved_inf = _launch.forward(runtime, *args, False, **options)
+    y, h_n, c_n, saved = _launch.forward(runtime, *args, True, step_tile=step_tile, variant=variant)
+    y_inf, h_n_inf, c_n_inf, saved_inf = _launch.forward(runtime, *args, False, step_tile=step_tile, variant=variant)
     assert saved_inf is None
-    grads = _launch.backward(runtime, saved, device["dy"], device["dh_n"], device["dc_n"], variant=variant)
+    grads = _launch.backward(runtime, saved, device["dy"], device["dh_n"], device["dc_n"],
+                             variant=backward_variant or variant)
     results = dict(zip(OUTPUTS, (y, h_n, c_n)))
     results.update(zip(("y_inference", "h_n_inference", "c_n_inference"), (y_inf, h_n_inf, c_n_inf)))
     results.update(zip(GRADIENTS, grads))
@@ -100,7 +102,7 @@ def run_kernels(runtime, problem, *, step_tile=None, variant=None, to_device=np.
 def run_step_norms(runtime, problem, *, step_tile=None, variant=None, to_device=np.asarray, to_host=np.asarray):
     """Forward (training), then backward through ``runtime`` twice from the same saved
     state: with step norms (``GRADIENTS`` and ``STEP_NORMS``) and without (the gradients,
-    suffixed ``_plain``); host arrays."""
+    suffixed ``_plain``); host arrays. ``variant`` as for :func:`run_kernels`."""
     device = {name: None if value is None else to_device(value) for name, value in vars(problem).items()}
     args = (device["x"], device["w_ih"], device["w_hh"], device["bias"], device["h0"], device["c0"])
     saved = _launch.forward(runtime, *args, True, step_tile=step_tile, variant=variant)[3]

@@ -149,7 +149,8 @@ def cache_dir() -> Path:
 
 
 def _shim_files() -> list[Path]:
-    files = [*SHIM_DIR.glob("*.h"), *SHIM_DIR.glob("*.cpp"), *INCLUDE_DIR.glob("*.h")]
+    # include/ has subfolders with extensionless headers (cuda/atomic): every file.
+    files = [*SHIM_DIR.glob("*.h"), *SHIM_DIR.glob("*.cpp"), *(p for p in INCLUDE_DIR.rglob("*") if p.is_file())]
     return sorted(files)
 
 

@@ -1,0 +1,272 @@
+// persistent.cuh: the machinery of the persistent, weight-stationary recurrences
+// (lstm_forward_persistent in lstm_forward.cu, lstm_backward_persistent in
+// lstm_backward.cu; GRU and Elman cells reuse it with another ItemRows and their own
+// pointwise math).
+//
+// The idea. One cooperative launch runs all T steps. Block b owns a slice of the
+// recurrent weights (the rows or columns of its hidden units) and keeps it in shared
+// memory, as float32, for the whole sequence: W_hh is read from global memory once per
+// launch instead of once per step. Per step every block needs the whole exchanged
+// state of the previous step (h_{t-1} forward, dz_{t+1} backward), which every block
+// wrote a slice of; the blocks meet through per-producer ready flags, not a grid
+// barrier. What is here:
+//
+//   dynamic_shared<T>()    the dynamic shared-memory buffer (and its emulator form)
+//   SharedLayout           where the weight slice, the staged state, the k-partials
+//                          and the per-cell carry sit in it; rnnkernels/_persistent.py
+//                          mirrors the arithmetic (shared_bytes) to size the launch
+//   load_slice             the block's weight rows into shared memory, once
+//   stage_rows             rows of the exchanged state into shared memory: InFlight
+//                          16-byte __ldcg loads per thread issued back to back into
+//                          registers before any of them is stored
+//   slice_times_state      the register-blocked product: each thread ItemRows weight
+//                          rows x RowTile state rows over a 1/KSplit share of k, partial
+//                          sums to shared memory
+//   sum_partials           the fixed-order sum of one output's KSplit partials
+//   publish / wait_for     the per-producer flags (memory ordering below)
+//
+// Synchronisation and memory ordering. flags[P] holds one 32-bit word per block,
+// zeroed by the launcher before the launch (a fresh array per launch). A block that
+// has written its slice of the state for its n-th step does
+//     plain stores of the slice; __syncthreads(); thread 0: flags[b].store(n, release)
+// and a block that needs the n-th state of every producer does
+//     threads p < P: while (flags[p].load(acquire) < n) __nanosleep(backoff);
+//     __syncthreads(); read the state with __ldcg.
+// Why this is enough (PTX memory model): __syncthreads() orders every thread's
+// stores of the slice before thread 0's store (CTA-scope synchronisation), and a
+// release at device scope is cumulative, so it makes those stores visible at device
+// scope before the flag value; the polling thread's acquire load that reads the value
+// synchronises with that release, and the consumer's __syncthreads() extends the order
+// to every thread of the consuming block. This is the pattern cooperative_groups'
+// grid.sync() uses, minus the single shared counter: each flag has one writer and is
+// polled by one thread of each block (P readers), so there is no atomic storm on one
+// word and no read-modify-write at all. The state is read with __ldcg (cache at L2
+// only): L1 is not coherent between SMs, and a line of another block's slice cached
+// in L1 by an earlier access would be stale. Each state slot is written once per
+// launch (h_all[t+1], dgates[t]), so no producer ever overwrites a slot that a
+// consumer may still read: no second (write-after-read) handshake is needed.
+// Backoff: __nanosleep doubles from 32 ns to 512 ns, so a spinning thread leaves the
+// issue slots to the producers on its SM; it is also the scheduling point the CPU
+// emulator needs in a spin loop.
+//
+// The flags use libcu++'s cuda::atomic_ref<unsigned, cuda::thread_scope_device>
+// (<cuda/atomic>): from NVIDIA's header wheel (nvidia-cuda-cccl) under NVRTC, and from
+// rnnkernels/emulator/include/cuda/atomic, a stub on the emulator's atomics, there.
+//
+// The product. The weight slice is w[rows][k_pad] and the staged state s[rows][k_pad]
+// (k_pad = the reduction length rounded up to 4, zero-padded), both row-major. An
+// item is ItemRows weight rows (forward: the i, f, g, o rows of one unit; backward:
+// four consecutive units); a work unit is (item, group of RowTile state rows, k-part),
+// k-part p summing the float4 columns p, p + KSplit, ... Consecutive threads take
+// consecutive k-parts of one (item, group), so the 8 threads of a quarter warp read 8
+// consecutive float4s of one row: every LDS.128 is conflict-free. Per float4 column a
+// thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward, 4 x 4:
+// 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
+// sum_partials adds them in k-part order: a fixed order, so results are bitwise
+// deterministic, with no shuffles and no float atomics.
+#pragma once
+
+#include <cuda/atomic>
+
+#include "common.cuh"
+
+namespace rnnkernels {
+namespace persistent {
+
+// The launch's dynamic shared memory (see rnnkernels/emulator/README.md for why the
+// emulator needs its own accessor).
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+#ifdef RNNKERNELS_EMULATOR
+    return static_cast<T*>(emulator_dynamic_shared_memory());
+#else
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    return reinterpret_cast<T*>(shared_bytes);
+#endif
+}
+
+__host__ __device__ constexpr int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Offsets (in floats) into the dynamic shared memory of a persistent kernel; every
+// region starts on a 16-byte boundary. rnnkernels/_persistent.py (shared_bytes)
+// computes the same sizes: keep the two in step.
+//   weights   [weight_rows][k_pad]                  the stationary slice
+//   state     [chunk_rows][k_pad]                   the staged exchanged state
+//   partials  [items·groups·ItemRows·RowTile][KSplit]
+//   cells     [batch][units]                        c (forward) or the dc carry
+template <int ItemRows, int RowTile, int KSplit>
+struct SharedLayout {
+    int k_pad, items, groups;
+    int weights, state, partials, cells, total;
+
+    __device__ __forceinline__ SharedLayout(int weight_rows, int reduction, int chunk_rows, int item_count, int batch,
+                                            int units) {
+        k_pad = round_up(reduction, 4);
+        items = item_count;
+        groups = chunk_rows / RowTile;
+        weights = 0;
+        state = weights + round_up(weight_rows * k_pad, 4);
+        partials = state + round_up(chunk_rows * k_pad, 4);
+        cells = partials + round_up(items * groups * ItemRows * RowTile * KSplit, 4);
+        total = cells + round_up(batch * units, 4);
+    }
+};
+
+// dst[r·k_pad + k] = weight(r, k) for r < rows, k < k_pad, and 0 for k >= reduction;
+// weight(r, k) returns the float of one element (the caller maps rows to W_hh). Once
+// per launch, so simple loads are fine here.
+template <int Threads, typename Weight>
+__device__ __forceinline__ void load_slice(float* dst, int rows, int reduction, int k_pad, Weight weight) {
+    const int total = rows * k_pad;
+    for (int e = threadIdx.x; e < total; e += Threads) {
+        const int r = e / k_pad, k = e - r * k_pad;
+        dst[e] = k < reduction ? weight(r, k) : 0.0f;
+    }
+}
+
+// dst[r·k_pad + k] = src[r·src_stride + k] for r < rows (k < columns), zero for
+// k in [columns, k_pad) and for rows r in [rows, padded_rows). The loads go through
+// __ldcg (L2: the rows were written by other blocks in this launch, see the header).
+// Vector: 16-byte loads; needs columns % 4 == 0 and a 16-byte aligned src (the
+// launcher checks). Each thread issues InFlight loads into registers back to back and
+// only then stores them, so InFlight·Threads 16-byte loads are in flight per block
+// instead of one round trip to L2 after another. The (row, column) of a thread's next
+// vector advances by the constant (Threads / vectors, Threads % vectors): no division
+// per element.
+template <int Threads, int InFlight, bool Vector>
+__device__ __forceinline__ void stage_rows(float* dst, int k_pad, const float* src, index_t src_stride, int rows,
+                                           int padded_rows, int columns) {
+    const int vectors = k_pad / 4;  // per row
+    const int total = padded_rows * vectors;
+    const int row_step = Threads / vectors, column_step = Threads - row_step * vectors;
+    int row = threadIdx.x / vectors, column = threadIdx.x - row * vectors;
+    for (int base = threadIdx.x; base < total; base += Threads * InFlight) {
+        float4 value[InFlight];
+        int rows_at[InFlight], columns_at[InFlight];
+#pragma unroll
+        for (int i = 0; i < InFlight; ++i) {
+            rows_at[i] = row;
+            columns_at[i] = column;
+            value[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const int k = 4 * column;
+            if (base + i * Threads < total && row < rows) {
+                const float* p = src + (index_t)row * src_stride + k;
+                if (Vector) {
+                    value[i] = __ldcg(reinterpret_cast<const float4*>(p));
+                } else {
+                    if (k < columns) value[i].x = __ldcg(p);
+                    if (k + 1 < columns) value[i].y = __ldcg(p + 1);
+                    if (k + 2 < columns) value[i].z = __ldcg(p + 2);
+                    if (k + 3 < columns) value[i].w = __ldcg(p + 3);
+                }
+            }
+            column += column_step;
+            row += row_step;
+            if (column >= vectors) {
+                column -= vectors;
+                ++row;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < InFlight; ++i)
+            if (base + i * Threads < total)
+                reinterpret_cast<float4*>(dst + rows_at[i] * k_pad)[columns_at[i]] = value[i];
+    }
+}
+
+// partials[(((item·groups + group)·ItemRows + j)·RowTile + r)·KSplit + part] =
+//     Σ_{k in part's columns} w[row(item, j)·k_pad + k] · s[(group·RowTile + r)·k_pad + k]
+// for every item < layout.items, group < layout.groups, with row(item, j) =
+// item·item_stride + j·row_stride (forward: unit + gate·units; backward: 4·item + j).
+// Within a thread the k order is fixed (column by column, x y z w), so every partial
+// is bitwise reproducible.
+//
+// SASS (sm_90, NVRTC 13, forward instance <float, 256, 8, 4, 4, ..>), inner loop read
+// once: per float4 column 8 LDS.128 (4 weight rows, 4 state rows) feeding 64 FFMA,
+// no other memory instructions; accumulators stay in registers (no local memory).
+template <int Threads, int KSplit, int ItemRows, int RowTile, typename Layout>
+__device__ __forceinline__ void slice_times_state(const float* w, const float* s, float* partials, const Layout& layout,
+                                                  int item_stride, int row_stride) {
+    static_assert((KSplit & (KSplit - 1)) == 0, "KSplit must be a power of two");
+    const int vectors = layout.k_pad / 4;
+    const int work = layout.items * layout.groups * KSplit;
+    for (int unit = threadIdx.x; unit < work; unit += Threads) {
+        const int part = unit % KSplit;
+        const int tile = unit / KSplit;
+        const int group = tile % layout.groups;
+        const int item = tile / layout.groups;
+        const float4* w_rows[ItemRows];
+        const float4* s_rows[RowTile];
+#pragma unroll
+        for (int j = 0; j < ItemRows; ++j)
+            w_rows[j] = reinterpret_cast<const float4*>(w + (item * item_stride + j * row_stride) * layout.k_pad);
+#pragma unroll
+        for (int r = 0; r < RowTile; ++r)
+            s_rows[r] = reinterpret_cast<const float4*>(s + (group * RowTile + r) * layout.k_pad);
+        float acc[ItemRows][RowTile];
+#pragma unroll
+        for (int j = 0; j < ItemRows; ++j)
+#pragma unroll
+            for (int r = 0; r < RowTile; ++r) acc[j][r] = 0.0f;
+        for (int v = part; v < vectors; v += KSplit) {
+            float4 wv[ItemRows];
+#pragma unroll
+            for (int j = 0; j < ItemRows; ++j) wv[j] = w_rows[j][v];
+#pragma unroll
+            for (int r = 0; r < RowTile; ++r) {
+                const float4 sv = s_rows[r][v];
+#pragma unroll
+                for (int j = 0; j < ItemRows; ++j) {
+                    acc[j][r] = fmaf(wv[j].x, sv.x, acc[j][r]);
+                    acc[j][r] = fmaf(wv[j].y, sv.y, acc[j][r]);
+                    acc[j][r] = fmaf(wv[j].z, sv.z, acc[j][r]);
+                    acc[j][r] = fmaf(wv[j].w, sv.w, acc[j][r]);
+                }
+            }
+        }
+        float* out = partials + (tile * ItemRows * RowTile) * KSplit + part;
+#pragma unroll
+        for (int j = 0; j < ItemRows; ++j)
+#pragma unroll
+            for (int r = 0; r < RowTile; ++r) out[(j * RowTile + r) * KSplit] = acc[j][r];
+    }
+}
+
+// The sum of one output's KSplit partials, in k-part order (see slice_times_state):
+// output (item, j) x state row `row` of the chunk.
+template <int KSplit, int ItemRows, int RowTile, typename Layout>
+__device__ __forceinline__ float sum_partials(const float* partials, const Layout& layout, int item, int j, int row) {
+    const int group = row / RowTile, r = row - group * RowTile;
+    const float* p = partials + (((item * layout.groups + group) * ItemRows + j) * RowTile + r) * KSplit;
+    float sum = p[0];
+#pragma unroll
+    for (int part = 1; part < KSplit; ++part) sum += p[part];
+    return sum;
+}
+
+typedef cuda::atomic_ref<unsigned int, cuda::thread_scope_device> flag_ref;
+
+// Ends a step: every thread of the block has written its part of the state; make it
+// visible and tell the consumers that this block's `count`-th state is ready.
+__device__ __forceinline__ void publish(unsigned int* flags, unsigned int count) {
+    __syncthreads();
+    if (threadIdx.x == 0) flag_ref(flags[blockIdx.x]).store(count, cuda::memory_order_release);
+}
+
+// Waits until every one of the `producers` blocks has published its `count`-th state;
+// afterwards the whole block may read it (with __ldcg).
+template <int Threads>
+__device__ __forceinline__ void wait_for(unsigned int* flags, int producers, unsigned int count) {
+    for (int p = threadIdx.x; p < producers; p += Threads) {
+        flag_ref flag(flags[p]);
+        unsigned int backoff = 32;
+        while (flag.load(cuda::memory_order_acquire) < count) {
+            __nanosleep(backoff);
+            backoff = backoff < 512 ? 2 * backoff : 512;
+        }
+    }
+    __syncthreads();
+}
+
+}  // namespace persistent
+}  // namespace rnnkernels

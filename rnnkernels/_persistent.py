@@ -1,0 +1,323 @@
+"""The launch plan of the persistent, weight-stationary LSTM kernels, and the chooser.
+
+``lstm_forward_persistent`` and ``lstm_backward_persistent`` (csrc/lstm_forward.cu,
+csrc/lstm_backward.cu, machinery in csrc/persistent.cuh) run all T steps of the
+recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
+for the whole sequence and the blocks hand the state of each step to each other
+through per-producer ready flags. They save and read exactly what the per-step
+kernels do (``_launch.Saved``), so a persistent forward pairs with a per-step
+backward and the reverse.
+
+The plan, for a problem (B, H) and a device:
+
+* one block per SM (a cooperative launch needs every block resident; one block of
+  256 threads with most of the shared memory is what fits): ``units`` =
+  ceil(H / SMs) hidden units per block, ``blocks`` = ceil(H / units);
+* the block's shared memory (mirror of ``SharedLayout`` in persistent.cuh,
+  :func:`shared_bytes`) holds the weight slice (forward: 4·units rows of H; backward:
+  units rounded up to 4, rows of 4H), ``chunk_rows`` staged rows of the exchanged
+  state (h_{t-1}: H floats; dz_{t+1}: 4H), the k-partials of the product and the
+  per-cell c (forward) or dc carry (backward) of all B rows;
+* ``chunk_rows``: all B rows (rounded up to the row tile) if they fit, else the
+  fewest equal chunks that do;
+* no plan (``None``) when even one row tile does not fit next to the slice, or the
+  device cannot launch cooperatively, or the compiled instance (its registers and
+  shared memory, through the occupancy API on a GPU) cannot keep the blocks resident.
+
+:func:`choose` answers "persistent" when both the forward and the backward plans
+exist, else "step" (the per-step kernels, any size). Device numbers come from the
+runtime (``_launch.CupyRuntime`` / ``EmulatorRuntime``): ``sm_count``,
+``max_shared_bytes`` (the opt-in maximum of dynamic shared memory per block),
+``cooperative_launch`` and ``blocks_per_sm(source, name, threads, shared_mem)``.
+The emulator's device is small (4 SMs, 48 KiB) so the splitting and chunking paths
+run on small shapes; tests shrink it further.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORWARD = "forward"
+BACKWARD = "backward"
+_FLOAT = 4  # bytes
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return _ceil_div(value, multiple) * multiple
+
+
+@dataclass(frozen=True)
+class PersistentTile:
+    """Compile-time shape of the persistent kernels (template parameters).
+
+    ``threads`` per block; the product splits k into ``k_split`` interleaved parts
+    (consecutive threads, so a quarter warp reads 8 consecutive float4s: no bank
+    conflicts) and gives each thread ``row_tile`` state rows times 4 weight rows;
+    ``in_flight`` 16-byte loads per thread are issued before any is stored when
+    staging."""
+
+    name: str
+    threads: int
+    k_split: int
+    row_tile: int
+    in_flight: int
+
+    def _parameters(self) -> str:
+        return f"{self.threads}, {self.k_split}, {self.row_tile}, {self.in_flight}"
+
+    def forward_name(self, storage: str, training: bool, vector_loads: bool) -> str:
+        """``storage``: the C++ Storage type (``_launch.STORAGE_TYPES``)."""
+        flags = f"{str(vector_loads).lower()}, {str(training).lower()}"
+        return f"rnnkernels::lstm_forward_persistent<{storage}, {self._parameters()}, {flags}>"
+
+    def backward_name(self, storage: str, step_norms: bool) -> str:
+        return f"rnnkernels::lstm_backward_persistent<{storage}, {self._parameters()}, {str(step_norms).lower()}>"
+
+    def forward_names(self, storage: str) -> list[str]:
+        return [self.forward_name(storage, t, v) for t in (False, True) for v in (False, True)]
+
+    def backward_names(self, storage: str) -> list[str]:
+        return [self.backward_name(storage, n) for n in (False, True)]
+
+
+# 256 threads (8 warps) per SM-filling block: enough warps to hide the shared-memory
+# latency of the product while one block per SM keeps all of the shared memory for the
+# slice. k_split 8 x row_tile 4 x 4 weight rows: 16 accumulators per thread, 8 LDS.128
+# per 64 FMAs, and at B = 64, H = 512 on 132 SMs (4 units a block) 4·16·8 = 512 work
+# units: two per thread.
+TILE = PersistentTile("persistent256", threads=256, k_split=8, row_tile=4, in_flight=4)
+
+# Kernels that run once per sequence: the NVRTC check holds them to no spills, like
+# the per-step kernels.
+KERNEL_PREFIXES = ("rnnkernels::lstm_forward_persistent<", "rnnkernels::lstm_backward_persistent<")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One persistent launch: ``blocks`` blocks of ``tile.threads`` threads, each owning
+    ``units`` hidden units and staging ``chunk_rows`` batch rows at a time in
+    ``shared_bytes`` of dynamic shared memory."""
+
+    direction: str  # FORWARD or BACKWARD
+    tile: PersistentTile
+    units: int
+    blocks: int
+    chunk_rows: int
+    shared_bytes: int
+
+
+def shared_bytes(direction: str, tile: PersistentTile, batch: int, hidden: int, units: int, chunk_rows: int) -> int:
+    """Dynamic shared memory of one block; the arithmetic of ``SharedLayout`` in
+    csrc/persistent.cuh (keep the two in step)."""
+    if direction == FORWARD:
+        item_rows, weight_rows, reduction, items = 4, 4 * units, hidden, units
+    else:
+        padded_units = _round_up(units, 4)
+        item_rows, weight_rows, reduction, items = 4, padded_units, 4 * hidden, padded_units // 4
+    k_pad = _round_up(reduction, 4)
+    groups = chunk_rows // tile.row_tile
+    floats = (
+        _round_up(weight_rows * k_pad, 4)
+        + _round_up(chunk_rows * k_pad, 4)
+        + _round_up(items * groups * item_rows * tile.row_tile * tile.k_split, 4)
+        + _round_up(batch * units, 4)
+    )
+    return floats * _FLOAT
+
+
+def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int, tile: PersistentTile = TILE) -> Plan | None:
+    """The launch for (B, H) on a device with ``sm_count`` SMs and ``max_shared`` bytes
+    of dynamic shared memory per block, or None when W_hh's slices do not fit on chip
+    (before asking the compiled kernel's occupancy, see :func:`plan_for`)."""
+    if batch < 1 or hidden < 1 or sm_count < 1:
+        return None
+    units = _ceil_div(hidden, sm_count)
+    blocks = _ceil_div(hidden, units)
+    all_rows = _round_up(batch, tile.row_tile)
+
+    def fits(rows: int) -> bool:
+        return shared_bytes(direction, tile, batch, hidden, units, rows) <= max_shared
+
+    if not fits(tile.row_tile):
+        return None
+    if fits(all_rows):
+        chunk_rows = all_rows
+    else:
+        # The largest chunk that fits, then the fewest equal chunks of at most that.
+        largest = tile.row_tile
+        while fits(largest + tile.row_tile) and largest + tile.row_tile < all_rows:
+            largest += tile.row_tile
+        chunks = _ceil_div(batch, largest)
+        chunk_rows = _round_up(_ceil_div(batch, chunks), tile.row_tile)
+    return Plan(direction, tile, units, blocks, chunk_rows, shared_bytes(direction, tile, batch, hidden, units, chunk_rows))
+
+
+def _instance(plan_: Plan, dtype: str, hidden: int, training_or_norms: bool) -> tuple[str, str]:
+    from . import _launch
+
+    storage = _launch.STORAGE_TYPES[dtype]
+    if plan_.direction == FORWARD:
+        return _launch.FORWARD_SOURCE, plan_.tile.forward_name(storage, training_or_norms, hidden % 4 == 0)
+    return _launch.BACKWARD_SOURCE, plan_.tile.backward_name(storage, training_or_norms)
+
+
+def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32", flag: bool = True) -> Plan | None:
+    """:func:`plan` on runtime ``rt``'s device, checked against the compiled instance
+    (``flag``: training for the forward, step norms for the backward): the device must
+    launch cooperatively and keep ``blocks`` blocks resident (occupancy, which counts
+    the instance's registers and shared memory), else None."""
+    if not getattr(rt, "cooperative_launch", False):
+        return None
+    found = plan(direction, batch, hidden, rt.sm_count, rt.max_shared_bytes)
+    if found is None:
+        return None
+    source, name = _instance(found, dtype, hidden, flag)
+    resident = rt.blocks_per_sm(source, name, found.tile.threads, found.shared_bytes) * rt.sm_count
+    return found if found.blocks <= resident else None
+
+
+def choose(rt, batch: int, hidden: int, dtype: str = "float32") -> str:
+    """"persistent" when the forward and backward persistent kernels both fit the
+    device for (B, H), else "step". The default of ``variant=None``."""
+    if plan_for(rt, FORWARD, batch, hidden, dtype, True) and plan_for(rt, BACKWARD, batch, hidden, dtype, True):
+        return "persistent"
+    return "step"
+
+
+def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool) -> Plan:
+    found = plan_for(rt, direction, batch, hidden, dtype, flag)
+    if found is None:
+        raise ValueError(
+            f"variant 'persistent' does not fit this device for B={batch}, hidden_size={hidden} "
+            f"({rt.sm_count} SMs, {rt.max_shared_bytes} B of shared memory per block, cooperative launch "
+            f"{'available' if getattr(rt, 'cooperative_launch', False) else 'unavailable'}): W_hh's slices "
+            "must fit in the blocks' shared memory; use variant='step'"
+        )
+    return found
+
+
+def _address(array) -> int:
+    if isinstance(array, np.ndarray):
+        return array.ctypes.data
+    return int(array.data.ptr)
+
+
+# ------------------------------------------------------------------------- launches
+def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, plan_: Plan | None = None):
+    """``_launch.forward`` with the persistent recurrence (same arguments and results,
+    same Saved)."""
+    from . import _launch
+
+    xp = rt.xp
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    _launch._check_sizes(steps, batch, input_size, hidden)
+    found = plan_ or _require(rt, FORWARD, batch, hidden, dtype, training)
+    gx = _launch.input_projection(rt, x, w_ih, bias)
+
+    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
+    h_all[0] = h0
+    if training:
+        c_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
+        c_all[0] = c0
+        c_start, c_out = c_all[0], c_all
+        gates = xp.empty((steps, batch, 4 * hidden), dtype=np.float32)
+    else:
+        c_start = c0.astype(np.float32)  # a copy: the kernel never writes it
+        c_out = xp.empty((batch, hidden), dtype=np.float32)
+        gates = gx  # never touched without training; a valid pointer
+    vector_loads = hidden % 4 == 0
+    # 16-byte loads of h_all rows: rows start at multiples of 4·H bytes from the base.
+    assert not vector_loads or _address(h_all) % 16 == 0, "h_all must be 16-byte aligned"
+    flags = xp.zeros((found.blocks,), dtype=np.uint32)
+    source, name = _instance(found, dtype, hidden, training)
+    kernel = rt.function(source, name)
+    i32 = np.int32
+    kernel(
+        (found.blocks, 1, 1),
+        (found.tile.threads, 1, 1),
+        (gx, w_hh, c_start, h_all, c_out, gates, flags, i32(steps), i32(batch), i32(hidden), i32(found.units),
+         i32(found.chunk_rows)),
+        shared_mem=found.shared_bytes,
+        cooperative=True,
+    )
+    y = h_all[1:].astype(x.dtype, copy=training)
+    h_n = h_all[steps].astype(x.dtype)
+    c_n = (c_all[steps] if training else c_out).astype(x.dtype)
+    saved = None
+    if training:
+        # The step tile a per-step backward would use, so this Saved pairs with it too.
+        tile = _launch.choose_step_tile(batch, hidden, rt.sm_count)
+        saved = _launch.Saved(x, w_ih, w_hh, bias is not None, gates, h_all, c_all, tile)
+    return y, h_n, c_n, saved
+
+
+def backward(rt, saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, plan_: Plan | None = None):
+    """``_launch.backward`` with the persistent reverse recurrence (same arguments and
+    results) for a Saved of any forward variant."""
+    from . import _launch
+
+    xp = rt.xp
+    x, w_hh = saved.x, saved.w_hh
+    dtype = x.dtype.name
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    found = plan_ or _require(rt, BACKWARD, batch, hidden, dtype, return_step_norms)
+    dgates = xp.empty((steps, batch, 4 * hidden), dtype=np.float32)
+    assert _address(dgates) % 16 == 0, "dgates must be 16-byte aligned"
+    dc_start = dc_n.astype(np.float32)  # a copy: the kernel never writes it
+    dc0_32 = xp.empty((batch, hidden), dtype=np.float32)
+    step_squares = xp.empty((found.blocks, steps, 2), dtype=np.float64) if return_step_norms else dgates
+    flags = xp.zeros((found.blocks,), dtype=np.uint32)
+    source, name = _instance(found, dtype, hidden, return_step_norms)
+    i32 = np.int32
+    rt.function(source, name)(
+        (found.blocks, 1, 1),
+        (found.tile.threads, 1, 1),
+        (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_start, dc0_32, dgates, step_squares, flags, i32(steps),
+         i32(batch), i32(hidden), i32(found.units), i32(found.chunk_rows)),
+        shared_mem=found.shared_bytes,
+        cooperative=True,
+    )
+    norms = _launch.finish_step_norms(rt, step_squares, steps) if return_step_norms else None
+    dx, dw_ih, dw_hh, db, dh0 = _launch.gradients_after_loop(rt, saved, dgates)
+    dc0 = dc0_32.astype(x.dtype, copy=False)
+    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
+    return grads + (norms[0], norms[1]) if return_step_norms else grads
+
+
+# --------------------------------------------------------------- libcu++ headers
+@functools.cache
+def cccl_include_dirs() -> tuple[str, ...]:
+    """Include folders holding libcu++'s ``<cuda/atomic>`` for NVRTC: the
+    nvidia-cuda-cccl wheel's (CUDA 13: ``nvidia/cu13/include/cccl``; CUDA 12's
+    nvidia-cuda-cccl-cu12: ``nvidia/cuda_cccl/include``), or ``$CUDA_HOME/include``.
+    A RuntimeError saying what to install when none has it."""
+    candidates: list[Path] = []
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            candidates += [Path(root, "cu13", "include", "cccl"), Path(root, "cuda_cccl", "include")]
+    except ImportError:
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates += [Path(home, "include", "cccl"), Path(home, "include")]
+    for folder in candidates:
+        if (folder / "cuda" / "atomic").is_file():
+            return (str(folder),)
+    raise RuntimeError(
+        "the CUDA kernels need libcu++'s headers (<cuda/atomic>): pip install nvidia-cuda-cccl "
+        "(CUDA 13; nvidia-cuda-cccl-cu12 for CUDA 12), or set CUDA_HOME to a CUDA toolkit"
+    )
