@@ -9,8 +9,9 @@ source's instances at once, with exactly the options CuPy's RawModule hands NVRT
 run time (:func:`cupy_nvrtc_options`: ours, plus CuPy's -ftz=true, C++ standard and
 include folders, with ``-arch=<arch>``) and ``-Xptxas=-v``, prints those options, and
 one row per kernel: registers, static shared memory, stack frame and spill
-stores/loads. Exits 1 if a per-step kernel spills or a kernel needs more registers than
-its launch bounds allow.
+stores/loads. Exits 1 if a per-step or persistent kernel spills
+(``_launch.STEP_KERNEL_PREFIXES``) or a kernel needs more registers than its launch
+bounds allow.
 """
 
 from __future__ import annotations

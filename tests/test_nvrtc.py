@@ -38,8 +38,11 @@ def test_every_table_instance_compiles(reports):
 
 def test_step_kernels_do_not_spill(reports):
     step_reports = [r for r in reports if r.is_step_kernel]
-    # forward inference and training, backward with and without step norms, per dtype
-    assert len(step_reports) == 4 * len(_launch.STEP_TILES) * len(_launch.STORAGE_TYPES)
+    # forward inference and training, backward with and without step norms, per dtype;
+    # persistent: forward x {scalar, 16-byte staging}, per dtype
+    persistent = 4 + 2
+    assert len(step_reports) == (4 * len(_launch.STEP_TILES) + persistent) * len(_launch.STORAGE_TYPES)
+    assert sum("persistent" in r.name for r in step_reports) == persistent * len(_launch.STORAGE_TYPES)
     spilling = [r for r in step_reports if r.spill_stores or r.spill_loads or r.stack_bytes]
     assert not spilling, nvrtc_check.format_table(spilling)
 
