@@ -181,9 +181,13 @@ __device__ __forceinline__ void stage_rows(float* dst, int k_pad, const float* s
 // Within a thread the k order is fixed (column by column, x y z w), so every partial
 // is bitwise reproducible.
 //
-// SASS (sm_90, NVRTC 13, forward instance <float, 256, 8, 4, 4, ..>), inner loop read
-// once: per float4 column 8 LDS.128 (4 weight rows, 4 state rows) feeding 64 FFMA,
-// no other memory instructions; accumulators stay in registers (no local memory).
+// Read once in the PTX (NVRTC 13.5, sm_90, lstm_forward_persistent<float, 256, 8, 4,
+// 4, true, true>; nvdisasm 13.5 from pip refused NVRTC's cubin as "an invalid ELF
+// file", so PTX, not SASS): the k loop is unrolled twice, and its body is 16
+// ld.shared.v4.f32 (4 weight rows + 4 state rows per float4 column), 128 fma.rn.f32,
+// 12 integer adds and the loop branch: 8 LDS.128 per 64 FMA, no local memory. The
+// backward instance (4 units x 4 rows) has the same body. ptxas: 102-127 registers
+// at 256 threads, no spills (nvrtc_check).
 template <int Threads, int KSplit, int ItemRows, int RowTile, typename Layout>
 __device__ __forceinline__ void slice_times_state(const float* w, const float* s, float* partials, const Layout& layout,
                                                   int item_stride, int row_stride) {

@@ -298,11 +298,11 @@ class CupyRuntime:
     @property
     def max_shared_bytes(self) -> int:
         """Dynamic shared memory one block may opt in to."""
-        return _cupy_attributes(self._device_id)["MaxSharedMemoryPerBlockOptin"]
+        return _cupy_attribute(self._device_id, "cudaDevAttrMaxSharedMemoryPerBlockOptin")
 
     @property
     def cooperative_launch(self) -> bool:
-        return bool(_cupy_attributes(self._device_id)["CooperativeLaunch"])
+        return bool(_cupy_attribute(self._device_id, "cudaDevAttrCooperativeLaunch"))
 
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
         module = _cupy_module(source, compile_options(), self._device_id)
@@ -351,10 +351,10 @@ def _cupy_allow_shared(function, shared_mem: int) -> None:
 
 
 @functools.cache
-def _cupy_attributes(device_id: int) -> dict:
-    import cupy
+def _cupy_attribute(device_id: int, name: str) -> int:
+    from cupy.cuda import runtime
 
-    return cupy.cuda.Device(device_id).attributes
+    return runtime.deviceGetAttribute(getattr(runtime, name), device_id)
 
 
 @functools.cache

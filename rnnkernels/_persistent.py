@@ -301,7 +301,8 @@ def backward(rt, saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, plan
 def cccl_include_dirs() -> tuple[str, ...]:
     """Include folders holding libcu++'s ``<cuda/atomic>`` for NVRTC: the
     nvidia-cuda-cccl wheel's (CUDA 13: ``nvidia/cu13/include/cccl``; CUDA 12's
-    nvidia-cuda-cccl-cu12: ``nvidia/cuda_cccl/include``), or ``$CUDA_HOME/include``.
+    nvidia-cuda-cccl-cu12: ``nvidia/cuda_cccl/include``), else the copy CuPy ships
+    (``cupy/_core/include/cupy/_cccl/libcudacxx``), else ``$CUDA_HOME/include``.
     A RuntimeError saying what to install when none has it."""
     candidates: list[Path] = []
     try:
@@ -310,6 +311,15 @@ def cccl_include_dirs() -> tuple[str, ...]:
         for root in nvidia.__path__:
             candidates += [Path(root, "cu13", "include", "cccl"), Path(root, "cuda_cccl", "include")]
     except ImportError:
+        pass
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cupy")  # the folder only: importing CuPy is slow
+        if spec is not None and spec.submodule_search_locations:
+            for root in spec.submodule_search_locations:
+                candidates.append(Path(root, "_core", "include", "cupy", "_cccl", "libcudacxx"))
+    except (ImportError, ValueError):
         pass
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
