@@ -31,6 +31,25 @@ runtime (``_launch.CupyRuntime`` / ``EmulatorRuntime``): ``sm_count``,
 ``cooperative_launch`` and ``blocks_per_sm(source, name, threads, shared_mem)``.
 The emulator's device is small (4 SMs, 48 KiB) so the splitting and chunking paths
 run on small shapes; tests shrink it further.
+
+Speed: PREDICTIONS from arithmetic, nothing measured (no GPU was lent while this was
+written). The product reads 2 bytes of shared memory per FMA (8 LDS.128 per 64 FMA,
+see slice_times_state), so it is bound by shared-memory bandwidth (128 B/clock/SM) at
+64 FMA/clock/SM, half the FP32 peak. H100/H200 at ~1.75 GHz, per step:
+  * B=64, H=512 (4 units a block, 128 blocks, all 64 rows in one chunk): 524,288 FMA
+    per block, ~8,200 clocks ~ 4.7 us; staging h (128 KiB per block from L2, not yet
+    overlapped with the product) ~1-2 us; handing over through the flags ~1 us: ~7 us
+    a step, ~1.8 ms forward for T = 256.
+  * B=16, H=768 (6 units, 128 blocks): ~2.6 us product + ~0.5 us staging + ~1 us
+    hand-over: ~4 us a step, ~4 ms forward for T = 1024.
+  * B=1, H=512: latency-bound: ~0.3 us product, ~0.6 us staging (one L2 round trip),
+    ~1-1.5 us hand-over (release, flag propagation, the poll's backoff): 2-2.5 us a
+    step against the target of <= 2 us; at risk.
+Whether that is <= 1.0x cuDNN is for the first GPU session to measure
+(benchmarks/). The levers, in order: double-buffer the staging of chunk c+1 behind
+the product of chunk c; keep part of the slice in registers (halves the shared-memory
+bytes per FMA); for B <= 4 a tile with k_split 32 and row_tile 1 (no padded rows);
+load gx before waiting.
 """
 
 from __future__ import annotations
