@@ -134,14 +134,17 @@ class Plan:
     shared_bytes: int
 
 
-def shared_bytes(direction: str, tile: PersistentTile, batch: int, hidden: int, units: int, chunk_rows: int) -> int:
+def shared_bytes(direction: str, tile: PersistentTile, batch: int, hidden: int, units: int, chunk_rows: int,
+                 gates: int = 4) -> int:
     """Dynamic shared memory of one block; the arithmetic of ``SharedLayout`` in
-    csrc/persistent.cuh (keep the two in step)."""
+    csrc/persistent.cuh (keep the two in step). ``gates``: the cell's gate count (4 for
+    the LSTM; a GRU would pass 3): forward items are the ``gates`` rows of one unit,
+    backward items four consecutive units over a reduction of ``gates``·H."""
     if direction == FORWARD:
-        item_rows, weight_rows, reduction, items = 4, 4 * units, hidden, units
+        item_rows, weight_rows, reduction, items = gates, gates * units, hidden, units
     else:
         padded_units = _round_up(units, 4)
-        item_rows, weight_rows, reduction, items = 4, padded_units, 4 * hidden, padded_units // 4
+        item_rows, weight_rows, reduction, items = 4, padded_units, gates * hidden, padded_units // 4
     k_pad = _round_up(reduction, 4)
     groups = chunk_rows // tile.row_tile
     floats = (
@@ -153,10 +156,12 @@ def shared_bytes(direction: str, tile: PersistentTile, batch: int, hidden: int, 
     return floats * _FLOAT
 
 
-def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int, tile: PersistentTile = TILE) -> Plan | None:
+def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int, tile: PersistentTile = TILE,
+         gates: int = 4) -> Plan | None:
     """The launch for (B, H) on a device with ``sm_count`` SMs and ``max_shared`` bytes
     of dynamic shared memory per block, or None when W_hh's slices do not fit on chip
-    (before asking the compiled kernel's occupancy, see :func:`plan_for`)."""
+    (before asking the compiled kernel's occupancy, see :func:`plan_for`). ``gates``
+    as for :func:`shared_bytes`."""
     if batch < 1 or hidden < 1 or sm_count < 1:
         return None
     units = _ceil_div(hidden, sm_count)
@@ -164,7 +169,7 @@ def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int
     all_rows = _round_up(batch, tile.row_tile)
 
     def fits(rows: int) -> bool:
-        return shared_bytes(direction, tile, batch, hidden, units, rows) <= max_shared
+        return shared_bytes(direction, tile, batch, hidden, units, rows, gates) <= max_shared
 
     if not fits(tile.row_tile):
         return None
@@ -177,7 +182,8 @@ def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int
             largest += tile.row_tile
         chunks = _ceil_div(batch, largest)
         chunk_rows = _round_up(_ceil_div(batch, chunks), tile.row_tile)
-    return Plan(direction, tile, units, blocks, chunk_rows, shared_bytes(direction, tile, batch, hidden, units, chunk_rows))
+    return Plan(direction, tile, units, blocks, chunk_rows,
+                shared_bytes(direction, tile, batch, hidden, units, chunk_rows, gates))
 
 
 def _instance(plan_: Plan, dtype: str, hidden: int, training_or_norms: bool) -> tuple[str, str]:
