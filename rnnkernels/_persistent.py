@@ -54,10 +54,7 @@ load gx before waiting.
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -319,40 +316,3 @@ def backward(rt, saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, plan
     dc0 = dc0_32.astype(x.dtype, copy=False)
     grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
     return grads + (norms[0], norms[1]) if return_step_norms else grads
-
-
-# --------------------------------------------------------------- libcu++ headers
-@functools.cache
-def cccl_include_dirs() -> tuple[str, ...]:
-    """Include folders holding libcu++'s ``<cuda/atomic>`` for NVRTC: the
-    nvidia-cuda-cccl wheel's (CUDA 13: ``nvidia/cu13/include/cccl``; CUDA 12's
-    nvidia-cuda-cccl-cu12: ``nvidia/cuda_cccl/include``), else the copy CuPy ships
-    (``cupy/_core/include/cupy/_cccl/libcudacxx``), else ``$CUDA_HOME/include``.
-    A RuntimeError saying what to install when none has it."""
-    candidates: list[Path] = []
-    try:
-        import nvidia
-
-        for root in nvidia.__path__:
-            candidates += [Path(root, "cu13", "include", "cccl"), Path(root, "cuda_cccl", "include")]
-    except ImportError:
-        pass
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("cupy")  # the folder only: importing CuPy is slow
-        if spec is not None and spec.submodule_search_locations:
-            for root in spec.submodule_search_locations:
-                candidates.append(Path(root, "_core", "include", "cupy", "_cccl", "libcudacxx"))
-    except (ImportError, ValueError):
-        pass
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates += [Path(home, "include", "cccl"), Path(home, "include")]
-    for folder in candidates:
-        if (folder / "cuda" / "atomic").is_file():
-            return (str(folder),)
-    raise RuntimeError(
-        "the CUDA kernels need libcu++'s headers (<cuda/atomic>): pip install nvidia-cuda-cccl "
-        "(CUDA 13; nvidia-cuda-cccl-cu12 for CUDA 12), or set CUDA_HOME to a CUDA toolkit"
-    )

@@ -282,9 +282,6 @@ def test_emulated_planted_synchronisation_bug_is_caught(tmp_path, bug):
     text = header.read_text()
     assert text.count(old) == 1, f"the planted edit no longer matches persistent.cuh: {old!r}"
     header.write_text(text.replace(old, new))
-    # H = 12: the 16-byte staging path (plain-load edits that one).
-    problem = make_problem(4, 5, 7, 12, seed=6)
-    expected = reference_results(problem)
     # Build the edited modules first, outside the try below: a compile error must fail
     # the test, not count as a caught bug.
     for source in (_launch.FORWARD_SOURCE, _launch.BACKWARD_SOURCE):
@@ -292,6 +289,11 @@ def test_emulated_planted_synchronisation_bug_is_caught(tmp_path, bug):
     caught = []
     seeds = range(6 if needs_stale_model else 4)
     for seed in seeds:
+        # A new problem per seed (H = 12: the 16-byte staging path, which plain-load
+        # edits): a stale read must not find the right answer left in reused memory by
+        # the run before (NumPy hands freed buffers back).
+        problem = make_problem(4, 5, 7, 12, seed=6 + seed)
+        expected = reference_results(problem)
         runtime = _PlantedRuntime(folder, seed=seed, sm_count=4)
         try:
             results = run_kernels(runtime, problem, variant="persistent")
