@@ -171,6 +171,25 @@ def test_emulated_persistent_deterministic_across_runs_and_seeds():
 
 
 @pytest.mark.emulated
+def test_emulated_persistent_same_bits_in_stale_and_sequential_memory():
+    """The emulator runs cooperative launches in its stale memory model by default (a
+    non-coherent L1: reads see another block's stores only through the release/acquire
+    and __ldcg that persistent.cuh uses); the kernels give the same bits there as in
+    the sequentially consistent model, several blocks and chunks deep."""
+    emulator_or_skip()
+    if not _stale_model_available():
+        pytest.skip("this emulator has no stale memory model")
+    problem = make_norm_problem((4, 5, 7, 12), "all", seed=12)
+    limits = dict(sm_count=3, max_shared_bytes=3328)  # 3 blocks, B in chunks of 4 rows
+    forward, backward = persistent_plans(_launch.EmulatorRuntime(**limits), 5, 12)
+    assert forward.blocks == backward.blocks == 3 and forward.chunk_rows == backward.chunk_rows == 4
+    runs = {model: run_step_norms(_launch.EmulatorRuntime(memory_model=model, **limits), problem, variant="persistent")
+            for model in ("stale", "sequential")}
+    assert_step_norms_match_reference(runs["stale"], problem, EMULATED_TOLERANCE)
+    assert_bitwise_equal(runs["stale"], runs["sequential"])
+
+
+@pytest.mark.emulated
 def test_emulated_default_is_persistent_where_it_fits(emulator):
     """variant=None runs the persistent kernels where they fit (same bits as asking for
     them) and the per-step kernels where they do not."""
