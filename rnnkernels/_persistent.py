@@ -25,7 +25,8 @@ The plan, for a problem (B, H) and a device:
   shared memory, through the occupancy API on a GPU) cannot keep the blocks resident.
 
 :func:`choose` answers "persistent" when both the forward and the backward plans
-exist, else "step" (the per-step kernels, any size). Device numbers come from the
+exist, else "step" (the per-step kernels, any size; ``_launch`` then runs its per-step
+default, "graph", the same kernels replayed from a CUDA graph). Device numbers come from the
 runtime (``_launch.CupyRuntime`` / ``EmulatorRuntime``): ``sm_count``,
 ``max_shared_bytes`` (the opt-in maximum of dynamic shared memory per block),
 ``cooperative_launch`` and ``blocks_per_sm(source, name, threads, shared_mem)``.
@@ -209,7 +210,8 @@ def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32"
 
 def choose(rt, batch: int, hidden: int, dtype: str = "float32") -> str:
     """"persistent" when the forward and backward persistent kernels both fit the
-    device for (B, H), else "step". The default of ``variant=None``."""
+    device for (B, H), else "step" (the per-step path). ``variant=None`` in ``_launch``
+    follows it (with "graph", the per-step path's default, for "step")."""
     if plan_for(rt, FORWARD, batch, hidden, dtype, True) and plan_for(rt, BACKWARD, batch, hidden, dtype, True):
         return "persistent"
     return "step"

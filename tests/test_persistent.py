@@ -192,11 +192,12 @@ def test_emulated_persistent_same_bits_in_stale_and_sequential_memory():
 @pytest.mark.emulated
 def test_emulated_default_is_persistent_where_it_fits(emulator):
     """variant=None runs the persistent kernels where they fit (same bits as asking for
-    them) and the per-step kernels where they do not."""
+    them) and the per-step kernels where they do not (their default, "graph")."""
     problem = make_problem(3, 3, 5, 33, seed=8)
     assert_bitwise_equal(run_kernels(emulator, problem), run_kernels(emulator, problem, variant="persistent"))
     tiny = _launch.EmulatorRuntime(max_shared_bytes=1024)  # W_hh's slice of H = 33 does not fit
     assert _persistent.choose(tiny, 3, 33) == "step"
+    assert_bitwise_equal(run_kernels(tiny, problem), run_kernels(tiny, problem, variant="graph"))
     assert_bitwise_equal(run_kernels(tiny, problem), run_kernels(tiny, problem, variant="step"))
     with pytest.raises(ValueError, match="does not fit"):
         run_kernels(tiny, problem, variant="persistent")
