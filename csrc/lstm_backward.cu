@@ -358,9 +358,34 @@ lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate ord
     }
     __syncthreads();
 
+    // What the pointwise backward of one (row, unit) pair reads at a step, none of it
+    // written in this launch.
+    struct PairInputs {
+        float gate[lstm_gates];  // activated i, f, g, o
+        float c, c_prev, dy;
+    };
+    auto load_inputs = [&](int step, int row, int unit) {
+        PairInputs in;
+        const index_t cell = (index_t)row * hidden + unit;
+        const float* gates_row = gates + ((index_t)step * batch + row) * gate_width + unit;
+#pragma unroll
+        for (int g = 0; g < lstm_gates; ++g) in.gate[g] = gates_row[g * hidden];
+        in.c = c_all[(index_t)(step + 1) * state_size + cell];
+        in.c_prev = c_all[(index_t)step * state_size + cell];
+        in.dy = to_float(dy[(index_t)step * state_size + cell]);
+        return in;
+    };
+
     for (int step = steps - 1; step >= 0; --step) {
         // The last step has no dz_{t+1}: the branch is uniform over the grid.
         const bool recurrent = step + 1 < steps;
+        // The inputs of this thread's first pair, loaded BEFORE the wait: their latency
+        // overlaps the wait instead of following the product.
+        PairInputs first;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units;
+            first = load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+        }
         if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
         double squares[2] = {0.0, 0.0};  // Σ dh², Σ dc² of this thread's pairs
         const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
@@ -380,19 +405,20 @@ lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate ord
                 const int row = row0 + r, unit = unit0 + u;
                 const index_t cell = (index_t)row * hidden + unit;
                 const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                const float* gates_row = gates + gate_offset;
-                const float input_gate = gates_row[unit];
-                const float forget_gate = gates_row[hidden + unit];
-                const float cell_gate = gates_row[2 * hidden + unit];
-                const float output_gate = gates_row[3 * hidden + unit];
-                const float c = c_all[(index_t)(step + 1) * state_size + cell];
-                const float c_prev = c_all[(index_t)step * state_size + cell];
+                // The first pair of the first chunk is the one prefetched above.
+                const PairInputs in = (row0 == 0 && pair == (int)threadIdx.x) ? first : load_inputs(step, row, unit);
+                const float input_gate = in.gate[0];
+                const float forget_gate = in.gate[1];
+                const float cell_gate = in.gate[2];
+                const float output_gate = in.gate[3];
+                const float c = in.c;
+                const float c_prev = in.c_prev;
                 const float tanh_c = tanh_activation(c);
 
                 float dh_total = recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(
                                                  partials, layout, u / ItemRows, u % ItemRows, r)
                                            : 0.0f;
-                dh_total += to_float(dy[(index_t)step * state_size + cell]);
+                dh_total += in.dy;
                 if (!recurrent) dh_total += to_float(dh_n[cell]);
                 float& dc_carry = carry[row * units + u];
                 const float dc = dc_carry + dh_total * output_gate * (1.0f - tanh_c * tanh_c);

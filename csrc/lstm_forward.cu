@@ -342,6 +342,17 @@ lstm_forward_persistent(const float* __restrict__ gx,      // [T, B, 4H] x·W_ih
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
+        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait: it does not
+        // depend on the other blocks, so its global-memory latency overlaps the wait
+        // instead of following the product (what a small batch's step is made of).
+        float gx_first[lstm_gates];
+        const int first_pairs = min(chunk_rows, batch) * own_units;
+        if (threadIdx.x < first_pairs) {
+            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
+            const float* gx_row = gx + ((index_t)step * batch + r) * gate_width + unit0 + u;
+#pragma unroll
+            for (int g = 0; g < lstm_gates; ++g) gx_first[g] = gx_row[g * hidden];
+        }
         if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
         const float* h_prev = h_all + (index_t)step * state_size;
         float* h_next = h_all + (index_t)(step + 1) * state_size;
@@ -358,11 +369,13 @@ lstm_forward_persistent(const float* __restrict__ gx,      // [T, B, 4H] x·W_ih
                 const int row = row0 + r, unit = unit0 + u;
                 const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
                 const float* gx_row = gx + gate_offset;
+                // The first pair of the first chunk is the one prefetched above.
+                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
                 float z[lstm_gates];
 #pragma unroll
                 for (int g = 0; g < lstm_gates; ++g)
                     z[g] = persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, g, r) +
-                           gx_row[g * hidden + unit];
+                           (prefetched ? gx_first[g] : gx_row[g * hidden + unit]);
                 const float input_gate = sigmoid(z[0]);
                 const float forget_gate = sigmoid(z[1]);
                 const float cell_gate = tanh_activation(z[2]);

@@ -186,7 +186,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int k_pad, const float* s
 // file", so PTX, not SASS): the k loop is unrolled twice, and its body is 16
 // ld.shared.v4.f32 (4 weight rows + 4 state rows per float4 column), 128 fma.rn.f32,
 // 12 integer adds and the loop branch: 8 LDS.128 per 64 FMA, no local memory. The
-// backward instance (4 units x 4 rows) has the same body. ptxas: 102-127 registers
+// backward instance (4 units x 4 rows) has the same body. ptxas: 124-128 registers
 // at 256 threads, no spills (nvrtc_check).
 template <int Threads, int KSplit, int ItemRows, int RowTile, typename Layout>
 __device__ __forceinline__ void slice_times_state(const float* w, const float* s, float* partials, const Layout& layout,
