@@ -318,12 +318,7 @@ class CupyRuntime:
     def blocks_per_sm(self, source: str, name_expression: str, threads: int, shared_mem: int) -> int:
         """Blocks of the instance resident per SM (the occupancy API: registers, static
         and ``shared_mem`` dynamic shared memory), as a cooperative launch needs."""
-        from cupy_backends.cuda.api import driver
-
-        function = _cupy_module(source, compile_options(), self._device_id).get_function(name_expression)
-        if shared_mem > _DEFAULT_SHARED:
-            _cupy_allow_shared(function, shared_mem)
-        return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared_mem)
+        return _cupy_blocks_per_sm(self._device_id, source, name_expression, threads, shared_mem)
 
     def gemm(self, a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accumulate: bool = False):
         """C = op(A)·op(B) (+ C) with cuBLAS on the current stream (rnnkernels/_gemm.py)."""
@@ -348,6 +343,19 @@ def _cupy_allow_shared(function, shared_mem: int) -> None:
     from cupy_backends.cuda.api import driver
 
     driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+
+
+@functools.cache
+def _cupy_blocks_per_sm(device_id: int, source: str, name_expression: str, threads: int, shared_mem: int) -> int:
+    """Memoized: the chooser asks on every call, the answer is fixed per instance."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    with cupy.cuda.Device(device_id):
+        function = _cupy_module(source, compile_options(), device_id).get_function(name_expression)
+        if shared_mem > _DEFAULT_SHARED:
+            _cupy_allow_shared(function, shared_mem)
+        return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared_mem)
 
 
 @functools.cache

@@ -49,8 +49,10 @@ see slice_times_state), so it is bound by shared-memory bandwidth (128 B/clock/S
 Whether that is <= 1.0x cuDNN is for the first GPU session to measure
 (benchmarks/). The levers, in order: double-buffer the staging of chunk c+1 behind
 the product of chunk c; keep part of the slice in registers (halves the shared-memory
-bytes per FMA); for B <= 4 a tile with k_split 32 and row_tile 1 (no padded rows);
-load gx before waiting.
+bytes per FMA); for B <= 4 a tile with k_split 32 and row_tile 1 (no padded rows); tune
+the poll's backoff (P pollers per block on P flags: a shorter sleep answers sooner but
+loads L2 more). Done already: each thread's first pair's pointwise inputs (gx; gates,
+c, dy) are loaded before the wait, off the critical path.
 """
 
 from __future__ import annotations
