@@ -120,6 +120,12 @@ TILE = PersistentTile("persistent256", threads=256, k_split=8, row_tile=4, in_fl
 KERNEL_PREFIXES = ("rnnkernels::lstm_forward_persistent<", "rnnkernels::lstm_backward_persistent<")
 
 
+# Static shared memory of the kernels, which shares the opt-in maximum with the dynamic
+# part: block_sum's float64 warp sums in the backward with step norms (2 x 8 warps x 8
+# bytes = 128 B, ptxas reports it); 256 B leaves room for it with a margin.
+STATIC_SHARED_BYTES = 256
+
+
 @dataclass(frozen=True)
 class Plan:
     """One persistent launch: ``blocks`` blocks of ``tile.threads`` threads, each owning
@@ -202,7 +208,7 @@ def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32"
     the instance's registers and shared memory), else None."""
     if not getattr(rt, "cooperative_launch", False):
         return None
-    found = plan(direction, batch, hidden, rt.sm_count, rt.max_shared_bytes)
+    found = plan(direction, batch, hidden, rt.sm_count, rt.max_shared_bytes - STATIC_SHARED_BYTES)
     if found is None:
         return None
     source, name = _instance(found, dtype, hidden, flag)

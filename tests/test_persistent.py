@@ -109,13 +109,17 @@ def test_emulated_persistent_float16_step_norms(emulator):
         assert results[name].tobytes() == results[name + "_plain"].tobytes(), name
 
 
+# The limits below are the dynamic shared memory a plan may use plus the kernels'
+# static shared memory, which the plan keeps free.
+STATIC = _persistent.STATIC_SHARED_BYTES
+
 # Limits that force the plan's paths: H split over many blocks with few units each,
 # and B staged in several chunks (forward and backward), with scalar (H = 9) and
 # 16-byte (H = 12) staging of h.
 FORCED = [
     pytest.param(dict(sm_count=16, max_shared_bytes=48 * 1024), (3, 5, 6, 33), False, id="split-33-over-11-blocks"),
-    pytest.param(dict(sm_count=2, max_shared_bytes=6 * 1024), (3, 13, 6, 12), True, id="chunked-B13-H12"),
-    pytest.param(dict(sm_count=3, max_shared_bytes=2560), (4, 11, 5, 9), True, id="split-and-chunked-B11-H9"),
+    pytest.param(dict(sm_count=2, max_shared_bytes=6 * 1024 + STATIC), (3, 13, 6, 12), True, id="chunked-B13-H12"),
+    pytest.param(dict(sm_count=3, max_shared_bytes=2560 + STATIC), (4, 11, 5, 9), True, id="split-and-chunked-B11-H9"),
 ]
 
 
@@ -161,7 +165,7 @@ def test_emulated_cross_pairs(emulator, forward_variant, backward_variant, dtype
 def test_emulated_persistent_deterministic_across_runs_and_seeds():
     emulator_or_skip()
     problem = make_norm_problem((4, 5, 7, 33), "all", seed=5)
-    limits = dict(sm_count=8, max_shared_bytes=7680)  # 7 blocks, B in two chunks
+    limits = dict(sm_count=8, max_shared_bytes=7680 + STATIC)  # 7 blocks, B in two chunks
     first = run_kernels(_launch.EmulatorRuntime(seed=1, **limits), problem, variant="persistent")
     first_norms = run_step_norms(_launch.EmulatorRuntime(seed=1, **limits), problem, variant="persistent")
     for seed in (1, 2, 3):
@@ -180,7 +184,7 @@ def test_emulated_persistent_same_bits_in_stale_and_sequential_memory():
     if not _stale_model_available():
         pytest.skip("this emulator has no stale memory model")
     problem = make_norm_problem((4, 5, 7, 12), "all", seed=12)
-    limits = dict(sm_count=3, max_shared_bytes=3328)  # 3 blocks, B in chunks of 4 rows
+    limits = dict(sm_count=3, max_shared_bytes=3328 + STATIC)  # 3 blocks, B in chunks of 4 rows
     forward, backward = persistent_plans(_launch.EmulatorRuntime(**limits), 5, 12)
     assert forward.blocks == backward.blocks == 3 and forward.chunk_rows == backward.chunk_rows == 4
     runs = {model: run_step_norms(_launch.EmulatorRuntime(memory_model=model, **limits), problem, variant="persistent")
