@@ -305,7 +305,8 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
 //     math: dh_t = that product + dy_t (+ dh_n at t = T-1), dc_t from the carry, dz_t
 //     of the four gates into dgates[t], carry = dc_t·f; then publish step t.
 //     StepNorms: Σ dh_t² and Σ dc_t² of the block's pairs (float64, fixed order: each
-//     thread in pair order, then block_sum) into step_squares[block, t].
+//     thread in pair order, then block_sum) into step_squares[block, t]. Each
+//     thread loads its first pair's gates, c and dy before the wait.
 //   * after the loop the carry is dc0. dh0 = dz_0·W_hh, dx, dW_ih, dW_hh and db are
 //     products over all steps, done after the launch (gradients_after_loop).
 // Every sum has a fixed order: bitwise deterministic.

@@ -290,7 +290,8 @@ lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + 
 //     stage h_{t-1}[chunk] (stage_rows), z = slice x state (slice_times_state), and
 //     the cell update, one (row, unit) pair per thread: the four gates' k-partials
 //     summed in fixed order, plus gx, activations, c and h; write h_t to h_all[t+1]
-//     (and c_t, the gates when Training); then publish step t+1.
+//     (and c_t, the gates when Training); then publish step t+1. Each thread loads
+//     the gx of its first pair before the wait: it does not depend on other blocks.
 // Gate order and math are lstm_forward_step's, so results agree with it to rounding
 // (the k-sums are ordered differently) and both save the same arrays.
 //
