@@ -21,6 +21,10 @@ to pay for the fork; below that they run serially.
 
 from __future__ import annotations
 
+import hashlib
+import types
+from pathlib import Path
+
 import numba
 import numpy as np
 
@@ -32,99 +36,148 @@ from .reference import Saved
 # saves on a few cores (measured on a 2-core x86 machine with float32).
 _PARALLEL_MIN_UNITS = 16384
 
+# The cell loops. Each reads every gate pre-activation once and keeps the cell math in
+# registers. They are plain functions here, compiled below into one Numba dispatcher
+# per variant; see ``_compile`` for why.
+#
+# Each row is processed by a few short loops over a handful of arrays each rather than
+# one loop touching all of them: with six or more arrays in one loop LLVM's runtime
+# alias checks give up and the scalar loop runs (4x slower, measured). Each gate is
+# reached through its own slice that starts at 0: written as ``act[3 * hidden + j]``
+# the output-gate loop did not vectorize (11.9 µs against 1.9 µs for the input/forget
+# loop over twice the values, 16x256 float32); the slices compute the same bits.
 
-def _make_cells(sigmoid, tanh, parallel):
-    """The forward and backward cell loops for one dtype's activations. Each reads
-    every gate pre-activation once and keeps the cell math in registers."""
-    jit = numba.njit(
+
+def _cell_forward(gates, z, c_prev, h_out, c_out):
+    """One step for every (b, j). On entry ``gates`` [B, 4H] holds the input projection
+    with bias and z [B, 4H] holds h_{t-1} W_hhᵀ; on exit ``gates`` holds the activated
+    i, f, g, o. c_prev, h_out, c_out [B, H]."""
+    batch, hidden = c_prev.shape
+    for b in numba.prange(batch):
+        act, rec = gates[b], z[b]
+        act_if, rec_if = act[: 2 * hidden], rec[: 2 * hidden]
+        act_g, rec_g = act[2 * hidden : 3 * hidden], rec[2 * hidden : 3 * hidden]
+        act_o, rec_o = act[3 * hidden :], rec[3 * hidden :]
+        for j in range(2 * hidden):  # i, f
+            act_if[j] = _fastmath.sigmoid(act_if[j] + rec_if[j])
+        for j in range(hidden):
+            act_g[j] = _fastmath.tanh(act_g[j] + rec_g[j])
+        for j in range(hidden):
+            act_o[j] = _fastmath.sigmoid(act_o[j] + rec_o[j])
+        gate_i, gate_f = act[:hidden], act[hidden : 2 * hidden]
+        c_in, c_row, h_row = c_prev[b], c_out[b], h_out[b]
+        for j in range(hidden):
+            c = gate_f[j] * c_in[j] + gate_i[j] * act_g[j]
+            c_row[j] = c
+            h_row[j] = act_o[j] * _fastmath.tanh(c)
+
+
+def _cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz, row_sq):
+    """Gate gradients of one step. Reads dy, dh_next [B, H] (the gradient reaching h_t
+    from y_t and from step t+1), carry [B, H] (reaching c_t from step t+1; overwritten
+    with the part that flows on to c_{t-1}), the saved gates [B, 4H], c_{t-1} and c_t
+    [B, H]; writes dz [B, 4H] and row_sq [B, 2] (scratch). Returns (‖dh_t‖², ‖dc_t‖²)."""
+    batch, hidden = c_cur.shape
+    one = dz.dtype.type(1)
+    for b in numba.prange(batch):
+        act, grad, dc_row = gates[b], dz[b], carry[b]
+        gate_i, gate_f = act[:hidden], act[hidden : 2 * hidden]
+        gate_g, gate_o = act[2 * hidden : 3 * hidden], act[3 * hidden :]
+        grad_i, grad_f = grad[:hidden], grad[hidden : 2 * hidden]
+        grad_g, grad_o = grad[2 * hidden : 3 * hidden], grad[3 * hidden :]
+        dy_row, dh_row, c_row = dy[b], dh_next[b], c_cur[b]
+        # Per-row sums, added across rows in order after the loop: a prange reduction
+        # would add them in an order that depends on the thread count.
+        dh_sq = 0.0
+        dc_sq = 0.0
+        for j in range(hidden):  # dz^o, and dc_t into the carry row
+            o = gate_o[j]
+            tanh_c = _fastmath.tanh(c_row[j])
+            dh = dy_row[j] + dh_row[j]
+            dc = dc_row[j] + dh * o * (one - tanh_c * tanh_c)
+            grad_o[j] = dh * tanh_c * o * (one - o)
+            dc_row[j] = dc
+            dh_sq += dh * dh
+            dc_sq += dc * dc
+        row_sq[b, 0] = dh_sq
+        row_sq[b, 1] = dc_sq
+        c_in = c_prev[b]
+        for j in range(hidden):  # dz^i, dz^f, dz^g, and the carry to c_{t-1}
+            i, f, g = gate_i[j], gate_f[j], gate_g[j]
+            dc = dc_row[j]
+            grad_i[j] = dc * g * i * (one - i)
+            grad_f[j] = dc * c_in[j] * f * (one - f)
+            grad_g[j] = dc * i * (one - g * g)
+            dc_row[j] = dc * f
+    dh_total = 0.0
+    dc_total = 0.0
+    for b in range(batch):
+        dh_total += row_sq[b, 0]
+        dc_total += row_sq[b, 1]
+    return dh_total, dc_total
+
+
+# Numba's on-disk cache (cache=True) files a compiled function under its qualified name
+# and first line, and keys the entry by its signature, its bytecode and a pickle of its
+# closure. Two rules follow, and the variants below keep both:
+# * a closure over a jitted function never hits: the dispatcher pickles with an id that
+#   is new in every process, so each process compiled anew and appended two files to
+#   the cache. The loops therefore close over nothing; the dtype's activations come in
+#   through the generic ``_fastmath.sigmoid``/``tanh``;
+# * ``parallel=`` is not part of the key: compiled from one function, the serial and
+#   parallel variants shared one entry, and whichever compiled first in a process served
+#   both. Each variant is therefore a copy of the function under its own name. The
+#   name also carries a digest of _fastmath.py, since Numba checks only the timestamp
+#   of the file the function is defined in.
+# dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
+_FASTMATH_DIGEST = hashlib.sha256(Path(_fastmath.__file__).read_bytes()).hexdigest()[:12]
+
+
+def _compile(py_func, parallel):
+    variant = "parallel" if parallel else "serial"
+    name = f"{py_func.__name__}_{variant}"
+    func = types.FunctionType(py_func.__code__, py_func.__globals__, name)
+    func.__qualname__ = f"{name}_{_FASTMATH_DIGEST}"
+    func.__doc__ = py_func.__doc__
+    return numba.njit(
         nogil=True,
         cache=True,
         parallel=parallel,
         error_model="numpy",  # no zero-division branches: they stop vectorization
-        # ``reassoc`` lets the two norm sums in backward vectorize; everything else
-        # in these loops is products, where it changes nothing but the last bit.
+        # ``reassoc`` lets the two norm sums in backward vectorize; everything else in
+        # these loops is products, where it changes nothing but the last bit.
         fastmath={"contract", "reassoc"},
-    )
-
-    # Each row is processed by a few short loops over a handful of arrays each rather
-    # than one loop touching all of them: with six or more arrays in one loop LLVM's
-    # runtime alias checks give up and the scalar loop runs (4x slower, measured).
-
-    @jit
-    def cell_forward(gates, z, c_prev, h_out, c_out):
-        """One step for every (b, j). On entry ``gates`` [B, 4H] holds the input
-        projection with bias and z [B, 4H] holds h_{t-1} W_hhᵀ; on exit ``gates``
-        holds the activated i, f, g, o. c_prev, h_out, c_out [B, H]."""
-        batch, hidden = c_prev.shape
-        for b in numba.prange(batch):
-            act, rec = gates[b], z[b]
-            for j in range(2 * hidden):  # i, f
-                act[j] = sigmoid(act[j] + rec[j])
-            for j in range(2 * hidden, 3 * hidden):  # g
-                act[j] = tanh(act[j] + rec[j])
-            for j in range(3 * hidden, 4 * hidden):  # o
-                act[j] = sigmoid(act[j] + rec[j])
-            c_in, c_row, h_row = c_prev[b], c_out[b], h_out[b]
-            for j in range(hidden):
-                c = act[hidden + j] * c_in[j] + act[j] * act[2 * hidden + j]
-                c_row[j] = c
-                h_row[j] = act[3 * hidden + j] * tanh(c)
-
-    @jit
-    def cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz):
-        """Gate gradients of one step. Reads dy, dh_next [B, H] (the gradient reaching
-        h_t from y_t and from step t+1), carry [B, H] (reaching c_t from step t+1;
-        overwritten with the part that flows on to c_{t-1}), the saved gates [B, 4H],
-        c_{t-1} and c_t [B, H]; writes dz [B, 4H]. Returns (‖dh_t‖², ‖dc_t‖²)."""
-        batch, hidden = c_cur.shape
-        one = dz.dtype.type(1)
-        dh_sq = 0.0
-        dc_sq = 0.0
-        for b in numba.prange(batch):
-            act, grad, dc_row = gates[b], dz[b], carry[b]
-            dy_row, dh_row, c_row = dy[b], dh_next[b], c_cur[b]
-            for j in range(hidden):  # dz^o, and dc_t into the carry row
-                o = act[3 * hidden + j]
-                tanh_c = tanh(c_row[j])
-                dh = dy_row[j] + dh_row[j]
-                dc = dc_row[j] + dh * o * (one - tanh_c * tanh_c)
-                grad[3 * hidden + j] = dh * tanh_c * o * (one - o)
-                dc_row[j] = dc
-                dh_sq += dh * dh
-                dc_sq += dc * dc
-            c_in = c_prev[b]
-            for j in range(hidden):  # dz^i, dz^f, dz^g, and the carry to c_{t-1}
-                i, f, g = act[j], act[hidden + j], act[2 * hidden + j]
-                dc = dc_row[j]
-                grad[j] = dc * g * i * (one - i)
-                grad[hidden + j] = dc * c_in[j] * f * (one - f)
-                grad[2 * hidden + j] = dc * i * (one - g * g)
-                dc_row[j] = dc * f
-        return dh_sq, dc_sq
-
-    return cell_forward, cell_backward
+    )(func)
 
 
 _CELLS = {
-    (dtype, parallel): _make_cells(sigmoid, tanh, parallel)
-    for dtype, sigmoid, tanh in (
-        (np.dtype(np.float32), _fastmath.sigmoid32, _fastmath.tanh32),
-        (np.dtype(np.float64), _fastmath.sigmoid64, _fastmath.tanh64),
-    )
+    parallel: (_compile(_cell_forward, parallel), _compile(_cell_backward, parallel))
     for parallel in (False, True)
 }
 
 
-def _cells(dtype, batch, hidden):
-    parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS
-    return _CELLS[np.dtype(dtype), parallel]
+def compiled_cells():
+    """The cell dispatchers by name (``forward_serial`` ...): for tests and profiling,
+    e.g. ``dispatcher.stats.cache_hits``."""
+    return {
+        f"{direction}_{'parallel' if parallel else 'serial'}": dispatcher
+        for parallel, pair in _CELLS.items()
+        for direction, dispatcher in zip(("forward", "backward"), pair)
+    }
+
+
+def _cells(batch, hidden):
+    """The (forward, backward) cells for a step of B x H: parallel over the batch when
+    B > 1 and B·H >= _PARALLEL_MIN_UNITS, serial otherwise. Both compute the same bits
+    (tests/test_cpu.py checks it), so the rule decides speed only."""
+    return _CELLS[batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS]
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    cell, _ = _cells(dtype, batch, hidden)
+    cell, _ = _cells(batch, hidden)
 
     # The input projection of every step; each step's cell overwrites its slice with
     # the activated gates, so this one buffer is also what backward reads.
@@ -152,15 +205,16 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    _, cell = _cells(dtype, batch, hidden)
+    _, cell = _cells(batch, hidden)
 
     dz = np.empty((steps, batch, 4 * hidden), dtype)
     dh_next = np.array(dh_n, dtype=dtype, order="C")
     carry = np.array(dc_n, dtype=dtype, order="C")
+    row_sq = np.empty((batch, 2))
     dh_norms = np.empty(steps)
     dc_norms = np.empty(steps)
     for t in reversed(range(steps)):
-        dh_sq, dc_sq = cell(dy[t], dh_next, carry, saved.gates[t], saved.c[t], saved.c[t + 1], dz[t])
+        dh_sq, dc_sq = cell(dy[t], dh_next, carry, saved.gates[t], saved.c[t], saved.c[t + 1], dz[t], row_sq)
         dh_norms[t], dc_norms[t] = np.sqrt(dh_sq), np.sqrt(dc_sq)
         np.matmul(dz[t], w_hh, out=dh_next)
 

@@ -113,3 +113,77 @@ def test_cpu_matches_torch_lstm(dtype, batch_first):
     assert rel_err(grads.dw_hh, lstm.weight_hh_l0.grad.numpy()) < tol
     assert rel_err(grads.db_ih, lstm.bias_ih_l0.grad.numpy()) < tol
     assert rel_err(grads.db_hh, lstm.bias_hh_l0.grad.numpy()) < tol
+
+
+def test_fastmath_sigmoid32_saturates_to_exact_zero_and_one():
+    # Issue 11, defect 7: σ(-inf) was 2^-126 (1.6e-38), not the exact 0 documented.
+    from rnnkernels import _fastmath
+
+    inf = np.float32(np.inf)
+    assert _fastmath.sigmoid32(-inf) == 0.0
+    assert _fastmath.sigmoid32(np.float32(-200.0)) == 0.0
+    assert _fastmath.sigmoid32(inf) == 1.0
+    assert _fastmath.tanh32(inf) == 1.0 and _fastmath.tanh32(-inf) == -1.0
+    assert np.isnan(_fastmath.sigmoid32(np.float32(np.nan)))
+    assert np.isnan(_fastmath.tanh32(np.float32(np.nan)))
+    # Below -87, σ is under the smallest normal float32 and flushes to 0; above it the
+    # exact value stays within a few ulp.
+    for x in (-87.0, -80.0, -20.0):
+        want = 1.0 / (1.0 + np.exp(-x))
+        assert abs(_fastmath.sigmoid32(np.float32(x)) - want) <= 1e-6 * want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_infinite_input_gives_the_references_nan_and_inf_pattern(dtype):
+    # With +Inf in x, dz^i = dc g σ'(z^i) is an exact 0 where σ saturates; dW_ih = dzᵀ x
+    # then holds 0·Inf = NaN where torch and the reference have it, not ±Inf.
+    problem = make_problem(4, 3, 5, 6, dtype=dtype, seed=3, scale=4.0)
+    problem["x"][1, 0, 2] = np.inf
+    upstream = make_upstream(4, 3, 6, dtype=dtype)
+    cpu = rnnkernels.lstm_forward(**problem, backend="cpu")
+    ref = rnnkernels.lstm_forward(**problem, backend="reference")
+    g_cpu = rnnkernels.lstm_backward(cpu, **upstream)
+    g_ref = rnnkernels.lstm_backward(ref, **upstream)
+    for name in ("y", "h_n", "c_n"):
+        got, want = getattr(cpu, name), getattr(ref, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+    for name in GRAD_OF.values():
+        got, want = getattr(g_cpu, name), getattr(g_ref, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        finite = np.isfinite(want)
+        assert rel_err(got[finite], want[finite]) < 10 * TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_serial_and_parallel_cells_give_the_same_bits(dtype):
+    # The size rule in cpu._cells picks a variant for speed only: whichever runs, and
+    # with however many threads, every output bit is the same (issue 11, defect 3).
+    from rnnkernels import cpu
+
+    batch, hidden = 5, 37
+
+    def arrays():
+        r = np.random.default_rng(7)
+        return {
+            "gates": r.standard_normal((batch, 4 * hidden)).astype(dtype),
+            "z": r.standard_normal((batch, 4 * hidden)).astype(dtype),
+            "c_prev": r.standard_normal((batch, hidden)).astype(dtype),
+            "dy": r.standard_normal((batch, hidden)).astype(dtype),
+            "dh_next": r.standard_normal((batch, hidden)).astype(dtype),
+            "carry": r.standard_normal((batch, hidden)).astype(dtype),
+        }
+
+    results = []
+    for parallel in (False, True):
+        forward, backward = cpu._CELLS[parallel]
+        a = arrays()
+        h_out = np.empty((batch, hidden), dtype)
+        c_out = np.empty((batch, hidden), dtype)
+        forward(a["gates"], a["z"], a["c_prev"], h_out, c_out)
+        dz = np.empty((batch, 4 * hidden), dtype)
+        sums = backward(a["dy"], a["dh_next"], a["carry"], a["gates"], a["c_prev"], c_out, dz, np.empty((batch, 2)))
+        results.append((a["gates"], h_out, c_out, dz, a["carry"], np.array(sums)))
+    for serial, parallel in zip(*results):
+        assert serial.tobytes() == parallel.tobytes()
