@@ -118,7 +118,7 @@ def tanh(x):
     raise NotImplementedError("tanh is only callable from Numba-compiled code")
 
 
-@overload(sigmoid, inline="always")
+@overload(sigmoid)
 def _sigmoid_for(x):
     if x == types.float32:
         return lambda x: sigmoid32(x)
@@ -127,7 +127,7 @@ def _sigmoid_for(x):
     return None
 
 
-@overload(tanh, inline="always")
+@overload(tanh)
 def _tanh_for(x):
     if x == types.float32:
         return lambda x: tanh32(x)

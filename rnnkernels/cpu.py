@@ -28,7 +28,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import _fastmath
+from . import _cpu_gemm, _fastmath
 from ._backend import Backend
 from .reference import Saved
 
@@ -117,27 +117,81 @@ def _cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz, row_sq):
     return dh_total, dc_total
 
 
+def _step_product(a, packed, out):
+    """out[:, :N] = a [R, K] @ M [K, N] for M packed by ``_cpu_gemm.pack``; out [R, ≥N]
+    C-contiguous, its columns past N get the zero padding's products (zeros). Groups of
+    4 panels (the parallel variant splits the groups); in each, blocks of 4 rows, and a
+    last block of 1-3 rows through the kernel that keeps 8 accumulators busy."""
+    rows = a.shape[0]
+    full = rows - rows % 4
+    rest = rows - full
+    panels = packed.shape[0]
+    for group in numba.prange((panels + 3) // 4):
+        first = 4 * group
+        count = min(4, panels - first)
+        for panel in range(first, first + count):
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x1(a, row, packed, panel, out)
+        if rest == 1 and count == 4:
+            _cpu_gemm.tile1x4(a, full, packed, first, out)
+        elif rest == 2 and count == 4:
+            _cpu_gemm.tile2x2(a, full, packed, first, out)
+            _cpu_gemm.tile2x2(a, full, packed, first + 2, out)
+        elif rest > 0:
+            for panel in range(first, first + count):
+                if rest == 1:
+                    _cpu_gemm.tile1x1(a, full, packed, panel, out)
+                elif rest == 2:
+                    _cpu_gemm.tile2x1(a, full, packed, panel, out)
+                else:
+                    _cpu_gemm.tile3x1(a, full, packed, panel, out)
+
+
+def _forward_steps(gates, h, c, packed_w_hh_t, z):
+    """All T steps in one compiled call (no per-step Python, BLAS or unboxing cost).
+    gates [T, B, 4H]: x W_ihᵀ + b on entry, the activated gates on exit; h, c
+    [T+1, B, H] with h[0], c[0] set; packed_w_hh_t: W_hhᵀ packed; z [B, ≥4H] scratch."""
+    for t in range(gates.shape[0]):
+        step_product(h[t], packed_w_hh_t, z)  # noqa: F821 - a global of each variant
+        cell_forward(gates[t], z, c[t], h[t + 1], c[t + 1])  # noqa: F821
+
+
+def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_norms, dc_norms):
+    """All T steps backward in one compiled call. dh_next [B, ≥H] and carry [B, H]: the
+    gradients reaching h_T, c_T on entry, h_0, c_0 on exit; writes dz [T, B, 4H] and
+    the step norms [T]."""
+    for t in range(dy.shape[0] - 1, -1, -1):
+        dh_sq, dc_sq = cell_backward(  # noqa: F821
+            dy[t], dh_next, carry, gates[t], c[t], c[t + 1], dz[t], row_sq
+        )
+        dh_norms[t] = np.sqrt(dh_sq)
+        dc_norms[t] = np.sqrt(dc_sq)
+        step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
+
+
 # Numba's on-disk cache (cache=True) files a compiled function under its qualified name
 # and first line, and keys the entry by its signature, its bytecode and a pickle of its
 # closure. Two rules follow, and the variants below keep both:
 # * a closure over a jitted function never hits: the dispatcher pickles with an id that
 #   is new in every process, so each process compiled anew and appended two files to
 #   the cache. The loops therefore close over nothing; the dtype's activations come in
-#   through the generic ``_fastmath.sigmoid``/``tanh``;
+#   through the generic ``_fastmath.sigmoid``/``tanh``, and a variant's callees through
+#   its globals;
 # * ``parallel=`` is not part of the key: compiled from one function, the serial and
 #   parallel variants shared one entry, and whichever compiled first in a process served
 #   both. Each variant is therefore a copy of the function under its own name. The
-#   name also carries a digest of _fastmath.py, since Numba checks only the timestamp
-#   of the file the function is defined in.
+#   name also carries a digest of _fastmath.py and _cpu_gemm.py, since Numba checks only
+#   the timestamp of the file the function is defined in.
 # dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
-_FASTMATH_DIGEST = hashlib.sha256(Path(_fastmath.__file__).read_bytes()).hexdigest()[:12]
+_SOURCE_DIGEST = hashlib.sha256(
+    Path(_fastmath.__file__).read_bytes() + Path(_cpu_gemm.__file__).read_bytes()
+).hexdigest()[:12]
 
 
-def _compile(py_func, parallel):
-    variant = "parallel" if parallel else "serial"
+def _compile(py_func, variant, parallel, callees=None):
     name = f"{py_func.__name__}_{variant}"
-    func = types.FunctionType(py_func.__code__, py_func.__globals__, name)
-    func.__qualname__ = f"{name}_{_FASTMATH_DIGEST}"
+    func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
+    func.__qualname__ = f"{name}_{_SOURCE_DIGEST}"
     func.__doc__ = py_func.__doc__
     return numba.njit(
         nogil=True,
@@ -150,34 +204,51 @@ def _compile(py_func, parallel):
     )(func)
 
 
-_CELLS = {
-    parallel: (_compile(_cell_forward, parallel), _compile(_cell_backward, parallel))
-    for parallel in (False, True)
-}
+class _Variant:
+    """One compiled variant: the cells, the step product and the two time loops."""
+
+    def __init__(self, parallel):
+        name = "parallel" if parallel else "serial"
+        self.cell_forward = _compile(_cell_forward, name, parallel)
+        self.cell_backward = _compile(_cell_backward, name, parallel)
+        self.step_product = _compile(_step_product, name, parallel)
+        # The time loops themselves are serial (each step needs the last); in the
+        # parallel variant their callees fork and join once per step.
+        self.forward_steps = _compile(
+            _forward_steps, name, False,
+            {"step_product": self.step_product, "cell_forward": self.cell_forward},
+        )
+        self.backward_steps = _compile(
+            _backward_steps, name, False,
+            {"step_product": self.step_product, "cell_backward": self.cell_backward},
+        )
 
 
-def compiled_cells():
-    """The cell dispatchers by name (``forward_serial`` ...): for tests and profiling,
+_VARIANTS = {parallel: _Variant(parallel) for parallel in (False, True)}
+
+
+def compiled_functions():
+    """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
     e.g. ``dispatcher.stats.cache_hits``."""
     return {
-        f"{direction}_{'parallel' if parallel else 'serial'}": dispatcher
-        for parallel, pair in _CELLS.items()
-        for direction, dispatcher in zip(("forward", "backward"), pair)
+        f"{name}_{'parallel' if parallel else 'serial'}": dispatcher
+        for parallel, variant in _VARIANTS.items()
+        for name, dispatcher in vars(variant).items()
     }
 
 
-def _cells(batch, hidden):
-    """The (forward, backward) cells for a step of B x H: parallel over the batch when
-    B > 1 and B·H >= _PARALLEL_MIN_UNITS, serial otherwise. Both compute the same bits
-    (tests/test_cpu.py checks it), so the rule decides speed only."""
-    return _CELLS[batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS]
+def _variant(batch, hidden):
+    """The variant for a step of B x H: parallel when B > 1 and B·H >=
+    _PARALLEL_MIN_UNITS, serial otherwise. Both compute the same bits (tests/test_cpu.py
+    checks it), so the rule decides speed only."""
+    return _VARIANTS[batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS]
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    cell, _ = _cells(batch, hidden)
+    variant = _variant(batch, hidden)
 
     # The input projection of every step; each step's cell overwrites its slice with
     # the activated gates, so this one buffer is also what backward reads.
@@ -187,11 +258,10 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((steps + 1, batch, hidden), dtype)
     h[0], c[0] = h0, c0
-    z = np.empty((batch, 4 * hidden), dtype)
-    w_hh_t = w_hh.T
-    for t in range(steps):
-        np.matmul(h[t], w_hh_t, out=z)
-        cell(gates[t], z, c[t], h[t + 1], c[t + 1])
+    # W_hhᵀ packed once per call; z has the packed width (4H rounded up to a panel).
+    packed = _cpu_gemm.pack(w_hh.T)
+    z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
+    variant.forward_steps(gates, h, c, packed, z)
 
     if not training:
         return h[1:], h[steps].copy(), c[steps].copy(), None
@@ -205,18 +275,21 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    _, cell = _cells(batch, hidden)
+    variant = _variant(batch, hidden)
 
     dz = np.empty((steps, batch, 4 * hidden), dtype)
-    dh_next = np.array(dh_n, dtype=dtype, order="C")
+    packed = _cpu_gemm.pack(w_hh)
+    # dh_next has the packed width (H rounded up to a panel); its first H columns count.
+    dh_next = np.zeros((batch, packed.shape[0] * packed.shape[2]), dtype)
+    dh_next[:, :hidden] = dh_n
     carry = np.array(dc_n, dtype=dtype, order="C")
     row_sq = np.empty((batch, 2))
     dh_norms = np.empty(steps)
     dc_norms = np.empty(steps)
-    for t in reversed(range(steps)):
-        dh_sq, dc_sq = cell(dy[t], dh_next, carry, saved.gates[t], saved.c[t], saved.c[t + 1], dz[t], row_sq)
-        dh_norms[t], dc_norms[t] = np.sqrt(dh_sq), np.sqrt(dc_sq)
-        np.matmul(dz[t], w_hh, out=dh_next)
+    variant.backward_steps(
+        np.ascontiguousarray(dy), saved.gates, saved.c, packed, dz, dh_next, carry, row_sq, dh_norms, dc_norms
+    )
+    dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
     dx = (flat_dz @ w_ih).reshape(steps, batch, input_size)

@@ -157,33 +157,21 @@ def test_cpu_infinite_input_gives_the_references_nan_and_inf_pattern(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cpu_serial_and_parallel_cells_give_the_same_bits(dtype):
-    # The size rule in cpu._cells picks a variant for speed only: whichever runs, and
+@pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64)])
+def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monkeypatch):
+    # The size rule in cpu._variant picks a variant for speed only: whichever runs, and
     # with however many threads, every output bit is the same (issue 11, defect 3).
     from rnnkernels import cpu
 
-    batch, hidden = 5, 37
-
-    def arrays():
-        r = np.random.default_rng(7)
-        return {
-            "gates": r.standard_normal((batch, 4 * hidden)).astype(dtype),
-            "z": r.standard_normal((batch, 4 * hidden)).astype(dtype),
-            "c_prev": r.standard_normal((batch, hidden)).astype(dtype),
-            "dy": r.standard_normal((batch, hidden)).astype(dtype),
-            "dh_next": r.standard_normal((batch, hidden)).astype(dtype),
-            "carry": r.standard_normal((batch, hidden)).astype(dtype),
-        }
-
+    steps, batch, input_size, hidden = shape
+    problem = make_problem(*shape, dtype=dtype, seed=9)
+    upstream = make_upstream(steps, batch, hidden, dtype=dtype)
     results = []
-    for parallel in (False, True):
-        forward, backward = cpu._CELLS[parallel]
-        a = arrays()
-        h_out = np.empty((batch, hidden), dtype)
-        c_out = np.empty((batch, hidden), dtype)
-        forward(a["gates"], a["z"], a["c_prev"], h_out, c_out)
-        dz = np.empty((batch, 4 * hidden), dtype)
-        sums = backward(a["dy"], a["dh_next"], a["carry"], a["gates"], a["c_prev"], c_out, dz, np.empty((batch, 2)))
-        results.append((a["gates"], h_out, c_out, dz, a["carry"], np.array(sums)))
+    for threshold in (10**9, 0):  # serial everywhere, then parallel wherever B > 1
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_UNITS", threshold)
+        out = rnnkernels.lstm_forward(**problem, backend="cpu")
+        grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
+        results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]
+                       + [grads.dh_norms, grads.dc_norms])
     for serial, parallel in zip(*results):
         assert serial.tobytes() == parallel.tobytes()

@@ -50,10 +50,10 @@ run(3, 64, 300, np.float32)
 result["second_s"] = time.perf_counter() - start
 result["cache_hits"] = {{
     name: sum(dispatcher.stats.cache_hits.values())
-    for name, dispatcher in cpu.compiled_cells().items()
+    for name, dispatcher in cpu.compiled_functions().items()
 }}
 result["compiled"] = {{
-    name: len(dispatcher.signatures) for name, dispatcher in cpu.compiled_cells().items()
+    name: len(dispatcher.signatures) for name, dispatcher in cpu.compiled_functions().items()
 }}
 print(json.dumps(result))
 """
