@@ -35,6 +35,9 @@ from .reference import Saved
 # Below this many hidden units per step (B·H), a parallel region costs more than it
 # saves on a few cores (measured on a 2-core x86 machine with float32).
 _PARALLEL_MIN_UNITS = 16384
+# Below this many multiply-adds a product is not split over threads (a fork costs some
+# microseconds; 2^20 multiply-adds take about 30 µs on one core).
+_PARALLEL_MIN_MACS = 1 << 20
 
 # The cell loops. Each reads every gate pre-activation once and keeps the cell math in
 # registers. They are plain functions here, compiled below into one Numba dispatcher
@@ -237,11 +240,30 @@ def compiled_functions():
     }
 
 
+def _threads():
+    """Numba's thread count for the calling thread (numba.set_num_threads may lower it)."""
+    return numba.get_num_threads()
+
+
 def _variant(batch, hidden):
-    """The variant for a step of B x H: parallel when B > 1 and B·H >=
-    _PARALLEL_MIN_UNITS, serial otherwise. Both compute the same bits (tests/test_cpu.py
-    checks it), so the rule decides speed only."""
-    return _VARIANTS[batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS]
+    """The variant for the time loop, steps of B x H: parallel when Numba has more than
+    one thread, B > 1 and B·H >= _PARALLEL_MIN_UNITS (a fork and a join per step must
+    pay), serial otherwise. Both compute the same bits (tests/test_cpu.py checks it), so
+    the rule decides speed only."""
+    parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS and _threads() > 1
+    return _VARIANTS[parallel]
+
+
+def _project(a, packed, columns):
+    """a [M, K] @ M_packed as a new C-contiguous [M, columns] array (the packed matrix's
+    first ``columns`` columns): one fork for the whole product, parallel when there is
+    more than one thread and at least _PARALLEL_MIN_MACS multiply-adds."""
+    rows = a.shape[0]
+    width = packed.shape[0] * packed.shape[2]
+    parallel = rows * width * a.shape[1] >= _PARALLEL_MIN_MACS and _threads() > 1
+    out = np.empty((rows, width), a.dtype)
+    _VARIANTS[parallel].step_product(np.ascontiguousarray(a), packed, out)
+    return out if width == columns else np.ascontiguousarray(out[:, :columns])
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
@@ -251,8 +273,12 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     variant = _variant(batch, hidden)
 
     # The input projection of every step; each step's cell overwrites its slice with
-    # the activated gates, so this one buffer is also what backward reads.
-    gates = (x.reshape(steps * batch, input_size) @ w_ih.T).reshape(steps, batch, 4 * hidden)
+    # the activated gates, so this one buffer is also what backward reads. It goes
+    # through the packed kernel rather than NumPy's BLAS (on par with OpenBLAS here at
+    # one thread) so that forward runs on one thread pool, Numba's: OpenBLAS's workers
+    # would spin on the cores the time loop's threads need (see the threading policy).
+    gates = _project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden)
+    gates = gates.reshape(steps, batch, 4 * hidden)
     if bias is not None:
         gates += bias
     h = np.empty((steps + 1, batch, hidden), dtype)

@@ -167,11 +167,14 @@ def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monke
     problem = make_problem(*shape, dtype=dtype, seed=9)
     upstream = make_upstream(steps, batch, hidden, dtype=dtype)
     results = []
-    for threshold in (10**9, 0):  # serial everywhere, then parallel wherever B > 1
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)
+    for threshold in (10**12, 0):  # serial everywhere, then parallel wherever B > 1
         monkeypatch.setattr(cpu, "_PARALLEL_MIN_UNITS", threshold)
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_MACS", threshold)
         out = rnnkernels.lstm_forward(**problem, backend="cpu")
         grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
         results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]
                        + [grads.dh_norms, grads.dc_norms])
+    assert cpu._VARIANTS[True].step_product.signatures  # the parallel variant did run
     for serial, parallel in zip(*results):
         assert serial.tobytes() == parallel.tobytes()
