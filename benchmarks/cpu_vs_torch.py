@@ -30,10 +30,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-try:
-    import rnnkernels.bench  # noqa: F401
-except ImportError:  # run from a source checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Measure the checkout this script is in, even where another copy of rnnkernels is
+# installed (an editable install of another worktree would be imported first).
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "rnnkernels" / "__init__.py").exists():
+    sys.path.insert(0, str(_CHECKOUT))
 
 from rnnkernels.bench import impls, timing
 from rnnkernels.bench.cli import thread_environment, threads_in_effect
@@ -105,6 +106,7 @@ def measure(args, threads: int) -> list[dict]:
             samples = timing.measure_interleaved(calls, {name: timer for name in calls}, schedule)
             ours, theirs = samples["rnnkernels-cpu"], samples["torch-cpu"]
             row = {
+                "rnnkernels": str(Path(impls.__file__).resolve().parents[2]),
                 "threads": threads, "T": steps, "B": batch, "I": hidden, "H": hidden, "mode": mode,
                 "dtype": args.dtype, "ratio": timing.paired_ratio(ours, theirs),
                 "ours": timing.summarize(ours), "torch": timing.summarize(theirs),
@@ -141,6 +143,8 @@ def run_children(args) -> list[dict]:
                               text=True) as child:
             for line in child.stdout:
                 row = json.loads(line)
+                if not rows:
+                    print(f"rnnkernels from {row['rnnkernels']}")
                 rows.append(row)
                 ratio = row["ratio"]
                 print(f"{threads:>3} {row['T']:>5} {row['B']:>3} {row['H']:>4} {row['mode']:8} "

@@ -1,22 +1,47 @@
-"""The CPU backend: BLAS for the matrix products, Numba for the fused cell.
+"""The CPU backend: Numba for the time loop, packed weights, a register-blocked kernel.
 
 The math is the reference's (see ``rnnkernels/reference.py``); the work is split the
 way the CUDA kernels split it:
 
-* one large GEMM projects every step's input at once: ``gx = x W_ihᵀ + b``
-  over T·B rows;
-* per step, one small GEMM ``h_{t-1} W_hhᵀ`` into a scratch buffer, then one Numba
-  call applies all four gate activations and the cell update, reading each gate
-  pre-activation once, writing h_t and c_t, and overwriting the step's slice of the
-  input projection with the activated gates (the buffer backward reads);
-* backward mirrors it: one Numba loop per step turns dh, dc and the saved gates into
-  the gate gradients dz_t (and the per-step gradient norms), one GEMM carries
-  dh_{t-1} = dz_t W_hh; after the loop, three large GEMMs and a column sum give
-  dW_ih, dW_hh, dx and db.
+* one large product projects every step's input at once: ``gx = x W_ihᵀ + b`` over
+  T·B rows;
+* the whole time loop is one compiled call (``_forward_steps``): per step the small
+  product ``h_{t-1} W_hhᵀ``, by the micro-kernel of ``_cpu_gemm`` on W_hhᵀ packed
+  once per call (a BLAS call per step repacked W_hh every time and cost Python and
+  unboxing overhead on top), then the fused cell, which applies all four gate
+  activations and the cell update, reading each gate pre-activation once, writing
+  h_t and c_t, and overwriting the step's slice of the input projection with the
+  activated gates (the buffer backward reads);
+* backward mirrors it in one call (``_backward_steps``): per step the cell turns dh,
+  dc and the saved gates into the gate gradients dz_t (and the per-step gradient
+  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, three large
+  GEMMs (NumPy's BLAS) and a column sum give dW_ih, dW_hh, dx and db.
 
-float32 and float64 are supported; arithmetic stays in the input dtype. The pointwise
-loops run in parallel over the batch (``numba.prange``) once a step holds enough work
-to pay for the fork; below that they run serially.
+float32 and float64 are supported; arithmetic stays in the input dtype. Every output
+bit is the same in any process, whatever ran before, at any thread count and in
+either variant (tests/test_cpu.py, tests/test_cpu_process.py).
+
+Compiled variants (the rule is ``_variant``): one *serial* and one *parallel* copy of
+each compiled function, each under its own name in Numba's cache; float32 and float64
+are signatures of each. The time loop takes the parallel variant when Numba has more
+than one thread and a step holds B > 1 rows and B·H >= 16384 units: its step product
+splits the weight panels over the threads and its cell the batch rows, one fork and
+join each per step, which only pays for that much work. The input projection is one
+product, split over the threads from 2^20 multiply-adds up. The compiled code is cached
+on disk (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process
+loads it instead of compiling (about a second per variant).
+
+Threading policy: one thread pool at a time, Numba's for everything that runs per step.
+``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets the threads for forward and the
+backward loop; NumPy's BLAS threads (``OPENBLAS_NUM_THREADS``) only the three GEMMs
+after the backward loop, which are large enough for any thread count. No BLAS call
+runs inside a time loop or between forward's projection and its loop any more:
+OpenBLAS's workers spin for about 100 ms after each call, and at two threads on two
+cores they took the core a parallel step needed. Not yet covered: in training, the
+GEMMs after one backward can still be spinning when the next forward's loop starts
+(moving them to the packed kernel needs blocking over their T·B-long k loop). Numba's
+``omp`` layer and PyTorch's bundled libgomp are separate OpenMP runtimes when both are
+used in one process; each spins briefly (GOMP_SPINCOUNT) and then sleeps when idle.
 """
 
 from __future__ import annotations
