@@ -63,6 +63,8 @@ def _make_tile(rows, panels):
             return None
         if not (a.dtype == packed.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
             return None
+        if not (a.ndim == out.ndim == 2 and packed.ndim == 3 and a.layout == packed.layout == out.layout == "C"):
+            return None  # the kernel computes addresses from C-contiguous strides
         sig = types.void(a, row0, packed, panel, out)
 
         def codegen(context, builder, signature, args):

@@ -63,6 +63,7 @@ _PARALLEL_MIN_UNITS = 16384
 # Below this many multiply-adds a product is not split over threads (a fork costs some
 # microseconds; 2^20 multiply-adds take about 30 µs on one core).
 _PARALLEL_MIN_MACS = 1 << 20
+_PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
 
 # The cell loops. Each reads every gate pre-activation once and keeps the cell math in
 # registers. They are plain functions here, compiled below into one Numba dispatcher
@@ -154,6 +155,11 @@ def _step_product(a, packed, out):
     full = rows - rows % 4
     rest = rows - full
     panels = packed.shape[0]
+    # The kernel trusts these (it reads K from a and writes whole panels): check once.
+    if a.shape[1] != packed.shape[1] or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
+        raise ValueError("step product: a, packed and out do not fit together")
+    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
+        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
     for group in numba.prange((panels + 3) // 4):
         first = 4 * group
         count = min(4, panels - first)

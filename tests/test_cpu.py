@@ -178,3 +178,31 @@ def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monke
     assert cpu._VARIANTS[True].step_product.signatures  # the parallel variant did run
     for serial, parallel in zip(*results):
         assert serial.tobytes() == parallel.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
+    # The packed micro-kernel (rnnkernels/_cpu_gemm.py) behind every per-step product
+    # and the input projection: every row-block remainder (rows % 4), column counts that
+    # leave a partial panel or a partial group of 4 panels, K = 0 and 1.
+    from rnnkernels import _cpu_gemm, cpu
+
+    product = cpu._VARIANTS[parallel].step_product
+    rng = np.random.default_rng(4)
+    for rows in range(0, 10):
+        for k, n in ((0, 5), (1, 16), (7, 33), (40, 130), (64, 4 * 64 + 8)):
+            a = rng.standard_normal((rows, k)).astype(dtype)
+            m = rng.standard_normal((k, n)).astype(dtype)
+            packed = _cpu_gemm.pack(m)
+            assert packed.shape[1:] == (k, _cpu_gemm.panel_width(dtype))
+            out = np.full((rows, packed.shape[0] * packed.shape[2]), np.nan, dtype)
+            product(a, packed, out)
+            want = a.astype(np.float64) @ m.astype(np.float64)
+            np.testing.assert_allclose(out[:, :n], want, rtol=0, atol=4 * TOLERANCE[dtype] * max(1.0, np.abs(want).max(initial=0.0)))
+            assert not out[:, n:].any()  # the zero padding's columns
+    a = np.ones((3, 4), dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        product(a, _cpu_gemm.pack(np.ones((5, 16), dtype)), np.empty((3, 16), dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        product(a, _cpu_gemm.pack(np.ones((4, 20), dtype)), np.empty((3, 16), dtype))
