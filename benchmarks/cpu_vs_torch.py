@@ -102,7 +102,11 @@ def measure(args, threads: int) -> list[dict]:
                     raise SystemExit(f"{name} is wrong at {problem}: {worst} off by {error:.2e}")
                 calls[name] = prepared.run
             timer = timing.CpuTimer()
-            schedule = timing.Schedule(args.warmup, args.repeats, 4 * args.repeats, args.budget)
+            # Calls under 1 ms are timed several times per sample (timer ticks and interrupts
+            # would otherwise set p10/p90).
+            schedule = timing.Schedule(warmup=args.warmup, min_repeats=args.repeats,
+                                       max_repeats=4 * args.repeats, budget_s=args.budget,
+                                       min_sample_s=0.001)
             samples = timing.measure_interleaved(calls, {name: timer for name in calls}, schedule)
             ours, theirs = samples["rnnkernels-cpu"], samples["torch-cpu"]
             row = {

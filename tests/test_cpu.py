@@ -163,7 +163,7 @@ def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monke
     # with however many threads, every output bit is the same (issue 11, defect 3).
     from rnnkernels import cpu
 
-    steps, batch, input_size, hidden = shape
+    steps, batch, _, hidden = shape
     problem = make_problem(*shape, dtype=dtype, seed=9)
     upstream = make_upstream(steps, batch, hidden, dtype=dtype)
     results = []
@@ -190,7 +190,7 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
 
     product = cpu._VARIANTS[parallel].step_product
     rng = np.random.default_rng(4)
-    for rows in range(0, 10):
+    for rows in range(10):
         for k, n in ((0, 5), (1, 16), (7, 33), (40, 130), (64, 4 * 64 + 8)):
             a = rng.standard_normal((rows, k)).astype(dtype)
             m = rng.standard_normal((k, n)).astype(dtype)

@@ -18,30 +18,32 @@ cell (``rnnkernels.cpu``'s serial variant):
   ``libtorch_cpu.so``, which exports it on x86 Linux wheels: good enough to measure,
   not something the library may depend on (an ``mkl`` wheel would be the real route);
   skipped where torch or the symbols are missing;
-* ``packed-kernel``: what ``rnnkernels.cpu`` now does: W_hhᵀ packed once per call into
+* ``packed-kernel``: what ``rnnkernels.cpu`` does since issue 12: W_hhᵀ packed once per call into
   16-column panels, the register-blocked kernel of ``rnnkernels/_cpu_gemm.py``.
 
-Result (2-core AMD EPYC, AVX2; 1-minute load average 2.5-8 from other jobs during the
-runs, so single rows move by +-20%; paired interleaved medians, ratio to torch):
+Result (2-core AMD EPYC, AVX2, numba 0.68, torch 2.13; one run of this file, 20 s;
+1-minute load average 2.5-2.8 from other jobs, so single rows move by +-10-20%;
+median of 11 paired interleaved ratios to torch.nn.LSTM, lower is better):
 
-    T,B,I,H              python-blas   numba-blas   numba-mkl-packed   packed-kernel
-    128,16,256,256          1.84          2.06           1.31              1.08 *
-    128,8,128,128           2.00          2.02           1.11              1.00 *
-    512,8,128,128           -             -              1.31              1.17 *
-    64,64,512,512           1.23          -              1.12              1.04 *
-    256,1,128,128           1.13          -              0.43              0.25 *
-    1024,4,64,64            1.84          -              1.63              1.02 *
-    (* the packed kernel was measured in a later run than the others, by
-    /tmp-style scripts this file now reproduces; "-" = run stopped before that row.)
+    T,B,I,H           python-blas   numba-blas   numba-mkl-packed   packed-kernel
+    128,16,256,256       1.85          1.82           1.25              1.11
+    128,8,128,128        2.16          2.09           1.18              0.96
+    512,8,128,128        2.46          2.35           1.32              1.06
+    64,64,512,512        1.15          1.16           1.05              1.01
+    256,1,128,128        1.04          0.66           1.08              0.73
+    1024,4,64,64         1.49          0.98           1.28              0.90
 
-numba-blas gains nothing over python-blas: the OpenBLAS call itself, with its per-call
-packing of W_hh, is the cost, not the loop around it. MKL's packed GEMM removes the
-packing and wins 1.1-2.6x over python-blas, but the hand-written kernel wins more at
-every size and needs no library: at these shapes (B <= 64 rows, K = H <= 512) the
-whole problem is one register tile per (4 rows, 16 columns) with the weights
-streaming from L1/L2, which a 4x16 FMA tile in LLVM IR does at 30-50 GFLOP/s on one
-core of this machine (OpenBLAS: 10-18 GFLOP/s at 16x256x1024 with the repacking).
-Kept: packed-kernel. Run time of this file: about 3 minutes.
+numba-blas gains little over python-blas except where steps are tiny (B=1, H=64):
+the OpenBLAS call itself, with its per-call packing of W_hh, is the cost, not the
+loop around it. MKL's packed GEMM removes the packing and wins up to 1.9x over
+python-blas; the hand-written kernel wins more at every size but B=1 (0.73 against
+numba-blas's 0.66, within this run's noise) and needs no library: at these shapes
+(B <= 64 rows, K = H <= 512) a 4-row x 16-column tile of FMAs kept in registers,
+with the packed weights streaming from L1/L2, runs near the core's peak (about 100
+GFLOP/s float32 at 16x256x1024 on one core of this machine when quiet, against 40
+for OpenBLAS with its repacking; measured with the load average at 2).
+Kept: packed-kernel (the cpu backend adds its own projection and the API around it).
+Run time of this file: about 20 s.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def main():
                 raise SystemExit(f"{name} is wrong at {(steps, batch, size, hidden)}: {error:.2e}")
         x_t = torch.from_numpy(x)
 
-        def torch_run():
+        def torch_run(lstm=lstm, x_t=x_t):
             with torch.no_grad():
                 lstm(x_t)
 
