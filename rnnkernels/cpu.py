@@ -1,144 +1,324 @@
-"""The CPU backend: BLAS for the matrix products, Numba for the fused cell.
+"""The CPU backend: Numba for the time loop, packed weights, a register-blocked kernel.
 
 The math is the reference's (see ``rnnkernels/reference.py``); the work is split the
 way the CUDA kernels split it:
 
-* one large GEMM projects every step's input at once: ``gx = x W_ihᵀ + b``
-  over T·B rows;
-* per step, one small GEMM ``h_{t-1} W_hhᵀ`` into a scratch buffer, then one Numba
-  call applies all four gate activations and the cell update, reading each gate
-  pre-activation once, writing h_t and c_t, and overwriting the step's slice of the
-  input projection with the activated gates (the buffer backward reads);
-* backward mirrors it: one Numba loop per step turns dh, dc and the saved gates into
-  the gate gradients dz_t (and the per-step gradient norms), one GEMM carries
-  dh_{t-1} = dz_t W_hh; after the loop, three large GEMMs and a column sum give
-  dW_ih, dW_hh, dx and db.
+* one large product projects every step's input at once: ``gx = x W_ihᵀ + b`` over
+  T·B rows;
+* the whole time loop is one compiled call (``_forward_steps``): per step the small
+  product ``h_{t-1} W_hhᵀ``, by the micro-kernel of ``_cpu_gemm`` on W_hhᵀ packed
+  once per call (a BLAS call per step repacked W_hh every time and cost Python and
+  unboxing overhead on top), then the fused cell, which applies all four gate
+  activations and the cell update, reading each gate pre-activation once, writing
+  h_t and c_t, and overwriting the step's slice of the input projection with the
+  activated gates (the buffer backward reads);
+* backward mirrors it in one call (``_backward_steps``): per step the cell turns dh,
+  dc and the saved gates into the gate gradients dz_t (and the per-step gradient
+  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, three large
+  GEMMs (NumPy's BLAS) and a column sum give dW_ih, dW_hh, dx and db.
 
-float32 and float64 are supported; arithmetic stays in the input dtype. The pointwise
-loops run in parallel over the batch (``numba.prange``) once a step holds enough work
-to pay for the fork; below that they run serially.
+float32 and float64 are supported; arithmetic stays in the input dtype. Every output
+bit is the same in any process, whatever ran before, at any thread count and in
+either variant (tests/test_cpu.py, tests/test_cpu_process.py).
+
+Compiled variants (the rule is ``_variant``): one *serial* and one *parallel* copy of
+each compiled function, each under its own name in Numba's cache; float32 and float64
+are signatures of each. The time loop takes the parallel variant when Numba has more
+than one thread and a step holds B > 1 rows and B·H >= 16384 units: its step product
+splits the weight panels over the threads and its cell the batch rows, one fork and
+join each per step, which only pays for that much work. The input projection is one
+product, split over the threads from 2^20 multiply-adds up. The compiled code is cached
+on disk (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process
+loads it instead of compiling (about a second per variant).
+
+Threading policy: one thread pool at a time, Numba's for everything that runs per step.
+``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets the threads for forward and the
+backward loop; NumPy's BLAS threads (``OPENBLAS_NUM_THREADS``) only the three GEMMs
+after the backward loop, which are large enough for any thread count. No BLAS call
+runs inside a time loop or between forward's projection and its loop any more:
+OpenBLAS's workers spin for about 100 ms after each call, and at two threads on two
+cores they took the core a parallel step needed. Not yet covered: in training, the
+GEMMs after one backward can still be spinning when the next forward's loop starts
+(moving them to the packed kernel needs blocking over their T·B-long k loop). Numba's
+``omp`` layer and PyTorch's bundled libgomp are separate OpenMP runtimes when both are
+used in one process; each spins briefly (GOMP_SPINCOUNT) and then sleeps when idle.
 """
 
 from __future__ import annotations
 
+import hashlib
+import types
+from pathlib import Path
+
 import numba
 import numpy as np
 
-from . import _fastmath
+from . import _cpu_gemm, _fastmath
 from ._backend import Backend
 from .reference import Saved
 
 # Below this many hidden units per step (B·H), a parallel region costs more than it
 # saves on a few cores (measured on a 2-core x86 machine with float32).
 _PARALLEL_MIN_UNITS = 16384
+# Below this many multiply-adds a product is not split over threads (a fork costs some
+# microseconds; 2^20 multiply-adds take about 30 µs on one core).
+_PARALLEL_MIN_MACS = 1 << 20
+_PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
+
+# The cell loops. Each reads every gate pre-activation once and keeps the cell math in
+# registers. They are plain functions here, compiled below into one Numba dispatcher
+# per variant; see ``_compile`` for why.
+#
+# Each row is processed by a few short loops over a handful of arrays each rather than
+# one loop touching all of them: with six or more arrays in one loop LLVM's runtime
+# alias checks give up and the scalar loop runs (4x slower, measured). Each gate is
+# reached through its own slice that starts at 0: written as ``act[3 * hidden + j]``
+# the output-gate loop did not vectorize (11.9 µs against 1.9 µs for the input/forget
+# loop over twice the values, 16x256 float32); the slices compute the same bits.
 
 
-def _make_cells(sigmoid, tanh, parallel):
-    """The forward and backward cell loops for one dtype's activations. Each reads
-    every gate pre-activation once and keeps the cell math in registers."""
-    jit = numba.njit(
+def _cell_forward(gates, z, c_prev, h_out, c_out):
+    """One step for every (b, j). On entry ``gates`` [B, 4H] holds the input projection
+    with bias and z [B, 4H] holds h_{t-1} W_hhᵀ; on exit ``gates`` holds the activated
+    i, f, g, o. c_prev, h_out, c_out [B, H]."""
+    batch, hidden = c_prev.shape
+    for b in numba.prange(batch):
+        act, rec = gates[b], z[b]
+        act_if, rec_if = act[: 2 * hidden], rec[: 2 * hidden]
+        act_g, rec_g = act[2 * hidden : 3 * hidden], rec[2 * hidden : 3 * hidden]
+        act_o, rec_o = act[3 * hidden :], rec[3 * hidden :]
+        for j in range(2 * hidden):  # i, f
+            act_if[j] = _fastmath.sigmoid(act_if[j] + rec_if[j])
+        for j in range(hidden):
+            act_g[j] = _fastmath.tanh(act_g[j] + rec_g[j])
+        for j in range(hidden):
+            act_o[j] = _fastmath.sigmoid(act_o[j] + rec_o[j])
+        gate_i, gate_f = act[:hidden], act[hidden : 2 * hidden]
+        c_in, c_row, h_row = c_prev[b], c_out[b], h_out[b]
+        for j in range(hidden):
+            c = gate_f[j] * c_in[j] + gate_i[j] * act_g[j]
+            c_row[j] = c
+            h_row[j] = act_o[j] * _fastmath.tanh(c)
+
+
+def _cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz, row_sq):
+    """Gate gradients of one step. Reads dy, dh_next [B, H] (the gradient reaching h_t
+    from y_t and from step t+1), carry [B, H] (reaching c_t from step t+1; overwritten
+    with the part that flows on to c_{t-1}), the saved gates [B, 4H], c_{t-1} and c_t
+    [B, H]; writes dz [B, 4H] and row_sq [B, 2] (scratch). Returns (‖dh_t‖², ‖dc_t‖²)."""
+    batch, hidden = c_cur.shape
+    one = dz.dtype.type(1)
+    for b in numba.prange(batch):
+        act, grad, dc_row = gates[b], dz[b], carry[b]
+        gate_i, gate_f = act[:hidden], act[hidden : 2 * hidden]
+        gate_g, gate_o = act[2 * hidden : 3 * hidden], act[3 * hidden :]
+        grad_i, grad_f = grad[:hidden], grad[hidden : 2 * hidden]
+        grad_g, grad_o = grad[2 * hidden : 3 * hidden], grad[3 * hidden :]
+        dy_row, dh_row, c_row = dy[b], dh_next[b], c_cur[b]
+        # Per-row sums, added across rows in order after the loop: a prange reduction
+        # would add them in an order that depends on the thread count.
+        dh_sq = 0.0
+        dc_sq = 0.0
+        for j in range(hidden):  # dz^o, and dc_t into the carry row
+            o = gate_o[j]
+            tanh_c = _fastmath.tanh(c_row[j])
+            dh = dy_row[j] + dh_row[j]
+            dc = dc_row[j] + dh * o * (one - tanh_c * tanh_c)
+            grad_o[j] = dh * tanh_c * o * (one - o)
+            dc_row[j] = dc
+            dh_sq += dh * dh
+            dc_sq += dc * dc
+        row_sq[b, 0] = dh_sq
+        row_sq[b, 1] = dc_sq
+        c_in = c_prev[b]
+        for j in range(hidden):  # dz^i, dz^f, dz^g, and the carry to c_{t-1}
+            i, f, g = gate_i[j], gate_f[j], gate_g[j]
+            dc = dc_row[j]
+            grad_i[j] = dc * g * i * (one - i)
+            grad_f[j] = dc * c_in[j] * f * (one - f)
+            grad_g[j] = dc * i * (one - g * g)
+            dc_row[j] = dc * f
+    dh_total = 0.0
+    dc_total = 0.0
+    for b in range(batch):
+        dh_total += row_sq[b, 0]
+        dc_total += row_sq[b, 1]
+    return dh_total, dc_total
+
+
+def _step_product(a, packed, out):
+    """out[:, :N] = a [R, K] @ M [K, N] for M packed by ``_cpu_gemm.pack``; out [R, ≥N]
+    C-contiguous, its columns past N get the zero padding's products (zeros). Groups of
+    4 panels (the parallel variant splits the groups); in each, blocks of 4 rows, and a
+    last block of 1-3 rows through the kernel that keeps 8 accumulators busy."""
+    rows = a.shape[0]
+    full = rows - rows % 4
+    rest = rows - full
+    panels = packed.shape[0]
+    # The kernel trusts these (it reads K from a and writes whole panels): check once.
+    if a.shape[1] != packed.shape[1] or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
+        raise ValueError("step product: a, packed and out do not fit together")
+    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
+        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
+    for group in numba.prange((panels + 3) // 4):
+        first = 4 * group
+        count = min(4, panels - first)
+        for panel in range(first, first + count):
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x1(a, row, packed, panel, out)
+        if rest == 1 and count == 4:
+            _cpu_gemm.tile1x4(a, full, packed, first, out)
+        elif rest == 2 and count == 4:
+            _cpu_gemm.tile2x2(a, full, packed, first, out)
+            _cpu_gemm.tile2x2(a, full, packed, first + 2, out)
+        elif rest > 0:
+            for panel in range(first, first + count):
+                if rest == 1:
+                    _cpu_gemm.tile1x1(a, full, packed, panel, out)
+                elif rest == 2:
+                    _cpu_gemm.tile2x1(a, full, packed, panel, out)
+                else:
+                    _cpu_gemm.tile3x1(a, full, packed, panel, out)
+
+
+def _forward_steps(gates, h, c, packed_w_hh_t, z):
+    """All T steps in one compiled call (no per-step Python, BLAS or unboxing cost).
+    gates [T, B, 4H]: x W_ihᵀ + b on entry, the activated gates on exit; h, c
+    [T+1, B, H] with h[0], c[0] set; packed_w_hh_t: W_hhᵀ packed; z [B, ≥4H] scratch."""
+    for t in range(gates.shape[0]):
+        step_product(h[t], packed_w_hh_t, z)  # noqa: F821 - a global of each variant
+        cell_forward(gates[t], z, c[t], h[t + 1], c[t + 1])  # noqa: F821
+
+
+def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_norms, dc_norms):
+    """All T steps backward in one compiled call. dh_next [B, ≥H] and carry [B, H]: the
+    gradients reaching h_T, c_T on entry, h_0, c_0 on exit; writes dz [T, B, 4H] and
+    the step norms [T]."""
+    for t in range(dy.shape[0] - 1, -1, -1):
+        dh_sq, dc_sq = cell_backward(  # noqa: F821
+            dy[t], dh_next, carry, gates[t], c[t], c[t + 1], dz[t], row_sq
+        )
+        dh_norms[t] = np.sqrt(dh_sq)
+        dc_norms[t] = np.sqrt(dc_sq)
+        step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
+
+
+# Numba's on-disk cache (cache=True) files a compiled function under its qualified name
+# and first line, and keys the entry by its signature, its bytecode and a pickle of its
+# closure. Two rules follow, and the variants below keep both:
+# * a closure over a jitted function never hits: the dispatcher pickles with an id that
+#   is new in every process, so each process compiled anew and appended two files to
+#   the cache. The loops therefore close over nothing; the dtype's activations come in
+#   through the generic ``_fastmath.sigmoid``/``tanh``, and a variant's callees through
+#   its globals;
+# * ``parallel=`` is not part of the key: compiled from one function, the serial and
+#   parallel variants shared one entry, and whichever compiled first in a process served
+#   both. Each variant is therefore a copy of the function under its own name. The
+#   name also carries a digest of _fastmath.py and _cpu_gemm.py, since Numba checks only
+#   the timestamp of the file the function is defined in.
+# dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
+_SOURCE_DIGEST = hashlib.sha256(
+    Path(_fastmath.__file__).read_bytes() + Path(_cpu_gemm.__file__).read_bytes()
+).hexdigest()[:12]
+
+
+def _compile(py_func, variant, parallel, callees=None):
+    name = f"{py_func.__name__}_{variant}"
+    func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
+    func.__qualname__ = f"{name}_{_SOURCE_DIGEST}"
+    func.__doc__ = py_func.__doc__
+    return numba.njit(
         nogil=True,
         cache=True,
         parallel=parallel,
         error_model="numpy",  # no zero-division branches: they stop vectorization
-        # ``reassoc`` lets the two norm sums in backward vectorize; everything else
-        # in these loops is products, where it changes nothing but the last bit.
+        # ``reassoc`` lets the two norm sums in backward vectorize; everything else in
+        # these loops is products, where it changes nothing but the last bit.
         fastmath={"contract", "reassoc"},
-    )
-
-    # Each row is processed by a few short loops over a handful of arrays each rather
-    # than one loop touching all of them: with six or more arrays in one loop LLVM's
-    # runtime alias checks give up and the scalar loop runs (4x slower, measured).
-
-    @jit
-    def cell_forward(gates, z, c_prev, h_out, c_out):
-        """One step for every (b, j). On entry ``gates`` [B, 4H] holds the input
-        projection with bias and z [B, 4H] holds h_{t-1} W_hhᵀ; on exit ``gates``
-        holds the activated i, f, g, o. c_prev, h_out, c_out [B, H]."""
-        batch, hidden = c_prev.shape
-        for b in numba.prange(batch):
-            act, rec = gates[b], z[b]
-            for j in range(2 * hidden):  # i, f
-                act[j] = sigmoid(act[j] + rec[j])
-            for j in range(2 * hidden, 3 * hidden):  # g
-                act[j] = tanh(act[j] + rec[j])
-            for j in range(3 * hidden, 4 * hidden):  # o
-                act[j] = sigmoid(act[j] + rec[j])
-            c_in, c_row, h_row = c_prev[b], c_out[b], h_out[b]
-            for j in range(hidden):
-                c = act[hidden + j] * c_in[j] + act[j] * act[2 * hidden + j]
-                c_row[j] = c
-                h_row[j] = act[3 * hidden + j] * tanh(c)
-
-    @jit
-    def cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz):
-        """Gate gradients of one step. Reads dy, dh_next [B, H] (the gradient reaching
-        h_t from y_t and from step t+1), carry [B, H] (reaching c_t from step t+1;
-        overwritten with the part that flows on to c_{t-1}), the saved gates [B, 4H],
-        c_{t-1} and c_t [B, H]; writes dz [B, 4H]. Returns (‖dh_t‖², ‖dc_t‖²)."""
-        batch, hidden = c_cur.shape
-        one = dz.dtype.type(1)
-        dh_sq = 0.0
-        dc_sq = 0.0
-        for b in numba.prange(batch):
-            act, grad, dc_row = gates[b], dz[b], carry[b]
-            dy_row, dh_row, c_row = dy[b], dh_next[b], c_cur[b]
-            for j in range(hidden):  # dz^o, and dc_t into the carry row
-                o = act[3 * hidden + j]
-                tanh_c = tanh(c_row[j])
-                dh = dy_row[j] + dh_row[j]
-                dc = dc_row[j] + dh * o * (one - tanh_c * tanh_c)
-                grad[3 * hidden + j] = dh * tanh_c * o * (one - o)
-                dc_row[j] = dc
-                dh_sq += dh * dh
-                dc_sq += dc * dc
-            c_in = c_prev[b]
-            for j in range(hidden):  # dz^i, dz^f, dz^g, and the carry to c_{t-1}
-                i, f, g = act[j], act[hidden + j], act[2 * hidden + j]
-                dc = dc_row[j]
-                grad[j] = dc * g * i * (one - i)
-                grad[hidden + j] = dc * c_in[j] * f * (one - f)
-                grad[2 * hidden + j] = dc * i * (one - g * g)
-                dc_row[j] = dc * f
-        return dh_sq, dc_sq
-
-    return cell_forward, cell_backward
+    )(func)
 
 
-_CELLS = {
-    (dtype, parallel): _make_cells(sigmoid, tanh, parallel)
-    for dtype, sigmoid, tanh in (
-        (np.dtype(np.float32), _fastmath.sigmoid32, _fastmath.tanh32),
-        (np.dtype(np.float64), _fastmath.sigmoid64, _fastmath.tanh64),
-    )
-    for parallel in (False, True)
-}
+class _Variant:
+    """One compiled variant: the cells, the step product and the two time loops."""
+
+    def __init__(self, parallel):
+        name = "parallel" if parallel else "serial"
+        self.cell_forward = _compile(_cell_forward, name, parallel)
+        self.cell_backward = _compile(_cell_backward, name, parallel)
+        self.step_product = _compile(_step_product, name, parallel)
+        # The time loops themselves are serial (each step needs the last); in the
+        # parallel variant their callees fork and join once per step.
+        self.forward_steps = _compile(
+            _forward_steps, name, False,
+            {"step_product": self.step_product, "cell_forward": self.cell_forward},
+        )
+        self.backward_steps = _compile(
+            _backward_steps, name, False,
+            {"step_product": self.step_product, "cell_backward": self.cell_backward},
+        )
 
 
-def _cells(dtype, batch, hidden):
-    parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS
-    return _CELLS[np.dtype(dtype), parallel]
+_VARIANTS = {parallel: _Variant(parallel) for parallel in (False, True)}
+
+
+def compiled_functions():
+    """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
+    e.g. ``dispatcher.stats.cache_hits``."""
+    return {
+        f"{name}_{'parallel' if parallel else 'serial'}": dispatcher
+        for parallel, variant in _VARIANTS.items()
+        for name, dispatcher in vars(variant).items()
+    }
+
+
+def _threads():
+    """Numba's thread count for the calling thread (numba.set_num_threads may lower it)."""
+    return numba.get_num_threads()
+
+
+def _variant(batch, hidden):
+    """The variant for the time loop, steps of B x H: parallel when Numba has more than
+    one thread, B > 1 and B·H >= _PARALLEL_MIN_UNITS (a fork and a join per step must
+    pay), serial otherwise. Both compute the same bits (tests/test_cpu.py checks it), so
+    the rule decides speed only."""
+    parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS and _threads() > 1
+    return _VARIANTS[parallel]
+
+
+def _project(a, packed, columns):
+    """a [M, K] @ M_packed as a new C-contiguous [M, columns] array (the packed matrix's
+    first ``columns`` columns): one fork for the whole product, parallel when there is
+    more than one thread and at least _PARALLEL_MIN_MACS multiply-adds."""
+    rows = a.shape[0]
+    width = packed.shape[0] * packed.shape[2]
+    parallel = rows * width * a.shape[1] >= _PARALLEL_MIN_MACS and _threads() > 1
+    out = np.empty((rows, width), a.dtype)
+    _VARIANTS[parallel].step_product(np.ascontiguousarray(a), packed, out)
+    return out if width == columns else np.ascontiguousarray(out[:, :columns])
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    cell, _ = _cells(dtype, batch, hidden)
+    variant = _variant(batch, hidden)
 
     # The input projection of every step; each step's cell overwrites its slice with
-    # the activated gates, so this one buffer is also what backward reads.
-    gates = (x.reshape(steps * batch, input_size) @ w_ih.T).reshape(steps, batch, 4 * hidden)
+    # the activated gates, so this one buffer is also what backward reads. It goes
+    # through the packed kernel rather than NumPy's BLAS (on par with OpenBLAS here at
+    # one thread) so that forward runs on one thread pool, Numba's: OpenBLAS's workers
+    # would spin on the cores the time loop's threads need (see the threading policy).
+    gates = _project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden)
+    gates = gates.reshape(steps, batch, 4 * hidden)
     if bias is not None:
         gates += bias
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((steps + 1, batch, hidden), dtype)
     h[0], c[0] = h0, c0
-    z = np.empty((batch, 4 * hidden), dtype)
-    w_hh_t = w_hh.T
-    for t in range(steps):
-        np.matmul(h[t], w_hh_t, out=z)
-        cell(gates[t], z, c[t], h[t + 1], c[t + 1])
+    # W_hhᵀ packed once per call; z has the packed width (4H rounded up to a panel).
+    packed = _cpu_gemm.pack(w_hh.T)
+    z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
+    variant.forward_steps(gates, h, c, packed, z)
 
     if not training:
         return h[1:], h[steps].copy(), c[steps].copy(), None
@@ -152,17 +332,21 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    _, cell = _cells(dtype, batch, hidden)
+    variant = _variant(batch, hidden)
 
     dz = np.empty((steps, batch, 4 * hidden), dtype)
-    dh_next = np.array(dh_n, dtype=dtype, order="C")
+    packed = _cpu_gemm.pack(w_hh)
+    # dh_next has the packed width (H rounded up to a panel); its first H columns count.
+    dh_next = np.zeros((batch, packed.shape[0] * packed.shape[2]), dtype)
+    dh_next[:, :hidden] = dh_n
     carry = np.array(dc_n, dtype=dtype, order="C")
+    row_sq = np.empty((batch, 2))
     dh_norms = np.empty(steps)
     dc_norms = np.empty(steps)
-    for t in reversed(range(steps)):
-        dh_sq, dc_sq = cell(dy[t], dh_next, carry, saved.gates[t], saved.c[t], saved.c[t + 1], dz[t])
-        dh_norms[t], dc_norms[t] = np.sqrt(dh_sq), np.sqrt(dc_sq)
-        np.matmul(dz[t], w_hh, out=dh_next)
+    variant.backward_steps(
+        np.ascontiguousarray(dy), saved.gates, saved.c, packed, dz, dh_next, carry, row_sq, dh_norms, dc_norms
+    )
+    dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
     dx = (flat_dz @ w_ih).reshape(steps, batch, input_size)

@@ -10,10 +10,9 @@
   torch.func works on ``rnnkernels.torch.LSTM``; JAX arrays come back as JAX
   arrays; a machine without an NVIDIA driver is told so.
 
-Defects 3 and 7 of the issue are fixed on branch ``cpufast`` (rnnkernels/cpu.py,
-_fastmath.py): the tests that show them are marked ``xfail(strict=True)`` for exactly
-the cpu parametrizations that fail, so that they fail loudly once the fix lands and
-the mark must go.
+Defects 3 and 7 of the issue (fixed in rnnkernels/cpu.py and _fastmath.py) are pinned
+by test_same_bits_across_processes[cpu], the cpu float32 cases of
+test_inf_and_nan_inputs_follow_torch and test_sigmoid_limits_are_exact.
 """
 
 from __future__ import annotations
@@ -36,8 +35,6 @@ import rnnkernels
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0")
 RESULTS = ("y", "h_n", "c_n", "dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0", "dc0", "dh_norms", "dc_norms")
-DEFECT_3 = pytest.mark.xfail(strict=True, reason="defect 3 of issue 11, fixed on branch cpufast")
-DEFECT_7 = pytest.mark.xfail(strict=True, raises=AssertionError, reason="defect 7 of issue 11, fixed on branch cpufast")
 
 
 def _emulated(*marks):
@@ -196,7 +193,7 @@ def test_same_bits_across_runs_and_threads(backend):
     assert all(result == first for result in found), "threads calling at once gave other bits"
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=DEFECT_3), _emulated()])
+@pytest.mark.parametrize("backend", ["reference", "cpu", _emulated()])
 def test_same_bits_across_processes(backend, tmp_path):
     """Two fresh processes running the problems in opposite orders, and this one,
     agree bit for bit: no result depends on what ran before."""
@@ -235,14 +232,10 @@ def _torch_results(problem, upstream) -> dict:
 
 
 SPECIAL_CASES = [(where, value) for where in ("x", "w_hh", "h0") for value in ("+inf", "-inf", "nan")]
-# cpu float32 gives ±Inf where torch gives NaN for an infinite input (issue 11, defect 7).
-_CPU32_FAILS = {("x", "+inf"), ("x", "-inf"), ("w_hh", "+inf"), ("w_hh", "-inf"), ("h0", "+inf"), ("h0", "-inf")}
 SPECIAL_PARAMS = []
 for _backend, _dtype in (("reference", "float32"), ("reference", "float64"), ("cpu", "float32"), ("cpu", "float64"), ("emulated", "float32")):
     for _where, _value in SPECIAL_CASES:
-        marks = [DEFECT_7] if _backend == "cpu" and _dtype == "float32" and (_where, _value) in _CPU32_FAILS else []
-        if _backend == "emulated":
-            marks += [pytest.mark.emulated]
+        marks = [pytest.mark.emulated] if _backend == "emulated" else []
         SPECIAL_PARAMS.append(pytest.param(_backend, _dtype, _where, _value, marks=marks, id=f"{_backend}-{_dtype}-{_where}{_value}"))
 
 
@@ -272,7 +265,7 @@ def test_inf_and_nan_inputs_follow_torch(backend, dtype, where, value):
             assert rel_err(np.asarray(got[name], np.float64)[finite], expected[finite]) < 1e-4, name
 
 
-@pytest.mark.parametrize("name", ["sigmoid32", pytest.param("sigmoid32-at-minus-inf", marks=DEFECT_7), "sigmoid64"])
+@pytest.mark.parametrize("name", ["sigmoid32", "sigmoid32-at-minus-inf", "sigmoid64"])
 def test_sigmoid_limits_are_exact(name):
     """The cpu backend's activations: σ(-Inf) = 0 and σ(+Inf) = 1 exactly, as their
     docstrings state."""

@@ -113,3 +113,96 @@ def test_cpu_matches_torch_lstm(dtype, batch_first):
     assert rel_err(grads.dw_hh, lstm.weight_hh_l0.grad.numpy()) < tol
     assert rel_err(grads.db_ih, lstm.bias_ih_l0.grad.numpy()) < tol
     assert rel_err(grads.db_hh, lstm.bias_hh_l0.grad.numpy()) < tol
+
+
+def test_fastmath_sigmoid32_saturates_to_exact_zero_and_one():
+    # Issue 11, defect 7: σ(-inf) was 2^-126 (1.6e-38), not the exact 0 documented.
+    from rnnkernels import _fastmath
+
+    inf = np.float32(np.inf)
+    assert _fastmath.sigmoid32(-inf) == 0.0
+    assert _fastmath.sigmoid32(np.float32(-200.0)) == 0.0
+    assert _fastmath.sigmoid32(inf) == 1.0
+    assert _fastmath.tanh32(inf) == 1.0 and _fastmath.tanh32(-inf) == -1.0
+    assert np.isnan(_fastmath.sigmoid32(np.float32(np.nan)))
+    assert np.isnan(_fastmath.tanh32(np.float32(np.nan)))
+    # Below -87, σ is under the smallest normal float32 and flushes to 0; above it the
+    # exact value stays within a few ulp.
+    for x in (-87.0, -80.0, -20.0):
+        want = 1.0 / (1.0 + np.exp(-x))
+        assert abs(_fastmath.sigmoid32(np.float32(x)) - want) <= 1e-6 * want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_infinite_input_gives_the_references_nan_and_inf_pattern(dtype):
+    # With +Inf in x, dz^i = dc g σ'(z^i) is an exact 0 where σ saturates; dW_ih = dzᵀ x
+    # then holds 0·Inf = NaN where torch and the reference have it, not ±Inf.
+    problem = make_problem(4, 3, 5, 6, dtype=dtype, seed=3, scale=4.0)
+    problem["x"][1, 0, 2] = np.inf
+    upstream = make_upstream(4, 3, 6, dtype=dtype)
+    cpu = rnnkernels.lstm_forward(**problem, backend="cpu")
+    ref = rnnkernels.lstm_forward(**problem, backend="reference")
+    g_cpu = rnnkernels.lstm_backward(cpu, **upstream)
+    g_ref = rnnkernels.lstm_backward(ref, **upstream)
+    for name in ("y", "h_n", "c_n"):
+        got, want = getattr(cpu, name), getattr(ref, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+    for name in GRAD_OF.values():
+        got, want = getattr(g_cpu, name), getattr(g_ref, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        finite = np.isfinite(want)
+        assert rel_err(got[finite], want[finite]) < 10 * TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64)])
+def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monkeypatch):
+    # The size rule in cpu._variant picks a variant for speed only: whichever runs, and
+    # with however many threads, every output bit is the same (issue 11, defect 3).
+    from rnnkernels import cpu
+
+    steps, batch, _, hidden = shape
+    problem = make_problem(*shape, dtype=dtype, seed=9)
+    upstream = make_upstream(steps, batch, hidden, dtype=dtype)
+    results = []
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)
+    for threshold in (10**12, 0):  # serial everywhere, then parallel wherever B > 1
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_UNITS", threshold)
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_MACS", threshold)
+        out = rnnkernels.lstm_forward(**problem, backend="cpu")
+        grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
+        results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]
+                       + [grads.dh_norms, grads.dc_norms])
+    assert cpu._VARIANTS[True].step_product.signatures  # the parallel variant did run
+    for serial, parallel in zip(*results):
+        assert serial.tobytes() == parallel.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
+    # The packed micro-kernel (rnnkernels/_cpu_gemm.py) behind every per-step product
+    # and the input projection: every row-block remainder (rows % 4), column counts that
+    # leave a partial panel or a partial group of 4 panels, K = 0 and 1.
+    from rnnkernels import _cpu_gemm, cpu
+
+    product = cpu._VARIANTS[parallel].step_product
+    rng = np.random.default_rng(4)
+    for rows in range(10):
+        for k, n in ((0, 5), (1, 16), (7, 33), (40, 130), (64, 4 * 64 + 8)):
+            a = rng.standard_normal((rows, k)).astype(dtype)
+            m = rng.standard_normal((k, n)).astype(dtype)
+            packed = _cpu_gemm.pack(m)
+            assert packed.shape[1:] == (k, _cpu_gemm.panel_width(dtype))
+            out = np.full((rows, packed.shape[0] * packed.shape[2]), np.nan, dtype)
+            product(a, packed, out)
+            want = a.astype(np.float64) @ m.astype(np.float64)
+            np.testing.assert_allclose(out[:, :n], want, rtol=0, atol=4 * TOLERANCE[dtype] * max(1.0, np.abs(want).max(initial=0.0)))
+            assert not out[:, n:].any()  # the zero padding's columns
+    a = np.ones((3, 4), dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        product(a, _cpu_gemm.pack(np.ones((5, 16), dtype)), np.empty((3, 16), dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        product(a, _cpu_gemm.pack(np.ones((4, 20), dtype)), np.empty((3, 16), dtype))

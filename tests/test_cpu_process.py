@@ -1,0 +1,105 @@
+"""The cpu backend across processes: the same bits whatever ran before, and a Numba
+on-disk cache that hits in a fresh process and does not grow with the process count.
+
+Each case runs child interpreters on a private NUMBA_CACHE_DIR, so what this test
+process (or another test) compiled cannot leak in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A child: optionally a small call (serial cell variant) first, then a call large
+# enough for the parallel variant; prints the digests of its outputs and which cell
+# dispatchers were served from the on-disk cache.
+CHILD = r"""
+import hashlib, json, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+import rnnkernels
+from rnnkernels import cpu
+
+def run(steps, batch, size, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((steps, batch, size)).astype(dtype)
+    w_ih = (rng.standard_normal((4 * size, size)) / size).astype(dtype)
+    w_hh = (rng.standard_normal((4 * size, size)) / size).astype(dtype)
+    out = rnnkernels.lstm_forward(x, w_ih, w_hh, backend="cpu")
+    dy = rng.standard_normal(out.y.shape).astype(dtype)
+    g = rnnkernels.lstm_backward(out, dy=dy, return_step_norms=True)
+    digest = hashlib.sha256()
+    for a in (out.y, g.dx, g.dw_ih, g.dw_hh, g.dh0, g.dc0, g.dh_norms, g.dc_norms):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+result = {{}}
+if {small_first}:
+    result["small"] = run(2, 2, 8, np.float32)
+start = time.perf_counter()
+result["large"] = run(3, 64, 300, np.float32)
+result["first_s"] = time.perf_counter() - start
+start = time.perf_counter()
+run(3, 64, 300, np.float32)
+result["second_s"] = time.perf_counter() - start
+result["cache_hits"] = {{
+    name: sum(dispatcher.stats.cache_hits.values())
+    for name, dispatcher in cpu.compiled_functions().items()
+}}
+result["compiled"] = {{
+    name: len(dispatcher.signatures) for name, dispatcher in cpu.compiled_functions().items()
+}}
+print(json.dumps(result))
+"""
+
+
+def _start(cache_dir, small_first=False):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    # The bits must not depend on the thread count; pin it anyway so that the child's
+    # timing is not disturbed by more threads than this machine has.
+    env["NUMBA_NUM_THREADS"] = "2"
+    code = CHILD.format(repo=str(REPO), small_first=small_first)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(child):
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _cache_files(cache_dir):
+    return sorted(p.name for p in Path(cache_dir).rglob("*") if p.suffix in (".nbi", ".nbc"))
+
+
+@pytest.mark.slow
+def test_same_bits_in_any_process_and_a_disk_cache_that_hits(tmp_path):
+    cache = tmp_path / "cache"
+    # The two cold children run at once (each compiles every variant, seconds).
+    children = _start(cache, small_first=True), _start(tmp_path / "other cache")
+    small_first, fresh = (_result(child) for child in children)
+    # Issue 11, defect 3: with the serial and parallel cells sharing one cache key, the
+    # process that made a small call first computed the large call with the serial
+    # cells, and its dh_norms/dc_norms bits differed from a fresh process's.
+    assert small_first["large"] == fresh["large"]
+
+    # The cache: a third process compiles nothing (every dispatcher it used was loaded
+    # from disk) and leaves the cache files as they were (no per-process entries).
+    files = _cache_files(cache)
+    assert files, "nothing was written to the Numba cache"
+    again = _result(_start(cache, small_first=True))
+    used = {name: n for name, n in again["compiled"].items() if n}
+    assert "forward_steps_serial" in used and "backward_steps_parallel" in used, again
+    for name, count in used.items():
+        assert again["cache_hits"][name] == count, (name, again)
+    assert _cache_files(cache) == files
+    assert again["large"] == small_first["large"] and again["small"] == small_first["small"]
+    # Loose on purpose (the machine may be loaded): a cache hit costs a file read, a
+    # miss about a second of compilation per variant.
+    assert again["first_s"] - again["second_s"] < 0.3 + 2 * again["second_s"], again
