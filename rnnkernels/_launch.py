@@ -501,12 +501,20 @@ def _check_variant(variant: str | None) -> str | None:
     return variant
 
 
-def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None) -> str:
-    """What ``variant=None`` runs: "persistent" where it fits (no step_tile asked for),
-    else "graph", the per-step path's default (one replay instead of T launches)."""
-    if step_tile is None and _persistent.choose(rt, batch, hidden, dtype) == "persistent":
-        return "persistent"
-    return "graph"
+def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None, direction: str) -> str:
+    """What ``variant=None`` runs. "graph" (the per-step kernels replayed from one CUDA
+    graph) when a step_tile is asked for or the persistent kernels do not fit the
+    device (``_persistent.choose``: shared memory, cooperative launch, occupancy);
+    where both can run, the one the cost model (``rnnkernels/cost_model.py``) predicts
+    faster for this problem on this device. ``direction``: "forward_training",
+    "forward_inference" or "backward" (forward and backward may choose differently:
+    every forward variant saves the same arrays)."""
+    if step_tile is not None or _persistent.choose(rt, batch, hidden, dtype) != "persistent":
+        return "graph"
+    from . import cost_model
+
+    problem = cost_model.Problem(batch, hidden, dtype=dtype)
+    return cost_model.best_variant(("persistent", "graph"), direction, problem, cost_model.for_runtime(rt))[0]
 
 
 @dataclass
@@ -588,7 +596,8 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | N
     hidden = w_hh.shape[1]
     _check_sizes(steps, batch, input_size, hidden)
     if variant is None:
-        variant = _default_variant(rt, batch, hidden, dtype, step_tile)
+        variant = _default_variant(rt, batch, hidden, dtype, step_tile,
+                                   "forward_training" if training else "forward_inference")
     if variant == "persistent":
         return _persistent.forward(rt, x, w_ih, w_hh, bias, h0, c0, training)
     gate_width = GATES * hidden
@@ -695,7 +704,8 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     ``variant``: one of :data:`VARIANTS`, None for the default."""
     variant = _check_variant(variant)
     if variant is None:
-        variant = _default_variant(rt, saved.x.shape[1], saved.w_hh.shape[1], saved.x.dtype.name, step_tile)
+        variant = _default_variant(rt, saved.x.shape[1], saved.w_hh.shape[1], saved.x.dtype.name, step_tile,
+                                   "backward")
     if variant == "persistent":
         return _persistent.backward(rt, saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
     xp = rt.xp

@@ -35,6 +35,7 @@ torch.nn.LSTM beside ours). The chooser hook is :func:`predict` / :func:`best_va
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -200,6 +201,27 @@ def with_measurements(base: Device, measured: dict) -> Device:
     sources = {**base.sources, **{key: "measured by benchmarks/gpu_session.py" for key in measured}}
     assumed = tuple(a for a in base.assumed if a.split(" ")[0] not in measured)
     return replace(base, **measured, sources=sources, assumed=assumed, name=f"{base.name}, measured parameters")
+
+
+def for_runtime(rt) -> Device:
+    """The device a ``_launch`` runtime runs on, for the variant chooser: a GPU's from
+    its CuPy attributes (:func:`from_cupy`, memoized per device); the CPU emulator's
+    (which has no speed of its own) is the H100 SXM entry with the emulated device's SM
+    count and shared memory, so the chooser takes the same decisions there as on a GPU
+    of that shape (its rates scaled to its SMs)."""
+    device_id = getattr(rt, "_device_id", None)
+    if device_id is not None:
+        return _cupy_device(device_id)
+    base = DEVICES["H100-SXM"]
+    share = rt.sm_count / base.sms  # the device-wide rates scale with the SMs
+    return replace(base, name=f"emulated ({rt.sm_count} SMs, {rt.max_shared_bytes} B shared)", sms=rt.sm_count,
+                   shared_per_block=rt.max_shared_bytes, fp32_tflops=base.fp32_tflops * share,
+                   l2_gbs=base.l2_gbs * share, hbm_gbs=base.hbm_gbs * share)
+
+
+@functools.cache
+def _cupy_device(device_id: int) -> Device:
+    return from_cupy(device_id)
 
 
 # --------------------------------------------------------------------------- problems
@@ -409,42 +431,55 @@ def model_graph(direction: str, p: Problem, dev: Device) -> Breakdown:
     return Breakdown("graph", direction, kernel + dev.graph_node_us + gemm, terms, {**counts, "launches": 1})
 
 
-PERSISTENT_MAX_ROWS = 8  # batch rows a warp's item covers (4 gates x 8 rows of accumulators)
-
-
 def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
-    """"persistent": one cooperative launch for all steps; each SM keeps its slice of
-    W_hh in shared memory (4H·H·s bytes over all SMs), and per step
+    """"persistent": one cooperative launch for all steps, laid out by the launcher's
+    own plan (``_persistent.plan``: ``units`` hidden units per block, one block per SM,
+    the staged state in ``chunks`` row chunks); each block keeps its slice of W_hh in
+    shared memory, and per step
 
-        us = grid_sync                                  (per-producer flags round trip)
-           + L2 latency + B·K·4 / (L2 bandwidth / SMs)  (every SM stages h_{t-1}, or
-                                                         dz_{t+1}, with 16-byte loads)
-           + max(FLOPs / (FP32 rate · fma_efficiency(min(B, 8))),
+        us = grid_sync                                   (per-producer flags round trip)
+           + chunks · L2 latency + B·K·4 / (L2 bandwidth / SMs)
+                                                          (each block stages h_{t-1}, or
+                                                           dz_{t+1}, with 16-byte loads)
+           + max(block FMAs · 2 / (FP32 rate per SM · fma_efficiency(row_tile)),
                  HBM bytes / HBM bandwidth)
            + GEMM share (cuBLAS)
 
-    Infeasible (inf) when W_hh does not fit the SMs' shared memory next to an 8-row
-    h chunk: SMs · (shared_per_block - 8·H·4) < 4H·H·s."""
-    b, h, s = p.batch, p.hidden, p.storage_bytes
+    with block FMAs = B rounded up to the row tile × the block's weight rows × K (the
+    padded rows are computed too): the inner loop reads 4 weight rows and row_tile
+    state rows from shared memory per 4·row_tile FMAs (slice_times_state), which bounds
+    it at fma_efficiency(row_tile) of the FP32 rate. Infeasible (inf) where the plan
+    is: W_hh's slices and one row tile of state do not fit the blocks' shared memory."""
+    from . import _persistent
+
+    b, h = p.batch, p.hidden
     k = h if direction != "backward" else GATES * h
-    weights = GATES * h * h * s
-    room = dev.sms * (dev.shared_per_block - PERSISTENT_MAX_ROWS * h * 4)
-    counts = {"w_hh_bytes": weights, "shared_bytes_available": room, "launches": 0, "grid_syncs": 1}
-    if weights > room:
+    plan_direction = _persistent.BACKWARD if direction == "backward" else _persistent.FORWARD
+    found = _persistent.plan(plan_direction, b, h, dev.sms, dev.shared_per_block - _persistent.STATIC_SHARED_BYTES)
+    weights = GATES * h * h * p.storage_bytes
+    counts = {"w_hh_bytes": weights, "launches": 0, "grid_syncs": 1}
+    if found is None:
         return Breakdown("persistent", direction, math.inf, {}, counts,
-                         reason=f"W_hh ({weights} B) does not fit {dev.sms} SMs' shared memory ({room} B free)")
-    flops = 2.0 * b * GATES * h * h
+                         reason=f"W_hh ({weights} B) does not fit the shared memory of {dev.sms} blocks of "
+                         f"{dev.shared_per_block} B beside one row tile of state (_persistent.plan)")
+    tile = found.tile
+    padded_rows = -(-b // tile.row_tile) * tile.row_tile
+    weight_rows = GATES * found.units if plan_direction == _persistent.FORWARD else -(-found.units // 4) * 4
+    block_fmas = padded_rows * weight_rows * k
+    chunks = -(-padded_rows // found.chunk_rows)
     hbm = hbm_bytes_per_step(direction, p)
     stage_bytes = b * k * 4
+    per_sm_flops_per_us = dev.fp32_flops_per_us / dev.sms
     terms = {
         "sync_us": dev.grid_sync_ns / 1e3,
-        "stage_us": dev.l2_latency_ns / 1e3 + stage_bytes / (dev.l2_gbs * 1e3 / dev.sms),
-        "flops_us": flops / (dev.fp32_flops_per_us * fma_efficiency(min(b, PERSISTENT_MAX_ROWS))),
+        "stage_us": chunks * dev.l2_latency_ns / 1e3 + stage_bytes / (dev.l2_gbs * 1e3 / dev.sms),
+        "flops_us": 2.0 * block_fmas / (per_sm_flops_per_us * fma_efficiency(tile.row_tile)),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
         "gemm_us": _gemm_share(direction, p, dev, CUBLAS_FP32_EFFICIENCY),
     }
     us = terms["sync_us"] + terms["stage_us"] + max(terms["flops_us"], terms["hbm_us"]) + terms["gemm_us"]
-    counts.update(flops=flops, hbm_bytes=hbm, l2_bytes=dev.sms * stage_bytes, serial_l2_round_trips=1)
+    counts.update(blocks=found.blocks, units=found.units, chunks=chunks, block_fmas=block_fmas, hbm_bytes=hbm,
+                  l2_bytes=found.blocks * stage_bytes, serial_l2_round_trips=chunks)
     return Breakdown("persistent", direction, us, terms, counts)
 
 

@@ -77,9 +77,13 @@ def test_step_variant_is_launch_bound_when_the_kernel_is_short():
 def test_persistent_formula_and_infeasible_sizes():
     problem = Problem(1, 512)
     b = cost_model.explain("persistent", "forward_inference", problem, H200)
+    # The launcher's plan on 132 SMs: 4 units a block (128 blocks), one chunk; the row
+    # tile of 4 computes 3 padded rows beside the one real row.
+    assert (b.counts["units"], b.counts["blocks"], b.counts["chunks"]) == (4, 128, 1)
+    block_fmas = 4 * (4 * 4) * 512
     expected = (H200.grid_sync_ns / 1e3
                 + H200.l2_latency_ns / 1e3 + 512 * 4 / (H200.l2_gbs * 1e3 / H200.sms)
-                + max(2 * 4 * 512 * 512 / (H200.fp32_tflops * 1e6 * cost_model.fma_efficiency(1)),
+                + max(2 * block_fmas / (H200.fp32_tflops * 1e6 / H200.sms * cost_model.fma_efficiency(4)),
                       b.terms["hbm_us"])
                 + b.terms["gemm_us"])
     assert b.us == pytest.approx(expected)
@@ -170,3 +174,25 @@ def test_readme_table_is_the_clis():
     match = re.search(r"<!-- cost-model-table -->\n(.*?)\n<!-- /cost-model-table -->", readme, re.S)
     assert match, "README.md lacks the <!-- cost-model-table --> block"
     assert match.group(1).strip() == cost_model.markdown_table(H200).strip()
+
+
+def test_the_default_variant_is_the_models_pick_among_those_that_fit(monkeypatch):
+    """variant=None: "graph" where the persistent kernels do not fit; where both fit,
+    whichever the cost model predicts faster on the runtime's device."""
+    from rnnkernels import _persistent
+
+    rt = _launch.EmulatorRuntime()
+    device = cost_model.for_runtime(rt)
+    assert (device.sms, device.shared_per_block) == (rt.sm_count, rt.max_shared_bytes)
+    assert device.fp32_tflops == pytest.approx(cost_model.DEVICES["H100-SXM"].fp32_tflops * rt.sm_count / 132)
+    assert _launch._default_variant(rt, 3, 33, "float32", None, "backward") == "persistent"
+    assert _launch._default_variant(rt, 3, 33, "float32", _launch.STEP_TILES[0], "backward") == "graph"
+    # Make the model prefer the graph: the chooser follows it.
+    slower = dict(cost_model.MODELS)
+    slower["persistent"] = lambda direction, p, dev: cost_model.Breakdown("persistent", direction, 1e9)
+    monkeypatch.setattr(cost_model, "MODELS", slower)
+    assert _launch._default_variant(rt, 3, 33, "float32", None, "forward_training") == "graph"
+    # Where the persistent kernels do not fit, the model is not asked.
+    monkeypatch.setattr(_persistent, "choose", lambda *args: "step")
+    monkeypatch.setattr(cost_model, "best_variant", None)
+    assert _launch._default_variant(rt, 3, 33, "float32", None, "forward_training") == "graph"
