@@ -243,6 +243,14 @@ def _address(array) -> int:
     return int(array.data.ptr)
 
 
+def _require_aligned(array, what: str) -> None:
+    """The kernels read ``array`` with 16-byte loads. Our own allocations always are
+    (CuPy's pool: 256 B; NumPy's allocator: 16 B or more); say so if one is not rather
+    than let a misaligned vector load fault on the GPU."""
+    if _address(array) % 16:
+        raise RuntimeError(f"internal error: the workspace {what} is not 16-byte aligned")
+
+
 # ------------------------------------------------------------------------- launches
 def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, plan_: Plan | None = None):
     """``_launch.forward`` with the persistent recurrence (same arguments and results,
@@ -270,7 +278,8 @@ def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, plan_: Plan | No
         gates = gx  # never touched without training; a valid pointer
     vector_loads = hidden % 4 == 0
     # 16-byte loads of h_all rows: rows start at multiples of 4·H bytes from the base.
-    assert not vector_loads or _address(h_all) % 16 == 0, "h_all must be 16-byte aligned"
+    if vector_loads:
+        _require_aligned(h_all, "h_all")
     flags = xp.zeros((found.blocks,), dtype=np.uint32)
     source, name = _instance(found, dtype, hidden, training)
     kernel = rt.function(source, name)
@@ -306,7 +315,7 @@ def backward(rt, saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, plan
     hidden = w_hh.shape[1]
     found = plan_ or _require(rt, BACKWARD, batch, hidden, dtype, return_step_norms)
     dgates = xp.empty((steps, batch, 4 * hidden), dtype=np.float32)
-    assert _address(dgates) % 16 == 0, "dgates must be 16-byte aligned"
+    _require_aligned(dgates, "dgates")
     dc_start = dc_n.astype(np.float32)  # a copy: the kernel never writes it
     dc0_32 = xp.empty((batch, hidden), dtype=np.float32)
     step_squares = xp.empty((found.blocks, steps, 2), dtype=np.float64) if return_step_norms else dgates
