@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 # CUDA 12 has no crt wheel: its runtime wheel carries what the kernels include.
 # cuBLAS runs the large GEMMs (rnnkernels/_gemm.py).
 CUDA_RUNTIME_13 = [
-    "cupy-cuda13x>=13.3",
+    "cupy-cuda13x>=14.2",
     "nvidia-cuda-nvrtc>=13.0",
     "nvidia-cuda-runtime>=13.0",
     "nvidia-cuda-crt>=13.0",
@@ -27,7 +27,7 @@ CUDA_RUNTIME_13 = [
     "nvidia-cublas>=13.0",
 ]
 CUDA_RUNTIME_12 = [
-    "cupy-cuda12x>=13.3",
+    "cupy-cuda12x>=14.2",
     "nvidia-cuda-nvrtc-cu12>=12.4",
     "nvidia-cuda-runtime-cu12>=12.4",
     "nvidia-cuda-cccl-cu12>=12.4",

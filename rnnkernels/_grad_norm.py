@@ -38,7 +38,7 @@ def choose_chunk(total: int) -> int:
 
 def _address(xp, array) -> int:
     """Device address of a contiguous array's first element (a host address for NumPy)."""
-    return array.ctypes.data if xp is np else array.data.ptr
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
 
 
 def sum_of_squares(rt, arrays, out, *, chunk: int | None = None) -> None:

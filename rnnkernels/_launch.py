@@ -46,6 +46,7 @@ the NVRTC check (``rnnkernels/nvrtc_check.py``) compiles exactly those.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -375,10 +376,12 @@ def _cupy_sm_count(device_id: int) -> int:
 @functools.cache
 def _cupy_module(source: str, options: tuple[str, ...], device_id: int):
     """One NVRTC build per (source, options, device), holding every instance of
-    :data:`KERNELS` for that source. CuPy's on-disk cache (keyed on the source text and
-    the options, which carry the csrc/ digest) skips modules built with
-    ``name_expressions`` before CuPy added that (cupy/cupy#9667, #9801): there each new
-    process compiles both sources once (seconds), never per call."""
+    :data:`KERNELS` for that source, cached on disk by CuPy (keyed on the source text and
+    the options, which carry the csrc/ digest). CuPy 14.2, the least our extras accept,
+    stores modules built with ``name_expressions`` in that cache too (with their mangled
+    names: cupy/cuda/compiler.py), so a new process loads them instead of compiling;
+    older CuPy skipped the cache for them (cupy/cupy#9667, #9801). That is why we keep
+    no disk cache of our own; benchmarks/gpu_session.py records whether it hits."""
     import cupy
 
     with cupy.cuda.Device(device_id):
@@ -389,6 +392,35 @@ def _cupy_module(source: str, options: tuple[str, ...], device_id: int):
         )
         module.compile()
     return module
+
+
+class _PoisonedNumpy:
+    """NumPy for the emulator's launch plans, except that ``empty`` and ``empty_like``
+    fill the new array with 0xFF bytes (NaN for floats, -1 for integers), as the
+    emulator does for shared memory: a kernel that leaves part of an output or a
+    workspace unwritten, or a stale read that finds memory left over from an earlier
+    call, then gives NaN instead of passing by luck. (On a GPU, ``cupy.empty`` holds
+    whatever the memory pool held last.)"""
+
+    @staticmethod
+    def empty(shape, dtype=float, order="C"):
+        return _poisoned(np.empty(shape, dtype=dtype, order=order))
+
+    @staticmethod
+    def empty_like(prototype, dtype=None, order="K", subok=True, shape=None):
+        return _poisoned(np.empty_like(prototype, dtype=dtype, order=order, subok=subok, shape=shape))
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _poisoned(array: np.ndarray) -> np.ndarray:
+    # A fresh array is one contiguous block (C or Fortran order).
+    ctypes.memset(array.ctypes.data, 0xFF, array.nbytes)
+    return array
+
+
+EMULATOR_ARRAYS = _PoisonedNumpy()
 
 
 class EmulatorRuntime:
@@ -409,7 +441,7 @@ class EmulatorRuntime:
         # cooperative launches); see rnnkernels/emulator/README.md, "Memory ordering".
         from .emulator import memory_model_for
 
-        self.xp = np
+        self.xp = EMULATOR_ARRAYS
         self.sanitize = sanitize
         self.seed = seed
         if memory_model is not None:
