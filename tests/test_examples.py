@@ -48,7 +48,12 @@ def test_train_sentiment_sets_one_thread_per_library_on_small_machines(monkeypat
 
     def policy(argv, cores, **environment):
         for name in train_sentiment.THREAD_VARIABLES:
-            monkeypatch.delenv(name, raising=False)
+            # setenv first, so that monkeypatch records the variable's original state
+            # (delenv of an unset variable records nothing) and its undo also removes
+            # what set_thread_policy writes: a NUMBA_NUM_THREADS left behind breaks
+            # every later Numba compilation in this process.
+            monkeypatch.setenv(name, "0")
+            monkeypatch.delenv(name)
         for name, value in environment.items():
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(train_sentiment.os, "cpu_count", lambda: cores)
