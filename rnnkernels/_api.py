@@ -255,11 +255,13 @@ def lstm_forward(
         w_ih_b, w_hh_b = _arrays.to_backend(w_ih, dev), _arrays.to_backend(w_hh, dev)
         bias = None
         if b_ih is not None:
-            # Summed in the backend's precision: float64 for the reference, which
-            # promises float64 math (a float16 or float32 sum would round first).
-            bias = _arrays.to_backend(b_ih, dev).astype(out_dtype, copy=False) + _arrays.to_backend(b_hh, dev).astype(
-                out_dtype, copy=False
-            )
+            # Summed in the precision the backend computes in: float64 for the
+            # reference, which promises float64 math, and float32 at least (float16
+            # problems do float32 math: a float16 sum would round the bias first).
+            bias_dtype = np.result_type(out_dtype, np.float32)
+            bias = _arrays.to_backend(b_ih, dev).astype(bias_dtype, copy=False) + _arrays.to_backend(
+                b_hh, dev
+            ).astype(bias_dtype, copy=False)
         if h0 is None:
             h0_b = xp.zeros((batch, hidden), dtype)
             c0_b = xp.zeros((batch, hidden), dtype)

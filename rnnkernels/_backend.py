@@ -9,7 +9,9 @@ well-formed, non-empty problems and implements two functions:
     x     [T, B, I]   time-major, C-contiguous, T >= 1, B >= 1
     w_ih  [4H, I]     rows in gate order i, f, g, o (torch.nn.LSTM's layout)
     w_hh  [4H, H]
-    bias  [4H] or None: b_ih + b_hh, already summed by the API
+    bias  [4H] or None: b_ih + b_hh, already summed by the API, in float32 at least
+                      (float16 problems: a float32 bias; the only exception to the
+                      one-dtype rule below)
     h0,c0 [B, H]      never None
     y [T, B, H]; h_n, c_n [B, H]; ``saved`` is whatever backward needs (opaque to
     the API), or None when ``training`` is False.
@@ -18,7 +20,7 @@ well-formed, non-empty problems and implements two functions:
     dy [T, B, H], dh_n and dc_n [B, H], never None. ``db`` is the gradient of the
     summed bias (it equals both db_ih and db_hh), None when forward had no bias.
 
-All arrays a backend receives share one floating dtype from ``compute_dtypes`` and
+All arrays a backend receives (the bias aside) share one floating dtype from ``compute_dtypes`` and
 live on its ``device`` ("cpu": NumPy arrays, "cuda": CuPy arrays); it returns arrays
 of the same kind and, except for the reference (always float64), the same dtype.
 """

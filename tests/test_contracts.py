@@ -479,3 +479,27 @@ def test_no_driver_is_called_no_driver():
             call()
         message = str(info.value)
         assert "no NVIDIA driver" in message and "insufficient" not in message, message
+
+
+def test_float16_biases_reach_the_kernels_summed_in_float32(monkeypatch):
+    """The CUDA kernels do float32 math on float16 problems; the API must not round
+    b_ih + b_hh to float16 before they see it (1 + 2^-11 is a float16 tie that rounds
+    to 1)."""
+    from rnnkernels import _launch
+
+    seen = {}
+    forward = _launch.forward
+
+    def spy(rt, x, w_ih, w_hh, bias, h0, c0, training, **options):
+        seen["bias"] = bias
+        return forward(rt, x, w_ih, w_hh, bias, h0, c0, training, **options)
+
+    monkeypatch.setattr(_launch, "forward", spy)
+    hidden = 2
+    b_ih = np.ones(4 * hidden, np.float16)
+    b_hh = np.full(4 * hidden, 2.0**-11, np.float16)
+    x = np.zeros((1, 1, 3), np.float16)
+    w_ih, w_hh = np.zeros((4 * hidden, 3), np.float16), np.zeros((4 * hidden, hidden), np.float16)
+    rnnkernels.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, backend="emulated")
+    assert seen["bias"].dtype == np.float32
+    np.testing.assert_array_equal(seen["bias"], np.float32(1 + 2.0**-11))
