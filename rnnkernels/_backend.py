@@ -20,6 +20,20 @@ well-formed, non-empty problems and implements two functions:
     dy [T, B, H], dh_n and dc_n [B, H], never None. ``db`` is the gradient of the
     summed bias (it equals both db_ih and db_hh), None when forward had no bias.
 
+Optionally (``saved_arrays``, a :class:`SavedArrays`), a backend describes ``saved``
+as a fixed list of arrays beyond forward's own inputs, so that callers that can only
+carry arrays between forward and backward (torch's custom ops: rnnkernels/torch/_ops.py)
+keep them instead of running the forward again:
+
+``layout(steps, batch, input_size, hidden, dtype) -> [(shape, dtype), ...]``
+    the arrays' shapes and dtypes for an input of that size and dtype (what a fake
+    tensor implementation needs). Every array is [T + k, B, ...] for a fixed k, index
+    k + t holding step t (so segments of a batch can be laid side by side).
+``to_arrays(saved) -> [array, ...]``  in that order and layout.
+``from_arrays(x, w_ih, w_hh, has_bias, arrays) -> saved``
+    ``saved`` again, from forward's x, w_ih, w_hh (as forward received them) and the
+    arrays; backward on it gives what backward on the original gives, bit for bit.
+
 All arrays a backend receives (the bias aside) share one floating dtype from ``compute_dtypes`` and
 live on its ``device`` ("cpu": NumPy arrays, "cuda": CuPy arrays); it returns arrays
 of the same kind and, except for the reference (always float64), the same dtype.
@@ -28,7 +42,16 @@ of the same kind and, except for the reference (always float64), the same dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+
+@dataclass(frozen=True)
+class SavedArrays:
+    """How a backend's ``saved`` travels as a fixed list of arrays (see above)."""
+
+    layout: Callable[..., list]
+    to_arrays: Callable[[Any], list]
+    from_arrays: Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -43,3 +66,5 @@ class Backend:
     # Called before use; raises a clear RuntimeError saying what to install when the
     # backend cannot run here (no CuPy, no GPU, no C++ compiler).
     check_available: Callable[[], None] = lambda: None
+    # The saved state as arrays; None: callers that need arrays recompute the forward.
+    saved_arrays: Optional[SavedArrays] = None

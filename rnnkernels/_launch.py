@@ -560,7 +560,26 @@ class Saved:
     gates: Any  # [T, B, 4H] activated i, f, g, o; float32, like h_all and c_all
     h_all: Any  # [T+1, B, H], h_all[0] = h0
     c_all: Any  # [T+1, B, H], c_all[0] = c0
-    step_tile: StepTile
+    # None (a Saved rebuilt from arrays): backward chooses it as forward did.
+    step_tile: StepTile | None = None
+
+
+def _saved_layout(steps, batch, input_size, hidden, dtype):
+    return [((steps, batch, GATES * hidden), np.dtype(np.float32))] + [((steps + 1, batch, hidden), np.dtype(np.float32))] * 2
+
+
+def _saved_from_arrays(x, w_ih, w_hh, has_bias, arrays):
+    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
+    gates, h_all, c_all = (xp.ascontiguousarray(a, dtype=np.float32) for a in arrays)
+    return Saved(*(xp.ascontiguousarray(a) for a in (x, w_ih, w_hh)), has_bias, gates, h_all, c_all)
+
+
+def saved_arrays():
+    """:class:`Saved` as arrays (rnnkernels/_backend.py's ``SavedArrays``): gates
+    [T, B, 4H], h_all and c_all [T+1, B, H], float32 for every input dtype."""
+    from ._backend import SavedArrays
+
+    return SavedArrays(_saved_layout, lambda saved: [saved.gates, saved.h_all, saved.c_all], _saved_from_arrays)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -746,7 +765,7 @@ def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = Fals
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     gate_width = GATES * hidden
-    tile = step_tile or saved.step_tile
+    tile = step_tile or saved.step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     if variant == "graph":
         return _backward_graph(rt, saved, dy, dh_n, dc_n, return_step_norms, tile)
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from . import _cpu_gemm, _fastmath
 from ._backend import Backend
-from .reference import Saved
+from .reference import Saved, saved_arrays
 
 # Below this many hidden units per step (B·H), a parallel region costs more than it
 # saves on a few cores (measured on a 2-core x86 machine with float32).
@@ -363,4 +363,6 @@ BACKEND = Backend(
     compute_dtypes=("float32", "float64"),
     forward=forward,
     backward=backward,
+    # reference.Saved in the input dtype (the saved state as arrays, for torch's ops).
+    saved_arrays=saved_arrays(lambda dtype: dtype),
 )

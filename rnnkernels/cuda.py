@@ -105,4 +105,5 @@ BACKEND = Backend(
     forward=forward,
     backward=backward,
     check_available=check_available,
+    saved_arrays=_launch.saved_arrays(),
 )

@@ -144,6 +144,25 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     return grads + (dh_norms, dc_norms) if return_step_norms else grads
 
 
+def saved_arrays(saved_dtype):
+    """The :class:`Saved` of this module as arrays (rnnkernels/_backend.py's
+    ``SavedArrays``): gates [T, B, 4H], h and c [T+1, B, H], all in
+    ``saved_dtype(input dtype)`` (float64 here; the input dtype for the cpu backend)."""
+    from ._backend import SavedArrays
+
+    def layout(steps, batch, input_size, hidden, dtype):
+        dtype = saved_dtype(np.dtype(dtype))
+        return [((steps, batch, 4 * hidden), dtype), ((steps + 1, batch, hidden), dtype), ((steps + 1, batch, hidden), dtype)]
+
+    def from_arrays(x, w_ih, w_hh, has_bias, arrays):
+        dtype = saved_dtype(np.dtype(x.dtype))
+        x, w_ih, w_hh = (np.ascontiguousarray(a, dtype=dtype) for a in (x, w_ih, w_hh))
+        gates, h, c = (np.ascontiguousarray(a) for a in arrays)
+        return Saved(x, w_ih, w_hh, has_bias, gates, h, c)
+
+    return SavedArrays(layout, lambda saved: [saved.gates, saved.h, saved.c], from_arrays)
+
+
 def _make_backend():
     from ._backend import Backend
 
@@ -153,6 +172,7 @@ def _make_backend():
         compute_dtypes=("float16", "float32", "float64"),
         forward=forward,
         backward=backward,
+        saved_arrays=saved_arrays(lambda dtype: np.dtype(np.float64)),
     )
 
 

@@ -15,17 +15,20 @@
 Rows sorted longest first run fastest (no permutation inside the op); the module
 sorts once per call.
 
-Backward (registered with ``register_autograd``) recomputes. An op can only return
-tensors, and our forward's saved state is a backend object, so the forward op runs
-the inference kernels (``training=False``, nothing kept) and saves only its inputs;
-``lstm_layer_backward`` runs the training forward again, then BPTT. The cost is one
-extra (inference) forward per layer and direction in a training step: measured on
-the cpu backend at T=50, B=32, I=H=128, float32, one thread, a module forward +
-backward takes 64 ms against 43 ms for ``lstm_forward(training=True)`` +
-``lstm_backward`` (+50%). The saving is memory: no gates or states are held between
-forward and backward, only the layer inputs, which autograd keeps anyway. Returning
-the workspace instead would need each backend to describe its saved arrays (shapes
-for the fake kernel), a change to the backend contract.
+Backward keeps the forward's saved state where it can. ``lstm_layer_train`` (same
+arguments, no ``lengths``) runs the training forward and returns ``[y, h_n, c_n,
+*saved]``: ``saved`` is the backend's state for backward as the fixed list of arrays
+its ``SavedArrays`` describes (rnnkernels/_backend.py; gates [T, B, 4H], h and c
+[T+1, B, H] for every backend here), as tensors, which autograd keeps;
+``lstm_layer_backward_saved`` rebuilds the backend's state from them and the forward's
+inputs and runs BPTT only. The autograd Function uses that pair when a gradient is
+wanted, the rows have no ``lengths`` and the backend describes its state.
+
+Otherwise (packed rows with lengths: the per-segment state is not yet packed into one
+list) the forward runs the inference kernels (``training=False``, nothing kept), only
+the inputs are saved, and ``lstm_layer_backward`` runs the training forward again,
+then BPTT: one extra (inference) forward per layer and direction (+50% for forward +
+backward at T=50, B=32, I=H=128 on the cpu backend, measured before the saved path).
 
 ``lstm_layer_backward(dy, dh_n, dc_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh,
 db, dh0, dc0)``; ``db`` [4H] is the gradient of each bias (zeros without biases).
@@ -190,21 +193,162 @@ def _lstm_layer_backward_fake(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, h0, c0,
     )
 
 
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
+
+
+def _impl(backend: str, device: torch.device):
+    """The ``Backend`` that ``backend`` names for tensors on ``device``."""
+    from .._api import _resolve_backend
+
+    return _resolve_backend(backend, "cuda" if device.type == "cuda" else "cpu")
+
+
+_SAVES_ARRAYS: dict = {}  # (backend name, device type) -> whether its state travels as arrays
+
+
+def _saves_arrays(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` on ``device`` describes its saved state as arrays. Cached:
+    torch.compile cannot trace the backend registry's imports, so a graph being
+    compiled reads the cache only (an entry not yet there: the recompute path)."""
+    key = (backend, device.type)
+    if key not in _SAVES_ARRAYS:
+        if torch.compiler.is_compiling():
+            return False
+        _SAVES_ARRAYS[key] = _impl(backend, device).saved_arrays is not None
+    return _SAVES_ARRAYS[key]
+
+
+def _empty_saved(impl, x: Tensor, hidden: int) -> list[Tensor]:
+    steps, batch, input_size = x.shape
+    layout = impl.saved_arrays.layout(steps, batch, input_size, hidden, _NUMPY_DTYPES[x.dtype])
+    return [x.new_zeros(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]) for shape, dtype in layout]
+
+
+@torch.library.custom_op("rnnkernels::lstm_layer_train", mutates_args=())
+def lstm_layer_train(
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    reverse: bool,
+    backend: str,
+) -> list[Tensor]:
+    """:func:`lstm_layer` (no lengths) with the training forward: ``[y, h_n, c_n,
+    *saved]``, ``saved`` the backend's state for backward as its ``SavedArrays``
+    list (time in the order the kernels ran: reversed for ``reverse``)."""
+    _check_layer(x, w_hh)
+    steps, batch = x.shape[0], x.shape[1]
+    impl = _impl(backend, x.device)
+    if steps == 0 or batch == 0:
+        # Nothing runs (the API's own empty case); the saved arrays are never read.
+        y = x.new_zeros((steps, batch, w_hh.shape[1]))
+        return [y, h0.clone(), c0.clone(), *_empty_saved(impl, x, w_hh.shape[1])]
+    plan = _Plan(None, steps, batch)
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, h0_a, c0_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
+        y, h_n, c_n, tape = run_direction(
+            xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), h0_a, c0_a, plan, reverse, training=True, backend=backend
+        )
+        saved = impl.saved_arrays.to_arrays(tape[0]._ctx.saved)
+        return [to_tensor(y), to_tensor(h_n), to_tensor(c_n), *(to_tensor(a) for a in saved)]
+
+
+@lstm_layer_train.register_fake
+def _lstm_layer_train_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, backend):
+    _check_layer(x, w_hh)
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    layout = _impl(backend, x.device).saved_arrays.layout(steps, batch, x.shape[2], hidden, _NUMPY_DTYPES[x.dtype])
+    saved = [x.new_empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]) for shape, dtype in layout]
+    return [x.new_empty((steps, batch, hidden)), x.new_empty((batch, hidden)), x.new_empty((batch, hidden)), *saved]
+
+
+@torch.library.custom_op("rnnkernels::lstm_layer_backward_saved", mutates_args=())
+def lstm_layer_backward_saved(
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    has_bias: bool,
+    saved: list[Tensor],
+    reverse: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lstm_layer_train` from its ``saved`` list: no forward
+    runs. Returns what :func:`lstm_layer_backward` returns."""
+    _check_layer(x, w_hh)
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    if steps == 0 or batch == 0:
+        return (
+            x.new_zeros(x.shape), w_ih.new_zeros(w_ih.shape), w_hh.new_zeros(w_hh.shape),
+            w_hh.new_zeros(4 * hidden), dh_n.to(x.dtype, copy=True).contiguous(), dc_n.to(x.dtype, copy=True).contiguous(),
+        )
+    from .._api import LSTMOutput, _Context
+
+    impl = _impl(backend, x.device)
+    plan = _Plan(None, steps, batch)
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a, dy_a, dh_a, dc_a = map(to_array, (x, w_ih, w_hh, dy, dh_n, dc_n))
+        dy_a, dh_a, dc_a = (a.astype(xa.dtype, copy=False) for a in (dy_a, dh_a, dc_a))
+        if reverse:
+            xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped sequence
+        state = impl.saved_arrays.from_arrays(xa, w_ih_a, w_hh_a, has_bias, [to_array(t) for t in saved])
+        # What lstm_forward(training=True) would have returned, rebuilt around the
+        # saved state, so that backward_direction (lstm_backward) runs as usual.
+        context = _Context(
+            impl, state, _arrays.array_kind(xa, "x"), xa.dtype, False, (steps, batch, input_size, hidden), has_bias,
+            _arrays.cuda_placement(x),
+        )
+        out = LSTMOutput(y=None, h_n=None, c_n=None, training=True, backend=impl.name, _ctx=context)
+        dx, dw_ih, dw_hh, db, dh0, dc0 = backward_direction(
+            [out], plan, reverse, xp.ascontiguousarray(dy_a), dh_a, dc_a, input_size, has_bias
+        )
+        if db is None:
+            db = xp.zeros(4 * hidden, xa.dtype)
+        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db, dh0, dc0))
+
+
+@lstm_layer_backward_saved.register_fake
+def _lstm_layer_backward_saved_fake(dy, dh_n, dc_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
+    _check_layer(x, w_hh)
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    return (
+        x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty((4 * hidden,)), x.new_empty((batch, hidden)), x.new_empty((batch, hidden)),
+    )
+
+
 def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend = inputs
-    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
-    ctx.reverse, ctx.backend = reverse, backend
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend = inputs[:10]
+    # output[3:]: the backend's saved arrays (lstm_layer_train), empty for lstm_layer.
+    saved = tuple(output[3:])
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, *saved)
+    ctx.reverse, ctx.backend, ctx.saved_count = reverse, backend, len(saved)
+    if saved:
+        ctx.mark_non_differentiable(*saved)
 
 
 def _backward(ctx, dy, dh_n, dc_n):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths = ctx.saved_tensors
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, *saved = ctx.saved_tensors
     steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
     dy = x.new_zeros((steps, batch, hidden)) if dy is None else dy
     dh_n = h0.new_zeros(h0.shape) if dh_n is None else dh_n
     dc_n = c0.new_zeros(c0.shape) if dc_n is None else dc_n
-    dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_backward(
-        dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, ctx.reverse, ctx.backend
-    )
+    if saved:
+        dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_backward_saved(
+            dy, dh_n, dc_n, x, w_ih, w_hh, b_ih is not None, saved, ctx.reverse, ctx.backend
+        )
+        dh0, dc0 = dh0.to(h0.dtype), dc0.to(c0.dtype)
+    else:
+        dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_backward(
+            dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, ctx.reverse, ctx.backend
+        )
     db_ih = db if b_ih is not None else None
     db_hh = db.clone() if b_hh is not None else None
     return dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, None, None, None
@@ -228,10 +372,14 @@ class _LSTMLayerFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend):
+    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend, save):
         # Under torch.func the inputs here may still require grad at an outer level;
         # no_grad keeps the op's own (functorch-incompatible) autograd out of it.
+        # ``save``: run the training forward and return its saved arrays after
+        # (y, h_n, c_n); setup_context keeps them for backward.
         with torch.no_grad():
+            if save:
+                return tuple(lstm_layer_train(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, backend))
             return lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
 
     @staticmethod
@@ -239,18 +387,19 @@ class _LSTMLayerFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
+    def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+        # _saved_grads: the saved arrays' (non-differentiable: always None or zeros).
         # The backward op has no autograd of its own: no double backward. Where one is
         # asked for, say so rather than let the gradients act as constants (a gradient
         # penalty would silently miss the LSTM's second-order terms). torch.compile
         # traces this backward and cannot trace those checks: it gets the plain one.
         if torch.compiler.is_compiling():
-            return _backward(ctx, dy, dh_n, dc_n)
+            return _backward(ctx, dy, dh_n, dc_n) + (None,)
         nested = _grad_transforms_active()
         if nested > 1:
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         with torch.no_grad():
-            grads = _backward(ctx, dy, dh_n, dc_n)
+            grads = _backward(ctx, dy, dh_n, dc_n) + (None,)
         if nested or not torch.is_grad_enabled():
             return grads
         if not any(t is not None and t.requires_grad for t in (*ctx.saved_tensors, dy, dh_n, dc_n)):
@@ -282,25 +431,42 @@ def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: boo
     """:func:`lstm_layer` with gradients for autograd and torch.func: what
     ``rnnkernels.torch.LSTM`` and ``rnnkernels.lstm_forward`` (on tensors that require
     grad) call."""
-    return _LSTMLayerFunction.apply(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
+    # Keep the forward's state (no recompute in backward) when a gradient can be asked
+    # for, the rows have no lengths, and the backend describes its state as arrays.
+    save = (
+        lengths is None
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
+        and _saves_arrays(backend, x.device)
+    )
+    return _LSTMLayerFunction.apply(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend, save)[:3]
 
 
-def _looping_vmap(op, outputs: int):
+def _looping_vmap(op, outputs: Optional[int]):
     """A batching rule for ``op``: one call per index of the mapped dimension, results
     stacked along dimension 0. The kernels take one batch of sequences per call; a
     vmapped dimension is a batch of such problems with different weights, which no
     kernel here fuses, so a loop is what it costs."""
 
+    def select(a, d, index):
+        if isinstance(a, (list, tuple)):  # a list argument has a list of dims
+            return [t if e is None else t.select(e, index) for t, e in zip(a, d or [None] * len(a))]
+        return a if d is None else a.select(d, index)
+
     def rule(info, in_dims, *args):
         results = []
         for index in range(info.batch_size):
-            sliced = [a if d is None else a.select(d, index) for a, d in zip(args, in_dims)]
-            results.append(op(*sliced))
-        stacked = tuple(torch.stack([r[k] for r in results]) for k in range(outputs))
-        return stacked, (0,) * outputs
+            results.append(op(*[select(a, d, index) for a, d in zip(args, in_dims)]))
+        count = outputs if outputs is not None else len(results[0])
+        stacked = [torch.stack([r[k] for r in results]) for k in range(count)]
+        if outputs is None:  # an op returning a list
+            return stacked, [0] * count
+        return tuple(stacked), (0,) * count
 
     return rule
 
 
 torch.library.register_vmap(lstm_layer, _looping_vmap(lstm_layer, 3))
 torch.library.register_vmap(lstm_layer_backward, _looping_vmap(lstm_layer_backward, 6))
+torch.library.register_vmap(lstm_layer_train, _looping_vmap(lstm_layer_train, None))
+torch.library.register_vmap(lstm_layer_backward_saved, _looping_vmap(lstm_layer_backward_saved, 6))

@@ -1,0 +1,112 @@
+"""rnnkernels.torch as a drop-in for torch.nn.LSTM (issue 13): saved state instead of
+recompute, model-wide replacement, what code written for nn.LSTM reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rnnkernels.modules
+import rnnkernels.torch as rtorch
+from rnnkernels.torch import _ops
+
+
+def _count_forwards(monkeypatch):
+    """Counts every backend forward (lstm_forward calls from run_direction) by mode."""
+    calls = {"training": 0, "inference": 0}
+    original = rnnkernels.modules.lstm_forward
+
+    def counting(*args, **kwargs):
+        calls["training" if kwargs.get("training") else "inference"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rnnkernels.modules, "lstm_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "emulated"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_backward_uses_saved_state_and_matches_nn_lstm(backend, bidirectional, monkeypatch):
+    torch.manual_seed(0)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    reference = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=bidirectional).to(dtype)
+    ours = rtorch.LSTM(5, 7, num_layers=2, bidirectional=bidirectional, backend=backend).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 3, 5, dtype=dtype)
+    h0 = torch.randn(2 * (1 + bidirectional), 3, 7, dtype=dtype)
+    c0 = torch.randn_like(h0)
+    calls = _count_forwards(monkeypatch)
+    results = []
+    for module in (ours, reference):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        y, (h, c) = module(xs, (hs, cs))
+        if module is ours:
+            forwards = dict(calls)
+            assert forwards == {"training": 2 * (1 + bidirectional), "inference": 0}
+        (y.square().sum() + h.sum() + (c * 0.5).sum()).backward()
+        if module is ours:
+            assert calls == forwards, "backward ran the forward again"
+        results.append([y, h, c, xs.grad, hs.grad, cs.grad] + [p.grad for p in module.parameters()])
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_saved_arrays_rebuild_the_same_gradients():
+    """Each backend's SavedArrays round trip (to_arrays, from_arrays) gives backward
+    bit for bit what the original saved state gives."""
+    from rnnkernels._api import get_backend
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    w_ih = rng.standard_normal((24, 5)).astype(np.float32) * 0.3
+    w_hh = rng.standard_normal((24, 6)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(24).astype(np.float32)
+    h0, c0 = (rng.standard_normal((3, 6)).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    for name in ("reference", "cpu", "emulated"):
+        impl = get_backend(name)
+        description = impl.saved_arrays
+        _, _, _, saved = impl.forward(x, w_ih, w_hh, bias, h0, c0, True)
+        arrays = description.to_arrays(saved)
+        layout = description.layout(4, 3, 5, 6, np.dtype(np.float32))
+        assert [(a.shape, a.dtype) for a in arrays] == [(tuple(s), np.dtype(d)) for s, d in layout], name
+        rebuilt = description.from_arrays(x, w_ih, w_hh, True, [a.copy() for a in arrays])
+        first = impl.backward(saved, dy, h0, c0)
+        second = impl.backward(rebuilt, dy, h0, c0)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_packed_rows_still_recompute_and_match(monkeypatch):
+    """Rows with lengths take the recompute path (documented); gradients still match."""
+    torch.manual_seed(2)
+    reference = torch.nn.LSTM(4, 5)
+    ours = rtorch.LSTM(4, 5)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 3, 4)
+    lengths = torch.tensor([6, 2, 4])
+    grads = []
+    for module in (ours, reference):
+        xs = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False)
+        out, (h, c) = module(packed)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+        (padded.sum() + h.sum() + c.sum()).backward()
+        grads.append([xs.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_path_under_torch_compile():
+    torch.manual_seed(3)
+    module = rtorch.LSTM(4, 5)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    module(x)[0].sum().backward()  # eager first: fills the backend cache compile reads
+    eager = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(lambda x: module(x)[0].sum(), fullgraph=True)
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, eager)
+    assert _ops._SAVES_ARRAYS[("auto", "cpu")] is True
