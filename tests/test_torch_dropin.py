@@ -110,3 +110,104 @@ def test_saved_path_under_torch_compile():
     compiled(x).backward()
     torch.testing.assert_close(x.grad, eager)
     assert _ops._SAVES_ARRAYS[("auto", "cpu")] is True
+
+
+# ----------------------------------------------------------------------------- replace_lstm
+
+
+class _Tagger(torch.nn.Module):
+    """A model of stock layers: embedding, a 2-layer bidirectional LSTM, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6)
+        self.encoder = torch.nn.Sequential(torch.nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True))
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        y, _ = self.encoder[0](self.embed(tokens))
+        return self.head(y)
+
+
+def test_replace_lstm_same_outputs_gradients_and_training():
+    import copy
+
+    torch.manual_seed(4)
+    original = _Tagger()
+    swapped = copy.deepcopy(original)
+    optimizer = torch.optim.SGD(swapped.parameters(), lr=0.1)  # built before the swap
+    replaced = rtorch.replace_lstm(swapped)
+    assert replaced == ["encoder.0"]
+    assert type(swapped.encoder[0]) is rtorch.LSTM
+    assert not any(type(m) is torch.nn.LSTM for m in swapped.modules())
+    assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in original.named_parameters()]
+    tokens = torch.randint(0, 20, (3, 7))
+    targets = torch.randint(0, 5, (3, 7))
+
+    def loss_of(model):
+        return torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 5), targets.reshape(-1))
+
+    out_a, out_b = original(tokens), swapped(tokens)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    loss_of(original).backward()
+    loss_of(swapped).backward()
+    for (name, a), (_, b) in zip(original.named_parameters(), swapped.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # A few training steps track the original (the optimizer holds the same Parameters).
+    reference_optimizer = torch.optim.SGD(original.parameters(), lr=0.1)
+    for _ in range(5):
+        for model, opt in ((original, reference_optimizer), (swapped, optimizer)):
+            opt.zero_grad()
+            loss_of(model).backward()
+            opt.step()
+        torch.testing.assert_close(loss_of(swapped), loss_of(original), rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(original.named_parameters(), swapped.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_replace_lstm_shared_modules_and_refusals():
+    lstm = torch.nn.LSTM(3, 4)
+    model = torch.nn.ModuleDict({"a": lstm, "b": torch.nn.Sequential(lstm), "c": torch.nn.GRU(3, 4)})
+    model.eval()
+    replaced = rtorch.replace_lstm(model, backend="reference")
+    assert sorted(replaced) == ["a", "b.0"]
+    assert model["a"] is model["b"][0] and model["a"].backend == "reference"
+    assert not model["a"].training
+    assert model["a"].weight_hh_l0 is lstm.weight_hh_l0
+    assert type(model["c"]) is torch.nn.GRU
+    assert rtorch.replace_lstm(model) == []
+    with pytest.raises(ValueError, match="not the model itself"):
+        rtorch.replace_lstm(torch.nn.LSTM(3, 4))
+    with pytest.raises(TypeError, match="model must be"):
+        rtorch.replace_lstm("not a module")
+    with pytest.raises(ValueError, match="proj_size"):
+        rtorch.replace_lstm(torch.nn.Sequential(torch.nn.LSTM(3, 4, proj_size=2)))
+    mixed = torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.LSTM(4, 4, proj_size=2))
+    with pytest.raises(ValueError, match="proj_size"):
+        rtorch.replace_lstm(mixed)
+    assert type(mixed[0]) is torch.nn.LSTM  # nothing swapped when one is refused
+
+
+# ----------------------------------------------------------------------------- what nn.LSTM code reads
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True}, {"bias": False, "batch_first": True, "dropout": 0.5, "num_layers": 2}])
+def test_attributes_code_written_for_nn_lstm_reads(kwargs):
+    torch.manual_seed(5)
+    theirs = torch.nn.LSTM(3, 4, **kwargs)
+    ours = rtorch.LSTM(3, 4, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert len(ours._flat_weights) == len(theirs._flat_weights)
+    for a, b in zip(ours._flat_weights, theirs._flat_weights):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert len(ours.all_weights) == len(theirs.all_weights)
+    for group_a, group_b in zip(ours.all_weights, theirs.all_weights):
+        assert [tuple(p.shape) for p in group_a] == [tuple(p.shape) for p in group_b]
+        assert all(torch.equal(a, b) for a, b in zip(group_a, group_b))
+    assert ours.proj_size == theirs.proj_size == 0
+    for name in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    ours.flatten_parameters()  # a no-op that must exist
+    assert repr(ours) == repr(theirs)
+    assert repr(rtorch.LSTM(3, 4, backend="reference")) == "LSTM(3, 4, backend='reference')"

@@ -5,6 +5,8 @@
     lstm.load_state_dict(nn_lstm.state_dict())  # strict, same keys and shapes
     output, (h_n, c_n) = lstm(packed_or_padded_input, (h0, c0))
 
+    replaced = replace_lstm(model)             # or: every nn.LSTM in a model, in place
+
 Each layer and direction is one call of the custom op ``rnnkernels::lstm_layer``
 (see ``_ops.py``), which runs the single-layer kernels: CPU tensors on the Numba cpu
 backend, CUDA tensors on our CUDA kernels, zero-copy, on torch's current stream. The
@@ -15,5 +17,6 @@ op has fake (meta) and autograd registrations, so the module also runs under
 
 from ._module import LSTM
 from ._ops import lstm_layer, lstm_layer_backward
+from ._replace import replace_lstm
 
-__all__ = ["LSTM", "lstm_layer", "lstm_layer_backward"]
+__all__ = ["LSTM", "lstm_layer", "lstm_layer_backward", "replace_lstm"]
