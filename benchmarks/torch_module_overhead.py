@@ -28,11 +28,11 @@ import time
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import rnnkernels  # noqa: E402
-import rnnkernels.torch as rtorch  # noqa: E402
+import rnnkernels
+import rnnkernels.torch as rtorch
 
 
 def _paired(first, second, rounds: int, repeats: int):
@@ -115,7 +115,7 @@ def decode(rounds: int, batch=1, size=256, steps=200):
         return run
 
     ours_run, ref_run = loop(ours), loop(reference)
-    (y1, (h1, c1)), (y2, (h2, c2)) = ours_run(), ref_run()
+    (_y1, (h1, c1)), (_y2, (h2, c2)) = ours_run(), ref_run()
     torch.testing.assert_close(h1, h2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-5)
     a, b = _paired(ours_run, ref_run, rounds, repeats=1)

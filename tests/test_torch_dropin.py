@@ -48,7 +48,7 @@ def test_backward_uses_saved_state_and_matches_nn_lstm(backend, bidirectional, m
         if module is ours:
             assert calls == forwards, "backward ran the forward again"
         results.append([y, h, c, xs.grad, hs.grad, cs.grad] + [p.grad for p in module.parameters()])
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
 
@@ -211,3 +211,53 @@ def test_attributes_code_written_for_nn_lstm_reads(kwargs):
     ours.flatten_parameters()  # a no-op that must exist
     assert repr(ours) == repr(theirs)
     assert repr(rtorch.LSTM(3, 4, backend="reference")) == "LSTM(3, 4, backend='reference')"
+
+
+# ----------------------------------------------------------------------------- DistributedDataParallel
+
+
+def test_distributed_data_parallel_matches_nn_lstm(tmp_path):
+    """2 processes, gloo on 127.0.0.1: DDP training with rnnkernels.torch.LSTM ends
+    with the parameters DDP training with nn.LSTM ends with, the same on both ranks
+    (gradients averaged across ranks that saw different data). Hard timeout: 120 s."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(port), str(tmp_path)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, stock in ranks[0]["stock"].items():
+        torch.testing.assert_close(ranks[0]["ours"][name], stock, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ranks[1]["ours"][name], ranks[0]["ours"][name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(ranks[0]["stock"]["lstm.weight_hh_l0"], _initial_weight_hh())
+
+
+def _initial_weight_hh():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ddp_worker", Path(__file__).with_name("ddp_worker.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.Model().lstm.weight_hh_l0.detach()

@@ -248,7 +248,7 @@ def lstm_layer_train(
         y = x.new_zeros((steps, batch, w_hh.shape[1]))
         return [y, h0.clone(), c0.clone(), *_empty_saved(impl, x, w_hh.shape[1])]
     plan = _Plan(None, steps, batch)
-    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+    with _backend_arrays(x.device) as (_, to_array, to_tensor):
         xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, h0_a, c0_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
         y, h_n, c_n, tape = run_direction(
             xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), h0_a, c0_a, plan, reverse, training=True, backend=backend
