@@ -100,7 +100,9 @@ class _Plan:
         length; padding stays where it is. Its own inverse."""
         xp = _xp_of(array)
         if self.uniform:
-            return xp.ascontiguousarray(array[::-1])
+            # copy(), not ascontiguousarray: with T == 1 the reversed view counts as
+            # contiguous yet keeps a negative stride, which torch.from_numpy refuses.
+            return array[::-1].copy()
         if xp not in self._reverse_index:
             t = np.arange(self.steps)[:, None]
             n = self.sorted_lengths[None, :]

@@ -261,3 +261,56 @@ def _initial_weight_hh():
     spec.loader.exec_module(module)
     torch.manual_seed(0)
     return module.Model().lstm.weight_hh_l0.detach()
+
+
+# ----------------------------------------------------------------------------- single steps
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}, {"bias": False, "num_layers": 2, "dropout": 0.3}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_step_short_path_matches_general_path_and_nn_lstm(kwargs, dtype, monkeypatch):
+    torch.manual_seed(6)
+    theirs = torch.nn.LSTM(5, 6, **kwargs).to(dtype).eval()
+    ours = rtorch.LSTM(5, 6, **kwargs).to(dtype).eval()
+    ours.load_state_dict(theirs.state_dict())
+    rows = 2 * (1 + kwargs.get("bidirectional", False)) if kwargs.get("num_layers") else 1
+    state = (torch.randn(rows, 3, 6, dtype=dtype), torch.randn(rows, 3, 6, dtype=dtype))
+    steps = [torch.randn(3, 1, 5, dtype=dtype) if kwargs.get("batch_first") else torch.randn(1, 3, 5, dtype=dtype) for _ in range(4)]
+    general = []
+    with torch.no_grad():
+        s_ours, s_theirs = state, state
+        for x in steps:  # the short path: no custom op call
+            monkeypatch.setattr(_ops, "lstm_layer_autograd", None)
+            y_ours, s_ours = ours(x, s_ours)
+            monkeypatch.undo()
+            y_theirs, s_theirs = theirs(x, s_theirs)
+            tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+            for a, b in zip((y_ours, *s_ours), (y_theirs, *s_theirs)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a, b, **tol)
+            general.append((y_ours, *s_ours))
+    # The general path (grad mode on) gives the same bits.
+    s_general = state
+    for x, short in zip(steps, general):
+        y, s_general = ours(x, s_general)
+        for a, b in zip((y, *s_general), short):
+            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def test_single_step_short_path_checks_and_leaves_inputs_alone():
+    ours = rtorch.LSTM(5, 6).eval()
+    x = torch.randn(1, 2, 5)
+    h0, c0 = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    copies = [t.clone() for t in (x, h0, c0)]
+    with torch.no_grad():
+        ours(x, (h0, c0))
+        with pytest.raises(RuntimeError, match="hidden\\[0\\] size"):
+            ours(x, (torch.randn(1, 3, 6), c0))
+        with pytest.raises(RuntimeError, match="input_size"):
+            ours(torch.randn(1, 2, 4), (h0, c0))
+        with pytest.raises(RuntimeError, match="type"):
+            ours(x.double(), (h0.double(), c0.double()))
+        with pytest.raises(TypeError, match="hx must be a tuple"):
+            ours(x, h0)
+    for a, b in zip((x, h0, c0), copies):
+        assert torch.equal(a, b)

@@ -6,6 +6,7 @@ import math
 import numbers
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -125,6 +126,55 @@ class LSTM(nn.Module):
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
 
+    def _single_step(self, input, hx):
+        """The decode step: one time step with a state, no gradients, CPU, cpu backend.
+        Calls the cpu backend's forward directly on NumPy views of the tensors (no
+        custom op, no length plan, no API validation: the checks that matter for this
+        case are made here), so a token-by-token loop pays little per call. Same
+        results as the general path (tests/test_torch_dropin.py)."""
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+        batch = input.shape[0 if self.batch_first else 1]
+        directions = 2 if self.bidirectional else 1
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        for i, value in enumerate((h0, c0)):
+            if tuple(value.shape) != expected:
+                raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
+        dtype = self.weight_ih_l0.dtype
+        if input.dtype != dtype or h0.dtype != dtype or c0.dtype != dtype or dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(f"input and hx must have the type {dtype}, got {input.dtype}, {h0.dtype}, {c0.dtype}")
+        from .. import cpu
+
+        # [1, B, I] time-major either way (one step: batch_first is only a view change).
+        # The backend contract: C-contiguous arrays (no copy when they already are).
+        layer_input = input.detach().reshape(1, batch, self.input_size).numpy()
+        h0_np, c0_np = (np.ascontiguousarray(t.detach().numpy()) for t in (h0, c0))
+        h_n = torch.empty(expected, dtype=dtype)
+        c_n = torch.empty(expected, dtype=dtype)
+        h_out, c_out = h_n.numpy(), c_n.numpy()
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):  # one step: the reverse direction is the same step
+                k = layer * directions + direction
+                w_ih, w_hh, b_ih, b_hh = (
+                    None if w is None else np.ascontiguousarray(w.detach().numpy()) for w in self._layer_weights(layer, direction)
+                )
+                bias = None if b_ih is None else b_ih + b_hh
+                y, h_out[k], c_out[k], _ = cpu.forward(
+                    np.ascontiguousarray(layer_input), w_ih, w_hh, bias, h0_np[k], c0_np[k], training=False
+                )
+                outputs.append(y)
+            # (Dropout between layers, training mode only, never gets here: forward
+            # sends it down the general path.)
+            layer_input = outputs[0] if directions == 1 else np.concatenate(outputs, axis=2)
+        output = torch.from_numpy(np.ascontiguousarray(layer_input))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
     def _layer_weights(self, layer: int, direction: int):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
@@ -135,6 +185,21 @@ class LSTM(nn.Module):
     def forward(self, input, hx=None, *, lengths=None):
         """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
         integers, padded input only) stops each row at its own length."""
+        if (
+            hx is not None
+            and lengths is None
+            and type(input) is torch.Tensor  # not a PackedSequence nor a torch.func wrapper
+            and input.dim() == 3
+            and input.shape[1 if self.batch_first else 0] == 1
+            and input.shape[0 if self.batch_first else 1] >= 1
+            and input.device.type == "cpu"
+            and self.backend in ("auto", "cpu")
+            and not torch.is_grad_enabled()
+            and not (self.dropout > 0 and self.training and self.num_layers > 1)
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input)
+        ):
+            return self._single_step(input, hx)
         directions = 2 if self.bidirectional else 1
         state_rows = self.num_layers * directions
         packed = isinstance(input, PackedSequence)
