@@ -177,3 +177,84 @@ def _make_backend():
 
 
 BACKEND = _make_backend()
+
+
+# ----------------------------------------------------------------------------- projections
+#
+# proj_size (torch.nn.LSTM's LSTMP, as in cuDNN): the hidden state is projected,
+#
+#     r_t = o_t ⊙ tanh(c_t)                  [B, H]
+#     h_t = r_t W_hrᵀ                        [B, P],  W_hr [P, H]
+#
+# and the recurrence reads the projected h: W_hh is [4H, P], h0 [B, P], c0 [B, H],
+# y [T, B, P]. Backward, per step: dh_t = dy_t + dz_{t+1} W_hh (P wide), then
+# dr_t = dh_t W_hr takes the place of dh_t in the cell's backward above, and
+# dW_hr = Σ_t dh_tᵀ r_t.
+
+
+@dataclass
+class SavedProjected:
+    """What :func:`forward_projected` keeps for :func:`backward_projected`."""
+
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [4H, I]
+    w_hh: np.ndarray  # [4H, P]
+    w_hr: np.ndarray  # [P, H]
+    has_bias: bool
+    gates: np.ndarray  # [T, B, 4H] activated i, f, g, o
+    h: np.ndarray  # [T+1, B, P]; h[0] = h0, h[t+1] = h_t (projected)
+    c: np.ndarray  # [T+1, B, H]; c[0] = c0
+
+
+def forward_projected(x, w_ih, w_hh, bias, w_hr, h0, c0, training=True, dtype=np.float64):
+    """One LSTM layer with a projection (see above), computed in ``dtype`` (float64:
+    the reference; the cpu backend calls it in its input dtype). Returns ``(y, h_n,
+    c_n, saved)``, ``saved`` None unless ``training``."""
+    x, w_ih, w_hh, bias, w_hr, h0, c0 = (None if a is None else np.asarray(a, dtype=dtype) for a in (x, w_ih, w_hh, bias, w_hr, h0, c0))
+    steps, batch, _ = x.shape
+    hidden, proj = w_hr.shape[1], w_hr.shape[0]
+    gates = (x.reshape(steps * batch, -1) @ w_ih.T).reshape(steps, batch, 4 * hidden)
+    if bias is not None:
+        gates += bias
+    h = np.empty((steps + 1, batch, proj), dtype)
+    c = np.empty((steps + 1, batch, hidden), dtype)
+    h[0], c[0] = h0, c0
+    for t in range(steps):
+        z = gates[t] + h[t] @ w_hh.T
+        zi, zf, zg, zo = np.split(z, 4, axis=1)
+        i, f, g, o = sigmoid(zi), sigmoid(zf), np.tanh(zg), sigmoid(zo)
+        c[t + 1] = f * c[t] + i * g
+        h[t + 1] = (o * np.tanh(c[t + 1])) @ w_hr.T
+        gates[t] = np.concatenate([i, f, g, o], axis=1)
+    saved = SavedProjected(x, w_ih, w_hh, w_hr, bias is not None, gates, h, c) if training else None
+    return h[1:].copy(), h[steps].copy(), c[steps].copy(), saved
+
+
+def backward_projected(saved: SavedProjected, dy, dh_n, dc_n):
+    """Backpropagation through time for :func:`forward_projected`. Returns ``(dx,
+    dw_ih, dw_hh, db, dw_hr, dh0, dc0)``, ``db`` None without bias; in the forward's
+    dtype."""
+    dtype = saved.x.dtype
+    dy, dh_n, dc_n = (np.asarray(a, dtype=dtype) for a in (dy, dh_n, dc_n))
+    x, w_ih, w_hh, w_hr = saved.x, saved.w_ih, saved.w_hh, saved.w_hr
+    steps = x.shape[0]
+    dz = np.empty_like(saved.gates)
+    dw_hr = np.zeros_like(w_hr)
+    dh_next, carry = dh_n, dc_n
+    for t in reversed(range(steps)):
+        i, f, g, o = np.split(saved.gates[t], 4, axis=1)
+        c_prev, c_t = saved.c[t], saved.c[t + 1]
+        tanh_c = np.tanh(c_t)
+        dh = dy[t] + dh_next  # [B, P]
+        dw_hr += dh.T @ (o * tanh_c)
+        dr = dh @ w_hr  # [B, H]: the cell's dh
+        dc = carry + dr * o * (1 - tanh_c**2)
+        dz[t] = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g**2), dr * tanh_c * o * (1 - o)], axis=1)
+        carry = dc * f
+        dh_next = dz[t] @ w_hh
+    flat_dz = dz.reshape(-1, dz.shape[2])
+    dx = dz @ w_ih
+    dw_ih = flat_dz.T @ x.reshape(-1, x.shape[2])
+    dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
+    db = flat_dz.sum(axis=0) if saved.has_bias else None
+    return dx, dw_ih, dw_hh, db, dw_hr, dh_next, carry
