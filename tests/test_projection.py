@@ -74,3 +74,49 @@ def test_reference_projected_matches_nn_lstm():
     for ours, theirs in ((dx, x.grad), (dw_ih, module.weight_ih_l0.grad), (dw_hh, module.weight_hh_l0.grad),
                          (db, module.bias_ih_l0.grad), (dw_hr, module.weight_hr_l0.grad), (dh0, h0.grad[0]), (dc0, c0.grad[0])):
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}, {"bias": False}])
+def test_torch_module_with_projection_matches_nn_lstm(backend, kwargs):
+    import rnnkernels.torch as rtorch
+
+    torch.manual_seed(7)
+    dtype = torch.float64
+    theirs = torch.nn.LSTM(5, 6, proj_size=3, **kwargs).to(dtype)
+    ours = rtorch.LSTM(5, 6, proj_size=3, backend=backend, **kwargs).to(dtype)
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert [[p.shape for p in g] for g in ours.all_weights] == [[p.shape for p in g] for g in theirs.all_weights]
+    assert repr(ours) == repr(theirs) if backend == "auto" else "backend='reference'" in repr(ours)
+    ours.load_state_dict(theirs.state_dict())
+    rows = 2 * (1 + kwargs.get("bidirectional", False)) if kwargs.get("num_layers") else 1
+    x = torch.randn(3, 4, 5, dtype=dtype)
+    state = (torch.randn(rows, 3 if kwargs.get("batch_first") else 4, 3, dtype=dtype),
+             torch.randn(rows, 3 if kwargs.get("batch_first") else 4, 6, dtype=dtype))
+    results = []
+    for module in (ours, theirs):
+        xs, h0, c0 = (t.clone().requires_grad_() for t in (x, *state))
+        y, (h, c) = module(xs, (h0, c0))
+        (y.square().sum() + h.sum() + (c * 0.3).sum()).backward()
+        results.append([y, h, c, xs.grad, h0.grad, c0.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # No state given: zeros of the right widths; float32 on the cpu backend.
+    ours32, theirs32 = ours.float(), theirs.float()
+    torch.testing.assert_close(ours32(x.float())[0], theirs32(x.float())[0], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_module_projection_refusals():
+    import rnnkernels.torch as rtorch
+
+    with pytest.raises(ValueError, match="smaller than hidden_size"):
+        rtorch.LSTM(5, 4, proj_size=4)
+    with pytest.raises(ValueError, match="positive integer or zero"):
+        rtorch.LSTM(5, 4, proj_size=-1)
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        rtorch.LSTM(5, 4, proj_size=2, backend="emulated")
+    module = rtorch.LSTM(5, 4, proj_size=2)
+    with pytest.raises(NotImplementedError, match="lengths"):
+        module(torch.randn(3, 2, 5), lengths=[3, 1])
+    with pytest.raises(RuntimeError, match="hidden\\[0\\] size"):
+        module(torch.randn(3, 2, 5), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))

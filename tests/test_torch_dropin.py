@@ -180,11 +180,11 @@ def test_replace_lstm_shared_modules_and_refusals():
         rtorch.replace_lstm(torch.nn.LSTM(3, 4))
     with pytest.raises(TypeError, match="model must be"):
         rtorch.replace_lstm("not a module")
-    with pytest.raises(ValueError, match="proj_size"):
-        rtorch.replace_lstm(torch.nn.Sequential(torch.nn.LSTM(3, 4, proj_size=2)))
+    with_projection = torch.nn.Sequential(torch.nn.LSTM(3, 4, proj_size=2))
+    assert rtorch.replace_lstm(with_projection) == ["0"] and with_projection[0].proj_size == 2
     mixed = torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.LSTM(4, 4, proj_size=2))
-    with pytest.raises(ValueError, match="proj_size"):
-        rtorch.replace_lstm(mixed)
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        rtorch.replace_lstm(mixed, backend="emulated")
     assert type(mixed[0]) is torch.nn.LSTM  # nothing swapped when one is refused
 
 

@@ -20,7 +20,7 @@ from . import _ops  # registers torch.ops.rnnkernels.*
 class LSTM(nn.Module):
     """A drop-in for ``torch.nn.LSTM`` that runs rnnkernels' LSTM kernels.
 
-    Same constructor (``proj_size`` must be 0 for now), same parameter names, shapes
+    Same constructor, same parameter names, shapes
     and initialization, same ``forward(input, hx=None)`` with padded or
     ``PackedSequence`` input, same outputs; a strict ``load_state_dict`` of an
     ``nn.LSTM``'s state dict works and vice versa. Two additions, both optional
@@ -28,6 +28,11 @@ class LSTM(nn.Module):
     "auto" by default: the cpu backend for CPU tensors, our CUDA kernels for CUDA
     tensors) and ``lengths`` in ``forward`` (per-row lengths [B] for padded input,
     the same result as packing it, without the packing).
+
+    ``proj_size > 0`` (h_t = W_hr (o ⊙ tanh c_t), parameters ``weight_hr_l*``) runs
+    on CPU tensors only, on NumPy (the ``reference`` math, in the input dtype for
+    backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
+    and CUDA tensors raise NotImplementedError.
 
     dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
     follows torch's semantics (training mode only, not after the last layer) but
@@ -67,8 +72,16 @@ class LSTM(nn.Module):
             raise ValueError("num_layers must be greater than zero")
         if input_size < 0:
             raise ValueError("input_size must be non-negative")
-        if proj_size:
-            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels.torch.LSTM yet")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size and backend not in _ops._PROJECTED_BACKENDS:
+            raise NotImplementedError(
+                f"proj_size > 0 runs with backend 'auto', 'cpu' or 'reference' on CPU tensors; {backend!r} does not support it yet"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         self.mode = "LSTM"
@@ -77,13 +90,25 @@ class LSTM(nn.Module):
         self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
         directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
-        self._flat_weights_names = parameter_names(num_layers, bidirectional, bias)
+        # nn.LSTM's names and order: per layer and direction weight_ih, weight_hh, the
+        # biases, then weight_hr [P, H] with a projection (the state h is P wide then).
+        names = parameter_names(num_layers, bidirectional, bias)
+        if proj_size:
+            per = 4 if bias else 2
+            names = [
+                n for i in range(0, len(names), per)
+                for n in names[i : i + per] + ["weight_hr" + names[i][len("weight_ih"):]]
+            ]
+        self._flat_weights_names = names
+        real_hidden = proj_size or hidden_size
         for name in self._flat_weights_names:
             layer = int(name.split("_l")[1].split("_")[0])
             if name.startswith("weight_ih"):
-                shape = (4 * hidden_size, input_size if layer == 0 else directions * hidden_size)
+                shape = (4 * hidden_size, input_size if layer == 0 else directions * real_hidden)
             elif name.startswith("weight_hh"):
-                shape = (4 * hidden_size, hidden_size)
+                shape = (4 * hidden_size, real_hidden)
+            elif name.startswith("weight_hr"):
+                shape = (proj_size, hidden_size)
             else:
                 shape = (4 * hidden_size,)
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -102,7 +127,7 @@ class LSTM(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Parameters grouped per layer and direction, as ``nn.LSTM.all_weights``."""
-        per = 4 if self.bias else 2
+        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
         flat = self._flat_weights
         return [flat[i : i + per] for i in range(0, len(flat), per)]
 
@@ -112,6 +137,8 @@ class LSTM(nn.Module):
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
         if self.num_layers != 1:
             s += ", num_layers={num_layers}"
         if self.bias is not True:
@@ -194,6 +221,7 @@ class LSTM(nn.Module):
             and input.shape[0 if self.batch_first else 1] >= 1
             and input.device.type == "cpu"
             and self.backend in ("auto", "cpu")
+            and not self.proj_size
             and not torch.is_grad_enabled()
             and not (self.dropout > 0 and self.training and self.num_layers > 1)
             and not torch.compiler.is_compiling()
@@ -238,14 +266,18 @@ class LSTM(nn.Module):
         if x.dtype != self.weight_ih_l0.dtype:
             raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
 
+        real_hidden = self.proj_size or self.hidden_size
+        if self.proj_size and lengths is not None:
+            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
         if hx is None:
-            h0 = c0 = x.new_zeros((state_rows, batch, self.hidden_size))
+            h0 = x.new_zeros((state_rows, batch, real_hidden))
+            c0 = x.new_zeros((state_rows, batch, self.hidden_size))
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
             h0, c0 = hx
-            expected = (state_rows, self.hidden_size) if unbatched else (state_rows, batch, self.hidden_size)
-            for i, value in enumerate((h0, c0)):
+            for i, (value, width) in enumerate(((h0, real_hidden), (c0, self.hidden_size))):
+                expected = (state_rows, width) if unbatched else (state_rows, batch, width)
                 if tuple(value.shape) != expected:
                     raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
             if unbatched:
@@ -258,10 +290,17 @@ class LSTM(nn.Module):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                y, h, c = _ops.lstm_layer_autograd(
-                    layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
-                    direction == 1, self.backend,
-                )
+                if self.proj_size:
+                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                    y, h, c = _ops.lstm_layer_projected_autograd(
+                        layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
+                        h0[k], c0[k], direction == 1, self.backend,
+                    )
+                else:
+                    y, h, c = _ops.lstm_layer_autograd(
+                        layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
+                        direction == 1, self.backend,
+                    )
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)

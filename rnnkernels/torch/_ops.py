@@ -470,3 +470,156 @@ torch.library.register_vmap(lstm_layer, _looping_vmap(lstm_layer, 3))
 torch.library.register_vmap(lstm_layer_backward, _looping_vmap(lstm_layer_backward, 6))
 torch.library.register_vmap(lstm_layer_train, _looping_vmap(lstm_layer_train, None))
 torch.library.register_vmap(lstm_layer_backward_saved, _looping_vmap(lstm_layer_backward_saved, 6))
+
+
+# ----------------------------------------------------------------------------- proj_size
+#
+# LSTM with a projection (rnnkernels.reference's forward_projected): CPU tensors only,
+# on NumPy, in float64 for backend "reference" and in the input dtype for "cpu" and
+# "auto". The tuned cpu cells and the CUDA kernels read an unprojected h and do not
+# support it yet; other backends and CUDA tensors get a NotImplementedError. Rows with
+# lengths are not supported either. The op returns its saved state (gates, h, c) so
+# that backward never recomputes.
+
+_PROJECTED_BACKENDS = ("auto", "cpu", "reference")
+
+
+def _check_projected(backend: str, device: torch.device):
+    if device.type != "cpu" or backend not in _PROJECTED_BACKENDS:
+        raise NotImplementedError(
+            f"proj_size > 0 runs on CPU tensors with backend 'auto', 'cpu' or 'reference' (NumPy); "
+            f"backend {backend!r} on {device.type} tensors does not support it yet"
+        )
+
+
+def _projected_dtype(backend: str, dtype: torch.dtype):
+    return np.dtype(np.float64) if backend == "reference" else np.dtype(_NUMPY_DTYPES[dtype])
+
+
+@torch.library.custom_op("rnnkernels::lstm_layer_projected", mutates_args=())
+def lstm_layer_projected(
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    w_hr: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    reverse: bool,
+    backend: str,
+) -> list[Tensor]:
+    """One layer, one direction, with a projection: ``[y [T, B, P], h_n [B, P], c_n
+    [B, H], gates [T, B, 4H], h [T+1, B, P], c [T+1, B, H]]``; the last three (in the
+    compute dtype, time in the order the steps ran) are the saved state."""
+    from .. import reference
+
+    _check_projected(backend, x.device)
+    _check_layer(x, w_hh)
+    dtype = _projected_dtype(backend, x.dtype)
+    xa = x.detach().numpy()
+    if reverse:
+        xa = xa[::-1]
+    bias = None if b_ih is None else b_ih.detach().numpy().astype(dtype) + b_hh.detach().numpy().astype(dtype)
+    weights = (a.detach().numpy() for a in (w_ih, w_hh, w_hr, h0, c0))
+    w_ih_a, w_hh_a, w_hr_a, h0_a, c0_a = weights
+    y, h_n, c_n, saved = reference.forward_projected(xa, w_ih_a, w_hh_a, bias, w_hr_a, h0_a, c0_a, True, dtype)
+    if reverse:
+        y = y[::-1]
+    out = [np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[x.dtype]) for a in (y, h_n, c_n)]
+    return [torch.from_numpy(a.copy()) for a in out] + [torch.from_numpy(a) for a in (saved.gates, saved.h, saved.c)]
+
+
+@lstm_layer_projected.register_fake
+def _lstm_layer_projected_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
+    steps, batch = x.shape[0], x.shape[1]
+    proj, hidden = w_hr.shape
+    saved_dtype = _TORCH_DTYPES[_projected_dtype(backend, x.dtype)]
+    return [
+        x.new_empty((steps, batch, proj)), x.new_empty((batch, proj)), x.new_empty((batch, hidden)),
+        x.new_empty((steps, batch, 4 * hidden), dtype=saved_dtype),
+        x.new_empty((steps + 1, batch, proj), dtype=saved_dtype),
+        x.new_empty((steps + 1, batch, hidden), dtype=saved_dtype),
+    ]
+
+
+@torch.library.custom_op("rnnkernels::lstm_layer_projected_backward", mutates_args=())
+def lstm_layer_projected_backward(
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor,
+    has_bias: bool,
+    saved: list[Tensor],
+    reverse: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lstm_layer_projected` from its saved state: ``(dx, dw_ih,
+    dw_hh, db, dw_hr, dh0, dc0)``, ``db`` [4H] (zeros without biases)."""
+    from .. import reference
+
+    dtype = _projected_dtype(backend, x.dtype)
+    xa = x.detach().numpy()
+    dya = dy.detach().numpy()
+    if reverse:
+        xa, dya = xa[::-1], dya[::-1]
+    cast = lambda t: np.ascontiguousarray(t.detach().numpy(), dtype=dtype)
+    state = reference.SavedProjected(
+        np.ascontiguousarray(xa, dtype=dtype), cast(w_ih), cast(w_hh), cast(w_hr), has_bias, *(cast(t) for t in saved)
+    )
+    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = reference.backward_projected(state, dya, dh_n.detach().numpy(), dc_n.detach().numpy())
+    if reverse:
+        dx = dx[::-1]
+    if db is None:
+        db = np.zeros(w_ih.shape[0], dtype)
+    out_dtype = _NUMPY_DTYPES[x.dtype]
+    return tuple(torch.from_numpy(np.array(a, dtype=out_dtype, order="C")) for a in (dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0))
+
+
+@lstm_layer_projected_backward.register_fake
+def _lstm_layer_projected_backward_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, has_bias, saved, reverse, backend):
+    batch = x.shape[1]
+    proj, hidden = w_hr.shape
+    return (
+        x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_ih.new_empty((4 * hidden,)),
+        w_hr.new_empty(w_hr.shape), x.new_empty((batch, proj)), x.new_empty((batch, hidden)),
+    )
+
+
+class _ProjectedFunction(torch.autograd.Function):
+    """:func:`lstm_layer_projected` with autograd (and ``setup_context``, for
+    torch.func's grad and vjp; no vmap rule). No double backward."""
+
+    @staticmethod
+    def forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
+        with torch.no_grad():
+            return tuple(lstm_layer_projected(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_ih, w_hh, b_ih, _, w_hr, h0, c0, reverse, backend = inputs
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, *output[3:])
+        ctx.has_bias, ctx.reverse, ctx.backend = b_ih is not None, reverse, backend
+        ctx.mark_non_differentiable(*output[3:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+        x, w_ih, w_hh, w_hr, h0, c0, *saved = ctx.saved_tensors
+        dy = x.new_zeros((x.shape[0], x.shape[1], w_hr.shape[0])) if dy is None else dy
+        dh_n = h0.new_zeros(h0.shape) if dh_n is None else dh_n
+        dc_n = c0.new_zeros(c0.shape) if dc_n is None else dc_n
+        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = lstm_layer_projected_backward(
+            dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, ctx.has_bias, saved, ctx.reverse, ctx.backend
+        )
+        db_ih, db_hh = (db, db.clone()) if ctx.has_bias else (None, None)
+        return dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0.to(h0.dtype), dc0.to(c0.dtype), None, None
+
+
+def lstm_layer_projected_autograd(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse: bool, backend: str):
+    """:func:`lstm_layer_projected` with gradients: ``(y, h_n, c_n)``."""
+    _check_projected(backend, x.device)
+    return _ProjectedFunction.apply(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend)[:3]

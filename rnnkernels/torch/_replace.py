@@ -9,12 +9,10 @@ from ._module import LSTM
 
 
 def _converted(module: nn.LSTM, backend: str) -> LSTM:
-    if module.proj_size:
-        raise ValueError("replace_lstm: an nn.LSTM with proj_size > 0 is not supported by rnnkernels.torch.LSTM yet")
     weight = module.weight_ih_l0
     ours = LSTM(
         module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-        module.dropout, module.bidirectional, device="meta", dtype=weight.dtype, backend=backend,
+        module.dropout, module.bidirectional, module.proj_size, device="meta", dtype=weight.dtype, backend=backend,
     )
     # The very same Parameter objects, not copies: an optimizer built before the swap
     # still updates the weights the model uses, and tied or shared weights stay so.
@@ -32,7 +30,9 @@ def replace_lstm(model: nn.Module, *, backend: str = "auto") -> list[str]:
     names is converted once and stays shared).
 
     What does not carry over: hooks registered on the old modules, and, on the replaced
-    modules, anything cuDNN-specific (``flatten_parameters`` is a no-op on ours).
+    modules, anything cuDNN-specific (``flatten_parameters`` is a no-op on ours). An
+    ``nn.LSTM`` with ``proj_size`` is refused (nothing swapped) when ``backend`` does not
+    support projections (rnnkernels.torch.LSTM's docstring).
     ``model`` itself cannot be an ``nn.LSTM`` (nothing holds it to swap it in):
     build ``rnnkernels.torch.LSTM`` and ``load_state_dict`` instead."""
     if not isinstance(model, nn.Module):
