@@ -12,15 +12,15 @@ from rnnkernels import reference
 
 
 def _problem(rng, steps=4, batch=3, input_size=5, hidden=6, proj=3, bias=True):
-    return dict(
-        x=rng.standard_normal((steps, batch, input_size)),
-        w_ih=rng.standard_normal((4 * hidden, input_size)) * 0.4,
-        w_hh=rng.standard_normal((4 * hidden, proj)) * 0.4,
-        bias=rng.standard_normal(4 * hidden) * 0.2 if bias else None,
-        w_hr=rng.standard_normal((proj, hidden)) * 0.4,
-        h0=rng.standard_normal((batch, proj)),
-        c0=rng.standard_normal((batch, hidden)),
-    )
+    return {
+        "x": rng.standard_normal((steps, batch, input_size)),
+        "w_ih": rng.standard_normal((4 * hidden, input_size)) * 0.4,
+        "w_hh": rng.standard_normal((4 * hidden, proj)) * 0.4,
+        "bias": rng.standard_normal(4 * hidden) * 0.2 if bias else None,
+        "w_hr": rng.standard_normal((proj, hidden)) * 0.4,
+        "h0": rng.standard_normal((batch, proj)),
+        "c0": rng.standard_normal((batch, hidden)),
+    }
 
 
 @pytest.mark.parametrize("bias", [True, False])
