@@ -327,6 +327,16 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     return h[1:].copy(), h[steps].copy(), c[steps].copy(), saved
 
 
+def cell_step(gates, z, c_prev, h_out, c_out):
+    """The forward loop's fused cell for one step (serial variant), for callers that
+    make the two products themselves: rnnkernels.torch's decode step (T=1, a state,
+    no gradients), where packing W_hh as :func:`forward` does on every call would cost
+    more than the step. ``gates`` [B, 4H]: x W_ihᵀ + b on entry, activated i, f, g, o
+    on exit; ``z`` [B, 4H] = h_{t-1} W_hhᵀ; c_prev, h_out, c_out [B, H]; C-contiguous,
+    one dtype (float32 or float64)."""
+    _VARIANTS[False].cell_forward(gates, z, c_prev, h_out, c_out)
+
+
 def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
     steps, batch, input_size = x.shape

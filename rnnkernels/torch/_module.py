@@ -154,11 +154,13 @@ class LSTM(nn.Module):
         return s.format(**self.__dict__)
 
     def _single_step(self, input, hx):
-        """The decode step: one time step with a state, no gradients, CPU, cpu backend.
-        Calls the cpu backend's forward directly on NumPy views of the tensors (no
-        custom op, no length plan, no API validation: the checks that matter for this
-        case are made here), so a token-by-token loop pays little per call. Same
-        results as the general path (tests/test_torch_dropin.py)."""
+        """The decode step: one time step with a state, no gradients, CPU tensors, the
+        cpu backend. Per layer and direction, the two products on torch's BLAS (what
+        the cpu backend would do with W_hh packed, which costs more than the step at
+        T=1) and the cpu backend's fused cell (``cpu.cell_step``) on NumPy views; no
+        custom op, no length plan, no API validation (the checks that matter here are
+        made here). Same results as the general path to rounding (the products sum in
+        another order): tests/test_torch_dropin.py."""
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
@@ -175,10 +177,7 @@ class LSTM(nn.Module):
             raise RuntimeError(f"input and hx must have the type {dtype}, got {input.dtype}, {h0.dtype}, {c0.dtype}")
         from .. import cpu
 
-        # [1, B, I] time-major either way (one step: batch_first is only a view change).
-        # The backend contract: C-contiguous arrays (no copy when they already are).
-        layer_input = input.detach().reshape(1, batch, self.input_size).numpy()
-        h0_np, c0_np = (np.ascontiguousarray(t.detach().numpy()) for t in (h0, c0))
+        layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
         h_n = torch.empty(expected, dtype=dtype)
         c_n = torch.empty(expected, dtype=dtype)
         h_out, c_out = h_n.numpy(), c_n.numpy()
@@ -186,20 +185,15 @@ class LSTM(nn.Module):
             outputs = []
             for direction in range(directions):  # one step: the reverse direction is the same step
                 k = layer * directions + direction
-                w_ih, w_hh, b_ih, b_hh = (
-                    None if w is None else np.ascontiguousarray(w.detach().numpy()) for w in self._layer_weights(layer, direction)
-                )
-                bias = None if b_ih is None else b_ih + b_hh
-                y, h_out[k], c_out[k], _ = cpu.forward(
-                    np.ascontiguousarray(layer_input), w_ih, w_hh, bias, h0_np[k], c0_np[k], training=False
-                )
-                outputs.append(y)
+                w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer, direction)
+                gates = layer_input @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, layer_input, w_ih.t())
+                z = h0[k] @ w_hh.t()
+                cpu.cell_step(gates.numpy(), z.numpy(), np.ascontiguousarray(c0[k].detach().numpy()), h_out[k], c_out[k])
+                outputs.append(h_n[k])
             # (Dropout between layers, training mode only, never gets here: forward
             # sends it down the general path.)
-            layer_input = outputs[0] if directions == 1 else np.concatenate(outputs, axis=2)
-        output = torch.from_numpy(np.ascontiguousarray(layer_input))
-        if self.batch_first:
-            output = output.transpose(0, 1)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
         return output, (h_n, c_n)
 
     def _layer_weights(self, layer: int, direction: int):
