@@ -569,7 +569,9 @@ def _saved_layout(steps, batch, input_size, hidden, dtype):
 
 
 def _saved_from_arrays(x, w_ih, w_hh, has_bias, arrays):
-    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
+    from . import _arrays
+
+    xp = np if isinstance(x, np.ndarray) else _arrays.import_cupy()
     gates, h_all, c_all = (xp.ascontiguousarray(a, dtype=np.float32) for a in arrays)
     return Saved(*(xp.ascontiguousarray(a) for a in (x, w_ih, w_hh)), has_bias, gates, h_all, c_all)
 
