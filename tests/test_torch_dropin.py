@@ -316,3 +316,29 @@ def test_single_step_short_path_checks_and_leaves_inputs_alone():
             ours(x, h0)
     for a, b in zip((x, h0, c0), copies):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 0, 4)])
+def test_saved_path_empty_shapes(shape):
+    module = rtorch.LSTM(4, 5)
+    x = torch.randn(*shape, requires_grad=True)
+    y, (h, c) = module(x)
+    (y.sum() + h.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert not module.weight_hh_l0.grad.any()
+
+
+def test_saved_path_float16_emulated_same_bits_as_numpy_api():
+    """lstm_forward on float16 torch tensors that require grad goes through the op's
+    saved path (_launch.Saved as float32 arrays); its gradients are the NumPy API's."""
+    import rnnkernels
+
+    torch.manual_seed(8)
+    inputs = [torch.randn(4, 3, 5), torch.randn(24, 5) * 0.3, torch.randn(24, 6) * 0.3, torch.randn(24) * 0.1, torch.randn(24) * 0.1]
+    inputs = [t.half() for t in inputs]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    rnnkernels.lstm_forward(*leaves, backend="emulated").y.float().sum().backward()
+    out = rnnkernels.lstm_forward(*(t.numpy() for t in inputs), training=True, backend="emulated")
+    grads = rnnkernels.lstm_backward(out, np.ones((4, 3, 6), np.float16))
+    for leaf, expected in zip(leaves, (grads.dx, grads.dw_ih, grads.dw_hh, grads.db_ih, grads.db_hh)):
+        np.testing.assert_array_equal(leaf.grad.numpy(), expected)
