@@ -15,7 +15,9 @@ way the CUDA kernels split it:
 * backward mirrors it in one call (``_backward_steps``): per step the cell turns dh,
   dc and the saved gates into the gate gradients dz_t (and the per-step gradient
   norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, three large
-  GEMMs (NumPy's BLAS) and a column sum give dW_ih, dW_hh, dx and db.
+  GEMMs (NumPy's BLAS) and a column sum give dW_ih, dW_hh, dx and db;
+* a single step (T = 1: token-by-token decoding) packs nothing: two BLAS products and
+  the same fused cell (``_single_step``), since packing would cost more than the step.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
@@ -298,6 +300,41 @@ def _project(a, packed, columns):
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
+    steps = x.shape[0]
+    if steps == 1:
+        h, c, gates = _single_step(x, w_ih, w_hh, bias, h0, c0)
+    else:
+        h, c, gates = _steps(x, w_ih, w_hh, bias, h0, c0)
+    if not training:
+        return h[1:], h[steps].copy(), c[steps].copy(), None
+    saved = Saved(x, w_ih, w_hh, bias is not None, gates, h, c)
+    # y is a copy so that a caller writing into it cannot corrupt the saved states.
+    return h[1:].copy(), h[steps].copy(), c[steps].copy(), saved
+
+
+def _single_step(x, w_ih, w_hh, bias, h0, c0):
+    """(h, c, gates) of a one-step forward (T = 1: token-by-token decoding). Packing the
+    weights copies all 4H·(I + H) of them to multiply each by B rows once, which costs
+    more than the step itself at small B (3x torch's step at B = 1, H = 256): here the
+    two products are plain BLAS calls (a matrix-vector product at B = 1), then the
+    forward loop's fused cell. Always this path for T = 1, so same inputs, same bits."""
+    _, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    dtype = x.dtype
+    gates = np.dot(x[0], w_ih.T).reshape(1, batch, 4 * hidden)
+    if bias is not None:
+        gates += bias
+    z = np.dot(h0, w_hh.T)
+    h = np.empty((2, batch, hidden), dtype)
+    c = np.empty((2, batch, hidden), dtype)
+    h[0], c[0] = h0, c0
+    cell_step(gates[0], z, c[0], h[1], c[1])
+    return h, c, gates
+
+
+def _steps(x, w_ih, w_hh, bias, h0, c0):
+    """(h, c, gates) of a forward over T > 1 steps: the packed kernel and one compiled
+    time loop (the module docstring)."""
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
@@ -319,12 +356,7 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     packed = _cpu_gemm.pack(w_hh.T)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
     variant.forward_steps(gates, h, c, packed, z)
-
-    if not training:
-        return h[1:], h[steps].copy(), c[steps].copy(), None
-    saved = Saved(x, w_ih, w_hh, bias is not None, gates, h, c)
-    # y is a copy so that a caller writing into it cannot corrupt the saved states.
-    return h[1:].copy(), h[steps].copy(), c[steps].copy(), saved
+    return h, c, gates
 
 
 def cell_step(gates, z, c_prev, h_out, c_out):
