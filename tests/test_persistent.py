@@ -281,9 +281,16 @@ PLANTED_BUGS = {
     # The flag is published without release: the state may not be visible yet.
     "relaxed-publish": ("flag_ref(flags[blockIdx.x]).store(count, cuda::memory_order_release);",
                         "flag_ref(flags[blockIdx.x]).store(count, cuda::memory_order_relaxed);", True),
-    # The flag is polled without acquire.
+    # The flag is polled without acquire. The stale model catches this on 1 of the 6
+    # seeds only (a sleep in the poll loop refreshes what __ldcg reads, so only a
+    # producer that publishes between the last sleep and the last poll exposes it);
+    # test_ptx_exchange_contract is the deterministic guard: ptx_check rejects a poll
+    # without acquire.
     "relaxed-poll": ("while (flag.load(cuda::memory_order_acquire) < count) {",
                      "while (flag.load(cuda::memory_order_relaxed) < count) {", True),
+    # The block does not wait for its polling threads: the others read the state early.
+    "no-barrier-after-wait": ("        }\n    }\n    __syncthreads();\n}\n\n}  // namespace persistent",
+                              "        }\n    }\n}\n\n}  // namespace persistent", False),
 }
 
 
