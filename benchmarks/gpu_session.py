@@ -305,13 +305,12 @@ def stage_env(args, record) -> None:
             record("nvidia_smi", query=query, exit=rc, output=output.strip())
         cupy = Runtime(False).cupy
         attributes = cupy.cuda.Device().attributes
-        keep = ("MultiProcessorCount", "ClockRate", "MemoryClockRate", "GlobalMemoryBusWidth", "L2CacheSize",
-                "MaxSharedMemoryPerBlockOptin", "MaxSharedMemoryPerMultiprocessor", "ComputeCapabilityMajor",
-                "ComputeCapabilityMinor", "CooperativeLaunch")
+        keep = DEVICE_ATTRIBUTES_READ
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
         name = name.decode() if isinstance(name, bytes) else str(name)
         dev = cost_model.from_cupy_attributes(name, attributes)
         record("device", name=name, attributes={k: attributes.get(k) for k in keep},
+               compute_capability=cupy.cuda.Device().compute_capability,
                cupy_runtime=cupy.cuda.runtime.runtimeGetVersion(), cupy_driver=cupy.cuda.runtime.driverGetVersion(),
                model_device=_device_dict(dev))
     versions = {}
@@ -325,6 +324,15 @@ def stage_env(args, record) -> None:
         torch = sys.modules["torch"]
         record("torch", cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                available=torch.cuda.is_available())
+
+
+# The device attributes the env stage records: keys of cupy.cuda.Device().attributes,
+# CuPy's cudaDevAttr* names without the prefix (tests/test_gpu_glue.py holds them to
+# CuPy's list). CuPy has no ComputeCapabilityMajor/Minor there: the env stage records
+# Device().compute_capability instead.
+DEVICE_ATTRIBUTES_READ = ("MultiProcessorCount", "ClockRate", "MemoryClockRate", "GlobalMemoryBusWidth",
+                          "L2CacheSize", "MaxSharedMemoryPerBlockOptin", "MaxSharedMemoryPerMultiprocessor",
+                          "CooperativeLaunch")
 
 
 def _commit() -> str:

@@ -306,8 +306,7 @@ class CupyRuntime:
         return bool(_cupy_attribute(self._device_id, "cudaDevAttrCooperativeLaunch"))
 
     def function(self, source: str, name_expression: str) -> Callable[..., Any]:
-        module = _cupy_module(source, compile_options(), self._device_id)
-        function = module.get_function(name_expression)
+        function = _cupy_function(self._device_id, source, name_expression)
 
         def launch(grid, block, args, shared_mem=0, cooperative=False):
             if shared_mem > _DEFAULT_SHARED:
@@ -340,7 +339,24 @@ class CupyRuntime:
 _DEFAULT_SHARED = 48 * 1024
 
 
+def _cupy_function(device_id: int, source: str, name_expression: str):
+    """The instance as a ``cupy.cuda.function.Function`` on GPU ``device_id`` (loaded
+    here, before any capture begins). Not the ``RawKernel`` that ``get_function`` returns:
+    ``RawKernel.__call__`` passes its module's ``enable_cooperative_groups`` itself (a
+    second one from us is a TypeError, "multiple values for keyword argument") and a
+    RawKernel has no ``ptr`` for the driver calls; its ``kernel`` is the Function, whose
+    ``__call__(grid: tuple, block: tuple, args, shared_mem=0, stream=None,
+    enable_cooperative_groups=False)`` chooses per launch (cuLaunchCooperativeKernel
+    or cuLaunchKernel, on the current stream)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):  # RawKernel.kernel loads for the current device
+        return _cupy_module(source, compile_options(), device_id).get_function(name_expression).kernel
+
+
 def _cupy_allow_shared(function, shared_mem: int) -> None:
+    """Opt ``function`` (a ``cupy.cuda.function.Function``) in to ``shared_mem`` bytes of
+    dynamic shared memory; above 48 KiB a launch or occupancy query needs it first."""
     from cupy_backends.cuda.api import driver
 
     driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
@@ -353,7 +369,7 @@ def _cupy_blocks_per_sm(device_id: int, source: str, name_expression: str, threa
     from cupy_backends.cuda.api import driver
 
     with cupy.cuda.Device(device_id):
-        function = _cupy_module(source, compile_options(), device_id).get_function(name_expression)
+        function = _cupy_function(device_id, source, name_expression)
         if shared_mem > _DEFAULT_SHARED:
             _cupy_allow_shared(function, shared_mem)
         return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared_mem)

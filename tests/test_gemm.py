@@ -72,12 +72,19 @@ class _DeviceArray:
         return getattr(self.array, name)
 
 
+# cublasMath_t's CUBLAS_TF32_TENSOR_OP_MATH (cublas_api.h). CuPy's binding has no name
+# for it (it has CUBLAS_DEFAULT_MATH and CUBLAS_TENSOR_OP_MATH only), so the tests that
+# put a handle in TF32 mode spell the value out.
+TF32_TENSOR_OP_MATH = 3
+
+
 class _FakeCublas:
     """cublasGemmEx done in float64 on host memory, column-major as cuBLAS reads it;
-    logs handle settings in order."""
+    logs handle settings in order. Its constants are the real binding's values
+    (test_cupy_cublas_binding_has_what_the_glue_calls holds them to it)."""
 
     CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
-    CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH = 0, 3
+    CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH = 0, TF32_TENSOR_OP_MATH
     CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
     CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
     CUBLAS_GEMM_DEFAULT = -1
@@ -193,6 +200,13 @@ def test_cupy_cublas_binding_has_what_the_glue_calls():
         assert hasattr(cublas, name), name
     assert cublas.CUBLAS_COMPUTE_32F != cublas.CUBLAS_COMPUTE_32F_FAST_TF32
     assert _gemm.CUDA_DATA_TYPES == {"float32": runtime.CUDA_R_32F, "float16": runtime.CUDA_R_16F}
+    # The fake's constants are the binding's (cuBLAS's enum values), so the fake's log
+    # checks what the real handle gets.
+    for name in ("CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_DEFAULT_MATH", "CUBLAS_POINTER_MODE_HOST",
+                 "CUBLAS_POINTER_MODE_DEVICE", "CUBLAS_COMPUTE_32F", "CUBLAS_COMPUTE_32F_FAST_TF32",
+                 "CUBLAS_GEMM_DEFAULT"):
+        assert getattr(_FakeCublas, name) == getattr(cublas, name), name
+    assert (cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT, runtime.CUDA_R_16F) == (68, -1, 2)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -226,7 +240,7 @@ def test_gpu_cublas_gemm_never_tf32_and_restores_the_handle(cupy):
     from cupy_backends.cuda.libs import cublas
 
     handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setMathMode(handle, cublas.CUBLAS_TF32_TENSOR_OP_MATH)
+    cublas.setMathMode(handle, TF32_TENSOR_OP_MATH)
     try:
         value = np.float32(1 + 2**-20)
         a = cupy.full((64, 8), value, dtype=np.float32)
@@ -235,7 +249,7 @@ def test_gpu_cublas_gemm_never_tf32_and_restores_the_handle(cupy):
         _gemm.cublas_gemm(cupy, a, b, c)
         expected = np.float32(8 * np.float32(value * value))
         assert (cupy.asnumpy(c) == expected).all(), "the product lost input bits: TF32?"
-        assert cublas.getMathMode(handle) == cublas.CUBLAS_TF32_TENSOR_OP_MATH
+        assert cublas.getMathMode(handle) == TF32_TENSOR_OP_MATH
     finally:
         cublas.setMathMode(handle, cublas.CUBLAS_DEFAULT_MATH)
 

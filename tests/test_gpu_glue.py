@@ -9,7 +9,11 @@ API and the custom op, on the default and on a side stream) where there is a GPU
 
 from __future__ import annotations
 
+import ast
+import itertools
+import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -392,3 +396,555 @@ def test_torch_module_on_a_side_stream_matches_the_default_stream():
     torch.cuda.synchronize()
     for a, b in zip(on_default, on_stream):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------- CuPy's real call signatures, no GPU
+# Every CuPy, CUDA-runtime, driver and cuBLAS call of the GPU path, checked against the
+# installed CuPy without a GPU: CuPy's Cython functions parse their arguments (count,
+# keywords, types: a tuple grid, a size_t that must not be negative) before they touch
+# the device, so calling them with null handles where no GPU is present raises CUDA's
+# "no driver" errors for a good call and a TypeError for a bad one. The first GPU
+# session must not be spent on a TypeError.
+
+
+def _cupy_modules():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    from cupy_backends.cuda.api import driver, runtime
+
+    return cupy, driver, runtime
+
+
+def _no_gpu_or_skip(cupy):
+    """The null-handle calls below are for machines without a GPU (CI); on a GPU the
+    ``gpu`` tests make the same calls for real."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - any CUDA runtime failure: no usable GPU, the case here
+        return
+    if count > 0:
+        pytest.skip("a GPU is present: the gpu tests make these calls for real")
+
+
+def _reached_the_device(error: BaseException) -> bool:
+    """Whether ``error`` is what a correctly-called CuPy function raises where there is
+    no GPU or only a null handle: a CUDA runtime, driver or cuBLAS error, or CuPy's
+    RuntimeError for a missing libcuda. A TypeError or OverflowError (a bad call) is not."""
+    from cupy_backends.cuda.api import driver, runtime
+    from cupy_backends.cuda.libs import cublas
+
+    if isinstance(error, (runtime.CUDARuntimeError, driver.CUDADriverError, cublas.CUBLASError)):
+        return True
+    return type(error) is RuntimeError and "libcuda" in str(error)
+
+
+class _Checked:
+    """A CuPy binding module whose functions are called for real (their argument
+    parsing is the check) and, having reached the device, return ``value``; constants
+    pass through. ``calls`` lists the names called, in order."""
+
+    def __init__(self, module, value=0):
+        self._module = module
+        self._value = value
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._module, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            try:
+                attribute(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - classified just below, never dropped
+                if not _reached_the_device(error):
+                    raise
+                return self._value
+            raise AssertionError(f"{name}{args} succeeded with a null handle: is there a GPU?")
+
+        return call
+
+
+class _RecordingFunction:
+    """Stands in for ``cupy.cuda.function.Function``: records its calls; ``ptr`` is the
+    CUfunction handle the driver calls take."""
+
+    ptr = 0xF00
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        self.calls.append((grid, block, args, shared_mem, enable_cooperative_groups))
+
+
+def _fake_module_of_rawkernels(cupy, function):
+    """A module whose ``get_function`` returns what CuPy's RawModule returns: a real
+    ``cupy.RawKernel`` (its own ``__call__``), whose ``kernel`` is ``function``."""
+
+    class RawKernel(cupy.RawKernel):
+        @property
+        def kernel(self):
+            return function
+
+    class Module:
+        def get_function(self, name):
+            return RawKernel("", name)
+
+    return Module()
+
+
+def _fake_device_cupy(cupy):
+    """Real CuPy, but ``cuda.Device(i)`` a no-op context (there is no device here)."""
+
+    @contextmanager
+    def device(index=None):
+        yield
+
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(Device=device), RawKernel=cupy.RawKernel)
+
+
+def test_cupy_runtime_launches_through_cupy_function(monkeypatch):
+    """CupyRuntime's kernels go to ``Function.__call__`` (which takes
+    ``enable_cooperative_groups`` per launch), not ``RawKernel.__call__`` (which
+    passes its module's own and raises "multiple values" with ours: every launch, not
+    only cooperative ones, was a TypeError); the dynamic shared memory opt-in gets the
+    Function's handle (a RawKernel has no ``ptr``) before the launch."""
+    cupy, driver, _ = _cupy_modules()
+    function = _RecordingFunction()
+    events = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_device_cupy(cupy))
+    monkeypatch.setattr(_launch, "_cupy_module", lambda source, options, device_id: _fake_module_of_rawkernels(
+        cupy, function))
+    monkeypatch.setattr(driver, "funcSetAttribute", lambda *args: events.append(("funcSetAttribute", *args)))
+    rt = _launch.CupyRuntime.__new__(_launch.CupyRuntime)
+    rt.xp, rt._device_id = cupy, 0
+    name = _launch.STEP_TILES[0].forward_name(True)
+    launch = rt.function(_launch.FORWARD_SOURCE, name)
+    args = (np.int32(1),)
+    launch((3, 1, 1), (128, 1, 1), args)
+    launch((2, 1, 1), (256, 1, 1), args, shared_mem=100_000, cooperative=True)
+    assert function.calls == [((3, 1, 1), (128, 1, 1), args, 0, False), ((2, 1, 1), (256, 1, 1), args, 100_000, True)]
+    assert events == [("funcSetAttribute", 0xF00, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 100_000)]
+    assert driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES == 8  # CUfunction_attribute, cuda.h
+
+    # And why not the RawKernel: CuPy's own __call__ refuses the keyword.
+    raw = _fake_module_of_rawkernels(cupy, function).get_function(name)
+    with pytest.raises(TypeError, match="multiple values"):
+        raw((1, 1, 1), (32, 1, 1), args, shared_mem=0, enable_cooperative_groups=False)
+    assert not hasattr(raw, "ptr")
+
+
+def test_cupy_occupancy_query_uses_the_function_handle(monkeypatch):
+    cupy, driver, _ = _cupy_modules()
+    function = _RecordingFunction()
+    events = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_device_cupy(cupy))
+    monkeypatch.setattr(_launch, "_cupy_module", lambda source, options, device_id: _fake_module_of_rawkernels(
+        cupy, function))
+    monkeypatch.setattr(driver, "funcSetAttribute", lambda *args: events.append(("funcSetAttribute", *args)))
+
+    def occupancy(*args):
+        events.append(("occupancy", *args))
+        return 1
+
+    monkeypatch.setattr(driver, "occupancyMaxActiveBlocksPerMultiprocessor", occupancy)
+    _launch._cupy_blocks_per_sm.cache_clear()
+    try:
+        name = _launch._persistent.TILE.forward_name("float", True, True)
+        assert _launch._cupy_blocks_per_sm(0, _launch.FORWARD_SOURCE, name, 256, 100_000) == 1
+    finally:
+        _launch._cupy_blocks_per_sm.cache_clear()
+    # The opt-in first: without it the query answers 0 above 48 KiB.
+    assert events == [("funcSetAttribute", 0xF00, 8, 100_000), ("occupancy", 0xF00, 256, 100_000)]
+
+
+def test_cupy_function_call_takes_what_the_launcher_passes():
+    """The real ``cupy.cuda.function.Function.__call__`` (on a null function) parses
+    exactly the arguments CupyRuntime's launcher passes: tuples of ints for grid and
+    block, our argument tuple, shared_mem and enable_cooperative_groups by keyword;
+    it then fails at the device, not at the call."""
+    cupy, _, _ = _cupy_modules()
+    _no_gpu_or_skip(cupy)
+    from cupy.cuda.function import Function
+
+    function = Function.__new__(Function)
+    args = (np.zeros(4, np.float32), np.int32(3), np.uint32(1), np.int64(5))
+    for shared_mem, cooperative in ((0, False), (200_000, True)):
+        with pytest.raises(Exception) as raised:
+            function((132, 1, 1), (256, 1, 1), args[1:], shared_mem=shared_mem, enable_cooperative_groups=cooperative)
+        assert _reached_the_device(raised.value), repr(raised.value)
+    with pytest.raises(TypeError):  # a list grid: the typed `tuple grid` refuses it
+        function([1, 1, 1], (32, 1, 1), ())
+    with pytest.raises(TypeError):
+        function((1, 1, 1), (32, 1, 1), (), cooperative=True)
+
+
+def test_cupy_driver_and_runtime_calls_match_the_binding(monkeypatch):
+    """funcSetAttribute, occupancyMaxActiveBlocksPerMultiprocessor and
+    deviceGetAttribute as _launch calls them, on the real binding."""
+    cupy, driver, runtime = _cupy_modules()
+    _no_gpu_or_skip(cupy)
+    checked_driver = _Checked(driver, value=1)
+    monkeypatch.setattr(driver, "funcSetAttribute", checked_driver.funcSetAttribute)
+    monkeypatch.setattr(driver, "occupancyMaxActiveBlocksPerMultiprocessor",
+                        checked_driver.occupancyMaxActiveBlocksPerMultiprocessor)
+    function = types.SimpleNamespace(ptr=0)
+    _launch._cupy_allow_shared(function, 200_000)
+    monkeypatch.setitem(sys.modules, "cupy", _fake_device_cupy(cupy))
+    monkeypatch.setattr(_launch, "_cupy_function", lambda device_id, source, name: function)
+    _launch._cupy_blocks_per_sm.cache_clear()
+    try:
+        assert _launch._cupy_blocks_per_sm(0, _launch.FORWARD_SOURCE, "unused", 256, 200_000) == 1
+    finally:
+        _launch._cupy_blocks_per_sm.cache_clear()
+    assert checked_driver.calls == ["funcSetAttribute", "funcSetAttribute", "occupancyMaxActiveBlocksPerMultiprocessor"]
+
+    from cupy.cuda import runtime as cupy_runtime
+
+    assert cupy_runtime.deviceGetAttribute is runtime.deviceGetAttribute
+    for name in ("cudaDevAttrMaxSharedMemoryPerBlockOptin", "cudaDevAttrCooperativeLaunch"):
+        with pytest.raises(Exception) as raised:
+            runtime.deviceGetAttribute(getattr(cupy_runtime, name), 0)
+        assert _reached_the_device(raised.value), repr(raised.value)
+
+
+def test_device_attribute_names_exist_with_cudas_values():
+    """The attribute names _launch passes to deviceGetAttribute, and the keys the GPU
+    path reads from ``Device().attributes`` (CuPy's ``cudaDevAttr*`` names without the
+    prefix), are CuPy's, with the values of CUDA's cudaDeviceAttr."""
+    _, _, runtime = _cupy_modules()
+    assert (runtime.cudaDevAttrMultiProcessorCount, runtime.cudaDevAttrCooperativeLaunch,
+            runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, runtime.cudaDevAttrL2CacheSize) == (16, 95, 97, 38)
+    source = (REPO / "rnnkernels" / "_launch.py").read_text()
+    names = set(re.findall(r'_cupy_attribute\(self\._device_id, "(\w+)"\)', source))
+    assert names == {"cudaDevAttrMaxSharedMemoryPerBlockOptin", "cudaDevAttrCooperativeLaunch"}
+    keys = set()
+    for path in _GPU_PATH_FILES:
+        keys.update(re.findall(r'attributes(?:\[|\.get\()"(\w+)"', path.read_text()))
+    keys.update(_module_constant(REPO / "benchmarks" / "gpu_session.py", "DEVICE_ATTRIBUTES_READ"))
+    assert {"MultiProcessorCount", "L2CacheSize", "MaxSharedMemoryPerBlockOptin"} <= keys
+    missing = sorted(key for key in keys if not hasattr(runtime, "cudaDevAttr" + key))
+    assert not missing, f"not CuPy device attributes: {missing}"
+
+
+def test_cublas_calls_match_cupys_binding():
+    """cublas_gemm's calls on CuPy's real cuBLAS binding (a null handle: cuBLAS answers
+    NOT_INITIALIZED after the binding has parsed the arguments): every call, in order,
+    for every transpose, accumulate and dtype case."""
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    from rnnkernels import _gemm
+
+    try:
+        cublas = _Checked(_gemm._cublas())
+    except ImportError as error:
+        pytest.skip(f"the cuBLAS library is not installed: {error}")
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=0)))
+
+    class DeviceArray:
+        def __init__(self, array):
+            self.array, self.data = array, types.SimpleNamespace(ptr=array.ctypes.data)
+
+        def __getattr__(self, name):
+            return getattr(self.array, name)
+
+    for transpose_a, transpose_b, accumulate, dtype in itertools.product((False, True), (False, True),
+                                                                          (False, True), ("float32", "float16")):
+        a = np.ones((5, 3) if transpose_a else (3, 5), dtype)
+        b = np.ones((4, 5) if transpose_b else (5, 4), dtype)
+        c = np.ones((3, 4), np.float32)
+        cublas.calls.clear()
+        _gemm.cublas_gemm(cupy, DeviceArray(a), DeviceArray(b), DeviceArray(c), transpose_a=transpose_a,
+                          transpose_b=transpose_b, accumulate=accumulate, cublas=cublas)
+        assert cublas.calls == ["getMathMode", "getPointerMode", "setStream", "setMathMode", "setPointerMode",
+                                "gemmEx", "setPointerMode", "setMathMode"]
+
+
+def _doc_parameters(function) -> list[str]:
+    """Parameter names of a Cython function or class from the signature CuPy embeds in
+    the first line of its docstring (``name(self, a, b=1, *, c=2)``); "*" marks the
+    start of keyword-only ones."""
+    first = function.__doc__.strip().splitlines()[0]
+    inside = first[first.index("(") + 1:first.rindex(")")]
+    parts, depth, current = [], 0, ""
+    for char in inside:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    names = []
+    for part in (p.strip() for p in parts if p.strip()):
+        declaration = part.split("=", 1)[0].strip().replace("\\", "")
+        names.append("*" if declaration == "*" else declaration.split()[-1].lstrip("*"))
+    return [name for name in names if name != "self"]
+
+
+def test_cupy_signatures_of_the_stream_graph_event_and_module_calls():
+    """The parameters of the CuPy calls the GPU path makes by keyword or position,
+    read from the installed CuPy's embedded signatures."""
+    cupy, driver, runtime = _cupy_modules()
+    from cupy.cuda import graph, memory, stream
+
+    expected = {
+        # _graph.cupy_capture and 03_microbenchmarks.launch_gap
+        stream.Stream.__init__: ["null", "non_blocking", "ptds", "priority"],
+        stream.Stream.begin_capture: ["mode"],  # None: cudaStreamCaptureModeRelaxed
+        stream.Stream.end_capture: [],
+        graph.Graph.launch: ["stream"],
+        graph.Graph.upload: ["stream"],
+        # timing (gpu_session, 03_microbenchmarks)
+        stream.Event.__init__: ["block", "disable_timing", "interprocess"],
+        stream.Event.record: ["stream"],
+        stream.Event.synchronize: [],
+        cupy.cuda.get_elapsed_time: ["start_event", "end_event"],
+        # _arrays.cupy_stream_of_torch
+        stream.Stream.from_external: ["cls", "obj"],
+        stream.ExternalStream.__init__: ["ptr", "device_id"],
+        cupy.cuda.get_current_stream: ["device_id"],
+        # the sanitizer target (gpu_session) and the gpu fixture of test_cuda_kernels
+        memory.set_allocator: ["allocator"],
+        # _launch: modules, kernels, device queries
+        cupy.RawModule: ["code", "*", "path", "options", "backend", "translate_cucomplex",
+                         "enable_cooperative_groups", "name_expressions", "jitify"],
+        cupy.RawModule.get_function: ["name"],
+        driver.funcSetAttribute: ["f", "attribute", "value"],
+        driver.occupancyMaxActiveBlocksPerMultiprocessor: ["func", "blockSize", "dynamicSMemSize"],
+        runtime.deviceGetAttribute: ["attrib", "device"],
+        runtime.getDeviceProperties: ["device"],
+        runtime.getDeviceCount: [],
+        cupy.cuda.device.get_cublas_handle: [],
+    }
+    for function, parameters in expected.items():
+        assert _doc_parameters(function) == parameters, function.__qualname__
+    assert cupy.cuda.Stream is stream.Stream and cupy.cuda.Graph is graph.Graph
+    assert cupy.cuda.set_allocator is memory.set_allocator
+    assert runtime.streamCaptureModeRelaxed != runtime.streamCaptureModeGlobal
+
+
+# The files whose CuPy calls run on a GPU: the library's GPU path and the session
+# scripts. Their dotted CuPy names are checked against the installed CuPy below, with
+# the bodies of the gpu-marked tests.
+_GPU_PATH_FILES = [
+    REPO / "rnnkernels" / name
+    for name in ("_launch.py", "_gemm.py", "_graph.py", "_persistent.py", "cuda.py", "_arrays.py", "_grad_norm.py",
+                 "clip.py", "cost_model.py", "bench/attention.py", "bench/timing.py", "bench/device_info.py")
+] + [REPO / "benchmarks" / "gpu_session.py", REPO / "benchmarks" / "kernels" / "03_microbenchmarks.py"]
+
+
+def _module_constant(path: Path, name: str):
+    """The literal assigned to ``name`` at the top level of ``path`` (without importing it)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path} assigns no {name}")
+
+
+def _dotted(node) -> list[str] | None:
+    """``a.b.c`` as ["a", "b", "c"]; None when the chain does not start at a name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return [node.id, *reversed(parts)]
+
+
+def _is_gpu_test(node) -> bool:
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    return any(ast.unparse(d).startswith(("pytest.mark.gpu", "mark.gpu")) for d in node.decorator_list)
+
+
+def _cupy_names_used(tree, imported: set[str]):
+    """(line, dotted name, root object, attribute path) for every attribute chain of
+    the GPU path that starts at CuPy: ``cupy.``, ``<x>.cupy.``, ``<x>._cupy.``,
+    ``xp.`` / ``<x>.xp.`` (CuPy on a GPU), and the binding modules ``cublas``,
+    ``driver``, ``runtime`` where the file imports them from CuPy."""
+    import cupy
+    from cupy_backends.cuda.api import driver, runtime
+    from cupy_backends.cuda.libs import cublas
+
+    bindings = {"cublas": cublas, "driver": driver, "runtime": runtime}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or isinstance(getattr(node, "_parent", None), ast.Attribute):
+            continue
+        path = _dotted(node)
+        if path is None:
+            continue
+        for index, part in enumerate(path[:-1]):
+            if part in ("cupy", "_cupy", "xp", "cp") and (index > 0 or part in ("cupy", "xp", "cp")):
+                yield node.lineno, ".".join(path), cupy, path[index + 1:]
+                break
+            if index == 0 and part in bindings and part in imported:
+                yield node.lineno, ".".join(path), bindings[part], path[1:]
+                break
+
+
+def _binding_imports(tree) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("cupy", "cupy_backends")):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return names
+
+
+def test_every_cupy_name_on_the_gpu_path_exists():
+    """Every dotted CuPy name the GPU path and the gpu-marked tests use exists in the
+    installed CuPy (a misspelt or missing constant, such as a cuBLAS math mode CuPy does
+    not export, fails here instead of in a GPU session)."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    sources = [(path, ast.parse(path.read_text(), str(path))) for path in _GPU_PATH_FILES]
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        gpu_tests = [node for node in ast.walk(tree) if _is_gpu_test(node)]
+        if gpu_tests:
+            module = ast.Module(body=gpu_tests, type_ignores=[])
+            sources.append((path, module))
+            module._imports = _binding_imports(tree)
+    missing, checked = [], 0
+    for path, tree in sources:
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                child._parent = node
+        imported = getattr(tree, "_imports", None) or _binding_imports(tree)
+        for line, dotted, root, attributes in _cupy_names_used(tree, imported):
+            target = root
+            for attribute in attributes:
+                if isinstance(target, types.ModuleType) or isinstance(target, type) or target is root:
+                    if not hasattr(target, attribute):
+                        missing.append(f"{path.relative_to(REPO)}:{line}: {dotted}")
+                        break
+                    target = getattr(target, attribute)
+                else:
+                    break  # an instance attribute (an array's .data.ptr): not CuPy's to name
+            checked += 1
+    assert checked > 100, f"only {checked} CuPy names found: the scan lost its way"
+    assert not missing, "names the installed CuPy lacks:\n" + "\n".join(missing)
+
+
+# ------------------------------------- the launch plans, held to CuPy's launch rules
+class _CupyRulesRuntime:
+    """A runtime that runs nothing but holds every launch of the plans in _launch,
+    _persistent and _grad_norm to what CupyRuntime hands ``Function.__call__`` and the
+    driver: grid and block tuples of 1 to 3 ints (CuPy's ``tuple grid``), at most 1024
+    threads, C-contiguous arrays and NumPy scalars only (a Python int would go in as
+    int64, whatever the kernel takes), dynamic shared memory within the device's opt-in
+    limit, cooperative grids that fit the resident blocks; inside ``capture()`` only
+    plain launches and no array-module call (an allocation or a copy there would be
+    captured, or would break the capture). Arrays are NumPy's; nothing is computed."""
+
+    sm_count = 4
+    max_shared_bytes = 64 * 1024
+    cooperative_launch = True
+
+    def __init__(self):
+        self.capturing = False
+        self.launches: list[tuple[str, bool, bool]] = []  # (name, cooperative, captured)
+        self.xp = _CaptureWatchingNumpy(self)
+
+    def blocks_per_sm(self, source, name_expression, threads, shared_mem):
+        return 1
+
+    def function(self, source, name_expression):
+        assert name_expression in _launch.KERNELS[source], name_expression
+        kernel = name_expression
+
+        def launch(grid, block, args, shared_mem=0, cooperative=False):
+            for what, dims in (("grid", grid), ("block", block)):
+                assert type(dims) is tuple and 1 <= len(dims) <= 3, f"{kernel}: {what} {dims!r} is not a tuple"
+                assert all(type(d) is int and d >= 1 for d in dims), f"{kernel}: {what} {dims!r}"
+            assert math.prod(block) <= 1024, f"{kernel}: block {block}"
+            assert isinstance(args, tuple), f"{kernel}: args {type(args).__name__}"
+            for index, arg in enumerate(args):
+                if isinstance(arg, np.ndarray):
+                    assert arg.flags.c_contiguous, f"{kernel}: argument {index} is not contiguous"
+                else:
+                    assert isinstance(arg, (np.int32, np.uint32, np.int64, np.float32)), \
+                        f"{kernel}: argument {index} is {type(arg).__name__}, not an array or a NumPy scalar"
+            assert type(shared_mem) is int and 0 <= shared_mem <= self.max_shared_bytes, f"{kernel}: {shared_mem}"
+            assert type(cooperative) is bool
+            if cooperative:
+                assert math.prod(grid) <= self.sm_count * self.blocks_per_sm(source, kernel, math.prod(block),
+                                                                             shared_mem)
+            if self.capturing:
+                assert not cooperative and shared_mem == 0, f"{kernel}: captured launches are plain ones"
+            self.launches.append((kernel, cooperative, self.capturing))
+
+        return launch
+
+    def gemm(self, a, b, c, *, transpose_a=False, transpose_b=False, accumulate=False):
+        assert not self.capturing, "no GEMM inside a capture"
+        from rnnkernels import _gemm
+
+        _gemm.check_operands(a, b, c, transpose_a, transpose_b)
+
+    @contextmanager
+    def capture(self):
+        from rnnkernels import _graph
+
+        assert not self.capturing
+        captured = _graph.Captured()
+        self.capturing = True
+        try:
+            yield captured
+        finally:
+            self.capturing = False
+        captured.graph = types.SimpleNamespace(launch=lambda: None)
+
+    def graph_key(self):
+        return ("cupy-rules",)
+
+
+class _CaptureWatchingNumpy:
+    def __init__(self, rt):
+        self._rt = rt
+
+    def __getattr__(self, name):
+        # Nothing is computed: zeroed workspaces keep the float16 casts of the results quiet.
+        attribute = getattr(np, {"empty": "zeros", "empty_like": "zeros_like"}.get(name, name))
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            assert not self._rt.capturing, f"xp.{name} called inside a capture"
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_launch_plans_keep_to_cupys_launch_rules(monkeypatch, dtype):
+    """Every variant, forward (training and inference) and backward (with and without
+    step norms), and the fused norm: every launch as CupyRuntime would make it."""
+    from rnnkernels import _graph, _grad_norm
+
+    monkeypatch.setattr(_graph, "CACHE", _graph.GraphCache(_graph.CACHE_SIZE))
+    rt = _CupyRulesRuntime()
+    steps, batch, input_size, hidden = 3, 5, 6, 12  # H % 4 == 0: the persistent vector loads too
+    rng = np.random.default_rng(0)
+
+    def array(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    x, w_ih, w_hh, bias = array(steps, batch, input_size), array(4 * hidden, input_size), array(4 * hidden, hidden), \
+        array(4 * hidden).astype(np.float32)
+    h0, c0, dy, dh_n, dc_n = array(batch, hidden), array(batch, hidden), array(steps, batch, hidden), \
+        array(batch, hidden), array(batch, hidden)
+    for variant in _launch.VARIANTS:
+        for training in (False, True):
+            out = _launch.forward(rt, x, w_ih, w_hh, bias, h0, c0, training, variant=variant)
+        for norms in (False, True):
+            _launch.backward(rt, out[3], dy, dh_n, dc_n, return_step_norms=norms, variant=variant)
+    out_sum = np.zeros(1, np.float64)
+    _grad_norm.sum_of_squares(rt, [w_hh, w_ih[:, :3], bias.astype(dtype)], out_sum, chunk=256)
+    kinds = {(cooperative, captured) for _, cooperative, captured in rt.launches}
+    # The run went through the cooperative (persistent), captured (graph) and plain paths.
+    assert kinds == {(True, False), (False, True), (False, False)}
+    assert any(name.startswith("rnnkernels::grad_norm_partial<") for name, _, _ in rt.launches)
