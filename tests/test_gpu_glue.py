@@ -624,8 +624,26 @@ def test_device_attribute_names_exist_with_cudas_values():
         keys.update(re.findall(r'attributes(?:\[|\.get\()"(\w+)"', path.read_text()))
     keys.update(_module_constant(REPO / "benchmarks" / "gpu_session.py", "DEVICE_ATTRIBUTES_READ"))
     assert {"MultiProcessorCount", "L2CacheSize", "MaxSharedMemoryPerBlockOptin"} <= keys
-    missing = sorted(key for key in keys if not hasattr(runtime, "cudaDevAttr" + key))
+    # cupy.cuda.device._get_attributes makes the dict from cupy.cuda.runtime's names.
+    from cupy.cuda import runtime as cupy_runtime
+
+    missing = sorted(key for key in keys if not hasattr(cupy_runtime, "cudaDevAttr" + key))
     assert not missing, f"not CuPy device attributes: {missing}"
+
+
+def test_torch_stream_reaches_cupy_through_the_stream_protocol():
+    """_arrays.cupy_stream_of_torch on the real CuPy: torch's ``__cuda_stream__`` (the
+    function itself, on a stand-in holding a handle: making a torch CUDA stream needs a
+    GPU) gives a CuPy stream on that handle, with no GPU call."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+
+    class TorchLikeStream:
+        cuda_stream = 0x5EED
+        __cuda_stream__ = torch.cuda.Stream.__cuda_stream__
+
+    stream = _arrays.cupy_stream_of_torch(cupy, TorchLikeStream(), 0)
+    assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x5EED
 
 
 def test_cublas_calls_match_cupys_binding():
@@ -948,3 +966,38 @@ def test_launch_plans_keep_to_cupys_launch_rules(monkeypatch, dtype):
     # The run went through the cooperative (persistent), captured (graph) and plain paths.
     assert kinds == {(True, False), (False, True), (False, False)}
     assert any(name.startswith("rnnkernels::grad_norm_partial<") for name, _, _ in rt.launches)
+
+
+# ----------------------------------------------- the microbenchmarks' GPU modules
+@pytest.mark.nvrtc
+def test_microbenchmark_modules_compile_with_cupys_options():
+    """03_microbenchmarks.py's two GPU modules (the plain one and the cooperative one
+    with grid.sync) compile with NVRTC under the options CuPy's RawModule passes on an
+    sm_90 device (the CI otherwise runs that .cu only on the emulator's g++): a compile
+    error would cost the GPU session its compile, ftz and microbench stages."""
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    from rnnkernels import nvrtc_check
+
+    try:
+        nvrtc = nvrtc_check.load_nvrtc()
+    except RuntimeError as error:
+        pytest.skip(f"NVRTC is not available: {error.__cause__ or error}")
+    import importlib.util
+
+    path = REPO / "benchmarks" / "kernels" / "03_microbenchmarks.py"
+    spec = importlib.util.spec_from_file_location("_glue_microbenchmarks", path)
+    micro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(micro)
+    for extra, names in (((), micro.NAMES), ((micro.COOPERATIVE_DEFINE,), micro.COOPERATIVE_NAMES)):
+        options = list(nvrtc_check.cupy_nvrtc_options(_launch.compile_options() + extra, "sm_90"))
+        program = nvrtc.createProgram(micro._source_text(), "03_microbenchmarks.cu", [], [])
+        try:
+            for name in names:
+                nvrtc.addNameExpression(program, name)
+            try:
+                nvrtc.compileProgram(program, options)
+            except nvrtc.NVRTCError:
+                pytest.fail(f"{extra or 'plain'} module: {nvrtc.getProgramLog(program)}")
+            assert all(nvrtc.getLoweredName(program, name).startswith("_ZN10rnnkernels") for name in names)
+        finally:
+            nvrtc.destroyProgram(program)
