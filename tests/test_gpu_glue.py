@@ -751,7 +751,8 @@ def test_cupy_signatures_of_the_stream_graph_event_and_module_calls():
 _GPU_PATH_FILES = [
     REPO / "rnnkernels" / name
     for name in ("_launch.py", "_gemm.py", "_graph.py", "_persistent.py", "cuda.py", "_arrays.py", "_grad_norm.py",
-                 "clip.py", "cost_model.py", "bench/attention.py", "bench/timing.py", "bench/device_info.py")
+                 "clip.py", "cost_model.py", "_api.py", "modules.py", "torch/_ops.py", "bench/attention.py",
+                 "bench/timing.py", "bench/device_info.py")
 ] + [REPO / "benchmarks" / "gpu_session.py", REPO / "benchmarks" / "kernels" / "03_microbenchmarks.py"]
 
 
