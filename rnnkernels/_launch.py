@@ -309,7 +309,7 @@ class CupyRuntime:
         function = _cupy_function(self._device_id, source, name_expression)
 
         def launch(grid, block, args, shared_mem=0, cooperative=False):
-            if shared_mem > _DEFAULT_SHARED:
+            if shared_mem:
                 _cupy_allow_shared(function, shared_mem)
             function(grid, block, args, shared_mem=shared_mem, enable_cooperative_groups=cooperative)
 
@@ -335,8 +335,10 @@ class CupyRuntime:
         return ("cuda", self._device_id, self.xp.cuda.get_current_stream().ptr)
 
 
-# Dynamic shared memory a kernel may use without opting in (cudaFuncSetAttribute).
-_DEFAULT_SHARED = 48 * 1024
+# Without an opt-in (cudaFuncSetAttribute) a block gets 48 KiB of shared memory, static
+# and dynamic together, so dynamic sizes just under 48 KiB can fail too: every launch
+# (and occupancy query) with dynamic shared memory opts in to its size first, which the
+# persistent plan keeps within the device's opt-in maximum less the static part.
 
 
 def _cupy_function(device_id: int, source: str, name_expression: str):
@@ -356,7 +358,7 @@ def _cupy_function(device_id: int, source: str, name_expression: str):
 
 def _cupy_allow_shared(function, shared_mem: int) -> None:
     """Opt ``function`` (a ``cupy.cuda.function.Function``) in to ``shared_mem`` bytes of
-    dynamic shared memory; above 48 KiB a launch or occupancy query needs it first."""
+    dynamic shared memory, which a launch or occupancy query with that much needs first."""
     from cupy_backends.cuda.api import driver
 
     driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
@@ -370,7 +372,7 @@ def _cupy_blocks_per_sm(device_id: int, source: str, name_expression: str, threa
 
     with cupy.cuda.Device(device_id):
         function = _cupy_function(device_id, source, name_expression)
-        if shared_mem > _DEFAULT_SHARED:
+        if shared_mem:
             _cupy_allow_shared(function, shared_mem)
         return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared_mem)
 

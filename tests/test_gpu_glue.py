@@ -524,8 +524,13 @@ def test_cupy_runtime_launches_through_cupy_function(monkeypatch):
     args = (np.int32(1),)
     launch((3, 1, 1), (128, 1, 1), args)
     launch((2, 1, 1), (256, 1, 1), args, shared_mem=100_000, cooperative=True)
-    assert function.calls == [((3, 1, 1), (128, 1, 1), args, 0, False), ((2, 1, 1), (256, 1, 1), args, 100_000, True)]
-    assert events == [("funcSetAttribute", 0xF00, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 100_000)]
+    # Just under 48 KiB opts in too: the 48 KiB without it include the static part.
+    launch((2, 1, 1), (256, 1, 1), args, shared_mem=48 * 1024 - 64, cooperative=True)
+    assert function.calls == [((3, 1, 1), (128, 1, 1), args, 0, False), ((2, 1, 1), (256, 1, 1), args, 100_000, True),
+                              ((2, 1, 1), (256, 1, 1), args, 48 * 1024 - 64, True)]
+    attribute = driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert events == [("funcSetAttribute", 0xF00, attribute, 100_000), ("funcSetAttribute", 0xF00, attribute,
+                                                                          48 * 1024 - 64)]
     assert driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES == 8  # CUfunction_attribute, cuda.h
 
     # And why not the RawKernel: CuPy's own __call__ refuses the keyword.
@@ -553,10 +558,12 @@ def test_cupy_occupancy_query_uses_the_function_handle(monkeypatch):
     try:
         name = _launch._persistent.TILE.forward_name("float", True, True)
         assert _launch._cupy_blocks_per_sm(0, _launch.FORWARD_SOURCE, name, 256, 100_000) == 1
+        assert _launch._cupy_blocks_per_sm(0, _launch.FORWARD_SOURCE, name, 256, 0) == 1
     finally:
         _launch._cupy_blocks_per_sm.cache_clear()
-    # The opt-in first: without it the query answers 0 above 48 KiB.
-    assert events == [("funcSetAttribute", 0xF00, 8, 100_000), ("occupancy", 0xF00, 256, 100_000)]
+    # The opt-in first: without it the query answers 0 past the default maximum.
+    assert events == [("funcSetAttribute", 0xF00, 8, 100_000), ("occupancy", 0xF00, 256, 100_000),
+                      ("occupancy", 0xF00, 256, 0)]
 
 
 def test_cupy_function_call_takes_what_the_launcher_passes():
@@ -650,7 +657,7 @@ def test_cublas_calls_match_cupys_binding():
     """cublas_gemm's calls on CuPy's real cuBLAS binding (a null handle: cuBLAS answers
     NOT_INITIALIZED after the binding has parsed the arguments): every call, in order,
     for every transpose, accumulate and dtype case."""
-    pytest.importorskip("cupy", reason="CuPy is not installed")
+    _no_gpu_or_skip(pytest.importorskip("cupy", reason="CuPy is not installed"))
     from rnnkernels import _gemm
 
     try:
