@@ -73,3 +73,15 @@ def test_tile_heuristic_picks_listed_tiles():
                 assert _launch.choose_step_tile(batch, hidden, sm_count) in _launch.STEP_TILES
     assert _launch.choose_step_tile(1, 512, 132).batch_tile == 1
     assert _launch.choose_step_tile(256, 1024, 132).name == "batch16"
+
+
+def test_persistent_static_shared_memory_within_the_plans_reserve(reports):
+    """The persistent plan keeps _persistent.STATIC_SHARED_BYTES of the opt-in maximum
+    free for the kernels' static shared memory; more static than that and a plan at the
+    limit would not launch on the GPU (static + dynamic over the opt-in maximum)."""
+    from rnnkernels import _persistent
+
+    persistent = [r for r in reports if r.name.startswith(_persistent.KERNEL_PREFIXES)]
+    assert persistent
+    over = [r for r in persistent if r.shared_bytes > _persistent.STATIC_SHARED_BYTES]
+    assert not over, nvrtc_check.format_table(over)
