@@ -74,6 +74,22 @@ def nvidia_driver_present() -> bool:
     return False
 
 
+# The kernels poll with __nanosleep and use 16-bit conversions and libcu++ atomics that
+# need Volta's instructions; NVRTC checks are run for sm_80 and sm_90.
+MIN_COMPUTE_CAPABILITY = 70
+
+
+def _check_compute_capability(device) -> None:
+    """A clear error on a GPU older than Volta (compute capability 7.0), instead of an
+    NVRTC failure naming an intrinsic."""
+    capability = int(device.compute_capability)
+    if capability < MIN_COMPUTE_CAPABILITY:
+        raise RuntimeError(
+            f"backend='cuda' needs an NVIDIA GPU of compute capability 7.0 (Volta) or newer; GPU {device.id} "
+            f"is {capability // 10}.{capability % 10}. Use backend='cpu' there."
+        )
+
+
 def _check_same_device(device_id: int, *arrays) -> None:
     for array in arrays:
         if array is not None and array.device.id != device_id:
@@ -84,6 +100,7 @@ def forward(x, w_ih, w_hh, bias, h0, c0, training):
     """The backend contract's forward (rnnkernels/_backend.py) on CuPy float32 or float16
     arrays (see the module docstring for float16's precision)."""
     _check_same_device(x.device.id, w_ih, w_hh, bias, h0, c0)
+    _check_compute_capability(x.device)
     with x.device:
         return _launch.forward(_launch.CupyRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
 

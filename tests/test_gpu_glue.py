@@ -1009,3 +1009,18 @@ def test_microbenchmark_modules_compile_with_cupys_options():
             assert all(nvrtc.getLoweredName(program, name).startswith("_ZN10rnnkernels") for name in names)
         finally:
             nvrtc.destroyProgram(program)
+
+
+def test_gpus_older_than_volta_are_refused_by_name():
+    from rnnkernels import cuda
+
+    class Device:
+        id = 1
+
+        def __init__(self, capability):
+            self.compute_capability = capability
+
+    cuda._check_compute_capability(Device("70"))
+    cuda._check_compute_capability(Device("90"))
+    with pytest.raises(RuntimeError, match=r"compute capability 7.0 \(Volta\) or newer; GPU 1 is 6.1"):
+        cuda._check_compute_capability(Device("61"))
