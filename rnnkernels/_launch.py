@@ -5,9 +5,11 @@ kernels of ``csrc/`` through a small *runtime* object with these members:
 
 * ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
 * ``sm_count``: streaming multiprocessors, for the tile heuristic;
-* ``function(source, name_expression)``: a launchable kernel, called like CuPy's
-  ``RawKernel``: ``kernel(grid, block, args)`` with arrays as pointers and NumPy
-  scalars (``np.int32``) by value;
+* ``function(source, name_expression)``: a launchable kernel,
+  ``kernel(grid, block, args, shared_mem=0, cooperative=False)`` with arrays as
+  pointers and NumPy scalars (``np.int32``) by value;
+* ``max_shared_bytes``, ``cooperative_launch``, ``blocks_per_sm(...)``: what the
+  persistent plan needs to know of the device (``rnnkernels/_persistent.py``);
 * ``gemm(a, b, c, transpose_a=, transpose_b=, accumulate=)``: the large products
   (``rnnkernels/_gemm.py``: cuBLAS, or NumPy float32 in the emulator);
 * ``capture()`` and ``graph_key()``: record a region of launches once and replay it
@@ -19,6 +21,14 @@ kernels of ``csrc/`` through a small *runtime* object with these members:
 :class:`EmulatorRuntime` (``backend="emulated"``) runs the same kernels, compiled
 from the same text, on the CPU emulator (``rnnkernels.emulator``). So every launch
 the GPU makes is also made, and checked, in CI.
+
+Variants (:data:`VARIANTS`). "persistent": one cooperative launch per direction runs
+all T steps with W_hh's slices in shared memory (``rnnkernels/_persistent.py``);
+"graph": the per-step kernels below, their T launches captured once per call shape and
+replayed; "step": the same kernels launched one by one from Python. ``variant=None``
+takes persistent or graph, whichever the cost model predicts faster among those that
+fit the device (:func:`_default_variant`). Every forward variant saves the same arrays
+(:class:`Saved`), so any forward pairs with any backward.
 
 Which matrix product, and why. The input projection (x·W_ihᵀ + b over all T·B rows)
 and the weight/input gradients after the backward loop (dx, dW_ih, dW_hh, dh0) are large
