@@ -66,6 +66,10 @@ def cupy_or_skip():
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CuPy sees no GPU")
     except Exception as error:  # noqa: BLE001 - any CUDA runtime failure means no usable GPU
+        from rnnkernels.cuda import nvidia_driver_present
+
+        if not nvidia_driver_present():
+            pytest.skip("no NVIDIA GPU: this machine has no NVIDIA driver")
         pytest.skip(f"no usable GPU: {error}")
     return cupy
 
