@@ -37,7 +37,7 @@ if (_CHECKOUT / "rnnkernels" / "__init__.py").exists():
     sys.path.insert(0, str(_CHECKOUT))
 
 from rnnkernels.bench import impls, timing
-from rnnkernels.bench.cli import thread_environment, threads_in_effect
+from rnnkernels.bench.cli import provenance, thread_environment, threads_in_effect
 from rnnkernels.bench.device_info import device_info, load_average
 
 TARGET = 1.0
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     print(summary(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({"device": device_info("cpu"), "config": {k: v for k, v in vars(args).items()
-                                                                if k != "child"},
+            json.dump({"run": provenance(argv, "python benchmarks/cpu_vs_torch.py"), "device": device_info("cpu"),
+                       "config": {k: v for k, v in vars(args).items() if k != "child"},
                        "rows": rows}, file, indent=2)
     return 0
 

@@ -33,6 +33,7 @@ import torch
 
 import rnnkernels
 import rnnkernels.torch as rtorch
+from rnnkernels.bench.cli import provenance
 
 
 def _paired(first, second, rounds: int, repeats: int):
@@ -122,12 +123,12 @@ def decode(rounds: int, batch=1, size=256, steps=200):
     return _summary("decode", a / steps, b / steps, "ours_step", "nn_step", 1.5)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("train", "decode", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     rows = []
@@ -140,7 +141,8 @@ def main():
     if args.json:
         meta = {"torch": torch.__version__, "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count()}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+            json.dump({"run": provenance(argv, "python benchmarks/torch_module_overhead.py"), "meta": meta,
+                       "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -438,10 +438,11 @@ class Progress:
             print(f"[{self.done}/{self.total}] {mode} {model} T={T}", file=sys.stderr, flush=True)
 
 
-def provenance(argv) -> dict:
-    """What made these numbers: the command line, the UTC date, and the git commit of
-    the rnnkernels source (outside a git checkout, $GIT_COMMIT if set, else None;
-    ``dirty`` when a checkout has uncommitted changes, None when unknown)."""
+def provenance(argv, program: str = "rnnkernels-bench") -> dict:
+    """What made these numbers: the command line (``program`` and its arguments), the
+    UTC date, and the git commit of the rnnkernels source (outside a git checkout,
+    $GIT_COMMIT if set, else None; ``dirty`` when a checkout has uncommitted changes,
+    None when unknown). The benchmark scripts in benchmarks/ record it too."""
     words = sys.argv[1:] if argv is None else list(argv)
     source = os.path.dirname(os.path.abspath(__file__))
 
@@ -459,7 +460,7 @@ def provenance(argv) -> dict:
         # from, as the caller says (benchmarks/gpu_session.sh passes it on).
         commit = os.environ["GIT_COMMIT"]
     return {
-        "command": shlex.join(["rnnkernels-bench", *words]),
+        "command": shlex.join([*shlex.split(program), *words]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "dirty": dirty,
