@@ -17,7 +17,7 @@
 //      Gate values never round-trip through global memory (except the copy saved for
 //      backward when Training).
 //
-// Precision: the inputs x, w_ih, w_hh, bias (and h0, c0, which the launcher copies into
+// Precision: the inputs x, w_ih, w_hh (and h0, c0, which the launcher copies into
 // h_all[0], c_all[0]) are Storage: float for float32 problems, __half (binary16,
 // common.cuh) for float16 ones. Every product, sum and activation is float32, and the
 // workspaces gx, h_all, c_all, gates are float32 whatever Storage is. The recurrence
@@ -28,7 +28,8 @@
 // kernels are the float32 ones, unchanged.
 //
 // Layouts (row-major, C-contiguous; Storage where marked, else float32):
-//   x      [T, B, I] Storage  w_ih [4H, I] Storage  w_hh [4H, H] Storage  bias [4H] Storage
+//   x      [T, B, I] Storage  w_ih [4H, I] Storage  w_hh [4H, H] Storage
+//   bias   [4H]               b_ih + b_hh, summed in float32 by the API (read by the GEMM)
 //   gx     [T, B, 4H]         gate pre-activations from the input, bias included
 //   h_all  [T+1, B, H]        h_all[0] = h0, h_all[t+1] = h_t (so y = h_all[1:], rounded
 //                             to the input dtype by the launcher)
