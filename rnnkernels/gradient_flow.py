@@ -63,10 +63,10 @@ def default_runs(forget_bias: float = 1.0) -> tuple[Run, ...]:
 
 
 def _rnn_norms(x, dy_last, params):
-    bias = params["b_ih"] + params["b_hh"]
-    h = rnn_reference.forward(x, params["w_ih"], params["w_hh"], bias)
-    grads = rnn_reference.backward(x, params["w_ih"], params["w_hh"], h, dh_n=dy_last)
-    return grads.dh_norms, None
+    _, _, saved = rnn_reference.forward(x, params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"],
+                                        nonlinearity="tanh")
+    *_, dh_norms = rnn_reference.backward(saved, dh_n=dy_last, return_step_norms=True)
+    return dh_norms, None
 
 
 def _lstm_norms(x, dy_last, params, backend):

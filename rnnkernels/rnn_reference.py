@@ -1,27 +1,49 @@
-r"""A plain tanh RNN in float64 NumPy: the ungated baseline for the gradient-flow report.
+r"""The float64 NumPy reference Elman RNN (tanh or ReLU): the definition its backends
+will be checked against, and the ungated baseline of the gradient-flow report.
 
-Layouts (``torch.nn.RNN`` with ``nonlinearity="tanh"``)::
+Part of issue 15 (GRU and Elman RNN on every backend). This module is the cell's
+reference only; the public API (``rnn_forward`` / ``rnn_backward``), the backends and
+the modules are to follow in the generic three-cell design. Tests:
+``tests/test_cell_references.py`` (against ``torch.nn.RNN``, torch autograd and central
+finite differences).
+
+It is written to read like the equations, not to be fast.
+
+Layouts (exactly ``torch.nn.RNN``, so its weights load unchanged)::
 
     x     [T, B, I]    input sequence, time-major
-    w_ih  [H, I]       w_hh [H, H]       bias [H] (b_ih + b_hh)       h0 [B, H]
+    w_ih  [H, I]       w_hh [H, H]
+    b_ih  [H]          b_hh [H]      (each may be None: zero)
+    h0    [B, H]       (None: zero)
 
-Forward, for t = 0 .. T-1, with h_{-1} = h0::
+Forward, for t = 0 .. T-1, with h_{-1} = h0 and act = tanh or relu::
 
-    h_t = tanh(x_t W_ihᵀ + h_{t-1} W_hhᵀ + b)
+    a_t = x_t W_ihᵀ + h_{t-1} W_hhᵀ + b_ih + b_hh            [B, H]
+    h_t = act(a_t)            y_t = h_t
+
+Outputs: y [T, B, H], h_n = h_{T-1}. The two biases only ever appear summed here (unlike
+the GRU's, see ``gru_reference``), so they are added once.
+
+Saved for backward: x, the weights, which biases exist, the nonlinearity, and every hidden
+state h_{-1} .. h_{T-1} as one [T+1, B, H] array whose index 0 is the initial state. The
+activation's derivative is read off h_t: tanh'(a) = 1 − h_t², and relu'(a) = [h_t > 0],
+which is 0 at a = 0 exactly as PyTorch's ReLU backward (``threshold_backward``) has it.
 
 Backward through time. With dh_t = ∂L/∂h_t, for t = T-1 .. 0::
 
-    dh_t = dy_t + dz_{t+1} W_hh                  (dz_T W_hh := dh_n)
-    dz_t = dh_t ⊙ (1 − h_t²)
+    dh_t = dy_t + da_{t+1} W_hh                  (da_T W_hh := dh_n)
+    da_t = dh_t ⊙ act'(a_t)
 
-    dW_ih = Σ_t dz_tᵀ x_t    dW_hh = Σ_t dz_tᵀ h_{t-1}    db = Σ_{t,b} dz_t
-    dx_t  = dz_t W_ih        dh0 = dz_0 W_hh
+and, summing over all steps::
 
-So ∂L/∂h_{t-1} = ∂L/∂h_t · diag(1 − h_t²) · W_hh: a product of T Jacobians whose
-norms are at most ‖W_hh‖. Unless W_hh's singular values sit near one and the units
-stay out of saturation, the product shrinks (or grows) geometrically in t: the
-vanishing gradient of Hochreiter (1991) and Bengio, Simard & Frasconi (1994).
-``dh_norms[t] = ‖dh_t‖`` (over batch and units) shows it.
+    dW_ih = Σ_t da_tᵀ x_t    dW_hh = Σ_t da_tᵀ h_{t-1}    db_ih = db_hh = Σ_{t,b} da_t
+    dx_t  = da_t W_ih        dh0 = da_0 W_hh
+
+So ∂L/∂h_{t-1} = ∂L/∂h_t · diag(act'(a_t)) · W_hh: a product of T Jacobians whose
+norms are at most ‖W_hh‖ (tanh' ≤ 1, relu' ∈ {0, 1}). Unless W_hh's singular values sit
+near one and the units stay out of saturation, the product shrinks (or grows)
+geometrically in t: the vanishing (exploding) gradient of Hochreiter (1991) and Bengio,
+Simard & Frasconi (1994). ``dh_norms[t] = ‖dh_t‖`` (over batch and units) shows it.
 """
 
 from __future__ import annotations
@@ -30,54 +52,99 @@ from dataclasses import dataclass
 
 import numpy as np
 
+NONLINEARITIES = ("tanh", "relu")
+
 
 @dataclass
-class RNNGrads:
-    dx: np.ndarray  # [T, B, I]
-    dw_ih: np.ndarray  # [H, I]
-    dw_hh: np.ndarray  # [H, H]
-    db: np.ndarray  # [H], the gradient of b_ih and of b_hh
-    dh0: np.ndarray  # [B, H]
-    dh_norms: np.ndarray  # [T], ‖∂L/∂h_t‖
+class Saved:
+    """What :func:`forward` keeps for :func:`backward`, all float64."""
+
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [H, I]
+    w_hh: np.ndarray  # [H, H]
+    has_b_ih: bool
+    has_b_hh: bool
+    nonlinearity: str  # "tanh" or "relu"
+    h: np.ndarray  # [T+1, B, H]; h[0] = h0, h[t+1] = h_t
 
 
-def forward(x, w_ih, w_hh, bias=None, h0=None) -> np.ndarray:
-    """All hidden states as one [T+1, B, H] float64 array: index 0 is h0, index t+1 is
-    h_t (so ``y = h[1:]`` and ``h_n = h[-1]``)."""
-    x, w_ih, w_hh = (np.asarray(a, dtype=np.float64) for a in (x, w_ih, w_hh))
-    steps, batch, _ = x.shape
+def _f64(name, a):
+    """``a`` as a fresh float64 array (None stays None). A copy even when it already is
+    float64, so that what is saved cannot change if the caller later writes to its input."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    return np.array(a, dtype=np.float64)
+
+
+def _check_shape(name, a, shape):
+    if a is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
+def forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh", training=True):
+    """One Elman RNN layer in float64. Returns ``(y, h_n, saved)`` (see the module
+    docstring for shapes); ``saved`` is None unless ``training``."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    x, w_ih, w_hh, b_ih, b_hh, h0 = (
+        _f64(name, a) for name, a in zip(("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0"), (x, w_ih, w_hh, b_ih, b_hh, h0))
+    )
+    if x.ndim != 3:
+        raise ValueError(f"x must be [T, B, I], got shape {x.shape}")
+    steps, batch, input_size = x.shape
     hidden = w_hh.shape[0]
-    b = np.zeros(hidden) if bias is None else np.asarray(bias, dtype=np.float64)
+    for name, a, shape in (("w_ih", w_ih, (hidden, input_size)), ("w_hh", w_hh, (hidden, hidden)),
+                           ("b_ih", b_ih, (hidden,)), ("b_hh", b_hh, (hidden,)), ("h0", h0, (batch, hidden))):
+        _check_shape(name, a, shape)
+
+    b = np.zeros(hidden)
+    for bias in (b_ih, b_hh):
+        if bias is not None:
+            b = b + bias
+    act = np.tanh if nonlinearity == "tanh" else (lambda a: np.maximum(a, 0.0))
+
     h = np.empty((steps + 1, batch, hidden))
     h[0] = 0.0 if h0 is None else h0
     for t in range(steps):
-        h[t + 1] = np.tanh(x[t] @ w_ih.T + h[t] @ w_hh.T + b)
-    return h
+        h[t + 1] = act(x[t] @ w_ih.T + h[t] @ w_hh.T + b)
+
+    saved = Saved(x, w_ih, w_hh, b_ih is not None, b_hh is not None, nonlinearity, h) if training else None
+    return h[1:].copy(), h[steps].copy(), saved
 
 
-def backward(x, w_ih, w_hh, h, dy=None, dh_n=None) -> RNNGrads:
-    """BPTT for :func:`forward`, given its states ``h`` [T+1, B, H] and the upstream
-    gradients ``dy`` [T, B, H] and ``dh_n`` [B, H] (None means zero)."""
-    x, w_ih, w_hh = (np.asarray(a, dtype=np.float64) for a in (x, w_ih, w_hh))
+def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
+    """Backpropagation through time for :func:`forward`.
+
+    ``dy`` [T, B, H] and ``dh_n`` [B, H] are the upstream gradients (None: zero). Returns
+    ``(dx, dw_ih, dw_hh, db_ih, db_hh, dh0)``, float64, ``db_ih`` / ``db_hh`` None where
+    forward had no such bias. With ``return_step_norms``, ``dh_norms`` follows:
+    ``dh_norms[t] = ‖∂L/∂h_t‖`` (Frobenius norm over batch and units, [T])."""
+    x, w_ih, w_hh, h = saved.x, saved.w_ih, saved.w_hh, saved.h
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0]
-    dy = np.zeros((steps, batch, hidden)) if dy is None else np.asarray(dy, dtype=np.float64)
-    dh_next = np.zeros((batch, hidden)) if dh_n is None else np.asarray(dh_n, dtype=np.float64)
+    dy, dh_n = _f64("dy", dy), _f64("dh_n", dh_n)
+    _check_shape("dy", dy, (steps, batch, hidden))
+    _check_shape("dh_n", dh_n, (batch, hidden))
 
-    dz = np.empty((steps, batch, hidden))
+    da = np.empty((steps, batch, hidden))
     dh_norms = np.empty(steps)
+    dh_next = np.zeros((batch, hidden)) if dh_n is None else dh_n  # reaches h_t from step t+1
     for t in reversed(range(steps)):
-        dh = dy[t] + dh_next
+        dh = dh_next if dy is None else dy[t] + dh_next
         dh_norms[t] = np.linalg.norm(dh)
-        dz[t] = dh * (1.0 - h[t + 1] ** 2)
-        dh_next = dz[t] @ w_hh
+        if saved.nonlinearity == "tanh":
+            da[t] = dh * (1.0 - h[t + 1] ** 2)
+        else:
+            da[t] = dh * (h[t + 1] > 0.0)  # relu'(0) = 0, as in PyTorch
+        dh_next = da[t] @ w_hh
 
-    flat_dz = dz.reshape(-1, hidden)
-    return RNNGrads(
-        dx=dz @ w_ih,
-        dw_ih=flat_dz.T @ x.reshape(-1, x.shape[2]),
-        dw_hh=flat_dz.T @ h[:-1].reshape(-1, hidden),
-        db=flat_dz.sum(axis=0),
-        dh0=dh_next,
-        dh_norms=dh_norms,
-    )
+    flat_da = da.reshape(-1, hidden)
+    dx = da @ w_ih
+    dw_ih = flat_da.T @ x.reshape(-1, x.shape[2])
+    dw_hh = flat_da.T @ h[:-1].reshape(-1, hidden)
+    db = flat_da.sum(axis=0)
+    grads = (dx, dw_ih, dw_hh, db if saved.has_b_ih else None, db.copy() if saved.has_b_hh else None, dh_next)
+    return grads + (dh_norms,) if return_step_norms else grads

@@ -99,7 +99,8 @@ def _rnn_problem(steps=4, batch=2, input_size=3, hidden=4, seed=0):
         "x": rng.standard_normal((steps, batch, input_size)),
         "w_ih": rng.standard_normal((hidden, input_size)) * 0.6,
         "w_hh": rng.standard_normal((hidden, hidden)) * 0.6,
-        "bias": rng.standard_normal(hidden) * 0.3,
+        "b_ih": rng.standard_normal(hidden) * 0.3,
+        "b_hh": rng.standard_normal(hidden) * 0.3,
         "h0": rng.standard_normal((batch, hidden)) * 0.5,
     }, rng.standard_normal((steps, batch, hidden)), rng.standard_normal((batch, hidden))
 
@@ -108,14 +109,14 @@ def test_rnn_reference_gradients_match_finite_differences():
     p, dy, dh_n = _rnn_problem()
 
     def loss():
-        h = rnn_reference.forward(**p)
-        return float(np.sum(dy * h[1:]) + np.sum(dh_n * h[-1]))
+        y, h_n, _ = rnn_reference.forward(**p)
+        return float(np.sum(dy * y) + np.sum(dh_n * h_n))
 
-    h = rnn_reference.forward(**p)
-    grads = rnn_reference.backward(p["x"], p["w_ih"], p["w_hh"], h, dy, dh_n)
+    _, _, saved = rnn_reference.forward(**p)
+    dx, dw_ih, dw_hh, db_ih, db_hh, dh0 = rnn_reference.backward(saved, dy, dh_n)
     eps = 1e-6
-    for name, analytic in (("x", grads.dx), ("w_ih", grads.dw_ih), ("w_hh", grads.dw_hh), ("bias", grads.db),
-                           ("h0", grads.dh0)):
+    for name, analytic in (("x", dx), ("w_ih", dw_ih), ("w_hh", dw_hh), ("b_ih", db_ih), ("b_hh", db_hh),
+                           ("h0", dh0)):
         value, numerical = p[name], np.zeros_like(p[name])
         for index in np.ndindex(value.shape):
             original = value[index]
@@ -132,7 +133,7 @@ def test_rnn_reference_gradients_match_finite_differences():
 def test_rnn_reference_step_norms_match_finite_differences():
     p, dy, dh_n = _rnn_problem(steps=5, seed=3)
     steps, batch, hidden = dy.shape
-    bias = p["bias"]
+    bias = p["b_ih"] + p["b_hh"]
 
     def loss(t_perturbed, delta):
         h, total = p["h0"], 0.0
@@ -143,8 +144,8 @@ def test_rnn_reference_step_norms_match_finite_differences():
             total += np.sum(dy[t] * h)
         return total + np.sum(dh_n * h)
 
-    h = rnn_reference.forward(**p)
-    norms = rnn_reference.backward(p["x"], p["w_ih"], p["w_hh"], h, dy, dh_n).dh_norms
+    _, _, saved = rnn_reference.forward(**p)
+    *_, norms = rnn_reference.backward(saved, dy, dh_n, return_step_norms=True)
     eps = 1e-6
     for t in range(steps):
         g = np.zeros((batch, hidden))
@@ -162,10 +163,10 @@ def test_rnn_reference_matches_torch_rnn():
     with torch.no_grad():
         rnn.weight_ih_l0.copy_(torch.from_numpy(p["w_ih"]))
         rnn.weight_hh_l0.copy_(torch.from_numpy(p["w_hh"]))
-        rnn.bias_ih_l0.copy_(torch.from_numpy(p["bias"]))
-        rnn.bias_hh_l0.zero_()
+        rnn.bias_ih_l0.copy_(torch.from_numpy(p["b_ih"]))
+        rnn.bias_hh_l0.copy_(torch.from_numpy(p["b_hh"]))
         y, _ = rnn(torch.from_numpy(p["x"]), torch.from_numpy(p["h0"])[None])
-    assert rel_err(rnn_reference.forward(**p)[1:], y.numpy()) < 1e-13
+    assert rel_err(rnn_reference.forward(**p)[0], y.numpy()) < 1e-13
 
 
 # ----------------------------------------------------------------------------- the report
