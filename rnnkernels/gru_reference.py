@@ -104,9 +104,11 @@ def forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, training=True):
     )
     if x.ndim != 3:
         raise ValueError(f"x must be [T, B, I], got shape {x.shape}")
+    if w_hh.ndim != 2 or w_hh.shape[0] != 3 * w_hh.shape[1]:
+        raise ValueError(f"w_hh must be [3H, H], got shape {w_hh.shape}")
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
-    for name, a, shape in (("w_ih", w_ih, (3 * hidden, input_size)), ("w_hh", w_hh, (3 * hidden, hidden)),
+    for name, a, shape in (("w_ih", w_ih, (3 * hidden, input_size)),
                            ("b_ih", b_ih, (3 * hidden,)), ("b_hh", b_hh, (3 * hidden,)), ("h0", h0, (batch, hidden))):
         _check_shape(name, a, shape)
     zeros = np.zeros(3 * hidden)

@@ -94,9 +94,11 @@ def forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh"
     )
     if x.ndim != 3:
         raise ValueError(f"x must be [T, B, I], got shape {x.shape}")
+    if w_hh.ndim != 2 or w_hh.shape[0] != w_hh.shape[1]:
+        raise ValueError(f"w_hh must be [H, H], got shape {w_hh.shape}")
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[0]
-    for name, a, shape in (("w_ih", w_ih, (hidden, input_size)), ("w_hh", w_hh, (hidden, hidden)),
+    for name, a, shape in (("w_ih", w_ih, (hidden, input_size)),
                            ("b_ih", b_ih, (hidden,)), ("b_hh", b_hh, (hidden,)), ("h0", h0, (batch, hidden))):
         _check_shape(name, a, shape)
 
