@@ -80,7 +80,7 @@ def central_difference(f, value, eps=1e-6):
 def relu_margin(p):
     """The smallest |a_t| of an Elman RNN's pre-activations over the whole run: finite
     differences of relu are only valid where no unit sits within eps of the kink."""
-    y, _, saved = rnn_reference.forward(**p, nonlinearity="relu")
+    _, _, saved = rnn_reference.forward(**p, nonlinearity="relu")
     h_prev = saved.h[:-1]
     a = p["x"] @ p["w_ih"].T + h_prev @ p["w_hh"].T
     for bias in (p["b_ih"], p["b_hh"]):
@@ -116,8 +116,7 @@ def torch_model(cell, p, input_size, hidden, *, unrolled=False):
 def torch_gradients(cell, p, dy, dh_n):
     """y, h_n and the gradients of L = Σ dy ⊙ y + Σ dh_n ⊙ h_n by torch autograd."""
     torch = torch_or_skip()
-    steps, batch, input_size = p["x"].shape
-    hidden = p["w_hh"].shape[1]
+    input_size, hidden = p["x"].shape[2], p["w_hh"].shape[1]
     model = torch_model(cell, p, input_size, hidden)
     x = torch.tensor(p["x"], requires_grad=True)
     h0 = None if p["h0"] is None else torch.tensor(p["h0"][None], requires_grad=True)
@@ -151,7 +150,7 @@ SHAPES = [  # (T, B, I, H): T and B of 1, I != H both ways, H not a multiple of 
 @pytest.mark.parametrize("biases", BIASES)
 @pytest.mark.parametrize("state", [True, False], ids=["h0", "no_h0"])
 def test_matches_torch_forward_and_autograd(cell, shape, biases, state):
-    steps, batch, input_size, hidden = shape
+    steps, batch, _, hidden = shape
     p = make_problem(cell, *shape, biases=biases, state=state, seed=sum(shape), scale=2.0)
     dy, dh_n = make_upstream(steps, batch, hidden, seed=steps + batch)
     y, h_n, saved = forward(cell, p)
@@ -186,7 +185,7 @@ FD_SHAPES = [(1, 1, 2, 1), (3, 2, 3, 4), (4, 3, 2, 3)]
 @pytest.mark.parametrize("shape", FD_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("biases", BIASES)
 def test_every_gradient_matches_finite_differences(cell, shape, biases):
-    steps, batch, input_size, hidden = shape
+    steps, batch, _, hidden = shape
     # weights U(±1.5/√H): the gates sit inside their curved range, so a wrong factor in
     # any derivative shows; h0 given, so dh0 is exercised with a nonzero state
     p = make_problem(cell, *shape, biases=biases, seed=3 * steps + hidden, scale=1.5)
@@ -231,7 +230,7 @@ def test_step_norms_match_finite_differences(cell):
 
     for t in range(steps):
         delta = np.zeros((batch, hidden))
-        numerical = central_difference(lambda: loss(t, delta), delta)
+        numerical = central_difference(lambda t=t, delta=delta: loss(t, delta), delta)
         assert norms[t] == pytest.approx(np.linalg.norm(numerical), rel=1e-7), t
 
 
@@ -371,7 +370,7 @@ def test_empty_batch_and_empty_sequence(cell):
     assert y.shape == (0, 2, 4)
     np.testing.assert_array_equal(h_n, p["h0"])
     dh_n = np.arange(8.0).reshape(2, 4)
-    dx, dw_ih, dw_hh, db_ih, db_hh, dh0 = backward(cell, saved, None, dh_n)
+    _, dw_ih, dw_hh, db_ih, db_hh, dh0 = backward(cell, saved, None, dh_n)
     np.testing.assert_array_equal(dh0, dh_n)
     assert not dw_ih.any() and not dw_hh.any() and not db_ih.any() and not db_hh.any()
 
