@@ -13,6 +13,10 @@ Shapes (``torch.nn.LSTM``'s; D = 2 if bidirectional else 1, L = num_layers)::
     weight_ih_l{k}[_reverse] [4H, I] for k = 0, [4H, D*H] above
     weight_hh_l{k}[_reverse] [4H, H]; bias_ih_l{k}[_reverse], bias_hh_l{k}[_reverse] [4H]
 
+With ``proj_size = P > 0`` (h_t = W_hr (o ⊙ tanh c_t)), as torch: h0, h_n [L*D, B, P],
+y [T, B, D*P], weight_hh [4H, P], weight_ih [4H, D*P] above layer 0, and
+weight_hr_l{k}[_reverse] [P, H] after each layer-direction's biases (NumPy only).
+
 Variable lengths. Row b of a batch with ``lengths[b] = n`` runs steps 0 .. n-1 only:
 ``y[t, b] = 0`` for t >= n, and ``h_n[:, b]``, ``c_n[:, b]`` are the states after
 its step n-1 (h0, c0 when n = 0). The reverse direction reads row b backwards from
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, reference
 from ._api import BACKENDS, lstm_backward, lstm_forward
 
 __all__ = ["LSTM", "LSTMModuleGrads", "parameter_names"]
@@ -55,15 +59,60 @@ def _xp_of(array):
     return np if isinstance(array, np.ndarray) else _arrays.import_cupy()
 
 
-def parameter_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+def parameter_names(num_layers: int, bidirectional: bool, bias: bool, proj: bool = False) -> list[str]:
     """``torch.nn.LSTM``'s parameter names, in its order (layer, direction, then
-    weight_ih, weight_hh, bias_ih, bias_hh)."""
+    weight_ih, weight_hh, bias_ih, bias_hh, and weight_hr with a projection)."""
     names = []
     for layer in range(num_layers):
         for suffix in ("", "_reverse")[: 2 if bidirectional else 1]:
-            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ()) + (("weight_hr",) if proj else ())
             names += [f"{kind}_l{layer}{suffix}" for kind in kinds]
     return names
+
+
+# ----------------------------------------------------------------------------- proj_size
+#
+# One layer, one direction of an LSTM with a projection, on NumPy arrays: the math is
+# reference.forward_projected / backward_projected, run in float64 for backend
+# "reference" and in the input dtype for "auto" and "cpu" (the tuned cpu cells and the
+# CUDA kernels read an unprojected h and do not support it yet). Both this module and
+# rnnkernels.torch.LSTM call these two functions, so there is one implementation.
+
+PROJECTED_BACKENDS = ("auto", "cpu", "reference")
+
+
+def projected_dtype(backend: str, dtype) -> np.dtype:
+    """The dtype the projected math runs in for ``backend`` and input ``dtype``."""
+    return np.dtype(np.float64) if backend == "reference" else np.dtype(dtype)
+
+
+def projected_forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse: bool, backend: str, training: bool = True):
+    """``x`` [T, B, I] (NumPy), weights as ``torch.nn.LSTM``'s (biases None or both
+    given), ``h0`` [B, P], ``c0`` [B, H]. Returns ``(y [T, B, P], h_n, c_n, saved)`` in
+    the compute dtype (:func:`projected_dtype`); ``saved`` (a
+    ``reference.SavedProjected``, its time axis in the order the steps ran) is None
+    unless ``training``."""
+    dtype = projected_dtype(backend, x.dtype)
+    if reverse:
+        x = x[::-1]
+    bias = None if b_ih is None else np.asarray(b_ih).astype(dtype) + np.asarray(b_hh).astype(dtype)
+    y, h_n, c_n, saved = reference.forward_projected(x, w_ih, w_hh, bias, w_hr, h0, c0, training, dtype)
+    if reverse:
+        y = y[::-1]
+    return y, h_n, c_n, saved
+
+
+def projected_backward(saved, dy, dh_n, dc_n, reverse: bool):
+    """Gradients of :func:`projected_forward` from its ``saved``: ``dy`` [T, B, P] in
+    the caller's time order, ``dh_n`` [B, P], ``dc_n`` [B, H]. Returns ``(dx, dw_ih,
+    dw_hh, db, dw_hr, dh0, dc0)`` in the compute dtype, ``db`` (the gradient of each
+    bias) None without biases."""
+    if reverse:
+        dy = dy[::-1]
+    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = reference.backward_projected(saved, dy, dh_n, dc_n)
+    if reverse:
+        dx = dx[::-1]
+    return dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0
 
 
 # ----------------------------------------------------------------------------- lengths
@@ -244,7 +293,15 @@ class LSTM:
     them, U(-1/√H, 1/√H), from ``seed`` (an int, a ``numpy.random.Generator`` or None).
     The same generator draws the dropout masks. ``backend`` is passed to
     :func:`rnnkernels.lstm_forward` ("auto": cuda for CuPy arrays, cpu otherwise).
-    ``proj_size`` (LSTM with projections) is not implemented yet.
+
+    ``proj_size = P > 0`` (LSTM with projections, h_t = W_hr (o ⊙ tanh c_t)) adds
+    ``weight_hr_l{k}[_reverse]`` [P, H] after each layer-direction's biases, as
+    ``torch.nn.LSTM`` does; then ``h0``/``h_n`` are [L*D, B, P], ``c0``/``c_n`` stay
+    [L*D, B, H], ``y`` is [T, B, D*P] and ``weight_hh`` is [4H, P]. It runs on NumPy
+    (``device="cpu"``) with backend "auto"/"cpu" (in the module's dtype) or
+    "reference" (float64), the math of ``reference.forward_projected``; the CUDA and
+    emulated kernels read an unprojected h and raise NotImplementedError, as do
+    per-row ``lengths`` and :meth:`load_keras_weights`.
     """
 
     def __init__(
@@ -266,8 +323,15 @@ class LSTM:
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "input_size" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if proj_size:
-            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels yet")
+        if not isinstance(proj_size, (int, np.integer)) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
+        if not 0 <= proj_size < hidden_size:
+            raise ValueError(f"proj_size must be 0 (no projection) or in [1, hidden_size={hidden_size}), got {proj_size}")
+        if proj_size and (backend not in PROJECTED_BACKENDS or device != "cpu"):
+            raise NotImplementedError(
+                f"proj_size > 0 runs on NumPy arrays (device='cpu') with backend 'auto', 'cpu' or 'reference'; "
+                f"backend {backend!r} on device {device!r} does not support it yet"
+            )
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if device not in ("cpu", "cuda"):
@@ -276,7 +340,7 @@ class LSTM:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
-        self.dropout, self.proj_size = float(dropout), 0
+        self.dropout, self.proj_size = float(dropout), int(proj_size)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise TypeError(f"dtype must be a floating-point dtype, got {self.dtype}")
@@ -293,15 +357,22 @@ class LSTM:
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def _real_hidden(self) -> int:
+        """The width of h (and of each direction's output): P with a projection."""
+        return self.proj_size or self.hidden_size
+
     def _shapes(self) -> dict[str, tuple]:
-        hidden, directions = self.hidden_size, self.num_directions
+        hidden, directions, real = self.hidden_size, self.num_directions, self._real_hidden
         shapes = {}
-        for name in parameter_names(self.num_layers, self.bidirectional, self.bias):
+        for name in parameter_names(self.num_layers, self.bidirectional, self.bias, self.proj_size > 0):
             layer = int(name.split("_l")[1].split("_")[0])
             if name.startswith("weight_ih"):
-                shapes[name] = (4 * hidden, self.input_size if layer == 0 else directions * hidden)
+                shapes[name] = (4 * hidden, self.input_size if layer == 0 else directions * real)
             elif name.startswith("weight_hh"):
-                shapes[name] = (4 * hidden, hidden)
+                shapes[name] = (4 * hidden, real)
+            elif name.startswith("weight_hr"):
+                shapes[name] = (self.proj_size, hidden)
             else:
                 shapes[name] = (4 * hidden,)
         return shapes
@@ -364,11 +435,9 @@ class LSTM:
     def from_torch(cls, module, **kwargs) -> "LSTM":
         """An ``LSTM`` with the configuration and weights of a ``torch.nn.LSTM``
         (``dtype``, ``backend``, ``device``, ``seed`` may be given as keywords)."""
-        if getattr(module, "proj_size", 0):
-            raise NotImplementedError("proj_size (LSTM with projections) is not supported by rnnkernels yet")
         lstm = cls(
             module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-            module.dropout, module.bidirectional, **kwargs,
+            module.dropout, module.bidirectional, proj_size=getattr(module, "proj_size", 0), **kwargs,
         )
         lstm.load_state_dict(module.state_dict())
         return lstm
@@ -381,7 +450,9 @@ class LSTM:
         ``use_bias=False``), twice (forward, then backward) for a ``Bidirectional``
         layer. Keras's gate order i, f, c, o is torch's i, f, g, o; the kernels are
         transposed, ``bias`` goes to ``bias_ih`` and ``bias_hh`` is set to zero. The
-        Keras layer must use the default activations (tanh, sigmoid)."""
+        Keras layer must use the default activations (tanh, sigmoid). Keras's LSTM has
+        no projection: a module with ``proj_size`` raises NotImplementedError."""
+        self._refuse_keras_projection()
         per_direction = 3 if self.bias else 2
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
@@ -402,9 +473,17 @@ class LSTM:
                 state["bias_hh" + suffix] = self._xp().zeros_like(arrays[2])
         self.load_state_dict(state, strict=False)
 
+    def _refuse_keras_projection(self):
+        if self.proj_size:
+            raise NotImplementedError(
+                f"Keras's LSTM has no projection (weight_hr); this LSTM has proj_size={self.proj_size}, "
+                "so its weights have no Keras equivalent"
+            )
+
     def keras_weights(self, layer: int = 0) -> list:
         """Layer ``layer`` as Keras LSTM weights (see :meth:`load_keras_weights`):
         ``[kernel, recurrent_kernel, bias]`` per direction, bias = bias_ih + bias_hh."""
+        self._refuse_keras_projection()
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
         xp = self._xp()
@@ -431,12 +510,16 @@ class LSTM:
     def __repr__(self):
         extra = "".join(
             f", {name}={getattr(self, name)!r}"
-            for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False))
+            for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0))
             if getattr(self, name) != default
         )
         return f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, backend={self.backend!r})"
 
     # -- forward -------------------------------------------------------------------------
+
+    @staticmethod
+    def _suffixed(kind: str, layer: int, direction: int) -> str:
+        return f"{kind}_l{layer}" + ("_reverse" if direction else "")
 
     def _weights(self, layer: int, direction: int):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -469,18 +552,22 @@ class LSTM:
         steps, batch, input_size = xb.shape
         if input_size != self.input_size:
             raise ValueError(f"x must have {self.input_size} features (input_size), got {input_size}")
-        hidden, layers, directions = self.hidden_size, self.num_layers, self.num_directions
-        state_shape = (layers * directions, hidden) if unbatched else (layers * directions, batch, hidden)
+        hidden, layers, directions, real = self.hidden_size, self.num_layers, self.num_directions, self._real_hidden
+        if self.proj_size and lengths is not None:
+            raise NotImplementedError(
+                "proj_size > 0 with per-row lengths is not supported yet; pass lengths=None (equal lengths)"
+            )
+        rows = (layers * directions,) if unbatched else (layers * directions, batch)
         if state is None:
-            h0 = xp.zeros((layers * directions, batch, hidden), self.dtype)
-            c0 = xp.zeros_like(h0)
+            h0 = xp.zeros((layers * directions, batch, real), self.dtype)
+            c0 = xp.zeros((layers * directions, batch, hidden), self.dtype)
         else:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError("state must be a pair (h0, c0)")
             (h0, _), (c0, _) = self._to_device(state[0], "h0"), self._to_device(state[1], "c0")
-            for name, value in (("h0", h0), ("c0", c0)):
-                if tuple(value.shape) != state_shape:
-                    raise ValueError(f"{name} must have shape {state_shape} (num_layers * num_directions, batch, hidden), got {tuple(value.shape)}")
+            for name, value, width, what in (("h0", h0, real, "proj_size" if self.proj_size else "hidden"), ("c0", c0, hidden, "hidden")):
+                if tuple(value.shape) != rows + (width,):
+                    raise ValueError(f"{name} must have shape {rows + (width,)} (num_layers * num_directions, batch, {what}), got {tuple(value.shape)}")
             if unbatched:
                 h0, c0 = h0[:, None, :], c0[:, None, :]
         plan = _Plan(_host_lengths(lengths, batch, steps), steps, batch)
@@ -493,10 +580,19 @@ class LSTM:
             outputs, layer_tapes = [], []
             for direction in range(directions):
                 k = layer * directions + direction
-                y, h, c, tape = run_direction(
-                    layer_input, self._weights(layer, direction), h0[k], c0[k], plan,
-                    reverse=direction == 1, training=training, backend=self.backend,
-                )
+                if self.proj_size:
+                    # The projected path runs in its compute dtype (float64 for
+                    # "reference"); outputs come back in the module's dtype.
+                    y, h, c, tape = projected_forward(
+                        layer_input, *self._weights(layer, direction), self._params[self._suffixed("weight_hr", layer, direction)],
+                        h0[k], c0[k], direction == 1, self.backend, training,
+                    )
+                    y, h, c = (a.astype(self.dtype, copy=False) for a in (y, h, c))
+                else:
+                    y, h, c, tape = run_direction(
+                        layer_input, self._weights(layer, direction), h0[k], c0[k], plan,
+                        reverse=direction == 1, training=training, backend=self.backend,
+                    )
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -546,7 +642,7 @@ class LSTM:
         xp = self._xp()
         plan = tape.plan
         steps, batch = plan.steps, plan.batch
-        hidden, layers, directions = self.hidden_size, self.num_layers, self.num_directions
+        hidden, layers, directions, real = self.hidden_size, self.num_layers, self.num_directions, self._real_hidden
 
         def upstream(value, name, shape_tm, user_shape):
             if value is None:
@@ -556,17 +652,16 @@ class LSTM:
                 raise ValueError(f"{name} must have shape {user_shape}, like the forward's output, got {tuple(arr.shape)}")
             return arr
 
-        y_tm = (steps, batch, directions * hidden)
+        y_tm = (steps, batch, directions * real)
         if tape.unbatched:
-            y_user = (steps, directions * hidden)
-            s_user = (layers * directions, hidden)
+            y_user = (steps, directions * real)
+            h_user, c_user = (layers * directions, real), (layers * directions, hidden)
         else:
-            y_user = (batch, steps, directions * hidden) if tape.batch_first else y_tm
-            s_user = (layers * directions, batch, hidden)
-        s_tm = (layers * directions, batch, hidden)
+            y_user = (batch, steps, directions * real) if tape.batch_first else y_tm
+            h_user, c_user = (layers * directions, batch, real), (layers * directions, batch, hidden)
         dy_b = upstream(dy, "dy", y_tm, y_user)
-        dh_b = upstream(dh_n, "dh_n", s_tm, s_user)
-        dc_b = upstream(dc_n, "dc_n", s_tm, s_user)
+        dh_b = upstream(dh_n, "dh_n", (layers * directions, batch, real), h_user)
+        dc_b = upstream(dc_n, "dc_n", (layers * directions, batch, hidden), c_user)
         if tape.unbatched:
             dy_b = dy_b[:, None] if dy is not None else dy_b
             dh_b = dh_b[:, None] if dh_n is not None else dh_b
@@ -581,17 +676,24 @@ class LSTM:
         dc0 = [None] * (layers * directions)
         d_out = dy_b
         for layer in reversed(range(layers)):
-            input_size = self.input_size if layer == 0 else directions * hidden
+            input_size = self.input_size if layer == 0 else directions * real
             d_in = None
             for direction in range(directions):
                 k = layer * directions + direction
-                dx, dw_ih, dw_hh, db, dh0[k], dc0[k] = backward_direction(
-                    tape.layers[layer][direction], plan, direction == 1,
-                    xp.ascontiguousarray(d_out[:, :, direction * hidden:(direction + 1) * hidden]),
-                    dh_b[k], dc_b[k], input_size, self.bias,
-                )
-                d_in = dx if d_in is None else d_in + dx
+                d_dir = xp.ascontiguousarray(d_out[:, :, direction * real:(direction + 1) * real])
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                if self.proj_size:
+                    dx, dw_ih, dw_hh, db, dw_hr, dh0[k], dc0[k] = (
+                        None if a is None else a.astype(self.dtype, copy=False)
+                        for a in projected_backward(tape.layers[layer][direction], d_dir, dh_b[k], dc_b[k], direction == 1)
+                    )
+                    grads["weight_hr" + suffix] = dw_hr
+                else:
+                    dx, dw_ih, dw_hh, db, dh0[k], dc0[k] = backward_direction(
+                        tape.layers[layer][direction], plan, direction == 1, d_dir,
+                        dh_b[k], dc_b[k], input_size, self.bias,
+                    )
+                d_in = dx if d_in is None else d_in + dx
                 grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
                 if self.bias:
                     grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db, db.copy()

@@ -53,7 +53,15 @@ import numpy as np
 import torch
 
 from .. import _arrays
-from ..modules import _Plan, backward_direction, run_direction
+from ..modules import (
+    PROJECTED_BACKENDS,
+    _Plan,
+    backward_direction,
+    projected_backward,
+    projected_dtype,
+    projected_forward,
+    run_direction,
+)
 
 Tensor = torch.Tensor
 
@@ -474,14 +482,15 @@ torch.library.register_vmap(lstm_layer_backward_saved, _looping_vmap(lstm_layer_
 
 # ----------------------------------------------------------------------------- proj_size
 #
-# LSTM with a projection (rnnkernels.reference's forward_projected): CPU tensors only,
-# on NumPy, in float64 for backend "reference" and in the input dtype for "cpu" and
-# "auto". The tuned cpu cells and the CUDA kernels read an unprojected h and do not
+# LSTM with a projection (rnnkernels.reference's forward_projected, called through
+# rnnkernels.modules' projected_forward/projected_backward, which the NumPy LSTM
+# shares): CPU tensors only, on NumPy, in float64 for backend "reference" and in the
+# input dtype for "cpu" and "auto". The tuned cpu cells and the CUDA kernels read an unprojected h and do not
 # support it yet; other backends and CUDA tensors get a NotImplementedError. Rows with
 # lengths are not supported either. The op returns its saved state (gates, h, c) so
 # that backward never recomputes.
 
-_PROJECTED_BACKENDS = ("auto", "cpu", "reference")
+_PROJECTED_BACKENDS = PROJECTED_BACKENDS
 
 
 def _check_projected(backend: str, device: torch.device):
@@ -493,7 +502,7 @@ def _check_projected(backend: str, device: torch.device):
 
 
 def _projected_dtype(backend: str, dtype: torch.dtype):
-    return np.dtype(np.float64) if backend == "reference" else np.dtype(_NUMPY_DTYPES[dtype])
+    return projected_dtype(backend, _NUMPY_DTYPES[dtype])
 
 
 @torch.library.custom_op("rnnkernels::lstm_layer_projected", mutates_args=())
@@ -512,20 +521,12 @@ def lstm_layer_projected(
     """One layer, one direction, with a projection: ``[y [T, B, P], h_n [B, P], c_n
     [B, H], gates [T, B, 4H], h [T+1, B, P], c [T+1, B, H]]``; the last three (in the
     compute dtype, time in the order the steps ran) are the saved state."""
-    from .. import reference
-
     _check_projected(backend, x.device)
     _check_layer(x, w_hh)
-    dtype = _projected_dtype(backend, x.dtype)
-    xa = x.detach().numpy()
-    if reverse:
-        xa = xa[::-1]
-    bias = None if b_ih is None else b_ih.detach().numpy().astype(dtype) + b_hh.detach().numpy().astype(dtype)
-    weights = (a.detach().numpy() for a in (w_ih, w_hh, w_hr, h0, c0))
-    w_ih_a, w_hh_a, w_hr_a, h0_a, c0_a = weights
-    y, h_n, c_n, saved = reference.forward_projected(xa, w_ih_a, w_hh_a, bias, w_hr_a, h0_a, c0_a, True, dtype)
-    if reverse:
-        y = y[::-1]
+    numpy = lambda t: None if t is None else t.detach().numpy()
+    y, h_n, c_n, saved = projected_forward(
+        x.detach().numpy(), *map(numpy, (w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)), reverse, backend
+    )
     out = [np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[x.dtype]) for a in (y, h_n, c_n)]
     return [torch.from_numpy(a.copy()) for a in out] + [torch.from_numpy(a) for a in (saved.gates, saved.h, saved.c)]
 
@@ -563,16 +564,15 @@ def lstm_layer_projected_backward(
 
     dtype = _projected_dtype(backend, x.dtype)
     xa = x.detach().numpy()
-    dya = dy.detach().numpy()
     if reverse:
-        xa, dya = xa[::-1], dya[::-1]
+        xa = xa[::-1]
     cast = lambda t: np.ascontiguousarray(t.detach().numpy(), dtype=dtype)
     state = reference.SavedProjected(
         np.ascontiguousarray(xa, dtype=dtype), cast(w_ih), cast(w_hh), cast(w_hr), has_bias, *(cast(t) for t in saved)
     )
-    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = reference.backward_projected(state, dya, dh_n.detach().numpy(), dc_n.detach().numpy())
-    if reverse:
-        dx = dx[::-1]
+    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = projected_backward(
+        state, dy.detach().numpy(), dh_n.detach().numpy(), dc_n.detach().numpy(), reverse
+    )
     if db is None:
         db = np.zeros(w_ih.shape[0], dtype)
     out_dtype = _NUMPY_DTYPES[x.dtype]
