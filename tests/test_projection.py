@@ -120,3 +120,176 @@ def test_torch_module_projection_refusals():
         module(torch.randn(3, 2, 5), lengths=[3, 1])
     with pytest.raises(RuntimeError, match="hidden\\[0\\] size"):
         module(torch.randn(3, 2, 5), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+
+
+# ----------------------------------------------------------------------------- NumPy module
+
+_CONFIGS = [
+    {},
+    {"bias": False},
+    {"bidirectional": True},
+    {"num_layers": 2, "bidirectional": True, "batch_first": True},
+    {"num_layers": 2, "bias": False, "batch_first": True},
+]
+
+
+def _numpy_pair(kwargs, dtype, backend, seed=0):
+    """A torch.nn.LSTM(5, 6, proj_size=3) in ``dtype`` and rnnkernels.LSTM with its weights."""
+    import rnnkernels
+
+    torch.manual_seed(seed)
+    theirs = torch.nn.LSTM(5, 6, proj_size=3, **kwargs).to(dtype)
+    ours = rnnkernels.LSTM.from_torch(theirs, dtype={torch.float32: np.float32, torch.float64: np.float64}[dtype], backend=backend)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kwargs", _CONFIGS)
+def test_numpy_module_with_projection_matches_nn_lstm(dtype, backend, kwargs):
+    ours, theirs = _numpy_pair(kwargs, dtype, backend)
+    names = [name for name, _ in theirs.named_parameters()]
+    assert [name for name, _ in ours.named_parameters()] == names
+    assert all(ours.state_dict()[n].shape == tuple(p.shape) for n, p in theirs.named_parameters())
+    assert ours.proj_size == 3 and "proj_size=3" in repr(ours)
+    rows = ours.num_layers * ours.num_directions
+    steps, batch = 4, 3
+    x = torch.randn((batch, steps, 5) if ours.batch_first else (steps, batch, 5), dtype=dtype)
+    h0, c0 = torch.randn(rows, batch, 3, dtype=dtype), torch.randn(rows, batch, 6, dtype=dtype)
+    xt, h0t, c0t = (t.clone().requires_grad_() for t in (x, h0, c0))
+    y_t, (h_t, c_t) = theirs(xt, (h0t, c0t))
+    dy, dh, dc = torch.randn_like(y_t), torch.randn_like(h_t), torch.randn_like(c_t)
+    torch.autograd.backward((y_t, h_t, c_t), (dy, dh, dc))
+
+    x_np, h0_np, c0_np = (t.numpy().copy() for t in (x, h0, c0))
+    inputs = [a.copy() for a in (x_np, h0_np, c0_np)]
+    y, (h_n, c_n) = ours(x_np, (h0_np, c0_np))
+    assert y.dtype == h_n.dtype == c_n.dtype == ours.dtype
+    assert y.shape == tuple(y_t.shape) and h_n.shape == (rows, batch, 3) and c_n.shape == (rows, batch, 6)
+    grads = ours.backward(dy.numpy(), dh.numpy(), dc.numpy())
+    for before, after in zip(inputs, (x_np, h0_np, c0_np)):
+        np.testing.assert_array_equal(before, after)  # inputs never modified
+
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 2e-5}
+    pairs = [("y", y, y_t), ("h_n", h_n, h_t), ("c_n", c_n, c_t), ("dx", grads.dx, xt.grad),
+             ("dh0", grads.dh0, h0t.grad), ("dc0", grads.dc0, c0t.grad)]
+    assert list(grads.params) == names
+    pairs += [(name, grads.params[name], p.grad) for name, p in theirs.named_parameters()]
+    for name, a, b in pairs:
+        assert a.dtype == ours.dtype, name
+        np.testing.assert_allclose(a, b.detach().numpy(), err_msg=name, **tol)
+
+    # No state given: zeros of the projected widths; eval mode records nothing.
+    y0, (h0n, c0n) = ours.eval()(x_np)
+    y0_t, (h0n_t, c0n_t) = theirs(x)
+    for a, b in ((y0, y0_t), (h0n, h0n_t), (c0n, c0n_t)):
+        np.testing.assert_allclose(a, b.detach().numpy(), **tol)
+    with pytest.raises(ValueError, match="training mode"):
+        ours.backward(dy.numpy())
+
+
+def test_numpy_module_projection_unbatched_and_zero_upstream():
+    ours, theirs = _numpy_pair({"num_layers": 2, "bidirectional": True}, torch.float64, "cpu", seed=3)
+    x = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    y_t, (h_t, c_t) = theirs(x)
+    y_t.square().sum().backward()
+    y, (h_n, c_n) = ours(x.detach().numpy())
+    assert y.shape == (5, 6) and h_n.shape == (4, 3) and c_n.shape == (4, 6)
+    grads = ours.backward(2 * y)  # dh_n, dc_n missing: zero
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads.dx, x.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert grads.dh0.shape == (4, 3) and grads.dc0.shape == (4, 6)
+    for name, p in theirs.named_parameters():
+        np.testing.assert_allclose(grads.params[name], p.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_numpy_module_projection_dropout_gradients_against_finite_differences():
+    """Dropout between layers (training mode) with a projection: the masks are drawn
+    from the module's generator, so reseeding it before each call fixes them and
+    central differences of the loss check backward, dropout included."""
+    import rnnkernels
+
+    lstm = rnnkernels.LSTM(4, 5, num_layers=2, dropout=0.5, bidirectional=True, proj_size=2, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 4))
+    w = rng.standard_normal((3, 2, 4))
+
+    def run(x_value):
+        lstm._rng = np.random.default_rng(5)
+        return lstm(x_value)[0]
+
+    y = run(x)
+    assert np.any(y != 0)
+    grads = lstm.backward(w)
+    # A second call with another mask gives another output: dropout is on.
+    assert not np.allclose(lstm(x)[0], y)
+    eps = 1e-6
+    for _ in range(4):
+        direction = rng.standard_normal(x.shape)
+        numeric = ((run(x + eps * direction) * w).sum() - (run(x - eps * direction) * w).sum()) / (2 * eps)
+        np.testing.assert_allclose((grads.dx * direction).sum(), numeric, rtol=1e-6, atol=1e-8)
+    for name in ("weight_hr_l0", "weight_hr_l1_reverse", "weight_hh_l1"):
+        direction = rng.standard_normal(lstm._params[name].shape)
+        original = lstm._params[name].copy()
+        values = []
+        for sign in (1, -1):
+            lstm._params[name][...] = original + sign * eps * direction
+            values.append((run(x) * w).sum())
+        lstm._params[name][...] = original
+        np.testing.assert_allclose((grads.params[name] * direction).sum(), (values[0] - values[1]) / (2 * eps), rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_numpy_module_projection_state_dict_both_ways():
+    import rnnkernels
+
+    theirs = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3).double()
+    ours = rnnkernels.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64, seed=1)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.load_state_dict(theirs.state_dict()) == ([], [])
+    for name, value in theirs.state_dict().items():
+        np.testing.assert_array_equal(ours.state_dict()[name], value.numpy())
+    other = rnnkernels.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64, seed=2)
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in other.state_dict().items()}, strict=True)
+    for name, value in theirs.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[name], value.numpy())
+    # Strict both ways: a state dict without projections does not fit, nor ours an unprojected LSTM.
+    plain = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True).double()
+    with pytest.raises(KeyError, match="weight_hr_l0"):
+        ours.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="weight_hr_l0"):
+        plain.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    bad = dict(theirs.state_dict())
+    bad["weight_hr_l1"] = torch.zeros(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight_hr_l1 must have shape \\(3, 6\\)"):
+        ours.load_state_dict(bad)
+
+
+def test_numpy_module_projection_refusals():
+    import rnnkernels
+
+    for backend in ("cuda", "emulated"):
+        with pytest.raises(NotImplementedError, match="proj_size.*'auto', 'cpu' or 'reference'"):
+            rnnkernels.LSTM(5, 4, proj_size=2, backend=backend)
+    with pytest.raises(NotImplementedError, match="proj_size.*device 'cuda'"):
+        rnnkernels.LSTM(5, 4, proj_size=2, device="cuda")
+    with pytest.raises(ValueError, match="proj_size"):
+        rnnkernels.LSTM(5, 4, proj_size=4)
+    with pytest.raises(ValueError, match="proj_size"):
+        rnnkernels.LSTM(5, 4, proj_size=-1)
+    with pytest.raises(TypeError, match="proj_size"):
+        rnnkernels.LSTM(5, 4, proj_size=True)
+    lstm = rnnkernels.LSTM(5, 4, proj_size=2)
+    x = np.zeros((3, 2, 5), np.float32)
+    with pytest.raises(NotImplementedError, match="proj_size.*lengths"):
+        lstm(x, lengths=[3, 1])
+    with pytest.raises(ValueError, match="h0 must have shape \\(1, 2, 2\\)"):
+        lstm(x, (np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)))
+    with pytest.raises(ValueError, match="c0 must have shape \\(1, 2, 4\\)"):
+        lstm(x, (np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), np.float32)))
+    lstm(x)
+    with pytest.raises(ValueError, match="dh_n must have shape \\(1, 2, 2\\)"):
+        lstm.backward(dh_n=np.zeros((1, 2, 4), np.float32))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        lstm.load_keras_weights([np.zeros((5, 16)), np.zeros((2, 16)), np.zeros(16)])
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        lstm.keras_weights()
