@@ -196,7 +196,8 @@ def test_numpy_module_projection_unbatched_and_zero_upstream():
     y, (h_n, c_n) = ours(x.detach().numpy())
     assert y.shape == (5, 6) and h_n.shape == (4, 3) and c_n.shape == (4, 6)
     grads = ours.backward(2 * y)  # dh_n, dc_n missing: zero
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for a, b in ((y, y_t), (h_n, h_t), (c_n, c_t)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(grads.dx, x.grad.numpy(), rtol=1e-10, atol=1e-12)
     assert grads.dh0.shape == (4, 3) and grads.dc0.shape == (4, 6)
     for name, p in theirs.named_parameters():
