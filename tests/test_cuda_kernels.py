@@ -761,3 +761,13 @@ def test_unknown_variant_rejected_before_launch():
     w_ih, w_hh = np.zeros((16, 3), np.float32), np.zeros((16, 4), np.float32)
     with pytest.raises(ValueError, match="variant must be one of"):
         _launch.forward(_NoLaunchRuntime(), x, w_ih, w_hh, None, state, state, True, variant="warp-speed")
+
+
+def test_the_emulator_runtimes_fresh_arrays_are_poisoned():
+    """The emulated launch plans allocate with NaN-filled (0xFF) empty(): an output or
+    workspace a kernel forgets to write shows as NaN instead of stale memory."""
+    xp = _launch.EmulatorRuntime().xp
+    assert np.isnan(xp.empty((3, 4), dtype=np.float32)).all()
+    assert np.isnan(xp.empty((2, 3), dtype=np.float64, order="F")).all()
+    assert (xp.empty_like(np.zeros((2, 5), np.int32).T) == -1).all()
+    assert xp.zeros is np.zeros and xp.float32 is np.float32  # the rest is NumPy
