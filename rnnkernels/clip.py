@@ -39,6 +39,7 @@ import numpy as np
 
 from . import _arrays
 from ._api import LSTMGrads
+from .modules import LSTMModuleGrads
 
 __all__ = ["clip_grad_norm", "global_grad_norm", "LSTM_PARAMETER_FIELDS"]
 
@@ -59,6 +60,9 @@ def _collect(grads, prefix: str, out: list) -> None:
         for field in LSTM_PARAMETER_FIELDS:
             _collect(getattr(grads, field), f"{prefix}.{field}", out)
         return
+    if isinstance(grads, LSTMModuleGrads):  # rnnkernels.LSTM.backward's: its parameters
+        _collect(grads.params, f"{prefix}.params", out)
+        return
     if _is_array(grads):
         out.append((prefix, grads))
         return
@@ -68,7 +72,7 @@ def _collect(grads, prefix: str, out: list) -> None:
         return
     if isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
         raise TypeError(
-            f"{prefix} must be an array (NumPy, CuPy, torch), an LSTMGrads, or a dict or "
+            f"{prefix} must be an array (NumPy, CuPy, torch), an LSTMGrads, an LSTMModuleGrads, or a dict or "
             f"iterable of those; got {type(grads).__name__}"
         )
     for index, value in enumerate(grads):
@@ -239,8 +243,9 @@ def clip_grad_norm(grads, max_norm, *, eps=1e-6, error_if_nonfinite=True) -> flo
     the global norm before clipping, as a Python float.
 
     ``grads``: an :class:`~rnnkernels.LSTMGrads` (its parameter gradients dw_ih, dw_hh,
-    db_ih, db_hh; see :data:`LSTM_PARAMETER_FIELDS`), one array, or a dict or iterable
-    of arrays and LSTMGrads, nested as you like. None entries are skipped; an array
+    db_ih, db_hh; see :data:`LSTM_PARAMETER_FIELDS`), what ``rnnkernels.LSTM.backward``
+    returns (its ``params``), one array, or a dict or iterable of arrays and those,
+    nested as you like. None entries are skipped; an array
     listed twice counts once. Arrays are NumPy, CuPy or torch tensors.
 
     When the norm exceeds ``max_norm`` each gradient is multiplied by

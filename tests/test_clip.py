@@ -168,3 +168,19 @@ def test_cupy_matches_numpy():
     device["w"][0, 0] = cupy.nan
     with pytest.raises(FloatingPointError, match=r"grads\['w'\]"):
         clip_grad_norm(device, 1.0)
+
+
+def test_module_backward_grads_are_accepted():
+    # rnnkernels.LSTM.backward returns an LSTMModuleGrads: clipping it clips its
+    # parameter gradients (params), not dx, dh0, dc0, as for an LSTMGrads.
+    lstm = rnnkernels.LSTM(3, 4, num_layers=2, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    y, _ = lstm(x)
+    grads = lstm.backward(100 * np.ones_like(y))
+    dx = grads.dx.copy()
+    params = {name: g.copy() for name, g in grads.params.items()}
+    total = clip_grad_norm(grads, 1.0)
+    assert total == pytest.approx(_flat_norm(params.values()), rel=1e-6)
+    assert global_grad_norm(grads.params) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_array_equal(grads.dx, dx)
+    assert global_grad_norm(grads) == pytest.approx(1.0, rel=1e-5)
