@@ -503,3 +503,37 @@ def test_float16_biases_reach_the_kernels_summed_in_float32(monkeypatch):
     rnnkernels.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, backend="emulated")
     assert seen["bias"].dtype == np.float32
     np.testing.assert_array_equal(seen["bias"], np.float32(1 + 2.0**-11))
+
+
+@pytest.mark.torch
+def test_double_backward_error_reaches_autograd_grad():
+    """autograd.grad of a gradient (gradgradcheck, allow_unused=True) must not see the
+    LSTM's gradients as constants cut off from the inputs: it raises the same error."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from rnnkernels.torch import LSTM
+
+    lstm = LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(gx.pow(2).sum(), [x, *lstm.parameters()], allow_unused=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+
+
+@pytest.mark.torch
+def test_double_backward_error_with_projection():
+    """The same with proj_size, also where the loss is linear in y (the incoming
+    gradients do not require grad, only the input does)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from rnnkernels.torch import LSTM
+
+    lstm = LSTM(3, 4, proj_size=2, dtype=torch.float64)
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    for loss in (lambda y: y.sum(), lambda y: y.pow(2).sum()):
+        (gx,) = torch.autograd.grad(loss(lstm(x)[0]), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            gx.pow(2).sum().backward()
+        (gx,) = torch.autograd.grad(loss(lstm(x)[0]), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(gx.pow(2).sum(), x, allow_unused=True)

@@ -410,14 +410,24 @@ class _LSTMLayerFunction(torch.autograd.Function):
             grads = _backward(ctx, dy, dh_n, dc_n) + (None,)
         if nested or not torch.is_grad_enabled():
             return grads
-        if not any(t is not None and t.requires_grad for t in (*ctx.saved_tensors, dy, dh_n, dc_n)):
-            return grads
-        # create_graph=True: what torch.autograd.function.once_differentiable does, but
-        # also when only the saved inputs (not the incoming gradients) require grad.
-        present = [g for g in grads if g is not None]
-        error = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present))
-        flagged = iter(error(*[g.detach().requires_grad_() for g in present]))
-        return tuple(None if g is None else next(flagged) for g in grads)
+        return _flag_no_double_backward(grads, (*ctx.saved_tensors, dy, dh_n, dc_n))
+
+
+def _flag_no_double_backward(grads, sources):
+    """``grads`` as a backward returns them, made to raise _NO_DOUBLE_BACKWARD when
+    differentiated, where any of ``sources`` (the saved inputs and the incoming
+    gradients) requires grad: what torch.autograd.function.once_differentiable does,
+    but also when only the saved inputs (not the incoming gradients) require grad, and
+    with the error node's edges leading to those inputs (passed as extra inputs, their
+    outputs dropped), so that autograd.grad(..., inputs) reaches it and raises instead
+    of finding the inputs unused (None with allow_unused=True)."""
+    anchors = [t for t in sources if t is not None and t.requires_grad]
+    if not anchors:
+        return grads
+    present = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present) + len(anchors))
+    flagged = iter(error(*[g.detach().requires_grad_() for g in present], *anchors)[: len(present)])
+    return tuple(None if g is None else next(flagged) for g in grads)
 
 
 _NO_DOUBLE_BACKWARD = (
@@ -606,8 +616,20 @@ class _ProjectedFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[3:])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+        # No double backward: as _LSTMLayerFunction.backward says so.
+        if torch.compiler.is_compiling():
+            return _ProjectedFunction._grads(ctx, dy, dh_n, dc_n)
+        if _grad_transforms_active() > 1:
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        with torch.no_grad():
+            grads = _ProjectedFunction._grads(ctx, dy, dh_n, dc_n)
+        if _grad_transforms_active() or not torch.is_grad_enabled():
+            return grads
+        return _flag_no_double_backward(grads, (*ctx.saved_tensors, dy, dh_n, dc_n))
+
+    @staticmethod
+    def _grads(ctx, dy, dh_n, dc_n):
         x, w_ih, w_hh, w_hr, h0, c0, *saved = ctx.saved_tensors
         dy = x.new_zeros((x.shape[0], x.shape[1], w_hr.shape[0])) if dy is None else dy
         dh_n = h0.new_zeros(h0.shape) if dh_n is None else dh_n
