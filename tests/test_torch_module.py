@@ -288,3 +288,21 @@ def test_matches_cudnn(layers, bidirectional, packed):
     for got, want in zip(results[1], results[0]):
         # cuDNN may use TF32; both are float32 with different summation orders.
         assert rel_err(got.cpu(), want.cpu()) < 2e-3
+
+
+def test_bfloat16_is_refused_naming_the_dtype():
+    # NumPy has no bfloat16: the message must say what is supported, not torch's
+    # "Got unsupported ScalarType BFloat16" from .numpy().
+    lstm = LSTM(5, 4).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16.*float16, float32 or float64|float16, float32 or float64.*bfloat16"):
+        lstm(torch.randn(3, 2, 5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_step_in_an_unsupported_dtype_says_which(dtype):
+    # A T=1 no_grad step with (h, c) takes the decode path; in a dtype the cpu backend
+    # lacks it said "must have the type torch.float16, got torch.float16, ...".
+    lstm = LSTM(5, 4).to(dtype).eval()
+    state = (torch.zeros(1, 2, 4, dtype=dtype), torch.zeros(1, 2, 4, dtype=dtype))
+    with torch.no_grad(), pytest.raises(TypeError, match="float32.*float64.*float16|float16.*float32.*float64"):
+        lstm(torch.randn(1, 2, 5, dtype=dtype), state)

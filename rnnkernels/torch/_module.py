@@ -214,6 +214,7 @@ class LSTM(nn.Module):
             and input.shape[1 if self.batch_first else 0] == 1
             and input.shape[0 if self.batch_first else 1] >= 1
             and input.device.type == "cpu"
+            and input.dtype in (torch.float32, torch.float64)  # else the general path's error
             and self.backend in ("auto", "cpu")
             and not self.proj_size
             and not torch.is_grad_enabled()

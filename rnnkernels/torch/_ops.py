@@ -99,6 +99,9 @@ def _plan(lengths: Optional[Tensor], steps: int, batch: int) -> _Plan:
 
 
 def _check_layer(x: Tensor, w_hh: Tensor):
+    if x.dtype not in (torch.float16, torch.float32, torch.float64):
+        # before .numpy() / DLPack, whose message for bfloat16 names no argument
+        raise TypeError(f"x must hold float16, float32 or float64 numbers, got {x.dtype}")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {tuple(x.shape)}")
     if w_hh.dim() != 2:
