@@ -537,3 +537,19 @@ def test_double_backward_error_with_projection():
         (gx,) = torch.autograd.grad(loss(lstm(x)[0]), x, create_graph=True)
         with pytest.raises(RuntimeError, match="no double backward"):
             torch.autograd.grad(gx.pow(2).sum(), x, allow_unused=True)
+
+
+@pytest.mark.torch
+def test_jacrev_matches_nn_lstm():
+    """jacrev is vmap over vjp: the backward runs under vmap alone, where
+    requires_grad_ is refused (it raised in the double-backward guard)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from rnnkernels.torch import LSTM
+
+    lstm = LSTM(3, 4, dtype=torch.float64)
+    ref = torch.nn.LSTM(3, 4, dtype=torch.float64)
+    ref.load_state_dict(lstm.state_dict())
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    ours = torch.func.jacrev(lambda x: lstm(x)[0])(x)
+    theirs = torch.func.jacrev(lambda x: ref(x)[0])(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -425,7 +425,9 @@ def _flag_no_double_backward(grads, sources):
     outputs dropped), so that autograd.grad(..., inputs) reaches it and raises instead
     of finding the inputs unused (None with allow_unused=True)."""
     anchors = [t for t in sources if t is not None and t.requires_grad]
-    if not anchors:
+    if not anchors or _transforms_active():
+        # under a torch.func transform (vmap over a vjp: jacrev) requires_grad_ is
+        # refused; grad-of-grad there is caught by _grad_transforms_active instead
         return grads
     present = [g for g in grads if g is not None]
     error = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present) + len(anchors))
@@ -437,6 +439,13 @@ _NO_DOUBLE_BACKWARD = (
     "rnnkernels' LSTM has no double backward (a gradient of its gradients: "
     "create_graph=True, or torch.func.grad nested in torch.func.grad)"
 )
+
+
+def _transforms_active() -> bool:
+    """Whether any torch.func transform (grad, vjp, vmap, jvp) is running."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return bool(retrieve_all_functorch_interpreters())
 
 
 def _grad_transforms_active() -> int:
