@@ -70,3 +70,14 @@ def test_reference_matches_torch_lstm():
     assert rel_err(out.y, y.detach().numpy()) < 1e-12
     assert rel_err(out.h_n, h_n[0].detach().numpy()) < 1e-12
     assert rel_err(out.c_n, c_n[0].detach().numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_input_size_zero_gives_empty_input_gradients(backend):
+    """I = 0 (no input features) is a valid, if odd, LSTM: the recurrence alone."""
+    x, w_ih, w_hh = np.zeros((3, 2, 0)), np.zeros((16, 0)), 0.1 * np.ones((16, 4))
+    h0, c0 = np.full((2, 4), 0.5), np.full((2, 4), -0.3)  # a state, so h_t and dW_hh are not 0
+    out = rnnkernels.lstm_forward(x, w_ih, w_hh, h0=h0, c0=c0, backend=backend)
+    grads = rnnkernels.lstm_backward(out, dy=np.ones_like(out.y))
+    assert grads.dx.shape == (3, 2, 0) and grads.dw_ih.shape == (16, 0)
+    assert np.all(np.isfinite(grads.dw_hh)) and np.any(grads.dw_hh != 0)
