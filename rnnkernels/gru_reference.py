@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._cell_reference import layer_inputs, rows, upstream
 from .reference import sigmoid
 
 
@@ -80,37 +81,12 @@ class Saved:
     h: np.ndarray  # [T+1, B, H]; h[0] = h0, h[t+1] = h_t
 
 
-def _f64(name, a):
-    """``a`` as a fresh float64 array (None stays None). A copy even when it already is
-    float64, so that what is saved cannot change if the caller later writes to its input."""
-    if a is None:
-        return None
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
-    return np.array(a, dtype=np.float64)
-
-
-def _check_shape(name, a, shape):
-    if a is not None and a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-
-
 def forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, training=True):
     """One GRU layer in float64. Returns ``(y, h_n, saved)`` (see the module docstring
     for shapes); ``saved`` is None unless ``training``."""
-    x, w_ih, w_hh, b_ih, b_hh, h0 = (
-        _f64(name, a) for name, a in zip(("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0"), (x, w_ih, w_hh, b_ih, b_hh, h0))
-    )
-    if x.ndim != 3:
-        raise ValueError(f"x must be [T, B, I], got shape {x.shape}")
-    if w_hh.ndim != 2 or w_hh.shape[0] != 3 * w_hh.shape[1]:
-        raise ValueError(f"w_hh must be [3H, H], got shape {w_hh.shape}")
-    steps, batch, input_size = x.shape
+    x, w_ih, w_hh, b_ih, b_hh, h0 = layer_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, gates=3)
+    steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    for name, a, shape in (("w_ih", w_ih, (3 * hidden, input_size)),
-                           ("b_ih", b_ih, (3 * hidden,)), ("b_hh", b_hh, (3 * hidden,)), ("h0", h0, (batch, hidden))):
-        _check_shape(name, a, shape)
     zeros = np.zeros(3 * hidden)
     bi = zeros if b_ih is None else b_ih
     bh = zeros if b_hh is None else b_hh
@@ -143,9 +119,7 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
     x, w_ih, w_hh, h = saved.x, saved.w_ih, saved.w_hh, saved.h
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    dy, dh_n = _f64("dy", dy), _f64("dh_n", dh_n)
-    _check_shape("dy", dy, (steps, batch, hidden))
-    _check_shape("dh_n", dh_n, (batch, hidden))
+    dy, dh_n = upstream(dy, dh_n, steps, batch, hidden)
 
     dgi = np.empty((steps, batch, 3 * hidden))
     dgh = np.empty((steps, batch, 3 * hidden))
@@ -167,8 +141,8 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
     flat_dgi = dgi.reshape(-1, 3 * hidden)
     flat_dgh = dgh.reshape(-1, 3 * hidden)
     dx = dgi @ w_ih
-    dw_ih = flat_dgi.T @ x.reshape(-1, x.shape[2])
-    dw_hh = flat_dgh.T @ h[:-1].reshape(-1, hidden)
+    dw_ih = flat_dgi.T @ rows(x)
+    dw_hh = flat_dgh.T @ rows(h[:-1])
     db_ih = flat_dgi.sum(axis=0) if saved.has_b_ih else None
     db_hh = flat_dgh.sum(axis=0) if saved.has_b_hh else None
     grads = (dx, dw_ih, dw_hh, db_ih, db_hh, carry)

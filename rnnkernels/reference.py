@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._cell_reference import rows
+
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """σ(z) = 1 / (1 + e^{-z}), written so that no exponential overflows."""
@@ -137,7 +139,7 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
 
     flat_dz = dz.reshape(-1, dz.shape[2])
     dx = dz @ w_ih
-    dw_ih = flat_dz.T @ x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # not -1: I may be 0
+    dw_ih = flat_dz.T @ rows(x)
     dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
@@ -254,7 +256,7 @@ def backward_projected(saved: SavedProjected, dy, dh_n, dc_n):
         dh_next = dz[t] @ w_hh
     flat_dz = dz.reshape(-1, dz.shape[2])
     dx = dz @ w_ih
-    dw_ih = flat_dz.T @ x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # not -1: I may be 0
+    dw_ih = flat_dz.T @ rows(x)
     dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     return dx, dw_ih, dw_hh, db, dw_hr, dh_next, carry

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._cell_reference import layer_inputs, rows, upstream
+
 NONLINEARITIES = ("tanh", "relu")
 
 
@@ -68,39 +70,14 @@ class Saved:
     h: np.ndarray  # [T+1, B, H]; h[0] = h0, h[t+1] = h_t
 
 
-def _f64(name, a):
-    """``a`` as a fresh float64 array (None stays None). A copy even when it already is
-    float64, so that what is saved cannot change if the caller later writes to its input."""
-    if a is None:
-        return None
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
-    return np.array(a, dtype=np.float64)
-
-
-def _check_shape(name, a, shape):
-    if a is not None and a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-
-
 def forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh", training=True):
     """One Elman RNN layer in float64. Returns ``(y, h_n, saved)`` (see the module
     docstring for shapes); ``saved`` is None unless ``training``."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    x, w_ih, w_hh, b_ih, b_hh, h0 = (
-        _f64(name, a) for name, a in zip(("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0"), (x, w_ih, w_hh, b_ih, b_hh, h0))
-    )
-    if x.ndim != 3:
-        raise ValueError(f"x must be [T, B, I], got shape {x.shape}")
-    if w_hh.ndim != 2 or w_hh.shape[0] != w_hh.shape[1]:
-        raise ValueError(f"w_hh must be [H, H], got shape {w_hh.shape}")
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[0]
-    for name, a, shape in (("w_ih", w_ih, (hidden, input_size)),
-                           ("b_ih", b_ih, (hidden,)), ("b_hh", b_hh, (hidden,)), ("h0", h0, (batch, hidden))):
-        _check_shape(name, a, shape)
+    x, w_ih, w_hh, b_ih, b_hh, h0 = layer_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, gates=1)
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
 
     b = np.zeros(hidden)
     for bias in (b_ih, b_hh):
@@ -126,10 +103,8 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
     ``dh_norms[t] = ‖∂L/∂h_t‖`` (Frobenius norm over batch and units, [T])."""
     x, w_ih, w_hh, h = saved.x, saved.w_ih, saved.w_hh, saved.h
     steps, batch, _ = x.shape
-    hidden = w_hh.shape[0]
-    dy, dh_n = _f64("dy", dy), _f64("dh_n", dh_n)
-    _check_shape("dy", dy, (steps, batch, hidden))
-    _check_shape("dh_n", dh_n, (batch, hidden))
+    hidden = w_hh.shape[1]
+    dy, dh_n = upstream(dy, dh_n, steps, batch, hidden)
 
     da = np.empty((steps, batch, hidden))
     dh_norms = np.empty(steps)
@@ -145,8 +120,8 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
 
     flat_da = da.reshape(-1, hidden)
     dx = da @ w_ih
-    dw_ih = flat_da.T @ x.reshape(-1, x.shape[2])
-    dw_hh = flat_da.T @ h[:-1].reshape(-1, hidden)
+    dw_ih = flat_da.T @ rows(x)
+    dw_hh = flat_da.T @ rows(h[:-1])
     db = flat_da.sum(axis=0)
     grads = (dx, dw_ih, dw_hh, db if saved.has_b_ih else None, db.copy() if saved.has_b_hh else None, dh_next)
     return grads + (dh_norms,) if return_step_norms else grads

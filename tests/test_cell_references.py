@@ -419,3 +419,15 @@ def test_gru_biases_are_not_summable():
     moved["b_ih"][: 2 * hidden] += moved["b_hh"][: 2 * hidden]
     moved["b_hh"][: 2 * hidden] = 0.0
     assert rel_err(gru_reference.forward(**moved)[0], y) < 1e-14
+
+
+@pytest.mark.parametrize("module, gates", [(gru_reference, 3), (rnn_reference, 1)])
+def test_input_size_zero_backprops(module, gates):
+    """I = 0 (no input features) is valid: the recurrence alone, as for the LSTM."""
+    hidden = 4
+    x, w_ih = np.zeros((3, 2, 0)), np.zeros((gates * hidden, 0))
+    w_hh, h0 = np.full((gates * hidden, hidden), 0.1), np.full((2, hidden), 0.5)
+    _, _, saved = module.forward(x, w_ih, w_hh, h0=h0)
+    dx, dw_ih, dw_hh, _, _, dh0 = module.backward(saved, dy=np.ones((3, 2, hidden)))
+    assert dx.shape == (3, 2, 0) and dw_ih.shape == (gates * hidden, 0)
+    assert np.all(np.isfinite(dw_hh)) and np.any(dw_hh != 0) and np.any(dh0 != 0)
