@@ -99,29 +99,32 @@ _COMMON_SOURCES = {
     "graph_node_us": _ESTIMATE_LAUNCH,
 }
 
+def _sources_with(datasheet: str) -> dict:
+    """The common sources, with the fields a datasheet gives taken from ``datasheet``."""
+    fields = ("sms", "clock_ghz", "fp32_tflops", "hbm_gbs", "shared_per_block", "l2_bytes")
+    return {**_COMMON_SOURCES, **dict.fromkeys(fields, datasheet)}
+
+
 DEVICES: dict[str, Device] = {
     # L2 latency: 260 cycles / 1.98 GHz = 131 ns; grid sync ~ 4 x 131 ns + slack.
     "H100-SXM": Device(
         name="H100-SXM", sms=132, clock_ghz=1.98, fp32_tflops=66.9, l2_latency_ns=131.0, grid_sync_ns=700.0,
         l2_gbs=8400.0, hbm_gbs=3350.0, python_launch_us=6.0, graph_node_us=1.5, shared_per_block=232448,
         l2_bytes=50 * 2**20,
-        sources={**_COMMON_SOURCES, **{k: _DATASHEET_H100 for k in
-                                        ("sms", "clock_ghz", "fp32_tflops", "hbm_gbs", "shared_per_block", "l2_bytes")}},
+        sources=_sources_with(_DATASHEET_H100),
     ),
     "H200": Device(
         name="H200", sms=132, clock_ghz=1.98, fp32_tflops=66.9, l2_latency_ns=131.0, grid_sync_ns=700.0,
         l2_gbs=12000.0, hbm_gbs=4800.0, python_launch_us=6.0, graph_node_us=1.5, shared_per_block=232448,
         l2_bytes=60 * 2**20,
-        sources={**_COMMON_SOURCES, **{k: _DATASHEET_H200 for k in
-                                        ("sms", "clock_ghz", "fp32_tflops", "hbm_gbs", "shared_per_block", "l2_bytes")}},
+        sources=_sources_with(_DATASHEET_H200),
     ),
     # 260 cycles / 1.41 GHz = 184 ns.
     "A100-SXM": Device(
         name="A100-SXM", sms=108, clock_ghz=1.41, fp32_tflops=19.5, l2_latency_ns=184.0, grid_sync_ns=950.0,
         l2_gbs=5100.0, hbm_gbs=2039.0, python_launch_us=6.0, graph_node_us=1.5, shared_per_block=166912,
         l2_bytes=40 * 2**20,
-        sources={**_COMMON_SOURCES, **{k: _DATASHEET_A100 for k in
-                                        ("sms", "clock_ghz", "fp32_tflops", "hbm_gbs", "shared_per_block", "l2_bytes")}},
+        sources=_sources_with(_DATASHEET_A100),
     ),
 }
 
