@@ -74,6 +74,25 @@ def cupy_or_skip():
     return cupy
 
 
+def cuda_backend_or_skip():
+    """CuPy, when ``backend="cuda"`` can run here (``rnnkernels.cuda.check_available``);
+    otherwise the test skips with that check's reason. Under compute-sanitizer
+    (``RNNKERNELS_UNDER_SANITIZER``) CuPy's pool is switched off: it carves arrays out of
+    larger cudaMalloc blocks (sizes rounded up to 512 B), where memcheck cannot see an
+    access past an array's end; plain cudaMalloc per array lets it."""
+    from rnnkernels import cuda
+
+    try:
+        cuda.check_available()
+    except RuntimeError as error:
+        pytest.skip(f"no usable GPU: {error}")
+    import cupy
+
+    if os.environ.get("RNNKERNELS_UNDER_SANITIZER"):
+        cupy.cuda.set_allocator(None)
+    return cupy
+
+
 def emulator_or_skip(seed=None):
     """The CPU emulator's runtime for the launch plan (rnnkernels/_launch.py) with the
     scheduling ``seed``; the test skips, saying why, where the emulator cannot run

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import emulator_or_skip
+from conftest import cuda_backend_or_skip, emulator_or_skip
 
 from rnnkernels import _launch
 from rnnkernels.reference import backward as ref_backward
@@ -538,19 +538,7 @@ def test_emulated_float32_bits_pinned(emulator, variant):
 # --------------------------------------------------------------------------- GPU
 @pytest.fixture(scope="module")
 def gpu():
-    from rnnkernels import cuda
-
-    try:
-        cuda.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"no usable GPU: {error}")
-    import cupy
-
-    if os.environ.get("RNNKERNELS_UNDER_SANITIZER"):
-        # CuPy's pool carves arrays out of larger cudaMalloc blocks (sizes rounded up
-        # to 512 B), where memcheck cannot see an access past an array's end; plain
-        # cudaMalloc per array lets it.
-        cupy.cuda.set_allocator(None)
+    cupy = cuda_backend_or_skip()
     return _launch.CupyRuntime(), cupy.asarray, cupy.asnumpy
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import emulator_or_skip
+from conftest import cuda_backend_or_skip, emulator_or_skip
 from test_cuda_kernels import (
     EMULATED_TOLERANCE,
     GPU_TOLERANCE,
@@ -431,14 +431,7 @@ def test_kernel_table_lists_every_persistent_instance():
 # --------------------------------------------------------------------------- GPU
 @pytest.fixture(scope="module")
 def gpu():
-    from rnnkernels import cuda
-
-    try:
-        cuda.check_available()
-    except RuntimeError as error:
-        pytest.skip(f"no usable GPU: {error}")
-    import cupy
-
+    cupy = cuda_backend_or_skip()
     return _launch.CupyRuntime(), cupy.asarray, cupy.asnumpy
 
 
