@@ -17,6 +17,7 @@ bounds allow.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -115,6 +116,11 @@ def cupy_nvrtc_options(options, arch: str) -> tuple[str, ...]:
     and sm_90); the empty-program compile that reads NVRTC's version for the cache key
     by an empty string, with CuPy's memo of it restored afterwards. CuPy's kernel cache
     is kept in memory for the call, so nothing is read from or written to disk."""
+    return _cupy_nvrtc_options(tuple(options), arch)
+
+
+@functools.cache  # about a second each; the answer depends only on the arguments
+def _cupy_nvrtc_options(options: tuple[str, ...], arch: str) -> tuple[str, ...]:
     from cupy._core import core
     from cupy.cuda import compiler
 
@@ -173,46 +179,67 @@ def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
     return kernels
 
 
-def compile_source(source: str, arch: str) -> list[KernelReport]:
-    """Compile every table instance of ``source`` for ``arch``; one report per instance.
-    Raises RuntimeError with the NVRTC log if compilation fails."""
+@dataclass(frozen=True)
+class Compiled:
+    """What one NVRTC compile gave: its log, its PTX ("" unless asked for) and the
+    lowered (mangled) name of each name expression."""
+
+    log: str
+    ptx: str
+    lowered: dict[str, str]
+
+
+def compile_program(text: str, file_name: str, names, options, arch: str, *, ptx: bool = False) -> Compiled:
+    """Compile ``text`` with NVRTC (``options`` as given, the -arch included), with
+    ``names`` as name expressions; RuntimeError with NVRTC's log if it fails. The one
+    NVRTC call of this check and of ``rnnkernels/ptx_check.py``."""
     nvrtc = load_nvrtc()
-    names = _launch.KERNELS[source]
-    program = nvrtc.createProgram(_sources.read_source(source), source, [], [])
+    program = nvrtc.createProgram(text, file_name, [], [])
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
-        options = list(check_options(arch))
         try:
-            nvrtc.compileProgram(program, options)
+            nvrtc.compileProgram(program, list(options))
         except nvrtc.NVRTCError as error:
             raise RuntimeError(
-                f"NVRTC failed to compile {source} for {arch}:\n{nvrtc.getProgramLog(program)}"
+                f"NVRTC failed to compile {file_name} for {arch}:\n{nvrtc.getProgramLog(program)}"
             ) from error
-        log = nvrtc.getProgramLog(program)
-        usage = parse_ptxas_log(log)
-        threads = block_threads()
-        reports = []
-        for name in names:
-            lowered = nvrtc.getLoweredName(program, name)
-            if lowered not in usage:
-                raise RuntimeError(f"ptxas reported nothing for {name} ({lowered}) in:\n{log}")
-            numbers = usage[lowered]
-            reports.append(
-                KernelReport(
-                    name=name,
-                    arch=arch,
-                    registers=numbers["registers"],
-                    shared_bytes=numbers["shared_bytes"],
-                    stack_bytes=numbers["stack_bytes"],
-                    spill_stores=numbers["spill_stores"],
-                    spill_loads=numbers["spill_loads"],
-                    threads=threads[name],
-                )
-            )
-        return reports
+        code = nvrtc.getPTX(program) if ptx else ""
+        if isinstance(code, bytes):
+            code = code.decode()
+        return Compiled(nvrtc.getProgramLog(program), code.rstrip("\x00"),
+                        {name: nvrtc.getLoweredName(program, name) for name in names})
     finally:
         nvrtc.destroyProgram(program)
+
+
+def compile_source(source: str, arch: str) -> list[KernelReport]:
+    """Compile every table instance of ``source`` for ``arch``; one report per instance.
+    Raises RuntimeError with the NVRTC log if compilation fails."""
+    names = _launch.KERNELS[source]
+    compiled = compile_program(_sources.read_source(source), source, names, check_options(arch), arch)
+    log = compiled.log
+    usage = parse_ptxas_log(log)
+    threads = block_threads()
+    reports = []
+    for name in names:
+        lowered = compiled.lowered[name]
+        if lowered not in usage:
+            raise RuntimeError(f"ptxas reported nothing for {name} ({lowered}) in:\n{log}")
+        numbers = usage[lowered]
+        reports.append(
+            KernelReport(
+                name=name,
+                arch=arch,
+                registers=numbers["registers"],
+                shared_bytes=numbers["shared_bytes"],
+                stack_bytes=numbers["stack_bytes"],
+                spill_stores=numbers["spill_stores"],
+                spill_loads=numbers["spill_loads"],
+                threads=threads[name],
+            )
+        )
+    return reports
 
 
 def check_all(arches=DEFAULT_ARCHES) -> list[KernelReport]:

@@ -69,9 +69,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ARCH = "sm_90"
-# CuPy's own NVRTC options besides the architecture (cupy/cuda/compiler.py): the PTX
-# checked is the PTX the runtime loader compiles.
-CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 _FENCE = re.compile(r"^(membar\.(gl|sys)|fence\.(sc|acq_rel)\.(gpu|sys))$")
 _RELEASE_QUALIFIERS = {"release", "acq_rel", "sc"}
@@ -148,8 +145,8 @@ def check_exchange(
     exchanged, flags: the kernel parameters (names as in the source's declaration, or
     0-based indices) of the buffer the blocks exchange and of the ready flags / barrier
     words. include_dirs: ``--include-path`` folders (csrc/ is always one). options: NVRTC
-    options instead of ``rnnkernels._launch.compile_options()``; CuPy's
-    :data:`CUPY_OPTIONS` and ``-arch=compute_<arch>`` are added either way. Raises
+    options instead of ``rnnkernels._launch.compile_options()``; CuPy's own additions
+    (``nvrtc_check.cupy_nvrtc_options``) and ``-arch=compute_<arch>`` either way. Raises
     RuntimeError with NVRTC's log if the source does not compile (or NVRTC is missing),
     ValueError for a parameter the kernel does not have.
     """
@@ -200,32 +197,22 @@ def compile_to_ptx(text: str, file_name: str, name_expressions: Sequence[str], i
                    arch: str = DEFAULT_ARCH) -> tuple[str, dict[str, str]]:
     """(PTX of the whole program, {name expression: lowered name})."""
     from . import _launch, _sources
-    from .nvrtc_check import load_nvrtc
+    from .nvrtc_check import compile_program, cupy_nvrtc_options
 
-    nvrtc = load_nvrtc()
-    if not re.fullmatch(r"sm_\d+a?", arch):
+    match = re.fullmatch(r"sm_(\d+)(a?)", arch)
+    if not match:
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
     base = tuple(_launch.compile_options()) if options is None else tuple(options)
-    folders = [f"--include-path={folder}" for folder in (*include_dirs, _sources.csrc_dir())]
-    # compute_XX: NVRTC's PTX output; ptxas would turn the same PTX into the sm_XX cubin.
-    all_options = [*base, *folders, *CUPY_OPTIONS, f"-arch=compute_{arch[3:]}"]
-    program = nvrtc.createProgram(f'#line 1 "{file_name}"\n' + text, file_name, [], [])
-    try:
-        for name in name_expressions:
-            nvrtc.addNameExpression(program, name)
-        try:
-            nvrtc.compileProgram(program, all_options)
-        except nvrtc.NVRTCError as error:
-            raise RuntimeError(
-                f"NVRTC failed to compile {file_name} for {arch}:\n{nvrtc.getProgramLog(program)}"
-            ) from error
-        ptx = nvrtc.getPTX(program)
-        lowered = {name: nvrtc.getLoweredName(program, name) for name in name_expressions}
-    finally:
-        nvrtc.destroyProgram(program)
-    if isinstance(ptx, bytes):
-        ptx = ptx.decode()
-    return ptx.rstrip("\x00"), lowered
+    folders = tuple(f"--include-path={folder}" for folder in (*include_dirs, _sources.csrc_dir()))
+    # The options CuPy's RawModule hands NVRTC (read from CuPy, as nvrtc_check does: its
+    # libcu++ comes before ours), with -arch=compute_XX: NVRTC's PTX output, which ptxas
+    # would turn into the sm_XX cubin.
+    compute = f"-arch=compute_{match.group(1)}{match.group(2)}"
+    all_options = [compute if option.startswith("-arch=") else option
+                   for option in cupy_nvrtc_options((*base, *folders), f"sm_{match.group(1)}")]
+    compiled = compile_program(f'#line 1 "{file_name}"\n' + text, file_name, list(name_expressions), all_options,
+                               arch, ptx=True)
+    return compiled.ptx, compiled.lowered
 
 
 def entry_ptx(ptx: str, lowered: str) -> str:
