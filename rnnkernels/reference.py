@@ -137,13 +137,18 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
         carry = dc * f
         dh_next = dz[t] @ w_hh
 
-    flat_dz = dz.reshape(-1, dz.shape[2])
-    dx = dz @ w_ih
-    dw_ih = flat_dz.T @ rows(x)
-    dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
-    db = flat_dz.sum(axis=0) if saved.has_bias else None
+    dx, dw_ih, dw_hh, db = _gradients_after_loop(dz, x, saved.h, w_ih, saved.has_bias)
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads
+
+
+def _gradients_after_loop(dz, x, h, w_ih, has_bias):
+    """(dx, dW_ih, dW_hh, db) from the gate gradients dz [T, B, 4H] of every step: dx =
+    dz·W_ih, dW_ih = dzᵀ·x and dW_hh = dzᵀ·h_prev over all T·B rows, db = Σ dz (None
+    without a bias). h [T+1, B, H or P] holds h_prev = h[:-1]."""
+    flat_dz = rows(dz)
+    db = flat_dz.sum(axis=0) if has_bias else None
+    return dz @ w_ih, flat_dz.T @ rows(x), flat_dz.T @ rows(h[:-1]), db
 
 
 def saved_arrays(saved_dtype):
@@ -254,9 +259,5 @@ def backward_projected(saved: SavedProjected, dy, dh_n, dc_n):
         dz[t] = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g**2), dr * tanh_c * o * (1 - o)], axis=1)
         carry = dc * f
         dh_next = dz[t] @ w_hh
-    flat_dz = dz.reshape(-1, dz.shape[2])
-    dx = dz @ w_ih
-    dw_ih = flat_dz.T @ rows(x)
-    dw_hh = flat_dz.T @ saved.h[:-1].reshape(-1, w_hh.shape[1])
-    db = flat_dz.sum(axis=0) if saved.has_bias else None
+    dx, dw_ih, dw_hh, db = _gradients_after_loop(dz, x, saved.h, w_ih, saved.has_bias)
     return dx, dw_ih, dw_hh, db, dw_hr, dh_next, carry
