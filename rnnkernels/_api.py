@@ -1,42 +1,47 @@
-"""``lstm_forward`` and ``lstm_backward``: validation, layout, dispatch to a backend.
+"""The public functions, ``lstm_forward`` / ``gru_forward`` / ``rnn_forward`` and their
+backwards: validation, layout, dispatch to a backend, written once for every cell.
 
-Everything a user can get wrong is checked here, once, for every backend: the array
-types, dtypes, shapes, the pairing of biases and states, the backend name. Backends
+Everything a user can get wrong is checked here, once, for every cell and backend: the
+array types, dtypes, shapes, the pairing of biases and states, the backend name. Backends
 (see ``_backend.py``) then see only well-formed, time-major, contiguous, non-empty
-problems.
+problems with one folded bias (``cells.py``). What differs between cells (gate count,
+states, bias folding, which module implements a backend) comes from ``cells.Cell``;
+``cell_forward`` and ``cell_backward`` are the generic entry points the modules, the torch
+ops and the tools use, and the public functions are thin wrappers naming their arguments.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, cells
 from ._backend import Backend
 
-# name -> module holding ``BACKEND``; imported on first use so that numba, CuPy and
-# the emulator load only when asked for.
-_BACKEND_MODULES = {
-    "reference": "rnnkernels.reference",
-    "cpu": "rnnkernels.cpu",
-    "cuda": "rnnkernels.cuda",
-    "emulated": "rnnkernels.emulated",
-}
-BACKENDS = ("auto",) + tuple(_BACKEND_MODULES)
+BACKENDS = ("auto", "reference", "cpu", "cuda", "emulated")
 
 
-def get_backend(name: str) -> Backend:
-    """The backend registered as ``name`` (not "auto"); a clear error if unknown."""
+def get_backend(name: str, cell="lstm") -> Backend:
+    """The backend registered as ``name`` (not "auto") for ``cell`` (a name from
+    ``rnnkernels.cells.CELLS`` or a Cell); a clear error if unknown or not implemented."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, one of {BACKENDS}; got {type(name).__name__}")
-    if name not in _BACKEND_MODULES:
+    if name not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-    backend = importlib.import_module(_BACKEND_MODULES[name]).BACKEND
+    cell = cells.get(cell)
+    backend = cell.implementation(name)
+    if backend is None:
+        have = [b for b in BACKENDS[1:] if cell.implementation(b) is not None]
+        raise NotImplementedError(
+            f"backend {name!r} does not implement the {cell.title} yet; backends that do: {', '.join(have)}"
+        )
     backend.check_available()
     return backend
+
+
+# ----------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -51,6 +56,49 @@ class LSTMOutput:
     training: bool
     backend: str
     _ctx: Any = field(default=None, repr=False)
+    cell = cells.LSTM
+
+    @property
+    def states(self) -> tuple:
+        """The final states in the cell's order: (h_n, c_n)."""
+        return (self.h_n, self.c_n)
+
+
+@dataclass
+class _HiddenOutput:
+    """The output of a cell whose only state is h: ``y`` [T, B, H] ([B, T, H] with
+    ``batch_first``) and ``h_n`` [B, H]."""
+
+    y: Any
+    h_n: Any
+    training: bool
+    backend: str
+    _ctx: Any = field(default=None, repr=False)
+
+    @property
+    def states(self) -> tuple:
+        return (self.h_n,)
+
+
+@dataclass
+class GRUOutput(_HiddenOutput):
+    """What :func:`gru_forward` returns: ``y`` [T, B, H] ([B, T, H] with
+    ``batch_first``), ``h_n`` [B, H]; with ``training=True`` also what
+    :func:`gru_backward` needs."""
+
+    cell = cells.GRU
+
+
+@dataclass
+class RNNOutput(_HiddenOutput):
+    """What :func:`rnn_forward` returns: ``y`` [T, B, H] ([B, T, H] with
+    ``batch_first``), ``h_n`` [B, H]; ``nonlinearity`` is "tanh" or "relu"."""
+
+    nonlinearity: str = "tanh"
+
+    @property
+    def cell(self) -> cells.Cell:
+        return cells.rnn(self.nonlinearity)
 
 
 @dataclass
@@ -70,6 +118,64 @@ class LSTMGrads:
     dh_norms: Any = None
     dc_norms: Any = None
 
+    @property
+    def dstates(self) -> tuple:
+        return (self.dh0, self.dc0)
+
+    @property
+    def step_norms(self):
+        return None if self.dh_norms is None else (self.dh_norms, self.dc_norms)
+
+
+@dataclass
+class _HiddenGrads:
+    """The gradients of a cell whose only state is h, each shaped like its input;
+    ``db_ih`` and ``db_hh`` are None when the forward had no biases. With
+    ``return_step_norms=True``, ``dh_norms[t] = ‖∂L/∂h_t‖`` ([T], float64, NumPy)."""
+
+    dx: Any
+    dw_ih: Any
+    dw_hh: Any
+    db_ih: Any
+    db_hh: Any
+    dh0: Any
+    dh_norms: Any = None
+
+    @property
+    def dstates(self) -> tuple:
+        return (self.dh0,)
+
+    @property
+    def step_norms(self):
+        return None if self.dh_norms is None else (self.dh_norms,)
+
+
+class GRUGrads(_HiddenGrads):
+    """What :func:`gru_backward` returns. ``db_ih`` and ``db_hh`` agree on the r and z
+    rows and differ on the n rows (b_hn sits inside the reset gate's product)."""
+
+
+class RNNGrads(_HiddenGrads):
+    """What :func:`rnn_backward` returns (``db_ih`` equals ``db_hh``: the two biases
+    only ever appear summed)."""
+
+
+_OUTPUTS = {"lstm": LSTMOutput, "gru": GRUOutput, "rnn_tanh": RNNOutput, "rnn_relu": RNNOutput}
+_GRADS = {"lstm": LSTMGrads, "gru": GRUGrads, "rnn_tanh": RNNGrads, "rnn_relu": RNNGrads}
+AnyOutput = (LSTMOutput, GRUOutput, RNNOutput)
+
+
+def _make_output(cell: cells.Cell, y, states, training, backend, ctx):
+    if cell.name == "lstm":
+        return LSTMOutput(y, states[0], states[1], training, backend, ctx)
+    if cell.name == "gru":
+        return GRUOutput(y, states[0], training, backend, ctx)
+    return RNNOutput(y, states[0], training, backend, ctx, nonlinearity=cell.name.removeprefix("rnn_"))
+
+
+def _make_grads(cell: cells.Cell, dx, dw_ih, dw_hh, db_ih, db_hh, dstates):
+    return _GRADS[cell.name](dx, dw_ih, dw_hh, db_ih, db_hh, *dstates)
+
 
 @dataclass
 class _Context:
@@ -83,6 +189,7 @@ class _Context:
     sizes: tuple[int, int, int, int]  # T, B, I, H
     has_bias: bool
     placement: tuple[Any, bool] = (None, False)  # _arrays.cuda_placement of the forward's x
+    cell: cells.Cell = cells.LSTM
 
 
 # ----------------------------------------------------------------------------- checks
@@ -114,11 +221,14 @@ def _check_ndim(value, name: str, ndim: int, meaning: str):
         )
 
 
-def _check_pair(a, b, names: str):
-    if (a is None) != (b is None):
-        first, second = names.split(" and ")
-        given, missing = (first, second) if b is None else (second, first)
-        raise ValueError(f"{names} go together: {given} was given without {missing}")
+def _check_together(values: dict):
+    """The arrays named in ``values`` are all given or all None."""
+    given = [n for n, v in values.items() if v is not None]
+    if given and len(given) != len(values):
+        missing = [n for n in values if n not in given]
+        raise ValueError(
+            f"{' and '.join(values)} go together: {', '.join(given)} was given without {', '.join(missing)}"
+        )
 
 
 def _check_flag(value, name: str):
@@ -150,10 +260,10 @@ def _common(arrays: dict, what: str, required: tuple[str, ...]):
     return kinds[first], dtypes[first]
 
 
-def _resolve_backend(name, device: str) -> Backend:
+def _resolve_backend(name, device: str, cell="lstm") -> Backend:
     if name == "auto":
         name = "cuda" if device == "cuda" else "cpu"
-    return get_backend(name)
+    return get_backend(name, cell)
 
 
 def _check_backend_dtype(backend: Backend, dtype: np.dtype):
@@ -162,6 +272,28 @@ def _check_backend_dtype(backend: Backend, dtype: np.dtype):
             f"backend {backend.name!r} supports dtypes {', '.join(backend.compute_dtypes)}; "
             f"the inputs are {dtype.name}"
         )
+
+
+def _check_weights(cell: cells.Cell, inputs: dict, input_size: int) -> int:
+    """Checks w_ih, w_hh and the biases against ``cell``'s layout; returns H."""
+    rows = cell.rows_layout
+    _check_ndim(inputs["w_hh"], "w_hh", 2, f"[{rows}, H]")
+    gate_rows, hidden = inputs["w_hh"].shape
+    if gate_rows != cell.gates * hidden:
+        raise ValueError(
+            f"w_hh must have shape [{rows}, H] ({cell.describe_rows()}), got "
+            f"{tuple(inputs['w_hh'].shape)}: {gate_rows} rows is not {cell.gates} x {hidden}"
+        )
+    _check_ndim(inputs["w_ih"], "w_ih", 2, f"[{rows}, I]")
+    _check_shape(
+        inputs["w_ih"], "w_ih", (cell.gates * hidden, input_size),
+        f"[{rows}, I] with H from w_hh and I from x of shape {tuple(inputs['x'].shape)}",
+    )
+    for name in ("b_ih", "b_hh"):
+        if inputs[name] is not None:
+            _check_ndim(inputs[name], name, 1, f"[{rows}]")
+            _check_shape(inputs[name], name, (cell.gates * hidden,), f"[{rows}]")
+    return hidden
 
 
 # ----------------------------------------------------------------------------- forward
@@ -198,39 +330,110 @@ def lstm_forward(
     ``y``, ``h_n`` and ``c_n`` carry a ``grad_fn``; :func:`lstm_backward` on such an
     output recomputes the training forward first.
     """
+    return cell_forward(
+        cells.LSTM, x, w_ih, w_hh, b_ih, b_hh, _states(h0=h0, c0=c0),
+        batch_first=batch_first, training=training, backend=backend,
+    )
+
+
+def gru_forward(
+    x,
+    w_ih,
+    w_hh,
+    b_ih=None,
+    b_hh=None,
+    h0=None,
+    *,
+    batch_first=False,
+    training=True,
+    backend="auto",
+) -> GRUOutput:
+    """One GRU layer over a whole sequence (``torch.nn.GRU``'s cell and layouts).
+
+    Gate rows r, z, n: ``x`` [T, B, I] ([B, T, I] with ``batch_first``), ``w_ih``
+    [3H, I], ``w_hh`` [3H, H], ``b_ih`` and ``b_hh`` [3H] (both or neither), ``h0``
+    [B, H] (zeros when absent)::
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)     z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+        h' = (1 − z) ⊙ n + z ⊙ h
+
+    Backends, dtypes, devices and torch tensors as for :func:`lstm_forward`; the
+    equations are ``rnnkernels/gru_reference.py``'s.
+    """
+    return cell_forward(
+        cells.GRU, x, w_ih, w_hh, b_ih, b_hh, _states(h0=h0),
+        batch_first=batch_first, training=training, backend=backend,
+    )
+
+
+def rnn_forward(
+    x,
+    w_ih,
+    w_hh,
+    b_ih=None,
+    b_hh=None,
+    h0=None,
+    *,
+    nonlinearity="tanh",
+    batch_first=False,
+    training=True,
+    backend="auto",
+) -> RNNOutput:
+    """One Elman RNN layer over a whole sequence (``torch.nn.RNN``'s cell and layouts):
+    h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu (``nonlinearity``).
+
+    ``x`` [T, B, I] ([B, T, I] with ``batch_first``), ``w_ih`` [H, I], ``w_hh`` [H, H],
+    ``b_ih`` and ``b_hh`` [H] (both or neither), ``h0`` [B, H] (zeros when absent).
+    Backends, dtypes, devices and torch tensors as for :func:`lstm_forward`; the
+    equations are ``rnnkernels/rnn_reference.py``'s.
+    """
+    cell = cells.rnn(nonlinearity)
+    return cell_forward(
+        cell, x, w_ih, w_hh, b_ih, b_hh, _states(h0=h0),
+        batch_first=batch_first, training=training, backend=backend,
+    )
+
+
+def _states(**named):
+    """The initial states as cell_forward takes them: None when none was given, else
+    the tuple (entries may be None: cell_forward names what is missing)."""
+    return None if all(v is None for v in named.values()) else tuple(named.values())
+
+
+def cell_forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, state0=None, *, batch_first=False, training=True,
+                 backend="auto"):
+    """One layer of ``cell`` (a ``cells.Cell`` or its name) over a whole sequence: the
+    generic form of :func:`lstm_forward`, :func:`gru_forward` and :func:`rnn_forward`.
+    ``state0`` is None (zeros) or a tuple with one array per ``cell.states`` (h0, or
+    h0 and c0). Returns the cell's output (``LSTMOutput``, ``GRUOutput``,
+    ``RNNOutput``), whose ``states`` is the tuple of final states."""
+    cell = cells.get(cell)
     _check_flag(batch_first, "batch_first")
     _check_flag(training, "training")
-    inputs = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h0": h0, "c0": c0}
-    kind, dtype = _common(inputs, "the inputs x, w_ih, w_hh, b_ih, b_hh, h0, c0", ("x", "w_ih", "w_hh"))
-    _check_pair(b_ih, b_hh, "b_ih and b_hh")
-    _check_pair(h0, c0, "h0 and c0")
+    names = cell.state_inputs
+    if state0 is None:
+        state0 = (None,) * len(names)
+    if not isinstance(state0, (tuple, list)) or len(state0) != len(names):
+        raise TypeError(f"state0 must be None or a tuple ({', '.join(names)}) for the {cell.title}, got {state0!r:.80}")
+    states = dict(zip(names, state0))
+    inputs = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, **states}
+    kind, dtype = _common(inputs, f"the inputs {', '.join(inputs)}", ("x", "w_ih", "w_hh"))
+    _check_together({"b_ih": b_ih, "b_hh": b_hh})
+    _check_together(states)
 
     _check_ndim(x, "x", 3, "[B, T, I] (batch_first)" if batch_first else "[T, B, I]")
     if batch_first:
         batch, steps, input_size = x.shape
     else:
         steps, batch, input_size = x.shape
-    _check_ndim(w_hh, "w_hh", 2, "[4H, H]")
-    gate_rows, hidden = w_hh.shape
-    if gate_rows != 4 * hidden:
-        raise ValueError(
-            f"w_hh must have shape [4H, H] (gate rows i, f, g, o stacked), got "
-            f"{tuple(w_hh.shape)}: {gate_rows} rows is not 4 x {hidden}"
-        )
-    _check_ndim(w_ih, "w_ih", 2, "[4H, I]")
-    _check_shape(
-        w_ih, "w_ih", (4 * hidden, input_size), f"[4H, I] with H from w_hh and I from x of shape {tuple(x.shape)}"
-    )
-    for name in ("b_ih", "b_hh"):
-        if inputs[name] is not None:
-            _check_ndim(inputs[name], name, 1, "[4H]")
-            _check_shape(inputs[name], name, (4 * hidden,), "[4H]")
-    for name in ("h0", "c0"):
-        if inputs[name] is not None:
-            _check_ndim(inputs[name], name, 2, "[B, H]")
-            _check_shape(inputs[name], name, (batch, hidden), "[B, H]")
+    hidden = _check_weights(cell, inputs, input_size)
+    for name, value in states.items():
+        if value is not None:
+            _check_ndim(value, name, 2, "[B, H]")
+            _check_shape(value, name, (batch, hidden), "[B, H]")
 
-    impl = _resolve_backend(backend, kind.device)
+    impl = _resolve_backend(backend, kind.device, cell)
     _check_backend_dtype(impl, dtype)
     dev = impl.device
     if dev == "cpu" and kind.device == "cuda":
@@ -241,7 +444,7 @@ def lstm_forward(
     out_dtype = np.dtype(np.float64) if impl.name == "reference" else dtype
 
     if kind.library == "torch" and _torch_needs_op(inputs):
-        return _forward_with_autograd(inputs, batch_first, training, impl, out_dtype)
+        return _forward_with_autograd(cell, inputs, batch_first, training, impl, out_dtype)
 
     xp = np if dev == "cpu" else _arrays.import_cupy()
 
@@ -255,40 +458,36 @@ def lstm_forward(
         w_ih_b, w_hh_b = _arrays.to_backend(w_ih, dev), _arrays.to_backend(w_hh, dev)
         bias = None
         if b_ih is not None:
-            # Summed in the precision the backend computes in: float64 for the
-            # reference, which promises float64 math, and float32 at least (float16
+            # Folded (cells.py) in the precision the backend computes in: float64 for
+            # the reference, which promises float64 math, and float32 at least (float16
             # problems do float32 math: a float16 sum would round the bias first).
             bias_dtype = np.result_type(out_dtype, np.float32)
-            bias = _arrays.to_backend(b_ih, dev).astype(bias_dtype, copy=False) + _arrays.to_backend(
-                b_hh, dev
-            ).astype(bias_dtype, copy=False)
-        if h0 is None:
-            h0_b = xp.zeros((batch, hidden), dtype)
-            c0_b = xp.zeros((batch, hidden), dtype)
+            bias = cell.fold_bias(
+                _arrays.to_backend(b_ih, dev).astype(bias_dtype, copy=False),
+                _arrays.to_backend(b_hh, dev).astype(bias_dtype, copy=False),
+                xp,
+            )
+        if state0[0] is None:
+            state0_b = tuple(xp.zeros((batch, hidden), dtype) for _ in names)
         else:
-            h0_b, c0_b = _arrays.to_backend(h0, dev), _arrays.to_backend(c0, dev)
+            state0_b = tuple(_arrays.to_backend(s, dev) for s in state0)
 
         if steps == 0 or batch == 0:
             y = xp.zeros((steps, batch, hidden), out_dtype)
-            h_n, c_n, saved = h0_b.astype(out_dtype), c0_b.astype(out_dtype), None
+            state_n, saved = tuple(s.astype(out_dtype) for s in state0_b), None
         else:
-            y, h_n, c_n, saved = impl.forward(x_b, w_ih_b, w_hh_b, bias, h0_b, c0_b, training)
+            y, *state_n, saved = impl.forward(x_b, w_ih_b, w_hh_b, bias, *state0_b, training)
         if batch_first:
             y = xp.ascontiguousarray(y.transpose(1, 0, 2))
 
         ctx = None
         if training:
             ctx = _Context(
-                impl, saved, kind, dtype, batch_first, (steps, batch, input_size, hidden), bias is not None, placement
+                impl, saved, kind, dtype, batch_first, (steps, batch, input_size, hidden), bias is not None, placement,
+                cell,
             )
-        return LSTMOutput(
-            y=_arrays.from_backend(y, kind),
-            h_n=_arrays.from_backend(h_n, kind),
-            c_n=_arrays.from_backend(c_n, kind),
-            training=training,
-            backend=impl.name,
-            _ctx=ctx,
-        )
+        to_user = lambda a: _arrays.from_backend(a, kind)  # noqa: E731
+        return _make_output(cell, to_user(y), tuple(map(to_user, state_n)), training, impl.name, ctx)
 
 
 def _torch_needs_op(inputs: dict) -> bool:
@@ -306,22 +505,24 @@ def _torch_needs_op(inputs: dict) -> bool:
 @dataclass
 class _Recompute:
     """The context of an output made through autograd (torch inputs that require
-    grad): the inputs, detached, and how to run the forward again. ``lstm_backward``
-    recomputes the training forward from them, as the custom op's own backward does,
-    so that such an output costs nothing extra unless ``lstm_backward`` is called."""
+    grad): the inputs, detached, and how to run the forward again. The backward
+    functions recompute the training forward from them, as the custom op's own backward
+    does, so that such an output costs nothing extra unless a backward is called."""
 
+    cell: cells.Cell
     inputs: dict
     batch_first: bool
     backend: str
 
 
-def _forward_with_autograd(inputs: dict, batch_first: bool, training: bool, impl: Backend, out_dtype):
-    """Torch tensors that require grad: run through ``rnnkernels::lstm_layer``, the
-    custom op behind ``rnnkernels.torch.LSTM``, so that ``y``, ``h_n`` and ``c_n``
-    carry a ``grad_fn`` and ``loss.backward()`` (or torch.func) reaches the inputs."""
+def _forward_with_autograd(cell: cells.Cell, inputs: dict, batch_first: bool, training: bool, impl: Backend,
+                           out_dtype):
+    """Torch tensors that require grad: run through ``rnnkernels.torch``'s custom op
+    for the cell, so that the outputs carry a ``grad_fn`` and ``loss.backward()`` (or
+    torch.func) reaches the inputs."""
     import torch
 
-    from .torch._ops import lstm_layer_autograd
+    from .torch import _ops
 
     # The op returns its input dtype; the reference promises float64 math and output,
     # so it gets float64 inputs (autograd casts the gradients back).
@@ -329,19 +530,29 @@ def _forward_with_autograd(inputs: dict, batch_first: bool, training: bool, impl
     args = {k: None if v is None else v.to(target) for k, v in inputs.items()}
     x_t = args["x"].transpose(0, 1) if batch_first else args["x"]
     batch, hidden = x_t.shape[1], args["w_hh"].shape[1]
-    h0, c0 = args["h0"], args["c0"]
-    if h0 is None:
-        h0 = c0 = x_t.new_zeros((batch, hidden))
-    y, h_n, c_n = lstm_layer_autograd(
-        x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], h0, c0, None, False, impl.name
-    )
+    state0 = tuple(args[n] for n in cell.state_inputs)
+    if state0[0] is None:
+        state0 = tuple(x_t.new_zeros((batch, hidden)) for _ in state0)
+    if cell.name == "lstm":
+        y, *state_n = _ops.lstm_layer_autograd(
+            x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], *state0, None, False, impl.name
+        )
+    elif hasattr(_ops, "cell_layer_autograd"):
+        y, *state_n = _ops.cell_layer_autograd(
+            cell.name, x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], state0, None, False, impl.name
+        )
+    else:
+        raise NotImplementedError(
+            f"the {cell.title} does not run on torch tensors that require grad yet; detach them, or use "
+            "NumPy/CuPy arrays and the backward function"
+        )
     if batch_first:
         y = y.transpose(0, 1).contiguous()
     ctx = None
     if training:
         detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
-        ctx = _Recompute(detached, batch_first, impl.name)
-    return LSTMOutput(y=y, h_n=h_n, c_n=c_n, training=training, backend=impl.name, _ctx=ctx)
+        ctx = _Recompute(cell, detached, batch_first, impl.name)
+    return _make_output(cell, y, tuple(state_n), training, impl.name, ctx)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -354,21 +565,62 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
     one means zero. They share the forward's device and its input or output dtype.
     Returns an :class:`LSTMGrads` of arrays of the kind the forward was given.
     """
-    if not isinstance(out, LSTMOutput):
-        raise TypeError(f"out must be the LSTMOutput that lstm_forward returned, got {type(out).__name__}")
+    _check_output(out, LSTMOutput, "lstm_forward")
+    return cell_backward(out, dy, (dh_n, dc_n), return_step_norms=return_step_norms)
+
+
+def gru_backward(out: GRUOutput, dy=None, dh_n=None, *, return_step_norms=False) -> GRUGrads:
+    """Backpropagation through time for an output of :func:`gru_forward`: ``dy`` shaped
+    like ``out.y``, ``dh_n`` like ``out.h_n`` (missing: zero). Returns a
+    :class:`GRUGrads` of arrays of the kind the forward was given."""
+    _check_output(out, GRUOutput, "gru_forward")
+    return cell_backward(out, dy, (dh_n,), return_step_norms=return_step_norms)
+
+
+def rnn_backward(out: RNNOutput, dy=None, dh_n=None, *, return_step_norms=False) -> RNNGrads:
+    """Backpropagation through time for an output of :func:`rnn_forward`: ``dy`` shaped
+    like ``out.y``, ``dh_n`` like ``out.h_n`` (missing: zero). Returns an
+    :class:`RNNGrads` of arrays of the kind the forward was given."""
+    _check_output(out, RNNOutput, "rnn_forward")
+    return cell_backward(out, dy, (dh_n,), return_step_norms=return_step_norms)
+
+
+def _check_output(out, expected: type, made_by: str):
+    if not isinstance(out, expected):
+        raise TypeError(f"out must be the {expected.__name__} that {made_by} returned, got {type(out).__name__}")
+
+
+def cell_backward(out, dy=None, dstates=None, *, return_step_norms=False):
+    """Backpropagation through time for an output of :func:`cell_forward` (or of the
+    public forwards): the generic form of the backward functions. ``dstates`` is None
+    or a tuple like ``out.states`` whose entries may be None (zero)."""
+    if not isinstance(out, AnyOutput):
+        raise TypeError(f"out must be the output of a forward function (LSTMOutput, GRUOutput, RNNOutput), got "
+                        f"{type(out).__name__}")
     _check_flag(return_step_norms, "return_step_norms")
+    cell = out.cell
+    forward_name = {"lstm": "lstm_forward", "gru": "gru_forward"}.get(cell.name, "rnn_forward")
     if not out.training or out._ctx is None:
         raise ValueError(
-            "lstm_backward needs an output made with lstm_forward(..., training=True); "
-            "this one was made with training=False, so nothing was saved for backward"
+            f"{forward_name.replace('forward', 'backward')} needs an output made with {forward_name}(..., "
+            "training=True); this one was made with training=False, so nothing was saved for backward"
         )
+    names = cell.state_outputs
+    if dstates is None:
+        dstates = (None,) * len(names)
+    if not isinstance(dstates, (tuple, list)) or len(dstates) != len(names):
+        raise TypeError(f"dstates must be None or a tuple ({', '.join('d' + n for n in names)}), got {dstates!r:.80}")
     ctx = out._ctx
     if isinstance(ctx, _Recompute):
-        ctx = lstm_forward(**ctx.inputs, batch_first=ctx.batch_first, training=True, backend=ctx.backend)._ctx
+        state0 = tuple(ctx.inputs[n] for n in cell.state_inputs)
+        ctx = cell_forward(
+            cell, ctx.inputs["x"], ctx.inputs["w_ih"], ctx.inputs["w_hh"], ctx.inputs["b_ih"], ctx.inputs["b_hh"],
+            None if state0[0] is None else state0, batch_first=ctx.batch_first, training=True, backend=ctx.backend,
+        )._ctx
         if isinstance(ctx, _Recompute):
             raise ValueError(
-                "lstm_backward cannot run on tensors inside torch.func transforms (vmap, grad); "
-                "differentiate lstm_forward's outputs with torch.func.grad or torch.func.vjp instead"
+                f"{forward_name.replace('forward', 'backward')} cannot run on tensors inside torch.func transforms "
+                f"(vmap, grad); differentiate {forward_name}'s outputs with torch.func.grad or torch.func.vjp instead"
             )
     steps, batch, input_size, hidden = ctx.sizes
     impl = ctx.backend
@@ -380,7 +632,8 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
     # The forward's GPU and, for torch tensors, torch's current stream now.
     with _arrays.cuda_scope(*ctx.placement):
         y_shape = (batch, steps, hidden) if ctx.batch_first else (steps, batch, hidden)
-        upstream = {"dy": (dy, y_shape, "like out.y"), "dh_n": (dh_n, (batch, hidden), "[B, H]"), "dc_n": (dc_n, (batch, hidden), "[B, H]")}
+        upstream = {"dy": (dy, y_shape, "like out.y")}
+        upstream.update({"d" + n: (v, (batch, hidden), "[B, H]") for n, v in zip(names, dstates)})
         converted = {}
         for name, (value, shape, meaning) in upstream.items():
             if value is None:
@@ -399,35 +652,35 @@ def lstm_backward(out: LSTMOutput, dy=None, dh_n=None, dc_n=None, *, return_step
             if name == "dy" and ctx.batch_first:
                 arr = xp.ascontiguousarray(arr.transpose(1, 0, 2))
             converted[name] = arr
+        dstates_b = [converted["d" + n] for n in names]
 
         if steps == 0 or batch == 0:
             dx = xp.zeros((steps, batch, input_size), out_dtype)
-            dw_ih = xp.zeros((4 * hidden, input_size), out_dtype)
-            dw_hh = xp.zeros((4 * hidden, hidden), out_dtype)
-            db = xp.zeros(4 * hidden, out_dtype) if ctx.has_bias else None
-            dh0, dc0 = converted["dh_n"].copy(), converted["dc_n"].copy()  # never the caller's arrays
-            norms = (np.zeros(steps), np.zeros(steps))
+            dw_ih = xp.zeros((cell.gates * hidden, input_size), out_dtype)
+            dw_hh = xp.zeros((cell.gates * hidden, hidden), out_dtype)
+            db = xp.zeros(cell.bias_rows * hidden, out_dtype) if ctx.has_bias else None
+            dstate0 = [d.copy() for d in dstates_b]  # never the caller's arrays
+            norms = [np.zeros(steps) for _ in names]
         else:
-            args = (ctx.saved, converted["dy"], converted["dh_n"], converted["dc_n"])
-            if return_step_norms:
-                dx, dw_ih, dw_hh, db, dh0, dc0, *norms = impl.backward(*args, return_step_norms=True)
-            else:
-                dx, dw_ih, dw_hh, db, dh0, dc0 = impl.backward(*args)
+            args = (ctx.saved, converted["dy"], *dstates_b)
+            results = impl.backward(*args, return_step_norms=True) if return_step_norms else impl.backward(*args)
+            dx, dw_ih, dw_hh, db = results[:4]
+            dstate0 = results[4 : 4 + len(names)]
+            norms = results[4 + len(names) :]
         if ctx.batch_first:
             dx = xp.ascontiguousarray(dx.transpose(1, 0, 2))
 
-        to_user = lambda a: _arrays.from_backend(a, ctx.kind)  # noqa: E731
-        grads = LSTMGrads(
-            dx=to_user(dx),
-            dw_ih=to_user(dw_ih),
-            dw_hh=to_user(dw_hh),
-            db_ih=to_user(db),
-            db_hh=None if db is None else to_user(db.copy()),
-            dh0=to_user(dh0),
-            dc0=to_user(dc0),
+        to_user = lambda a: None if a is None else _arrays.from_backend(a, ctx.kind)  # noqa: E731
+        db_ih, db_hh = (None, None) if db is None else cell.unfold_grad(db, xp)
+        grads = _make_grads(
+            cell, to_user(dx), to_user(dw_ih), to_user(dw_hh), to_user(db_ih), to_user(db_hh), map(to_user, dstate0)
         )
         if return_step_norms:
-            grads.dh_norms, grads.dc_norms = (np.asarray(_to_host(n), dtype=np.float64) for n in norms)
+            host = [np.asarray(_to_host(n), dtype=np.float64) for n in norms]
+            if cell.name == "lstm":
+                grads.dh_norms, grads.dc_norms = host
+            else:
+                (grads.dh_norms,) = host
         return grads
 
 

@@ -3,22 +3,30 @@
 The API validates every argument, moves arrays to the backend's memory, makes the
 layout time-major and C-contiguous, fills in zeros for a missing state or gradient,
 and handles the empty shapes (T == 0 or B == 0) itself. A backend therefore sees only
-well-formed, non-empty problems and implements two functions:
+well-formed, non-empty problems.
 
-``forward(x, w_ih, w_hh, bias, h0, c0, training) -> (y, h_n, c_n, saved)``
+One Backend implements one cell (``rnnkernels/cells.py`` maps each (cell, backend name)
+to its Backend). With ``states`` the cell's states, (h, c) for the LSTM and (h,) for the
+GRU and the Elman RNN, a backend implements two functions:
+
+``forward(x, w_ih, w_hh, bias, *state0, training) -> (y, *state_n, saved)``
     x     [T, B, I]   time-major, C-contiguous, T >= 1, B >= 1
-    w_ih  [4H, I]     rows in gate order i, f, g, o (torch.nn.LSTM's layout)
-    w_hh  [4H, H]
-    bias  [4H] or None: b_ih + b_hh, already summed by the API, in float32 at least
-                      (float16 problems: a float32 bias; the only exception to the
-                      one-dtype rule below)
-    h0,c0 [B, H]      never None
-    y [T, B, H]; h_n, c_n [B, H]; ``saved`` is whatever backward needs (opaque to
-    the API), or None when ``training`` is False.
+    w_ih  [G·H, I]    G gate row blocks in torch.nn's order (LSTM i, f, g, o; GRU
+                      r, z, n; Elman RNN one block)
+    w_hh  [G·H, H]
+    bias  the FOLDED bias (cells.py): LSTM [4H] = b_ih + b_hh; Elman [H] = b_ih + b_hh;
+          GRU [4H] = [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]; or None without biases.
+          Folded by the API in float32 at least (float16 problems: a float32 bias;
+          the only exception to the one-dtype rule below)
+    state0  one [B, H] array per state (h0, c0 for the LSTM), never None
+    y [T, B, H]; each final state [B, H]; ``saved`` is whatever backward needs (opaque
+    to the API), or None when ``training`` is False.
 
-``backward(saved, dy, dh_n, dc_n) -> (dx, dw_ih, dw_hh, db, dh0, dc0)``
-    dy [T, B, H], dh_n and dc_n [B, H], never None. ``db`` is the gradient of the
-    summed bias (it equals both db_ih and db_hh), None when forward had no bias.
+``backward(saved, dy, *dstate_n, return_step_norms=False) -> (dx, dw_ih, dw_hh, db, *dstate0)``
+    dy [T, B, H] and one [B, H] upstream gradient per state, never None. ``db`` is the
+    gradient of the folded bias, in its layout (the API unfolds it into db_ih and db_hh),
+    None when forward had no bias. With ``return_step_norms=True`` one [T] float64 array
+    per state follows: ``‖∂L/∂h_t‖`` (and ``‖∂L/∂c_t‖`` for the LSTM) over batch and units.
 
 Optionally (``saved_arrays``, a :class:`SavedArrays`), a backend describes ``saved``
 as a fixed list of arrays beyond forward's own inputs, so that callers that can only
@@ -61,8 +69,8 @@ class Backend:
     name: str
     device: str  # "cpu" (NumPy arrays) or "cuda" (CuPy arrays)
     compute_dtypes: tuple[str, ...]  # input dtypes it accepts, e.g. ("float32",)
-    forward: Callable[..., tuple[Any, Any, Any, Any]]
-    backward: Callable[..., tuple[Any, Any, Any, Any, Any, Any]]
+    forward: Callable[..., tuple]
+    backward: Callable[..., tuple]
     # Called before use; raises a clear RuntimeError saying what to install when the
     # backend cannot run here (no CuPy, no GPU, no C++ compiler).
     check_available: Callable[[], None] = lambda: None

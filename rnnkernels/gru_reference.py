@@ -147,3 +147,43 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
     db_hh = flat_dgh.sum(axis=0) if saved.has_b_hh else None
     grads = (dx, dw_ih, dw_hh, db_ih, db_hh, carry)
     return grads + (dh_norms,) if return_step_norms else grads
+
+
+# ----------------------------------------------------------------------------- backend
+#
+# The reference as a backend of the generic API (rnnkernels/_backend.py): the API hands
+# backends one FOLDED bias [4H] = [b_ir + b_hr, b_iz + b_hz, b_in, b_hn] (cells.py says
+# why) and takes its gradient back in that layout. Unfolded here as b_ih = bias[:3H] and
+# b_hh = [0, 0, b_hn], which computes the same cell.
+
+
+def _backend_forward(x, w_ih, w_hh, bias, h0, training=True):
+    b_ih = b_hh = None
+    if bias is not None:
+        hidden = w_hh.shape[1]
+        bias = np.asarray(bias, dtype=np.float64)
+        b_ih = bias[: 3 * hidden]
+        b_hh = np.concatenate([np.zeros(2 * hidden), bias[3 * hidden :]])
+    return forward(x, w_ih, w_hh, b_ih, b_hh, h0, training=training)
+
+
+def _backend_backward(saved: Saved, dy, dh_n, return_step_norms=False):
+    dx, dw_ih, dw_hh, db_ih, db_hh, dh0, *norms = backward(saved, dy, dh_n, return_step_norms)
+    hidden = saved.w_hh.shape[1]
+    db = None if db_ih is None else np.concatenate([db_ih, db_hh[2 * hidden :]])
+    return (dx, dw_ih, dw_hh, db, dh0, *norms)
+
+
+def _make_backend():
+    from ._backend import Backend
+
+    return Backend(
+        name="reference",
+        device="cpu",
+        compute_dtypes=("float16", "float32", "float64"),
+        forward=_backend_forward,
+        backward=_backend_backward,
+    )
+
+
+BACKEND = _make_backend()

@@ -125,3 +125,33 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
     db = flat_da.sum(axis=0)
     grads = (dx, dw_ih, dw_hh, db if saved.has_b_ih else None, db.copy() if saved.has_b_hh else None, dh_next)
     return grads + (dh_norms,) if return_step_norms else grads
+
+
+# ----------------------------------------------------------------------------- backends
+#
+# The reference as backends of the generic API (rnnkernels/_backend.py), one per
+# nonlinearity (the cells "rnn_tanh" and "rnn_relu", as cuDNN's RNN_TANH / RNN_RELU
+# modes): the API hands them the folded bias b_ih + b_hh and takes db back.
+
+
+def _make_backend(nonlinearity: str):
+    from ._backend import Backend
+
+    def backend_forward(x, w_ih, w_hh, bias, h0, training=True):
+        return forward(x, w_ih, w_hh, bias, None, h0, nonlinearity=nonlinearity, training=training)
+
+    def backend_backward(saved: Saved, dy, dh_n, return_step_norms=False):
+        dx, dw_ih, dw_hh, db, _, dh0, *norms = backward(saved, dy, dh_n, return_step_norms)
+        return (dx, dw_ih, dw_hh, db, dh0, *norms)
+
+    return Backend(
+        name="reference",
+        device="cpu",
+        compute_dtypes=("float16", "float32", "float64"),
+        forward=backend_forward,
+        backward=backend_backward,
+    )
+
+
+TANH_BACKEND = _make_backend("tanh")
+RELU_BACKEND = _make_backend("relu")
