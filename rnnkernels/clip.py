@@ -38,15 +38,16 @@ from typing import Any
 import numpy as np
 
 from . import _arrays
-from ._api import LSTMGrads
+from ._api import LSTMGrads, _HiddenGrads
 from .modules import LSTMModuleGrads
 
 __all__ = ["clip_grad_norm", "global_grad_norm", "LSTM_PARAMETER_FIELDS"]
 
 LSTM_PARAMETER_FIELDS = ("dw_ih", "dw_hh", "db_ih", "db_hh")
-"""The fields of an :class:`~rnnkernels.LSTMGrads` that are parameter gradients, the
-ones clipped. dx, dh0 and dc0 are gradients for whatever produced the input and the
-initial state; pass them in a dict to include them."""
+"""The fields of an :class:`~rnnkernels.LSTMGrads` (or ``GRUGrads``, ``RNNGrads``: the
+same names) that are parameter gradients, the ones clipped. dx, dh0 and dc0 are
+gradients for whatever produced the input and the initial state; pass them in a dict to
+include them."""
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -56,7 +57,7 @@ def _collect(grads, prefix: str, out: list) -> None:
     """Flatten ``grads`` into ``out`` as (name, array) pairs; None entries are skipped."""
     if grads is None:
         return
-    if isinstance(grads, LSTMGrads):
+    if isinstance(grads, (LSTMGrads, _HiddenGrads)):  # any cell's layer gradients
         for field in LSTM_PARAMETER_FIELDS:
             _collect(getattr(grads, field), f"{prefix}.{field}", out)
         return
@@ -72,7 +73,8 @@ def _collect(grads, prefix: str, out: list) -> None:
         return
     if isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
         raise TypeError(
-            f"{prefix} must be an array (NumPy, CuPy, torch), an LSTMGrads, an LSTMModuleGrads, or a dict or "
+            f"{prefix} must be an array (NumPy, CuPy, torch), an LSTMGrads (GRUGrads, RNNGrads), an LSTMModuleGrads, "
+            "or a dict or "
             f"iterable of those; got {type(grads).__name__}"
         )
     for index, value in enumerate(grads):
@@ -242,8 +244,8 @@ def clip_grad_norm(grads, max_norm, *, eps=1e-6, error_if_nonfinite=True) -> flo
     """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``; return
     the global norm before clipping, as a Python float.
 
-    ``grads``: an :class:`~rnnkernels.LSTMGrads` (its parameter gradients dw_ih, dw_hh,
-    db_ih, db_hh; see :data:`LSTM_PARAMETER_FIELDS`), what ``rnnkernels.LSTM.backward``
+    ``grads``: an :class:`~rnnkernels.LSTMGrads`, ``GRUGrads`` or ``RNNGrads`` (their
+    parameter gradients dw_ih, dw_hh, db_ih, db_hh; see :data:`LSTM_PARAMETER_FIELDS`), what ``rnnkernels.LSTM.backward``
     returns (its ``params``), one array, or a dict or iterable of arrays and those,
     nested as you like. None entries are skipped; an array
     listed twice counts once. Arrays are NumPy, CuPy or torch tensors.

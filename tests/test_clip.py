@@ -74,6 +74,23 @@ def test_lstm_grads_clip_parameter_gradients_only():
     assert clip_grad_norm([grads, second], 1e9) == pytest.approx(combined, rel=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_gru_and_rnn_grads_clip_parameter_gradients_only(cell):
+    rng = np.random.default_rng(2)
+    gates = 3 if cell == "gru" else 1
+    x = rng.standard_normal((5, 3, 4))
+    w_ih, w_hh = rng.standard_normal((gates * 6, 4)), rng.standard_normal((gates * 6, 6)) * 0.3
+    b_ih, b_hh = rng.standard_normal(gates * 6), rng.standard_normal(gates * 6)
+    forward = rnnkernels.gru_forward if cell == "gru" else rnnkernels.rnn_forward
+    backward = rnnkernels.gru_backward if cell == "gru" else rnnkernels.rnn_backward
+    grads = backward(forward(x, w_ih, w_hh, b_ih, b_hh, backend="reference"), dy=np.ones((5, 3, 6)) * 10)
+    expected = _flat_norm(getattr(grads, f).copy() for f in LSTM_PARAMETER_FIELDS)
+    dx_before = grads.dx.copy()
+    assert clip_grad_norm(grads, max_norm=0.5) == pytest.approx(expected, rel=1e-12)
+    assert _flat_norm(getattr(grads, f) for f in LSTM_PARAMETER_FIELDS) == pytest.approx(0.5, rel=1e-5)
+    np.testing.assert_array_equal(grads.dx, dx_before)
+
+
 def test_low_precision_squares_do_not_overflow():
     half = np.full(100, 300.0, np.float16)  # 300² = 9e4 overflows float16 (max 65504)
     assert global_grad_norm([half]) == pytest.approx(3000.0, rel=1e-6)
