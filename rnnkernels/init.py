@@ -575,7 +575,7 @@ def cell_parameters(
     name = getattr(cell, "name", cell)
     if name not in CELL_SCHEMES:
         raise ValueError(f"cell must be one of {', '.join(CELL_SCHEMES)}, got {cell!r}")
-    common = dict(recurrent_gain=recurrent_gain, rng=rng, dtype=dtype, like=like, xp=xp)
+    common = {"recurrent_gain": recurrent_gain, "rng": rng, "dtype": dtype, "like": like, "xp": xp}
     if name == "lstm":
         return lstm_parameters(input_size, hidden_size, scheme, forget_bias=gate_bias, **common)
     if name == "gru":
