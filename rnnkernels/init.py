@@ -363,7 +363,7 @@ def update_bias(b, value=1.0):
 def chrono_bias(b, max_steps, cell="lstm", *, rng=None):
     """Chrono initialization of one bias vector, in place (NumPy, CuPy or torch);
     returns ``b``. Tallec & Ollivier (2018), "Can Recurrent Neural Networks Warp
-    Time?", ICLR, section 4: a gate that keeps σ(β) of the state per step remembers
+    Time?", ICLR ("chrono initialization"): a gate that keeps σ(β) of the state per step remembers
     for about 1 + e^β steps, so draw β = log(u), u ~ U[1, max_steps − 1], per unit:
     memory time scales spread over [2, max_steps], for dependencies up to
     ``max_steps`` long.
@@ -419,8 +419,9 @@ CELL_SCHEMES = {
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 IRNN_INPUT_STD = 0.001
-"""σ of the IRNN's input weights: Le et al. (2015) draw the non-recurrent weights from
-N(0, 0.001²) (as Keras's ``mnist_irnn`` example, which reproduces the paper, does too)."""
+"""σ of the IRNN's input weights: N(0, 0.001²), as in Le et al. (2015)'s toy-problem
+experiments and Keras's ``mnist_irnn`` example, which reproduces the paper's pixel-MNIST
+run (a small input scale: the identity carries the state, the inputs nudge it)."""
 
 _MATRIX_INIT = {
     "xavier_uniform": xavier_uniform,
