@@ -288,3 +288,17 @@ def test_gradient_flow_run_does_not_depend_on_the_others():
     alone = gradient_flow.run_report(steps=6, batch=1, input_size=2, hidden=3, backend="reference", runs=runs[-1:])
     both = gradient_flow.run_report(steps=6, batch=1, input_size=2, hidden=3, backend="reference", runs=runs[-2:])
     assert alone["runs"][0]["dh_norms"] == both["runs"][1]["dh_norms"]
+
+
+def test_readme_table_is_the_saved_report():
+    """The README's gradient-flow table lists the saved report's ratios, run by run
+    (regenerate both with `rnnkernels-bench gradient-flow --json
+    benchmarks/results/gradient-flow.json --plot benchmarks/results/gradient-flow.png`)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    data = json.loads((repo / "benchmarks/results/gradient-flow.json").read_text(encoding="utf-8"))
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| network and initialization |"):].split("\n\n", 1)[0]
+    shown = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()[2:]]
+    assert shown == [f"{run['ratio']:.1e}" for run in data["runs"]]
