@@ -924,6 +924,10 @@ def test_recurrent_flops_scale_with_the_gate_count():
             assert flops.sequential_steps(model, mode, T) == flops.sequential_steps("lstm", mode, T)
     assert flops.flops("gru", "training", T, B, H) * 4 == flops.flops("lstm", "training", T, B, H) * 3
     assert flops.recurrent_flops("forward", T, B, H, I=7, gates=1) == 2 * T * B * H * (7 + H)
+    from rnnkernels import cells
+
+    for model, name in impls.CELLS.items():  # the bench's table agrees with the registry
+        assert flops.GATES[model] == cells.get(name).gates
 
 
 def test_inputs_of_each_cell_and_the_lstm_ones_unchanged():

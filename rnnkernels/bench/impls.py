@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import cells
 from . import attention as attn
 from .flops import GATES, MODELS, MODES, RECURRENT
 
@@ -224,8 +225,8 @@ def _rnnkernels():
 CELLS = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}
 """The ``rnnkernels.cells`` name of each recurrent model (the bench's "rnn" is the tanh
 Elman RNN, torch.nn.RNN's default)."""
-STATES = {"lstm": ("h0", "c0"), "gru": ("h0",), "rnn": ("h0",)}
-"""Initial states of each model, in the cell's order."""
+STATES = {model: cells.get(name).state_inputs for model, name in CELLS.items()}
+"""Initial states of each model, in the cell's order: ("h0", "c0") or ("h0",)."""
 TORCH_MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 
