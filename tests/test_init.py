@@ -377,6 +377,14 @@ def test_cell_parameters_match_the_cell_functions_and_check_the_cell():
         generic = init.cell_parameters(cell, 3, 4, "orthogonal", gate_bias=gate_bias, rng=5)
         for name, value in own(rng=5).items():
             np.testing.assert_array_equal(generic[name], value)
+    from rnnkernels import cells
+
+    for name, cell in cells.CELLS.items():  # a registry Cell stands for its name
+        by_cell = init.cell_parameters(cell, 3, 4, "orthogonal", rng=5)
+        for key, value in init.cell_parameters(name, 3, 4, "orthogonal", rng=5).items():
+            np.testing.assert_array_equal(by_cell[key], value)
+        assert by_cell["w_hh"].shape == (cell.gates * 4, 4)
+    assert set(init.CELL_SCHEMES) == set(cells.CELLS)
     with pytest.raises(ValueError, match="gate_bias"):
         init.cell_parameters("rnn_relu", 3, 4, gate_bias=1.0)
     with pytest.raises(ValueError, match="cell must be one of"):
