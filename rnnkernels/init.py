@@ -11,14 +11,17 @@ CuPy and PyTorch. Where the array goes::
 
 Shapes follow ``torch.nn``: a weight matrix is [fan_out, fan_in] (rows produce outputs,
 columns read inputs); beyond two dimensions the trailing ones count as a receptive
-field in both fans. An LSTM in this package uses torch's layout and gate order::
+field in both fans. The three cells use torch.nn's layouts and gate orders::
 
-    w_ih [4H, I]   w_hh [4H, H]   b_ih, b_hh [4H]    row blocks i (0:H), f (H:2H),
-                                                       g (2H:3H), o (3H:4H)
+    LSTM  w_ih [4H, I]  w_hh [4H, H]  b_ih, b_hh [4H]   row blocks i, f, g, o
+    GRU   w_ih [3H, I]  w_hh [3H, H]  b_ih, b_hh [3H]   row blocks r, z, n
+    RNN   w_ih [H, I]   w_hh [H, H]   b_ih, b_hh [H]    one block (tanh or relu)
 
-The two biases are only ever used summed, so a forget-gate bias belongs in one of them:
-:func:`forget_bias` sets one vector, and :func:`lstm_parameters` puts it in ``b_ih``
-and zeroes the forget block of ``b_hh``.
+(block k is rows kH:(k+1)H). A gate's two biases are only ever used summed (the LSTM's
+four, the GRU's r and z, the RNN's one; only the GRU's b_in and b_hn stay apart), so a
+gate bias belongs in one of them: :func:`forget_bias` and :func:`update_bias` set one
+vector, and :func:`lstm_parameters` / :func:`gru_parameters` put it in ``b_ih`` and
+zero that block of ``b_hh``. :func:`cell_parameters` gives any cell by name.
 
 Variances, with n_in, n_out the fans::
 
@@ -28,7 +31,8 @@ Variances, with n_in, n_out the fans::
     kaiming_normal   N(0, gain²/n)
     lecun_normal     N(0, gain²/n_in)
     orthogonal       gain · Q with QᵀQ = I (or QQᵀ = I when wide), per row block if asked
-    pytorch_default  U(±1/√H) for every LSTM/RNN weight and bias    Var = 1/(3H)
+    identity         gain · I per row block (IRNN, Le et al. 2015)
+    pytorch_default  U(±1/√H) for every LSTM/GRU/RNN weight and bias    Var = 1/(3H)
 """
 
 from __future__ import annotations
@@ -48,12 +52,18 @@ __all__ = [
     "kaiming_normal",
     "lecun_normal",
     "orthogonal",
+    "identity",
     "pytorch_default",
     "recommended_gain",
     "forget_bias",
+    "update_bias",
+    "chrono_bias",
     "lstm_parameters",
+    "gru_parameters",
     "rnn_parameters",
+    "cell_parameters",
     "SCHEMES",
+    "CELL_SCHEMES",
 ]
 
 
@@ -248,6 +258,28 @@ def orthogonal(shape, gain=1.0, blocks=1, *, rng=None, dtype=None, like=None, xp
     return _deliver(gain * values.reshape(shape), dtype, like, xp)
 
 
+def identity(shape, gain=1.0, blocks=1, *, dtype=None, like=None, xp=None):
+    """gain·I in every one of ``blocks`` equal row blocks of a 2-D ``shape`` (a
+    rectangular block gets ones on its main diagonal, as ``numpy.eye``). No draw: it
+    takes no ``rng``.
+
+    Le, Jaitly & Hinton (2015), "A Simple Way to Initialize Recurrent Networks of
+    Rectified Linear Units", arXiv:1504.00941: a ReLU RNN whose W_hh starts as the
+    identity (zero biases) copies its state forward unchanged while the inputs are
+    quiet, so neither the state nor the backpropagated gradient shrinks or grows at the
+    start (the "IRNN"); a scaled identity (gain < 1; 0.01 in their speech experiments,
+    the "iRNN") forgets on purpose. :func:`rnn_parameters` ``scheme="irnn"`` is the whole
+    recipe."""
+    shape = _shape(shape)
+    if len(shape) != 2:
+        raise ValueError(f"identity needs a 2-D shape [rows, cols], got {shape}")
+    gain = _check_gain(gain)
+    if not isinstance(blocks, (int, np.integer)) or blocks < 1 or shape[0] % blocks:
+        raise ValueError(f"blocks must be a positive int dividing the {shape[0]} rows, got {blocks!r}")
+    block = np.eye(shape[0] // blocks, shape[1])
+    return _deliver(gain * np.concatenate([block] * blocks), dtype, like, xp)
+
+
 def pytorch_default(shape, hidden_size, *, rng=None, dtype=None, like=None, xp=None):
     """U(±1/√H) with H = ``hidden_size``, for weights and biases alike: variance 1/(3H).
 
@@ -259,6 +291,30 @@ def pytorch_default(shape, hidden_size, *, rng=None, dtype=None, like=None, xp=N
         raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
     bound = 1.0 / math.sqrt(hidden_size)
     return _deliver(_rng(rng).uniform(-bound, bound, shape), dtype, like, xp)
+
+
+def _gate_block(b, gates: int, block: int, what: str, layout: str) -> tuple[int, int]:
+    """(start, stop) of gate ``block`` in one bias vector ``b`` of ``gates`` blocks."""
+    shape = tuple(getattr(b, "shape", ()))
+    if len(shape) != 1 or shape[0] % gates or shape[0] == 0:
+        raise ValueError(f"{what} needs one {layout} bias vector of shape [{gates}H], got shape {shape}")
+    hidden = shape[0] // gates
+    return block * hidden, (block + 1) * hidden
+
+
+def _write(b, start: int, stop: int, values) -> None:
+    """b[start:stop] = values, in place, for NumPy, CuPy and torch (a Parameter too)."""
+    if _arrays._is_torch_tensor(b):
+        torch = sys.modules["torch"]
+        with torch.no_grad():
+            if np.ndim(values) == 0:
+                b[start:stop].fill_(float(values))
+            else:
+                b[start:stop].copy_(torch.from_numpy(np.asarray(values, dtype=np.float64)))
+    elif type(b).__module__.startswith("cupy") and np.ndim(values):
+        b[start:stop] = _arrays.import_cupy().asarray(values)
+    else:
+        b[start:stop] = values
 
 
 def forget_bias(b, value=1.0):
@@ -274,20 +330,67 @@ def forget_bias(b, value=1.0):
     The layer adds b_ih and b_hh, so call this on ONE of them: setting both to 1 gives
     an effective forget bias of 2. :func:`lstm_parameters` puts it in b_ih and zeroes the
     forget block of b_hh."""
-    shape = tuple(getattr(b, "shape", ()))
-    if len(shape) != 1 or shape[0] % 4 or shape[0] == 0:
-        raise ValueError(f"forget_bias needs one LSTM bias vector of shape [4H], got shape {shape}")
-    hidden = shape[0] // 4
-    value = float(value)
-    if _arrays._is_torch_tensor(b):
-        with sys.modules["torch"].no_grad():
-            b[hidden : 2 * hidden].fill_(value)
-    else:
-        b[hidden : 2 * hidden] = value
+    start, stop = _gate_block(b, 4, 1, "forget_bias", "LSTM")
+    _write(b, start, stop, float(value))
+    return b
+
+
+def update_bias(b, value=1.0):
+    """Set the update-gate block b[H:2H] (z, rows H:2H) of one GRU bias vector ``b``
+    [3H] to ``value``, in place (NumPy, CuPy or torch); returns ``b``.
+
+    The GRU's twin of the forget bias. In torch's GRU (and cuDNN's, and this package's)
+    h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}: z is the fraction of the old state KEPT
+    (Cho et al. 2014's convention; Chung et al. 2014 write the same cell with z and
+    1 − z swapped, so there the sign flips). A positive value starts z near σ(value):
+    the state, and the gradient along z_t ⊙ h_{t−1}, decay by about that factor per
+    step, a memory of about 1 / (1 − σ(value)) = 1 + e^value steps (σ(1) ≈ 0.73: about
+    3.7 steps; with no bias z ≈ 1/2: 2 steps). Tallec & Ollivier (2018), "Can Recurrent
+    Neural Networks Warp Time?", ICLR, make this gate-bias-as-time-scale argument for
+    LSTMs and GRUs and derive :func:`chrono_bias` from it. Jozefowicz et al. (2015)
+    tuned the LSTM's forget bias; they give no value for the GRU's update gate, so
+    this function asks for one rather than assuming 1 is as good there.
+
+    b_ih and b_hh are summed for the r and z gates (only the n gate keeps them apart),
+    so call this on ONE of them; :func:`gru_parameters` puts it in b_ih and zeroes the
+    z block of b_hh. The reset gate's bias has no such role: r scales W_hn h + b_hn
+    inside the candidate, it does not carry the state."""
+    start, stop = _gate_block(b, 3, 1, "update_bias", "GRU")
+    _write(b, start, stop, float(value))
+    return b
+
+
+def chrono_bias(b, max_steps, cell="lstm", *, rng=None):
+    """Chrono initialization of one bias vector, in place (NumPy, CuPy or torch);
+    returns ``b``. Tallec & Ollivier (2018), "Can Recurrent Neural Networks Warp
+    Time?", ICLR ("chrono initialization"): a gate that keeps σ(β) of the state per step remembers
+    for about 1 + e^β steps, so draw β = log(u), u ~ U[1, max_steps − 1], per unit:
+    memory time scales spread over [2, max_steps], for dependencies up to
+    ``max_steps`` long.
+
+    * ``cell="lstm"`` (b [4H], i, f, g, o): forget block b_f = log(u) and input block
+      b_i = −b_f, as in the paper.
+    * ``cell="gru"`` (b [3H], r, z, n): update block b_z = log(u). In torch's
+      convention z keeps the old state (see :func:`update_bias`), so b_z plays b_f's
+      part; the input side is tied to it as 1 − z, with no bias of its own.
+
+    The other blocks are left as they are. As with :func:`forget_bias`, call it on ONE
+    of b_ih, b_hh and zero the same blocks of the other (they are summed)."""
+    if cell not in ("lstm", "gru"):
+        raise ValueError(f"cell must be 'lstm' or 'gru' (the gated cells), got {cell!r}")
+    if not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
+        raise ValueError(f"max_steps must be an int >= 2 (the longest dependency expected), got {max_steps!r}")
+    gates = 4 if cell == "lstm" else 3
+    start, stop = _gate_block(b, gates, 1, "chrono_bias", cell.upper())
+    values = np.log(_rng(rng).uniform(1.0, max_steps - 1.0, stop - start))
+    _write(b, start, stop, values)
+    if cell == "lstm":
+        _write(b, 0, start, -values)  # the input gate opens as much as the forget gate closes
     return b
 
 
 _set_forget_bias = forget_bias  # lstm_parameters has an argument of that name
+_set_update_bias = update_bias  # and gru_parameters this one
 
 # ----------------------------------------------------------------------------- parameter sets
 
@@ -301,7 +404,24 @@ SCHEMES = (
     "kaiming_normal",
     "lecun_normal",
 )
-"""Schemes for :func:`lstm_parameters` and :func:`rnn_parameters`."""
+"""Schemes every cell takes (:func:`lstm_parameters`, :func:`gru_parameters`,
+:func:`rnn_parameters`); ``CELL_SCHEMES[cell]`` adds a cell's own."""
+
+CELL_SCHEMES = {
+    "lstm": SCHEMES,
+    "gru": SCHEMES,
+    "rnn_tanh": SCHEMES + ("irnn",),
+    "rnn_relu": SCHEMES + ("irnn",),
+}
+"""The schemes of each cell, by the names of ``rnnkernels.cells``: the Elman RNN adds
+"irnn" (identity W_hh, Le et al. 2015); gated cells have no identity recipe."""
+
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+IRNN_INPUT_STD = 0.001
+"""σ of the IRNN's input weights: N(0, 0.001²), as in Le et al. (2015)'s toy-problem
+experiments and Keras's ``mnist_irnn`` example, which reproduces the paper's pixel-MNIST
+run (a small input scale: the identity carries the state, the inputs nudge it)."""
 
 _MATRIX_INIT = {
     "xavier_uniform": xavier_uniform,
@@ -312,13 +432,19 @@ _MATRIX_INIT = {
 }
 
 
-def _parameters(gates, input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain):
-    """Host float64 w_ih [gH, I], w_hh [gH, H], b_ih, b_hh [gH] for ``gates`` gate blocks."""
+def _parameters(cell, input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain):
+    """Host float64 w_ih [gH, I], w_hh [gH, H], b_ih, b_hh [gH] for ``cell``'s g gate
+    blocks, delivered as asked."""
     for name, size in (("input_size", input_size), ("hidden_size", hidden_size)):
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if scheme not in CELL_SCHEMES[cell]:
+        raise ValueError(f"unknown scheme {scheme!r} for the {cell} cell; expected one of "
+                         f"{', '.join(CELL_SCHEMES[cell])}")
+    recurrent_gain = _check_gain(recurrent_gain)
+    if scheme == "pytorch_default" and recurrent_gain != 1.0:
+        raise ValueError("recurrent_gain applies to the other schemes; pytorch_default is U(±1/√H)")
+    gates = _GATES[cell]
     rows = gates * hidden_size
     host = {"dtype": np.float64}
     generator = _rng(rng)
@@ -327,7 +453,10 @@ def _parameters(gates, input_size, hidden_size, scheme, rng, dtype, like, xp, re
         params = {"w_ih": draw(rows, input_size), "w_hh": draw(rows, hidden_size),
                   "b_ih": draw(rows), "b_hh": draw(rows)}
     else:
-        if scheme in ("keras_default", "orthogonal"):
+        if scheme == "irnn":
+            w_ih = generator.normal(0.0, IRNN_INPUT_STD, (rows, input_size))
+            w_hh = identity((rows, hidden_size), recurrent_gain, **host)
+        elif scheme in ("keras_default", "orthogonal"):
             w_ih = xavier_uniform((rows, input_size), rng=generator, **host)
             # keras: one orthogonal draw over the whole recurrent kernel; ours: per gate.
             blocks = 1 if scheme == "keras_default" else gates
@@ -338,6 +467,12 @@ def _parameters(gates, input_size, hidden_size, scheme, rng, dtype, like, xp, re
             w_hh *= recurrent_gain
         params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": np.zeros(rows), "b_hh": np.zeros(rows)}
     return {name: _deliver(value, dtype, like, xp) for name, value in params.items()}
+
+
+def _gate_bias_in_one(params, setter, value) -> None:
+    """The gate bias in b_ih, that gate's block of b_hh zero: the layer sums the two."""
+    setter(params["b_ih"], value)
+    setter(params["b_hh"], 0.0)
 
 
 def lstm_parameters(
@@ -370,23 +505,83 @@ def lstm_parameters(
     ``forget_bias``: when given, b_ih[H:2H] = value and b_hh[H:2H] = 0, so the gate sees
     exactly ``value``. ``recurrent_gain`` scales w_hh (not for pytorch_default).
     Draws come from ``rng`` in a fixed order (w_ih, w_hh, then biases)."""
-    if scheme == "pytorch_default" and recurrent_gain != 1.0:
-        raise ValueError("recurrent_gain applies to the other schemes; pytorch_default is U(±1/√H)")
     if forget_bias is None and scheme == "keras_default":
         forget_bias = 1.0
-    params = _parameters(4, input_size, hidden_size, scheme, rng, dtype, like, xp, _check_gain(recurrent_gain))
+    params = _parameters("lstm", input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain)
     if forget_bias is not None:
-        _set_forget_bias(params["b_ih"], forget_bias)
-        _set_forget_bias(params["b_hh"], 0.0)
+        _gate_bias_in_one(params, _set_forget_bias, forget_bias)
+    return params
+
+
+def gru_parameters(
+    input_size,
+    hidden_size,
+    scheme="pytorch_default",
+    *,
+    update_bias=None,
+    recurrent_gain=1.0,
+    rng=None,
+    dtype=None,
+    like=None,
+    xp=None,
+) -> dict[str, Any]:
+    """A full GRU parameter set ``{"w_ih": [3H, I], "w_hh": [3H, H], "b_ih": [3H],
+    "b_hh": [3H]}`` in torch.nn.GRU's layout (row blocks r, z, n), ready for
+    ``gru_forward(x, **params)``.
+
+    The schemes of :func:`lstm_parameters`, with three gate blocks: ``"pytorch_default"``
+    is torch.nn.GRU's U(±1/√H); ``"orthogonal"`` draws each of W_hr, W_hz, W_hn
+    orthogonal on its own (Saxe et al. 2014); ``"keras_default"`` is Keras's GRU
+    (Glorot kernel, one orthogonal draw over the whole recurrent kernel, zero biases;
+    Keras has no unit update bias, so none is set). ``update_bias``: when given,
+    b_ih[H:2H] = value and b_hh[H:2H] = 0 (see :func:`update_bias`)."""
+    params = _parameters("gru", input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain)
+    if update_bias is not None:
+        _gate_bias_in_one(params, _set_update_bias, update_bias)
     return params
 
 
 def rnn_parameters(
     input_size, hidden_size, scheme="pytorch_default", *, recurrent_gain=1.0, rng=None, dtype=None, like=None, xp=None
 ) -> dict[str, Any]:
-    """The same schemes for a plain (tanh) RNN, torch.nn.RNN's layout: ``{"w_ih": [H, I],
-    "w_hh": [H, H], "b_ih": [H], "b_hh": [H]}``. ``keras_default`` is Keras's SimpleRNN:
-    Glorot kernel, orthogonal recurrent matrix, zero bias (no gate, no forget bias)."""
-    if scheme == "pytorch_default" and recurrent_gain != 1.0:
-        raise ValueError("recurrent_gain applies to the other schemes; pytorch_default is U(±1/√H)")
-    return _parameters(1, input_size, hidden_size, scheme, rng, dtype, like, xp, _check_gain(recurrent_gain))
+    """The same schemes for an Elman RNN (tanh or relu: the parameters do not depend on
+    it), torch.nn.RNN's layout: ``{"w_ih": [H, I], "w_hh": [H, H], "b_ih": [H],
+    "b_hh": [H]}``. ``keras_default`` is Keras's SimpleRNN: Glorot kernel, orthogonal
+    recurrent matrix, zero bias (no gate, no forget bias). ``"irnn"`` is Le, Jaitly &
+    Hinton (2015)'s ReLU-RNN recipe: W_hh = ``recurrent_gain``·I (see :func:`identity`;
+    1 is their IRNN, 0.01 their iRNN), w_ih ~ N(0, IRNN_INPUT_STD²), zero biases; meant
+    for ``nonlinearity="relu"`` (with tanh the identity starts saturating the units
+    instead of copying them)."""
+    return _parameters("rnn_tanh", input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain)
+
+
+def cell_parameters(
+    cell,
+    input_size,
+    hidden_size,
+    scheme="pytorch_default",
+    *,
+    gate_bias=None,
+    recurrent_gain=1.0,
+    rng=None,
+    dtype=None,
+    like=None,
+    xp=None,
+) -> dict[str, Any]:
+    """The parameter set of any cell, by name ("lstm", "gru", "rnn_tanh", "rnn_relu", or
+    a ``rnnkernels.cells.Cell``): :func:`lstm_parameters`, :func:`gru_parameters` or
+    :func:`rnn_parameters`. ``gate_bias`` is the LSTM's forget bias or the GRU's update
+    bias (the gate that keeps the state); the Elman RNN has none. Draws are the same as
+    the cell's own function for the same arguments."""
+    name = getattr(cell, "name", cell)
+    if name not in CELL_SCHEMES:
+        raise ValueError(f"cell must be one of {', '.join(CELL_SCHEMES)}, got {cell!r}")
+    common = {"recurrent_gain": recurrent_gain, "rng": rng, "dtype": dtype, "like": like, "xp": xp}
+    if name == "lstm":
+        return lstm_parameters(input_size, hidden_size, scheme, forget_bias=gate_bias, **common)
+    if name == "gru":
+        return gru_parameters(input_size, hidden_size, scheme, update_bias=gate_bias, **common)
+    if gate_bias is not None:
+        raise ValueError(f"gate_bias: the {name} cell has no gate (it is the LSTM's forget bias "
+                         "or the GRU's update bias)")
+    return _parameters(name, input_size, hidden_size, scheme, rng, dtype, like, xp, recurrent_gain)

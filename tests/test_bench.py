@@ -146,7 +146,7 @@ def test_sequential_steps_and_bad_arguments():
     assert [flops.sequential_steps("lstm", m, 50) for m in flops.MODES] == [50, 100, 1]
     assert [flops.sequential_steps("attention", m, 50) for m in flops.MODES] == [1, 2, 1]
     with pytest.raises(ValueError):
-        flops.flops("gru", "forward", 1, 1, 1)
+        flops.flops("mamba", "forward", 1, 1, 1)
     with pytest.raises(ValueError):
         flops.lstm_flops("backward", 1, 1, 1)
 
@@ -911,3 +911,103 @@ def test_short_calls_are_batched_per_sample_and_reported_per_call():
                                          batches=batches)
     assert batches == {"a": 10} and samples["a"] == [pytest.approx(0.1)] * 3
     assert len(log) == 1 + 3 * 10  # one warm-up call, then three samples of ten
+
+
+# --- --cell: the GRU and the Elman RNN against attention -------------------------------------
+
+
+def test_recurrent_flops_scale_with_the_gate_count():
+    T, B, H = 5, 3, 8
+    for model, gates in (("lstm", 4), ("gru", 3), ("rnn", 1)):
+        for mode in flops.MODES:
+            assert flops.flops(model, mode, T, B, H) == flops.recurrent_flops(mode, T, B, H, gates=gates)
+            assert flops.sequential_steps(model, mode, T) == flops.sequential_steps("lstm", mode, T)
+    assert flops.flops("gru", "training", T, B, H) * 4 == flops.flops("lstm", "training", T, B, H) * 3
+    assert flops.recurrent_flops("forward", T, B, H, I=7, gates=1) == 2 * T * B * H * (7 + H)
+    from rnnkernels import cells
+
+    for model, name in impls.CELLS.items():  # the bench's table agrees with the registry
+        assert flops.GATES[model] == cells.get(name).gates
+
+
+def test_inputs_of_each_cell_and_the_lstm_ones_unchanged():
+    lstm = impls.make_inputs(impls.Problem("lstm", "training", 4, 2, 3))
+    gru = impls.make_inputs(impls.Problem("gru", "training", 4, 2, 3))
+    rnn = impls.make_inputs(impls.Problem("rnn", "decode", 4, 2, 3))
+    assert {k: v.shape for k, v in gru.items()} == {
+        "w_ih": (9, 3), "w_hh": (9, 3), "b_ih": (9,), "b_hh": (9,), "h0": (2, 3), "x": (4, 2, 3), "dy": (4, 2, 3)}
+    assert {k: v.shape for k, v in rnn.items()} == {
+        "w_ih": (3, 3), "w_hh": (3, 3), "b_ih": (3,), "b_hh": (3,), "h0": (2, 3), "x": (1, 2, 3)}
+    assert set(lstm) == {"w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0", "x", "dy"} and lstm["w_ih"].shape == (12, 3)
+    # the LSTM's draws in their old order from the old seed (the model's index in MODELS)
+    rng = np.random.default_rng([0, 4, 2, 3, 1, flops.MODES.index("training"), 0])
+    np.testing.assert_array_equal(lstm["w_ih"], rng.uniform(-1 / math.sqrt(3), 1 / math.sqrt(3), (12, 3)))
+
+
+def test_select_impls_per_cell():
+    def names(device, cell):
+        return [i.name for i in impls.select_impls(device, cell=cell)]
+
+    assert names("cpu", "lstm") == list(impls.DEFAULT_IMPLS["cpu"])
+    assert names("cpu", "gru") == ["rnnkernels-cpu", "torch-cpu", "attention-numpy", "attention-sdpa"]
+    assert names("cuda", "rnn") == ["rnnkernels-cuda", "cudnn", "attention-cupy", "attention-sdpa"]
+    assert {i.model for i in impls.select_impls("cpu", cell="gru")} == {"gru", "attention"}
+    with pytest.raises(ValueError, match="cell gru"):
+        impls.select_impls("cpu", ("onnxruntime",), cell="gru")
+    with pytest.raises(ValueError, match="unknown cell"):
+        impls.select_impls("cpu", cell="transformer")
+    assert impls.baseline_name("gru", "cpu") == "torch-cpu" and impls.baseline_name("rnn", "cuda") == "cudnn"
+    parser = cli.build_parser()
+    settings = cli.make_settings(parser.parse_args(["--cell", "rnn", "--impls", "reference,torch-cpu"]), "cpu")
+    assert [(i.name, i.model) for i in settings.impls] == [("reference", "rnn"), ("torch-cpu", "rnn")]
+    assert cli.config_dict(settings, "quick")["cell"] == "rnn"
+    assert cli.config_dict(settings, "quick")["cell_name"] == "rnn_tanh"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cell", "transformer"])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_cells_validate_against_torch_before_timing(cell):
+    """Our reference backend of the cell and torch.nn.GRU / nn.RNN, every mode, each
+    checked against torch's float64 run of the same inputs and then timed; the rows
+    carry the cell as their model, with its FLOPs."""
+    pytest.importorskip("torch")
+    chosen = impls.select_impls("cpu", ("reference", "torch-cpu"), cell=cell)
+    rows = runner.run_suite(tiny_settings(chosen, modes=flops.MODES, seq_lens=(3,)))
+    assert len(rows) == 2 * len(flops.MODES)
+    for row in rows:
+        assert row["status"] == "ok", row["note"]
+        assert row["model"] == cell and row["validated_against"] == "torch-float64-cpu"
+        assert row["max_rel_err"] < impls.TOLERANCE["float32"]
+        assert row["flops"] == flops.flops(cell, row["mode"], 3, 2, 8)
+        assert row["baseline"] == "torch-cpu" and row["median_ms"] > 0
+    # the reference computes float64 from float32 inputs: closer to torch's float64 than torch's float32
+    training = {r["impl"]: r["max_rel_err"] for r in rows if r["mode"] == "training"}
+    assert training["reference"] < 1e-12 < training["torch-cpu"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_wrong_cell_is_caught(cell):
+    """validate() sees a perturbed weight gradient of every cell: the gradient names of
+    the GRU and the RNN (dh0 only, no c0) are all compared."""
+    pytest.importorskip("torch")
+    p = impls.Problem(cell, "training", 4, 2, 5, "float64")
+    inputs = impls.make_inputs(p)
+    want, _ = impls.reference_outputs(p, inputs, "cpu")
+    assert set(want) == {"y", *impls.final_states(cell), *impls.gradient_names(cell)}
+    torch_impl, = impls.select_impls("cpu", ("torch-cpu",), cell=cell)
+    prepared = torch_impl.build(p, inputs)
+    assert impls.validate(prepared, want)[1] < 1e-12
+    broken = impls.Prepared(prepared.run, lambda r: {**prepared.collect(r),
+                                                     "dw_hh": prepared.collect(r)["dw_hh"] * 1.001})
+    assert impls.validate(broken, want) == ("dw_hh", pytest.approx(1e-3, rel=0.5))
+
+
+def test_plot_names_the_cell():
+    rows = [{"model": model, "impl": "x", "T": T, "status": "ok", "median_ms": ms, "noisy": False}
+            for model, T, ms in (("gru", 8, 1.0), ("gru", 16, 4.0), ("attention", 8, 2.0), ("attention", 16, 3.0))]
+    points, text = plot.crossover_text(rows)
+    assert len(points) == 1 and text.startswith("fastest GRU = fastest attention")
+    assert plot.recurrent_model(rows[2:]) == "lstm"

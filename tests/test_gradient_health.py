@@ -177,22 +177,36 @@ def test_gradient_flow_report_tells_the_story(tmp_path, capsys):
     assert gradient_flow.main(["--json", str(json_path), "--plot", str(png_path)]) == 0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(json_path.read_text(encoding="utf-8"))
-    assert data["config"]["steps"] == 256 and data["config"]["backend"] == "cpu"
+    assert data["config"]["steps"] == 256 and data["config"]["backend"] == "auto"
+    assert data["config"]["cells"] == ["rnn_tanh", "rnn_relu", "gru", "lstm"]
     ratios = data["ratios"]
     for run in data["runs"]:
         assert len(run["dh_norms"]) == 256
         assert run["ratio"] == pytest.approx(run["dh_norms"][0] / run["dh_norms"][-1], rel=1e-12)
         assert ratios[run["key"]] == run["ratio"]
-    tanh_runs = [r for r in data["runs"] if r["model"] == "rnn_tanh"]
+        # auto: the Numba backend wherever it implements the cell (the LSTM's always)
+        assert run["backend"] == gradient_flow.resolve_backend("auto", run["cell"])
+        assert f"'{run['backend']}'" in run["computed_by"]
+        assert run["backend"] == "cpu" or run["cell"] != "lstm"
+        assert (run["dc_norms"] is not None) == (run["cell"] == "lstm")
+    tanh_runs = [r for r in data["runs"] if r["cell"] == "rnn_tanh"]
     assert len(tanh_runs) >= 3
     # the tanh RNN under standard initialization loses orders of magnitude ...
     assert ratios["rnn_tanh/pytorch_default"] < 1e-20
     assert max(r["ratio"] for r in tanh_runs) < 1e-10
-    # ... and the LSTM with orthogonal recurrent weights and a forget bias far less
+    # ... the ReLU RNN too, unless W_hh starts as the identity (IRNN): then it keeps
+    # the gradient of every unit that stays active
+    assert ratios["rnn_relu/pytorch_default"] < 1e-20
+    assert ratios["rnn_relu/irnn"] > 1e-2
+    # ... and the gated cells keep far more with orthogonal W_hh and a bias on the gate
+    # that keeps the state: the LSTM's forget gate, the GRU's update gate
     gated = ratios["lstm/orthogonal+forget_bias=1"]
     assert gated > 1e20 * ratios["rnn_tanh/pytorch_default"]
     assert gated > 1e15 * max(r["ratio"] for r in tanh_runs)
     assert gated > 1e20 * ratios["lstm/pytorch_default"]
+    gru = ratios["gru/orthogonal+update_bias=1"]
+    assert gru > 1e10 * ratios["gru/orthogonal"] > 1e10 * ratios["gru/pytorch_default"]
+    assert gru > 1e15 * max(r["ratio"] for r in tanh_runs)
     assert "decades" in capsys.readouterr().out
 
     replot = tmp_path / "again.png"
@@ -200,12 +214,63 @@ def test_gradient_flow_report_tells_the_story(tmp_path, capsys):
     assert replot.stat().st_size > 0
 
 
-def test_gradient_flow_backends_agree_on_a_short_run():
-    cpu = gradient_flow.run_report(steps=24, batch=2, input_size=3, hidden=5, backend="cpu")
-    ref = gradient_flow.run_report(steps=24, batch=2, input_size=3, hidden=5, backend="reference")
-    for a, b in zip(cpu["runs"], ref["runs"]):
+@pytest.mark.parametrize("cell", gradient_flow.CELLS)
+def test_gradient_flow_backends_agree_on_a_short_run(cell):
+    """Every cell's norms from the cpu backend against the float64 reference backend."""
+    if gradient_flow.resolve_backend("auto", cell) != "cpu":
+        pytest.skip(f"the cpu backend does not implement {cell} yet")
+    runs = gradient_flow.default_runs(cells=(cell,))
+    cpu = gradient_flow.run_report(steps=24, batch=2, input_size=3, hidden=5, backend="cpu", runs=runs)
+    ref = gradient_flow.run_report(steps=24, batch=2, input_size=3, hidden=5, backend="reference", runs=runs)
+    for a, b in zip(cpu["runs"], ref["runs"], strict=True):
         assert a["key"] == b["key"]
         np.testing.assert_allclose(a["dh_norms"], b["dh_norms"], rtol=1e-9)
+        if a["cell"] == "lstm":
+            np.testing.assert_allclose(a["dc_norms"], b["dc_norms"], rtol=1e-9)
+
+
+def test_gradient_flow_step_norms_are_the_cell_references_own():
+    """The norms the report reads through the API for the GRU and the Elman RNN are
+    those of the cells' float64 references (themselves checked against finite
+    differences in test_cell_references)."""
+    from rnnkernels import gru_reference, init
+
+    rng = np.random.default_rng(4)
+    x, dy_last = rng.standard_normal((7, 2, 3)), rng.standard_normal((2, 4))
+    for cell, module, extra in (("gru", gru_reference, {}), ("rnn_relu", rnn_reference, {"nonlinearity": "relu"}),
+                                ("rnn_tanh", rnn_reference, {"nonlinearity": "tanh"})):
+        params = init.cell_parameters(cell, 3, 4, "orthogonal", rng=1, dtype=np.float64)
+        params["b_ih"] += 0.1  # biases that are not zero, so that folding them matters
+        params["b_hh"] -= 0.3
+        dh_norms, dc_norms = gradient_flow.step_norms(cell, x, dy_last, params, "reference")
+        _, _, saved = module.forward(x, **params, **extra)
+        *_, want = module.backward(saved, dh_n=dy_last, return_step_norms=True)
+        np.testing.assert_allclose(dh_norms, want, rtol=1e-12)
+        assert dc_norms is None
+
+
+def test_gradient_flow_cell_option(tmp_path, capsys):
+    json_path = tmp_path / "gru.json"
+    assert gradient_flow.main(["--cell", "gru", "--steps", "12", "--hidden", "6", "--backend", "reference",
+                               "--json", str(json_path), "--plot", str(tmp_path / "gru.png")]) == 0
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert {run["cell"] for run in data["runs"]} == {"gru"} and data["config"]["cells"] == ["gru"]
+    assert "GRU, orthogonal per gate + update bias 1" in capsys.readouterr().out
+    assert gradient_flow.build_parser().parse_args(["--cell", "rnn,lstm"]).cell == ("rnn_tanh", "rnn_relu", "lstm")
+    with pytest.raises(SystemExit) as info:
+        gradient_flow.main(["--cell", "transformer"])
+    assert info.value.code == 2
+
+
+def test_gradient_flow_replots_a_report_saved_before_the_cells(tmp_path):
+    """Reports written when only the tanh RNN and the LSTM ran name the cell "model"."""
+    pytest.importorskip("matplotlib")
+    old = {"config": {"steps": 3, "batch": 1, "input_size": 1, "hidden": 1, "backend": "cpu"},
+           "runs": [{"model": model, "label": f"{model}, x", "ratio": 0.5, "decades": -0.3, "seconds": 0.0,
+                     "dh_norms": [0.5, 0.7, 1.0]} for model in ("rnn_tanh", "lstm")]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old), encoding="utf-8")
+    assert gradient_flow.main(["--from-json", str(path), "--plot", str(tmp_path / "old.png")]) == 0
 
 
 def test_gradient_flow_usage_errors(capsys):
@@ -213,3 +278,27 @@ def test_gradient_flow_usage_errors(capsys):
         gradient_flow.main(["--steps", "0"])
     assert info.value.code == 2
     assert gradient_flow.main(["--forget-bias", "nan"]) == 2
+    assert gradient_flow.main(["--update-bias", "inf"]) == 2
+    with pytest.raises(ValueError, match="backend"):
+        gradient_flow.run_report(steps=2, backend="cuda")
+
+
+def test_gradient_flow_run_does_not_depend_on_the_others():
+    runs = gradient_flow.default_runs()
+    alone = gradient_flow.run_report(steps=6, batch=1, input_size=2, hidden=3, backend="reference", runs=runs[-1:])
+    both = gradient_flow.run_report(steps=6, batch=1, input_size=2, hidden=3, backend="reference", runs=runs[-2:])
+    assert alone["runs"][0]["dh_norms"] == both["runs"][1]["dh_norms"]
+
+
+def test_readme_table_is_the_saved_report():
+    """The README's gradient-flow table lists the saved report's ratios, run by run
+    (regenerate both with `rnnkernels-bench gradient-flow --json
+    benchmarks/results/gradient-flow.json --plot benchmarks/results/gradient-flow.png`)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    data = json.loads((repo / "benchmarks/results/gradient-flow.json").read_text(encoding="utf-8"))
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| network and initialization |"):].split("\n\n", 1)[0]
+    shown = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()[2:]]
+    assert shown == [f"{run['ratio']:.1e}" for run in data["runs"]]

@@ -10,7 +10,7 @@ import pytest
 from conftest import cupy_or_skip, torch_or_skip
 
 import rnnkernels
-from rnnkernels import init
+from rnnkernels import init, rnn_reference
 from rnnkernels.reference import sigmoid
 
 SHAPE = (300, 400)  # fan_out 300, fan_in 400: 120 000 draws, the variance to ~0.5 %
@@ -230,3 +230,166 @@ def test_parameter_set_shapes_and_schemes():
         np.testing.assert_allclose(block.T @ block, 0.81 * np.eye(h), atol=1e-12)
     with pytest.raises(ValueError, match="recurrent_gain"):
         init.lstm_parameters(i, h, "pytorch_default", recurrent_gain=2.0, rng=0)
+
+
+# ----------------------------------------------------------------------------- GRU and Elman RNN
+
+
+def test_gru_and_rnn_parameter_shapes_for_every_scheme():
+    i, h = 3, 5
+    for cell, gates in (("gru", 3), ("rnn_tanh", 1), ("rnn_relu", 1)):
+        for scheme in init.CELL_SCHEMES[cell]:
+            params = init.cell_parameters(cell, i, h, scheme, rng=0)
+            assert {k: v.shape for k, v in params.items()} == {
+                "w_ih": (gates * h, i), "w_hh": (gates * h, h), "b_ih": (gates * h,), "b_hh": (gates * h,)}
+            assert all(v.dtype == np.float32 for v in params.values())
+    gru = init.gru_parameters(i, h, "xavier_uniform", rng=0)
+    assert gru["w_hh"].shape == (3 * h, h)
+
+
+@pytest.mark.parametrize("cell, gates", [("lstm", 4), ("gru", 3), ("rnn_tanh", 1), ("rnn_relu", 1)])
+def test_orthogonal_scheme_is_orthogonal_per_gate_block_for_every_cell(cell, gates):
+    """Each H×H recurrent block (W_hr, W_hz, W_hn for the GRU; the whole W_hh for the
+    RNN) orthogonal on its own, times recurrent_gain."""
+    hidden = 7
+    params = init.cell_parameters(cell, 4, hidden, "orthogonal", recurrent_gain=0.9, rng=1, dtype=np.float64)
+    blocks = np.split(params["w_hh"], gates)
+    for block in blocks:
+        np.testing.assert_allclose(block.T @ block, 0.81 * np.eye(hidden), atol=1e-12)
+    if gates > 1:
+        assert not np.allclose(blocks[0], blocks[1])
+    assert not params["b_ih"].any() and not params["b_hh"].any()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_pytorch_default_is_torch_nn_init_for_every_cell(cell):
+    """U(±1/√H) on every weight and bias: the bound and the variance 1/(3H), and
+    torch.nn's own module draws within the same bound (so the two agree on the law)."""
+    hidden, inputs = 64, 48
+    params = init.cell_parameters(cell, inputs, hidden, rng=3, dtype=np.float64)
+    bound = 1 / math.sqrt(hidden)
+    drawn = np.concatenate([v.ravel() for v in params.values()])
+    assert np.abs(drawn).max() <= bound and np.abs(drawn).max() > 0.99 * bound
+    assert drawn.var() == pytest.approx(1 / (3 * hidden), rel=0.05)
+    torch = torch_or_skip()
+    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell](inputs, hidden)
+    theirs = torch.cat([p.detach().flatten() for p in module.parameters()]).double().numpy()
+    assert theirs.size == drawn.size
+    assert np.abs(theirs).max() <= bound and np.abs(theirs).max() > 0.99 * bound
+
+
+def test_update_bias_sets_only_the_update_block():
+    hidden = 4
+    b = np.zeros(3 * hidden)
+    assert init.update_bias(b, 2.0) is b
+    np.testing.assert_array_equal(b[hidden : 2 * hidden], 2.0)
+    assert not b[:hidden].any() and not b[2 * hidden :].any()
+    with pytest.raises(ValueError, match=r"update_bias needs one GRU bias vector of shape \[3H\]"):
+        init.update_bias(np.zeros(8), 1.0)
+    torch = torch_or_skip()
+    p = torch.nn.Parameter(torch.zeros(6))
+    init.update_bias(p, 1.0)
+    assert p.tolist() == [0, 0, 1, 1, 0, 0] and p.requires_grad
+
+
+@pytest.mark.parametrize("scheme", ["pytorch_default", "keras_default", "orthogonal"])
+def test_gru_update_bias_lands_on_the_update_gate_once(scheme):
+    """b_ih + b_hh on the z rows is the value, once; with zero weights and no other
+    bias the GRU computes n = tanh(0) = 0 and h_1 = σ(b_z)·h0, so the bias is on z (the
+    gate that keeps the old state), not on r."""
+    from rnnkernels import gru_reference
+
+    hidden, batch = 5, 3
+    params = init.gru_parameters(2, hidden, scheme, update_bias=1.0, rng=4, dtype=np.float64)
+    total = params["b_ih"] + params["b_hh"]
+    np.testing.assert_array_equal(total[hidden : 2 * hidden], 1.0)
+    assert not params["b_hh"][hidden : 2 * hidden].any()
+    if scheme == "pytorch_default":
+        return
+    params["w_ih"][:] = 0.0
+    params["w_hh"][:] = 0.0
+    h0 = np.linspace(-1, 1, batch * hidden).reshape(batch, hidden)
+    _, h_n, _ = gru_reference.forward(np.ones((1, batch, 2)), **params, h0=h0)
+    np.testing.assert_allclose(h_n, sigmoid(np.float64(1.0)) * h0, rtol=1e-15)
+
+
+def test_chrono_bias_lstm_and_gru():
+    hidden, steps = 200, 100
+    b = np.full(4 * hidden, 7.0)
+    init.chrono_bias(b, steps, "lstm", rng=0)
+    forget = b[hidden : 2 * hidden]
+    assert forget.min() >= 0.0 and forget.max() <= math.log(steps - 1)
+    np.testing.assert_array_equal(b[:hidden], -forget)
+    np.testing.assert_array_equal(b[2 * hidden :], 7.0)  # g and o untouched
+    # memory time scales 1 + e^b_f = 1 + u, u ~ U[1, T-1]: spread over [2, T]
+    assert np.mean(1 + np.exp(forget)) == pytest.approx(steps / 2 + 1, rel=0.1)
+
+    g = np.zeros(3 * hidden)
+    init.chrono_bias(g, steps, "gru", rng=0)
+    np.testing.assert_array_equal(g[hidden : 2 * hidden], forget)  # same draw: the z block
+    assert not g[:hidden].any() and not g[2 * hidden :].any()
+    with pytest.raises(ValueError, match="max_steps"):
+        init.chrono_bias(g, 1, "gru")
+    with pytest.raises(ValueError, match="cell"):
+        init.chrono_bias(g, 10, "rnn_tanh")
+    with pytest.raises(ValueError, match=r"\[3H\]"):
+        init.chrono_bias(np.zeros(8), 10, "gru")
+    torch = torch_or_skip()
+    t = torch.nn.Parameter(torch.zeros(3 * hidden, dtype=torch.float64))
+    init.chrono_bias(t, steps, "gru", rng=0)
+    np.testing.assert_array_equal(t.detach().numpy(), g)
+
+
+def test_identity_blocks_and_gain():
+    w = init.identity((6, 3), gain=0.5, blocks=2, dtype=np.float64)
+    np.testing.assert_array_equal(w, 0.5 * np.concatenate([np.eye(3), np.eye(3)]))
+    np.testing.assert_array_equal(init.identity((2, 4), dtype=np.float64), np.eye(2, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        init.identity((3, 3, 3))
+    with pytest.raises(ValueError, match="blocks"):
+        init.identity((5, 3), blocks=2)
+
+
+def test_irnn_copies_the_state_of_a_relu_rnn():
+    """Le et al.'s IRNN: W_hh = I and zero biases, so with no input a ReLU RNN keeps a
+    non-negative state exactly, and its gradient reaches every step unchanged;
+    w_ih ~ N(0, 0.001²)."""
+    hidden = 40
+    params = init.rnn_parameters(300, hidden, "irnn", rng=6, dtype=np.float64)
+    np.testing.assert_array_equal(params["w_hh"], np.eye(hidden))
+    assert params["w_ih"].std() == pytest.approx(init.IRNN_INPUT_STD, rel=0.05)
+    assert not params["b_ih"].any() and not params["b_hh"].any()
+    scaled = init.cell_parameters("rnn_relu", 3, hidden, "irnn", recurrent_gain=0.01, rng=6, dtype=np.float64)
+    np.testing.assert_array_equal(scaled["w_hh"], 0.01 * np.eye(hidden))
+
+    h0 = np.abs(np.random.default_rng(0).standard_normal((2, hidden)))
+    _, h_n, saved = rnn_reference.forward(np.zeros((50, 2, 300)), **params, h0=h0, nonlinearity="relu")
+    np.testing.assert_array_equal(h_n, h0)
+    *_, dh_norms = rnn_reference.backward(saved, dh_n=np.ones((2, hidden)), return_step_norms=True)
+    np.testing.assert_allclose(dh_norms, dh_norms[-1], rtol=1e-15)
+
+
+def test_cell_parameters_match_the_cell_functions_and_check_the_cell():
+    for cell, own in (("lstm", lambda **kw: init.lstm_parameters(3, 4, "orthogonal", forget_bias=1.0, **kw)),
+                      ("gru", lambda **kw: init.gru_parameters(3, 4, "orthogonal", update_bias=1.0, **kw)),
+                      ("rnn_tanh", lambda **kw: init.rnn_parameters(3, 4, "orthogonal", **kw))):
+        gate_bias = None if cell == "rnn_tanh" else 1.0
+        generic = init.cell_parameters(cell, 3, 4, "orthogonal", gate_bias=gate_bias, rng=5)
+        for name, value in own(rng=5).items():
+            np.testing.assert_array_equal(generic[name], value)
+    from rnnkernels import cells
+
+    for name, cell in cells.CELLS.items():  # a registry Cell stands for its name
+        by_cell = init.cell_parameters(cell, 3, 4, "orthogonal", rng=5)
+        for key, value in init.cell_parameters(name, 3, 4, "orthogonal", rng=5).items():
+            np.testing.assert_array_equal(by_cell[key], value)
+        assert by_cell["w_hh"].shape == (cell.gates * 4, 4)
+    assert set(init.CELL_SCHEMES) == set(cells.CELLS)
+    with pytest.raises(ValueError, match="gate_bias"):
+        init.cell_parameters("rnn_relu", 3, 4, gate_bias=1.0)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        init.cell_parameters("transformer", 3, 4)
+    with pytest.raises(ValueError, match="scheme 'irnn' for the gru cell"):
+        init.gru_parameters(3, 4, "irnn")
+    with pytest.raises(ValueError, match="recurrent_gain"):
+        init.gru_parameters(3, 4, "pytorch_default", recurrent_gain=0.5)

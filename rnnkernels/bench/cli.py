@@ -1,16 +1,17 @@
-"""``rnnkernels-bench``: sequential LSTM cost beside a parallel attention baseline.
+"""``rnnkernels-bench``: sequential LSTM (or GRU, or RNN: ``--cell``) cost beside a
+parallel attention baseline.
 
     rnnkernels-bench gradient-flow [--steps T] [--json PATH] [--plot PATH] ...
 
 runs the gradient-flow report instead (``rnnkernels/gradient_flow.py``): ‖∂L/∂h_t‖
-along the sequence for a tanh RNN and an LSTM under several initializations;
+along the sequence for the Elman RNN, the GRU and the LSTM under several initializations;
 
     rnnkernels-bench stability [--runs-dir DIR] ...
 
 runs ``--quick`` twice back to back and says whether the figures are stable
 (``rnnkernels/bench/stability.py``). ``SUBCOMMANDS`` lists them all for ``--help``.
 
-    rnnkernels-bench [--quick | --full] [--device auto|cpu|cuda]
+    rnnkernels-bench [--quick | --full] [--cell lstm|gru|rnn] [--device auto|cpu|cuda]
                      [--mode forward|training|decode|all] [--seq-lens 64,256,...]
                      [--batch B] [--hidden H] [--dtype float32|bfloat16|float16|float64]
                      [--json PATH] [--csv PATH] [--plot PATH]
@@ -93,7 +94,8 @@ PRESETS = {
 }
 
 SUBCOMMANDS = {
-    "(none)": "time the LSTM implementations beside causal attention (the options below)",
+    "(none)": "time the LSTM (or --cell gru, rnn) implementations beside causal attention "
+              "(the options below)",
     "gradient-flow": "how much gradient reaches step 0 of a long sequence, per "
                      "initialization (rnnkernels-bench gradient-flow --help)",
     "stability": "run --quick twice back to back and say whether the figures agree "
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="rnnkernels-bench [gradient-flow | stability] [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
-            "Time an LSTM (rnnkernels, the vendor baseline and peers) beside one causal "
+            "Time an LSTM, GRU or RNN (--cell; rnnkernels, the vendor baseline and peers) beside one causal "
             "attention layer (d_model = H) for training, inference over a sequence and "
             "token-by-token decoding, across sequence lengths. Every implementation is "
             "checked against a float64 reference before it is timed.", 88)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few lengths, small sizes (<1 min on a 2-core CPU)")
     size.add_argument("--full", action="store_true", help="more lengths, larger sizes, more repeats")
+    parser.add_argument("--cell", choices=impl_registry.RECURRENT, default="lstm",
+                        help="the recurrent cell timed against attention: lstm (default), gru, "
+                        "or rnn (the tanh Elman RNN); torch.nn's module of that cell is the baseline")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a GPU where one is usable, else the CPU")
     parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
@@ -295,7 +300,7 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
     names = None if args.impls is None else tuple(
         name.strip() for name in args.impls.split(",") if name.strip())
     try:
-        selected = impl_registry.select_impls(device, names)
+        selected = impl_registry.select_impls(device, names, args.cell)
     except ValueError as error:
         raise UsageError(str(error)) from error
     return Settings(device=device, modes=MODES if args.mode == "all" else (args.mode,),
@@ -305,8 +310,10 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
 
 
 def config_dict(settings: Settings, preset: str) -> dict:
+    cell = next((impl.model for impl in settings.impls if impl.model != "attention"), None)
     return {
         "preset": preset, "device": settings.device, "modes": list(settings.modes),
+        "cell": cell, "cell_name": impl_registry.CELLS.get(cell),
         "seq_lens": list(settings.seq_lens), "batch": settings.batch,
         "hidden": settings.hidden, "input_size": settings.hidden, "dtype": settings.dtype,
         "attention_heads": settings.heads, "seed": settings.seed,
@@ -496,7 +503,8 @@ def output_paths(args: argparse.Namespace, device: str) -> dict[str, str | None]
     paths = {"json": args.json, "csv": args.csv, "plot": args.plot}
     if args.no_save:
         return paths
-    stem = os.path.join(args.out_dir, f"bench-{device}-{preset_name(args)}")
+    cell = "" if args.cell == "lstm" else f"-{args.cell}"  # the LSTM's names as before
+    stem = os.path.join(args.out_dir, f"bench-{device}-{preset_name(args)}{cell}")
     try:
         plotting.require_matplotlib()
         can_plot = True
@@ -560,7 +568,7 @@ def main(argv=None) -> int:
                        "load_average_1m": [load_before, load_average()]},
             "columns": ROW_DOCS,
             "results": rows}
-    title = (f"rnnkernels-bench on {info['name']} ({device}) — B={settings.batch}, "
+    title = (f"rnnkernels-bench --cell {args.cell} on {info['name']} ({device}) — B={settings.batch}, "
              f"H={settings.hidden}, {settings.dtype}, {elapsed:.1f} s; threads: {thread_reason}")
     print_table(rows, title)
     warning = noise_summary(rows)

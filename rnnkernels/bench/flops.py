@@ -12,13 +12,15 @@ Conventions
 * Training counts backward as twice forward: every product ``Y = A·B`` needs ``dA`` and
   ``dB`` in backward, each as large as the forward product.
 
-LSTM (one layer, one direction, gates i, f, g, o)
-    forward   = 2·T·B·4H·(I + H)          input projection plus recurrent product, every
+Recurrent cells (one layer, one direction; G gate blocks: LSTM 4 (i, f, g, o), GRU 3
+(r, z, n), Elman RNN 1; the GRU's reset gate scales W_hn·h after the product, which
+does not change the product's size)
+    forward   = 2·T·B·G·H·(I + H)         input projection plus recurrent product, every
                                             step (the step-0 recurrent product with h0 is
                                             counted: the kernels do it)
     training  = 3 · forward                forward, then dgates·[W_ih W_hh] for dx and dh,
                                             and dgates^T·[x h] for dW_ih and dW_hh
-    decode    = 2·B·4H·(I + H)             one step; independent of the context length T
+    decode    = 2·B·G·H·(I + H)            one step; independent of the context length T
 
 Attention (one causal self-attention layer, d_model = H, projections Q, K, V, O of
 H x H without bias; the head count does not change the count, heads · head_dim = H)
@@ -39,14 +41,17 @@ H x H without bias; the head count does not change the count, heads · head_dim 
 
 ``sequential_steps`` is the number of steps that must run one after another because
 each needs the previous one's result: an LSTM forward walks T steps, training walks T
-steps forward then T steps back (2T), one decode step is 1. Attention has no recurrence:
+steps forward then T steps back (2T), one decode step is 1 (any recurrent cell). Attention has no recurrence:
 1 for forward and decode, 2 for training (forward, then backward).
 """
 
 from __future__ import annotations
 
 MODES = ("forward", "training", "decode")
-MODELS = ("lstm", "attention")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+"""Gate blocks of each recurrent model ("rnn": the Elman RNN, tanh or ReLU alike)."""
+RECURRENT = tuple(GATES)
+MODELS = ("lstm", "attention", "gru", "rnn")  # appended, not reordered: inputs are seeded by index
 
 
 def _check(mode: str, T: int, B: int, H: int) -> None:
@@ -56,15 +61,21 @@ def _check(mode: str, T: int, B: int, H: int) -> None:
         raise ValueError(f"sizes must be non-negative, got T={T}, B={B}, H={H}")
 
 
-def lstm_flops(mode: str, T: int, B: int, H: int, I: int | None = None) -> int:
-    """Matmul FLOPs of one LSTM call in ``mode`` (see the module docstring)."""
+def recurrent_flops(mode: str, T: int, B: int, H: int, I: int | None = None, gates: int = 4) -> int:
+    """Matmul FLOPs of one call of a recurrent cell of ``gates`` gate blocks in ``mode``
+    (see the module docstring)."""
     _check(mode, T, B, H)
     I = H if I is None else I
-    per_step = 2 * B * 4 * H * (I + H)
+    per_step = 2 * B * gates * H * (I + H)
     if mode == "decode":
         return per_step
     forward = T * per_step
     return forward if mode == "forward" else 3 * forward
+
+
+def lstm_flops(mode: str, T: int, B: int, H: int, I: int | None = None) -> int:
+    """Matmul FLOPs of one LSTM call in ``mode`` (see the module docstring)."""
+    return recurrent_flops(mode, T, B, H, I, GATES["lstm"])
 
 
 def causal_pairs(T: int) -> int:
@@ -84,9 +95,10 @@ def attention_flops(mode: str, T: int, B: int, H: int) -> int:
 
 
 def flops(model: str, mode: str, T: int, B: int, H: int) -> int:
-    """FLOPs of one call of ``model`` ("lstm" with I = H, or "attention") in ``mode``."""
-    if model == "lstm":
-        return lstm_flops(mode, T, B, H)
+    """FLOPs of one call of ``model`` (a recurrent model with I = H, or "attention") in
+    ``mode``."""
+    if model in GATES:
+        return recurrent_flops(mode, T, B, H, gates=GATES[model])
     if model == "attention":
         return attention_flops(mode, T, B, H)
     raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
@@ -95,7 +107,7 @@ def flops(model: str, mode: str, T: int, B: int, H: int) -> int:
 def sequential_steps(model: str, mode: str, T: int) -> int:
     """Steps that must run one after another (see the module docstring)."""
     _check(mode, T, 0, 0)
-    if model == "lstm":
+    if model in GATES:
         return {"forward": T, "training": 2 * T, "decode": 1}[mode]
     if model == "attention":
         return {"forward": 1, "training": 2, "decode": 1}[mode]

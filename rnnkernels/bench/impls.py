@@ -5,12 +5,15 @@ from a seeded generator; every implementation gets them cast to the benchmark dt
 and its result is compared with a float64 *reference* on the same inputs before it is
 timed (``validate``). An implementation whose result is off is not timed.
 
-LSTM implementations (I = H, with biases and initial state):
-  rnnkernels-cpu   ``rnnkernels.lstm_forward(..., backend="cpu")`` on NumPy arrays
+Recurrent implementations, for each cell the bench runs (``--cell``: model "lstm",
+"gru" or "rnn", the tanh Elman RNN; I = H, with biases and initial state):
+  rnnkernels-cpu   ``rnnkernels._api.cell_forward(cell, ..., backend="cpu")`` on NumPy
+                   arrays (for the LSTM the same path as ``lstm_forward``)
   rnnkernels-cuda  ``backend="cuda"`` on CuPy arrays
   reference        ``backend="reference"`` (NumPy float64; opt-in with --impls)
-  torch-cpu        ``torch.nn.LSTM`` on the CPU                 (baseline on a CPU)
-  cudnn            ``torch.nn.LSTM`` on the GPU, i.e. cuDNN, TF32 off (baseline on a GPU)
+  torch-cpu        ``torch.nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on the CPU  (baseline on a CPU)
+  cudnn            the same modules on the GPU, i.e. cuDNN, TF32 off (baseline on a GPU)
+LSTM only:
   onnxruntime      ONNX Runtime's LSTM operator on the CPU, inference only (peer; the
                    ``peers`` extra: onnx, onnxruntime)
   flashrnn         FlashRNN's fused LSTM kernel on the GPU (peer; ``pip install flashrnn``)
@@ -20,14 +23,15 @@ Attention implementations (``rnnkernels/bench/attention.py``):
   attention-cupy   CuPy: cuBLAS GEMMs and the causal-softmax RawKernel  (GPU)
   attention-sdpa   PyTorch ``scaled_dot_product_attention``, autograd (baseline)
 
-Modes: ``forward`` is inference over the whole sequence (LSTM ``training=False``, no
+Modes: ``forward`` is inference over the whole sequence (``training=False``, no
 autograd for PyTorch); ``training`` is forward then backward with a random upstream
 gradient dy for the output sequence; ``decode`` is one new token at context length T
-(one LSTM step from a given state; one attention query against a KV cache of T tokens).
+(one recurrent step from a given state; one attention query against a KV cache of T
+tokens).
 
 References (float64): PyTorch on the benchmark device when PyTorch is installed (an
 implementation independent of the code under test), else ``rnnkernels``' float64
-reference backend for the LSTM and the NumPy attention in float64.
+reference backend for the cell and the NumPy attention in float64.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import cells
 from . import attention as attn
-from .flops import MODELS, MODES
+from .flops import GATES, MODELS, MODES, RECURRENT
 
 # Largest accepted error, max|got - want| / max(max|want|, 1e-3), per output, by dtype.
 TOLERANCE = {"float64": 1e-7, "float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
@@ -81,11 +86,13 @@ def make_inputs(p: Problem) -> dict[str, np.ndarray]:
         return rng.uniform(-bound, bound, size=shape)
 
     H, B, T = p.H, p.B, p.T
-    if p.model == "lstm":
-        inputs = {"w_ih": uniform(4 * H, H), "w_hh": uniform(4 * H, H),
-                  "b_ih": uniform(4 * H), "b_hh": uniform(4 * H),
-                  "h0": 0.5 * rng.standard_normal((B, H)),
-                  "c0": 0.5 * rng.standard_normal((B, H))}
+    if p.model in RECURRENT:
+        rows = GATES[p.model] * H
+        # drawn in this order for every cell (the LSTM's inputs are those of old runs)
+        inputs = {"w_ih": uniform(rows, H), "w_hh": uniform(rows, H),
+                  "b_ih": uniform(rows), "b_hh": uniform(rows)}
+        for state in STATES[p.model]:
+            inputs[state] = 0.5 * rng.standard_normal((B, H))
         steps = 1 if p.mode == "decode" else T
         inputs["x"] = rng.standard_normal((steps, B, H))
         if p.mode == "training":
@@ -205,44 +212,68 @@ def _cupy():
 
 def _rnnkernels():
     try:
-        import rnnkernels
-        forward, backward = rnnkernels.lstm_forward, rnnkernels.lstm_backward
+        from rnnkernels import _api
+        forward, backward = _api.cell_forward, _api.cell_backward
     except (ImportError, AttributeError) as error:
-        raise Unavailable(f"rnnkernels.lstm_forward is not importable: {error}",
+        raise Unavailable(f"rnnkernels._api.cell_forward is not importable: {error}",
                           error=True) from error
     return forward, backward
 
 
-# --- LSTM -------------------------------------------------------------------------------
+# --- recurrent cells ----------------------------------------------------------------------
 
-LSTM_GRADS = ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0", "dc0")
+CELLS = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}
+"""The ``rnnkernels.cells`` name of each recurrent model (the bench's "rnn" is the tanh
+Elman RNN, torch.nn.RNN's default)."""
+STATES = {model: cells.get(name).state_inputs for model, name in CELLS.items()}
+"""Initial states of each model, in the cell's order: ("h0", "c0") or ("h0",)."""
+TORCH_MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def final_states(model: str) -> tuple[str, ...]:
+    """Output names of the final states: ("h_n", "c_n") for the LSTM, ("h_n",) else."""
+    return tuple(name[0] + "_n" for name in STATES[model])
+
+
+def gradient_names(model: str) -> tuple[str, ...]:
+    """Gradient output names in cell_backward's and torch.autograd.grad's order here."""
+    return ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh") + tuple("d" + name for name in STATES[model])
+
+
+LSTM_GRADS = gradient_names("lstm")
 
 
 def _ours_build(backend: str, device: str):
     def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
-        lstm_forward, lstm_backward = _rnnkernels()
+        cell_forward, cell_backward = _rnnkernels()
         xp = np if device == "cpu" else _cupy()
         dtype = "float64" if backend == "reference" else p.dtype
         a = {k: xp.asarray(v.astype(dtype)) for k, v in inputs.items()}
-        args = (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"])
+        cell = CELLS[p.model]
+        args = (cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                tuple(a[name] for name in STATES[p.model]))
+        states = final_states(p.model)
 
         if p.mode == "training":
             def run():
-                out = lstm_forward(*args, training=True, backend=backend)
-                return out, lstm_backward(out, dy=a["dy"])
+                out = cell_forward(*args, training=True, backend=backend)
+                return out, cell_backward(out, dy=a["dy"])
 
             def collect(result):
                 out, grads = result
-                got = {"y": to_host(out.y), "h_n": to_host(out.h_n), "c_n": to_host(out.c_n)}
-                got.update({name: to_host(getattr(grads, name)) for name in LSTM_GRADS})
+                got = {"y": to_host(out.y)}
+                got.update({name: to_host(state) for name, state in zip(states, out.states)})
+                got.update({name: to_host(getattr(grads, name)) for name in gradient_names(p.model)[:5]})
+                got.update({name: to_host(d) for name, d in
+                            zip(gradient_names(p.model)[5:], grads.dstates)})
                 return got
             return Prepared(run, collect)
 
         def run():
-            return lstm_forward(*args, training=False, backend=backend)
+            return cell_forward(*args, training=False, backend=backend)
 
         def collect(out):
-            got = {"h_n": to_host(out.h_n), "c_n": to_host(out.c_n)}
+            got = {name: to_host(state) for name, state in zip(states, out.states)}
             if p.mode == "forward":
                 got["y"] = to_host(out.y)
             return got
@@ -250,13 +281,13 @@ def _ours_build(backend: str, device: str):
     return build
 
 
-def _torch_lstm_build(device: str):
+def _torch_rnn_build(device: str):
     def build(p: Problem, inputs: dict[str, np.ndarray]) -> Prepared:
         torch = _torch_device(device)
         if device == "cuda" and not torch.backends.cudnn.is_available():
             raise Unavailable("PyTorch has CUDA but no cuDNN", error=True)
         dtype = _torch_dtype(torch, p.dtype)
-        return _torch_lstm(torch, p.mode, inputs, torch.device(device), dtype)
+        return _torch_rnn(torch, p.model, p.mode, inputs, torch.device(device), dtype)
     return build
 
 
@@ -274,47 +305,56 @@ def exact_fp32_cudnn(torch) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _torch_lstm(torch, mode, inputs, device, dtype) -> Prepared:
-    """torch.nn.LSTM with the problem's weights (shared by the impls and the reference)."""
+def _torch_rnn(torch, model, mode, inputs, device, dtype) -> Prepared:
+    """torch.nn.LSTM, GRU or RNN (tanh) with the problem's weights (shared by the impls
+    and the reference). Their layouts and gate orders are rnnkernels', so the weights
+    load unchanged."""
     H = inputs["w_hh"].shape[1]
     if device.type == "cuda":
         exact_fp32_cudnn(torch)
-    lstm = torch.nn.LSTM(H, H).to(device=device, dtype=dtype)
+    layer = getattr(torch.nn, TORCH_MODULES[model])(H, H).to(device=device, dtype=dtype)
     t = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in inputs.items()}
     with torch.no_grad():
         for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
             torch_name = name.replace("w_", "weight_").replace("b_", "bias_") + "_l0"
-            getattr(lstm, torch_name).copy_(t[name])
+            getattr(layer, torch_name).copy_(t[name])
     if device.type == "cuda":
-        lstm.flatten_parameters()
-    h0, c0 = t["h0"][None], t["c0"][None]
-    params = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+        layer.flatten_parameters()
+    states0 = [t[name][None] for name in STATES[model]]
+    # nn.LSTM takes and returns the pair (h, c); nn.GRU and nn.RNN the tensor h alone
+    hidden0 = tuple(states0) if model == "lstm" else states0[0]
+    params = [layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0]
+    names = final_states(model)
+
+    def states_of(hidden_n):
+        return hidden_n if model == "lstm" else (hidden_n,)
 
     if mode == "training":
         x = t["x"].clone().requires_grad_(True)
-        h0.requires_grad_(True)
-        c0.requires_grad_(True)
+        for state in states0:
+            state.requires_grad_(True)
 
         def run():
-            y, (h_n, c_n) = lstm(x, (h0, c0))
-            grads = torch.autograd.grad(y, [x, *params, h0, c0], grad_outputs=t["dy"])
-            return y, h_n, c_n, grads
+            y, hidden_n = layer(x, hidden0)
+            grads = torch.autograd.grad(y, [x, *params, *states0], grad_outputs=t["dy"])
+            return y, states_of(hidden_n), grads
 
         def collect(result):
-            y, h_n, c_n, grads = result
-            got = {"y": to_host(y), "h_n": to_host(h_n[0]), "c_n": to_host(c_n[0])}
-            for name, grad in zip(LSTM_GRADS, grads):
+            y, finals, grads = result
+            got = {"y": to_host(y)}
+            got.update({name: to_host(state[0]) for name, state in zip(names, finals)})
+            for name, grad in zip(gradient_names(model), grads):
                 got[name] = to_host(grad[0] if name in ("dh0", "dc0") else grad)
             return got
         return Prepared(run, collect)
 
     def run():
         with torch.no_grad():
-            return lstm(t["x"], (h0, c0))
+            return layer(t["x"], hidden0)
 
     def collect(result):
-        y, (h_n, c_n) = result
-        got = {"h_n": to_host(h_n[0]), "c_n": to_host(c_n[0])}
+        y, hidden_n = result
+        got = {name: to_host(state[0]) for name, state in zip(names, states_of(hidden_n))}
         if mode == "forward":
             got["y"] = to_host(y)
         return got
@@ -549,26 +589,36 @@ def _torch_attention(torch, p: Problem, inputs, device, dtype) -> Prepared:
 
 # --- the registry -----------------------------------------------------------------------
 
-def all_impls() -> list[Impl]:
-    """Every implementation, in table order (ours first, then the baselines)."""
+def _recurrent_impls(model: str) -> list[Impl]:
+    """Ours and the torch baselines for one recurrent model (the same for every cell)."""
     return [
-        Impl("rnnkernels-cpu", "lstm", "cpu", ("float32", "float64"), _ours_build("cpu", "cpu"),
+        Impl("rnnkernels-cpu", model, "cpu", ("float32", "float64"), _ours_build("cpu", "cpu"),
              "cpu", "tracemalloc",
              note="peak memory misses allocations inside Numba code"),
-        Impl("rnnkernels-cuda", "lstm", "cuda", ("float32",),  # as rnnkernels/cuda.py
+        Impl("rnnkernels-cuda", model, "cuda", ("float32",),  # as rnnkernels/cuda.py
              _ours_build("cuda", "cuda"), "cupy", "cupy-memory-hook"),
-        Impl("reference", "lstm", "cpu", DTYPES, _ours_build("reference", "cpu"), "cpu",
+        Impl("reference", model, "cpu", DTYPES, _ours_build("reference", "cpu"), "cpu",
              "tracemalloc", note="computes in float64 whatever the dtype"),
-        Impl("torch-cpu", "lstm", "cpu", ("float32", "float64", "bfloat16"),
-             _torch_lstm_build("cpu"), "cpu", None, baseline=True),
-        Impl("cudnn", "lstm", "cuda", ("float32", "float64", "float16", "bfloat16"),
-             _torch_lstm_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
+        Impl("torch-cpu", model, "cpu", ("float32", "float64", "bfloat16"),
+             _torch_rnn_build("cpu"), "cpu", None, baseline=True),
+        Impl("cudnn", model, "cuda", ("float32", "float64", "float16", "bfloat16"),
+             _torch_rnn_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
              baseline=True, note="TF32 off: exact FP32 like rnnkernels (see exact_fp32_cudnn)"),
+    ]
+
+
+def all_impls() -> list[Impl]:
+    """Every implementation, in table order (ours first, then the baselines), for every
+    model; an implementation's name may recur with another model."""
+    return [
+        *_recurrent_impls("lstm"),
         Impl("onnxruntime", "lstm", "cpu", ("float32",), _onnxruntime_build, "cpu",
              None, note="ONNX Runtime's LSTM operator, CPU, inference only"),
         Impl("flashrnn", "lstm", "cuda", ("float32", "bfloat16", "float16"), _flashrnn_build,
              "torch-cuda", "torch.cuda.max_memory_allocated",
              note=f"FlashRNN {FLASHRNN_BACKEND}; x W_ih^T in torch inside the timed call"),
+        *_recurrent_impls("gru"),
+        *_recurrent_impls("rnn"),
         Impl("attention-numpy", "attention", "cpu", ("float32", "float64"),
              _array_attention_build("cpu"), "cpu", "tracemalloc"),
         Impl("attention-cupy", "attention", "cuda", ("float32", "float16"),
@@ -585,17 +635,25 @@ DEFAULT_IMPLS = {
     "cpu": ("rnnkernels-cpu", "torch-cpu", "onnxruntime", "attention-numpy", "attention-sdpa"),
     "cuda": ("rnnkernels-cuda", "cudnn", "flashrnn", "attention-cupy", "attention-sdpa"),
 }
+"""The defaults per device; those a cell does not have (the LSTM-only peers for the GRU
+and the RNN) are left out for that cell."""
 
 
-def select_impls(device: str, names: tuple[str, ...] | None = None) -> list[Impl]:
-    """The implementations to run on ``device``: the defaults, or ``names``."""
-    available = {impl.name: impl for impl in all_impls() if impl.device == device}
-    wanted = DEFAULT_IMPLS[device] if names is None else names
-    unknown = [name for name in wanted if name not in available]
+def select_impls(device: str, names: tuple[str, ...] | None = None,
+                 cell: str = "lstm") -> list[Impl]:
+    """The implementations to run on ``device`` for the recurrent model ``cell`` ("lstm",
+    "gru" or "rnn") and attention: the defaults, or ``names``."""
+    if cell not in RECURRENT:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(RECURRENT)}")
+    available = {impl.name: impl for impl in all_impls()
+                 if impl.device == device and impl.model in (cell, "attention")}
+    if names is None:
+        return [available[name] for name in DEFAULT_IMPLS[device] if name in available]
+    unknown = [name for name in names if name not in available]
     if unknown:
-        raise ValueError(f"unknown implementation(s) for device {device}: {unknown}; "
+        raise ValueError(f"unknown implementation(s) for device {device} and cell {cell}: {unknown}; "
                          f"choose from {sorted(available)}")
-    return [available[name] for name in wanted]
+    return [available[name] for name in names]
 
 
 def baseline_name(model: str, device: str) -> str:
@@ -616,12 +674,12 @@ def reference_outputs(p: Problem, inputs: dict[str, np.ndarray],
         torch = None
     if torch is not None:
         name = f"torch-float64-{device}"
-        if p.model == "lstm":
-            prepared = _torch_lstm(torch, p.mode, inputs, torch.device(device), torch.float64)
+        if p.model in RECURRENT:
+            prepared = _torch_rnn(torch, p.model, p.mode, inputs, torch.device(device), torch.float64)
         else:
             prepared = _torch_attention(torch, p, inputs, torch.device(device), torch.float64)
         return prepared.collect(prepared.run()), name
-    if p.model == "lstm":
+    if p.model in RECURRENT:
         prepared = _ours_build("reference", "cpu")(p, inputs)
         return prepared.collect(prepared.run()), "rnnkernels-reference"
     p64 = Problem(**{**p.__dict__, "dtype": "float64"})

@@ -1,10 +1,10 @@
 """The plot, drawn from saved results (the CLI's JSON), never from a second run.
 
 One panel per mode; time per call against T on log-log axes, one line per
-implementation (solid: LSTM, dashed: attention). The crossover is where the fastest LSTM
-and the fastest attention take equal time, found by linear interpolation in log-log
-between the two measured lengths around the sign change; none is drawn next to a length
-where a row is flagged noisy. Noisy rows are hollow markers; the legend sits below
+implementation (solid: the recurrent cell, LSTM, GRU or RNN; dashed: attention). The
+crossover is where the fastest recurrent implementation and the fastest attention take
+equal time, found by linear interpolation in log-log between the two measured lengths
+around the sign change; none is drawn next to a length where a row is flagged noisy. Noisy rows are hollow markers; the legend sits below
 the panels, outside the data.
 
     python -m rnnkernels.bench.plot results.json results.png
@@ -72,11 +72,22 @@ def noisy_lengths(rows) -> set[int]:
     return {row["T"] for row in rows if row["status"] == "ok" and row.get("noisy")}
 
 
+CELL_TITLES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def recurrent_model(rows) -> str:
+    """The recurrent model of a run's rows ("lstm" when there is none: older runs)."""
+    return next((row["model"] for row in rows if row["model"] != "attention"), "lstm")
+
+
 def crossover_text(rows) -> tuple[list[float], str]:
-    """Crossover lengths of the fastest LSTM against the fastest attention in one mode's
-    rows, and a sentence for the panel. A crossing next to a length with a noisy row is
-    not reported: it would be drawn from figures the run itself does not trust."""
-    lstm, attention = fastest(rows, "lstm"), fastest(rows, "attention")
+    """Crossover lengths of the fastest recurrent cell (LSTM, GRU or RNN) against the
+    fastest attention in one mode's rows, and a sentence for the panel. A crossing next
+    to a length with a noisy row is not reported: it would be drawn from figures the run
+    itself does not trust."""
+    model = recurrent_model(rows)
+    cell = CELL_TITLES.get(model, model)
+    lstm, attention = fastest(rows, model), fastest(rows, "attention")
     common = sorted(set(lstm) & set(attention))
     if len(common) < 2:
         return [], "too few lengths with both models to find a crossover"
@@ -88,12 +99,12 @@ def crossover_text(rows) -> tuple[list[float], str]:
             if withheld else "")
     if points:
         where = ", ".join(f"T ≈ {x:.0f}" for x in points)
-        return points, f"fastest LSTM = fastest attention at {where}{note}"
+        return points, f"fastest {cell} = fastest attention at {where}{note}"
     if found:
         return [], "crossover not shown: noisy rows around it"
     if noisy:
         return [], "no crossover shown: some rows are noisy"
-    winner = "LSTM" if lstm[common[0]] < attention[common[0]] else "attention"
+    winner = cell if lstm[common[0]] < attention[common[0]] else "attention"
     return [], f"no crossover in T {common[0]}..{common[-1]}: {winner} faster"
 
 
@@ -141,8 +152,9 @@ def plot_results(data: dict, path: str) -> None:
                           for row in mode_rows if row["impl"] == impl and row["model"] == model)
             if not line:
                 continue
-            style = dict(marker="o" if model == "lstm" else "s",
-                         linestyle="-" if model == "lstm" else "--", color=colors[(model, impl)])
+            recurrent = model != "attention"
+            style = dict(marker="o" if recurrent else "s",
+                         linestyle="-" if recurrent else "--", color=colors[(model, impl)])
             handles[(model, impl)] = ax.plot([t for t, _, _ in line], [ms for _, ms, _ in line],
                                              label=f"{model}: {impl}", **style)[0]
             noisy = [(t, ms) for t, ms, flag in line if flag]
@@ -191,7 +203,8 @@ def plot_results(data: dict, path: str) -> None:
                   fontsize=9, frameon=False)
     config = data.get("config", {})
     device = data.get("device", {})
-    figure.suptitle(f"LSTM vs causal attention on {device.get('name', '?')} — "
+    model = recurrent_model(rows)
+    figure.suptitle(f"{CELL_TITLES.get(model, model)} vs causal attention on {device.get('name', '?')} — "
                     f"B={config.get('batch')}, H={config.get('hidden')}, "
                     f"{config.get('dtype')}", fontsize=12)
     figure.savefig(path, dpi=110)

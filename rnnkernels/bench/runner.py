@@ -158,7 +158,8 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
 
 def cells(settings: Settings) -> list[tuple[str, str, int]]:
     """(model, mode, T) in run order."""
-    return [(model, mode, T) for mode in settings.modes for model in ("lstm", "attention")
+    return [(model, mode, T) for mode in settings.modes
+            for model in (*flop_formulas.RECURRENT, "attention")
             for T in settings.seq_lens
             if any(impl.model == model for impl in settings.impls)]
 
