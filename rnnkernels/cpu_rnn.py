@@ -65,14 +65,15 @@ def _cell_forward_tanh(gx, z, h_out):
 
 def _cell_forward_relu(gx, z, h_out):
     """h_out [B, H] = relu(gx [B, H] + z [B, ≥H]); NaN stays NaN (as torch's and the
-    reference's maximum), hence ``not a < 0`` rather than ``a > 0``."""
+    reference's maximum): the select keeps ``a`` unless ``a < 0``, which is false for
+    NaN (``a if a > 0 else 0`` would give 0, and Numba's max leaves the order open)."""
     batch, hidden = h_out.shape
     for b in numba.prange(batch):
         g, rec, h_row = gx[b], z[b], h_out[b]
         zero = h_row.dtype.type(0)
         for j in range(hidden):
             a = g[j] + rec[j]
-            h_row[j] = zero if a < zero else a
+            h_row[j] = zero if a < zero else a  # noqa: FURB136 - see the docstring
 
 
 def _cell_backward_tanh(dy, dh_next, h_cur, da, row_sq):

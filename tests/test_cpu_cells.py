@@ -167,6 +167,22 @@ def test_cpu_relu_rnn_derivative_is_zero_at_zero_and_the_bias_is_folded_right():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
+def test_cpu_cell_infinite_input_gives_the_references_nan_and_inf_pattern(cell, dtype):
+    # +Inf in x saturates gates (and makes a relu unit Inf): where the reference has a
+    # NaN (0·Inf in the weight gradients) or an Inf, the backend has it too.
+    p = _problem(cell, 4, 3, 5, 6, seed=3)
+    p["x"][1, 0, 2] = np.inf
+    y, h_n, grads = _run(cell, *_inputs(cell, p, dtype))
+    y_ref, h_n_ref, grads_ref = _reference(cell, p)
+    for name, got, want in [("y", y, y_ref), ("h_n", h_n, h_n_ref)] + [(n, grads[n], grads_ref[n]) for n in GRADS]:
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        finite = np.isfinite(want)
+        assert rel_err(got[finite], want[finite]) < 10 * TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
 def test_cpu_cell_serial_and_parallel_variants_give_the_same_bits(cell, dtype, monkeypatch):
     # _cpu_common.parallel_steps picks a variant for speed only: whichever runs, every
     # output bit is the same. B=5 leaves a partial 4-row block, H=37 a partial panel.
@@ -277,7 +293,7 @@ def test_cpu_cells_same_bits_in_a_new_process_from_a_disk_cache_that_hits():
     env = dict(os.environ, NUMBA_NUM_THREADS="2")
     results = []
     for _ in range(2):
-        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        child = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=600)
         assert child.returncode == 0, child.stderr
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     first, second = results
@@ -286,3 +302,67 @@ def test_cpu_cells_same_bits_in_a_new_process_from_a_disk_cache_that_hits():
     assert "rnnkernels.cpu_rnn.forward_steps_relu_serial" in second["used"], second
     for name, (compiled, hits) in second["used"].items():
         assert hits == compiled, (name, second)
+
+
+# Through the public API (rnnkernels/_api.py folds the biases and unfolds db itself).
+
+
+def _api_forward(cell, p, **kwargs):
+    import rnnkernels
+
+    args = {name: p[name] for name in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0")}
+    if cell == "gru":
+        return rnnkernels.gru_forward(**args, **kwargs)
+    return rnnkernels.rnn_forward(**args, nonlinearity=cell[4:], **kwargs)
+
+
+def _api_backward(cell, out, dy=None, dh_n=None, **kwargs):
+    import rnnkernels
+
+    return (rnnkernels.gru_backward if cell == "gru" else rnnkernels.rnn_backward)(out, dy, dh_n, **kwargs)
+
+
+@pytest.mark.parametrize("upstream", ["all", "dy only", "none"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_cell_through_the_api_matches_the_reference_backend(cell, upstream):
+    # float32 through gru_forward/rnn_forward with backend="cpu" (and "auto", which is
+    # cpu for NumPy arrays) against the float64 reference backend through the same API.
+    p = _problem(cell, 5, 4, 6, 13, seed=8)
+    p32 = {k: None if v is None else v.astype(np.float32) for k, v in p.items()}
+    dy = {"all": p["dy"], "dy only": p["dy"], "none": None}[upstream]
+    dh_n = p["dh_n"] if upstream == "all" else None
+    cast = (lambda a: None if a is None else a.astype(np.float32))
+    out = _api_forward(cell, p32, backend="cpu")
+    assert out.backend == "cpu" and _api_forward(cell, p32).backend == "cpu"
+    ref = _api_forward(cell, p, backend="reference")
+    grads = _api_backward(cell, out, cast(dy), cast(dh_n), return_step_norms=True)
+    want = _api_backward(cell, ref, dy, dh_n, return_step_norms=True)
+    assert out.y.dtype == np.float32
+    assert rel_err(out.y, ref.y) < 2e-5 and rel_err(out.h_n, ref.h_n) < 2e-5
+    for name in GRADS:
+        assert rel_err(getattr(grads, name), getattr(want, name)) < 2e-5, name
+    if upstream == "none":  # zero gradients, not missing ones
+        assert not any(getattr(grads, name).any() for name in GRADS)
+    elif cell == "gru":  # db_ih and db_hh agree on r, z and differ on n
+        np.testing.assert_array_equal(grads.db_ih[:26], grads.db_hh[:26])
+        assert not np.array_equal(grads.db_ih[26:], grads.db_hh[26:])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_cell_through_the_api_at_a_size_for_the_parallel_rule(cell):
+    # B·H = 64·260 >= _cpu_common.PARALLEL_MIN_UNITS: with more than one Numba thread the
+    # rule itself (no patching) takes the parallel variant; either way against the
+    # float64 reference, through the generic cell_forward / cell_backward.
+    from rnnkernels import _api
+
+    p = _problem(cell, 3, 64, 20, 260, seed=11)
+    p32 = {k: None if v is None else v.astype(np.float32) for k, v in p.items()}
+    args = ("x", "w_ih", "w_hh", "b_ih", "b_hh")
+    out = _api.cell_forward(cell, *(p32[k] for k in args), (p32["h0"],), backend="cpu")
+    ref = _api.cell_forward(cell, *(p[k] for k in args), (p["h0"],), backend="reference")
+    grads = _api.cell_backward(out, p32["dy"], (p32["dh_n"],), return_step_norms=True)
+    want = _api.cell_backward(ref, p["dy"], (p["dh_n"],), return_step_norms=True)
+    assert rel_err(out.y, ref.y) < 2e-5
+    for name in ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0"):
+        assert rel_err(getattr(grads, name), getattr(want, name)) < 2e-5, name
+    assert rel_err(grads.step_norms[0], want.step_norms[0]) < 2e-5
