@@ -195,8 +195,17 @@ def _single_step(x, w_ih, w_hh, bias, h0):
     h = np.empty((2, batch, hidden), dtype)
     hn = np.empty((1, batch, hidden), dtype)
     h[0] = h0
-    _VARIANTS[False].cell_forward(gates[0], z, _b_hn(bias, hidden, dtype), h[0], h[1], hn[0])
+    cell_step(gates[0], z, _b_hn(bias, hidden, dtype), h[0], h[1], hn[0])
     return h, hn, gates
+
+
+def cell_step(gates, z, b_hn, h_prev, h_out, hn_out):
+    """The forward loop's fused cell for one step (serial variant), for callers that
+    make the two products themselves (a decode step, as ``cpu.cell_step`` for the LSTM).
+    ``gates`` [B, 3H]: x W_ihᵀ + b[:3H] on entry, activated r, z, n on exit; ``z``
+    [B, ≥3H] = h_{t-1} W_hhᵀ; b_hn [H] (zeros without biases); h_prev, h_out, hn_out
+    [B, H]; C-contiguous, one dtype (float32 or float64)."""
+    _VARIANTS[False].cell_forward(gates, z, b_hn, h_prev, h_out, hn_out)
 
 
 def _steps(x, w_ih, w_hh, bias, h0):

@@ -181,8 +181,18 @@ def _single_step(nonlinearity, x, w_ih, w_hh, bias, h0):
         gx += bias
     h = np.empty((2, batch, hidden), x.dtype)
     h[0] = h0
-    _VARIANTS[nonlinearity, False].cell_forward(gx, np.dot(h0, w_hh.T), h[1])
+    cell_step(nonlinearity, gx, np.dot(h0, w_hh.T), h[1])
     return h
+
+
+def cell_step(nonlinearity, gx, z, h_out):
+    """The forward loop's cell for one step (serial variant), for callers that make the
+    two products themselves (a decode step, as ``cpu.cell_step`` for the LSTM):
+    h_out [B, H] = act(gx [B, H] + z [B, ≥H]), gx = x W_ihᵀ + b, z = h_{t-1} W_hhᵀ;
+    C-contiguous, one dtype (float32 or float64)."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    _VARIANTS[nonlinearity, False].cell_forward(gx, z, h_out)
 
 
 def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):

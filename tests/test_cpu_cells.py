@@ -219,6 +219,28 @@ def test_cpu_cell_single_step_path_matches_the_time_loop(cell, dtype):
         assert rel_err(a, b) < 4 * np.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_cell_step_for_decoding_gives_the_single_step_forwards_bits(cell):
+    # cell_step (for a caller that makes the two products itself, e.g. a decode step)
+    # on the same products as the T = 1 forward: the same bits.
+    dtype = np.float32
+    p = _problem(cell, 1, 3, 4, 10, seed=12)
+    (x, w_ih, w_hh, bias, h0), _ = _inputs(cell, p, dtype)
+    y, h_n, _ = _backend(cell).forward(x, w_ih, w_hh, bias, h0, training=False)
+    h_out = np.empty_like(h0)
+    if cell == "gru":
+        gates = np.dot(x[0], w_ih.T)
+        gates += bias[:30]
+        cpu_gru.cell_step(gates, np.dot(h0, w_hh.T), np.ascontiguousarray(bias[30:]), h0, h_out, np.empty_like(h0))
+    else:
+        gx = np.dot(x[0], w_ih.T)
+        gx += bias
+        cpu_rnn.cell_step(cell[4:], gx, np.dot(h0, w_hh.T), h_out)
+        with pytest.raises(ValueError, match="nonlinearity"):
+            cpu_rnn.cell_step("sigmoid", gx, gx, h_out)
+    assert h_out.tobytes() == h_n.tobytes() == y[0].tobytes()
+
+
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_cell_saved_arrays_round_trip_inference_inputs_and_repeats(cell, steps):
