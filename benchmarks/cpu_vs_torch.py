@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_vs_torch.py                        # the table: six sizes x 2 modes x 1, 2 threads
     python benchmarks/cpu_vs_torch.py --threads 1 --size 128,16,256 --mode training --repeats 50
+    python benchmarks/cpu_vs_torch.py --cell gru --threads 1      # torch.nn.GRU; also rnn_tanh, rnn_relu
 
 The default run is the table of issue 12 (sizes (T, B, I=H), float32, inference and
 training, one and two threads per library); it takes about 4 minutes on the 2-core
@@ -65,6 +66,8 @@ def parse(argv):
     parser.add_argument("--threads", type=int, action="append", metavar="N",
                         help="threads per library; repeat for several (default: 1 and 2)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--cell", choices=("lstm", "gru", "rnn_tanh", "rnn_relu"), default="lstm",
+                        help="the cell: ours against torch.nn.LSTM / GRU / RNN (default lstm)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved pairs per row")
     parser.add_argument("--budget", type=float, default=1.0,
@@ -91,11 +94,19 @@ def measure(args, threads: int) -> list[dict]:
     for steps, batch, hidden in args.size:
         for mode in args.mode:
             problem = impls.Problem("lstm", mode, steps, batch, hidden, args.dtype)
-            inputs = impls.make_inputs(problem)
-            want, validated_against = impls.reference_outputs(problem, inputs, "cpu")
+            if args.cell == "lstm":
+                inputs = impls.make_inputs(problem)
+                want, validated_against = impls.reference_outputs(problem, inputs, "cpu")
+                builds = {name: impls.select_impls("cpu", (name,))[0].build for name in ("rnnkernels-cpu", "torch-cpu")}
+            else:
+                inputs = _cell_inputs(args.cell, problem)
+                reference = _cell_builds(args.cell, problem, inputs, "float64")["torch-cpu"]()
+                want, validated_against = reference.collect(reference.run()), "torch-float64-cpu"
+                builds = {name: (lambda p, i, build=build: build()) for name, build in
+                          _cell_builds(args.cell, problem, inputs, args.dtype).items()}
             calls, errors = {}, {}
             for name in ("rnnkernels-cpu", "torch-cpu"):
-                prepared = impls.select_impls("cpu", (name,))[0].build(problem, inputs)
+                prepared = builds[name](problem, inputs)
                 worst, error = impls.validate(prepared, want)
                 errors[name] = {"output": worst, "rel_error": error, "against": validated_against}
                 if error > impls.TOLERANCE[args.dtype]:
@@ -111,7 +122,7 @@ def measure(args, threads: int) -> list[dict]:
             ours, theirs = samples["rnnkernels-cpu"], samples["torch-cpu"]
             row = {
                 "rnnkernels": str(Path(impls.__file__).resolve().parents[2]),
-                "threads": threads, "T": steps, "B": batch, "I": hidden, "H": hidden, "mode": mode,
+                "cell": args.cell, "threads": threads, "T": steps, "B": batch, "I": hidden, "H": hidden, "mode": mode,
                 "dtype": args.dtype, "ratio": timing.paired_ratio(ours, theirs),
                 "ours": timing.summarize(ours), "torch": timing.summarize(theirs),
                 "load": load_average(), "numba_threads": numba.get_num_threads(),
@@ -120,6 +131,85 @@ def measure(args, threads: int) -> list[dict]:
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def _cell_inputs(cell: str, p) -> dict:
+    """float64 inputs for a GRU or Elman RNN layer (I = H, biases, h0; dy in training),
+    torch's default scale U(±1/√H)."""
+    import numpy as np
+
+    rng = np.random.default_rng([p.seed, p.T, p.B, p.H, impls.MODES.index(p.mode)])
+    rows = (3 if cell == "gru" else 1) * p.H
+    bound = 1.0 / np.sqrt(p.H)
+    inputs = {"w_ih": rng.uniform(-bound, bound, (rows, p.H)), "w_hh": rng.uniform(-bound, bound, (rows, p.H)),
+              "b_ih": rng.uniform(-bound, bound, rows), "b_hh": rng.uniform(-bound, bound, rows),
+              "h0": 0.5 * rng.standard_normal((p.B, p.H)), "x": rng.standard_normal((p.T, p.B, p.H))}
+    if p.mode == "training":
+        inputs["dy"] = rng.standard_normal((p.T, p.B, p.H))
+    return inputs
+
+
+def _cell_builds(cell: str, p, inputs: dict, dtype: str) -> dict:
+    """{"rnnkernels-cpu": build, "torch-cpu": build} for a GRU / Elman RNN problem, each
+    build() -> impls.Prepared whose outputs are y, h_n and, in training, every gradient."""
+    import numpy as np
+    import torch
+
+    import rnnkernels
+
+    grad_names = ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0")
+    a = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in inputs.items()}
+    args = (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"])
+    if cell == "gru":
+        ours_forward, ours_backward, layer = rnnkernels.gru_forward, rnnkernels.gru_backward, torch.nn.GRU
+        options = {}
+    else:
+        ours_forward, ours_backward, layer = rnnkernels.rnn_forward, rnnkernels.rnn_backward, torch.nn.RNN
+        options = {"nonlinearity": cell[4:]}
+
+    def ours():
+        if p.mode == "training":
+            def run():
+                out = ours_forward(*args, **options, training=True, backend="cpu")
+                return out, ours_backward(out, dy=a["dy"])
+
+            def collect(result):
+                out, grads = result
+                got = {"y": out.y, "h_n": out.h_n} | {n: getattr(grads, n) for n in grad_names}
+                return {k: np.asarray(v, np.float64) for k, v in got.items()}
+            return impls.Prepared(run, collect)
+        return impls.Prepared(lambda: ours_forward(*args, **options, training=False, backend="cpu"),
+                              lambda out: {"y": np.asarray(out.y, np.float64), "h_n": np.asarray(out.h_n, np.float64)})
+
+    def theirs():
+        module = layer(p.H, p.H, **options).to(dtype=getattr(torch, dtype))
+        t = {k: torch.from_numpy(v) for k, v in a.items()}
+        with torch.no_grad():
+            for name, value in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                                ("bias_hh_l0", "b_hh")):
+                getattr(module, name).copy_(t[value])
+        h0 = t["h0"][None]
+        if p.mode == "training":
+            x = t["x"].clone().requires_grad_(True)
+            h0.requires_grad_(True)
+            params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+
+            def run():
+                y, h_n = module(x, h0)
+                return y, h_n, torch.autograd.grad(y, [x, *params, h0], grad_outputs=t["dy"])
+
+            def collect(result):
+                y, h_n, grads = result
+                got = {"y": y, "h_n": h_n[0]} | dict(zip(grad_names, grads[:-1])) | {"dh0": grads[-1][0]}
+                return {k: v.detach().double().numpy() for k, v in got.items()}
+            return impls.Prepared(run, collect)
+
+        def run():
+            with torch.no_grad():
+                return module(t["x"], h0)
+        return impls.Prepared(run, lambda r: {"y": r[0].double().numpy(), "h_n": r[1][0].double().numpy()})
+
+    return {"rnnkernels-cpu": ours, "torch-cpu": theirs}
 
 
 def run_children(args) -> list[dict]:
@@ -148,7 +238,7 @@ def run_children(args) -> list[dict]:
             for line in child.stdout:
                 row = json.loads(line)
                 if not rows:
-                    print(f"rnnkernels from {row['rnnkernels']}")
+                    print(f"rnnkernels from {row['rnnkernels']}, cell {row['cell']}")
                 rows.append(row)
                 ratio = row["ratio"]
                 print(f"{threads:>3} {row['T']:>5} {row['B']:>3} {row['H']:>4} {row['mode']:8} "

@@ -23,7 +23,8 @@ float32 and float64 are supported; arithmetic stays in the input dtype. Every ou
 bit is the same in any process, whatever ran before, at any thread count and in
 either variant (tests/test_cpu.py, tests/test_cpu_process.py).
 
-Compiled variants (the rule is ``_variant``): one *serial* and one *parallel* copy of
+Compiled variants (``rnnkernels/_cpu_common.py``, shared with the GRU and the Elman
+RNN; the rule is ``_cpu_common.parallel_steps``): one *serial* and one *parallel* copy of
 each compiled function, each under its own name in Numba's cache; float32 and float64
 are signatures of each. The time loop takes the parallel variant when Numba has more
 than one thread and a step holds B > 1 rows and B·H >= 16384 units: its step product
@@ -48,28 +49,16 @@ used in one process; each spins briefly (GOMP_SPINCOUNT) and then sleeps when id
 
 from __future__ import annotations
 
-import hashlib
-import types
-from pathlib import Path
-
 import numba
 import numpy as np
 
-from . import _cpu_gemm, _fastmath
+from . import _cpu_common, _cpu_gemm, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
-# Below this many hidden units per step (B·H), a parallel region costs more than it
-# saves on a few cores (measured on a 2-core x86 machine with float32).
-_PARALLEL_MIN_UNITS = 16384
-# Below this many multiply-adds a product is not split over threads (a fork costs some
-# microseconds; 2^20 multiply-adds take about 30 µs on one core).
-_PARALLEL_MIN_MACS = 1 << 20
-_PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
-
 # The cell loops. Each reads every gate pre-activation once and keeps the cell math in
 # registers. They are plain functions here, compiled below into one Numba dispatcher
-# per variant; see ``_compile`` for why.
+# per variant; see ``_cpu_common.compile_function`` for why.
 #
 # Each row is processed by a few short loops over a handful of arrays each rather than
 # one loop touching all of them: with six or more arrays in one loop LLVM's runtime
@@ -148,41 +137,6 @@ def _cell_backward(dy, dh_next, carry, gates, c_prev, c_cur, dz, row_sq):
     return dh_total, dc_total
 
 
-def _step_product(a, packed, out):
-    """out[:, :N] = a [R, K] @ M [K, N] for M packed by ``_cpu_gemm.pack``; out [R, ≥N]
-    C-contiguous, its columns past N get the zero padding's products (zeros). Groups of
-    4 panels (the parallel variant splits the groups); in each, blocks of 4 rows, and a
-    last block of 1-3 rows through the kernel that keeps 8 accumulators busy."""
-    rows = a.shape[0]
-    full = rows - rows % 4
-    rest = rows - full
-    panels = packed.shape[0]
-    # The kernel trusts these (it reads K from a and writes whole panels): check once.
-    if a.shape[1] != packed.shape[1] or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
-        raise ValueError("step product: a, packed and out do not fit together")
-    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
-        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
-    for group in numba.prange((panels + 3) // 4):
-        first = 4 * group
-        count = min(4, panels - first)
-        for panel in range(first, first + count):
-            for row in range(0, full, 4):
-                _cpu_gemm.tile4x1(a, row, packed, panel, out)
-        if rest == 1 and count == 4:
-            _cpu_gemm.tile1x4(a, full, packed, first, out)
-        elif rest == 2 and count == 4:
-            _cpu_gemm.tile2x2(a, full, packed, first, out)
-            _cpu_gemm.tile2x2(a, full, packed, first + 2, out)
-        elif rest > 0:
-            for panel in range(first, first + count):
-                if rest == 1:
-                    _cpu_gemm.tile1x1(a, full, packed, panel, out)
-                elif rest == 2:
-                    _cpu_gemm.tile2x1(a, full, packed, panel, out)
-                else:
-                    _cpu_gemm.tile3x1(a, full, packed, panel, out)
-
-
 def _forward_steps(gates, h, c, packed_w_hh_t, z):
     """All T steps in one compiled call (no per-step Python, BLAS or unboxing cost).
     gates [T, B, 4H]: x W_ihᵀ + b on entry, the activated gates on exit; h, c
@@ -205,98 +159,28 @@ def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_no
         step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
 
 
-# Numba's on-disk cache (cache=True) files a compiled function under its qualified name
-# and first line, and keys the entry by its signature, its bytecode and a pickle of its
-# closure. Two rules follow, and the variants below keep both:
-# * a closure over a jitted function never hits: the dispatcher pickles with an id that
-#   is new in every process, so each process compiled anew and appended two files to
-#   the cache. The loops therefore close over nothing; the dtype's activations come in
-#   through the generic ``_fastmath.sigmoid``/``tanh``, and a variant's callees through
-#   its globals;
-# * ``parallel=`` is not part of the key: compiled from one function, the serial and
-#   parallel variants shared one entry, and whichever compiled first in a process served
-#   both. Each variant is therefore a copy of the function under its own name. The
-#   name also carries a digest of _fastmath.py and _cpu_gemm.py, since Numba checks only
-#   the timestamp of the file the function is defined in.
-# dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
-_SOURCE_DIGEST = hashlib.sha256(
-    Path(_fastmath.__file__).read_bytes() + Path(_cpu_gemm.__file__).read_bytes()
-).hexdigest()[:12]
-
-
-def _compile(py_func, variant, parallel, callees=None):
-    name = f"{py_func.__name__}_{variant}"
-    func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
-    func.__qualname__ = f"{name}_{_SOURCE_DIGEST}"
-    func.__doc__ = py_func.__doc__
-    return numba.njit(
-        nogil=True,
-        cache=True,
-        parallel=parallel,
-        error_model="numpy",  # no zero-division branches: they stop vectorization
-        # ``reassoc`` lets the two norm sums in backward vectorize; everything else in
-        # these loops is products, where it changes nothing but the last bit.
-        fastmath={"contract", "reassoc"},
-    )(func)
-
-
-class _Variant:
-    """One compiled variant: the cells, the step product and the two time loops."""
-
-    def __init__(self, parallel):
-        name = "parallel" if parallel else "serial"
-        self.cell_forward = _compile(_cell_forward, name, parallel)
-        self.cell_backward = _compile(_cell_backward, name, parallel)
-        self.step_product = _compile(_step_product, name, parallel)
-        # The time loops themselves are serial (each step needs the last); in the
-        # parallel variant their callees fork and join once per step.
-        self.forward_steps = _compile(
-            _forward_steps, name, False,
-            {"step_product": self.step_product, "cell_forward": self.cell_forward},
-        )
-        self.backward_steps = _compile(
-            _backward_steps, name, False,
-            {"step_product": self.step_product, "cell_backward": self.cell_backward},
-        )
-
-
-_VARIANTS = {parallel: _Variant(parallel) for parallel in (False, True)}
+# One serial and one parallel variant (rnnkernels/_cpu_common.py: how each is compiled
+# and cached, and the rule that picks one).
+_VARIANTS = {
+    parallel: _cpu_common.compile_variant(
+        "parallel" if parallel else "serial",
+        parallel,
+        cells={"cell_forward": _cell_forward, "cell_backward": _cell_backward},
+        loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
+    )
+    for parallel in (False, True)
+}
 
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
     e.g. ``dispatcher.stats.cache_hits``."""
-    return {
-        f"{name}_{'parallel' if parallel else 'serial'}": dispatcher
-        for parallel, variant in _VARIANTS.items()
-        for name, dispatcher in vars(variant).items()
-    }
-
-
-def _threads():
-    """Numba's thread count for the calling thread (numba.set_num_threads may lower it)."""
-    return numba.get_num_threads()
+    return _cpu_common.compiled_functions({"parallel" if p else "serial": v for p, v in _VARIANTS.items()})
 
 
 def _variant(batch, hidden):
-    """The variant for the time loop, steps of B x H: parallel when Numba has more than
-    one thread, B > 1 and B·H >= _PARALLEL_MIN_UNITS (a fork and a join per step must
-    pay), serial otherwise. Both compute the same bits (tests/test_cpu.py checks it), so
-    the rule decides speed only."""
-    parallel = batch > 1 and batch * hidden >= _PARALLEL_MIN_UNITS and _threads() > 1
-    return _VARIANTS[parallel]
-
-
-def _project(a, packed, columns):
-    """a [M, K] @ M_packed as a new C-contiguous [M, columns] array (the packed matrix's
-    first ``columns`` columns): one fork for the whole product, parallel when there is
-    more than one thread and at least _PARALLEL_MIN_MACS multiply-adds."""
-    rows = a.shape[0]
-    width = packed.shape[0] * packed.shape[2]
-    parallel = rows * width * a.shape[1] >= _PARALLEL_MIN_MACS and _threads() > 1
-    out = np.empty((rows, width), a.dtype)
-    _VARIANTS[parallel].step_product(np.ascontiguousarray(a), packed, out)
-    return out if width == columns else np.ascontiguousarray(out[:, :columns])
+    """The variant for the time loop, steps of B x H (``_cpu_common.parallel_steps``)."""
+    return _VARIANTS[_cpu_common.parallel_steps(batch, hidden)]
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
@@ -345,7 +229,7 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     # through the packed kernel rather than NumPy's BLAS (on par with OpenBLAS here at
     # one thread) so that forward runs on one thread pool, Numba's: OpenBLAS's workers
     # would spin on the cores the time loop's threads need (see the threading policy).
-    gates = _project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden)
+    gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden)
     gates = gates.reshape(steps, batch, 4 * hidden)
     if bias is not None:
         gates += bias

@@ -159,18 +159,18 @@ def test_cpu_infinite_input_gives_the_references_nan_and_inf_pattern(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64)])
 def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monkeypatch):
-    # The size rule in cpu._variant picks a variant for speed only: whichever runs, and
+    # The size rule in _cpu_common.parallel_steps picks a variant for speed only: whichever runs, and
     # with however many threads, every output bit is the same (issue 11, defect 3).
-    from rnnkernels import cpu
+    from rnnkernels import _cpu_common, cpu
 
     steps, batch, _, hidden = shape
     problem = make_problem(*shape, dtype=dtype, seed=9)
     upstream = make_upstream(steps, batch, hidden, dtype=dtype)
     results = []
-    monkeypatch.setattr(cpu, "_threads", lambda: 2)
+    monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
     for threshold in (10**12, 0):  # serial everywhere, then parallel wherever B > 1
-        monkeypatch.setattr(cpu, "_PARALLEL_MIN_UNITS", threshold)
-        monkeypatch.setattr(cpu, "_PARALLEL_MIN_MACS", threshold)
+        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_UNITS", threshold)
+        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", threshold)
         out = rnnkernels.lstm_forward(**problem, backend="cpu")
         grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
         results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]

@@ -1,0 +1,164 @@
+"""What the Numba cpu backends of every cell share (``cpu.py``: LSTM, ``cpu_gru.py``,
+``cpu_rnn.py``): compiling a variant so that Numba's on-disk cache hits, the packed
+step product, the rule that picks the serial or the parallel variant, the thread
+count, and the all-steps input projection. A cell's module keeps only its cell loops,
+its two time loops and its single-step path; the design is the one ``cpu.py``'s
+docstring describes.
+
+Compiled variants: one *serial* and one *parallel* copy of each compiled function,
+each under its own name in Numba's cache; float32 and float64 are signatures of each.
+The time loop takes the parallel variant when Numba has more than one thread and a
+step holds B > 1 rows and B·H >= PARALLEL_MIN_UNITS units (``parallel_steps``): its
+step product splits the weight panels over the threads and its cell the batch rows,
+one fork and join each per step, which only pays for that much work. The input
+projection is one product, split over the threads from PARALLEL_MIN_MACS
+multiply-adds up (``project``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from . import _cpu_gemm, _fastmath
+
+# Below this many hidden units per step (B·H), a parallel region costs more than it
+# saves on a few cores (measured on a 2-core x86 machine with the LSTM in float32).
+PARALLEL_MIN_UNITS = 16384
+# Below this many multiply-adds a product is not split over threads (a fork costs some
+# microseconds; 2^20 multiply-adds take about 30 µs on one core).
+PARALLEL_MIN_MACS = 1 << 20
+_PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
+
+
+def _step_product(a, packed, out):
+    """out[:, :N] = a [R, K] @ M [K, N] for M packed by ``_cpu_gemm.pack``; out [R, ≥N]
+    C-contiguous, its columns past N get the zero padding's products (zeros). Groups of
+    4 panels (the parallel variant splits the groups); in each, blocks of 4 rows, and a
+    last block of 1-3 rows through the kernel that keeps 8 accumulators busy."""
+    rows = a.shape[0]
+    full = rows - rows % 4
+    rest = rows - full
+    panels = packed.shape[0]
+    # The kernel trusts these (it reads K from a and writes whole panels): check once.
+    if a.shape[1] != packed.shape[1] or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
+        raise ValueError("step product: a, packed and out do not fit together")
+    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
+        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
+    for group in numba.prange((panels + 3) // 4):
+        first = 4 * group
+        count = min(4, panels - first)
+        for panel in range(first, first + count):
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x1(a, row, packed, panel, out)
+        if rest == 1 and count == 4:
+            _cpu_gemm.tile1x4(a, full, packed, first, out)
+        elif rest == 2 and count == 4:
+            _cpu_gemm.tile2x2(a, full, packed, first, out)
+            _cpu_gemm.tile2x2(a, full, packed, first + 2, out)
+        elif rest > 0:
+            for panel in range(first, first + count):
+                if rest == 1:
+                    _cpu_gemm.tile1x1(a, full, packed, panel, out)
+                elif rest == 2:
+                    _cpu_gemm.tile2x1(a, full, packed, panel, out)
+                else:
+                    _cpu_gemm.tile3x1(a, full, packed, panel, out)
+
+
+# Numba's on-disk cache (cache=True) files a compiled function under its qualified name
+# and first line, and keys the entry by its signature, its bytecode and a pickle of its
+# closure. Two rules follow, and ``compile_function`` keeps both:
+# * a closure over a jitted function never hits: the dispatcher pickles with an id that
+#   is new in every process, so each process compiled anew and appended two files to
+#   the cache. The loops therefore close over nothing; the dtype's activations come in
+#   through the generic ``_fastmath.sigmoid``/``tanh``, and a variant's callees through
+#   its globals;
+# * ``parallel=`` is not part of the key: compiled from one function, the serial and
+#   parallel variants shared one entry, and whichever compiled first in a process served
+#   both. Each variant is therefore a copy of the function under its own name. The
+#   name also carries a digest of _fastmath.py, _cpu_gemm.py and this file (the step
+#   product), since Numba checks only the timestamp of the file the function is defined
+#   in, and a time loop's cache entry holds its callees' code too.
+# dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
+SOURCE_DIGEST = hashlib.sha256(
+    Path(_fastmath.__file__).read_bytes() + Path(_cpu_gemm.__file__).read_bytes() + Path(__file__).read_bytes()
+).hexdigest()[:12]
+
+
+def compile_function(py_func, variant, parallel, callees=None):
+    """``py_func`` compiled as its own cached dispatcher named ``{name}_{variant}``,
+    with ``callees`` (name: dispatcher) added to the globals it sees."""
+    name = f"{py_func.__name__}_{variant}"
+    func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
+    func.__qualname__ = f"{name}_{SOURCE_DIGEST}"
+    func.__doc__ = py_func.__doc__
+    return numba.njit(
+        nogil=True,
+        cache=True,
+        parallel=parallel,
+        error_model="numpy",  # no zero-division branches: they stop vectorization
+        # ``reassoc`` lets the norm sums in backward vectorize; everything else in the
+        # cell loops is products, where it changes nothing but the last bit.
+        fastmath={"contract", "reassoc"},
+    )(func)
+
+
+STEP_PRODUCT = {parallel: compile_function(_step_product, "parallel" if parallel else "serial", parallel) for parallel in (False, True)}
+
+
+def compile_variant(label, parallel, cells, loops):
+    """One compiled variant of a cell: ``cells`` (attribute name: Python function)
+    compiled with ``parallel``, the step product of that variant, and ``loops`` (the
+    time loops) compiled serial, since each step needs the last; in the parallel
+    variant their callees (every cell and ``step_product``, through their globals) fork
+    and join once per step. Returns a namespace of dispatchers by attribute name;
+    ``label`` ("serial", "tanh_parallel" ...) names them in the cache."""
+    variant = types.SimpleNamespace()
+    callees = {"step_product": STEP_PRODUCT[parallel]}
+    for attribute, py_func in cells.items():
+        callees[attribute] = compile_function(py_func, label, parallel)
+    for attribute, py_func in loops.items():
+        setattr(variant, attribute, compile_function(py_func, label, False, callees))
+    for attribute, dispatcher in callees.items():
+        setattr(variant, attribute, dispatcher)
+    return variant
+
+
+def compiled_functions(variants):
+    """The dispatchers of ``variants`` ({label: namespace}) by name,
+    ``{attribute}_{label}``: for tests and profiling (``dispatcher.stats.cache_hits``)."""
+    return {
+        f"{attribute}_{label}": dispatcher
+        for label, variant in variants.items()
+        for attribute, dispatcher in vars(variant).items()
+    }
+
+
+def threads():
+    """Numba's thread count for the calling thread (numba.set_num_threads may lower it)."""
+    return numba.get_num_threads()
+
+
+def parallel_steps(batch, hidden):
+    """Whether a time loop over steps of B x H takes the parallel variant: when Numba
+    has more than one thread, B > 1 and B·H >= PARALLEL_MIN_UNITS (a fork and a join
+    per step must pay). Both variants compute the same bits (tests/test_cpu.py and
+    tests/test_cpu_cells.py check it), so the rule decides speed only."""
+    return batch > 1 and batch * hidden >= PARALLEL_MIN_UNITS and threads() > 1
+
+
+def project(a, packed, columns):
+    """a [M, K] @ M_packed as a new C-contiguous [M, columns] array (the packed matrix's
+    first ``columns`` columns): one fork for the whole product, parallel when there is
+    more than one thread and at least PARALLEL_MIN_MACS multiply-adds."""
+    rows = a.shape[0]
+    width = packed.shape[0] * packed.shape[2]
+    parallel = rows * width * a.shape[1] >= PARALLEL_MIN_MACS and threads() > 1
+    out = np.empty((rows, width), a.dtype)
+    STEP_PRODUCT[parallel](np.ascontiguousarray(a), packed, out)
+    return out if width == columns else np.ascontiguousarray(out[:, :columns])
