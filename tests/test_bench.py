@@ -419,10 +419,25 @@ def test_tracemalloc_peak_sees_numpy_temporaries():
 # --- validation, rows, outputs -------------------------------------------------------------
 
 
+def fake_host(readings_ms=(1.0,)):
+    """A HostDrift whose calibration "takes" the given times in turn (the last repeats),
+    with no clock, /proc/cpuinfo or /proc/stat of this machine in it."""
+    values = iter(readings_ms)
+    last = [readings_ms[0]]
+
+    def workload():
+        last[0] = next(values, last[0])
+        return last[0]
+
+    clock = iter(float(t) for t in range(10**6))
+    return timing.HostDrift(workload, clock=lambda: next(clock), read_mhz=lambda: 2600.0,
+                            read_steal=lambda: 0.0)
+
+
 def tiny_settings(impl_list, modes=("forward",), seq_lens=(4, 8), dtype="float32"):
     return runner.Settings(device="cpu", modes=modes, seq_lens=seq_lens, batch=2, hidden=8,
                            dtype=dtype, heads=1, schedule=timing.Schedule(0, 2, 2, 0.0),
-                           impls=impl_list)
+                           impls=impl_list, host=fake_host())
 
 
 def numpy_attention_impl(name="attention-numpy", wrong=False):
@@ -590,9 +605,9 @@ def test_read_proc_stat(tmp_path):
     assert timing.read_proc_stat() is None or timing.read_proc_stat() > 0  # this machine
 
 
-def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0):
+def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0, steal_per_call=0.0):
     """A LoadProbe whose readings advance by fixed amounts per snapshot."""
-    state = {"busy": 0.0, "own": 0.0, "wall": 0.0}
+    state = {"busy": 0.0, "own": 0.0, "wall": 0.0, "steal": 0.0}
 
     def advance(key, step):
         def read():
@@ -602,7 +617,7 @@ def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0):
         return read
 
     return timing.LoadProbe(cpus, advance("busy", busy_per_call), advance("own", own_per_call),
-                            advance("wall", wall_per_call))
+                            advance("wall", wall_per_call), advance("steal", steal_per_call))
 
 
 def test_load_probe_counts_other_processes_not_ours():
@@ -1011,3 +1026,144 @@ def test_plot_names_the_cell():
     points, text = plot.crossover_text(rows)
     assert len(points) == 1 and text.startswith("fastest GRU = fastest attention")
     assert plot.recurrent_model(rows[2:]) == "lstm"
+
+
+# --- host drift: calibration, steal, and what the stability check makes of them -----------
+
+def test_calibration_workload_is_short_and_the_readings_say_how_the_host_drifted():
+    ms = timing.calibration_workload()()
+    assert 0 < ms < 1000  # one chunk of 100 small matmuls: about 1 ms on a 2.6 GHz core
+    host = fake_host([1.0, 1.05, 1.3])
+    assert [host.calibrate(where) for where in ("a", "b", "c")] == [1.0, 1.05, 1.3]
+    assert host.best_ms() == 1.0 and host.drift([1.05, 1.3]) == pytest.approx(0.3)
+    summary = host.summary()
+    assert summary["median_ms"] == 1.05 and summary["first_ms"] == 1.0
+    assert summary["last_ms"] == 1.3 and summary["drift_limit"] == timing.DRIFT_LIMIT
+    assert [r["where"] for r in summary["readings"]] == ["a", "b", "c"]
+    assert summary["readings"][1]["at_s"] == 1.0 and summary["readings"][0]["cpu_mhz"] == 2600.0
+    with pytest.raises(ValueError):
+        timing.HostDrift(lambda: 1.0).best_ms()
+
+
+def test_read_steal_and_cpu_clock(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = __import__("os").sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {ticks} 0 {ticks} 999999 5 0 0 {3 * ticks} 0 0\n")
+    assert timing.read_proc_steal(str(stat)) == pytest.approx(3.0)
+    assert timing.read_proc_steal(str(tmp_path / "missing")) is None
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2000.0\nprocessor\t: 1\ncpu MHz\t\t: 3000.0\n")
+    assert timing.read_cpu_mhz(str(info)) == pytest.approx(2500.0)
+    info.write_text("processor\t: 0\n")
+    assert timing.read_cpu_mhz(str(info)) is None
+    assert timing.read_cpu_mhz(str(tmp_path / "missing")) is None
+    # 1 s on 2 cores, 0.2 CPU-s stolen: 10% of the machine, also counted in other_load
+    probe = fake_probe(1.2, 1.0, steal_per_call=0.2)
+    before = probe.snapshot()
+    after = probe.snapshot()
+    assert probe.steal_fraction(before, after) == pytest.approx(0.1)
+    assert probe.other_fraction(before, after) == pytest.approx(0.1)
+
+
+def test_measure_checked_times_a_drifted_cell_again_with_fresh_calibrations():
+    # attempt 1: 1.0 before, 1.3 after (30% slower than the best): timed again;
+    # attempt 2: 1.02 before, 1.0 after: passes, and is kept
+    host = fake_host([1.0, 1.3, 1.02, 1.0])
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=2),
+                                     probe=fake_probe(1.0, 1.0), host=host,
+                                     measure=scripted_measure([{"a": STEADY}, {"a": STEADY}]))
+    assert checked.attempts == 2 and not checked.noisy
+    assert checked.calibration_ms == 1.02 and checked.drift == pytest.approx(0.02)
+    assert [r["where"] for r in host.readings] == [
+        "before attempt 1", "after attempt 1", "before attempt 2", "after attempt 2"]
+    # a host that stays slow: flagged with the reason, after every retry
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(1.0, 1.0), host=fake_host([1.0, 1.5]),
+                                     measure=scripted_measure([{"a": STEADY}, {"a": STEADY}]))
+    assert checked.attempts == 2 and "host drift: the calibration ran 50% slower" in checked.noisy["a"]
+
+
+def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monkeypatch):
+    # two cells at 1.0, then the end-of-run calibration at 0.8: both cells ran 25%
+    # slower than the host's best, which only the last reading showed
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8))
+    settings.probe = fake_probe(1.0, 1.0)
+    monkeypatch.setattr(timing, "measure_interleaved", scripted_measure(
+        [{"attention-numpy": STEADY}] * 4))  # steady samples: only the drift check can fail
+    settings.host = fake_host([1.0, 1.0, 1.0, 1.0, 0.8])
+    rows = runner.run_suite(settings)
+    assert [r["where"] for r in settings.host.readings][-1] == "end of run"
+    for row in rows:
+        assert row["calibration_ms"] == 1.0 and row["host_drift"] == pytest.approx(0.25)
+        assert row["noisy"] and row["noise_reason"] == ("host drift: the calibration ran 25% "
+                                                        "slower than the run's fastest (seen "
+                                                        "after the run)")
+        assert row["median_ms"] > 0  # kept as measured, never divided by the calibration
+    settings.host = fake_host([1.0, 1.05])
+    rows = runner.run_suite(settings)
+    assert [row["noisy"] for row in rows] == [False, False]
+    assert rows[0]["host_drift"] == pytest.approx(0.05) and rows[0]["steal"] == 0.0
+
+
+def test_garbage_collection_is_off_while_a_cell_is_timed():
+    import gc
+
+    seen = []
+    timing.measure_interleaved({"a": lambda: seen.append(gc.isenabled())},
+                               {"a": timing.CpuTimer()}, timing.Schedule(1, 2, 2, 0.0))
+    assert seen == [False] * 3 and gc.isenabled()
+
+
+def test_calls_per_sample_come_from_the_median_warmup_not_the_last_call():
+    class ScriptedTimer:  # warm-up: 0.1 ms, 0.1 ms, then one interrupted call of 5 ms
+        method = "fake"
+
+        def __init__(self):
+            self.times = iter([0.1, 0.1, 5.0] + [1.0] * 10)
+
+        def time_ms(self, fn):
+            return next(self.times)
+
+    batches: dict[str, int] = {}
+    timing.measure_interleaved({"a": lambda: None}, {"a": ScriptedTimer()},
+                               timing.Schedule(3, 2, 2, 0.0, min_sample_s=0.001), batches=batches)
+    assert batches == {"a": 10}  # from the median, 0.1 ms; the last call alone says 1
+
+
+def drifted_row(impl, median, calibration, other_load=0.0, steal=0.0):
+    return {**stability_row(impl, 32, median), "calibration_ms": calibration,
+            "other_load": other_load, "steal": steal}
+
+
+def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
+    from rnnkernels.bench import stability
+
+    first = [drifted_row("host", 1.0, 1.0), drifted_row("load", 1.0, 1.0),
+             drifted_row("ours", 1.0, 1.0), drifted_row("stolen", 1.0, 1.0)]
+    second = [drifted_row("host", 1.3, 1.25),  # the calibration moved as much: host drift
+              drifted_row("load", 1.5, 1.2, other_load=0.5),  # another process held a core
+              drifted_row("ours", 1.5, 1.01),  # the host ran as fast: ours
+              drifted_row("stolen", 1.3, 1.3, other_load=0.3, steal=0.3)]  # another guest
+    verdict = stability.compare_runs(first, second)
+    assert not verdict["stable"]
+    assert verdict["causes"] == {"host": 2, "load": 1, "ours": 1, "unknown": 0}
+    text = "\n".join(verdict["problems"])
+    assert "impl ours" not in text and "[ours: calibration +1%: not the host]" in text
+    assert "[host: calibration +25%: host drift]" in text and "[load: other processes" in text
+    old = [stability_row("x", 32, 1.0)], [stability_row("x", 32, 2.0)]
+    assert stability.compare_runs(*old)["causes"]["unknown"] == 1
+
+    def run(median_ms, steal_per_s):
+        readings = [{"where": "", "at_s": float(t), "ms": median_ms, "cpu_mhz": 2596.0,
+                     "steal_s": steal_per_s * t} for t in range(3)]
+        return {"config": {"calibration": {"median_ms": median_ms, "cpus": 2,
+                                           "readings": readings}}, "results": first}
+    lines = stability.host_report(run(1.0, 0.0), run(1.22, 0.1))
+    assert "run 2's calibration was 22% slower than run 1's" in lines[-1]
+    assert "steal 5.0% of the CPU" in lines[1] and "steal 0.0%" in lines[0]
+    assert "agree within 2%" in stability.host_report(run(1.0, 0.0), run(1.02, 0.0))[-1]
+    assert "cannot tell the host from us" in stability.host_report({"results": []}, run(1.0, 0))[0]
+    shown = stability.format_verdict(verdict, host_lines=lines)
+    assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
+    assert "diagnosis of the 4 median misses: 2 moved with the host's calibration" in shown
+    assert "1 are not explained by the host or load (ours to find)" in shown

@@ -5,7 +5,7 @@ result rows; ``ROW_DOCS`` says what the timing columns mean (the JSON carries it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import flops as flop_formulas
@@ -18,7 +18,8 @@ ROW_FIELDS = (
     "median_ms", "p10_ms", "p90_ms", "repeats", "flops", "tflops", "sequential_steps",
     "peak_mem_bytes", "peak_mem_method", "ratio_to_baseline", "ratio_p10", "ratio_p90",
     "baseline", "max_rel_err", "validated_against", "timer", "calls_per_sample", "spread",
-    "other_load", "attempts", "noisy", "noise_reason", "note",
+    "other_load", "steal", "calibration_ms", "host_drift", "attempts", "noisy", "noise_reason",
+    "note",
 )
 ROW_DOCS = {
     "median_ms": "median time per call over the timed repeats, after warm-up",
@@ -35,6 +36,14 @@ ROW_DOCS = {
     "other_load": "fraction of the machine's CPU time other processes took while the cell "
                   "was timed (/proc/stat minus our own CPU time); above "
                   f"{timing.LOAD_LIMIT:g} the row is flagged noisy",
+    "steal": "fraction of the machine's CPU time the hypervisor gave to other guests while "
+             "the cell was timed (/proc/stat's steal; part of other_load)",
+    "calibration_ms": "the slower of the two timings of the fixed calibration workload "
+                      "(config.calibration.workload) just before and just after the cell",
+    "host_drift": "calibration_ms / the run's fastest calibration - 1: how much slower the "
+                  f"host was around this cell; above {timing.DRIFT_LIMIT:g} the cell is "
+                  "timed again, and a row still above it after the run is flagged noisy. "
+                  "median_ms is never corrected by it",
     "attempts": "how many times the cell was timed (a failed noise or load check times it "
                 "again; the calmest attempt is kept)",
     "noisy": "true when the kept attempt still failed a check: do not trust this row's "
@@ -57,6 +66,8 @@ class Settings:
     impls: list[Impl]
     seed: int = 0
     probe: timing.LoadProbe | None = None  # None: a LoadProbe of this machine
+    # the run's calibration readings (timing.HostDrift); None: no drift check
+    host: timing.HostDrift | None = field(default_factory=timing.HostDrift)
 
 
 def _timer_factories() -> dict[str, Callable[[], timing.Timer]]:
@@ -133,7 +144,7 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         checked = timing.measure_checked(
             {name: c.run for name, c in prepared.items()},
             {name: timers[impls[name].timer] for name in prepared},
-            settings.schedule, probe=settings.probe)
+            settings.schedule, probe=settings.probe, host=settings.host if prepared else None)
     except Exception as error:
         for name in prepared:
             rows[name].update(status="error", note=f"timing: {_error_text(error)}")
@@ -145,6 +156,8 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         rows[name].update(stats)
         rows[name]["tflops"] = rows[name]["flops"] / (stats["median_ms"] * 1e-3) / 1e12
         rows[name].update(spread=checked.spreads[name], other_load=checked.other_load,
+                          steal=checked.steal, calibration_ms=checked.calibration_ms,
+                          host_drift=checked.drift,
                           attempts=checked.attempts, calls_per_sample=checked.batches.get(name, 1),
                           noisy=name in checked.noisy,
                           noise_reason=checked.noisy.get(name))
@@ -164,9 +177,28 @@ def cells(settings: Settings) -> list[tuple[str, str, int]]:
             if any(impl.model == model for impl in settings.impls)]
 
 
+def flag_host_drift(rows: list[dict], host: timing.HostDrift) -> None:
+    """After the run: each timed row's drift against the run's fastest calibration (which
+    may have come after the row), and the noisy flag for a row above the limit. The row
+    is not timed again (its cell is long gone); it is flagged, and its median kept."""
+    if not host.readings:
+        return
+    for row in rows:
+        if row["status"] != "ok" or row.get("calibration_ms") is None:
+            continue
+        drift = host.drift([row["calibration_ms"]])
+        row["host_drift"] = drift
+        if drift > host.limit and "host drift" not in (row["noise_reason"] or ""):
+            reason = timing.drift_reason(drift) + " (seen after the run)"
+            row.update(noisy=True, noise_reason="; ".join(
+                filter(None, [row["noise_reason"], reason])))
+
+
 def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[dict]], None]
               = lambda *args: None, on_cell_start: Callable[[str, str, int], None]
               = lambda *args: None) -> list[dict]:
+    """Every cell in run order; then, with a drift check, one last calibration and the
+    rows flagged whose host ran slow (``flag_host_drift``)."""
     rows: list[dict] = []
     timers: dict[str, timing.Timer] = {}
     for model, mode, T in cells(settings):
@@ -174,4 +206,7 @@ def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[di
         cell_rows = run_cell(settings, model, mode, T, timers)
         rows.extend(cell_rows)
         on_cell_done(model, mode, T, cell_rows)
+    if settings.host is not None and settings.host.readings:
+        settings.host.calibrate("end of run")
+        flag_host_drift(rows, settings.host)
     return rows

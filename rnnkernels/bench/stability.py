@@ -10,6 +10,18 @@ limit (1.5) or the row is flagged ``noisy``. The verdict lists every row that mi
 the rows the benchmark itself flagged (a flagged row is honest, but the run is only
 stable when the medians agree as well). Exit status 0 when the target holds, 1 when it
 does not, 2 when a run failed or the files cannot be compared.
+
+Beside the verdict, a diagnosis: is the disagreement the host's or ours? Each run records
+a fixed calibration workload timed around every cell (``timing.HostDrift``), /proc/stat's
+steal time and the CPU time other processes took. The diagnosis compares the two runs'
+calibrations (did the machine itself change speed?) and sorts every median miss:
+  * ``load``: other processes took more than the load limit of the CPU during the row
+    (they slow the calibration as well, so this is asked first);
+  * ``host``: the row's calibration moved the same way, enough that at equal host speed
+    the two medians would have agreed (only a diagnosis: no figure is ever corrected);
+  * ``ours``: neither; the host ran at the same speed, so the cause is in the benchmark
+    or the code timed;
+  * ``unknown``: a run without calibrations (saved by an older version).
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import subprocess
 import sys
 
 from .plot import require_matplotlib
-from .timing import NOISE_LIMIT
+from .timing import DRIFT_LIMIT, LOAD_LIMIT, NOISE_LIMIT
 
 AGREEMENT = 0.2  # largest accepted relative difference between the two medians
 
@@ -30,14 +42,41 @@ def row_key(row: dict) -> tuple:
     return (row["mode"], row["model"], row["impl"], row["T"])
 
 
+def apart(a: float, b: float) -> float:
+    """Relative difference of two positive times, symmetric: max / min - 1."""
+    return max(a, b) / min(a, b) - 1
+
+
+def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
+               load_limit: float = LOAD_LIMIT) -> tuple[str, str]:
+    """Why the medians of one row in two runs missed the agreement (see the module
+    docstring): (``host`` | ``load`` | ``ours`` | ``unknown``, a few words)."""
+    a, b = pair[0]["median_ms"], pair[1]["median_ms"]
+    # Other processes first: they slow the calibration too, and are not the host's doing.
+    # Stolen time counts as the host's (another guest), not as load here.
+    loads = [(row.get("other_load") or 0.0) - (row.get("steal") or 0.0) for row in pair]
+    if max(loads) > load_limit:
+        return "load", f"other processes took up to {100 * max(loads):.0f}% of the CPU"
+    calibrations = [row.get("calibration_ms") for row in pair]
+    if None in calibrations:
+        return "unknown", "no calibration recorded"
+    moved = calibrations[1] / calibrations[0]
+    said = f"calibration {100 * (moved - 1):+.0f}%"
+    if apart(a * moved, b) <= agreement:
+        return "host", f"{said}: host drift"
+    return "ours", f"{said}: not the host"
+
+
 def compare_runs(first: list[dict], second: list[dict], agreement: float = AGREEMENT,
                  noise_limit: float = NOISE_LIMIT) -> dict:
     """The verdict on two runs' result rows: ``stable`` (bool), ``compared`` (rows timed
-    in both), ``problems`` (sentences, one per miss) and ``flagged`` (rows the runs
-    flagged noisy). The difference of two medians a and b is max(a, b) / min(a, b) - 1,
-    symmetric in the two runs."""
+    in both), ``problems`` (sentences, one per miss), ``flagged`` (rows the runs
+    flagged noisy) and ``causes`` (how many median misses ``miss_cause`` put down to
+    the host, to load, to us, or could not tell). The difference of two medians a and
+    b is max(a, b) / min(a, b) - 1, symmetric in the two runs."""
     problems: list[str] = []
     flagged: list[str] = []
+    causes = dict.fromkeys(("host", "load", "ours", "unknown"), 0)
     runs = [{row_key(row): row for row in rows} for rows in (first, second)]
     for key in sorted(set(runs[0]) | set(runs[1]), key=str):
         where = "{} {} {} T={}".format(*key)
@@ -57,18 +96,70 @@ def compare_runs(first: list[dict], second: list[dict], agreement: float = AGREE
                 problems.append(f"{where} (run {run}): p90/p10 = "
                                 f"{row['p90_ms'] / row['p10_ms']:.2f} and not flagged")
         a, b = pair[0]["median_ms"], pair[1]["median_ms"]
-        difference = max(a, b) / min(a, b) - 1
+        difference = apart(a, b)
         if difference > agreement:
+            cause, why = miss_cause(pair, agreement)
+            causes[cause] += 1
             problems.append(f"{where}: medians {a:.4g} ms then {b:.4g} ms "
-                            f"({100 * difference:.0f}% apart)")
+                            f"({100 * difference:.0f}% apart) [{cause}: {why}]")
     compared = sum(1 for key in set(runs[0]) & set(runs[1])
                    if runs[0][key]["status"] == runs[1][key]["status"] == "ok")
     return {"stable": not problems and compared > 0, "compared": compared,
-            "problems": problems, "flagged": flagged}
+            "problems": problems, "flagged": flagged, "causes": causes}
+
+
+def steal_fraction(calibration: dict) -> float | None:
+    """The fraction of the machine's CPU time stolen by the hypervisor between a run's
+    first and last calibration (None when unknown)."""
+    readings = calibration.get("readings") or []
+    if len(readings) < 2 or None in (readings[0].get("steal_s"), readings[-1].get("steal_s")):
+        return None
+    wall = readings[-1]["at_s"] - readings[0]["at_s"]
+    if wall <= 0:
+        return None
+    stolen = readings[-1]["steal_s"] - readings[0]["steal_s"]
+    return stolen / (wall * (calibration.get("cpus") or 1))
+
+
+def host_report(first: dict, second: dict, drift_limit: float = DRIFT_LIMIT) -> list[str]:
+    """Lines on the host in the two runs (each a run's whole JSON): its calibration's
+    median and range in each, whether the two medians differ by more than the drift
+    limit, stolen time, other processes' load, the CPU clock if it moved."""
+    calibrations = [run.get("config", {}).get("calibration") for run in (first, second)]
+    if None in calibrations or None in [c.get("median_ms") for c in calibrations]:
+        return ["host: no calibration recorded in "
+                + " and ".join(f"run {i}" for i, c in enumerate(calibrations, 1)
+                               if not c or c.get("median_ms") is None)
+                + " (saved by an older version): cannot tell the host from us"]
+    lines = []
+    for run, (data, calibration) in enumerate(zip((first, second), calibrations), 1):
+        values = [reading["ms"] for reading in calibration["readings"]]
+        stolen = steal_fraction(calibration)
+        loads = [row["other_load"] for row in data["results"]
+                 if row.get("status") == "ok" and row.get("other_load") is not None]
+        clocks = sorted({reading["cpu_mhz"] for reading in calibration["readings"]
+                         if reading.get("cpu_mhz")})
+        lines.append(
+            f"host, run {run}: calibration median {calibration['median_ms']:.3f} ms "
+            f"(fastest {min(values):.3f}, slowest {max(values):.3f}: "
+            f"{100 * apart(min(values), max(values)):.0f}% apart, {len(values)} readings)"
+            + ("" if stolen is None else f"; steal {100 * stolen:.1f}% of the CPU")
+            + ("" if not loads else f"; other processes up to {100 * max(loads):.0f}%")
+            + ("" if len(clocks) < 2 else f"; CPU clock {clocks[0]:.0f}-{clocks[-1]:.0f} MHz"))
+    medians = [calibration["median_ms"] for calibration in calibrations]
+    between = apart(*medians)
+    slower = 1 if medians[0] > medians[1] else 2
+    if between > drift_limit:
+        lines.append(f"host: run {slower}'s calibration was {100 * between:.0f}% slower "
+                     f"than run {3 - slower}'s: the machine itself changed speed between the runs")
+    else:
+        lines.append(f"host: the two runs' calibrations agree within {100 * between:.0f}% "
+                     f"(limit {100 * drift_limit:.0f}%): the machine ran at the same speed")
+    return lines
 
 
 def format_verdict(verdict: dict, agreement: float = AGREEMENT,
-                   noise_limit: float = NOISE_LIMIT) -> str:
+                   noise_limit: float = NOISE_LIMIT, host_lines: list[str] | None = None) -> str:
     lines = [f"{verdict['compared']} rows timed in both runs; target: medians within "
              f"{100 * agreement:.0f}%, p90/p10 < {noise_limit:g} or flagged noisy"]
     if verdict["flagged"]:
@@ -80,12 +171,26 @@ def format_verdict(verdict: dict, agreement: float = AGREEMENT,
     if verdict["compared"] == 0:
         lines.append("no row was timed in both runs")
     lines.append("verdict: STABLE" if verdict["stable"] else "verdict: NOT STABLE")
+    lines += host_lines or []
+    causes = verdict.get("causes") or {}
+    misses = sum(causes.values())
+    if misses:
+        words = {"host": "moved with the host's calibration (host drift)",
+                 "load": "ran while other processes took the CPU (load)",
+                 "ours": "are not explained by the host or load (ours to find)",
+                 "unknown": "cannot be told (no calibration recorded)"}
+        lines.append(f"diagnosis of the {misses} median misses: " + "; ".join(
+            f"{count} {words[cause]}" for cause, count in causes.items() if count))
     return "\n".join(lines)
 
 
-def load_rows(path: str) -> list[dict]:
+def load_run(path: str) -> dict:
+    """A saved run's JSON; a KeyError when it has no ``results``."""
     with open(path, encoding="utf-8") as file:
-        return json.load(file)["results"]
+        data = json.load(file)
+    if "results" not in data:
+        raise KeyError(f"{path} has no 'results': not a rnnkernels-bench run")
+    return data
 
 
 def can_plot() -> bool:
@@ -142,12 +247,12 @@ def main(argv=None, prog: str = "rnnkernels-bench stability") -> int:
     if paths is None:
         return 2
     try:
-        rows = [load_rows(path) for path in paths]
+        runs = [load_run(path) for path in paths]
     except (OSError, KeyError, json.JSONDecodeError) as error:
         print(f"stability: cannot read the runs: {error}", file=sys.stderr)
         return 2
-    verdict = compare_runs(*rows, agreement=args.agreement)
-    print(format_verdict(verdict, args.agreement))
+    verdict = compare_runs(*(run["results"] for run in runs), agreement=args.agreement)
+    print(format_verdict(verdict, args.agreement, host_lines=host_report(*runs)))
     return 0 if verdict["stable"] else 1
 
 

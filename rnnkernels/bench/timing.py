@@ -25,6 +25,22 @@ its spread p90/p10 and the CPU time that *other* processes took during it (from
 ``retries`` times; the calmest attempt is kept, and if it still fails a check its rows
 are flagged ``noisy`` with the reason.
 
+Host drift (``HostDrift``): a machine can get slower as a whole (another guest of the
+VM host, frequency, CPU credits) without any process of ours seeing it: the per-row
+spread stays small and /proc/stat shows no other process. A fixed calibration workload
+(NumPy matmuls, one thread, about 10 ms) is timed just before and just after every
+attempt of every cell and at the end of the run; an attempt whose calibrations ran more than ``DRIFT_LIMIT``
+slower than the run's fastest calibration is timed again like a noisy one, and after
+the run every row whose calibration ended up more than ``DRIFT_LIMIT`` slower than the
+run's fastest is flagged ``noisy`` ("host drift"). The medians are never divided by the
+calibration (that would hide real costs as well as drift): a drifted row is re-run or
+flagged. The calibrations (with /proc/stat's steal time and /proc/cpuinfo's clock) go
+into the JSON, so that two runs can be compared: did the host change, or did we?
+
+Garbage collection is off while a cell is timed (after a collection before it), as
+``timeit`` does: a collection triggered by one implementation's garbage would otherwise
+land in whichever call happened to cross the threshold, often another implementation's.
+
 Peak memory, ``peak_mem_bytes``: the most memory allocated at once *during* one call,
 beyond what existed before it (inputs and weights excluded, outputs and workspace
 included), measured on a call of its own outside the timed repeats:
@@ -38,6 +54,7 @@ included), measured on a call of its own outside the timed repeats:
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -234,17 +251,33 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
         return samples
+    # Collect now, then no collection while the cell runs (see the module docstring).
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure_interleaved(calls, timers, schedule, clock, batches, names, samples)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples):
     started = clock()
     rounds = 0
-    last: dict[str, float] = {}
+    warm: dict[str, list[float]] = {name: [] for name in names}
     # A minimum warm-up *time* as well as a count: a fast call is over before the CPU
     # clock has ramped up and the caches are warm after a few calls of a slower one.
     while rounds < max(schedule.warmup, 1 if schedule.min_sample_s > 0 else 0) or (
             clock() - started < schedule.warmup_s and rounds < schedule.max_repeats):
         for name in names:
-            last[name] = timers[name].time_ms(calls[name])
+            warm[name].append(timers[name].time_ms(calls[name]))
         rounds += 1
-    counts = {name: calls_per_sample(last.get(name, math.inf), 1e3 * schedule.min_sample_s)
+    # The calls per sample come from the median of the last (up to) five warm-up calls,
+    # not the last one alone: one interrupted call would otherwise change how a row is
+    # timed from one run to the next (a call of 0.7 ms timed 1 or 2 times per sample).
+    counts = {name: calls_per_sample(float(np.median(warm[name][-5:])) if warm[name]
+                                     else math.inf, 1e3 * schedule.min_sample_s)
               for name in names}
     if batches is not None:
         batches.update(counts)
@@ -273,22 +306,28 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
 
 NOISE_LIMIT = 1.5  # p90/p10 above this: the row's timing is too spread to trust
 LOAD_LIMIT = 0.1  # other processes took more than this fraction of the machine's CPU time
+# The calibration around a cell ran more than this much slower than the run's fastest
+# calibration: the host was slower (see HostDrift). Half the stability target's 20%, so
+# that drift alone cannot make two runs' medians miss it unseen; a median of seven
+# timings keeps the calibration's own jitter well under it on a quiet machine.
+DRIFT_LIMIT = 0.1
 
 
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU accounting at one instant: wall time, CPU seconds the whole machine spent
-    busy (None where /proc/stat is unreadable) and CPU seconds of this process."""
+    busy (None where /proc/stat is unreadable), CPU seconds of this process, and CPU
+    seconds stolen by the hypervisor (None where unknown)."""
 
     wall_s: float
     machine_busy_s: float | None
     own_s: float
+    steal_s: float | None = None
 
 
-def read_proc_stat(path: str = "/proc/stat") -> float | None:
-    """Busy CPU seconds of the whole machine since boot, from the first ``cpu`` line of
-    /proc/stat: user, nice, system, irq, softirq and steal (steal is time the hypervisor
-    gave to other guests: just as lost to us). None where there is no /proc/stat."""
+def _proc_stat_cpu_ticks(path: str) -> list[int] | None:
+    """user, nice, system, idle, iowait, irq, softirq, steal from the first ``cpu``
+    line of /proc/stat (in clock ticks, since boot); None where there is none."""
     try:
         with open(path, encoding="ascii") as stat:
             fields = stat.readline().split()
@@ -296,9 +335,38 @@ def read_proc_stat(path: str = "/proc/stat") -> float | None:
         return None
     if not fields or fields[0] != "cpu":
         return None
-    values = [int(v) for v in fields[1:9]] + [0] * 8
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return ([int(v) for v in fields[1:9]] + [0] * 8)[:8]
+
+
+def read_proc_stat(path: str = "/proc/stat") -> float | None:
+    """Busy CPU seconds of the whole machine since boot, from the first ``cpu`` line of
+    /proc/stat: user, nice, system, irq, softirq and steal (steal is time the hypervisor
+    gave to other guests: just as lost to us). None where there is no /proc/stat."""
+    ticks = _proc_stat_cpu_ticks(path)
+    if ticks is None:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def read_proc_steal(path: str = "/proc/stat") -> float | None:
+    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat's steal
+    column); None where there is no /proc/stat. Recorded apart from the busy time so
+    that a slow run can be told apart: another process here, or another guest."""
+    ticks = _proc_stat_cpu_ticks(path)
+    return None if ticks is None else ticks[7] / os.sysconf("SC_CLK_TCK")
+
+
+def read_cpu_mhz(path: str = "/proc/cpuinfo") -> float | None:
+    """Mean of the ``cpu MHz`` lines of /proc/cpuinfo (None where there are none). On
+    many VMs it is the nominal clock and never moves; it is recorded in case it does."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as info:
+            values = [float(line.split(":", 1)[1]) for line in info
+                      if line.startswith("cpu MHz") and ":" in line]
+    except (OSError, ValueError):
+        return None
+    return sum(values) / len(values) if values else None
 
 
 def own_cpu_seconds() -> float:
@@ -316,12 +384,22 @@ class LoadProbe:
 
     def __init__(self, cpus: int | None = None, read_busy: Callable[[], float | None] = read_proc_stat,
                  read_own: Callable[[], float] = own_cpu_seconds,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 read_steal: Callable[[], float | None] = read_proc_steal):
         self.cpus = cpus or os.cpu_count() or 1
         self._read_busy, self._read_own, self._clock = read_busy, read_own, clock
+        self._read_steal = read_steal
 
     def snapshot(self) -> CpuSnapshot:
-        return CpuSnapshot(self._clock(), self._read_busy(), self._read_own())
+        return CpuSnapshot(self._clock(), self._read_busy(), self._read_own(), self._read_steal())
+
+    def steal_fraction(self, before: CpuSnapshot, after: CpuSnapshot) -> float | None:
+        """Fraction of the machine's CPU time stolen by the hypervisor between the two
+        snapshots (part of ``other_fraction``, reported apart); None when unknown."""
+        wall = after.wall_s - before.wall_s
+        if before.steal_s is None or after.steal_s is None or wall <= 0:
+            return None
+        return min(1.0, max(0.0, (after.steal_s - before.steal_s) / (wall * self.cpus)))
 
     def other_fraction(self, before: CpuSnapshot, after: CpuSnapshot) -> float | None:
         """Fraction of the machine's CPU time used by other processes between the two
@@ -334,6 +412,86 @@ class LoadProbe:
         return min(1.0, max(0.0, other / (wall * self.cpus)))
 
 
+CALIBRATION_WORKLOAD = ("median of 7 timings of 100 float64 64x64 matmuls (np.matmul; one "
+                        "thread at any thread setting: below OpenBLAS's threading threshold)")
+
+
+def calibration_workload(chunks: int = 7, matmuls: int = 100) -> Callable[[], float]:
+    """The fixed workload of ``HostDrift`` (``CALIBRATION_WORKLOAD``): a function that
+    runs it and returns the median chunk's time in ms (about 10 ms in all on a 2.6 GHz
+    EPYC core). Small matmuls: they measure the core (clock, stolen time, a neighbour
+    in the caches) through the same BLAS the NumPy rows use, on one thread whatever
+    the thread policy (64^3 multiply-adds is within OpenBLAS's single-thread size), and
+    the median of seven ignores a single interrupted chunk."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    out = np.empty((64, 64))
+
+    def run() -> float:
+        times = []
+        for _ in range(chunks):
+            start = time.perf_counter()
+            for _ in range(matmuls):
+                np.matmul(a, b, out=out)
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
+    return run
+
+
+class HostDrift:
+    """The calibration readings of one run (see the module docstring): ``calibrate``
+    times the fixed workload and records it with the time since the first reading,
+    /proc/stat's steal and /proc/cpuinfo's clock; ``drift`` says how much slower some
+    readings are than the fastest of the run so far (0.0: as fast as the best)."""
+
+    def __init__(self, workload: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 read_mhz: Callable[[], float | None] = read_cpu_mhz,
+                 read_steal: Callable[[], float | None] = read_proc_steal,
+                 limit: float = DRIFT_LIMIT):
+        self._workload = workload or calibration_workload()
+        self._clock, self._read_mhz, self._read_steal = clock, read_mhz, read_steal
+        self.limit = limit
+        self.readings: list[dict] = []
+        self._start: float | None = None
+
+    def calibrate(self, where: str = "") -> float:
+        """Time the workload once (ms), record it, and return it."""
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        ms = float(self._workload())
+        self.readings.append({"where": where, "at_s": round(now - self._start, 3),
+                              "ms": ms, "cpu_mhz": self._read_mhz(),
+                              "steal_s": self._read_steal()})
+        return ms
+
+    def best_ms(self) -> float:
+        if not self.readings:
+            raise ValueError("no calibration yet")
+        return min(reading["ms"] for reading in self.readings)
+
+    def drift(self, readings_ms) -> float:
+        """How much slower the slowest of ``readings_ms`` is than the run's fastest."""
+        return max(readings_ms) / self.best_ms() - 1.0
+
+    def summary(self) -> dict:
+        """What goes into the JSON: the workload, the limit, every reading, and the
+        median, fastest, first and last reading in ms."""
+        values = [reading["ms"] for reading in self.readings]
+        return {"workload": CALIBRATION_WORKLOAD, "drift_limit": self.limit,
+                "cpus": os.cpu_count(),
+                "median_ms": float(np.median(values)) if values else None,
+                "best_ms": min(values) if values else None,
+                "first_ms": values[0] if values else None,
+                "last_ms": values[-1] if values else None,
+                "readings": self.readings}
+
+
+def drift_reason(drift: float) -> str:
+    return f"host drift: the calibration ran {100 * drift:.0f}% slower than the run's fastest"
+
+
 @dataclass
 class CheckedSamples:
     """Samples of the attempt that was kept, and what the checks found."""
@@ -344,10 +502,14 @@ class CheckedSamples:
     spreads: dict[str, float]
     noisy: dict[str, str]  # name -> why its timing is not to be trusted (absent: trusted)
     batches: dict[str, int] = field(default_factory=dict)  # calls per sample
+    steal: float | None = None  # fraction of the machine stolen by the hypervisor
+    calibration_ms: float | None = None  # slowest calibration around the kept attempt
+    drift: float | None = None  # how much slower that was than the run's fastest
 
 
 def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: float,
-              load_limit: float) -> dict[str, str]:
+              load_limit: float, drift: float | None = None,
+              drift_limit: float = DRIFT_LIMIT) -> dict[str, str]:
     found = {}
     for name, value in spreads.items():
         reasons = []
@@ -355,6 +517,8 @@ def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: 
             reasons.append(f"p90/p10 = {value:.2f} > {noise_limit:g}")
         if other_load is not None and other_load > load_limit:
             reasons.append(f"other processes took {100 * other_load:.0f}% of the CPU")
+        if drift is not None and drift > drift_limit:
+            reasons.append(drift_reason(drift))
         if reasons:
             found[name] = "; ".join(reasons)
     return found
@@ -363,22 +527,33 @@ def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: 
 def measure_checked(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
                     schedule: Schedule, probe: LoadProbe | None = None,
                     noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT,
-                    measure: Callable[..., dict[str, list[float]]] | None = None
-                    ) -> CheckedSamples:
-    """``measure_interleaved`` with the noise and load checks of the module docstring:
-    up to ``1 + schedule.retries`` attempts, stopping at the first that passes; the
-    attempt kept is the first that passes, else the one with the smallest worst spread."""
+                    measure: Callable[..., dict[str, list[float]]] | None = None,
+                    host: HostDrift | None = None) -> CheckedSamples:
+    """``measure_interleaved`` with the noise, load and (given ``host``) drift checks
+    of the module docstring: up to ``1 + schedule.retries`` attempts, stopping at the
+    first that passes; the attempt kept is the first that passes, else the one with the
+    smallest worst spread. With ``host``, the calibration is timed just before and just
+    after each attempt (a fresh reading before a retry: a slow reading after one attempt
+    says nothing about the next, which may start after the slow patch is over)."""
     probe = probe or LoadProbe()
     best: CheckedSamples | None = None
     for attempt in range(1, schedule.retries + 2):
+        before_ms = host.calibrate(f"before attempt {attempt}") if host else None
         before = probe.snapshot()
         batches: dict[str, int] = {}
         samples = (measure_interleaved(calls, timers, schedule, batches=batches)
                    if measure is None else measure(calls, timers, schedule))
-        other = probe.other_fraction(before, probe.snapshot())
+        after = probe.snapshot()
+        other = probe.other_fraction(before, after)
+        calibration = drift = None
+        if host:
+            after_ms = host.calibrate(f"after attempt {attempt}")
+            calibration, drift = max(before_ms, after_ms), host.drift([before_ms, after_ms])
         spreads = {name: spread(values) for name, values in samples.items()}
         checked = CheckedSamples(samples, attempt, other, spreads,
-                                 _problems(spreads, other, noise_limit, load_limit), batches)
+                                 _problems(spreads, other, noise_limit, load_limit, drift,
+                                           host.limit if host else DRIFT_LIMIT),
+                                 batches, probe.steal_fraction(before, after), calibration, drift)
         if not checked.noisy:
             return checked
         if best is None or max(spreads.values()) < max(best.spreads.values()):
