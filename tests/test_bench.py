@@ -419,19 +419,12 @@ def test_tracemalloc_peak_sees_numpy_temporaries():
 # --- validation, rows, outputs -------------------------------------------------------------
 
 
-def fake_host(readings_ms=(1.0,)):
-    """A HostDrift whose calibration "takes" the given times in turn (the last repeats),
-    with no clock, /proc/cpuinfo or /proc/stat of this machine in it."""
-    values = iter(readings_ms)
-    last = [readings_ms[0]]
-
-    def workload():
-        last[0] = next(values, last[0])
-        return last[0]
-
+def fake_host(workload_ms=1.0):
+    """A HostDrift whose calibration "takes" ``workload_ms`` at once, with a clock that
+    advances 1 s a reading and no /proc of this machine in it."""
     clock = iter(float(t) for t in range(10**6))
-    return timing.HostDrift(workload, clock=lambda: next(clock), read_mhz=lambda: 2600.0,
-                            read_steal=lambda: 0.0)
+    return timing.HostDrift(lambda: workload_ms, clock=lambda: next(clock),
+                            read_mhz=lambda: 2600.0, read_steal=lambda: 0.0)
 
 
 def tiny_settings(impl_list, modes=("forward",), seq_lens=(4, 8), dtype="float32"):
@@ -1032,17 +1025,43 @@ def test_plot_names_the_cell():
 
 def test_calibration_workload_is_short_and_the_readings_say_how_the_host_drifted():
     ms = timing.calibration_workload()()
-    assert 0 < ms < 1000  # one chunk of 100 small matmuls: about 1 ms on a 2.6 GHz core
-    host = fake_host([1.0, 1.05, 1.3])
-    assert [host.calibrate(where) for where in ("a", "b", "c")] == [1.0, 1.05, 1.3]
-    assert host.best_ms() == 1.0 and host.drift([1.05, 1.3]) == pytest.approx(0.3)
+    assert 0 < ms < 1000  # 50 small matmuls: about 0.6 ms on a 2.6 GHz core
+    host = fake_host()
+    for where, samples in (("a", [1.0, 1.2, 1.0]), ("b", [1.1]), ("c", [1.3, 1.3])):
+        host.record(samples, where, kept=True)
+    host.record([9.0], "an attempt not kept")  # does not move the reference
+    assert [r["ms"] for r in host.readings] == [1.0, 1.1, 1.3, 9.0]
+    assert host.reference_ms() == 1.1 and host.drift(1.3) == pytest.approx(0.2 / 1.1)
+    assert host.drifted(1.3) and host.drifted(0.95) and not host.drifted(1.05)  # either way
     summary = host.summary()
-    assert summary["median_ms"] == 1.05 and summary["first_ms"] == 1.0
-    assert summary["last_ms"] == 1.3 and summary["drift_limit"] == timing.DRIFT_LIMIT
-    assert [r["where"] for r in summary["readings"]] == ["a", "b", "c"]
+    assert summary["median_ms"] == 1.1 and summary["fastest_ms"] == 1.0
+    assert summary["slowest_ms"] == 9.0 and summary["drift_limit"] == timing.DRIFT_LIMIT
+    assert host.spent_s == pytest.approx(15.9e-3) and summary["spent_s"] == 0.016
+    assert [r["where"] for r in summary["readings"]][:3] == ["a", "b", "c"]
     assert summary["readings"][1]["at_s"] == 1.0 and summary["readings"][0]["cpu_mhz"] == 2600.0
+    assert summary["readings"][0]["samples"] == 3
+    empty = timing.HostDrift(lambda: 1.0)
+    assert empty.reference_ms() is None and empty.drift(5.0) == 0.0 and not empty.drifted(5.0)
     with pytest.raises(ValueError):
-        timing.HostDrift(lambda: 1.0).best_ms()
+        host.record([])
+    assert "15% faster than the run's median" in timing.drift_reason(-0.15)
+
+
+def test_calibration_takes_a_slot_in_every_repeat_round():
+    log: list[str] = []
+
+    def calibration():
+        log.append("cal")
+        return 0.5
+
+    samples: list[float] = []
+    timing.measure_interleaved({"a": lambda: None, "b": lambda: None},
+                               {"a": FakeTimer(log, "a"), "b": FakeTimer(log, "b")},
+                               timing.Schedule(1, 3, 3, 0.0), calibration=calibration,
+                               calibration_samples=samples)
+    # one warm-up round without it, then three rounds rotating a, b and the calibration
+    assert log == ["a", "b", "a", "b", "cal", "b", "cal", "a", "cal", "a", "b"]
+    assert samples == [0.5] * 3
 
 
 def test_read_steal_and_cpu_clock(tmp_path):
@@ -1065,44 +1084,69 @@ def test_read_steal_and_cpu_clock(tmp_path):
     assert probe.other_fraction(before, after) == pytest.approx(0.1)
 
 
-def test_measure_checked_times_a_drifted_cell_again_with_fresh_calibrations():
-    # attempt 1: 1.0 before, 1.3 after (30% slower than the best): timed again;
-    # attempt 2: 1.02 before, 1.0 after: passes, and is kept
-    host = fake_host([1.0, 1.3, 1.02, 1.0])
+def calibrated_measure(attempts, calibrations):
+    """scripted_measure that also hands out calibration samples, one list an attempt."""
+    script, cal = iter(attempts), iter(calibrations)
+
+    def measure(calls, timers, schedule, calibration_samples=None, **options):
+        calibration_samples.extend(next(cal))
+        return next(script)
+    return measure
+
+
+def test_measure_checked_times_a_drifted_cell_again():
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
+    # attempt 1: the host 30% slower than the run so far: timed again; attempt 2: kept
     checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=2),
-                                     probe=fake_probe(1.0, 1.0), host=host,
-                                     measure=scripted_measure([{"a": STEADY}, {"a": STEADY}]))
+                                     probe=fake_probe(1.0, 1.0), host=host, label="cell",
+                                     measure=calibrated_measure([{"a": STEADY}] * 2,
+                                                                [[1.3] * 5, [1.05] * 5]))
     assert checked.attempts == 2 and not checked.noisy
-    assert checked.calibration_ms == 1.02 and checked.drift == pytest.approx(0.02)
-    assert [r["where"] for r in host.readings] == [
-        "before attempt 1", "after attempt 1", "before attempt 2", "after attempt 2"]
-    # a host that stays slow: flagged with the reason, after every retry
+    assert checked.calibration_ms == 1.05 and checked.drift == pytest.approx(0.05)
+    assert [(r["where"], r["kept"]) for r in host.readings[2:]] == [
+        ("an earlier cell", True), ("cell attempt 1", False), ("cell attempt 2", True)]
+    # a host that stays slow: flagged with the reason after every retry
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
     checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
-                                     probe=fake_probe(1.0, 1.0), host=fake_host([1.0, 1.5]),
-                                     measure=scripted_measure([{"a": STEADY}, {"a": STEADY}]))
-    assert checked.attempts == 2 and "host drift: the calibration ran 50% slower" in checked.noisy["a"]
+                                     probe=fake_probe(1.0, 1.0), host=host,
+                                     measure=calibrated_measure([{"a": STEADY}] * 2,
+                                                                [[1.5] * 5, [1.5] * 5]))
+    assert checked.attempts == 2
+    assert "host drift: the calibration ran 50% slower than the run's median" in checked.noisy["a"]
+    # the attempt kept (the first: equally calm) is the one flagged, and its reading counts
+    assert [r["kept"] for r in host.readings[2:]] == [True, True, False]
 
 
 def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monkeypatch):
-    # two cells at 1.0, then the end-of-run calibration at 0.8: both cells ran 25%
-    # slower than the host's best, which only the last reading showed
-    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8))
+    # three cells; the host is 30% slower during the second only
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16))
     settings.probe = fake_probe(1.0, 1.0)
-    monkeypatch.setattr(timing, "measure_interleaved", scripted_measure(
-        [{"attention-numpy": STEADY}] * 4))  # steady samples: only the drift check can fail
-    settings.host = fake_host([1.0, 1.0, 1.0, 1.0, 0.8])
+    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
+        [{"attention-numpy": STEADY}] * 3, [[1.0] * 5, [1.3] * 5, [1.0] * 5]))
     rows = runner.run_suite(settings)
-    assert [r["where"] for r in settings.host.readings][-1] == "end of run"
-    for row in rows:
-        assert row["calibration_ms"] == 1.0 and row["host_drift"] == pytest.approx(0.25)
-        assert row["noisy"] and row["noise_reason"] == ("host drift: the calibration ran 25% "
-                                                        "slower than the run's fastest (seen "
-                                                        "after the run)")
-        assert row["median_ms"] > 0  # kept as measured, never divided by the calibration
-    settings.host = fake_host([1.0, 1.05])
+    assert [r["where"] for r in settings.host.readings] == [
+        f"forward attention T={T} attempt 1" for T in (4, 8, 16)]
+    assert [row["calibration_ms"] for row in rows] == [1.0, 1.3, 1.0]
+    assert [row["host_drift"] for row in rows] == [0.0, pytest.approx(0.3), 0.0]
+    assert [row["noisy"] for row in rows] == [False, True, False]
+    assert rows[1]["noise_reason"] == "host drift: the calibration ran 30% slower than the run's median"
+    assert rows[1]["median_ms"] == 1.0  # kept as measured, never divided by the calibration
+    # the first cell has nothing to be judged against while it runs, and the second is
+    # judged against it (15% off the median of 1.3 and 1.0): the whole run shows that
+    # the first was off, and the second was not
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16, 32))
+    settings.probe = fake_probe(1.0, 1.0)
+    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
+        [{"attention-numpy": STEADY}] * 4, [[1.3] * 5, [1.0] * 5, [1.0] * 5, [1.0] * 5]))
     rows = runner.run_suite(settings)
-    assert [row["noisy"] for row in rows] == [False, False]
-    assert rows[0]["host_drift"] == pytest.approx(0.05) and rows[0]["steal"] == 0.0
+    assert [row["noisy"] for row in rows] == [True, False, False, False]
+    assert rows[1]["noise_reason"] is None and rows[1]["host_drift"] == 0.0
+    assert rows[0]["noise_reason"] == "host drift: the calibration ran 30% slower than the run's median"
+    assert rows[0]["steal"] == 0.0
 
 
 def test_garbage_collection_is_off_while_a_cell_is_timed():

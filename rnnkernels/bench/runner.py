@@ -38,12 +38,14 @@ ROW_DOCS = {
                   f"{timing.LOAD_LIMIT:g} the row is flagged noisy",
     "steal": "fraction of the machine's CPU time the hypervisor gave to other guests while "
              "the cell was timed (/proc/stat's steal; part of other_load)",
-    "calibration_ms": "the slower of the two timings of the fixed calibration workload "
-                      "(config.calibration.workload) just before and just after the cell",
-    "host_drift": "calibration_ms / the run's fastest calibration - 1: how much slower the "
-                  f"host was around this cell; above {timing.DRIFT_LIMIT:g} the cell is "
-                  "timed again, and a row still above it after the run is flagged noisy. "
-                  "median_ms is never corrected by it",
+    "calibration_ms": "median time of the fixed calibration workload "
+                      "(config.calibration.workload), timed once per repeat round of the "
+                      "cell in the rotation with the implementations (CPU only)",
+    "host_drift": "calibration_ms / the run's median calibration - 1: how much slower "
+                  "(above 0) or faster the host was while this cell ran; more than "
+                  f"{timing.DRIFT_LIMIT:g} either way and the cell is timed again, and a "
+                  "row still that far off after the run is flagged noisy. median_ms is "
+                  "never corrected by it",
     "attempts": "how many times the cell was timed (a failed noise or load check times it "
                 "again; the calmest attempt is kept)",
     "noisy": "true when the kept attempt still failed a check: do not trust this row's "
@@ -66,7 +68,7 @@ class Settings:
     impls: list[Impl]
     seed: int = 0
     probe: timing.LoadProbe | None = None  # None: a LoadProbe of this machine
-    # the run's calibration readings (timing.HostDrift); None: no drift check
+    # the run's calibration readings (timing.HostDrift; CPU cells only); None: no check
     host: timing.HostDrift | None = field(default_factory=timing.HostDrift)
 
 
@@ -144,7 +146,9 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         checked = timing.measure_checked(
             {name: c.run for name, c in prepared.items()},
             {name: timers[impls[name].timer] for name in prepared},
-            settings.schedule, probe=settings.probe, host=settings.host if prepared else None)
+            settings.schedule, probe=settings.probe,
+            # GPU rows are timed by CUDA events: the CPU's speed is not what they measure
+            host=settings.host if settings.device == "cpu" else None, label=f"{mode} {model} T={T}")
     except Exception as error:
         for name in prepared:
             rows[name].update(status="error", note=f"timing: {_error_text(error)}")
@@ -178,27 +182,29 @@ def cells(settings: Settings) -> list[tuple[str, str, int]]:
 
 
 def flag_host_drift(rows: list[dict], host: timing.HostDrift) -> None:
-    """After the run: each timed row's drift against the run's fastest calibration (which
-    may have come after the row), and the noisy flag for a row above the limit. The row
-    is not timed again (its cell is long gone); it is flagged, and its median kept."""
-    if not host.readings:
+    """After the run: each timed row's drift against the run's median calibration, and
+    its drift flag set anew from it. During the run a cell was judged against the cells
+    before it, a reference of a few readings, to decide whether to time it again; the
+    flag is decided here, against the whole run. A row is not timed again after the run
+    (its cell is long gone): it is flagged, and its median kept as measured."""
+    if host.reference_ms() is None:
         return
     for row in rows:
         if row["status"] != "ok" or row.get("calibration_ms") is None:
             continue
-        drift = host.drift([row["calibration_ms"]])
-        row["host_drift"] = drift
-        if drift > host.limit and "host drift" not in (row["noise_reason"] or ""):
-            reason = timing.drift_reason(drift) + " (seen after the run)"
-            row.update(noisy=True, noise_reason="; ".join(
-                filter(None, [row["noise_reason"], reason])))
+        row["host_drift"] = drift = host.drift(row["calibration_ms"])
+        reasons = [reason for reason in (row["noise_reason"] or "").split("; ")
+                   if reason and not reason.startswith("host drift")]
+        if host.drifted(row["calibration_ms"]):
+            reasons.append(timing.drift_reason(drift))
+        row.update(noisy=bool(reasons), noise_reason="; ".join(reasons) or None)
 
 
 def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[dict]], None]
               = lambda *args: None, on_cell_start: Callable[[str, str, int], None]
               = lambda *args: None) -> list[dict]:
-    """Every cell in run order; then, with a drift check, one last calibration and the
-    rows flagged whose host ran slow (``flag_host_drift``)."""
+    """Every cell in run order; then, with a drift check, the rows flagged whose host ran
+    at another speed than the run's median (``flag_host_drift``)."""
     rows: list[dict] = []
     timers: dict[str, timing.Timer] = {}
     for model, mode, T in cells(settings):
@@ -206,7 +212,6 @@ def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[di
         cell_rows = run_cell(settings, model, mode, T, timers)
         rows.extend(cell_rows)
         on_cell_done(model, mode, T, cell_rows)
-    if settings.host is not None and settings.host.readings:
-        settings.host.calibrate("end of run")
+    if settings.host is not None:
         flag_host_drift(rows, settings.host)
     return rows

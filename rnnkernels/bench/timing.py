@@ -28,14 +28,16 @@ are flagged ``noisy`` with the reason.
 Host drift (``HostDrift``): a machine can get slower as a whole (another guest of the
 VM host, frequency, CPU credits) without any process of ours seeing it: the per-row
 spread stays small and /proc/stat shows no other process. A fixed calibration workload
-(NumPy matmuls, one thread, about 10 ms) is timed just before and just after every
-attempt of every cell and at the end of the run; an attempt whose calibrations ran more than ``DRIFT_LIMIT``
-slower than the run's fastest calibration is timed again like a noisy one, and after
-the run every row whose calibration ended up more than ``DRIFT_LIMIT`` slower than the
-run's fastest is flagged ``noisy`` ("host drift"). The medians are never divided by the
-calibration (that would hide real costs as well as drift): a drifted row is re-run or
-flagged. The calibrations (with /proc/stat's steal time and /proc/cpuinfo's clock) go
-into the JSON, so that two runs can be compared: did the host change, or did we?
+(NumPy matmuls, one thread, about 0.6 ms) takes one slot in every repeat round of
+every CPU cell, interleaved with the implementations, so the cell's median calibration
+says how fast the host was *while* the cell ran. An attempt whose median calibration
+is more than ``DRIFT_LIMIT`` away from the run's median so far (either way) is timed
+again like a noisy one, and after the run every row more than ``DRIFT_LIMIT`` away from
+the run's median calibration is flagged ``noisy`` ("host drift"). The medians are never
+divided by the calibration (that would hide real costs as well as drift): a drifted
+row is re-run or flagged. The calibrations (with /proc/stat's steal time and
+/proc/cpuinfo's clock) go into the JSON, so that two runs can be compared: did the host
+change speed, or did we? Its slot counts against the cell's time budget like any other.
 
 Garbage collection is off while a cell is timed (after a collection before it), as
 ``timeit`` does: a collection triggered by one implementation's garbage would otherwise
@@ -238,7 +240,10 @@ def calls_per_sample(call_ms: float, min_sample_ms: float, limit: int = 1000) ->
 def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
                         schedule: Schedule,
                         clock: Callable[[], float] = time.perf_counter,
-                        batches: dict[str, int] | None = None) -> dict[str, list[float]]:
+                        batches: dict[str, int] | None = None,
+                        calibration: Callable[[], float] | None = None,
+                        calibration_samples: list[float] | None = None
+                        ) -> dict[str, list[float]]:
     """Time each call in ``calls`` with its timer, interleaved (see the module docstring).
     Returns the samples in milliseconds per call, one list per name, all of equal length.
 
@@ -246,7 +251,12 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     ``calls_per_sample`` times back to back per sample and the sample is their mean,
     as ``timeit`` does: a 40 us call timed alone is at the mercy of every interrupt and
     timer tick, which spread p90/p10 far more than the call varies. The count comes
-    from the last warm-up round and is written into ``batches`` (name -> calls)."""
+    from the warm-up rounds and is written into ``batches`` (name -> calls).
+
+    ``calibration`` (``HostDrift.workload``: runs the calibration and returns its ms)
+    takes one more slot in every repeat round's rotation; its times are appended to
+    ``calibration_samples``, so that the host's speed is read during the cell, in the
+    same rounds as the implementations, not beside it."""
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
@@ -256,13 +266,15 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _measure_interleaved(calls, timers, schedule, clock, batches, names, samples)
+        return _measure_interleaved(calls, timers, schedule, clock, batches, names, samples,
+                                    calibration, calibration_samples)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples):
+def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples,
+                         calibration, calibration_samples):
     started = clock()
     rounds = 0
     warm: dict[str, list[float]] = {name: [] for name in names}
@@ -290,14 +302,20 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
         return run
     timed = {name: calls[name] if counts[name] == 1 else batched(calls[name], counts[name])
              for name in names}
+    slots = names + ([None] if calibration is not None else [])  # None: the calibration
     started = clock()
     repeat = 0
     while repeat < schedule.max_repeats and (
         repeat < schedule.min_repeats or clock() - started < schedule.budget_s
     ):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
+        shift = repeat % len(slots)
+        for name in slots[shift:] + slots[:shift]:
+            if name is None:
+                value = calibration()
+                if calibration_samples is not None:
+                    calibration_samples.append(value)
+            else:
+                samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
         repeat += 1
     return samples
 
@@ -306,10 +324,9 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
 
 NOISE_LIMIT = 1.5  # p90/p10 above this: the row's timing is too spread to trust
 LOAD_LIMIT = 0.1  # other processes took more than this fraction of the machine's CPU time
-# The calibration around a cell ran more than this much slower than the run's fastest
-# calibration: the host was slower (see HostDrift). Half the stability target's 20%, so
-# that drift alone cannot make two runs' medians miss it unseen; a median of seven
-# timings keeps the calibration's own jitter well under it on a quiet machine.
+# The median calibration during a cell was more than this far (either way) from the
+# run's median: the host ran at another speed (see HostDrift). Half the stability
+# target's 20%, so that drift alone cannot make two runs' medians miss it unseen.
 DRIFT_LIMIT = 0.1
 
 
@@ -412,84 +429,109 @@ class LoadProbe:
         return min(1.0, max(0.0, other / (wall * self.cpus)))
 
 
-CALIBRATION_WORKLOAD = ("median of 7 timings of 100 float64 64x64 matmuls (np.matmul; one "
-                        "thread at any thread setting: below OpenBLAS's threading threshold)")
+CALIBRATION_MATMULS = 50
+CALIBRATION_WORKLOAD = (f"{CALIBRATION_MATMULS} float64 64x64 matmuls (np.matmul; one thread at "
+                        "any thread setting: below OpenBLAS's threading threshold), timed once "
+                        "per repeat round of every cell, interleaved with the implementations")
 
 
-def calibration_workload(chunks: int = 7, matmuls: int = 100) -> Callable[[], float]:
-    """The fixed workload of ``HostDrift`` (``CALIBRATION_WORKLOAD``): a function that
-    runs it and returns the median chunk's time in ms (about 10 ms in all on a 2.6 GHz
-    EPYC core). Small matmuls: they measure the core (clock, stolen time, a neighbour
-    in the caches) through the same BLAS the NumPy rows use, on one thread whatever
+def calibration_workload(matmuls: int = CALIBRATION_MATMULS) -> Callable[[], float]:
+    """The fixed workload of ``HostDrift``: a function that runs it once and returns its
+    time in ms (about 0.6 ms on a 2.6 GHz EPYC core). Small matmuls: they measure the
+    core (its clock, time stolen by the hypervisor, a neighbour in the caches or on the
+    same physical core) through the same BLAS the NumPy rows use, on one thread whatever
     the thread policy (64^3 multiply-adds is within OpenBLAS's single-thread size), and
-    the median of seven ignores a single interrupted chunk."""
+    from L1/L2, so that the memory the rows leave behind hardly matters."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
     out = np.empty((64, 64))
 
     def run() -> float:
-        times = []
-        for _ in range(chunks):
-            start = time.perf_counter()
-            for _ in range(matmuls):
-                np.matmul(a, b, out=out)
-            times.append((time.perf_counter() - start) * 1e3)
-        return float(np.median(times))
+        start = time.perf_counter()
+        for _ in range(matmuls):
+            np.matmul(a, b, out=out)
+        return (time.perf_counter() - start) * 1e3
     return run
 
 
+def relative_gap(a: float, b: float) -> float:
+    """max(a, b) / min(a, b) - 1: how far apart two positive times are, either way."""
+    return max(a, b) / min(a, b) - 1.0
+
+
 class HostDrift:
-    """The calibration readings of one run (see the module docstring): ``calibrate``
-    times the fixed workload and records it with the time since the first reading,
-    /proc/stat's steal and /proc/cpuinfo's clock; ``drift`` says how much slower some
-    readings are than the fastest of the run so far (0.0: as fast as the best)."""
+    """The host's speed through one run (see the module docstring). ``workload`` runs
+    the calibration once and returns ms; ``measure_checked`` times it once per repeat
+    round of a cell, in the rotation with the implementations, and ``record`` keeps the
+    median of those samples as the attempt's reading, with the time since the first
+    reading, /proc/stat's steal and /proc/cpuinfo's clock. The run's ``reference_ms`` is
+    the median of the readings of the attempts kept (one a cell: a cell timed three
+    times must not weigh three times); ``drift`` is a reading's signed difference from it."""
 
     def __init__(self, workload: Callable[[], float] | None = None,
                  clock: Callable[[], float] = time.perf_counter,
                  read_mhz: Callable[[], float | None] = read_cpu_mhz,
                  read_steal: Callable[[], float | None] = read_proc_steal,
                  limit: float = DRIFT_LIMIT):
-        self._workload = workload or calibration_workload()
+        self.workload = workload or calibration_workload()
         self._clock, self._read_mhz, self._read_steal = clock, read_mhz, read_steal
         self.limit = limit
         self.readings: list[dict] = []
+        self.spent_s = 0.0  # time spent in the calibration itself, all cells together
         self._start: float | None = None
 
-    def calibrate(self, where: str = "") -> float:
-        """Time the workload once (ms), record it, and return it."""
+    def record(self, samples_ms, where: str = "", kept: bool = False) -> dict:
+        """Record one cell attempt's calibration samples; returns the reading (set its
+        ``kept`` when the attempt is the one kept)."""
         now = self._clock()
         if self._start is None:
             self._start = now
-        ms = float(self._workload())
-        self.readings.append({"where": where, "at_s": round(now - self._start, 3),
-                              "ms": ms, "cpu_mhz": self._read_mhz(),
-                              "steal_s": self._read_steal()})
-        return ms
+        values = np.asarray(samples_ms, dtype=np.float64)
+        if values.size == 0:
+            raise ValueError("no calibration samples to record")
+        p10, median, p90 = np.percentile(values, [10, 50, 90])
+        self.spent_s += float(values.sum()) / 1e3
+        reading = {"where": where, "at_s": round(now - self._start, 3), "ms": float(median),
+                   "p10_ms": float(p10), "p90_ms": float(p90), "samples": int(values.size),
+                   "cpu_mhz": self._read_mhz(), "steal_s": self._read_steal(), "kept": kept}
+        self.readings.append(reading)
+        return reading
 
-    def best_ms(self) -> float:
-        if not self.readings:
-            raise ValueError("no calibration yet")
-        return min(reading["ms"] for reading in self.readings)
+    def reference_ms(self, candidate: float | None = None) -> float | None:
+        """Median reading of the attempts kept so far, with ``candidate`` (a reading not
+        yet kept) among them when given; None when there is none."""
+        values = [reading["ms"] for reading in self.readings if reading["kept"]]
+        values += [] if candidate is None else [candidate]
+        return float(np.median(values)) if values else None
 
-    def drift(self, readings_ms) -> float:
-        """How much slower the slowest of ``readings_ms`` is than the run's fastest."""
-        return max(readings_ms) / self.best_ms() - 1.0
+    def drift(self, ms: float, provisional: bool = False) -> float:
+        """ms / the run's reference - 1: above 0, the host was slower than usual.
+        ``provisional``: ``ms`` is a reading of the cell being timed, judged against the
+        cells before it and itself (the median of one or two readings is no reference
+        to judge the other by; with itself counted, the first cell is at 0.0)."""
+        reference = self.reference_ms(ms if provisional else None)
+        return 0.0 if reference is None else ms / reference - 1.0
+
+    def drifted(self, ms: float, provisional: bool = False) -> bool:
+        """Whether ``ms`` is more than the limit away from the reference, either way (a
+        host faster than usual misrepresents the run as much as a slower one)."""
+        reference = self.reference_ms(ms if provisional else None)
+        return reference is not None and relative_gap(ms, reference) > self.limit
 
     def summary(self) -> dict:
-        """What goes into the JSON: the workload, the limit, every reading, and the
-        median, fastest, first and last reading in ms."""
+        """What goes into the JSON: the workload, the limit, every reading (kept or
+        not), the run's reference (``median_ms``) and the time the calibration took."""
         values = [reading["ms"] for reading in self.readings]
         return {"workload": CALIBRATION_WORKLOAD, "drift_limit": self.limit,
-                "cpus": os.cpu_count(),
-                "median_ms": float(np.median(values)) if values else None,
-                "best_ms": min(values) if values else None,
-                "first_ms": values[0] if values else None,
-                "last_ms": values[-1] if values else None,
-                "readings": self.readings}
+                "cpus": os.cpu_count(), "median_ms": self.reference_ms(),
+                "fastest_ms": min(values) if values else None,
+                "slowest_ms": max(values) if values else None,
+                "spent_s": round(self.spent_s, 3), "readings": self.readings}
 
 
 def drift_reason(drift: float) -> str:
-    return f"host drift: the calibration ran {100 * drift:.0f}% slower than the run's fastest"
+    return (f"host drift: the calibration ran {100 * abs(drift):.0f}% "
+            f"{'slower' if drift > 0 else 'faster'} than the run's median")
 
 
 @dataclass
@@ -503,13 +545,14 @@ class CheckedSamples:
     noisy: dict[str, str]  # name -> why its timing is not to be trusted (absent: trusted)
     batches: dict[str, int] = field(default_factory=dict)  # calls per sample
     steal: float | None = None  # fraction of the machine stolen by the hypervisor
-    calibration_ms: float | None = None  # slowest calibration around the kept attempt
-    drift: float | None = None  # how much slower that was than the run's fastest
+    calibration_ms: float | None = None  # median calibration during the kept attempt
+    drift: float | None = None  # its signed difference from the run's median so far
+    reading: dict | None = None  # the attempt's HostDrift reading
 
 
 def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: float,
               load_limit: float, drift: float | None = None,
-              drift_limit: float = DRIFT_LIMIT) -> dict[str, str]:
+              drifted: bool = False) -> dict[str, str]:
     found = {}
     for name, value in spreads.items():
         reasons = []
@@ -517,7 +560,7 @@ def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: 
             reasons.append(f"p90/p10 = {value:.2f} > {noise_limit:g}")
         if other_load is not None and other_load > load_limit:
             reasons.append(f"other processes took {100 * other_load:.0f}% of the CPU")
-        if drift is not None and drift > drift_limit:
+        if drifted:
             reasons.append(drift_reason(drift))
         if reasons:
             found[name] = "; ".join(reasons)
@@ -528,37 +571,47 @@ def measure_checked(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer
                     schedule: Schedule, probe: LoadProbe | None = None,
                     noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT,
                     measure: Callable[..., dict[str, list[float]]] | None = None,
-                    host: HostDrift | None = None) -> CheckedSamples:
+                    host: HostDrift | None = None, label: str = "") -> CheckedSamples:
     """``measure_interleaved`` with the noise, load and (given ``host``) drift checks
     of the module docstring: up to ``1 + schedule.retries`` attempts, stopping at the
     first that passes; the attempt kept is the first that passes, else the one with the
-    smallest worst spread. With ``host``, the calibration is timed just before and just
-    after each attempt (a fresh reading before a retry: a slow reading after one attempt
-    says nothing about the next, which may start after the slow patch is over)."""
+    smallest worst spread. With ``host``, its workload runs once per repeat round, and
+    an attempt whose median calibration is more than the limit from the run's median so
+    far (``HostDrift.drift``, provisional) fails the drift check and is timed again; the
+    rows' final drift flags are set after the run (``runner.flag_host_drift``).
+    ``label`` names the cell in the host's readings."""
     probe = probe or LoadProbe()
+    measure = measure or measure_interleaved
     best: CheckedSamples | None = None
     for attempt in range(1, schedule.retries + 2):
-        before_ms = host.calibrate(f"before attempt {attempt}") if host else None
         before = probe.snapshot()
         batches: dict[str, int] = {}
-        samples = (measure_interleaved(calls, timers, schedule, batches=batches)
-                   if measure is None else measure(calls, timers, schedule))
+        calibration_samples: list[float] = []
+        samples = measure(calls, timers, schedule, batches=batches,
+                          calibration=host.workload if host else None,
+                          calibration_samples=calibration_samples)
         after = probe.snapshot()
         other = probe.other_fraction(before, after)
-        calibration = drift = None
-        if host:
-            after_ms = host.calibrate(f"after attempt {attempt}")
-            calibration, drift = max(before_ms, after_ms), host.drift([before_ms, after_ms])
+        calibration = drift = reading = None
+        drifted = False
+        if host and calibration_samples:
+            reading = host.record(calibration_samples, f"{label} attempt {attempt}".strip())
+            calibration = reading["ms"]
+            drift = host.drift(calibration, provisional=True)
+            drifted = host.drifted(calibration, provisional=True)
         spreads = {name: spread(values) for name, values in samples.items()}
         checked = CheckedSamples(samples, attempt, other, spreads,
-                                 _problems(spreads, other, noise_limit, load_limit, drift,
-                                           host.limit if host else DRIFT_LIMIT),
-                                 batches, probe.steal_fraction(before, after), calibration, drift)
+                                 _problems(spreads, other, noise_limit, load_limit, drift, drifted),
+                                 batches, probe.steal_fraction(before, after), calibration, drift,
+                                 reading)
         if not checked.noisy:
-            return checked
+            best = checked
+            break
         if best is None or max(spreads.values()) < max(best.spreads.values()):
             best = checked
         best.attempts = attempt
+    if best.reading is not None:
+        best.reading["kept"] = True
     return best
 
 
