@@ -1133,7 +1133,8 @@ def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monk
     assert [row["calibration_ms"] for row in rows] == [1.0, 1.3, 1.0]
     assert [row["host_drift"] for row in rows] == [0.0, pytest.approx(0.3), 0.0]
     assert [row["noisy"] for row in rows] == [False, True, False]
-    assert rows[1]["noise_reason"] == "host drift: the calibration ran 30% slower than the run's median"
+    assert rows[1]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
+                                       "run's median")
     assert rows[1]["median_ms"] == 1.0  # kept as measured, never divided by the calibration
     # the first cell has nothing to be judged against while it runs, and the second is
     # judged against it (15% off the median of 1.3 and 1.0): the whole run shows that
@@ -1145,7 +1146,8 @@ def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monk
     rows = runner.run_suite(settings)
     assert [row["noisy"] for row in rows] == [True, False, False, False]
     assert rows[1]["noise_reason"] is None and rows[1]["host_drift"] == 0.0
-    assert rows[0]["noise_reason"] == "host drift: the calibration ran 30% slower than the run's median"
+    assert rows[0]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
+                                       "run's median")
     assert rows[0]["steal"] == 0.0
 
 
@@ -1211,3 +1213,27 @@ def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
     assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
     assert "diagnosis of the 4 median misses: 2 moved with the host's calibration" in shown
     assert "1 are not explained by the host or load (ours to find)" in shown
+
+
+def test_stability_runs_import_the_same_rnnkernels_as_the_check(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import rnnkernels
+    from rnnkernels.bench import stability
+
+    seen = []
+
+    def fake_run(command, env):
+        seen.append((command, env))
+        cli.write_json(command[command.index("--json") + 1], {"results": []})
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(stability.subprocess, "run", fake_run)
+    paths = stability.run_twice(str(tmp_path), ["--device", "cpu"])
+    assert paths == [str(tmp_path / "run1.json"), str(tmp_path / "run2.json")]
+    root = os.path.dirname(os.path.dirname(rnnkernels.__file__))
+    for command, env in seen:
+        assert command[1:4] == ["-m", "rnnkernels.bench", "--quick"]
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == root
+        assert "--device" in command

@@ -148,7 +148,8 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
             {name: timers[impls[name].timer] for name in prepared},
             settings.schedule, probe=settings.probe,
             # GPU rows are timed by CUDA events: the CPU's speed is not what they measure
-            host=settings.host if settings.device == "cpu" else None, label=f"{mode} {model} T={T}")
+            host=settings.host if settings.device == "cpu" else None,
+            label=f"{mode} {model} T={T}")
     except Exception as error:
         for name in prepared:
             rows[name].update(status="error", note=f"timing: {_error_text(error)}")

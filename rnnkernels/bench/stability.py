@@ -33,18 +33,13 @@ import subprocess
 import sys
 
 from .plot import require_matplotlib
-from .timing import DRIFT_LIMIT, LOAD_LIMIT, NOISE_LIMIT
+from .timing import DRIFT_LIMIT, LOAD_LIMIT, NOISE_LIMIT, relative_gap
 
 AGREEMENT = 0.2  # largest accepted relative difference between the two medians
 
 
 def row_key(row: dict) -> tuple:
     return (row["mode"], row["model"], row["impl"], row["T"])
-
-
-def apart(a: float, b: float) -> float:
-    """Relative difference of two positive times, symmetric: max / min - 1."""
-    return max(a, b) / min(a, b) - 1
 
 
 def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
@@ -62,7 +57,7 @@ def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
         return "unknown", "no calibration recorded"
     moved = calibrations[1] / calibrations[0]
     said = f"calibration {100 * (moved - 1):+.0f}%"
-    if apart(a * moved, b) <= agreement:
+    if relative_gap(a * moved, b) <= agreement:
         return "host", f"{said}: host drift"
     return "ours", f"{said}: not the host"
 
@@ -96,7 +91,7 @@ def compare_runs(first: list[dict], second: list[dict], agreement: float = AGREE
                 problems.append(f"{where} (run {run}): p90/p10 = "
                                 f"{row['p90_ms'] / row['p10_ms']:.2f} and not flagged")
         a, b = pair[0]["median_ms"], pair[1]["median_ms"]
-        difference = apart(a, b)
+        difference = relative_gap(a, b)
         if difference > agreement:
             cause, why = miss_cause(pair, agreement)
             causes[cause] += 1
@@ -141,13 +136,13 @@ def host_report(first: dict, second: dict, drift_limit: float = DRIFT_LIMIT) -> 
                          if reading.get("cpu_mhz")})
         lines.append(
             f"host, run {run}: calibration median {calibration['median_ms']:.3f} ms "
-            f"(fastest {min(values):.3f}, slowest {max(values):.3f}: "
-            f"{100 * apart(min(values), max(values)):.0f}% apart, {len(values)} readings)"
+            f"(attempts from {min(values):.3f} to {max(values):.3f}: "
+            f"{100 * relative_gap(min(values), max(values)):.0f}% apart, {len(values)} attempts)"
             + ("" if stolen is None else f"; steal {100 * stolen:.1f}% of the CPU")
             + ("" if not loads else f"; other processes up to {100 * max(loads):.0f}%")
             + ("" if len(clocks) < 2 else f"; CPU clock {clocks[0]:.0f}-{clocks[-1]:.0f} MHz"))
     medians = [calibration["median_ms"] for calibration in calibrations]
-    between = apart(*medians)
+    between = relative_gap(*medians)
     slower = 1 if medians[0] > medians[1] else 2
     if between > drift_limit:
         lines.append(f"host: run {slower}'s calibration was {100 * between:.0f}% slower "
@@ -205,8 +200,12 @@ def run_twice(folder: str, extra: list[str]) -> list[str] | None:
     """Two ``rnnkernels-bench --quick`` runs (JSON, and a plot to look at where
     matplotlib is installed), one after the other, each in a fresh
     process (so the second does not inherit the first's warm caches or compiled code:
-    what a user who runs the command twice sees). The JSON paths, or None if a run failed."""
+    what a user who runs the command twice sees), importing the same rnnkernels as this
+    process (another copy may be installed). The JSON paths, or None if a run failed."""
     os.makedirs(folder, exist_ok=True)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     paths = []
     for run in (1, 2):
         stem = os.path.join(folder, f"run{run}")
@@ -215,7 +214,7 @@ def run_twice(folder: str, extra: list[str]) -> list[str] | None:
         if can_plot():
             command += ["--plot", stem + ".png"]
         print(f"stability: run {run}: {' '.join(command[1:])}", flush=True)
-        done = subprocess.run(command)
+        done = subprocess.run(command, env=environment)
         if done.returncode != 0:
             print(f"stability: run {run} exited with status {done.returncode}", file=sys.stderr)
             return None
