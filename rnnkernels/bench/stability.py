@@ -15,12 +15,14 @@ Beside the verdict, a diagnosis: is the disagreement the host's or ours? Each ru
 a fixed calibration workload timed around every cell (``timing.HostDrift``), /proc/stat's
 steal time and the CPU time other processes took. The diagnosis compares the two runs'
 calibrations (did the machine itself change speed?) and sorts every median miss:
-  * ``load``: other processes took more than the load limit of the CPU during the row
-    (they slow the calibration as well, so this is asked first);
-  * ``host``: the row's calibration moved the same way, enough that at equal host speed
-    the two medians would have agreed (only a diagnosis: no figure is ever corrected);
-  * ``ours``: neither; the host ran at the same speed, so the cause is in the benchmark
-    or the code timed;
+  * ``host``: the row's calibration (timed in the same repeat rounds) moved the same
+    way, enough that at equal calibration the two medians would have agreed: whatever
+    slowed the machine, the hypervisor or other processes, slowed a fixed workload as
+    much, so it is not ours (only a diagnosis: no figure is ever corrected);
+  * ``load``: not so, but other processes took more than the load limit of the CPU
+    during the row (load can hit some calls harder than a short fixed workload);
+  * ``ours``: neither: the machine ran at the same speed and nothing else ran, so the
+    cause is in the benchmark or the code timed;
   * ``unknown``: a run without calibrations (saved by an older version).
 """
 
@@ -47,19 +49,20 @@ def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
     """Why the medians of one row in two runs missed the agreement (see the module
     docstring): (``host`` | ``load`` | ``ours`` | ``unknown``, a few words)."""
     a, b = pair[0]["median_ms"], pair[1]["median_ms"]
-    # Other processes first: they slow the calibration too, and are not the host's doing.
-    # Stolen time counts as the host's (another guest), not as load here.
+    # Stolen time is the hypervisor's (another guest): not counted as other processes.
     loads = [(row.get("other_load") or 0.0) - (row.get("steal") or 0.0) for row in pair]
-    if max(loads) > load_limit:
-        return "load", f"other processes took up to {100 * max(loads):.0f}% of the CPU"
+    load = (f"; other processes took up to {100 * max(loads):.0f}% of the CPU"
+            if max(loads) > load_limit else "")
     calibrations = [row.get("calibration_ms") for row in pair]
     if None in calibrations:
-        return "unknown", "no calibration recorded"
+        return "unknown", "no calibration recorded" + load
     moved = calibrations[1] / calibrations[0]
     said = f"calibration {100 * (moved - 1):+.0f}%"
     if relative_gap(a * moved, b) <= agreement:
-        return "host", f"{said}: host drift"
-    return "ours", f"{said}: not the host"
+        return "host", f"{said}: the machine's speed{load}"
+    if load:
+        return "load", said + load
+    return "ours", f"{said}: not the machine"
 
 
 def compare_runs(first: list[dict], second: list[dict], agreement: float = AGREEMENT,
@@ -170,8 +173,8 @@ def format_verdict(verdict: dict, agreement: float = AGREEMENT,
     causes = verdict.get("causes") or {}
     misses = sum(causes.values())
     if misses:
-        words = {"host": "moved with the host's calibration (host drift)",
-                 "load": "ran while other processes took the CPU (load)",
+        words = {"host": "moved with the calibration (the machine's speed)",
+                 "load": "did not, but ran while other processes took the CPU (load)",
                  "ours": "are not explained by the host or load (ours to find)",
                  "unknown": "cannot be told (no calibration recorded)"}
         lines.append(f"diagnosis of the {misses} median misses: " + "; ".join(

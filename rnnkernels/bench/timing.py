@@ -28,7 +28,7 @@ are flagged ``noisy`` with the reason.
 Host drift (``HostDrift``): a machine can get slower as a whole (another guest of the
 VM host, frequency, CPU credits) without any process of ours seeing it: the per-row
 spread stays small and /proc/stat shows no other process. A fixed calibration workload
-(NumPy matmuls, one thread, about 0.6 ms) takes one slot in every repeat round of
+(a NumPy LSTM cell, one thread, about 0.4 ms) takes one slot in every repeat round of
 every CPU cell, interleaved with the implementations, so the cell's median calibration
 says how fast the host was *while* the cell ran. An attempt whose median calibration
 is more than ``DRIFT_LIMIT`` away from the run's median so far (either way) is timed
@@ -429,27 +429,39 @@ class LoadProbe:
         return min(1.0, max(0.0, other / (wall * self.cpus)))
 
 
-CALIBRATION_MATMULS = 50
-CALIBRATION_WORKLOAD = (f"{CALIBRATION_MATMULS} float64 64x64 matmuls (np.matmul; one thread at "
-                        "any thread setting: below OpenBLAS's threading threshold), timed once "
-                        "per repeat round of every cell, interleaved with the implementations")
+CALIBRATION_STEPS = 10
+CALIBRATION_WORKLOAD = (f"{CALIBRATION_STEPS} steps of a NumPy LSTM cell at B=4, H=64 (x @ W + "
+                        "h @ U, sigmoids, tanh; float64, one thread at any thread setting), "
+                        "timed once per repeat round of every CPU cell, interleaved with the "
+                        "implementations")
 
 
-def calibration_workload(matmuls: int = CALIBRATION_MATMULS) -> Callable[[], float]:
+def calibration_workload(steps: int = CALIBRATION_STEPS) -> Callable[[], float]:
     """The fixed workload of ``HostDrift``: a function that runs it once and returns its
-    time in ms (about 0.6 ms on a 2.6 GHz EPYC core). Small matmuls: they measure the
-    core (its clock, time stolen by the hypervisor, a neighbour in the caches or on the
-    same physical core) through the same BLAS the NumPy rows use, on one thread whatever
-    the thread policy (64^3 multiply-adds is within OpenBLAS's single-thread size), and
-    from L1/L2, so that the memory the rows leave behind hardly matters."""
+    time in ms (about 0.4 ms on a 2.6 GHz EPYC core).
+
+    Why an LSTM cell in NumPy and not a bigger matmul: at the sizes a CPU preset times,
+    the rows cost mostly dispatch and interpreter time plus small products, and a slow
+    patch of a shared VM slows such code far more than it slows a dense matmul. On the
+    2-core VM of issue 14 (one core held by SCHED_FIFO, the other busy), over 0.3 s
+    chunks torch's decode step moved 1.25x as much as this workload (16 steps then;
+    log-log slope, residual sd 6.6%), and 3.6x as much as 50 64x64 matmuls (9.1%). Its
+    products (4x64 @ 64x256) stay below OpenBLAS's threading threshold, so it runs on
+    one thread whatever the thread policy."""
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
-    out = np.empty((64, 64))
+    x = rng.standard_normal((4, 64))
+    w, u = 0.1 * rng.standard_normal((64, 256)), 0.1 * rng.standard_normal((64, 256))
+
+    def sigmoid(v):
+        return 1.0 / (1.0 + np.exp(-v))
 
     def run() -> float:
         start = time.perf_counter()
-        for _ in range(matmuls):
-            np.matmul(a, b, out=out)
+        h = c = np.zeros((4, 64))
+        for _ in range(steps):
+            i, f, g, o = np.split(x @ w + h @ u, 4, axis=1)
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
         return (time.perf_counter() - start) * 1e3
     return run
 
