@@ -30,7 +30,9 @@ ROW_DOCS = {
                  "(each pair ran back to back)",
     "ratio_p90": "90th percentile of the paired per-repeat ratios",
     "calls_per_sample": "calls timed back to back per sample (a call shorter than the "
-                        "preset's minimum sample time is repeated; times are per call)",
+                        "preset's minimum sample time is repeated; times are per call). On a "
+                        f"CPU a call under {timing.PRIME_BELOW_MS:g} ms is preceded in each "
+                        "sample by one untimed call of its own, so every timed call is warm",
     "spread": "p90_ms / p10_ms: 1.0 is perfectly steady; above "
               f"{timing.NOISE_LIMIT:g} the row is flagged noisy",
     "other_load": "fraction of the machine's CPU time other processes took while the cell "

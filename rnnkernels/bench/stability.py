@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,7 +59,11 @@ def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
         return "unknown", "no calibration recorded" + load
     moved = calibrations[1] / calibrations[0]
     said = f"calibration {100 * (moved - 1):+.0f}%"
-    if relative_gap(a * moved, b) <= agreement:
+    # Explained: at equal calibration the medians agree, and the calibration moved the
+    # same way by at least half as much (a 3% move does not explain a 22% one that
+    # happens to sit just past the agreement).
+    if (relative_gap(a * moved, b) <= agreement
+            and math.log(moved) * math.log(b / a) >= 0.5 * math.log(b / a) ** 2):
         return "host", f"{said}: the machine's speed{load}"
     if load:
         return "load", said + load

@@ -229,6 +229,11 @@ class Schedule:
             raise ValueError(f"bad schedule {self}")
 
 
+# On a CPU (``min_sample_s`` set), a call shorter than this is preceded, in every
+# sample, by one untimed call of the same implementation (see measure_interleaved).
+PRIME_BELOW_MS = 10.0
+
+
 def calls_per_sample(call_ms: float, min_sample_ms: float, limit: int = 1000) -> int:
     """How many back-to-back calls one sample times so that it lasts ``min_sample_ms``:
     1 when one call is long enough (or no minimum is set), at most ``limit``."""
@@ -252,6 +257,16 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     as ``timeit`` does: a 40 us call timed alone is at the mercy of every interrupt and
     timer tick, which spread p90/p10 far more than the call varies. The count comes
     from the warm-up rounds and is written into ``batches`` (name -> calls).
+
+    On a CPU, a call shorter than ``PRIME_BELOW_MS`` is also *primed*: each of its
+    samples starts with one untimed call, so that every timed call follows a call of
+    the same implementation. Without it, what a sample measured depended on the count:
+    the first call of a sample runs after the other implementations have filled the
+    caches with their own data, and a sample of one call is all first call, of two
+    calls half. A call near the 1 ms threshold (0.7-1.2 ms: training at T=32) got one
+    count in one run and the other in the next, and its median moved by 20-70% (issue
+    14, seen in three pairs of runs). Above 10 ms the first call's extra (a few tenths
+    of a ms) is within a few percent and priming would double the time.
 
     ``calibration`` (``HostDrift.workload``: runs the calibration and returns its ms)
     takes one more slot in every repeat round's rotation; its times are appended to
@@ -302,6 +317,8 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
         return run
     timed = {name: calls[name] if counts[name] == 1 else batched(calls[name], counts[name])
              for name in names}
+    primed = {name for name in names if schedule.min_sample_s > 0 and warm[name]
+              and float(np.median(warm[name][-5:])) < PRIME_BELOW_MS}
     slots = names + ([None] if calibration is not None else [])  # None: the calibration
     started = clock()
     repeat = 0
@@ -315,6 +332,8 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
                 if calibration_samples is not None:
                     calibration_samples.append(value)
             else:
+                if name in primed:
+                    calls[name]()
                 samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
         repeat += 1
     return samples
