@@ -264,9 +264,12 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     the first call of a sample runs after the other implementations have filled the
     caches with their own data, and a sample of one call is all first call, of two
     calls half. A call near the 1 ms threshold (0.7-1.2 ms: training at T=32) got one
-    count in one run and the other in the next, and its median moved by 20-70% (issue
-    14, seen in three pairs of runs). Above 10 ms the first call's extra (a few tenths
-    of a ms) is within a few percent and priming would double the time.
+    count in one run and the other in the next (seen twice in pairs of --quick runs on
+    the 2-core VM of issue 14, the medians 22% and 70% apart). Measured there, training
+    at T=32 against the calibration of the same rounds: one call per sample against
+    2-5 moved rnnkernels-cpu by 16% and torch-cpu by 10% unprimed, 10% and 5% primed.
+    Above 10 ms the first call's extra (a few tenths of a ms) is a few percent, and
+    priming would double the time.
 
     ``calibration`` (``HostDrift.workload``: runs the calibration and returns its ms)
     takes one more slot in every repeat round's rotation; its times are appended to
