@@ -1209,17 +1209,19 @@ def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
 
     first = [drifted_row("host", 1.0, 1.0), drifted_row("load", 1.0, 1.0),
              drifted_row("ours", 1.0, 1.0), drifted_row("stolen", 1.0, 1.0)]
-    first.append(drifted_row("small", 1.0, 1.0))
+    first += [drifted_row("small", 1.0, 1.0), drifted_row("overshoot", 1.0, 1.0)]
     second = [drifted_row("host", 1.3, 1.25),  # the calibration moved as much: the machine
               drifted_row("load", 1.5, 1.05, other_load=0.5),  # another process held a core
               drifted_row("ours", 1.5, 1.01),  # the machine ran as fast: ours
               drifted_row("stolen", 1.3, 1.3, other_load=0.3, steal=0.3),  # another guest
               # within 20% at equal calibration, but the calibration moved a seventh as
               # much: that does not explain it
-              drifted_row("small", 1.22, 1.03)]
+              drifted_row("small", 1.22, 1.03),
+              # the calibration moved more than a long call did: the machine still
+              drifted_row("overshoot", 1.25, 1.5)]
     verdict = stability.compare_runs(first, second)
     assert not verdict["stable"]
-    assert verdict["causes"] == {"host": 2, "load": 1, "ours": 2, "unknown": 0}
+    assert verdict["causes"] == {"host": 3, "load": 1, "ours": 2, "unknown": 0}
     text = "\n".join(verdict["problems"])
     assert "[ours: calibration +1%: not the machine]" in text
     assert "[host: calibration +25%: the machine's speed]" in text
@@ -1240,7 +1242,7 @@ def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
     assert "cannot tell the host from us" in stability.host_report({"results": []}, run(1.0, 0))[0]
     shown = stability.format_verdict(verdict, host_lines=lines)
     assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
-    assert "diagnosis of the 5 median misses: 2 moved with the calibration" in shown
+    assert "diagnosis of the 6 median misses: 3 moved with the calibration" in shown
     assert "2 are not explained by the host or load (ours to find)" in shown
 
 

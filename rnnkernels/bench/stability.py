@@ -12,13 +12,15 @@ stable when the medians agree as well). Exit status 0 when the target holds, 1 w
 does not, 2 when a run failed or the files cannot be compared.
 
 Beside the verdict, a diagnosis: is the disagreement the host's or ours? Each run records
-a fixed calibration workload timed around every cell (``timing.HostDrift``), /proc/stat's
-steal time and the CPU time other processes took. The diagnosis compares the two runs'
-calibrations (did the machine itself change speed?) and sorts every median miss:
+a fixed calibration workload timed inside every CPU cell (``timing.HostDrift``),
+/proc/stat's steal time and the CPU time other processes took. The diagnosis compares
+the two runs' calibrations (did the machine itself change speed?) and sorts every
+median miss:
   * ``host``: the row's calibration (timed in the same repeat rounds) moved the same
-    way, enough that at equal calibration the two medians would have agreed: whatever
-    slowed the machine, the hypervisor or other processes, slowed a fixed workload as
-    much, so it is not ours (only a diagnosis: no figure is ever corrected);
+    way, at least half as much, and enough that at equal calibration the two medians
+    would have agreed (or more than the row did): whatever slowed the machine, the
+    hypervisor or other processes, slowed a fixed workload as much, so it is not ours
+    (only a diagnosis: no figure is ever corrected);
   * ``load``: not so, but other processes took more than the load limit of the CPU
     during the row (load can hit some calls harder than a short fixed workload);
   * ``ours``: neither: the machine ran at the same speed and nothing else ran, so the
@@ -59,11 +61,13 @@ def miss_cause(pair: list[dict], agreement: float = AGREEMENT,
         return "unknown", "no calibration recorded" + load
     moved = calibrations[1] / calibrations[0]
     said = f"calibration {100 * (moved - 1):+.0f}%"
-    # Explained: at equal calibration the medians agree, and the calibration moved the
-    # same way by at least half as much (a 3% move does not explain a 22% one that
-    # happens to sit just past the agreement).
-    if (relative_gap(a * moved, b) <= agreement
-            and math.log(moved) * math.log(b / a) >= 0.5 * math.log(b / a) ** 2):
+    # Explained: the calibration moved the same way, enough to bring what is left
+    # within the agreement (or more than the row: a small dispatch-bound workload can
+    # move more than a long call), and at least half as much as the row (a 3% move does
+    # not explain a 22% one that happens to sit just past the agreement).
+    row_move, calibration_move = math.log(b / a), math.log(moved)
+    if (row_move * calibration_move > 0 and abs(calibration_move)
+            >= max(0.5 * abs(row_move), abs(row_move) - math.log1p(agreement))):
         return "host", f"{said}: the machine's speed{load}"
     if load:
         return "load", said + load
