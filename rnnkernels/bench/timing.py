@@ -39,9 +39,10 @@ row is re-run or flagged. The calibrations (with /proc/stat's steal time and
 /proc/cpuinfo's clock) go into the JSON, so that two runs can be compared: did the host
 change speed, or did we? Its slot counts against the cell's time budget like any other.
 
-Garbage collection is off while a cell is timed (after a collection before it), as
-``timeit`` does: a collection triggered by one implementation's garbage would otherwise
-land in whichever call happened to cross the threshold, often another implementation's.
+Garbage collection is off while a cell is timed (after collecting the young
+generations), as ``timeit`` does: a collection triggered by one implementation's garbage
+would otherwise land in whichever call happened to cross the threshold, often another
+implementation's.
 
 Peak memory, ``peak_mem_bytes``: the most memory allocated at once *during* one call,
 beyond what existed before it (inputs and weights excluded, outputs and workspace
@@ -279,8 +280,10 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
         return samples
-    # Collect now, then no collection while the cell runs (see the module docstring).
-    gc.collect()
+    # Collect the young generations now, then none while the cell runs (see the module
+    # docstring). Not a full collection: with torch and Numba loaded that takes 0.1-0.2 s,
+    # at every attempt of every cell, and the old generation is not what a cell makes.
+    gc.collect(1)
     was_enabled = gc.isenabled()
     gc.disable()
     try:
