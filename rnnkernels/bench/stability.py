@@ -246,7 +246,10 @@ def main(argv=None, prog: str = "rnnkernels-bench stability") -> int:
         description="Run rnnkernels-bench --quick twice back to back (BENCH-OPTIONS, after "
         "--, go to both runs)\nand say whether the figures agree: every median within "
         f"{100 * AGREEMENT:.0f}%, every row's p90/p10 under\n{NOISE_LIMIT:g} or the row "
-        "flagged noisy. Exit status 0: stable; 1: not; 2: a run failed.")
+        "flagged noisy. Then a diagnosis: the two runs' host calibrations, and for each\n"
+        "median miss whether the machine's speed (the calibration timed in the row's "
+        "rounds moved\nas much), other processes (load) or neither (ours) moved it. "
+        "Exit status 0: stable;\n1: not; 2: a run failed.")
     parser.add_argument("--runs-dir", default=os.path.join("rnnkernels-results", "stability"),
                         help="where the two runs' JSON go (default ./rnnkernels-results/stability)")
     parser.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
