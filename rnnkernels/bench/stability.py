@@ -25,7 +25,7 @@ median miss:
     during the row (load can hit some calls harder than a short fixed workload);
   * ``ours``: neither: the machine ran at the same speed and nothing else ran, so the
     cause is in the benchmark or the code timed;
-  * ``unknown``: a run without calibrations (saved by an older version).
+  * ``unknown``: a run without calibrations (a GPU run, or saved by an older version).
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def host_report(first: dict, second: dict, drift_limit: float = DRIFT_LIMIT) -> 
         return ["host: no calibration recorded in "
                 + " and ".join(f"run {i}" for i, c in enumerate(calibrations, 1)
                                if not c or c.get("median_ms") is None)
-                + " (saved by an older version): cannot tell the host from us"]
+                + " (a GPU run, or one saved by an older version): cannot tell the host "
+                "from us"]
     lines = []
     for run, (data, calibration) in enumerate(zip((first, second), calibrations), 1):
         values = [reading["ms"] for reading in calibration["readings"]]
