@@ -48,7 +48,7 @@ ROW_DOCS = {
                   f"{timing.DRIFT_LIMIT:g} either way and the cell is timed again, and a "
                   "row still that far off after the run is flagged noisy. median_ms is "
                   "never corrected by it",
-    "attempts": "how many times the cell was timed (a failed noise or load check times it "
+    "attempts": "how many times the cell was timed (a failed noise, load or drift check times it "
                 "again; the calmest attempt is kept)",
     "noisy": "true when the kept attempt still failed a check: do not trust this row's "
              "figures, and no crossover is drawn from it",
