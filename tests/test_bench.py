@@ -1142,6 +1142,17 @@ def test_measure_checked_times_a_drifted_cell_again():
     assert "host drift: the calibration ran 50% slower than the run's median" in checked.noisy["a"]
     # the attempt kept (the first: equally calm) is the one flagged, and its reading counts
     assert [r["kept"] for r in host.readings[2:]] == [True, True, False]
+    # when every attempt fails, one at the usual host speed is kept before a calmer one
+    # that drifted
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(1.0, 1.0), host=host,
+                                     measure=calibrated_measure([{"a": STEADY}, {"a": WILD}],
+                                                                [[1.5] * 5, [1.0] * 5]))
+    assert checked.samples["a"] == WILD and checked.calibration_ms == 1.0
+    assert checked.noisy["a"].startswith("p90/p10")
 
 
 def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monkeypatch):
