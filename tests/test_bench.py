@@ -419,10 +419,18 @@ def test_tracemalloc_peak_sees_numpy_temporaries():
 # --- validation, rows, outputs -------------------------------------------------------------
 
 
+def fake_host(workload_ms=1.0):
+    """A HostDrift whose calibration "takes" ``workload_ms`` at once, with a clock that
+    advances 1 s a reading and no /proc of this machine in it."""
+    clock = iter(float(t) for t in range(10**6))
+    return timing.HostDrift(lambda: workload_ms, clock=lambda: next(clock),
+                            read_mhz=lambda: 2600.0, read_steal=lambda: 0.0)
+
+
 def tiny_settings(impl_list, modes=("forward",), seq_lens=(4, 8), dtype="float32"):
     return runner.Settings(device="cpu", modes=modes, seq_lens=seq_lens, batch=2, hidden=8,
                            dtype=dtype, heads=1, schedule=timing.Schedule(0, 2, 2, 0.0),
-                           impls=impl_list)
+                           impls=impl_list, host=fake_host())
 
 
 def numpy_attention_impl(name="attention-numpy", wrong=False):
@@ -590,9 +598,9 @@ def test_read_proc_stat(tmp_path):
     assert timing.read_proc_stat() is None or timing.read_proc_stat() > 0  # this machine
 
 
-def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0):
+def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0, steal_per_call=0.0):
     """A LoadProbe whose readings advance by fixed amounts per snapshot."""
-    state = {"busy": 0.0, "own": 0.0, "wall": 0.0}
+    state = {"busy": 0.0, "own": 0.0, "wall": 0.0, "steal": 0.0}
 
     def advance(key, step):
         def read():
@@ -602,7 +610,7 @@ def fake_probe(busy_per_call, own_per_call, cpus=2, wall_per_call=1.0):
         return read
 
     return timing.LoadProbe(cpus, advance("busy", busy_per_call), advance("own", own_per_call),
-                            advance("wall", wall_per_call))
+                            advance("wall", wall_per_call), advance("steal", steal_per_call))
 
 
 def test_load_probe_counts_other_processes_not_ours():
@@ -910,7 +918,30 @@ def test_short_calls_are_batched_per_sample_and_reported_per_call():
                                          timing.Schedule(1, 3, 3, 0.0, min_sample_s=0.001),
                                          batches=batches)
     assert batches == {"a": 10} and samples["a"] == [pytest.approx(0.1)] * 3
-    assert len(log) == 1 + 3 * 10  # one warm-up call, then three samples of ten
+    # one warm-up call, then three samples of ten, each after one untimed priming call
+    assert len(log) == 1 + 3 * (1 + 10)
+
+
+def test_short_cpu_calls_are_primed_so_every_timed_call_is_warm():
+    order: list[str] = []
+
+    class Timer:  # "a" takes 2 ms a call, "b" 20 ms; records what ran timed
+        method = "fake"
+
+        def time_ms(self, fn):
+            order.append("timed:")
+            fn()
+            return 2.0 if order[-1] == "a" else 20.0
+
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    timing.measure_interleaved(calls, {"a": Timer(), "b": Timer()},
+                               timing.Schedule(1, 2, 2, 0.0, min_sample_s=0.001))
+    # warm-up, then: "a" (2 ms, under PRIME_BELOW_MS) after an untimed call of its own;
+    # "b" (20 ms) as it is
+    assert order[4:] == ["a", "timed:", "a", "timed:", "b", "timed:", "b", "a", "timed:", "a"]
+    order.clear()  # no priming without a minimum sample time (GPU presets: L2 flushed)
+    timing.measure_interleaved(calls, {"a": Timer(), "b": Timer()}, timing.Schedule(1, 1, 1, 0.0))
+    assert order == ["timed:", "a", "timed:", "b", "timed:", "a", "timed:", "b"]
 
 
 # --- --cell: the GRU and the Elman RNN against attention -------------------------------------
@@ -1011,3 +1042,240 @@ def test_plot_names_the_cell():
     points, text = plot.crossover_text(rows)
     assert len(points) == 1 and text.startswith("fastest GRU = fastest attention")
     assert plot.recurrent_model(rows[2:]) == "lstm"
+
+
+# --- host drift: calibration, steal, and what the stability check makes of them -----------
+
+def test_calibration_workload_is_short_and_the_readings_say_how_the_host_drifted():
+    ms = timing.calibration_workload()()
+    assert 0 < ms < 1000  # ten small LSTM steps: about 0.55 ms on a 2.6 GHz core
+    host = fake_host()
+    for where, samples in (("a", [1.0, 1.2, 1.0]), ("b", [1.1]), ("c", [1.3, 1.3])):
+        host.record(samples, where, kept=True)
+    host.record([9.0], "an attempt not kept")  # does not move the reference
+    assert [r["ms"] for r in host.readings] == [1.0, 1.1, 1.3, 9.0]
+    assert host.reference_ms() == 1.1 and host.drift(1.3) == pytest.approx(0.2 / 1.1)
+    assert host.drifted(1.3) and host.drifted(0.95) and not host.drifted(1.05)  # either way
+    summary = host.summary()
+    assert summary["median_ms"] == 1.1 and summary["fastest_ms"] == 1.0
+    assert summary["slowest_ms"] == 9.0 and summary["drift_limit"] == timing.DRIFT_LIMIT
+    assert host.spent_s == pytest.approx(15.9e-3) and summary["spent_s"] == 0.016
+    assert [r["where"] for r in summary["readings"]][:3] == ["a", "b", "c"]
+    assert summary["readings"][1]["at_s"] == 1.0 and summary["readings"][0]["cpu_mhz"] == 2600.0
+    assert summary["readings"][0]["samples"] == 3
+    empty = timing.HostDrift(lambda: 1.0)
+    assert empty.reference_ms() is None and empty.drift(5.0) == 0.0 and not empty.drifted(5.0)
+    with pytest.raises(ValueError):
+        host.record([])
+    assert "15% faster than the run's median" in timing.drift_reason(-0.15)
+
+
+def test_calibration_takes_a_slot_in_every_repeat_round():
+    log: list[str] = []
+
+    def calibration():
+        log.append("cal")
+        return 0.5
+
+    samples: list[float] = []
+    timing.measure_interleaved({"a": lambda: None, "b": lambda: None},
+                               {"a": FakeTimer(log, "a"), "b": FakeTimer(log, "b")},
+                               timing.Schedule(1, 3, 3, 0.0), calibration=calibration,
+                               calibration_samples=samples)
+    # one warm-up round without it, then three rounds rotating a, b and the calibration
+    assert log == ["a", "b", "a", "b", "cal", "b", "cal", "a", "cal", "a", "b"]
+    assert samples == [0.5] * 3
+
+
+def test_read_steal_and_cpu_clock(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = __import__("os").sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {ticks} 0 {ticks} 999999 5 0 0 {3 * ticks} 0 0\n")
+    assert timing.read_proc_steal(str(stat)) == pytest.approx(3.0)
+    assert timing.read_proc_steal(str(tmp_path / "missing")) is None
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2000.0\nprocessor\t: 1\ncpu MHz\t\t: 3000.0\n")
+    assert timing.read_cpu_mhz(str(info)) == pytest.approx(2500.0)
+    info.write_text("processor\t: 0\n")
+    assert timing.read_cpu_mhz(str(info)) is None
+    assert timing.read_cpu_mhz(str(tmp_path / "missing")) is None
+    # 1 s on 2 cores, 0.2 CPU-s stolen: 10% of the machine, also counted in other_load
+    probe = fake_probe(1.2, 1.0, steal_per_call=0.2)
+    before = probe.snapshot()
+    after = probe.snapshot()
+    assert probe.steal_fraction(before, after) == pytest.approx(0.1)
+    assert probe.other_fraction(before, after) == pytest.approx(0.1)
+
+
+def calibrated_measure(attempts, calibrations):
+    """scripted_measure that also hands out calibration samples, one list an attempt."""
+    script, cal = iter(attempts), iter(calibrations)
+
+    def measure(calls, timers, schedule, calibration_samples=None, **options):
+        calibration_samples.extend(next(cal))
+        return next(script)
+    return measure
+
+
+def test_measure_checked_times_a_drifted_cell_again():
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
+    # attempt 1: the host 30% slower than the run so far: timed again; attempt 2: kept
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=2),
+                                     probe=fake_probe(1.0, 1.0), host=host, label="cell",
+                                     measure=calibrated_measure([{"a": STEADY}] * 2,
+                                                                [[1.3] * 5, [1.05] * 5]))
+    assert checked.attempts == 2 and not checked.noisy
+    assert checked.calibration_ms == 1.05 and checked.drift == pytest.approx(0.05)
+    assert [(r["where"], r["kept"]) for r in host.readings[2:]] == [
+        ("an earlier cell", True), ("cell attempt 1", False), ("cell attempt 2", True)]
+    # a host that stays slow: flagged with the reason after every retry
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(1.0, 1.0), host=host,
+                                     measure=calibrated_measure([{"a": STEADY}] * 2,
+                                                                [[1.5] * 5, [1.5] * 5]))
+    assert checked.attempts == 2
+    assert "host drift: the calibration ran 50% slower than the run's median" in checked.noisy["a"]
+    # the attempt kept (the first: equally calm) is the one flagged, and its reading counts
+    assert [r["kept"] for r in host.readings[2:]] == [True, True, False]
+    # when every attempt fails, one at the usual host speed is kept before a calmer one
+    # that drifted
+    host = fake_host()
+    for _ in range(3):
+        host.record([1.0] * 3, "an earlier cell", kept=True)
+    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
+                                     probe=fake_probe(1.0, 1.0), host=host,
+                                     measure=calibrated_measure([{"a": STEADY}, {"a": WILD}],
+                                                                [[1.5] * 5, [1.0] * 5]))
+    assert checked.samples["a"] == WILD and checked.calibration_ms == 1.0
+    assert checked.noisy["a"].startswith("p90/p10")
+
+
+def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monkeypatch):
+    # three cells; the host is 30% slower during the second only
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16))
+    settings.probe = fake_probe(1.0, 1.0)
+    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
+        [{"attention-numpy": STEADY}] * 3, [[1.0] * 5, [1.3] * 5, [1.0] * 5]))
+    rows = runner.run_suite(settings)
+    assert [r["where"] for r in settings.host.readings] == [
+        f"forward attention T={T} attempt 1" for T in (4, 8, 16)]
+    assert [row["calibration_ms"] for row in rows] == [1.0, 1.3, 1.0]
+    assert [row["host_drift"] for row in rows] == [0.0, pytest.approx(0.3), 0.0]
+    assert [row["noisy"] for row in rows] == [False, True, False]
+    assert rows[1]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
+                                       "run's median")
+    assert rows[1]["median_ms"] == 1.0  # kept as measured, never divided by the calibration
+    # the first cell has nothing to be judged against while it runs, and the second is
+    # judged against it (15% off the median of 1.3 and 1.0): the whole run shows that
+    # the first was off, and the second was not
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16, 32))
+    settings.probe = fake_probe(1.0, 1.0)
+    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
+        [{"attention-numpy": STEADY}] * 4, [[1.3] * 5, [1.0] * 5, [1.0] * 5, [1.0] * 5]))
+    rows = runner.run_suite(settings)
+    assert [row["noisy"] for row in rows] == [True, False, False, False]
+    assert rows[1]["noise_reason"] is None and rows[1]["host_drift"] == 0.0
+    assert rows[0]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
+                                       "run's median")
+    assert rows[0]["steal"] == 0.0
+
+
+def test_garbage_collection_is_off_while_a_cell_is_timed():
+    import gc
+
+    seen = []
+    timing.measure_interleaved({"a": lambda: seen.append(gc.isenabled())},
+                               {"a": timing.CpuTimer()}, timing.Schedule(1, 2, 2, 0.0))
+    assert seen == [False] * 3 and gc.isenabled()
+
+
+def test_calls_per_sample_come_from_the_median_warmup_not_the_last_call():
+    class ScriptedTimer:  # warm-up: 0.1 ms, 0.1 ms, then one interrupted call of 5 ms
+        method = "fake"
+
+        def __init__(self):
+            self.times = iter([0.1, 0.1, 5.0] + [1.0] * 10)
+
+        def time_ms(self, fn):
+            return next(self.times)
+
+    batches: dict[str, int] = {}
+    timing.measure_interleaved({"a": lambda: None}, {"a": ScriptedTimer()},
+                               timing.Schedule(3, 2, 2, 0.0, min_sample_s=0.001), batches=batches)
+    assert batches == {"a": 10}  # from the median, 0.1 ms; the last call alone says 1
+
+
+def drifted_row(impl, median, calibration, other_load=0.0, steal=0.0):
+    return {**stability_row(impl, 32, median), "calibration_ms": calibration,
+            "other_load": other_load, "steal": steal}
+
+
+def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
+    from rnnkernels.bench import stability
+
+    first = [drifted_row("host", 1.0, 1.0), drifted_row("load", 1.0, 1.0),
+             drifted_row("ours", 1.0, 1.0), drifted_row("stolen", 1.0, 1.0)]
+    first += [drifted_row("small", 1.0, 1.0), drifted_row("overshoot", 1.0, 1.0)]
+    second = [drifted_row("host", 1.3, 1.25),  # the calibration moved as much: the machine
+              drifted_row("load", 1.5, 1.05, other_load=0.5),  # another process held a core
+              drifted_row("ours", 1.5, 1.01),  # the machine ran as fast: ours
+              drifted_row("stolen", 1.3, 1.3, other_load=0.3, steal=0.3),  # another guest
+              # within 20% at equal calibration, but the calibration moved a seventh as
+              # much: that does not explain it
+              drifted_row("small", 1.22, 1.03),
+              # the calibration moved more than a long call did: the machine still
+              drifted_row("overshoot", 1.25, 1.5)]
+    verdict = stability.compare_runs(first, second)
+    assert not verdict["stable"]
+    assert verdict["causes"] == {"host": 3, "load": 1, "ours": 2, "unknown": 0}
+    text = "\n".join(verdict["problems"])
+    assert "[ours: calibration +1%: not the machine]" in text
+    assert "[host: calibration +25%: the machine's speed]" in text
+    assert "[load: calibration +5%; other processes took up to 50% of the CPU]" in text
+    assert "[host: calibration +30%: the machine's speed]" in text  # steal is not load
+    old = [stability_row("x", 32, 1.0)], [stability_row("x", 32, 2.0)]
+    assert stability.compare_runs(*old)["causes"]["unknown"] == 1
+
+    def run(median_ms, steal_per_s):
+        readings = [{"where": "", "at_s": float(t), "ms": median_ms, "cpu_mhz": 2596.0,
+                     "steal_s": steal_per_s * t} for t in range(3)]
+        return {"config": {"calibration": {"median_ms": median_ms, "cpus": 2,
+                                           "readings": readings}}, "results": first}
+    lines = stability.host_report(run(1.0, 0.0), run(1.22, 0.1))
+    assert "run 2's calibration was 22% slower than run 1's" in lines[-1]
+    assert "steal 5.0% of the CPU" in lines[1] and "steal 0.0%" in lines[0]
+    assert "agree within 2%" in stability.host_report(run(1.0, 0.0), run(1.02, 0.0))[-1]
+    assert "cannot tell the host from us" in stability.host_report({"results": []}, run(1.0, 0))[0]
+    shown = stability.format_verdict(verdict, host_lines=lines)
+    assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
+    assert "diagnosis of the 6 median misses: 3 moved with the calibration" in shown
+    assert "2 are not explained by the host or load (ours to find)" in shown
+
+
+def test_stability_runs_import_the_same_rnnkernels_as_the_check(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import rnnkernels
+    from rnnkernels.bench import stability
+
+    seen = []
+
+    def fake_run(command, env):
+        seen.append((command, env))
+        cli.write_json(command[command.index("--json") + 1], {"results": []})
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(stability.subprocess, "run", fake_run)
+    paths = stability.run_twice(str(tmp_path), ["--device", "cpu"])
+    assert paths == [str(tmp_path / "run1.json"), str(tmp_path / "run2.json")]
+    root = os.path.dirname(os.path.dirname(rnnkernels.__file__))
+    for command, env in seen:
+        assert command[1:4] == ["-m", "rnnkernels.bench", "--quick"]
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == root
+        assert "--device" in command

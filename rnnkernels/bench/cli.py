@@ -58,7 +58,7 @@ from . import plot as plotting
 from .device_info import device_info, gpu_present, load_average
 from .flops import MODES
 from .runner import ROW_DOCS, ROW_FIELDS, Settings, cells, run_suite
-from .timing import LOAD_LIMIT, NOISE_LIMIT, Schedule
+from .timing import DRIFT_LIMIT, LOAD_LIMIT, NOISE_LIMIT, Schedule
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,8 @@ def columns_help() -> str:
              "time[r] / baseline[r], each pair run back to back",
              f"  p90/p10         spread of one row's times; above {NOISE_LIMIT:g}, or other "
              f"processes taking over {100 * LOAD_LIMIT:.0f}% of the CPU while the cell ran,",
+             f"                  or the host's speed (a calibration workload timed in the "
+             f"same rounds) over {100 * DRIFT_LIMIT:.0f}% off the run's median (host drift),",
              "                  the cell is timed again; if it still fails, the row is "
              "flagged 'noisy' (table, JSON, plot) and no crossover is drawn from it"]
     return "\n".join(lines)
@@ -524,6 +526,9 @@ def noise_summary(rows: list[dict]) -> str | None:
     loads = [row["other_load"] for row in timed if row.get("other_load") is not None]
     worst = (f"; other processes took up to {100 * max(loads):.0f}% of the CPU"
              if loads and max(loads) >= 0.01 else "")
+    drifts = [abs(row["host_drift"]) for row in noisy if row.get("host_drift") is not None]
+    if drifts and max(drifts) > DRIFT_LIMIT:
+        worst += f"; the host's speed (calibration) was up to {100 * max(drifts):.0f}% off its median"
     return (f"warning: {len(noisy)} of {len(timed)} timed rows are flagged noisy{worst}. "
             "Their figures are not to be trusted and no crossover is drawn from them: "
             "rerun on a quiet machine (`rnnkernels-bench stability` checks two runs).")
@@ -565,7 +570,8 @@ def main(argv=None) -> int:
                        "thread_policy": thread_reason,
                        "noise_limit_p90_p10": NOISE_LIMIT, "load_limit": LOAD_LIMIT,
                        "wall_seconds": round(elapsed, 2),
-                       "load_average_1m": [load_before, load_average()]},
+                       "load_average_1m": [load_before, load_average()],
+                       "calibration": settings.host.summary() if settings.host else None},
             "columns": ROW_DOCS,
             "results": rows}
     title = (f"rnnkernels-bench --cell {args.cell} on {info['name']} ({device}) — B={settings.batch}, "

@@ -5,7 +5,7 @@ result rows; ``ROW_DOCS`` says what the timing columns mean (the JSON carries it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import flops as flop_formulas
@@ -18,7 +18,8 @@ ROW_FIELDS = (
     "median_ms", "p10_ms", "p90_ms", "repeats", "flops", "tflops", "sequential_steps",
     "peak_mem_bytes", "peak_mem_method", "ratio_to_baseline", "ratio_p10", "ratio_p90",
     "baseline", "max_rel_err", "validated_against", "timer", "calls_per_sample", "spread",
-    "other_load", "attempts", "noisy", "noise_reason", "note",
+    "other_load", "steal", "calibration_ms", "host_drift", "attempts", "noisy", "noise_reason",
+    "note",
 )
 ROW_DOCS = {
     "median_ms": "median time per call over the timed repeats, after warm-up",
@@ -29,13 +30,25 @@ ROW_DOCS = {
                  "(each pair ran back to back)",
     "ratio_p90": "90th percentile of the paired per-repeat ratios",
     "calls_per_sample": "calls timed back to back per sample (a call shorter than the "
-                        "preset's minimum sample time is repeated; times are per call)",
+                        "preset's minimum sample time is repeated; times are per call). On a "
+                        f"CPU a call under {timing.PRIME_BELOW_MS:g} ms is preceded in each "
+                        "sample by one untimed call of its own, so every timed call is warm",
     "spread": "p90_ms / p10_ms: 1.0 is perfectly steady; above "
               f"{timing.NOISE_LIMIT:g} the row is flagged noisy",
     "other_load": "fraction of the machine's CPU time other processes took while the cell "
                   "was timed (/proc/stat minus our own CPU time); above "
                   f"{timing.LOAD_LIMIT:g} the row is flagged noisy",
-    "attempts": "how many times the cell was timed (a failed noise or load check times it "
+    "steal": "fraction of the machine's CPU time the hypervisor gave to other guests while "
+             "the cell was timed (/proc/stat's steal; part of other_load)",
+    "calibration_ms": "median time of the fixed calibration workload "
+                      "(config.calibration.workload), timed once per repeat round of the "
+                      "cell in the rotation with the implementations (CPU only)",
+    "host_drift": "calibration_ms / the run's median calibration - 1: how much slower "
+                  "(above 0) or faster the host was while this cell ran; more than "
+                  f"{timing.DRIFT_LIMIT:g} either way and the cell is timed again, and a "
+                  "row still that far off after the run is flagged noisy. median_ms is "
+                  "never corrected by it",
+    "attempts": "how many times the cell was timed (a failed noise, load or drift check times it "
                 "again; the calmest attempt is kept)",
     "noisy": "true when the kept attempt still failed a check: do not trust this row's "
              "figures, and no crossover is drawn from it",
@@ -57,6 +70,8 @@ class Settings:
     impls: list[Impl]
     seed: int = 0
     probe: timing.LoadProbe | None = None  # None: a LoadProbe of this machine
+    # the run's calibration readings (timing.HostDrift; CPU cells only); None: no check
+    host: timing.HostDrift | None = field(default_factory=timing.HostDrift)
 
 
 def _timer_factories() -> dict[str, Callable[[], timing.Timer]]:
@@ -133,7 +148,10 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         checked = timing.measure_checked(
             {name: c.run for name, c in prepared.items()},
             {name: timers[impls[name].timer] for name in prepared},
-            settings.schedule, probe=settings.probe)
+            settings.schedule, probe=settings.probe,
+            # GPU rows are timed by CUDA events: the CPU's speed is not what they measure
+            host=settings.host if settings.device == "cpu" else None,
+            label=f"{mode} {model} T={T}")
     except Exception as error:
         for name in prepared:
             rows[name].update(status="error", note=f"timing: {_error_text(error)}")
@@ -145,6 +163,8 @@ def run_cell(settings: Settings, model: str, mode: str, T: int,
         rows[name].update(stats)
         rows[name]["tflops"] = rows[name]["flops"] / (stats["median_ms"] * 1e-3) / 1e12
         rows[name].update(spread=checked.spreads[name], other_load=checked.other_load,
+                          steal=checked.steal, calibration_ms=checked.calibration_ms,
+                          host_drift=checked.drift,
                           attempts=checked.attempts, calls_per_sample=checked.batches.get(name, 1),
                           noisy=name in checked.noisy,
                           noise_reason=checked.noisy.get(name))
@@ -164,9 +184,30 @@ def cells(settings: Settings) -> list[tuple[str, str, int]]:
             if any(impl.model == model for impl in settings.impls)]
 
 
+def flag_host_drift(rows: list[dict], host: timing.HostDrift) -> None:
+    """After the run: each timed row's drift against the run's median calibration, and
+    its drift flag set anew from it. During the run a cell was judged against the cells
+    before it, a reference of a few readings, to decide whether to time it again; the
+    flag is decided here, against the whole run. A row is not timed again after the run
+    (its cell is long gone): it is flagged, and its median kept as measured."""
+    if host.reference_ms() is None:
+        return
+    for row in rows:
+        if row["status"] != "ok" or row.get("calibration_ms") is None:
+            continue
+        row["host_drift"] = drift = host.drift(row["calibration_ms"])
+        reasons = [reason for reason in (row["noise_reason"] or "").split("; ")
+                   if reason and not reason.startswith("host drift")]
+        if host.drifted(row["calibration_ms"]):
+            reasons.append(timing.drift_reason(drift))
+        row.update(noisy=bool(reasons), noise_reason="; ".join(reasons) or None)
+
+
 def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[dict]], None]
               = lambda *args: None, on_cell_start: Callable[[str, str, int], None]
               = lambda *args: None) -> list[dict]:
+    """Every cell in run order; then, with a drift check, the rows flagged whose host ran
+    at another speed than the run's median (``flag_host_drift``)."""
     rows: list[dict] = []
     timers: dict[str, timing.Timer] = {}
     for model, mode, T in cells(settings):
@@ -174,4 +215,6 @@ def run_suite(settings: Settings, on_cell_done: Callable[[str, str, int, list[di
         cell_rows = run_cell(settings, model, mode, T, timers)
         rows.extend(cell_rows)
         on_cell_done(model, mode, T, cell_rows)
+    if settings.host is not None:
+        flag_host_drift(rows, settings.host)
     return rows

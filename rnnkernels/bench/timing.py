@@ -25,6 +25,25 @@ its spread p90/p10 and the CPU time that *other* processes took during it (from
 ``retries`` times; the calmest attempt is kept, and if it still fails a check its rows
 are flagged ``noisy`` with the reason.
 
+Host drift (``HostDrift``): a machine can get slower as a whole (another guest of the
+VM host, frequency, CPU credits) without any process of ours seeing it: the per-row
+spread stays small and /proc/stat shows no other process. A fixed calibration workload
+(a NumPy LSTM cell, one thread, about 0.4 ms) takes one slot in every repeat round of
+every CPU cell, interleaved with the implementations, so the cell's median calibration
+says how fast the host was *while* the cell ran. An attempt whose median calibration
+is more than ``DRIFT_LIMIT`` away from the run's median so far (either way) is timed
+again like a noisy one, and after the run every row more than ``DRIFT_LIMIT`` away from
+the run's median calibration is flagged ``noisy`` ("host drift"). The medians are never
+divided by the calibration (that would hide real costs as well as drift): a drifted
+row is re-run or flagged. The calibrations (with /proc/stat's steal time and
+/proc/cpuinfo's clock) go into the JSON, so that two runs can be compared: did the host
+change speed, or did we? Its slot counts against the cell's time budget like any other.
+
+Garbage collection is off while a cell is timed (after collecting the young
+generations), as ``timeit`` does: a collection triggered by one implementation's garbage
+would otherwise land in whichever call happened to cross the threshold, often another
+implementation's.
+
 Peak memory, ``peak_mem_bytes``: the most memory allocated at once *during* one call,
 beyond what existed before it (inputs and weights excluded, outputs and workspace
 included), measured on a call of its own outside the timed repeats:
@@ -38,6 +57,7 @@ included), measured on a call of its own outside the timed repeats:
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -210,6 +230,11 @@ class Schedule:
             raise ValueError(f"bad schedule {self}")
 
 
+# On a CPU (``min_sample_s`` set), a call shorter than this is preceded, in every
+# sample, by one untimed call of the same implementation (see measure_interleaved).
+PRIME_BELOW_MS = 10.0
+
+
 def calls_per_sample(call_ms: float, min_sample_ms: float, limit: int = 1000) -> int:
     """How many back-to-back calls one sample times so that it lasts ``min_sample_ms``:
     1 when one call is long enough (or no minimum is set), at most ``limit``."""
@@ -221,7 +246,10 @@ def calls_per_sample(call_ms: float, min_sample_ms: float, limit: int = 1000) ->
 def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
                         schedule: Schedule,
                         clock: Callable[[], float] = time.perf_counter,
-                        batches: dict[str, int] | None = None) -> dict[str, list[float]]:
+                        batches: dict[str, int] | None = None,
+                        calibration: Callable[[], float] | None = None,
+                        calibration_samples: list[float] | None = None
+                        ) -> dict[str, list[float]]:
     """Time each call in ``calls`` with its timer, interleaved (see the module docstring).
     Returns the samples in milliseconds per call, one list per name, all of equal length.
 
@@ -229,22 +257,60 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
     ``calls_per_sample`` times back to back per sample and the sample is their mean,
     as ``timeit`` does: a 40 us call timed alone is at the mercy of every interrupt and
     timer tick, which spread p90/p10 far more than the call varies. The count comes
-    from the last warm-up round and is written into ``batches`` (name -> calls)."""
+    from the warm-up rounds and is written into ``batches`` (name -> calls).
+
+    On a CPU, a call shorter than ``PRIME_BELOW_MS`` is also *primed*: each of its
+    samples starts with one untimed call, so that every timed call follows a call of
+    the same implementation. Without it, what a sample measured depended on the count:
+    the first call of a sample runs after the other implementations have filled the
+    caches with their own data, and a sample of one call is all first call, of two
+    calls half. A call near the 1 ms threshold (0.7-1.2 ms: training at T=32) got one
+    count in one run and the other in the next (seen twice in pairs of --quick runs on
+    the 2-core VM of issue 14, the medians 22% and 70% apart). Measured there, training
+    at T=32 against the calibration of the same rounds: one call per sample against
+    2-5 moved rnnkernels-cpu by 16% and torch-cpu by 10% unprimed, 10% and 5% primed.
+    Above 10 ms the first call's extra (a few tenths of a ms) is a few percent, and
+    priming would double the time.
+
+    ``calibration`` (``HostDrift.workload``: runs the calibration and returns its ms)
+    takes one more slot in every repeat round's rotation; its times are appended to
+    ``calibration_samples``, so that the host's speed is read during the cell, in the
+    same rounds as the implementations, not beside it."""
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     if not names:
         return samples
+    # Collect the young generations now, then none while the cell runs (see the module
+    # docstring). Not a full collection: with torch and Numba loaded that takes 0.1-0.2 s,
+    # at every attempt of every cell, and the old generation is not what a cell makes.
+    gc.collect(1)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure_interleaved(calls, timers, schedule, clock, batches, names, samples,
+                                    calibration, calibration_samples)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples,
+                         calibration, calibration_samples):
     started = clock()
     rounds = 0
-    last: dict[str, float] = {}
+    warm: dict[str, list[float]] = {name: [] for name in names}
     # A minimum warm-up *time* as well as a count: a fast call is over before the CPU
     # clock has ramped up and the caches are warm after a few calls of a slower one.
     while rounds < max(schedule.warmup, 1 if schedule.min_sample_s > 0 else 0) or (
             clock() - started < schedule.warmup_s and rounds < schedule.max_repeats):
         for name in names:
-            last[name] = timers[name].time_ms(calls[name])
+            warm[name].append(timers[name].time_ms(calls[name]))
         rounds += 1
-    counts = {name: calls_per_sample(last.get(name, math.inf), 1e3 * schedule.min_sample_s)
+    # The calls per sample come from the median of the last (up to) five warm-up calls,
+    # not the last one alone: one interrupted call would otherwise change how a row is
+    # timed from one run to the next (a call of 0.7 ms timed 1 or 2 times per sample).
+    counts = {name: calls_per_sample(float(np.median(warm[name][-5:])) if warm[name]
+                                     else math.inf, 1e3 * schedule.min_sample_s)
               for name in names}
     if batches is not None:
         batches.update(counts)
@@ -257,14 +323,24 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
         return run
     timed = {name: calls[name] if counts[name] == 1 else batched(calls[name], counts[name])
              for name in names}
+    primed = {name for name in names if schedule.min_sample_s > 0 and warm[name]
+              and float(np.median(warm[name][-5:])) < PRIME_BELOW_MS}
+    slots = names + ([None] if calibration is not None else [])  # None: the calibration
     started = clock()
     repeat = 0
     while repeat < schedule.max_repeats and (
         repeat < schedule.min_repeats or clock() - started < schedule.budget_s
     ):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
+        shift = repeat % len(slots)
+        for name in slots[shift:] + slots[:shift]:
+            if name is None:
+                value = calibration()
+                if calibration_samples is not None:
+                    calibration_samples.append(value)
+            else:
+                if name in primed:
+                    calls[name]()
+                samples[name].append(timers[name].time_ms(timed[name]) / counts[name])
         repeat += 1
     return samples
 
@@ -273,22 +349,27 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], timers: dict[str, T
 
 NOISE_LIMIT = 1.5  # p90/p10 above this: the row's timing is too spread to trust
 LOAD_LIMIT = 0.1  # other processes took more than this fraction of the machine's CPU time
+# The median calibration during a cell was more than this far (either way) from the
+# run's median: the host ran at another speed (see HostDrift). Half the stability
+# target's 20%, so that drift alone cannot make two runs' medians miss it unseen.
+DRIFT_LIMIT = 0.1
 
 
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU accounting at one instant: wall time, CPU seconds the whole machine spent
-    busy (None where /proc/stat is unreadable) and CPU seconds of this process."""
+    busy (None where /proc/stat is unreadable), CPU seconds of this process, and CPU
+    seconds stolen by the hypervisor (None where unknown)."""
 
     wall_s: float
     machine_busy_s: float | None
     own_s: float
+    steal_s: float | None = None
 
 
-def read_proc_stat(path: str = "/proc/stat") -> float | None:
-    """Busy CPU seconds of the whole machine since boot, from the first ``cpu`` line of
-    /proc/stat: user, nice, system, irq, softirq and steal (steal is time the hypervisor
-    gave to other guests: just as lost to us). None where there is no /proc/stat."""
+def _proc_stat_cpu_ticks(path: str) -> list[int] | None:
+    """user, nice, system, idle, iowait, irq, softirq, steal from the first ``cpu``
+    line of /proc/stat (in clock ticks, since boot); None where there is none."""
     try:
         with open(path, encoding="ascii") as stat:
             fields = stat.readline().split()
@@ -296,9 +377,38 @@ def read_proc_stat(path: str = "/proc/stat") -> float | None:
         return None
     if not fields or fields[0] != "cpu":
         return None
-    values = [int(v) for v in fields[1:9]] + [0] * 8
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return ([int(v) for v in fields[1:9]] + [0] * 8)[:8]
+
+
+def read_proc_stat(path: str = "/proc/stat") -> float | None:
+    """Busy CPU seconds of the whole machine since boot, from the first ``cpu`` line of
+    /proc/stat: user, nice, system, irq, softirq and steal (steal is time the hypervisor
+    gave to other guests: just as lost to us). None where there is no /proc/stat."""
+    ticks = _proc_stat_cpu_ticks(path)
+    if ticks is None:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def read_proc_steal(path: str = "/proc/stat") -> float | None:
+    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat's steal
+    column); None where there is no /proc/stat. Recorded apart from the busy time so
+    that a slow run can be told apart: another process here, or another guest."""
+    ticks = _proc_stat_cpu_ticks(path)
+    return None if ticks is None else ticks[7] / os.sysconf("SC_CLK_TCK")
+
+
+def read_cpu_mhz(path: str = "/proc/cpuinfo") -> float | None:
+    """Mean of the ``cpu MHz`` lines of /proc/cpuinfo (None where there are none). On
+    many VMs it is the nominal clock and never moves; it is recorded in case it does."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as info:
+            values = [float(line.split(":", 1)[1]) for line in info
+                      if line.startswith("cpu MHz") and ":" in line]
+    except (OSError, ValueError):
+        return None
+    return sum(values) / len(values) if values else None
 
 
 def own_cpu_seconds() -> float:
@@ -316,12 +426,22 @@ class LoadProbe:
 
     def __init__(self, cpus: int | None = None, read_busy: Callable[[], float | None] = read_proc_stat,
                  read_own: Callable[[], float] = own_cpu_seconds,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 read_steal: Callable[[], float | None] = read_proc_steal):
         self.cpus = cpus or os.cpu_count() or 1
         self._read_busy, self._read_own, self._clock = read_busy, read_own, clock
+        self._read_steal = read_steal
 
     def snapshot(self) -> CpuSnapshot:
-        return CpuSnapshot(self._clock(), self._read_busy(), self._read_own())
+        return CpuSnapshot(self._clock(), self._read_busy(), self._read_own(), self._read_steal())
+
+    def steal_fraction(self, before: CpuSnapshot, after: CpuSnapshot) -> float | None:
+        """Fraction of the machine's CPU time stolen by the hypervisor between the two
+        snapshots (part of ``other_fraction``, reported apart); None when unknown."""
+        wall = after.wall_s - before.wall_s
+        if before.steal_s is None or after.steal_s is None or wall <= 0:
+            return None
+        return min(1.0, max(0.0, (after.steal_s - before.steal_s) / (wall * self.cpus)))
 
     def other_fraction(self, before: CpuSnapshot, after: CpuSnapshot) -> float | None:
         """Fraction of the machine's CPU time used by other processes between the two
@@ -334,6 +454,123 @@ class LoadProbe:
         return min(1.0, max(0.0, other / (wall * self.cpus)))
 
 
+CALIBRATION_STEPS = 10
+CALIBRATION_WORKLOAD = (f"{CALIBRATION_STEPS} steps of a NumPy LSTM cell at B=4, H=64 (x @ W + "
+                        "h @ U, sigmoids, tanh; float64, one thread at any thread setting), "
+                        "timed once per repeat round of every CPU cell, interleaved with the "
+                        "implementations")
+
+
+def calibration_workload(steps: int = CALIBRATION_STEPS) -> Callable[[], float]:
+    """The fixed workload of ``HostDrift``: a function that runs it once and returns its
+    time in ms (about 0.4 ms on a 2.6 GHz EPYC core).
+
+    Why an LSTM cell in NumPy and not a bigger matmul: at the sizes a CPU preset times,
+    the rows cost mostly dispatch and interpreter time plus small products, and a slow
+    patch of a shared VM slows such code far more than it slows a dense matmul. On the
+    2-core VM of issue 14 (one core held by SCHED_FIFO, the other busy), over 0.3 s
+    chunks torch's decode step moved 1.25x as much as this workload (16 steps then;
+    log-log slope, residual sd 6.6%), and 3.6x as much as 50 64x64 matmuls (9.1%). Its
+    products (4x64 @ 64x256) stay below OpenBLAS's threading threshold, so it runs on
+    one thread whatever the thread policy."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64))
+    w, u = 0.1 * rng.standard_normal((64, 256)), 0.1 * rng.standard_normal((64, 256))
+
+    def sigmoid(v):
+        return 1.0 / (1.0 + np.exp(-v))
+
+    def run() -> float:
+        start = time.perf_counter()
+        h = c = np.zeros((4, 64))
+        for _ in range(steps):
+            i, f, g, o = np.split(x @ w + h @ u, 4, axis=1)
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
+        return (time.perf_counter() - start) * 1e3
+    return run
+
+
+def relative_gap(a: float, b: float) -> float:
+    """max(a, b) / min(a, b) - 1: how far apart two positive times are, either way."""
+    return max(a, b) / min(a, b) - 1.0
+
+
+class HostDrift:
+    """The host's speed through one run (see the module docstring). ``workload`` runs
+    the calibration once and returns ms; ``measure_checked`` times it once per repeat
+    round of a cell, in the rotation with the implementations, and ``record`` keeps the
+    median of those samples as the attempt's reading, with the time since the first
+    reading, /proc/stat's steal and /proc/cpuinfo's clock. The run's ``reference_ms`` is
+    the median of the readings of the attempts kept (one a cell: a cell timed three
+    times must not weigh three times); ``drift`` is a reading's signed difference from it."""
+
+    def __init__(self, workload: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 read_mhz: Callable[[], float | None] = read_cpu_mhz,
+                 read_steal: Callable[[], float | None] = read_proc_steal,
+                 limit: float = DRIFT_LIMIT):
+        self.workload = workload or calibration_workload()
+        self._clock, self._read_mhz, self._read_steal = clock, read_mhz, read_steal
+        self.limit = limit
+        self.readings: list[dict] = []
+        self.spent_s = 0.0  # time spent in the calibration itself, all cells together
+        self._start: float | None = None
+
+    def record(self, samples_ms, where: str = "", kept: bool = False) -> dict:
+        """Record one cell attempt's calibration samples; returns the reading (set its
+        ``kept`` when the attempt is the one kept)."""
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        values = np.asarray(samples_ms, dtype=np.float64)
+        if values.size == 0:
+            raise ValueError("no calibration samples to record")
+        p10, median, p90 = np.percentile(values, [10, 50, 90])
+        self.spent_s += float(values.sum()) / 1e3
+        reading = {"where": where, "at_s": round(now - self._start, 3), "ms": float(median),
+                   "p10_ms": float(p10), "p90_ms": float(p90), "samples": int(values.size),
+                   "cpu_mhz": self._read_mhz(), "steal_s": self._read_steal(), "kept": kept}
+        self.readings.append(reading)
+        return reading
+
+    def reference_ms(self, candidate: float | None = None) -> float | None:
+        """Median reading of the attempts kept so far, with ``candidate`` (a reading not
+        yet kept) among them when given; None when there is none."""
+        values = [reading["ms"] for reading in self.readings if reading["kept"]]
+        values += [] if candidate is None else [candidate]
+        return float(np.median(values)) if values else None
+
+    def drift(self, ms: float, provisional: bool = False) -> float:
+        """ms / the run's reference - 1: above 0, the host was slower than usual.
+        ``provisional``: ``ms`` is a reading of the cell being timed, judged against the
+        cells before it and itself (the median of one or two readings is no reference
+        to judge the other by; with itself counted, the first cell is at 0.0)."""
+        reference = self.reference_ms(ms if provisional else None)
+        return 0.0 if reference is None else ms / reference - 1.0
+
+    def drifted(self, ms: float, provisional: bool = False) -> bool:
+        """Whether ``ms`` is more than the limit away from the reference, either way (a
+        host faster than usual misrepresents the run as much as a slower one)."""
+        reference = self.reference_ms(ms if provisional else None)
+        return reference is not None and relative_gap(ms, reference) > self.limit
+
+    def summary(self) -> dict:
+        """What goes into the JSON: the workload, the limit, every reading (kept or
+        not), the run's reference (``median_ms``) and the time the calibration took."""
+        values = [reading["ms"] for reading in self.readings]
+        return {"workload": CALIBRATION_WORKLOAD, "drift_limit": self.limit,
+                "cpus": os.cpu_count(), "median_ms": self.reference_ms(),
+                "fastest_ms": min(values) if values else None,
+                "slowest_ms": max(values) if values else None,
+                "spent_s": round(self.spent_s, 3), "readings": self.readings}
+
+
+def drift_reason(drift: float) -> str:
+    return (f"host drift: the calibration ran {100 * abs(drift):.0f}% "
+            f"{'slower' if drift > 0 else 'faster'} than the run's median")
+
+
 @dataclass
 class CheckedSamples:
     """Samples of the attempt that was kept, and what the checks found."""
@@ -344,10 +581,15 @@ class CheckedSamples:
     spreads: dict[str, float]
     noisy: dict[str, str]  # name -> why its timing is not to be trusted (absent: trusted)
     batches: dict[str, int] = field(default_factory=dict)  # calls per sample
+    steal: float | None = None  # fraction of the machine stolen by the hypervisor
+    calibration_ms: float | None = None  # median calibration during the kept attempt
+    drift: float | None = None  # its signed difference from the run's median so far
+    reading: dict | None = None  # the attempt's HostDrift reading
 
 
 def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: float,
-              load_limit: float) -> dict[str, str]:
+              load_limit: float, drift: float | None = None,
+              drifted: bool = False) -> dict[str, str]:
     found = {}
     for name, value in spreads.items():
         reasons = []
@@ -355,6 +597,8 @@ def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: 
             reasons.append(f"p90/p10 = {value:.2f} > {noise_limit:g}")
         if other_load is not None and other_load > load_limit:
             reasons.append(f"other processes took {100 * other_load:.0f}% of the CPU")
+        if drifted:
+            reasons.append(drift_reason(drift))
         if reasons:
             found[name] = "; ".join(reasons)
     return found
@@ -363,27 +607,53 @@ def _problems(spreads: dict[str, float], other_load: float | None, noise_limit: 
 def measure_checked(calls: dict[str, Callable[[], Any]], timers: dict[str, Timer],
                     schedule: Schedule, probe: LoadProbe | None = None,
                     noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT,
-                    measure: Callable[..., dict[str, list[float]]] | None = None
-                    ) -> CheckedSamples:
-    """``measure_interleaved`` with the noise and load checks of the module docstring:
-    up to ``1 + schedule.retries`` attempts, stopping at the first that passes; the
-    attempt kept is the first that passes, else the one with the smallest worst spread."""
+                    measure: Callable[..., dict[str, list[float]]] | None = None,
+                    host: HostDrift | None = None, label: str = "") -> CheckedSamples:
+    """``measure_interleaved`` with the noise, load and (given ``host``) drift checks
+    of the module docstring: up to ``1 + schedule.retries`` attempts, stopping at the
+    first that passes; the attempt kept is the first that passes, else the one with the
+    smallest worst spread (among those that passed the drift check, if any). With
+    ``host``, its workload runs once per repeat round, and an attempt whose median
+    calibration is more than the limit from the run's median so far
+    (``HostDrift.drift``, provisional) fails the drift check and is timed again; the
+    rows' final drift flags are set after the run (``runner.flag_host_drift``).
+    ``label`` names the cell in the host's readings."""
     probe = probe or LoadProbe()
+    measure = measure or measure_interleaved
     best: CheckedSamples | None = None
+    best_drifted = False
     for attempt in range(1, schedule.retries + 2):
         before = probe.snapshot()
         batches: dict[str, int] = {}
-        samples = (measure_interleaved(calls, timers, schedule, batches=batches)
-                   if measure is None else measure(calls, timers, schedule))
-        other = probe.other_fraction(before, probe.snapshot())
+        calibration_samples: list[float] = []
+        samples = measure(calls, timers, schedule, batches=batches,
+                          calibration=host.workload if host else None,
+                          calibration_samples=calibration_samples)
+        after = probe.snapshot()
+        other = probe.other_fraction(before, after)
+        calibration = drift = reading = None
+        drifted = False
+        if host and calibration_samples:
+            reading = host.record(calibration_samples, f"{label} attempt {attempt}".strip())
+            calibration = reading["ms"]
+            drift = host.drift(calibration, provisional=True)
+            drifted = host.drifted(calibration, provisional=True)
         spreads = {name: spread(values) for name, values in samples.items()}
         checked = CheckedSamples(samples, attempt, other, spreads,
-                                 _problems(spreads, other, noise_limit, load_limit), batches)
+                                 _problems(spreads, other, noise_limit, load_limit, drift, drifted),
+                                 batches, probe.steal_fraction(before, after), calibration, drift,
+                                 reading)
         if not checked.noisy:
-            return checked
-        if best is None or max(spreads.values()) < max(best.spreads.values()):
             best = checked
+            break
+        # of the attempts that failed: one at the run's usual host speed before one that
+        # was not (its median is the more representative), then the calmest
+        if best is None or ((drifted, max(spreads.values()))
+                            < (best_drifted, max(best.spreads.values()))):
+            best, best_drifted = checked, drifted
         best.attempts = attempt
+    if best.reading is not None:
+        best.reading["kept"] = True
     return best
 
 
