@@ -19,6 +19,13 @@ class Cell:
     states: tuple
     bias_rows: int
 
+    def unfold_grad(self, db):
+        if self.name != "gru":
+            return db, db.copy()
+        h = db.shape[0] // 4
+        xp = np if isinstance(db, np.ndarray) else __import__("cupy")
+        return xp.concatenate([db[: 2 * h], db[2 * h : 3 * h]]), xp.concatenate([db[: 2 * h], db[3 * h :]])
+
 
 CELLS = {
     "lstm": Cell("lstm", 4, ("h", "c"), 4),
@@ -67,4 +74,3 @@ def cell_backward(out, dy=None, dstates=None, *, return_step_norms=False):
     return SimpleNamespace(dx=dx, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh0=dh0, dstates=(dh0,))
 
 
-_ = np

@@ -1,4 +1,5 @@
-"""``LSTM``: ``torch.nn.LSTM``'s constructor, parameters and forward, on rnnkernels."""
+"""``LSTM``, ``GRU``, ``RNN``: ``torch.nn``'s constructors, parameters and forwards, on
+rnnkernels, written once for all cells (``_Recurrent``) with thin subclasses."""
 
 from __future__ import annotations
 
@@ -12,12 +13,247 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import _cells_shim as cells
 from .._api import BACKENDS
-from ..modules import parameter_names
+from ..modules import NONLINEARITIES, parameter_names
 from . import _ops  # registers torch.ops.rnnkernels.*
 
 
-class LSTM(nn.Module):
+class _Recurrent(nn.Module):
+    """What the drop-ins share: ``torch.nn.RNNBase``'s constructor checks, parameter
+    names, shapes and initialization, the attributes code written for torch.nn reads
+    (``mode``, ``all_weights``, ``_flat_weights(_names)``, ``flatten_parameters``,
+    ``__repr__``), and a forward that runs each layer and direction as one call of the
+    cell's custom op (``_ops.cell_layer_autograd``) with torch's padded, packed or
+    unbatched inputs. The cell (``cell_name``) gives the gate count and the states; a
+    subclass says how the states are passed in and out (a pair for the LSTM, one
+    tensor for the others)."""
+
+    cell_name = ""
+
+    def __init__(
+        self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+        device, dtype, backend,
+    ):
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=3,
+            )
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if input_size < 0:
+            raise ValueError("input_size must be non-negative")
+        # (proj_size is the LSTM's; 0 for the other cells)
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size and backend not in _ops._PROJECTED_BACKENDS:
+            raise NotImplementedError(
+                f"proj_size > 0 runs with backend 'auto', 'cpu' or 'reference' on CPU tensors; {backend!r} does not support it yet"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+        self.mode = mode
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
+        directions = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        rows = cells.get(self.cell_name).gates * hidden_size
+        # torch.nn's names and order: per layer and direction weight_ih, weight_hh, the
+        # biases, then (LSTM) weight_hr [P, H] with a projection (the state h is P wide then).
+        names = parameter_names(num_layers, bidirectional, bias)
+        if proj_size:
+            per = 4 if bias else 2
+            names = [
+                n for i in range(0, len(names), per)
+                for n in names[i : i + per] + ["weight_hr" + names[i][len("weight_ih"):]]
+            ]
+        self._flat_weights_names = names
+        real_hidden = proj_size or hidden_size
+        for name in self._flat_weights_names:
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                shape = (rows, input_size if layer == 0 else directions * real_hidden)
+            elif name.startswith("weight_hh"):
+                shape = (rows, real_hidden)
+            elif name.startswith("weight_hr"):
+                shape = (proj_size, hidden_size)
+            else:
+                shape = (rows,)
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every parameter from U(-1/√H, 1/√H), as torch.nn's LSTM, GRU and RNN do."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def _flat_weights(self) -> list:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped per layer and direction, as ``nn.RNNBase.all_weights``."""
+        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
+        flat = self._flat_weights
+        return [flat[i : i + per] for i in range(0, len(flat), per)]
+
+    def flatten_parameters(self) -> None:
+        """A no-op, kept so code written for cuDNN's torch.nn modules runs unchanged:
+        the kernels read the parameters where they are."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.backend != "auto":
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def _layer_weights(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+        if self.bias:
+            return w_ih, w_hh, getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
+        return w_ih, w_hh, None, None
+
+    # -- what a subclass may change ------------------------------------------------------
+
+    def _state_widths(self) -> tuple[int, ...]:
+        return (self.hidden_size,) * len(cells.get(self.cell_name).states)
+
+    def _check_state(self, hx) -> tuple:
+        """``hx`` as the tuple of states (one tensor for GRU and RNN)."""
+        if isinstance(hx, (tuple, list)) or not isinstance(hx, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: hx must be a tensor h_0, got {type(hx).__name__}")
+        return (hx,)
+
+    def _state_error(self, index: int, expected, got) -> str:
+        return f"Expected hidden size {expected}, got {list(got)}"
+
+    def _run_layer(self, layer, direction, layer_input, states0, lengths):
+        """One layer and direction: ``(y, *states_n)``."""
+        return _ops.cell_layer_autograd(
+            self.cell_name, layer_input, *self._layer_weights(layer, direction), tuple(states0), lengths,
+            direction == 1, self.backend,
+        )
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _forward(self, input, hx, lengths):
+        """``(output, states_n)`` with ``states_n`` a tuple, one per state of the cell."""
+        name = type(self).__name__
+        directions = 2 if self.bidirectional else 1
+        state_rows = self.num_layers * directions
+        packed = isinstance(input, PackedSequence)
+        order = restore = None
+        unbatched = False
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths is for padded input; a PackedSequence carries its own")
+            data, batch_sizes, order, restore = input
+            # Padded, time-major, rows in the packed (longest-first) order.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            batch = int(batch_sizes[0])
+            if data.dim() != 2:
+                raise ValueError(f"{name}: Expected packed input data to be 2D, got {data.dim()}D instead")
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            unbatched = input.dim() == 2
+            if unbatched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            batch = x.shape[1]
+            if lengths is not None:
+                lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
+                if lengths.shape[0] != batch:
+                    raise ValueError(f"lengths must have one entry per sequence ({batch}), got {lengths.shape[0]}")
+                sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+                if bool((order == torch.arange(batch)).all()):
+                    order = None
+                else:
+                    lengths, restore = sorted_lengths, torch.argsort(order)
+                    x = x.index_select(1, order.to(x.device))
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
+        if x.dtype != self.weight_ih_l0.dtype:
+            raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
+
+        self._check_lengths(lengths)
+        widths = self._state_widths()
+        if hx is None:
+            states0 = [x.new_zeros((state_rows, batch, width)) for width in widths]
+        else:
+            states0 = list(self._check_state(hx))
+            for i, (value, width) in enumerate(zip(states0, widths)):
+                expected = (state_rows, width) if unbatched else (state_rows, batch, width)
+                if tuple(value.shape) != expected:
+                    raise RuntimeError(self._state_error(i, expected, value.shape))
+            if unbatched:
+                states0 = [s.unsqueeze(1) for s in states0]
+            if order is not None:
+                states0 = [s.index_select(1, order.to(s.device)) for s in states0]
+
+        layer_input, states_n = x, [[] for _ in states0]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                y, *states = self._run_layer(layer, direction, layer_input, [s[k] for s in states0], lengths)
+                outputs.append(y)
+                for collected, state in zip(states_n, states):
+                    collected.append(state)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output, states_n = layer_input, [torch.stack(s) for s in states_n]
+
+        if restore is not None:
+            states_n = [s.index_select(1, restore.to(s.device)) for s in states_n]
+        if packed:
+            output = pack_padded_sequence(output, lengths, enforce_sorted=True)
+            return PackedSequence(output.data, batch_sizes, order, restore), tuple(states_n)
+        if restore is not None:
+            output = output.index_select(1, restore.to(output.device))
+        if unbatched:
+            return output.squeeze(1), tuple(s.squeeze(1) for s in states_n)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, tuple(states_n)
+
+    def _check_lengths(self, lengths):
+        pass
+
+
+class LSTM(_Recurrent):
     """A drop-in for ``torch.nn.LSTM`` that runs rnnkernels' LSTM kernels.
 
     Same constructor, same parameter names, shapes
@@ -39,6 +275,8 @@ class LSTM(nn.Module):
     draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
     """
 
+    cell_name = "lstm"
+
     def __init__(
         self,
         input_size: int,
@@ -54,104 +292,34 @@ class LSTM(nn.Module):
         *,
         backend: str = "auto",
     ):
-        super().__init__()
-        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
-            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element being zeroed")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
-                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                stacklevel=2,
-            )
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
-        if num_layers <= 0:
-            raise ValueError("num_layers must be greater than zero")
-        if input_size < 0:
-            raise ValueError("input_size must be non-negative")
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
-        if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
-        if proj_size >= hidden_size:
-            raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size and backend not in _ops._PROJECTED_BACKENDS:
-            raise NotImplementedError(
-                f"proj_size > 0 runs with backend 'auto', 'cpu' or 'reference' on CPU tensors; {backend!r} does not support it yet"
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-        self.mode = "LSTM"
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
-        directions = 2 if bidirectional else 1
-        factory = {"device": device, "dtype": dtype}
-        # nn.LSTM's names and order: per layer and direction weight_ih, weight_hh, the
-        # biases, then weight_hr [P, H] with a projection (the state h is P wide then).
-        names = parameter_names(num_layers, bidirectional, bias)
-        if proj_size:
-            per = 4 if bias else 2
-            names = [
-                n for i in range(0, len(names), per)
-                for n in names[i : i + per] + ["weight_hr" + names[i][len("weight_ih"):]]
-            ]
-        self._flat_weights_names = names
-        real_hidden = proj_size or hidden_size
-        for name in self._flat_weights_names:
-            layer = int(name.split("_l")[1].split("_")[0])
-            if name.startswith("weight_ih"):
-                shape = (4 * hidden_size, input_size if layer == 0 else directions * real_hidden)
-            elif name.startswith("weight_hh"):
-                shape = (4 * hidden_size, real_hidden)
-            elif name.startswith("weight_hr"):
-                shape = (proj_size, hidden_size)
-            else:
-                shape = (4 * hidden_size,)
-            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
-        self.reset_parameters()
+        super().__init__(
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            device, dtype, backend,
+        )
 
-    def reset_parameters(self) -> None:
-        """Every parameter from U(-1/√H, 1/√H), as ``torch.nn.LSTM`` does."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+    def _state_widths(self):
+        return (self.proj_size or self.hidden_size, self.hidden_size)
 
-    @property
-    def _flat_weights(self) -> list:
-        return [getattr(self, name) for name in self._flat_weights_names]
+    def _check_state(self, hx):
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+        return tuple(hx)
 
-    @property
-    def all_weights(self) -> list[list[nn.Parameter]]:
-        """Parameters grouped per layer and direction, as ``nn.LSTM.all_weights``."""
-        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
-        flat = self._flat_weights
-        return [flat[i : i + per] for i in range(0, len(flat), per)]
+    def _state_error(self, index, expected, got):
+        return f"Expected hidden[{index}] size {expected}, got {list(got)}"
 
-    def flatten_parameters(self) -> None:
-        """A no-op, kept so code written for cuDNN's ``nn.LSTM`` runs unchanged: the
-        kernels read the parameters where they are."""
+    def _check_lengths(self, lengths):
+        if self.proj_size and lengths is not None:
+            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
 
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.proj_size != 0:
-            s += ", proj_size={proj_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        if self.backend != "auto":
-            s += ", backend={backend!r}"
-        return s.format(**self.__dict__)
+    def _run_layer(self, layer, direction, layer_input, states0, lengths):
+        if not self.proj_size:
+            return super()._run_layer(layer, direction, layer_input, states0, lengths)
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return _ops.lstm_layer_projected_autograd(
+            layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
+            *states0, direction == 1, self.backend,
+        )
 
     def _single_step(self, input, hx):
         """The decode step: one time step with a state, no gradients, CPU tensors, the
@@ -196,13 +364,6 @@ class LSTM(nn.Module):
         output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
         return output, (h_n, c_n)
 
-    def _layer_weights(self, layer: int, direction: int):
-        suffix = f"_l{layer}" + ("_reverse" if direction else "")
-        w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
-        if self.bias:
-            return w_ih, w_hh, getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
-        return w_ih, w_hh, None, None
-
     def forward(self, input, hx=None, *, lengths=None):
         """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
         integers, padded input only) stops each row at its own length."""
@@ -223,96 +384,81 @@ class LSTM(nn.Module):
             and not torch._C._functorch.is_functorch_wrapped_tensor(input)
         ):
             return self._single_step(input, hx)
-        directions = 2 if self.bidirectional else 1
-        state_rows = self.num_layers * directions
-        packed = isinstance(input, PackedSequence)
-        order = restore = None
-        unbatched = False
-        if packed:
-            if lengths is not None:
-                raise ValueError("lengths is for padded input; a PackedSequence carries its own")
-            data, batch_sizes, order, restore = input
-            # Padded, time-major, rows in the packed (longest-first) order.
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-            batch = int(batch_sizes[0])
-            if data.dim() != 2:
-                raise ValueError(f"LSTM: Expected packed input data to be 2D, got {data.dim()}D instead")
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            unbatched = input.dim() == 2
-            if unbatched:
-                x = input.unsqueeze(1)
-            else:
-                x = input.transpose(0, 1) if self.batch_first else input
-            batch = x.shape[1]
-            if lengths is not None:
-                lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
-                if lengths.shape[0] != batch:
-                    raise ValueError(f"lengths must have one entry per sequence ({batch}), got {lengths.shape[0]}")
-                sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
-                if bool((order == torch.arange(batch)).all()):
-                    order = None
-                else:
-                    lengths, restore = sorted_lengths, torch.argsort(order)
-                    x = x.index_select(1, order.to(x.device))
-        if x.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
-        if x.dtype != self.weight_ih_l0.dtype:
-            raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
-
-        real_hidden = self.proj_size or self.hidden_size
-        if self.proj_size and lengths is not None:
-            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
-        if hx is None:
-            h0 = x.new_zeros((state_rows, batch, real_hidden))
-            c0 = x.new_zeros((state_rows, batch, self.hidden_size))
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-            h0, c0 = hx
-            for i, (value, width) in enumerate(((h0, real_hidden), (c0, self.hidden_size))):
-                expected = (state_rows, width) if unbatched else (state_rows, batch, width)
-                if tuple(value.shape) != expected:
-                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            if order is not None:
-                h0, c0 = h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device))
-
-        layer_input, h_n, c_n = x, [], []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                if self.proj_size:
-                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                    y, h, c = _ops.lstm_layer_projected_autograd(
-                        layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
-                        h0[k], c0[k], direction == 1, self.backend,
-                    )
-                else:
-                    y, h, c = _ops.lstm_layer_autograd(
-                        layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
-                        direction == 1, self.backend,
-                    )
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output, h_n, c_n = layer_input, torch.stack(h_n), torch.stack(c_n)
-
-        if restore is not None:
-            h_n, c_n = h_n.index_select(1, restore.to(h_n.device)), c_n.index_select(1, restore.to(c_n.device))
-        if packed:
-            output = pack_padded_sequence(output, lengths, enforce_sorted=True)
-            return PackedSequence(output.data, batch_sizes, order, restore), (h_n, c_n)
-        if restore is not None:
-            output = output.index_select(1, restore.to(output.device))
-        if unbatched:
-            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        if self.batch_first:
-            output = output.transpose(0, 1)
+        output, (h_n, c_n) = self._forward(input, hx, lengths)
         return output, (h_n, c_n)
+
+
+class _HiddenState(_Recurrent):
+    """The cells whose only state is h: ``forward(input, hx=None) -> (output, h_n)``
+    as ``torch.nn.GRU`` and ``torch.nn.RNN``."""
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """``(output, h_n)`` like ``torch.nn.GRU.forward`` / ``torch.nn.RNN.forward``;
+        ``lengths`` ([B] integers, padded input only) stops each row at its own
+        length."""
+        output, (h_n,) = self._forward(input, hx, lengths)
+        return output, h_n
+
+
+class GRU(_HiddenState):
+    """A drop-in for ``torch.nn.GRU`` (gate rows r, z, n; n = tanh(W_in x + b_in + r ⊙
+    (W_hn h + b_hn))) that runs rnnkernels' GRU backends: everything
+    :class:`LSTM` has (the same constructor as ``torch.nn.GRU`` plus ``backend``,
+    padded, packed and unbatched input, ``lengths``, strict state dicts both ways,
+    torch.compile, torch.func, dropout through ``torch.nn.functional.dropout``) but
+    the projection."""
+
+    cell_name = "gru"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            device, dtype, backend,
+        )
+
+
+class RNN(_HiddenState):
+    """A drop-in for ``torch.nn.RNN`` (h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),
+    ``nonlinearity`` "tanh" or "relu": cells "rnn_tanh" and "rnn_relu"), as
+    :class:`GRU` otherwise; ``nonlinearity`` is the fourth positional argument, as in
+    torch."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            f"RNN_{nonlinearity.upper()}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype, backend,
+        )
+
+    @property
+    def cell_name(self) -> str:
+        return f"rnn_{self.nonlinearity}"
