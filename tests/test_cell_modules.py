@@ -258,10 +258,11 @@ def test_replace_gru_and_rnn_on_a_stock_model():
         rtorch.replace_rnn(torch.nn.RNN(2, 3))
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("cell", ["gru", "rnn_tanh"])
 def test_opcheck(cell):
     """The generated ops (schemas, fakes, autograd and vmap registrations) under
-    torch.library.opcheck, with and without lengths."""
+    torch.library.opcheck, with and without lengths (rnn_relu's ops come from the same
+    function as rnn_tanh's)."""
     op = getattr(torch.ops.rnnkernels, f"{cell}_layer")
     backward = getattr(torch.ops.rnnkernels, f"{cell}_layer_backward")
     gates = 3 if cell == "gru" else 1
@@ -276,6 +277,27 @@ def test_opcheck(cell):
         args = (x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, "reference")
         torch.library.opcheck(op.default, tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
         torch.library.opcheck(backward.default, (r(STEPS, batch, HIDDEN), r(batch, HIDDEN), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+
+
+def test_cell_layer_autograd_hook():
+    """The hook rnnkernels' API calls for torch tensors that require grad:
+    ``cell_layer_autograd(cell_name, ...) -> (y, *state_n)``, a missing state zero."""
+    ref, _ = _pair("gru")
+    x = torch.randn(STEPS, 2, INPUT, dtype=torch.float64, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    y, h_n = rtorch.cell_layer_autograd("gru", x, *weights, None, None, False, "reference")
+    (y.sin().sum() + h_n.sum()).backward()
+    got = [x.grad] + [w.grad for w in weights]
+    x.grad = None
+    want_y, want_h = ref(x)
+    (want_y.sin().sum() + want_h[0].sum()).backward()
+    assert rel_err(y.detach(), want_y.detach()) < 1e-10 and rel_err(h_n.detach(), want_h[0].detach()) < 1e-10
+    for a, b in zip(got, [x.grad] + [p.grad for p in ref.parameters()]):
+        assert rel_err(a, b) < 1e-10
+    with pytest.raises(ValueError, match="unknown cell"):
+        rtorch.cell_layer_autograd("lstmish", x, *weights, None, None, False, "reference")
+    with pytest.raises(ValueError, match="state0 must hold 1"):
+        rtorch.cell_layer_autograd("gru", x, *weights, (None, None), None, False, "reference")
 
 
 # ----------------------------------------------------------------------------- NumPy modules

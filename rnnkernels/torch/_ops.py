@@ -508,12 +508,17 @@ def _grad_transforms_active() -> int:
 
 def cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, reverse: bool, backend: str):
     """One layer of cell ``cell_name`` in one direction with gradients for autograd and
-    torch.func: ``(y, *state_n)``; ``state0`` a tuple with one [B, H] tensor per state
-    of the cell. What ``rnnkernels.torch``'s modules and ``rnnkernels``' API (for
+    torch.func: ``(y, *state_n)``; ``state0`` None or a tuple with one [B, H] tensor
+    (or None: zero) per state of the cell. What ``rnnkernels.torch``'s modules and ``rnnkernels``' API (for
     tensors that require grad) call."""
     if cell_name not in _OPS:
         raise ValueError(f"unknown cell {cell_name!r}; expected one of {', '.join(map(repr, _OPS))}")
-    state0 = tuple(state0)
+    count = len(_OPS[cell_name].cell.states)
+    state0 = (None,) * count if state0 is None else tuple(state0)
+    if len(state0) != count:
+        raise ValueError(f"state0 must hold {count} tensor(s) for cell {cell_name!r} ({', '.join(_OPS[cell_name].cell.states)}), got {len(state0)}")
+    # A missing state is zero (the ops take tensors).
+    state0 = tuple(x.new_zeros((x.shape[1], w_hh.shape[1])) if s is None else s for s in state0)
     # Keep the forward's state (no recompute in backward) when a gradient can be asked
     # for, the rows have no lengths, and the backend describes its state as arrays.
     save = (
