@@ -52,10 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, reference
-from . import _cells_shim as _cells
-from ._api import BACKENDS
-from ._cells_shim import cell_backward, cell_forward
+from . import _arrays, cells, reference
+from ._api import BACKENDS, cell_backward, cell_forward
 
 __all__ = ["GRU", "LSTM", "LSTMModuleGrads", "ModuleGrads", "RNN", "parameter_names"]
 
@@ -242,7 +240,7 @@ def backward_direction(cell, tape, plan: _Plan, reverse: bool, dy, dstates_n, in
         dx, dw_ih, dw_hh, db_ih, db_hh = map(cast, (g.dx, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh))
         dstates0 = tuple(map(cast, g.dstates))
     else:
-        rows_ = _cells.get(cell).gates * hidden
+        rows_ = cells.get(cell).gates * hidden
         dx = xp.zeros((steps, batch, input_size), dtype)
         dw_ih = xp.zeros((rows_, input_size), dtype)
         dw_hh = xp.zeros((rows_, hidden), dtype)
@@ -346,8 +344,8 @@ class _Recurrent:
     # -- what a subclass may change ------------------------------------------------------
 
     @property
-    def _cell(self):
-        return _cells.get(self.cell_name)
+    def _cell(self) -> cells.Cell:
+        return cells.get(self.cell_name)
 
     @property
     def _real_hidden(self) -> int:
@@ -893,9 +891,6 @@ class GRU(_HiddenState):
         )
 
 
-NONLINEARITIES = ("tanh", "relu")
-
-
 class RNN(_HiddenState):
     """A multi-layer, optionally bidirectional Elman RNN, a drop-in for
     ``torch.nn.RNN``'s math and parameters: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} +
@@ -921,8 +916,7 @@ class RNN(_HiddenState):
         device: str = "cpu",
         seed=None,
     ):
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        cells.rnn(nonlinearity)  # checks it
         self.nonlinearity = nonlinearity
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import rnnkernels  # noqa: E402
+from rnnkernels import cells  # noqa: E402
 import rnnkernels.torch as rtorch  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -36,9 +37,7 @@ CELLS = {
 def _host_backends(cell: str) -> list[str]:
     """The host backends that implement ``cell`` in this checkout ("reference" always;
     "cpu" once its Numba backend is registered)."""
-    from rnnkernels import _cells_shim
-
-    return ["reference"] + (["cpu"] if _cells_shim.implements(cell, "cpu") else [])
+    return [b for b in ("reference", "cpu") if cells.get(cell).implementation(b) is not None]
 
 
 def _pair(cell, layers=1, bidirectional=False, batch_first=False, bias=True, dtype=torch.float64, backend="auto", **kwargs):

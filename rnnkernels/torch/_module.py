@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import _cells_shim as cells
+from .. import cells
 from .._api import BACKENDS
-from ..modules import NONLINEARITIES, parameter_names
+from ..modules import parameter_names
 from . import _ops  # registers torch.ops.rnnkernels.*
 
 
@@ -451,7 +451,7 @@ class RNN(_HiddenState):
         *,
         backend: str = "auto",
     ):
-        if nonlinearity not in NONLINEARITIES:
+        if nonlinearity not in cells.NONLINEARITIES:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
         super().__init__(

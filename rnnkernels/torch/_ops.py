@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from .. import _arrays
-from .. import _cells_shim as cells
+from .. import cells
 from ..modules import (
     PROJECTED_BACKENDS,
     _Plan,
@@ -129,7 +129,7 @@ def _impl(cell, backend: str, device: torch.device):
     """The ``Backend`` that ``backend`` names for ``cell`` and tensors on ``device``."""
     from .._api import _resolve_backend
 
-    return _resolve_backend(backend, "cuda" if device.type == "cuda" else "cpu")
+    return _resolve_backend(backend, "cuda" if device.type == "cuda" else "cpu", cell)
 
 
 _SAVES_ARRAYS: dict = {}  # (backend name, device type[, cell]) -> whether its state travels as arrays
@@ -144,7 +144,7 @@ def _saves_arrays(cell, backend: str, device: torch.device) -> bool:
     if key not in _SAVES_ARRAYS:
         if torch.compiler.is_compiling():
             return False
-        _SAVES_ARRAYS[key] = cell.name == "lstm" and _impl(cell, backend, device).saved_arrays is not None
+        _SAVES_ARRAYS[key] = _impl(cell, backend, device).saved_arrays is not None
     return _SAVES_ARRAYS[key]
 
 
@@ -264,7 +264,7 @@ def _layer_train(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
 
 def _backend_saved(out):
     """The backend's own ``saved`` inside an output of the API's forward."""
-    return out.inner._ctx.saved
+    return out._ctx.saved
 
 
 def _layer_train_fake(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
@@ -300,7 +300,7 @@ def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, r
         if reverse:
             dx = plan.flip(dx)
         if has_bias:
-            db_ih, db_hh = cell.unfold_grad(db)
+            db_ih, db_hh = cell.unfold_grad(db, xp)
         else:
             db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
         cast = lambda a: to_tensor(xp.asarray(a).astype(xa.dtype, copy=False))  # noqa: E731
