@@ -278,6 +278,42 @@ def test_opcheck(cell):
         torch.library.opcheck(backward.default, (r(STEPS, batch, HIDDEN), r(batch, HIDDEN), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
 
 
+def test_saved_state_path_for_any_cell(monkeypatch):
+    """A cell whose backend describes its saved state as arrays (SavedArrays) gets the
+    saved path of the LSTM: backward runs no forward and matches torch.nn. Shown on
+    the tanh RNN's reference backend with a SavedArrays written here (its backward
+    reads h [T+1, B, H] beside x and the weights); the GRU/RNN backends that describe
+    theirs take the same path."""
+    import dataclasses
+
+    from rnnkernels import modules, rnn_reference
+    from rnnkernels._backend import SavedArrays
+    from rnnkernels.torch import _ops
+
+    def layout(steps, batch, input_size, hidden, dtype):
+        return [((steps + 1, batch, hidden), np.float64)]
+
+    def from_arrays(x, w_ih, w_hh, has_bias, arrays):
+        f64 = lambda a: np.array(a, dtype=np.float64)  # noqa: E731
+        return rnn_reference.Saved(f64(x), f64(w_ih), f64(w_hh), has_bias, False, "tanh", f64(arrays[0]))
+
+    described = SavedArrays(layout, lambda saved: [saved.h], from_arrays)
+    monkeypatch.setattr(rnn_reference, "TANH_BACKEND", dataclasses.replace(rnn_reference.TANH_BACKEND, saved_arrays=described))
+    monkeypatch.setattr(_ops, "_SAVES_ARRAYS", {})
+    calls = {"training": 0, "inference": 0}
+    original = modules.cell_forward
+
+    def counting(*args, **kwargs):
+        calls["training" if kwargs.get("training") else "inference"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "cell_forward", counting)
+    ref, ours = _pair("rnn_tanh", 2, True, backend="reference")
+    _compare(ref, ours, packed=False, batch_first=False)
+    assert calls == {"training": 4, "inference": 0}  # 2 layers x 2 directions, once each
+    assert _ops._SAVES_ARRAYS == {("reference", "cpu", "rnn_tanh"): True}
+
+
 def test_cell_layer_autograd_hook():
     """The hook rnnkernels' API calls for torch tensors that require grad:
     ``cell_layer_autograd(cell_name, ...) -> (y, *state_n)``, a missing state zero."""
