@@ -329,6 +329,12 @@ def test_cell_layer_autograd_hook():
     assert rel_err(y.detach(), want_y.detach()) < 1e-10 and rel_err(h_n.detach(), want_h[0].detach()) < 1e-10
     for a, b in zip(got, [x.grad] + [p.grad for p in ref.parameters()]):
         assert rel_err(a, b) < 1e-10
+    # rnnkernels.gru_forward on tensors that require grad goes through the hook
+    x.grad = None
+    out = rnnkernels.gru_forward(x, *weights, backend="reference")
+    assert out.y.grad_fn is not None and out.h_n.grad_fn is not None
+    (out.y.sin().sum() + out.h_n.sum()).backward()
+    assert rel_err(x.grad, got[0]) < 1e-12
     with pytest.raises(ValueError, match="unknown cell"):
         rtorch.cell_layer_autograd("lstmish", x, *weights, None, None, False, "reference")
     with pytest.raises(ValueError, match="state0 must hold 1"):
