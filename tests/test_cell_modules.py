@@ -117,7 +117,7 @@ def test_without_initial_state_unbatched_and_lengths(cell):
         assert rel_err(got.detach(), want.detach()) < 1e-10 and rel_err(got_h.detach(), want_h.detach()) < 1e-10
     # lengths= on padded input is packing without the packing
     xb = torch.randn(len(LENGTHS), STEPS, INPUT, dtype=torch.float64)
-    bf_ref, bf_ours = _pair(cell, 2, True, batch_first=True, backend="reference")
+    _, bf_ours = _pair(cell, 2, True, batch_first=True, backend="reference")
     packed_y, packed_h = bf_ours(pack_padded_sequence(xb, torch.tensor(LENGTHS), batch_first=True, enforce_sorted=False))
     want_y, _ = pad_packed_sequence(packed_y, batch_first=True, total_length=STEPS)
     y, h_n = bf_ours(xb, lengths=LENGTHS)
@@ -154,7 +154,7 @@ def test_state_dict_both_ways_and_nn_attributes():
             ours(x, (torch.zeros(6, 2, HIDDEN),))
         with pytest.raises(RuntimeError, match="input_size"):
             ours(torch.randn(STEPS, 2, INPUT + 1))
-    assert getattr(rtorch.RNN(INPUT, HIDDEN, 1, "relu"), "nonlinearity") == "relu"
+    assert rtorch.RNN(INPUT, HIDDEN, 1, "relu").nonlinearity == "relu"
     with pytest.raises(ValueError, match="nonlinearity"):
         rtorch.RNN(INPUT, HIDDEN, nonlinearity="sigmoid")
 

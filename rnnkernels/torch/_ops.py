@@ -278,7 +278,7 @@ def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, r
     """``<c>_layer_backward_saved``: the gradients of ``<c>_layer_train`` from its
     ``saved`` list; no forward runs. Returns what ``<c>_layer_backward`` returns."""
     _check_layer(cell, x, w_hh)
-    steps, batch, input_size = x.shape
+    steps, batch = x.shape[0], x.shape[1]
     if steps == 0 or batch == 0:
         return _zero_grads(x, w_ih, w_hh, dstates_n, [x.new_empty(d.shape) for d in dstates_n])
     impl = _impl(cell, backend, x.device)
