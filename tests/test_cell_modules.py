@@ -104,6 +104,16 @@ def test_dropin_matches_torch_nn(cell, layers, bidirectional, batch_first, bias,
         _compare(ref, ours, packed, batch_first)
 
 
+def test_dropin_on_the_emulated_kernels():
+    """The GRU's CUDA kernels (on the CPU emulator, float32) through the drop-in, packed
+    input and the saved path both, where this checkout has them."""
+    if cells.GRU.implementation("emulated") is None:
+        pytest.skip("the emulated backend does not implement the GRU in this checkout")
+    ref, ours = _pair("gru", 1, True, dtype=torch.float32, backend="emulated")
+    for packed in (False, True):
+        _compare(ref, ours, packed, batch_first=False, tol=2e-5)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_without_initial_state_unbatched_and_lengths(cell):
     ref, ours = _pair(cell, 2, True, backend="reference")
