@@ -134,6 +134,42 @@ def test_without_initial_state_unbatched_and_lengths(cell):
     assert torch.equal(y, want_y) and torch.equal(h_n, packed_h)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_step_matches_general_path_and_torch_nn(cell, dtype, monkeypatch):
+    """A T=1 call with a state under no_grad on the cpu backend takes the decode step
+    (no custom op; the cell's cpu ``cell_step``), as the LSTM's; same results as
+    torch.nn and, to rounding, as the general path."""
+    if cells.get(cell).implementation("cpu") is None:
+        pytest.skip(f"the cpu backend does not implement {cell} in this checkout")
+    from rnnkernels.torch import _ops
+
+    ref, ours = _pair(cell, 2, True, batch_first=True, dtype=dtype, backend="cpu")
+    ref.eval(), ours.eval()
+    state = torch.randn(4, 3, HIDDEN, dtype=dtype)
+    steps = [torch.randn(3, 1, INPUT, dtype=dtype) for _ in range(3)]
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    short = []
+    with torch.no_grad():
+        s_ours = s_theirs = state
+        for x in steps:
+            monkeypatch.setattr(_ops, "cell_layer_autograd", None)  # the decode step calls no op
+            y_ours, s_ours = ours(x, s_ours)
+            monkeypatch.undo()
+            y_theirs, s_theirs = ref(x, s_theirs)
+            for a, b in ((y_ours, y_theirs), (s_ours, s_theirs)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a, b, **tol)
+            short.append((y_ours, s_ours))
+    s_general = state
+    for x, (y_short, s_short) in zip(steps, short):
+        y, s_general = ours(x, s_general)  # grad mode on: the general path
+        torch.testing.assert_close(y.detach(), y_short, **tol)
+        torch.testing.assert_close(s_general.detach(), s_short, **tol)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="Expected hidden size"):
+        ours(steps[0], state[:1])
+
+
 def test_state_dict_both_ways_and_nn_attributes():
     for cell, (ours_cls, ref_cls, extra, _) in CELLS.items():
         torch.manual_seed(3)

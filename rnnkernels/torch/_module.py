@@ -164,6 +164,71 @@ class _Recurrent(nn.Module):
             direction == 1, self.backend,
         )
 
+    # -- the decode step -----------------------------------------------------------------
+
+    def _decodes(self, input, hx, lengths) -> bool:
+        """Whether ``forward`` takes the decode step (:meth:`_single_step`): one time
+        step with a state, no gradients, CPU tensors, the cpu backend, nothing a
+        transform or the compiler traces."""
+        return (
+            hx is not None
+            and lengths is None
+            and type(input) is torch.Tensor  # not a PackedSequence nor a torch.func wrapper
+            and input.dim() == 3
+            and input.shape[1 if self.batch_first else 0] == 1
+            and input.shape[0 if self.batch_first else 1] >= 1
+            and input.device.type == "cpu"
+            and input.dtype in (torch.float32, torch.float64)  # else the general path's error
+            and self.backend in ("auto", "cpu")
+            and not self.proj_size
+            and not torch.is_grad_enabled()
+            and not (self.dropout > 0 and self.training and self.num_layers > 1)
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input)
+        )
+
+    def _single_step(self, input, hx):
+        """The decode step: ``(output, states_n)`` for one time step. Per layer and
+        direction, the two products on torch's BLAS (what the cpu backend would do with
+        W_hh packed, which costs more than the step at T=1) and the cpu backend's fused
+        cell (the cell's ``cell_step``, :meth:`_step`) on NumPy views; no custom op, no
+        length plan, no API validation (the checks that matter here are made here).
+        Same results as the general path to rounding (the products sum in another
+        order): tests/test_torch_dropin.py, tests/test_cell_modules.py."""
+        states0 = self._check_state(hx)
+        batch = input.shape[0 if self.batch_first else 1]
+        directions = 2 if self.bidirectional else 1
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        for i, value in enumerate(states0):
+            if tuple(value.shape) != expected:
+                raise RuntimeError(self._state_error(i, expected, value.shape))
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
+        dtype = self.weight_ih_l0.dtype
+        if any(t.dtype != dtype for t in (input, *states0)) or dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(f"input and hx must have the type {dtype}, got {', '.join(str(t.dtype) for t in (input, *states0))}")
+
+        layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
+        states_n = [torch.empty(expected, dtype=dtype) for _ in states0]
+        outs = [s.numpy() for s in states_n]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):  # one step: the reverse direction is the same step
+                k = layer * directions + direction
+                self._step(layer_input, self._layer_weights(layer, direction), [s[k] for s in states0], [o[k] for o in outs])
+                outputs.append(states_n[0][k])
+            # (Dropout between layers, training mode only, never gets here: forward
+            # sends it down the general path.)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
+        return output, tuple(states_n)
+
+    def _step(self, x, weights, states, outs):
+        """One cell step of the decode path: ``x`` [B, I], ``weights`` (w_ih, w_hh,
+        b_ih, b_hh) tensors, ``states`` the [B, H] state tensors, ``outs`` the NumPy
+        [B, H] arrays the new states go into."""
+        raise NotImplementedError
+
     # -- forward -------------------------------------------------------------------------
 
     def _forward(self, input, hx, lengths):
@@ -312,6 +377,15 @@ class LSTM(_Recurrent):
         if self.proj_size and lengths is not None:
             raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
 
+    def _step(self, x, weights, states, outs):
+        from .. import cpu
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0, c0), (h_out, c_out) = states, outs
+        gates = x @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, x, w_ih.t())
+        z = h0 @ w_hh.t()
+        cpu.cell_step(gates.numpy(), z.numpy(), np.ascontiguousarray(c0.detach().numpy()), h_out, c_out)
+
     def _run_layer(self, layer, direction, layer_input, states0, lengths):
         if not self.proj_size:
             return super()._run_layer(layer, direction, layer_input, states0, lengths)
@@ -321,69 +395,12 @@ class LSTM(_Recurrent):
             *states0, direction == 1, self.backend,
         )
 
-    def _single_step(self, input, hx):
-        """The decode step: one time step with a state, no gradients, CPU tensors, the
-        cpu backend. Per layer and direction, the two products on torch's BLAS (what
-        the cpu backend would do with W_hh packed, which costs more than the step at
-        T=1) and the cpu backend's fused cell (``cpu.cell_step``) on NumPy views; no
-        custom op, no length plan, no API validation (the checks that matter here are
-        made here). Same results as the general path to rounding (the products sum in
-        another order): tests/test_torch_dropin.py."""
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-        h0, c0 = hx
-        batch = input.shape[0 if self.batch_first else 1]
-        directions = 2 if self.bidirectional else 1
-        expected = (self.num_layers * directions, batch, self.hidden_size)
-        for i, value in enumerate((h0, c0)):
-            if tuple(value.shape) != expected:
-                raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
-        dtype = self.weight_ih_l0.dtype
-        if input.dtype != dtype or h0.dtype != dtype or c0.dtype != dtype or dtype not in (torch.float32, torch.float64):
-            raise RuntimeError(f"input and hx must have the type {dtype}, got {input.dtype}, {h0.dtype}, {c0.dtype}")
-        from .. import cpu
-
-        layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
-        h_n = torch.empty(expected, dtype=dtype)
-        c_n = torch.empty(expected, dtype=dtype)
-        h_out, c_out = h_n.numpy(), c_n.numpy()
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):  # one step: the reverse direction is the same step
-                k = layer * directions + direction
-                w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer, direction)
-                gates = layer_input @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, layer_input, w_ih.t())
-                z = h0[k] @ w_hh.t()
-                cpu.cell_step(gates.numpy(), z.numpy(), np.ascontiguousarray(c0[k].detach().numpy()), h_out[k], c_out[k])
-                outputs.append(h_n[k])
-            # (Dropout between layers, training mode only, never gets here: forward
-            # sends it down the general path.)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
-        output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
-        return output, (h_n, c_n)
-
     def forward(self, input, hx=None, *, lengths=None):
         """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
         integers, padded input only) stops each row at its own length."""
-        if (
-            hx is not None
-            and lengths is None
-            and type(input) is torch.Tensor  # not a PackedSequence nor a torch.func wrapper
-            and input.dim() == 3
-            and input.shape[1 if self.batch_first else 0] == 1
-            and input.shape[0 if self.batch_first else 1] >= 1
-            and input.device.type == "cpu"
-            and input.dtype in (torch.float32, torch.float64)  # else the general path's error
-            and self.backend in ("auto", "cpu")
-            and not self.proj_size
-            and not torch.is_grad_enabled()
-            and not (self.dropout > 0 and self.training and self.num_layers > 1)
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(input)
-        ):
-            return self._single_step(input, hx)
+        if self._decodes(input, hx, lengths):
+            output, (h_n, c_n) = self._single_step(input, hx)
+            return output, (h_n, c_n)
         output, (h_n, c_n) = self._forward(input, hx, lengths)
         return output, (h_n, c_n)
 
@@ -396,7 +413,10 @@ class _HiddenState(_Recurrent):
         """``(output, h_n)`` like ``torch.nn.GRU.forward`` / ``torch.nn.RNN.forward``;
         ``lengths`` ([B] integers, padded input only) stops each row at its own
         length."""
-        output, (h_n,) = self._forward(input, hx, lengths)
+        if self._decodes(input, hx, lengths):
+            output, (h_n,) = self._single_step(input, hx)
+        else:
+            output, (h_n,) = self._forward(input, hx, lengths)
         return output, h_n
 
 
@@ -428,6 +448,24 @@ class GRU(_HiddenState):
             "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
             device, dtype, backend,
         )
+
+
+    def _step(self, x, weights, states, outs):
+        from .. import cpu_gru
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0,), (h_out,) = states, outs
+        rows = 3 * self.hidden_size
+        if b_ih is None:
+            gates, b_hn = x @ w_ih.t(), x.new_zeros(self.hidden_size)
+        else:
+            # The backends' folded bias (cells.py): r and z see the sums, b_in joins the
+            # input product, b_hn stays for the hidden product's n block.
+            bias = cells.GRU.fold_bias(b_ih, b_hh, torch)
+            gates, b_hn = torch.addmm(bias[:rows], x, w_ih.t()), bias[rows:]
+        z = h0 @ w_hh.t()
+        hn = np.empty(h_out.shape, h_out.dtype)  # W_hn h + b_hn: what training would save
+        cpu_gru.cell_step(gates.numpy(), z.numpy(), b_hn.numpy(), np.ascontiguousarray(h0.detach().numpy()), h_out, hn)
 
 
 class RNN(_HiddenState):
@@ -462,3 +500,11 @@ class RNN(_HiddenState):
     @property
     def cell_name(self) -> str:
         return f"rnn_{self.nonlinearity}"
+
+    def _step(self, x, weights, states, outs):
+        from .. import cpu_rnn
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        gx = x @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, x, w_ih.t())
+        z = states[0] @ w_hh.t()
+        cpu_rnn.cell_step(self.nonlinearity, gx.numpy(), z.numpy(), outs[0])
