@@ -1,11 +1,13 @@
 """The GRU and Elman RNN modules (issue 15): ``rnnkernels.torch.GRU`` / ``RNN`` against
 ``torch.nn.GRU`` / ``torch.nn.RNN`` in forward and every gradient (input, h0, every
 parameter) over layers, bidirectional, batch_first, bias and packed input, on every
-backend that implements the cell here; dropout, strict state dicts both ways,
-torch.compile, torch.func, the nn attributes, ``replace_gru`` / ``replace_rnn``, the
-ops under ``torch.library.opcheck``; and the NumPy modules ``rnnkernels.GRU`` / ``RNN``
-against torch.nn with per-row lengths. The LSTM's own grid is in test_torch_module.py
-and test_modules.py; the code under test is the same generic module for all cells."""
+host backend that implements the cell here (and the emulated CUDA kernels where
+present); the decode step, dropout, strict state dicts both ways, torch.compile,
+torch.func, the nn attributes, ``replace_gru`` / ``replace_rnn``, the generated ops
+under ``torch.library.opcheck``, the saved-state path for any cell, the API's hook
+``cell_layer_autograd``; and the NumPy modules ``rnnkernels.GRU`` / ``RNN`` against
+torch.nn with per-row lengths. The LSTM's own grid is in test_torch_module.py and
+test_modules.py; the code under test is the same generic module for all cells."""
 
 from __future__ import annotations
 
