@@ -10,9 +10,9 @@ Backends: "reference" (NumPy float64, the definition of the math), "cpu" (Numba)
 "cuda" (our CUDA kernels through CuPy), "emulated" (those kernels on a CPU emulator,
 for debugging) and "auto". See ``rnnkernels/reference.py`` for the equations.
 
-``rnnkernels.LSTM`` is an ``nn.LSTM``-shaped module over NumPy and CuPy arrays;
-``rnnkernels.torch.LSTM`` (import it explicitly: it needs torch) replaces
-``torch.nn.LSTM``.
+``rnnkernels.LSTM``, ``GRU`` and ``RNN`` are ``torch.nn``-shaped modules over NumPy
+and CuPy arrays; ``rnnkernels.torch.LSTM``, ``GRU`` and ``RNN`` (import them
+explicitly: they need torch) replace ``torch.nn.LSTM``, ``GRU`` and ``RNN``.
 """
 
 from . import init
@@ -33,17 +33,19 @@ from ._api import (
     rnn_forward,
 )
 from .clip import clip_grad_norm, global_grad_norm
-from .modules import LSTM
+from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "GRU",
     "GRUGrads",
     "GRUOutput",
     "LSTM",
     "LSTMGrads",
     "LSTMOutput",
+    "RNN",
     "RNNGrads",
     "RNNOutput",
     "clip_grad_norm",

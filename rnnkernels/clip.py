@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _arrays
 from ._api import LSTMGrads, _HiddenGrads
-from .modules import LSTMModuleGrads
+from .modules import LSTMModuleGrads, ModuleGrads
 
 __all__ = ["clip_grad_norm", "global_grad_norm", "LSTM_PARAMETER_FIELDS"]
 
@@ -61,7 +61,7 @@ def _collect(grads, prefix: str, out: list) -> None:
         for field in LSTM_PARAMETER_FIELDS:
             _collect(getattr(grads, field), f"{prefix}.{field}", out)
         return
-    if isinstance(grads, LSTMModuleGrads):  # rnnkernels.LSTM.backward's: its parameters
+    if isinstance(grads, (LSTMModuleGrads, ModuleGrads)):  # the NumPy modules' backward: their parameters
         _collect(grads.params, f"{prefix}.params", out)
         return
     if _is_array(grads):

@@ -1,20 +1,23 @@
-"""``LSTM``: a framework-free, multi-layer, bidirectional LSTM over NumPy and CuPy
-arrays, laid out exactly like ``torch.nn.LSTM``.
+"""``LSTM``, ``GRU`` and ``RNN``: framework-free, multi-layer, bidirectional recurrent
+modules over NumPy and CuPy arrays, laid out exactly like ``torch.nn.LSTM``,
+``torch.nn.GRU`` and ``torch.nn.RNN``.
 
-Every layer and direction runs on the single-layer ``lstm_forward`` /
-``lstm_backward`` (``rnnkernels/_api.py``); this file only arranges the calls.
+Every layer and direction runs on the single-layer ``_api.cell_forward`` /
+``cell_backward`` of the module's cell (``rnnkernels/cells.py``); this file only
+arranges the calls, once for all cells: a cell contributes its gate count G (LSTM 4,
+GRU 3, RNN 1) and its states (LSTM h and c, the others h), which travel as tuples.
 
-Shapes (``torch.nn.LSTM``'s; D = 2 if bidirectional else 1, L = num_layers)::
+Shapes (torch.nn's; D = 2 if bidirectional else 1, L = num_layers)::
 
     x          [T, B, I]   ([B, T, I] with batch_first; [T, I] unbatched)
-    h0, c0     [L*D, B, H] (index layer*D + direction; [L*D, H] unbatched)
+    h0 (, c0)  [L*D, B, H] (index layer*D + direction; [L*D, H] unbatched)
     y          [T, B, D*H] (forward direction in [..., :H], reverse in [..., H:])
-    h_n, c_n   [L*D, B, H]
-    weight_ih_l{k}[_reverse] [4H, I] for k = 0, [4H, D*H] above
-    weight_hh_l{k}[_reverse] [4H, H]; bias_ih_l{k}[_reverse], bias_hh_l{k}[_reverse] [4H]
+    h_n (, c_n) [L*D, B, H]
+    weight_ih_l{k}[_reverse] [G*H, I] for k = 0, [G*H, D*H] above
+    weight_hh_l{k}[_reverse] [G*H, H]; bias_ih_l{k}[_reverse], bias_hh_l{k}[_reverse] [G*H]
 
-With ``proj_size = P > 0`` (h_t = W_hr (o ⊙ tanh c_t)), as torch: h0, h_n [L*D, B, P],
-y [T, B, D*P], weight_hh [4H, P], weight_ih [4H, D*P] above layer 0, and
+With ``proj_size = P > 0`` (LSTM only; h_t = W_hr (o ⊙ tanh c_t)), as torch: h0, h_n
+[L*D, B, P], y [T, B, D*P], weight_hh [4H, P], weight_ih [4H, D*P] above layer 0, and
 weight_hr_l{k}[_reverse] [P, H] after each layer-direction's biases (NumPy only).
 
 Variable lengths. Row b of a batch with ``lengths[b] = n`` runs steps 0 .. n-1 only:
@@ -49,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, reference
-from ._api import BACKENDS, lstm_backward, lstm_forward
+from . import _arrays, cells, reference
+from ._api import BACKENDS, cell_backward, cell_forward
 
-__all__ = ["LSTM", "LSTMModuleGrads", "parameter_names"]
+__all__ = ["GRU", "LSTM", "LSTMModuleGrads", "ModuleGrads", "RNN", "parameter_names"]
 
 
 def _xp_of(array):
@@ -185,11 +188,12 @@ def _host_lengths(lengths, batch: int, steps: int):
 # ----------------------------------------------------------------------------- one direction
 
 
-def run_direction(x, weights, h0, c0, plan: _Plan, reverse: bool, training: bool, backend: str):
-    """One layer in one direction over sorted rows. ``x`` [T, B, I], ``weights`` =
-    (w_ih, w_hh, b_ih, b_hh) with biases possibly None, ``h0``/``c0`` [B, H], all
-    backend arrays of one dtype. Returns ``(y, h_n, c_n, tape)``; ``tape`` (the
-    per-segment forward outputs) is None unless ``training``."""
+def run_direction(cell, x, weights, states0, plan: _Plan, reverse: bool, training: bool, backend: str):
+    """One layer of ``cell`` (a ``cells.Cell`` or its name) in one direction over sorted
+    rows. ``x`` [T, B, I], ``weights`` = (w_ih, w_hh, b_ih, b_hh) with biases possibly
+    None, ``states0`` a tuple of [B, H] arrays, one per ``cell.states``, all backend
+    arrays of one dtype. Returns ``(y, states_n, tape)``, ``states_n`` a tuple like
+    ``states0``; ``tape`` (the per-segment forward outputs) is None unless ``training``."""
     xp = _xp_of(x)
     dtype = x.dtype
     steps, batch, _ = x.shape
@@ -198,62 +202,79 @@ def run_direction(x, weights, h0, c0, plan: _Plan, reverse: bool, training: bool
         x = plan.flip(x)
     outs = []
     if plan.uniform:
-        out = lstm_forward(x, *weights, h0, c0, training=training, backend=backend)
-        y, h_n, c_n = (xp.asarray(a).astype(dtype, copy=False) for a in (out.y, out.h_n, out.c_n))
+        out = cell_forward(cell, x, *weights, tuple(states0), training=training, backend=backend)
+        y = xp.asarray(out.y).astype(dtype, copy=False)
+        states = tuple(xp.asarray(s).astype(dtype, copy=False) for s in out.states)
         outs.append(out)
     else:
         y = xp.zeros((steps, batch, hidden), dtype)
-        h_n, c_n = h0.astype(dtype, copy=True), c0.astype(dtype, copy=True)
+        states = tuple(s.astype(dtype, copy=True) for s in states0)
         for start, stop, rows in plan.segments:
             # Copies of the states: the kernels may keep their inputs for backward,
-            # and h_n / c_n are written again below.
-            out = lstm_forward(
-                x[start:stop, :rows], *weights, h_n[:rows].copy(), c_n[:rows].copy(),
+            # and the states are written again below.
+            out = cell_forward(
+                cell, x[start:stop, :rows], *weights, tuple(s[:rows].copy() for s in states),
                 training=training, backend=backend,
             )
             y[start:stop, :rows] = out.y
-            h_n[:rows] = out.h_n
-            c_n[:rows] = out.c_n
+            for state, new in zip(states, out.states):
+                state[:rows] = new
             outs.append(out)
     if reverse:
         y = plan.flip(y)
-    return y, h_n, c_n, (outs if training else None)
+    return y, states, (outs if training else None)
 
 
-def backward_direction(tape, plan: _Plan, reverse: bool, dy, dh_n, dc_n, input_size: int, has_bias: bool):
+def backward_direction(cell, tape, plan: _Plan, reverse: bool, dy, dstates_n, input_size: int, has_bias: bool):
     """Gradients of :func:`run_direction` from its ``tape``: ``dy`` [T, B, H],
-    ``dh_n``/``dc_n`` [B, H]. Returns ``(dx, dw_ih, dw_hh, db, dh0, dc0)``; ``db``
-    is the gradient of each bias (None without biases)."""
+    ``dstates_n`` a tuple of [B, H], one per state. Returns ``(dx, dw_ih, dw_hh, db_ih,
+    db_hh, dstates0)``; the bias gradients are None without biases."""
     xp = _xp_of(dy)
     dtype = dy.dtype
     steps, batch, hidden = dy.shape
     if reverse:
         dy = plan.flip(dy)
+    cast = lambda a: None if a is None else xp.asarray(a).astype(dtype, copy=False)  # noqa: E731
     if plan.uniform:
-        g = lstm_backward(tape[0], dy, dh_n, dc_n)
-        cast = lambda a: None if a is None else xp.asarray(a).astype(dtype, copy=False)  # noqa: E731
-        dx, dw_ih, dw_hh, db, dh0, dc0 = map(cast, (g.dx, g.dw_ih, g.dw_hh, g.db_ih, g.dh0, g.dc0))
+        g = cell_backward(tape[0], dy, tuple(dstates_n))
+        dx, dw_ih, dw_hh, db_ih, db_hh = map(cast, (g.dx, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh))
+        dstates0 = tuple(map(cast, g.dstates))
     else:
+        rows_ = cells.get(cell).gates * hidden
         dx = xp.zeros((steps, batch, input_size), dtype)
-        dw_ih = xp.zeros((4 * hidden, input_size), dtype)
-        dw_hh = xp.zeros((4 * hidden, hidden), dtype)
-        db = xp.zeros(4 * hidden, dtype) if has_bias else None
-        dh0, dc0 = dh_n.astype(dtype, copy=True), dc_n.astype(dtype, copy=True)
+        dw_ih = xp.zeros((rows_, input_size), dtype)
+        dw_hh = xp.zeros((rows_, hidden), dtype)
+        db_ih = xp.zeros(rows_, dtype) if has_bias else None
+        db_hh = xp.zeros(rows_, dtype) if has_bias else None
+        dstates0 = tuple(d.astype(dtype, copy=True) for d in dstates_n)
         for (start, stop, rows), out in reversed(list(zip(plan.segments, tape))):
-            g = lstm_backward(out, dy[start:stop, :rows], dh0[:rows].copy(), dc0[:rows].copy())
+            g = cell_backward(out, dy[start:stop, :rows], tuple(d[:rows].copy() for d in dstates0))
             dx[start:stop, :rows] = g.dx
             dw_ih += g.dw_ih
             dw_hh += g.dw_hh
             if has_bias:
-                db += g.db_ih
-            dh0[:rows] = g.dh0
-            dc0[:rows] = g.dc0
+                db_ih += g.db_ih
+                db_hh += g.db_hh
+            for d, new in zip(dstates0, g.dstates):
+                d[:rows] = new
     if reverse:
         dx = plan.flip(dx)
-    return dx, dw_ih, dw_hh, db, dh0, dc0
+    return dx, dw_ih, dw_hh, db_ih, db_hh, dstates0
 
 
-# ----------------------------------------------------------------------------- module
+# ----------------------------------------------------------------------------- modules
+
+
+@dataclass
+class ModuleGrads:
+    """What :meth:`GRU.backward` and :meth:`RNN.backward` return: ``dx`` shaped like
+    the input, ``dh0`` like the initial state ([L*D, B, H]; the gradient with respect
+    to the zero state when none was given), and ``params``, parameter name ->
+    gradient."""
+
+    dx: Any
+    dh0: Any
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -279,7 +300,372 @@ class _Tape:
     masks: list  # per layer but the last: dropout mask or None
 
 
-class LSTM:
+def _check_sizes(input_size, hidden_size, num_layers):
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "input_size" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class _Recurrent:
+    """What ``LSTM``, ``GRU`` and ``RNN`` share: the multi-layer, bidirectional,
+    variable-length arrangement of single-layer calls of a cell (``cell_name``, a name in
+    ``rnnkernels.cells``), torch.nn's parameter names, shapes and initialization, the
+    state_dict, modes and dropout. A subclass says which cell, how its states are passed
+    in and returned (a pair for the LSTM, one array for the others) and any extra
+    configuration; the states themselves travel as tuples, one array per
+    ``cell.states``."""
+
+    cell_name = ""  # a subclass's cell
+    proj_size = 0  # only the LSTM has a projection
+
+    def __init__(
+        self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, *, dtype, backend, device, seed,
+    ):
+        _check_sizes(input_size, hidden_size, num_layers)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0) or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' (NumPy arrays) or 'cuda' (CuPy arrays), got {device!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
+        self.dropout = float(dropout)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating-point dtype, got {self.dtype}")
+        self.backend, self.device = backend, device
+        self.training = True
+        self._rng = np.random.default_rng(seed)
+        self._last: _Tape | None = None
+        self._params: dict[str, Any] = {}
+        self.reset_parameters()
+
+    # -- what a subclass may change ------------------------------------------------------
+
+    @property
+    def _cell(self) -> cells.Cell:
+        return cells.get(self.cell_name)
+
+    @property
+    def _real_hidden(self) -> int:
+        """The width of h (and of each direction's output): P with a projection."""
+        return self.proj_size or self.hidden_size
+
+    def _state_widths(self) -> tuple[int, ...]:
+        """The width of each state, in the order of ``cell.states``."""
+        return (self.hidden_size,) * len(self._cell.states)
+
+    def _state_meanings(self) -> tuple[str, ...]:
+        """How each state's width is named in error messages."""
+        return ("hidden",) * len(self._cell.states)
+
+    def _run_direction(self, layer, direction, layer_input, states0, plan, training):
+        """One layer and direction: ``(y, states_n, tape)`` in the module's dtype."""
+        return run_direction(
+            self._cell, layer_input, self._weights(layer, direction), states0, plan,
+            reverse=direction == 1, training=training, backend=self.backend,
+        )
+
+    def _backward_direction(self, layer, direction, tape, plan, d_dir, dstates_n, input_size, grads):
+        """Gradients of :meth:`_run_direction`; puts the parameter gradients into
+        ``grads`` and returns ``(dx, dstates0)``."""
+        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
+            self._cell, tape, plan, direction == 1, d_dir, dstates_n, input_size, self.bias,
+        )
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
+        if self.bias:
+            grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db_ih, db_hh
+        return dx, dstates0
+
+    def _check_lengths_supported(self, lengths):
+        pass
+
+    # -- parameters --------------------------------------------------------------------
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _shapes(self) -> dict[str, tuple]:
+        rows = self._cell.gates * self.hidden_size
+        directions, real = self.num_directions, self._real_hidden
+        shapes = {}
+        for name in parameter_names(self.num_layers, self.bidirectional, self.bias, self.proj_size > 0):
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                shapes[name] = (rows, self.input_size if layer == 0 else directions * real)
+            elif name.startswith("weight_hh"):
+                shapes[name] = (rows, real)
+            elif name.startswith("weight_hr"):
+                shapes[name] = (self.proj_size, self.hidden_size)
+            else:
+                shapes[name] = (rows,)
+        return shapes
+
+    def _xp(self):
+        return np if self.device == "cpu" else _arrays.import_cupy()
+
+    def reset_parameters(self):
+        """Every parameter from U(-1/√H, 1/√H), as torch.nn's LSTM, GRU and RNN do."""
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        xp = self._xp()
+        self._params = {
+            name: xp.asarray(self._rng.uniform(-bound, bound, shape).astype(self.dtype))
+            for name, shape in self._shapes().items()
+        }
+
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        """(name, array) pairs in torch.nn's order; the arrays are the module's own
+        (update them in place to train)."""
+        return list(self._params.items())
+
+    def parameters(self) -> list[Any]:
+        return list(self._params.values())
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameter name -> a copy of the array (NumPy or CuPy), keyed and shaped like
+        the torch.nn module's ``state_dict()``."""
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy parameters in from ``state_dict`` (name -> NumPy/CuPy array or torch
+        tensor, e.g. ``torch.nn.LSTM(...).state_dict()``), cast to the module's dtype.
+        With ``strict``, the keys must be exactly the module's. Returns
+        ``(missing_keys, unexpected_keys)``."""
+        shapes = self._shapes()
+        missing = [name for name in shapes if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in shapes]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict does not fit this {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        new = {}
+        for name, shape in shapes.items():
+            if name not in state_dict:
+                continue
+            value = _arrays.to_backend(state_dict[name], self.device)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+            new[name] = value.astype(self.dtype, copy=True)
+        self._params.update(new)
+        return missing, unexpected
+
+    @classmethod
+    def _config_of(cls, module) -> dict:
+        """The constructor arguments of a torch.nn module of this kind."""
+        return dict(
+            input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+            bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+            bidirectional=module.bidirectional,
+        )
+
+    @classmethod
+    def from_torch(cls, module, **kwargs):
+        """A module with the configuration and weights of the torch.nn module of the
+        same kind (``dtype``, ``backend``, ``device``, ``seed`` may be given as
+        keywords)."""
+        ours = cls(**cls._config_of(module), **kwargs)
+        ours.load_state_dict(module.state_dict())
+        return ours
+
+    # -- modes ---------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Training mode: dropout on, calls record what :meth:`backward` needs."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode: no dropout, nothing recorded, inference kernels."""
+        return self.train(False)
+
+    _REPR_DEFAULTS = (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False))
+
+    def __repr__(self):
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}" for name, default in self._REPR_DEFAULTS if getattr(self, name) != default
+        )
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, backend={self.backend!r})"
+
+    # -- forward -------------------------------------------------------------------------
+
+    @staticmethod
+    def _suffixed(kind: str, layer: int, direction: int) -> str:
+        return f"{kind}_l{layer}" + ("_reverse" if direction else "")
+
+    def _weights(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        p = self._params
+        if self.bias:
+            return p["weight_ih" + suffix], p["weight_hh" + suffix], p["bias_ih" + suffix], p["bias_hh" + suffix]
+        return p["weight_ih" + suffix], p["weight_hh" + suffix], None, None
+
+    def _to_device(self, value, name: str):
+        kind = _arrays.array_kind(value, name)
+        dtype = _arrays.array_dtype(value)
+        if dtype != self.dtype:
+            raise TypeError(
+                f"{name} has dtype {_arrays.dtype_name(value)} but this {type(self).__name__}'s parameters are {self.dtype}"
+            )
+        return _arrays.to_backend(value, self.device), kind
+
+    def _forward(self, x, states0, lengths):
+        """``(y, states_n)``, ``states0`` None or a tuple of arrays (one per state, as
+        the user shaped them), ``states_n`` a tuple of the same kind as ``x``."""
+        xb, kind = self._to_device(x, "x")
+        xp = self._xp()
+        if xb.ndim not in (2, 3):
+            raise ValueError(f"x must be 3-D ([B, T, I] with batch_first, else [T, B, I]) or 2-D [T, I], got shape {tuple(xb.shape)}")
+        unbatched = xb.ndim == 2
+        if unbatched:
+            xb = xb[:, None, :]
+        elif self.batch_first:
+            xb = xb.transpose(1, 0, 2)
+        steps, batch, input_size = xb.shape
+        if input_size != self.input_size:
+            raise ValueError(f"x must have {self.input_size} features (input_size), got {input_size}")
+        layers, directions = self.num_layers, self.num_directions
+        self._check_lengths_supported(lengths)
+        names = tuple(f"{s}0" for s in self._cell.states)
+        widths = self._state_widths()
+        rows = (layers * directions,) if unbatched else (layers * directions, batch)
+        if states0 is None:
+            states0 = [xp.zeros((layers * directions, batch, width), self.dtype) for width in widths]
+        else:
+            states0 = [self._to_device(value, name)[0] for name, value in zip(names, states0)]
+            for name, value, width, what in zip(names, states0, widths, self._state_meanings()):
+                if tuple(value.shape) != rows + (width,):
+                    raise ValueError(f"{name} must have shape {rows + (width,)} (num_layers * num_directions, batch, {what}), got {tuple(value.shape)}")
+            if unbatched:
+                states0 = [s[:, None, :] for s in states0]
+        plan = _Plan(_host_lengths(lengths, batch, steps), steps, batch)
+        if plan.order is not None:
+            xb, states0 = xb[:, plan.order], [s[:, plan.order] for s in states0]
+
+        training = self.training
+        layer_input, tapes, masks = xb, [], []
+        states_n = [[] for _ in states0]
+        for layer in range(layers):
+            outputs, layer_tapes = [], []
+            for direction in range(directions):
+                k = layer * directions + direction
+                y, states, tape = self._run_direction(layer, direction, layer_input, tuple(s[k] for s in states0), plan, training)
+                outputs.append(y)
+                for collected, state in zip(states_n, states):
+                    collected.append(state)
+                layer_tapes.append(tape)
+            tapes.append(layer_tapes)
+            layer_input = outputs[0] if directions == 1 else xp.concatenate(outputs, axis=2)
+            if layer < layers - 1:
+                mask = self._dropout_mask(layer_input.shape) if training and self.dropout > 0 else None
+                if mask is not None:
+                    layer_input = layer_input * mask
+                masks.append(mask)
+        y, states_n = layer_input, [xp.stack(s) for s in states_n]
+
+        if plan.order is not None:
+            y, states_n = y[:, plan.restore], [s[:, plan.restore] for s in states_n]
+        if unbatched:
+            y, states_n = y[:, 0], [s[:, 0] for s in states_n]
+        elif self.batch_first:
+            y = y.transpose(1, 0, 2)
+        self._last = None
+        if training:
+            self._last = _Tape(plan, kind, self.batch_first, unbatched, tuple(x.shape), tapes, masks)
+        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), kind)  # noqa: E731
+        return back(y), tuple(back(s) for s in states_n)
+
+    def _dropout_mask(self, shape):
+        keep = 1.0 - self.dropout
+        if keep == 0.0:
+            mask = np.zeros(shape, self.dtype)
+        else:
+            mask = ((self._rng.random(shape) < keep) / keep).astype(self.dtype)
+        return self._xp().asarray(mask)
+
+    # -- backward ------------------------------------------------------------------------
+
+    def _backward(self, dy, dstates_n):
+        """``(dx, dstates0, params)`` of the most recent training-mode call, ``dstates_n``
+        a tuple (entries may be None: zero) shaped like its states."""
+        tape = self._last
+        if tape is None:
+            raise ValueError(
+                "backward needs a forward call made in training mode "
+                f"({type(self).__name__.lower()}.train()); the last call was in eval mode or there was none"
+            )
+        xp = self._xp()
+        plan = tape.plan
+        steps, batch = plan.steps, plan.batch
+        layers, directions, real = self.num_layers, self.num_directions, self._real_hidden
+        rows = layers * directions
+
+        def upstream(value, name, shape_tm, user_shape):
+            if value is None:
+                return xp.zeros(shape_tm, self.dtype)
+            arr, _ = self._to_device(value, name)
+            if tuple(arr.shape) != user_shape:
+                raise ValueError(f"{name} must have shape {user_shape}, like the forward's output, got {tuple(arr.shape)}")
+            return arr
+
+        y_tm = (steps, batch, directions * real)
+        if tape.unbatched:
+            y_user = (steps, directions * real)
+        else:
+            y_user = (batch, steps, directions * real) if tape.batch_first else y_tm
+        dy_b = upstream(dy, "dy", y_tm, y_user)
+        dstates_b = []
+        for name, value, width in zip(self._cell.states, dstates_n, self._state_widths()):
+            user = (rows, width) if tape.unbatched else (rows, batch, width)
+            arr = upstream(value, f"d{name}_n", (rows, batch, width), user)
+            dstates_b.append(arr[:, None] if tape.unbatched and value is not None else arr)
+        if tape.unbatched:
+            dy_b = dy_b[:, None] if dy is not None else dy_b
+        elif tape.batch_first and dy is not None:
+            dy_b = dy_b.transpose(1, 0, 2)
+        if plan.order is not None:
+            dy_b, dstates_b = dy_b[:, plan.order], [d[:, plan.order] for d in dstates_b]
+
+        grads: dict[str, Any] = {}
+        dstates0 = [[None] * rows for _ in dstates_b]
+        d_out = dy_b
+        for layer in reversed(range(layers)):
+            input_size = self.input_size if layer == 0 else directions * real
+            d_in = None
+            for direction in range(directions):
+                k = layer * directions + direction
+                d_dir = xp.ascontiguousarray(d_out[:, :, direction * real:(direction + 1) * real])
+                dx, ds0 = self._backward_direction(
+                    layer, direction, tape.layers[layer][direction], plan, d_dir, tuple(d[k] for d in dstates_b),
+                    input_size, grads,
+                )
+                for collected, d in zip(dstates0, ds0):
+                    collected[k] = d
+                d_in = dx if d_in is None else d_in + dx
+            if layer > 0 and tape.masks[layer - 1] is not None:
+                d_in = d_in * tape.masks[layer - 1]
+            d_out = d_in
+        dx, dstates0 = d_out, [xp.stack(d) for d in dstates0]
+        if plan.order is not None:
+            dx, dstates0 = dx[:, plan.restore], [d[:, plan.restore] for d in dstates0]
+        if tape.unbatched:
+            dx, dstates0 = dx[:, 0], [d[:, 0] for d in dstates0]
+        elif tape.batch_first:
+            dx = dx.transpose(1, 0, 2)
+        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), tape.kind)  # noqa: E731
+        ordered = {name: grads[name] for name in self._params}
+        return back(dx), tuple(back(d) for d in dstates0), ordered
+
+
+class LSTM(_Recurrent):
     """A multi-layer, optionally bidirectional LSTM, a drop-in for ``torch.nn.LSTM``'s
     math and parameters, over NumPy (``device="cpu"``) or CuPy (``device="cuda"``)
     arrays.
@@ -304,6 +690,9 @@ class LSTM:
     per-row ``lengths`` and :meth:`load_keras_weights`.
     """
 
+    cell_name = "lstm"
+    _REPR_DEFAULTS = _Recurrent._REPR_DEFAULTS + (("proj_size", 0),)
+
     def __init__(
         self,
         input_size: int,
@@ -320,9 +709,7 @@ class LSTM:
         device: str = "cpu",
         seed=None,
     ):
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "input_size" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_sizes(input_size, hidden_size, num_layers)
         if not isinstance(proj_size, (int, np.integer)) or isinstance(proj_size, bool):
             raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
         if not 0 <= proj_size < hidden_size:
@@ -332,116 +719,71 @@ class LSTM:
                 f"proj_size > 0 runs on NumPy arrays (device='cpu') with backend 'auto', 'cpu' or 'reference'; "
                 f"backend {backend!r} on device {device!r} does not support it yet"
             )
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0) or isinstance(dropout, bool):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' (NumPy arrays) or 'cuda' (CuPy arrays), got {device!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
-        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
-        self.dropout, self.proj_size = float(dropout), int(proj_size)
-        self.dtype = np.dtype(dtype)
-        if self.dtype.kind != "f":
-            raise TypeError(f"dtype must be a floating-point dtype, got {self.dtype}")
-        self.backend, self.device = backend, device
-        self.training = True
-        self._rng = np.random.default_rng(seed)
-        self._last: _Tape | None = None
-        self._params: dict[str, Any] = {}
-        self.reset_parameters()
-
-    # -- parameters --------------------------------------------------------------------
-
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    @property
-    def _real_hidden(self) -> int:
-        """The width of h (and of each direction's output): P with a projection."""
-        return self.proj_size or self.hidden_size
-
-    def _shapes(self) -> dict[str, tuple]:
-        hidden, directions, real = self.hidden_size, self.num_directions, self._real_hidden
-        shapes = {}
-        for name in parameter_names(self.num_layers, self.bidirectional, self.bias, self.proj_size > 0):
-            layer = int(name.split("_l")[1].split("_")[0])
-            if name.startswith("weight_ih"):
-                shapes[name] = (4 * hidden, self.input_size if layer == 0 else directions * real)
-            elif name.startswith("weight_hh"):
-                shapes[name] = (4 * hidden, real)
-            elif name.startswith("weight_hr"):
-                shapes[name] = (self.proj_size, hidden)
-            else:
-                shapes[name] = (4 * hidden,)
-        return shapes
-
-    def _xp(self):
-        return np if self.device == "cpu" else _arrays.import_cupy()
-
-    def reset_parameters(self):
-        """Every parameter from U(-1/√H, 1/√H), like ``torch.nn.LSTM``."""
-        bound = 1.0 / np.sqrt(self.hidden_size)
-        xp = self._xp()
-        self._params = {
-            name: xp.asarray(self._rng.uniform(-bound, bound, shape).astype(self.dtype))
-            for name, shape in self._shapes().items()
-        }
-
-    def named_parameters(self) -> list[tuple[str, Any]]:
-        """(name, array) pairs in ``torch.nn.LSTM``'s order; the arrays are the
-        module's own (update them in place to train)."""
-        return list(self._params.items())
-
-    def parameters(self) -> list[Any]:
-        return list(self._params.values())
-
-    def __getattr__(self, name):
-        params = self.__dict__.get("_params")
-        if params is not None and name in params:
-            return params[name]
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
-    def state_dict(self) -> dict[str, Any]:
-        """Parameter name -> a copy of the array (NumPy or CuPy), keyed and shaped like
-        ``torch.nn.LSTM.state_dict()``."""
-        return {name: value.copy() for name, value in self._params.items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        """Copy parameters in from ``state_dict`` (name -> NumPy/CuPy array or torch
-        tensor, e.g. ``torch.nn.LSTM(...).state_dict()``), cast to the module's dtype.
-        With ``strict``, the keys must be exactly the module's. Returns
-        ``(missing_keys, unexpected_keys)``."""
-        shapes = self._shapes()
-        missing = [name for name in shapes if name not in state_dict]
-        unexpected = [name for name in state_dict if name not in shapes]
-        if strict and (missing or unexpected):
-            raise KeyError(
-                f"state_dict does not fit this LSTM: missing keys {missing}, unexpected keys {unexpected}"
-            )
-        new = {}
-        for name, shape in shapes.items():
-            if name not in state_dict:
-                continue
-            value = _arrays.to_backend(state_dict[name], self.device)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
-            new[name] = value.astype(self.dtype, copy=True)
-        self._params.update(new)
-        return missing, unexpected
+        self.proj_size = int(proj_size)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            dtype=dtype, backend=backend, device=device, seed=seed,
+        )
 
     @classmethod
-    def from_torch(cls, module, **kwargs) -> "LSTM":
-        """An ``LSTM`` with the configuration and weights of a ``torch.nn.LSTM``
-        (``dtype``, ``backend``, ``device``, ``seed`` may be given as keywords)."""
-        lstm = cls(
-            module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-            module.dropout, module.bidirectional, proj_size=getattr(module, "proj_size", 0), **kwargs,
-        )
-        lstm.load_state_dict(module.state_dict())
-        return lstm
+    def _config_of(cls, module) -> dict:
+        return dict(super()._config_of(module), proj_size=getattr(module, "proj_size", 0))
 
+    def _state_widths(self):
+        return (self._real_hidden, self.hidden_size)
+
+    def _state_meanings(self):
+        return ("proj_size" if self.proj_size else "hidden", "hidden")
+
+    def _check_lengths_supported(self, lengths):
+        if self.proj_size and lengths is not None:
+            raise NotImplementedError(
+                "proj_size > 0 with per-row lengths is not supported yet; pass lengths=None (equal lengths)"
+            )
+
+    def _run_direction(self, layer, direction, layer_input, states0, plan, training):
+        if not self.proj_size:
+            return super()._run_direction(layer, direction, layer_input, states0, plan, training)
+        # The projected path runs in its compute dtype (float64 for "reference");
+        # outputs come back in the module's dtype.
+        y, h, c, tape = projected_forward(
+            layer_input, *self._weights(layer, direction), self._params[self._suffixed("weight_hr", layer, direction)],
+            *states0, direction == 1, self.backend, training,
+        )
+        y, h, c = (a.astype(self.dtype, copy=False) for a in (y, h, c))
+        return y, (h, c), tape
+
+    def _backward_direction(self, layer, direction, tape, plan, d_dir, dstates_n, input_size, grads):
+        if not self.proj_size:
+            return super()._backward_direction(layer, direction, tape, plan, d_dir, dstates_n, input_size, grads)
+        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = (
+            None if a is None else a.astype(self.dtype, copy=False)
+            for a in projected_backward(tape, d_dir, *dstates_n, direction == 1)
+        )
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        grads["weight_hr" + suffix] = dw_hr
+        grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
+        if self.bias:
+            grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db, db.copy()
+        return dx, (dh0, dc0)
+
+    def __call__(self, x, state=None, lengths=None):
+        """``(y, (h_n, c_n))``; see the class docstring."""
+        return self.forward(x, state, lengths)
+
+    def forward(self, x, state=None, lengths=None):
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
+            raise TypeError("state must be a pair (h0, c0)")
+        y, (h_n, c_n) = self._forward(x, None if state is None else tuple(state), lengths)
+        return y, (h_n, c_n)
+
+    def backward(self, dy=None, dh_n=None, dc_n=None) -> LSTMModuleGrads:
+        """Gradients of the most recent training-mode call. ``dy`` is shaped like its
+        ``y``, ``dh_n`` and ``dc_n`` like its ``h_n`` and ``c_n``; a missing one is
+        zero. Returns :class:`LSTMModuleGrads`: ``dx`` (as the kind of the input),
+        ``dh0``, ``dc0`` and the parameter gradients (module arrays)."""
+        dx, (dh0, dc0), params = self._backward(dy, (dh_n, dc_n))
+        return LSTMModuleGrads(dx=dx, dh0=dh0, dc0=dc0, params=params)
     # -- Keras --------------------------------------------------------------------------
 
     def load_keras_weights(self, weights, layer: int = 0):
@@ -496,217 +838,95 @@ class LSTM:
                 out.append(self._params["bias_ih" + suffix] + self._params["bias_hh" + suffix])
         return out
 
-    # -- modes ---------------------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> "LSTM":
-        """Training mode: dropout on, calls record what :meth:`backward` needs."""
-        self.training = bool(mode)
-        return self
 
-    def eval(self) -> "LSTM":
-        """Inference mode: no dropout, nothing recorded, inference kernels."""
-        return self.train(False)
+class _HiddenState(_Recurrent):
+    """The cells whose only state is h (GRU, RNN): ``module(x, h0=None, lengths=None)
+    -> (y, h_n)`` and ``backward(dy, dh_n) -> ModuleGrads``, as torch.nn.GRU/RNN."""
 
-    def __repr__(self):
-        extra = "".join(
-            f", {name}={getattr(self, name)!r}"
-            for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0))
-            if getattr(self, name) != default
-        )
-        return f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, backend={self.backend!r})"
+    def __call__(self, x, h0=None, lengths=None):
+        """``(y, h_n)``; see the class docstring."""
+        return self.forward(x, h0, lengths)
 
-    # -- forward -------------------------------------------------------------------------
+    def forward(self, x, h0=None, lengths=None):
+        y, (h_n,) = self._forward(x, None if h0 is None else (h0,), lengths)
+        return y, h_n
 
-    @staticmethod
-    def _suffixed(kind: str, layer: int, direction: int) -> str:
-        return f"{kind}_l{layer}" + ("_reverse" if direction else "")
-
-    def _weights(self, layer: int, direction: int):
-        suffix = f"_l{layer}" + ("_reverse" if direction else "")
-        p = self._params
-        if self.bias:
-            return p["weight_ih" + suffix], p["weight_hh" + suffix], p["bias_ih" + suffix], p["bias_hh" + suffix]
-        return p["weight_ih" + suffix], p["weight_hh" + suffix], None, None
-
-    def _to_device(self, value, name: str):
-        kind = _arrays.array_kind(value, name)
-        dtype = _arrays.array_dtype(value)
-        if dtype != self.dtype:
-            raise TypeError(f"{name} has dtype {_arrays.dtype_name(value)} but this LSTM's parameters are {self.dtype}")
-        return _arrays.to_backend(value, self.device), kind
-
-    def __call__(self, x, state=None, lengths=None):
-        """``(y, (h_n, c_n))``; see the class docstring."""
-        return self.forward(x, state, lengths)
-
-    def forward(self, x, state=None, lengths=None):
-        xb, kind = self._to_device(x, "x")
-        xp = self._xp()
-        if xb.ndim not in (2, 3):
-            raise ValueError(f"x must be 3-D ([B, T, I] with batch_first, else [T, B, I]) or 2-D [T, I], got shape {tuple(xb.shape)}")
-        unbatched = xb.ndim == 2
-        if unbatched:
-            xb = xb[:, None, :]
-        elif self.batch_first:
-            xb = xb.transpose(1, 0, 2)
-        steps, batch, input_size = xb.shape
-        if input_size != self.input_size:
-            raise ValueError(f"x must have {self.input_size} features (input_size), got {input_size}")
-        hidden, layers, directions, real = self.hidden_size, self.num_layers, self.num_directions, self._real_hidden
-        if self.proj_size and lengths is not None:
-            raise NotImplementedError(
-                "proj_size > 0 with per-row lengths is not supported yet; pass lengths=None (equal lengths)"
-            )
-        rows = (layers * directions,) if unbatched else (layers * directions, batch)
-        if state is None:
-            h0 = xp.zeros((layers * directions, batch, real), self.dtype)
-            c0 = xp.zeros((layers * directions, batch, hidden), self.dtype)
-        else:
-            if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError("state must be a pair (h0, c0)")
-            (h0, _), (c0, _) = self._to_device(state[0], "h0"), self._to_device(state[1], "c0")
-            for name, value, width, what in (("h0", h0, real, "proj_size" if self.proj_size else "hidden"), ("c0", c0, hidden, "hidden")):
-                if tuple(value.shape) != rows + (width,):
-                    raise ValueError(f"{name} must have shape {rows + (width,)} (num_layers * num_directions, batch, {what}), got {tuple(value.shape)}")
-            if unbatched:
-                h0, c0 = h0[:, None, :], c0[:, None, :]
-        plan = _Plan(_host_lengths(lengths, batch, steps), steps, batch)
-        if plan.order is not None:
-            xb, h0, c0 = xb[:, plan.order], h0[:, plan.order], c0[:, plan.order]
-
-        training = self.training
-        layer_input, h_n, c_n, tapes, masks = xb, [], [], [], []
-        for layer in range(layers):
-            outputs, layer_tapes = [], []
-            for direction in range(directions):
-                k = layer * directions + direction
-                if self.proj_size:
-                    # The projected path runs in its compute dtype (float64 for
-                    # "reference"); outputs come back in the module's dtype.
-                    y, h, c, tape = projected_forward(
-                        layer_input, *self._weights(layer, direction), self._params[self._suffixed("weight_hr", layer, direction)],
-                        h0[k], c0[k], direction == 1, self.backend, training,
-                    )
-                    y, h, c = (a.astype(self.dtype, copy=False) for a in (y, h, c))
-                else:
-                    y, h, c, tape = run_direction(
-                        layer_input, self._weights(layer, direction), h0[k], c0[k], plan,
-                        reverse=direction == 1, training=training, backend=self.backend,
-                    )
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-                layer_tapes.append(tape)
-            tapes.append(layer_tapes)
-            layer_input = outputs[0] if directions == 1 else xp.concatenate(outputs, axis=2)
-            if layer < layers - 1:
-                mask = self._dropout_mask(layer_input.shape) if training and self.dropout > 0 else None
-                if mask is not None:
-                    layer_input = layer_input * mask
-                masks.append(mask)
-        y, h_n, c_n = layer_input, xp.stack(h_n), xp.stack(c_n)
-
-        if plan.order is not None:
-            y, h_n, c_n = y[:, plan.restore], h_n[:, plan.restore], c_n[:, plan.restore]
-        if unbatched:
-            y, h_n, c_n = y[:, 0], h_n[:, 0], c_n[:, 0]
-        elif self.batch_first:
-            y = y.transpose(1, 0, 2)
-        self._last = None
-        if training:
-            self._last = _Tape(plan, kind, self.batch_first, unbatched, tuple(x.shape), tapes, masks)
-        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), kind)  # noqa: E731
-        return back(y), (back(h_n), back(c_n))
-
-    def _dropout_mask(self, shape):
-        keep = 1.0 - self.dropout
-        if keep == 0.0:
-            mask = np.zeros(shape, self.dtype)
-        else:
-            mask = ((self._rng.random(shape) < keep) / keep).astype(self.dtype)
-        return self._xp().asarray(mask)
-
-    # -- backward ------------------------------------------------------------------------
-
-    def backward(self, dy=None, dh_n=None, dc_n=None) -> LSTMModuleGrads:
+    def backward(self, dy=None, dh_n=None) -> ModuleGrads:
         """Gradients of the most recent training-mode call. ``dy`` is shaped like its
-        ``y``, ``dh_n`` and ``dc_n`` like its ``h_n`` and ``c_n``; a missing one is
-        zero. Returns :class:`LSTMModuleGrads`: ``dx`` (as the kind of the input),
-        ``dh0``, ``dc0`` and the parameter gradients (module arrays)."""
-        tape = self._last
-        if tape is None:
-            raise ValueError(
-                "backward needs a forward call made in training mode (lstm.train()); "
-                "the last call was in eval mode or there was none"
-            )
-        xp = self._xp()
-        plan = tape.plan
-        steps, batch = plan.steps, plan.batch
-        hidden, layers, directions, real = self.hidden_size, self.num_layers, self.num_directions, self._real_hidden
+        ``y``, ``dh_n`` like its ``h_n``; a missing one is zero. Returns
+        :class:`ModuleGrads`: ``dx`` (as the kind of the input), ``dh0`` and the
+        parameter gradients (module arrays)."""
+        dx, (dh0,), params = self._backward(dy, (dh_n,))
+        return ModuleGrads(dx=dx, dh0=dh0, params=params)
 
-        def upstream(value, name, shape_tm, user_shape):
-            if value is None:
-                return xp.zeros(shape_tm, self.dtype)
-            arr, _ = self._to_device(value, name)
-            if tuple(arr.shape) != user_shape:
-                raise ValueError(f"{name} must have shape {user_shape}, like the forward's output, got {tuple(arr.shape)}")
-            return arr
 
-        y_tm = (steps, batch, directions * real)
-        if tape.unbatched:
-            y_user = (steps, directions * real)
-            h_user, c_user = (layers * directions, real), (layers * directions, hidden)
-        else:
-            y_user = (batch, steps, directions * real) if tape.batch_first else y_tm
-            h_user, c_user = (layers * directions, batch, real), (layers * directions, batch, hidden)
-        dy_b = upstream(dy, "dy", y_tm, y_user)
-        dh_b = upstream(dh_n, "dh_n", (layers * directions, batch, real), h_user)
-        dc_b = upstream(dc_n, "dc_n", (layers * directions, batch, hidden), c_user)
-        if tape.unbatched:
-            dy_b = dy_b[:, None] if dy is not None else dy_b
-            dh_b = dh_b[:, None] if dh_n is not None else dh_b
-            dc_b = dc_b[:, None] if dc_n is not None else dc_b
-        elif tape.batch_first and dy is not None:
-            dy_b = dy_b.transpose(1, 0, 2)
-        if plan.order is not None:
-            dy_b, dh_b, dc_b = dy_b[:, plan.order], dh_b[:, plan.order], dc_b[:, plan.order]
+class GRU(_HiddenState):
+    """A multi-layer, optionally bidirectional GRU, a drop-in for ``torch.nn.GRU``'s
+    math and parameters (gate rows r, z, n; n = tanh(W_in x + b_in + r ⊙ (W_hn h +
+    b_hn))), over NumPy or CuPy arrays; everything as :class:`LSTM` without the cell
+    state: ``gru(x, h0=None, lengths=None)`` returns ``(y, h_n)`` and
+    :meth:`backward` ``(dy, dh_n)`` a :class:`ModuleGrads`. Weights are [3H, .]."""
 
-        grads: dict[str, Any] = {}
-        dh0 = [None] * (layers * directions)
-        dc0 = [None] * (layers * directions)
-        d_out = dy_b
-        for layer in reversed(range(layers)):
-            input_size = self.input_size if layer == 0 else directions * real
-            d_in = None
-            for direction in range(directions):
-                k = layer * directions + direction
-                d_dir = xp.ascontiguousarray(d_out[:, :, direction * real:(direction + 1) * real])
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                if self.proj_size:
-                    dx, dw_ih, dw_hh, db, dw_hr, dh0[k], dc0[k] = (
-                        None if a is None else a.astype(self.dtype, copy=False)
-                        for a in projected_backward(tape.layers[layer][direction], d_dir, dh_b[k], dc_b[k], direction == 1)
-                    )
-                    grads["weight_hr" + suffix] = dw_hr
-                else:
-                    dx, dw_ih, dw_hh, db, dh0[k], dc0[k] = backward_direction(
-                        tape.layers[layer][direction], plan, direction == 1, d_dir,
-                        dh_b[k], dc_b[k], input_size, self.bias,
-                    )
-                d_in = dx if d_in is None else d_in + dx
-                grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
-                if self.bias:
-                    grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db, db.copy()
-            if layer > 0 and tape.masks[layer - 1] is not None:
-                d_in = d_in * tape.masks[layer - 1]
-            d_out = d_in
-        dx, dh0, dc0 = d_out, xp.stack(dh0), xp.stack(dc0)
-        if plan.order is not None:
-            dx, dh0, dc0 = dx[:, plan.restore], dh0[:, plan.restore], dc0[:, plan.restore]
-        if tape.unbatched:
-            dx, dh0, dc0 = dx[:, 0], dh0[:, 0], dc0[:, 0]
-        elif tape.batch_first:
-            dx = dx.transpose(1, 0, 2)
-        back = lambda a: _arrays.from_backend(xp.ascontiguousarray(a), tape.kind)  # noqa: E731
-        ordered = {name: grads[name] for name in self._params}
-        return LSTMModuleGrads(dx=back(dx), dh0=back(dh0), dc0=back(dc0), params=ordered)
+    cell_name = "gru"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        dtype=np.float32,
+        backend: str = "auto",
+        device: str = "cpu",
+        seed=None,
+    ):
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            dtype=dtype, backend=backend, device=device, seed=seed,
+        )
+
+
+class RNN(_HiddenState):
+    """A multi-layer, optionally bidirectional Elman RNN, a drop-in for
+    ``torch.nn.RNN``'s math and parameters: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} +
+    b_hh), ``nonlinearity`` "tanh" (cell "rnn_tanh") or "relu" ("rnn_relu"), weights
+    [H, .]; calls and gradients as :class:`GRU`. The constructor's positional order is
+    torch's (``nonlinearity`` fourth)."""
+
+    _REPR_DEFAULTS = (("num_layers", 1), ("nonlinearity", "tanh")) + _Recurrent._REPR_DEFAULTS[1:]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        dtype=np.float32,
+        backend: str = "auto",
+        device: str = "cpu",
+        seed=None,
+    ):
+        cells.rnn(nonlinearity)  # checks it
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            dtype=dtype, backend=backend, device=device, seed=seed,
+        )
+
+    @property
+    def cell_name(self) -> str:
+        return f"rnn_{self.nonlinearity}"
+
+    @classmethod
+    def _config_of(cls, module) -> dict:
+        return dict(super()._config_of(module), nonlinearity=module.nonlinearity)

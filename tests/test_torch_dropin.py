@@ -13,15 +13,15 @@ from rnnkernels.torch import _ops
 
 
 def _count_forwards(monkeypatch):
-    """Counts every backend forward (lstm_forward calls from run_direction) by mode."""
+    """Counts every backend forward (cell_forward calls from run_direction) by mode."""
     calls = {"training": 0, "inference": 0}
-    original = rnnkernels.modules.lstm_forward
+    original = rnnkernels.modules.cell_forward
 
     def counting(*args, **kwargs):
         calls["training" if kwargs.get("training") else "inference"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rnnkernels.modules, "lstm_forward", counting)
+    monkeypatch.setattr(rnnkernels.modules, "cell_forward", counting)
     return calls
 
 
@@ -280,7 +280,7 @@ def test_single_step_short_path_matches_general_path_and_nn_lstm(kwargs, dtype, 
     with torch.no_grad():
         s_ours, s_theirs = state, state
         for x in steps:  # the short path: no custom op call
-            monkeypatch.setattr(_ops, "lstm_layer_autograd", None)
+            monkeypatch.setattr(_ops, "cell_layer_autograd", None)
             y_ours, s_ours = ours(x, s_ours)
             monkeypatch.undo()
             y_theirs, s_theirs = theirs(x, s_theirs)

@@ -1,4 +1,5 @@
-"""``LSTM``: ``torch.nn.LSTM``'s constructor, parameters and forward, on rnnkernels."""
+"""``LSTM``, ``GRU``, ``RNN``: ``torch.nn``'s constructors, parameters and forwards, on
+rnnkernels, written once for all cells (``_Recurrent``) with thin subclasses."""
 
 from __future__ import annotations
 
@@ -12,47 +13,27 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import cells
 from .._api import BACKENDS
 from ..modules import parameter_names
 from . import _ops  # registers torch.ops.rnnkernels.*
 
 
-class LSTM(nn.Module):
-    """A drop-in for ``torch.nn.LSTM`` that runs rnnkernels' LSTM kernels.
+class _Recurrent(nn.Module):
+    """What the drop-ins share: ``torch.nn.RNNBase``'s constructor checks, parameter
+    names, shapes and initialization, the attributes code written for torch.nn reads
+    (``mode``, ``all_weights``, ``_flat_weights(_names)``, ``flatten_parameters``,
+    ``__repr__``), and a forward that runs each layer and direction as one call of the
+    cell's custom op (``_ops.cell_layer_autograd``) with torch's padded, packed or
+    unbatched inputs. The cell (``cell_name``) gives the gate count and the states; a
+    subclass says how the states are passed in and out (a pair for the LSTM, one
+    tensor for the others)."""
 
-    Same constructor, same parameter names, shapes
-    and initialization, same ``forward(input, hx=None)`` with padded or
-    ``PackedSequence`` input, same outputs; a strict ``load_state_dict`` of an
-    ``nn.LSTM``'s state dict works and vice versa. Two additions, both optional
-    keywords: ``backend`` in the constructor (a name for ``rnnkernels.lstm_forward``,
-    "auto" by default: the cpu backend for CPU tensors, our CUDA kernels for CUDA
-    tensors) and ``lengths`` in ``forward`` (per-row lengths [B] for padded input,
-    the same result as packing it, without the packing).
-
-    ``proj_size > 0`` (h_t = W_hr (o ⊙ tanh c_t), parameters ``weight_hr_l*``) runs
-    on CPU tensors only, on NumPy (the ``reference`` math, in the input dtype for
-    backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
-    and CUDA tensors raise NotImplementedError.
-
-    dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
-    follows torch's semantics (training mode only, not after the last layer) but
-    draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
-    """
+    cell_name = ""
 
     def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        device=None,
-        dtype=None,
-        *,
-        backend: str = "auto",
+        self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+        device, dtype, backend,
     ):
         super().__init__()
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
@@ -61,7 +42,7 @@ class LSTM(nn.Module):
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
                 f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                stacklevel=2,
+                stacklevel=3,
             )
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -72,6 +53,7 @@ class LSTM(nn.Module):
             raise ValueError("num_layers must be greater than zero")
         if input_size < 0:
             raise ValueError("input_size must be non-negative")
+        # (proj_size is the LSTM's; 0 for the other cells)
         if not isinstance(proj_size, int) or isinstance(proj_size, bool):
             raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
         if proj_size < 0:
@@ -84,14 +66,15 @@ class LSTM(nn.Module):
             )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-        self.mode = "LSTM"
+        self.mode = mode
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
         directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
-        # nn.LSTM's names and order: per layer and direction weight_ih, weight_hh, the
-        # biases, then weight_hr [P, H] with a projection (the state h is P wide then).
+        rows = cells.get(self.cell_name).gates * hidden_size
+        # torch.nn's names and order: per layer and direction weight_ih, weight_hh, the
+        # biases, then (LSTM) weight_hr [P, H] with a projection (the state h is P wide then).
         names = parameter_names(num_layers, bidirectional, bias)
         if proj_size:
             per = 4 if bias else 2
@@ -104,18 +87,18 @@ class LSTM(nn.Module):
         for name in self._flat_weights_names:
             layer = int(name.split("_l")[1].split("_")[0])
             if name.startswith("weight_ih"):
-                shape = (4 * hidden_size, input_size if layer == 0 else directions * real_hidden)
+                shape = (rows, input_size if layer == 0 else directions * real_hidden)
             elif name.startswith("weight_hh"):
-                shape = (4 * hidden_size, real_hidden)
+                shape = (rows, real_hidden)
             elif name.startswith("weight_hr"):
                 shape = (proj_size, hidden_size)
             else:
-                shape = (4 * hidden_size,)
+                shape = (rows,)
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Every parameter from U(-1/√H, 1/√H), as ``torch.nn.LSTM`` does."""
+        """Every parameter from U(-1/√H, 1/√H), as torch.nn's LSTM, GRU and RNN do."""
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
@@ -126,14 +109,14 @@ class LSTM(nn.Module):
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
-        """Parameters grouped per layer and direction, as ``nn.LSTM.all_weights``."""
+        """Parameters grouped per layer and direction, as ``nn.RNNBase.all_weights``."""
         per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
         flat = self._flat_weights
         return [flat[i : i + per] for i in range(0, len(flat), per)]
 
     def flatten_parameters(self) -> None:
-        """A no-op, kept so code written for cuDNN's ``nn.LSTM`` runs unchanged: the
-        kernels read the parameters where they are."""
+        """A no-op, kept so code written for cuDNN's torch.nn modules runs unchanged:
+        the kernels read the parameters where they are."""
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -153,49 +136,6 @@ class LSTM(nn.Module):
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
 
-    def _single_step(self, input, hx):
-        """The decode step: one time step with a state, no gradients, CPU tensors, the
-        cpu backend. Per layer and direction, the two products on torch's BLAS (what
-        the cpu backend would do with W_hh packed, which costs more than the step at
-        T=1) and the cpu backend's fused cell (``cpu.cell_step``) on NumPy views; no
-        custom op, no length plan, no API validation (the checks that matter here are
-        made here). Same results as the general path to rounding (the products sum in
-        another order): tests/test_torch_dropin.py."""
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-        h0, c0 = hx
-        batch = input.shape[0 if self.batch_first else 1]
-        directions = 2 if self.bidirectional else 1
-        expected = (self.num_layers * directions, batch, self.hidden_size)
-        for i, value in enumerate((h0, c0)):
-            if tuple(value.shape) != expected:
-                raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
-        dtype = self.weight_ih_l0.dtype
-        if input.dtype != dtype or h0.dtype != dtype or c0.dtype != dtype or dtype not in (torch.float32, torch.float64):
-            raise RuntimeError(f"input and hx must have the type {dtype}, got {input.dtype}, {h0.dtype}, {c0.dtype}")
-        from .. import cpu
-
-        layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
-        h_n = torch.empty(expected, dtype=dtype)
-        c_n = torch.empty(expected, dtype=dtype)
-        h_out, c_out = h_n.numpy(), c_n.numpy()
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):  # one step: the reverse direction is the same step
-                k = layer * directions + direction
-                w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer, direction)
-                gates = layer_input @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, layer_input, w_ih.t())
-                z = h0[k] @ w_hh.t()
-                cpu.cell_step(gates.numpy(), z.numpy(), np.ascontiguousarray(c0[k].detach().numpy()), h_out[k], c_out[k])
-                outputs.append(h_n[k])
-            # (Dropout between layers, training mode only, never gets here: forward
-            # sends it down the general path.)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
-        output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
-        return output, (h_n, c_n)
-
     def _layer_weights(self, layer: int, direction: int):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
@@ -203,10 +143,34 @@ class LSTM(nn.Module):
             return w_ih, w_hh, getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
         return w_ih, w_hh, None, None
 
-    def forward(self, input, hx=None, *, lengths=None):
-        """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
-        integers, padded input only) stops each row at its own length."""
-        if (
+    # -- what a subclass may change ------------------------------------------------------
+
+    def _state_widths(self) -> tuple[int, ...]:
+        return (self.hidden_size,) * len(cells.get(self.cell_name).states)
+
+    def _check_state(self, hx) -> tuple:
+        """``hx`` as the tuple of states (one tensor for GRU and RNN)."""
+        if isinstance(hx, (tuple, list)) or not isinstance(hx, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: hx must be a tensor h_0, got {type(hx).__name__}")
+        return (hx,)
+
+    def _state_error(self, index: int, expected, got) -> str:
+        return f"Expected hidden size {expected}, got {list(got)}"
+
+    def _run_layer(self, layer, direction, layer_input, states0, lengths):
+        """One layer and direction: ``(y, *states_n)``."""
+        return _ops.cell_layer_autograd(
+            self.cell_name, layer_input, *self._layer_weights(layer, direction), tuple(states0), lengths,
+            direction == 1, self.backend,
+        )
+
+    # -- the decode step -----------------------------------------------------------------
+
+    def _decodes(self, input, hx, lengths) -> bool:
+        """Whether ``forward`` takes the decode step (:meth:`_single_step`): one time
+        step with a state, no gradients, CPU tensors, the cpu backend, nothing a
+        transform or the compiler traces."""
+        return (
             hx is not None
             and lengths is None
             and type(input) is torch.Tensor  # not a PackedSequence nor a torch.func wrapper
@@ -221,8 +185,55 @@ class LSTM(nn.Module):
             and not (self.dropout > 0 and self.training and self.num_layers > 1)
             and not torch.compiler.is_compiling()
             and not torch._C._functorch.is_functorch_wrapped_tensor(input)
-        ):
-            return self._single_step(input, hx)
+        )
+
+    def _single_step(self, input, hx):
+        """The decode step: ``(output, states_n)`` for one time step. Per layer and
+        direction, the two products on torch's BLAS (what the cpu backend would do with
+        W_hh packed, which costs more than the step at T=1) and the cpu backend's fused
+        cell (the cell's ``cell_step``, :meth:`_step`) on NumPy views; no custom op, no
+        length plan, no API validation (the checks that matter here are made here).
+        Same results as the general path to rounding (the products sum in another
+        order): tests/test_torch_dropin.py, tests/test_cell_modules.py."""
+        states0 = self._check_state(hx)
+        batch = input.shape[0 if self.batch_first else 1]
+        directions = 2 if self.bidirectional else 1
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        for i, value in enumerate(states0):
+            if tuple(value.shape) != expected:
+                raise RuntimeError(self._state_error(i, expected, value.shape))
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
+        dtype = self.weight_ih_l0.dtype
+        if any(t.dtype != dtype for t in (input, *states0)) or dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(f"input and hx must have the type {dtype}, got {', '.join(str(t.dtype) for t in (input, *states0))}")
+
+        layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
+        states_n = [torch.empty(expected, dtype=dtype) for _ in states0]
+        outs = [s.numpy() for s in states_n]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):  # one step: the reverse direction is the same step
+                k = layer * directions + direction
+                self._step(layer_input, self._layer_weights(layer, direction), [s[k] for s in states0], [o[k] for o in outs])
+                outputs.append(states_n[0][k])
+            # (Dropout between layers, training mode only, never gets here: forward
+            # sends it down the general path.)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        output = layer_input.clone().unsqueeze(1 if self.batch_first else 0)
+        return output, tuple(states_n)
+
+    def _step(self, x, weights, states, outs):
+        """One cell step of the decode path: ``x`` [B, I], ``weights`` (w_ih, w_hh,
+        b_ih, b_hh) tensors, ``states`` the [B, H] state tensors, ``outs`` the NumPy
+        [B, H] arrays the new states go into."""
+        raise NotImplementedError
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _forward(self, input, hx, lengths):
+        """``(output, states_n)`` with ``states_n`` a tuple, one per state of the cell."""
+        name = type(self).__name__
         directions = 2 if self.bidirectional else 1
         state_rows = self.num_layers * directions
         packed = isinstance(input, PackedSequence)
@@ -236,10 +247,10 @@ class LSTM(nn.Module):
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             batch = int(batch_sizes[0])
             if data.dim() != 2:
-                raise ValueError(f"LSTM: Expected packed input data to be 2D, got {data.dim()}D instead")
+                raise ValueError(f"{name}: Expected packed input data to be 2D, got {data.dim()}D instead")
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             unbatched = input.dim() == 2
             if unbatched:
                 x = input.unsqueeze(1)
@@ -261,58 +272,239 @@ class LSTM(nn.Module):
         if x.dtype != self.weight_ih_l0.dtype:
             raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
 
-        real_hidden = self.proj_size or self.hidden_size
-        if self.proj_size and lengths is not None:
-            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
+        self._check_lengths(lengths)
+        widths = self._state_widths()
         if hx is None:
-            h0 = x.new_zeros((state_rows, batch, real_hidden))
-            c0 = x.new_zeros((state_rows, batch, self.hidden_size))
+            states0 = [x.new_zeros((state_rows, batch, width)) for width in widths]
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-            h0, c0 = hx
-            for i, (value, width) in enumerate(((h0, real_hidden), (c0, self.hidden_size))):
+            states0 = list(self._check_state(hx))
+            for i, (value, width) in enumerate(zip(states0, widths)):
                 expected = (state_rows, width) if unbatched else (state_rows, batch, width)
                 if tuple(value.shape) != expected:
-                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(value.shape)}")
+                    raise RuntimeError(self._state_error(i, expected, value.shape))
             if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+                states0 = [s.unsqueeze(1) for s in states0]
             if order is not None:
-                h0, c0 = h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device))
+                states0 = [s.index_select(1, order.to(s.device)) for s in states0]
 
-        layer_input, h_n, c_n = x, [], []
+        layer_input, states_n = x, [[] for _ in states0]
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                if self.proj_size:
-                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                    y, h, c = _ops.lstm_layer_projected_autograd(
-                        layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
-                        h0[k], c0[k], direction == 1, self.backend,
-                    )
-                else:
-                    y, h, c = _ops.lstm_layer_autograd(
-                        layer_input, *self._layer_weights(layer, direction), h0[k], c0[k], lengths,
-                        direction == 1, self.backend,
-                    )
+                y, *states = self._run_layer(layer, direction, layer_input, [s[k] for s in states0], lengths)
                 outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
+                for collected, state in zip(states_n, states):
+                    collected.append(state)
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output, h_n, c_n = layer_input, torch.stack(h_n), torch.stack(c_n)
+        output, states_n = layer_input, [torch.stack(s) for s in states_n]
 
         if restore is not None:
-            h_n, c_n = h_n.index_select(1, restore.to(h_n.device)), c_n.index_select(1, restore.to(c_n.device))
+            states_n = [s.index_select(1, restore.to(s.device)) for s in states_n]
         if packed:
             output = pack_padded_sequence(output, lengths, enforce_sorted=True)
-            return PackedSequence(output.data, batch_sizes, order, restore), (h_n, c_n)
+            return PackedSequence(output.data, batch_sizes, order, restore), tuple(states_n)
         if restore is not None:
             output = output.index_select(1, restore.to(output.device))
         if unbatched:
-            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+            return output.squeeze(1), tuple(s.squeeze(1) for s in states_n)
         if self.batch_first:
             output = output.transpose(0, 1)
+        return output, tuple(states_n)
+
+    def _check_lengths(self, lengths):
+        pass
+
+
+class LSTM(_Recurrent):
+    """A drop-in for ``torch.nn.LSTM`` that runs rnnkernels' LSTM kernels.
+
+    Same constructor, same parameter names, shapes
+    and initialization, same ``forward(input, hx=None)`` with padded or
+    ``PackedSequence`` input, same outputs; a strict ``load_state_dict`` of an
+    ``nn.LSTM``'s state dict works and vice versa. Two additions, both optional
+    keywords: ``backend`` in the constructor (a name for ``rnnkernels.lstm_forward``,
+    "auto" by default: the cpu backend for CPU tensors, our CUDA kernels for CUDA
+    tensors) and ``lengths`` in ``forward`` (per-row lengths [B] for padded input,
+    the same result as packing it, without the packing).
+
+    ``proj_size > 0`` (h_t = W_hr (o ⊙ tanh c_t), parameters ``weight_hr_l*``) runs
+    on CPU tensors only, on NumPy (the ``reference`` math, in the input dtype for
+    backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
+    and CUDA tensors raise NotImplementedError.
+
+    dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
+    follows torch's semantics (training mode only, not after the last layer) but
+    draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
+    """
+
+    cell_name = "lstm"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            device, dtype, backend,
+        )
+
+    def _state_widths(self):
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _check_state(self, hx):
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+        return tuple(hx)
+
+    def _state_error(self, index, expected, got):
+        return f"Expected hidden[{index}] size {expected}, got {list(got)}"
+
+    def _check_lengths(self, lengths):
+        if self.proj_size and lengths is not None:
+            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
+
+    def _step(self, x, weights, states, outs):
+        from .. import cpu
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0, c0), (h_out, c_out) = states, outs
+        gates = x @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, x, w_ih.t())
+        z = h0 @ w_hh.t()
+        cpu.cell_step(gates.numpy(), z.numpy(), np.ascontiguousarray(c0.detach().numpy()), h_out, c_out)
+
+    def _run_layer(self, layer, direction, layer_input, states0, lengths):
+        if not self.proj_size:
+            return super()._run_layer(layer, direction, layer_input, states0, lengths)
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return _ops.lstm_layer_projected_autograd(
+            layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
+            *states0, direction == 1, self.backend,
+        )
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
+        integers, padded input only) stops each row at its own length."""
+        if self._decodes(input, hx, lengths):
+            output, (h_n, c_n) = self._single_step(input, hx)
+            return output, (h_n, c_n)
+        output, (h_n, c_n) = self._forward(input, hx, lengths)
         return output, (h_n, c_n)
+
+
+class _HiddenState(_Recurrent):
+    """The cells whose only state is h: ``forward(input, hx=None) -> (output, h_n)``
+    as ``torch.nn.GRU`` and ``torch.nn.RNN``."""
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """``(output, h_n)`` like ``torch.nn.GRU.forward`` / ``torch.nn.RNN.forward``;
+        ``lengths`` ([B] integers, padded input only) stops each row at its own
+        length."""
+        if self._decodes(input, hx, lengths):
+            output, (h_n,) = self._single_step(input, hx)
+        else:
+            output, (h_n,) = self._forward(input, hx, lengths)
+        return output, h_n
+
+
+class GRU(_HiddenState):
+    """A drop-in for ``torch.nn.GRU`` (gate rows r, z, n; n = tanh(W_in x + b_in + r ⊙
+    (W_hn h + b_hn))) that runs rnnkernels' GRU backends: everything
+    :class:`LSTM` has (the same constructor as ``torch.nn.GRU`` plus ``backend``,
+    padded, packed and unbatched input, ``lengths``, strict state dicts both ways,
+    torch.compile, torch.func, dropout through ``torch.nn.functional.dropout``) but
+    the projection."""
+
+    cell_name = "gru"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            device, dtype, backend,
+        )
+
+
+    def _step(self, x, weights, states, outs):
+        from .. import cpu_gru
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0,), (h_out,) = states, outs
+        rows = 3 * self.hidden_size
+        if b_ih is None:
+            gates, b_hn = x @ w_ih.t(), x.new_zeros(self.hidden_size)
+        else:
+            # The backends' folded bias (cells.py): r and z see the sums, b_in joins the
+            # input product, b_hn stays for the hidden product's n block.
+            bias = cells.GRU.fold_bias(b_ih, b_hh, torch)
+            gates, b_hn = torch.addmm(bias[:rows], x, w_ih.t()), bias[rows:]
+        z = h0 @ w_hh.t()
+        hn = np.empty(h_out.shape, h_out.dtype)  # W_hn h + b_hn: what training would save
+        cpu_gru.cell_step(gates.numpy(), z.numpy(), b_hn.numpy(), np.ascontiguousarray(h0.detach().numpy()), h_out, hn)
+
+
+class RNN(_HiddenState):
+    """A drop-in for ``torch.nn.RNN`` (h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),
+    ``nonlinearity`` "tanh" or "relu": cells "rnn_tanh" and "rnn_relu"), as
+    :class:`GRU` otherwise; ``nonlinearity`` is the fourth positional argument, as in
+    torch."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
+        if nonlinearity not in cells.NONLINEARITIES:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            f"RNN_{nonlinearity.upper()}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype, backend,
+        )
+
+    @property
+    def cell_name(self) -> str:
+        return f"rnn_{self.nonlinearity}"
+
+    def _step(self, x, weights, states, outs):
+        from .. import cpu_rnn
+
+        w_ih, w_hh, b_ih, b_hh = weights
+        gx = x @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, x, w_ih.t())
+        z = states[0] @ w_hh.t()
+        cpu_rnn.cell_step(self.nonlinearity, gx.numpy(), z.numpy(), outs[0])

@@ -1,44 +1,54 @@
-"""The custom ops ``rnnkernels::lstm_layer`` and ``rnnkernels::lstm_layer_backward``.
+"""The custom ops behind ``rnnkernels.torch``'s LSTM, GRU and RNN: one family per cell,
+all made by one function (:func:`_register`) from the cell's description
+(``rnnkernels/cells.py``: gate count G, states). For a cell ``<c>`` ("lstm", "gru",
+"rnn_tanh", "rnn_relu") and its states S (LSTM h, c; the others h):
 
-``lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
--> (y, h_n, c_n)`` is one LSTM layer in one direction::
+``rnnkernels::<c>_layer(x, w_ih, w_hh, b_ih, b_hh, *S0, lengths, reverse, backend)
+-> (y, *S_n)`` is one layer in one direction::
 
     x        [T, B, I]   time-major
-    w_ih     [4H, I], w_hh [4H, H], b_ih and b_hh [4H] or both None
-    h0, c0   [B, H]
+    w_ih     [G*H, I], w_hh [G*H, H], b_ih and b_hh [G*H] or both None
+    S0       each [B, H] (LSTM: h0, c0; GRU, RNN: h0)
     lengths  [B] int64 or None (every row T steps); rows stop at their own length:
-             y is zero past it, h_n and c_n are taken at its last step
+             y is zero past it, the states are taken at its last step
     reverse  False: steps 0 .. n-1; True: n-1 .. 0 within each row's own length
-    backend  a name for ``rnnkernels.lstm_forward`` ("auto": cuda for CUDA tensors)
-    y [T, B, H], h_n and c_n [B, H]
+    backend  a backend name ("auto": cuda for CUDA tensors)
+    y [T, B, H], each state [B, H]
 
-Rows sorted longest first run fastest (no permutation inside the op); the module
-sorts once per call.
+so ``rnnkernels::lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+backend) -> (y, h_n, c_n)`` and ``rnnkernels::gru_layer(x, w_ih, w_hh, b_ih, b_hh, h0,
+lengths, reverse, backend) -> (y, h_n)``. The schemas are written out per cell (not one
+op taking a list of states) so that each op's arguments are its cell's, as a user of
+the op reads them. Rows sorted longest first run fastest (no permutation inside the
+op); the modules sort once per call.
 
-Backward keeps the forward's saved state where it can. ``lstm_layer_train`` (same
-arguments, no ``lengths``) runs the training forward and returns ``[y, h_n, c_n,
+Backward keeps the forward's saved state where it can. ``<c>_layer_train`` (same
+arguments, no ``lengths``) runs the training forward and returns ``[y, *S_n,
 *saved]``: ``saved`` is the backend's state for backward as the fixed list of arrays
-its ``SavedArrays`` describes (rnnkernels/_backend.py; gates [T, B, 4H], h and c
-[T+1, B, H] for every backend here), as tensors, which autograd keeps;
-``lstm_layer_backward_saved`` rebuilds the backend's state from them and the forward's
-inputs and runs BPTT only. The autograd Function uses that pair when a gradient is
-wanted, the rows have no ``lengths`` and the backend describes its state.
+its ``SavedArrays`` describes (rnnkernels/_backend.py), as tensors, which autograd
+keeps; ``<c>_layer_backward_saved`` rebuilds the backend's state from them and the
+forward's inputs and runs BPTT only. The autograd Function uses that pair when a
+gradient is wanted, the rows have no ``lengths`` and the backend describes its state.
 
 Otherwise (packed rows with lengths: the per-segment state is not yet packed into one
 list) the forward runs the inference kernels (``training=False``, nothing kept), only
-the inputs are saved, and ``lstm_layer_backward`` runs the training forward again,
+the inputs are saved, and ``<c>_layer_backward`` runs the training forward again,
 then BPTT: one extra (inference) forward per layer and direction (+50% for forward +
-backward at T=50, B=32, I=H=128 on the cpu backend, measured before the saved path).
+backward at T=50, B=32, I=H=128 on the LSTM's cpu backend, measured before the saved
+path).
 
-``lstm_layer_backward(dy, dh_n, dc_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh,
-db, dh0, dc0)``; ``db`` [4H] is the gradient of each bias (zeros without biases).
-It has no autograd of its own: double backward is not supported (an error says so).
+``<c>_layer_backward(dy, *dS_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh, db_ih,
+db_hh, *dS0)``; ``db_ih`` and ``db_hh`` [G*H] are the gradients of the two biases
+(zeros without biases; they differ for the GRU, whose b_hn sits inside r ⊙ (W_hn h +
+b_hn)). No op has autograd of its own: double backward is not supported (an error
+says so).
 
-``lstm_layer_autograd`` is what callers use (``rnnkernels.torch.LSTM``, and
-``rnnkernels.lstm_forward`` for tensors that require grad): the op wrapped in an
-``autograd.Function`` with ``setup_context``, which torch.func (grad, vjp, vmap)
-needs and the op's own autograd registration lacks; both ops have batching rules
-(a loop) for vmap.
+``cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, reverse,
+backend) -> (y, *state_n)`` is what callers use (``rnnkernels.torch``'s modules, and
+the API for tensors that require grad; ``lstm_layer_autograd`` is its LSTM form): the
+ops wrapped in an ``autograd.Function`` with ``setup_context``, which torch.func
+(grad, vjp, vmap) needs and an op's own autograd registration lacks; every op has a
+batching rule (a loop) for vmap.
 
 CUDA tensors cross into CuPy by DLPack, zero-copy, and the kernels run on torch's
 current stream of the tensors' device.
@@ -47,12 +57,14 @@ current stream of the tensors' device.
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import _arrays
+from .. import cells
 from ..modules import (
     PROJECTED_BACKENDS,
     _Plan,
@@ -98,279 +110,308 @@ def _plan(lengths: Optional[Tensor], steps: int, batch: int) -> _Plan:
     return _Plan(host, steps, batch)
 
 
-def _check_layer(x: Tensor, w_hh: Tensor):
+def _check_layer(cell, x: Tensor, w_hh: Tensor):
     if x.dtype not in (torch.float16, torch.float32, torch.float64):
         # before .numpy() / DLPack, whose message for bfloat16 names no argument
         raise TypeError(f"x must hold float16, float32 or float64 numbers, got {x.dtype}")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {tuple(x.shape)}")
     if w_hh.dim() != 2:
-        raise ValueError(f"w_hh must be 2-D [4H, H], got shape {tuple(w_hh.shape)}")
-
-
-@torch.library.custom_op("rnnkernels::lstm_layer", mutates_args=())
-def lstm_layer(
-    x: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
-    h0: Tensor,
-    c0: Tensor,
-    lengths: Optional[Tensor],
-    reverse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer in one direction; see the module docstring."""
-    _check_layer(x, w_hh)
-    steps, batch = x.shape[0], x.shape[1]
-    plan = _plan(lengths, steps, batch)
-    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
-        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, h0_a, c0_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-        if plan.order is not None:
-            order = xp.asarray(plan.order)
-            xa, h0_a, c0_a = xa[:, order], h0_a[order], c0_a[order]
-        y, h_n, c_n, _ = run_direction(
-            xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), h0_a, c0_a, plan, reverse, training=False, backend=backend
-        )
-        if plan.order is not None:
-            restore = xp.asarray(plan.restore)
-            y, h_n, c_n = y[:, restore], h_n[restore], c_n[restore]
-        return to_tensor(y), to_tensor(h_n), to_tensor(c_n)
-
-
-@lstm_layer.register_fake
-def _lstm_layer_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend):
-    _check_layer(x, w_hh)
-    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
-    return x.new_empty((steps, batch, hidden)), x.new_empty((batch, hidden)), x.new_empty((batch, hidden))
-
-
-@torch.library.custom_op("rnnkernels::lstm_layer_backward", mutates_args=())
-def lstm_layer_backward(
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor,
-    x: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
-    h0: Tensor,
-    c0: Tensor,
-    lengths: Optional[Tensor],
-    reverse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`lstm_layer` by recomputation; see the module docstring."""
-    _check_layer(x, w_hh)
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    if steps == 0 or batch == 0:
-        # Nothing runs: the state gradients pass through (as new tensors, never aliases).
-        return (
-            x.new_zeros(x.shape), w_ih.new_zeros(w_ih.shape), w_hh.new_zeros(w_hh.shape),
-            w_hh.new_zeros(4 * hidden), dh_n.to(h0.dtype, copy=True).contiguous(), dc_n.to(c0.dtype, copy=True).contiguous(),
-        )
-    plan = _plan(lengths, steps, batch)
-    has_bias = b_ih is not None
-    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
-        arrays = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, h0, c0, dy, dh_n, dc_n))
-        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, h0_a, c0_a, dy_a, dh_a, dc_a = arrays
-        dy_a, dh_a, dc_a = (a.astype(xa.dtype, copy=False) for a in (dy_a, dh_a, dc_a))
-        if plan.order is not None:
-            order = xp.asarray(plan.order)
-            xa, h0_a, c0_a, dy_a, dh_a, dc_a = xa[:, order], h0_a[order], c0_a[order], dy_a[:, order], dh_a[order], dc_a[order]
-        _, _, _, tape = run_direction(
-            xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), h0_a, c0_a, plan, reverse, training=True, backend=backend
-        )
-        dx, dw_ih, dw_hh, db, dh0, dc0 = backward_direction(
-            tape, plan, reverse, xp.ascontiguousarray(dy_a), dh_a, dc_a, input_size, has_bias
-        )
-        if db is None:
-            db = xp.zeros(4 * hidden, xa.dtype)
-        if plan.order is not None:
-            restore = xp.asarray(plan.restore)
-            dx, dh0, dc0 = dx[:, restore], dh0[restore], dc0[restore]
-        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db, dh0, dc0))
-
-
-@lstm_layer_backward.register_fake
-def _lstm_layer_backward_fake(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend):
-    _check_layer(x, w_hh)
-    return (
-        x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-        w_hh.new_empty((4 * w_hh.shape[1],)), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-    )
+        rows = "H" if cell.gates == 1 else f"{cell.gates}H"
+        raise ValueError(f"w_hh must be 2-D [{rows}, H], got shape {tuple(w_hh.shape)}")
 
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _TORCH_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
-def _impl(backend: str, device: torch.device):
-    """The ``Backend`` that ``backend`` names for tensors on ``device``."""
+def _impl(cell, backend: str, device: torch.device):
+    """The ``Backend`` that ``backend`` names for ``cell`` and tensors on ``device``."""
     from .._api import _resolve_backend
 
-    return _resolve_backend(backend, "cuda" if device.type == "cuda" else "cpu")
+    return _resolve_backend(backend, "cuda" if device.type == "cuda" else "cpu", cell)
 
 
-_SAVES_ARRAYS: dict = {}  # (backend name, device type) -> whether its state travels as arrays
+_SAVES_ARRAYS: dict = {}  # (backend name, device type[, cell]) -> whether its state travels as arrays
 
 
-def _saves_arrays(backend: str, device: torch.device) -> bool:
-    """Whether ``backend`` on ``device`` describes its saved state as arrays. Cached:
-    torch.compile cannot trace the backend registry's imports, so a graph being
-    compiled reads the cache only (an entry not yet there: the recompute path)."""
-    key = (backend, device.type)
+def _saves_arrays(cell, backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` on ``device`` describes ``cell``'s saved state as arrays.
+    Cached: torch.compile cannot trace the backend registry's imports, so a graph
+    being compiled reads the cache only (an entry not yet there: the recompute path).
+    The LSTM's key has no cell, as before the other cells."""
+    key = (backend, device.type) if cell.name == "lstm" else (backend, device.type, cell.name)
     if key not in _SAVES_ARRAYS:
         if torch.compiler.is_compiling():
             return False
-        _SAVES_ARRAYS[key] = _impl(backend, device).saved_arrays is not None
+        _SAVES_ARRAYS[key] = _impl(cell, backend, device).saved_arrays is not None
     return _SAVES_ARRAYS[key]
 
 
-def _empty_saved(impl, x: Tensor, hidden: int) -> list[Tensor]:
+def _saved_layout(impl, x: Tensor, hidden: int):
     steps, batch, input_size = x.shape
-    layout = impl.saved_arrays.layout(steps, batch, input_size, hidden, _NUMPY_DTYPES[x.dtype])
-    return [x.new_zeros(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]) for shape, dtype in layout]
+    return [
+        (shape, _TORCH_DTYPES[np.dtype(dtype)])
+        for shape, dtype in impl.saved_arrays.layout(steps, batch, input_size, hidden, _NUMPY_DTYPES[x.dtype])
+    ]
 
 
-@torch.library.custom_op("rnnkernels::lstm_layer_train", mutates_args=())
-def lstm_layer_train(
-    x: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
-    h0: Tensor,
-    c0: Tensor,
-    reverse: bool,
-    backend: str,
-) -> list[Tensor]:
-    """:func:`lstm_layer` (no lengths) with the training forward: ``[y, h_n, c_n,
-    *saved]``, ``saved`` the backend's state for backward as its ``SavedArrays``
-    list (time in the order the kernels ran: reversed for ``reverse``)."""
-    _check_layer(x, w_hh)
+# ----------------------------------------------------------------------------- the ops, for any cell
+
+
+def _layer(cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
+    """``<c>_layer``: ``(y, *states_n)``."""
+    _check_layer(cell, x, w_hh)
     steps, batch = x.shape[0], x.shape[1]
-    impl = _impl(backend, x.device)
-    if steps == 0 or batch == 0:
-        # Nothing runs (the API's own empty case); the saved arrays are never read.
-        y = x.new_zeros((steps, batch, w_hh.shape[1]))
-        return [y, h0.clone(), c0.clone(), *_empty_saved(impl, x, w_hh.shape[1])]
-    plan = _Plan(None, steps, batch)
-    with _backend_arrays(x.device) as (_, to_array, to_tensor):
-        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, h0_a, c0_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-        y, h_n, c_n, tape = run_direction(
-            xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), h0_a, c0_a, plan, reverse, training=True, backend=backend
-        )
-        saved = impl.saved_arrays.to_arrays(tape[0]._ctx.saved)
-        return [to_tensor(y), to_tensor(h_n), to_tensor(c_n), *(to_tensor(a) for a in saved)]
-
-
-@lstm_layer_train.register_fake
-def _lstm_layer_train_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, backend):
-    _check_layer(x, w_hh)
-    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
-    layout = _impl(backend, x.device).saved_arrays.layout(steps, batch, x.shape[2], hidden, _NUMPY_DTYPES[x.dtype])
-    saved = [x.new_empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]) for shape, dtype in layout]
-    return [x.new_empty((steps, batch, hidden)), x.new_empty((batch, hidden)), x.new_empty((batch, hidden)), *saved]
-
-
-@torch.library.custom_op("rnnkernels::lstm_layer_backward_saved", mutates_args=())
-def lstm_layer_backward_saved(
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor,
-    x: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    has_bias: bool,
-    saved: list[Tensor],
-    reverse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`lstm_layer_train` from its ``saved`` list: no forward
-    runs. Returns what :func:`lstm_layer_backward` returns."""
-    _check_layer(x, w_hh)
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    if steps == 0 or batch == 0:
-        return (
-            x.new_zeros(x.shape), w_ih.new_zeros(w_ih.shape), w_hh.new_zeros(w_hh.shape),
-            w_hh.new_zeros(4 * hidden), dh_n.to(x.dtype, copy=True).contiguous(), dc_n.to(x.dtype, copy=True).contiguous(),
-        )
-    from .._api import LSTMOutput, _Context
-
-    impl = _impl(backend, x.device)
-    plan = _Plan(None, steps, batch)
+    plan = _plan(lengths, steps, batch)
     with _backend_arrays(x.device) as (xp, to_array, to_tensor):
-        xa, w_ih_a, w_hh_a, dy_a, dh_a, dc_a = map(to_array, (x, w_ih, w_hh, dy, dh_n, dc_n))
-        dy_a, dh_a, dc_a = (a.astype(xa.dtype, copy=False) for a in (dy_a, dh_a, dc_a))
-        if reverse:
-            xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped sequence
-        state = impl.saved_arrays.from_arrays(xa, w_ih_a, w_hh_a, has_bias, [to_array(t) for t in saved])
-        # What lstm_forward(training=True) would have returned, rebuilt around the
-        # saved state, so that backward_direction (lstm_backward) runs as usual.
-        context = _Context(
-            impl, state, _arrays.array_kind(xa, "x"), xa.dtype, False, (steps, batch, input_size, hidden), has_bias,
-            _arrays.cuda_placement(x),
+        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh))
+        states0_a = [to_array(s) for s in states0]
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, states0_a = xa[:, order], [s[order] for s in states0_a]
+        y, states_n, _ = run_direction(
+            cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), states0_a, plan, reverse, training=False, backend=backend
         )
-        out = LSTMOutput(y=None, h_n=None, c_n=None, training=True, backend=impl.name, _ctx=context)
-        dx, dw_ih, dw_hh, db, dh0, dc0 = backward_direction(
-            [out], plan, reverse, xp.ascontiguousarray(dy_a), dh_a, dc_a, input_size, has_bias
-        )
-        if db is None:
-            db = xp.zeros(4 * hidden, xa.dtype)
-        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db, dh0, dc0))
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            y, states_n = y[:, restore], [s[restore] for s in states_n]
+        return (to_tensor(y), *(to_tensor(s) for s in states_n))
 
 
-@lstm_layer_backward_saved.register_fake
-def _lstm_layer_backward_saved_fake(dy, dh_n, dc_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
-    _check_layer(x, w_hh)
-    batch, hidden = x.shape[1], w_hh.shape[1]
+def _layer_fake(cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
+    _check_layer(cell, x, w_hh)
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    return (x.new_empty((steps, batch, hidden)), *(x.new_empty((batch, hidden)) for _ in states0))
+
+
+def _zero_grads(x, w_ih, w_hh, dstates_n, states0):
+    """The gradients when nothing runs (T == 0 or B == 0): the state gradients pass
+    through (as new tensors, never aliases)."""
     return (
-        x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-        w_hh.new_empty((4 * hidden,)), x.new_empty((batch, hidden)), x.new_empty((batch, hidden)),
+        x.new_zeros(x.shape), w_ih.new_zeros(w_ih.shape), w_hh.new_zeros(w_hh.shape),
+        w_hh.new_zeros(w_hh.shape[0]), w_hh.new_zeros(w_hh.shape[0]),
+        *(d.to(s.dtype, copy=True).contiguous() for d, s in zip(dstates_n, states0)),
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend = inputs[:10]
-    # output[3:]: the backend's saved arrays (lstm_layer_train), empty for lstm_layer.
-    saved = tuple(output[3:])
-    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, *saved)
-    ctx.reverse, ctx.backend, ctx.saved_count = reverse, backend, len(saved)
+def _grads_fake(x, w_ih, w_hh, states0):
+    rows = w_hh.shape[0]
+    return (
+        x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty((rows,)), w_hh.new_empty((rows,)), *(s.new_empty(s.shape) for s in states0),
+    )
+
+
+def _layer_backward(cell, dy, dstates_n, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
+    """``<c>_layer_backward``, by recomputation: ``(dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0)``."""
+    _check_layer(cell, x, w_hh)
+    steps, batch, input_size = x.shape
+    if steps == 0 or batch == 0:
+        return _zero_grads(x, w_ih, w_hh, dstates_n, states0)
+    plan = _plan(lengths, steps, batch)
+    has_bias = b_ih is not None
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, dy_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh, dy))
+        states0_a = [to_array(s) for s in states0]
+        dy_a = dy_a.astype(xa.dtype, copy=False)
+        dstates_a = [to_array(d).astype(xa.dtype, copy=False) for d in dstates_n]
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, dy_a = xa[:, order], dy_a[:, order]
+            states0_a, dstates_a = [s[order] for s in states0_a], [d[order] for d in dstates_a]
+        _, _, tape = run_direction(
+            cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), states0_a, plan, reverse, training=True, backend=backend
+        )
+        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
+            cell, tape, plan, reverse, xp.ascontiguousarray(dy_a), dstates_a, input_size, has_bias
+        )
+        if not has_bias:
+            db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            dx, dstates0 = dx[:, restore], [d[restore] for d in dstates0]
+        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
+
+
+def _layer_backward_fake(cell, dy, dstates_n, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
+    _check_layer(cell, x, w_hh)
+    return _grads_fake(x, w_ih, w_hh, states0)
+
+
+def _layer_train(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
+    """``<c>_layer_train``: ``[y, *states_n, *saved]``, ``saved`` the backend's state
+    for backward as its ``SavedArrays`` list (time in the order the kernels ran:
+    reversed for ``reverse``)."""
+    _check_layer(cell, x, w_hh)
+    steps, batch = x.shape[0], x.shape[1]
+    impl = _impl(cell, backend, x.device)
+    if steps == 0 or batch == 0:
+        # Nothing runs (the API's own empty case); the saved arrays are never read.
+        y = x.new_zeros((steps, batch, w_hh.shape[1]))
+        saved = [x.new_zeros(shape, dtype=dtype) for shape, dtype in _saved_layout(impl, x, w_hh.shape[1])]
+        return [y, *(s.clone() for s in states0), *saved]
+    plan = _Plan(None, steps, batch)
+    with _backend_arrays(x.device) as (_, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh))
+        y, states_n, tape = run_direction(
+            cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), [to_array(s) for s in states0], plan, reverse,
+            training=True, backend=backend,
+        )
+        saved = impl.saved_arrays.to_arrays(_backend_saved(tape[0]))
+        return [to_tensor(y), *(to_tensor(s) for s in states_n), *(to_tensor(a) for a in saved)]
+
+
+def _backend_saved(out):
+    """The backend's own ``saved`` inside an output of the API's forward."""
+    return out._ctx.saved
+
+
+def _layer_train_fake(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
+    _check_layer(cell, x, w_hh)
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in _saved_layout(_impl(cell, backend, x.device), x, hidden)]
+    return [x.new_empty((steps, batch, hidden)), *(x.new_empty((batch, hidden)) for _ in states0), *saved]
+
+
+def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
+    """``<c>_layer_backward_saved``: the gradients of ``<c>_layer_train`` from its
+    ``saved`` list; no forward runs. Returns what ``<c>_layer_backward`` returns."""
+    _check_layer(cell, x, w_hh)
+    steps, batch = x.shape[0], x.shape[1]
+    if steps == 0 or batch == 0:
+        return _zero_grads(x, w_ih, w_hh, dstates_n, [x.new_empty(d.shape) for d in dstates_n])
+    impl = _impl(cell, backend, x.device)
+    plan = _Plan(None, steps, batch)
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a = map(to_array, (x, w_ih, w_hh))
+        if reverse:
+            xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped sequence
+        state = impl.saved_arrays.from_arrays(xa, w_ih_a, w_hh_a, has_bias, [to_array(t) for t in saved])
+        # The backend's backward on the rebuilt state, as the API's backward would call
+        # it: upstream gradients time-major, contiguous, in the backend's output dtype
+        # (float64 for the reference), the results cast back to the input dtype.
+        out_dtype = np.dtype(np.float64) if impl.name == "reference" else xa.dtype
+        dy_a = to_array(dy).astype(out_dtype, copy=False)
+        if reverse:
+            dy_a = plan.flip(dy_a)
+        dstates_a = [xp.ascontiguousarray(to_array(d).astype(out_dtype, copy=False)) for d in dstates_n]
+        dx, dw_ih, dw_hh, db, *dstates0 = impl.backward(state, xp.ascontiguousarray(dy_a), *dstates_a)
+        if reverse:
+            dx = plan.flip(dx)
+        if has_bias:
+            db_ih, db_hh = cell.unfold_grad(db, xp)
+        else:
+            db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
+        cast = lambda a: to_tensor(xp.asarray(a).astype(xa.dtype, copy=False))  # noqa: E731
+        return tuple(cast(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
+
+
+def _layer_backward_saved_fake(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
+    _check_layer(cell, x, w_hh)
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    return _grads_fake(x, w_ih, w_hh, [x.new_empty((batch, hidden)) for _ in dstates_n])
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _register(cell) -> SimpleNamespace:
+    """The four ops of ``cell`` (``<c>_layer``, ``_layer_backward``, ``_layer_train``,
+    ``_layer_backward_saved``), their fakes, vmap rules and autograd registration, all
+    from the functions above; the schemas name the cell's states."""
+    name, states = cell.name, cell.states
+    n = len(states)
+    s0 = ", ".join(f"Tensor {s}0" for s in states)
+    ds = ", ".join(f"Tensor d{s}_n" for s in states)
+    inputs = "Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
+    grads_out = "(" + ", ".join(["Tensor"] * (5 + n)) + ")"
+    schemas = {
+        "layer": f"({inputs}, {s0}, Tensor? lengths, bool reverse, str backend) -> ({', '.join(['Tensor'] * (1 + n))})",
+        "backward": f"(Tensor dy, {ds}, {inputs}, {s0}, Tensor? lengths, bool reverse, str backend) -> {grads_out}",
+        "train": f"({inputs}, {s0}, bool reverse, str backend) -> Tensor[]",
+        "backward_saved": (
+            f"(Tensor dy, {ds}, Tensor x, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor[] saved, bool reverse, "
+            f"str backend) -> {grads_out}"
+        ),
+    }
+
+    # Flat op arguments -> the functions' grouped ones (the states as tuples).
+    def layer_args(a):
+        x, w_ih, w_hh, b_ih, b_hh = a[:5]
+        return (cell, x, w_ih, w_hh, b_ih, b_hh, tuple(a[5:5 + n]), *a[5 + n:])
+
+    def backward_args(a):
+        return (cell, a[0], tuple(a[1:1 + n]), *layer_args(a[1 + n:])[1:])
+
+    def saved_args(a):
+        return (cell, a[0], tuple(a[1:1 + n]), *a[1 + n:])
+
+    def make(kind, function, fake, args, outputs):
+        op = torch.library.custom_op(
+            f"rnnkernels::{name}_{'layer' if kind == 'layer' else 'layer_' + kind}",
+            lambda *a: function(*args(a)), mutates_args=(), schema=schemas[kind],
+        )
+        op.register_fake(lambda *a: fake(*args(a)))
+        torch.library.register_vmap(op, _looping_vmap(op, outputs))
+        return op
+
+    ops = SimpleNamespace(
+        cell=cell,
+        layer=make("layer", _layer, _layer_fake, layer_args, 1 + n),
+        backward=make("backward", _layer_backward, _layer_backward_fake, backward_args, 5 + n),
+        train=make("train", _layer_train, _layer_train_fake, layer_args, None),
+        backward_saved=make("backward_saved", _layer_backward_saved, _layer_backward_saved_fake, saved_args, 5 + n),
+    )
+    def setup_context(ctx, inputs, output):
+        _, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend = layer_args(inputs)
+        _setup_context(ctx, name, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend, output)
+
+    def backward(ctx, *upstream):
+        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = _grads(ctx, upstream)
+        return (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0, None, None, None)
+
+    ops.layer.register_autograd(backward, setup_context=setup_context)
+    return ops
+
+
+def _setup_context(ctx, cell_name, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend, output):
+    n = len(states0)
+    # output[1 + n:]: the backend's saved arrays (<c>_layer_train), empty for <c>_layer.
+    saved = tuple(output[1 + n:])
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, *states0, *saved)
+    ctx.cell_name, ctx.states, ctx.reverse, ctx.backend = cell_name, n, reverse, backend
     if saved:
         ctx.mark_non_differentiable(*saved)
 
 
-def _backward(ctx, dy, dh_n, dc_n):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, *saved = ctx.saved_tensors
+def _grads(ctx, upstream):
+    """``(dx, dw_ih, dw_hh, db_ih, db_hh, dstates0)`` for the op's inputs from the
+    upstream gradients of its outputs (``upstream[:1 + n]``: y and the states; None:
+    zero)."""
+    ops, n = _OPS[ctx.cell_name], ctx.states
+    x, w_ih, w_hh, b_ih, b_hh, lengths, *rest = ctx.saved_tensors
+    states0, saved = rest[:n], rest[n:]
     steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
-    dy = x.new_zeros((steps, batch, hidden)) if dy is None else dy
-    dh_n = h0.new_zeros(h0.shape) if dh_n is None else dh_n
-    dc_n = c0.new_zeros(c0.shape) if dc_n is None else dc_n
+    dy = x.new_zeros((steps, batch, hidden)) if upstream[0] is None else upstream[0]
+    dstates_n = [s.new_zeros(s.shape) if d is None else d for d, s in zip(upstream[1:1 + n], states0)]
     if saved:
-        dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_backward_saved(
-            dy, dh_n, dc_n, x, w_ih, w_hh, b_ih is not None, saved, ctx.reverse, ctx.backend
+        dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward_saved(
+            dy, *dstates_n, x, w_ih, w_hh, b_ih is not None, saved, ctx.reverse, ctx.backend
         )
-        dh0, dc0 = dh0.to(h0.dtype), dc0.to(c0.dtype)
+        dstates0 = [d.to(s.dtype) for d, s in zip(dstates0, states0)]
     else:
-        dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_backward(
-            dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, ctx.reverse, ctx.backend
+        dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward(
+            dy, *dstates_n, x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, ctx.reverse, ctx.backend
         )
-    db_ih = db if b_ih is not None else None
-    db_hh = db.clone() if b_hh is not None else None
-    return dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, None, None, None
+    return dx, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, tuple(dstates0)
 
 
-lstm_layer.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _LSTMLayerFunction(torch.autograd.Function):
-    """``lstm_layer`` with the same backward, as an ``autograd.Function`` with its own
-    ``setup_context``, so that torch.func transforms (grad, vjp, jacrev, vmap) work.
+class _CellLayerFunction(torch.autograd.Function):
+    """A cell's ``<c>_layer`` with the same backward, as an ``autograd.Function`` with
+    its own ``setup_context``, so that torch.func transforms (grad, vjp, jacrev, vmap)
+    work. Arguments: ``(cell_name, lengths, reverse, backend, save, x, w_ih, w_hh,
+    b_ih, b_hh, *states0)``.
 
     torch (2.13) builds the autograd of a ``custom_op`` as an ``autograd.Function``
     without ``setup_context``, which functorch refuses ("must override the
@@ -378,42 +419,50 @@ class _LSTMLayerFunction(torch.autograd.Function):
     autograd and ``torch.compile`` go through it too (dynamo traces it, the op inside
     stays opaque behind its fake)."""
 
-    # vmap runs forward and backward under vmap; the two ops' batching rules (below)
-    # loop over the mapped dimension.
+    # vmap runs forward and backward under vmap; the ops' batching rules (below) loop
+    # over the mapped dimension.
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend, save):
+    def forward(cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *states0):
         # Under torch.func the inputs here may still require grad at an outer level;
         # no_grad keeps the op's own (functorch-incompatible) autograd out of it.
         # ``save``: run the training forward and return its saved arrays after
-        # (y, h_n, c_n); setup_context keeps them for backward.
+        # (y, *states_n); setup_context keeps them for backward.
+        ops = _OPS[cell_name]
         with torch.no_grad():
             if save:
-                return tuple(lstm_layer_train(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, backend))
-            return lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend)
+                return tuple(ops.train(x, w_ih, w_hh, b_ih, b_hh, *states0, reverse, backend))
+            return ops.layer(x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, reverse, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        cell_name, lengths, reverse, backend, _, x, w_ih, w_hh, b_ih, b_hh, *states0 = inputs
+        _setup_context(ctx, cell_name, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend, output)
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-        # _saved_grads: the saved arrays' (non-differentiable: always None or zeros).
-        # The backward op has no autograd of its own: no double backward. Where one is
-        # asked for, say so rather than let the gradients act as constants (a gradient
-        # penalty would silently miss the LSTM's second-order terms). torch.compile
-        # traces this backward and cannot trace those checks: it gets the plain one.
+    def backward(ctx, *upstream):
+        # upstream[1 + n:]: the saved arrays' (non-differentiable: always None or zeros).
+        # The backward ops have no autograd of their own: no double backward. Where one
+        # is asked for, say so rather than let the gradients act as constants (a
+        # gradient penalty would silently miss the cell's second-order terms).
+        # torch.compile traces this backward and cannot trace those checks: it gets the
+        # plain one.
         if torch.compiler.is_compiling():
-            return _backward(ctx, dy, dh_n, dc_n) + (None,)
+            return _function_grads(ctx, upstream)
         nested = _grad_transforms_active()
         if nested > 1:
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         with torch.no_grad():
-            grads = _backward(ctx, dy, dh_n, dc_n) + (None,)
+            grads = _function_grads(ctx, upstream)
         if nested or not torch.is_grad_enabled():
             return grads
-        return _flag_no_double_backward(grads, (*ctx.saved_tensors, dy, dh_n, dc_n))
+        return _flag_no_double_backward(grads, (*ctx.saved_tensors, *upstream[:1 + ctx.states]))
+
+
+def _function_grads(ctx, upstream):
+    dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = _grads(ctx, upstream)
+    return (None, None, None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0)
 
 
 def _flag_no_double_backward(grads, sources):
@@ -436,7 +485,7 @@ def _flag_no_double_backward(grads, sources):
 
 
 _NO_DOUBLE_BACKWARD = (
-    "rnnkernels' LSTM has no double backward (a gradient of its gradients: "
+    "rnnkernels' recurrent layers (LSTM, GRU, RNN) have no double backward (a gradient of its gradients: "
     "create_graph=True, or torch.func.grad nested in torch.func.grad)"
 )
 
@@ -457,19 +506,34 @@ def _grad_transforms_active() -> int:
     return sum(1 for interpreter in retrieve_all_functorch_interpreters() if interpreter.key() == grad)
 
 
-def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
-    """:func:`lstm_layer` with gradients for autograd and torch.func: what
-    ``rnnkernels.torch.LSTM`` and ``rnnkernels.lstm_forward`` (on tensors that require
-    grad) call."""
+def cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, reverse: bool, backend: str):
+    """One layer of cell ``cell_name`` in one direction with gradients for autograd and
+    torch.func: ``(y, *state_n)``; ``state0`` None or a tuple with one [B, H] tensor
+    (or None: zero) per state of the cell. What ``rnnkernels.torch``'s modules and ``rnnkernels``' API (for
+    tensors that require grad) call."""
+    if cell_name not in _OPS:
+        raise ValueError(f"unknown cell {cell_name!r}; expected one of {', '.join(map(repr, _OPS))}")
+    count = len(_OPS[cell_name].cell.states)
+    state0 = (None,) * count if state0 is None else tuple(state0)
+    if len(state0) != count:
+        raise ValueError(f"state0 must hold {count} tensor(s) for cell {cell_name!r} ({', '.join(_OPS[cell_name].cell.states)}), got {len(state0)}")
+    # A missing state is zero (the ops take tensors).
+    state0 = tuple(x.new_zeros((x.shape[1], w_hh.shape[1])) if s is None else s for s in state0)
     # Keep the forward's state (no recompute in backward) when a gradient can be asked
     # for, the rows have no lengths, and the backend describes its state as arrays.
     save = (
         lengths is None
         and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-        and _saves_arrays(backend, x.device)
+        and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, *state0))
+        and _saves_arrays(_OPS[cell_name].cell, backend, x.device)
     )
-    return _LSTMLayerFunction.apply(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, backend, save)[:3]
+    out = _CellLayerFunction.apply(cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *state0)
+    return tuple(out[: 1 + len(state0)])
+
+
+def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
+    """:func:`cell_layer_autograd` for the LSTM: ``(y, h_n, c_n)``."""
+    return cell_layer_autograd("lstm", x, w_ih, w_hh, b_ih, b_hh, (h0, c0), lengths, reverse, backend)
 
 
 def _looping_vmap(op, outputs: Optional[int]):
@@ -496,10 +560,13 @@ def _looping_vmap(op, outputs: Optional[int]):
     return rule
 
 
-torch.library.register_vmap(lstm_layer, _looping_vmap(lstm_layer, 3))
-torch.library.register_vmap(lstm_layer_backward, _looping_vmap(lstm_layer_backward, 6))
-torch.library.register_vmap(lstm_layer_train, _looping_vmap(lstm_layer_train, None))
-torch.library.register_vmap(lstm_layer_backward_saved, _looping_vmap(lstm_layer_backward_saved, 6))
+_OPS = {name: _register(cells.get(name)) for name in cells.CELLS}
+
+# The LSTM's ops under their own names (rnnkernels.torch exports the first two).
+lstm_layer = _OPS["lstm"].layer
+lstm_layer_backward = _OPS["lstm"].backward
+lstm_layer_train = _OPS["lstm"].train
+lstm_layer_backward_saved = _OPS["lstm"].backward_saved
 
 
 # ----------------------------------------------------------------------------- proj_size
@@ -544,7 +611,7 @@ def lstm_layer_projected(
     [B, H], gates [T, B, 4H], h [T+1, B, P], c [T+1, B, H]]``; the last three (in the
     compute dtype, time in the order the steps ran) are the saved state."""
     _check_projected(backend, x.device)
-    _check_layer(x, w_hh)
+    _check_layer(cells.get("lstm"), x, w_hh)
     numpy = lambda t: None if t is None else t.detach().numpy()
     y, h_n, c_n, saved = projected_forward(
         x.detach().numpy(), *map(numpy, (w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)), reverse, backend
@@ -629,7 +696,7 @@ class _ProjectedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-        # No double backward: as _LSTMLayerFunction.backward says so.
+        # No double backward: as _CellLayerFunction.backward says so.
         if torch.compiler.is_compiling():
             return _ProjectedFunction._grads(ctx, dy, dh_n, dc_n)
         if _grad_transforms_active() > 1:
