@@ -533,19 +533,9 @@ def _forward_with_autograd(cell: cells.Cell, inputs: dict, batch_first: bool, tr
     state0 = tuple(args[n] for n in cell.state_inputs)
     if state0[0] is None:
         state0 = tuple(x_t.new_zeros((batch, hidden)) for _ in state0)
-    if cell.name == "lstm":
-        y, *state_n = _ops.lstm_layer_autograd(
-            x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], *state0, None, False, impl.name
-        )
-    elif hasattr(_ops, "cell_layer_autograd"):
-        y, *state_n = _ops.cell_layer_autograd(
-            cell.name, x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], state0, None, False, impl.name
-        )
-    else:
-        raise NotImplementedError(
-            f"the {cell.title} does not run on torch tensors that require grad yet; detach them, or use "
-            "NumPy/CuPy arrays and the backward function"
-        )
+    y, *state_n = _ops.cell_layer_autograd(
+        cell.name, x_t, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], state0, None, False, impl.name
+    )
     if batch_first:
         y = y.transpose(0, 1).contiguous()
     ctx = None

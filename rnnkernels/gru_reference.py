@@ -174,6 +174,24 @@ def _backend_backward(saved: Saved, dy, dh_n, return_step_norms=False):
     return (dx, dw_ih, dw_hh, db, dh0, *norms)
 
 
+def _saved_arrays():
+    """:class:`Saved` as arrays (rnnkernels/_backend.py's ``SavedArrays``): gates
+    [T, B, 3H], hn [T, B, H], h [T+1, B, H], all float64; the backend's biases are both
+    present or both absent (see ``_backend_forward``)."""
+    from ._backend import SavedArrays
+
+    def layout(steps, batch, input_size, hidden, dtype):
+        f64 = np.dtype(np.float64)
+        return [((steps, batch, 3 * hidden), f64), ((steps, batch, hidden), f64), ((steps + 1, batch, hidden), f64)]
+
+    def from_arrays(x, w_ih, w_hh, has_bias, arrays):
+        x, w_ih, w_hh = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, w_ih, w_hh))
+        gates, hn, h = (np.ascontiguousarray(a, dtype=np.float64) for a in arrays)
+        return Saved(x, w_ih, w_hh, has_bias, has_bias, gates, hn, h)
+
+    return SavedArrays(layout, lambda saved: [saved.gates, saved.hn, saved.h], from_arrays)
+
+
 def _make_backend():
     from ._backend import Backend
 
@@ -183,6 +201,7 @@ def _make_backend():
         compute_dtypes=("float16", "float32", "float64"),
         forward=_backend_forward,
         backward=_backend_backward,
+        saved_arrays=_saved_arrays(),
     )
 
 

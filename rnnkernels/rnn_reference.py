@@ -135,7 +135,7 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
 
 
 def _make_backend(nonlinearity: str):
-    from ._backend import Backend
+    from ._backend import Backend, SavedArrays
 
     def backend_forward(x, w_ih, w_hh, bias, h0, training=True):
         return forward(x, w_ih, w_hh, bias, None, h0, nonlinearity=nonlinearity, training=training)
@@ -144,12 +144,22 @@ def _make_backend(nonlinearity: str):
         dx, dw_ih, dw_hh, db, _, dh0, *norms = backward(saved, dy, dh_n, return_step_norms)
         return (dx, dw_ih, dw_hh, db, dh0, *norms)
 
+    def layout(steps, batch, input_size, hidden, dtype):
+        return [((steps + 1, batch, hidden), np.dtype(np.float64))]
+
+    def from_arrays(x, w_ih, w_hh, has_bias, arrays):
+        x, w_ih, w_hh, h = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, w_ih, w_hh, *arrays))
+        # backend_forward passes the folded bias as b_ih and no b_hh
+        return Saved(x, w_ih, w_hh, has_bias, False, nonlinearity, h)
+
     return Backend(
         name="reference",
         device="cpu",
         compute_dtypes=("float16", "float32", "float64"),
         forward=backend_forward,
         backward=backend_backward,
+        # Saved as arrays: h [T+1, B, H], float64 (rnnkernels/_backend.py's SavedArrays)
+        saved_arrays=SavedArrays(layout, lambda saved: [saved.h], from_arrays),
     )
 
 
