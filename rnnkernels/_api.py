@@ -266,11 +266,17 @@ def _resolve_backend(name, device: str, cell="lstm") -> Backend:
     return get_backend(name, cell)
 
 
-def _check_backend_dtype(backend: Backend, dtype: np.dtype):
+def _check_backend_dtype(backend: Backend, dtype: np.dtype, cell: cells.Cell = cells.LSTM, device: str = "cpu"):
     if dtype.name not in backend.compute_dtypes:
+        others = []
+        for name in BACKENDS[1:]:
+            impl = cell.implementation(name)
+            if impl is not None and impl.device == device and dtype.name in impl.compute_dtypes:
+                others.append(f"backend={name!r}")
+        hint = f"; {' or '.join(others)} takes {dtype.name} {'arrays' if device == 'cpu' else 'device arrays'}" if others else ""
         raise TypeError(
             f"backend {backend.name!r} supports dtypes {', '.join(backend.compute_dtypes)}; "
-            f"the inputs are {dtype.name}"
+            f"the inputs are {dtype.name}{hint}"
         )
 
 
@@ -434,7 +440,7 @@ def cell_forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, state0=None, *, batc
             _check_shape(value, name, (batch, hidden), "[B, H]")
 
     impl = _resolve_backend(backend, kind.device, cell)
-    _check_backend_dtype(impl, dtype)
+    _check_backend_dtype(impl, dtype, cell, kind.device)
     dev = impl.device
     if dev == "cpu" and kind.device == "cuda":
         raise ValueError(

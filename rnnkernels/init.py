@@ -293,11 +293,18 @@ def pytorch_default(shape, hidden_size, *, rng=None, dtype=None, like=None, xp=N
     return _deliver(_rng(rng).uniform(-bound, bound, shape), dtype, like, xp)
 
 
-def _gate_block(b, gates: int, block: int, what: str, layout: str) -> tuple[int, int]:
-    """(start, stop) of gate ``block`` in one bias vector ``b`` of ``gates`` blocks."""
+def _gate_block(b, gates: int, block: int, what: str, layout: str, hidden_size=None) -> tuple[int, int]:
+    """(start, stop) of gate ``block`` in one bias vector ``b`` of ``gates`` blocks; with
+    ``hidden_size``, ``b`` must be exactly [gates·hidden_size] (the length alone cannot
+    tell an LSTM's [4H] from a GRU's [3H'] when both divide it)."""
     shape = tuple(getattr(b, "shape", ()))
     if len(shape) != 1 or shape[0] % gates or shape[0] == 0:
         raise ValueError(f"{what} needs one {layout} bias vector of shape [{gates}H], got shape {shape}")
+    if hidden_size is not None and shape[0] != gates * hidden_size:
+        raise ValueError(
+            f"{what} needs one {layout} bias vector of shape [{gates}H] = ({gates * hidden_size},) for "
+            f"hidden_size={hidden_size}, got shape {shape}"
+        )
     hidden = shape[0] // gates
     return block * hidden, (block + 1) * hidden
 
@@ -317,7 +324,7 @@ def _write(b, start: int, stop: int, values) -> None:
         b[start:stop] = values
 
 
-def forget_bias(b, value=1.0):
+def forget_bias(b, value=1.0, *, hidden_size=None):
     """Set the forget-gate block b[H:2H] of one LSTM bias vector ``b`` [4H] to
     ``value``, in place (NumPy, CuPy or torch); returns ``b``.
 
@@ -329,13 +336,14 @@ def forget_bias(b, value=1.0):
 
     The layer adds b_ih and b_hh, so call this on ONE of them: setting both to 1 gives
     an effective forget bias of 2. :func:`lstm_parameters` puts it in b_ih and zeroes the
-    forget block of b_hh."""
-    start, stop = _gate_block(b, 4, 1, "forget_bias", "LSTM")
+    forget block of b_hh. Pass ``hidden_size`` to have ``b``'s length checked against it
+    (a GRU's [3H'] bias whose length 4 divides is otherwise taken for an LSTM's)."""
+    start, stop = _gate_block(b, 4, 1, "forget_bias", "LSTM", hidden_size)
     _write(b, start, stop, float(value))
     return b
 
 
-def update_bias(b, value=1.0):
+def update_bias(b, value=1.0, *, hidden_size=None):
     """Set the update-gate block b[H:2H] (z, rows H:2H) of one GRU bias vector ``b``
     [3H] to ``value``, in place (NumPy, CuPy or torch); returns ``b``.
 
@@ -354,13 +362,14 @@ def update_bias(b, value=1.0):
     b_ih and b_hh are summed for the r and z gates (only the n gate keeps them apart),
     so call this on ONE of them; :func:`gru_parameters` puts it in b_ih and zeroes the
     z block of b_hh. The reset gate's bias has no such role: r scales W_hn h + b_hn
-    inside the candidate, it does not carry the state."""
-    start, stop = _gate_block(b, 3, 1, "update_bias", "GRU")
+    inside the candidate, it does not carry the state. Pass ``hidden_size`` to have
+    ``b``'s length checked against it (see :func:`forget_bias`)."""
+    start, stop = _gate_block(b, 3, 1, "update_bias", "GRU", hidden_size)
     _write(b, start, stop, float(value))
     return b
 
 
-def chrono_bias(b, max_steps, cell="lstm", *, rng=None):
+def chrono_bias(b, max_steps, cell="lstm", *, hidden_size=None, rng=None):
     """Chrono initialization of one bias vector, in place (NumPy, CuPy or torch);
     returns ``b``. Tallec & Ollivier (2018), "Can Recurrent Neural Networks Warp
     Time?", ICLR ("chrono initialization"): a gate that keeps σ(β) of the state per step remembers
@@ -375,13 +384,14 @@ def chrono_bias(b, max_steps, cell="lstm", *, rng=None):
       part; the input side is tied to it as 1 − z, with no bias of its own.
 
     The other blocks are left as they are. As with :func:`forget_bias`, call it on ONE
-    of b_ih, b_hh and zero the same blocks of the other (they are summed)."""
+    of b_ih, b_hh and zero the same blocks of the other (they are summed), and pass
+    ``hidden_size`` to have ``b``'s length checked against the cell."""
     if cell not in ("lstm", "gru"):
         raise ValueError(f"cell must be 'lstm' or 'gru' (the gated cells), got {cell!r}")
     if not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
         raise ValueError(f"max_steps must be an int >= 2 (the longest dependency expected), got {max_steps!r}")
     gates = 4 if cell == "lstm" else 3
-    start, stop = _gate_block(b, gates, 1, "chrono_bias", cell.upper())
+    start, stop = _gate_block(b, gates, 1, "chrono_bias", cell.upper(), hidden_size)
     values = np.log(_rng(rng).uniform(1.0, max_steps - 1.0, stop - start))
     _write(b, start, stop, values)
     if cell == "lstm":
@@ -568,14 +578,16 @@ def cell_parameters(
     like=None,
     xp=None,
 ) -> dict[str, Any]:
-    """The parameter set of any cell, by name ("lstm", "gru", "rnn_tanh", "rnn_relu", or
-    a ``rnnkernels.cells.Cell``): :func:`lstm_parameters`, :func:`gru_parameters` or
-    :func:`rnn_parameters`. ``gate_bias`` is the LSTM's forget bias or the GRU's update
+    """The parameter set of any cell, by name ("lstm", "gru", "rnn_tanh", "rnn_relu",
+    "rnn" for either Elman cell, or a ``rnnkernels.cells.Cell``): :func:`lstm_parameters`,
+    :func:`gru_parameters` or :func:`rnn_parameters`. ``gate_bias`` is the LSTM's forget bias or the GRU's update
     bias (the gate that keeps the state); the Elman RNN has none. Draws are the same as
     the cell's own function for the same arguments."""
     name = getattr(cell, "name", cell)
+    if name == "rnn":  # the Elman RNN's parameters do not depend on its nonlinearity
+        name = "rnn_tanh"
     if name not in CELL_SCHEMES:
-        raise ValueError(f"cell must be one of {', '.join(CELL_SCHEMES)}, got {cell!r}")
+        raise ValueError(f"cell must be one of {', '.join(CELL_SCHEMES)} or 'rnn', got {cell!r}")
     common = {"recurrent_gain": recurrent_gain, "rng": rng, "dtype": dtype, "like": like, "xp": xp}
     if name == "lstm":
         return lstm_parameters(input_size, hidden_size, scheme, forget_bias=gate_bias, **common)

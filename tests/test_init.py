@@ -393,3 +393,24 @@ def test_cell_parameters_match_the_cell_functions_and_check_the_cell():
         init.gru_parameters(3, 4, "irnn")
     with pytest.raises(ValueError, match="recurrent_gain"):
         init.gru_parameters(3, 4, "pytorch_default", recurrent_gain=0.5)
+
+
+def test_gate_biases_check_the_length_against_hidden_size():
+    """A GRU's [3H'] bias whose length 4 also divides is taken for an LSTM's by length
+    alone; with hidden_size the mistake is named instead of writing the wrong rows."""
+    gru_bias = np.zeros(3 * 8)
+    with pytest.raises(ValueError, match=r"forget_bias.*\[4H\].*hidden_size=8"):
+        init.forget_bias(gru_bias, hidden_size=8)
+    with pytest.raises(ValueError, match=r"update_bias.*\[3H\].*hidden_size=6"):
+        init.update_bias(np.zeros(4 * 6), hidden_size=6)
+    with pytest.raises(ValueError, match=r"chrono_bias.*hidden_size=8"):
+        init.chrono_bias(np.zeros(24), 50, "lstm", hidden_size=8)
+    np.testing.assert_array_equal(init.update_bias(gru_bias, 2.0, hidden_size=8)[8:16], 2.0)
+    assert not gru_bias[:8].any() and not gru_bias[16:].any()
+
+
+def test_cell_parameters_takes_rnn_for_the_elman_cells():
+    a = init.cell_parameters("rnn", 5, 8, rng=0)
+    b = init.cell_parameters("rnn_relu", 5, 8, rng=0)
+    assert all(np.array_equal(a[k], b[k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
+    assert init.cell_parameters("rnn", 5, 8, "irnn")["w_hh"].shape == (8, 8)

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequence (decode: context) lengths")
     parser.add_argument("--batch", type=_positive_int, metavar="B")
     parser.add_argument("--hidden", type=_positive_int, metavar="H",
-                        help="LSTM hidden and input size; attention d_model")
+                        help="the recurrent cell's hidden and input size; attention d_model")
     parser.add_argument("--heads", type=_positive_int, default=1,
                         help="attention heads (default 1; H must divide by it)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),

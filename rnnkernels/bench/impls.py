@@ -595,11 +595,11 @@ def _recurrent_impls(model: str) -> list[Impl]:
         Impl("rnnkernels-cpu", model, "cpu", ("float32", "float64"), _ours_build("cpu", "cpu"),
              "cpu", "tracemalloc",
              note="peak memory misses allocations inside Numba code"),
-        Impl("rnnkernels-cuda", model, "cuda", ("float32",),  # as rnnkernels/cuda.py
+        Impl("rnnkernels-cuda", model, "cuda", ("float32", "float16"),  # as rnnkernels/cuda.py
              _ours_build("cuda", "cuda"), "cupy", "cupy-memory-hook"),
         Impl("reference", model, "cpu", DTYPES, _ours_build("reference", "cpu"), "cpu",
              "tracemalloc", note="computes in float64 whatever the dtype"),
-        Impl("torch-cpu", model, "cpu", ("float32", "float64", "bfloat16"),
+        Impl("torch-cpu", model, "cpu", ("float32", "float64", "float16", "bfloat16"),
              _torch_rnn_build("cpu"), "cpu", None, baseline=True),
         Impl("cudnn", model, "cuda", ("float32", "float64", "float16", "bfloat16"),
              _torch_rnn_build("cuda"), "torch-cuda", "torch.cuda.max_memory_allocated",
