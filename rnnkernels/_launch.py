@@ -191,13 +191,15 @@ COLUMN_SUM = ColumnSum()
 
 @dataclass(frozen=True)
 class StepNorms:
-    """``step_norms<Threads>``: one thread per (step, dh or dc) pair; 128 threads, since
-    a launch has only 2T of them and each loops over the step kernel's blocks."""
+    """``step_norms<Threads, Quantities>`` (csrc/reductions.cuh): one thread per (step,
+    quantity) pair, the quantities being the cell's state gradients (LSTM: dh and dc,
+    the default; GRU and Elman: dh); 128 threads, since a launch has only a few T of
+    them and each loops over the step kernel's blocks."""
 
     threads: int = 128
 
-    def name(self) -> str:
-        return f"rnnkernels::step_norms<{self.threads}>"
+    def name(self, quantities: int = 2) -> str:
+        return f"rnnkernels::step_norms<{self.threads}, {quantities}>"
 
 
 STEP_NORMS = StepNorms()
