@@ -31,8 +31,13 @@
 //                              gate's derivative needs it)
 // Saved for backward (Training): x, W_ih, W_hh, gates, hn, h_all (see gru_backward.cu).
 //
+// The persistent variant (rnnkernels/_persistent.py) replaces step 2 by ONE cooperative
+// launch of gru_forward_persistent<...> for all T steps (persistent.cuh); it writes the
+// same h_all, gates and hn.
+//
 // Notes for the launcher: step.cuh's launch shape; any B, H >= 1.
 #include "common.cuh"
+#include "persistent.cuh"
 #include "step.cuh"
 
 namespace rnnkernels {
@@ -83,6 +88,96 @@ gru_forward_step(const float* __restrict__ gx,      // [T, B, 3H] x·W_ihᵀ + b
             gates_row[2 * hidden + unit] = candidate;
             hn[(index_t)step * state_size + cell] = hidden_n;
         }
+    }
+}
+
+// ------------------------------------------------------------------ persistent
+// All T steps in one cooperative launch, lstm_forward_persistent's machinery
+// (persistent.cuh) with the GRU's items and pointwise math. Block b owns the units
+// [b·units, (b+1)·units) ∩ [0, H):
+//   * once: W_hh's rows g·H + unit (g = r, z, n) of its units go to shared memory as
+//     float32 and stay there for all T steps (row g·units + u of the slice);
+//   * step t: wait until every block has published h_{t-1} (not at t = 0), then per
+//     chunk of chunk_rows batch rows: stage h_{t-1}[chunk] (which also gives each pair
+//     its own h_{t-1}, for z·h_{t-1}), the product (items of the three gate rows of a
+//     unit), and the cell update of gru_forward_step, one (row, unit) pair per thread;
+//     write h_t (and, Training, the gates and gh^n); publish step t+1.
+// No per-cell carry: the GRU's state is h alone, which every step re-stages.
+// Launch: as lstm_forward_persistent (checked by rnnkernels/_persistent.py); dynamic
+// shared memory = SharedLayout's total·4 bytes with no cells region.
+template <typename Storage, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads, bool Training>
+__global__ void __launch_bounds__(Threads, 1)
+gru_forward_persistent(const float* __restrict__ gx,      // [T, B, 3H] x·W_ihᵀ + bias[:3H], gates r,z,n
+                       const Storage* __restrict__ w_hh,  // [3H, H], gate order r,z,n
+                       const float* __restrict__ b_hn,    // [H] the n gate's hidden bias
+                       float* h_all,                      // [T+1, B, H]; h_all[0] = h0 on entry
+                       float* gates,                      // [T, B, 3H] activated r, z, n; Training only
+                       float* hn,                         // [T, B, H] gh^n; Training only
+                       unsigned int* flags,               // [blocks], zero on entry
+                       int steps,                         // T
+                       int batch,                         // B
+                       int hidden,                        // H
+                       int units,                         // hidden units per block
+                       int chunk_rows) {                  // batch rows staged at a time
+    static_assert(Threads % 32 == 0, "whole warps only");
+    constexpr int ItemRows = gru_gates;  // an item: the r, z, n rows of one unit
+    const int unit0 = blockIdx.x * units;
+    const int own_units = min(units, hidden - unit0);
+    const int producers = gridDim.x;
+    const index_t state_size = (index_t)batch * hidden;
+    const int gate_width = gru_gates * hidden;
+
+    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(gru_gates * units, hidden, chunk_rows, units,
+                                                                     batch, 0);
+    float* shared = persistent::dynamic_shared<float>();
+    float* w_slice = shared + layout.weights;  // row g·units + u = W_hh[g·H + unit0 + u, :]
+    float* h_chunk = shared + layout.state;
+    float* partials = shared + layout.partials;
+
+    persistent::load_slice<Threads>(w_slice, gru_gates * units, hidden, layout.k_pad, [&](int r, int k) {
+        const int gate = r / units, unit = unit0 + (r - gate * units);
+        return unit < hidden ? to_float(w_hh[((index_t)gate * hidden + unit) * hidden + k]) : 0.0f;
+    });
+    __syncthreads();
+
+    for (int step = 0; step < steps; ++step) {
+        if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
+        const float* h_prev = h_all + (index_t)step * state_size;
+        float* h_next = h_all + (index_t)(step + 1) * state_size;
+        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
+            const int rows = min(chunk_rows, batch - row0);
+            persistent::stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden,
+                                                                  hidden, rows, persistent::round_up(rows, RowTile), hidden);
+            __syncthreads();
+            persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout, 1,
+                                                                             units);
+            __syncthreads();
+            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
+                const int r = pair / own_units, u = pair - r * own_units;
+                const int row = row0 + r, unit = unit0 + u;
+                const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
+                const float* gx_row = gx + gate_offset;
+                const float reset_gate = sigmoid(
+                    gx_row[unit] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 0, r));
+                const float update_gate = sigmoid(gx_row[hidden + unit] + persistent::sum_partials<KSplit, ItemRows, RowTile>(
+                                                                              partials, layout, u, 1, r));
+                const float hidden_n =
+                    persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 2, r) + b_hn[unit];
+                const float candidate = tanh_activation(gx_row[2 * hidden + unit] + reset_gate * hidden_n);
+                const index_t cell = (index_t)row * hidden + unit;
+                h_next[cell] = (1.0f - update_gate) * candidate + update_gate * h_chunk[r * layout.k_pad + unit];
+                if (Training) {
+                    float* gates_row = gates + gate_offset;
+                    gates_row[unit] = reset_gate;
+                    gates_row[hidden + unit] = update_gate;
+                    gates_row[2 * hidden + unit] = candidate;
+                    hn[(index_t)step * state_size + cell] = hidden_n;
+                }
+            }
+            // The next chunk overwrites h_chunk and partials (publish syncs the last).
+            if (row0 + chunk_rows < batch) __syncthreads();
+        }
+        persistent::publish(flags, (unsigned int)(step + 1));
     }
 }
 

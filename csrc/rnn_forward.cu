@@ -23,8 +23,12 @@
 //   h_all [T+1, B, H]      h_all[0] = h0, h_all[t+1] = h_t
 // Saved for backward: x, W_ih, W_hh, h_all (see rnn_backward.cu).
 //
+// The persistent variant (rnnkernels/_persistent.py) replaces step 2 by ONE cooperative
+// launch of rnn_forward_persistent<...> (persistent.cuh); it writes the same h_all.
+//
 // Notes for the launcher: step.cuh's launch shape; any B, H >= 1.
 #include "common.cuh"
+#include "persistent.cuh"
 #include "step.cuh"
 
 namespace rnnkernels {
@@ -63,6 +67,72 @@ rnn_forward_step(const float* __restrict__ gx,      // [T, B, H] x·W_ihᵀ + b
         const index_t cell = (index_t)row * hidden + unit;
         h_all[(index_t)(step + 1) * state_size + cell] =
             elman_activation<Relu>(gx[(index_t)step * state_size + cell] + acc[0][r]);
+    }
+}
+
+// ------------------------------------------------------------------ persistent
+// All T steps in one cooperative launch (persistent.cuh's machinery). Block b owns the
+// units [b·units, (b+1)·units) ∩ [0, H): W_hh's rows of its units (padded to a multiple
+// of 4 with zero rows) stay in shared memory as float32; per step it waits for
+// h_{t-1}, stages it chunk by chunk, forms the product with items of four consecutive
+// units (the Elman cell has one gate row per unit: four units make the register tile
+// lstm_forward_persistent's four gates make), and writes h_t = act(gx + product);
+// then publishes step t+1. No per-cell carry. Launch as lstm_forward_persistent.
+template <typename Storage, bool Relu, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads>
+__global__ void __launch_bounds__(Threads, 1)
+rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x·W_ihᵀ + b
+                       const Storage* __restrict__ w_hh,  // [H, H]
+                       float* h_all,                      // [T+1, B, H]; h_all[0] = h0 on entry
+                       unsigned int* flags,               // [blocks], zero on entry
+                       int steps,                         // T
+                       int batch,                         // B
+                       int hidden,                        // H
+                       int units,                         // hidden units per block
+                       int chunk_rows) {                  // batch rows staged at a time
+    static_assert(Threads % 32 == 0, "whole warps only");
+    constexpr int ItemRows = 4;  // an item: four consecutive units (rows of W_hh)
+    const int unit0 = blockIdx.x * units;
+    const int own_units = min(units, hidden - unit0);
+    const int producers = gridDim.x;
+    const index_t state_size = (index_t)batch * hidden;
+    const int padded_units = persistent::round_up(units, ItemRows);
+
+    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, hidden, chunk_rows,
+                                                                     padded_units / ItemRows, batch, 0);
+    float* shared = persistent::dynamic_shared<float>();
+    float* w_slice = shared + layout.weights;  // row u = W_hh[unit0 + u, :]
+    float* h_chunk = shared + layout.state;
+    float* partials = shared + layout.partials;
+
+    persistent::load_slice<Threads>(w_slice, padded_units, hidden, layout.k_pad, [&](int u, int k) {
+        return u < own_units ? to_float(w_hh[(index_t)(unit0 + u) * hidden + k]) : 0.0f;
+    });
+    __syncthreads();
+
+    for (int step = 0; step < steps; ++step) {
+        if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
+        const float* h_prev = h_all + (index_t)step * state_size;
+        float* h_next = h_all + (index_t)(step + 1) * state_size;
+        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
+            const int rows = min(chunk_rows, batch - row0);
+            persistent::stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden,
+                                                                  hidden, rows, persistent::round_up(rows, RowTile), hidden);
+            __syncthreads();
+            persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout,
+                                                                             ItemRows, 1);
+            __syncthreads();
+            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
+                const int r = pair / own_units, u = pair - r * own_units;
+                const int row = row0 + r, unit = unit0 + u;
+                const index_t cell = (index_t)row * hidden + unit;
+                h_next[cell] = elman_activation<Relu>(
+                    gx[(index_t)step * state_size + cell] +
+                    persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r));
+            }
+            // The next chunk overwrites h_chunk and partials (publish syncs the last).
+            if (row0 + chunk_rows < batch) __syncthreads();
+        }
+        persistent::publish(flags, (unsigned int)(step + 1));
     }
 }
 

@@ -322,6 +322,11 @@ CELL_KERNELS = {k.cell: k for k in (GRU_KERNELS, RNN_TANH_KERNELS, RNN_RELU_KERN
 for _cell in CELL_KERNELS.values():
     for _source, _names in _cell.instances().items():
         KERNELS.setdefault(_source, {}).update(_names)
+    # Their persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
+    for _dtype in STORAGE_TYPES:
+        _forward, _backward = _persistent.CELLS[_cell.cell].names(_persistent.TILE, _storage(_dtype))
+        KERNELS[_cell.forward_source].update(dict.fromkeys(_forward, _persistent.TILE.threads))
+        KERNELS[_cell.backward_source].update(dict.fromkeys(_backward, _persistent.TILE.threads))
 
 # Kernels that run once per step (or hold a whole sequence): the NVRTC check fails if
 # any of them spills.
@@ -616,19 +621,21 @@ def _check_variant(variant: str | None) -> str | None:
     return variant
 
 
-def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None, direction: str) -> str:
+def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None, direction: str,
+                     cell: str = "lstm") -> str:
     """What ``variant=None`` runs. "graph" (the per-step kernels replayed from one CUDA
     graph) when a step_tile is asked for or the persistent kernels do not fit the
     device (``_persistent.choose``: shared memory, cooperative launch, occupancy);
     where both can run, the one the cost model (``rnnkernels/cost_model.py``) predicts
     faster for this problem on this device. ``direction``: "forward_training",
     "forward_inference" or "backward" (forward and backward may choose differently:
-    every forward variant saves the same arrays)."""
-    if step_tile is not None or _persistent.choose(rt, batch, hidden, dtype) != "persistent":
+    every forward variant saves the same arrays). ``cell``: whose kernels (the LSTM's,
+    or a name of :data:`CELL_KERNELS`); the plan and the cost model take its gate count."""
+    if step_tile is not None or _persistent.choose(rt, batch, hidden, dtype, cell) != "persistent":
         return "graph"
     from . import cost_model
 
-    problem = cost_model.Problem(batch, hidden, dtype=dtype)
+    problem = cost_model.Problem(batch, hidden, dtype=dtype, cell=cell)
     return cost_model.best_variant(("persistent", "graph"), direction, problem, cost_model.for_runtime(rt))[0]
 
 
@@ -999,11 +1006,11 @@ def gradients_after_loop(rt, saved: Saved, dgates):
 
 
 # ------------------------------------------------------- the other cells' launch plan
-# The GRU's and the Elman RNN's per-step plan: the same tiles, GEMMs, reductions and
-# variants as the LSTM's above, written once for both through CellKernels and
-# run_steps. (The LSTM keeps its own plan above, which predates this and hands its
-# graph workspaces out without the copies run_steps makes; moving it onto run_steps is
-# left for later.) No persistent kernels for these cells yet: "persistent" is refused.
+# The GRU's and the Elman RNN's plan: the same tiles, GEMMs, reductions and variants
+# as the LSTM's above, written once for both through CellKernels, run_steps (step and
+# graph) and _persistent.launch (persistent). (The LSTM keeps its own plan above, which
+# predates this and hands its graph workspaces out without the copies run_steps makes;
+# moving it onto these is left for later.)
 
 
 @dataclass
@@ -1065,12 +1072,13 @@ def run_steps(rt, variant: str, key: tuple, source: str, name: str, grid, block,
         arrays[i][...] = workspace[i]
 
 
-def _cell_variant(kernels: CellKernels, variant: str | None, step_tile: StepTile | None) -> str:
+def _cell_variant(rt, kernels: CellKernels, variant: str | None, step_tile: StepTile | None, batch: int,
+                  hidden: int, dtype: str, direction: str) -> str:
+    """``variant``, checked, or what None runs: :func:`_default_variant` for this cell."""
     variant = _check_variant(variant)
-    if variant == "persistent":
-        raise ValueError(f"variant 'persistent' is not implemented for the {kernels.cell} cell yet; use 'graph' or "
-                         "'step'")
-    return variant or "graph"
+    if variant is None:
+        return _default_variant(rt, batch, hidden, dtype, step_tile, direction, kernels.cell)
+    return variant
 
 
 def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bool, *, variant: str | None = None,
@@ -1078,12 +1086,13 @@ def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bo
     """The backend contract's forward for a cell with the one state h (rnnkernels/
     _backend.py): ``(y, h_n, saved)``. ``bias``: the API's folded bias (GRU [4H] =
     [b_r sum, b_z sum, b_in, b_hn]; Elman [H] = b_ih + b_hh) or None."""
-    variant = _cell_variant(kernels, variant, step_tile)
     xp = rt.xp
     dtype = x.dtype.name
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     _check_sizes(steps, batch, input_size, hidden)
+    variant = _cell_variant(rt, kernels, variant, step_tile, batch, hidden, dtype,
+                            "forward_training" if training else "forward_inference")
     gate_width = kernels.gates * hidden
     tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     grid, block = tile.grid(batch, hidden), tile.block()
@@ -1107,8 +1116,15 @@ def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bo
     else:
         arrays = [gx, w_hh, h_all]
         outputs = (2,)
-    run_steps(rt, variant, ("forward", kernels.cell, training), kernels.forward_source, name, grid, block, arrays,
-              (np.int32(batch), np.int32(hidden)), steps, False, outputs)
+    if variant == "persistent":
+        # One cooperative launch for all steps: the step kernel's arguments (the
+        # Elman forward has no saved arrays beyond h_all), then the flags and the plan.
+        plan = _persistent.require(rt, _persistent.FORWARD, batch, hidden, dtype, training, kernels.cell)
+        persistent_arrays = arrays if kernels.gates == 3 else [gx, w_hh, h_all]
+        _persistent.launch(rt, plan, dtype, hidden, training, persistent_arrays, (steps, batch, hidden))
+    else:
+        run_steps(rt, variant, ("forward", kernels.cell, training), kernels.forward_source, name, grid, block, arrays,
+                  (np.int32(batch), np.int32(hidden)), steps, False, outputs)
 
     y = h_all[1:].astype(x.dtype, copy=training)
     h_n = h_all[steps].astype(x.dtype)
@@ -1122,12 +1138,12 @@ def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = F
     folded layout of forward's bias (None without one); with ``return_step_norms``,
     ``dh_norms`` ([T] float64, ‖∂L/∂h_t‖) follows."""
     kernels = saved.kernels
-    variant = _cell_variant(kernels, variant, step_tile)
     xp = rt.xp
     x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
     dtype = x.dtype.name
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
+    variant = _cell_variant(rt, kernels, variant, step_tile, batch, hidden, dtype, "backward")
     gate_width = kernels.gates * hidden
     tile = step_tile or saved.step_tile or choose_step_tile(batch, hidden, rt.sm_count)
     grid, block = tile.grid(batch, hidden), tile.block()
@@ -1139,17 +1155,31 @@ def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = F
     dz = xp.empty((steps, batch, gate_width), dtype=np.float32)  # GRU: dgh; Elman: da
     step_squares = xp.empty((grid[0] * grid[1], steps, 1), dtype=np.float64) if return_step_norms else dz
     sizes = (np.int32(steps), np.int32(batch), np.int32(hidden))
+    persistent = variant == "persistent"
+    if persistent:
+        plan = _persistent.require(rt, _persistent.BACKWARD, batch, hidden, dtype, return_step_norms, kernels.cell)
+        if return_step_norms:  # one slot per persistent block
+            step_squares = xp.empty((plan.blocks, steps, 1), dtype=np.float64)
     if kernels.gates == 3:
         dgi = xp.empty((steps, batch, gate_width), dtype=np.float32)
         carry = dh_n.astype(np.float32)  # a float32 copy, read and overwritten every step
-        arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry, dgi, dz, step_squares]
+        if persistent:
+            # The persistent kernel keeps the carry on chip: dh_n in, the final carry out.
+            carry_in, carry = carry, xp.empty((batch, hidden), dtype=np.float32)
+            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry_in, carry, dgi, dz,
+                      step_squares]
+        else:
+            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry, dgi, dz, step_squares]
         outputs = (5, 6, 7, 8)
     else:
         dgi = dz  # the Elman cell's input and hidden gradients are one
         arrays = [w_hh, h_all, dy, dh_n, dz, step_squares]
         outputs = (4, 5)
-    run_steps(rt, variant, ("backward", kernels.cell, return_step_norms), kernels.backward_source, name, grid, block,
-              arrays, sizes, steps, True, outputs)
+    if persistent:
+        _persistent.launch(rt, plan, dtype, hidden, return_step_norms, arrays, sizes)
+    else:
+        run_steps(rt, variant, ("backward", kernels.cell, return_step_norms), kernels.backward_source, name, grid,
+                  block, arrays, sizes, steps, True, outputs)
     norms = finish_step_norms(rt, step_squares, steps, kernels.backward_source) if return_step_norms else None
 
     # 2. Products over all steps at once (dx and dW_ih from dgi, dW_hh and dh0 from dgh).

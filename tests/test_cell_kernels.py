@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import emulator_or_skip
 
-from rnnkernels import _graph, _launch, cuda, emulated, gru_reference, rnn_reference
+from rnnkernels import _graph, _launch, _persistent, cuda, emulated, gru_reference, rnn_reference
 
 pytestmark = pytest.mark.emulated
 
@@ -193,10 +193,106 @@ def test_inputs_not_modified(rt):
     assert np.array_equal(bias, bias_before)
 
 
-def test_persistent_is_refused_with_a_clear_error(rt):
-    p = make_problem("rnn_tanh", 1, 1, 2, 3)
-    with pytest.raises(ValueError, match="not implemented for the rnn_tanh cell"):
-        run(rt, "rnn_tanh", p, variant="persistent")
+# ------------------------------------------------------------------ persistent
+def forced_runtime(cell, shape, sm_count, **kwargs):
+    """An emulated device of ``sm_count`` SMs with just enough shared memory for one row
+    tile of state beside the slices (both directions): H split over blocks, B staged in
+    chunks of one row tile. Its own memory model: "stale" (the default for cooperative
+    launches: another block's stores are seen only through release/acquire and __ldcg)."""
+    steps, batch, _, hidden = shape
+    tile = _persistent.TILE
+    units = -(-hidden // sm_count)
+    need = max(_persistent.shared_bytes(direction, tile, batch, hidden, units, tile.row_tile, cell=cell)
+               for direction in (_persistent.FORWARD, _persistent.BACKWARD))
+    return _launch.EmulatorRuntime(sm_count=sm_count, max_shared_bytes=need + _persistent.STATIC_SHARED_BYTES,
+                                   **kwargs)
+
+
+PERSISTENT_CASES = [
+    # (T, B, I, H), SMs: H = 7 and 9 scalar staging, H = 12 16-byte staging; several
+    # blocks; B = 9 in chunks of 4 rows; T = 1; B = 1.
+    ((3, 9, 4, 7), 3),
+    ((2, 9, 3, 12), 3),
+    ((1, 1, 2, 9), 2),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape, sm_count", PERSISTENT_CASES, ids=lambda v: str(v))
+def test_persistent_split_and_chunked_matches_reference(cell, shape, sm_count):
+    emulator_or_skip()
+    runtime = forced_runtime(cell, shape, sm_count, memory_model="stale")
+    batch, hidden = shape[1], shape[3]
+    for direction in (_persistent.FORWARD, _persistent.BACKWARD):
+        found = _persistent.plan_for(runtime, direction, batch, hidden, cell=cell)
+        assert found is not None and found.cell == cell and found.blocks == min(sm_count, hidden)
+        assert found.chunk_rows == _persistent.TILE.row_tile
+    p = make_problem(cell, *shape, seed=sum(shape))
+    assert_close(run(runtime, cell, p, variant="persistent"), reference(cell, p), 2e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_float16_without_bias_and_inference(rt, cell):
+    p = make_problem(cell, 3, 5, 4, 12, bias=False, seed=10)
+    rounded = {k: (None if v is None else v.astype(np.float16).astype(np.float64)) for k, v in p.items()}
+    want = reference(cell, rounded)
+    got = run(rt, cell, p, "float16", variant="persistent")
+    assert got["db"] is None and got["dx"].dtype == np.float16
+    assert_close(got, want, 2e-3)
+    assert_close(run(rt, cell, p, "float16", variant="persistent", training=False), want, 2e-3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_pairs_with_the_step_variants(rt, cell):
+    """Every forward variant saves the same arrays: persistent forward with a step
+    backward and the reverse; the backward's bits do not depend on which variant
+    saved (the saved arrays agree to rounding, so compare by tolerance), and the
+    persistent backward agrees with the step backward."""
+    p = make_problem(cell, 3, 3, 4, 7, seed=11)
+    kernels = _launch.CELL_KERNELS[cell]
+    cast = {k: v.astype(np.float32) for k, v in p.items()}
+    want = reference(cell, p)
+    for forward_variant, backward_variant in (("persistent", "step"), ("step", "persistent")):
+        y, h_n, saved = _launch.cell_forward(rt, kernels, cast["x"], cast["w_ih"], cast["w_hh"], folded_bias(cell, p),
+                                             cast["h0"], True, variant=forward_variant)
+        grads = _launch.cell_backward(rt, saved, cast["dy"], cast["dh_n"], return_step_norms=True,
+                                      variant=backward_variant)
+        assert_close(dict(zip(GRADIENTS + ("dh_norms",), grads), y=y, h_n=h_n), want, 2e-5)
+
+
+def test_persistent_deterministic_across_seeds_and_memory_models():
+    emulator_or_skip()
+    shape = (3, 9, 4, 12)
+    for cell in ("gru", "rnn_tanh"):
+        p = make_problem(cell, *shape, seed=12)
+        first = run(forced_runtime(cell, shape, 3, seed=1), cell, p, variant="persistent")
+        for seed, model in ((2, "stale"), (3, "sequential")):
+            assert_bitwise(first, run(forced_runtime(cell, shape, 3, seed=seed, memory_model=model), cell, p,
+                                      variant="persistent"))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_default_variant_is_persistent_where_it_fits(cell):
+    """variant=None: persistent where both directions fit the device (the cost model
+    permitting), graph where they do not; the results are those of the chosen variant."""
+    emulator_or_skip()
+    big = _launch.EmulatorRuntime()
+    assert _persistent.choose(big, 3, 7, "float32", cell) == "persistent"
+    tiny = _launch.EmulatorRuntime(max_shared_bytes=_persistent.STATIC_SHARED_BYTES + 64)  # no slice fits
+    assert _persistent.choose(tiny, 3, 7, "float32", cell) == "step"
+    assert _launch._default_variant(tiny, 3, 7, "float32", None, "backward", cell) == "graph"
+    p = make_problem(cell, 2, 3, 4, 7, seed=13)
+    kernels = _launch.CELL_KERNELS[cell]
+    cast = {k: v.astype(np.float32) for k, v in p.items()}
+    results = {}
+    for variants in ((None, None), tuple(_launch._default_variant(big, 3, 7, "float32", None, direction, cell)
+                                         for direction in ("forward_training", "backward"))):
+        y, h_n, saved = _launch.cell_forward(big, kernels, cast["x"], cast["w_ih"], cast["w_hh"],
+                                             folded_bias(cell, p), cast["h0"], True, variant=variants[0])
+        grads = _launch.cell_backward(big, saved, cast["dy"], cast["dh_n"], variant=variants[1])
+        results[variants[0]] = dict(zip(GRADIENTS, grads), y=y, h_n=h_n)
+    assert_bitwise(*results.values())
+    assert_bitwise(run(tiny, cell, p), run(tiny, cell, p, variant="graph"))
 
 
 @pytest.mark.parametrize("cell", CELLS)
