@@ -329,3 +329,59 @@ def test_kernel_table_lists_every_instance_the_plan_can_pick():
                     assert kernels.backward_name(tile, norms, dtype) in _launch.KERNELS[kernels.backward_source]
     assert _launch.RNN_RELU_KERNELS.forward_name(_launch.STEP_TILES[0], False) == (
         "rnnkernels::rnn_forward_step<float, true, 32, 4, 4, 32, 1>")
+
+
+# ------------------------------------------------------------ plan, chooser, PTX
+H100 = dict(sm_count=132, max_shared=232448)  # opt-in dynamic shared memory per block
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch, hidden", [(64, 512), (16, 768), (1, 1024)])
+def test_plan_fits_the_issue_sizes_on_h100(cell, batch, hidden):
+    """The GRU's and Elman's slices are 3/4 and 1/4 of the LSTM's: wherever the LSTM's
+    plan fits, theirs does, in no more chunks."""
+    for direction in (_persistent.FORWARD, _persistent.BACKWARD):
+        found = _persistent.plan(direction, batch, hidden, **H100, cell=cell)
+        lstm = _persistent.plan(direction, batch, hidden, **H100)
+        assert found is not None and found.cell == cell and found.chunk_rows % found.tile.row_tile == 0
+        assert found.shared_bytes == _persistent.shared_bytes(direction, found.tile, batch, hidden, found.units,
+                                                              found.chunk_rows, cell=cell)
+        assert found.shared_bytes <= H100["max_shared"]
+        assert found.chunk_rows >= lstm.chunk_rows  # no more chunks than the LSTM's
+
+
+def test_cost_model_takes_the_gate_count():
+    """The cost model's products and traffic scale with the cell's gate count; the
+    LSTM's numbers are what they were (Problem's default cell)."""
+    from rnnkernels import cost_model
+
+    dev = cost_model.device("H100-SXM")
+    for variant in ("graph", "persistent"):
+        for direction in cost_model.DIRECTIONS:
+            times = {cell: cost_model.predict(variant, direction, cost_model.Problem(64, 512, cell=cell), dev)
+                     for cell in ("lstm", "gru", "rnn_tanh")}
+            assert times["lstm"] == cost_model.predict(variant, direction, cost_model.Problem(64, 512), dev)
+            assert times["rnn_tanh"] < times["gru"] < times["lstm"], (variant, direction, times)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        cost_model.Problem(1, 1, cell="lstmp")
+
+
+@pytest.mark.nvrtc
+def test_persistent_exchange_contract_in_ptx():
+    """ptx_check on every GRU and Elman persistent instance (sm_90, CuPy's options):
+    flags published with release and polled with acquire, the exchanged state (h_all
+    forward; dgh, da backward) read only through L2 (.cg)."""
+    from rnnkernels import _sources, nvrtc_check, ptx_check
+
+    try:
+        nvrtc_check.load_nvrtc()
+    except RuntimeError as error:
+        pytest.skip(f"NVRTC is not available: {error}")
+    for kernels, backward_exchanged in ((_launch.GRU_KERNELS, "dgh"), (_launch.RNN_TANH_KERNELS, "da")):
+        for source, exchanged in ((kernels.forward_source, "h_all"), (kernels.backward_source, backward_exchanged)):
+            names = [name for name in _launch.KERNELS[source] if name.startswith(_persistent.KERNEL_PREFIXES)]
+            assert names
+            reports = ptx_check.check_exchanges(_sources.source_path(source), names, exchanged=exchanged,
+                                                flags="flags", arch="sm_90")
+            bad = [report.explain() for report in reports if not report.ok]
+            assert not bad, "\n".join(bad)
