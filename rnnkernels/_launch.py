@@ -1,4 +1,4 @@
-"""The launch plan of the CUDA LSTM kernels, written once for two runtimes.
+"""The launch plan of the CUDA kernels (LSTM, GRU, Elman RNN), written once for two runtimes.
 
 ``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
 kernels of ``csrc/`` through a small *runtime* object with these members:
@@ -680,9 +680,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _check_sizes(steps: int, batch: int, input_size: int, hidden: int) -> None:
     if hidden < 1:
-        raise ValueError(f"the CUDA LSTM kernels need hidden_size >= 1, got {hidden}")
+        raise ValueError(f"the CUDA kernels need hidden_size >= 1, got {hidden}")
     if steps < 1 or batch < 1:
-        raise ValueError(f"the CUDA LSTM kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
+        raise ValueError(f"the CUDA kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
     # Sizes travel as 32-bit kernel arguments (offsets are computed in 64 bits), and the
     # tiled loops over them need a tile of headroom (_MAX_SIZE).
     for what, value in (("T*B", steps * batch), ("4*hidden_size", GATES * hidden), ("input_size", input_size)):

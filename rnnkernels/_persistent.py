@@ -1,8 +1,10 @@
-"""The launch plan of the persistent, weight-stationary LSTM kernels, and the chooser.
+"""The launch plan of the persistent, weight-stationary kernels, and the chooser.
 
 ``lstm_forward_persistent`` and ``lstm_backward_persistent`` (csrc/lstm_forward.cu,
-csrc/lstm_backward.cu, machinery in csrc/persistent.cuh) run all T steps of the
-recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
+csrc/lstm_backward.cu, machinery in csrc/persistent.cuh), and the GRU's and Elman
+RNN's ``gru_*_persistent`` / ``rnn_*_persistent`` (csrc/gru_*.cu, rnn_*.cu; a
+:class:`PersistentCell` says each cell's names and shared-memory geometry), run all T
+steps of the recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
 for the whole sequence and the blocks hand the state of each step to each other
 through per-producer ready flags. They save and read exactly what the per-step
 kernels do (``_launch.Saved``), so a persistent forward pairs with a per-step
@@ -14,10 +16,12 @@ The plan, for a problem (B, H) and a device:
   256 threads with most of the shared memory is what fits): ``units`` =
   ceil(H / SMs) hidden units per block, ``blocks`` = ceil(H / units);
 * the block's shared memory (mirror of ``SharedLayout`` in persistent.cuh,
-  :func:`shared_bytes`) holds the weight slice (forward: 4·units rows of H; backward:
-  units rounded up to 4, rows of 4H), ``chunk_rows`` staged rows of the exchanged
-  state (h_{t-1}: H floats; dz_{t+1}: 4H), the k-partials of the product and the
-  per-cell c (forward) or dc carry (backward) of all B rows;
+  :func:`shared_bytes`) holds the weight slice (LSTM forward: 4·units rows of H;
+  backward: units rounded up to 4, rows of 4H), ``chunk_rows`` staged rows of the
+  exchanged state (h_{t-1}: H floats; dz_{t+1}: 4H), the k-partials of the product
+  and the per-cell c (forward) or dc carry (backward) of all B rows. The GRU: 3
+  instead of 4, no forward carry (h is re-staged every step), the dh·z carry
+  backward; the Elman RNN: rows of four consecutive units both ways, no carry;
 * ``chunk_rows``: all B rows (rounded up to the row tile) if they fit, else the
   fewest equal chunks that do;
 * no plan (``None``) when even one row tile does not fit next to the slice, or the

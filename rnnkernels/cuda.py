@@ -1,4 +1,5 @@
-"""``backend="cuda"``: the CUDA LSTM kernels of ``csrc/`` on an NVIDIA GPU, via CuPy.
+"""``backend="cuda"``: the CUDA kernels of ``csrc/`` on an NVIDIA GPU, via CuPy: ``BACKEND`` (LSTM),
+``GRU_BACKEND``, ``RNN_TANH_BACKEND`` and ``RNN_RELU_BACKEND`` (:func:`cell_backend`).
 
 Arrays are CuPy arrays (the API converts DLPack / ``__cuda_array_interface__`` inputs);
 every kernel and copy runs on the caller's current CuPy stream, on the device holding

@@ -1,4 +1,5 @@
-"""``backend="emulated"``: the CUDA LSTM kernels of ``csrc/`` run on the CPU emulator.
+"""``backend="emulated"``: the CUDA kernels of ``csrc/`` run on the CPU emulator: ``BACKEND`` (LSTM),
+``GRU_BACKEND``, ``RNN_TANH_BACKEND`` and ``RNN_RELU_BACKEND`` (:func:`cell_backend`).
 
 The same kernel text, the same instances and the same launch plan as
 ``backend="cuda"`` (``rnnkernels/_launch.py``), on NumPy arrays: this is how CI, which

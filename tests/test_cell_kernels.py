@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import emulator_or_skip
+from conftest import cuda_backend_or_skip, emulator_or_skip
 
 from rnnkernels import _graph, _launch, _persistent, cuda, emulated, gru_reference, rnn_reference
 
@@ -385,3 +385,28 @@ def test_persistent_exchange_contract_in_ptx():
                                                 flags="flags", arch="sm_90")
             bad = [report.explain() for report in reports if not report.ok]
             assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------------------ gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("variant", _launch.VARIANTS)
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_gpu_matches_reference(cell, variant, dtype):
+    """Needs an NVIDIA GPU (skipped with the reason elsewhere): every variant of the
+    cuda runtime against the float64 reference, float32 and float16, on a shape with
+    several blocks and a ragged batch tile."""
+    cupy = cuda_backend_or_skip()
+    rt = _launch.CupyRuntime()
+    p = make_problem(cell, 5, 3, 6, 33, seed=20)
+    if dtype == "float16":
+        # The reference sees the float16 values; the bias stays float32 (folded).
+        p = {k: v if k.startswith("b_") else v.astype(np.float16).astype(np.float64) for k, v in p.items()}
+    kernels = _launch.CELL_KERNELS[cell]
+    d = {k: cupy.asarray(v.astype(dtype)) for k, v in p.items() if v is not None}
+    bias = cupy.asarray(folded_bias(cell, p))
+    y, h_n, saved = _launch.cell_forward(rt, kernels, d["x"], d["w_ih"], d["w_hh"], bias, d["h0"], True,
+                                         variant=variant)
+    grads = _launch.cell_backward(rt, saved, d["dy"], d["dh_n"], return_step_norms=True, variant=variant)
+    got = {k: cupy.asnumpy(v) for k, v in zip(("y", "h_n") + GRADIENTS + ("dh_norms",), (y, h_n, *grads))}
+    assert_close(got, reference(cell, p), 2e-5 if dtype == "float32" else 2e-3)
