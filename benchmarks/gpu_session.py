@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -429,29 +430,56 @@ def compile_seconds(source: str, emulated: bool) -> float:
 
 def stage_compile(args, record) -> None:
     Runtime(args.emulated)  # a Skip when there is no GPU (or no emulator)
-    for source in _launch.KERNELS:
-        first = compile_seconds(source, args.emulated)
-        # Again in a fresh process: CuPy's (or the emulator's) disk cache should make it
-        # fast; CuPy's used to miss modules built with name_expressions.
-        command = [sys.executable, str(Path(__file__).resolve()), "--compile-source", source]
-        rc, output = run_group(command + (["--emulated"] if args.emulated else []), max(5, args.limit_s / 3))
-        again = float(output.strip().splitlines()[-1]) if rc == 0 else None
+    # The sources build side by side, one thread each: NVRTC (and the emulator's g++)
+    # runs outside the GIL, and with the GRU's and Elman's files the table is twice the
+    # LSTM's, more than one core compiles within the stage's limit (a prediction from
+    # the CPU machine's NVRTC times, not measured on a GPU host). Each "seconds" is that
+    # source's own wall time, overlapping the others'.
+    sources = list(_launch.KERNELS)
+    with ThreadPoolExecutor(len(sources)) as pool:
+        firsts = list(pool.map(lambda source: _timed_or_error(compile_seconds, source, args.emulated), sources))
+
+        def again(source):
+            # Again in a fresh process: CuPy's (or the emulator's) disk cache should make
+            # it fast; CuPy's used to miss modules built with name_expressions.
+            command = [sys.executable, str(Path(__file__).resolve()), "--compile-source", source]
+            return run_group(command + (["--emulated"] if args.emulated else []), max(5, args.limit_s / 3))
+
+        agains = list(pool.map(again, sources))
+    failed = []
+    for source, (first, first_error), (rc, output) in zip(sources, firsts, agains):
+        again_s = float(output.strip().splitlines()[-1]) if rc == 0 else None
+        error = first_error or (None if rc == 0 else f"exit {rc}: {output[-2000:]}")
         record("compile", source=source, instances=len(_launch.KERNELS[source]), seconds=first,
                # A build from scratch takes seconds; loading a cached module, well under one.
-               fresh_process_seconds=again, disk_cache_hit=None if again is None else again < max(1.0, 0.5 * first),
-               error=None if rc == 0 else f"exit {rc}: {output[-2000:]}")
+               fresh_process_seconds=again_s,
+               disk_cache_hit=None if again_s is None or first is None else again_s < max(1.0, 0.5 * first),
+               error=error)
+        if error:
+            failed.append(source)
     microbenchmarks().kernels(args.emulated)  # builds (and caches) the microbenchmark modules
     record("compile", source="benchmarks/kernels/03_microbenchmarks.cu", ok=True)
+    if failed:
+        raise RuntimeError(f"sources that did not build: {failed}")
     if args.emulated:
         record("ptxas", skipped="the NVRTC/ptxas report is tests/test_nvrtc.py's job in CI")
         return
     from rnnkernels import nvrtc_check
 
-    reports = [r for source in _launch.KERNELS for r in nvrtc_check.compile_source(source, "sm_90")]
+    reports = nvrtc_check.compile_sources(_launch.KERNELS, "sm_90")  # one thread per CPU
     problems = nvrtc_check.problems(reports)
     record("ptxas", arch="sm_90", kernels=[vars(r) for r in reports], problems=problems)
     if problems:
         raise RuntimeError("; ".join(problems))
+
+
+def _timed_or_error(function, *args):
+    """(function(*args), None), or (None, the error as text): one source's failure is
+    recorded beside the others' results instead of ending the stage."""
+    try:
+        return function(*args), None
+    except Exception as error:  # noqa: BLE001 - recorded, and the stage fails after the loop
+        return None, f"{type(error).__name__}: {error}"
 
 
 def run_group(command, timeout: float, env=None) -> tuple:

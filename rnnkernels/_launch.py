@@ -305,7 +305,10 @@ class CellKernels:
                    for tile in STEP_TILES for training in ((False, True) if self.training_flag else (True,))}
         backward = {self.backward_name(tile, norms, dtype): tile.threads for dtype in STORAGE_TYPES
                     for tile in STEP_TILES for norms in (False, True)}
-        backward.update({COLUMN_SUM.name(dtype): COLUMN_SUM.threads for dtype in STORAGE_TYPES})
+        # db: the Elman cell sums in the problem's dtype, the GRU in float32 (two sums
+        # assembled into the folded layout, then rounded once).
+        sum_dtypes = ("float32",) if self.gates == 3 else tuple(STORAGE_TYPES)
+        backward.update({COLUMN_SUM.name(dtype): COLUMN_SUM.threads for dtype in sum_dtypes})
         backward[STEP_NORMS.name(1)] = STEP_NORMS.threads
         return {self.forward_source: forward, self.backward_source: backward}
 
