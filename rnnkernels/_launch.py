@@ -121,13 +121,14 @@ class StepTile:
         return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}, {self.k_split}"
 
     def forward_name(self, training: bool, dtype: str = "float32") -> str:
-        """``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
-        return f"rnnkernels::lstm_forward_step<{_storage(dtype)}, {self._parameters()}, {str(training).lower()}>"
+        """The LSTM's forward instance of this tile (other cells: :class:`CellKernels`).
+        ``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
+        return LSTM_KERNELS.forward_name(self, training, dtype)
 
     def backward_name(self, step_norms: bool = False, dtype: str = "float32") -> str:
-        """``step_norms``: the instance that also writes the per-block sums of dh_t²
-        and dc_t² for the per-step gradient norms."""
-        return f"rnnkernels::lstm_backward_step<{_storage(dtype)}, {self._parameters()}, {str(step_norms).lower()}>"
+        """The LSTM's backward instance; ``step_norms``: the instance that also writes
+        the per-block sums of dh_t² and dc_t² for the per-step gradient norms."""
+        return LSTM_KERNELS.backward_name(self, step_norms, dtype)
 
 
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
@@ -227,29 +228,63 @@ class GradNorm:
 
 GRAD_NORM = GradNorm()
 
+# ------------------------------------------------------------ each cell's kernels
+@dataclass(frozen=True)
+class CellKernels:
+    """What the launch plan must know of a cell's per-step kernels: its gate row blocks,
+    its two csrc/ files (one per direction), the name of its step kernels and the
+    template flags that pick the cell variant, and how many state gradients its step
+    norms have (the LSTM: dh and dc). The tile loop and its launch shape are step.cuh's,
+    the same for every cell."""
+
+    cell: str  # the cell's name in rnnkernels/cells.py
+    gates: int  # row blocks of w_ih / w_hh
+    forward_source: str
+    backward_source: str
+    kernel: str  # step kernels rnnkernels::{kernel}_forward_step / _backward_step
+    flags: str = ""  # template arguments after Storage: rnn's Relu
+    training_flag: bool = True  # whether the forward has a Training template flag
+    state_gradients: int = 1  # quantities of its step norms: ‖dh_t‖ (and the LSTM's ‖dc_t‖)
+
+    def forward_name(self, tile: StepTile, training: bool, dtype: str = "float32") -> str:
+        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
+        tail = f", {str(training).lower()}" if self.training_flag else ""
+        return f"rnnkernels::{self.kernel}_forward_step<{head}{tail}>"
+
+    def backward_name(self, tile: StepTile, step_norms: bool = False, dtype: str = "float32") -> str:
+        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
+        return f"rnnkernels::{self.kernel}_backward_step<{head}, {str(step_norms).lower()}>"
+
+    def instances(self) -> dict[str, dict[str, int]]:
+        """This cell's rows of :data:`KERNELS`."""
+        forward = {self.forward_name(tile, training, dtype): tile.threads for dtype in STORAGE_TYPES
+                   for tile in STEP_TILES for training in ((False, True) if self.training_flag else (True,))}
+        backward = {self.backward_name(tile, norms, dtype): tile.threads for dtype in STORAGE_TYPES
+                    for tile in STEP_TILES for norms in (False, True)}
+        # db: the Elman cell sums in the problem's dtype, the GRU in float32 (two sums
+        # assembled into the folded layout, then rounded once).
+        sum_dtypes = ("float32",) if self.gates == 3 else tuple(STORAGE_TYPES)
+        backward.update({COLUMN_SUM.name(dtype): COLUMN_SUM.threads for dtype in sum_dtypes})
+        backward[STEP_NORMS.name(self.state_gradients)] = STEP_NORMS.threads
+        return {self.forward_source: forward, self.backward_source: backward}
+
+
+LSTM_KERNELS = CellKernels("lstm", GATES, FORWARD_SOURCE, BACKWARD_SOURCE, "lstm", state_gradients=2)
+# The GRU (gates r, z, n) and the Elman RNN, whose nonlinearity is a compile-time flag
+# (two cells, as cuDNN's RNN_TANH / RNN_RELU modes). The Elman forward saves nothing
+# but h_all, so it has no Training flag: inference runs the training instance.
+GRU_KERNELS = CellKernels("gru", 3, "gru_forward.cu", "gru_backward.cu", "gru")
+RNN_TANH_KERNELS = CellKernels("rnn_tanh", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="false",
+                               training_flag=False)
+RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="true",
+                               training_flag=False)
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound). One
-# set per dtype of STORAGE_TYPES, float32 first. The large products are not here: they
-# run on cuBLAS (rnnkernels/_gemm.py).
+# set per dtype of STORAGE_TYPES, float32 first; each cell's rows from its CellKernels
+# (the other cells' after the persistent block below). The large products are not
+# here: they run on cuBLAS (rnnkernels/_gemm.py).
 KERNELS: dict[str, dict[str, int]] = {
-    FORWARD_SOURCE: {
-        name: threads
-        for dtype in STORAGE_TYPES
-        for name, threads in (
-            (tile.forward_name(training, dtype), tile.threads) for tile in STEP_TILES for training in (False, True)
-        )
-    },
-    BACKWARD_SOURCE: {
-        **{
-            name: threads
-            for dtype in STORAGE_TYPES
-            for name, threads in (
-                *((tile.backward_name(norms, dtype), tile.threads) for tile in STEP_TILES for norms in (False, True)),
-                (COLUMN_SUM.name(dtype), COLUMN_SUM.threads),
-            )
-        },
-        STEP_NORMS.name(): STEP_NORMS.threads,
-    },
+    **LSTM_KERNELS.instances(),
     GRAD_NORM_SOURCE: {
         **{GRAD_NORM.partial_name(dtype): GRAD_NORM.threads for dtype in GradNorm.ELEMENT_TYPES},
         GRAD_NORM.finish_name(): GRAD_NORM.threads,
@@ -273,54 +308,6 @@ for _dtype in STORAGE_TYPES:
 # ---- end of the persistent block
 
 
-# ------------------------------------------------------------ the other cells' kernels
-@dataclass(frozen=True)
-class CellKernels:
-    """What the launch plan must know of a cell's per-step kernels (the LSTM's are the
-    module-level names above, which predate this): its gate row blocks, its two csrc/
-    files (one per direction), the name of its step kernels and the template flags
-    that pick the cell variant, and how many state gradients its step norms have.
-    The tile loop and its launch shape are step.cuh's, the same for every cell."""
-
-    cell: str  # the cell's name in rnnkernels/cells.py
-    gates: int  # row blocks of w_ih / w_hh
-    forward_source: str
-    backward_source: str
-    kernel: str  # step kernels rnnkernels::{kernel}_forward_step / _backward_step
-    flags: str = ""  # template arguments after Storage: rnn's Relu
-    training_flag: bool = True  # whether the forward has a Training template flag
-
-    def forward_name(self, tile: StepTile, training: bool, dtype: str = "float32") -> str:
-        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
-        tail = f", {str(training).lower()}" if self.training_flag else ""
-        return f"rnnkernels::{self.kernel}_forward_step<{head}{tail}>"
-
-    def backward_name(self, tile: StepTile, step_norms: bool = False, dtype: str = "float32") -> str:
-        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
-        return f"rnnkernels::{self.kernel}_backward_step<{head}, {str(step_norms).lower()}>"
-
-    def instances(self) -> dict[str, dict[str, int]]:
-        """This cell's rows of :data:`KERNELS`."""
-        forward = {self.forward_name(tile, training, dtype): tile.threads for dtype in STORAGE_TYPES
-                   for tile in STEP_TILES for training in ((False, True) if self.training_flag else (True,))}
-        backward = {self.backward_name(tile, norms, dtype): tile.threads for dtype in STORAGE_TYPES
-                    for tile in STEP_TILES for norms in (False, True)}
-        # db: the Elman cell sums in the problem's dtype, the GRU in float32 (two sums
-        # assembled into the folded layout, then rounded once).
-        sum_dtypes = ("float32",) if self.gates == 3 else tuple(STORAGE_TYPES)
-        backward.update({COLUMN_SUM.name(dtype): COLUMN_SUM.threads for dtype in sum_dtypes})
-        backward[STEP_NORMS.name(1)] = STEP_NORMS.threads
-        return {self.forward_source: forward, self.backward_source: backward}
-
-
-# The GRU (gates r, z, n) and the Elman RNN, whose nonlinearity is a compile-time flag
-# (two cells, as cuDNN's RNN_TANH / RNN_RELU modes). The Elman forward saves nothing
-# but h_all, so it has no Training flag: inference runs the training instance.
-GRU_KERNELS = CellKernels("gru", 3, "gru_forward.cu", "gru_backward.cu", "gru")
-RNN_TANH_KERNELS = CellKernels("rnn_tanh", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="false",
-                               training_flag=False)
-RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="true",
-                               training_flag=False)
 CELL_KERNELS = {k.cell: k for k in (GRU_KERNELS, RNN_TANH_KERNELS, RNN_RELU_KERNELS)}
 for _cell in CELL_KERNELS.values():
     for _source, _names in _cell.instances().items():
@@ -334,9 +321,9 @@ for _cell in CELL_KERNELS.values():
 # Kernels that run once per step (or hold a whole sequence): the NVRTC check fails if
 # any of them spills.
 STEP_KERNEL_PREFIXES = (
-    "rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<", *_persistent.KERNEL_PREFIXES,
-    *(f"rnnkernels::{k.kernel}_{direction}_step<" for k in (GRU_KERNELS, RNN_TANH_KERNELS)
+    *(f"rnnkernels::{kernel}_{direction}_step<" for kernel in ("lstm", "gru", "rnn")
       for direction in ("forward", "backward")),
+    *_persistent.KERNEL_PREFIXES,
 )
 
 

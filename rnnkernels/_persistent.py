@@ -98,12 +98,12 @@ class PersistentTile:
         return f"{self.threads}, {self.k_split}, {self.row_tile}, {self.in_flight}"
 
     def forward_name(self, storage: str, training: bool, vector_loads: bool) -> str:
-        """``storage``: the C++ Storage type (``_launch.STORAGE_TYPES``)."""
-        flags = f"{str(vector_loads).lower()}, {str(training).lower()}"
-        return f"rnnkernels::lstm_forward_persistent<{storage}, {self._parameters()}, {flags}>"
+        """The LSTM's forward instance (other cells: :class:`PersistentCell`);
+        ``storage``: the C++ Storage type (``_launch.STORAGE_TYPES``)."""
+        return LSTM_CELL.forward_name(self, storage, training, vector_loads)
 
     def backward_name(self, storage: str, step_norms: bool) -> str:
-        return f"rnnkernels::lstm_backward_persistent<{storage}, {self._parameters()}, {str(step_norms).lower()}>"
+        return LSTM_CELL.backward_name(self, storage, step_norms, True)
 
     def forward_names(self, storage: str) -> list[str]:
         return [self.forward_name(storage, t, v) for t in (False, True) for v in (False, True)]
