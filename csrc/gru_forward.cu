@@ -102,7 +102,8 @@ gru_forward_step(const float* __restrict__ gx,      // [T, B, 3H] x·W_ihᵀ + b
 //     its own h_{t-1}, for z·h_{t-1}), the product (items of the three gate rows of a
 //     unit), and the cell update of gru_forward_step, one (row, unit) pair per thread;
 //     write h_t (and, Training, the gates and gh^n); publish step t+1.
-// No per-cell carry: the GRU's state is h alone, which every step re-stages.
+// No per-cell carry: the GRU's state is h alone, which every step re-stages. Each
+// thread loads the gx of its first pair before the wait.
 // Launch: as lstm_forward_persistent (checked by rnnkernels/_persistent.py); dynamic
 // shared memory = SharedLayout's total·4 bytes with no cells region.
 template <typename Storage, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads, bool Training>
@@ -141,6 +142,15 @@ gru_forward_persistent(const float* __restrict__ gx,      // [T, B, 3H] x·W_ih�
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
+        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait (as in
+        // lstm_forward_persistent): it does not depend on the other blocks.
+        float gx_first[gru_gates];
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
+            const float* gx_row = gx + ((index_t)step * batch + r) * gate_width + unit0 + u;
+#pragma unroll
+            for (int g = 0; g < gru_gates; ++g) gx_first[g] = gx_row[g * hidden];
+        }
         if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
         const float* h_prev = h_all + (index_t)step * state_size;
         float* h_next = h_all + (index_t)(step + 1) * state_size;
@@ -156,14 +166,19 @@ gru_forward_persistent(const float* __restrict__ gx,      // [T, B, 3H] x·W_ih�
                 const int r = pair / own_units, u = pair - r * own_units;
                 const int row = row0 + r, unit = unit0 + u;
                 const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                const float* gx_row = gx + gate_offset;
-                const float reset_gate = sigmoid(
-                    gx_row[unit] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 0, r));
-                const float update_gate = sigmoid(gx_row[hidden + unit] + persistent::sum_partials<KSplit, ItemRows, RowTile>(
-                                                                              partials, layout, u, 1, r));
+                // The first pair of the first chunk is the one prefetched above.
+                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
+                float gx_pair[gru_gates];
+#pragma unroll
+                for (int g = 0; g < gru_gates; ++g)
+                    gx_pair[g] = prefetched ? gx_first[g] : gx[gate_offset + g * hidden + unit];
+                const float reset_gate =
+                    sigmoid(gx_pair[0] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 0, r));
+                const float update_gate =
+                    sigmoid(gx_pair[1] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 1, r));
                 const float hidden_n =
                     persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 2, r) + b_hn[unit];
-                const float candidate = tanh_activation(gx_row[2 * hidden + unit] + reset_gate * hidden_n);
+                const float candidate = tanh_activation(gx_pair[2] + reset_gate * hidden_n);
                 const index_t cell = (index_t)row * hidden + unit;
                 h_next[cell] = (1.0f - update_gate) * candidate + update_gate * h_chunk[r * layout.k_pad + unit];
                 if (Training) {

@@ -77,7 +77,8 @@ rnn_forward_step(const float* __restrict__ gx,      // [T, B, H] x路W_ih岬� + b
 // h_{t-1}, stages it chunk by chunk, forms the product with items of four consecutive
 // units (the Elman cell has one gate row per unit: four units make the register tile
 // lstm_forward_persistent's four gates make), and writes h_t = act(gx + product);
-// then publishes step t+1. No per-cell carry. Launch as lstm_forward_persistent.
+// then publishes step t+1. No per-cell carry; each thread loads the gx of its first
+// pair before the wait. Launch as lstm_forward_persistent.
 template <typename Storage, bool Relu, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads>
 __global__ void __launch_bounds__(Threads, 1)
 rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x路W_ih岬� + b
@@ -110,6 +111,13 @@ rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x路W_ih岬
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
+        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait (as in
+        // lstm_forward_persistent): it does not depend on the other blocks.
+        float gx_first = 0.0f;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
+            gx_first = gx[(index_t)step * state_size + (index_t)r * hidden + unit0 + u];
+        }
         if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
         const float* h_prev = h_all + (index_t)step * state_size;
         float* h_next = h_all + (index_t)(step + 1) * state_size;
@@ -125,8 +133,10 @@ rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x路W_ih岬
                 const int r = pair / own_units, u = pair - r * own_units;
                 const int row = row0 + r, unit = unit0 + u;
                 const index_t cell = (index_t)row * hidden + unit;
+                // The first pair of the first chunk is the one prefetched above.
+                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
                 h_next[cell] = elman_activation<Relu>(
-                    gx[(index_t)step * state_size + cell] +
+                    (prefetched ? gx_first : gx[(index_t)step * state_size + cell]) +
                     persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r));
             }
             // The next chunk overwrites h_chunk and partials (publish syncs the last).
