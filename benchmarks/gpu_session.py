@@ -29,7 +29,8 @@ running to its limit, 415 s in all, under the 420 s budget; --budget caps the to
                    our helpers, float32 denormal arithmetic, under CuPy's options)
   correctness  60  every variant of _launch.VARIANTS, forward (training and inference)
                    and backward, float32 and float16, small shapes, vs the float64
-                   reference
+                   reference; the same for the GRU and the Elman RNN (tanh, relu) on
+                   the first shape
   sanitizer    80  compute-sanitizer memcheck, then racecheck (40 s each), on every
                    variant forward + backward at the smallest shape, both dtypes
   timing      140  us per step = (t(T=256) - t(T=64)) / 192, CUDA events, warm-up,
@@ -63,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rnnkernels import _launch, _sources, cost_model  # noqa: E402
+from rnnkernels import _launch, _sources, cost_model, gru_reference, rnn_reference  # noqa: E402
 from rnnkernels import reference as reference_lstm  # noqa: E402
 
 BUDGET_S = 420
@@ -285,6 +287,56 @@ def check_variant(rt: Runtime, variant: str, dtype: str, shape, seed: int) -> di
             "max_error": errors[worst], "tolerance": TOLERANCE[dtype], "ok": errors[worst] <= TOLERANCE[dtype]}
 
 
+def check_cell_variant(rt: Runtime, cell: str, variant: str, dtype: str, shape, seed: int) -> dict:
+    """:func:`check_variant` for the GRU or an Elman cell (``_launch.CELL_KERNELS``):
+    forward (inference and training) and backward with step norms against
+    gru_reference / rnn_reference; db in the folded layout of the bias."""
+    kernels = _launch.CELL_KERNELS[cell]
+    steps, batch, input_size, hidden = shape
+    g = kernels.gates
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / math.sqrt(hidden)
+
+    def rounded(array):
+        return array.astype(dtype).astype(np.float64)
+
+    p = {"x": rounded(rng.standard_normal((steps, batch, input_size))),
+         "w_ih": rounded(rng.uniform(-bound, bound, (g * hidden, input_size))),
+         "w_hh": rounded(rng.uniform(-bound, bound, (g * hidden, hidden))),
+         "h0": rounded(rng.standard_normal((batch, hidden)) * 0.5),
+         "dy": rounded(rng.standard_normal((steps, batch, hidden))),
+         "dh_n": rounded(rng.standard_normal((batch, hidden)))}
+    b_ih, b_hh = rng.uniform(-bound, bound, g * hidden), rng.uniform(-bound, bound, g * hidden)
+    args = (p["x"], p["w_ih"], p["w_hh"], b_ih, b_hh, p["h0"])
+    if cell == "gru":
+        y, h_n, saved = gru_reference.forward(*args)
+        dx, dw_ih, dw_hh, db_ih, db_hh, dh0, norms = gru_reference.backward(saved, p["dy"], p["dh_n"], True)
+        db = np.concatenate([db_ih[:2 * hidden], db_ih[2 * hidden:], db_hh[2 * hidden:]])
+        bias = np.concatenate([b_ih[:2 * hidden] + b_hh[:2 * hidden], b_ih[2 * hidden:], b_hh[2 * hidden:]])
+    else:
+        y, h_n, saved = rnn_reference.forward(*args, nonlinearity=cell.removeprefix("rnn_"))
+        dx, dw_ih, dw_hh, db, _, dh0, norms = rnn_reference.backward(saved, p["dy"], p["dh_n"], True)
+        bias = b_ih + b_hh
+    d = on_device(rt, p, dtype)
+    bias32 = rt.asarray(bias.astype(np.float32))
+    errors = {}
+    inference = _launch.cell_forward(rt.launch, kernels, d["x"], d["w_ih"], d["w_hh"], bias32, d["h0"], False,
+                                     variant=variant)
+    for name, got, want in zip(("y", "h_n"), inference[:2], (y, h_n)):
+        errors[f"inference_{name}"] = relative_error(rt.asnumpy(got), want)
+    out = _launch.cell_forward(rt.launch, kernels, d["x"], d["w_ih"], d["w_hh"], bias32, d["h0"], True,
+                               variant=variant)
+    ours = _launch.cell_backward(rt.launch, out[2], d["dy"], d["dh_n"], return_step_norms=True, variant=variant)
+    for name, got, want in zip(("y", "h_n"), out[:2], (y, h_n)):
+        errors[name] = relative_error(rt.asnumpy(got), want)
+    for name, got, want in zip(("dx", "dw_ih", "dw_hh", "db", "dh0", "dh_norms"), ours, (dx, dw_ih, dw_hh, db, dh0,
+                                                                                          norms)):
+        errors[name] = relative_error(rt.asnumpy(got), want)
+    worst = max(errors, key=errors.get)
+    return {"cell": cell, "variant": variant, "dtype": dtype, "shape": list(shape), "errors": errors, "worst": worst,
+            "max_error": errors[worst], "tolerance": TOLERANCE[dtype], "ok": errors[worst] <= TOLERANCE[dtype]}
+
+
 # --------------------------------------------------------------------------- stages
 def stage_env(args, record) -> None:
     # Cheapest and most useful first: a cold torch import on a fresh machine can take
@@ -378,29 +430,56 @@ def compile_seconds(source: str, emulated: bool) -> float:
 
 def stage_compile(args, record) -> None:
     Runtime(args.emulated)  # a Skip when there is no GPU (or no emulator)
-    for source in _launch.KERNELS:
-        first = compile_seconds(source, args.emulated)
-        # Again in a fresh process: CuPy's (or the emulator's) disk cache should make it
-        # fast; CuPy's used to miss modules built with name_expressions.
-        command = [sys.executable, str(Path(__file__).resolve()), "--compile-source", source]
-        rc, output = run_group(command + (["--emulated"] if args.emulated else []), max(5, args.limit_s / 3))
-        again = float(output.strip().splitlines()[-1]) if rc == 0 else None
+    # The sources build side by side, one thread each: NVRTC (and the emulator's g++)
+    # runs outside the GIL, and with the GRU's and Elman's files the table is twice the
+    # LSTM's, more than one core compiles within the stage's limit (a prediction from
+    # the CPU machine's NVRTC times, not measured on a GPU host). Each "seconds" is that
+    # source's own wall time, overlapping the others'.
+    sources = list(_launch.KERNELS)
+    with ThreadPoolExecutor(len(sources)) as pool:
+        firsts = list(pool.map(lambda source: _timed_or_error(compile_seconds, source, args.emulated), sources))
+
+        def again(source):
+            # Again in a fresh process: CuPy's (or the emulator's) disk cache should make
+            # it fast; CuPy's used to miss modules built with name_expressions.
+            command = [sys.executable, str(Path(__file__).resolve()), "--compile-source", source]
+            return run_group(command + (["--emulated"] if args.emulated else []), max(5, args.limit_s / 3))
+
+        agains = list(pool.map(again, sources))
+    failed = []
+    for source, (first, first_error), (rc, output) in zip(sources, firsts, agains):
+        again_s = float(output.strip().splitlines()[-1]) if rc == 0 else None
+        error = first_error or (None if rc == 0 else f"exit {rc}: {output[-2000:]}")
         record("compile", source=source, instances=len(_launch.KERNELS[source]), seconds=first,
                # A build from scratch takes seconds; loading a cached module, well under one.
-               fresh_process_seconds=again, disk_cache_hit=None if again is None else again < max(1.0, 0.5 * first),
-               error=None if rc == 0 else f"exit {rc}: {output[-2000:]}")
+               fresh_process_seconds=again_s,
+               disk_cache_hit=None if again_s is None or first is None else again_s < max(1.0, 0.5 * first),
+               error=error)
+        if error:
+            failed.append(source)
     microbenchmarks().kernels(args.emulated)  # builds (and caches) the microbenchmark modules
     record("compile", source="benchmarks/kernels/03_microbenchmarks.cu", ok=True)
+    if failed:
+        raise RuntimeError(f"sources that did not build: {failed}")
     if args.emulated:
         record("ptxas", skipped="the NVRTC/ptxas report is tests/test_nvrtc.py's job in CI")
         return
     from rnnkernels import nvrtc_check
 
-    reports = [r for source in _launch.KERNELS for r in nvrtc_check.compile_source(source, "sm_90")]
+    reports = nvrtc_check.compile_sources(_launch.KERNELS, "sm_90")  # one thread per CPU
     problems = nvrtc_check.problems(reports)
     record("ptxas", arch="sm_90", kernels=[vars(r) for r in reports], problems=problems)
     if problems:
         raise RuntimeError("; ".join(problems))
+
+
+def _timed_or_error(function, *args):
+    """(function(*args), None), or (None, the error as text): one source's failure is
+    recorded beside the others' results instead of ending the stage."""
+    try:
+        return function(*args), None
+    except Exception as error:  # noqa: BLE001 - recorded, and the stage fails after the loop
+        return None, f"{type(error).__name__}: {error}"
 
 
 def run_group(command, timeout: float, env=None) -> tuple:
@@ -445,6 +524,18 @@ def stage_correctness(args, record) -> None:
                 record("correctness", **result)
                 if not result["ok"]:
                     failures.append(f"{variant} {dtype} {shape}")
+    # The other cells: every variant and dtype on the first shape.
+    for cell in _launch.CELL_KERNELS:
+        for variant in _launch.VARIANTS:
+            for dtype in _launch.STORAGE_TYPES:
+                try:
+                    result = check_cell_variant(rt, cell, variant, dtype, shapes[0], seed=0)
+                except Exception as error:  # noqa: BLE001 - one variant's crash must not hide the others
+                    result = {"cell": cell, "variant": variant, "dtype": dtype, "shape": list(shapes[0]), "ok": False,
+                              "error": f"{type(error).__name__}: {error}"}
+                record("correctness", **result)
+                if not result["ok"]:
+                    failures.append(f"{cell} {variant} {dtype} {shapes[0]}")
     if failures:
         raise RuntimeError(f"variants off the reference: {failures}")
 
@@ -894,9 +985,11 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append("no timings recorded")
     lines += ["", "## Correctness (max relative error vs the float64 reference)", ""]
-    lines += ["| variant | dtype | shape (T,B,I,H) | worst output | max rel err | tolerance | ok |", "|---|---|---|---|---:|---:|---|"]
+    lines += ["| cell | variant | dtype | shape (T,B,I,H) | worst output | max rel err | tolerance | ok |",
+              "|---|---|---|---|---|---:|---:|---|"]
     for c in records.get("correctness", []):
-        lines.append(f"| {c['variant']} | {c['dtype']} | {c['shape']} | {c.get('worst', c.get('error', ''))} | "
+        lines.append(f"| {c.get('cell', 'lstm')} | {c['variant']} | {c['dtype']} | {c['shape']} | "
+                     f"{c.get('worst', c.get('error', ''))} | "
                      f"{_fmt(c.get('max_error'))} | {_fmt(c.get('tolerance'))} | {c['ok']} |")
     for v in records.get("validation", []):
         if not v.get("ok"):

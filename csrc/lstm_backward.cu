@@ -17,11 +17,11 @@
 //      reads the saved gates and c_t, c_{t-1} and the dc carry of its (b, j) pairs,
 //      and writes dz_t for the four gates of j and the new carry. All in registers.
 //      With StepNorms, the block also sums dh_t² and dc_t² over its (b, j) pairs and
-//      writes the two sums to its own slot of step_squares (see step_norms below).
+//      writes the two sums to its own slot of step_squares (see step_norms, reductions.cuh).
 //   2. GEMMs on cuBLAS (NumPy in the emulator; rnnkernels/_gemm.py) for dx, dW_ih,
 //      dW_hh, dh0 over T·B rows at once.
-//   3. column_sum<Storage, ...> for db: fixed-order sums, no atomics.
-//   4. step_norms<...>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
+//   3. column_sum<Storage, ...> for db: fixed-order sums, no atomics (reductions.cuh).
+//   4. step_norms<..., 2>, only with StepNorms: ‖dh_t‖ = sqrt(Σ_blocks dh_t²), same for dc.
 // Every output element of our kernels is summed by one thread in a fixed order, and
 // cuBLAS is deterministic on one stream, so gradients (and the norms) are bitwise
 // identical run after run.
@@ -65,20 +65,10 @@
 // consecutive (t, quantity) pairs of one block).
 #include "common.cuh"
 #include "persistent.cuh"
+#include "reductions.cuh"
+#include "step.cuh"
 
 namespace rnnkernels {
-
-// Row stride of the backward W_hh tile. With one slice (KSplit = 1) the units of a warp
-// read consecutive words of a row: no pad. With several, a warp holds slices z whose
-// rows sit KTile·stride words apart; a stride with KTile·stride = UnitTile (mod 32)
-// puts every (slice, unit) pair of a warp on its own bank (stride 9 for the batch1
-// tile); where none exists below UnitTile + 32, a pad of one.
-__host__ __device__ constexpr int backward_w_stride(int unit_tile, int k_tile, int k_split) {
-    if (k_split == 1) return unit_tile;
-    for (int stride = unit_tile; stride < unit_tile + 32; ++stride)
-        if ((k_tile * stride) % 32 == unit_tile % 32) return stride;
-    return unit_tile + 1;
-}
 
 template <typename Storage, int UnitTile, int BatchThreads, int RowsPerThread, int KTile, int KSplit, bool StepNorms>
 __global__ void __launch_bounds__(UnitTile * BatchThreads * KSplit)
@@ -94,150 +84,20 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
                    int batch,                        // B
                    int hidden,                       // H
                    int step) {                       // t, 0 <= t < T
-    constexpr int SliceThreads = UnitTile * BatchThreads;  // threads of one k slice
-    constexpr int Threads = SliceThreads * KSplit;
+    constexpr int Threads = UnitTile * BatchThreads * KSplit;
     constexpr int BatchTile = BatchThreads * RowsPerThread;
-    // As in lstm_forward_step: KBlock = KSplit·KTile columns of k (here 4H) staged per
-    // round, slice z sums columns [z·KTile, (z+1)·KTile) of each; every thread issues
-    // all its loads of a round into registers before storing any (loads in flight).
-    constexpr int KBlock = KTile * KSplit;
-    constexpr int WStride = backward_w_stride(UnitTile, KTile, KSplit);
-    constexpr int WLoads = (UnitTile * KBlock + Threads - 1) / Threads;
-    constexpr int ZLoads = (BatchTile * KBlock + Threads - 1) / Threads;
-    static_assert(Threads % 32 == 0, "whole warps only");
-    static_assert((KBlock & (KBlock - 1)) == 0, "KTile * KSplit must be a power of two");
-    constexpr int VecPerRow = UnitTile / 4 > 0 ? UnitTile / 4 : 1;
-    constexpr bool CanVector = is_float_storage<Storage>::value && UnitTile % 4 == 0;
-    constexpr int VecLoads = (VecPerRow * KBlock + Threads - 1) / Threads;
-
-    // w_tile[k][u] = W_hh[k0 + k, unit0 + u]: the units are W_hh's contiguous dimension,
-    // so loads coalesce and a warp reads consecutive words.
-    __shared__ float w_tile[KBlock][WStride];
-    // dz_tile[r][k] = dz_{t+1}[row0 + r, k0 + k]
-    __shared__ float dz_tile[BatchTile][KBlock + 1];
+    const int gate_width = lstm_gates * hidden;
+    const index_t state_size = (index_t)batch * hidden;
+    // dz_{t+1}·W_hh for the tile (step.cuh); the last step has no dz_{t+1}.
+    float dh[RowsPerThread];
+    recurrent_gradient<lstm_gates, Storage, UnitTile, BatchThreads, RowsPerThread, KTile, KSplit>(
+        w_hh, step + 1 < steps ? dgates + (index_t)(step + 1) * batch * gate_width : nullptr, batch, hidden, dh);
 
     const int unit_in_tile = threadIdx.x;
     const int batch_lane = threadIdx.y;
     const int slice = KSplit > 1 ? (int)threadIdx.z : 0;
-    // unsigned: the % and / below by compile-time constants are masks, shifts or a
-    // multiply, never a 64-bit division.
-    const unsigned int thread = (threadIdx.z * BatchThreads + threadIdx.y) * UnitTile + threadIdx.x;
     const int unit0 = blockIdx.x * UnitTile;
     const int row0 = blockIdx.y * BatchTile;
-    const int gate_width = lstm_gates * hidden;
-    const index_t state_size = (index_t)batch * hidden;
-
-    float dh[RowsPerThread];
-#pragma unroll
-    for (int r = 0; r < RowsPerThread; ++r) dh[r] = 0.0f;
-
-    // dz_{t+1}'s tile: loads into registers, then stores (both W staging paths use them).
-    auto load_dz = [&](float (&staged)[ZLoads], const float* dz_next, int k0) {
-#pragma unroll
-        for (int i = 0; i < ZLoads; ++i) {
-            const unsigned int e = thread + i * Threads;
-            const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
-            const int row = row0 + r, k = k0 + kk;
-            staged[i] = (e < BatchTile * KBlock && row < batch && k < gate_width) ? dz_next[(index_t)row * gate_width + k]
-                                                                                   : 0.0f;
-        }
-    };
-    auto store_dz = [&](const float (&staged)[ZLoads]) {
-#pragma unroll
-        for (int i = 0; i < ZLoads; ++i) {
-            const unsigned int e = thread + i * Threads;
-            if (e < BatchTile * KBlock) dz_tile[e / KBlock][e % KBlock] = staged[i];
-        }
-    };
-    // float storage with W_hh's rows on 16-byte boundaries (H % 4 == 0, aligned pointer):
-    // the W tile loaded as float4s, 4 consecutive units per load (the same values land
-    // in w_tile, so the same bits); thread e loads units 4·(e % VecPerRow) of row
-    // e / VecPerRow. A uniform check, scalar loads otherwise.
-    const bool vector_rows = CanVector && rows_allow_float4(w_hh, hidden);
-
-    // The last step has no dz_{t+1}; the branch is uniform over the grid.
-    if (step + 1 < steps) {
-        const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
-        for (int k0 = 0; k0 < gate_width; k0 += KBlock) {
-            float dz_staged[ZLoads];
-            bool staged = false;
-            if constexpr (CanVector) {
-                if (vector_rows) {
-                    // unit < H with H % 4 == 0 and unit % 4 == 0: all four units are in range.
-                    float4 w_staged[VecLoads];
-#pragma unroll
-                    for (int i = 0; i < VecLoads; ++i) {
-                        const unsigned int e = thread + i * Threads;
-                        const int u = 4 * (int)(e % VecPerRow), kk = (int)(e / VecPerRow);
-                        const int unit = unit0 + u, k = k0 + kk;
-                        w_staged[i] = (e < VecPerRow * KBlock && unit < hidden && k < gate_width)
-                                          ? *reinterpret_cast<const float4*>(w_hh + (index_t)k * hidden + unit)
-                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    }
-                    load_dz(dz_staged, dz_next, k0);
-#pragma unroll
-                    for (int i = 0; i < VecLoads; ++i) {
-                        const unsigned int e = thread + i * Threads;
-                        if (e < VecPerRow * KBlock) {
-                            float* row = &w_tile[e / VecPerRow][4 * (e % VecPerRow)];
-                            row[0] = w_staged[i].x;
-                            row[1] = w_staged[i].y;
-                            row[2] = w_staged[i].z;
-                            row[3] = w_staged[i].w;
-                        }
-                    }
-                    store_dz(dz_staged);
-                    staged = true;
-                }
-            }
-            if (!staged) {
-                float w_staged[WLoads];
-#pragma unroll
-                for (int i = 0; i < WLoads; ++i) {
-                    const unsigned int e = thread + i * Threads;
-                    const int u = (int)(e % UnitTile), kk = (int)(e / UnitTile);
-                    const int unit = unit0 + u, k = k0 + kk;
-                    w_staged[i] = (e < UnitTile * KBlock && unit < hidden && k < gate_width)
-                                      ? to_float(w_hh[(index_t)k * hidden + unit])
-                                      : 0.0f;
-                }
-                load_dz(dz_staged, dz_next, k0);
-#pragma unroll
-                for (int i = 0; i < WLoads; ++i) {
-                    const unsigned int e = thread + i * Threads;
-                    if (e < UnitTile * KBlock) w_tile[e / UnitTile][e % UnitTile] = w_staged[i];
-                }
-                store_dz(dz_staged);
-            }
-            __syncthreads();
-#pragma unroll
-            for (int j = 0; j < KTile; ++j) {
-                const int kk = slice * KTile + j;
-                const float w = w_tile[kk][unit_in_tile];
-#pragma unroll
-                for (int r = 0; r < RowsPerThread; ++r)
-                    dh[r] = fmaf(dz_tile[batch_lane + r * BatchThreads][kk], w, dh[r]);
-            }
-            __syncthreads();
-        }
-    }
-
-    if constexpr (KSplit > 1) {
-        // The slices' partial sums meet in slice 0, added in slice order (deterministic;
-        // the last bits differ from a KSplit = 1 tile's single chain). The other slices
-        // go on with no (b, j) pair: with StepNorms they still join the block sum.
-        __shared__ float partial[KSplit - 1][RowsPerThread][SliceThreads];
-        const int lane = threadIdx.y * UnitTile + threadIdx.x;
-        if (slice > 0)
-#pragma unroll
-            for (int r = 0; r < RowsPerThread; ++r) partial[slice - 1][r][lane] = dh[r];
-        __syncthreads();
-        if (slice == 0)
-#pragma unroll
-            for (int z = 0; z < KSplit - 1; ++z)
-#pragma unroll
-                for (int r = 0; r < RowsPerThread; ++r) dh[r] += partial[z][r][lane];
-    }
 
     // Σ dh² and Σ dc² over this thread's (b, j) pairs, in row order (StepNorms only;
     // otherwise unused and compiled away).
@@ -279,15 +139,7 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
         }
     }
 
-    if constexpr (StepNorms) {
-        block_sum<Threads>(squares);
-        if (thread == 0) {
-            const index_t block = (index_t)blockIdx.y * gridDim.x + blockIdx.x;
-            double* slot = step_squares + (block * steps + step) * 2;
-            slot[0] = squares[0];
-            slot[1] = squares[1];
-        }
-    }
+    if constexpr (StepNorms) store_step_squares<Threads>(squares, step_squares, steps, step);
 }
 
 // ------------------------------------------------------------------ persistent
@@ -454,52 +306,6 @@ lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate ord
         const int row = e / own_units, u = e - row * own_units;
         dc0[(index_t)row * hidden + unit0 + u] = carry[row * units + u];
     }
-}
-
-// out[col] = Σ_row matrix[row, col], for db = Σ_{t,b} dz, summed in float32 and rounded
-// once to Out (float or __half) on store. Thread (x, y) of a block sums
-// rows y, y + RowThreads, ... of column blockIdx.x·ColumnTile + x in increasing order,
-// then the RowThreads partial sums meet in a fixed-shape tree: deterministic, no atomics.
-template <typename Out, int ColumnTile, int RowThreads>
-__global__ void __launch_bounds__(ColumnTile * RowThreads)
-column_sum(const float* __restrict__ matrix,  // [rows, cols]
-           Out* __restrict__ out,             // [cols]
-           int rows,
-           int cols) {
-    static_assert((RowThreads & (RowThreads - 1)) == 0, "RowThreads must be a power of two");
-    static_assert((ColumnTile * RowThreads) % 32 == 0, "whole warps only");
-    __shared__ float partial[RowThreads][ColumnTile];
-
-    const int col = blockIdx.x * ColumnTile + threadIdx.x;
-    float sum = 0.0f;
-    if (col < cols)
-        for (int row = threadIdx.y; row < rows; row += RowThreads) sum += matrix[(index_t)row * cols + col];
-    partial[threadIdx.y][threadIdx.x] = sum;
-    __syncthreads();
-#pragma unroll
-    for (int stride = RowThreads / 2; stride > 0; stride /= 2) {
-        if (threadIdx.y < stride) partial[threadIdx.y][threadIdx.x] += partial[threadIdx.y + stride][threadIdx.x];
-        __syncthreads();
-    }
-    if (threadIdx.y == 0 && col < cols) out[col] = from_float<Out>(partial[0][threadIdx.x]);
-}
-
-// norms[q, t] = sqrt(Σ_block step_squares[block, t, q]): the per-step gradient norms
-// from the step kernels' per-block sums. One thread per (t, q) pair adds the blocks in
-// increasing order: deterministic, no atomics. Launched once, after the step loop.
-template <int Threads>
-__global__ void __launch_bounds__(Threads)
-step_norms(const double* __restrict__ step_squares,  // [blocks, T, 2]
-           double* __restrict__ norms,               // [2, T]: ‖dh_t‖, then ‖dc_t‖
-           int blocks,                               // gridDim.x·gridDim.y of the step kernel
-           int steps) {                              // T
-    static_assert(Threads % 32 == 0, "whole warps only");
-    const index_t pair = (index_t)blockIdx.x * Threads + threadIdx.x;  // 2t + q
-    const index_t pairs = 2 * (index_t)steps;
-    if (pair >= pairs) return;
-    double sum = 0.0;
-    for (int block = 0; block < blocks; ++block) sum += step_squares[block * pairs + pair];
-    norms[(pair % 2) * steps + pair / 2] = sqrt(sum);
 }
 
 }  // namespace rnnkernels

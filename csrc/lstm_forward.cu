@@ -13,7 +13,8 @@
 //      tile of UnitTile hidden units j and BatchTile batch rows; it computes all four
 //      gate pre-activations of its (b, j) pairs, h_{t-1}·W_hh[g·H + j, :]ᵀ for
 //      g = i, f, g, o, by staging h_{t-1} and the four matching W_hh rows of each
-//      unit in shared memory, adds gx[t], and applies the cell update in registers.
+//      unit in shared memory (step.cuh's hidden_product, shared by every cell), adds
+//      gx[t], and applies the cell update in registers.
 //      Gate values never round-trip through global memory (except the copy saved for
 //      backward when Training).
 //
@@ -50,6 +51,7 @@
 // t+1 reads the h_t that step t wrote.
 #include "common.cuh"
 #include "persistent.cuh"
+#include "step.cuh"
 
 namespace rnnkernels {
 
@@ -63,190 +65,18 @@ lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + 
                   int batch,                       // B
                   int hidden,                      // H
                   int step) {                      // t, 0 <= t < T
-    constexpr int SliceThreads = UnitTile * BatchThreads;  // threads of one k slice
-    constexpr int Threads = SliceThreads * KSplit;
     constexpr int BatchTile = BatchThreads * RowsPerThread;
-    constexpr int GateRows = lstm_gates * UnitTile;
-    // The block stages KBlock = KSplit·KTile columns of k per round; slice z (threadIdx.z)
-    // sums columns [z·KTile, (z+1)·KTile) of each round, so KSplit > 1 splits the
-    // reduction over H across warps (small UnitTile: more blocks at B = 1).
-    constexpr int KBlock = KTile * KSplit;
-    static_assert(Threads % 32 == 0, "whole warps only");
-    static_assert((KBlock & (KBlock - 1)) == 0, "KTile * KSplit must be a power of two");
-    // Staging keeps its loads in flight: each thread issues all of a round's global
-    // loads (lstm_gates·RowsPerGate of W_hh, HLoads of h) into registers before it
-    // stores any of them to shared memory, so a round waits for about one memory
-    // latency, not one per load. Thread e of the block loads column e % KBlock of gate
-    // rows e / KBlock + j·RowStep of each gate: consecutive threads, consecutive k
-    // (coalesced), and one base pointer per thread plus small offsets (ptxas keeps a
-    // few registers for addresses, not one 64-bit address per load).
-    constexpr int RowStep = Threads / KBlock;
-    static_assert(Threads % KBlock == 0 && UnitTile % RowStep == 0, "staging needs whole rows per pass");
-    constexpr int RowsPerGate = UnitTile / RowStep;
-    constexpr int HLoads = (BatchTile * KBlock + Threads - 1) / Threads;
-    // float storage with rows on 16-byte boundaries (H % 4 == 0, aligned W_hh): the same
-    // W tile loaded as float4s, 4 consecutive k per load (a quarter of the load
-    // instructions; the same values land in w_tile, so the same bits). Thread e loads
-    // k = 4·(e % VecPerRow) of gate rows e / VecPerRow + j·VecRowStep of each gate.
-    constexpr int VecPerRow = KBlock / 4 > 0 ? KBlock / 4 : 1;
-    constexpr int VecRowStep = Threads / VecPerRow > 0 ? Threads / VecPerRow : 1;
-    constexpr bool CanVector = is_float_storage<Storage>::value && KBlock % 4 == 0 && Threads % VecPerRow == 0 &&
-                               UnitTile % VecRowStep == 0;
-    constexpr int VecRowsPerGate = CanVector ? UnitTile / VecRowStep : 1;
-
-    // w_tile[k][g·UnitTile + u] = W_hh[g·H + unit0 + u, k0 + k]: the i, f, g, o rows of
-    // a unit sit in the same tile. Threads of a warp read consecutive u (no bank
-    // conflicts); the +1 pad keeps the transposing store conflict-free and, with
-    // KSplit > 1, puts the slices of a warp on different banks (KTile·(GateRows + 1)
-    // is 4 mod 32 for the batch1 tile).
-    __shared__ float w_tile[KBlock][GateRows + 1];
-    // h_tile[r][k] = h_{t-1}[row0 + r, k0 + k]; a warp reads at most a few rows, each
-    // as a broadcast.
-    __shared__ float h_tile[BatchTile][KBlock + 1];
+    const index_t state_size = (index_t)batch * hidden;
+    // The recurrent pre-activations of the four gates (the tile loop of step.cuh).
+    float acc[lstm_gates][RowsPerThread];
+    if (!hidden_product<lstm_gates, Storage, UnitTile, BatchThreads, RowsPerThread, KTile, KSplit>(
+            w_hh, h_all + (index_t)step * state_size, batch, hidden, acc))
+        return;  // a k slice other than the first: its partial sums are added in
 
     const int unit_in_tile = threadIdx.x;
     const int batch_lane = threadIdx.y;
-    const int slice = KSplit > 1 ? (int)threadIdx.z : 0;
-    // unsigned: the % and / below by compile-time powers of two are masks and shifts.
-    const unsigned int thread = (threadIdx.z * BatchThreads + threadIdx.y) * UnitTile + threadIdx.x;
     const int unit0 = blockIdx.x * UnitTile;
     const int row0 = blockIdx.y * BatchTile;
-    const index_t state_size = (index_t)batch * hidden;
-    const float* h_prev = h_all + (index_t)step * state_size;
-
-    float acc[lstm_gates][RowsPerThread];
-#pragma unroll
-    for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-        for (int r = 0; r < RowsPerThread; ++r) acc[g][r] = 0.0f;
-
-    const int load_k = (int)(thread % KBlock);
-    const int load_unit = (int)(thread / KBlock);  // < RowStep
-    // Row (gate g, unit unit0 + load_unit + j·RowStep), column load_k (+ k0) of W_hh is
-    // w_load[g·H·H + j·RowStep·H + k0]; unit0 + load_unit + j·RowStep < H is checked.
-    const Storage* w_load = w_hh + (index_t)(unit0 + load_unit) * hidden + load_k;
-    const index_t gate_stride = (index_t)hidden * hidden;
-    const int row_stride = RowStep * hidden;
-    // The float4 path's thread mapping (see VecPerRow); taken only when vector_rows.
-    const bool vector_rows = CanVector && rows_allow_float4(w_hh, hidden);
-    const int vec_k = 4 * (int)(thread % VecPerRow);
-    const int vec_unit = (int)(thread / VecPerRow);  // < VecRowStep
-    const Storage* w_vec = w_hh + (index_t)(unit0 + vec_unit) * hidden + vec_k;
-    const int vec_row_stride = VecRowStep * hidden;
-
-    // Each part of a round's staging: loads into registers, then (after all loads of
-    // the round are issued) stores to shared memory. Out-of-range elements are 0.
-    auto load_w = [&](float (&staged)[lstm_gates][RowsPerGate], int k0) {
-        const bool k_in = load_k + k0 < hidden;
-#pragma unroll
-        for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-            for (int j = 0; j < RowsPerGate; ++j)
-                staged[g][j] = (k_in && unit0 + load_unit + j * RowStep < hidden)
-                                   ? to_float(w_load[g * gate_stride + j * row_stride + k0])
-                                   : 0.0f;
-    };
-    auto store_w = [&](const float (&staged)[lstm_gates][RowsPerGate]) {
-#pragma unroll
-        for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-            for (int j = 0; j < RowsPerGate; ++j) w_tile[load_k][g * UnitTile + load_unit + j * RowStep] = staged[g][j];
-    };
-    auto load_h = [&](float (&staged)[HLoads], int k0) {
-#pragma unroll
-        for (int i = 0; i < HLoads; ++i) {
-            const unsigned int e = thread + i * Threads;
-            const int kk = (int)(e % KBlock), r = (int)(e / KBlock);
-            const int row = row0 + r, k = k0 + kk;
-            staged[i] = (e < BatchTile * KBlock && row < batch && k < hidden) ? h_prev[(index_t)row * hidden + k] : 0.0f;
-        }
-    };
-    auto store_h = [&](const float (&staged)[HLoads]) {
-#pragma unroll
-        for (int i = 0; i < HLoads; ++i) {
-            const unsigned int e = thread + i * Threads;
-            if (e < BatchTile * KBlock) h_tile[e / KBlock][e % KBlock] = staged[i];
-        }
-    };
-
-    for (int k0 = 0; k0 < hidden; k0 += KBlock) {
-        float h_staged[HLoads];
-        bool staged = false;
-        if constexpr (CanVector) {
-            if (vector_rows) {
-                // k < H with H % 4 == 0 and k % 4 == 0: all four columns are in range.
-                const bool k_in = vec_k + k0 < hidden;
-                float4 w_staged[lstm_gates][VecRowsPerGate];
-#pragma unroll
-                for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-                    for (int j = 0; j < VecRowsPerGate; ++j)
-                        w_staged[g][j] = (k_in && unit0 + vec_unit + j * VecRowStep < hidden)
-                                             ? *reinterpret_cast<const float4*>(w_vec + g * gate_stride +
-                                                                                j * vec_row_stride + k0)
-                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                load_h(h_staged, k0);
-#pragma unroll
-                for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-                    for (int j = 0; j < VecRowsPerGate; ++j) {
-                        const int column = g * UnitTile + vec_unit + j * VecRowStep;
-                        w_tile[vec_k][column] = w_staged[g][j].x;
-                        w_tile[vec_k + 1][column] = w_staged[g][j].y;
-                        w_tile[vec_k + 2][column] = w_staged[g][j].z;
-                        w_tile[vec_k + 3][column] = w_staged[g][j].w;
-                    }
-                store_h(h_staged);
-                staged = true;
-            }
-        }
-        if (!staged) {
-            float w_staged[lstm_gates][RowsPerGate];
-            load_w(w_staged, k0);
-            load_h(h_staged, k0);
-            store_w(w_staged);
-            store_h(h_staged);
-        }
-        __syncthreads();
-
-#pragma unroll
-        for (int j = 0; j < KTile; ++j) {
-            const int kk = slice * KTile + j;
-            float w[lstm_gates];
-#pragma unroll
-            for (int g = 0; g < lstm_gates; ++g) w[g] = w_tile[kk][g * UnitTile + unit_in_tile];
-#pragma unroll
-            for (int r = 0; r < RowsPerThread; ++r) {
-                const float h = h_tile[batch_lane + r * BatchThreads][kk];
-#pragma unroll
-                for (int g = 0; g < lstm_gates; ++g) acc[g][r] = fmaf(w[g], h, acc[g][r]);
-            }
-        }
-        __syncthreads();
-    }
-
-    if constexpr (KSplit > 1) {
-        // The slices' partial sums meet in slice 0, added in slice order: a fixed order,
-        // so the result is deterministic (it differs in the last bits from a KSplit = 1
-        // tile, which sums all k in one chain).
-        __shared__ float partial[KSplit - 1][lstm_gates * RowsPerThread][SliceThreads];
-        const int lane = threadIdx.y * UnitTile + threadIdx.x;
-        if (slice > 0) {
-#pragma unroll
-            for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-                for (int r = 0; r < RowsPerThread; ++r) partial[slice - 1][g * RowsPerThread + r][lane] = acc[g][r];
-        }
-        __syncthreads();
-        if (slice > 0) return;  // no barrier follows
-#pragma unroll
-        for (int z = 0; z < KSplit - 1; ++z)
-#pragma unroll
-            for (int g = 0; g < lstm_gates; ++g)
-#pragma unroll
-                for (int r = 0; r < RowsPerThread; ++r) acc[g][r] += partial[z][g * RowsPerThread + r][lane];
-    }
-
     const int unit = unit0 + unit_in_tile;
     if (unit >= hidden) return;
     // Inference keeps only two cell-state slots (ping-pong); training keeps them all.

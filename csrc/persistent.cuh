@@ -1,7 +1,9 @@
 // persistent.cuh: the machinery of the persistent, weight-stationary recurrences
 // (lstm_forward_persistent in lstm_forward.cu, lstm_backward_persistent in
-// lstm_backward.cu; GRU and Elman cells reuse it with another ItemRows and their own
-// pointwise math).
+// lstm_backward.cu; gru_*_persistent in gru_forward.cu / gru_backward.cu and
+// rnn_*_persistent in rnn_forward.cu / rnn_backward.cu reuse it with their own items
+// (the GRU forward: the three gate rows of a unit; otherwise four consecutive units)
+// and their own pointwise math).
 //
 // The idea. One cooperative launch runs all T steps. Block b owns a slice of the
 // recurrent weights (the rows or columns of its hidden units) and keeps it in shared

@@ -1,4 +1,4 @@
-"""The launch plan of the CUDA LSTM kernels, written once for two runtimes.
+"""The launch plan of the CUDA kernels (LSTM, GRU, Elman RNN), written once for two runtimes.
 
 ``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
 kernels of ``csrc/`` through a small *runtime* object with these members:
@@ -121,13 +121,14 @@ class StepTile:
         return f"{self.unit_tile}, {self.batch_threads}, {self.rows_per_thread}, {self.k_tile}, {self.k_split}"
 
     def forward_name(self, training: bool, dtype: str = "float32") -> str:
-        """``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
-        return f"rnnkernels::lstm_forward_step<{_storage(dtype)}, {self._parameters()}, {str(training).lower()}>"
+        """The LSTM's forward instance of this tile (other cells: :class:`CellKernels`).
+        ``dtype``: the problem's numpy dtype name, a key of :data:`STORAGE_TYPES`."""
+        return LSTM_KERNELS.forward_name(self, training, dtype)
 
     def backward_name(self, step_norms: bool = False, dtype: str = "float32") -> str:
-        """``step_norms``: the instance that also writes the per-block sums of dh_t²
-        and dc_t² for the per-step gradient norms."""
-        return f"rnnkernels::lstm_backward_step<{_storage(dtype)}, {self._parameters()}, {str(step_norms).lower()}>"
+        """The LSTM's backward instance; ``step_norms``: the instance that also writes
+        the per-block sums of dh_t² and dc_t² for the per-step gradient norms."""
+        return LSTM_KERNELS.backward_name(self, step_norms, dtype)
 
 
 # Ordered from the most to the least work per block. A taller batch tile re-reads W_hh
@@ -191,13 +192,15 @@ COLUMN_SUM = ColumnSum()
 
 @dataclass(frozen=True)
 class StepNorms:
-    """``step_norms<Threads>``: one thread per (step, dh or dc) pair; 128 threads, since
-    a launch has only 2T of them and each loops over the step kernel's blocks."""
+    """``step_norms<Threads, Quantities>`` (csrc/reductions.cuh): one thread per (step,
+    quantity) pair, the quantities being the cell's state gradients (LSTM: dh and dc,
+    the default; GRU and Elman: dh); 128 threads, since a launch has only a few T of
+    them and each loops over the step kernel's blocks."""
 
     threads: int = 128
 
-    def name(self) -> str:
-        return f"rnnkernels::step_norms<{self.threads}>"
+    def name(self, quantities: int = 2) -> str:
+        return f"rnnkernels::step_norms<{self.threads}, {quantities}>"
 
 
 STEP_NORMS = StepNorms()
@@ -225,29 +228,63 @@ class GradNorm:
 
 GRAD_NORM = GradNorm()
 
+# ------------------------------------------------------------ each cell's kernels
+@dataclass(frozen=True)
+class CellKernels:
+    """What the launch plan must know of a cell's per-step kernels: its gate row blocks,
+    its two csrc/ files (one per direction), the name of its step kernels and the
+    template flags that pick the cell variant, and how many state gradients its step
+    norms have (the LSTM: dh and dc). The tile loop and its launch shape are step.cuh's,
+    the same for every cell."""
+
+    cell: str  # the cell's name in rnnkernels/cells.py
+    gates: int  # row blocks of w_ih / w_hh
+    forward_source: str
+    backward_source: str
+    kernel: str  # step kernels rnnkernels::{kernel}_forward_step / _backward_step
+    flags: str = ""  # template arguments after Storage: rnn's Relu
+    training_flag: bool = True  # whether the forward has a Training template flag
+    state_gradients: int = 1  # quantities of its step norms: ‖dh_t‖ (and the LSTM's ‖dc_t‖)
+
+    def forward_name(self, tile: StepTile, training: bool, dtype: str = "float32") -> str:
+        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
+        tail = f", {str(training).lower()}" if self.training_flag else ""
+        return f"rnnkernels::{self.kernel}_forward_step<{head}{tail}>"
+
+    def backward_name(self, tile: StepTile, step_norms: bool = False, dtype: str = "float32") -> str:
+        head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
+        return f"rnnkernels::{self.kernel}_backward_step<{head}, {str(step_norms).lower()}>"
+
+    def instances(self) -> dict[str, dict[str, int]]:
+        """This cell's rows of :data:`KERNELS`."""
+        forward = {self.forward_name(tile, training, dtype): tile.threads for dtype in STORAGE_TYPES
+                   for tile in STEP_TILES for training in ((False, True) if self.training_flag else (True,))}
+        backward = {self.backward_name(tile, norms, dtype): tile.threads for dtype in STORAGE_TYPES
+                    for tile in STEP_TILES for norms in (False, True)}
+        # db: the Elman cell sums in the problem's dtype, the GRU in float32 (two sums
+        # assembled into the folded layout, then rounded once).
+        sum_dtypes = ("float32",) if self.gates == 3 else tuple(STORAGE_TYPES)
+        backward.update({COLUMN_SUM.name(dtype): COLUMN_SUM.threads for dtype in sum_dtypes})
+        backward[STEP_NORMS.name(self.state_gradients)] = STEP_NORMS.threads
+        return {self.forward_source: forward, self.backward_source: backward}
+
+
+LSTM_KERNELS = CellKernels("lstm", GATES, FORWARD_SOURCE, BACKWARD_SOURCE, "lstm", state_gradients=2)
+# The GRU (gates r, z, n) and the Elman RNN, whose nonlinearity is a compile-time flag
+# (two cells, as cuDNN's RNN_TANH / RNN_RELU modes). The Elman forward saves nothing
+# but h_all, so it has no Training flag: inference runs the training instance.
+GRU_KERNELS = CellKernels("gru", 3, "gru_forward.cu", "gru_backward.cu", "gru")
+RNN_TANH_KERNELS = CellKernels("rnn_tanh", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="false",
+                               training_flag=False)
+RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="true",
+                               training_flag=False)
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound). One
-# set per dtype of STORAGE_TYPES, float32 first. The large products are not here: they
-# run on cuBLAS (rnnkernels/_gemm.py).
+# set per dtype of STORAGE_TYPES, float32 first; each cell's rows from its CellKernels
+# (the other cells' after the persistent block below). The large products are not
+# here: they run on cuBLAS (rnnkernels/_gemm.py).
 KERNELS: dict[str, dict[str, int]] = {
-    FORWARD_SOURCE: {
-        name: threads
-        for dtype in STORAGE_TYPES
-        for name, threads in (
-            (tile.forward_name(training, dtype), tile.threads) for tile in STEP_TILES for training in (False, True)
-        )
-    },
-    BACKWARD_SOURCE: {
-        **{
-            name: threads
-            for dtype in STORAGE_TYPES
-            for name, threads in (
-                *((tile.backward_name(norms, dtype), tile.threads) for tile in STEP_TILES for norms in (False, True)),
-                (COLUMN_SUM.name(dtype), COLUMN_SUM.threads),
-            )
-        },
-        STEP_NORMS.name(): STEP_NORMS.threads,
-    },
+    **LSTM_KERNELS.instances(),
     GRAD_NORM_SOURCE: {
         **{GRAD_NORM.partial_name(dtype): GRAD_NORM.threads for dtype in GradNorm.ELEMENT_TYPES},
         GRAD_NORM.finish_name(): GRAD_NORM.threads,
@@ -270,10 +307,23 @@ for _dtype in STORAGE_TYPES:
     )
 # ---- end of the persistent block
 
+
+CELL_KERNELS = {k.cell: k for k in (GRU_KERNELS, RNN_TANH_KERNELS, RNN_RELU_KERNELS)}
+for _cell in CELL_KERNELS.values():
+    for _source, _names in _cell.instances().items():
+        KERNELS.setdefault(_source, {}).update(_names)
+    # Their persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
+    for _dtype in STORAGE_TYPES:
+        _forward, _backward = _persistent.CELLS[_cell.cell].names(_persistent.TILE, _storage(_dtype))
+        KERNELS[_cell.forward_source].update(dict.fromkeys(_forward, _persistent.TILE.threads))
+        KERNELS[_cell.backward_source].update(dict.fromkeys(_backward, _persistent.TILE.threads))
+
 # Kernels that run once per step (or hold a whole sequence): the NVRTC check fails if
 # any of them spills.
 STEP_KERNEL_PREFIXES = (
-    "rnnkernels::lstm_forward_step<", "rnnkernels::lstm_backward_step<", *_persistent.KERNEL_PREFIXES
+    *(f"rnnkernels::{kernel}_{direction}_step<" for kernel in ("lstm", "gru", "rnn")
+      for direction in ("forward", "backward")),
+    *_persistent.KERNEL_PREFIXES,
 )
 
 
@@ -561,19 +611,21 @@ def _check_variant(variant: str | None) -> str | None:
     return variant
 
 
-def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None, direction: str) -> str:
+def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTile | None, direction: str,
+                     cell: str = "lstm") -> str:
     """What ``variant=None`` runs. "graph" (the per-step kernels replayed from one CUDA
     graph) when a step_tile is asked for or the persistent kernels do not fit the
     device (``_persistent.choose``: shared memory, cooperative launch, occupancy);
     where both can run, the one the cost model (``rnnkernels/cost_model.py``) predicts
     faster for this problem on this device. ``direction``: "forward_training",
     "forward_inference" or "backward" (forward and backward may choose differently:
-    every forward variant saves the same arrays)."""
-    if step_tile is not None or _persistent.choose(rt, batch, hidden, dtype) != "persistent":
+    every forward variant saves the same arrays). ``cell``: whose kernels (the LSTM's,
+    or a name of :data:`CELL_KERNELS`); the plan and the cost model take its gate count."""
+    if step_tile is not None or _persistent.choose(rt, batch, hidden, dtype, cell) != "persistent":
         return "graph"
     from . import cost_model
 
-    problem = cost_model.Problem(batch, hidden, dtype=dtype)
+    problem = cost_model.Problem(batch, hidden, dtype=dtype, cell=cell)
     return cost_model.best_variant(("persistent", "graph"), direction, problem, cost_model.for_runtime(rt))[0]
 
 
@@ -618,9 +670,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _check_sizes(steps: int, batch: int, input_size: int, hidden: int) -> None:
     if hidden < 1:
-        raise ValueError(f"the CUDA LSTM kernels need hidden_size >= 1, got {hidden}")
+        raise ValueError(f"the CUDA kernels need hidden_size >= 1, got {hidden}")
     if steps < 1 or batch < 1:
-        raise ValueError(f"the CUDA LSTM kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
+        raise ValueError(f"the CUDA kernels need T >= 1 and B >= 1, got T={steps}, B={batch}")
     # Sizes travel as 32-bit kernel arguments (offsets are computed in 64 bits), and the
     # tiled loops over them need a tile of headroom (_MAX_SIZE).
     for what, value in (("T*B", steps * batch), ("4*hidden_size", GATES * hidden), ("input_size", input_size)):
@@ -896,14 +948,16 @@ def _backward_graph(rt, saved: Saved, dy, dh_n, dc_n, return_step_norms: bool, t
     return grads + (norms[0], norms[1]) if return_step_norms else grads
 
 
-def finish_step_norms(rt, step_squares, steps: int):
-    """norms[2, T] (float64: ‖dh_t‖, ‖dc_t‖) from the per-block sums of squares
-    ``step_squares[blocks, T, 2]`` that a backward step kernel wrote."""
-    norms = rt.xp.empty((2, steps), dtype=np.float64)
-    norms_grid = (_ceil_div(2 * steps, STEP_NORMS.threads), 1, 1)
-    _check_grid(norms_grid, STEP_NORMS.name())
+def finish_step_norms(rt, step_squares, steps: int, source: str = BACKWARD_SOURCE):
+    """norms[Q, T] (float64; the LSTM's Q = 2: ‖dh_t‖, ‖dc_t‖) from the per-block sums
+    of squares ``step_squares[blocks, T, Q]`` that a backward step kernel of ``source``
+    wrote."""
+    quantities = step_squares.shape[2]
+    norms = rt.xp.empty((quantities, steps), dtype=np.float64)
+    norms_grid = (_ceil_div(quantities * steps, STEP_NORMS.threads), 1, 1)
+    _check_grid(norms_grid, STEP_NORMS.name(quantities))
     i32 = np.int32
-    rt.function(BACKWARD_SOURCE, STEP_NORMS.name())(
+    rt.function(source, STEP_NORMS.name(quantities))(
         norms_grid, (STEP_NORMS.threads, 1, 1), (step_squares, norms, i32(step_squares.shape[0]), i32(steps))
     )
     return norms
@@ -939,3 +993,245 @@ def gradients_after_loop(rt, saved: Saved, dgates):
             (dgates, db, i32(rows), i32(gate_width)),
         )
     return dx, dw_ih, dw_hh, db, dh0
+
+
+# ------------------------------------------------------- the other cells' launch plan
+# The GRU's and the Elman RNN's plan: the same tiles, GEMMs, reductions and variants
+# as the LSTM's above, written once for both through CellKernels, run_steps (step and
+# graph) and _persistent.launch (persistent). (The LSTM keeps its own plan above, which
+# predates this and hands its graph workspaces out without the copies run_steps makes;
+# moving it onto these is left for later.)
+
+
+@dataclass
+class CellSaved:
+    """What :func:`cell_forward` keeps for :func:`cell_backward` (opaque to the API):
+    the inputs and the float32 arrays :func:`cell_saved_layout` lists, by name."""
+
+    kernels: CellKernels
+    x: Any  # [T, B, I], input dtype, like w_ih and w_hh
+    w_ih: Any  # [gates·H, I]
+    w_hh: Any  # [gates·H, H]
+    has_bias: bool
+    arrays: dict  # name -> float32 array; GRU: gates, hn, h_all; Elman: h_all
+    step_tile: StepTile | None = None
+
+
+def cell_saved_layout(kernels: CellKernels, steps: int, batch: int, hidden: int) -> list[tuple[str, tuple]]:
+    """(name, shape) of each float32 array a training forward saves: GRU: gates [T, B, 3H]
+    (activated r, z, n), hn [T, B, H] (W_hn h_{t-1} + b_hn), h_all [T+1, B, H];
+    Elman: h_all."""
+    h_all = ("h_all", (steps + 1, batch, hidden))
+    if kernels.gates == 3:
+        return [("gates", (steps, batch, 3 * hidden)), ("hn", (steps, batch, hidden)), h_all]
+    return [h_all]
+
+
+def run_steps(rt, variant: str, key: tuple, source: str, name: str, grid, block, arrays: list, scalars: tuple,
+              steps: int, reverse: bool, outputs: tuple[int, ...]) -> None:
+    """Launch ``name`` once per step t (T-1 .. 0 when ``reverse``) with arguments
+    ``(*arrays, *scalars, t)``. "step": from Python. "graph": the T launches captured
+    once per ``key`` (and runtime, rnnkernels/_graph.py) over workspace arrays shaped
+    like ``arrays``; every call copies ``arrays`` in, replays, and copies the arrays
+    at the indices ``outputs`` back, so the caller sees what "step" gives (the same
+    kernels and arguments: bitwise the same results). The copies are what keeps this
+    one function for every cell; each is one pass over an array the steps read or
+    write anyway."""
+    i32 = np.int32
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    if variant == "step":
+        kernel = rt.function(source, name)
+        for t in order:
+            kernel(grid, block, (*arrays, *scalars, i32(t)))
+        return
+
+    def build():
+        workspace = [rt.xp.empty_like(a) for a in arrays]
+        kernel = rt.function(source, name)  # loaded before capture begins
+        with rt.capture() as captured:
+            for t in order:
+                kernel(grid, block, (*workspace, *scalars, i32(t)))
+        return workspace, captured.graph
+
+    shapes = tuple((a.shape, a.dtype.str) for a in arrays)
+    workspace, graph = _graph.cached_graph(rt, (source, name, grid, shapes, *key), build)
+    for mine, theirs in zip(workspace, arrays):
+        mine[...] = theirs
+    graph.launch()
+    for i in outputs:
+        arrays[i][...] = workspace[i]
+
+
+def _cell_variant(rt, kernels: CellKernels, variant: str | None, step_tile: StepTile | None, batch: int,
+                  hidden: int, dtype: str, direction: str) -> str:
+    """``variant``, checked, or what None runs: :func:`_default_variant` for this cell."""
+    variant = _check_variant(variant)
+    if variant is None:
+        return _default_variant(rt, batch, hidden, dtype, step_tile, direction, kernels.cell)
+    return variant
+
+
+def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bool, *, variant: str | None = None,
+                 step_tile: StepTile | None = None):
+    """The backend contract's forward for a cell with the one state h (rnnkernels/
+    _backend.py): ``(y, h_n, saved)``. ``bias``: the API's folded bias (GRU [4H] =
+    [b_r sum, b_z sum, b_in, b_hn]; Elman [H] = b_ih + b_hh) or None."""
+    xp = rt.xp
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    _check_sizes(steps, batch, input_size, hidden)
+    variant = _cell_variant(rt, kernels, variant, step_tile, batch, hidden, dtype,
+                            "forward_training" if training else "forward_inference")
+    gate_width = kernels.gates * hidden
+    tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
+    grid, block = tile.grid(batch, hidden), tile.block()
+    name = kernels.forward_name(tile, training, dtype)
+    _check_grid(grid, name)
+
+    # 1. gx = x·W_ihᵀ + b for all T·B rows (the GRU's b_hn is not in it: see gru_forward.cu).
+    gx = input_projection(rt, x, w_ih, None if bias is None else bias[:gate_width])
+    # 2. The recurrence on float32 states (h0 widened exactly).
+    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
+    h_all[0] = h0
+    saved_arrays = {"h_all": h_all}
+    if kernels.gates == 3:
+        b_hn = xp.zeros((hidden,), dtype=np.float32) if bias is None else bias[gate_width:].astype(np.float32)
+        if training:
+            saved_arrays["gates"] = xp.empty((steps, batch, gate_width), dtype=np.float32)
+            saved_arrays["hn"] = xp.empty((steps, batch, hidden), dtype=np.float32)
+        # Inference saves nothing; the kernel never touches those pointers, pass valid ones.
+        arrays = [gx, w_hh, b_hn, h_all, saved_arrays.get("gates", gx), saved_arrays.get("hn", gx)]
+        outputs = (3, 4, 5)
+    else:
+        arrays = [gx, w_hh, h_all]
+        outputs = (2,)
+    if variant == "persistent":
+        # One cooperative launch for all steps: the step kernel's arguments (the
+        # Elman forward has no saved arrays beyond h_all), then the flags and the plan.
+        plan = _persistent.require(rt, _persistent.FORWARD, batch, hidden, dtype, training, kernels.cell)
+        persistent_arrays = arrays if kernels.gates == 3 else [gx, w_hh, h_all]
+        _persistent.launch(rt, plan, dtype, hidden, training, persistent_arrays, (steps, batch, hidden))
+    else:
+        run_steps(rt, variant, ("forward", kernels.cell, training), kernels.forward_source, name, grid, block, arrays,
+                  (np.int32(batch), np.int32(hidden)), steps, False, outputs)
+
+    y = h_all[1:].astype(x.dtype, copy=training)
+    h_n = h_all[steps].astype(x.dtype)
+    saved = CellSaved(kernels, x, w_ih, w_hh, bias is not None, saved_arrays, tile) if training else None
+    return y, h_n, saved
+
+
+def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = False, variant: str | None = None,
+                  step_tile: StepTile | None = None):
+    """The backend contract's backward: ``(dx, dw_ih, dw_hh, db, dh0)``, ``db`` in the
+    folded layout of forward's bias (None without one); with ``return_step_norms``,
+    ``dh_norms`` ([T] float64, ‖∂L/∂h_t‖) follows."""
+    kernels = saved.kernels
+    xp = rt.xp
+    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
+    dtype = x.dtype.name
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    variant = _cell_variant(rt, kernels, variant, step_tile, batch, hidden, dtype, "backward")
+    gate_width = kernels.gates * hidden
+    tile = step_tile or saved.step_tile or choose_step_tile(batch, hidden, rt.sm_count)
+    grid, block = tile.grid(batch, hidden), tile.block()
+    name = kernels.backward_name(tile, return_step_norms, dtype)
+    _check_grid(grid, name)
+    h_all = saved.arrays["h_all"]
+
+    # 1. The reverse recurrence. One float64 slot per block and step for Σ dh_t².
+    dz = xp.empty((steps, batch, gate_width), dtype=np.float32)  # GRU: dgh; Elman: da
+    step_squares = xp.empty((grid[0] * grid[1], steps, 1), dtype=np.float64) if return_step_norms else dz
+    sizes = (np.int32(steps), np.int32(batch), np.int32(hidden))
+    persistent = variant == "persistent"
+    if persistent:
+        plan = _persistent.require(rt, _persistent.BACKWARD, batch, hidden, dtype, return_step_norms, kernels.cell)
+        if return_step_norms:  # one slot per persistent block
+            step_squares = xp.empty((plan.blocks, steps, 1), dtype=np.float64)
+    if kernels.gates == 3:
+        dgi = xp.empty((steps, batch, gate_width), dtype=np.float32)
+        carry = dh_n.astype(np.float32)  # a float32 copy, read and overwritten every step
+        if persistent:
+            # The persistent kernel keeps the carry on chip: dh_n in, the final carry out.
+            carry_in, carry = carry, xp.empty((batch, hidden), dtype=np.float32)
+            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry_in, carry, dgi, dz,
+                      step_squares]
+        else:
+            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry, dgi, dz, step_squares]
+        outputs = (5, 6, 7, 8)
+    else:
+        dgi = dz  # the Elman cell's input and hidden gradients are one
+        arrays = [w_hh, h_all, dy, dh_n, dz, step_squares]
+        outputs = (4, 5)
+    if persistent:
+        _persistent.launch(rt, plan, dtype, hidden, return_step_norms, arrays, sizes)
+    else:
+        run_steps(rt, variant, ("backward", kernels.cell, return_step_norms), kernels.backward_source, name, grid,
+                  block, arrays, sizes, steps, True, outputs)
+    norms = finish_step_norms(rt, step_squares, steps, kernels.backward_source) if return_step_norms else None
+
+    # 2. Products over all steps at once (dx and dW_ih from dgi, dW_hh and dh0 from dgh).
+    rows = steps * batch
+    flat_dgi = dgi.reshape(rows, gate_width)
+    flat_dz = dz.reshape(rows, gate_width)
+    dx = _product(rt, flat_dgi, w_ih, x.dtype).reshape(steps, batch, input_size)
+    dw_ih = _product(rt, flat_dgi, x.reshape(rows, input_size), x.dtype, transpose_a=True)
+    h_prev = h_all.reshape((steps + 1) * batch, hidden)[:rows]
+    dw_hh = _product(rt, flat_dz, h_prev, x.dtype, transpose_a=True)
+    if kernels.gates == 3:
+        # dh0 = dh_0·z_0 (the carry) + dgh_0·W_hh, added in float32, rounded once.
+        dh0 = _product(rt, flat_dz[:batch], w_hh, np.float32)
+        dh0 += carry
+        dh0 = dh0.astype(x.dtype, copy=False)
+    else:
+        dh0 = _product(rt, flat_dz[:batch], w_hh, x.dtype)
+
+    db = None
+    if saved.has_bias:
+        if kernels.gates == 3:
+            # Folded [4H] = [Σ dgh^r, Σ dgh^z, Σ dgi^n, Σ dgh^n] (dgi = dgh on r and z),
+            # float32 column sums rounded once.
+            sum_gh = _column_sum(rt, kernels.backward_source, flat_dz, "float32")
+            sum_gi = _column_sum(rt, kernels.backward_source, flat_dgi, "float32")
+            db = xp.concatenate([sum_gh[:2 * hidden], sum_gi[2 * hidden:], sum_gh[2 * hidden:]]).astype(x.dtype)
+        else:
+            db = _column_sum(rt, kernels.backward_source, flat_dz, dtype)
+    grads = (dx, dw_ih, dw_hh, db, dh0)
+    return grads + (norms[0],) if return_step_norms else grads
+
+
+def _column_sum(rt, source: str, matrix, dtype: str):
+    """Σ over the rows of a float32 [rows, cols] matrix, in ``dtype`` (column_sum)."""
+    rows, cols = matrix.shape
+    out = rt.xp.empty((cols,), dtype=dtype)
+    rt.function(source, COLUMN_SUM.name(dtype))(
+        (_ceil_div(cols, COLUMN_SUM.column_tile), 1, 1),
+        (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
+        (matrix, out, np.int32(rows), np.int32(cols)),
+    )
+    return out
+
+
+def cell_saved_arrays(kernels: CellKernels):
+    """:class:`CellSaved` as arrays (rnnkernels/_backend.py's ``SavedArrays``), in the
+    order of :func:`cell_saved_layout`, float32 for every input dtype."""
+    from ._backend import SavedArrays
+
+    def layout(steps, batch, input_size, hidden, dtype):
+        return [(shape, np.dtype(np.float32)) for _, shape in cell_saved_layout(kernels, steps, batch, hidden)]
+
+    def to_arrays(saved):
+        return [saved.arrays[name] for name, _ in cell_saved_layout(kernels, *saved.x.shape[:2],
+                                                                     saved.w_hh.shape[1])]
+
+    def from_arrays(x, w_ih, w_hh, has_bias, arrays):
+        from . import _arrays
+
+        xp = np if isinstance(x, np.ndarray) else _arrays.import_cupy()
+        names = [name for name, _ in cell_saved_layout(kernels, x.shape[0], x.shape[1], w_hh.shape[1])]
+        return CellSaved(kernels, *(xp.ascontiguousarray(a) for a in (x, w_ih, w_hh)), has_bias,
+                         {n: xp.ascontiguousarray(a, dtype=np.float32) for n, a in zip(names, arrays)})
+
+    return SavedArrays(layout, to_arrays, from_arrays)

@@ -1,8 +1,10 @@
-"""The launch plan of the persistent, weight-stationary LSTM kernels, and the chooser.
+"""The launch plan of the persistent, weight-stationary kernels, and the chooser.
 
 ``lstm_forward_persistent`` and ``lstm_backward_persistent`` (csrc/lstm_forward.cu,
-csrc/lstm_backward.cu, machinery in csrc/persistent.cuh) run all T steps of the
-recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
+csrc/lstm_backward.cu, machinery in csrc/persistent.cuh), and the GRU's and Elman
+RNN's ``gru_*_persistent`` / ``rnn_*_persistent`` (csrc/gru_*.cu, rnn_*.cu; a
+:class:`PersistentCell` says each cell's names and shared-memory geometry), run all T
+steps of the recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
 for the whole sequence and the blocks hand the state of each step to each other
 through per-producer ready flags. They save and read exactly what the per-step
 kernels do (``_launch.Saved``), so a persistent forward pairs with a per-step
@@ -14,10 +16,12 @@ The plan, for a problem (B, H) and a device:
   256 threads with most of the shared memory is what fits): ``units`` =
   ceil(H / SMs) hidden units per block, ``blocks`` = ceil(H / units);
 * the block's shared memory (mirror of ``SharedLayout`` in persistent.cuh,
-  :func:`shared_bytes`) holds the weight slice (forward: 4·units rows of H; backward:
-  units rounded up to 4, rows of 4H), ``chunk_rows`` staged rows of the exchanged
-  state (h_{t-1}: H floats; dz_{t+1}: 4H), the k-partials of the product and the
-  per-cell c (forward) or dc carry (backward) of all B rows;
+  :func:`shared_bytes`) holds the weight slice (LSTM forward: 4·units rows of H;
+  backward: units rounded up to 4, rows of 4H), ``chunk_rows`` staged rows of the
+  exchanged state (h_{t-1}: H floats; dz_{t+1}: 4H), the k-partials of the product
+  and the per-cell c (forward) or dc carry (backward) of all B rows. The GRU: 3
+  instead of 4, no forward carry (h is re-staged every step), the dh·z carry
+  backward; the Elman RNN: rows of four consecutive units both ways, no carry;
 * ``chunk_rows``: all B rows (rounded up to the row tile) if they fit, else the
   fewest equal chunks that do;
 * no plan (``None``) when even one row tile does not fit next to the slice, or the
@@ -94,12 +98,12 @@ class PersistentTile:
         return f"{self.threads}, {self.k_split}, {self.row_tile}, {self.in_flight}"
 
     def forward_name(self, storage: str, training: bool, vector_loads: bool) -> str:
-        """``storage``: the C++ Storage type (``_launch.STORAGE_TYPES``)."""
-        flags = f"{str(vector_loads).lower()}, {str(training).lower()}"
-        return f"rnnkernels::lstm_forward_persistent<{storage}, {self._parameters()}, {flags}>"
+        """The LSTM's forward instance (other cells: :class:`PersistentCell`);
+        ``storage``: the C++ Storage type (``_launch.STORAGE_TYPES``)."""
+        return LSTM_CELL.forward_name(self, storage, training, vector_loads)
 
     def backward_name(self, storage: str, step_norms: bool) -> str:
-        return f"rnnkernels::lstm_backward_persistent<{storage}, {self._parameters()}, {str(step_norms).lower()}>"
+        return LSTM_CELL.backward_name(self, storage, step_norms, True)
 
     def forward_names(self, storage: str) -> list[str]:
         return [self.forward_name(storage, t, v) for t in (False, True) for v in (False, True)]
@@ -117,7 +121,8 @@ TILE = PersistentTile("persistent256", threads=256, k_split=8, row_tile=4, in_fl
 
 # Kernels that run once per sequence: the NVRTC check holds them to no spills, like
 # the per-step kernels.
-KERNEL_PREFIXES = ("rnnkernels::lstm_forward_persistent<", "rnnkernels::lstm_backward_persistent<")
+KERNEL_PREFIXES = tuple(f"rnnkernels::{kernel}_{direction}_persistent<" for kernel in ("lstm", "gru", "rnn")
+                        for direction in ("forward", "backward"))
 
 
 # Static shared memory of the kernels, which shares the opt-in maximum with the dynamic
@@ -138,36 +143,94 @@ class Plan:
     blocks: int
     chunk_rows: int
     shared_bytes: int
+    cell: str = "lstm"  # the PersistentCell whose kernels it launches
+
+
+@dataclass(frozen=True)
+class PersistentCell:
+    """What the plan must know of a cell's persistent kernels: their names and the
+    shared-memory geometry of each direction (mirrors the SharedLayout each kernel
+    builds). Forward items are either the ``gates`` rows of one unit (LSTM, GRU:
+    ``forward_items_are_gates``) or four consecutive units (the Elman cell, one row a
+    unit); backward items are always four consecutive units over K = gates·H.
+    ``*_carry``: whether the direction keeps a per-cell value of every batch row in
+    shared memory (LSTM: c, dc; GRU backward: the dh·z carry)."""
+
+    cell: str
+    gates: int
+    kernel: str  # rnnkernels::{kernel}_forward_persistent / _backward_persistent
+    flags: str = ""  # template arguments after Storage (the Elman cell's Relu)
+    forward_items_are_gates: bool = True
+    forward_carry: bool = True
+    backward_carry: bool = True
+    forward_training_flag: bool = True
+    backward_vector_flag: bool = True  # the LSTM's 4H rows are always 16-byte loads: no flag
+
+    def forward_name(self, tile: PersistentTile, storage: str, training: bool, vector_loads: bool) -> str:
+        head = ", ".join(filter(None, (storage, self.flags, tile._parameters())))
+        tail = f", {str(vector_loads).lower()}" + (f", {str(training).lower()}" if self.forward_training_flag else "")
+        return f"rnnkernels::{self.kernel}_forward_persistent<{head}{tail}>"
+
+    def backward_name(self, tile: PersistentTile, storage: str, step_norms: bool, vector_loads: bool) -> str:
+        head = ", ".join(filter(None, (storage, self.flags, tile._parameters())))
+        vector = f", {str(vector_loads).lower()}" if self.backward_vector_flag else ""
+        return f"rnnkernels::{self.kernel}_backward_persistent<{head}{vector}, {str(step_norms).lower()}>"
+
+    def names(self, tile: PersistentTile, storage: str) -> tuple[list[str], list[str]]:
+        """Every instance the plan can pick for ``storage``: (forward, backward)."""
+        trainings = (False, True) if self.forward_training_flag else (True,)
+        vectors = (False, True) if self.backward_vector_flag else (True,)
+        return ([self.forward_name(tile, storage, t, v) for t in trainings for v in (False, True)],
+                [self.backward_name(tile, storage, n, v) for v in vectors for n in (False, True)])
+
+    def geometry(self, direction: str, units: int, hidden: int) -> tuple[int, int, int, int, bool]:
+        """(item_rows, weight_rows, reduction, items, carry) of ``direction``."""
+        padded_units = _round_up(units, 4)
+        if direction == FORWARD:
+            if self.forward_items_are_gates:
+                return self.gates, self.gates * units, hidden, units, self.forward_carry
+            return 4, padded_units, hidden, padded_units // 4, self.forward_carry
+        return 4, padded_units, self.gates * hidden, padded_units // 4, self.backward_carry
+
+
+LSTM_CELL = PersistentCell("lstm", 4, "lstm", backward_vector_flag=False)
+GRU_CELL = PersistentCell("gru", 3, "gru", forward_carry=False)
+RNN_TANH_CELL = PersistentCell("rnn_tanh", 1, "rnn", flags="false", forward_items_are_gates=False,
+                               forward_carry=False, backward_carry=False, forward_training_flag=False)
+RNN_RELU_CELL = PersistentCell("rnn_relu", 1, "rnn", flags="true", forward_items_are_gates=False,
+                               forward_carry=False, backward_carry=False, forward_training_flag=False)
+CELLS = {c.cell: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH_CELL, RNN_RELU_CELL)}
+
+
+def _cell(cell) -> PersistentCell:
+    return cell if isinstance(cell, PersistentCell) else CELLS[cell]
 
 
 def shared_bytes(direction: str, tile: PersistentTile, batch: int, hidden: int, units: int, chunk_rows: int,
-                 gates: int = 4) -> int:
+                 gates: int = 4, cell: PersistentCell | str | None = None) -> int:
     """Dynamic shared memory of one block; the arithmetic of ``SharedLayout`` in
-    csrc/persistent.cuh (keep the two in step). ``gates``: the cell's gate count (4 for
-    the LSTM; a GRU would pass 3): forward items are the ``gates`` rows of one unit,
-    backward items four consecutive units over a reduction of ``gates``·H."""
-    if direction == FORWARD:
-        item_rows, weight_rows, reduction, items = gates, gates * units, hidden, units
-    else:
-        padded_units = _round_up(units, 4)
-        item_rows, weight_rows, reduction, items = 4, padded_units, gates * hidden, padded_units // 4
+    csrc/persistent.cuh (keep the two in step). ``cell``: a :class:`PersistentCell` or
+    its name (default: the LSTM's geometry with ``gates`` gate blocks)."""
+    if cell is None:
+        cell = LSTM_CELL if gates == 4 else PersistentCell("lstm-like", gates, "lstm")
+    item_rows, weight_rows, reduction, items, carry = _cell(cell).geometry(direction, units, hidden)
     k_pad = _round_up(reduction, 4)
     groups = chunk_rows // tile.row_tile
     floats = (
         _round_up(weight_rows * k_pad, 4)
         + _round_up(chunk_rows * k_pad, 4)
         + _round_up(items * groups * item_rows * tile.row_tile * tile.k_split, 4)
-        + _round_up(batch * units, 4)
+        + (_round_up(batch * units, 4) if carry else 0)
     )
     return floats * _FLOAT
 
 
 def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int, tile: PersistentTile = TILE,
-         gates: int = 4) -> Plan | None:
+         gates: int = 4, cell: PersistentCell | str | None = None) -> Plan | None:
     """The launch for (B, H) on a device with ``sm_count`` SMs and ``max_shared`` bytes
     of dynamic shared memory per block, or None when W_hh's slices do not fit on chip
     (before asking the compiled kernel's occupancy, see :func:`plan_for`). ``gates``
-    as for :func:`shared_bytes`."""
+    and ``cell`` as for :func:`shared_bytes`."""
     if batch < 1 or hidden < 1 or sm_count < 1:
         return None
     units = _ceil_div(hidden, sm_count)
@@ -175,7 +238,7 @@ def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int
     all_rows = _round_up(batch, tile.row_tile)
 
     def fits(rows: int) -> bool:
-        return shared_bytes(direction, tile, batch, hidden, units, rows, gates) <= max_shared
+        return shared_bytes(direction, tile, batch, hidden, units, rows, gates, cell) <= max_shared
 
     if not fits(tile.row_tile):
         return None
@@ -189,26 +252,35 @@ def plan(direction: str, batch: int, hidden: int, sm_count: int, max_shared: int
         chunks = _ceil_div(batch, largest)
         chunk_rows = _round_up(_ceil_div(batch, chunks), tile.row_tile)
     return Plan(direction, tile, units, blocks, chunk_rows,
-                shared_bytes(direction, tile, batch, hidden, units, chunk_rows, gates))
+                shared_bytes(direction, tile, batch, hidden, units, chunk_rows, gates, cell),
+                "lstm" if cell is None else _cell(cell).cell)
 
 
 def _instance(plan_: Plan, dtype: str, hidden: int, training_or_norms: bool) -> tuple[str, str]:
     from . import _launch
 
     storage = _launch.STORAGE_TYPES[dtype]
+    # 16-byte staging of the exchanged rows (h, or the GRU's and Elman's dz): H % 4 == 0.
+    vector_loads = hidden % 4 == 0
+    if plan_.cell == "lstm":
+        if plan_.direction == FORWARD:
+            return _launch.FORWARD_SOURCE, plan_.tile.forward_name(storage, training_or_norms, vector_loads)
+        return _launch.BACKWARD_SOURCE, plan_.tile.backward_name(storage, training_or_norms)
+    cell, kernels = CELLS[plan_.cell], _launch.CELL_KERNELS[plan_.cell]
     if plan_.direction == FORWARD:
-        return _launch.FORWARD_SOURCE, plan_.tile.forward_name(storage, training_or_norms, hidden % 4 == 0)
-    return _launch.BACKWARD_SOURCE, plan_.tile.backward_name(storage, training_or_norms)
+        return kernels.forward_source, cell.forward_name(plan_.tile, storage, training_or_norms, vector_loads)
+    return kernels.backward_source, cell.backward_name(plan_.tile, storage, training_or_norms, vector_loads)
 
 
-def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32", flag: bool = True) -> Plan | None:
+def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32", flag: bool = True,
+             cell: str = "lstm") -> Plan | None:
     """:func:`plan` on runtime ``rt``'s device, checked against the compiled instance
     (``flag``: training for the forward, step norms for the backward): the device must
     launch cooperatively and keep ``blocks`` blocks resident (occupancy, which counts
     the instance's registers and shared memory), else None."""
     if not getattr(rt, "cooperative_launch", False):
         return None
-    found = plan(direction, batch, hidden, rt.sm_count, rt.max_shared_bytes - STATIC_SHARED_BYTES)
+    found = plan(direction, batch, hidden, rt.sm_count, rt.max_shared_bytes - STATIC_SHARED_BYTES, cell=cell)
     if found is None:
         return None
     source, name = _instance(found, dtype, hidden, flag)
@@ -216,17 +288,18 @@ def plan_for(rt, direction: str, batch: int, hidden: int, dtype: str = "float32"
     return found if found.blocks <= resident else None
 
 
-def choose(rt, batch: int, hidden: int, dtype: str = "float32") -> str:
+def choose(rt, batch: int, hidden: int, dtype: str = "float32", cell: str = "lstm") -> str:
     """"persistent" when the forward and backward persistent kernels both fit the
     device for (B, H), else "step" (the per-step path). ``variant=None`` in ``_launch``
     follows it (with "graph", the per-step path's default, for "step")."""
-    if plan_for(rt, FORWARD, batch, hidden, dtype, True) and plan_for(rt, BACKWARD, batch, hidden, dtype, True):
+    if plan_for(rt, FORWARD, batch, hidden, dtype, True, cell) and plan_for(rt, BACKWARD, batch, hidden, dtype, True,
+                                                                           cell):
         return "persistent"
     return "step"
 
 
-def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool) -> Plan:
-    found = plan_for(rt, direction, batch, hidden, dtype, flag)
+def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool, cell: str = "lstm") -> Plan:
+    found = plan_for(rt, direction, batch, hidden, dtype, flag, cell)
     if found is None:
         raise ValueError(
             f"variant 'persistent' does not fit this device for B={batch}, hidden_size={hidden} "
@@ -235,6 +308,36 @@ def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool
             "must fit in the blocks' shared memory; use variant='step'"
         )
     return found
+
+
+def require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool, cell: str) -> Plan:
+    """The plan of ``cell``'s persistent kernel for ``direction`` (``flag``: training or
+    step norms) on ``rt``'s device; a ValueError saying why when it does not fit."""
+    return _require(rt, direction, batch, hidden, dtype, flag, cell)
+
+
+def launch(rt, plan_: Plan, dtype: str, hidden: int, flag: bool, arrays: list, sizes: tuple) -> None:
+    """One cooperative launch of the instance of ``plan_`` (a GRU or Elman plan; the
+    LSTM's launches are :func:`forward` / :func:`backward` below): the kernel's array
+    arguments ``arrays`` in order, then a fresh zeroed flags array, ``sizes`` (T, B, H),
+    the plan's units and chunk rows. With H % 4 == 0 the kernels stage the exchanged
+    rows (h_all forward, dgh / da backward) with 16-byte loads: their bases must be
+    16-byte aligned, as every float32 array of ours is."""
+    xp = rt.xp
+    if hidden % 4 == 0:
+        for array in arrays:
+            if array.dtype == np.float32:
+                _require_aligned(array, "a float32 array of the persistent launch")
+    flags = xp.zeros((plan_.blocks,), dtype=np.uint32)
+    source, name = _instance(plan_, dtype, hidden, flag)
+    i32 = np.int32
+    rt.function(source, name)(
+        (plan_.blocks, 1, 1),
+        (plan_.tile.threads, 1, 1),
+        (*arrays, flags, *(i32(v) for v in sizes), i32(plan_.units), i32(plan_.chunk_rows)),
+        shared_mem=plan_.shared_bytes,
+        cooperative=True,
+    )
 
 
 def _address(array) -> int:

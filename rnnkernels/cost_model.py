@@ -43,6 +43,8 @@ from dataclasses import dataclass, field, replace
 from . import _launch
 
 GATES = 4
+# Gate row blocks of each cell's W_ih / W_hh (the LSTM's is GATES).
+CELL_GATES = {"lstm": GATES, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 DIRECTIONS = ("forward_inference", "forward_training", "backward")
 
 
@@ -230,13 +232,15 @@ def _cupy_device(device_id: int) -> Device:
 # --------------------------------------------------------------------------- problems
 @dataclass(frozen=True)
 class Problem:
-    """One LSTM layer's sizes; ``dtype`` is the storage type ("float32" or "float16":
-    float32 math either way)."""
+    """One layer's sizes; ``dtype`` is the storage type ("float32" or "float16":
+    float32 math either way); ``cell`` the recurrent cell ("lstm", "gru", "rnn_tanh",
+    "rnn_relu"), whose gate count (4, 3, 1) scales the products and the traffic."""
 
     batch: int
     hidden: int
     input_size: int | None = None  # None: I = H
     dtype: str = "float32"
+    cell: str = "lstm"
 
     def __post_init__(self):
         for what in ("batch", "hidden"):
@@ -247,6 +251,12 @@ class Problem:
             raise ValueError(f"input_size must be a positive int or None, got {self.input_size!r}")
         if self.dtype not in _launch.STORAGE_TYPES:
             raise ValueError(f"dtype must be one of {tuple(_launch.STORAGE_TYPES)}, got {self.dtype!r}")
+        if self.cell not in CELL_GATES:
+            raise ValueError(f"cell must be one of {tuple(CELL_GATES)}, got {self.cell!r}")
+
+    @property
+    def gates(self) -> int:
+        return CELL_GATES[self.cell]
 
     @property
     def inputs(self) -> int:
@@ -307,7 +317,7 @@ def gemm_us(m: int, n: int, k: int, dev: Device, efficiency: float) -> float:
     return 2.0 * m * n * k / (dev.fp32_flops_per_us * efficiency)
 
 
-def fma_efficiency(rows: int) -> float:
+def fma_efficiency(rows: int, weight_rows: int = GATES) -> float:
     """Fraction of the FP32 FMA peak a recurrent-product inner loop can reach when, per
     reduction index, a thread loads 4 gate weights and ``rows`` h values from shared
     memory and does 4·rows FMAs. An SM issues 4 warp-FMAs per clock (128 lanes) but
@@ -316,8 +326,10 @@ def fma_efficiency(rows: int) -> float:
 
         efficiency = rows / (4 + rows)          (0.2 at 1 row, 0.5 at 4, 0.67 at 8)
 
-    The same holds for 16-byte loads (4 clocks each, 4x the FMAs)."""
-    return rows / (GATES + rows)
+    The same holds for 16-byte loads (4 clocks each, 4x the FMAs). ``weight_rows``: the
+    weights loaded per index, 4 above (the LSTM's gates); a GRU step kernel loads 3, an
+    Elman one 1: rows / (weight_rows + rows)."""
+    return rows / (weight_rows + rows)
 
 
 def per_step_gemm_flops(direction: str, p: Problem) -> list[tuple[int, int, int]]:
@@ -326,8 +338,8 @@ def per_step_gemm_flops(direction: str, p: Problem) -> list[tuple[int, int, int]
     dW_ih = dzᵀ·x (4H x I x B), dW_hh = dzᵀ·h (4H x H x B)."""
     b, h, i = p.batch, p.hidden, p.inputs
     if direction == "backward":
-        return [(b, i, GATES * h), (GATES * h, i, b), (GATES * h, h, b)]
-    return [(b, GATES * h, i)]
+        return [(b, i, p.gates * h), (p.gates * h, i, b), (p.gates * h, h, b)]
+    return [(b, p.gates * h, i)]
 
 
 def hbm_bytes_per_step(direction: str, p: Problem) -> int:
@@ -337,10 +349,10 @@ def hbm_bytes_per_step(direction: str, p: Problem) -> int:
     (2·B·4H·4 + 2·B·H·4 + B·H·s)."""
     b, h, s = p.batch, p.hidden, p.storage_bytes
     if direction == "forward_inference":
-        return b * GATES * h * 4 + b * h * 4
+        return b * p.gates * h * 4 + b * h * 4
     if direction == "forward_training":
-        return 2 * b * GATES * h * 4 + 2 * b * h * 4
-    return 2 * b * GATES * h * 4 + 2 * b * h * 4 + b * h * s
+        return 2 * b * p.gates * h * 4 + 2 * b * h * 4
+    return 2 * b * p.gates * h * 4 + 2 * b * h * 4 + b * h * s
 
 
 def _check(direction: str) -> None:
@@ -372,23 +384,23 @@ def step_kernel_us(direction: str, p: Problem, dev: Device, tile=None) -> tuple[
     grid = tile.grid(b, h)
     unit_blocks, batch_blocks = grid[0], grid[1]
     blocks = unit_blocks * batch_blocks
-    k = h if direction != "backward" else GATES * h
+    k = h if direction != "backward" else p.gates * h
     resident = max(1, min(32, 2048 // tile.threads))
     rounds = math.ceil(k / (tile.k_tile * tile.k_split))
     waves = math.ceil(blocks / (dev.sms * resident))
-    l2_bytes = batch_blocks * GATES * h * h * s + unit_blocks * b * k * 4
+    l2_bytes = batch_blocks * p.gates * h * h * s + unit_blocks * b * k * 4
     # Executed FMAs: a partly empty tile still runs its zero-filled rows and units.
-    flops = 2.0 * (batch_blocks * tile.batch_tile) * GATES * (unit_blocks * tile.unit_tile) * h
+    flops = 2.0 * (batch_blocks * tile.batch_tile) * p.gates * (unit_blocks * tile.unit_tile) * h
     active = min(1.0, blocks / dev.sms)
     hbm = hbm_bytes_per_step(direction, p)
-    if GATES * h * h * s > dev.l2_bytes // 2:
+    if p.gates * h * h * s > dev.l2_bytes // 2:
         # W_hh does not stay in L2 from one step to the next (it shares L2 with the
         # streaming arrays): each step reads it from HBM once more.
-        hbm += GATES * h * h * s
+        hbm += p.gates * h * h * s
     terms = {
         "l2_us": l2_bytes / (dev.l2_gbs * 1e3),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
-        "flops_us": flops / (dev.fp32_flops_per_us * active * fma_efficiency(tile.rows_per_thread)),
+        "flops_us": flops / (dev.fp32_flops_per_us * active * fma_efficiency(tile.rows_per_thread, p.gates)),
         "chain_us": waves * rounds * dev.l2_latency_ns / 1e3,
     }
     counts = {"tile": tile.name, "blocks": blocks, "waves": waves, "l2_bytes": l2_bytes, "hbm_bytes": hbm,
@@ -456,10 +468,11 @@ def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
     from . import _persistent
 
     b, h = p.batch, p.hidden
-    k = h if direction != "backward" else GATES * h
+    k = h if direction != "backward" else p.gates * h
     plan_direction = _persistent.BACKWARD if direction == "backward" else _persistent.FORWARD
-    found = _persistent.plan(plan_direction, b, h, dev.sms, dev.shared_per_block - _persistent.STATIC_SHARED_BYTES)
-    weights = GATES * h * h * p.storage_bytes
+    found = _persistent.plan(plan_direction, b, h, dev.sms, dev.shared_per_block - _persistent.STATIC_SHARED_BYTES,
+                             cell=p.cell)
+    weights = p.gates * h * h * p.storage_bytes
     counts = {"w_hh_bytes": weights, "launches": 0, "grid_syncs": 1}
     if found is None:
         return Breakdown("persistent", direction, math.inf, {}, counts,
@@ -467,7 +480,7 @@ def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
                          f"{dev.shared_per_block} B beside one row tile of state (_persistent.plan)")
     tile = found.tile
     padded_rows = -(-b // tile.row_tile) * tile.row_tile
-    weight_rows = GATES * found.units if plan_direction == _persistent.FORWARD else -(-found.units // 4) * 4
+    item_rows, weight_rows, _, _, _ = _persistent.CELLS[p.cell].geometry(plan_direction, found.units, h)
     block_fmas = padded_rows * weight_rows * k
     chunks = -(-padded_rows // found.chunk_rows)
     hbm = hbm_bytes_per_step(direction, p)
@@ -476,7 +489,7 @@ def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
     terms = {
         "sync_us": dev.grid_sync_ns / 1e3,
         "stage_us": chunks * dev.l2_latency_ns / 1e3 + stage_bytes / (dev.l2_gbs * 1e3 / dev.sms),
-        "flops_us": 2.0 * block_fmas / (per_sm_flops_per_us * fma_efficiency(tile.row_tile)),
+        "flops_us": 2.0 * block_fmas / (per_sm_flops_per_us * fma_efficiency(tile.row_tile, item_rows)),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
         "gemm_us": _gemm_share(direction, p, dev, CUBLAS_FP32_EFFICIENCY),
     }

@@ -1,4 +1,5 @@
-"""``backend="cuda"``: the CUDA LSTM kernels of ``csrc/`` on an NVIDIA GPU, via CuPy.
+"""``backend="cuda"``: the CUDA kernels of ``csrc/`` on an NVIDIA GPU, via CuPy: ``BACKEND`` (LSTM),
+``GRU_BACKEND``, ``RNN_TANH_BACKEND`` and ``RNN_RELU_BACKEND`` (:func:`cell_backend`).
 
 Arrays are CuPy arrays (the API converts DLPack / ``__cuda_array_interface__`` inputs);
 every kernel and copy runs on the caller's current CuPy stream, on the device holding
@@ -124,3 +125,39 @@ BACKEND = Backend(
     check_available=check_available,
     saved_arrays=_launch.saved_arrays(),
 )
+
+
+# ------------------------------------------------------------------ the other cells
+def cell_backend(kernels: _launch.CellKernels) -> Backend:
+    """The ``cuda`` Backend of a cell with the one state h (GRU, Elman RNN): the backend
+    contract with ``forward(x, w_ih, w_hh, bias, h0, training) -> (y, h_n, saved)`` and
+    ``backward(saved, dy, dh_n, return_step_norms=False) -> (dx, dw_ih, dw_hh, db, dh0)``
+    (+ ``dh_norms``), on the launch plan ``_launch.cell_forward`` / ``cell_backward``
+    shares with ``backend="emulated"``; ``bias`` and ``db`` in the API's folded layout."""
+
+    def forward(x, w_ih, w_hh, bias, h0, training):
+        _check_same_device(x.device.id, w_ih, w_hh, bias, h0)
+        _check_compute_capability(x.device)
+        with x.device:
+            return _launch.cell_forward(_launch.CupyRuntime(), kernels, x, w_ih, w_hh, bias, h0, training)
+
+    def backward(saved, dy, dh_n, return_step_norms=False):
+        device = saved.x.device
+        _check_same_device(device.id, dy, dh_n)
+        with device:
+            return _launch.cell_backward(_launch.CupyRuntime(), saved, dy, dh_n, return_step_norms=return_step_norms)
+
+    return Backend(
+        name="cuda",
+        device="cuda",
+        compute_dtypes=("float32", "float16"),
+        forward=forward,
+        backward=backward,
+        check_available=check_available,
+        saved_arrays=_launch.cell_saved_arrays(kernels),
+    )
+
+
+GRU_BACKEND = cell_backend(_launch.GRU_KERNELS)
+RNN_TANH_BACKEND = cell_backend(_launch.RNN_TANH_KERNELS)
+RNN_RELU_BACKEND = cell_backend(_launch.RNN_RELU_KERNELS)

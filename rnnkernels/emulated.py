@@ -1,4 +1,5 @@
-"""``backend="emulated"``: the CUDA LSTM kernels of ``csrc/`` run on the CPU emulator.
+"""``backend="emulated"``: the CUDA kernels of ``csrc/`` run on the CPU emulator: ``BACKEND`` (LSTM),
+``GRU_BACKEND``, ``RNN_TANH_BACKEND`` and ``RNN_RELU_BACKEND`` (:func:`cell_backend`).
 
 The same kernel text, the same instances and the same launch plan as
 ``backend="cuda"`` (``rnnkernels/_launch.py``), on NumPy arrays: this is how CI, which
@@ -52,3 +53,31 @@ BACKEND = Backend(
     check_available=check_available,
     saved_arrays=_launch.saved_arrays(),
 )
+
+
+# ------------------------------------------------------------------ the other cells
+def cell_backend(kernels: _launch.CellKernels) -> Backend:
+    """The ``emulated`` Backend of a cell with the one state h (GRU, Elman RNN): the
+    contract of ``rnnkernels.cuda.cell_backend`` on NumPy arrays, through the same
+    launch plan (``_launch.cell_forward`` / ``cell_backward``)."""
+
+    def forward(x, w_ih, w_hh, bias, h0, training):
+        return _launch.cell_forward(_launch.EmulatorRuntime(), kernels, x, w_ih, w_hh, bias, h0, training)
+
+    def backward(saved, dy, dh_n, return_step_norms=False):
+        return _launch.cell_backward(_launch.EmulatorRuntime(), saved, dy, dh_n, return_step_norms=return_step_norms)
+
+    return Backend(
+        name="emulated",
+        device="cpu",
+        compute_dtypes=("float32", "float16"),
+        forward=forward,
+        backward=backward,
+        check_available=check_available,
+        saved_arrays=_launch.cell_saved_arrays(kernels),
+    )
+
+
+GRU_BACKEND = cell_backend(_launch.GRU_KERNELS)
+RNN_TANH_BACKEND = cell_backend(_launch.RNN_TANH_KERNELS)
+RNN_RELU_BACKEND = cell_backend(_launch.RNN_RELU_KERNELS)

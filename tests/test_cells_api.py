@@ -35,7 +35,10 @@ def implemented(cell: str, host_only=False) -> list:
     return out
 
 
-GRID = [(cell, backend) for cell in HIDDEN_CELLS for backend in implemented(cell)]
+# A backend given as pytest.param (the emulated one) must stay one at the top level, its
+# marks on the (cell, backend) pair: nested in a tuple it would reach the test as is.
+GRID = [pytest.param(cell, *backend.values, marks=backend.marks) if hasattr(backend, "marks") else (cell, backend)
+        for cell in HIDDEN_CELLS for backend in implemented(cell)]
 
 
 def _grid_ids(item):

@@ -70,6 +70,10 @@ def test_emulated_session_runs_every_stage_and_writes_the_results(tmp_path):
     # Every variant, both dtypes, checked against the reference.
     checked = {(c["variant"], c["dtype"]) for c in records["correctness"] if c["ok"]}
     assert checked == {(v, d) for v in _launch.VARIANTS for d in _launch.STORAGE_TYPES}
+    # So are the GRU and the Elman cells.
+    cells = {(c.get("cell", "lstm"), c["variant"], c["dtype"]) for c in records["correctness"] if c["ok"]}
+    assert cells >= {(cell, v, d) for cell in _launch.CELL_KERNELS for v in _launch.VARIANTS
+                     for d in _launch.STORAGE_TYPES}
     # Every variant timed in every emulated config and mode, with a prediction beside it.
     timed = {(c["config"], c["mode"], c["impl"]) for c in report["comparisons"]}
     for variant in _launch.VARIANTS:

@@ -20,7 +20,7 @@ def _nvrtc_or_skip():
 def reports(request):
     _nvrtc_or_skip()
     arch = request.param
-    found = [r for source in _launch.KERNELS for r in nvrtc_check.compile_source(source, arch)]
+    found = nvrtc_check.compile_sources(_launch.KERNELS, arch)
     add_summary_section(f"ptxas resource usage, {arch} (NVRTC)", nvrtc_check.format_table(found))
     return found
 
@@ -34,14 +34,22 @@ def test_every_table_instance_compiles(reports):
         for tile in _launch.STEP_TILES:
             assert {tile.backward_name(False, dtype), tile.backward_name(True, dtype)} <= compiled
             assert {tile.forward_name(False, dtype), tile.forward_name(True, dtype)} <= compiled
+            for cell in _launch.CELL_KERNELS.values():
+                assert {cell.backward_name(tile, False, dtype), cell.backward_name(tile, True, dtype)} <= compiled
+                assert {cell.forward_name(tile, False, dtype), cell.forward_name(tile, True, dtype)} <= compiled
 
 
 def test_step_kernels_do_not_spill(reports):
     step_reports = [r for r in reports if r.is_step_kernel]
     # forward inference and training, backward with and without step norms, per dtype;
-    # persistent: forward x {scalar, 16-byte staging}, per dtype
-    persistent = 4 + 2
-    assert len(step_reports) == (4 * len(_launch.STEP_TILES) + persistent) * len(_launch.STORAGE_TYPES)
+    # persistent: forward x {scalar, 16-byte staging}, per dtype. The GRU: as the LSTM's
+    # step kernels; the Elman RNN: tanh and relu, a forward without a Training flag.
+    # Their persistent kernels: GRU forward {training} x {staging}, backward {staging}
+    # x {norms}; Elman tanh and relu, forward {staging}, backward {staging} x {norms}.
+    persistent = 4 + 2 + (4 + 4) + 2 * (2 + 4)
+    gru, rnn = 4, 2 * 3
+    per_dtype = (4 + gru + rnn) * len(_launch.STEP_TILES) + persistent
+    assert len(step_reports) == per_dtype * len(_launch.STORAGE_TYPES)
     assert sum("persistent" in r.name for r in step_reports) == persistent * len(_launch.STORAGE_TYPES)
     spilling = [r for r in step_reports if r.spill_stores or r.spill_loads or r.stack_bytes]
     assert not spilling, nvrtc_check.format_table(spilling)
