@@ -1045,8 +1045,17 @@ def run_steps(rt, variant: str, key: tuple, source: str, name: str, grid, block,
             kernel(grid, block, (*arrays, *scalars, i32(t)))
         return
 
+    # Arguments may alias (one array passed for two parameters, e.g. a buffer the kernel
+    # does not touch in this configuration): one workspace per DISTINCT array, shared by
+    # its parameters as the caller's array is, so a copy-back cannot overwrite an output
+    # with a workspace the kernels never wrote. The aliasing is part of the graph's key.
+    first = {}
+    slots = tuple(first.setdefault(id(a), i) for i, a in enumerate(arrays))
+    distinct = sorted(set(slots))
+
     def build():
-        workspace = [rt.xp.empty_like(a) for a in arrays]
+        own = {i: rt.xp.empty_like(arrays[i]) for i in distinct}
+        workspace = [own[slot] for slot in slots]
         kernel = rt.function(source, name)  # loaded before capture begins
         with rt.capture() as captured:
             for t in order:
@@ -1054,11 +1063,11 @@ def run_steps(rt, variant: str, key: tuple, source: str, name: str, grid, block,
         return workspace, captured.graph
 
     shapes = tuple((a.shape, a.dtype.str) for a in arrays)
-    workspace, graph = _graph.cached_graph(rt, (source, name, grid, shapes, *key), build)
-    for mine, theirs in zip(workspace, arrays):
-        mine[...] = theirs
+    workspace, graph = _graph.cached_graph(rt, (source, name, grid, shapes, slots, *key), build)
+    for i in distinct:
+        workspace[i][...] = arrays[i]
     graph.launch()
-    for i in outputs:
+    for i in sorted({slots[j] for j in outputs}):
         arrays[i][...] = workspace[i]
 
 
@@ -1110,8 +1119,7 @@ def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bo
         # One cooperative launch for all steps: the step kernel's arguments (the
         # Elman forward has no saved arrays beyond h_all), then the flags and the plan.
         plan = _persistent.require(rt, _persistent.FORWARD, batch, hidden, dtype, training, kernels.cell)
-        persistent_arrays = arrays if kernels.gates == 3 else [gx, w_hh, h_all]
-        _persistent.launch(rt, plan, dtype, hidden, training, persistent_arrays, (steps, batch, hidden))
+        _persistent.launch(rt, plan, dtype, hidden, training, arrays, (steps, batch, hidden), exchanged=h_all)
     else:
         run_steps(rt, variant, ("forward", kernels.cell, training), kernels.forward_source, name, grid, block, arrays,
                   (np.int32(batch), np.int32(hidden)), steps, False, outputs)
@@ -1166,7 +1174,7 @@ def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = F
         arrays = [w_hh, h_all, dy, dh_n, dz, step_squares]
         outputs = (4, 5)
     if persistent:
-        _persistent.launch(rt, plan, dtype, hidden, return_step_norms, arrays, sizes)
+        _persistent.launch(rt, plan, dtype, hidden, return_step_norms, arrays, sizes, exchanged=dz)
     else:
         run_steps(rt, variant, ("backward", kernels.cell, return_step_norms), kernels.backward_source, name, grid,
                   block, arrays, sizes, steps, True, outputs)

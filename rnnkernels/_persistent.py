@@ -316,18 +316,18 @@ def require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool,
     return _require(rt, direction, batch, hidden, dtype, flag, cell)
 
 
-def launch(rt, plan_: Plan, dtype: str, hidden: int, flag: bool, arrays: list, sizes: tuple) -> None:
+def launch(rt, plan_: Plan, dtype: str, hidden: int, flag: bool, arrays: list, sizes: tuple,
+           exchanged) -> None:
     """One cooperative launch of the instance of ``plan_`` (a GRU or Elman plan; the
     LSTM's launches are :func:`forward` / :func:`backward` below): the kernel's array
     arguments ``arrays`` in order, then a fresh zeroed flags array, ``sizes`` (T, B, H),
-    the plan's units and chunk rows. With H % 4 == 0 the kernels stage the exchanged
-    rows (h_all forward, dgh / da backward) with 16-byte loads: their bases must be
-    16-byte aligned, as every float32 array of ours is."""
+    the plan's units and chunk rows. With H % 4 == 0 the kernels stage the
+    ``exchanged`` array's rows (h_all forward, dgh / da backward: our own workspaces)
+    with 16-byte loads, so its base must be 16-byte aligned, as every float32 array of
+    ours is; the caller's arrays are read with scalar loads and may sit anywhere."""
     xp = rt.xp
     if hidden % 4 == 0:
-        for array in arrays:
-            if array.dtype == np.float32:
-                _require_aligned(array, "a float32 array of the persistent launch")
+        _require_aligned(exchanged, "exchanged between the blocks")
     flags = xp.zeros((plan_.blocks,), dtype=np.uint32)
     source, name = _instance(plan_, dtype, hidden, flag)
     i32 = np.int32

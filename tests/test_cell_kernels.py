@@ -176,6 +176,47 @@ def test_graph_is_bitwise_the_step_variant_and_replays(rt, cell):
     assert_bitwise(run(rt, cell, q, variant="step"), run(rt, cell, q, variant="graph"))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_graph_without_step_norms(rt, cell):
+    """Without step norms the backward passes one array for two parameters (the norms'
+    slot is a buffer the kernel does not touch): the graph's workspaces must alias the
+    same way, or the copy-back overwrites dgh with a workspace the kernels never wrote
+    (found in review: every Elman gradient and the GRU's dw_hh, db, dh0 came back NaN)."""
+    p = make_problem(cell, 3, 2, 4, 7, seed=8)
+    want = reference(cell, p)
+    del want["dh_norms"]
+    graph = run(rt, cell, p, variant="graph", norms=False)
+    assert_close(graph, want, 2e-5)
+    assert_bitwise(run(rt, cell, p, variant="step", norms=False), graph)
+    # and the graph cached with the aliasing replays correctly, as does the one without
+    assert_close(run(rt, cell, p, variant="graph", norms=False), want, 2e-5)
+    assert_close(run(rt, cell, p, variant="graph", norms=True), reference(cell, p), 2e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_takes_unaligned_user_arrays(rt, cell):
+    """The persistent kernels read the caller's arrays with scalar loads; only the rows
+    the blocks exchange (our own workspace) need 16-byte alignment. A contiguous view at
+    a 4-byte offset into a flat buffer (a packed parameter store) must run, not raise."""
+    p = make_problem(cell, 2, 3, 4, 8, seed=9)
+    kernels = _launch.CELL_KERNELS[cell]
+
+    def unaligned(a):
+        flat = np.zeros(a.size + 1, np.float32)
+        view = flat[1:].reshape(a.shape)
+        view[...] = a
+        assert view.ctypes.data % 16 and view.flags.c_contiguous
+        return view
+
+    cast = {k: None if v is None else v.astype(np.float32) for k, v in p.items()}
+    y, h_n, saved = _launch.cell_forward(rt, kernels, cast["x"], cast["w_ih"], unaligned(cast["w_hh"]),
+                                         folded_bias(cell, p), unaligned(cast["h0"]), True, variant="persistent")
+    grads = _launch.cell_backward(rt, saved, unaligned(cast["dy"]), unaligned(cast["dh_n"]), variant="persistent")
+    want = reference(cell, p)
+    assert_close(dict(y=y, h_n=h_n, **dict(zip(GRADIENTS, grads))), {k: want[k] for k in ("y", "h_n", *GRADIENTS)},
+                 2e-5)
+
+
 def test_deterministic_across_schedules():
     p = make_problem("gru", 2, 3, 4, 7, seed=6)
     first = run(emulator_or_skip(seed=1), "gru", p, variant="step")
