@@ -4,7 +4,7 @@ The math is the reference's (see ``rnnkernels/reference.py``); the work is split
 way the CUDA kernels split it:
 
 * one large product projects every step's input at once: ``gx = x W_ihᵀ + b`` over
-  T·B rows;
+  T·B rows, by the same packed kernel, which adds b as it stores each tile;
 * the whole time loop is one compiled call (``_forward_steps``): per step the small
   product ``h_{t-1} W_hhᵀ``, by the micro-kernel of ``_cpu_gemm`` on W_hhᵀ packed
   once per call (a BLAS call per step repacked W_hh every time and cost Python and
@@ -229,10 +229,9 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     # through the packed kernel rather than NumPy's BLAS (on par with OpenBLAS here at
     # one thread) so that forward runs on one thread pool, Numba's: OpenBLAS's workers
     # would spin on the cores the time loop's threads need (see the threading policy).
-    gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden)
+    # The bias is added by the kernel as it stores each tile (no pass of its own).
+    gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden, bias)
     gates = gates.reshape(steps, batch, 4 * hidden)
-    if bias is not None:
-        gates += bias
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((steps + 1, batch, hidden), dtype)
     h[0], c[0] = h0, c0
