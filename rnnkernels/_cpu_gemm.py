@@ -11,18 +11,20 @@ for the product ``A [R, K] @ M [K, N]``, with W = 2 vectors. A vector is one reg
 of the widest kind the target has: 64 bytes (16 float32, 8 float64) where Numba
 compiles for a CPU with AVX-512F, 32 bytes (AVX2) elsewhere (``VECTOR_BYTES``). On
 the 2-core Zen 4 the project builds on, 512-bit tiles ran the projection's and the
-step's products 5-10% faster than 256-bit ones (same FMA throughput; half the
-instructions and broadcasts per multiply-add); measured in thread CPU time, which a
-loaded machine disturbs least. One kernel call computes an R x W tile of the output,
-R <= 4 rows: it keeps the R·2 accumulators in vector registers for the whole k loop,
-and per k loads two vectors of the panel and broadcasts one element of each row
-(R·2 FMAs for 2 + R loads). A tile can add a bias row as it stores (``bias``: a
-1-D array, or None for none): the sum over k first, then one IEEE addition, the same
-bits as adding the bias afterwards, without a second pass over the output. Numba cannot express "keep this tile in registers" (a local array lives in
-memory, and LLVM cannot prove it does not alias the inputs), so the loop is written
-here in LLVM IR through ``numba.extending.intrinsic``; it uses ``llvm.fma`` on
-``<VW x float>``, which LLVM lowers to the best the host has (AVX2: one vfmadd; SSE:
-two). The summation order over k is fixed (k = 0, 1, ...), whatever the thread count.
+step's products 3-8% faster than 256-bit ones (same FMA throughput; half the
+instructions and broadcasts per multiply-add; benchmarks/cpu/03_tile_shapes.py, in
+thread CPU time, which a loaded machine disturbs least). One kernel call computes an
+R x W tile of the output, R <= 4 rows: it keeps the R·2 accumulators in vector
+registers for the whole k loop, and per k loads two vectors of the panel and
+broadcasts one element of each row (R·2 FMAs for 2 + R loads). A tile can add a bias
+row as it stores (``bias``: a 1-D array, or None for none): the sum over k first, then
+one IEEE addition, the same bits as adding the bias afterwards, without a second pass
+over the output. Numba cannot express "keep this tile in registers" (a local array
+lives in memory, and LLVM cannot prove it does not alias the inputs), so the loop is
+written here in LLVM IR through ``numba.extending.intrinsic``; it uses ``llvm.fma``
+on ``<VW x float>``, which LLVM lowers to the best the host has (AVX2: one vfmadd;
+SSE: two). The summation order over k is fixed (k = 0, 1, ...), whatever the thread
+count or the vector width.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ from __future__ import annotations
 import llvmlite.binding
 import numpy as np
 from llvmlite import ir
-from numba.core import config
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 VECTORS = 2  # vectors per tile row: R·VECTORS accumulators + 2 panel vectors + 1 broadcast
@@ -84,7 +85,8 @@ def _make_tile(rows, panels):
     panel0·W:(panel0+panels)·W] = a[row0:row0+rows, :K] @ packed[panel0:panel0+panels]
     (+ bias[panel0·W:(panel0+panels)·W] unless bias is None; overwrites). bias: 1-D,
     C-contiguous, the dtype of a, at least (panel0+panels)·W long; None or an array is
-    a compile-time choice (two specializations), not a branch per tile. a, out C-contiguous 2-D, packed C-contiguous 3-D, one float dtype.
+    a compile-time choice (two specializations), not a branch per tile. a, out
+    C-contiguous 2-D, packed C-contiguous 3-D, one float dtype.
     rows x panels x 2 accumulators: fewer rows take more panels, so that even one row
     keeps 8 independent FMA chains in flight (2 would wait on the FMA latency)."""
 

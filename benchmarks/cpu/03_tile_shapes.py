@@ -37,10 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 
-from rnnkernels import _cpu_gemm  # noqa: E402
+from rnnkernels import _cpu_gemm
 
 SHAPES = ((2048, 256, 1024), (16, 256, 1024), (8, 128, 512), (4096, 128, 512), (64, 512, 2048), (4, 64, 256))
 CANDIDATES = ((4, 1, 32), (4, 1, 64), (4, 2, 64))  # rows, panels, vector bytes
