@@ -31,9 +31,12 @@ are signatures of each. The time loop takes the parallel variant when Numba has 
 than one thread and a step holds B > 1 rows and B·H >= 16384 units: its step product
 splits the weight panels over the threads and its cell the batch rows, one fork and
 join each per step, which only pays for that much work. The input projection is one
-product, split over the threads from 2^20 multiply-adds up. The compiled code is cached
-on disk (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process
-loads it instead of compiling (about a second per variant).
+product, split over the threads from 2^20 multiply-adds up. The packed kernel's vector
+width follows Numba's target (``_cpu_gemm.VECTOR_BYTES``: 64 bytes where it has
+AVX-512F, else 32) and is part of every compiled function's cache name; a product's
+sums keep their order at either width. The compiled code is cached on disk
+(``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process loads it
+instead of compiling (about a second per variant).
 
 Threading policy: one thread pool at a time, Numba's for everything that runs per step.
 ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets the threads for forward and the
