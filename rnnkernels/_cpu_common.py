@@ -35,11 +35,14 @@ PARALLEL_MIN_MACS = 1 << 20
 _PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
 
 
-def _step_product(a, packed, out):
-    """out[:, :N] = a [R, K] @ M [K, N] for M packed by ``_cpu_gemm.pack``; out [R, ≥N]
-    C-contiguous, its columns past N get the zero padding's products (zeros). Groups of
-    4 panels (the parallel variant splits the groups); in each, blocks of 4 rows, and a
-    last block of 1-3 rows through the kernel that keeps 8 accumulators busy."""
+def _product(a, packed, out, bias):
+    """out[:, :N] = a [R, K] @ M [K, N] (+ bias unless None) for M packed by
+    ``_cpu_gemm.pack``; out [R, ≥N] C-contiguous, its columns past N get the zero
+    padding's products (zeros, plus the bias's padding); bias [≥ out's columns], added
+    by the kernel as it stores each tile. Groups of 4 panels (the parallel variant
+    splits the groups); in each, blocks of 4 rows (by 2 panels at a time with
+    AVX-512's 32 registers, else 1), and a last block of 1-3 rows through the kernel
+    that keeps 8 accumulators busy."""
     rows = a.shape[0]
     full = rows - rows % 4
     rest = rows - full
@@ -49,25 +52,38 @@ def _step_product(a, packed, out):
         raise ValueError("step product: a, packed and out do not fit together")
     if packed.shape[2] * a.itemsize != _PANEL_BYTES:
         raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
+    if bias is not None and bias.shape[0] < panels * packed.shape[2]:
+        raise ValueError("step product: bias is shorter than the packed width")
     for group in numba.prange((panels + 3) // 4):
         first = 4 * group
         count = min(4, panels - first)
-        for panel in range(first, first + count):
-            for row in range(0, full, 4):
-                _cpu_gemm.tile4x1(a, row, packed, panel, out)
+        if _cpu_gemm.TWO_PANEL_BLOCKS and count == 4:  # a compile-time constant
+            for panel in range(first, first + 4, 2):
+                for row in range(0, full, 4):
+                    _cpu_gemm.tile4x2(a, row, packed, panel, out, bias)
+        else:
+            for panel in range(first, first + count):
+                for row in range(0, full, 4):
+                    _cpu_gemm.tile4x1(a, row, packed, panel, out, bias)
         if rest == 1 and count == 4:
-            _cpu_gemm.tile1x4(a, full, packed, first, out)
+            _cpu_gemm.tile1x4(a, full, packed, first, out, bias)
         elif rest == 2 and count == 4:
-            _cpu_gemm.tile2x2(a, full, packed, first, out)
-            _cpu_gemm.tile2x2(a, full, packed, first + 2, out)
+            _cpu_gemm.tile2x2(a, full, packed, first, out, bias)
+            _cpu_gemm.tile2x2(a, full, packed, first + 2, out, bias)
         elif rest > 0:
             for panel in range(first, first + count):
                 if rest == 1:
-                    _cpu_gemm.tile1x1(a, full, packed, panel, out)
+                    _cpu_gemm.tile1x1(a, full, packed, panel, out, bias)
                 elif rest == 2:
-                    _cpu_gemm.tile2x1(a, full, packed, panel, out)
+                    _cpu_gemm.tile2x1(a, full, packed, panel, out, bias)
                 else:
-                    _cpu_gemm.tile3x1(a, full, packed, panel, out)
+                    _cpu_gemm.tile3x1(a, full, packed, panel, out, bias)
+
+
+def _step_product(a, packed, out):
+    """``_product`` without a bias: the per-step product the time loops call (its
+    interface unchanged for the cells' loops)."""
+    product(a, packed, out, None)  # noqa: F821 - a global of each variant
 
 
 # Numba's on-disk cache (cache=True) files a compiled function under its qualified name
@@ -95,7 +111,8 @@ def compile_function(py_func, variant, parallel, callees=None):
     with ``callees`` (name: dispatcher) added to the globals it sees."""
     name = f"{py_func.__name__}_{variant}"
     func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
-    func.__qualname__ = f"{name}_{SOURCE_DIGEST}"
+    # The vector width shapes the generated code but not the source: it is in the name.
+    func.__qualname__ = f"{name}_{SOURCE_DIGEST}_v{_cpu_gemm.VECTOR_BYTES}"
     func.__doc__ = py_func.__doc__
     return numba.njit(
         nogil=True,
@@ -108,7 +125,11 @@ def compile_function(py_func, variant, parallel, callees=None):
     )(func)
 
 
-STEP_PRODUCT = {parallel: compile_function(_step_product, "parallel" if parallel else "serial", parallel) for parallel in (False, True)}
+PRODUCT = {parallel: compile_function(_product, "parallel" if parallel else "serial", parallel) for parallel in (False, True)}
+STEP_PRODUCT = {
+    parallel: compile_function(_step_product, "parallel" if parallel else "serial", False, {"product": PRODUCT[parallel]})
+    for parallel in (False, True)
+}
 
 
 def compile_variant(label, parallel, cells, loops):
@@ -152,13 +173,23 @@ def parallel_steps(batch, hidden):
     return batch > 1 and batch * hidden >= PARALLEL_MIN_UNITS and threads() > 1
 
 
-def project(a, packed, columns):
-    """a [M, K] @ M_packed as a new C-contiguous [M, columns] array (the packed matrix's
-    first ``columns`` columns): one fork for the whole product, parallel when there is
-    more than one thread and at least PARALLEL_MIN_MACS multiply-adds."""
+def project(a, packed, columns, bias=None):
+    """a [M, K] @ M_packed (+ bias [columns]) as a new C-contiguous [M, columns] array
+    (the packed matrix's first ``columns`` columns): one fork for the whole product,
+    parallel when there is more than one thread and at least PARALLEL_MIN_MACS
+    multiply-adds. A bias of a's dtype is added by the kernel as it stores each tile
+    (no second pass over the output; the same bits as adding it after); one of another
+    dtype by NumPy afterwards."""
     rows = a.shape[0]
     width = packed.shape[0] * packed.shape[2]
     parallel = rows * width * a.shape[1] >= PARALLEL_MIN_MACS and threads() > 1
     out = np.empty((rows, width), a.dtype)
-    STEP_PRODUCT[parallel](np.ascontiguousarray(a), packed, out)
-    return out if width == columns else np.ascontiguousarray(out[:, :columns])
+    fused = None
+    if bias is not None and bias.dtype == a.dtype:
+        fused = np.zeros(width, a.dtype)  # the packed width: padding columns get 0
+        fused[:columns] = bias
+    PRODUCT[parallel](np.ascontiguousarray(a), packed, out, fused)
+    out = out if width == columns else np.ascontiguousarray(out[:, :columns])
+    if bias is not None and fused is None:
+        out += bias
+    return out

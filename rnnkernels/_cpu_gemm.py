@@ -7,32 +7,57 @@ so the matrix is packed once per call here, into panels the kernel streams:
 
     packed [P, K, W]:  packed[p, k, c] = M[k, p·W + c]   (zero beyond M's N columns)
 
-for the product ``A [R, K] @ M [K, N]``, with W = 2 vectors (16 float32, 8 float64).
-One kernel call computes an R x W tile of the output, R <= 4 rows: it keeps the
-R·2 accumulators in vector registers for the whole k loop, and per k loads two
-vectors of the panel and broadcasts one element of each row (R·2 FMAs for 2 + R
-loads). Numba cannot express "keep this tile in registers" (a local array lives in
-memory, and LLVM cannot prove it does not alias the inputs), so the loop is written
-here in LLVM IR through ``numba.extending.intrinsic``; it uses ``llvm.fma`` on
-``<VW x float>``, which LLVM lowers to the best the host has (AVX2: one vfmadd; SSE:
-two). The summation order over k is fixed (k = 0, 1, ...), whatever the thread count.
+for the product ``A [R, K] @ M [K, N]``, with W = 2 vectors. A vector is one register
+of the widest kind the target has: 64 bytes (16 float32, 8 float64) where Numba
+compiles for a CPU with AVX-512F, 32 bytes (AVX2) elsewhere (``VECTOR_BYTES``). On
+the 2-core Zen 4 the project builds on, 512-bit tiles ran the projection's and the
+step's products 3-8% faster than 256-bit ones (same FMA throughput; half the
+instructions and broadcasts per multiply-add; benchmarks/cpu/03_tile_shapes.py, in
+thread CPU time, which a loaded machine disturbs least). One kernel call computes an
+R x W tile of the output, R <= 4 rows: it keeps the R·2 accumulators in vector
+registers for the whole k loop, and per k loads two vectors of the panel and
+broadcasts one element of each row (R·2 FMAs for 2 + R loads). A tile can add a bias
+row as it stores (``bias``: a 1-D array, or None for none): the sum over k first, then
+one IEEE addition, the same bits as adding the bias afterwards, without a second pass
+over the output. Numba cannot express "keep this tile in registers" (a local array
+lives in memory, and LLVM cannot prove it does not alias the inputs), so the loop is
+written here in LLVM IR through ``numba.extending.intrinsic``; it uses ``llvm.fma``
+on ``<VW x float>``, which LLVM lowers to the best the host has (AVX2: one vfmadd;
+SSE: two). The summation order over k is fixed (k = 0, 1, ...), whatever the thread
+count or the vector width.
 """
 
 from __future__ import annotations
 
+import llvmlite.binding
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 VECTORS = 2  # vectors per tile row: R·VECTORS accumulators + 2 panel vectors + 1 broadcast
 MAX_ROWS = 4  # 4 x 2 accumulators for float32 leave registers for loads (16 on AVX2)
 
 
+def _vector_bytes() -> int:
+    """64 where Numba compiles for a CPU with AVX-512F, else 32. Numba targets the host
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise (e.g. ``generic`` for a
+    cache shared between machines): then only explicit ``+avx512f`` features give 64.
+    A wrong guess costs speed, never correctness (LLVM splits a vector it cannot hold)."""
+    if config.CPU_FEATURES is not None:
+        return 64 if "+avx512f" in config.CPU_FEATURES.split(",") else 32
+    if config.CPU_NAME not in (None, "host"):
+        return 32
+    return 64 if llvmlite.binding.get_host_cpu_features().get("avx512f", False) else 32
+
+
+VECTOR_BYTES = _vector_bytes()
+
+
 def vector_width(dtype) -> int:
-    """Elements per vector: 32 bytes (one AVX register)."""
-    return 32 // np.dtype(dtype).itemsize
+    """Elements per vector (VECTOR_BYTES / itemsize)."""
+    return VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
 def panel_width(dtype) -> int:
@@ -44,36 +69,48 @@ def pack(matrix_t, dtype=None):
     matrix_t = np.asarray(matrix_t)
     width = panel_width(matrix_t.dtype)
     k, n = matrix_t.shape
-    panels = -(-n // width)
-    padded = np.zeros((k, panels * width), matrix_t.dtype)
-    padded[:, :n] = matrix_t
-    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+    full, rest = divmod(n, width)
+    packed = np.empty((full + (rest > 0), k, width), matrix_t.dtype)
+    # One strided copy for the whole panels (a padded copy first, then a transposed
+    # copy of it, read and wrote everything twice), then the last partial one.
+    packed[:full] = matrix_t[:, : full * width].reshape(k, full, width).transpose(1, 0, 2)
+    if rest:
+        packed[full, :, :rest] = matrix_t[:, full * width :]
+        packed[full, :, rest:] = 0
+    return packed
 
 
 def _make_tile(rows, panels):
-    """An intrinsic ``tile(a, row0, packed, panel0, out)``: out[row0:row0+rows,
+    """An intrinsic ``tile(a, row0, packed, panel0, out, bias)``: out[row0:row0+rows,
     panel0·W:(panel0+panels)·W] = a[row0:row0+rows, :K] @ packed[panel0:panel0+panels]
-    (overwrites). a, out C-contiguous 2-D, packed C-contiguous 3-D, one float dtype.
+    (+ bias[panel0·W:(panel0+panels)·W] unless bias is None; overwrites). bias: 1-D,
+    C-contiguous, the dtype of a, at least (panel0+panels)·W long; None or an array is
+    a compile-time choice (two specializations), not a branch per tile. a, out
+    C-contiguous 2-D, packed C-contiguous 3-D, one float dtype.
     rows x panels x 2 accumulators: fewer rows take more panels, so that even one row
     keeps 8 independent FMA chains in flight (2 would wait on the FMA latency)."""
 
     @intrinsic
-    def tile(typingctx, a, row0, packed, panel, out):
+    def tile(typingctx, a, row0, packed, panel, out, bias):
         if not (isinstance(a, types.Array) and isinstance(packed, types.Array) and isinstance(out, types.Array)):
             return None
         if not (a.dtype == packed.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
             return None
         if not (a.ndim == out.ndim == 2 and packed.ndim == 3 and a.layout == packed.layout == out.layout == "C"):
             return None  # the kernel computes addresses from C-contiguous strides
-        sig = types.void(a, row0, packed, panel, out)
+        has_bias = not isinstance(bias, types.NoneType)
+        if has_bias and not (isinstance(bias, types.Array) and bias.dtype == a.dtype and bias.ndim == 1
+                             and bias.layout == "C"):
+            return None
+        sig = types.void(a, row0, packed, panel, out, bias)
 
         def codegen(context, builder, signature, args):
-            a_t, _, p_t, _, o_t = signature.args
+            a_t, _, p_t, _, o_t, _ = signature.args
             a_arr = context.make_array(a_t)(context, builder, args[0])
             p_arr = context.make_array(p_t)(context, builder, args[2])
             o_arr = context.make_array(o_t)(context, builder, args[4])
             scalar = context.get_value_type(a_t.dtype)
-            width = 8 if a_t.dtype == types.float32 else 4
+            width = VECTOR_BYTES // (4 if a_t.dtype == types.float32 else 8)
             vec = ir.VectorType(scalar, width)
             intp = context.get_value_type(types.intp)
             row0_v = context.cast(builder, args[1], signature.args[1], types.intp)
@@ -145,6 +182,15 @@ def _make_tile(rows, panels):
                     phi.add_incoming(new_acc[r][v], latch)
                     results[r].append(phi)
             col0 = builder.mul(panel_v, ir.Constant(intp, VECTORS * width))
+            if has_bias:  # loaded once, added to every row's sums as they are stored
+                b_arr = context.make_array(signature.args[5])(context, builder, args[5])
+                b_row = builder.gep(b_arr.data, [col0])
+                b_vecs = [
+                    builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(intp, v * width)]), vec.as_pointer()),
+                                 align=4)
+                    for v in range(columns)
+                ]
+                results = [[builder.fadd(row[v], b_vecs[v]) for v in range(columns)] for row in results]
             for r in range(rows):
                 row_ptr = builder.gep(o_arr.data, [builder.add(builder.mul(builder.add(row0_v, ir.Constant(intp, r)), ldo), col0)])
                 for v in range(columns):  # the panels' columns are adjacent in out
@@ -158,6 +204,12 @@ def _make_tile(rows, panels):
 
 
 # rows x panels: 4 rows per block; a last block of 1-3 rows takes 4, 2 or 1 panels.
+# With 32 vector registers (AVX-512) a block of 4 rows takes 2 panels: 16 accumulators
+# (+ 4 panel vectors + a broadcast) halve the broadcasts per multiply-add; 2-7% faster
+# than 4x1 at the products of issue 12's sizes (thread CPU time, 2-core Zen 4). With
+# 16 registers (AVX2) it would spill, so 4x1 stays there.
+TWO_PANEL_BLOCKS = VECTOR_BYTES == 64
+tile4x2 = _make_tile(4, 2)
 tile4x1 = _make_tile(4, 1)
 tile3x1 = _make_tile(3, 1)
 tile2x2 = _make_tile(2, 2)

@@ -175,7 +175,10 @@ def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monke
         grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
         results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]
                        + [grads.dh_norms, grads.dc_norms])
-    assert cpu._VARIANTS[True].step_product.signatures  # the parallel variant did run
+    # The parallel variant did run: its time loops and the parallel projection (the
+    # loops' callees record no signature when the loops come from the on-disk cache).
+    assert cpu._VARIANTS[True].forward_steps.signatures and cpu._VARIANTS[True].backward_steps.signatures
+    assert _cpu_common.PRODUCT[True].signatures
     for serial, parallel in zip(*results):
         assert serial.tobytes() == parallel.tobytes()
 
@@ -186,9 +189,9 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
     # The packed micro-kernel (rnnkernels/_cpu_gemm.py) behind every per-step product
     # and the input projection: every row-block remainder (rows % 4), column counts that
     # leave a partial panel or a partial group of 4 panels, K = 0 and 1.
-    from rnnkernels import _cpu_gemm, cpu
+    from rnnkernels import _cpu_common, _cpu_gemm, cpu
 
-    product = cpu._VARIANTS[parallel].step_product
+    product = _cpu_common.PRODUCT[parallel]  # the step product's kernel, with a bias or None
     rng = np.random.default_rng(4)
     for rows in range(10):
         for k, n in ((0, 5), (1, 16), (7, 33), (40, 130), (64, 4 * 64 + 8)):
@@ -197,12 +200,23 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
             packed = _cpu_gemm.pack(m)
             assert packed.shape[1:] == (k, _cpu_gemm.panel_width(dtype))
             out = np.full((rows, packed.shape[0] * packed.shape[2]), np.nan, dtype)
-            product(a, packed, out)
+            product(a, packed, out, None)
             want = a.astype(np.float64) @ m.astype(np.float64)
             np.testing.assert_allclose(out[:, :n], want, rtol=0, atol=4 * TOLERANCE[dtype] * max(1.0, np.abs(want).max(initial=0.0)))
             assert not out[:, n:].any()  # the zero padding's columns
+            # The bias the kernel adds as it stores: the same bits as adding it after.
+            bias = rng.standard_normal(out.shape[1]).astype(dtype)
+            with_bias = np.full_like(out, np.nan)
+            product(a, packed, with_bias, bias)
+            assert with_bias.tobytes() == (out + bias).tobytes()
+            step = np.full_like(out, np.nan)  # the time loops' entry: the same kernel
+            cpu._VARIANTS[parallel].step_product(a, packed, step)
+            assert step.tobytes() == out.tobytes()
     a = np.ones((3, 4), dtype)
+    width = _cpu_gemm.panel_width(dtype)
     with pytest.raises(ValueError, match="do not fit"):
-        product(a, _cpu_gemm.pack(np.ones((5, 16), dtype)), np.empty((3, 16), dtype))
+        product(a, _cpu_gemm.pack(np.ones((5, width), dtype)), np.empty((3, width), dtype), None)
     with pytest.raises(ValueError, match="do not fit"):
-        product(a, _cpu_gemm.pack(np.ones((4, 20), dtype)), np.empty((3, 16), dtype))
+        product(a, _cpu_gemm.pack(np.ones((4, width + 4), dtype)), np.empty((3, width), dtype), None)
+    with pytest.raises(ValueError, match="bias is shorter"):
+        product(a, _cpu_gemm.pack(np.ones((4, width), dtype)), np.empty((3, width), dtype), np.ones(width - 1, dtype))

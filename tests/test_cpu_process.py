@@ -103,3 +103,48 @@ def test_same_bits_in_any_process_and_a_disk_cache_that_hits(tmp_path):
     # Loose on purpose (the machine may be loaded): a cache hit costs a file read, a
     # miss about a second of compilation per variant.
     assert again["first_s"] - again["second_s"] < 0.3 + 2 * again["second_s"], again
+
+
+# A child compiled for an AVX2-only CPU (Haswell): the 32-byte tiles without the
+# 2-panel blocks, the path of every machine without AVX-512, which this machine's
+# own processes (64-byte tiles where the host has AVX-512F) never take.
+AVX2_CHILD = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+import rnnkernels
+from rnnkernels import _cpu_gemm
+from conftest import make_problem, make_upstream, rel_err, GRAD_OF
+
+errors = {{}}
+for shape in ((5, 6, 9, 37), (3, 9, 20, 64)):  # row blocks of 4 plus 1-3; partial panels
+    problem = make_problem(*shape, dtype=np.float32, seed=sum(shape))
+    upstream = make_upstream(shape[0], shape[1], shape[3], dtype=np.float32)
+    got = rnnkernels.lstm_forward(**problem, backend="cpu")
+    want = rnnkernels.lstm_forward(**problem, backend="reference")
+    g_got = rnnkernels.lstm_backward(got, **upstream)
+    g_want = rnnkernels.lstm_backward(want, **upstream)
+    errors[str(shape)] = max(
+        [rel_err(getattr(got, f), getattr(want, f)) for f in ("y", "h_n", "c_n")]
+        + [rel_err(getattr(g_got, f), getattr(g_want, f)) for f in GRAD_OF.values()]
+    )
+print(json.dumps({{"vector_bytes": _cpu_gemm.VECTOR_BYTES, "two_panel": _cpu_gemm.TWO_PANEL_BLOCKS,
+                  "errors": errors}}))
+"""
+
+
+@pytest.mark.slow
+def test_avx2_tiles_match_the_reference(tmp_path):
+    # NUMBA_CPU_FEATURES="" keeps Haswell's own features (AVX2, FMA), none of the host's
+    # AVX-512, so LLVM could not even use 512-bit registers if the tiles asked for them.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_NUM_THREADS="1",
+               NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="")
+    code = AVX2_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                           check=False)  # the assert below shows its stderr
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["vector_bytes"] == 32 and not result["two_panel"], result
+    for shape, error in result["errors"].items():
+        assert error < 2e-5, (shape, result)  # tests/test_cpu.py's float32 tolerance
