@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cuda_backend_or_skip, emulator_or_skip
 
 from rnnkernels import reference
 
@@ -320,11 +321,10 @@ def _kernel_run(rt, inputs, upstream, variant):
     return (y, h_n, c_n), grads
 
 
+@pytest.mark.emulated
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float32, 1e-5, 2e-6), (np.float16, 2e-2, 5e-3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, bias):
-    from rnnkernels import _launch
-
     rng = np.random.default_rng(3)
     ref_inputs, inputs = _emulated_problem(rng, dtype, bias, steps=5, batch=3, hidden=7, proj=4)
     y, h_n, c_n, saved = reference.forward_projected(**ref_inputs)
@@ -333,7 +333,7 @@ def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, b
     before = {k: None if v is None else v.copy() for k, v in inputs.items()}
     upstream_before = [u.copy() for u in upstream]
 
-    rt = _launch.EmulatorRuntime()
+    rt = emulator_or_skip()
     results = {variant: _kernel_run(rt, inputs, upstream, variant) for variant in ("step", "graph")}
     replay = _kernel_run(rt, inputs, upstream, "graph")  # the cached graph, replayed
     outputs, grads = results["step"]
@@ -355,13 +355,14 @@ def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, b
         assert np.array_equal(u, u0)
 
 
+@pytest.mark.emulated
 def test_emulated_kernels_refuse_float64_and_unknown_variant():
-    from rnnkernels import _launch, _projected
+    from rnnkernels import _projected
 
     rng = np.random.default_rng(4)
     _, inputs = _emulated_problem(rng, np.float32)
     args = [inputs[k] for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")]
-    rt = _launch.EmulatorRuntime()
+    rt = emulator_or_skip()
     with pytest.raises(ValueError, match="variant.*persistent"):
         _projected.forward(rt, *args, True, variant="persistent")
     with pytest.raises(TypeError, match="x must be one of"):
@@ -370,10 +371,12 @@ def test_emulated_kernels_refuse_float64_and_unknown_variant():
         _projected.forward(rt, *args[:4], args[4].astype(np.float16), *args[5:], True)
 
 
+@pytest.mark.emulated
 @pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}, {"bias": False}])
 def test_torch_module_emulated_projection_matches_nn_lstm(kwargs):
     import rnnkernels.torch as rtorch
 
+    emulator_or_skip()
     torch.manual_seed(5)
     theirs = torch.nn.LSTM(5, 6, proj_size=3, **kwargs)
     ours = rtorch.LSTM(5, 6, proj_size=3, backend="emulated", **kwargs)
@@ -395,7 +398,9 @@ def test_torch_module_emulated_projection_matches_nn_lstm(kwargs):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=name)
 
 
+@pytest.mark.emulated
 def test_numpy_module_emulated_projection_matches_nn_lstm():
+    emulator_or_skip()
     kwargs = {"num_layers": 2, "bidirectional": True}
     ours, theirs = _numpy_pair(kwargs, torch.float32, "emulated", seed=6)
     rng = np.random.default_rng(6)
@@ -414,3 +419,44 @@ def test_numpy_module_emulated_projection_matches_nn_lstm():
     for name, p in theirs.named_parameters():
         np.testing.assert_allclose(grads.params[name], p.grad.numpy(), rtol=1e-5, atol=2e-6, err_msg=name)
     assert np.array_equal(x, x_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_projection_matches_nn_lstm(dtype):
+    """rnnkernels.torch.LSTM(proj_size, backend "auto") on CUDA tensors (cuBLAS and our
+    cells) against nn.LSTM in float64 on the CPU: forward and every gradient; and the
+    graph variant's bits against the step variant's."""
+    import rnnkernels.torch as rtorch
+    from rnnkernels import _launch, _projected
+
+    cupy = cuda_backend_or_skip()
+    torch.manual_seed(7)
+    kwargs = {"num_layers": 2, "bidirectional": True}
+    theirs = torch.nn.LSTM(16, 24, proj_size=8, **kwargs).double()
+    ours = rtorch.LSTM(16, 24, proj_size=8, **kwargs).to("cuda", dtype)
+    ours.load_state_dict({k: v.to(dtype) for k, v in theirs.state_dict().items()})
+    theirs.load_state_dict({k: v.to(dtype).double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(9, 5, 16).to(dtype)
+    results = []
+    for module, device, cast in ((ours, "cuda", dtype), (theirs, "cpu", torch.float64)):
+        xs = x.to(device, cast).requires_grad_()
+        y, (h, c) = module(xs)
+        (y.float().square().sum() + h.float().sum() + (c.float() * 0.3).sum()).backward()
+        results.append([t.detach().cpu().double() for t in [y, h, c, xs.grad] + [p.grad for p in module.parameters()]])
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b, name in zip(*results, ["y", "h_n", "c_n", "dx"] + [n for n, _ in theirs.named_parameters()]):
+        torch.testing.assert_close(a, b, msg=name, **tol)
+
+    rng = np.random.default_rng(7)
+    _, inputs = _emulated_problem(rng, np.float32, steps=6, batch=4, hidden=33, proj=9)
+    args = [None if inputs[k] is None else cupy.asarray(inputs[k]) for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")]
+    rt = _launch.CupyRuntime()
+    runs = []
+    for variant in ("step", "graph", "graph"):
+        y, h_n, c_n, saved = _projected.forward(rt, *args, True, variant=variant)
+        upstream = [cupy.ones_like(a) for a in (y, h_n, c_n)]
+        runs.append([cupy.asnumpy(a) for a in (y, h_n, c_n, *_projected.backward(rt, saved, *upstream, variant=variant))])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b)
