@@ -325,6 +325,8 @@ def _kernel_run(rt, inputs, upstream, variant):
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float32, 1e-5, 2e-6), (np.float16, 2e-2, 5e-3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, bias):
+    from rnnkernels import _projected
+
     rng = np.random.default_rng(3)
     ref_inputs, inputs = _emulated_problem(rng, dtype, bias, steps=5, batch=3, hidden=7, proj=4)
     y, h_n, c_n, saved = reference.forward_projected(**ref_inputs)
@@ -348,6 +350,13 @@ def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, b
     for other in (results["graph"], replay):
         for a, b in zip(outputs + grads, other[0] + other[1]):
             assert (a is None and b is None) or np.array_equal(a, b)
+    # Inference (two cell-state slots, no gates saved) gives training's bits.
+    for variant in ("step", "graph"):
+        *inference, no_saved = _projected.forward(
+            rt, *(inputs[k] for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")), False, variant=variant)
+        assert no_saved is None
+        for a, b in zip(inference, outputs):
+            assert np.array_equal(a, b)
     # Inputs unmodified.
     for k, v in before.items():
         assert (v is None and inputs[k] is None) or np.array_equal(v, inputs[k]), k
