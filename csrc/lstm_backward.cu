@@ -308,4 +308,52 @@ lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate ord
     }
 }
 
+// ------------------------------------------------------------------ projected cell
+// The pointwise backward of lstm_projected_forward_cell (lstm_forward.cu), one step;
+// the launcher (rnnkernels/_projected.py) runs each step t = T-1 .. 0 as
+//     dh_t = dy_t + dz_{t+1}·W_hh        cuBLAS, accumulated into dh_all[t] (= dy_t,
+//                                        + dh_n at t = T-1, filled before the loop)
+//     dr_t = dh_t·W_hr                   cuBLAS, [B, P]·[P, H]
+//     THIS kernel: lstm_backward_step's pointwise math with dr_t in the place of its
+//     dh_t: dc_t, dz_t of the four gates into dgates[t], carry = dc_t·f; and
+//     r_t = o ⊙ tanh(c_t) into r_all[t] (the forward's expression on the same float32
+//     gates and c, so the same bits) for dW_hr = Σ_t dh_tᵀ·r_t after the loop.
+// One thread per (row, unit) pair, grid = ceil(B·H / Threads) blocks; float32 arrays.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
+lstm_projected_backward_cell(const float* __restrict__ gates,  // [T, B, 4H] activated gates
+                             const float* __restrict__ c_all,  // [T+1, B, H]
+                             const float* __restrict__ dr,     // [B, H] dh_t·W_hr
+                             float* dc_carry,                  // [B, H], read then overwritten
+                             float* __restrict__ dgates,       // [T, B, 4H]; writes slot t
+                             float* __restrict__ r_all,        // [T, B, H]; writes slot t
+                             int batch,                        // B
+                             int hidden,                       // H
+                             int step) {                       // t, 0 <= t < T
+    const index_t pair = (index_t)blockIdx.x * Threads + threadIdx.x;
+    const index_t state_size = (index_t)batch * hidden;
+    if (pair >= state_size) return;
+    const int row = (int)(pair / hidden);
+    const int unit = (int)(pair - (index_t)row * hidden);
+    const index_t gate_offset = ((index_t)step * batch + row) * (lstm_gates * hidden);
+    const float* gates_row = gates + gate_offset;
+    const float input_gate = gates_row[unit];
+    const float forget_gate = gates_row[hidden + unit];
+    const float cell_gate = gates_row[2 * hidden + unit];
+    const float output_gate = gates_row[3 * hidden + unit];
+    const float c = c_all[(index_t)(step + 1) * state_size + pair];
+    const float c_prev = c_all[(index_t)step * state_size + pair];
+    const float tanh_c = tanh_activation(c);
+    r_all[(index_t)step * state_size + pair] = output_gate * tanh_c;
+
+    const float dh_total = dr[pair];
+    const float dc = dc_carry[pair] + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
+    float* dz = dgates + gate_offset;
+    dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
+    dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
+    dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
+    dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
+    dc_carry[pair] = dc * forget_gate;
+}
+
 }  // namespace rnnkernels

@@ -235,4 +235,51 @@ lstm_forward_persistent(const float* __restrict__ gx,      // [T, B, 4H] x·W_ih
     }
 }
 
+// ------------------------------------------------------------------ projected cell
+// proj_size (LSTM with a projection, torch.nn.LSTM's LSTMP; rnnkernels/reference.py's
+// "projections"): the recurrence reads the projected h_{t-1} [B, P], so the per-step
+// kernels above (whose product is h_{t-1}·W_hhᵀ with K = H) do not apply. The launcher
+// (rnnkernels/_projected.py) runs each step as cuDNN-like library code would:
+//     z_t = gx[t] + h_{t-1}·W_hhᵀ      cuBLAS, accumulated into gx[t] in place
+//     THIS kernel: the pointwise cell on z_t: activations, c_t, r_t = o ⊙ tanh(c_t)
+//     h_t = r_t·W_hrᵀ                  cuBLAS, into h_all[t+1]
+// One thread per (row, unit) pair of the step, grid = ceil(B·H / Threads) blocks.
+// All arrays float32 (float16 problems widen W_hh and W_hr once; the states stay
+// float32 as in the unprojected kernels). Same activations (common.cuh) and the same
+// expressions, in the same order, as lstm_forward_step's epilogue.
+template <int Threads, bool Training>
+__global__ void __launch_bounds__(Threads)
+lstm_projected_forward_cell(const float* __restrict__ z,  // [T, B, 4H] slot t: gx[t] + h_{t-1}·W_hhᵀ
+                            float* c_all,                 // [T+1, B, H] (Training) or [2, B, H]
+                            float* __restrict__ r,        // [B, H] r_t = o ⊙ tanh(c_t), read by the h GEMM
+                            float* __restrict__ gates,    // [T, B, 4H] activated gates; Training only
+                            int batch,                    // B
+                            int hidden,                   // H
+                            int step) {                   // t, 0 <= t < T
+    const index_t pair = (index_t)blockIdx.x * Threads + threadIdx.x;
+    const index_t state_size = (index_t)batch * hidden;
+    if (pair >= state_size) return;
+    const int row = (int)(pair / hidden);
+    const int unit = (int)(pair - (index_t)row * hidden);
+    const index_t gate_offset = ((index_t)step * batch + row) * (lstm_gates * hidden);
+    const float* z_row = z + gate_offset;
+    const float input_gate = sigmoid(z_row[unit]);
+    const float forget_gate = sigmoid(z_row[hidden + unit]);
+    const float cell_gate = tanh_activation(z_row[2 * hidden + unit]);
+    const float output_gate = sigmoid(z_row[3 * hidden + unit]);
+    // Inference keeps only two cell-state slots (ping-pong); training keeps them all.
+    const index_t c_prev_slot = Training ? step : (step & 1);
+    const index_t c_next_slot = Training ? step + 1 : ((step + 1) & 1);
+    const float c = forget_gate * c_all[c_prev_slot * state_size + pair] + input_gate * cell_gate;
+    c_all[c_next_slot * state_size + pair] = c;
+    r[pair] = output_gate * tanh_activation(c);
+    if (Training) {
+        float* gates_row = gates + gate_offset;
+        gates_row[unit] = input_gate;
+        gates_row[hidden + unit] = forget_gate;
+        gates_row[2 * hidden + unit] = cell_gate;
+        gates_row[3 * hidden + unit] = output_gate;
+    }
+}
+
 }  // namespace rnnkernels

@@ -297,6 +297,30 @@ def _source_of(name_expression: str) -> str:
     return next(source for source, names in KERNELS.items() if name_expression in names)
 
 
+# ---- proj_size (rnnkernels/_projected.py): the pointwise cells of the projected LSTM,
+# whose products run on the GEMM; one instance each (float32 workspaces whatever the
+# problem's dtype), in the LSTM's files.
+@dataclass(frozen=True)
+class ProjectedCell:
+    """``lstm_projected_forward_cell<Threads, Training>`` and
+    ``lstm_projected_backward_cell<Threads>``: one thread per (row, unit) pair of a
+    step; 256 threads (8 warps), a plain elementwise launch."""
+
+    threads: int = 256
+
+    def forward_name(self, training: bool) -> str:
+        return f"rnnkernels::lstm_projected_forward_cell<{self.threads}, {str(training).lower()}>"
+
+    def backward_name(self) -> str:
+        return f"rnnkernels::lstm_projected_backward_cell<{self.threads}>"
+
+
+PROJECTED_CELL = ProjectedCell()
+KERNELS[FORWARD_SOURCE].update({PROJECTED_CELL.forward_name(t): PROJECTED_CELL.threads for t in (False, True)})
+KERNELS[BACKWARD_SOURCE][PROJECTED_CELL.backward_name()] = PROJECTED_CELL.threads
+# ---- end of the proj_size block
+
+
 # ---- persistent variant (rnnkernels/_persistent.py): its instances, a separate block.
 for _dtype in STORAGE_TYPES:
     KERNELS[FORWARD_SOURCE].update(
@@ -324,6 +348,7 @@ STEP_KERNEL_PREFIXES = (
     *(f"rnnkernels::{kernel}_{direction}_step<" for kernel in ("lstm", "gru", "rnn")
       for direction in ("forward", "backward")),
     *_persistent.KERNEL_PREFIXES,
+    "rnnkernels::lstm_projected_",
 )
 
 
@@ -563,7 +588,17 @@ class EmulatorRuntime:
         return launch
 
     def gemm(self, a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accumulate: bool = False):
-        """C = op(A)·op(B) (+ C) with NumPy in float32 (rnnkernels/_gemm.py)."""
+        """C = op(A)·op(B) (+ C) with NumPy in float32 (rnnkernels/_gemm.py). While
+        recording (the graph variant of the projected LSTM, rnnkernels/_projected.py,
+        captures its per-step GEMMs with its kernels, as CUDA stream capture records
+        cuBLAS calls) the product is recorded in launch order instead of run."""
+        if self._recorder.recording:
+            _gemm.check_operands(a, b, c, transpose_a, transpose_b)  # fail at capture, not at replay
+            self._recorder.record(
+                lambda grid, block, args: _gemm.numpy_gemm(
+                    a, b, c, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate),
+                None, None, ())
+            return
         _gemm.numpy_gemm(a, b, c, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate)
 
     def capture(self):

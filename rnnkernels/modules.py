@@ -47,6 +47,7 @@ of Bernoulli(1 - p) / (1 - p), in training mode only, as torch does.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,26 +76,91 @@ def parameter_names(num_layers: int, bidirectional: bool, bias: bool, proj: bool
 
 # ----------------------------------------------------------------------------- proj_size
 #
-# One layer, one direction of an LSTM with a projection, on NumPy arrays: the math is
-# reference.forward_projected / backward_projected, run in float64 for backend
-# "reference" and in the input dtype for "auto" and "cpu" (the tuned cpu cells and the
-# CUDA kernels read an unprojected h and do not support it yet). Both this module and
-# rnnkernels.torch.LSTM call these two functions, so there is one implementation.
+# One layer, one direction of an LSTM with a projection: the math is
+# reference.forward_projected / backward_projected, run on NumPy in float64 for backend
+# "reference" and in the input dtype for "auto" and "cpu" (the tuned cpu cells read an
+# unprojected h); backends "cuda" (CuPy arrays; "auto" picks it for them) and "emulated"
+# (NumPy arrays, the CPU emulator) run rnnkernels/_projected.py: per step the GEMMs on
+# cuBLAS (NumPy in the emulator) and our pointwise cell kernels, float32 math and saved
+# state for float32 and float16 inputs. Both this module and rnnkernels.torch.LSTM call
+# these functions, so there is one implementation per backend.
 
-PROJECTED_BACKENDS = ("auto", "cpu", "reference")
+PROJECTED_BACKENDS = ("auto", "cpu", "reference", "cuda", "emulated")
+# Backends whose projected path runs rnnkernels/_projected.py, the CUDA kernels' machinery.
+_PROJECTED_KERNEL_BACKENDS = ("cuda", "emulated")
+# Which backends take a projection for arrays on each device.
+_PROJECTED_BY_DEVICE = {"cpu": ("auto", "cpu", "reference", "emulated"), "cuda": ("auto", "cuda")}
 
 
-def projected_dtype(backend: str, dtype) -> np.dtype:
-    """The dtype the projected math runs in for ``backend`` and input ``dtype``."""
-    return np.dtype(np.float64) if backend == "reference" else np.dtype(dtype)
+def projected_supported(backend: str, device: str) -> bool:
+    """Whether ``backend`` runs proj_size > 0 for arrays on ``device`` ("cpu" or "cuda")."""
+    return backend in _PROJECTED_BY_DEVICE.get(device, ())
+
+
+def _projected_backend(backend: str, device: str) -> str:
+    """``backend`` with "auto" resolved: "cuda" for GPU arrays."""
+    return "cuda" if backend == "auto" and device == "cuda" else backend
+
+
+def projected_dtype(backend: str, dtype, device: str = "cpu") -> np.dtype:
+    """The dtype the projected math runs in (and its saved state is kept in) for
+    ``backend``, input ``dtype`` and arrays on ``device``."""
+    backend = _projected_backend(backend, device)
+    if backend == "reference":
+        return np.dtype(np.float64)
+    if backend in _PROJECTED_KERNEL_BACKENDS:
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
+
+
+def _projected_runtime(backend: str, xp):
+    """The ``_launch`` runtime of a kernel backend for arrays of ``xp``; TypeError when
+    the arrays do not suit it (CuPy for "cuda", NumPy for "emulated")."""
+    from . import _launch
+
+    if backend == "emulated":
+        if xp is not np:
+            raise TypeError("backend='emulated' runs on NumPy arrays; pass NumPy arrays or use backend='cuda'")
+        from . import emulated
+
+        emulated.check_available()
+        return _launch.EmulatorRuntime()
+    if xp is np:
+        raise TypeError("backend='cuda' needs CuPy arrays; pass CuPy arrays or use backend 'cpu' or 'emulated'")
+    from . import cuda
+
+    cuda.check_available()
+    return _launch.CupyRuntime()
+
+
+def _device_scope(x):
+    """The GPU that holds ``x`` made current (CuPy arrays); nothing for NumPy ones."""
+    return contextlib.nullcontext() if isinstance(x, np.ndarray) else x.device
 
 
 def projected_forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse: bool, backend: str, training: bool = True):
-    """``x`` [T, B, I] (NumPy), weights as ``torch.nn.LSTM``'s (biases None or both
-    given), ``h0`` [B, P], ``c0`` [B, H]. Returns ``(y [T, B, P], h_n, c_n, saved)`` in
-    the compute dtype (:func:`projected_dtype`); ``saved`` (a
-    ``reference.SavedProjected``, its time axis in the order the steps ran) is None
-    unless ``training``."""
+    """``x`` [T, B, I] (NumPy, or CuPy for "cuda"/"auto"), weights as ``torch.nn.LSTM``'s
+    (biases None or both given), ``h0`` [B, P], ``c0`` [B, H]. Returns ``(y [T, B, P],
+    h_n, c_n, saved)``: in the compute dtype (:func:`projected_dtype`) on NumPy, in the
+    input dtype on the kernel backends; ``saved`` (a ``reference.SavedProjected`` or a
+    ``_projected.Saved``, its time axis in the order the steps ran) is None unless
+    ``training``."""
+    xp = _xp_of(x)
+    backend = _projected_backend(backend, "cpu" if xp is np else "cuda")
+    if backend in _PROJECTED_KERNEL_BACKENDS:
+        from . import _projected
+
+        rt = _projected_runtime(backend, xp)
+        if reverse:
+            x = x[::-1]
+        x, w_ih, w_hh, w_hr, h0, c0 = (xp.ascontiguousarray(a) for a in (x, w_ih, w_hh, w_hr, h0, c0))
+        with _device_scope(x):
+            # b_ih + b_hh summed in float32, as the API does for the unprojected kernels.
+            bias = None if b_ih is None else b_ih.astype(np.float32) + b_hh.astype(np.float32)
+            y, h_n, c_n, saved = _projected.forward(rt, x, w_ih, w_hh, bias, w_hr, h0, c0, training)
+        if reverse:
+            y = y[::-1]
+        return y, h_n, c_n, saved
     dtype = projected_dtype(backend, x.dtype)
     if reverse:
         x = x[::-1]
@@ -105,14 +171,48 @@ def projected_forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse: bool, ba
     return y, h_n, c_n, saved
 
 
+def projected_saved(backend: str, x, w_ih, w_hh, w_hr, has_bias: bool, arrays, reverse: bool):
+    """The ``saved`` of :func:`projected_forward` rebuilt from its arrays ``[gates, h,
+    c]`` (:func:`projected_saved_arrays`); ``x`` in the caller's time order."""
+    xp = _xp_of(x)
+    backend = _projected_backend(backend, "cpu" if xp is np else "cuda")
+    if reverse:
+        x = x[::-1]
+    if backend in _PROJECTED_KERNEL_BACKENDS:
+        from . import _projected
+
+        with _device_scope(x):
+            return _projected.saved_from_arrays(x, w_ih, w_hh, w_hr, has_bias, arrays)
+    dtype = projected_dtype(backend, x.dtype)
+    cast = lambda a: np.ascontiguousarray(a, dtype=dtype)
+    return reference.SavedProjected(cast(x), cast(w_ih), cast(w_hh), cast(w_hr), has_bias, *(cast(a) for a in arrays))
+
+
+def projected_saved_arrays(saved) -> list:
+    """``[gates [T, B, 4H], h [T+1, B, P], c [T+1, B, H]]`` of a ``saved``."""
+    if isinstance(saved, reference.SavedProjected):
+        return [saved.gates, saved.h, saved.c]
+    return [saved.gates, saved.h_all, saved.c_all]
+
+
 def projected_backward(saved, dy, dh_n, dc_n, reverse: bool):
     """Gradients of :func:`projected_forward` from its ``saved``: ``dy`` [T, B, P] in
     the caller's time order, ``dh_n`` [B, P], ``dc_n`` [B, H]. Returns ``(dx, dw_ih,
-    dw_hh, db, dw_hr, dh0, dc0)`` in the compute dtype, ``db`` (the gradient of each
-    bias) None without biases."""
+    dw_hh, db, dw_hr, dh0, dc0)`` in the compute dtype (the input dtype on the kernel
+    backends), ``db`` (the gradient of each bias) None without biases."""
     if reverse:
         dy = dy[::-1]
-    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = reference.backward_projected(saved, dy, dh_n, dc_n)
+    if isinstance(saved, reference.SavedProjected):
+        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = reference.backward_projected(saved, dy, dh_n, dc_n)
+    else:
+        from . import _projected
+
+        x = saved.x
+        xp = _xp_of(x)
+        rt = _projected_runtime("emulated" if xp is np else "cuda", xp)
+        dy, dh_n, dc_n = (xp.ascontiguousarray(a, dtype=x.dtype) for a in (dy, dh_n, dc_n))
+        with _device_scope(x):
+            dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = _projected.backward(rt, saved, dy, dh_n, dc_n)
     if reverse:
         dx = dx[::-1]
     return dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0
@@ -685,9 +785,11 @@ class LSTM(_Recurrent):
     ``torch.nn.LSTM`` does; then ``h0``/``h_n`` are [L*D, B, P], ``c0``/``c_n`` stay
     [L*D, B, H], ``y`` is [T, B, D*P] and ``weight_hh`` is [4H, P]. It runs on NumPy
     (``device="cpu"``) with backend "auto"/"cpu" (in the module's dtype) or
-    "reference" (float64), the math of ``reference.forward_projected``; the CUDA and
-    emulated kernels read an unprojected h and raise NotImplementedError, as do
-    per-row ``lengths`` and :meth:`load_keras_weights`.
+    "reference" (float64), the math of ``reference.forward_projected``; with backend
+    "cuda" (``device="cuda"``, "auto" there too) or "emulated" it runs
+    rnnkernels/_projected.py (per-step cuBLAS GEMMs and our pointwise cell kernels,
+    float32 math for float32 and float16 modules). Per-row ``lengths`` and
+    :meth:`load_keras_weights` raise NotImplementedError with a projection.
     """
 
     cell_name = "lstm"
@@ -714,10 +816,10 @@ class LSTM(_Recurrent):
             raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
         if not 0 <= proj_size < hidden_size:
             raise ValueError(f"proj_size must be 0 (no projection) or in [1, hidden_size={hidden_size}), got {proj_size}")
-        if proj_size and (backend not in PROJECTED_BACKENDS or device != "cpu"):
+        if proj_size and not projected_supported(backend, device):
             raise NotImplementedError(
-                f"proj_size > 0 runs on NumPy arrays (device='cpu') with backend 'auto', 'cpu' or 'reference'; "
-                f"backend {backend!r} on device {device!r} does not support it yet"
+                f"proj_size > 0 runs with backend 'auto', 'cpu', 'reference' or 'emulated' on device 'cpu', and "
+                f"'auto' or 'cuda' on device 'cuda'; backend {backend!r} on device {device!r} does not support it"
             )
         self.proj_size = int(proj_size)
         super().__init__(

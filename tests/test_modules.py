@@ -272,9 +272,9 @@ def test_modes_and_errors():
         lstm(x, lengths=[1])
     with pytest.raises(ValueError, match="input_size"):
         lstm(np.zeros((STEPS, 2, INPUT + 1), np.float32))
-    # proj_size runs on the host backends only (tests/test_projection.py covers it).
+    # proj_size with backend "cuda" needs device "cuda" (tests/test_projection.py covers it).
     with pytest.raises(NotImplementedError, match="proj_size"):
-        LSTM(INPUT, HIDDEN, proj_size=3, backend="emulated")
+        LSTM(INPUT, HIDDEN, proj_size=3, backend="cuda")
     bound = 1 / np.sqrt(HIDDEN)
     assert all(p.dtype == np.float32 and np.abs(p).max() <= bound for p in lstm.parameters())
     assert np.array_equal(LSTM(INPUT, HIDDEN, seed=1).weight_hh_l0, LSTM(INPUT, HIDDEN, seed=1).weight_hh_l0)

@@ -29,6 +29,8 @@ def test_every_table_instance_compiles(reports):
     compiled = {r.name for r in reports}
     listed = {name for names in _launch.KERNELS.values() for name in names}
     assert compiled == listed
+    cell = _launch.PROJECTED_CELL
+    assert {cell.forward_name(False), cell.forward_name(True), cell.backward_name()} <= compiled
     # Every tile the heuristic can return is in the table, for every dtype.
     for dtype in _launch.STORAGE_TYPES:
         for tile in _launch.STEP_TILES:
@@ -49,7 +51,11 @@ def test_step_kernels_do_not_spill(reports):
     persistent = 4 + 2 + (4 + 4) + 2 * (2 + 4)
     gru, rnn = 4, 2 * 3
     per_dtype = (4 + gru + rnn) * len(_launch.STEP_TILES) + persistent
-    assert len(step_reports) == per_dtype * len(_launch.STORAGE_TYPES)
+    # proj_size's pointwise cells (rnnkernels/_projected.py): forward inference and
+    # training, backward; float32 workspaces, one set for every dtype.
+    projected = 3
+    assert len(step_reports) == per_dtype * len(_launch.STORAGE_TYPES) + projected
+    assert sum("lstm_projected_" in r.name for r in step_reports) == projected
     assert sum("persistent" in r.name for r in step_reports) == persistent * len(_launch.STORAGE_TYPES)
     spilling = [r for r in step_reports if r.spill_stores or r.spill_loads or r.stack_bytes]
     assert not spilling, nvrtc_check.format_table(spilling)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cuda_backend_or_skip, emulator_or_skip
 
 from rnnkernels import reference
 
@@ -113,8 +114,9 @@ def test_torch_module_projection_refusals():
         rtorch.LSTM(5, 4, proj_size=4)
     with pytest.raises(ValueError, match="positive integer or zero"):
         rtorch.LSTM(5, 4, proj_size=-1)
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rtorch.LSTM(5, 4, proj_size=2, backend="emulated")
+    # backend "cuda" takes CUDA tensors only.
+    with pytest.raises(NotImplementedError, match="proj_size.*'cuda' on cpu tensors"):
+        rtorch.LSTM(5, 4, proj_size=2, backend="cuda")(torch.randn(3, 2, 5))
     module = rtorch.LSTM(5, 4, proj_size=2)
     with pytest.raises(NotImplementedError, match="lengths"):
         module(torch.randn(3, 2, 5), lengths=[3, 1])
@@ -268,11 +270,11 @@ def test_numpy_module_projection_state_dict_both_ways():
 def test_numpy_module_projection_refusals():
     import rnnkernels
 
-    for backend in ("cuda", "emulated"):
-        with pytest.raises(NotImplementedError, match="proj_size.*'auto', 'cpu' or 'reference'"):
-            rnnkernels.LSTM(5, 4, proj_size=2, backend=backend)
-    with pytest.raises(NotImplementedError, match="proj_size.*device 'cuda'"):
-        rnnkernels.LSTM(5, 4, proj_size=2, device="cuda")
+    with pytest.raises(NotImplementedError, match="proj_size.*'cuda' on device 'cpu'"):
+        rnnkernels.LSTM(5, 4, proj_size=2, backend="cuda")
+    for backend in ("cpu", "reference", "emulated"):
+        with pytest.raises(NotImplementedError, match=f"proj_size.*{backend!r} on device 'cuda'"):
+            rnnkernels.LSTM(5, 4, proj_size=2, backend=backend, device="cuda")
     with pytest.raises(ValueError, match="proj_size"):
         rnnkernels.LSTM(5, 4, proj_size=4)
     with pytest.raises(ValueError, match="proj_size"):
@@ -294,3 +296,176 @@ def test_numpy_module_projection_refusals():
         lstm.load_keras_weights([np.zeros((5, 16)), np.zeros((2, 16)), np.zeros(16)])
     with pytest.raises(NotImplementedError, match="proj_size"):
         lstm.keras_weights()
+
+
+# ------------------------------------------------------- the CUDA kernels (emulated)
+# rnnkernels/_projected.py: per-step GEMMs (NumPy float32 in the emulator, cuBLAS on a
+# GPU) and our pointwise cell kernels, run on the CPU emulator.
+
+
+def _emulated_problem(rng, dtype, bias=True, **sizes):
+    p = _problem(rng, bias=bias, **sizes)
+    # The kernels' inputs; the reference gets the same values in float64.
+    kernel_inputs = {k: None if v is None else v.astype(dtype) for k, v in p.items()}
+    if bias:
+        kernel_inputs["bias"] = p["bias"].astype(dtype).astype(np.float32)
+    return {k: None if v is None else v.astype(np.float64) for k, v in kernel_inputs.items()}, kernel_inputs
+
+
+def _kernel_run(rt, inputs, upstream, variant):
+    from rnnkernels import _projected
+
+    y, h_n, c_n, saved = _projected.forward(rt, *(inputs[k] for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")),
+                                            True, variant=variant)
+    grads = _projected.backward(rt, saved, *upstream, variant=variant)
+    return (y, h_n, c_n), grads
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype, rtol, atol", [(np.float32, 1e-5, 2e-6), (np.float16, 2e-2, 5e-3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_emulated_kernels_match_reference_graph_equals_step(dtype, rtol, atol, bias):
+    from rnnkernels import _projected
+
+    rng = np.random.default_rng(3)
+    ref_inputs, inputs = _emulated_problem(rng, dtype, bias, steps=5, batch=3, hidden=7, proj=4)
+    y, h_n, c_n, saved = reference.forward_projected(**ref_inputs)
+    upstream = [rng.standard_normal(a.shape).astype(dtype) for a in (y, h_n, c_n)]
+    expected = reference.backward_projected(saved, *(u.astype(np.float64) for u in upstream))
+    before = {k: None if v is None else v.copy() for k, v in inputs.items()}
+    upstream_before = [u.copy() for u in upstream]
+
+    rt = emulator_or_skip()
+    results = {variant: _kernel_run(rt, inputs, upstream, variant) for variant in ("step", "graph")}
+    replay = _kernel_run(rt, inputs, upstream, "graph")  # the cached graph, replayed
+    outputs, grads = results["step"]
+    for ours, ref, name in zip(outputs + grads, (y, h_n, c_n) + expected,
+                               ("y", "h_n", "c_n", "dx", "dw_ih", "dw_hh", "db", "dw_hr", "dh0", "dc0")):
+        if ref is None:
+            assert ours is None and not bias
+            continue
+        assert ours.dtype == dtype, name
+        np.testing.assert_allclose(ours.astype(np.float64), ref, rtol=rtol, atol=atol, err_msg=name)
+    # graph == step, bitwise, first capture and replay.
+    for other in (results["graph"], replay):
+        for a, b in zip(outputs + grads, other[0] + other[1]):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    # Inference (two cell-state slots, no gates saved) gives training's bits.
+    for variant in ("step", "graph"):
+        *inference, no_saved = _projected.forward(
+            rt, *(inputs[k] for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")), False, variant=variant)
+        assert no_saved is None
+        for a, b in zip(inference, outputs):
+            assert np.array_equal(a, b)
+    # Inputs unmodified.
+    for k, v in before.items():
+        assert (v is None and inputs[k] is None) or np.array_equal(v, inputs[k]), k
+    for u, u0 in zip(upstream, upstream_before):
+        assert np.array_equal(u, u0)
+
+
+@pytest.mark.emulated
+def test_emulated_kernels_refuse_float64_and_unknown_variant():
+    from rnnkernels import _projected
+
+    rng = np.random.default_rng(4)
+    _, inputs = _emulated_problem(rng, np.float32)
+    args = [inputs[k] for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")]
+    rt = emulator_or_skip()
+    with pytest.raises(ValueError, match="variant.*persistent"):
+        _projected.forward(rt, *args, True, variant="persistent")
+    with pytest.raises(TypeError, match="x must be one of"):
+        _projected.forward(rt, *(None if a is None else a.astype(np.float64) for a in args), True)
+    with pytest.raises(TypeError, match="w_hr must have x's dtype"):
+        _projected.forward(rt, *args[:4], args[4].astype(np.float16), *args[5:], True)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}, {"bias": False}])
+def test_torch_module_emulated_projection_matches_nn_lstm(kwargs):
+    import rnnkernels.torch as rtorch
+
+    emulator_or_skip()
+    torch.manual_seed(5)
+    theirs = torch.nn.LSTM(5, 6, proj_size=3, **kwargs)
+    ours = rtorch.LSTM(5, 6, proj_size=3, backend="emulated", **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    directions = 2 if kwargs.get("bidirectional") else 1
+    layers = kwargs.get("num_layers", 1)
+    x = torch.randn(3, 4, 5) if kwargs.get("batch_first") else torch.randn(4, 3, 5)
+    h0 = torch.randn(layers * directions, 3, 3)
+    c0 = torch.randn(layers * directions, 3, 6)
+    results = []
+    for module in (ours, theirs):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        y, (h, c) = module(xs, (hs, cs))
+        (y.square().sum() + h.sum() + (c * 0.3).sum()).backward()
+        results.append([y, h, c, xs.grad, hs.grad, cs.grad] + [p.grad for p in module.parameters()])
+    names = ["y", "h_n", "c_n", "dx", "dh0", "dc0"] + [n for n, _ in theirs.named_parameters()]
+    assert any("weight_hr" in n for n in names)
+    for a, b, name in zip(*results, names):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.emulated
+def test_numpy_module_emulated_projection_matches_nn_lstm():
+    emulator_or_skip()
+    kwargs = {"num_layers": 2, "bidirectional": True}
+    ours, theirs = _numpy_pair(kwargs, torch.float32, "emulated", seed=6)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    x_before = x.copy()
+    y, (h_n, c_n) = ours(x)
+    xt = torch.from_numpy(x).requires_grad_()
+    y_t, (h_t, c_t) = theirs(xt)
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(h_n, h_t.detach().numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(c_n, c_t.detach().numpy(), rtol=1e-5, atol=2e-6)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    grads = ours.backward(dy)
+    (y_t * torch.from_numpy(dy)).sum().backward()
+    np.testing.assert_allclose(grads.dx, xt.grad.numpy(), rtol=1e-5, atol=2e-6)
+    for name, p in theirs.named_parameters():
+        np.testing.assert_allclose(grads.params[name], p.grad.numpy(), rtol=1e-5, atol=2e-6, err_msg=name)
+    assert np.array_equal(x, x_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_projection_matches_nn_lstm(dtype):
+    """rnnkernels.torch.LSTM(proj_size, backend "auto") on CUDA tensors (cuBLAS and our
+    cells) against nn.LSTM in float64 on the CPU: forward and every gradient; and the
+    graph variant's bits against the step variant's."""
+    import rnnkernels.torch as rtorch
+    from rnnkernels import _launch, _projected
+
+    cupy = cuda_backend_or_skip()
+    torch.manual_seed(7)
+    kwargs = {"num_layers": 2, "bidirectional": True}
+    theirs = torch.nn.LSTM(16, 24, proj_size=8, **kwargs).double()
+    ours = rtorch.LSTM(16, 24, proj_size=8, **kwargs).to("cuda", dtype)
+    ours.load_state_dict({k: v.to(dtype) for k, v in theirs.state_dict().items()})
+    theirs.load_state_dict({k: v.to(dtype).double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(9, 5, 16).to(dtype)
+    results = []
+    for module, device, cast in ((ours, "cuda", dtype), (theirs, "cpu", torch.float64)):
+        xs = x.to(device, cast).requires_grad_()
+        y, (h, c) = module(xs)
+        (y.float().square().sum() + h.float().sum() + (c.float() * 0.3).sum()).backward()
+        results.append([t.detach().cpu().double() for t in [y, h, c, xs.grad] + [p.grad for p in module.parameters()]])
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b, name in zip(*results, ["y", "h_n", "c_n", "dx"] + [n for n, _ in theirs.named_parameters()]):
+        torch.testing.assert_close(a, b, msg=name, **tol)
+
+    rng = np.random.default_rng(7)
+    _, inputs = _emulated_problem(rng, np.float32, steps=6, batch=4, hidden=33, proj=9)
+    args = [None if inputs[k] is None else cupy.asarray(inputs[k]) for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0")]
+    rt = _launch.CupyRuntime()
+    runs = []
+    for variant in ("step", "graph", "graph"):
+        y, h_n, c_n, saved = _projected.forward(rt, *args, True, variant=variant)
+        upstream = [cupy.ones_like(a) for a in (y, h_n, c_n)]
+        runs.append([cupy.asnumpy(a) for a in (y, h_n, c_n, *_projected.backward(rt, saved, *upstream, variant=variant))])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b)

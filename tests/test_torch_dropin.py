@@ -165,7 +165,7 @@ def test_replace_lstm_same_outputs_gradients_and_training():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_replace_lstm_shared_modules_and_refusals():
+def test_replace_lstm_shared_modules_and_refusals(monkeypatch):
     lstm = torch.nn.LSTM(3, 4)
     model = torch.nn.ModuleDict({"a": lstm, "b": torch.nn.Sequential(lstm), "c": torch.nn.GRU(3, 4)})
     model.eval()
@@ -183,9 +183,16 @@ def test_replace_lstm_shared_modules_and_refusals():
     with_projection = torch.nn.Sequential(torch.nn.LSTM(3, 4, proj_size=2))
     assert rtorch.replace_lstm(with_projection) == ["0"] and with_projection[0].proj_size == 2
     mixed = torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.LSTM(4, 4, proj_size=2))
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rtorch.replace_lstm(mixed, backend="emulated")
+    # Every backend takes proj_size now; a backend list without "emulated" stands in for
+    # one that lacks projections, to show that nothing is swapped when one is refused.
+    from rnnkernels.torch import _ops
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_ops, "_PROJECTED_BACKENDS", ("auto", "cpu", "reference"))
+        with pytest.raises(NotImplementedError, match="proj_size"):
+            rtorch.replace_lstm(mixed, backend="emulated")
     assert type(mixed[0]) is torch.nn.LSTM  # nothing swapped when one is refused
+    assert rtorch.replace_lstm(mixed, backend="emulated") == ["0", "1"]
 
 
 # ----------------------------------------------------------------------------- what nn.LSTM code reads

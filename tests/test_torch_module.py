@@ -136,8 +136,8 @@ def test_nn_lstm_interface():
     assert repr(ours) == repr(ref)
     bound = 1 / HIDDEN**0.5
     assert all(p.abs().max() <= bound for p in ours.parameters())
-    with pytest.raises(NotImplementedError, match="proj_size"):  # runs on NumPy backends only
-        LSTM(INPUT, HIDDEN, proj_size=2, backend="emulated")
+    with pytest.raises(NotImplementedError, match="proj_size"):  # backend "cuda" takes CUDA tensors only
+        LSTM(INPUT, HIDDEN, proj_size=2, backend="cuda")(torch.zeros(2, 1, INPUT))
     with pytest.raises(ValueError, match="dropout"):
         LSTM(INPUT, HIDDEN, dropout=1.5)
     with warnings.catch_warnings(record=True) as caught:

@@ -62,7 +62,8 @@ class _Recurrent(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if proj_size and backend not in _ops._PROJECTED_BACKENDS:
             raise NotImplementedError(
-                f"proj_size > 0 runs with backend 'auto', 'cpu' or 'reference' on CPU tensors; {backend!r} does not support it yet"
+                f"proj_size > 0 runs with backend 'auto', 'cpu', 'reference' or 'emulated' on CPU tensors and 'auto' or "
+                f"'cuda' on CUDA tensors; {backend!r} does not support it"
             )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")

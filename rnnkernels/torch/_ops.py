@@ -67,6 +67,9 @@ from .. import _arrays
 from .. import cells
 from ..modules import (
     PROJECTED_BACKENDS,
+    projected_saved,
+    projected_saved_arrays,
+    projected_supported,
     _Plan,
     backward_direction,
     projected_backward,
@@ -571,27 +574,27 @@ lstm_layer_backward_saved = _OPS["lstm"].backward_saved
 
 # ----------------------------------------------------------------------------- proj_size
 #
-# LSTM with a projection (rnnkernels.reference's forward_projected, called through
-# rnnkernels.modules' projected_forward/projected_backward, which the NumPy LSTM
-# shares): CPU tensors only, on NumPy, in float64 for backend "reference" and in the
-# input dtype for "cpu" and "auto". The tuned cpu cells and the CUDA kernels read an unprojected h and do not
-# support it yet; other backends and CUDA tensors get a NotImplementedError. Rows with
-# lengths are not supported either. The op returns its saved state (gates, h, c) so
-# that backward never recomputes.
+# LSTM with a projection, through rnnkernels.modules' projected_forward /
+# projected_backward, which the NumPy LSTM shares: on CPU tensors with backend
+# "reference" (float64), "cpu"/"auto" (the input dtype; reference.forward_projected's
+# math on NumPy) or "emulated" (rnnkernels/_projected.py on the CPU emulator), on CUDA
+# tensors with "cuda"/"auto" (rnnkernels/_projected.py on CuPy: cuBLAS GEMMs and our
+# pointwise cell kernels; float32 saved state). Rows with lengths are not supported.
+# The op returns its saved state (gates, h, c) so that backward never recomputes.
 
 _PROJECTED_BACKENDS = PROJECTED_BACKENDS
 
 
 def _check_projected(backend: str, device: torch.device):
-    if device.type != "cpu" or backend not in _PROJECTED_BACKENDS:
+    if not projected_supported(backend, device.type):
         raise NotImplementedError(
-            f"proj_size > 0 runs on CPU tensors with backend 'auto', 'cpu' or 'reference' (NumPy); "
-            f"backend {backend!r} on {device.type} tensors does not support it yet"
+            f"proj_size > 0 runs on CPU tensors with backend 'auto', 'cpu', 'reference' or 'emulated', and on CUDA "
+            f"tensors with 'auto' or 'cuda'; backend {backend!r} on {device.type} tensors does not support it"
         )
 
 
-def _projected_dtype(backend: str, dtype: torch.dtype):
-    return projected_dtype(backend, _NUMPY_DTYPES[dtype])
+def _projected_dtype(backend: str, dtype: torch.dtype, device: torch.device):
+    return projected_dtype(backend, _NUMPY_DTYPES[dtype], device.type)
 
 
 @torch.library.custom_op("rnnkernels::lstm_layer_projected", mutates_args=())
@@ -612,19 +615,19 @@ def lstm_layer_projected(
     compute dtype, time in the order the steps ran) are the saved state."""
     _check_projected(backend, x.device)
     _check_layer(cells.get("lstm"), x, w_hh)
-    numpy = lambda t: None if t is None else t.detach().numpy()
-    y, h_n, c_n, saved = projected_forward(
-        x.detach().numpy(), *map(numpy, (w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)), reverse, backend
-    )
-    out = [np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[x.dtype]) for a in (y, h_n, c_n)]
-    return [torch.from_numpy(a.copy()) for a in out] + [torch.from_numpy(a) for a in (saved.gates, saved.h, saved.c)]
+    with _backend_arrays(x.device) as (xp, array, tensor):
+        y, h_n, c_n, saved = projected_forward(
+            *map(array, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)), reverse, backend
+        )
+        out = [xp.array(a, dtype=_NUMPY_DTYPES[x.dtype], order="C") for a in (y, h_n, c_n)]  # copies
+        return [tensor(a) for a in out] + [tensor(a) for a in projected_saved_arrays(saved)]
 
 
 @lstm_layer_projected.register_fake
 def _lstm_layer_projected_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
     steps, batch = x.shape[0], x.shape[1]
     proj, hidden = w_hr.shape
-    saved_dtype = _TORCH_DTYPES[_projected_dtype(backend, x.dtype)]
+    saved_dtype = _TORCH_DTYPES[_projected_dtype(backend, x.dtype, x.device)]
     return [
         x.new_empty((steps, batch, proj)), x.new_empty((batch, proj)), x.new_empty((batch, hidden)),
         x.new_empty((steps, batch, 4 * hidden), dtype=saved_dtype),
@@ -649,23 +652,13 @@ def lstm_layer_projected_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_layer_projected` from its saved state: ``(dx, dw_ih,
     dw_hh, db, dw_hr, dh0, dc0)``, ``db`` [4H] (zeros without biases)."""
-    from .. import reference
-
-    dtype = _projected_dtype(backend, x.dtype)
-    xa = x.detach().numpy()
-    if reverse:
-        xa = xa[::-1]
-    cast = lambda t: np.ascontiguousarray(t.detach().numpy(), dtype=dtype)
-    state = reference.SavedProjected(
-        np.ascontiguousarray(xa, dtype=dtype), cast(w_ih), cast(w_hh), cast(w_hr), has_bias, *(cast(t) for t in saved)
-    )
-    dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = projected_backward(
-        state, dy.detach().numpy(), dh_n.detach().numpy(), dc_n.detach().numpy(), reverse
-    )
-    if db is None:
-        db = np.zeros(w_ih.shape[0], dtype)
     out_dtype = _NUMPY_DTYPES[x.dtype]
-    return tuple(torch.from_numpy(np.array(a, dtype=out_dtype, order="C")) for a in (dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0))
+    with _backend_arrays(x.device) as (xp, array, tensor):
+        state = projected_saved(backend, *map(array, (x, w_ih, w_hh, w_hr)), has_bias, [array(t) for t in saved], reverse)
+        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = projected_backward(state, *map(array, (dy, dh_n, dc_n)), reverse)
+        if db is None:
+            db = xp.zeros(w_ih.shape[0], out_dtype)
+        return tuple(tensor(xp.array(a, dtype=out_dtype, order="C")) for a in (dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0))
 
 
 @lstm_layer_projected_backward.register_fake
