@@ -79,24 +79,93 @@ def test_saved_arrays_rebuild_the_same_gradients():
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_packed_rows_still_recompute_and_match(monkeypatch):
-    """Rows with lengths take the recompute path (documented); gradients still match."""
-    torch.manual_seed(2)
-    reference = torch.nn.LSTM(4, 5)
-    ours = rtorch.LSTM(4, 5)
+# (our module, torch.nn's, constructor keywords) per cell
+_PACKED_CELLS = {
+    "lstm": (rtorch.LSTM, torch.nn.LSTM, {}),
+    "gru": (rtorch.GRU, torch.nn.GRU, {}),
+    "rnn_tanh": (rtorch.RNN, torch.nn.RNN, {}),
+    "rnn_relu": (rtorch.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+}
+_PACKED_LENGTHS = torch.tensor([6, 2, 6, 1, 4, 3])  # unsorted, a tie, a single step, full rows
+
+
+def _packed_run(module, x, states0):
+    """Packed forward (unsorted lengths), a random linear loss on the padded output and
+    every final state, backward. Returns outputs and gradients (input, states, params)."""
+    xs = x.clone().requires_grad_()
+    states = tuple(s.clone().requires_grad_() for s in states0)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(xs, _PACKED_LENGTHS, enforce_sorted=False)
+    out, hx = module(packed, states if len(states) > 1 else states[0])
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])
+    finals = hx if isinstance(hx, tuple) else (hx,)
+    weights = torch.Generator().manual_seed(7)
+    loss = (padded * torch.randn(padded.shape, generator=weights, dtype=x.dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=weights, dtype=x.dtype)).sum() for s in finals)
+    loss.backward()
+    return [padded.detach(), *(s.detach() for s in finals), xs.grad, *(s.grad for s in states)] + [
+        p.grad.clone() for p in module.parameters()
+    ]
+
+
+_PACKED_CASES = [
+    (cell, backend, dtype)
+    for cell in _PACKED_CELLS
+    for backend, dtype in (("reference", torch.float32), ("cpu", torch.float32))
+] + [
+    ("lstm", "cpu", torch.float64),
+    ("lstm", "emulated", torch.float32),  # the CUDA kernels' Saved (float32 arrays) on the CPU emulator
+]
+
+
+@pytest.mark.parametrize("cell,backend,dtype", _PACKED_CASES, ids=[f"{c}-{b}-{str(d)[6:]}" for c, b, d in _PACKED_CASES])
+def test_packed_rows_keep_saved_state_and_match_nn(cell, backend, dtype, monkeypatch):
+    """Rows with lengths (a PackedSequence) take the saved path: the forward runs once
+    per layer and direction in training mode, backward runs none, the gradients match
+    torch.nn's, and they are bit for bit the recompute path's (which reruns the forward
+    per segment): the packed arrays rebuild every segment's saved state exactly, also
+    where the backend saves wider than the input (the reference: float64)."""
+    ours_cls, ref_cls, extra = _PACKED_CELLS[cell]
+    torch.manual_seed(0)
+    reference = ref_cls(3, 5, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+    ours = ours_cls(3, 5, num_layers=2, bidirectional=True, dtype=dtype, backend=backend, **extra)
     ours.load_state_dict(reference.state_dict())
-    x = torch.randn(6, 3, 4)
-    lengths = torch.tensor([6, 2, 4])
-    grads = []
-    for module in (ours, reference):
-        xs = x.clone().requires_grad_()
-        packed = torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False)
-        out, (h, c) = module(packed)
-        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
-        (padded.sum() + h.sum() + c.sum()).backward()
-        grads.append([xs.grad] + [p.grad for p in module.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    x = torch.randn(6, len(_PACKED_LENGTHS), 3, dtype=dtype)
+    states0 = tuple(torch.randn(4, len(_PACKED_LENGTHS), 5, dtype=dtype) for _ in (("h", "c") if cell == "lstm" else ("h",)))
+    calls = _count_forwards(monkeypatch)
+    saved_path = _packed_run(ours, x, states0)
+    # 2 layers x 2 directions, each one training forward per segment of its rows
+    # (lengths 6, 4, 3, 2, 1: five segments), nothing at inference, nothing in backward
+    assert calls == {"training": 2 * 2 * 5, "inference": 0}
+    want = _packed_run(reference, x, states0)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for a, b in zip(saved_path, want):
+        torch.testing.assert_close(a, b, **tol)
+    monkeypatch.setattr(_ops, "_saves_arrays", lambda *args: False)  # the recompute path
+    ours.zero_grad(set_to_none=True)
+    recomputed = _packed_run(ours, x, states0)
+    assert calls["inference"] == 2 * 2 * 5  # it did rerun the forward
+    for a, b in zip(saved_path, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_saved_ops_opcheck(cell):
+    """The saved path's ops with lengths (<c>_layer_train, <c>_layer_backward_saved)
+    under torch.library.opcheck: their fakes' shapes (which do not depend on the
+    lengths) match the real outputs, in both directions."""
+    ops = _ops._OPS[cell]
+    states, gates = (2, 4) if cell == "lstm" else (1, 3)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(6, 4, 3, **f64)
+    weights = [torch.randn(gates * 5, 3, **f64), torch.randn(gates * 5, 5, **f64), torch.randn(gates * 5, **f64), torch.randn(gates * 5, **f64)]
+    states0 = [torch.randn(4, 5, **f64) for _ in range(states)]
+    lengths = torch.tensor([6, 4, 4, 1])
+    for reverse in (False, True):
+        args = (x, *weights, *states0, lengths, reverse, "cpu")
+        torch.library.opcheck(ops.train._opoverload, args)
+        saved = list(ops.train(*args)[1 + states:])
+        upstream = (torch.randn(6, 4, 5, **f64), *(torch.randn(4, 5, **f64) for _ in range(states)))
+        torch.library.opcheck(ops.backward_saved._opoverload, (*upstream, x, *weights[:2], True, saved, lengths, reverse, "cpu"))
 
 
 def test_saved_path_under_torch_compile():
