@@ -483,6 +483,10 @@ def _setup_context(ctx, cell_name, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, 
     ctx.cell_name, ctx.states, ctx.reverse, ctx.backend = cell_name, n, reverse, backend
     if saved:
         ctx.mark_non_differentiable(*saved)
+    # An output no gradient reaches comes to backward as None (_grads reads None as
+    # zero), not as a tensor of zeros autograd would allocate and fill: for the saved
+    # arrays (never differentiated) that is several times y's size per call.
+    ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, upstream):
@@ -496,15 +500,33 @@ def _grads(ctx, upstream):
     dy = x.new_zeros((steps, batch, hidden)) if upstream[0] is None else upstream[0]
     dstates_n = [s.new_zeros(s.shape) if d is None else d for d, s in zip(upstream[1:1 + n], states0)]
     if saved:
-        dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward_saved(
-            dy, *dstates_n, x, w_ih, w_hh, b_ih is not None, saved, lengths, ctx.reverse, ctx.backend
-        )
+        if _eager():
+            dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = _layer_backward_saved(
+                ops.cell, dy, tuple(dstates_n), x, w_ih, w_hh, b_ih is not None, saved, lengths, ctx.reverse, ctx.backend
+            )
+        else:
+            dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward_saved(
+                dy, *dstates_n, x, w_ih, w_hh, b_ih is not None, saved, lengths, ctx.reverse, ctx.backend
+            )
         dstates0 = [d.to(s.dtype) for d, s in zip(dstates0, states0)]
     else:
         dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward(
             dy, *dstates_n, x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, ctx.reverse, ctx.backend
         )
     return dx, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, tuple(dstates0)
+
+
+def _eager() -> bool:
+    """Whether this runs eagerly: not traced by torch.compile, under no torch.func
+    transform. Then the autograd Function calls the ops' functions directly and is
+    applied without ``Function.apply``'s Python layer (:func:`cell_layer_autograd`):
+    each of those costs tens of microseconds per call (the dispatcher's Python
+    custom-op path; ``inspect.signature`` and ``bind`` of forward's arguments, which
+    have no defaults to fill), about 0.3 ms per layer and direction for forward and
+    backward together, where nothing traces or transforms the call. Traced or
+    transformed calls keep both: the compiler sees the ops behind their fakes, and
+    vmap needs their batching rules."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 class _CellLayerFunction(torch.autograd.Function):
@@ -531,6 +553,9 @@ class _CellLayerFunction(torch.autograd.Function):
         # (y, *states_n); setup_context keeps them for backward.
         ops = _OPS[cell_name]
         with torch.no_grad():
+            if _eager():  # the ops' own functions, without the dispatcher (see _eager)
+                function = _layer_train if save else _layer
+                return tuple(function(ops.cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend))
             if save:
                 return tuple(ops.train(x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, reverse, backend))
             return ops.layer(x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, reverse, backend)
@@ -626,8 +651,19 @@ def cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, r
         and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, *state0))
         and _saves_arrays(_OPS[cell_name].cell, backend, x.device)
     )
-    out = _CellLayerFunction.apply(cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *state0)
+    args = (cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *state0)
+    if _eager():
+        # What Function.apply does here, less binding default arguments (there are none):
+        # dead torch.func wrappers unwrapped, then the C++ apply, which calls
+        # setup_context itself.
+        out = _APPLY(*_unwrap_dead_wrappers(args))
+    else:
+        out = _CellLayerFunction.apply(*args)
     return tuple(out[: 1 + len(state0)])
+
+
+_APPLY = super(torch.autograd.Function, _CellLayerFunction).apply  # torch._C._FunctionBase.apply
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers  # noqa: E402
 
 
 def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
