@@ -418,3 +418,118 @@ def test_saved_path_float16_emulated_same_bits_as_numpy_api():
     grads = rnnkernels.lstm_backward(out, np.ones((4, 3, 6), np.float16))
     for leaf, expected in zip(leaves, (grads.dx, grads.dw_ih, grads.dw_hh, grads.db_ih, grads.db_hh)):
         np.testing.assert_array_equal(leaf.grad.numpy(), expected)
+
+
+# ----------------------------------------------------------------------------- a new user's gaps, against torch.nn
+
+_NN = {"lstm": (rtorch.LSTM, torch.nn.LSTM), "gru": (rtorch.GRU, torch.nn.GRU), "rnn": (rtorch.RNN, torch.nn.RNN)}
+
+
+def _nn_pair(cell, **kwargs):
+    ours_cls, ref_cls = _NN[cell]
+    torch.manual_seed(0)
+    reference = ref_cls(3, 4, **kwargs)
+    ours = ours_cls(3, 4, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _state(cell, *shape, **kwargs):
+    if cell == "lstm":
+        return torch.randn(*shape, **kwargs), torch.randn(*shape, **kwargs)
+    return torch.randn(*shape, **kwargs)
+
+
+def _message(call) -> str:
+    with pytest.raises(RuntimeError) as error:
+        call()
+    return str(error.value)
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_device_mismatch_refused_with_nn_message(cell):
+    """A meta input (or state) with CPU parameters is refused as torch.nn refuses it,
+    rather than run on the ops' fakes and return meta tensors."""
+    reference, ours = _nn_pair(cell)
+    meta = torch.empty(5, 2, 3, device="meta")
+    want = _message(lambda: reference(meta))
+    assert "not at the same device" in want
+    assert _message(lambda: ours(meta)) == want
+    hx = _state(cell, 1, 2, 4, device="meta")
+    want = _message(lambda: reference(torch.randn(5, 2, 3), hx))
+    assert _message(lambda: ours(torch.randn(5, 2, 3), hx)) == want
+    with torch.no_grad():  # the decode step's conditions send it to the same check
+        assert _message(lambda: ours(torch.randn(1, 2, 3), hx)) == _message(lambda: reference(torch.randn(1, 2, 3), hx))
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_state_rank_messages_match_nn(cell):
+    """Unbatched input with a batched state and batched input with an unbatched one:
+    torch.nn's messages, on the general path and the decode step."""
+    reference, ours = _nn_pair(cell)
+    cases = [(torch.randn(5, 3), _state(cell, 1, 2, 4)), (torch.randn(5, 2, 3), _state(cell, 1, 4))]
+    for x, hx in cases:
+        want = _message(lambda: reference(x, hx))
+        assert "should also be" in want
+        assert _message(lambda: ours(x, hx)) == want
+    with torch.no_grad():
+        x, hx = torch.randn(1, 2, 3), _state(cell, 1, 4)
+        assert _message(lambda: ours(x, hx)) == _message(lambda: reference(x, hx))
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_cpu_autocast_follows_nn(cell):
+    """Under CPU autocast (bfloat16) each module returns what torch.nn's returns, form
+    by form (torch 2.13: the LSTM's padded form and the RNN in bfloat16; the LSTM's
+    packed form and the GRU in float32), computed in float32 (close to torch.nn's
+    bfloat16 math), with float32 parameter gradients; an input already in bfloat16
+    (from an autocast layer before it) is taken where torch.nn takes it."""
+    reference, ours = _nn_pair(cell, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    packed = lambda t: torch.nn.utils.rnn.pack_padded_sequence(t, [5, 3])  # noqa: E731
+    hx = _state(cell, 2, 2, 4)
+    data = lambda out: out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out  # noqa: E731
+    for make, state in ((lambda: x, None), (lambda: packed(x), None), (lambda: x[:1], hx)):
+        results = []
+        for module in (reference, ours):
+            module.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, finals = module(make(), state)
+            results.append(data(out))
+            data(out).float().sum().backward()
+            assert module.weight_hh_l1.grad.dtype == torch.float32
+        assert results[1].dtype == results[0].dtype
+        torch.testing.assert_close(results[1].float(), results[0].float(), atol=3e-2, rtol=3e-2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the decode step
+            assert ours(x[:1], hx)[0].dtype == reference(x[:1], hx)[0].dtype
+    if cell != "gru":  # torch.nn's GRU refuses a bfloat16 input under autocast too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, _ = reference(x.bfloat16())
+            got, _ = ours(x.bfloat16())
+        assert got.dtype == want.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 parameters: autocast casts nothing
+        reference64, ours64 = _nn_pair(cell, dtype=torch.float64)
+        assert ours64(x.double())[0].dtype == reference64(x.double())[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_packed_dropout_masks_match_nn(cell):
+    """Dropout between layers with a PackedSequence: under the same seed, torch.nn's
+    masks (drawn over the packed data), so outputs and gradients agree; ``lengths=``
+    on the padded input draws the same masks."""
+    reference, ours = _nn_pair(cell, num_layers=3, dropout=0.5, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    lengths = [6, 2, 5, 3]
+    results = []
+    for module in (reference, ours):
+        torch.manual_seed(42)
+        xs = x.clone().requires_grad_()
+        out, _ = module(torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False))
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=6)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        results.append([y.detach(), xs.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(42)
+    padded, _ = ours(x, lengths=torch.tensor(lengths))
+    torch.testing.assert_close(padded, results[1][0], rtol=1e-12, atol=1e-14)
