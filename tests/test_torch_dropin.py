@@ -113,7 +113,10 @@ _PACKED_CASES = [
     for backend, dtype in (("reference", torch.float32), ("cpu", torch.float32))
 ] + [
     ("lstm", "cpu", torch.float64),
-    ("lstm", "emulated", torch.float32),  # the CUDA kernels' Saved (float32 arrays) on the CPU emulator
+    # the CUDA kernels' saved state (float32 arrays) on the CPU emulator
+    ("lstm", "emulated", torch.float32),
+    ("gru", "emulated", torch.float32),
+    ("rnn_tanh", "emulated", torch.float32),
 ]
 
 
