@@ -472,9 +472,9 @@ def test_state_rank_messages_match_nn(cell):
     reference, ours = _nn_pair(cell)
     cases = [(torch.randn(5, 3), _state(cell, 1, 2, 4)), (torch.randn(5, 2, 3), _state(cell, 1, 4))]
     for x, hx in cases:
-        want = _message(lambda: reference(x, hx))
+        want = _message(lambda x=x, hx=hx: reference(x, hx))
         assert "should also be" in want
-        assert _message(lambda: ours(x, hx)) == want
+        assert _message(lambda x=x, hx=hx: ours(x, hx)) == want
     with torch.no_grad():
         x, hx = torch.randn(1, 2, 3), _state(cell, 1, 4)
         assert _message(lambda: ours(x, hx)) == _message(lambda: reference(x, hx))
@@ -497,7 +497,7 @@ def test_cpu_autocast_follows_nn(cell):
         for module in (reference, ours):
             module.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out, finals = module(make(), state)
+                out, _ = module(make(), state)
             results.append(data(out))
             data(out).float().sum().backward()
             assert module.weight_hh_l1.grad.dtype == torch.float32

@@ -445,9 +445,13 @@ class LSTM(_Recurrent):
     backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
     and CUDA tensors raise NotImplementedError.
 
-    dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
-    follows torch's semantics (training mode only, not after the last layer) but
-    draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
+    dtypes: float32 and float64 on the CPU, float32 on CUDA. Under CPU autocast the
+    outputs take torch.nn's dtype (bfloat16 for padded input, float32 for a
+    PackedSequence, as torch 2.13's autocast lists have it); the math stays float32.
+    Dropout between layers follows torch's semantics (training mode only, not after
+    the last layer) and draws its masks through ``torch.nn.functional.dropout``: on
+    the CPU torch.nn's masks under the same seed (padded and packed), not cuDNN's on a
+    GPU.
     """
 
     cell_name = "lstm"

@@ -66,6 +66,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
 from .. import _arrays
 from .. import cells
@@ -311,10 +312,10 @@ def _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, saved, xp):
     (run_direction), while a backend may save it wider (the reference: float64): the
     overlap holds the previous segment's exact end state, so the start state is that
     rounded to the input dtype and widened again, the value the segment really saw."""
-    from .. import _api, _arrays as arrays
+    from .. import _api
 
     steps, input_size, hidden = plan.steps, xa.shape[2], w_hh_a.shape[1]
-    kind = arrays.array_kind(xa, "x")
+    kind = _arrays.array_kind(xa, "x")
     tape = []
     for index, (start, stop, rows) in enumerate(plan.segments):
         x_seg = xp.ascontiguousarray(xa[start:stop, :rows])
@@ -663,7 +664,6 @@ def cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, r
 
 
 _APPLY = super(torch.autograd.Function, _CellLayerFunction).apply  # torch._C._FunctionBase.apply
-from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers  # noqa: E402
 
 
 def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
