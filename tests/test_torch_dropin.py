@@ -536,3 +536,36 @@ def test_packed_dropout_masks_match_nn(cell):
     torch.manual_seed(42)
     padded, _ = ours(x, lengths=torch.tensor(lengths))
     torch.testing.assert_close(padded, results[1][0], rtol=1e-12, atol=1e-14)
+
+
+def test_eager_path_skips_torch_python_layers_and_zero_fills(monkeypatch):
+    """What keeps the module's overhead down (benchmarks/torch_module_overhead.py):
+    eagerly, the autograd Function is applied without Function.apply's Python layer
+    and backward gets None, not zero-filled tensors, for the outputs no gradient
+    reaches (the saved arrays, and here the final states); under torch.func the
+    regular apply runs (its batching and setup_context handling), with equal results."""
+    seen = {"apply": 0, "upstream": []}
+    original_apply, original_grads = _ops._CellLayerFunction.apply, _ops._grads
+
+    def counting_apply(*args):
+        seen["apply"] += 1
+        return original_apply(*args)
+
+    def recording_grads(ctx, upstream):
+        seen["upstream"].append(upstream)
+        return original_grads(ctx, upstream)
+
+    monkeypatch.setattr(_ops._CellLayerFunction, "apply", counting_apply)
+    monkeypatch.setattr(_ops, "_grads", recording_grads)
+    torch.manual_seed(4)
+    module = rtorch.LSTM(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    module(x)[0].sum().backward()
+    assert seen["apply"] == 0
+    (upstream,) = seen["upstream"]
+    assert upstream[0] is not None and all(u is None for u in upstream[1:])
+    eager = x.grad.clone()
+    params = dict(module.named_parameters())
+    grads = torch.func.grad(lambda x: torch.func.functional_call(module, params, (x,))[0].sum())(x.detach())
+    assert seen["apply"] >= 1  # functorch re-enters apply once per level
+    torch.testing.assert_close(grads, eager)
