@@ -228,8 +228,14 @@ class _Plan:
 
     def __init__(self, lengths, steps: int, batch: int):
         self.steps, self.batch = steps, batch
+        self._reverse_index = {}
         if lengths is None:
-            lengths = np.full(batch, steps, dtype=np.int64)
+            # Every row runs every step: one segment, nothing to sort (the common case,
+            # once per layer and direction in forward and backward: no argsort).
+            self.uniform, self.order, self.restore = True, None, None
+            self.sorted_lengths = np.full(batch, steps, dtype=np.int64)
+            self.segments = [(0, steps, batch)]
+            return
         self.uniform = bool(np.all(lengths == steps))
         order = np.argsort(-lengths, kind="stable")
         if self.uniform or np.array_equal(order, np.arange(batch)):
@@ -245,7 +251,6 @@ class _Plan:
             for stop in sorted(set(int(n) for n in self.sorted_lengths if n > 0)):
                 self.segments.append((start, stop, int(np.count_nonzero(self.sorted_lengths >= stop))))
                 start = stop
-        self._reverse_index = {}
 
     def flip(self, array):
         """``array`` [T, B, F] (sorted rows) with each row reversed within its own

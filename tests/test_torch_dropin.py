@@ -79,24 +79,96 @@ def test_saved_arrays_rebuild_the_same_gradients():
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_packed_rows_still_recompute_and_match(monkeypatch):
-    """Rows with lengths take the recompute path (documented); gradients still match."""
-    torch.manual_seed(2)
-    reference = torch.nn.LSTM(4, 5)
-    ours = rtorch.LSTM(4, 5)
+# (our module, torch.nn's, constructor keywords) per cell
+_PACKED_CELLS = {
+    "lstm": (rtorch.LSTM, torch.nn.LSTM, {}),
+    "gru": (rtorch.GRU, torch.nn.GRU, {}),
+    "rnn_tanh": (rtorch.RNN, torch.nn.RNN, {}),
+    "rnn_relu": (rtorch.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+}
+_PACKED_LENGTHS = torch.tensor([6, 2, 6, 1, 4, 3])  # unsorted, a tie, a single step, full rows
+
+
+def _packed_run(module, x, states0):
+    """Packed forward (unsorted lengths), a random linear loss on the padded output and
+    every final state, backward. Returns outputs and gradients (input, states, params)."""
+    xs = x.clone().requires_grad_()
+    states = tuple(s.clone().requires_grad_() for s in states0)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(xs, _PACKED_LENGTHS, enforce_sorted=False)
+    out, hx = module(packed, states if len(states) > 1 else states[0])
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])
+    finals = hx if isinstance(hx, tuple) else (hx,)
+    weights = torch.Generator().manual_seed(7)
+    loss = (padded * torch.randn(padded.shape, generator=weights, dtype=x.dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=weights, dtype=x.dtype)).sum() for s in finals)
+    loss.backward()
+    return [padded.detach(), *(s.detach() for s in finals), xs.grad, *(s.grad for s in states)] + [
+        p.grad.clone() for p in module.parameters()
+    ]
+
+
+_PACKED_CASES = [
+    (cell, backend, dtype)
+    for cell in _PACKED_CELLS
+    for backend, dtype in (("reference", torch.float32), ("cpu", torch.float32))
+] + [
+    ("lstm", "cpu", torch.float64),
+    # the CUDA kernels' saved state (float32 arrays) on the CPU emulator
+    ("lstm", "emulated", torch.float32),
+    ("gru", "emulated", torch.float32),
+    ("rnn_tanh", "emulated", torch.float32),
+]
+
+
+@pytest.mark.parametrize("cell,backend,dtype", _PACKED_CASES, ids=[f"{c}-{b}-{str(d)[6:]}" for c, b, d in _PACKED_CASES])
+def test_packed_rows_keep_saved_state_and_match_nn(cell, backend, dtype, monkeypatch):
+    """Rows with lengths (a PackedSequence) take the saved path: the forward runs once
+    per layer and direction in training mode, backward runs none, the gradients match
+    torch.nn's, and they are bit for bit the recompute path's (which reruns the forward
+    per segment): the packed arrays rebuild every segment's saved state exactly, also
+    where the backend saves wider than the input (the reference: float64)."""
+    ours_cls, ref_cls, extra = _PACKED_CELLS[cell]
+    torch.manual_seed(0)
+    reference = ref_cls(3, 5, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+    ours = ours_cls(3, 5, num_layers=2, bidirectional=True, dtype=dtype, backend=backend, **extra)
     ours.load_state_dict(reference.state_dict())
-    x = torch.randn(6, 3, 4)
-    lengths = torch.tensor([6, 2, 4])
-    grads = []
-    for module in (ours, reference):
-        xs = x.clone().requires_grad_()
-        packed = torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False)
-        out, (h, c) = module(packed)
-        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
-        (padded.sum() + h.sum() + c.sum()).backward()
-        grads.append([xs.grad] + [p.grad for p in module.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    x = torch.randn(6, len(_PACKED_LENGTHS), 3, dtype=dtype)
+    states0 = tuple(torch.randn(4, len(_PACKED_LENGTHS), 5, dtype=dtype) for _ in (("h", "c") if cell == "lstm" else ("h",)))
+    calls = _count_forwards(monkeypatch)
+    saved_path = _packed_run(ours, x, states0)
+    # 2 layers x 2 directions, each one training forward per segment of its rows
+    # (lengths 6, 4, 3, 2, 1: five segments), nothing at inference, nothing in backward
+    assert calls == {"training": 2 * 2 * 5, "inference": 0}
+    want = _packed_run(reference, x, states0)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for a, b in zip(saved_path, want):
+        torch.testing.assert_close(a, b, **tol)
+    monkeypatch.setattr(_ops, "_saves_arrays", lambda *args: False)  # the recompute path
+    ours.zero_grad(set_to_none=True)
+    recomputed = _packed_run(ours, x, states0)
+    assert calls["inference"] == 2 * 2 * 5  # it did rerun the forward
+    for a, b in zip(saved_path, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_saved_ops_opcheck(cell):
+    """The saved path's ops with lengths (<c>_layer_train, <c>_layer_backward_saved)
+    under torch.library.opcheck: their fakes' shapes (which do not depend on the
+    lengths) match the real outputs, in both directions."""
+    ops = _ops._OPS[cell]
+    states, gates = (2, 4) if cell == "lstm" else (1, 3)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(6, 4, 3, **f64)
+    weights = [torch.randn(gates * 5, 3, **f64), torch.randn(gates * 5, 5, **f64), torch.randn(gates * 5, **f64), torch.randn(gates * 5, **f64)]
+    states0 = [torch.randn(4, 5, **f64) for _ in range(states)]
+    lengths = torch.tensor([6, 4, 4, 1])
+    for reverse in (False, True):
+        args = (x, *weights, *states0, lengths, reverse, "cpu")
+        torch.library.opcheck(ops.train._opoverload, args)
+        saved = list(ops.train(*args)[1 + states:])
+        upstream = (torch.randn(6, 4, 5, **f64), *(torch.randn(4, 5, **f64) for _ in range(states)))
+        torch.library.opcheck(ops.backward_saved._opoverload, (*upstream, x, *weights[:2], True, saved, lengths, reverse, "cpu"))
 
 
 def test_saved_path_under_torch_compile():
@@ -349,3 +421,151 @@ def test_saved_path_float16_emulated_same_bits_as_numpy_api():
     grads = rnnkernels.lstm_backward(out, np.ones((4, 3, 6), np.float16))
     for leaf, expected in zip(leaves, (grads.dx, grads.dw_ih, grads.dw_hh, grads.db_ih, grads.db_hh)):
         np.testing.assert_array_equal(leaf.grad.numpy(), expected)
+
+
+# ----------------------------------------------------------------------------- a new user's gaps, against torch.nn
+
+_NN = {"lstm": (rtorch.LSTM, torch.nn.LSTM), "gru": (rtorch.GRU, torch.nn.GRU), "rnn": (rtorch.RNN, torch.nn.RNN)}
+
+
+def _nn_pair(cell, **kwargs):
+    ours_cls, ref_cls = _NN[cell]
+    torch.manual_seed(0)
+    reference = ref_cls(3, 4, **kwargs)
+    ours = ours_cls(3, 4, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _state(cell, *shape, **kwargs):
+    if cell == "lstm":
+        return torch.randn(*shape, **kwargs), torch.randn(*shape, **kwargs)
+    return torch.randn(*shape, **kwargs)
+
+
+def _message(call) -> str:
+    with pytest.raises(RuntimeError) as error:
+        call()
+    return str(error.value)
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_device_mismatch_refused_with_nn_message(cell):
+    """A meta input (or state) with CPU parameters is refused as torch.nn refuses it,
+    rather than run on the ops' fakes and return meta tensors."""
+    reference, ours = _nn_pair(cell)
+    meta = torch.empty(5, 2, 3, device="meta")
+    want = _message(lambda: reference(meta))
+    assert "not at the same device" in want
+    assert _message(lambda: ours(meta)) == want
+    hx = _state(cell, 1, 2, 4, device="meta")
+    want = _message(lambda: reference(torch.randn(5, 2, 3), hx))
+    assert _message(lambda: ours(torch.randn(5, 2, 3), hx)) == want
+    with torch.no_grad():  # the decode step's conditions send it to the same check
+        assert _message(lambda: ours(torch.randn(1, 2, 3), hx)) == _message(lambda: reference(torch.randn(1, 2, 3), hx))
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_state_rank_messages_match_nn(cell):
+    """Unbatched input with a batched state and batched input with an unbatched one:
+    torch.nn's messages, on the general path and the decode step."""
+    reference, ours = _nn_pair(cell)
+    cases = [(torch.randn(5, 3), _state(cell, 1, 2, 4)), (torch.randn(5, 2, 3), _state(cell, 1, 4))]
+    for x, hx in cases:
+        want = _message(lambda x=x, hx=hx: reference(x, hx))
+        assert "should also be" in want
+        assert _message(lambda x=x, hx=hx: ours(x, hx)) == want
+    with torch.no_grad():
+        x, hx = torch.randn(1, 2, 3), _state(cell, 1, 4)
+        assert _message(lambda: ours(x, hx)) == _message(lambda: reference(x, hx))
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_cpu_autocast_follows_nn(cell):
+    """Under CPU autocast (bfloat16) each module returns what torch.nn's returns, form
+    by form (torch 2.13: the LSTM's padded form and the RNN in bfloat16; the LSTM's
+    packed form and the GRU in float32), computed in float32 (close to torch.nn's
+    bfloat16 math), with float32 parameter gradients; an input already in bfloat16
+    (from an autocast layer before it) is taken where torch.nn takes it."""
+    reference, ours = _nn_pair(cell, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    packed = lambda t: torch.nn.utils.rnn.pack_padded_sequence(t, [5, 3])  # noqa: E731
+    hx = _state(cell, 2, 2, 4)
+    data = lambda out: out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out  # noqa: E731
+    for make, state in ((lambda: x, None), (lambda: packed(x), None), (lambda: x[:1], hx)):
+        results = []
+        for module in (reference, ours):
+            module.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = module(make(), state)
+            results.append(data(out))
+            data(out).float().sum().backward()
+            assert module.weight_hh_l1.grad.dtype == torch.float32
+        assert results[1].dtype == results[0].dtype
+        torch.testing.assert_close(results[1].float(), results[0].float(), atol=3e-2, rtol=3e-2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the decode step
+            assert ours(x[:1], hx)[0].dtype == reference(x[:1], hx)[0].dtype
+    if cell != "gru":  # torch.nn's GRU refuses a bfloat16 input under autocast too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, _ = reference(x.bfloat16())
+            got, _ = ours(x.bfloat16())
+        assert got.dtype == want.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 parameters: autocast casts nothing
+        reference64, ours64 = _nn_pair(cell, dtype=torch.float64)
+        assert ours64(x.double())[0].dtype == reference64(x.double())[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cell", list(_NN))
+def test_packed_dropout_masks_match_nn(cell):
+    """Dropout between layers with a PackedSequence: under the same seed, torch.nn's
+    masks (drawn over the packed data), so outputs and gradients agree; ``lengths=``
+    on the padded input draws the same masks."""
+    reference, ours = _nn_pair(cell, num_layers=3, dropout=0.5, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    lengths = [6, 2, 5, 3]
+    results = []
+    for module in (reference, ours):
+        torch.manual_seed(42)
+        xs = x.clone().requires_grad_()
+        out, _ = module(torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False))
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=6)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        results.append([y.detach(), xs.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(42)
+    padded, _ = ours(x, lengths=torch.tensor(lengths))
+    torch.testing.assert_close(padded, results[1][0], rtol=1e-12, atol=1e-14)
+
+
+def test_eager_path_skips_torch_python_layers_and_zero_fills(monkeypatch):
+    """What keeps the module's overhead down (benchmarks/torch_module_overhead.py):
+    eagerly, the autograd Function is applied without Function.apply's Python layer
+    and backward gets None, not zero-filled tensors, for the outputs no gradient
+    reaches (the saved arrays, and here the final states); under torch.func the
+    regular apply runs (its batching and setup_context handling), with equal results."""
+    seen = {"apply": 0, "upstream": []}
+    original_apply, original_grads = _ops._CellLayerFunction.apply, _ops._grads
+
+    def counting_apply(*args):
+        seen["apply"] += 1
+        return original_apply(*args)
+
+    def recording_grads(ctx, upstream):
+        seen["upstream"].append(upstream)
+        return original_grads(ctx, upstream)
+
+    monkeypatch.setattr(_ops._CellLayerFunction, "apply", counting_apply)
+    monkeypatch.setattr(_ops, "_grads", recording_grads)
+    torch.manual_seed(4)
+    module = rtorch.LSTM(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    module(x)[0].sum().backward()
+    assert seen["apply"] == 0
+    (upstream,) = seen["upstream"]
+    assert upstream[0] is not None and all(u is None for u in upstream[1:])
+    eager = x.grad.clone()
+    params = dict(module.named_parameters())
+    grads = torch.func.grad(lambda x: torch.func.functional_call(module, params, (x,))[0].sum())(x.detach())
+    assert seen["apply"] >= 1  # functorch re-enters apply once per level
+    torch.testing.assert_close(grads, eager)

@@ -19,6 +19,18 @@ from ..modules import parameter_names
 from . import _ops  # registers torch.ops.rnnkernels.*
 
 
+def _cast(value, dtype):
+    """``value`` (a tensor, a PackedSequence, a tuple or list of them, None) with its
+    floating tensors in ``dtype``."""
+    if isinstance(value, PackedSequence):
+        return value.to(dtype) if value.data.is_floating_point() else value
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
 class _Recurrent(nn.Module):
     """What the drop-ins share: ``torch.nn.RNNBase``'s constructor checks, parameter
     names, shapes and initialization, the attributes code written for torch.nn reads
@@ -30,6 +42,12 @@ class _Recurrent(nn.Module):
     tensor for the others)."""
 
     cell_name = ""
+    # Whether torch.nn's module runs in the lower-precision dtype under CPU autocast,
+    # for padded (and unbatched) input and for a PackedSequence: whether its _VF op is
+    # on CPU autocast's lower-precision list (torch 2.13: lstm's padded form, rnn_tanh
+    # and rnn_relu in both forms; not lstm's packed form, not gru). See _autocast_dtype.
+    _autocast_padded = False
+    _autocast_packed = False
 
     def __init__(
         self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
@@ -165,6 +183,67 @@ class _Recurrent(nn.Module):
             direction == 1, self.backend,
         )
 
+    def _check_state_dims(self, states, batched: bool):
+        """torch.nn's check (and message) that the states have the input's rank."""
+        want = 3 if batched else 2
+        if any(s.dim() != want for s in states):
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            if len(states) == 2:
+                dims = ", ".join(f"{s.dim()}-D" for s in states)
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({dims}) tensors")
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {states[0].dim()}-D tensor")
+
+    @staticmethod
+    def _check_state_devices(states, device):
+        """torch.nn's check (and message) that the states are on the input's device."""
+        for value in states:
+            if value.device != device:
+                raise RuntimeError(
+                    f"Input and hidden tensors are not at the same device, found input tensor at {device} and "
+                    f"hidden tensor at {value.device}"
+                )
+
+    # -- autocast ------------------------------------------------------------------------
+
+    def _autocast_dtype(self, input):
+        """The dtype torch.nn's module returns under CPU autocast for this input, or
+        None (autocast off, not CPU, a cell or input form torch leaves alone, or
+        parameters autocast does not cast: it casts float32 only)."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if (
+            not isinstance(data, torch.Tensor)
+            or data.device.type != "cpu"
+            or not torch.is_autocast_enabled("cpu")
+            or not (self._autocast_packed if packed else self._autocast_padded)
+            or self.weight_ih_l0.dtype != torch.float32
+        ):
+            return None
+        return torch.get_autocast_dtype("cpu")
+
+    def _autocast_forward(self, target, input, hx, lengths):
+        """``forward`` under CPU autocast: the input and states in the parameters'
+        dtype (an input may come in the autocast dtype, from an autocast layer before
+        it), the kernels in that dtype (they have no bfloat16: the math is float32,
+        finer than torch.nn's bfloat16), the outputs cast to ``target`` as torch.nn's
+        are. Autocast is off inside, so that torch ops here (the decode step's
+        products) stay in float32 too. Gradients flow back through the casts."""
+        compute = self.weight_ih_l0.dtype
+        with torch.autocast("cpu", enabled=False):
+            output, states = self._run_forward(_cast(input, compute), _cast(hx, compute), lengths)
+        return _cast(output, target), tuple(s.to(target) for s in states)
+
+    def _run_forward(self, input, hx, lengths):
+        """``(output, states_n)``: the decode step or the general path."""
+        if self._decodes(input, hx, lengths):
+            if torch.is_autocast_enabled("cpu"):
+                # A cell torch.nn leaves in float32 under autocast (the GRU): so do the
+                # decode step's torch products, which autocast would make bfloat16.
+                with torch.autocast("cpu", enabled=False):
+                    return self._single_step(input, hx)
+            return self._single_step(input, hx)
+        return self._forward(input, hx, lengths)
+
     # -- the decode step -----------------------------------------------------------------
 
     def _decodes(self, input, hx, lengths) -> bool:
@@ -179,6 +258,7 @@ class _Recurrent(nn.Module):
             and input.shape[1 if self.batch_first else 0] == 1
             and input.shape[0 if self.batch_first else 1] >= 1
             and input.device.type == "cpu"
+            and self.weight_ih_l0.device.type == "cpu"  # else the general path's device error
             and input.dtype in (torch.float32, torch.float64)  # else the general path's error
             and self.backend in ("auto", "cpu")
             and not self.proj_size
@@ -197,6 +277,8 @@ class _Recurrent(nn.Module):
         Same results as the general path to rounding (the products sum in another
         order): tests/test_torch_dropin.py, tests/test_cell_modules.py."""
         states0 = self._check_state(hx)
+        self._check_state_dims(states0, batched=True)
+        self._check_state_devices(states0, input.device)
         batch = input.shape[0 if self.batch_first else 1]
         directions = 2 if self.bidirectional else 1
         expected = (self.num_layers * directions, batch, self.hidden_size)
@@ -268,6 +350,14 @@ class _Recurrent(nn.Module):
                 else:
                     lengths, restore = sorted_lengths, torch.argsort(order)
                     x = x.index_select(1, order.to(x.device))
+        weight = self.weight_ih_l0
+        if x.device != weight.device:
+            # torch.nn's check and message; without it a meta input would run on the
+            # ops' fake implementations and return meta tensors.
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor at {x.device} and "
+                f"parameter tensor at {weight.device}"
+            )
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
         if x.dtype != self.weight_ih_l0.dtype:
@@ -279,6 +369,9 @@ class _Recurrent(nn.Module):
             states0 = [x.new_zeros((state_rows, batch, width)) for width in widths]
         else:
             states0 = list(self._check_state(hx))
+            if not packed:
+                self._check_state_dims(states0, batched=not unbatched)
+            self._check_state_devices(states0, x.device)
             for i, (value, width) in enumerate(zip(states0, widths)):
                 expected = (state_rows, width) if unbatched else (state_rows, batch, width)
                 if tuple(value.shape) != expected:
@@ -299,7 +392,7 @@ class _Recurrent(nn.Module):
                     collected.append(state)
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = self._dropout(layer_input, lengths)
         output, states_n = layer_input, [torch.stack(s) for s in states_n]
 
         if restore is not None:
@@ -317,6 +410,22 @@ class _Recurrent(nn.Module):
 
     def _check_lengths(self, lengths):
         pass
+
+    def _dropout(self, layer_input, lengths):
+        """Dropout between layers (training mode), with torch.nn's masks on the CPU
+        under the same seed: torch.nn drops out its layer output as it holds it, the
+        padded [T, B, D*H] tensor, or for a PackedSequence the packed data [sum of
+        lengths, D*H], so with lengths the mask is drawn over the steps inside each
+        row, in packed order (time-major over rows sorted longest first: boolean
+        indexing of a [T, B] mask, the rows here being sorted), and spread back; the
+        padding stays zero. ``lengths=`` draws it the same way, as packing would."""
+        if lengths is None:
+            return F.dropout(layer_input, self.dropout, training=True)
+        steps = layer_input.shape[0]
+        inside = (torch.arange(steps)[:, None] < lengths[None, :]).to(layer_input.device)
+        out = layer_input.new_zeros(layer_input.shape)
+        out[inside] = F.dropout(layer_input[inside], self.dropout, training=True)
+        return out
 
 
 class LSTM(_Recurrent):
@@ -336,12 +445,17 @@ class LSTM(_Recurrent):
     backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
     and CUDA tensors raise NotImplementedError.
 
-    dtypes: float32 and float64 on the CPU, float32 on CUDA. Dropout between layers
-    follows torch's semantics (training mode only, not after the last layer) but
-    draws its masks through ``torch.nn.functional.dropout``, not cuDNN's generator.
+    dtypes: float32 and float64 on the CPU, float32 on CUDA. Under CPU autocast the
+    outputs take torch.nn's dtype (bfloat16 for padded input, float32 for a
+    PackedSequence, as torch 2.13's autocast lists have it); the math stays float32.
+    Dropout between layers follows torch's semantics (training mode only, not after
+    the last layer) and draws its masks through ``torch.nn.functional.dropout``: on
+    the CPU torch.nn's masks under the same seed (padded and packed), not cuDNN's on a
+    GPU.
     """
 
     cell_name = "lstm"
+    _autocast_padded = True
 
     def __init__(
         self,
@@ -399,10 +513,11 @@ class LSTM(_Recurrent):
     def forward(self, input, hx=None, *, lengths=None):
         """``(output, (h_n, c_n))`` like ``torch.nn.LSTM.forward``; ``lengths`` ([B]
         integers, padded input only) stops each row at its own length."""
-        if self._decodes(input, hx, lengths):
-            output, (h_n, c_n) = self._single_step(input, hx)
-            return output, (h_n, c_n)
-        output, (h_n, c_n) = self._forward(input, hx, lengths)
+        target = self._autocast_dtype(input)
+        if target is not None:
+            output, (h_n, c_n) = self._autocast_forward(target, input, hx, lengths)
+        else:
+            output, (h_n, c_n) = self._run_forward(input, hx, lengths)
         return output, (h_n, c_n)
 
 
@@ -414,10 +529,11 @@ class _HiddenState(_Recurrent):
         """``(output, h_n)`` like ``torch.nn.GRU.forward`` / ``torch.nn.RNN.forward``;
         ``lengths`` ([B] integers, padded input only) stops each row at its own
         length."""
-        if self._decodes(input, hx, lengths):
-            output, (h_n,) = self._single_step(input, hx)
+        target = self._autocast_dtype(input)
+        if target is not None:
+            output, (h_n,) = self._autocast_forward(target, input, hx, lengths)
         else:
-            output, (h_n,) = self._forward(input, hx, lengths)
+            output, (h_n,) = self._run_forward(input, hx, lengths)
         return output, h_n
 
 
@@ -474,6 +590,8 @@ class RNN(_HiddenState):
     ``nonlinearity`` "tanh" or "relu": cells "rnn_tanh" and "rnn_relu"), as
     :class:`GRU` otherwise; ``nonlinearity`` is the fourth positional argument, as in
     torch."""
+
+    _autocast_padded = _autocast_packed = True  # torch: rnn_tanh, rnn_relu, both forms
 
     def __init__(
         self,

@@ -23,19 +23,23 @@ the op reads them. Rows sorted longest first run fastest (no permutation inside 
 op); the modules sort once per call.
 
 Backward keeps the forward's saved state where it can. ``<c>_layer_train`` (same
-arguments, no ``lengths``) runs the training forward and returns ``[y, *S_n,
-*saved]``: ``saved`` is the backend's state for backward as the fixed list of arrays
-its ``SavedArrays`` describes (rnnkernels/_backend.py), as tensors, which autograd
-keeps; ``<c>_layer_backward_saved`` rebuilds the backend's state from them and the
-forward's inputs and runs BPTT only. The autograd Function uses that pair when a
-gradient is wanted, the rows have no ``lengths`` and the backend describes its state.
+arguments) runs the training forward and returns ``[y, *S_n, *saved]``: ``saved`` is
+the backend's state for backward as the fixed list of arrays its ``SavedArrays``
+describes (rnnkernels/_backend.py), as tensors, which autograd keeps;
+``<c>_layer_backward_saved`` rebuilds the backend's state from them and the forward's
+inputs and runs BPTT only. With ``lengths`` the batch runs as segments of rows
+(modules._Plan); each array then holds every segment's part laid side by side at its
+own steps and rows, so its shape does not depend on the lengths (what torch.compile's
+fake tensors need) and backward rebuilds each segment's state from it
+(``_pack_segments``, ``_segment_tape``). The autograd Function uses that pair when a
+gradient is wanted and the backend describes its state.
 
-Otherwise (packed rows with lengths: the per-segment state is not yet packed into one
-list) the forward runs the inference kernels (``training=False``, nothing kept), only
-the inputs are saved, and ``<c>_layer_backward`` runs the training forward again,
-then BPTT: one extra (inference) forward per layer and direction (+50% for forward +
-backward at T=50, B=32, I=H=128 on the LSTM's cpu backend, measured before the saved
-path).
+Otherwise (a backend without ``SavedArrays``, or a graph compiled before the backend
+was first used eagerly: see ``_saves_arrays``) the forward runs the inference kernels
+(``training=False``, nothing kept), only the inputs are saved, and
+``<c>_layer_backward`` runs the training forward again, then BPTT: one extra
+(inference) forward per layer and direction (+50% for forward + backward at T=50,
+B=32, I=H=128 on the LSTM's cpu backend, measured before the saved path).
 
 ``<c>_layer_backward(dy, *dS_n, <the forward's inputs>) -> (dx, dw_ih, dw_hh, db_ih,
 db_hh, *dS0)``; ``db_ih`` and ``db_hh`` [G*H] are the gradients of the two biases
@@ -62,6 +66,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
 from .. import _arrays
 from .. import cells
@@ -242,27 +247,92 @@ def _layer_backward_fake(cell, dy, dstates_n, x, w_ih, w_hh, b_ih, b_hh, states0
     return _grads_fake(x, w_ih, w_hh, states0)
 
 
-def _layer_train(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
+def _layer_train(cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
     """``<c>_layer_train``: ``[y, *states_n, *saved]``, ``saved`` the backend's state
-    for backward as its ``SavedArrays`` list (time in the order the kernels ran:
-    reversed for ``reverse``)."""
+    for backward as its ``SavedArrays`` list, in the order the kernels saw the rows and
+    steps: rows sorted longest first (the plan's order), time reversed within each row's
+    length for ``reverse``. With ``lengths`` the plan's segments are laid side by side
+    in each array (:func:`_pack_segments`)."""
     _check_layer(cell, x, w_hh)
     steps, batch = x.shape[0], x.shape[1]
     impl = _impl(cell, backend, x.device)
+    layout = _saved_layout(impl, x, w_hh.shape[1])
     if steps == 0 or batch == 0:
         # Nothing runs (the API's own empty case); the saved arrays are never read.
         y = x.new_zeros((steps, batch, w_hh.shape[1]))
-        saved = [x.new_zeros(shape, dtype=dtype) for shape, dtype in _saved_layout(impl, x, w_hh.shape[1])]
+        saved = [x.new_zeros(shape, dtype=dtype) for shape, dtype in layout]
         return [y, *(s.clone() for s in states0), *saved]
-    plan = _Plan(None, steps, batch)
-    with _backend_arrays(x.device) as (_, to_array, to_tensor):
+    plan = _plan(lengths, steps, batch)
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
         xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a = map(to_array, (x, w_ih, w_hh, b_ih, b_hh))
+        states0_a = [to_array(s) for s in states0]
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, states0_a = xa[:, order], [s[order] for s in states0_a]
         y, states_n, tape = run_direction(
-            cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), [to_array(s) for s in states0], plan, reverse,
-            training=True, backend=backend,
+            cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), states0_a, plan, reverse, training=True, backend=backend,
         )
-        saved = impl.saved_arrays.to_arrays(_backend_saved(tape[0]))
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            y, states_n = y[:, restore], [s[restore] for s in states_n]
+        if plan.uniform:
+            saved = impl.saved_arrays.to_arrays(_backend_saved(tape[0]))
+        else:
+            numpy_layout = impl.saved_arrays.layout(steps, batch, x.shape[2], w_hh.shape[1], _NUMPY_DTYPES[x.dtype])
+            saved = _pack_segments(impl, plan, tape, numpy_layout, xp)
         return [to_tensor(y), *(to_tensor(s) for s in states_n), *(to_tensor(a) for a in saved)]
+
+
+def _pack_segments(impl, plan, tape, layout, xp):
+    """The saved arrays of a batch with per-row lengths, one array per entry of
+    ``layout`` ([T + k, B, ...]): segment (start, stop, rows) of the plan writes its own
+    array [stop - start + k, rows, ...] at [start : stop + k, :rows], so index k + t is
+    step t. Neighbouring segments overlap in k entries: the first k of segment s + 1
+    (the state it started from) fall on the last k of segment s (the state it ended
+    with). The segments are written last first, so the overlap holds segment s's
+    exact end state; :func:`_segment_tape` derives segment s + 1's start from it.
+    Entries that no segment writes (past a row's length) are zero."""
+    packed = [xp.zeros(shape, dtype) for shape, dtype in layout]
+    for (start, stop, rows), out in reversed(list(zip(plan.segments, tape))):
+        arrays = impl.saved_arrays.to_arrays(_backend_saved(out))
+        for target, array in zip(packed, arrays):
+            target[start : stop + target.shape[0] - plan.steps, :rows] = array
+    return packed
+
+
+def _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, saved, xp):
+    """The inverse of :func:`_pack_segments`: one output of the API's forward per
+    segment of ``plan``, as ``run_direction`` makes for its tape, with the backend's
+    saved state rebuilt from the packed ``saved`` arrays (``xa`` sorted and, for a
+    reverse direction, flipped as the kernels saw it), so that ``backward_direction``
+    runs on it exactly as on the forward's own tape.
+
+    A segment's first k entries of an array with k > 0 are the state it started from
+    (h, c). The forward carried that state between segments in the input dtype
+    (run_direction), while a backend may save it wider (the reference: float64): the
+    overlap holds the previous segment's exact end state, so the start state is that
+    rounded to the input dtype and widened again, the value the segment really saw."""
+    from .. import _api
+
+    steps, input_size, hidden = plan.steps, xa.shape[2], w_hh_a.shape[1]
+    kind = _arrays.array_kind(xa, "x")
+    tape = []
+    for index, (start, stop, rows) in enumerate(plan.segments):
+        x_seg = xp.ascontiguousarray(xa[start:stop, :rows])
+        parts = []
+        for array in saved:
+            k = array.shape[0] - steps
+            part = array[start : stop + k, :rows].copy()
+            if k and index:
+                part[:k] = part[:k].astype(xa.dtype).astype(part.dtype)
+            parts.append(part)
+        state = impl.saved_arrays.from_arrays(x_seg, w_ih_a, w_hh_a, has_bias, parts)
+        context = _api._Context(
+            impl, state, kind, np.dtype(xa.dtype), False, (stop - start, rows, input_size, hidden), has_bias,
+            (None, False), cell,  # placement: the caller is inside the tensors' CUDA scope already
+        )
+        tape.append(_api._make_output(cell, None, (None,) * len(cell.states), True, impl.name, context))
+    return tape
 
 
 def _backend_saved(out):
@@ -270,14 +340,14 @@ def _backend_saved(out):
     return out._ctx.saved
 
 
-def _layer_train_fake(cell, x, w_ih, w_hh, b_ih, b_hh, states0, reverse, backend):
+def _layer_train_fake(cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
     _check_layer(cell, x, w_hh)
     steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in _saved_layout(_impl(cell, backend, x.device), x, hidden)]
     return [x.new_empty((steps, batch, hidden)), *(x.new_empty((batch, hidden)) for _ in states0), *saved]
 
 
-def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
+def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, lengths, reverse, backend):
     """``<c>_layer_backward_saved``: the gradients of ``<c>_layer_train`` from its
     ``saved`` list; no forward runs. Returns what ``<c>_layer_backward`` returns."""
     _check_layer(cell, x, w_hh)
@@ -285,7 +355,9 @@ def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, r
     if steps == 0 or batch == 0:
         return _zero_grads(x, w_ih, w_hh, dstates_n, [x.new_empty(d.shape) for d in dstates_n])
     impl = _impl(cell, backend, x.device)
-    plan = _Plan(None, steps, batch)
+    plan = _plan(lengths, steps, batch)
+    if not plan.uniform:
+        return _layer_backward_segments(cell, impl, plan, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse)
     with _backend_arrays(x.device) as (xp, to_array, to_tensor):
         xa, w_ih_a, w_hh_a = map(to_array, (x, w_ih, w_hh))
         if reverse:
@@ -310,7 +382,33 @@ def _layer_backward_saved(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, r
         return tuple(cast(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
 
 
-def _layer_backward_saved_fake(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse, backend):
+def _layer_backward_segments(cell, impl, plan, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, reverse):
+    """:func:`_layer_backward_saved` for rows with lengths: the tape rebuilt from the
+    packed arrays (:func:`_segment_tape`), then the recompute path's own
+    ``backward_direction``, so the gradients are that path's without its forward."""
+    input_size = x.shape[2]
+    with _backend_arrays(x.device) as (xp, to_array, to_tensor):
+        xa, w_ih_a, w_hh_a, dy_a = map(to_array, (x, w_ih, w_hh, dy))
+        dy_a = dy_a.astype(xa.dtype, copy=False)
+        dstates_a = [to_array(d).astype(xa.dtype, copy=False) for d in dstates_n]
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, dy_a, dstates_a = xa[:, order], dy_a[:, order], [d[order] for d in dstates_a]
+        if reverse:
+            xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped rows
+        tape = _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, [to_array(t) for t in saved], xp)
+        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
+            cell, tape, plan, reverse, xp.ascontiguousarray(dy_a), dstates_a, input_size, has_bias
+        )
+        if not has_bias:
+            db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            dx, dstates0 = dx[:, restore], [d[restore] for d in dstates0]
+        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
+
+
+def _layer_backward_saved_fake(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, lengths, reverse, backend):
     _check_layer(cell, x, w_hh)
     batch, hidden = x.shape[1], w_hh.shape[1]
     return _grads_fake(x, w_ih, w_hh, [x.new_empty((batch, hidden)) for _ in dstates_n])
@@ -332,10 +430,10 @@ def _register(cell) -> SimpleNamespace:
     schemas = {
         "layer": f"({inputs}, {s0}, Tensor? lengths, bool reverse, str backend) -> ({', '.join(['Tensor'] * (1 + n))})",
         "backward": f"(Tensor dy, {ds}, {inputs}, {s0}, Tensor? lengths, bool reverse, str backend) -> {grads_out}",
-        "train": f"({inputs}, {s0}, bool reverse, str backend) -> Tensor[]",
+        "train": f"({inputs}, {s0}, Tensor? lengths, bool reverse, str backend) -> Tensor[]",
         "backward_saved": (
-            f"(Tensor dy, {ds}, Tensor x, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor[] saved, bool reverse, "
-            f"str backend) -> {grads_out}"
+            f"(Tensor dy, {ds}, Tensor x, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor[] saved, Tensor? lengths, "
+            f"bool reverse, str backend) -> {grads_out}"
         ),
     }
 
@@ -386,6 +484,10 @@ def _setup_context(ctx, cell_name, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, 
     ctx.cell_name, ctx.states, ctx.reverse, ctx.backend = cell_name, n, reverse, backend
     if saved:
         ctx.mark_non_differentiable(*saved)
+    # An output no gradient reaches comes to backward as None (_grads reads None as
+    # zero), not as a tensor of zeros autograd would allocate and fill: for the saved
+    # arrays (never differentiated) that is several times y's size per call.
+    ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, upstream):
@@ -399,15 +501,33 @@ def _grads(ctx, upstream):
     dy = x.new_zeros((steps, batch, hidden)) if upstream[0] is None else upstream[0]
     dstates_n = [s.new_zeros(s.shape) if d is None else d for d, s in zip(upstream[1:1 + n], states0)]
     if saved:
-        dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward_saved(
-            dy, *dstates_n, x, w_ih, w_hh, b_ih is not None, saved, ctx.reverse, ctx.backend
-        )
+        if _eager():
+            dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = _layer_backward_saved(
+                ops.cell, dy, tuple(dstates_n), x, w_ih, w_hh, b_ih is not None, saved, lengths, ctx.reverse, ctx.backend
+            )
+        else:
+            dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward_saved(
+                dy, *dstates_n, x, w_ih, w_hh, b_ih is not None, saved, lengths, ctx.reverse, ctx.backend
+            )
         dstates0 = [d.to(s.dtype) for d, s in zip(dstates0, states0)]
     else:
         dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0 = ops.backward(
             dy, *dstates_n, x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, ctx.reverse, ctx.backend
         )
     return dx, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, tuple(dstates0)
+
+
+def _eager() -> bool:
+    """Whether this runs eagerly: not traced by torch.compile, under no torch.func
+    transform. Then the autograd Function calls the ops' functions directly and is
+    applied without ``Function.apply``'s Python layer (:func:`cell_layer_autograd`):
+    each of those costs tens of microseconds per call (the dispatcher's Python
+    custom-op path; ``inspect.signature`` and ``bind`` of forward's arguments, which
+    have no defaults to fill), about 0.3 ms per layer and direction for forward and
+    backward together, where nothing traces or transforms the call. Traced or
+    transformed calls keep both: the compiler sees the ops behind their fakes, and
+    vmap needs their batching rules."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 class _CellLayerFunction(torch.autograd.Function):
@@ -434,8 +554,11 @@ class _CellLayerFunction(torch.autograd.Function):
         # (y, *states_n); setup_context keeps them for backward.
         ops = _OPS[cell_name]
         with torch.no_grad():
+            if _eager():  # the ops' own functions, without the dispatcher (see _eager)
+                function = _layer_train if save else _layer
+                return tuple(function(ops.cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend))
             if save:
-                return tuple(ops.train(x, w_ih, w_hh, b_ih, b_hh, *states0, reverse, backend))
+                return tuple(ops.train(x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, reverse, backend))
             return ops.layer(x, w_ih, w_hh, b_ih, b_hh, *states0, lengths, reverse, backend)
 
     @staticmethod
@@ -523,15 +646,24 @@ def cell_layer_autograd(cell_name, x, w_ih, w_hh, b_ih, b_hh, state0, lengths, r
     # A missing state is zero (the ops take tensors).
     state0 = tuple(x.new_zeros((x.shape[1], w_hh.shape[1])) if s is None else s for s in state0)
     # Keep the forward's state (no recompute in backward) when a gradient can be asked
-    # for, the rows have no lengths, and the backend describes its state as arrays.
+    # for and the backend describes its state as arrays.
     save = (
-        lengths is None
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, *state0))
         and _saves_arrays(_OPS[cell_name].cell, backend, x.device)
     )
-    out = _CellLayerFunction.apply(cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *state0)
+    args = (cell_name, lengths, reverse, backend, save, x, w_ih, w_hh, b_ih, b_hh, *state0)
+    if _eager():
+        # What Function.apply does here, less binding default arguments (there are none):
+        # dead torch.func wrappers unwrapped, then the C++ apply, which calls
+        # setup_context itself.
+        out = _APPLY(*_unwrap_dead_wrappers(args))
+    else:
+        out = _CellLayerFunction.apply(*args)
     return tuple(out[: 1 + len(state0)])
+
+
+_APPLY = super(torch.autograd.Function, _CellLayerFunction).apply  # torch._C._FunctionBase.apply
 
 
 def lstm_layer_autograd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse: bool, backend: str):
