@@ -549,7 +549,7 @@ class _Recurrent:
         missing = [name for name in shapes if name not in state_dict]
         unexpected = [name for name in state_dict if name not in shapes]
         if strict and (missing or unexpected):
-            raise KeyError(
+            raise ValueError(
                 f"state_dict does not fit this {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}"
             )
         new = {}

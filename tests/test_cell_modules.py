@@ -422,3 +422,31 @@ def test_numpy_modules_match_torch_nn_with_lengths(cell):
         ours(x, h0[:1])
 
 
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_dtype_mismatches_are_value_errors_naming_what(cls):
+    """A float64 input to a float32 module: torch.nn's ValueError and message; a state of
+    another dtype: a ValueError naming hx, on the general path and the decode step."""
+    import rnnkernels.torch as rt
+
+    ours, theirs = getattr(rt, cls)(3, 4), getattr(torch.nn, cls)(3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError) as want:
+        theirs(x)
+    with pytest.raises(ValueError) as got:
+        ours(x)
+    assert str(got.value) == str(want.value)
+    state = torch.zeros(1, 2, 4, dtype=torch.float64)
+    hx = (state, torch.zeros(1, 2, 4)) if cls == "LSTM" else state
+    for steps in (5, 1):  # T = 1 under no_grad takes the decode step
+        with torch.no_grad(), pytest.raises(ValueError, match=r"hx(\[0\])? must have the weights' dtype torch.float32"):
+            ours(torch.randn(steps, 2, 3), hx)
+
+
+@pytest.mark.parametrize("cls", ["GRU", "RNN"])
+def test_numpy_module_state_dict_mismatch_is_a_value_error(cls):
+    module = getattr(rnnkernels, cls)(3, 4)
+    state = {k: v for k, v in getattr(torch.nn, cls)(3, 4).state_dict().items() if "bias_hh" not in k}
+    with pytest.raises(ValueError, match=r"missing keys \['bias_hh_l0'\]"):
+        module.load_state_dict(state)

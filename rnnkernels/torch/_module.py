@@ -288,8 +288,8 @@ class _Recurrent(nn.Module):
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}")
         dtype = self.weight_ih_l0.dtype
-        if any(t.dtype != dtype for t in (input, *states0)) or dtype not in (torch.float32, torch.float64):
-            raise RuntimeError(f"input and hx must have the type {dtype}, got {', '.join(str(t.dtype) for t in (input, *states0))}")
+        self._check_input_dtype(input.dtype)
+        self._check_state_dtypes(states0)
 
         layer_input = input.reshape(batch, self.input_size)  # one step: [B, I] either way
         states_n = [torch.empty(expected, dtype=dtype) for _ in states0]
@@ -360,8 +360,7 @@ class _Recurrent(nn.Module):
             )
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
-        if x.dtype != self.weight_ih_l0.dtype:
-            raise RuntimeError(f"input must have the type {self.weight_ih_l0.dtype}, got type {x.dtype}")
+        self._check_input_dtype(x.dtype)
 
         self._check_lengths(lengths)
         widths = self._state_widths()
@@ -372,6 +371,7 @@ class _Recurrent(nn.Module):
             if not packed:
                 self._check_state_dims(states0, batched=not unbatched)
             self._check_state_devices(states0, x.device)
+            self._check_state_dtypes(states0)
             for i, (value, width) in enumerate(zip(states0, widths)):
                 expected = (state_rows, width) if unbatched else (state_rows, batch, width)
                 if tuple(value.shape) != expected:
@@ -410,6 +410,25 @@ class _Recurrent(nn.Module):
 
     def _check_lengths(self, lengths):
         pass
+
+    def _check_input_dtype(self, dtype):
+        """torch.nn's check and message (a ValueError, as torch.nn.RNNBase raises)."""
+        weight = self.weight_ih_l0.dtype
+        if dtype != weight:
+            raise ValueError(
+                f"RNN input dtype ({dtype}) does not match weight dtype ({weight}). Convert input: "
+                f"input.to({weight}), or convert model: model.to({dtype})"
+            )
+
+    def _check_state_dtypes(self, states0):
+        """The states must have the weights' dtype. torch.nn has no check of its own (its
+        matrix product fails with "mat1 and mat2 must have the same dtype"); this names
+        hx, on the general path and the decode step alike."""
+        weight = self.weight_ih_l0.dtype
+        for i, value in enumerate(states0):
+            if value.dtype != weight:
+                which = "hx" if len(states0) == 1 else f"hx[{i}]"
+                raise ValueError(f"{which} must have the weights' dtype {weight}, got {value.dtype}")
 
     def _dropout(self, layer_input, lengths):
         """Dropout between layers (training mode), with torch.nn's masks on the CPU
