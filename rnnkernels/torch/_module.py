@@ -460,9 +460,10 @@ class LSTM(_Recurrent):
     the same result as packing it, without the packing).
 
     ``proj_size > 0`` (h_t = W_hr (o ⊙ tanh c_t), parameters ``weight_hr_l*``) runs
-    on CPU tensors only, on NumPy (the ``reference`` math, in the input dtype for
-    backend "auto"/"cpu"), without per-row lengths and outside vmap; other backends
-    and CUDA tensors raise NotImplementedError.
+    on every backend: on CPU tensors the ``reference`` math (in the input dtype for
+    backend "auto"/"cpu") or the emulated kernels, on CUDA tensors our kernels (cuBLAS
+    per step and a fused cell kernel: ``rnnkernels/_projected.py``); not with per-row
+    lengths (NotImplementedError) nor inside vmap.
 
     dtypes: float32 and float64 on the CPU, float32 on CUDA. Under CPU autocast the
     outputs take torch.nn's dtype (bfloat16 for padded input, float32 for a
