@@ -1,7 +1,9 @@
 """The launch plan of the CUDA kernels (LSTM, GRU, Elman RNN), written once for two runtimes.
 
-``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
-kernels of ``csrc/`` through a small *runtime* object with these members:
+``cell_forward`` and ``cell_backward`` below, one launch plan for every cell (the LSTM's
+``forward`` and ``backward`` are they with the LSTM's :class:`CellKernels`), allocate the
+workspaces, choose tiles and launch the kernels of ``csrc/`` through a small *runtime*
+object with these members:
 
 * ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
 * ``sm_count``: streaming multiprocessors, for the tile heuristic;
@@ -28,7 +30,12 @@ all T steps with W_hh's slices in shared memory (``rnnkernels/_persistent.py``);
 replayed; "step": the same kernels launched one by one from Python. ``variant=None``
 takes persistent or graph, whichever the cost model predicts faster among those that
 fit the device (:func:`_default_variant`). Every forward variant saves the same arrays
-(:class:`Saved`), so any forward pairs with any backward.
+(:class:`CellSaved`), so any forward pairs with any backward.
+
+What differs between cells is in each cell's :class:`CellKernels`: its kernels' names
+and flags, its step norms' count, and its :class:`Recurrence`: the states it carries
+(the LSTM: h and c) and the arrays its kernels take and give; the plan itself has no
+per-cell branch.
 
 Which matrix product, and why. The input projection (x·W_ihᵀ + b over all T·B rows)
 and the weight/input gradients after the backward loop (dx, dW_ih, dW_hh, dh0) are large
@@ -779,7 +786,7 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 
 
 # ---------------------------------------------------------------------- launch plan
-# How the recurrence runs. Every forward variant saves the same arrays (Saved), so any
+# How the recurrence runs. Every forward variant saves the same arrays (CellSaved), so any
 # forward pairs with any backward variant.
 #   "step": one launch of the step kernel per time step, from Python.
 #   "graph": the same T launches captured once per call shape (a CUDA graph; the
