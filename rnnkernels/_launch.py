@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -400,7 +400,8 @@ class CellKernels:
     flags: str = ""  # template arguments after Storage: rnn's Relu
     training_flag: bool = True  # whether the forward has a Training template flag
     state_gradients: int = 1  # quantities of its step norms: ‖dh_t‖ (and the LSTM's ‖dc_t‖)
-    recurrence: Recurrence = Recurrence()  # what its kernels take and give (the Elman cell's by default)
+    # What its kernels take and give; the base Recurrence is the Elman cell's.
+    recurrence: Recurrence = field(default_factory=Recurrence)
 
     def forward_name(self, tile: StepTile, training: bool, dtype: str = "float32") -> str:
         head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))

@@ -499,7 +499,7 @@ def test_state_count_follows_the_cell(rt):
     args = (f32["x"], f32["w_ih"], f32["w_hh"], None)
     with pytest.raises(TypeError, match=r"gru forward .*\('h',\)"):
         _launch.cell_forward(rt, _launch.GRU_KERNELS, *args, f32["h0"], f32["h0"], True)
-    lstm = dict(x=f32["x"], w_ih=np.zeros((20, 3), np.float32), w_hh=np.zeros((20, 5), np.float32))
+    lstm = {"x": f32["x"], "w_ih": np.zeros((20, 3), np.float32), "w_hh": np.zeros((20, 5), np.float32)}
     with pytest.raises(TypeError, match=r"lstm forward .*\('h', 'c'\)"):
         _launch.cell_forward(rt, _launch.LSTM_KERNELS, lstm["x"], lstm["w_ih"], lstm["w_hh"], None, f32["h0"], True)
     *_, saved = _launch.cell_forward(rt, _launch.LSTM_KERNELS, lstm["x"], lstm["w_ih"], lstm["w_hh"], None,
@@ -522,7 +522,7 @@ def test_lstm_backend_saved_arrays_round_trip():
     bias = rng.standard_normal(4 * hidden).astype(np.float32)
     h0, c0, dh_n, dc_n = (rng.standard_normal((batch, hidden)).astype(np.float32) for _ in range(4))
     dy = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
-    y, h_n, c_n, saved = backend.forward(x, w_ih, w_hh, bias, h0, c0, True)
+    *_, saved = backend.forward(x, w_ih, w_hh, bias, h0, c0, True)
     grads = backend.backward(saved, dy, dh_n, dc_n, return_step_norms=True)
     assert len(grads) == 8  # dx, dw_ih, dw_hh, db, dh0, dc0, dh_norms, dc_norms
     layout = backend.saved_arrays.layout(steps, batch, inputs, hidden, np.dtype(np.float16))
