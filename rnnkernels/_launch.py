@@ -439,8 +439,8 @@ RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound). One
 # set per dtype of STORAGE_TYPES, float32 first; each cell's rows from its CellKernels
-# (the other cells' after the persistent block below). The large products are not
-# here: they run on cuBLAS (rnnkernels/_gemm.py).
+# and its PersistentCell (the loop below; the LSTM's step rows first, where they have
+# always been). The large products are not here: they run on cuBLAS (rnnkernels/_gemm.py).
 KERNELS: dict[str, dict[str, int]] = {
     **LSTM_KERNELS.instances(),
     GRAD_NORM_SOURCE: {
@@ -479,25 +479,14 @@ KERNELS[BACKWARD_SOURCE][PROJECTED_CELL.backward_name()] = PROJECTED_CELL.thread
 # ---- end of the proj_size block
 
 
-# ---- persistent variant (rnnkernels/_persistent.py): its instances, a separate block.
-for _dtype in STORAGE_TYPES:
-    KERNELS[FORWARD_SOURCE].update(
-        dict.fromkeys(_persistent.TILE.forward_names(_storage(_dtype)), _persistent.TILE.threads)
-    )
-    KERNELS[BACKWARD_SOURCE].update(
-        dict.fromkeys(_persistent.TILE.backward_names(_storage(_dtype)), _persistent.TILE.threads)
-    )
-# ---- end of the persistent block
-
-
 # The cells with the one state h (the LSTM's second state is its own backend contract).
 CELL_KERNELS = {k.cell: k for k in (GRU_KERNELS, RNN_TANH_KERNELS, RNN_RELU_KERNELS)}
 # Every cell of the one launch plan, by name (the persistent plan looks its sources up here).
 ALL_CELL_KERNELS = {LSTM_KERNELS.cell: LSTM_KERNELS, **CELL_KERNELS}
-for _cell in CELL_KERNELS.values():
-    for _source, _names in _cell.instances().items():
+for _cell in ALL_CELL_KERNELS.values():
+    for _source, _names in _cell.instances().items():  # the LSTM's: already first in the table
         KERNELS.setdefault(_source, {}).update(_names)
-    # Their persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
+    # Its persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
     for _dtype in STORAGE_TYPES:
         _forward, _backward = _persistent.CELLS[_cell.cell].names(_persistent.TILE, _storage(_dtype))
         KERNELS[_cell.forward_source].update(dict.fromkeys(_forward, _persistent.TILE.threads))
