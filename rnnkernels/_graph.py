@@ -15,13 +15,14 @@ forward or backward instead of T launches from Python:
 
 What a graph may point at. A graph bakes in every kernel argument, pointers included,
 so it must only ever see arrays whose addresses do not change from call to call. The
-launcher (``_launch._forward_graph`` / ``_backward_graph``) therefore keeps one
-*workspace* per cached graph (the arrays the step kernels read and write), fills it
-before each replay (the input projection writes gx straight into it; W_hh, h0, c0, and
-for backward the saved gates, c_all and the upstream gradients are copied in) and
-copies out what the caller keeps (y, h_n, c_n, and for training the saved gates, h_all,
-c_all). Nothing returned to a caller, and nothing a ``Saved`` holds, is ever a view of a
-workspace, so a later call, which overwrites the workspace, cannot change it.
+launcher (``_launch.run_steps``, for every cell) therefore keeps one *workspace* per
+cached graph (one array per distinct array argument of the step kernel), copies the
+caller's arrays into it before each replay (gx, W_hh, h_all and the LSTM's c_all with
+their initial states, the saved arrays and the upstream gradients for backward) and
+copies the arrays the steps write back out (h_all, c_all, the saved gates; dz and the
+carries backward). Nothing returned to a caller, and nothing a ``CellSaved`` holds, is
+ever a view of a workspace, so a later call, which overwrites the workspace, cannot
+change it.
 (Alternatives considered: capturing per call buys nothing; kernels reading their
 pointers from a device-side argument block would avoid the copies but change every
 step kernel's signature, and the copies are one pass over arrays that the T steps

@@ -1,7 +1,9 @@
 """The launch plan of the CUDA kernels (LSTM, GRU, Elman RNN), written once for two runtimes.
 
-``forward`` and ``backward`` below allocate the workspaces, choose tiles and launch the
-kernels of ``csrc/`` through a small *runtime* object with these members:
+``cell_forward`` and ``cell_backward`` below, one launch plan for every cell (the LSTM's
+``forward`` and ``backward`` are they with the LSTM's :class:`CellKernels`), allocate the
+workspaces, choose tiles and launch the kernels of ``csrc/`` through a small *runtime*
+object with these members:
 
 * ``xp``: the array module (CuPy on a GPU, NumPy for the emulator);
 * ``sm_count``: streaming multiprocessors, for the tile heuristic;
@@ -28,7 +30,12 @@ all T steps with W_hh's slices in shared memory (``rnnkernels/_persistent.py``);
 replayed; "step": the same kernels launched one by one from Python. ``variant=None``
 takes persistent or graph, whichever the cost model predicts faster among those that
 fit the device (:func:`_default_variant`). Every forward variant saves the same arrays
-(:class:`Saved`), so any forward pairs with any backward.
+(:class:`CellSaved`), so any forward pairs with any backward.
+
+What differs between cells is in each cell's :class:`CellKernels`: its kernels' names
+and flags, its step norms' count, and its :class:`Recurrence`: the states it carries
+(the LSTM: h and c) and the arrays its kernels take and give; the plan itself has no
+per-cell branch.
 
 Which matrix product, and why. The input projection (x·W_ihᵀ + b over all T·B rows)
 and the weight/input gradients after the backward loop (dx, dW_ih, dW_hh, dh0) are large
@@ -58,7 +65,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -228,14 +235,162 @@ class GradNorm:
 
 GRAD_NORM = GradNorm()
 
+# ------------------------------------------------------------ each cell's arrays
+class Recurrence:
+    """What one cell's kernels take and give around the one launch plan
+    (:func:`cell_forward` / :func:`cell_backward`): the states it carries (the API's
+    contract: rnnkernels/cells.py, _backend.py), the array arguments of its kernels in
+    each direction (per-step and persistent signatures, csrc/<cell>_forward.cu and
+    _backward.cu), what a training forward saves, and how the backward assembles the
+    initial states' and the bias's gradients after the loop. Everything else (input
+    projection, h_all, tiles, variants, graphs, persistent plans, step norms, the
+    products over all steps) is the plan's, the same for every cell.
+
+    This base is the Elman cell's: the one state h, nothing saved beyond h_all, one
+    gradient dz (= da) for both the input and the hidden side, a bias of H."""
+
+    states: tuple[str, ...] = ("h",)
+
+    def saved_layout(self, steps: int, batch: int, hidden: int) -> list[tuple[str, tuple]]:
+        """(name, shape) of each float32 array a training forward saves, in the order of
+        the backend's ``saved_arrays`` (what rnnkernels/torch/_ops.py carries)."""
+        return [("h_all", (steps + 1, batch, hidden))]
+
+    def forward_arrays(self, rt, gx, w_hh, bias, h_all, states0: tuple, training: bool, persistent: bool):
+        """``(arrays, outputs, saved, finals)``: the kernel's array arguments (the
+        persistent or the per-step signature), the indices of those the steps write
+        (the graph variant copies them back out of its workspace, :func:`run_steps`),
+        the float32 arrays a training forward saves by name (h_all among them), and a
+        function giving the states after h at the last step (float32) once the
+        launch is done. ``states0``: the initial states after h0, in the input dtype;
+        ``h_all[0]`` already holds h0."""
+        return [gx, w_hh, h_all], (2,), {"h_all": h_all}, lambda: ()
+
+    def backward_arrays(self, rt, saved, dy, dstates_n: tuple, dz, step_squares, persistent: bool):
+        """``(arrays, outputs, dgi, carry)``: as :meth:`forward_arrays`; ``dz``: the
+        gradient of the hidden side's pre-activations (W_hh h), which the plan takes
+        dW_hh and dh0 from; ``dgi``: that of gx, for dx and dW_ih; ``carry``: what
+        :meth:`initial_gradients` needs of the loop."""
+        (dh_n,) = dstates_n
+        return [saved.w_hh, saved.arrays["h_all"], dy, dh_n, dz, step_squares], (4, 5), dz, None
+
+    def initial_gradients(self, rt, dz0, w_hh, dtype, carry) -> tuple:
+        """``(dh0, *the other initial states' gradients)`` in ``dtype`` from dz_0 [B, gates·H]."""
+        return (_product(rt, dz0, w_hh, dtype),)
+
+    def bias_gradient(self, rt, source: str, flat_dz, flat_dgi, dtype: str, hidden: int):
+        """db in the layout of the API's folded bias, in ``dtype``."""
+        return _column_sum(rt, source, flat_dz, dtype)
+
+
+class LstmRecurrence(Recurrence):
+    """The LSTM: states h and c. A training forward saves the activated gates [T, B, 4H]
+    and every c_t (c_all [T+1, B, H]) besides h_all; inference keeps two rows of c and
+    alternates between them (the per-step kernel reads c_{t-1} from row t % 2 and writes
+    row (t+1) % 2), or the persistent kernel's on-chip c and its final c_out. Backward:
+    dz is the gradient of all four gates (input and hidden side alike); the dc carry
+    enters as dc_n and leaves as dc0."""
+
+    states = ("h", "c")
+
+    def saved_layout(self, steps, batch, hidden):
+        return [("gates", (steps, batch, 4 * hidden)), ("h_all", (steps + 1, batch, hidden)),
+                ("c_all", (steps + 1, batch, hidden))]
+
+    def forward_arrays(self, rt, gx, w_hh, bias, h_all, states0, training, persistent):
+        xp = rt.xp
+        (c0,) = states0
+        steps, batch, gate_width = gx.shape
+        hidden = h_all.shape[2]
+        # Inference saves no gates; the kernels never touch the pointer, pass a valid one.
+        gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
+        # Training: every c_t; per-step inference: two rows; persistent inference: c0 only.
+        rows = steps + 1 if training else 1 if persistent else 2
+        c_all = xp.empty((rows, batch, hidden), dtype=np.float32)
+        c_all[0] = c0  # widened exactly
+        saved = {"gates": gates, "h_all": h_all, "c_all": c_all} if training else {}
+        if persistent:
+            # The persistent kernel keeps c on chip: it reads c_start and writes every
+            # c_t to c_out (training: c_all itself) or only the last (inference).
+            if training:
+                c_start, c_out = c_all[0], c_all
+            else:
+                c_start, c_out = c_all[0], xp.empty((batch, hidden), dtype=np.float32)
+            return ([gx, w_hh, c_start, h_all, c_out, gates], (), saved,
+                    lambda: (c_out[steps] if training else c_out,))
+        return ([gx, w_hh, h_all, c_all, gates], (2, 3, 4), saved,
+                lambda: (c_all[steps if training else steps % 2],))
+
+    def backward_arrays(self, rt, saved, dy, dstates_n, dz, step_squares, persistent):
+        dh_n, dc_n = dstates_n
+        carry = dc_n.astype(np.float32)  # a float32 copy, read and overwritten every step
+        head = [saved.w_hh, saved.arrays["gates"], saved.arrays["c_all"], dy, dh_n]
+        if persistent:
+            # The persistent kernel keeps the dc carry on chip: dc_n in, dc0 out.
+            carry_in, carry = carry, rt.xp.empty(carry.shape, dtype=np.float32)
+            return head + [carry_in, carry, dz, step_squares], (), dz, carry
+        return head + [carry, dz, step_squares], (5, 6, 7), dz, carry
+
+    def initial_gradients(self, rt, dz0, w_hh, dtype, carry):
+        return _product(rt, dz0, w_hh, dtype), carry.astype(dtype, copy=False)  # float32: the carry itself
+
+
+class GruRecurrence(Recurrence):
+    """The GRU (gates r, z, n): state h. gx holds x·W_ihᵀ and the folded bias's first
+    3H (b_hn, inside r ⊙ (W_hn h + b_hn), is the kernels' own argument: see
+    gru_forward.cu). A training forward saves the activated gates [T, B, 3H] and
+    hn = W_hn h_{t-1} + b_hn [T, B, H] besides h_all. Backward: dgi (of gx) and dgh
+    (of W_hh h + b) differ on n; the dh·z carry enters as dh_n and adds to dh0."""
+
+    def saved_layout(self, steps, batch, hidden):
+        return [("gates", (steps, batch, 3 * hidden)), ("hn", (steps, batch, hidden)),
+                ("h_all", (steps + 1, batch, hidden))]
+
+    def forward_arrays(self, rt, gx, w_hh, bias, h_all, states0, training, persistent):
+        xp = rt.xp
+        steps, batch, gate_width = gx.shape
+        hidden = h_all.shape[2]
+        b_hn = xp.zeros((hidden,), dtype=np.float32) if bias is None else bias[gate_width:].astype(np.float32)
+        saved = {"h_all": h_all}
+        if training:
+            saved["gates"] = xp.empty((steps, batch, gate_width), dtype=np.float32)
+            saved["hn"] = xp.empty((steps, batch, hidden), dtype=np.float32)
+        # Inference saves nothing; the kernel never touches those pointers, pass valid ones.
+        return ([gx, w_hh, b_hn, h_all, saved.get("gates", gx), saved.get("hn", gx)], (3, 4, 5), saved,
+                lambda: ())
+
+    def backward_arrays(self, rt, saved, dy, dstates_n, dz, step_squares, persistent):
+        (dh_n,) = dstates_n
+        dgi = rt.xp.empty(dz.shape, dtype=np.float32)
+        carry = dh_n.astype(np.float32)  # a float32 copy, read and overwritten every step
+        head = [saved.w_hh, saved.arrays["gates"], saved.arrays["hn"], saved.arrays["h_all"], dy]
+        if persistent:
+            # The persistent kernel keeps the carry on chip: dh_n in, the final carry out.
+            carry_in, carry = carry, rt.xp.empty(carry.shape, dtype=np.float32)
+            return head + [carry_in, carry, dgi, dz, step_squares], (), dgi, carry
+        return head + [carry, dgi, dz, step_squares], (5, 6, 7, 8), dgi, carry
+
+    def initial_gradients(self, rt, dz0, w_hh, dtype, carry):
+        # dh0 = dh_0·z_0 (the carry) + dgh_0·W_hh, added in float32, rounded once.
+        dh0 = _product(rt, dz0, w_hh, np.float32)
+        dh0 += carry
+        return (dh0.astype(dtype, copy=False),)
+
+    def bias_gradient(self, rt, source, flat_dz, flat_dgi, dtype, hidden):
+        # Folded [4H] = [Σ dgh^r, Σ dgh^z, Σ dgi^n, Σ dgh^n] (dgi = dgh on r and z),
+        # float32 column sums rounded once.
+        sum_gh = _column_sum(rt, source, flat_dz, "float32")
+        sum_gi = _column_sum(rt, source, flat_dgi, "float32")
+        return rt.xp.concatenate([sum_gh[:2 * hidden], sum_gi[2 * hidden:], sum_gh[2 * hidden:]]).astype(dtype)
+
 # ------------------------------------------------------------ each cell's kernels
 @dataclass(frozen=True)
 class CellKernels:
     """What the launch plan must know of a cell's per-step kernels: its gate row blocks,
     its two csrc/ files (one per direction), the name of its step kernels and the
-    template flags that pick the cell variant, and how many state gradients its step
-    norms have (the LSTM: dh and dc). The tile loop and its launch shape are step.cuh's,
-    the same for every cell."""
+    template flags that pick the cell variant, how many state gradients its step norms
+    have (the LSTM: dh and dc), and its :class:`Recurrence` (its states and its kernels'
+    arrays). The tile loop and its launch shape are step.cuh's, the same for every cell."""
 
     cell: str  # the cell's name in rnnkernels/cells.py
     gates: int  # row blocks of w_ih / w_hh
@@ -245,6 +400,8 @@ class CellKernels:
     flags: str = ""  # template arguments after Storage: rnn's Relu
     training_flag: bool = True  # whether the forward has a Training template flag
     state_gradients: int = 1  # quantities of its step norms: ‖dh_t‖ (and the LSTM's ‖dc_t‖)
+    # What its kernels take and give; the base Recurrence is the Elman cell's.
+    recurrence: Recurrence = field(default_factory=Recurrence)
 
     def forward_name(self, tile: StepTile, training: bool, dtype: str = "float32") -> str:
         head = ", ".join(filter(None, (_storage(dtype), self.flags, tile._parameters())))
@@ -269,11 +426,12 @@ class CellKernels:
         return {self.forward_source: forward, self.backward_source: backward}
 
 
-LSTM_KERNELS = CellKernels("lstm", GATES, FORWARD_SOURCE, BACKWARD_SOURCE, "lstm", state_gradients=2)
+LSTM_KERNELS = CellKernels("lstm", GATES, FORWARD_SOURCE, BACKWARD_SOURCE, "lstm", state_gradients=2,
+                           recurrence=LstmRecurrence())
 # The GRU (gates r, z, n) and the Elman RNN, whose nonlinearity is a compile-time flag
 # (two cells, as cuDNN's RNN_TANH / RNN_RELU modes). The Elman forward saves nothing
 # but h_all, so it has no Training flag: inference runs the training instance.
-GRU_KERNELS = CellKernels("gru", 3, "gru_forward.cu", "gru_backward.cu", "gru")
+GRU_KERNELS = CellKernels("gru", 3, "gru_forward.cu", "gru_backward.cu", "gru", recurrence=GruRecurrence())
 RNN_TANH_KERNELS = CellKernels("rnn_tanh", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="false",
                                training_flag=False)
 RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu", "rnn", flags="true",
@@ -281,8 +439,8 @@ RNN_RELU_KERNELS = CellKernels("rnn_relu", 1, "rnn_forward.cu", "rnn_backward.cu
 # THE kernel table: every instance a launcher here can pick, per source file, with its
 # threads per block (the NVRTC check holds registers against that launch bound). One
 # set per dtype of STORAGE_TYPES, float32 first; each cell's rows from its CellKernels
-# (the other cells' after the persistent block below). The large products are not
-# here: they run on cuBLAS (rnnkernels/_gemm.py).
+# and its PersistentCell (the loop below; the LSTM's step rows first, where they have
+# always been). The large products are not here: they run on cuBLAS (rnnkernels/_gemm.py).
 KERNELS: dict[str, dict[str, int]] = {
     **LSTM_KERNELS.instances(),
     GRAD_NORM_SOURCE: {
@@ -321,22 +479,14 @@ KERNELS[BACKWARD_SOURCE][PROJECTED_CELL.backward_name()] = PROJECTED_CELL.thread
 # ---- end of the proj_size block
 
 
-# ---- persistent variant (rnnkernels/_persistent.py): its instances, a separate block.
-for _dtype in STORAGE_TYPES:
-    KERNELS[FORWARD_SOURCE].update(
-        dict.fromkeys(_persistent.TILE.forward_names(_storage(_dtype)), _persistent.TILE.threads)
-    )
-    KERNELS[BACKWARD_SOURCE].update(
-        dict.fromkeys(_persistent.TILE.backward_names(_storage(_dtype)), _persistent.TILE.threads)
-    )
-# ---- end of the persistent block
-
-
+# The cells with the one state h (the LSTM's second state is its own backend contract).
 CELL_KERNELS = {k.cell: k for k in (GRU_KERNELS, RNN_TANH_KERNELS, RNN_RELU_KERNELS)}
-for _cell in CELL_KERNELS.values():
-    for _source, _names in _cell.instances().items():
+# Every cell of the one launch plan, by name (the persistent plan looks its sources up here).
+ALL_CELL_KERNELS = {LSTM_KERNELS.cell: LSTM_KERNELS, **CELL_KERNELS}
+for _cell in ALL_CELL_KERNELS.values():
+    for _source, _names in _cell.instances().items():  # the LSTM's: already first in the table
         KERNELS.setdefault(_source, {}).update(_names)
-    # Their persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
+    # Its persistent instances (rnnkernels/_persistent.py), one tile, per dtype.
     for _dtype in STORAGE_TYPES:
         _forward, _backward = _persistent.CELLS[_cell.cell].names(_persistent.TILE, _storage(_dtype))
         KERNELS[_cell.forward_source].update(dict.fromkeys(_forward, _persistent.TILE.threads))
@@ -626,7 +776,7 @@ def _emulator_module(source: str, digest: str, sanitize: bool):
 
 
 # ---------------------------------------------------------------------- launch plan
-# How the recurrence runs. Every forward variant saves the same arrays (Saved), so any
+# How the recurrence runs. Every forward variant saves the same arrays (CellSaved), so any
 # forward pairs with any backward variant.
 #   "step": one launch of the step kernel per time step, from Python.
 #   "graph": the same T launches captured once per call shape (a CUDA graph; the
@@ -662,41 +812,6 @@ def _default_variant(rt, batch: int, hidden: int, dtype: str, step_tile: StepTil
 
     problem = cost_model.Problem(batch, hidden, dtype=dtype, cell=cell)
     return cost_model.best_variant(("persistent", "graph"), direction, problem, cost_model.for_runtime(rt))[0]
-
-
-@dataclass
-class Saved:
-    """What :func:`forward` keeps for :func:`backward` (opaque to the API)."""
-
-    x: Any  # [T, B, I], input dtype (float32 or float16), like w_ih and w_hh
-    w_ih: Any  # [4H, I]
-    w_hh: Any  # [4H, H]
-    has_bias: bool
-    gates: Any  # [T, B, 4H] activated i, f, g, o; float32, like h_all and c_all
-    h_all: Any  # [T+1, B, H], h_all[0] = h0
-    c_all: Any  # [T+1, B, H], c_all[0] = c0
-    # None (a Saved rebuilt from arrays): backward chooses it as forward did.
-    step_tile: StepTile | None = None
-
-
-def _saved_layout(steps, batch, input_size, hidden, dtype):
-    return [((steps, batch, GATES * hidden), np.dtype(np.float32))] + [((steps + 1, batch, hidden), np.dtype(np.float32))] * 2
-
-
-def _saved_from_arrays(x, w_ih, w_hh, has_bias, arrays):
-    from . import _arrays
-
-    xp = np if isinstance(x, np.ndarray) else _arrays.import_cupy()
-    gates, h_all, c_all = (xp.ascontiguousarray(a, dtype=np.float32) for a in arrays)
-    return Saved(*(xp.ascontiguousarray(a) for a in (x, w_ih, w_hh)), has_bias, gates, h_all, c_all)
-
-
-def saved_arrays():
-    """:class:`Saved` as arrays (rnnkernels/_backend.py's ``SavedArrays``): gates
-    [T, B, 4H], h_all and c_all [T+1, B, H], float32 for every input dtype."""
-    from ._backend import SavedArrays
-
-    return SavedArrays(_saved_layout, lambda saved: [saved.gates, saved.h_all, saved.c_all], _saved_from_arrays)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -752,237 +867,6 @@ def _product(rt, a, b, out_dtype, *, transpose_a=False, transpose_b=False):
     return c if out_dtype == np.float32 else c.astype(out_dtype)
 
 
-def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | None = None,
-            step_tile: StepTile | None = None):
-    """The backend contract's forward (see rnnkernels/_backend.py) on runtime ``rt``.
-    All inputs share one dtype of :data:`STORAGE_TYPES`; y, h_n, c_n come back in it.
-    ``variant``: one of :data:`VARIANTS`, None for the default."""
-    variant = _check_variant(variant)
-    xp = rt.xp
-    dtype = x.dtype.name
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    _check_sizes(steps, batch, input_size, hidden)
-    if variant is None:
-        variant = _default_variant(rt, batch, hidden, dtype, step_tile,
-                                   "forward_training" if training else "forward_inference")
-    if variant == "persistent":
-        return _persistent.forward(rt, x, w_ih, w_hh, bias, h0, c0, training)
-    gate_width = GATES * hidden
-    tile = step_tile or choose_step_tile(batch, hidden, rt.sm_count)
-    grid, block = tile.grid(batch, hidden), tile.block()
-    _check_grid(grid, tile.forward_name(training, dtype))
-    if variant == "graph":
-        return _forward_graph(rt, x, w_ih, w_hh, bias, h0, c0, training, tile)
-
-    # 1. gx = x·W_ihᵀ + b for all T·B rows at once.
-    gx = input_projection(rt, x, w_ih, bias)
-
-    # 2. The recurrence, one launch per step, on float32 states (h0, c0 widened exactly).
-    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
-    c_all = xp.empty((steps + 1 if training else 2, batch, hidden), dtype=np.float32)
-    h_all[0] = h0
-    c_all[0] = c0
-    # Inference saves no gates; the kernel never touches the pointer, pass a valid one.
-    gates = xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx
-    step_kernel = rt.function(FORWARD_SOURCE, tile.forward_name(training, dtype))
-    b32, h32 = np.int32(batch), np.int32(hidden)
-    for t in range(steps):
-        step_kernel(grid, block, (gx, w_hh, h_all, c_all, gates, b32, h32, np.int32(t)))
-
-    # y is copied out of the saved h_all so that a caller editing y in place cannot
-    # corrupt the gradients; without training nothing is saved and a float32 y is a
-    # view. Outputs are rounded to the input dtype here (float32: plain copies).
-    y = h_all[1:].astype(x.dtype, copy=training)
-    h_n = h_all[steps].astype(x.dtype)
-    c_n = c_all[steps if training else steps % 2].astype(x.dtype)
-    saved = Saved(x, w_ih, w_hh, bias is not None, gates, h_all, c_all, tile) if training else None
-    return y, h_n, c_n, saved
-
-
-@dataclass
-class _ForwardWorkspace:
-    """The arrays a captured forward graph reads and writes (see rnnkernels/_graph.py):
-    layouts as in :func:`forward`."""
-
-    gx: Any  # [T, B, 4H] float32
-    w_hh: Any  # [4H, H] input dtype
-    h_all: Any  # [T+1, B, H] float32
-    c_all: Any  # [T+1 or 2, B, H] float32
-    gates: Any  # [T, B, 4H] float32 (training), else gx
-
-
-def _forward_graph(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, tile: StepTile):
-    """:func:`forward`'s recurrence as one replay of a captured graph of its T step
-    launches (the "graph" variant; rnnkernels/_graph.py says what is copied and why).
-    Same kernels, same arguments as "step": bitwise the same results."""
-    xp = rt.xp
-    dtype = x.dtype.name
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    gate_width = GATES * hidden
-    name = tile.forward_name(training, dtype)
-
-    def build():
-        gx = xp.empty((steps, batch, gate_width), dtype=np.float32)
-        workspace = _ForwardWorkspace(
-            gx=gx,
-            w_hh=xp.empty_like(w_hh),
-            h_all=xp.empty((steps + 1, batch, hidden), dtype=np.float32),
-            c_all=xp.empty((steps + 1 if training else 2, batch, hidden), dtype=np.float32),
-            gates=xp.empty((steps, batch, gate_width), dtype=np.float32) if training else gx,
-        )
-        step_kernel = rt.function(FORWARD_SOURCE, name)  # loaded before capture begins
-        grid, block = tile.grid(batch, hidden), tile.block()
-        args = (workspace.gx, workspace.w_hh, workspace.h_all, workspace.c_all, workspace.gates)
-        b32, h32 = np.int32(batch), np.int32(hidden)
-        with rt.capture() as captured:
-            for t in range(steps):
-                step_kernel(grid, block, (*args, b32, h32, np.int32(t)))
-        return workspace, captured.graph
-
-    key = ("forward", steps, batch, input_size, hidden, dtype, training, tile)
-    workspace, graph = _graph.cached_graph(rt, key, build)
-    input_projection(rt, x, w_ih, bias, out=workspace.gx)
-    workspace.w_hh[...] = w_hh
-    workspace.h_all[0] = h0
-    workspace.c_all[0] = c0
-    graph.launch()
-
-    # Everything handed out is a copy: the next call overwrites the workspace.
-    y = workspace.h_all[1:].astype(x.dtype, copy=True)
-    h_n = workspace.h_all[steps].astype(x.dtype, copy=True)
-    c_n = workspace.c_all[steps if training else steps % 2].astype(x.dtype, copy=True)
-    saved = None
-    if training:
-        saved = Saved(
-            x, w_ih, w_hh, bias is not None, workspace.gates.copy(), workspace.h_all.copy(), workspace.c_all.copy(),
-            tile,
-        )
-    return y, h_n, c_n, saved
-
-
-def backward(rt, saved: Saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, variant: str | None = None,
-             step_tile: StepTile | None = None):
-    """The backend contract's backward on runtime ``rt``: returns
-    ``(dx, dw_ih, dw_hh, db, dh0, dc0)``, ``db`` None when forward had no bias. With
-    ``return_step_norms``, ``dh_norms`` and ``dc_norms`` follow ([T] float64 arrays:
-    ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ over batch and units), computed inside the step kernels
-    (per-block sums of squares) and finished by one small ``step_norms`` launch.
-    ``variant``: one of :data:`VARIANTS`, None for the default."""
-    variant = _check_variant(variant)
-    if variant is None:
-        variant = _default_variant(rt, saved.x.shape[1], saved.w_hh.shape[1], saved.x.dtype.name, step_tile,
-                                   "backward")
-    if variant == "persistent":
-        return _persistent.backward(rt, saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
-    xp = rt.xp
-    x, w_hh = saved.x, saved.w_hh
-    dtype = x.dtype.name  # dy, dh_n, dc_n share it (the API converts them)
-    steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
-    gate_width = GATES * hidden
-    tile = step_tile or saved.step_tile or choose_step_tile(batch, hidden, rt.sm_count)
-    if variant == "graph":
-        return _backward_graph(rt, saved, dy, dh_n, dc_n, return_step_norms, tile)
-
-    # 1. The reverse recurrence: dz_t and the dc carry, one launch per step.
-    dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
-    dc_carry = dc_n.astype(np.float32)  # a float32 copy, read and overwritten every step
-    step_name = tile.backward_name(return_step_norms, dtype)
-    step_kernel = rt.function(BACKWARD_SOURCE, step_name)
-    grid, block = tile.grid(batch, hidden), tile.block()
-    _check_grid(grid, step_name)
-    step_blocks = grid[0] * grid[1]
-    # One float64 slot per step kernel block and step for Σ dh² and Σ dc²: each block
-    # writes its own, so the norms need no atomics. Without norms the kernel never
-    # touches the pointer; pass a valid one.
-    step_squares = xp.empty((step_blocks, steps, 2), dtype=np.float64) if return_step_norms else dgates
-    i32 = np.int32
-    sizes = (i32(steps), i32(batch), i32(hidden))
-    for t in reversed(range(steps)):
-        step_kernel(
-            grid, block, (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_carry, dgates, step_squares, *sizes, i32(t))
-        )
-    norms = finish_step_norms(rt, step_squares, steps) if return_step_norms else None
-
-    # 2. Products over all steps at once.
-    dx, dw_ih, dw_hh, db, dh0 = gradients_after_loop(rt, saved, dgates)
-    dc0 = dc_carry.astype(x.dtype, copy=False)  # float32: dc_carry itself
-    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
-    return grads + (norms[0], norms[1]) if return_step_norms else grads
-
-
-@dataclass
-class _BackwardWorkspace:
-    """The arrays a captured backward graph reads and writes (see rnnkernels/_graph.py):
-    layouts as in :func:`backward`."""
-
-    w_hh: Any  # [4H, H] input dtype
-    gates: Any  # [T, B, 4H] float32, the saved gates copied in
-    c_all: Any  # [T+1, B, H] float32, the saved cell states copied in
-    dy: Any  # [T, B, H] input dtype
-    dh_n: Any  # [B, H] input dtype
-    dc_carry: Any  # [B, H] float32
-    dgates: Any  # [T, B, 4H] float32
-    step_squares: Any  # [blocks, T, 2] float64 (step norms), else dgates
-
-
-def _backward_graph(rt, saved: Saved, dy, dh_n, dc_n, return_step_norms: bool, tile: StepTile):
-    """:func:`backward`'s reverse recurrence as one replay of a captured graph of its T
-    step launches (the "graph" variant); the products after the loop read dz straight
-    from the workspace (they run before the next call can overwrite it: same stream).
-    Same kernels, same arguments as "step": bitwise the same results."""
-    xp = rt.xp
-    x, w_hh = saved.x, saved.w_hh
-    dtype = x.dtype.name
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    gate_width = GATES * hidden
-    name = tile.backward_name(return_step_norms, dtype)
-    grid, block = tile.grid(batch, hidden), tile.block()
-    _check_grid(grid, name)
-
-    def build():
-        dgates = xp.empty((steps, batch, gate_width), dtype=np.float32)
-        workspace = _BackwardWorkspace(
-            w_hh=xp.empty_like(w_hh),
-            gates=xp.empty_like(saved.gates),
-            c_all=xp.empty_like(saved.c_all),
-            dy=xp.empty_like(dy),
-            dh_n=xp.empty_like(dh_n),
-            dc_carry=xp.empty((batch, hidden), dtype=np.float32),
-            dgates=dgates,
-            step_squares=(
-                xp.empty((grid[0] * grid[1], steps, 2), dtype=np.float64) if return_step_norms else dgates
-            ),
-        )
-        step_kernel = rt.function(BACKWARD_SOURCE, name)  # loaded before capture begins
-        i32 = np.int32
-        args = (workspace.w_hh, workspace.gates, workspace.c_all, workspace.dy, workspace.dh_n, workspace.dc_carry,
-                workspace.dgates, workspace.step_squares, i32(steps), i32(batch), i32(hidden))
-        with rt.capture() as captured:
-            for t in reversed(range(steps)):
-                step_kernel(grid, block, (*args, i32(t)))
-        return workspace, captured.graph
-
-    key = ("backward", steps, batch, input_size, hidden, dtype, return_step_norms, tile)
-    workspace, graph = _graph.cached_graph(rt, key, build)
-    workspace.w_hh[...] = w_hh
-    workspace.gates[...] = saved.gates
-    workspace.c_all[...] = saved.c_all
-    workspace.dy[...] = dy
-    workspace.dh_n[...] = dh_n
-    workspace.dc_carry[...] = dc_n  # widened to float32 (exact)
-    graph.launch()
-    norms = finish_step_norms(rt, workspace.step_squares, steps) if return_step_norms else None
-
-    dx, dw_ih, dw_hh, db, dh0 = gradients_after_loop(rt, saved, workspace.dgates)
-    dc0 = workspace.dc_carry.astype(x.dtype, copy=True)  # a copy: the workspace is reused
-    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
-    return grads + (norms[0], norms[1]) if return_step_norms else grads
-
-
 def finish_step_norms(rt, step_squares, steps: int, source: str = BACKWARD_SOURCE):
     """norms[Q, T] (float64; the LSTM's Q = 2: ‖dh_t‖, ‖dc_t‖) from the per-block sums
     of squares ``step_squares[blocks, T, Q]`` that a backward step kernel of ``source``
@@ -998,70 +882,40 @@ def finish_step_norms(rt, step_squares, steps: int, source: str = BACKWARD_SOURC
     return norms
 
 
-def gradients_after_loop(rt, saved: Saved, dgates):
-    """``(dx, dw_ih, dw_hh, db, dh0)`` from dz = ``dgates`` [T, B, 4H] (float32) of
-    every step, each a product over all steps at once (``db`` None without a bias);
-    written in the input dtype. Every backward variant ends with it."""
-    xp = rt.xp
-    x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
-    dtype = x.dtype.name
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    gate_width = GATES * hidden
-    rows = steps * batch
-    i32 = np.int32
-    dz = dgates.reshape(rows, gate_width)  # [T·B, 4H] float32
-    dx = _product(rt, dz, w_ih, x.dtype).reshape(steps, batch, input_size)
-    dw_ih = _product(rt, dz, x.reshape(rows, input_size), x.dtype, transpose_a=True)
-    # h_prev = h_all[0:T] (float32) is the first T·B rows of h_all.
-    h_prev = saved.h_all.reshape((steps + 1) * batch, hidden)[:rows]
-    dw_hh = _product(rt, dz, h_prev, x.dtype, transpose_a=True)
-    dh0 = _product(rt, dz[:batch], w_hh, x.dtype)
-
-    db = None
-    if saved.has_bias:
-        db = xp.empty((gate_width,), dtype=x.dtype)
-        kernel = rt.function(BACKWARD_SOURCE, COLUMN_SUM.name(dtype))
-        kernel(
-            (_ceil_div(gate_width, COLUMN_SUM.column_tile), 1, 1),
-            (COLUMN_SUM.column_tile, COLUMN_SUM.row_threads, 1),
-            (dgates, db, i32(rows), i32(gate_width)),
-        )
-    return dx, dw_ih, dw_hh, db, dh0
-
-
-# ------------------------------------------------------- the other cells' launch plan
-# The GRU's and the Elman RNN's plan: the same tiles, GEMMs, reductions and variants
-# as the LSTM's above, written once for both through CellKernels, run_steps (step and
-# graph) and _persistent.launch (persistent). (The LSTM keeps its own plan above, which
-# predates this and hands its graph workspaces out without the copies run_steps makes;
-# moving it onto these is left for later.)
+# ------------------------------------------------------------- the launch plan
+# One plan for every cell (LSTM, GRU, Elman RNN): the same tiles, GEMMs, reductions and
+# variants, through CellKernels and its Recurrence (what differs between cells),
+# run_steps (step and graph) and _persistent.launch (persistent).
 
 
 @dataclass
 class CellSaved:
     """What :func:`cell_forward` keeps for :func:`cell_backward` (opaque to the API):
-    the inputs and the float32 arrays :func:`cell_saved_layout` lists, by name."""
+    the inputs and the float32 arrays of the cell's ``Recurrence.saved_layout``, by
+    name; those are also attributes (``saved.h_all``; the LSTM's ``saved.gates``,
+    ``saved.c_all``)."""
 
     kernels: CellKernels
     x: Any  # [T, B, I], input dtype, like w_ih and w_hh
     w_ih: Any  # [gates·H, I]
     w_hh: Any  # [gates·H, H]
     has_bias: bool
-    arrays: dict  # name -> float32 array; GRU: gates, hn, h_all; Elman: h_all
+    arrays: dict  # name -> float32 array; LSTM: gates, h_all, c_all; GRU: gates, hn, h_all; Elman: h_all
+    # None (a CellSaved rebuilt from arrays): backward chooses it as forward did.
     step_tile: StepTile | None = None
+
+    def __getattr__(self, name):
+        # Only called for names that are not fields: the saved arrays.
+        arrays = self.__dict__.get("arrays") or {}
+        if name in arrays:
+            return arrays[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 def cell_saved_layout(kernels: CellKernels, steps: int, batch: int, hidden: int) -> list[tuple[str, tuple]]:
-    """(name, shape) of each float32 array a training forward saves: GRU: gates [T, B, 3H]
-    (activated r, z, n), hn [T, B, H] (W_hn h_{t-1} + b_hn), h_all [T+1, B, H];
-    Elman: h_all."""
-    h_all = ("h_all", (steps + 1, batch, hidden))
-    if kernels.gates == 3:
-        return [("gates", (steps, batch, 3 * hidden)), ("hn", (steps, batch, hidden)), h_all]
-    return [h_all]
-
-
+    """(name, shape) of each float32 array a training forward of ``kernels``'s cell
+    saves (``Recurrence.saved_layout``)."""
+    return kernels.recurrence.saved_layout(steps, batch, hidden)
 def run_steps(rt, variant: str, key: tuple, source: str, name: str, grid, block, arrays: list, scalars: tuple,
               steps: int, reverse: bool, outputs: tuple[int, ...]) -> None:
     """Launch ``name`` once per step t (T-1 .. 0 when ``reverse``) with arguments
@@ -1115,11 +969,20 @@ def _cell_variant(rt, kernels: CellKernels, variant: str | None, step_tile: Step
     return variant
 
 
-def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bool, *, variant: str | None = None,
+def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, *state0_and_training, variant: str | None = None,
                  step_tile: StepTile | None = None):
-    """The backend contract's forward for a cell with the one state h (rnnkernels/
-    _backend.py): ``(y, h_n, saved)``. ``bias``: the API's folded bias (GRU [4H] =
-    [b_r sum, b_z sum, b_in, b_hn]; Elman [H] = b_ih + b_hh) or None."""
+    """The backend contract's forward (rnnkernels/_backend.py) for ``kernels``'s cell on
+    runtime ``rt``: ``cell_forward(rt, kernels, x, w_ih, w_hh, bias, *state0, training)
+    -> (y, *state_n, saved)``, one [B, H] state per ``Recurrence.states`` (the LSTM: h0,
+    c0; the others: h0). All inputs share one dtype of :data:`STORAGE_TYPES`; y and the
+    final states come back in it. ``bias``: the API's folded bias (LSTM [4H] = b_ih +
+    b_hh; GRU [4H] = [b_r sum, b_z sum, b_in, b_hn]; Elman [H] = b_ih + b_hh) or None.
+    ``variant``: one of :data:`VARIANTS`, None for the default; ``step_tile``: the
+    per-step kernels' tile (None: :func:`choose_step_tile`)."""
+    state0, training = state0_and_training[:-1], state0_and_training[-1]
+    if len(state0) != len(kernels.recurrence.states):
+        raise TypeError(f"{kernels.cell} forward takes one initial state per state "
+                        f"{kernels.recurrence.states} before training, got {len(state0)}")
     xp = rt.xp
     dtype = x.dtype.name
     steps, batch, input_size = x.shape
@@ -1132,48 +995,50 @@ def cell_forward(rt, kernels: CellKernels, x, w_ih, w_hh, bias, h0, training: bo
     grid, block = tile.grid(batch, hidden), tile.block()
     name = kernels.forward_name(tile, training, dtype)
     _check_grid(grid, name)
+    persistent = variant == "persistent"
+    if persistent:  # before any work: a ValueError saying why when it does not fit
+        plan = _persistent.require(rt, _persistent.FORWARD, batch, hidden, dtype, training, kernels.cell)
 
     # 1. gx = x·W_ihᵀ + b for all T·B rows (the GRU's b_hn is not in it: see gru_forward.cu).
     gx = input_projection(rt, x, w_ih, None if bias is None else bias[:gate_width])
-    # 2. The recurrence on float32 states (h0 widened exactly).
+    # 2. The recurrence on float32 states (the initial states widened exactly).
     h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
-    h_all[0] = h0
-    saved_arrays = {"h_all": h_all}
-    if kernels.gates == 3:
-        b_hn = xp.zeros((hidden,), dtype=np.float32) if bias is None else bias[gate_width:].astype(np.float32)
-        if training:
-            saved_arrays["gates"] = xp.empty((steps, batch, gate_width), dtype=np.float32)
-            saved_arrays["hn"] = xp.empty((steps, batch, hidden), dtype=np.float32)
-        # Inference saves nothing; the kernel never touches those pointers, pass valid ones.
-        arrays = [gx, w_hh, b_hn, h_all, saved_arrays.get("gates", gx), saved_arrays.get("hn", gx)]
-        outputs = (3, 4, 5)
-    else:
-        arrays = [gx, w_hh, h_all]
-        outputs = (2,)
-    if variant == "persistent":
-        # One cooperative launch for all steps: the step kernel's arguments (the
-        # Elman forward has no saved arrays beyond h_all), then the flags and the plan.
-        plan = _persistent.require(rt, _persistent.FORWARD, batch, hidden, dtype, training, kernels.cell)
+    h_all[0] = state0[0]
+    arrays, outputs, saved_arrays, finals = kernels.recurrence.forward_arrays(
+        rt, gx, w_hh, bias, h_all, state0[1:], training, persistent)
+    if persistent:
+        # One cooperative launch for all steps: the cell's arrays, then the flags and the plan.
         _persistent.launch(rt, plan, dtype, hidden, training, arrays, (steps, batch, hidden), exchanged=h_all)
     else:
         run_steps(rt, variant, ("forward", kernels.cell, training), kernels.forward_source, name, grid, block, arrays,
                   (np.int32(batch), np.int32(hidden)), steps, False, outputs)
 
+    # y is copied out of the saved h_all so that a caller editing y in place cannot
+    # corrupt the gradients; without training nothing is saved and a float32 y is a
+    # view. Outputs are rounded to the input dtype here (float32: plain copies).
     y = h_all[1:].astype(x.dtype, copy=training)
-    h_n = h_all[steps].astype(x.dtype)
+    state_n = (h_all[steps].astype(x.dtype), *(state.astype(x.dtype) for state in finals()))
     saved = CellSaved(kernels, x, w_ih, w_hh, bias is not None, saved_arrays, tile) if training else None
-    return y, h_n, saved
+    return (y, *state_n, saved)
 
 
-def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = False, variant: str | None = None,
+def cell_backward(rt, saved: CellSaved, dy, *dstate_n, return_step_norms: bool = False, variant: str | None = None,
                   step_tile: StepTile | None = None):
-    """The backend contract's backward: ``(dx, dw_ih, dw_hh, db, dh0)``, ``db`` in the
-    folded layout of forward's bias (None without one); with ``return_step_norms``,
-    ``dh_norms`` ([T] float64, ‖∂L/∂h_t‖) follows."""
+    """The backend contract's backward on runtime ``rt``: ``cell_backward(rt, saved, dy,
+    *dstate_n) -> (dx, dw_ih, dw_hh, db, *dstate0)``, one upstream gradient [B, H] per
+    state, ``db`` in the folded layout of forward's bias (None without one). With
+    ``return_step_norms``, one [T] float64 array per state follows (‖∂L/∂h_t‖, and the
+    LSTM's ‖∂L/∂c_t‖, over batch and units), computed inside the step kernels (per-block
+    sums of squares) and finished by one small ``step_norms`` launch. Pairs with a
+    forward of any variant."""
     kernels = saved.kernels
+    cell = kernels.recurrence
+    if len(dstate_n) != len(cell.states):
+        raise TypeError(f"{kernels.cell} backward takes one upstream gradient per state {cell.states} after dy, "
+                        f"got {len(dstate_n)}")
     xp = rt.xp
     x, w_ih, w_hh = saved.x, saved.w_ih, saved.w_hh
-    dtype = x.dtype.name
+    dtype = x.dtype.name  # dy and the state gradients share it (the API converts them)
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     variant = _cell_variant(rt, kernels, variant, step_tile, batch, hidden, dtype, "backward")
@@ -1182,32 +1047,20 @@ def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = F
     grid, block = tile.grid(batch, hidden), tile.block()
     name = kernels.backward_name(tile, return_step_norms, dtype)
     _check_grid(grid, name)
-    h_all = saved.arrays["h_all"]
-
-    # 1. The reverse recurrence. One float64 slot per block and step for Σ dh_t².
-    dz = xp.empty((steps, batch, gate_width), dtype=np.float32)  # GRU: dgh; Elman: da
-    step_squares = xp.empty((grid[0] * grid[1], steps, 1), dtype=np.float64) if return_step_norms else dz
-    sizes = (np.int32(steps), np.int32(batch), np.int32(hidden))
     persistent = variant == "persistent"
     if persistent:
         plan = _persistent.require(rt, _persistent.BACKWARD, batch, hidden, dtype, return_step_norms, kernels.cell)
-        if return_step_norms:  # one slot per persistent block
-            step_squares = xp.empty((plan.blocks, steps, 1), dtype=np.float64)
-    if kernels.gates == 3:
-        dgi = xp.empty((steps, batch, gate_width), dtype=np.float32)
-        carry = dh_n.astype(np.float32)  # a float32 copy, read and overwritten every step
-        if persistent:
-            # The persistent kernel keeps the carry on chip: dh_n in, the final carry out.
-            carry_in, carry = carry, xp.empty((batch, hidden), dtype=np.float32)
-            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry_in, carry, dgi, dz,
-                      step_squares]
-        else:
-            arrays = [w_hh, saved.arrays["gates"], saved.arrays["hn"], h_all, dy, carry, dgi, dz, step_squares]
-        outputs = (5, 6, 7, 8)
-    else:
-        dgi = dz  # the Elman cell's input and hidden gradients are one
-        arrays = [w_hh, h_all, dy, dh_n, dz, step_squares]
-        outputs = (4, 5)
+
+    # 1. The reverse recurrence. dz: the gradient of W_hh h's pre-activations (LSTM: of
+    # all gates; GRU: dgh; Elman: da). One float64 slot per block, step and state for
+    # Σ dstate_t² (each block writes its own: no atomics); without norms the kernel
+    # never touches the pointer, pass a valid one.
+    dz = xp.empty((steps, batch, gate_width), dtype=np.float32)
+    blocks = plan.blocks if persistent else grid[0] * grid[1]
+    step_squares = (xp.empty((blocks, steps, kernels.state_gradients), dtype=np.float64) if return_step_norms
+                    else dz)
+    arrays, outputs, dgi, carry = cell.backward_arrays(rt, saved, dy, dstate_n, dz, step_squares, persistent)
+    sizes = (np.int32(steps), np.int32(batch), np.int32(hidden))
     if persistent:
         _persistent.launch(rt, plan, dtype, hidden, return_step_norms, arrays, sizes, exchanged=dz)
     else:
@@ -1215,36 +1068,33 @@ def cell_backward(rt, saved: CellSaved, dy, dh_n, *, return_step_norms: bool = F
                   block, arrays, sizes, steps, True, outputs)
     norms = finish_step_norms(rt, step_squares, steps, kernels.backward_source) if return_step_norms else None
 
-    # 2. Products over all steps at once (dx and dW_ih from dgi, dW_hh and dh0 from dgh).
+    # 2. Products over all steps at once: dx and dW_ih from dgi, dW_hh and dh0 from dz.
     rows = steps * batch
     flat_dgi = dgi.reshape(rows, gate_width)
     flat_dz = dz.reshape(rows, gate_width)
     dx = _product(rt, flat_dgi, w_ih, x.dtype).reshape(steps, batch, input_size)
     dw_ih = _product(rt, flat_dgi, x.reshape(rows, input_size), x.dtype, transpose_a=True)
-    h_prev = h_all.reshape((steps + 1) * batch, hidden)[:rows]
+    # h_prev = h_all[0:T] (float32) is the first T·B rows of h_all.
+    h_prev = saved.arrays["h_all"].reshape((steps + 1) * batch, hidden)[:rows]
     dw_hh = _product(rt, flat_dz, h_prev, x.dtype, transpose_a=True)
-    if kernels.gates == 3:
-        # dh0 = dh_0·z_0 (the carry) + dgh_0·W_hh, added in float32, rounded once.
-        dh0 = _product(rt, flat_dz[:batch], w_hh, np.float32)
-        dh0 += carry
-        dh0 = dh0.astype(x.dtype, copy=False)
-    else:
-        dh0 = _product(rt, flat_dz[:batch], w_hh, x.dtype)
-
-    db = None
-    if saved.has_bias:
-        if kernels.gates == 3:
-            # Folded [4H] = [Σ dgh^r, Σ dgh^z, Σ dgi^n, Σ dgh^n] (dgi = dgh on r and z),
-            # float32 column sums rounded once.
-            sum_gh = _column_sum(rt, kernels.backward_source, flat_dz, "float32")
-            sum_gi = _column_sum(rt, kernels.backward_source, flat_dgi, "float32")
-            db = xp.concatenate([sum_gh[:2 * hidden], sum_gi[2 * hidden:], sum_gh[2 * hidden:]]).astype(x.dtype)
-        else:
-            db = _column_sum(rt, kernels.backward_source, flat_dz, dtype)
-    grads = (dx, dw_ih, dw_hh, db, dh0)
-    return grads + (norms[0],) if return_step_norms else grads
+    dstate0 = cell.initial_gradients(rt, flat_dz[:batch], w_hh, x.dtype, carry)
+    db = cell.bias_gradient(rt, kernels.backward_source, flat_dz, flat_dgi, dtype, hidden) if saved.has_bias else None
+    grads = (dx, dw_ih, dw_hh, db, *dstate0)
+    return grads + tuple(norms) if return_step_norms else grads
 
 
+def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, variant: str | None = None,
+            step_tile: StepTile | None = None):
+    """:func:`cell_forward` for the LSTM: ``(y, h_n, c_n, saved)``."""
+    return cell_forward(rt, LSTM_KERNELS, x, w_ih, w_hh, bias, h0, c0, training, variant=variant, step_tile=step_tile)
+
+
+def backward(rt, saved: CellSaved, dy, dh_n, dc_n, *, return_step_norms: bool = False, variant: str | None = None,
+             step_tile: StepTile | None = None):
+    """:func:`cell_backward` for the LSTM: ``(dx, dw_ih, dw_hh, db, dh0, dc0)`` (+
+    ``dh_norms``, ``dc_norms``)."""
+    return cell_backward(rt, saved, dy, dh_n, dc_n, return_step_norms=return_step_norms, variant=variant,
+                         step_tile=step_tile)
 def _column_sum(rt, source: str, matrix, dtype: str):
     """Σ over the rows of a float32 [rows, cols] matrix, in ``dtype`` (column_sum)."""
     rows, cols = matrix.shape
@@ -1255,6 +1105,12 @@ def _column_sum(rt, source: str, matrix, dtype: str):
         (matrix, out, np.int32(rows), np.int32(cols)),
     )
     return out
+
+
+def saved_arrays():
+    """The LSTM's :class:`CellSaved` as arrays: gates [T, B, 4H], h_all and c_all
+    [T+1, B, H], float32 for every input dtype."""
+    return cell_saved_arrays(LSTM_KERNELS)
 
 
 def cell_saved_arrays(kernels: CellKernels):

@@ -7,7 +7,7 @@ RNN's ``gru_*_persistent`` / ``rnn_*_persistent`` (csrc/gru_*.cu, rnn_*.cu; a
 steps of the recurrence in ONE cooperative launch: block b keeps its slice of W_hh in shared memory
 for the whole sequence and the blocks hand the state of each step to each other
 through per-producer ready flags. They save and read exactly what the per-step
-kernels do (``_launch.Saved``), so a persistent forward pairs with a per-step
+kernels do (``_launch.CellSaved``), so a persistent forward pairs with a per-step
 backward and the reverse.
 
 The plan, for a problem (B, H) and a device:
@@ -261,12 +261,9 @@ def _instance(plan_: Plan, dtype: str, hidden: int, training_or_norms: bool) -> 
 
     storage = _launch.STORAGE_TYPES[dtype]
     # 16-byte staging of the exchanged rows (h, or the GRU's and Elman's dz): H % 4 == 0.
+    # (The LSTM's backward always stages its 4H-float dz rows so: no such flag.)
     vector_loads = hidden % 4 == 0
-    if plan_.cell == "lstm":
-        if plan_.direction == FORWARD:
-            return _launch.FORWARD_SOURCE, plan_.tile.forward_name(storage, training_or_norms, vector_loads)
-        return _launch.BACKWARD_SOURCE, plan_.tile.backward_name(storage, training_or_norms)
-    cell, kernels = CELLS[plan_.cell], _launch.CELL_KERNELS[plan_.cell]
+    cell, kernels = CELLS[plan_.cell], _launch.ALL_CELL_KERNELS[plan_.cell]
     if plan_.direction == FORWARD:
         return kernels.forward_source, cell.forward_name(plan_.tile, storage, training_or_norms, vector_loads)
     return kernels.backward_source, cell.backward_name(plan_.tile, storage, training_or_norms, vector_loads)
@@ -298,7 +295,9 @@ def choose(rt, batch: int, hidden: int, dtype: str = "float32", cell: str = "lst
     return "step"
 
 
-def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool, cell: str = "lstm") -> Plan:
+def require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool, cell: str) -> Plan:
+    """The plan of ``cell``'s persistent kernel for ``direction`` (``flag``: training or
+    step norms) on ``rt``'s device; a ValueError saying why when it does not fit."""
     found = plan_for(rt, direction, batch, hidden, dtype, flag, cell)
     if found is None:
         raise ValueError(
@@ -310,23 +309,20 @@ def _require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool
     return found
 
 
-def require(rt, direction: str, batch: int, hidden: int, dtype: str, flag: bool, cell: str) -> Plan:
-    """The plan of ``cell``'s persistent kernel for ``direction`` (``flag``: training or
-    step norms) on ``rt``'s device; a ValueError saying why when it does not fit."""
-    return _require(rt, direction, batch, hidden, dtype, flag, cell)
-
-
 def launch(rt, plan_: Plan, dtype: str, hidden: int, flag: bool, arrays: list, sizes: tuple,
            exchanged) -> None:
-    """One cooperative launch of the instance of ``plan_`` (a GRU or Elman plan; the
-    LSTM's launches are :func:`forward` / :func:`backward` below): the kernel's array
+    """One cooperative launch of the instance of ``plan_`` (any cell's: ``_launch.
+    cell_forward`` / ``cell_backward`` build the arguments): the kernel's array
     arguments ``arrays`` in order, then a fresh zeroed flags array, ``sizes`` (T, B, H),
-    the plan's units and chunk rows. With H % 4 == 0 the kernels stage the
-    ``exchanged`` array's rows (h_all forward, dgh / da backward: our own workspaces)
-    with 16-byte loads, so its base must be 16-byte aligned, as every float32 array of
-    ours is; the caller's arrays are read with scalar loads and may sit anywhere."""
+    the plan's units and chunk rows. With H % 4 == 0 (and always for a backward
+    without the vector-loads flag: the LSTM's 4H rows) the kernels stage the
+    ``exchanged`` array's rows (h_all forward, dz / dgh / da backward: our own
+    workspaces) with 16-byte loads, so its base must be 16-byte aligned, as every
+    float32 array of ours is; the caller's arrays are read with scalar loads and may
+    sit anywhere."""
     xp = rt.xp
-    if hidden % 4 == 0:
+    always_vector = plan_.direction == BACKWARD and not CELLS[plan_.cell].backward_vector_flag
+    if hidden % 4 == 0 or always_vector:
         _require_aligned(exchanged, "exchanged between the blocks")
     flags = xp.zeros((plan_.blocks,), dtype=np.uint32)
     source, name = _instance(plan_, dtype, hidden, flag)
@@ -352,89 +348,3 @@ def _require_aligned(array, what: str) -> None:
     than let a misaligned vector load fault on the GPU."""
     if _address(array) % 16:
         raise RuntimeError(f"internal error: the workspace {what} is not 16-byte aligned")
-
-
-# ------------------------------------------------------------------------- launches
-def forward(rt, x, w_ih, w_hh, bias, h0, c0, training: bool, *, plan_: Plan | None = None):
-    """``_launch.forward`` with the persistent recurrence (same arguments and results,
-    same Saved)."""
-    from . import _launch
-
-    xp = rt.xp
-    dtype = x.dtype.name
-    steps, batch, input_size = x.shape
-    hidden = w_hh.shape[1]
-    _launch._check_sizes(steps, batch, input_size, hidden)
-    found = plan_ or _require(rt, FORWARD, batch, hidden, dtype, training)
-    gx = _launch.input_projection(rt, x, w_ih, bias)
-
-    h_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
-    h_all[0] = h0
-    if training:
-        c_all = xp.empty((steps + 1, batch, hidden), dtype=np.float32)
-        c_all[0] = c0
-        c_start, c_out = c_all[0], c_all
-        gates = xp.empty((steps, batch, 4 * hidden), dtype=np.float32)
-    else:
-        c_start = c0.astype(np.float32)  # a copy: the kernel never writes it
-        c_out = xp.empty((batch, hidden), dtype=np.float32)
-        gates = gx  # never touched without training; a valid pointer
-    vector_loads = hidden % 4 == 0
-    # 16-byte loads of h_all rows: rows start at multiples of 4·H bytes from the base.
-    if vector_loads:
-        _require_aligned(h_all, "h_all")
-    flags = xp.zeros((found.blocks,), dtype=np.uint32)
-    source, name = _instance(found, dtype, hidden, training)
-    kernel = rt.function(source, name)
-    i32 = np.int32
-    kernel(
-        (found.blocks, 1, 1),
-        (found.tile.threads, 1, 1),
-        (gx, w_hh, c_start, h_all, c_out, gates, flags, i32(steps), i32(batch), i32(hidden), i32(found.units),
-         i32(found.chunk_rows)),
-        shared_mem=found.shared_bytes,
-        cooperative=True,
-    )
-    y = h_all[1:].astype(x.dtype, copy=training)
-    h_n = h_all[steps].astype(x.dtype)
-    c_n = (c_all[steps] if training else c_out).astype(x.dtype)
-    saved = None
-    if training:
-        # The step tile a per-step backward would use, so this Saved pairs with it too.
-        tile = _launch.choose_step_tile(batch, hidden, rt.sm_count)
-        saved = _launch.Saved(x, w_ih, w_hh, bias is not None, gates, h_all, c_all, tile)
-    return y, h_n, c_n, saved
-
-
-def backward(rt, saved, dy, dh_n, dc_n, *, return_step_norms: bool = False, plan_: Plan | None = None):
-    """``_launch.backward`` with the persistent reverse recurrence (same arguments and
-    results) for a Saved of any forward variant."""
-    from . import _launch
-
-    xp = rt.xp
-    x, w_hh = saved.x, saved.w_hh
-    dtype = x.dtype.name
-    steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
-    found = plan_ or _require(rt, BACKWARD, batch, hidden, dtype, return_step_norms)
-    dgates = xp.empty((steps, batch, 4 * hidden), dtype=np.float32)
-    _require_aligned(dgates, "dgates")
-    dc_start = dc_n.astype(np.float32)  # a copy: the kernel never writes it
-    dc0_32 = xp.empty((batch, hidden), dtype=np.float32)
-    step_squares = xp.empty((found.blocks, steps, 2), dtype=np.float64) if return_step_norms else dgates
-    flags = xp.zeros((found.blocks,), dtype=np.uint32)
-    source, name = _instance(found, dtype, hidden, return_step_norms)
-    i32 = np.int32
-    rt.function(source, name)(
-        (found.blocks, 1, 1),
-        (found.tile.threads, 1, 1),
-        (w_hh, saved.gates, saved.c_all, dy, dh_n, dc_start, dc0_32, dgates, step_squares, flags, i32(steps),
-         i32(batch), i32(hidden), i32(found.units), i32(found.chunk_rows)),
-        shared_mem=found.shared_bytes,
-        cooperative=True,
-    )
-    norms = _launch.finish_step_norms(rt, step_squares, steps) if return_step_norms else None
-    dx, dw_ih, dw_hh, db, dh0 = _launch.gradients_after_loop(rt, saved, dgates)
-    dc0 = dc0_32.astype(x.dtype, copy=False)
-    grads = (dx, dw_ih, dw_hh, db, dh0, dc0)
-    return grads + (norms[0], norms[1]) if return_step_norms else grads

@@ -97,55 +97,28 @@ def _check_same_device(device_id: int, *arrays) -> None:
             raise ValueError(f"all arrays must be on GPU {device_id}; one is on GPU {array.device.id}")
 
 
-def forward(x, w_ih, w_hh, bias, h0, c0, training):
-    """The backend contract's forward (rnnkernels/_backend.py) on CuPy float32 or float16
-    arrays (see the module docstring for float16's precision)."""
-    _check_same_device(x.device.id, w_ih, w_hh, bias, h0, c0)
-    _check_compute_capability(x.device)
-    with x.device:
-        return _launch.forward(_launch.CupyRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
-
-
-def backward(saved, dy, dh_n, dc_n, return_step_norms=False):
-    """The backend contract's backward on the ``saved`` of :func:`forward`; with
-    ``return_step_norms``, ``dh_norms`` and ``dc_norms`` ([T] float64) follow the
-    gradients, computed inside the backward step kernels."""
-    device = saved.x.device
-    _check_same_device(device.id, dy, dh_n, dc_n)
-    with device:
-        return _launch.backward(_launch.CupyRuntime(), saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
-
-
-BACKEND = Backend(
-    name="cuda",
-    device="cuda",
-    compute_dtypes=("float32", "float16"),
-    forward=forward,
-    backward=backward,
-    check_available=check_available,
-    saved_arrays=_launch.saved_arrays(),
-)
-
-
-# ------------------------------------------------------------------ the other cells
 def cell_backend(kernels: _launch.CellKernels) -> Backend:
-    """The ``cuda`` Backend of a cell with the one state h (GRU, Elman RNN): the backend
-    contract with ``forward(x, w_ih, w_hh, bias, h0, training) -> (y, h_n, saved)`` and
-    ``backward(saved, dy, dh_n, return_step_norms=False) -> (dx, dw_ih, dw_hh, db, dh0)``
-    (+ ``dh_norms``), on the launch plan ``_launch.cell_forward`` / ``cell_backward``
-    shares with ``backend="emulated"``; ``bias`` and ``db`` in the API's folded layout."""
+    """The ``cuda`` Backend of a cell: the backend contract (rnnkernels/_backend.py)
+    ``forward(x, w_ih, w_hh, bias, *state0, training) -> (y, *state_n, saved)`` and
+    ``backward(saved, dy, *dstate_n, return_step_norms=False) -> (dx, dw_ih, dw_hh, db,
+    *dstate0)`` (+ one step-norm array per state), one state per ``kernels.recurrence.
+    states`` (LSTM: h, c; GRU, Elman RNN: h), on the launch plan ``_launch.cell_forward``
+    / ``cell_backward`` shares with ``backend="emulated"``; CuPy float32 or float16
+    arrays (see the module docstring for float16's precision), ``bias`` and ``db`` in
+    the API's folded layout."""
 
-    def forward(x, w_ih, w_hh, bias, h0, training):
-        _check_same_device(x.device.id, w_ih, w_hh, bias, h0)
+    def forward(x, w_ih, w_hh, bias, *state0_and_training):
+        _check_same_device(x.device.id, w_ih, w_hh, bias, *state0_and_training[:-1])
         _check_compute_capability(x.device)
         with x.device:
-            return _launch.cell_forward(_launch.CupyRuntime(), kernels, x, w_ih, w_hh, bias, h0, training)
+            return _launch.cell_forward(_launch.CupyRuntime(), kernels, x, w_ih, w_hh, bias, *state0_and_training)
 
-    def backward(saved, dy, dh_n, return_step_norms=False):
+    def backward(saved, dy, *dstate_n, return_step_norms=False):
         device = saved.x.device
-        _check_same_device(device.id, dy, dh_n)
+        _check_same_device(device.id, dy, *dstate_n)
         with device:
-            return _launch.cell_backward(_launch.CupyRuntime(), saved, dy, dh_n, return_step_norms=return_step_norms)
+            return _launch.cell_backward(_launch.CupyRuntime(), saved, dy, *dstate_n,
+                                         return_step_norms=return_step_norms)
 
     return Backend(
         name="cuda",
@@ -158,6 +131,7 @@ def cell_backend(kernels: _launch.CellKernels) -> Backend:
     )
 
 
+BACKEND = cell_backend(_launch.LSTM_KERNELS)
 GRU_BACKEND = cell_backend(_launch.GRU_KERNELS)
 RNN_TANH_BACKEND = cell_backend(_launch.RNN_TANH_KERNELS)
 RNN_RELU_BACKEND = cell_backend(_launch.RNN_RELU_KERNELS)

@@ -31,41 +31,17 @@ def check_available() -> None:
         raise RuntimeError("backend='emulated' needs a C++17 compiler (g++ or clang++) on PATH")
 
 
-def forward(x, w_ih, w_hh, bias, h0, c0, training):
-    """The backend contract's forward (rnnkernels/_backend.py) on NumPy float32 or float16
-    arrays (see the module docstring for float16's precision)."""
-    return _launch.forward(_launch.EmulatorRuntime(), x, w_ih, w_hh, bias, h0, c0, training)
-
-
-def backward(saved, dy, dh_n, dc_n, return_step_norms=False):
-    """The backend contract's backward on the ``saved`` of :func:`forward`; with
-    ``return_step_norms``, ``dh_norms`` and ``dc_norms`` ([T] float64) follow the
-    gradients, computed inside the backward step kernels."""
-    return _launch.backward(_launch.EmulatorRuntime(), saved, dy, dh_n, dc_n, return_step_norms=return_step_norms)
-
-
-BACKEND = Backend(
-    name="emulated",
-    device="cpu",
-    compute_dtypes=("float32", "float16"),
-    forward=forward,
-    backward=backward,
-    check_available=check_available,
-    saved_arrays=_launch.saved_arrays(),
-)
-
-
-# ------------------------------------------------------------------ the other cells
 def cell_backend(kernels: _launch.CellKernels) -> Backend:
-    """The ``emulated`` Backend of a cell with the one state h (GRU, Elman RNN): the
-    contract of ``rnnkernels.cuda.cell_backend`` on NumPy arrays, through the same
-    launch plan (``_launch.cell_forward`` / ``cell_backward``)."""
+    """The ``emulated`` Backend of a cell: the contract of ``rnnkernels.cuda.cell_backend``
+    on NumPy arrays, through the same launch plan (``_launch.cell_forward`` /
+    ``cell_backward``)."""
 
-    def forward(x, w_ih, w_hh, bias, h0, training):
-        return _launch.cell_forward(_launch.EmulatorRuntime(), kernels, x, w_ih, w_hh, bias, h0, training)
+    def forward(x, w_ih, w_hh, bias, *state0_and_training):
+        return _launch.cell_forward(_launch.EmulatorRuntime(), kernels, x, w_ih, w_hh, bias, *state0_and_training)
 
-    def backward(saved, dy, dh_n, return_step_norms=False):
-        return _launch.cell_backward(_launch.EmulatorRuntime(), saved, dy, dh_n, return_step_norms=return_step_norms)
+    def backward(saved, dy, *dstate_n, return_step_norms=False):
+        return _launch.cell_backward(_launch.EmulatorRuntime(), saved, dy, *dstate_n,
+                                     return_step_norms=return_step_norms)
 
     return Backend(
         name="emulated",
@@ -78,6 +54,7 @@ def cell_backend(kernels: _launch.CellKernels) -> Backend:
     )
 
 
+BACKEND = cell_backend(_launch.LSTM_KERNELS)
 GRU_BACKEND = cell_backend(_launch.GRU_KERNELS)
 RNN_TANH_BACKEND = cell_backend(_launch.RNN_TANH_KERNELS)
 RNN_RELU_BACKEND = cell_backend(_launch.RNN_RELU_KERNELS)

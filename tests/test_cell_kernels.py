@@ -463,3 +463,73 @@ def test_gpu_matches_reference(cell, variant, dtype):
     grads = _launch.cell_backward(rt, saved, d["dy"], d["dh_n"], return_step_norms=True, variant=variant)
     got = {k: cupy.asnumpy(v) for k, v in zip(("y", "h_n") + GRADIENTS + ("dh_norms",), (y, h_n, *grads))}
     assert_close(got, reference(cell, p), 2e-5 if dtype == "float32" else 2e-3)
+
+
+# ------------------------------------------------- one launch plan, the LSTM included
+def test_one_plan_has_no_per_cell_branch():
+    """Issue 15's design: the plan (cell_forward, cell_backward, run_steps, the
+    persistent launch) is written once; what differs between cells (the LSTM's c, its
+    two step norms, the GRU's b_hn and dgi) lives in each CellKernels' Recurrence."""
+    import ast
+    import inspect
+    import textwrap
+
+    for function in (_launch.cell_forward, _launch.cell_backward, _launch.run_steps, _persistent.launch,
+                     _persistent._instance):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+        tree.body = [node for node in tree.body if not (isinstance(node, ast.Expr) and
+                                                        isinstance(node.value, ast.Constant))]  # the docstring
+        code = ast.unparse(tree)  # without comments, which may name cells
+        for branch in ("lstm", "gru", "rnn", "gates ==", ".cell ==", "c_all", "c0", "dc_"):
+            assert branch not in code.lower(), f"{function.__name__} branches on a cell: {branch!r}"
+    assert _launch.LSTM_KERNELS.recurrence.states == ("h", "c") and _launch.LSTM_KERNELS.state_gradients == 2
+    for kernels in _launch.CELL_KERNELS.values():
+        assert kernels.recurrence.states == ("h",) and kernels.state_gradients == 1
+    # The LSTM's entry points are the generic ones with its CellKernels: no copy of the plan.
+    for gone in ("Saved", "gradients_after_loop", "_forward_graph", "_backward_graph"):
+        assert not hasattr(_launch, gone), gone
+    assert not hasattr(_persistent, "forward") and not hasattr(_persistent, "backward")
+
+
+def test_state_count_follows_the_cell(rt):
+    """States travel as the contract's tuple, one array per state of the cell: a wrong
+    count is a TypeError naming the cell and its states, before any launch."""
+    p = make_problem("gru", 2, 2, 3, 5, seed=4)
+    f32 = {k: None if v is None else v.astype(np.float32) for k, v in p.items()}
+    args = (f32["x"], f32["w_ih"], f32["w_hh"], None)
+    with pytest.raises(TypeError, match=r"gru forward .*\('h',\)"):
+        _launch.cell_forward(rt, _launch.GRU_KERNELS, *args, f32["h0"], f32["h0"], True)
+    lstm = {"x": f32["x"], "w_ih": np.zeros((20, 3), np.float32), "w_hh": np.zeros((20, 5), np.float32)}
+    with pytest.raises(TypeError, match=r"lstm forward .*\('h', 'c'\)"):
+        _launch.cell_forward(rt, _launch.LSTM_KERNELS, lstm["x"], lstm["w_ih"], lstm["w_hh"], None, f32["h0"], True)
+    *_, saved = _launch.cell_forward(rt, _launch.LSTM_KERNELS, lstm["x"], lstm["w_ih"], lstm["w_hh"], None,
+                                     f32["h0"], f32["h0"], True, variant="step")
+    with pytest.raises(TypeError, match=r"lstm backward .*\('h', 'c'\)"):
+        _launch.cell_backward(rt, saved, f32["dy"], f32["dh_n"], variant="step")
+
+
+def test_lstm_backend_saved_arrays_round_trip():
+    """The LSTM's Backend objects are the generic ones (cell_backend(LSTM_KERNELS)); its
+    saved arrays keep the layout rnnkernels/torch/_ops.py carries (gates, h_all, c_all,
+    float32), and a Saved rebuilt from them backprops bitwise like the original (whose
+    step tile the rebuilt one chooses again)."""
+    assert cuda.BACKEND.name == "cuda" and emulated.BACKEND.name == "emulated"
+    backend = emulated.BACKEND
+    rng = np.random.default_rng(12)
+    steps, batch, inputs, hidden = 2, 3, 4, 5
+    x = rng.standard_normal((steps, batch, inputs)).astype(np.float32)
+    w_ih, w_hh = (0.3 * rng.standard_normal((4 * hidden, n)).astype(np.float32) for n in (inputs, hidden))
+    bias = rng.standard_normal(4 * hidden).astype(np.float32)
+    h0, c0, dh_n, dc_n = (rng.standard_normal((batch, hidden)).astype(np.float32) for _ in range(4))
+    dy = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+    *_, saved = backend.forward(x, w_ih, w_hh, bias, h0, c0, True)
+    grads = backend.backward(saved, dy, dh_n, dc_n, return_step_norms=True)
+    assert len(grads) == 8  # dx, dw_ih, dw_hh, db, dh0, dc0, dh_norms, dc_norms
+    layout = backend.saved_arrays.layout(steps, batch, inputs, hidden, np.dtype(np.float16))
+    assert layout == [((steps, batch, 4 * hidden), np.float32), ((steps + 1, batch, hidden), np.float32),
+                      ((steps + 1, batch, hidden), np.float32)]
+    arrays = backend.saved_arrays.to_arrays(saved)
+    assert [a is b for a, b in zip(arrays, (saved.gates, saved.h_all, saved.c_all))] == [True] * 3
+    rebuilt = backend.saved_arrays.from_arrays(x, w_ih, w_hh, True, arrays)
+    for a, b in zip(grads, backend.backward(rebuilt, dy, dh_n, dc_n, return_step_norms=True)):
+        assert np.array_equal(a, b)

@@ -488,13 +488,13 @@ def test_float16_biases_reach_the_kernels_summed_in_float32(monkeypatch):
     from rnnkernels import _launch
 
     seen = {}
-    forward = _launch.forward
+    forward = _launch.cell_forward  # every cell's backends launch through it
 
-    def spy(rt, x, w_ih, w_hh, bias, h0, c0, training, **options):
+    def spy(rt, kernels, x, w_ih, w_hh, bias, *state0_and_training, **options):
         seen["bias"] = bias
-        return forward(rt, x, w_ih, w_hh, bias, h0, c0, training, **options)
+        return forward(rt, kernels, x, w_ih, w_hh, bias, *state0_and_training, **options)
 
-    monkeypatch.setattr(_launch, "forward", spy)
+    monkeypatch.setattr(_launch, "cell_forward", spy)
     hidden = 2
     b_ih = np.ones(4 * hidden, np.float16)
     b_hh = np.full(4 * hidden, 2.0**-11, np.float16)

@@ -409,7 +409,7 @@ def test_saved_path_empty_shapes(shape):
 
 def test_saved_path_float16_emulated_same_bits_as_numpy_api():
     """lstm_forward on float16 torch tensors that require grad goes through the op's
-    saved path (_launch.Saved as float32 arrays); its gradients are the NumPy API's."""
+    saved path (_launch.CellSaved as float32 arrays); its gradients are the NumPy API's."""
     import rnnkernels
 
     torch.manual_seed(8)
