@@ -808,3 +808,83 @@ def test_jacrev_matches_nn_lstm():
     ours = torch.func.jacrev(lambda x: lstm(x)[0])(x)
     theirs = torch.func.jacrev(lambda x: ref(x)[0])(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def _module_pair(cell: str, **kwargs):
+    """(rnnkernels.torch's module for ``cell``, torch.nn's twin with the same weights),
+    float64."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import rnnkernels.torch as ours
+
+    extra = {} if cell == "gru" else {"nonlinearity": cell.removeprefix("rnn_")}
+    name = "GRU" if cell == "gru" else "RNN"
+    module = getattr(ours, name)(dtype=torch.float64, **extra, **kwargs)
+    twin = getattr(torch.nn, name)(dtype=torch.float64, **extra, **kwargs)
+    twin.load_state_dict(module.state_dict())
+    return module, twin
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", OTHER_CELLS)
+def test_cells_torch_func_on_the_module(cell):
+    """Defect 6 for the GRU and RNN drop-ins: torch.func grad and vjp match torch.nn's,
+    vmap and vmap of grad match a loop."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    torch.manual_seed(0)
+    ours, theirs = _module_pair(cell, input_size=4, hidden_size=5, num_layers=2)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def loss(module):
+        return lambda params, x: torch.func.functional_call(module, params, (x,))[0].sin().sum()
+
+    grads = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        grads[name] = torch.func.grad(loss(module), argnums=(0, 1))(params, x)
+    for key, value in grads["theirs"][0].items():
+        torch.testing.assert_close(grads["ours"][0][key], value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["ours"][1], grads["theirs"][1], rtol=1e-10, atol=1e-12)
+
+    cotangent = torch.randn(3, 2, 5, dtype=torch.float64)
+    (ours_vjp,) = torch.func.vjp(lambda x: ours(x)[0], x)[1](cotangent)
+    (their_vjp,) = torch.func.vjp(lambda x: theirs(x)[0], x)[1](cotangent)
+    torch.testing.assert_close(ours_vjp, their_vjp, rtol=1e-10, atol=1e-12)
+
+    xs = torch.randn(2, 3, 2, 4, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda x: ours(x)[0])(xs)
+    torch.testing.assert_close(mapped, torch.stack([theirs(x)[0] for x in xs]), rtol=1e-10, atol=1e-12)
+    mapped_grad = torch.func.vmap(torch.func.grad(lambda x: ours(x)[0].sum()))(xs)
+    loop_grad = torch.stack([torch.func.grad(lambda x: theirs(x)[0].sum())(x) for x in xs])
+    torch.testing.assert_close(mapped_grad, loop_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", OTHER_CELLS)
+def test_cells_double_backward_says_it_is_not_supported(cell):
+    """No second derivatives for the GRU and RNN drop-ins either: backward of a
+    gradient, autograd.grad of one (allow_unused too) and nested torch.func.grad raise,
+    also where the loss is linear in y."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    module, _ = _module_pair(cell, input_size=3, hidden_size=4)
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    for loss in (lambda y: y.sum(), lambda y: y.pow(2).sum()):
+        (gx,) = torch.autograd.grad(loss(module(x)[0]), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            gx.pow(2).sum().backward()
+        (gx,) = torch.autograd.grad(loss(module(x)[0]), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(gx.pow(2).sum(), [x, *module.parameters()], allow_unused=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda x: module(x)[0].sum())(x).sum())(x.detach())
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", OTHER_CELLS)
+def test_cells_jacrev_matches_nn(cell):
+    """jacrev (vmap over vjp) of the GRU and RNN drop-ins matches torch.nn's."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    module, twin = _module_pair(cell, input_size=3, hidden_size=4)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    ours = torch.func.jacrev(lambda x: module(x)[0])(x)
+    theirs = torch.func.jacrev(lambda x: twin(x)[0])(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
