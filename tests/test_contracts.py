@@ -33,7 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cupy_or_skip, make_cell_problem, make_problem, make_upstream, rel_err
+from conftest import (
+    cupy_or_skip,
+    make_cell_problem,
+    make_problem,
+    make_upstream,
+    rel_err,
+)
 
 import rnnkernels
 from rnnkernels import cells
@@ -758,6 +764,34 @@ def test_float16_biases_reach_the_kernels_summed_in_float32(monkeypatch):
     rnnkernels.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, backend="emulated")
     assert seen["bias"].dtype == np.float32
     np.testing.assert_array_equal(seen["bias"], np.float32(1 + 2.0**-11))
+
+
+@pytest.mark.parametrize("cell", OTHER_CELLS)
+def test_cells_float16_biases_reach_the_kernels_folded_in_float32(cell, monkeypatch):
+    """The same for the other cells: the kernels get the cell's folded bias (cells.py)
+    in float32, the summed rows 1 + 2^-11 unrounded, the GRU's b_in and b_hn apart."""
+    from rnnkernels import _launch
+
+    seen = {}
+    forward = _launch.cell_forward
+
+    def spy(rt, kernels, x, w_ih, w_hh, bias, *state0_and_training, **options):
+        seen["bias"] = bias
+        return forward(rt, kernels, x, w_ih, w_hh, bias, *state0_and_training, **options)
+
+    monkeypatch.setattr(_launch, "cell_forward", spy)
+    hidden, rows = 2, cells.get(cell).gates * 2
+    b_ih = np.ones(rows, np.float16)
+    b_hh = np.full(rows, 2.0**-11, np.float16)
+    x = np.zeros((1, 1, 3), np.float16)
+    w_ih, w_hh = np.zeros((rows, 3), np.float16), np.zeros((rows, hidden), np.float16)
+    _forward_fn(cell)(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, backend="emulated")
+    assert seen["bias"].dtype == np.float32
+    if cell == "gru":  # [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]
+        want = np.concatenate([np.full(2 * hidden, 1 + 2.0**-11), np.ones(hidden), np.full(hidden, 2.0**-11)])
+    else:
+        want = np.full(hidden, 1 + 2.0**-11)
+    np.testing.assert_array_equal(seen["bias"], want.astype(np.float32))
 
 
 @pytest.mark.torch

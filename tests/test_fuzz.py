@@ -277,7 +277,7 @@ def reference_truth(case: Case, held: dict):
 def torch_module(case: Case):
     """The cell's torch.nn twin: nn.LSTM, nn.GRU, nn.RNN(nonlinearity=...)."""
     torch = _torch()
-    options = dict(bias=case.bias, batch_first=case.batch_first, dtype=torch.float64)
+    options = {"bias": case.bias, "batch_first": case.batch_first, "dtype": torch.float64}
     if case.cell == "lstm":
         return torch.nn.LSTM(case.input_size, case.hidden, **options)
     if case.cell == "gru":
@@ -288,7 +288,7 @@ def torch_module(case: Case):
 def torch_truth(case: Case, held: dict) -> dict:
     """The torch.nn twin's outputs and gradients in float64 on the same values."""
     torch = _torch()
-    inputs, upstream, outputs, _ = names(case.cell)
+    inputs, upstream, _, _ = names(case.cell)
     module = torch_module(case)
     leaves = {name: torch.tensor(held[name], requires_grad=True) for name in inputs if held[name] is not None}
     with torch.no_grad():
