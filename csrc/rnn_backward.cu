@@ -2,8 +2,8 @@
 //
 // Computes, for t = T-1 .. 0 (rnnkernels/rnn_reference.py):
 //     dh_t = dy_t + da_{t+1}·W_hh          (at t = T-1: dy_t + dh_n)
-//     da_t = dh_t·act'(a_t)                tanh: 1 - h_t²; relu: [h_t > 0] (PyTorch's
-//                                          threshold_backward: 0 where h_t <= 0)
+//     da_t = dh_t·act'(a_t)                tanh: 1 - h_t²; relu: 0 where h_t <= 0, else 1
+//                                          (PyTorch's threshold_backward: a NaN h_t passes dh)
 // then, over all steps at once (launcher): dW_ih = daᵀ·x, dW_hh = daᵀ·h_prev,
 // db = Σ_{t,b} da (the folded bias: db_ih = db_hh = db), dx = da·W_ih, dh0 = da_0·W_hh.
 //
@@ -66,7 +66,7 @@ rnn_backward_step(const Storage* __restrict__ w_hh,  // [H, H]
             if (step + 1 == steps) dh_total += to_float(dh_n[cell]);
             const float h = h_all[offset + state_size];  // h_t = h_all[t+1]
             if constexpr (Relu)
-                da[offset] = h > 0.0f ? dh_total : 0.0f;
+                da[offset] = h <= 0.0f ? 0.0f : dh_total;  // PyTorch's: a NaN h passes dh
             else
                 da[offset] = dh_total * (1.0f - h * h);
             if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
@@ -146,7 +146,7 @@ rnn_backward_persistent(const Storage* __restrict__ w_hh,  // [H, H]
                 if (!recurrent) dh_total += to_float(dh_n[cell]);
                 const float h = h_all[offset + state_size];  // h_t = h_all[t+1]
                 if constexpr (Relu)
-                    da[offset] = h > 0.0f ? dh_total : 0.0f;
+                    da[offset] = h <= 0.0f ? 0.0f : dh_total;  // PyTorch's: a NaN h passes dh
                 else
                     da[offset] = dh_total * (1.0f - h * h);
                 if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);

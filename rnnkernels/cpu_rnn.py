@@ -99,17 +99,17 @@ def _cell_backward_tanh(dy, dh_next, h_cur, da, row_sq):
 
 
 def _cell_backward_relu(dy, dh_next, h_cur, da, row_sq):
-    """da [B, H] = (dy + dh_next[:, :H]) ⊙ [h_t > 0] (a product, as the reference's, so
-    that a NaN or infinite dh gives the same NaN); row_sq [B] scratch. Returns ‖dh_t‖²."""
+    """da [B, H] = 0 where h_t <= 0, else dy + dh_next[:, :H] (PyTorch's threshold_backward,
+    as the reference: exactly 0 for an infinite or NaN dh at h_t <= 0, and dh passes a NaN
+    h_t); row_sq [B] scratch. Returns ‖dh_t‖²."""
     batch, hidden = h_cur.shape
-    one = da.dtype.type(1)
     zero = da.dtype.type(0)
     for b in numba.prange(batch):
         dy_row, rec, h_row, da_row = dy[b], dh_next[b], h_cur[b], da[b]
         dh_sq = 0.0
         for j in range(hidden):
             dh = dy_row[j] + rec[j]
-            da_row[j] = dh * (one if h_row[j] > zero else zero)
+            da_row[j] = zero if h_row[j] <= zero else dh
             dh_sq += dh * dh
         row_sq[b] = dh_sq
     dh_total = 0.0

@@ -26,8 +26,9 @@ the GRU's, see ``gru_reference``), so they are added once.
 
 Saved for backward: x, the weights, which biases exist, the nonlinearity, and every hidden
 state h_{-1} .. h_{T-1} as one [T+1, B, H] array whose index 0 is the initial state. The
-activation's derivative is read off h_t: tanh'(a) = 1 − h_t², and relu'(a) = [h_t > 0],
-which is 0 at a = 0 exactly as PyTorch's ReLU backward (``threshold_backward``) has it.
+activation's derivative is read off h_t: tanh'(a) = 1 − h_t², and for relu da_t = 0 where
+h_t <= 0 and dh_t elsewhere, exactly as PyTorch's ReLU backward (``threshold_backward``):
+relu'(0) = 0, an infinite or NaN dh_t still gives 0 where h_t <= 0, a NaN h_t passes dh_t.
 
 Backward through time. With dh_t = ∂L/∂h_t, for t = T-1 .. 0::
 
@@ -115,7 +116,9 @@ def backward(saved: Saved, dy=None, dh_n=None, return_step_norms=False):
         if saved.nonlinearity == "tanh":
             da[t] = dh * (1.0 - h[t + 1] ** 2)
         else:
-            da[t] = dh * (h[t + 1] > 0.0)  # relu'(0) = 0, as in PyTorch
+            # PyTorch's threshold_backward: 0 where h_t <= 0 (relu'(0) = 0, and exactly 0
+            # even for an infinite or NaN dh), dh elsewhere, a NaN h_t included.
+            da[t] = np.where(h[t + 1] <= 0.0, 0.0, dh)
         dh_next = da[t] @ w_hh
 
     flat_da = da.reshape(-1, hidden)

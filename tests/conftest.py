@@ -42,6 +42,23 @@ def make_problem(steps, batch, input_size, hidden, *, dtype=np.float64, bias=Tru
     return problem
 
 
+def make_cell_problem(cell, steps, batch, input_size, hidden, *, dtype=np.float64, bias=True, state=True, seed=0):
+    """Inputs for ``cell``'s public forward (a name in rnnkernels.cells.CELLS) as a dict:
+    the LSTM's are make_problem's; another cell's weights have its gate rows and its
+    states only h0 (the same U(±1/√H) scale, which torch.nn uses for all three)."""
+    from rnnkernels import cells
+
+    problem = make_problem(steps, batch, input_size, hidden, dtype=dtype, bias=bias, state=state, seed=seed)
+    if cell == "lstm":
+        return problem
+    rows = cells.get(cell).gates * hidden
+    for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
+        if problem[name] is not None:
+            problem[name] = np.ascontiguousarray(problem[name][:rows])
+    del problem["c0"]
+    return problem
+
+
 def make_upstream(steps, batch, hidden, *, dtype=np.float64, seed=1):
     """Random dy, dh_n, dc_n."""
     rng = np.random.default_rng(seed)
