@@ -27,8 +27,13 @@ import numpy as np
 from . import _cpu_gemm, _fastmath
 
 # Below this many hidden units per step (B·H), a parallel region costs more than it
-# saves on a few cores (measured on a 2-core x86 machine with the LSTM in float32).
-PARALLEL_MIN_UNITS = 16384
+# saves on a few cores. Measured on this project's 2-core x86 VM (LSTM, float32, two
+# threads, paired against torch.nn.LSTM, `benchmarks/cpu_vs_torch.py --threads 2
+# --parallel-min-units N`, quiet machine, 2026-12-01): at 128,16,256 (B·H = 4096) the
+# parallel loop took inference from 1.41x torch to 1.03-1.04x (three runs) and training
+# from 0.91x to 0.88-0.93x; at B·H = 1024 (B=8, H=128) it made both libraries slower (our
+# loop 2.3 -> 3.3 ms, torch's 1.9 -> 3.1 ms: two thread pools on two cores), so 4096.
+PARALLEL_MIN_UNITS = 4096
 # Below this many multiply-adds a product is not split over threads (a fork costs some
 # microseconds; 2^20 multiply-adds take about 30 µs on one core).
 PARALLEL_MIN_MACS = 1 << 20

@@ -28,7 +28,7 @@ Compiled variants (``rnnkernels/_cpu_common.py``, shared with the GRU and the El
 RNN; the rule is ``_cpu_common.parallel_steps``): one *serial* and one *parallel* copy of
 each compiled function, each under its own name in Numba's cache; float32 and float64
 are signatures of each. The time loop takes the parallel variant when Numba has more
-than one thread and a step holds B > 1 rows and B·H >= 16384 units: its step product
+than one thread and a step holds B > 1 rows and B·H >= 4096 units: its step product
 splits the weight panels over the threads and its cell the batch rows, one fork and
 join each per step, which only pays for that much work. The input projection is one
 product, split over the threads from 2^20 multiply-adds up. The packed kernel's vector
