@@ -562,3 +562,47 @@ def test_numpy_module_projection_with_lengths_matches_nn_lstm(backend):
     assert set(g.params) == set(params)
     for name, p in params.items():
         np.testing.assert_allclose(g.params[name], p.grad.numpy(), **tol, err_msg=name)
+
+
+def test_torch_projection_with_lengths_zero_row_batch_first_and_opcheck():
+    """A row of length 0 (allowed with ``lengths=``, not by packing) keeps its state and
+    gets zero output and gradient; the rows around it match nn.LSTM on packed input,
+    batch_first; the projected ops with lengths pass opcheck's schema and fake checks."""
+    import rnnkernels.torch as rtorch
+    from rnnkernels.torch import _ops
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    ours = rtorch.LSTM(3, 5, proj_size=2, bidirectional=True, batch_first=True, backend="cpu").double()
+    theirs = torch.nn.LSTM(3, 5, proj_size=2, bidirectional=True, batch_first=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    lengths, live = torch.tensor([0, 4, 2, 4]), [1, 2, 3]
+    x = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 4, 2, dtype=torch.float64)
+    c0 = torch.randn(2, 4, 5, dtype=torch.float64)
+    y, (h_n, c_n) = ours(x, (h0, c0), lengths=lengths)
+    (y.square().sum() + h_n.sum() + c_n.square().sum()).backward()
+    x_live = x.detach()[live].requires_grad_()
+    packed = pack_padded_sequence(x_live, lengths[live], batch_first=True, enforce_sorted=False)
+    y_ref, (h_ref, c_ref) = theirs(packed, (h0[:, live], c0[:, live]))
+    y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=4)[0]
+    (y_ref.square().sum() + h_ref.sum() + c_ref.square().sum()).backward()
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y[live], y_ref, **tol)
+    torch.testing.assert_close(h_n[:, live], h_ref, **tol)
+    torch.testing.assert_close(c_n[:, live], c_ref, **tol)
+    torch.testing.assert_close(x.grad[live], x_live.grad, **tol)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+    assert torch.all(y[0] == 0) and torch.all(x.grad[0] == 0)
+    assert torch.equal(h_n[:, 0], h0[:, 0]) and torch.equal(c_n[:, 0], c0[:, 0])
+
+    steps, batch, hidden, proj = 4, 3, 5, 2
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    args = (r(steps, batch, 3), r(4 * hidden, 3), r(4 * hidden, proj), r(4 * hidden), r(4 * hidden), r(proj, hidden),
+            r(batch, proj), r(batch, hidden), torch.tensor([2, 0, 4]), True, "cpu")
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(_ops.lstm_layer_projected, args, test_utils=checks)
+    saved = _ops.lstm_layer_projected(*args)[3:]
+    backward_args = (r(steps, batch, proj), r(batch, proj), r(batch, hidden), *args[:3], args[5], True, saved, *args[8:])
+    torch.library.opcheck(_ops.lstm_layer_projected_backward, backward_args, test_utils=checks)
