@@ -518,7 +518,7 @@ def test_torch_module_projection_with_lengths_matches_nn_lstm(backend, mode):
     # float64 on the cpu backend (NumPy in the input dtype: tight); the emulated kernels
     # compute in float32.
     dtype = torch.float64 if backend == "cpu" else torch.float32
-    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     theirs, x, state, dy, dh, dc = _packed_reference(dtype)
     ours = rtorch.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, backend=backend).to(dtype)
     ours.load_state_dict(theirs.state_dict())
@@ -543,7 +543,7 @@ def test_numpy_module_projection_with_lengths_matches_nn_lstm(backend):
     if backend == "emulated":
         emulator_or_skip()
     dtype = np.float32 if backend == "emulated" else np.float64
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-10)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-9, "atol": 1e-10}
     theirs, x, state, dy, dh, dc = _packed_reference(torch.float64, seed=1)
     expected_out, expected_grads = _run_torch(theirs, x, state, dy, dh, dc, "packed")
     ours = rnnkernels.LSTM.from_torch(theirs, backend=backend, dtype=dtype)
@@ -568,9 +568,10 @@ def test_torch_projection_with_lengths_zero_row_batch_first_and_opcheck():
     """A row of length 0 (allowed with ``lengths=``, not by packing) keeps its state and
     gets zero output and gradient; the rows around it match nn.LSTM on packed input,
     batch_first; the projected ops with lengths pass opcheck's schema and fake checks."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
     import rnnkernels.torch as rtorch
     from rnnkernels.torch import _ops
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     torch.manual_seed(3)
     ours = rtorch.LSTM(3, 5, proj_size=2, bidirectional=True, batch_first=True, backend="cpu").double()
@@ -587,7 +588,7 @@ def test_torch_projection_with_lengths_zero_row_batch_first_and_opcheck():
     y_ref, (h_ref, c_ref) = theirs(packed, (h0[:, live], c0[:, live]))
     y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=4)[0]
     (y_ref.square().sum() + h_ref.sum() + c_ref.square().sum()).backward()
-    tol = dict(rtol=1e-9, atol=1e-10)
+    tol = {"rtol": 1e-9, "atol": 1e-10}
     torch.testing.assert_close(y[live], y_ref, **tol)
     torch.testing.assert_close(h_n[:, live], h_ref, **tol)
     torch.testing.assert_close(c_n[:, live], c_ref, **tol)
