@@ -293,36 +293,43 @@ def _host_lengths(lengths, batch: int, steps: int):
 # ----------------------------------------------------------------------------- one direction
 
 
-def run_direction(cell, x, weights, states0, plan: _Plan, reverse: bool, training: bool, backend: str):
+def run_direction(cell, x, weights, states0, plan: _Plan, reverse: bool, training: bool, backend: str, *, segment=None):
     """One layer of ``cell`` (a ``cells.Cell`` or its name) in one direction over sorted
     rows. ``x`` [T, B, I], ``weights`` = (w_ih, w_hh, b_ih, b_hh) with biases possibly
     None, ``states0`` a tuple of [B, H] arrays, one per ``cell.states``, all backend
     arrays of one dtype. Returns ``(y, states_n, tape)``, ``states_n`` a tuple like
-    ``states0``; ``tape`` (the per-segment forward outputs) is None unless ``training``."""
+    ``states0``; ``tape`` (the per-segment forward outputs) is None unless ``training``.
+
+    ``segment(x_seg, states_seg) -> (y, states, out)`` runs one segment forward (in
+    the order the steps run: the caller flips nothing); None runs the API's
+    ``cell_forward``. The projection (:func:`projected_direction`) passes its own, so
+    that segments, state chaining and the per-row flip exist once."""
+    if segment is None:
+        def segment(x_seg, states_seg):
+            out = cell_forward(cell, x_seg, *weights, states_seg, training=training, backend=backend)
+            return out.y, out.states, out
+
     xp = _xp_of(x)
     dtype = x.dtype
     steps, batch, _ = x.shape
-    hidden = weights[1].shape[1]
+    width = weights[1].shape[1]  # of y and h: H, or P with a projection (w_hh [4H, P])
     if reverse:
         x = plan.flip(x)
     outs = []
     if plan.uniform:
-        out = cell_forward(cell, x, *weights, tuple(states0), training=training, backend=backend)
-        y = xp.asarray(out.y).astype(dtype, copy=False)
-        states = tuple(xp.asarray(s).astype(dtype, copy=False) for s in out.states)
+        y_seg, states_seg, out = segment(x, tuple(states0))
+        y = xp.asarray(y_seg).astype(dtype, copy=False)
+        states = tuple(xp.asarray(s).astype(dtype, copy=False) for s in states_seg)
         outs.append(out)
     else:
-        y = xp.zeros((steps, batch, hidden), dtype)
+        y = xp.zeros((steps, batch, width), dtype)
         states = tuple(s.astype(dtype, copy=True) for s in states0)
         for start, stop, rows in plan.segments:
             # Copies of the states: the kernels may keep their inputs for backward,
             # and the states are written again below.
-            out = cell_forward(
-                cell, x[start:stop, :rows], *weights, tuple(s[:rows].copy() for s in states),
-                training=training, backend=backend,
-            )
-            y[start:stop, :rows] = out.y
-            for state, new in zip(states, out.states):
+            y_seg, states_seg, out = segment(x[start:stop, :rows], tuple(s[:rows].copy() for s in states))
+            y[start:stop, :rows] = y_seg
+            for state, new in zip(states, states_seg):
                 state[:rows] = new
             outs.append(out)
     if reverse:
@@ -330,41 +337,83 @@ def run_direction(cell, x, weights, states0, plan: _Plan, reverse: bool, trainin
     return y, states, (outs if training else None)
 
 
-def backward_direction(cell, tape, plan: _Plan, reverse: bool, dy, dstates_n, input_size: int, has_bias: bool):
-    """Gradients of :func:`run_direction` from its ``tape``: ``dy`` [T, B, H],
-    ``dstates_n`` a tuple of [B, H], one per state. Returns ``(dx, dw_ih, dw_hh, db_ih,
-    db_hh, dstates0)``; the bias gradients are None without biases."""
+def _backward_segments(tape, plan: _Plan, reverse: bool, dy, dstates_n, input_size: int, grad_shapes, segment):
+    """The segments of :func:`run_direction` backwards: ``segment(out, dy_seg,
+    dstates_seg) -> (dx, grads, dstates)``, ``grads`` a tuple of parameter gradients
+    shaped by ``grad_shapes`` (None entries: absent, e.g. biases). Returns ``(dx, grads,
+    dstates0)`` in ``dy``'s dtype, the parameter gradients summed over the segments."""
     xp = _xp_of(dy)
     dtype = dy.dtype
-    steps, batch, hidden = dy.shape
+    steps, batch, _ = dy.shape
     if reverse:
         dy = plan.flip(dy)
     cast = lambda a: None if a is None else xp.asarray(a).astype(dtype, copy=False)  # noqa: E731
     if plan.uniform:
-        g = cell_backward(tape[0], dy, tuple(dstates_n))
-        dx, dw_ih, dw_hh, db_ih, db_hh = map(cast, (g.dx, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh))
-        dstates0 = tuple(map(cast, g.dstates))
+        dx, grads, dstates0 = segment(tape[0], dy, tuple(dstates_n))
+        dx, grads, dstates0 = cast(dx), tuple(map(cast, grads)), tuple(map(cast, dstates0))
     else:
-        rows_ = cells.get(cell).gates * hidden
         dx = xp.zeros((steps, batch, input_size), dtype)
-        dw_ih = xp.zeros((rows_, input_size), dtype)
-        dw_hh = xp.zeros((rows_, hidden), dtype)
-        db_ih = xp.zeros(rows_, dtype) if has_bias else None
-        db_hh = xp.zeros(rows_, dtype) if has_bias else None
+        grads = tuple(None if shape is None else xp.zeros(shape, dtype) for shape in grad_shapes)
         dstates0 = tuple(d.astype(dtype, copy=True) for d in dstates_n)
         for (start, stop, rows), out in reversed(list(zip(plan.segments, tape))):
-            g = cell_backward(out, dy[start:stop, :rows], tuple(d[:rows].copy() for d in dstates0))
-            dx[start:stop, :rows] = g.dx
-            dw_ih += g.dw_ih
-            dw_hh += g.dw_hh
-            if has_bias:
-                db_ih += g.db_ih
-                db_hh += g.db_hh
-            for d, new in zip(dstates0, g.dstates):
+            dx_seg, grads_seg, dstates_seg = segment(out, dy[start:stop, :rows], tuple(d[:rows].copy() for d in dstates0))
+            dx[start:stop, :rows] = dx_seg
+            for total, g in zip(grads, grads_seg):
+                if total is not None:
+                    total += g
+            for d, new in zip(dstates0, dstates_seg):
                 d[:rows] = new
     if reverse:
         dx = plan.flip(dx)
+    return dx, grads, dstates0
+
+
+def backward_direction(cell, tape, plan: _Plan, reverse: bool, dy, dstates_n, input_size: int, has_bias: bool):
+    """Gradients of :func:`run_direction` from its ``tape``: ``dy`` [T, B, H],
+    ``dstates_n`` a tuple of [B, H], one per state. Returns ``(dx, dw_ih, dw_hh, db_ih,
+    db_hh, dstates0)``; the bias gradients are None without biases."""
+    hidden = dy.shape[2]
+    rows = cells.get(cell).gates * hidden
+    shapes = ((rows, input_size), (rows, hidden), (rows,) if has_bias else None, (rows,) if has_bias else None)
+
+    def segment(out, dy_seg, dstates_seg):
+        g = cell_backward(out, dy_seg, dstates_seg)
+        return g.dx, (g.dw_ih, g.dw_hh, g.db_ih, g.db_hh), g.dstates
+
+    dx, (dw_ih, dw_hh, db_ih, db_hh), dstates0 = _backward_segments(
+        tape, plan, reverse, dy, dstates_n, input_size, shapes, segment
+    )
     return dx, dw_ih, dw_hh, db_ih, db_hh, dstates0
+
+
+def projected_direction(x, weights, w_hr, states0, plan: _Plan, reverse: bool, training: bool, backend: str):
+    """:func:`run_direction` of an LSTM with a projection: ``weights`` = (w_ih [4H, I],
+    w_hh [4H, P], b_ih, b_hh), ``w_hr`` [P, H], ``states0`` = (h0 [B, P], c0 [B, H]).
+    Each segment runs :func:`projected_forward`; the tape holds one projected ``saved``
+    per segment. Returns ``(y [T, B, P], (h_n, c_n), tape)`` in x's dtype."""
+
+    def segment(x_seg, states_seg):
+        y, h, c, saved = projected_forward(x_seg, *weights, w_hr, *states_seg, False, backend, training)
+        return y, (h, c), saved
+
+    return run_direction("lstm", x, weights, states0, plan, reverse, training, backend, segment=segment)
+
+
+def projected_backward_direction(tape, plan: _Plan, reverse: bool, dy, dstates_n, input_size: int, has_bias: bool):
+    """Gradients of :func:`projected_direction` from its ``tape``: ``dy`` [T, B, P],
+    ``dstates_n`` = (dh_n [B, P], dc_n [B, H]). Returns ``(dx, dw_ih, dw_hh, db, dw_hr,
+    (dh0, dc0))`` in dy's dtype, ``db`` (of each bias) None without biases."""
+    proj, hidden = dstates_n[0].shape[1], dstates_n[1].shape[1]
+    shapes = ((4 * hidden, input_size), (4 * hidden, proj), (4 * hidden,) if has_bias else None, (proj, hidden))
+
+    def segment(saved, dy_seg, dstates_seg):
+        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = projected_backward(saved, dy_seg, *dstates_seg, False)
+        return dx, (dw_ih, dw_hh, db, dw_hr), (dh0, dc0)
+
+    dx, (dw_ih, dw_hh, db, dw_hr), dstates0 = _backward_segments(
+        tape, plan, reverse, dy, dstates_n, input_size, shapes, segment
+    )
+    return dx, dw_ih, dw_hh, db, dw_hr, dstates0
 
 
 # ----------------------------------------------------------------------------- modules
@@ -793,8 +842,9 @@ class LSTM(_Recurrent):
     "reference" (float64), the math of ``reference.forward_projected``; with backend
     "cuda" (``device="cuda"``, "auto" there too) or "emulated" it runs
     rnnkernels/_projected.py (per-step cuBLAS GEMMs and our pointwise cell kernels,
-    float32 math for float32 and float16 modules). Per-row ``lengths`` and
-    :meth:`load_keras_weights` raise NotImplementedError with a projection.
+    float32 math for float32 and float16 modules), per-row ``lengths`` included (the
+    same segments as without a projection). :meth:`load_keras_weights` raises
+    NotImplementedError with a projection.
     """
 
     cell_name = "lstm"
@@ -842,37 +892,28 @@ class LSTM(_Recurrent):
     def _state_meanings(self):
         return ("proj_size" if self.proj_size else "hidden", "hidden")
 
-    def _check_lengths_supported(self, lengths):
-        if self.proj_size and lengths is not None:
-            raise NotImplementedError(
-                "proj_size > 0 with per-row lengths is not supported yet; pass lengths=None (equal lengths)"
-            )
-
     def _run_direction(self, layer, direction, layer_input, states0, plan, training):
         if not self.proj_size:
             return super()._run_direction(layer, direction, layer_input, states0, plan, training)
         # The projected path runs in its compute dtype (float64 for "reference");
-        # outputs come back in the module's dtype.
-        y, h, c, tape = projected_forward(
-            layer_input, *self._weights(layer, direction), self._params[self._suffixed("weight_hr", layer, direction)],
-            *states0, direction == 1, self.backend, training,
+        # outputs come back in the module's dtype (run_direction casts them).
+        return projected_direction(
+            layer_input, self._weights(layer, direction), self._params[self._suffixed("weight_hr", layer, direction)],
+            states0, plan, direction == 1, training, self.backend,
         )
-        y, h, c = (a.astype(self.dtype, copy=False) for a in (y, h, c))
-        return y, (h, c), tape
 
     def _backward_direction(self, layer, direction, tape, plan, d_dir, dstates_n, input_size, grads):
         if not self.proj_size:
             return super()._backward_direction(layer, direction, tape, plan, d_dir, dstates_n, input_size, grads)
-        dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = (
-            None if a is None else a.astype(self.dtype, copy=False)
-            for a in projected_backward(tape, d_dir, *dstates_n, direction == 1)
+        dx, dw_ih, dw_hh, db, dw_hr, dstates0 = projected_backward_direction(
+            tape, plan, direction == 1, d_dir, dstates_n, input_size, self.bias
         )
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         grads["weight_hr" + suffix] = dw_hr
         grads["weight_ih" + suffix], grads["weight_hh" + suffix] = dw_ih, dw_hh
         if self.bias:
             grads["bias_ih" + suffix], grads["bias_hh" + suffix] = db, db.copy()
-        return dx, (dh0, dc0)
+        return dx, dstates0
 
     def __call__(self, x, state=None, lengths=None):
         """``(y, (h_n, c_n))``; see the class docstring."""

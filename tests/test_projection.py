@@ -118,8 +118,6 @@ def test_torch_module_projection_refusals():
     with pytest.raises(NotImplementedError, match="proj_size.*'cuda' on cpu tensors"):
         rtorch.LSTM(5, 4, proj_size=2, backend="cuda")(torch.randn(3, 2, 5))
     module = rtorch.LSTM(5, 4, proj_size=2)
-    with pytest.raises(NotImplementedError, match="lengths"):
-        module(torch.randn(3, 2, 5), lengths=[3, 1])
     with pytest.raises(RuntimeError, match="hidden\\[0\\] size"):
         module(torch.randn(3, 2, 5), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
 
@@ -283,8 +281,6 @@ def test_numpy_module_projection_refusals():
         rnnkernels.LSTM(5, 4, proj_size=True)
     lstm = rnnkernels.LSTM(5, 4, proj_size=2)
     x = np.zeros((3, 2, 5), np.float32)
-    with pytest.raises(NotImplementedError, match="proj_size.*lengths"):
-        lstm(x, lengths=[3, 1])
     with pytest.raises(ValueError, match="h0 must have shape \\(1, 2, 2\\)"):
         lstm(x, (np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)))
     with pytest.raises(ValueError, match="c0 must have shape \\(1, 2, 4\\)"):
@@ -469,3 +465,145 @@ def test_gpu_projection_matches_nn_lstm(dtype):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- per-row lengths
+#
+# proj_size with lengths runs the unprojected path's segments (modules.run_direction /
+# backward_direction with the projected forward and backward per segment); checked
+# against nn.LSTM(proj_size) on a PackedSequence, which runs each row to its own length.
+
+_LENGTHS = [3, 5, 1, 3]  # unsorted, repeated, one row of a single step
+
+
+def _packed_reference(dtype, seed=0):
+    """nn.LSTM(proj_size) (2 layers, bidirectional) on a packed batch with lengths
+    ``_LENGTHS`` (enforce_sorted=False): its module, padded input, the upstream
+    gradients, outputs and every gradient."""
+    torch.manual_seed(seed)
+    steps, batch, input_size, hidden, proj = 5, len(_LENGTHS), 3, 6, 2
+    theirs = torch.nn.LSTM(input_size, hidden, num_layers=2, bidirectional=True, proj_size=proj).to(dtype)
+    x = torch.randn(steps, batch, input_size, dtype=dtype)
+    state = (torch.randn(4, batch, proj, dtype=dtype), torch.randn(4, batch, hidden, dtype=dtype))
+    inside = (torch.arange(steps)[:, None] < torch.tensor(_LENGTHS)[None, :])[..., None]
+    dy = torch.randn(steps, batch, 2 * proj, dtype=dtype) * inside
+    dh, dc = torch.randn_like(state[0]), torch.randn_like(state[1])
+    return theirs, x, state, dy, dh, dc
+
+
+def _run_torch(module, x, state, dy, dh, dc, mode):
+    """Outputs and gradients (x, h0, c0, then every parameter) of ``module`` on the
+    padded ``x`` with ``_LENGTHS``: ``mode`` "packed" or "lengths" (``lengths=``)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    x = x.clone().requires_grad_()
+    state = tuple(s.clone().requires_grad_() for s in state)
+    if mode == "packed":
+        packed = pack_padded_sequence(x, _LENGTHS, enforce_sorted=False)
+        y, (h_n, c_n) = module(packed, state)
+        y = pad_packed_sequence(y, total_length=x.shape[0])[0]
+    else:
+        y, (h_n, c_n) = module(x, state, lengths=torch.tensor(_LENGTHS))
+    torch.autograd.backward([y, h_n, c_n], [dy, dh, dc])
+    grads = [x.grad, *(s.grad for s in state)] + [p.grad for _, p in module.named_parameters()]
+    return [y.detach(), h_n.detach(), c_n.detach()], grads
+
+
+@pytest.mark.parametrize("backend, mode", [("cpu", "packed"), ("cpu", "lengths"), ("emulated", "packed")])
+def test_torch_module_projection_with_lengths_matches_nn_lstm(backend, mode):
+    import rnnkernels.torch as rtorch
+
+    if backend == "emulated":
+        emulator_or_skip()
+    # float64 on the cpu backend (NumPy in the input dtype: tight); the emulated kernels
+    # compute in float32.
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    theirs, x, state, dy, dh, dc = _packed_reference(dtype)
+    ours = rtorch.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, backend=backend).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    expected_out, expected_grads = _run_torch(theirs, x, state, dy, dh, dc, "packed")
+    out, grads = _run_torch(ours, x, state, dy, dh, dc, mode)
+    names = ["x", "h0", "c0"] + [n for n, _ in theirs.named_parameters()]
+    assert any("weight_hr" in n for n in names)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, expected_out):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    for name, a, b in zip(names, grads, expected_grads):
+        assert a is not None, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    # Padding gets no output and no gradient.
+    inside = (torch.arange(5)[:, None] < torch.tensor(_LENGTHS)[None, :])[..., None]
+    assert torch.all(out[0] * ~inside == 0) and torch.all(grads[0] * ~inside == 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "emulated"])
+def test_numpy_module_projection_with_lengths_matches_nn_lstm(backend):
+    import rnnkernels
+
+    if backend == "emulated":
+        emulator_or_skip()
+    dtype = np.float32 if backend == "emulated" else np.float64
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    theirs, x, state, dy, dh, dc = _packed_reference(torch.float64, seed=1)
+    expected_out, expected_grads = _run_torch(theirs, x, state, dy, dh, dc, "packed")
+    ours = rnnkernels.LSTM.from_torch(theirs, backend=backend, dtype=dtype)
+    as_np = lambda t: t.numpy().astype(dtype)  # noqa: E731
+    inputs = [as_np(a) for a in (x, *state, dy, dh, dc)]
+    before = [a.copy() for a in inputs]
+    y, (h_n, c_n) = ours(inputs[0], (inputs[1], inputs[2]), lengths=np.array(_LENGTHS))
+    g = ours.backward(*inputs[3:])
+    for a, b in zip(inputs, before):
+        np.testing.assert_array_equal(a, b)  # inputs never modified
+    for name, a, b in zip(("y", "h_n", "c_n"), (y, h_n, c_n), expected_out):
+        np.testing.assert_allclose(a, b.numpy(), **tol, err_msg=name)
+    for name, a, b in zip(("dx", "dh0", "dc0"), (g.dx, g.dh0, g.dc0), expected_grads[:3]):
+        np.testing.assert_allclose(a, b.numpy(), **tol, err_msg=name)
+    params = dict(theirs.named_parameters())
+    assert set(g.params) == set(params)
+    for name, p in params.items():
+        np.testing.assert_allclose(g.params[name], p.grad.numpy(), **tol, err_msg=name)
+
+
+def test_torch_projection_with_lengths_zero_row_batch_first_and_opcheck():
+    """A row of length 0 (allowed with ``lengths=``, not by packing) keeps its state and
+    gets zero output and gradient; the rows around it match nn.LSTM on packed input,
+    batch_first; the projected ops with lengths pass opcheck's schema and fake checks."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    import rnnkernels.torch as rtorch
+    from rnnkernels.torch import _ops
+
+    torch.manual_seed(3)
+    ours = rtorch.LSTM(3, 5, proj_size=2, bidirectional=True, batch_first=True, backend="cpu").double()
+    theirs = torch.nn.LSTM(3, 5, proj_size=2, bidirectional=True, batch_first=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    lengths, live = torch.tensor([0, 4, 2, 4]), [1, 2, 3]
+    x = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 4, 2, dtype=torch.float64)
+    c0 = torch.randn(2, 4, 5, dtype=torch.float64)
+    y, (h_n, c_n) = ours(x, (h0, c0), lengths=lengths)
+    (y.square().sum() + h_n.sum() + c_n.square().sum()).backward()
+    x_live = x.detach()[live].requires_grad_()
+    packed = pack_padded_sequence(x_live, lengths[live], batch_first=True, enforce_sorted=False)
+    y_ref, (h_ref, c_ref) = theirs(packed, (h0[:, live], c0[:, live]))
+    y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=4)[0]
+    (y_ref.square().sum() + h_ref.sum() + c_ref.square().sum()).backward()
+    tol = {"rtol": 1e-9, "atol": 1e-10}
+    torch.testing.assert_close(y[live], y_ref, **tol)
+    torch.testing.assert_close(h_n[:, live], h_ref, **tol)
+    torch.testing.assert_close(c_n[:, live], c_ref, **tol)
+    torch.testing.assert_close(x.grad[live], x_live.grad, **tol)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+    assert torch.all(y[0] == 0) and torch.all(x.grad[0] == 0)
+    assert torch.equal(h_n[:, 0], h0[:, 0]) and torch.equal(c_n[:, 0], c0[:, 0])
+
+    steps, batch, hidden, proj = 4, 3, 5, 2
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    args = (r(steps, batch, 3), r(4 * hidden, 3), r(4 * hidden, proj), r(4 * hidden), r(4 * hidden), r(proj, hidden),
+            r(batch, proj), r(batch, hidden), torch.tensor([2, 0, 4]), True, "cpu")
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(_ops.lstm_layer_projected, args, test_utils=checks)
+    saved = _ops.lstm_layer_projected(*args)[3:]
+    backward_args = (r(steps, batch, proj), r(batch, proj), r(batch, hidden), *args[:3], args[5], True, saved, *args[8:])
+    torch.library.opcheck(_ops.lstm_layer_projected_backward, backward_args, test_utils=checks)

@@ -462,8 +462,8 @@ class LSTM(_Recurrent):
     ``proj_size > 0`` (h_t = W_hr (o ⊙ tanh c_t), parameters ``weight_hr_l*``) runs
     on every backend: on CPU tensors the ``reference`` math (in the input dtype for
     backend "auto"/"cpu") or the emulated kernels, on CUDA tensors our kernels (cuBLAS
-    per step and a fused cell kernel: ``rnnkernels/_projected.py``); not with per-row
-    lengths (NotImplementedError) nor inside vmap.
+    per step and a fused cell kernel: ``rnnkernels/_projected.py``), with per-row
+    lengths too (PackedSequence or ``lengths=``); not inside vmap.
 
     dtypes: float32 and float64 on the CPU, float32 on CUDA. Under CPU autocast the
     outputs take torch.nn's dtype (bfloat16 for padded input, float32 for a
@@ -508,10 +508,6 @@ class LSTM(_Recurrent):
     def _state_error(self, index, expected, got):
         return f"Expected hidden[{index}] size {expected}, got {list(got)}"
 
-    def _check_lengths(self, lengths):
-        if self.proj_size and lengths is not None:
-            raise NotImplementedError("proj_size > 0 with per-row lengths (PackedSequence or lengths=) is not supported yet")
-
     def _step(self, x, weights, states, outs):
         from .. import cpu
 
@@ -527,7 +523,7 @@ class LSTM(_Recurrent):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         return _ops.lstm_layer_projected_autograd(
             layer_input, *self._layer_weights(layer, direction), getattr(self, "weight_hr" + suffix),
-            *states0, direction == 1, self.backend,
+            *states0, lengths, direction == 1, self.backend,
         )
 
     def forward(self, input, hx=None, *, lengths=None):

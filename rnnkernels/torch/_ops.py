@@ -78,6 +78,8 @@ from ..modules import (
     _Plan,
     backward_direction,
     projected_backward,
+    projected_backward_direction,
+    projected_direction,
     projected_dtype,
     projected_forward,
     run_direction,
@@ -284,6 +286,11 @@ def _layer_train(cell, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, bac
 
 
 def _pack_segments(impl, plan, tape, layout, xp):
+    """:func:`_pack_arrays` of the API's per-segment outputs in ``tape``."""
+    return _pack_arrays(plan, [impl.saved_arrays.to_arrays(_backend_saved(out)) for out in tape], layout, xp)
+
+
+def _pack_arrays(plan, per_segment, layout, xp):
     """The saved arrays of a batch with per-row lengths, one array per entry of
     ``layout`` ([T + k, B, ...]): segment (start, stop, rows) of the plan writes its own
     array [stop - start + k, rows, ...] at [start : stop + k, :rows], so index k + t is
@@ -293,8 +300,7 @@ def _pack_segments(impl, plan, tape, layout, xp):
     exact end state; :func:`_segment_tape` derives segment s + 1's start from it.
     Entries that no segment writes (past a row's length) are zero."""
     packed = [xp.zeros(shape, dtype) for shape, dtype in layout]
-    for (start, stop, rows), out in reversed(list(zip(plan.segments, tape))):
-        arrays = impl.saved_arrays.to_arrays(_backend_saved(out))
+    for (start, stop, rows), arrays in reversed(list(zip(plan.segments, per_segment))):
         for target, array in zip(packed, arrays):
             target[start : stop + target.shape[0] - plan.steps, :rows] = array
     return packed
@@ -314,18 +320,10 @@ def _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, saved, xp):
     rounded to the input dtype and widened again, the value the segment really saw."""
     from .. import _api
 
-    steps, input_size, hidden = plan.steps, xa.shape[2], w_hh_a.shape[1]
+    input_size, hidden = xa.shape[2], w_hh_a.shape[1]
     kind = _arrays.array_kind(xa, "x")
     tape = []
-    for index, (start, stop, rows) in enumerate(plan.segments):
-        x_seg = xp.ascontiguousarray(xa[start:stop, :rows])
-        parts = []
-        for array in saved:
-            k = array.shape[0] - steps
-            part = array[start : stop + k, :rows].copy()
-            if k and index:
-                part[:k] = part[:k].astype(xa.dtype).astype(part.dtype)
-            parts.append(part)
+    for (start, stop, rows), x_seg, parts in _unpack_arrays(plan, xa, saved, xp):
         state = impl.saved_arrays.from_arrays(x_seg, w_ih_a, w_hh_a, has_bias, parts)
         context = _api._Context(
             impl, state, kind, np.dtype(xa.dtype), False, (stop - start, rows, input_size, hidden), has_bias,
@@ -333,6 +331,22 @@ def _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, saved, xp):
         )
         tape.append(_api._make_output(cell, None, (None,) * len(cell.states), True, impl.name, context))
     return tape
+
+
+def _unpack_arrays(plan, xa, saved, xp):
+    """The inverse of :func:`_pack_arrays`, per segment of ``plan``: ``((start, stop,
+    rows), x_seg, parts)``, ``parts`` that segment's own saved arrays (see
+    :func:`_segment_tape` for the start state's rounding)."""
+    for index, (start, stop, rows) in enumerate(plan.segments):
+        x_seg = xp.ascontiguousarray(xa[start:stop, :rows])
+        parts = []
+        for array in saved:
+            k = array.shape[0] - plan.steps
+            part = array[start : stop + k, :rows].copy()
+            if k and index:
+                part[:k] = part[:k].astype(xa.dtype).astype(part.dtype)
+            parts.append(part)
+        yield (start, stop, rows), x_seg, parts
 
 
 def _backend_saved(out):
@@ -711,8 +725,11 @@ lstm_layer_backward_saved = _OPS["lstm"].backward_saved
 # "reference" (float64), "cpu"/"auto" (the input dtype; reference.forward_projected's
 # math on NumPy) or "emulated" (rnnkernels/_projected.py on the CPU emulator), on CUDA
 # tensors with "cuda"/"auto" (rnnkernels/_projected.py on CuPy: cuBLAS GEMMs and our
-# pointwise cell kernels; float32 saved state). Rows with lengths are not supported.
-# The op returns its saved state (gates, h, c) so that backward never recomputes.
+# pointwise cell kernels; float32 saved state). Rows with lengths run as the unprojected
+# ops run them (modules.projected_direction: run_direction's segments with the projected
+# forward per segment); the per-segment saved arrays are laid side by side as
+# _pack_arrays does, their shapes the same as without lengths. The op returns its saved
+# state (gates, h, c) so that backward never recomputes.
 
 _PROJECTED_BACKENDS = PROJECTED_BACKENDS
 
@@ -739,14 +756,22 @@ def lstm_layer_projected(
     w_hr: Tensor,
     h0: Tensor,
     c0: Tensor,
+    lengths: Optional[Tensor],
     reverse: bool,
     backend: str,
 ) -> list[Tensor]:
     """One layer, one direction, with a projection: ``[y [T, B, P], h_n [B, P], c_n
     [B, H], gates [T, B, 4H], h [T+1, B, P], c [T+1, B, H]]``; the last three (in the
-    compute dtype, time in the order the steps ran) are the saved state."""
+    compute dtype, time in the order the steps ran) are the saved state. With
+    ``lengths`` ([B] integers or None) each row stops at its own length; the saved
+    arrays then hold every segment's part as :func:`_pack_arrays` lays them out (rows
+    sorted longest first, time flipped within each row for ``reverse``)."""
     _check_projected(backend, x.device)
     _check_layer(cells.get("lstm"), x, w_hh)
+    steps, batch = x.shape[0], x.shape[1]
+    plan = _plan(lengths, steps, batch)
+    if not plan.uniform:
+        return _projected_segments(plan, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend)
     with _backend_arrays(x.device) as (xp, array, tensor):
         y, h_n, c_n, saved = projected_forward(
             *map(array, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)), reverse, backend
@@ -755,8 +780,35 @@ def lstm_layer_projected(
         return [tensor(a) for a in out] + [tensor(a) for a in projected_saved_arrays(saved)]
 
 
+def _projected_layout(x, w_hr, backend):
+    """``[(shape, numpy dtype)]`` of the projected saved arrays (gates, h, c)."""
+    steps, batch = x.shape[0], x.shape[1]
+    proj, hidden = w_hr.shape
+    dtype = _projected_dtype(backend, x.dtype, x.device)
+    return [((steps, batch, 4 * hidden), dtype), ((steps + 1, batch, proj), dtype), ((steps + 1, batch, hidden), dtype)]
+
+
+def _projected_segments(plan, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
+    """:func:`lstm_layer_projected` for rows with lengths, as ``_layer_train`` runs the
+    unprojected cells: rows sorted, run_direction's segments, the saved arrays packed."""
+    with _backend_arrays(x.device) as (xp, array, tensor):
+        xa, w_ih_a, w_hh_a, b_ih_a, b_hh_a, w_hr_a, h0_a, c0_a = map(array, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0))
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, h0_a, c0_a = xa[:, order], h0_a[order], c0_a[order]
+        y, (h_n, c_n), tape = projected_direction(
+            xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), w_hr_a, (h0_a, c0_a), plan, reverse, True, backend
+        )
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            y, h_n, c_n = y[:, restore], h_n[restore], c_n[restore]
+        saved = _pack_arrays(plan, [projected_saved_arrays(t) for t in tape], _projected_layout(x, w_hr, backend), xp)
+        out = [xp.array(a, dtype=_NUMPY_DTYPES[x.dtype], order="C") for a in (y, h_n, c_n)]  # copies
+        return [tensor(a) for a in out] + [tensor(a) for a in saved]
+
+
 @lstm_layer_projected.register_fake
-def _lstm_layer_projected_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
+def _lstm_layer_projected_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, backend):
     steps, batch = x.shape[0], x.shape[1]
     proj, hidden = w_hr.shape
     saved_dtype = _TORCH_DTYPES[_projected_dtype(backend, x.dtype, x.device)]
@@ -779,12 +831,16 @@ def lstm_layer_projected_backward(
     w_hr: Tensor,
     has_bias: bool,
     saved: list[Tensor],
+    lengths: Optional[Tensor],
     reverse: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_layer_projected` from its saved state: ``(dx, dw_ih,
     dw_hh, db, dw_hr, dh0, dc0)``, ``db`` [4H] (zeros without biases)."""
     out_dtype = _NUMPY_DTYPES[x.dtype]
+    plan = _plan(lengths, x.shape[0], x.shape[1])
+    if not plan.uniform:
+        return _projected_backward_segments(plan, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, has_bias, saved, reverse, backend)
     with _backend_arrays(x.device) as (xp, array, tensor):
         state = projected_saved(backend, *map(array, (x, w_ih, w_hh, w_hr)), has_bias, [array(t) for t in saved], reverse)
         dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = projected_backward(state, *map(array, (dy, dh_n, dc_n)), reverse)
@@ -793,8 +849,36 @@ def lstm_layer_projected_backward(
         return tuple(tensor(xp.array(a, dtype=out_dtype, order="C")) for a in (dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0))
 
 
+def _projected_backward_segments(plan, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, has_bias, saved, reverse, backend):
+    """:func:`lstm_layer_projected_backward` for rows with lengths: each segment's saved
+    state rebuilt from the packed arrays (:func:`_unpack_arrays`), then
+    modules.projected_backward_direction, the NumPy LSTM's own path, on them."""
+    out_dtype = _NUMPY_DTYPES[x.dtype]
+    with _backend_arrays(x.device) as (xp, array, tensor):
+        xa, w_ih_a, w_hh_a, w_hr_a = map(array, (x, w_ih, w_hh, w_hr))
+        dy_a, dh_a, dc_a = (array(a).astype(out_dtype, copy=False) for a in (dy, dh_n, dc_n))
+        if plan.order is not None:
+            order = xp.asarray(plan.order)
+            xa, dy_a, dh_a, dc_a = xa[:, order], dy_a[:, order], dh_a[order], dc_a[order]
+        if reverse:
+            xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped rows
+        tape = [
+            projected_saved(backend, x_seg, w_ih_a, w_hh_a, w_hr_a, has_bias, parts, False)
+            for _, x_seg, parts in _unpack_arrays(plan, xa, [array(t) for t in saved], xp)
+        ]
+        dx, dw_ih, dw_hh, db, dw_hr, (dh0, dc0) = projected_backward_direction(
+            tape, plan, reverse, xp.ascontiguousarray(dy_a), (dh_a, dc_a), x.shape[2], has_bias
+        )
+        if db is None:
+            db = xp.zeros(w_ih.shape[0], out_dtype)
+        if plan.order is not None:
+            restore = xp.asarray(plan.restore)
+            dx, dh0, dc0 = dx[:, restore], dh0[restore], dc0[restore]
+        return tuple(tensor(xp.array(a, dtype=out_dtype, order="C")) for a in (dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0))
+
+
 @lstm_layer_projected_backward.register_fake
-def _lstm_layer_projected_backward_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, has_bias, saved, reverse, backend):
+def _lstm_layer_projected_backward_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, has_bias, saved, lengths, reverse, backend):
     batch = x.shape[1]
     proj, hidden = w_hr.shape
     return (
@@ -808,14 +892,14 @@ class _ProjectedFunction(torch.autograd.Function):
     torch.func's grad and vjp; no vmap rule). No double backward."""
 
     @staticmethod
-    def forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend):
+    def forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, backend):
         with torch.no_grad():
-            return tuple(lstm_layer_projected(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend))
+            return tuple(lstm_layer_projected(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w_ih, w_hh, b_ih, _, w_hr, h0, c0, reverse, backend = inputs
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, *output[3:])
+        x, w_ih, w_hh, b_ih, _, w_hr, h0, c0, lengths, reverse, backend = inputs
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, lengths, *output[3:])
         ctx.has_bias, ctx.reverse, ctx.backend = b_ih is not None, reverse, backend
         ctx.mark_non_differentiable(*output[3:])
 
@@ -834,18 +918,19 @@ class _ProjectedFunction(torch.autograd.Function):
 
     @staticmethod
     def _grads(ctx, dy, dh_n, dc_n):
-        x, w_ih, w_hh, w_hr, h0, c0, *saved = ctx.saved_tensors
+        x, w_ih, w_hh, w_hr, h0, c0, lengths, *saved = ctx.saved_tensors
         dy = x.new_zeros((x.shape[0], x.shape[1], w_hr.shape[0])) if dy is None else dy
         dh_n = h0.new_zeros(h0.shape) if dh_n is None else dh_n
         dc_n = c0.new_zeros(c0.shape) if dc_n is None else dc_n
         dx, dw_ih, dw_hh, db, dw_hr, dh0, dc0 = lstm_layer_projected_backward(
-            dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, ctx.has_bias, saved, ctx.reverse, ctx.backend
+            dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, ctx.has_bias, saved, lengths, ctx.reverse, ctx.backend
         )
         db_ih, db_hh = (db, db.clone()) if ctx.has_bias else (None, None)
-        return dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0.to(h0.dtype), dc0.to(c0.dtype), None, None
+        return dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0.to(h0.dtype), dc0.to(c0.dtype), None, None, None
 
 
-def lstm_layer_projected_autograd(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse: bool, backend: str):
-    """:func:`lstm_layer_projected` with gradients: ``(y, h_n, c_n)``."""
+def lstm_layer_projected_autograd(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse: bool, backend: str):
+    """:func:`lstm_layer_projected` with gradients: ``(y, h_n, c_n)``; ``lengths`` [B]
+    integers or None."""
     _check_projected(backend, x.device)
-    return _ProjectedFunction.apply(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, backend)[:3]
+    return _ProjectedFunction.apply(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, backend)[:3]
