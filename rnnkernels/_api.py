@@ -160,9 +160,8 @@ class RNNGrads(_HiddenGrads):
     only ever appear summed)."""
 
 
-_OUTPUTS = {"lstm": LSTMOutput, "gru": GRUOutput, "rnn_tanh": RNNOutput, "rnn_relu": RNNOutput}
 _GRADS = {"lstm": LSTMGrads, "gru": GRUGrads, "rnn_tanh": RNNGrads, "rnn_relu": RNNGrads}
-AnyOutput = (LSTMOutput, GRUOutput, RNNOutput)
+_OUTPUT_TYPES = (LSTMOutput, GRUOutput, RNNOutput)
 
 
 def _make_output(cell: cells.Cell, y, states, training, backend, ctx):
@@ -590,7 +589,7 @@ def cell_backward(out, dy=None, dstates=None, *, return_step_norms=False):
     """Backpropagation through time for an output of :func:`cell_forward` (or of the
     public forwards): the generic form of the backward functions. ``dstates`` is None
     or a tuple like ``out.states`` whose entries may be None (zero)."""
-    if not isinstance(out, AnyOutput):
+    if not isinstance(out, _OUTPUT_TYPES):
         raise TypeError(f"out must be the output of a forward function (LSTMOutput, GRUOutput, RNNOutput), got "
                         f"{type(out).__name__}")
     _check_flag(return_step_norms, "return_step_norms")
@@ -672,11 +671,8 @@ def cell_backward(out, dy=None, dstates=None, *, return_step_norms=False):
             cell, to_user(dx), to_user(dw_ih), to_user(dw_hh), to_user(db_ih), to_user(db_hh), map(to_user, dstate0)
         )
         if return_step_norms:
-            host = [np.asarray(_to_host(n), dtype=np.float64) for n in norms]
-            if cell.name == "lstm":
-                grads.dh_norms, grads.dc_norms = host
-            else:
-                (grads.dh_norms,) = host
+            for state, norm in zip(cell.states, norms):  # dh_norms (and dc_norms)
+                setattr(grads, f"d{state}_norms", np.asarray(_to_host(norm), dtype=np.float64))
         return grads
 
 
