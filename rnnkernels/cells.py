@@ -7,7 +7,9 @@ states the recurrence carries, how the two biases reach a backend, and which mod
 implements the cell on each backend. Each cell's equations live in one file per layer
 (``reference.py`` / ``gru_reference.py`` / ``rnn_reference.py``, ``cpu.py`` /
 ``cpu_gru.py`` / ``cpu_rnn.py``, ``csrc/<cell>_{forward,backward}.cu``); adding a cell is
-one such file per layer plus its entry here.
+one such file per layer, its entry here, its kernel description in ``_launch.py``
+(``CellKernels``: gate count, sources, what a step saves) and a thin module subclass in
+``modules.py`` and ``torch/_module.py`` (its constructor and state shapes).
 
 Biases. Backends get ONE bias vector, folded by the API in float32 at least (the
 backend contract: ``_backend.py``), and return its gradient in the same layout:
