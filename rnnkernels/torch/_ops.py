@@ -233,15 +233,25 @@ def _layer_backward(cell, dy, dstates_n, x, w_ih, w_hh, b_ih, b_hh, states0, len
         _, _, tape = run_direction(
             cell, xa, (w_ih_a, w_hh_a, b_ih_a, b_hh_a), states0_a, plan, reverse, training=True, backend=backend
         )
-        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
-            cell, tape, plan, reverse, xp.ascontiguousarray(dy_a), dstates_a, input_size, has_bias
+        return _backward_in_user_order(
+            cell, tape, plan, reverse, dy_a, dstates_a, input_size, has_bias, w_hh.shape[0], xa.dtype, xp, to_tensor
         )
-        if not has_bias:
-            db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
-        if plan.order is not None:
-            restore = xp.asarray(plan.restore)
-            dx, dstates0 = dx[:, restore], [d[restore] for d in dstates0]
-        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
+
+
+def _backward_in_user_order(cell, tape, plan, reverse, dy_a, dstates_a, input_size, has_bias, gate_rows, dtype,
+                            xp, to_tensor):
+    """The backward ops' common end: ``backward_direction`` on the tape of rows sorted by
+    length, zero bias gradients when the layer has none (the ops return tensors), the rows
+    put back in the caller's order, as tensors."""
+    dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
+        cell, tape, plan, reverse, xp.ascontiguousarray(dy_a), dstates_a, input_size, has_bias
+    )
+    if not has_bias:
+        db_ih = db_hh = xp.zeros(gate_rows, dtype)
+    if plan.order is not None:
+        restore = xp.asarray(plan.restore)
+        dx, dstates0 = dx[:, restore], [d[restore] for d in dstates0]
+    return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
 
 
 def _layer_backward_fake(cell, dy, dstates_n, x, w_ih, w_hh, b_ih, b_hh, states0, lengths, reverse, backend):
@@ -411,15 +421,9 @@ def _layer_backward_segments(cell, impl, plan, dy, dstates_n, x, w_ih, w_hh, has
         if reverse:
             xa = plan.flip(xa)  # the kernels saw (and saved for) the flipped rows
         tape = _segment_tape(cell, impl, plan, xa, w_ih_a, w_hh_a, has_bias, [to_array(t) for t in saved], xp)
-        dx, dw_ih, dw_hh, db_ih, db_hh, dstates0 = backward_direction(
-            cell, tape, plan, reverse, xp.ascontiguousarray(dy_a), dstates_a, input_size, has_bias
+        return _backward_in_user_order(
+            cell, tape, plan, reverse, dy_a, dstates_a, input_size, has_bias, w_hh.shape[0], xa.dtype, xp, to_tensor
         )
-        if not has_bias:
-            db_ih = db_hh = xp.zeros(w_hh.shape[0], xa.dtype)
-        if plan.order is not None:
-            restore = xp.asarray(plan.restore)
-            dx, dstates0 = dx[:, restore], [d[restore] for d in dstates0]
-        return tuple(to_tensor(a) for a in (dx, dw_ih, dw_hh, db_ih, db_hh, *dstates0))
 
 
 def _layer_backward_saved_fake(cell, dy, dstates_n, x, w_ih, w_hh, has_bias, saved, lengths, reverse, backend):
