@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, cells
 
 __all__ = [
     "xavier_uniform",
@@ -426,7 +426,6 @@ CELL_SCHEMES = {
 """The schemes of each cell, by the names of ``rnnkernels.cells``: the Elman RNN adds
 "irnn" (identity W_hh, Le et al. 2015); gated cells have no identity recipe."""
 
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 IRNN_INPUT_STD = 0.001
 """σ of the IRNN's input weights: N(0, 0.001²), as in Le et al. (2015)'s toy-problem
@@ -454,7 +453,7 @@ def _parameters(cell, input_size, hidden_size, scheme, rng, dtype, like, xp, rec
     recurrent_gain = _check_gain(recurrent_gain)
     if scheme == "pytorch_default" and recurrent_gain != 1.0:
         raise ValueError("recurrent_gain applies to the other schemes; pytorch_default is U(±1/√H)")
-    gates = _GATES[cell]
+    gates = cells.get(cell).gates
     rows = gates * hidden_size
     host = {"dtype": np.float64}
     generator = _rng(rng)
