@@ -345,7 +345,10 @@ class _Recurrent(nn.Module):
                 if lengths.shape[0] != batch:
                     raise ValueError(f"lengths must have one entry per sequence ({batch}), got {lengths.shape[0]}")
                 sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
-                if bool((order == torch.arange(batch)).all()):
+                # Rows already longest first need no reordering; whether they are is a
+                # value of the data, which a compiled graph cannot branch on, so under
+                # torch.compile the rows are always reordered (an identity gather).
+                if not torch.compiler.is_compiling() and bool((order == torch.arange(batch)).all()):
                     order = None
                 else:
                     lengths, restore = sorted_lengths, torch.argsort(order)
