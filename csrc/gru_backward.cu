@@ -114,7 +114,8 @@ gru_backward_step(const Storage* __restrict__ w_hh,  // [3H, H], gate order r,z,
 //     dgh_{t+1}; per chunk of chunk_rows batch rows stage dgh_{t+1}[chunk] and form
 //     dgh_{t+1}·W_hh[:, units] (items of four units); then gru_backward_step's
 //     pointwise math per (row, unit) pair: dgi_t, dgh_t, the carry; StepNorms: Σ dh_t²
-//     of the block's pairs into step_squares[block, t]; publish step t.
+//     of the block's pairs into step_squares[block, t]; publish step t. Each thread
+//     loads its first pair's gates, gh^n, h_{t-1} and dy before the wait.
 //   * after the loop the carry (dh_0·z_0) goes to carry_out; the launcher adds
 //     dgh_0·W_hh for dh0.
 // VectorLoads (16-byte staging of dgh rows) needs 3H % 4 == 0, i.e. H % 4 == 0.
@@ -162,8 +163,34 @@ gru_backward_persistent(const Storage* __restrict__ w_hh,  // [3H, H], gate orde
     }
     __syncthreads();
 
+    // What the pointwise backward of one (row, unit) pair reads at a step, none of it
+    // written in this launch (the carry is the block's own, in shared memory).
+    struct PairInputs {
+        float gate[gru_gates];  // activated r, z, n
+        float hidden_n, h_prev, dy;
+    };
+    auto load_inputs = [&](int step, int row, int unit) {
+        PairInputs in;
+        const index_t cell = (index_t)row * hidden + unit;
+        const float* gates_row = gates + ((index_t)step * batch + row) * gate_width + unit;
+#pragma unroll
+        for (int g = 0; g < gru_gates; ++g) in.gate[g] = gates_row[g * hidden];
+        in.hidden_n = hn[(index_t)step * state_size + cell];
+        in.h_prev = h_all[(index_t)step * state_size + cell];
+        in.dy = to_float(dy[(index_t)step * state_size + cell]);
+        return in;
+    };
+
     for (int step = steps - 1; step >= 0; --step) {
         const bool recurrent = step + 1 < steps;  // uniform over the grid
+        // The inputs of this thread's first pair, loaded BEFORE the wait (as in
+        // lstm_backward_persistent): their latency overlaps the wait instead of
+        // following the product.
+        PairInputs first;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units;
+            first = load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+        }
         if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
         double squares[1] = {0.0};  // Σ dh² of this thread's pairs
         const float* dz_next = dgh + (index_t)(step + 1) * batch * gate_width;
@@ -181,21 +208,21 @@ gru_backward_persistent(const Storage* __restrict__ w_hh,  // [3H, H], gate orde
             for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
                 const int r = pair / own_units, u = pair - r * own_units;
                 const int row = row0 + r, unit = unit0 + u;
-                const index_t cell = (index_t)row * hidden + unit;
                 const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                const float* gates_row = gates + gate_offset;
-                const float reset_gate = gates_row[unit];
-                const float update_gate = gates_row[hidden + unit];
-                const float candidate = gates_row[2 * hidden + unit];
-                const float hidden_n = hn[(index_t)step * state_size + cell];
-                const float h_prev = h_all[(index_t)step * state_size + cell];
+                // The first pair of the first chunk is the one prefetched above.
+                const PairInputs in = (row0 == 0 && pair == (int)threadIdx.x) ? first : load_inputs(step, row, unit);
+                const float reset_gate = in.gate[0];
+                const float update_gate = in.gate[1];
+                const float candidate = in.gate[2];
+                const float hidden_n = in.hidden_n;
+                const float h_prev = in.h_prev;
                 float& dh_carry = carry[row * units + u];
 
                 const float recurrent_part =
                     recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows,
                                                                                     u % ItemRows, r)
                               : 0.0f;
-                const float dh_total = recurrent_part + to_float(dy[(index_t)step * state_size + cell]) + dh_carry;
+                const float dh_total = recurrent_part + in.dy + dh_carry;
                 const float da_n = dh_total * (1.0f - update_gate) * (1.0f - candidate * candidate);
                 const float da_z = dh_total * (h_prev - candidate) * update_gate * (1.0f - update_gate);
                 const float da_r = da_n * hidden_n * reset_gate * (1.0f - reset_gate);

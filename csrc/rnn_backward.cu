@@ -81,7 +81,8 @@ rnn_backward_step(const Storage* __restrict__ w_hh,  // [H, H]
 // shared memory transposed; per step (T-1 down to 0) it waits for da_{t+1} (except at
 // t = T-1), stages it chunk by chunk, forms da_{t+1}·W_hh[:, units] (items of four
 // units), then rnn_backward_step's pointwise math per (row, unit) pair; StepNorms:
-// Σ dh_t² into step_squares[block, t]; publishes step t. No per-cell carry.
+// Σ dh_t² into step_squares[block, t]; publishes step t. No per-cell carry. Each
+// thread loads its first pair's dy and h_t before the wait.
 // VectorLoads (16-byte staging of da rows) needs H % 4 == 0.
 template <typename Storage, bool Relu, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads,
           bool StepNorms>
@@ -118,8 +119,29 @@ rnn_backward_persistent(const Storage* __restrict__ w_hh,  // [H, H]
     });
     __syncthreads();
 
+    // What the pointwise backward of one (row, unit) pair reads at a step, none of it
+    // written in this launch.
+    struct PairInputs {
+        float dy, h;  // h = h_t = h_all[t+1]
+    };
+    auto load_inputs = [&](int step, int row, int unit) {
+        PairInputs in;
+        const index_t offset = (index_t)step * state_size + (index_t)row * hidden + unit;
+        in.dy = to_float(dy[offset]);
+        in.h = h_all[offset + state_size];
+        return in;
+    };
+
     for (int step = steps - 1; step >= 0; --step) {
         const bool recurrent = step + 1 < steps;  // uniform over the grid
+        // The inputs of this thread's first pair, loaded BEFORE the wait (as in
+        // lstm_backward_persistent): their latency overlaps the wait instead of
+        // following the product.
+        PairInputs first;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units;
+            first = load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+        }
         if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
         double squares[1] = {0.0};  // Σ dh² of this thread's pairs
         const float* dz_next = da + (index_t)(step + 1) * state_size;
@@ -139,12 +161,14 @@ rnn_backward_persistent(const Storage* __restrict__ w_hh,  // [H, H]
                 const int row = row0 + r, unit = unit0 + u;
                 const index_t cell = (index_t)row * hidden + unit;
                 const index_t offset = (index_t)step * state_size + cell;
+                // The first pair of the first chunk is the one prefetched above.
+                const PairInputs in = (row0 == 0 && pair == (int)threadIdx.x) ? first : load_inputs(step, row, unit);
                 float dh_total = recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(
                                                  partials, layout, u / ItemRows, u % ItemRows, r)
                                            : 0.0f;
-                dh_total += to_float(dy[offset]);
+                dh_total += in.dy;
                 if (!recurrent) dh_total += to_float(dh_n[cell]);
-                const float h = h_all[offset + state_size];  // h_t = h_all[t+1]
+                const float h = in.h;  // h_t = h_all[t+1]
                 if constexpr (Relu)
                     da[offset] = h <= 0.0f ? 0.0f : dh_total;  // PyTorch's: a NaN h passes dh
                 else
