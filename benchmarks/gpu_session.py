@@ -33,8 +33,8 @@ running to its limit, 415 s in all, under the 420 s budget; --budget caps the to
                    the first shape. Every module is built first, side by side
                    (build_modules): where CuPy's disk cache misses, a serial build
                    would cost 42 s of NVRTC (sm_90, measured on the 2-core CI
-                   machine); side by side ~10 s with a core per source, 23 s on 2
-                   cores. The emulated stage: 18 s from a cold cache, under 1 s warm
+                   machine); side by side 23 s there (measured), ~10 s with a core
+                   per source (predicted). The emulated stage: 18 s from a cold cache, under 1 s warm
                    (CI machine, loaded). The checks on a GPU: unmeasured (each record
                    carries its seconds for the first session to say)
   sanitizer    80  compute-sanitizer memcheck, then racecheck (40 s each), on every
@@ -523,8 +523,9 @@ def build_modules(emulated: bool, record) -> None:
     misses, the stage would compile every source serially: 42 s for sm_90 on the
     2-core CI machine (quiet, NVRTC 13.5, benchmarks/gpu_session.py's sources, all
     cells), most of the stage's limit. In threads (NVRTC and the emulator's g++ run
-    outside the GIL) the build takes the slowest source's time where there are as many
-    cores as sources (~10 s there: rnn_backward.cu), 23 s on those 2 cores. A source
+    outside the GIL) the build takes about the slowest source's time where there are as
+    many cores as sources (a prediction: ~10 s at that machine's speed per core,
+    rnn_backward.cu), and took 23 s on its 2 cores (measured, quiet). A source
     that fails is recorded and left to its checks, which then report the error."""
     sources = list(_launch.KERNELS)
     start = time.perf_counter()
