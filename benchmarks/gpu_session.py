@@ -34,9 +34,10 @@ running to its limit, 415 s in all, under the 420 s budget; --budget caps the to
                    (build_modules): where CuPy's disk cache misses, a serial build
                    would cost 42 s of NVRTC (sm_90, measured on the 2-core CI
                    machine); side by side 23 s there (measured), ~10 s with a core
-                   per source (predicted). The emulated stage: 18 s from a cold cache, under 1 s warm
-                   (CI machine, loaded). The checks on a GPU: unmeasured (each record
-                   carries its seconds for the first session to say)
+                   per source (predicted). The emulated stage: 18 s from a cold
+                   cache, under 1 s warm (CI machine, loaded). The checks on a GPU:
+                   unmeasured (each record carries its seconds for the first
+                   session to say)
   sanitizer    80  compute-sanitizer memcheck, then racecheck (40 s each), on every
                    variant forward + backward at the smallest shape, both dtypes
   timing      140  us per step = (t(T=256) - t(T=64)) / 192, CUDA events, warm-up,
@@ -521,7 +522,7 @@ def build_modules(emulated: bool, record) -> None:
     Why: the checks load the modules one after another. Where CuPy's disk cache hits
     (the compile stage's ``disk_cache_hit``) a load is well under a second; where it
     misses, the stage would compile every source serially: 42 s for sm_90 on the
-    2-core CI machine (quiet, NVRTC 13.5, benchmarks/gpu_session.py's sources, all
+    2-core CI machine (quiet, NVRTC 13.5, every source of _launch.KERNELS, all
     cells), most of the stage's limit. In threads (NVRTC and the emulator's g++ run
     outside the GIL) the build takes about the slowest source's time where there are as
     many cores as sources (a prediction: ~10 s at that machine's speed per core,
