@@ -30,7 +30,14 @@ running to its limit, 415 s in all, under the 420 s budget; --budget caps the to
   correctness  60  every variant of _launch.VARIANTS, forward (training and inference)
                    and backward, float32 and float16, small shapes, vs the float64
                    reference; the same for the GRU and the Elman RNN (tanh, relu) on
-                   the first shape
+                   the first shape. Every module is built first, side by side
+                   (build_modules): where CuPy's disk cache misses, a serial build
+                   would cost 42 s of NVRTC (sm_90, measured on the 2-core CI
+                   machine); side by side 23 s there (measured), ~10 s with a core
+                   per source (predicted). The emulated stage: 18 s from a cold
+                   cache, under 1 s warm (CI machine, loaded). The checks on a GPU:
+                   unmeasured (each record carries its seconds for the first
+                   session to say)
   sanitizer    80  compute-sanitizer memcheck, then racecheck (40 s each), on every
                    variant forward + backward at the smallest shape, both dtypes
   timing      140  us per step = (t(T=256) - t(T=64)) / 192, CUDA events, warm-up,
@@ -509,31 +516,55 @@ EMULATED_CORRECTNESS_SHAPES = [(3, 2, 5, 7)]
 SANITIZER_SHAPE = (2, 1, 3, 5)
 
 
+def build_modules(emulated: bool, record) -> None:
+    """Every source's module, side by side, one thread each, before the checks use them.
+
+    Why: the checks load the modules one after another. Where CuPy's disk cache hits
+    (the compile stage's ``disk_cache_hit``) a load is well under a second; where it
+    misses, the stage would compile every source serially: 42 s for sm_90 on the
+    2-core CI machine (quiet, NVRTC 13.5, every source of _launch.KERNELS, all
+    cells), most of the stage's limit. In threads (NVRTC and the emulator's g++ run
+    outside the GIL) the build takes about the slowest source's time where there are as
+    many cores as sources (a prediction: ~10 s at that machine's speed per core,
+    rnn_backward.cu), and took 23 s on its 2 cores (measured, quiet). A source
+    that fails is recorded and left to its checks, which then report the error."""
+    sources = list(_launch.KERNELS)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(sources)) as pool:
+        builds = list(pool.map(lambda source: _timed_or_error(compile_seconds, source, emulated), sources))
+    for source, (seconds, error) in zip(sources, builds):
+        record("correctness_build", source=source, seconds=seconds, error=error)
+    record("correctness_build", source="all", seconds=time.perf_counter() - start, error=None)
+
+
 def stage_correctness(args, record) -> None:
     rt = Runtime(args.emulated)
+    build_modules(args.emulated, record)
     shapes = EMULATED_CORRECTNESS_SHAPES if args.emulated else CORRECTNESS_SHAPES
     failures = []
     for variant in _launch.VARIANTS:
         for dtype in _launch.STORAGE_TYPES:
             for index, shape in enumerate(shapes):
+                start = time.perf_counter()
                 try:
                     result = check_variant(rt, variant, dtype, shape, seed=index)
                 except Exception as error:  # noqa: BLE001 - one variant's crash must not hide the others
                     result = {"variant": variant, "dtype": dtype, "shape": list(shape), "ok": False,
                               "error": f"{type(error).__name__}: {error}"}
-                record("correctness", **result)
+                record("correctness", **result, seconds=time.perf_counter() - start)
                 if not result["ok"]:
                     failures.append(f"{variant} {dtype} {shape}")
     # The other cells: every variant and dtype on the first shape.
     for cell in _launch.CELL_KERNELS:
         for variant in _launch.VARIANTS:
             for dtype in _launch.STORAGE_TYPES:
+                start = time.perf_counter()
                 try:
                     result = check_cell_variant(rt, cell, variant, dtype, shapes[0], seed=0)
                 except Exception as error:  # noqa: BLE001 - one variant's crash must not hide the others
                     result = {"cell": cell, "variant": variant, "dtype": dtype, "shape": list(shapes[0]), "ok": False,
                               "error": f"{type(error).__name__}: {error}"}
-                record("correctness", **result)
+                record("correctness", **result, seconds=time.perf_counter() - start)
                 if not result["ok"]:
                     failures.append(f"{cell} {variant} {dtype} {shapes[0]}")
     if failures:
@@ -985,12 +1016,21 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append("no timings recorded")
     lines += ["", "## Correctness (max relative error vs the float64 reference)", ""]
-    lines += ["| cell | variant | dtype | shape (T,B,I,H) | worst output | max rel err | tolerance | ok |",
-              "|---|---|---|---|---|---:|---:|---|"]
+    builds = {b["source"]: b for b in records.get("correctness_build", [])}
+    if builds:
+        slowest = max((b for name, b in builds.items() if name != "all" and b.get("seconds") is not None),
+                      key=lambda b: b["seconds"], default=None)
+        lines += [f"Modules built side by side in {_fmt((builds.get('all') or {}).get('seconds'))} s"
+                  + (f" (slowest: {slowest['source']}, {_fmt(slowest['seconds'])} s)" if slowest else "")
+                  + "; checks in "
+                  + f"{_fmt(sum(c.get('seconds') or 0.0 for c in records.get('correctness', [])))} s.", ""]
+    lines += ["| cell | variant | dtype | shape (T,B,I,H) | worst output | max rel err | tolerance | ok | s |",
+              "|---|---|---|---|---|---:|---:|---|---:|"]
     for c in records.get("correctness", []):
         lines.append(f"| {c.get('cell', 'lstm')} | {c['variant']} | {c['dtype']} | {c['shape']} | "
                      f"{c.get('worst', c.get('error', ''))} | "
-                     f"{_fmt(c.get('max_error'))} | {_fmt(c.get('tolerance'))} | {c['ok']} |")
+                     f"{_fmt(c.get('max_error'))} | {_fmt(c.get('tolerance'))} | {c['ok']} | "
+                     f"{_fmt(c.get('seconds'), 2)} |")
     for v in records.get("validation", []):
         if not v.get("ok"):
             lines.append(f"- timing validation failed: {v['config']} {v['impl']}: {v.get('error') or v.get('rel_error')}")

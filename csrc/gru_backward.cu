@@ -104,19 +104,76 @@ gru_backward_step(const Storage* __restrict__ w_hh,  // [3H, H], gate order r,z,
 }
 
 // ------------------------------------------------------------------ persistent
-// The reverse recurrence, all T steps in one cooperative launch: lstm_backward_persistent's
-// machinery (persistent.cuh) with K = 3H and the GRU's pointwise backward. Block b owns
-// the units [b·units, (b+1)·units) ∩ [0, H):
-//   * once: W_hh's COLUMNS of its units, all 3H rows, go to shared memory transposed
-//     (w_slice[u][k] = W_hh[k, unit0 + u], float32, units padded to a multiple of 4),
-//     and dh_n of its cells to shared memory, where the dh·z carry stays between steps;
-//   * step t (T-1 down to 0): except at t = T-1, wait until every block has published
-//     dgh_{t+1}; per chunk of chunk_rows batch rows stage dgh_{t+1}[chunk] and form
-//     dgh_{t+1}·W_hh[:, units] (items of four units); then gru_backward_step's
-//     pointwise math per (row, unit) pair: dgi_t, dgh_t, the carry; StepNorms: Σ dh_t²
-//     of the block's pairs into step_squares[block, t]; publish step t.
-//   * after the loop the carry (dh_0·z_0) goes to carry_out; the launcher adds
-//     dgh_0·W_hh for dh0.
+// The reverse recurrence, all T steps in one cooperative launch: persistent.cuh's
+// backward_recurrence (W_hh's columns of the block's units, K = 3H, the prefetch of
+// each thread's first pair's gates, gh^n, h_{t-1} and dy before the wait, the step
+// norms' block sums) with the GRU's policy below: dh_n of the block's cells goes to
+// shared memory, where the dh·z carry stays between steps; per (row, unit) pair
+// gru_backward_step's pointwise math: dgi_t, dgh_t, the carry; StepNorms: Σ dh_t².
+// After the loop the carry (dh_0·z_0) goes to carry_out; the launcher adds dgh_0·W_hh
+// for dh0.
+template <typename Storage, bool StepNorms>
+struct GruBackwardCell {
+    static constexpr int gates = gru_gates;
+    static constexpr bool carry = true;
+    static constexpr int norms = 1;  // ‖dh_t‖
+    const Storage* w_hh;
+    const float* saved_gates;
+    const float* hn;
+    const float* h_all;
+    const Storage* dy;
+    const float* dh_n;
+    float* carry_out;
+    float* dgi;
+    float* dgh;
+    int batch, hidden;
+
+    // What the pointwise backward of one (row, unit) pair reads at a step (the carry is
+    // the block's own, in shared memory).
+    struct Inputs {
+        float gate[gru_gates];  // activated r, z, n
+        float hidden_n, h_prev, dy;
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        Inputs in;
+        const index_t state_size = (index_t)batch * hidden;
+        const index_t cell = (index_t)row * hidden + unit;
+        const float* gates_row = saved_gates + ((index_t)step * batch + row) * (gru_gates * hidden) + unit;
+#pragma unroll
+        for (int g = 0; g < gru_gates; ++g) in.gate[g] = gates_row[g * hidden];
+        in.hidden_n = hn[(index_t)step * state_size + cell];
+        in.h_prev = h_all[(index_t)step * state_size + cell];
+        in.dy = to_float(dy[(index_t)step * state_size + cell]);
+        return in;
+    }
+    __device__ __forceinline__ float initial_carry(index_t cell) const { return dh_n[cell]; }
+    __device__ __forceinline__ void update(const Inputs& in, bool /* recurrent */, float recurrent_part, int step,
+                                           int row, int unit, float* dh_carry, double (&squares)[norms]) const {
+        const float reset_gate = in.gate[0];
+        const float update_gate = in.gate[1];
+        const float candidate = in.gate[2];
+        const float hidden_n = in.hidden_n;
+        const float h_prev = in.h_prev;
+
+        const float dh_total = recurrent_part + in.dy + *dh_carry;
+        const float da_n = dh_total * (1.0f - update_gate) * (1.0f - candidate * candidate);
+        const float da_z = dh_total * (h_prev - candidate) * update_gate * (1.0f - update_gate);
+        const float da_r = da_n * hidden_n * reset_gate * (1.0f - reset_gate);
+        const index_t gate_offset = ((index_t)step * batch + row) * (gru_gates * hidden);
+        float* dgi_row = dgi + gate_offset;
+        float* dgh_row = dgh + gate_offset;
+        dgi_row[unit] = da_r;
+        dgi_row[hidden + unit] = da_z;
+        dgi_row[2 * hidden + unit] = da_n;
+        dgh_row[unit] = da_r;
+        dgh_row[hidden + unit] = da_z;
+        dgh_row[2 * hidden + unit] = da_n * reset_gate;
+        *dh_carry = dh_total * update_gate;
+        if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
+    }
+};
+
+// Launch: as lstm_backward_persistent (checked by rnnkernels/_persistent.py).
 // VectorLoads (16-byte staging of dgh rows) needs 3H % 4 == 0, i.e. H % 4 == 0.
 template <typename Storage, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads, bool StepNorms>
 __global__ void __launch_bounds__(Threads, 1)
@@ -136,94 +193,10 @@ gru_backward_persistent(const Storage* __restrict__ w_hh,  // [3H, H], gate orde
                         int hidden,                        // H
                         int units,                         // hidden units per block
                         int chunk_rows) {                  // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = 4;  // an item: four consecutive units (columns of W_hh)
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const int gate_width = gru_gates * hidden;
-    const index_t state_size = (index_t)batch * hidden;
-    const int padded_units = persistent::round_up(units, ItemRows);
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, gate_width, chunk_rows,
-                                                                     padded_units / ItemRows, batch, units);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row u = W_hh[:, unit0 + u]
-    float* dz_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-    float* carry = shared + layout.cells;  // carry[row·units + u] of (row, unit0 + u)
-
-    persistent::load_slice<Threads>(w_slice, padded_units, gate_width, layout.k_pad, [&](int u, int k) {
-        return u < own_units ? to_float(w_hh[(index_t)k * hidden + unit0 + u]) : 0.0f;
-    });
-    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-        const int row = e / own_units, u = e - row * own_units;
-        carry[row * units + u] = dh_n[(index_t)row * hidden + unit0 + u];
-    }
-    __syncthreads();
-
-    for (int step = steps - 1; step >= 0; --step) {
-        const bool recurrent = step + 1 < steps;  // uniform over the grid
-        if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
-        double squares[1] = {0.0};  // Σ dh² of this thread's pairs
-        const float* dz_next = dgh + (index_t)(step + 1) * batch * gate_width;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            if (recurrent) {
-                persistent::stage_rows<Threads, InFlight, VectorLoads>(
-                    dz_chunk, layout.k_pad, dz_next + (index_t)row0 * gate_width, gate_width, rows,
-                    persistent::round_up(rows, RowTile), gate_width);
-                __syncthreads();
-                persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, dz_chunk, partials, layout,
-                                                                                 ItemRows, 1);
-                __syncthreads();
-            }
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t cell = (index_t)row * hidden + unit;
-                const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                const float* gates_row = gates + gate_offset;
-                const float reset_gate = gates_row[unit];
-                const float update_gate = gates_row[hidden + unit];
-                const float candidate = gates_row[2 * hidden + unit];
-                const float hidden_n = hn[(index_t)step * state_size + cell];
-                const float h_prev = h_all[(index_t)step * state_size + cell];
-                float& dh_carry = carry[row * units + u];
-
-                const float recurrent_part =
-                    recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows,
-                                                                                    u % ItemRows, r)
-                              : 0.0f;
-                const float dh_total = recurrent_part + to_float(dy[(index_t)step * state_size + cell]) + dh_carry;
-                const float da_n = dh_total * (1.0f - update_gate) * (1.0f - candidate * candidate);
-                const float da_z = dh_total * (h_prev - candidate) * update_gate * (1.0f - update_gate);
-                const float da_r = da_n * hidden_n * reset_gate * (1.0f - reset_gate);
-                float* dgi_row = dgi + gate_offset;
-                float* dgh_row = dgh + gate_offset;
-                dgi_row[unit] = da_r;
-                dgi_row[hidden + unit] = da_z;
-                dgi_row[2 * hidden + unit] = da_n;
-                dgh_row[unit] = da_r;
-                dgh_row[hidden + unit] = da_z;
-                dgh_row[2 * hidden + unit] = da_n * reset_gate;
-                dh_carry = dh_total * update_gate;
-                if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
-            }
-            // The next chunk overwrites dz_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        if constexpr (StepNorms) {
-            // block_sum's scratch is reused next step only after publish's barrier.
-            block_sum<Threads>(squares);
-            if (threadIdx.x == 0) step_squares[(index_t)blockIdx.x * steps + step] = squares[0];
-        }
-        persistent::publish(flags, (unsigned int)(steps - step));
-    }
-    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-        const int row = e / own_units, u = e - row * own_units;
-        carry_out[(index_t)row * hidden + unit0 + u] = carry[row * units + u];
-    }
+    const GruBackwardCell<Storage, StepNorms> cell{w_hh, gates, hn, h_all, dy, dh_n, carry_out, dgi, dgh, batch, hidden};
+    persistent::backward_recurrence<GruBackwardCell<Storage, StepNorms>, Threads, KSplit, RowTile, InFlight,
+                                    VectorLoads, StepNorms>(cell, dgh, step_squares, flags, steps, batch, hidden,
+                                                            units, chunk_rows);
 }
 
 }  // namespace rnnkernels

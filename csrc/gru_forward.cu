@@ -92,18 +92,55 @@ gru_forward_step(const float* __restrict__ gx,      // [T, B, 3H] x·W_ihᵀ + b
 }
 
 // ------------------------------------------------------------------ persistent
-// All T steps in one cooperative launch, lstm_forward_persistent's machinery
-// (persistent.cuh) with the GRU's items and pointwise math. Block b owns the units
-// [b·units, (b+1)·units) ∩ [0, H):
-//   * once: W_hh's rows g·H + unit (g = r, z, n) of its units go to shared memory as
-//     float32 and stay there for all T steps (row g·units + u of the slice);
-//   * step t: wait until every block has published h_{t-1} (not at t = 0), then per
-//     chunk of chunk_rows batch rows: stage h_{t-1}[chunk] (which also gives each pair
-//     its own h_{t-1}, for z·h_{t-1}), the product (items of the three gate rows of a
-//     unit), and the cell update of gru_forward_step, one (row, unit) pair per thread;
-//     write h_t (and, Training, the gates and gh^n); publish step t+1.
-// No per-cell carry: the GRU's state is h alone, which every step re-stages. Each
-// thread loads the gx of its first pair before the wait.
+// All T steps in one cooperative launch: persistent.cuh's forward_recurrence (the
+// machinery, the block's units, the prefetch of each thread's first pair's gx before
+// the wait) with the GRU's policy below: an item is the r, z, n rows of one unit; no
+// carry (the GRU's state is h alone, which every step re-stages, and which gives each
+// pair its own h_{t-1} for z·h_{t-1}); per (row, unit) pair gru_forward_step's cell
+// update: h_t (and, Training, the gates and gh^n).
+template <typename Storage, bool Training>
+struct GruForwardCell {
+    static constexpr int gates = gru_gates;
+    static constexpr bool gate_items = true;
+    static constexpr bool carry = false;
+    const float* gx;
+    const Storage* w_hh;
+    const float* b_hn;
+    float* h_all;
+    float* saved_gates;
+    float* hn;
+    int batch, hidden;
+
+    struct Inputs {
+        float gx[gru_gates];
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        Inputs in;
+        const float* gx_row = gx + ((index_t)step * batch + row) * (gru_gates * hidden) + unit;
+#pragma unroll
+        for (int g = 0; g < gru_gates; ++g) in.gx[g] = gx_row[g * hidden];
+        return in;
+    }
+    __device__ __forceinline__ void update(const Inputs& in, const float (&product)[gru_gates], int step, int row,
+                                           int unit, const float* staged_row, float* /* carry */) const {
+        const index_t state_size = (index_t)batch * hidden;
+        const float reset_gate = sigmoid(in.gx[0] + product[0]);
+        const float update_gate = sigmoid(in.gx[1] + product[1]);
+        const float hidden_n = product[2] + b_hn[unit];  // gh^n = W_hn h_{t-1} + b_hn
+        const float candidate = tanh_activation(in.gx[2] + reset_gate * hidden_n);
+        const index_t cell = (index_t)row * hidden + unit;
+        h_all[(index_t)(step + 1) * state_size + cell] =
+            (1.0f - update_gate) * candidate + update_gate * staged_row[unit];  // staged h_{t-1}
+        if (Training) {
+            float* gates_row = saved_gates + ((index_t)step * batch + row) * (gru_gates * hidden);
+            gates_row[unit] = reset_gate;
+            gates_row[hidden + unit] = update_gate;
+            gates_row[2 * hidden + unit] = candidate;
+            hn[(index_t)step * state_size + cell] = hidden_n;
+        }
+    }
+};
+
 // Launch: as lstm_forward_persistent (checked by rnnkernels/_persistent.py); dynamic
 // shared memory = SharedLayout's total·4 bytes with no cells region.
 template <typename Storage, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads, bool Training>
@@ -120,80 +157,9 @@ gru_forward_persistent(const float* __restrict__ gx,      // [T, B, 3H] x·W_ih�
                        int hidden,                        // H
                        int units,                         // hidden units per block
                        int chunk_rows) {                  // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = gru_gates;  // an item: the r, z, n rows of one unit
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const index_t state_size = (index_t)batch * hidden;
-    const int gate_width = gru_gates * hidden;
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(gru_gates * units, hidden, chunk_rows, units,
-                                                                     batch, 0);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row g·units + u = W_hh[g·H + unit0 + u, :]
-    float* h_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-
-    persistent::load_slice<Threads>(w_slice, gru_gates * units, hidden, layout.k_pad, [&](int r, int k) {
-        const int gate = r / units, unit = unit0 + (r - gate * units);
-        return unit < hidden ? to_float(w_hh[((index_t)gate * hidden + unit) * hidden + k]) : 0.0f;
-    });
-    __syncthreads();
-
-    for (int step = 0; step < steps; ++step) {
-        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait (as in
-        // lstm_forward_persistent): it does not depend on the other blocks.
-        float gx_first[gru_gates];
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
-            const float* gx_row = gx + ((index_t)step * batch + r) * gate_width + unit0 + u;
-#pragma unroll
-            for (int g = 0; g < gru_gates; ++g) gx_first[g] = gx_row[g * hidden];
-        }
-        if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
-        const float* h_prev = h_all + (index_t)step * state_size;
-        float* h_next = h_all + (index_t)(step + 1) * state_size;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            persistent::stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden,
-                                                                  hidden, rows, persistent::round_up(rows, RowTile), hidden);
-            __syncthreads();
-            persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout, 1,
-                                                                             units);
-            __syncthreads();
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                // The first pair of the first chunk is the one prefetched above.
-                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
-                float gx_pair[gru_gates];
-#pragma unroll
-                for (int g = 0; g < gru_gates; ++g)
-                    gx_pair[g] = prefetched ? gx_first[g] : gx[gate_offset + g * hidden + unit];
-                const float reset_gate =
-                    sigmoid(gx_pair[0] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 0, r));
-                const float update_gate =
-                    sigmoid(gx_pair[1] + persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 1, r));
-                const float hidden_n =
-                    persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, 2, r) + b_hn[unit];
-                const float candidate = tanh_activation(gx_pair[2] + reset_gate * hidden_n);
-                const index_t cell = (index_t)row * hidden + unit;
-                h_next[cell] = (1.0f - update_gate) * candidate + update_gate * h_chunk[r * layout.k_pad + unit];
-                if (Training) {
-                    float* gates_row = gates + gate_offset;
-                    gates_row[unit] = reset_gate;
-                    gates_row[hidden + unit] = update_gate;
-                    gates_row[2 * hidden + unit] = candidate;
-                    hn[(index_t)step * state_size + cell] = hidden_n;
-                }
-            }
-            // The next chunk overwrites h_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        persistent::publish(flags, (unsigned int)(step + 1));
-    }
+    const GruForwardCell<Storage, Training> cell{gx, w_hh, b_hn, h_all, gates, hn, batch, hidden};
+    persistent::forward_recurrence<GruForwardCell<Storage, Training>, Threads, KSplit, RowTile, InFlight, VectorLoads>(
+        cell, h_all, flags, steps, batch, hidden, units, chunk_rows);
 }
 
 }  // namespace rnnkernels

@@ -143,30 +143,83 @@ lstm_backward_step(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f
 }
 
 // ------------------------------------------------------------------ persistent
-// The reverse recurrence, all T steps in one cooperative launch (machinery and memory
-// ordering: persistent.cuh). Block b owns the units [b·units, (b+1)·units) ∩ [0, H):
-//   * once: W_hh's COLUMNS of its units, all 4H rows, go to shared memory transposed
-//     (w_slice[u][k] = W_hh[k, unit0 + u], float32, units padded to a multiple of 4
-//     with zero rows), where they stay for all T steps; dc_n of its cells goes to
-//     shared memory, where the dc carry stays between steps;
-//   * step t (T-1 down to 0): except at t = T-1, wait until every block has published
-//     dz_{t+1}, and per chunk of chunk_rows batch rows stage dz_{t+1}[chunk] (K = 4H,
-//     always a multiple of 4: 16-byte loads) and form dh_t[chunk, units] =
-//     dz_{t+1}·W_hh[:, units] (slice_times_state, items of four units); then the
-//     pointwise backward, one (row, unit) pair per thread, exactly lstm_backward_step's
-//     math: dh_t = that product + dy_t (+ dh_n at t = T-1), dc_t from the carry, dz_t
-//     of the four gates into dgates[t], carry = dc_t·f; then publish step t.
-//     StepNorms: Σ dh_t² and Σ dc_t² of the block's pairs (float64, fixed order: each
-//     thread in pair order, then block_sum) into step_squares[block, t]. Each
-//     thread loads its first pair's gates, c and dy before the wait.
-//   * after the loop the carry is dc0. dh0 = dz_0·W_hh, dx, dW_ih, dW_hh and db are
-//     products over all steps, done after the launch (gradients_after_loop).
-// Every sum has a fixed order: bitwise deterministic.
-//
+// The reverse recurrence, all T steps in one cooperative launch: persistent.cuh's
+// backward_recurrence (the machinery, the memory ordering, W_hh's columns of the
+// block's units in shared memory, K = 4H, the prefetch of each thread's first pair's
+// inputs before the wait, the step norms' block sums) with the LSTM's policy below:
+// dc_n of the block's cells goes to shared memory, where the dc carry stays between
+// steps; per (row, unit) pair exactly lstm_backward_step's math: dh_t = the product +
+// dy_t (+ dh_n at t = T-1), dc_t from the carry, dz_t of the four gates into
+// dgates[t], carry = dc_t·f; StepNorms: Σ dh_t² and Σ dc_t². After the loop the carry
+// is dc0. dh0 = dz_0·W_hh, dx, dW_ih, dW_hh and db are products over all steps, done
+// after the launch (gradients_after_loop). Every sum has a fixed order: bitwise
+// deterministic.
+template <typename Storage, bool StepNorms>
+struct LstmBackwardCell {
+    static constexpr int gates = lstm_gates;
+    static constexpr bool carry = true;
+    static constexpr int norms = 2;  // ‖dh_t‖, ‖dc_t‖
+    const Storage* w_hh;
+    const float* saved_gates;
+    const float* c_all;
+    const Storage* dy;
+    const Storage* dh_n;
+    const float* dc_n;
+    float* carry_out;
+    float* dgates;
+    int batch, hidden;
+
+    // What the pointwise backward of one (row, unit) pair reads at a step.
+    struct Inputs {
+        float gate[lstm_gates];  // activated i, f, g, o
+        float c, c_prev, dy;
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        Inputs in;
+        const index_t state_size = (index_t)batch * hidden;
+        const index_t cell = (index_t)row * hidden + unit;
+        const float* gates_row = saved_gates + ((index_t)step * batch + row) * (lstm_gates * hidden) + unit;
+#pragma unroll
+        for (int g = 0; g < lstm_gates; ++g) in.gate[g] = gates_row[g * hidden];
+        in.c = c_all[(index_t)(step + 1) * state_size + cell];
+        in.c_prev = c_all[(index_t)step * state_size + cell];
+        in.dy = to_float(dy[(index_t)step * state_size + cell]);
+        return in;
+    }
+    __device__ __forceinline__ float initial_carry(index_t cell) const { return dc_n[cell]; }
+    __device__ __forceinline__ void update(const Inputs& in, bool recurrent, float recurrent_part, int step, int row,
+                                           int unit, float* dc_carry, double (&squares)[norms]) const {
+        const float input_gate = in.gate[0];
+        const float forget_gate = in.gate[1];
+        const float cell_gate = in.gate[2];
+        const float output_gate = in.gate[3];
+        const float c = in.c;
+        const float c_prev = in.c_prev;
+        const float tanh_c = tanh_activation(c);
+
+        float dh_total = recurrent_part;
+        dh_total += in.dy;
+        if (!recurrent) dh_total += to_float(dh_n[(index_t)row * hidden + unit]);
+        const float dc = *dc_carry + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
+
+        float* dz = dgates + ((index_t)step * batch + row) * (lstm_gates * hidden);
+        dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
+        dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
+        dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
+        dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
+        *dc_carry = dc * forget_gate;
+        if constexpr (StepNorms) {
+            squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
+            squares[1] = fma((double)dc, (double)dc, squares[1]);
+        }
+    }
+};
+
 // Launch (checked by rnnkernels/_persistent.py): grid = (blocks, 1, 1), blocks =
 // ceil(H / units) co-resident blocks, COOPERATIVE; block = (Threads, 1, 1); dynamic
 // shared memory = SharedLayout's total·4 bytes; chunk_rows a multiple of RowTile;
-// flags [blocks] zeroed; dgates 16-byte aligned.
+// flags [blocks] zeroed; dgates 16-byte aligned (its 4H-float rows are always staged
+// with 16-byte loads).
 template <typename Storage, int Threads, int KSplit, int RowTile, int InFlight, bool StepNorms>
 __global__ void __launch_bounds__(Threads, 1)
 lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
@@ -184,128 +237,10 @@ lstm_backward_persistent(const Storage* __restrict__ w_hh,  // [4H, H], gate ord
                          int hidden,                        // H
                          int units,                         // hidden units per block
                          int chunk_rows) {                  // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = 4;  // an item: four consecutive units (columns of W_hh)
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const int gate_width = lstm_gates * hidden;
-    const index_t state_size = (index_t)batch * hidden;
-    const int padded_units = persistent::round_up(units, ItemRows);
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, gate_width, chunk_rows,
-                                                                     padded_units / ItemRows, batch, units);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row u = W_hh[:, unit0 + u]
-    float* dz_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-    float* carry = shared + layout.cells;  // carry[row·units + u]: dc carry of (row, unit0 + u)
-
-    persistent::load_slice<Threads>(w_slice, padded_units, gate_width, layout.k_pad, [&](int u, int k) {
-        const int unit = unit0 + u;
-        return u < own_units ? to_float(w_hh[(index_t)k * hidden + unit]) : 0.0f;
-    });
-    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-        const int row = e / own_units, u = e - row * own_units;
-        carry[row * units + u] = dc_n[(index_t)row * hidden + unit0 + u];
-    }
-    __syncthreads();
-
-    // What the pointwise backward of one (row, unit) pair reads at a step, none of it
-    // written in this launch.
-    struct PairInputs {
-        float gate[lstm_gates];  // activated i, f, g, o
-        float c, c_prev, dy;
-    };
-    auto load_inputs = [&](int step, int row, int unit) {
-        PairInputs in;
-        const index_t cell = (index_t)row * hidden + unit;
-        const float* gates_row = gates + ((index_t)step * batch + row) * gate_width + unit;
-#pragma unroll
-        for (int g = 0; g < lstm_gates; ++g) in.gate[g] = gates_row[g * hidden];
-        in.c = c_all[(index_t)(step + 1) * state_size + cell];
-        in.c_prev = c_all[(index_t)step * state_size + cell];
-        in.dy = to_float(dy[(index_t)step * state_size + cell]);
-        return in;
-    };
-
-    for (int step = steps - 1; step >= 0; --step) {
-        // The last step has no dz_{t+1}: the branch is uniform over the grid.
-        const bool recurrent = step + 1 < steps;
-        // The inputs of this thread's first pair, loaded BEFORE the wait: their latency
-        // overlaps the wait instead of following the product.
-        PairInputs first;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units;
-            first = load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
-        }
-        if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
-        double squares[2] = {0.0, 0.0};  // Σ dh², Σ dc² of this thread's pairs
-        const float* dz_next = dgates + (index_t)(step + 1) * batch * gate_width;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            if (recurrent) {
-                persistent::stage_rows<Threads, InFlight, true>(dz_chunk, layout.k_pad, dz_next + (index_t)row0 * gate_width,
-                                                               gate_width, rows, persistent::round_up(rows, RowTile),
-                                                               gate_width);
-                __syncthreads();
-                persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, dz_chunk, partials, layout,
-                                                                                 ItemRows, 1);
-                __syncthreads();
-            }
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t cell = (index_t)row * hidden + unit;
-                const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                // The first pair of the first chunk is the one prefetched above.
-                const PairInputs in = (row0 == 0 && pair == (int)threadIdx.x) ? first : load_inputs(step, row, unit);
-                const float input_gate = in.gate[0];
-                const float forget_gate = in.gate[1];
-                const float cell_gate = in.gate[2];
-                const float output_gate = in.gate[3];
-                const float c = in.c;
-                const float c_prev = in.c_prev;
-                const float tanh_c = tanh_activation(c);
-
-                float dh_total = recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(
-                                                 partials, layout, u / ItemRows, u % ItemRows, r)
-                                           : 0.0f;
-                dh_total += in.dy;
-                if (!recurrent) dh_total += to_float(dh_n[cell]);
-                float& dc_carry = carry[row * units + u];
-                const float dc = dc_carry + dh_total * output_gate * (1.0f - tanh_c * tanh_c);
-
-                float* dz = dgates + gate_offset;
-                dz[unit] = dc * cell_gate * input_gate * (1.0f - input_gate);
-                dz[hidden + unit] = dc * c_prev * forget_gate * (1.0f - forget_gate);
-                dz[2 * hidden + unit] = dc * input_gate * (1.0f - cell_gate * cell_gate);
-                dz[3 * hidden + unit] = dh_total * tanh_c * output_gate * (1.0f - output_gate);
-                dc_carry = dc * forget_gate;
-                if constexpr (StepNorms) {
-                    squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
-                    squares[1] = fma((double)dc, (double)dc, squares[1]);
-                }
-            }
-            // The next chunk overwrites dz_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        if constexpr (StepNorms) {
-            // block_sum's shared scratch is reused next step only after publish's
-            // __syncthreads(), so thread 0 has read it by then.
-            block_sum<Threads>(squares);
-            if (threadIdx.x == 0) {
-                double* slot = step_squares + ((index_t)blockIdx.x * steps + step) * 2;
-                slot[0] = squares[0];
-                slot[1] = squares[1];
-            }
-        }
-        persistent::publish(flags, (unsigned int)(steps - step));
-    }
-    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-        const int row = e / own_units, u = e - row * own_units;
-        dc0[(index_t)row * hidden + unit0 + u] = carry[row * units + u];
-    }
+    const LstmBackwardCell<Storage, StepNorms> cell{w_hh, gates, c_all, dy, dh_n, dc_n, dc0, dgates, batch, hidden};
+    persistent::backward_recurrence<LstmBackwardCell<Storage, StepNorms>, Threads, KSplit, RowTile, InFlight, true,
+                                    StepNorms>(cell, dgates, step_squares, flags, steps, batch, hidden, units,
+                                               chunk_rows);
 }
 
 // ------------------------------------------------------------------ projected cell

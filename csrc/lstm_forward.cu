@@ -109,23 +109,68 @@ lstm_forward_step(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + 
 }
 
 // ------------------------------------------------------------------ persistent
-// All T steps of the recurrence in one cooperative launch (machinery and memory
-// ordering: persistent.cuh). Block b owns the units [b·units, (b+1)·units) ∩ [0, H):
-//   * once: W_hh's rows g·H + unit (g = i, f, g, o) of its units go to shared memory
-//     as float32 (float16 weights are widened once, so the slice costs 4 bytes per
-//     weight whatever the storage: simpler, and the product is float32 anyway), where
-//     they stay for all T steps; c0 of its cells goes to shared memory, where c_t
-//     stays between steps (only Training copies it out, to c_all);
-//   * step t: wait until every block has published h_{t-1} (not at t = 0: h_all[0] is
-//     h0, written before the launch), then for each chunk of chunk_rows batch rows:
-//     stage h_{t-1}[chunk] (stage_rows), z = slice x state (slice_times_state), and
-//     the cell update, one (row, unit) pair per thread: the four gates' k-partials
-//     summed in fixed order, plus gx, activations, c and h; write h_t to h_all[t+1]
-//     (and c_t, the gates when Training); then publish step t+1. Each thread loads
-//     the gx of its first pair before the wait: it does not depend on other blocks.
-// Gate order and math are lstm_forward_step's, so results agree with it to rounding
-// (the k-sums are ordered differently) and both save the same arrays.
-//
+// All T steps of the recurrence in one cooperative launch: persistent.cuh's
+// forward_recurrence (the machinery, the memory ordering, the block's units, the
+// prefetch of each thread's first pair's gx before the wait) with the LSTM's policy
+// below: an item is the i, f, g, o rows of one unit; W_hh's rows stay in shared memory
+// as float32 (float16 weights are widened once, so the slice costs 4 bytes per weight
+// whatever the storage: simpler, and the product is float32 anyway); c0 of the block's
+// cells goes to shared memory, where c_t stays between steps (only Training copies it
+// out, to c_all). Per (row, unit) pair: the four gates' k-partials summed in fixed
+// order, plus gx, activations, c and h; h_t to h_all[t+1] (and c_t, the gates when
+// Training). Gate order and math are lstm_forward_step's, so results agree with it to
+// rounding (the k-sums are ordered differently) and both save the same arrays.
+template <typename Storage, bool Training>
+struct LstmForwardCell {
+    static constexpr int gates = lstm_gates;
+    static constexpr bool gate_items = true;
+    static constexpr bool carry = true;
+    const float* gx;
+    const Storage* w_hh;
+    const float* c0;
+    float* h_all;
+    float* c_out;
+    float* saved_gates;
+    int steps, batch, hidden;
+
+    struct Inputs {
+        float gx[lstm_gates];
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        Inputs in;
+        const float* gx_row = gx + ((index_t)step * batch + row) * (lstm_gates * hidden) + unit;
+#pragma unroll
+        for (int g = 0; g < lstm_gates; ++g) in.gx[g] = gx_row[g * hidden];
+        return in;
+    }
+    __device__ __forceinline__ float initial_carry(index_t cell) const { return c0[cell]; }
+    __device__ __forceinline__ void update(const Inputs& in, const float (&product)[lstm_gates], int step, int row,
+                                           int unit, const float* /* staged_row */, float* cell) const {
+        const index_t state_size = (index_t)batch * hidden;
+        float z[lstm_gates];
+#pragma unroll
+        for (int g = 0; g < lstm_gates; ++g) z[g] = product[g] + in.gx[g];
+        const float input_gate = sigmoid(z[0]);
+        const float forget_gate = sigmoid(z[1]);
+        const float cell_gate = tanh_activation(z[2]);
+        const float output_gate = sigmoid(z[3]);
+        const float c = forget_gate * *cell + input_gate * cell_gate;
+        *cell = c;
+        const index_t state = (index_t)row * hidden + unit;
+        h_all[(index_t)(step + 1) * state_size + state] = output_gate * tanh_activation(c);
+        if (Training) {
+            c_out[(index_t)(step + 1) * state_size + state] = c;
+            float* gates_row = saved_gates + ((index_t)step * batch + row) * (lstm_gates * hidden);
+            gates_row[unit] = input_gate;
+            gates_row[hidden + unit] = forget_gate;
+            gates_row[2 * hidden + unit] = cell_gate;
+            gates_row[3 * hidden + unit] = output_gate;
+        } else if (step + 1 == steps) {
+            c_out[state] = c;
+        }
+    }
+};
+
 // Launch (checked by rnnkernels/_persistent.py): grid = (blocks, 1, 1) with
 // blocks = ceil(H / units) <= the number of co-resident blocks (a COOPERATIVE launch,
 // which refuses a grid that cannot be resident instead of letting the waits
@@ -137,102 +182,19 @@ __global__ void __launch_bounds__(Threads, 1)
 lstm_forward_persistent(const float* __restrict__ gx,      // [T, B, 4H] x·W_ihᵀ + b, gate order i,f,g,o
                         const Storage* __restrict__ w_hh,  // [4H, H], gate order i,f,g,o
                         const float* __restrict__ c0,      // [B, H] float32
-                        float* h_all,                    // [T+1, B, H]; h_all[0] = h0 on entry
-                        float* c_out,                    // Training: c_all [T+1, B, H] (slots 1..T
-                                                         // written); inference: [B, H], c_T
-                        float* gates,                    // [T, B, 4H] activated gates; Training only
-                        unsigned int* flags,             // [blocks], zero on entry
-                        int steps,                       // T
-                        int batch,                       // B
-                        int hidden,                      // H
-                        int units,                       // hidden units per block
-                        int chunk_rows) {                // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = lstm_gates;  // an item: the i, f, g, o rows of one unit
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const index_t state_size = (index_t)batch * hidden;
-    const int gate_width = lstm_gates * hidden;
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(lstm_gates * units, hidden, chunk_rows, units,
-                                                                     batch, units);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row g·units + u = W_hh[g·H + unit0 + u, :]
-    float* h_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-    float* cells = shared + layout.cells;  // cells[row·units + u] = c of (row, unit0 + u)
-
-    persistent::load_slice<Threads>(w_slice, lstm_gates * units, hidden, layout.k_pad, [&](int r, int k) {
-        const int gate = r / units, unit = unit0 + (r - gate * units);
-        return unit < hidden ? to_float(w_hh[((index_t)gate * hidden + unit) * hidden + k]) : 0.0f;
-    });
-    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-        const int row = e / own_units, u = e - row * own_units;
-        cells[row * units + u] = c0[(index_t)row * hidden + unit0 + u];
-    }
-    __syncthreads();
-
-    for (int step = 0; step < steps; ++step) {
-        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait: it does not
-        // depend on the other blocks, so its global-memory latency overlaps the wait
-        // instead of following the product (what a small batch's step is made of).
-        float gx_first[lstm_gates];
-        const int first_pairs = min(chunk_rows, batch) * own_units;
-        if (threadIdx.x < first_pairs) {
-            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
-            const float* gx_row = gx + ((index_t)step * batch + r) * gate_width + unit0 + u;
-#pragma unroll
-            for (int g = 0; g < lstm_gates; ++g) gx_first[g] = gx_row[g * hidden];
-        }
-        if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
-        const float* h_prev = h_all + (index_t)step * state_size;
-        float* h_next = h_all + (index_t)(step + 1) * state_size;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            persistent::stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden,
-                                                                  hidden, rows, persistent::round_up(rows, RowTile), hidden);
-            __syncthreads();
-            persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout, 1,
-                                                                             units);
-            __syncthreads();
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t gate_offset = ((index_t)step * batch + row) * gate_width;
-                const float* gx_row = gx + gate_offset;
-                // The first pair of the first chunk is the one prefetched above.
-                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
-                float z[lstm_gates];
-#pragma unroll
-                for (int g = 0; g < lstm_gates; ++g)
-                    z[g] = persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, g, r) +
-                           (prefetched ? gx_first[g] : gx_row[g * hidden + unit]);
-                const float input_gate = sigmoid(z[0]);
-                const float forget_gate = sigmoid(z[1]);
-                const float cell_gate = tanh_activation(z[2]);
-                const float output_gate = sigmoid(z[3]);
-                float& cell = cells[row * units + u];
-                const float c = forget_gate * cell + input_gate * cell_gate;
-                cell = c;
-                const index_t state = (index_t)row * hidden + unit;
-                h_next[state] = output_gate * tanh_activation(c);
-                if (Training) {
-                    c_out[(index_t)(step + 1) * state_size + state] = c;
-                    float* gates_row = gates + gate_offset;
-                    gates_row[unit] = input_gate;
-                    gates_row[hidden + unit] = forget_gate;
-                    gates_row[2 * hidden + unit] = cell_gate;
-                    gates_row[3 * hidden + unit] = output_gate;
-                } else if (step + 1 == steps) {
-                    c_out[state] = c;
-                }
-            }
-            // The next chunk overwrites h_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        persistent::publish(flags, (unsigned int)(step + 1));
-    }
+                        float* h_all,                      // [T+1, B, H]; h_all[0] = h0 on entry
+                        float* c_out,                      // Training: c_all [T+1, B, H] (slots 1..T
+                                                           // written); inference: [B, H], c_T
+                        float* gates,                      // [T, B, 4H] activated gates; Training only
+                        unsigned int* flags,               // [blocks], zero on entry
+                        int steps,                         // T
+                        int batch,                         // B
+                        int hidden,                        // H
+                        int units,                         // hidden units per block
+                        int chunk_rows) {                  // batch rows staged at a time
+    const LstmForwardCell<Storage, Training> cell{gx, w_hh, c0, h_all, c_out, gates, steps, batch, hidden};
+    persistent::forward_recurrence<LstmForwardCell<Storage, Training>, Threads, KSplit, RowTile, InFlight, VectorLoads>(
+        cell, h_all, flags, steps, batch, hidden, units, chunk_rows);
 }
 
 // ------------------------------------------------------------------ projected cell

@@ -1,9 +1,10 @@
-// persistent.cuh: the machinery of the persistent, weight-stationary recurrences
-// (lstm_forward_persistent in lstm_forward.cu, lstm_backward_persistent in
-// lstm_backward.cu; gru_*_persistent in gru_forward.cu / gru_backward.cu and
-// rnn_*_persistent in rnn_forward.cu / rnn_backward.cu reuse it with their own items
-// (the GRU forward: the three gate rows of a unit; otherwise four consecutive units)
-// and their own pointwise math).
+// persistent.cuh: the persistent, weight-stationary recurrences, written once for every
+// cell: forward_recurrence and backward_recurrence (at the end) run the loops; each
+// cell's kernels (lstm_*_persistent in lstm_forward.cu / lstm_backward.cu, gru_* and
+// rnn_* likewise) are thin: they build the cell's policy (its gate count, carry, the
+// inputs a pair reads, its pointwise math) and call one of them. The forward's items
+// are the gate rows of one unit (LSTM, GRU) or four consecutive units (Elman); the
+// backward's always four consecutive units.
 //
 // The idea. One cooperative launch runs all T steps. Block b owns a slice of the
 // recurrent weights (the rows or columns of its hidden units) and keeps it in shared
@@ -26,6 +27,8 @@
 //                          sums to shared memory
 //   sum_partials           the fixed-order sum of one output's KSplit partials
 //   publish / wait_for     the per-producer flags (memory ordering below)
+//   forward_recurrence     the two loops, on a cell policy (its interface is
+//   backward_recurrence    described above them)
 //
 // Synchronisation and memory ordering. flags[P] holds one 32-bit word per block,
 // zeroed by the launcher before the launch (a fresh array per launch). A block that
@@ -272,6 +275,231 @@ __device__ __forceinline__ void wait_for(unsigned int* flags, int producers, uns
         }
     }
     __syncthreads();
+}
+
+// ------------------------------------------------------------------ the recurrences
+// The two loops every cell's persistent kernels run (lstm_*, gru_*, rnn_*_persistent
+// are thin kernels that build a cell policy and call one of them). A policy says what
+// differs between cells; everything else (the slice, the shared layout, the waits, the
+// staging, the product, the chunks, the prefetch, the step norms' block sums, the
+// flags) is written once here. Shared by both directions' policies:
+//   static constexpr int gates    gate row blocks of W_hh: W_hh is [gates·H, H]
+//   static constexpr bool carry   each (row, unit) pair keeps one float in shared
+//                                 memory between steps (SharedLayout's cells region)
+//   const Storage* w_hh           W_hh, read once into the slice
+//   struct Inputs                 what a pair's pointwise step reads that no block
+//                                 writes in the launch; Inputs load_inputs(step, row,
+//                                 unit). Each thread loads its first pair's before
+//                                 the wait, where the latency overlaps the wait.
+//   float initial_carry(index_t cell)        carry only: the carry's value on entry
+// Forward policies add:
+//   static constexpr bool gate_items  an item is the gates rows of one unit (the
+//                                     register tile's ItemRows = gates), else four
+//                                     consecutive units (gates = 1: the Elman cell)
+//   void update(in, product, step, row, unit, staged_row, carry)
+//       product[g] = Σ_k h_{t-1}[row, k]·W_hh[g·H + unit, k]; staged_row: h_{t-1}[row]
+//       in shared memory; carry: the pair's float (carry only). Writes h_t and what
+//       the cell saves.
+// Backward policies add:
+//   static constexpr int norms    per-step squared norms of the state gradients
+//   void update(in, recurrent, recurrent_part, step, row, unit, carry, squares)
+//       recurrent_part = (dz_{t+1}·W_hh)[row, unit] (0 at t = T-1, where recurrent is
+//       false); writes dz_t (and the cell's other gradients), adds its squares.
+//   float* carry_out              carry only: the carry after t = 0 ([B, H])
+// Memory ordering, the product and the staging: the header comment above.
+
+// The forward: block b owns the units [b·units, (b+1)·units) ∩ [0, H). Once: W_hh's rows
+// of its units to shared memory as float32 (gate_items: row g·units + u = W_hh[g·H +
+// unit0 + u, :]; else row u = W_hh[unit0 + u, :], units padded to a multiple of 4
+// with zero rows), and the carry's initial values. Step t: wait until every block has
+// published h_{t-1} (not at t = 0: h_all[0] is h0, written before the launch); per
+// chunk of chunk_rows batch rows stage h_{t-1}[chunk], form the product, and run the
+// policy's update, one (row, unit) pair per thread; then publish step t+1.
+template <typename Cell, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads>
+__device__ __forceinline__ void forward_recurrence(const Cell& cell,
+                                                   float* h_all,         // [T+1, B, H]; h_all[0] = h0 on entry
+                                                   unsigned int* flags,  // [blocks], zero on entry
+                                                   int steps,            // T
+                                                   int batch,            // B
+                                                   int hidden,           // H
+                                                   int units,            // hidden units per block
+                                                   int chunk_rows) {     // batch rows staged at a time
+    static_assert(Threads % 32 == 0, "whole warps only");
+    static_assert(Cell::gate_items || Cell::gates == 1, "unit items take one gate row per unit");
+    constexpr int ItemRows = Cell::gate_items ? Cell::gates : 4;
+    const int unit0 = blockIdx.x * units;
+    const int own_units = min(units, hidden - unit0);
+    const int producers = gridDim.x;
+    const index_t state_size = (index_t)batch * hidden;
+    const int weight_rows = Cell::gate_items ? Cell::gates * units : round_up(units, ItemRows);
+    const int items = Cell::gate_items ? units : weight_rows / ItemRows;
+
+    const SharedLayout<ItemRows, RowTile, KSplit> layout(weight_rows, hidden, chunk_rows, items, batch,
+                                                         Cell::carry ? units : 0);
+    float* shared = dynamic_shared<float>();
+    float* w_slice = shared + layout.weights;
+    float* h_chunk = shared + layout.state;
+    float* partials = shared + layout.partials;
+    float* carry = shared + layout.cells;  // carry[row·units + u] of (row, unit0 + u)
+
+    load_slice<Threads>(w_slice, weight_rows, hidden, layout.k_pad, [&](int r, int k) {
+        const int gate = Cell::gate_items ? r / units : 0, u = r - gate * units;
+        return u < own_units ? to_float(cell.w_hh[((index_t)gate * hidden + unit0 + u) * hidden + k]) : 0.0f;
+    });
+    if constexpr (Cell::carry) {
+        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
+            const int row = e / own_units, u = e - row * own_units;
+            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
+        }
+    }
+    __syncthreads();
+
+    for (int step = 0; step < steps; ++step) {
+        // The inputs of this thread's first (row, unit) pair, loaded BEFORE the wait:
+        // they do not depend on the other blocks, so their global-memory latency
+        // overlaps the wait instead of following the product (what a small batch's
+        // step is made of).
+        typename Cell::Inputs first;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units;
+            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+        }
+        if (step > 0) wait_for<Threads>(flags, producers, (unsigned int)step);
+        const float* h_prev = h_all + (index_t)step * state_size;
+        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
+            const int rows = min(chunk_rows, batch - row0);
+            stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden, hidden,
+                                                       rows, round_up(rows, RowTile), hidden);
+            __syncthreads();
+            slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout,
+                                                                  Cell::gate_items ? 1 : ItemRows,
+                                                                  Cell::gate_items ? units : 1);
+            __syncthreads();
+            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
+                const int r = pair / own_units, u = pair - r * own_units;
+                // The first pair of the first chunk is the one prefetched above.
+                const typename Cell::Inputs in =
+                    (row0 == 0 && pair == (int)threadIdx.x) ? first : cell.load_inputs(step, row0 + r, unit0 + u);
+                float product[Cell::gates];
+#pragma unroll
+                for (int g = 0; g < Cell::gates; ++g)
+                    product[g] = Cell::gate_items
+                                     ? sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, g, r)
+                                     : sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows,
+                                                                               u % ItemRows, r);
+                cell.update(in, product, step, row0 + r, unit0 + u, h_chunk + r * layout.k_pad,
+                            carry + (row0 + r) * units + u);
+            }
+            // The next chunk overwrites h_chunk and partials (publish syncs the last).
+            if (row0 + chunk_rows < batch) __syncthreads();
+        }
+        publish(flags, (unsigned int)(step + 1));
+    }
+}
+
+// The reverse recurrence: block b owns the units [b·units, (b+1)·units) ∩ [0, H). Once:
+// W_hh's COLUMNS of its units, all gates·H rows, to shared memory transposed
+// (w_slice[u][k] = W_hh[k, unit0 + u], float32, units padded to a multiple of 4 with
+// zero rows; an item is four consecutive units), and the carry's initial values. Step
+// t (T-1 down to 0): except at t = T-1, wait until every block has published
+// dz_{t+1}; per chunk of chunk_rows batch rows stage dz_{t+1}[chunk] (K = gates·H) and
+// form dz_{t+1}·W_hh[:, units]; then the policy's update per (row, unit) pair.
+// StepNorms: the block's Σ of each squared state gradient (float64, fixed order: each
+// thread in pair order, then block_sum) into step_squares[block, t]. Publish step t.
+// After the loop the carry goes to the policy's carry_out.
+template <typename Cell, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads, bool StepNorms>
+__device__ __forceinline__ void backward_recurrence(const Cell& cell,
+                                                    float* dz_all,         // [T, B, gates·H]; reads t+1, writes t
+                                                    double* step_squares,  // [blocks, T, norms]; StepNorms only
+                                                    unsigned int* flags,   // [blocks], zero on entry
+                                                    int steps,             // T
+                                                    int batch,             // B
+                                                    int hidden,            // H
+                                                    int units,             // hidden units per block
+                                                    int chunk_rows) {      // batch rows staged at a time
+    static_assert(Threads % 32 == 0, "whole warps only");
+    constexpr int ItemRows = 4;  // an item: four consecutive units (columns of W_hh)
+    const int unit0 = blockIdx.x * units;
+    const int own_units = min(units, hidden - unit0);
+    const int producers = gridDim.x;
+    const int gate_width = Cell::gates * hidden;
+    const int padded_units = round_up(units, ItemRows);
+
+    const SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, gate_width, chunk_rows, padded_units / ItemRows,
+                                                         batch, Cell::carry ? units : 0);
+    float* shared = dynamic_shared<float>();
+    float* w_slice = shared + layout.weights;  // row u = W_hh[:, unit0 + u]
+    float* dz_chunk = shared + layout.state;
+    float* partials = shared + layout.partials;
+    float* carry = shared + layout.cells;  // carry[row·units + u] of (row, unit0 + u)
+
+    load_slice<Threads>(w_slice, padded_units, gate_width, layout.k_pad, [&](int u, int k) {
+        return u < own_units ? to_float(cell.w_hh[(index_t)k * hidden + unit0 + u]) : 0.0f;
+    });
+    if constexpr (Cell::carry) {
+        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
+            const int row = e / own_units, u = e - row * own_units;
+            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
+        }
+    }
+    __syncthreads();
+
+    for (int step = steps - 1; step >= 0; --step) {
+        // The last step has no dz_{t+1}: the branch is uniform over the grid.
+        const bool recurrent = step + 1 < steps;
+        // The inputs of this thread's first pair, loaded BEFORE the wait: their latency
+        // overlaps the wait instead of following the product.
+        typename Cell::Inputs first;
+        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
+            const int r = threadIdx.x / own_units;
+            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+        }
+        if (recurrent) wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
+        double squares[Cell::norms];  // Σ of each squared state gradient of this thread's pairs
+#pragma unroll
+        for (int q = 0; q < Cell::norms; ++q) squares[q] = 0.0;
+        const float* dz_next = dz_all + (index_t)(step + 1) * batch * gate_width;
+        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
+            const int rows = min(chunk_rows, batch - row0);
+            if (recurrent) {
+                stage_rows<Threads, InFlight, VectorLoads>(dz_chunk, layout.k_pad, dz_next + (index_t)row0 * gate_width,
+                                                           gate_width, rows, round_up(rows, RowTile), gate_width);
+                __syncthreads();
+                slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, dz_chunk, partials, layout, ItemRows, 1);
+                __syncthreads();
+            }
+            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
+                const int r = pair / own_units, u = pair - r * own_units;
+                // The first pair of the first chunk is the one prefetched above.
+                const typename Cell::Inputs in =
+                    (row0 == 0 && pair == (int)threadIdx.x) ? first : cell.load_inputs(step, row0 + r, unit0 + u);
+                const float recurrent_part =
+                    recurrent ? sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r)
+                              : 0.0f;
+                cell.update(in, recurrent, recurrent_part, step, row0 + r, unit0 + u, carry + (row0 + r) * units + u,
+                            squares);
+            }
+            // The next chunk overwrites dz_chunk and partials (publish syncs the last).
+            if (row0 + chunk_rows < batch) __syncthreads();
+        }
+        if constexpr (StepNorms) {
+            // block_sum's shared scratch is reused next step only after publish's
+            // __syncthreads(), so thread 0 has read it by then.
+            block_sum<Threads>(squares);
+            if (threadIdx.x == 0) {
+                double* slot = step_squares + ((index_t)blockIdx.x * steps + step) * Cell::norms;
+#pragma unroll
+                for (int q = 0; q < Cell::norms; ++q) slot[q] = squares[q];
+            }
+        }
+        publish(flags, (unsigned int)(steps - step));
+    }
+    if constexpr (Cell::carry) {
+        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
+            const int row = e / own_units, u = e - row * own_units;
+            cell.carry_out[(index_t)row * hidden + unit0 + u] = carry[row * units + u];
+        }
+    }
 }
 
 }  // namespace persistent

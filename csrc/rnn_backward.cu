@@ -76,13 +76,50 @@ rnn_backward_step(const Storage* __restrict__ w_hh,  // [H, H]
 }
 
 // ------------------------------------------------------------------ persistent
-// The reverse recurrence in one cooperative launch (persistent.cuh's machinery, as
-// lstm_backward_persistent with K = H): W_hh's columns of the block's units stay in
-// shared memory transposed; per step (T-1 down to 0) it waits for da_{t+1} (except at
-// t = T-1), stages it chunk by chunk, forms da_{t+1}·W_hh[:, units] (items of four
-// units), then rnn_backward_step's pointwise math per (row, unit) pair; StepNorms:
-// Σ dh_t² into step_squares[block, t]; publishes step t. No per-cell carry.
-// VectorLoads (16-byte staging of da rows) needs H % 4 == 0.
+// The reverse recurrence in one cooperative launch: persistent.cuh's
+// backward_recurrence with K = H and the Elman policy below (no carry; each thread's
+// first pair's dy and h_t are loaded before the wait); per (row, unit) pair
+// rnn_backward_step's pointwise math; StepNorms: Σ dh_t².
+template <typename Storage, bool Relu, bool StepNorms>
+struct RnnBackwardCell {
+    static constexpr int gates = 1;
+    static constexpr bool carry = false;
+    static constexpr int norms = 1;  // ‖dh_t‖
+    const Storage* w_hh;
+    const float* h_all;
+    const Storage* dy;
+    const Storage* dh_n;
+    float* da;
+    int batch, hidden;
+
+    struct Inputs {
+        float dy, h;  // h = h_t = h_all[t+1]
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        Inputs in;
+        const index_t offset = (index_t)step * batch * hidden + (index_t)row * hidden + unit;
+        in.dy = to_float(dy[offset]);
+        in.h = h_all[offset + (index_t)batch * hidden];
+        return in;
+    }
+    __device__ __forceinline__ void update(const Inputs& in, bool recurrent, float recurrent_part, int step, int row,
+                                           int unit, float* /* carry */, double (&squares)[norms]) const {
+        const index_t cell = (index_t)row * hidden + unit;
+        const index_t offset = (index_t)step * batch * hidden + cell;
+        float dh_total = recurrent_part;
+        dh_total += in.dy;
+        if (!recurrent) dh_total += to_float(dh_n[cell]);
+        const float h = in.h;  // h_t
+        if constexpr (Relu)
+            da[offset] = h <= 0.0f ? 0.0f : dh_total;  // PyTorch's: a NaN h passes dh
+        else
+            da[offset] = dh_total * (1.0f - h * h);
+        if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
+    }
+};
+
+// Launch as lstm_backward_persistent. VectorLoads (16-byte staging of da rows) needs
+// H % 4 == 0.
 template <typename Storage, bool Relu, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads,
           bool StepNorms>
 __global__ void __launch_bounds__(Threads, 1)
@@ -98,69 +135,10 @@ rnn_backward_persistent(const Storage* __restrict__ w_hh,  // [H, H]
                         int hidden,                        // H
                         int units,                         // hidden units per block
                         int chunk_rows) {                  // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = 4;  // an item: four consecutive units (columns of W_hh)
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const index_t state_size = (index_t)batch * hidden;
-    const int padded_units = persistent::round_up(units, ItemRows);
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, hidden, chunk_rows,
-                                                                     padded_units / ItemRows, batch, 0);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row u = W_hh[:, unit0 + u]
-    float* dz_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-
-    persistent::load_slice<Threads>(w_slice, padded_units, hidden, layout.k_pad, [&](int u, int k) {
-        return u < own_units ? to_float(w_hh[(index_t)k * hidden + unit0 + u]) : 0.0f;
-    });
-    __syncthreads();
-
-    for (int step = steps - 1; step >= 0; --step) {
-        const bool recurrent = step + 1 < steps;  // uniform over the grid
-        if (recurrent) persistent::wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
-        double squares[1] = {0.0};  // Σ dh² of this thread's pairs
-        const float* dz_next = da + (index_t)(step + 1) * state_size;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            if (recurrent) {
-                persistent::stage_rows<Threads, InFlight, VectorLoads>(dz_chunk, layout.k_pad,
-                                                                      dz_next + (index_t)row0 * hidden, hidden, rows,
-                                                                      persistent::round_up(rows, RowTile), hidden);
-                __syncthreads();
-                persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, dz_chunk, partials, layout,
-                                                                                 ItemRows, 1);
-                __syncthreads();
-            }
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t cell = (index_t)row * hidden + unit;
-                const index_t offset = (index_t)step * state_size + cell;
-                float dh_total = recurrent ? persistent::sum_partials<KSplit, ItemRows, RowTile>(
-                                                 partials, layout, u / ItemRows, u % ItemRows, r)
-                                           : 0.0f;
-                dh_total += to_float(dy[offset]);
-                if (!recurrent) dh_total += to_float(dh_n[cell]);
-                const float h = h_all[offset + state_size];  // h_t = h_all[t+1]
-                if constexpr (Relu)
-                    da[offset] = h <= 0.0f ? 0.0f : dh_total;  // PyTorch's: a NaN h passes dh
-                else
-                    da[offset] = dh_total * (1.0f - h * h);
-                if constexpr (StepNorms) squares[0] = fma((double)dh_total, (double)dh_total, squares[0]);
-            }
-            // The next chunk overwrites dz_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        if constexpr (StepNorms) {
-            // block_sum's scratch is reused next step only after publish's barrier.
-            block_sum<Threads>(squares);
-            if (threadIdx.x == 0) step_squares[(index_t)blockIdx.x * steps + step] = squares[0];
-        }
-        persistent::publish(flags, (unsigned int)(steps - step));
-    }
+    const RnnBackwardCell<Storage, Relu, StepNorms> cell{w_hh, h_all, dy, dh_n, da, batch, hidden};
+    persistent::backward_recurrence<RnnBackwardCell<Storage, Relu, StepNorms>, Threads, KSplit, RowTile, InFlight,
+                                    VectorLoads, StepNorms>(cell, da, step_squares, flags, steps, batch, hidden, units,
+                                                            chunk_rows);
 }
 
 }  // namespace rnnkernels

@@ -71,14 +71,37 @@ rnn_forward_step(const float* __restrict__ gx,      // [T, B, H] x·W_ihᵀ + b
 }
 
 // ------------------------------------------------------------------ persistent
-// All T steps in one cooperative launch (persistent.cuh's machinery). Block b owns the
-// units [b·units, (b+1)·units) ∩ [0, H): W_hh's rows of its units (padded to a multiple
-// of 4 with zero rows) stay in shared memory as float32; per step it waits for
-// h_{t-1}, stages it chunk by chunk, forms the product with items of four consecutive
-// units (the Elman cell has one gate row per unit: four units make the register tile
-// lstm_forward_persistent's four gates make), and writes h_t = act(gx + product);
-// then publishes step t+1. No per-cell carry; each thread loads the gx of its first
-// pair before the wait. Launch as lstm_forward_persistent.
+// All T steps in one cooperative launch: persistent.cuh's forward_recurrence with the
+// Elman policy below. The cell has one gate row per unit, so an item is four
+// consecutive units (W_hh's rows of the block's units, padded to a multiple of 4 with
+// zero rows): four units make the register tile the LSTM's four gates make. No carry;
+// each thread's first pair's gx is loaded before the wait; per (row, unit) pair
+// h_t = act(gx + product).
+template <typename Storage, bool Relu>
+struct RnnForwardCell {
+    static constexpr int gates = 1;
+    static constexpr bool gate_items = false;
+    static constexpr bool carry = false;
+    const float* gx;
+    const Storage* w_hh;
+    float* h_all;
+    int batch, hidden;
+
+    struct Inputs {
+        float gx;
+    };
+    __device__ __forceinline__ Inputs load_inputs(int step, int row, int unit) const {
+        return Inputs{gx[((index_t)step * batch + row) * hidden + unit]};
+    }
+    __device__ __forceinline__ void update(const Inputs& in, const float (&product)[1], int step, int row, int unit,
+                                           const float* /* staged_row */, float* /* carry */) const {
+        const index_t state_size = (index_t)batch * hidden;
+        h_all[(index_t)(step + 1) * state_size + (index_t)row * hidden + unit] =
+            elman_activation<Relu>(in.gx + product[0]);
+    }
+};
+
+// Launch as lstm_forward_persistent.
 template <typename Storage, bool Relu, int Threads, int KSplit, int RowTile, int InFlight, bool VectorLoads>
 __global__ void __launch_bounds__(Threads, 1)
 rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x·W_ihᵀ + b
@@ -90,60 +113,9 @@ rnn_forward_persistent(const float* __restrict__ gx,      // [T, B, H] x·W_ih�
                        int hidden,                        // H
                        int units,                         // hidden units per block
                        int chunk_rows) {                  // batch rows staged at a time
-    static_assert(Threads % 32 == 0, "whole warps only");
-    constexpr int ItemRows = 4;  // an item: four consecutive units (rows of W_hh)
-    const int unit0 = blockIdx.x * units;
-    const int own_units = min(units, hidden - unit0);
-    const int producers = gridDim.x;
-    const index_t state_size = (index_t)batch * hidden;
-    const int padded_units = persistent::round_up(units, ItemRows);
-
-    const persistent::SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, hidden, chunk_rows,
-                                                                     padded_units / ItemRows, batch, 0);
-    float* shared = persistent::dynamic_shared<float>();
-    float* w_slice = shared + layout.weights;  // row u = W_hh[unit0 + u, :]
-    float* h_chunk = shared + layout.state;
-    float* partials = shared + layout.partials;
-
-    persistent::load_slice<Threads>(w_slice, padded_units, hidden, layout.k_pad, [&](int u, int k) {
-        return u < own_units ? to_float(w_hh[(index_t)(unit0 + u) * hidden + k]) : 0.0f;
-    });
-    __syncthreads();
-
-    for (int step = 0; step < steps; ++step) {
-        // gx of this thread's first (row, unit) pair, loaded BEFORE the wait (as in
-        // lstm_forward_persistent): it does not depend on the other blocks.
-        float gx_first = 0.0f;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units, u = threadIdx.x - r * own_units;
-            gx_first = gx[(index_t)step * state_size + (index_t)r * hidden + unit0 + u];
-        }
-        if (step > 0) persistent::wait_for<Threads>(flags, producers, (unsigned int)step);
-        const float* h_prev = h_all + (index_t)step * state_size;
-        float* h_next = h_all + (index_t)(step + 1) * state_size;
-        for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
-            const int rows = min(chunk_rows, batch - row0);
-            persistent::stage_rows<Threads, InFlight, VectorLoads>(h_chunk, layout.k_pad, h_prev + (index_t)row0 * hidden,
-                                                                  hidden, rows, persistent::round_up(rows, RowTile), hidden);
-            __syncthreads();
-            persistent::slice_times_state<Threads, KSplit, ItemRows, RowTile>(w_slice, h_chunk, partials, layout,
-                                                                             ItemRows, 1);
-            __syncthreads();
-            for (int pair = threadIdx.x; pair < rows * own_units; pair += Threads) {
-                const int r = pair / own_units, u = pair - r * own_units;
-                const int row = row0 + r, unit = unit0 + u;
-                const index_t cell = (index_t)row * hidden + unit;
-                // The first pair of the first chunk is the one prefetched above.
-                const bool prefetched = row0 == 0 && pair == (int)threadIdx.x;
-                h_next[cell] = elman_activation<Relu>(
-                    (prefetched ? gx_first : gx[(index_t)step * state_size + cell]) +
-                    persistent::sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r));
-            }
-            // The next chunk overwrites h_chunk and partials (publish syncs the last).
-            if (row0 + chunk_rows < batch) __syncthreads();
-        }
-        persistent::publish(flags, (unsigned int)(step + 1));
-    }
+    const RnnForwardCell<Storage, Relu> cell{gx, w_hh, h_all, batch, hidden};
+    persistent::forward_recurrence<RnnForwardCell<Storage, Relu>, Threads, KSplit, RowTile, InFlight, VectorLoads>(
+        cell, h_all, flags, steps, batch, hidden, units, chunk_rows);
 }
 
 }  // namespace rnnkernels

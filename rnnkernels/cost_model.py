@@ -446,7 +446,7 @@ def model_graph(direction: str, p: Problem, dev: Device) -> Breakdown:
     return Breakdown("graph", direction, kernel + dev.graph_node_us + gemm, terms, {**counts, "launches": 1})
 
 
-def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
+def model_persistent(direction: str, p: Problem, dev: Device, *, prefetch: bool = True) -> Breakdown:
     """"persistent": one cooperative launch for all steps, laid out by the launcher's
     own plan (``_persistent.plan``: ``units`` hidden units per block, one block per SM,
     the staged state in ``chunks`` row chunks); each block keeps its slice of W_hh in
@@ -458,13 +458,23 @@ def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
                                                            dz_{t+1}, with 16-byte loads)
            + max(block FMAs · 2 / (FP32 rate per SM · fma_efficiency(row_tile)),
                  HBM bytes / HBM bandwidth)
+           + inputs                                       (0 with the prefetch, else
+                                                           one L2 latency)
            + GEMM share (cuBLAS)
 
     with block FMAs = B rounded up to the row tile × the block's weight rows × K (the
     padded rows are computed too): the inner loop reads 4 weight rows and row_tile
     state rows from shared memory per 4·row_tile FMAs (slice_times_state), which bounds
-    it at fma_efficiency(row_tile) of the FP32 rate. Infeasible (inf) where the plan
-    is: W_hh's slices and one row tile of state do not fit the blocks' shared memory."""
+    it at fma_efficiency(row_tile) of the FP32 rate. ``inputs``: the pointwise step
+    reads each pair's inputs (gx forward; the saved gates, states and dy backward),
+    none written in the launch. Every persistent kernel loads its first pair's before
+    the wait for the other blocks (``prefetch``), so that round trip overlaps the wait;
+    ``prefetch=False`` models a kernel that loads them after the product, one more
+    dependent round trip on each step's critical path, counted at the L2 latency (a
+    lower bound: the table has no HBM latency, and a saved array larger than the L2
+    is read from HBM). Later pairs of a thread (B·units > threads) are not modelled.
+    Infeasible (inf) where the plan is: W_hh's slices and one row tile of state do not
+    fit the blocks' shared memory."""
     from . import _persistent
 
     b, h = p.batch, p.hidden
@@ -491,12 +501,30 @@ def model_persistent(direction: str, p: Problem, dev: Device) -> Breakdown:
         "stage_us": chunks * dev.l2_latency_ns / 1e3 + stage_bytes / (dev.l2_gbs * 1e3 / dev.sms),
         "flops_us": 2.0 * block_fmas / (per_sm_flops_per_us * fma_efficiency(tile.row_tile, item_rows)),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
+        "inputs_us": 0.0 if prefetch else dev.l2_latency_ns / 1e3,
         "gemm_us": _gemm_share(direction, p, dev, CUBLAS_FP32_EFFICIENCY),
     }
-    us = terms["sync_us"] + terms["stage_us"] + max(terms["flops_us"], terms["hbm_us"]) + terms["gemm_us"]
+    us = (terms["sync_us"] + terms["stage_us"] + max(terms["flops_us"], terms["hbm_us"]) + terms["inputs_us"]
+          + terms["gemm_us"])
     counts.update(blocks=found.blocks, units=found.units, chunks=chunks, block_fmas=block_fmas, hbm_bytes=hbm,
                   l2_bytes=found.blocks * stage_bytes, serial_l2_round_trips=chunks)
     return Breakdown("persistent", direction, us, terms, counts)
+
+
+def prefetch_saving(direction: str, p: Problem, steps: int, dev: Device | None = None) -> dict:
+    """PREDICTED saving of loading each thread's first pair's inputs before the wait
+    (:func:`model_persistent` with and without ``prefetch``): microseconds per step,
+    per launch of ``steps`` steps (the first step of a launch has no wait to hide the
+    loads behind: T - 1 steps gain), and the share of a step. Not a measurement."""
+    dev = dev or DEVICES[DEFAULT_DEVICE]
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    with_prefetch = model_persistent(direction, p, dev, prefetch=True)
+    without = model_persistent(direction, p, dev, prefetch=False)
+    if not math.isfinite(with_prefetch.us):
+        return {"us_per_step": 0.0, "us_per_launch": 0.0, "share_of_step": 0.0, "reason": with_prefetch.reason}
+    per_step = without.us - with_prefetch.us
+    return {"us_per_step": per_step, "us_per_launch": per_step * (steps - 1), "share_of_step": per_step / without.us}
 
 
 # One function per variant of rnnkernels/_launch.py (built or being built).

@@ -196,3 +196,24 @@ def test_the_default_variant_is_the_models_pick_among_those_that_fit(monkeypatch
     monkeypatch.setattr(_persistent, "choose", lambda *args: "step")
     monkeypatch.setattr(cost_model, "best_variant", None)
     assert _launch._default_variant(rt, 3, 33, "float32", None, "forward_training") == "graph"
+
+
+@pytest.mark.parametrize("cell", sorted(cost_model.CELL_GATES))
+@pytest.mark.parametrize("direction", cost_model.DIRECTIONS)
+def test_prefetch_saving_is_one_l2_round_trip_a_step(cell, direction):
+    """Every persistent kernel loads its first pair's inputs before the wait: without
+    that, the model adds one dependent L2 round trip to each step, and the saving per
+    launch counts the T - 1 steps that wait."""
+    problem = Problem(1, 512, cell=cell)
+    with_prefetch = cost_model.explain("persistent", direction, problem, H200)
+    without = cost_model.model_persistent(direction, problem, H200, prefetch=False)
+    assert with_prefetch.terms["inputs_us"] == 0.0
+    assert without.us - with_prefetch.us == pytest.approx(H200.l2_latency_ns / 1e3)
+    saving = cost_model.prefetch_saving(direction, problem, 256, H200)
+    assert saving["us_per_step"] == pytest.approx(H200.l2_latency_ns / 1e3)
+    assert saving["us_per_launch"] == pytest.approx(255 * H200.l2_latency_ns / 1e3)
+    assert 0 < saving["share_of_step"] < 1
+    # Where the persistent kernels do not fit (4·H² floats of W_hh at H = 8192: 1 GiB) nothing is saved.
+    assert cost_model.prefetch_saving(direction, Problem(4, 8192, cell=cell), 8, H200)["us_per_launch"] == 0.0
+    with pytest.raises(ValueError, match="steps"):
+        cost_model.prefetch_saving(direction, problem, 0, H200)

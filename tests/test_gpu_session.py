@@ -70,6 +70,11 @@ def test_emulated_session_runs_every_stage_and_writes_the_results(tmp_path):
     # Every variant, both dtypes, checked against the reference.
     checked = {(c["variant"], c["dtype"]) for c in records["correctness"] if c["ok"]}
     assert checked == {(v, d) for v in _launch.VARIANTS for d in _launch.STORAGE_TYPES}
+    # The correctness stage builds every module first, side by side, and times each check.
+    built = {b["source"]: b for b in records["correctness_build"]}
+    assert set(built) == set(_launch.KERNELS) | {"all"}
+    assert all(b["error"] is None and b["seconds"] >= 0 for b in built.values()), built
+    assert all(c["seconds"] >= 0 for c in records["correctness"])
     # So are the GRU and the Elman cells.
     cells = {(c.get("cell", "lstm"), c["variant"], c["dtype"]) for c in records["correctness"] if c["ok"]}
     assert cells >= {(cell, v, d) for cell in _launch.CELL_KERNELS for v in _launch.VARIANTS

@@ -289,8 +289,8 @@ PLANTED_BUGS = {
     "relaxed-poll": ("while (flag.load(cuda::memory_order_acquire) < count) {",
                      "while (flag.load(cuda::memory_order_relaxed) < count) {", True),
     # The block does not wait for its polling threads: the others read the state early.
-    "no-barrier-after-wait": ("        }\n    }\n    __syncthreads();\n}\n\n}  // namespace persistent",
-                              "        }\n    }\n}\n\n}  // namespace persistent", False),
+    "no-barrier-after-wait": ("2 * backoff : 512;\n        }\n    }\n    __syncthreads();\n}",
+                              "2 * backoff : 512;\n        }\n    }\n}", False),
 }
 
 
