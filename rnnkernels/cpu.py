@@ -280,8 +280,8 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
     dx = _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
-    dw_ih = flat_dz.T @ x.reshape(steps * batch, input_size)
-    dw_hh = flat_dz.T @ saved.h[:-1].reshape(steps * batch, hidden)
+    dw_ih = _cpu_common.weight_gradient(flat_dz, x.reshape(steps * batch, input_size), input_size)
+    dw_hh = _cpu_common.weight_gradient(flat_dz, saved.h[:-1].reshape(steps * batch, hidden), hidden)
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads
