@@ -1,7 +1,9 @@
 """What the Numba cpu backends of every cell share (``cpu.py``: LSTM, ``cpu_gru.py``,
 ``cpu_rnn.py``): compiling a variant so that Numba's on-disk cache hits, the packed
 step product, the rule that picks the serial or the parallel variant, the thread
-count, and the all-steps input projection. A cell's module keeps only its cell loops,
+count, the all-steps input projection and the weight gradients (``weight_gradient``:
+on the packed kernel, so that a call runs on Numba's thread pool only; cpu.py's
+"Threading policy"). A cell's module keeps only its cell loops,
 its two time loops and its single-step path; the design is the one ``cpu.py``'s
 docstring describes.
 
