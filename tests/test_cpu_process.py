@@ -193,3 +193,21 @@ def test_no_thread_pool_spins_into_the_callers_code_after_training():
     spins = json.loads(child.stdout.strip().splitlines()[-1])
     for cell, seconds in spins.items():
         assert sorted(seconds)[1] < 0.04, (cell, spins)  # the median of three
+
+
+@pytest.mark.slow
+def test_cpu_vs_torch_with_each_library_in_its_own_worker_process(tmp_path):
+    # benchmarks/cpu_vs_torch.py --processes separate: the rows come back validated,
+    # timed in the workers, through the pipe protocol (the workers' errors re-raised).
+    pytest.importorskip("torch", reason="the benchmark compares against torch.nn.LSTM")
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "cpu_vs_torch.py"), "--size", "5,3,8", "--mode", "training",
+               "--threads", "1", "--repeats", "2", "--warmup", "1", "--budget", "0", "--processes", "separate",
+               "--json", str(out)]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert child.returncode == 0, child.stdout + child.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["processes"] == "separate" and (row["T"], row["B"], row["H"], row["mode"]) == (5, 3, 8, "training")
+    assert all(error["rel_error"] < 1e-3 for error in row["validation"].values()), row["validation"]
+    assert len(row["samples_ms"]["rnnkernels-cpu"]) == len(row["samples_ms"]["torch-cpu"]) >= 2
+    assert row["ratio"]["median"] > 0
