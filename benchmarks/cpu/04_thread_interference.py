@@ -1,6 +1,6 @@
 """Experiment 04: what makes two-thread training slow and noisy, for us and for torch.
 
-    python benchmarks/cpu/04_thread_interference.py               # every configuration, about 2.5 min
+    python benchmarks/cpu/04_thread_interference.py               # every configuration, about 4.5 min
     python benchmarks/cpu/04_thread_interference.py --config ours-2 --config torch-2
     python benchmarks/cpu/04_thread_interference.py --phases      # + our training call by phase
 
