@@ -3,12 +3,31 @@
     python benchmarks/cpu_vs_torch.py                        # the table: six sizes x 2 modes x 1, 2 threads
     python benchmarks/cpu_vs_torch.py --threads 1 --size 128,16,256 --mode training --repeats 50
     python benchmarks/cpu_vs_torch.py --cell gru --threads 1      # torch.nn.GRU; also rnn_tanh, rnn_relu
+    python benchmarks/cpu_vs_torch.py --processes separate        # each library in its own worker process
 
 The default run is the table of issue 12 (sizes (T, B, I=H), float32, inference and
-training, one and two threads per library); it takes about 4 minutes on the 2-core
+training, one and two threads per library); it takes about 3 minutes on the 2-core
 machine the project builds on, when that machine is otherwise idle. Each thread
-count runs in a fresh interpreter with OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS set (BLAS
-pools size themselves at import; torch.set_num_threads is set to the same).
+count and size runs in a fresh interpreter with OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS set
+(BLAS pools size themselves at import; torch.set_num_threads is set to the same): in
+one interpreter for all sizes, torch's two-thread rows at the small sizes depended on
+the sizes run before them (1024,4,64 inference: 4.0 ms fresh, 10.1 ms after the
+others; see ``run_children``).
+
+Cross-library interference. Both libraries run in one process, taking turns, so each
+can find the other's idle worker threads still spinning (OpenMP workers wait busy for
+a few ms before they sleep; OpenBLAS's for about 100 ms, which is why the cpu backend
+no longer calls BLAS in a training call: rnnkernels/cpu.py, "Threading policy").
+Measured with benchmarks/cpu/04_thread_interference.py (quiet 2-core VM, 2026-12-01):
+before that change, torch's two-thread training calls took 1.9-2.4x as long paired
+with ours as alone (36 -> 69 ms at 128,16,256; 7.4 -> 17.6 ms at 128,8,128); since,
+0.9-1.1x at the four sizes it runs. ``--processes separate`` runs each library in a
+worker process of its own, the two still taking turns call by call through pipes
+(each call timed in its worker, so the pipe is not timed): that removes the shared
+address space, not the contention for the two cores, and measured it did not help
+(2 threads, 256,1,128 and 1024,4,64: the same medians within 0.10, but p10-p90 of the
+ratios 0.21-1.20 and 0.37-2.98 where one process gave 0.90-1.07 and 0.80-0.89), so
+the default stays one process.
 
 Per size and mode, both implementations are first validated against a float64
 reference on the same inputs (PyTorch in float64), warmed up (which also compiles or
@@ -26,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -76,6 +96,9 @@ def parse(argv):
                         help="B·H from which a time loop splits over threads (default: "
                              "rnnkernels._cpu_common.PARALLEL_MIN_UNITS); to compare split rules "
                              "at 2 threads, e.g. 4096 against the default")
+    parser.add_argument("--processes", choices=("shared", "separate"), default="shared",
+                        help="shared (default): both libraries in one process; separate: each in a "
+                             "worker process of its own, the two taking turns through pipes")
     parser.add_argument("--json", metavar="PATH", help="also write every row and its samples")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -87,9 +110,13 @@ def parse(argv):
     return args
 
 
+LIBRARIES = ("rnnkernels-cpu", "torch-cpu")
+
+
 def measure(args, threads: int) -> list[dict]:
     """Every (size, mode) row at ``threads`` threads, in this process (its thread
-    variables are already set)."""
+    variables are already set), or with ``--processes separate`` in one worker process
+    per library (started here, with the same variables)."""
     import numba
     import torch
 
@@ -98,48 +125,160 @@ def measure(args, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     if args.parallel_min_units is not None:
         _cpu_common.PARALLEL_MIN_UNITS = args.parallel_min_units
+    workers = {}
+    if args.processes == "separate":
+        workers = {name: _Worker(name, threads, args.parallel_min_units) for name in LIBRARIES}
+    try:
+        return _measure_rows(args, threads, workers, numba.get_num_threads(), torch.get_num_threads())
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _measure_rows(args, threads, workers, numba_threads, torch_threads):
+    from rnnkernels import _cpu_common
+
     rows = []
     for steps, batch, hidden in args.size:
         for mode in args.mode:
             problem = impls.Problem("lstm", mode, steps, batch, hidden, args.dtype)
-            if args.cell == "lstm":
-                inputs = impls.make_inputs(problem)
-                want, validated_against = impls.reference_outputs(problem, inputs, "cpu")
-                builds = {name: impls.select_impls("cpu", (name,))[0].build for name in ("rnnkernels-cpu", "torch-cpu")}
-            else:
-                inputs = _cell_inputs(args.cell, problem)
-                reference = _cell_builds(args.cell, problem, inputs, "float64")["torch-cpu"]()
-                want, validated_against = reference.collect(reference.run()), "torch-float64-cpu"
-                builds = {name: (lambda p, i, build=build: build()) for name, build in
-                          _cell_builds(args.cell, problem, inputs, args.dtype).items()}
-            calls, errors = {}, {}
-            for name in ("rnnkernels-cpu", "torch-cpu"):
-                prepared = builds[name](problem, inputs)
-                worst, error = impls.validate(prepared, want)
+            inputs = impls.make_inputs(problem) if args.cell == "lstm" else _cell_inputs(args.cell, problem)
+            want, validated_against = _reference(args.cell, problem, inputs)
+            calls, timers, errors = {}, {}, {}
+            for name in LIBRARIES:
+                if workers:
+                    worst, error = workers[name].prepare(args.cell, problem, inputs, want)
+                    calls[name], timers[name] = workers[name], _WorkerTimer(workers[name])
+                else:
+                    prepared = _build(args.cell, name, problem, inputs)
+                    worst, error = impls.validate(prepared, want)
+                    calls[name], timers[name] = prepared.run, timing.CpuTimer()
                 errors[name] = {"output": worst, "rel_error": error, "against": validated_against}
                 if error > impls.TOLERANCE[args.dtype]:
                     raise SystemExit(f"{name} is wrong at {problem}: {worst} off by {error:.2e}")
-                calls[name] = prepared.run
-            timer = timing.CpuTimer()
             # Calls under 1 ms are timed several times per sample (timer ticks and interrupts
             # would otherwise set p10/p90).
             schedule = timing.Schedule(warmup=args.warmup, min_repeats=args.repeats,
                                        max_repeats=4 * args.repeats, budget_s=args.budget,
                                        min_sample_s=0.001)
-            samples = timing.measure_interleaved(calls, {name: timer for name in calls}, schedule)
+            samples = timing.measure_interleaved(calls, timers, schedule)
             ours, theirs = samples["rnnkernels-cpu"], samples["torch-cpu"]
             row = {
                 "rnnkernels": str(Path(impls.__file__).resolve().parents[2]),
                 "cell": args.cell, "threads": threads, "T": steps, "B": batch, "I": hidden, "H": hidden, "mode": mode,
                 "dtype": args.dtype, "ratio": timing.paired_ratio(ours, theirs),
                 "ours": timing.summarize(ours), "torch": timing.summarize(theirs),
-                "load": load_average(), "numba_threads": numba.get_num_threads(),
-                "torch_threads": torch.get_num_threads(), "parallel_min_units": _cpu_common.PARALLEL_MIN_UNITS,
+                "processes": args.processes, "load": load_average(), "numba_threads": numba_threads,
+                "torch_threads": torch_threads, "parallel_min_units": _cpu_common.PARALLEL_MIN_UNITS,
                 "validation": errors, "samples_ms": samples,
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def _reference(cell: str, problem, inputs: dict):
+    """float64 outputs of the problem (torch in float64 where installed) and their source."""
+    if cell == "lstm":
+        return impls.reference_outputs(problem, inputs, "cpu")
+    reference = _cell_builds(cell, problem, inputs, "float64")["torch-cpu"]()
+    return reference.collect(reference.run()), "torch-float64-cpu"
+
+
+def _build(cell: str, name: str, problem, inputs: dict):
+    """impls.Prepared of one library (``LIBRARIES``) for one problem, in the dtype of it."""
+    if cell == "lstm":
+        return impls.select_impls("cpu", (name,))[0].build(problem, inputs)
+    return _cell_builds(cell, problem, inputs, problem.dtype)[name]()
+
+
+class _Worker:
+    """One library in a process of its own (``--processes separate``): called, it has
+    the worker run the prepared call once and adds the worker's own perf_counter time of
+    it to ``elapsed_ms`` (read by ``_WorkerTimer``), so that the pipe's round trip is
+    not timed. Spawned, not forked: a fork would copy this process's thread pools'
+    state; the worker imports only its own library (a worker running ours never
+    loads torch, nor the torch worker Numba) and inherits this process's thread
+    variables."""
+
+    def __init__(self, name: str, threads: int, parallel_min_units: int | None):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child_end, name, threads, parallel_min_units),
+                                       daemon=True)
+        self.process.start()
+        child_end.close()
+        self.elapsed_ms = 0.0
+
+    def _ask(self, *message):
+        self.connection.send(message)
+        status, reply = self.connection.recv()
+        if status != "ok":
+            raise RuntimeError(f"the worker failed:\n{reply}")
+        return reply
+
+    def prepare(self, cell, problem, inputs, want):
+        """Build and validate the call: (name of the worst output, its relative error)."""
+        return self._ask("prepare", cell, problem, inputs, want)
+
+    def __call__(self):
+        self.elapsed_ms += self._ask("run")
+
+    def close(self):
+        if self.process.is_alive():
+            self.connection.send(("stop",))
+        self.process.join(timeout=30)
+        self.connection.close()
+
+
+class _WorkerTimer:
+    """``timing.measure_interleaved``'s timer for a ``_Worker``: the worker's own time of
+    the calls ``fn`` makes (one, or a batch of them)."""
+
+    method = "perf_counter in the worker process"
+
+    def __init__(self, worker: _Worker):
+        self.worker = worker
+
+    def time_ms(self, fn) -> float:
+        self.worker.elapsed_ms = 0.0
+        fn()
+        return self.worker.elapsed_ms
+
+
+def _serve(connection, name: str, threads: int, parallel_min_units: int | None) -> None:
+    """A worker's loop (``_Worker``): ("prepare", cell, problem, inputs, want) builds and
+    validates the call, ("run",) times it once, ("stop",) ends. Every reply is ("ok",
+    value) or ("error", traceback), which the parent raises."""
+    import time
+    import traceback
+
+    if name == "torch-cpu":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif parallel_min_units is not None:
+        from rnnkernels import _cpu_common
+
+        _cpu_common.PARALLEL_MIN_UNITS = parallel_min_units
+    prepared = None
+    while True:
+        message = connection.recv()
+        try:
+            if message[0] == "stop":
+                return
+            if message[0] == "prepare":
+                _, cell, problem, inputs, want = message
+                prepared = _build(cell, name, problem, inputs)
+                reply = impls.validate(prepared, want)
+            else:
+                start = time.perf_counter()
+                prepared.run()
+                reply = (time.perf_counter() - start) * 1e3
+        except Exception:  # noqa: BLE001 - sent on: the parent raises it with this traceback
+            connection.send(("error", traceback.format_exc()))
+            continue
+        connection.send(("ok", reply))
 
 
 def _cell_inputs(cell: str, p) -> dict:
@@ -162,18 +301,18 @@ def _cell_builds(cell: str, p, inputs: dict, dtype: str) -> dict:
     """{"rnnkernels-cpu": build, "torch-cpu": build} for a GRU / Elman RNN problem, each
     build() -> impls.Prepared whose outputs are y, h_n and, in training, every gradient."""
     import numpy as np
-    import torch
 
     import rnnkernels
 
     grad_names = ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0")
     a = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in inputs.items()}
     args = (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"])
+    # torch is imported by theirs() only: a worker process that runs ours never loads it.
     if cell == "gru":
-        ours_forward, ours_backward, layer = rnnkernels.gru_forward, rnnkernels.gru_backward, torch.nn.GRU
+        ours_forward, ours_backward, layer = rnnkernels.gru_forward, rnnkernels.gru_backward, "GRU"
         options = {}
     else:
-        ours_forward, ours_backward, layer = rnnkernels.rnn_forward, rnnkernels.rnn_backward, torch.nn.RNN
+        ours_forward, ours_backward, layer = rnnkernels.rnn_forward, rnnkernels.rnn_backward, "RNN"
         options = {"nonlinearity": cell[4:]}
 
     def ours():
@@ -191,7 +330,9 @@ def _cell_builds(cell: str, p, inputs: dict, dtype: str) -> dict:
                               lambda out: {"y": np.asarray(out.y, np.float64), "h_n": np.asarray(out.h_n, np.float64)})
 
     def theirs():
-        module = layer(p.H, p.H, **options).to(dtype=getattr(torch, dtype))
+        import torch
+
+        module = getattr(torch.nn, layer)(p.H, p.H, **options).to(dtype=getattr(torch, dtype))
         t = {k: torch.from_numpy(v) for k, v in a.items()}
         with torch.no_grad():
             for name, value in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
@@ -222,26 +363,31 @@ def _cell_builds(cell: str, p, inputs: dict, dtype: str) -> dict:
 
 
 def run_children(args) -> list[dict]:
-    """One fresh interpreter per thread count; their rows, printed as they come."""
+    """One fresh interpreter per thread count and size; their rows, printed as they
+    come. Not one per thread count: in a process that had run the larger sizes first,
+    torch's two-thread calls at the small ones were up to 2.5x slower than in a fresh
+    one (benchmarks/cpu/04_thread_interference.py; cpu.py's docstring), so a row
+    depended on the rows before it."""
     rows = []
     script = os.path.abspath(__file__)
     passed = sys.argv[1:]
-    # The child gets this command line minus --threads, plus its own.
+    # The child gets this command line minus --threads and --size, plus its own.
     keep, skip = [], False
     for arg in passed:
         if skip:
             skip = False
             continue
-        if arg == "--threads":
+        if arg in ("--threads", "--size"):
             skip = True
             continue
-        if arg.startswith("--threads="):
+        if arg.startswith(("--threads=", "--size=")):
             continue
         keep.append(arg)
     print(f"{'thr':>3} {'T':>5} {'B':>3} {'I=H':>4} {'mode':8} {'ours ms':>9} {'torch ms':>9} "
           f"{'ours/torch':>10} {'(p10, p90)':>14} {'load':>5}")
-    for threads in args.threads:
-        command = [sys.executable, script, *keep, "--threads", str(threads), "--child"]
+    for threads, size in ((threads, size) for threads in args.threads for size in args.size):
+        command = [sys.executable, script, *keep, "--threads", str(threads), "--size", ",".join(map(str, size)),
+                   "--child"]
         with subprocess.Popen(command, env=thread_environment(threads), stdout=subprocess.PIPE,
                               text=True) as child:
             for line in child.stdout:

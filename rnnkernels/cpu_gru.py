@@ -253,9 +253,10 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
 
     flat_dgi = dgi.reshape(steps * batch, 3 * hidden)
     flat_dgh = dgh.reshape(steps * batch, 3 * hidden)
-    dx = (flat_dgi @ w_ih).reshape(steps, batch, input_size)
-    dw_ih = flat_dgi.T @ x.reshape(steps * batch, input_size)
-    dw_hh = flat_dgh.T @ saved.h[:-1].reshape(steps * batch, hidden)
+    # On the packed kernel, as the LSTM's (cpu.py's threading policy: no BLAS pool).
+    dx = _cpu_common.project(flat_dgi, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dw_ih = _cpu_common.weight_gradient(flat_dgi, x.reshape(steps * batch, input_size), input_size)
+    dw_hh = _cpu_common.weight_gradient(flat_dgh, saved.h[:-1].reshape(steps * batch, hidden), hidden)
     # The folded layout [r, z, n_ih, n_hh]: dgi's column sums, then dgh's n block's.
     db = np.concatenate([flat_dgi.sum(axis=0), flat_dgh[:, 2 * hidden :].sum(axis=0)]) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh0)

@@ -234,9 +234,10 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     dh0 = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_da = da.reshape(steps * batch, hidden)
-    dx = (flat_da @ w_ih).reshape(steps, batch, input_size)
-    dw_ih = flat_da.T @ x.reshape(steps * batch, input_size)
-    dw_hh = flat_da.T @ saved.h[:-1].reshape(steps * batch, hidden)
+    # On the packed kernel, as the LSTM's (cpu.py's threading policy: no BLAS pool).
+    dx = _cpu_common.project(flat_da, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dw_ih = _cpu_common.weight_gradient(flat_da, x.reshape(steps * batch, input_size), input_size)
+    dw_hh = _cpu_common.weight_gradient(flat_da, saved.h[:-1].reshape(steps * batch, hidden), hidden)
     db = flat_da.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh0)
     return grads + (dh_norms,) if return_step_norms else grads

@@ -178,7 +178,7 @@ def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monke
     # The parallel variant did run: its time loops and the parallel projection (the
     # loops' callees record no signature when the loops come from the on-disk cache).
     assert cpu._VARIANTS[True].forward_steps.signatures and cpu._VARIANTS[True].backward_steps.signatures
-    assert _cpu_common.PRODUCT[True].signatures
+    assert _cpu_common.PRODUCT[True].signatures and _cpu_common.WEIGHT_PRODUCT[True].signatures
     for serial, parallel in zip(*results):
         assert serial.tobytes() == parallel.tobytes()
 
@@ -220,3 +220,40 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
         product(a, _cpu_gemm.pack(np.ones((4, width + 4), dtype)), np.empty((3, width), dtype), None)
     with pytest.raises(ValueError, match="bias is shorter"):
         product(a, _cpu_gemm.pack(np.ones((4, width), dtype)), np.empty((3, width), dtype), np.ones(width - 1, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_weight_product_matches_float64_and_the_step_products_bits(dtype):
+    # The weight gradients' kernel (dW = dzᵀ x, _cpu_common.weight_gradient): every
+    # row-block remainder, partial panels and an odd panel, K below, at and across the
+    # K block (one and three blocks) and K = 0. Its sums run k = 0, 1, ... per element
+    # whatever the blocking and the threads: the same bits as the step product's kernel
+    # on a transposed copy, and in the serial and the parallel variant.
+    from rnnkernels import _cpu_common, _cpu_gemm
+
+    rng = np.random.default_rng(5)
+    block = _cpu_common.WEIGHT_K_BLOCK
+    width = _cpu_gemm.panel_width(dtype)
+    for k in (0, 1, 7, block, 2 * block + 3):
+        for rows, n in ((1, 1), (3, 33), (6, 3 * width - 5), (67, 70), (_cpu_common.WEIGHT_ROW_CHUNK + 9, width)):
+            grad = rng.standard_normal((k, rows)).astype(dtype)
+            inputs = rng.standard_normal((k, n + 2)).astype(dtype)  # columns past n are not read
+            inputs_copy = inputs.copy()
+            got = _cpu_common.weight_gradient(grad, inputs, n)
+            assert got.shape == (rows, n) and got.dtype == dtype and got.flags.c_contiguous
+            assert inputs.tobytes() == inputs_copy.tobytes()
+            want = grad.T.astype(np.float64) @ inputs[:, :n].astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=0, atol=4 * TOLERANCE[dtype] * max(1.0, np.abs(want).max(initial=0.0)))
+            packed = _cpu_gemm.pack(inputs[:, :n])
+            step = np.empty((rows, packed.shape[0] * packed.shape[2]), dtype)
+            _cpu_common.PRODUCT[False](np.ascontiguousarray(grad.T), packed, step, None)
+            assert got.tobytes() == np.ascontiguousarray(step[:, :n]).tobytes()
+            for parallel in (False, True):
+                out = np.zeros_like(step)
+                _cpu_common.WEIGHT_PRODUCT[parallel](grad, packed, out)
+                assert out.tobytes() == step.tobytes()
+    packed = _cpu_gemm.pack(np.ones((4, width), dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        _cpu_common.WEIGHT_PRODUCT[False](np.ones((5, 3), dtype), packed, np.zeros((3, width), dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        _cpu_common.WEIGHT_PRODUCT[False](np.ones((4, 3), dtype), packed, np.zeros((3, width - 1), dtype))

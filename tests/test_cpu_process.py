@@ -148,3 +148,66 @@ def test_avx2_tiles_match_the_reference(tmp_path):
     assert result["vector_bytes"] == 32 and not result["two_panel"], result
     for shape, error in result["errors"].items():
         assert error < 2e-5, (shape, result)  # tests/test_cpu.py's float32 tolerance
+
+
+# A child at two threads (every pool, BLAS too): a training call of each cell, then how
+# much CPU time the process burns in the 0.2 s after it, while the caller only sleeps.
+SPIN_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+import rnnkernels
+
+rng = np.random.default_rng(0)
+steps, batch, hidden = 64, 8, 128  # products well above the size OpenBLAS splits
+calls = {{
+    "lstm": (rnnkernels.lstm_forward, rnnkernels.lstm_backward, 4, {{}}),
+    "gru": (rnnkernels.gru_forward, rnnkernels.gru_backward, 3, {{}}),
+    "rnn_tanh": (rnnkernels.rnn_forward, rnnkernels.rnn_backward, 1, {{"nonlinearity": "tanh"}}),
+}}
+spins = {{}}
+for cell, (forward, backward, gates, options) in calls.items():
+    x = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+    w_ih, w_hh = ((rng.standard_normal((gates * hidden, hidden)) / hidden).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+    spins[cell] = []
+    for _ in range(3):
+        backward(forward(x, w_ih, w_hh, **options, backend="cpu"), dy=dy)
+        start = time.process_time()
+        time.sleep(0.2)
+        spins[cell].append(time.process_time() - start)
+print(json.dumps(spins))
+"""
+
+
+@pytest.mark.slow
+def test_no_thread_pool_spins_into_the_callers_code_after_training():
+    # cpu.py's threading policy: a training call (T > 1) runs on Numba's pool only. When
+    # the weight gradients were NumPy (OpenBLAS) products, its worker spun for about
+    # 0.1 s after every backward (0.10-0.11 s of CPU time in this 0.2 s sleep, every
+    # cell); Numba's OpenMP workers spin for a few ms (0.004-0.008 s here).
+    env = dict(os.environ, **dict.fromkeys(("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"), "2"))
+    child = subprocess.run([sys.executable, "-c", SPIN_CHILD.format(repo=str(REPO))], env=env, capture_output=True,
+                           text=True, timeout=300, check=False)  # the assert below shows its stderr
+    assert child.returncode == 0, child.stderr
+    spins = json.loads(child.stdout.strip().splitlines()[-1])
+    for cell, seconds in spins.items():
+        assert sorted(seconds)[1] < 0.04, (cell, spins)  # the median of three
+
+
+@pytest.mark.slow
+def test_cpu_vs_torch_with_each_library_in_its_own_worker_process(tmp_path):
+    # benchmarks/cpu_vs_torch.py --processes separate: the rows come back validated,
+    # timed in the workers, through the pipe protocol (the workers' errors re-raised).
+    pytest.importorskip("torch", reason="the benchmark compares against torch.nn.LSTM")
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "cpu_vs_torch.py"), "--size", "5,3,8", "--mode", "training",
+               "--threads", "1", "--repeats", "2", "--warmup", "1", "--budget", "0", "--processes", "separate",
+               "--json", str(out)]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert child.returncode == 0, child.stdout + child.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["processes"] == "separate" and (row["T"], row["B"], row["H"], row["mode"]) == (5, 3, 8, "training")
+    assert all(error["rel_error"] < 1e-3 for error in row["validation"].values()), row["validation"]
+    assert len(row["samples_ms"]["rnnkernels-cpu"]) == len(row["samples_ms"]["torch-cpu"]) >= 2
+    assert row["ratio"]["median"] > 0
