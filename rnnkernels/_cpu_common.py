@@ -1,20 +1,51 @@
 """What the Numba cpu backends of every cell share (``cpu.py``: LSTM, ``cpu_gru.py``,
 ``cpu_rnn.py``): compiling a variant so that Numba's on-disk cache hits, the packed
-step product, the rule that picks the serial or the parallel variant, the thread
-count, the all-steps input projection and the weight gradients (``weight_gradient``:
-on the packed kernel, so that a call runs on Numba's thread pool only; cpu.py's
-"Threading policy"). A cell's module keeps only its cell loops,
-its two time loops and its single-step path; the design is the one ``cpu.py``'s
+step product, the persistent parallel time loops and the rule that picks them, the
+thread count, the all-steps input projection and the weight gradients
+(``weight_gradient``: on the packed kernel, so that a call runs on Numba's thread pool
+only; cpu.py's "Threading policy"). A cell's module keeps only its cell loops, its two
+serial time loops, the two functions that run its cell over a block of rows for the
+persistent loops, and its single-step path; the design is the one ``cpu.py``'s
 docstring describes.
 
-Compiled variants: one *serial* and one *parallel* copy of each compiled function,
-each under its own name in Numba's cache; float32 and float64 are signatures of each.
-The time loop takes the parallel variant when Numba has more than one thread and a
-step holds B > 1 rows and B·H >= PARALLEL_MIN_UNITS units (``parallel_steps``): its
-step product splits the weight panels over the threads and its cell the batch rows,
-one fork and join each per step, which only pays for that much work. The input
-projection is one product, split over the threads from PARALLEL_MIN_MACS
-multiply-adds up (``project``).
+Compiled variants, each function under its own name in Numba's cache (float32 and
+float64 are signatures of each):
+
+* *serial*: the time loops and cells on one thread;
+* *persistent* (``_forward_persistent``, ``_backward_persistent``): ONE parallel
+  region per call, the CPU twin of the GPU persistent kernel. The workers stay in it
+  for all T steps; per step the product is cut into chunks of 4-panel groups and the
+  cell into chunks of batch rows, and the workers claim chunks with atomic counters
+  and wait for a phase to finish before the next starts (``_cpu_sync.py``: the
+  atomics, why it cannot deadlock whatever the threading layer does, and the memory
+  ordering). Each element is computed by the serial variant's code (the persistent
+  loops call the serial cells on row blocks, and the same tiles), so the two give the
+  same bits at any thread count. The per-step parallel variant it replaced forked and
+  joined Numba's pool twice per step, which cost more than half of a 10-20 µs step.
+
+The rule (``time_loop``): persistent when Numba has more than one thread, the step
+product has at least two 4-panel groups (gates·H columns; else only the cell would
+split) and at least 2^14 multiply-adds (B·gates·H²). Measured on the 2-core Zen 4 VM,
+LSTM inference, two threads, float32, our persistent loop against our serial loop in
+one process (``benchmarks/cpu/05_persistent_loop.py``, quiet, 2026-12-01; medians of
+30 paired ratios, whole calls including the projection): (T,B,H) = 512,1,64 0.85,
+512,2,64 0.91, 512,2,96 0.91, 256,1,128 0.77, 1024,4,64 0.85, 128,8,128 0.76,
+512,8,128 0.74, 128,16,256 0.70, 64,64,512 0.70 (the fork-per-step variant: 0.88,
+0.93, 0.72, 0.70 at the last four, 1.38-1.80 below B·H = 1024); it lost where the
+product has one group (512,2,32 1.14, 512,4,32 1.06, 512,8,32 1.06) and at 16,2,8
+(1.15). Training (forward + backward, OPENBLAS_NUM_THREADS=1): 0.81-0.95 at 128,8,128,
+512,8,128, 128,16,256, 1024,4,64, 256,1,128. Against torch.nn.LSTM at two threads
+(``benchmarks/cpu_vs_torch.py --threads 2``, quiet): see README's table.
+Chunks per worker: one product chunk and one cell chunk per worker and step ran
+1-9% faster than two of each (fewer atomics on the shared lines; the same at
+64,64,512). Tried and lost:
+each worker preferring the same chunks every step (its weight panels stay in its
+core's cache) with all workers in lock-step per phase: no gain at 128,16,256 and
+64,64,512, 0.94-0.99 instead of 0.75-0.78 at 128,8,128 (the claim-ahead order, where
+a worker done early already holds a chunk of the next phase, wins).
+
+The input projection is one product, split over the threads from PARALLEL_MIN_MACS
+multiply-adds up (``project``: one fork for the whole product).
 """
 
 from __future__ import annotations
@@ -26,16 +57,15 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import _cpu_gemm, _fastmath
+from . import _cpu_gemm, _cpu_sync, _fastmath
 
-# Below this many hidden units per step (B·H), a parallel region costs more than it
-# saves on a few cores. Measured on this project's 2-core x86 VM (LSTM, float32, two
-# threads, paired against torch.nn.LSTM, `benchmarks/cpu_vs_torch.py --threads 2
-# --parallel-min-units N`, quiet machine, 2026-12-01): at 128,16,256 (B·H = 4096) the
-# parallel loop took inference from 1.41x torch to 1.03-1.04x (three runs) and training
-# from 0.91x to 0.88-0.93x; at B·H = 1024 (B=8, H=128) it made both libraries slower (our
-# loop 2.3 -> 3.3 ms, torch's 1.9 -> 3.1 ms: two thread pools on two cores), so 4096.
-PARALLEL_MIN_UNITS = 4096
+# The rule for the persistent time loop (``time_loop``), measured on this project's
+# 2-core x86 VM: the module docstring. PARALLEL_MIN_UNITS (B·H) is a second floor, 1 by
+# default, for ``benchmarks/cpu_vs_torch.py --parallel-min-units`` (e.g. 4096: the old
+# rule's floor, to compare).
+PERSISTENT_MIN_MACS = 1 << 14
+PERSISTENT_MIN_GROUPS = 2
+PARALLEL_MIN_UNITS = 1
 # Below this many multiply-adds a product is not split over threads (a fork costs some
 # microseconds; 2^20 multiply-adds take about 30 µs on one core).
 PARALLEL_MIN_MACS = 1 << 20
@@ -46,49 +76,126 @@ WEIGHT_ROW_CHUNK = 64
 WEIGHT_K_BLOCK = 64
 
 
-def _product(a, packed, out, bias):
-    """out[:, :N] = a [R, K] @ M [K, N] (+ bias unless None) for M packed by
-    ``_cpu_gemm.pack``; out [R, ≥N] C-contiguous, its columns past N get the zero
-    padding's products (zeros, plus the bias's padding); bias [≥ out's columns], added
-    by the kernel as it stores each tile. Groups of 4 panels (the parallel variant
-    splits the groups); in each, blocks of 4 rows (by 2 panels at a time with
-    AVX-512's 32 registers, else 1), and a last block of 1-3 rows through the kernel
-    that keeps 8 accumulators busy."""
+def _check_product(a, packed, out, bias):
+    """The shapes the kernel trusts (it reads K from a and writes whole panels)."""
+    if a.shape[1] != packed.shape[1] or out.shape[0] != a.shape[0] or out.shape[1] < packed.shape[0] * packed.shape[2]:
+        raise ValueError("step product: a, packed and out do not fit together")
+    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
+        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
+    if bias is not None and bias.shape[0] < packed.shape[0] * packed.shape[2]:
+        raise ValueError("step product: bias is shorter than the packed width")
+
+
+def _product_group(a, packed, out, bias, group):
+    """``_product``'s work for one group of 4 panels (columns 4·group·W onwards): blocks
+    of 4 rows (by 2 panels at a time with AVX-512's 32 registers, else 1), and a last
+    block of 1-3 rows through the kernel that keeps 8 accumulators busy. Unchecked:
+    the callers check once (``_check_product``)."""
     rows = a.shape[0]
     full = rows - rows % 4
     rest = rows - full
     panels = packed.shape[0]
-    # The kernel trusts these (it reads K from a and writes whole panels): check once.
-    if a.shape[1] != packed.shape[1] or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
-        raise ValueError("step product: a, packed and out do not fit together")
-    if packed.shape[2] * a.itemsize != _PANEL_BYTES:
-        raise ValueError("step product: packed was not made by _cpu_gemm.pack for this dtype")
-    if bias is not None and bias.shape[0] < panels * packed.shape[2]:
-        raise ValueError("step product: bias is shorter than the packed width")
-    for group in numba.prange((panels + 3) // 4):
-        first = 4 * group
-        count = min(4, panels - first)
-        if _cpu_gemm.TWO_PANEL_BLOCKS and count == 4:  # a compile-time constant
-            for panel in range(first, first + 4, 2):
-                for row in range(0, full, 4):
-                    _cpu_gemm.tile4x2(a, row, packed, panel, out, bias)
-        else:
-            for panel in range(first, first + count):
-                for row in range(0, full, 4):
-                    _cpu_gemm.tile4x1(a, row, packed, panel, out, bias)
-        if rest == 1 and count == 4:
-            _cpu_gemm.tile1x4(a, full, packed, first, out, bias)
-        elif rest == 2 and count == 4:
-            _cpu_gemm.tile2x2(a, full, packed, first, out, bias)
-            _cpu_gemm.tile2x2(a, full, packed, first + 2, out, bias)
-        elif rest > 0:
-            for panel in range(first, first + count):
-                if rest == 1:
-                    _cpu_gemm.tile1x1(a, full, packed, panel, out, bias)
-                elif rest == 2:
-                    _cpu_gemm.tile2x1(a, full, packed, panel, out, bias)
-                else:
-                    _cpu_gemm.tile3x1(a, full, packed, panel, out, bias)
+    first = 4 * group
+    count = min(4, panels - first)
+    if _cpu_gemm.TWO_PANEL_BLOCKS and count == 4:  # a compile-time constant
+        for panel in range(first, first + 4, 2):
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x2(a, row, packed, panel, out, bias)
+    else:
+        for panel in range(first, first + count):
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x1(a, row, packed, panel, out, bias)
+    if rest == 1 and count == 4:
+        _cpu_gemm.tile1x4(a, full, packed, first, out, bias)
+    elif rest == 2 and count == 4:
+        _cpu_gemm.tile2x2(a, full, packed, first, out, bias)
+        _cpu_gemm.tile2x2(a, full, packed, first + 2, out, bias)
+    elif rest > 0:
+        for panel in range(first, first + count):
+            if rest == 1:
+                _cpu_gemm.tile1x1(a, full, packed, panel, out, bias)
+            elif rest == 2:
+                _cpu_gemm.tile2x1(a, full, packed, panel, out, bias)
+            else:
+                _cpu_gemm.tile3x1(a, full, packed, panel, out, bias)
+
+
+def _product(a, packed, out, bias):
+    """out[:, :N] = a [R, K] @ M [K, N] (+ bias unless None) for M packed by
+    ``_cpu_gemm.pack``; out [R, ≥N] C-contiguous, its columns past N get the zero
+    padding's products (zeros, plus the bias's padding); bias [≥ out's columns], added
+    by the kernel as it stores each tile. Groups of 4 panels (``_product_group``; the
+    parallel variant splits the groups over the threads)."""
+    check_product(a, packed, out, bias)  # noqa: F821 - a global of each variant
+    for group in numba.prange((packed.shape[0] + 3) // 4):
+        product_group(a, packed, out, bias, group)  # noqa: F821
+
+
+def _forward_persistent(h, packed, z, state, counters, workers, row_chunk, group_chunk):
+    """All T steps of a forward in ONE parallel region (``_cpu_sync``: how the workers
+    share the chunks and why it cannot deadlock). h [T+1, B, H] with h[0] set; packed:
+    W_hhᵀ packed; z [B, ≥ packed width] scratch; ``state``: the cell's arrays, passed
+    to its ``forward_rows(state, z, t, first_row, end_row)``. Per step: the product
+    h_t W_hhᵀ in 4-panel groups, then the cell in blocks of ``row_chunk`` rows; each
+    element by the same code as the serial loop, so the same bits."""
+    steps = h.shape[0] - 1
+    batch = h.shape[1]
+    groups = (packed.shape[0] + 3) // 4
+    group_chunks = (groups + group_chunk - 1) // group_chunk
+    row_chunks = (batch + row_chunk - 1) // row_chunk
+    per_step = group_chunks + row_chunks
+    total = steps * per_step
+    check_product(h[0], packed, z, None)  # noqa: F821 - a global of each variant
+    for _ in numba.prange(workers):
+        while True:
+            index = _cpu_sync.claim(counters)
+            if index >= total:
+                break
+            t = index // per_step
+            chunk = index - t * per_step
+            if chunk < group_chunks:
+                _cpu_sync.wait(counters, t * per_step)  # step t-1's cell is done
+                for group in range(chunk * group_chunk, min(groups, (chunk + 1) * group_chunk)):
+                    product_group(h[t], packed, z, None, group)  # noqa: F821
+            else:
+                _cpu_sync.wait(counters, t * per_step + group_chunks)  # step t's product is done
+                first = (chunk - group_chunks) * row_chunk
+                forward_rows(state, z, t, first, min(batch, first + row_chunk))  # noqa: F821
+            _cpu_sync.finish(counters)
+
+
+def _backward_persistent(grad, packed, out, state, counters, workers, row_chunk, group_chunk):
+    """All T steps of a backward loop in ONE parallel region, steps T-1 down to 0: per
+    step the cell's ``backward_rows(state, out, t, first_row, end_row)`` in blocks of
+    ``row_chunk`` rows (it reads ``out``, the gradient reaching h_t through W_hh, and
+    writes grad[t]), then out = grad[t] @ M with M packed, in 4-panel groups. grad
+    [T, B, K]; out [B, ≥ packed width]."""
+    steps = grad.shape[0]
+    batch = grad.shape[1]
+    groups = (packed.shape[0] + 3) // 4
+    group_chunks = (groups + group_chunk - 1) // group_chunk
+    row_chunks = (batch + row_chunk - 1) // row_chunk
+    per_step = group_chunks + row_chunks
+    total = steps * per_step
+    check_product(grad[0], packed, out, None)  # noqa: F821 - a global of each variant
+    for _ in numba.prange(workers):
+        while True:
+            index = _cpu_sync.claim(counters)
+            if index >= total:
+                break
+            s = index // per_step
+            t = steps - 1 - s
+            chunk = index - s * per_step
+            if chunk < row_chunks:
+                _cpu_sync.wait(counters, s * per_step)  # step t+1's product is done
+                first = chunk * row_chunk
+                backward_rows(state, out, t, first, min(batch, first + row_chunk))  # noqa: F821
+            else:
+                _cpu_sync.wait(counters, s * per_step + row_chunks)  # step t's cell is done
+                chunk -= row_chunks
+                for group in range(chunk * group_chunk, min(groups, (chunk + 1) * group_chunk)):
+                    product_group(grad[t], packed, out, None, group)  # noqa: F821
+            _cpu_sync.finish(counters)
 
 
 def _weight_product(a_t, packed, out):
@@ -157,7 +264,7 @@ def _step_product(a, packed, out):
 #   in, and a time loop's cache entry holds its callees' code too.
 # dtypes need nothing more: float32 and float64 are two signatures of one dispatcher.
 SOURCE_DIGEST = hashlib.sha256(
-    Path(_fastmath.__file__).read_bytes() + Path(_cpu_gemm.__file__).read_bytes() + Path(__file__).read_bytes()
+    b"".join(Path(module.__file__).read_bytes() for module in (_fastmath, _cpu_gemm, _cpu_sync)) + Path(__file__).read_bytes()
 ).hexdigest()[:12]
 
 
@@ -180,32 +287,53 @@ def compile_function(py_func, variant, parallel, callees=None):
     )(func)
 
 
-PRODUCT = {parallel: compile_function(_product, "parallel" if parallel else "serial", parallel) for parallel in (False, True)}
+_PRODUCT_CALLEES = {
+    "check_product": compile_function(_check_product, "serial", False),
+    "product_group": compile_function(_product_group, "serial", False),
+}
+PRODUCT = {
+    parallel: compile_function(_product, "parallel" if parallel else "serial", parallel, _PRODUCT_CALLEES)
+    for parallel in (False, True)
+}
 WEIGHT_PRODUCT = {
     parallel: compile_function(_weight_product, "parallel" if parallel else "serial", parallel)
     for parallel in (False, True)
 }
-STEP_PRODUCT = {
-    parallel: compile_function(_step_product, "parallel" if parallel else "serial", False, {"product": PRODUCT[parallel]})
-    for parallel in (False, True)
-}
+STEP_PRODUCT = compile_function(_step_product, "serial", False, {"product": PRODUCT[False]})
 
 
-def compile_variant(label, parallel, cells, loops):
-    """One compiled variant of a cell: ``cells`` (attribute name: Python function)
-    compiled with ``parallel``, the step product of that variant, and ``loops`` (the
-    time loops) compiled serial, since each step needs the last; in the parallel
-    variant their callees (every cell and ``step_product``, through their globals) fork
-    and join once per step. Returns a namespace of dispatchers by attribute name;
-    ``label`` ("serial", "tanh_parallel" ...) names them in the cache."""
+def compile_variant(label, cells, loops):
+    """The serial variant of a cell: ``cells`` (attribute name: Python function) and
+    ``loops`` (the time loops, which call the cells and ``step_product`` through their
+    globals), compiled serial. Returns a namespace of dispatchers by attribute name;
+    ``label`` ("serial", "tanh_serial" ...) names them in the cache."""
     variant = types.SimpleNamespace()
-    callees = {"step_product": STEP_PRODUCT[parallel]}
+    callees = {"step_product": STEP_PRODUCT}
     for attribute, py_func in cells.items():
-        callees[attribute] = compile_function(py_func, label, parallel)
+        callees[attribute] = compile_function(py_func, label, False)
     for attribute, py_func in loops.items():
         setattr(variant, attribute, compile_function(py_func, label, False, callees))
     for attribute, dispatcher in callees.items():
         setattr(variant, attribute, dispatcher)
+    return variant
+
+
+def compile_persistent(label, serial, rows):
+    """The persistent variant of a cell: ``_forward_persistent`` and
+    ``_backward_persistent`` (one parallel region per call) around the cell's ``rows``
+    functions ({"forward_rows": ..., "backward_rows": ...}: one step's cell over a
+    block of rows), which call the *serial* variant's cells (``serial``: its
+    namespace), so every element comes from the serial loop's code. Returns a
+    namespace like ``compile_variant``'s; ``label`` names its dispatchers in the cache."""
+    variant = types.SimpleNamespace()
+    cells = {name: getattr(serial, name) for name in ("cell_forward", "cell_backward")}
+    callees = dict(_PRODUCT_CALLEES)
+    for attribute, py_func in rows.items():
+        callees[attribute] = compile_function(py_func, label, False, cells)
+    for attribute, py_func in (("forward_steps", _forward_persistent), ("backward_steps", _backward_persistent)):
+        setattr(variant, attribute, compile_function(py_func, label, True, callees))
+    for attribute in rows:
+        setattr(variant, attribute, callees[attribute])
     return variant
 
 
@@ -224,12 +352,64 @@ def threads():
     return numba.get_num_threads()
 
 
-def parallel_steps(batch, hidden):
-    """Whether a time loop over steps of B x H takes the parallel variant: when Numba
-    has more than one thread, B > 1 and B·H >= PARALLEL_MIN_UNITS (a fork and a join
-    per step must pay). Both variants compute the same bits (tests/test_cpu.py and
+def _step_norms(row_sq, dh_norms, dc_norms):
+    """dh_norms[t], dc_norms[t] = the square roots of row_sq [T, B, 2]'s column sums
+    over the rows of step t: the LSTM's persistent backward, whose cells write each
+    step's per-row sums to row_sq[t]. The sums are the serial cell's loop (same order,
+    same flags), so the same bits."""
+    for t in range(row_sq.shape[0]):
+        rows = row_sq[t]
+        dh_total = 0.0
+        dc_total = 0.0
+        for b in range(rows.shape[0]):
+            dh_total += rows[b, 0]
+            dc_total += rows[b, 1]
+        dh_norms[t] = np.sqrt(dh_total)
+        dc_norms[t] = np.sqrt(dc_total)
+
+
+def _step_norm(row_sq, dh_norms):
+    """dh_norms[t] = the square root of the sum of row_sq [T, B] over step t's rows:
+    the one-norm cells' (GRU, Elman) persistent backward, as ``_step_norms``."""
+    for t in range(row_sq.shape[0]):
+        rows = row_sq[t]
+        dh_total = 0.0
+        for b in range(rows.shape[0]):
+            dh_total += rows[b]
+        dh_norms[t] = np.sqrt(dh_total)
+
+
+STEP_NORMS = compile_function(_step_norms, "serial", False)
+STEP_NORM = compile_function(_step_norm, "serial", False)
+
+
+def time_loop(batch, hidden, gates, dtype):
+    """Which time loop runs steps of B x H for a cell of ``gates`` gates in ``dtype``:
+    "serial" or "persistent" (one parallel region per call). Persistent when Numba has
+    more than one thread, B·H >= PARALLEL_MIN_UNITS, the step product has at least
+    PERSISTENT_MIN_MACS multiply-adds (B·gates·H²) and at least PERSISTENT_MIN_GROUPS
+    4-panel groups to share (gates·H columns); the module docstring has the
+    measurements. Both loops compute the same bits (tests/test_cpu.py and
     tests/test_cpu_cells.py check it), so the rule decides speed only."""
-    return batch > 1 and batch * hidden >= PARALLEL_MIN_UNITS and threads() > 1
+    groups = -(-gates * hidden // (4 * _cpu_gemm.panel_width(dtype)))
+    if threads() < 2 or batch * hidden < PARALLEL_MIN_UNITS or groups < PERSISTENT_MIN_GROUPS:
+        return "serial"
+    return "persistent" if batch * gates * hidden * hidden >= PERSISTENT_MIN_MACS else "serial"
+
+
+ROW_CHUNKS_PER_WORKER = 1
+GROUP_CHUNKS_PER_WORKER = 1
+
+
+def persistent_arguments(batch, packed):
+    """(counters, workers, row_chunk, group_chunk) for a persistent loop: zeroed
+    counters, Numba's thread count, the rows per cell chunk and the 4-panel groups per
+    product chunk."""
+    workers = threads()
+    groups = -(-packed.shape[0] // 4)
+    row_chunk = max(1, -(-batch // (ROW_CHUNKS_PER_WORKER * workers)))
+    group_chunk = max(1, -(-groups // (GROUP_CHUNKS_PER_WORKER * workers)))
+    return _cpu_sync.counters(), workers, row_chunk, group_chunk
 
 
 def project(a, packed, columns, bias=None):

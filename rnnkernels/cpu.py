@@ -24,16 +24,20 @@ way the CUDA kernels split it:
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
-either variant (tests/test_cpu.py, tests/test_cpu_process.py).
+either time loop (tests/test_cpu.py, tests/test_cpu_process.py).
 
 Compiled variants (``rnnkernels/_cpu_common.py``, shared with the GRU and the Elman
-RNN; the rule is ``_cpu_common.parallel_steps``): one *serial* and one *parallel* copy of
-each compiled function, each under its own name in Numba's cache; float32 and float64
-are signatures of each. The time loop takes the parallel variant when Numba has more
-than one thread and a step holds B > 1 rows and B·H >= 4096 units: its step product
-splits the weight panels over the threads and its cell the batch rows, one fork and
-join each per step, which only pays for that much work. The input projection is one
-product, split over the threads from 2^20 multiply-adds up. The packed kernel's vector
+RNN; the rule is ``_cpu_common.time_loop``): a *serial* and a *persistent* copy of
+each time loop, each under its own name in Numba's cache; float32 and float64 are
+signatures of each. The persistent loop is one parallel region per call: the threads
+stay in it for all T steps and share each step's product (4-panel groups) and cell
+(batch rows) by claiming chunks with atomic counters (``_cpu_sync.py``), instead of
+forking and joining the pool twice per step. It runs when Numba has more than one
+thread and the step product has two 4-panel groups or more and 2^14 multiply-adds or
+more (B·4H·H for the LSTM): 0.70-0.85x our serial loop's time from (T,B,H) =
+256,1,128 to 64,64,512 at two threads (measurements in ``_cpu_common``'s docstring).
+The input projection is one product, split over the threads from 2^20 multiply-adds
+up. The packed kernel's vector
 width follows Numba's target (``_cpu_gemm.VECTOR_BYTES``: 64 bytes where it has
 AVX-512F, else 32) and is part of every compiled function's cache name; a product's
 sums keep their order at either width. The compiled code is cached on disk
@@ -86,6 +90,12 @@ kernel's spread between calls, not its best case). At two threads the call is 20
 faster than with OpenBLAS pinned to one thread (38.2 against 47.9 ms at 128,16,256),
 and neither slows the other library's next call; pinning OpenBLAS would also need a
 library to find and set NumPy's BLAS (threadpoolctl) around every call.
+
+The persistent time loop's waiters spin too (``_cpu_sync``): they call ``sched_yield``
+after a few thousand spins, but with more runnable threads than cores (NUMBA_NUM_THREADS
+above the cores the process may use, or other busy processes) a step can cost a
+scheduler time slice: one thread per core, as Numba's default, is the setting it is
+made for.
 """
 
 from __future__ import annotations
@@ -200,28 +210,40 @@ def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_no
         step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
 
 
-# One serial and one parallel variant (rnnkernels/_cpu_common.py: how each is compiled
-# and cached, and the rule that picks one).
-_VARIANTS = {
-    parallel: _cpu_common.compile_variant(
-        "parallel" if parallel else "serial",
-        parallel,
-        cells={"cell_forward": _cell_forward, "cell_backward": _cell_backward},
-        loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
+def _forward_rows(state, z, t, first, end):
+    """Step t's cell over rows first:end, for the persistent loop (state: gates, h, c)."""
+    gates, h, c = state
+    cell_forward(  # noqa: F821 - the serial variant's, a global of the persistent variant
+        gates[t, first:end], z[first:end], c[t, first:end], h[t + 1, first:end], c[t + 1, first:end]
     )
-    for parallel in (False, True)
-}
+
+
+def _backward_rows(state, dh_next, t, first, end):
+    """Step t's cell backward over rows first:end, for the persistent loop (state: dy,
+    gates, c, dz, carry, row_sq [T, B, 2]; the step norms are summed after the loop)."""
+    dy, gates, c, dz, carry, row_sq = state
+    cell_backward(  # noqa: F821
+        dy[t, first:end], dh_next[first:end], carry[first:end], gates[t, first:end], c[t, first:end],
+        c[t + 1, first:end], dz[t, first:end], row_sq[t, first:end],
+    )
+
+
+# The serial and the persistent variant (rnnkernels/_cpu_common.py: how each is compiled
+# and cached, and the rule that picks one).
+_SERIAL = _cpu_common.compile_variant(
+    "serial",
+    cells={"cell_forward": _cell_forward, "cell_backward": _cell_backward},
+    loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
+)
+_PERSISTENT = _cpu_common.compile_persistent(
+    "persistent", _SERIAL, rows={"forward_rows": _forward_rows, "backward_rows": _backward_rows}
+)
 
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
     e.g. ``dispatcher.stats.cache_hits``."""
-    return _cpu_common.compiled_functions({"parallel" if p else "serial": v for p, v in _VARIANTS.items()})
-
-
-def _variant(batch, hidden):
-    """The variant for the time loop, steps of B x H (``_cpu_common.parallel_steps``)."""
-    return _VARIANTS[_cpu_common.parallel_steps(batch, hidden)]
+    return _cpu_common.compiled_functions({"serial": _SERIAL, "persistent": _PERSISTENT})
 
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
@@ -263,7 +285,7 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _variant(batch, hidden)
+    loop = _cpu_common.time_loop(batch, hidden, 4, dtype)
 
     # The input projection of every step; each step's cell overwrites its slice with
     # the activated gates, so this one buffer is also what backward reads. It goes
@@ -279,7 +301,10 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     # W_hhᵀ packed once per call; z has the packed width (4H rounded up to a panel).
     packed = _cpu_gemm.pack(w_hh.T)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
-    variant.forward_steps(gates, h, c, packed, z)
+    if loop == "persistent":
+        _PERSISTENT.forward_steps(h, packed, z, (gates, h, c), *_cpu_common.persistent_arguments(batch, packed))
+    else:
+        _SERIAL.forward_steps(gates, h, c, packed, z)
     return h, c, gates
 
 
@@ -290,7 +315,7 @@ def cell_step(gates, z, c_prev, h_out, c_out):
     more than the step. ``gates`` [B, 4H]: x W_ihᵀ + b on entry, activated i, f, g, o
     on exit; ``z`` [B, 4H] = h_{t-1} W_hhᵀ; c_prev, h_out, c_out [B, H]; C-contiguous,
     one dtype (float32 or float64)."""
-    _VARIANTS[False].cell_forward(gates, z, c_prev, h_out, c_out)
+    _SERIAL.cell_forward(gates, z, c_prev, h_out, c_out)
 
 
 def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
@@ -298,7 +323,7 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _variant(batch, hidden)
+    loop = _cpu_common.time_loop(batch, hidden, 4, dtype)
 
     dz = np.empty((steps, batch, 4 * hidden), dtype)
     packed = _cpu_gemm.pack(w_hh)
@@ -306,12 +331,19 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     dh_next = np.zeros((batch, packed.shape[0] * packed.shape[2]), dtype)
     dh_next[:, :hidden] = dh_n
     carry = np.array(dc_n, dtype=dtype, order="C")
-    row_sq = np.empty((batch, 2))
     dh_norms = np.empty(steps)
     dc_norms = np.empty(steps)
-    variant.backward_steps(
-        np.ascontiguousarray(dy), saved.gates, saved.c, packed, dz, dh_next, carry, row_sq, dh_norms, dc_norms
-    )
+    dy = np.ascontiguousarray(dy)
+    if loop == "persistent":
+        row_sq = np.empty((steps, batch, 2))  # per step: summed after the loop
+        state = (dy, saved.gates, saved.c, dz, carry, row_sq)
+        _PERSISTENT.backward_steps(dz, packed, dh_next, state, *_cpu_common.persistent_arguments(batch, packed))
+        _cpu_common.STEP_NORMS(row_sq, dh_norms, dc_norms)
+    else:
+        row_sq = np.empty((batch, 2))
+        _SERIAL.backward_steps(
+            dy, saved.gates, saved.c, packed, dz, dh_next, carry, row_sq, dh_norms, dc_norms
+        )
     dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)

@@ -25,7 +25,7 @@ n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))); the work is split as in the LS
 The bias arrives folded by the API (``cells.py``): [4H] = [b_ir + b_hr, b_iz + b_hz,
 b_in, b_hn], or None; db comes back in the same layout. float32 and float64; the
 arithmetic stays in the input dtype. Variants, cache and threads: as ``cpu.py``
-(``_cpu_common.parallel_steps`` picks serial or parallel, both give the same bits).
+(``_cpu_common.time_loop`` picks the serial or the persistent loop, both give the same bits).
 Tests: tests/test_cpu_cells.py.
 """
 
@@ -145,20 +145,37 @@ def _backward_steps(dy, gates, hn, h, packed_w_hh, dgi, dgh, dh_rec, carry, row_
         step_product(dgh[t], packed_w_hh, dh_rec)  # noqa: F821
 
 
-_VARIANTS = {
-    parallel: _cpu_common.compile_variant(
-        "parallel" if parallel else "serial",
-        parallel,
-        cells={"cell_forward": _cell_forward, "cell_backward": _cell_backward},
-        loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
+def _forward_rows(state, z, t, first, end):
+    """Step t's cell over rows first:end, for the persistent loop (state: gates, b_hn, h, hn)."""
+    gates, b_hn, h, hn = state
+    cell_forward(  # noqa: F821 - the serial variant's, a global of the persistent variant
+        gates[t, first:end], z[first:end], b_hn, h[t, first:end], h[t + 1, first:end], hn[t, first:end]
     )
-    for parallel in (False, True)
-}
+
+
+def _backward_rows(state, dh_rec, t, first, end):
+    """Step t's cell backward over rows first:end, for the persistent loop (state: dy,
+    gates, hn, h, dgi, dgh, carry, row_sq [T, B]; the step norms are summed after)."""
+    dy, gates, hn, h, dgi, dgh, carry, row_sq = state
+    cell_backward(  # noqa: F821
+        dy[t, first:end], dh_rec[first:end], carry[first:end], gates[t, first:end], hn[t, first:end],
+        h[t, first:end], dgi[t, first:end], dgh[t, first:end], row_sq[t, first:end],
+    )
+
+
+_SERIAL = _cpu_common.compile_variant(
+    "serial",
+    cells={"cell_forward": _cell_forward, "cell_backward": _cell_backward},
+    loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
+)
+_PERSISTENT = _cpu_common.compile_persistent(
+    "persistent", _SERIAL, rows={"forward_rows": _forward_rows, "backward_rows": _backward_rows}
+)
 
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling."""
-    return _cpu_common.compiled_functions({"parallel" if p else "serial": v for p, v in _VARIANTS.items()})
+    return _cpu_common.compiled_functions({"serial": _SERIAL, "persistent": _PERSISTENT})
 
 
 def _b_hn(bias, hidden, dtype):
@@ -205,7 +222,7 @@ def cell_step(gates, z, b_hn, h_prev, h_out, hn_out):
     ``gates`` [B, 3H]: x W_ihᵀ + b[:3H] on entry, activated r, z, n on exit; ``z``
     [B, ≥3H] = h_{t-1} W_hhᵀ; b_hn [H] (zeros without biases); h_prev, h_out, hn_out
     [B, H]; C-contiguous, one dtype (float32 or float64)."""
-    _VARIANTS[False].cell_forward(gates, z, b_hn, h_prev, h_out, hn_out)
+    _SERIAL.cell_forward(gates, z, b_hn, h_prev, h_out, hn_out)
 
 
 def _steps(x, w_ih, w_hh, bias, h0):
@@ -214,7 +231,7 @@ def _steps(x, w_ih, w_hh, bias, h0):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _VARIANTS[_cpu_common.parallel_steps(batch, hidden)]
+    loop = _cpu_common.time_loop(batch, hidden, 3, dtype)
     # Through the packed kernel rather than BLAS so that forward runs on one thread
     # pool, Numba's (cpu.py's threading policy).
     gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 3 * hidden)
@@ -226,7 +243,11 @@ def _steps(x, w_ih, w_hh, bias, h0):
     h[0] = h0
     packed = _cpu_gemm.pack(w_hh.T)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
-    variant.forward_steps(gates, _b_hn(bias, hidden, dtype), h, hn, packed, z)
+    b_hn = _b_hn(bias, hidden, dtype)
+    if loop == "persistent":
+        _PERSISTENT.forward_steps(h, packed, z, (gates, b_hn, h, hn), *_cpu_common.persistent_arguments(batch, packed))
+    else:
+        _SERIAL.forward_steps(gates, b_hn, h, hn, packed, z)
     return h, hn, gates
 
 
@@ -235,7 +256,7 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _VARIANTS[_cpu_common.parallel_steps(batch, hidden)]
+    loop = _cpu_common.time_loop(batch, hidden, 3, dtype)
 
     dgi = np.empty((steps, batch, 3 * hidden), dtype)
     dgh = np.empty((steps, batch, 3 * hidden), dtype)
@@ -244,11 +265,18 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     dh_rec = np.zeros((batch, packed.shape[0] * packed.shape[2]), dtype)
     dh_rec[:, :hidden] = dh_n
     carry = np.zeros((batch, hidden), dtype)
-    row_sq = np.empty(batch)
     dh_norms = np.empty(steps)
-    variant.backward_steps(
-        np.ascontiguousarray(dy), saved.gates, saved.hn, saved.h, packed, dgi, dgh, dh_rec, carry, row_sq, dh_norms
-    )
+    dy = np.ascontiguousarray(dy)
+    if loop == "persistent":
+        row_sq = np.empty((steps, batch))  # per step: summed after the loop
+        state = (dy, saved.gates, saved.hn, saved.h, dgi, dgh, carry, row_sq)
+        _PERSISTENT.backward_steps(dgh, packed, dh_rec, state, *_cpu_common.persistent_arguments(batch, packed))
+        _cpu_common.STEP_NORM(row_sq, dh_norms)
+    else:
+        row_sq = np.empty(batch)
+        _SERIAL.backward_steps(
+            dy, saved.gates, saved.hn, saved.h, packed, dgi, dgh, dh_rec, carry, row_sq, dh_norms
+        )
     dh0 = dh_rec[:, :hidden] + carry
 
     flat_dgi = dgi.reshape(steps * batch, 3 * hidden)

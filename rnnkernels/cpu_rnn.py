@@ -20,8 +20,8 @@ variants (names ``..._tanh_serial`` etc.), and two backends, ``TANH_BACKEND`` an
 ``RELU_BACKEND`` (cuDNN's RNN_TANH / RNN_RELU modes, torch's rnn_tanh / rnn_relu). The
 bias arrives folded by the API: [H] = b_ih + b_hh, or None; db is its gradient (both
 db_ih and db_hh). float32 and float64; the arithmetic stays in the input dtype.
-Variants, cache and threads: as ``cpu.py`` (``_cpu_common.parallel_steps`` picks
-serial or parallel, both give the same bits). Tests: tests/test_cpu_cells.py.
+Variants, cache and threads: as ``cpu.py`` (``_cpu_common.time_loop`` picks the
+serial or the persistent loop, both give the same bits). Tests: tests/test_cpu_cells.py.
 """
 
 from __future__ import annotations
@@ -135,27 +135,44 @@ def _backward_steps(dy, h, packed_w_hh, da, dh_next, row_sq, dh_norms):
         step_product(da[t], packed_w_hh, dh_next)  # noqa: F821
 
 
+def _forward_rows(state, z, t, first, end):
+    """Step t's cell over rows first:end, for the persistent loop (state: gx, h)."""
+    gx, h = state
+    cell_forward(gx[t, first:end], z[first:end], h[t + 1, first:end])  # noqa: F821 - the serial variant's
+
+
+def _backward_rows(state, dh_next, t, first, end):
+    """Step t's cell backward over rows first:end, for the persistent loop (state: dy,
+    h, da, row_sq [T, B]; the step norms are summed after the loop)."""
+    dy, h, da, row_sq = state
+    cell_backward(dy[t, first:end], dh_next[first:end], h[t + 1, first:end], da[t, first:end], row_sq[t, first:end])  # noqa: F821
+
+
 _CELLS = {
     "tanh": {"cell_forward": _cell_forward_tanh, "cell_backward": _cell_backward_tanh},
     "relu": {"cell_forward": _cell_forward_relu, "cell_backward": _cell_backward_relu},
 }
-_VARIANTS = {
-    (nonlinearity, parallel): _cpu_common.compile_variant(
-        f"{nonlinearity}_{'parallel' if parallel else 'serial'}",
-        parallel,
+_SERIAL = {
+    nonlinearity: _cpu_common.compile_variant(
+        f"{nonlinearity}_serial",
         cells=_CELLS[nonlinearity],
         loops={"forward_steps": _forward_steps, "backward_steps": _backward_steps},
     )
     for nonlinearity in NONLINEARITIES
-    for parallel in (False, True)
+}
+_PERSISTENT = {
+    nonlinearity: _cpu_common.compile_persistent(
+        f"{nonlinearity}_persistent", _SERIAL[nonlinearity], rows={"forward_rows": _forward_rows, "backward_rows": _backward_rows}
+    )
+    for nonlinearity in NONLINEARITIES
 }
 
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_tanh_serial`` ...): for tests and profiling."""
-    return _cpu_common.compiled_functions(
-        {f"{nonlinearity}_{'parallel' if parallel else 'serial'}": v for (nonlinearity, parallel), v in _VARIANTS.items()}
-    )
+    variants = {f"{nonlinearity}_serial": v for nonlinearity, v in _SERIAL.items()}
+    variants |= {f"{nonlinearity}_persistent": v for nonlinearity, v in _PERSISTENT.items()}
+    return _cpu_common.compiled_functions(variants)
 
 
 def forward(nonlinearity, x, w_ih, w_hh, bias, h0, training=True):
@@ -192,7 +209,7 @@ def cell_step(nonlinearity, gx, z, h_out):
     C-contiguous, one dtype (float32 or float64)."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    _VARIANTS[nonlinearity, False].cell_forward(gx, z, h_out)
+    _SERIAL[nonlinearity].cell_forward(gx, z, h_out)
 
 
 def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):
@@ -201,7 +218,7 @@ def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _VARIANTS[nonlinearity, _cpu_common.parallel_steps(batch, hidden)]
+    loop = _cpu_common.time_loop(batch, hidden, 1, dtype)
     # Through the packed kernel rather than BLAS so that forward runs on one thread
     # pool, Numba's (cpu.py's threading policy).
     gx = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), hidden)
@@ -212,7 +229,10 @@ def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):
     h[0] = h0
     packed = _cpu_gemm.pack(w_hh.T)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), dtype)
-    variant.forward_steps(gx, h, packed, z)
+    if loop == "persistent":
+        _PERSISTENT[nonlinearity].forward_steps(h, packed, z, (gx, h), *_cpu_common.persistent_arguments(batch, packed))
+    else:
+        _SERIAL[nonlinearity].forward_steps(gx, h, packed, z)
     return h
 
 
@@ -221,16 +241,27 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
-    variant = _VARIANTS[saved.nonlinearity, _cpu_common.parallel_steps(batch, hidden)]
+    loop = _cpu_common.time_loop(batch, hidden, 1, dtype)
 
     da = np.empty((steps, batch, hidden), dtype)
     packed = _cpu_gemm.pack(w_hh)
     # dh_next has the packed width (H rounded up to a panel); its first H columns count.
     dh_next = np.zeros((batch, packed.shape[0] * packed.shape[2]), dtype)
     dh_next[:, :hidden] = dh_n
-    row_sq = np.empty(batch)
     dh_norms = np.empty(steps)
-    variant.backward_steps(np.ascontiguousarray(dy), saved.h, packed, da, dh_next, row_sq, dh_norms)
+    dy = np.ascontiguousarray(dy)
+    if loop == "persistent":
+        row_sq = np.empty((steps, batch))  # per step: summed after the loop
+        state = (dy, saved.h, da, row_sq)
+        _PERSISTENT[saved.nonlinearity].backward_steps(
+            da, packed, dh_next, state, *_cpu_common.persistent_arguments(batch, packed)
+        )
+        _cpu_common.STEP_NORM(row_sq, dh_norms)
+    else:
+        row_sq = np.empty(batch)
+        _SERIAL[saved.nonlinearity].backward_steps(
+            dy, saved.h, packed, da, dh_next, row_sq, dh_norms
+        )
     dh0 = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_da = da.reshape(steps * batch, hidden)

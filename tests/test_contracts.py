@@ -207,7 +207,7 @@ def test_cells_overlapping_arguments_are_allowed(cell, backend):
 # ------------------------------------------------------------------ determinism
 
 # Per backend: (T, B, I, H, dtype) problems, small and (for cpu) large enough for the
-# parallel cell loops (B·H >= _cpu_common.PARALLEL_MIN_UNITS), float32 and float64 where the backend takes them.
+# persistent time loops (_cpu_common.time_loop), float32 and float64 where the backend takes them.
 DETERMINISM_PROBLEMS = {
     "reference": [(3, 3, 5, 7, "float64"), (3, 16, 5, 64, "float32")],
     # float64 alone crosses the serial/parallel line: each subprocess compiles what

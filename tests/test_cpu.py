@@ -66,7 +66,7 @@ def test_cpu_options_match_reference(dtype, bias, state, upstream):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cpu_batch_first_and_parallel_path(dtype):
-    # B·H >= the parallel threshold, so the prange loops run.
+    # Large enough for the persistent loops wherever Numba has two threads or more.
     steps, batch, input_size, hidden = 3, 64, 10, 300
     problem = make_problem(steps, batch, input_size, hidden, dtype=dtype, seed=11)
     problem["x"] = np.ascontiguousarray(problem["x"].transpose(1, 0, 2))
@@ -156,31 +156,77 @@ def test_cpu_infinite_input_gives_the_references_nan_and_inf_pattern(dtype):
         assert rel_err(got[finite], want[finite]) < 10 * TOLERANCE[dtype], name
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64)])
-def test_cpu_serial_and_parallel_variants_give_the_same_bits(shape, dtype, monkeypatch):
-    # The size rule in _cpu_common.parallel_steps picks a variant for speed only: whichever runs, and
-    # with however many threads, every output bit is the same (issue 11, defect 3).
-    from rnnkernels import _cpu_common, cpu
-
+def _lstm_outputs(shape, dtype):
     steps, batch, _, hidden = shape
     problem = make_problem(*shape, dtype=dtype, seed=9)
     upstream = make_upstream(steps, batch, hidden, dtype=dtype)
-    results = []
+    out = rnnkernels.lstm_forward(**problem, backend="cpu")
+    grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
+    return [out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()] + [grads.dh_norms, grads.dc_norms]
+
+
+def _force_loop(monkeypatch, persistent):
+    """The time loops' rule (_cpu_common.time_loop) forced serial or persistent, with
+    two threads whatever Numba has; the projection's split with it."""
+    from rnnkernels import _cpu_common
+
+    threshold = 0 if persistent else 10**12
     monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
-    for threshold in (10**12, 0):  # serial everywhere, then parallel wherever B > 1
-        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_UNITS", threshold)
-        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", threshold)
-        out = rnnkernels.lstm_forward(**problem, backend="cpu")
-        grads = rnnkernels.lstm_backward(out, **upstream, return_step_norms=True)
-        results.append([out.y, out.h_n, out.c_n] + [getattr(grads, name) for name in GRAD_OF.values()]
-                       + [grads.dh_norms, grads.dc_norms])
-    # The parallel variant did run: its time loops and the parallel projection (the
-    # loops' callees record no signature when the loops come from the on-disk cache).
-    assert cpu._VARIANTS[True].forward_steps.signatures and cpu._VARIANTS[True].backward_steps.signatures
+    for name in ("PERSISTENT_MIN_MACS", "PERSISTENT_MIN_GROUPS", "PARALLEL_MIN_UNITS", "PARALLEL_MIN_MACS"):
+        monkeypatch.setattr(_cpu_common, name, threshold)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64), (3, 64, 5, 40)])
+def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkeypatch):
+    # The rule in _cpu_common.time_loop picks a time loop for speed only: whichever runs, and
+    # with however many threads, every output bit is the same (issue 11, defect 3). B = 64:
+    # the persistent backward sums each step's row norms after its loop, the serial
+    # cell in it, the same loop (it vectorizes at that B).
+    from rnnkernels import _cpu_common, cpu
+
+    results = []
+    for persistent in (False, True):
+        _force_loop(monkeypatch, persistent)
+        results.append(_lstm_outputs(shape, dtype))
+    # The persistent loops did run, and the parallel projection (the loops' callees
+    # record no signature when the loops come from the on-disk cache).
+    assert cpu._PERSISTENT.forward_steps.signatures and cpu._PERSISTENT.backward_steps.signatures
     assert _cpu_common.PRODUCT[True].signatures and _cpu_common.WEIGHT_PRODUCT[True].signatures
-    for serial, parallel in zip(*results):
-        assert serial.tobytes() == parallel.tobytes()
+    for serial, persistent in zip(*results):
+        assert serial.tobytes() == persistent.tobytes()
+
+
+@pytest.mark.parametrize(("workers", "numba_threads"), [(1, 2), (2, 1), (3, 2)])
+def test_cpu_persistent_loop_with_any_number_of_workers_and_threads(workers, numba_threads, monkeypatch):
+    # The persistent loops hand out work by claiming (rnnkernels/_cpu_sync.py), never by
+    # a fixed thread per chunk, so they finish and give the serial loop's bits when one
+    # worker does everything (1 worker), when one thread runs two workers one after the
+    # other (2 workers on 1 Numba thread: the second finds nothing left) and with more
+    # workers than threads (3 on 2). A deadlock would hang: faulthandler ends the run
+    # with every thread's traceback instead.
+    import faulthandler
+
+    import numba
+
+    from rnnkernels import _cpu_common
+
+    shape = (6, 7, 5, 40)  # 7 rows: cell chunks of unequal size
+    _force_loop(monkeypatch, False)
+    want = _lstm_outputs(shape, np.float32)
+    _force_loop(monkeypatch, True)
+    arguments = _cpu_common.persistent_arguments
+    monkeypatch.setattr(_cpu_common, "persistent_arguments", lambda *a: (arguments(*a)[0], workers, *arguments(*a)[2:]))
+    before = numba.get_num_threads()
+    faulthandler.dump_traceback_later(300, exit=True)
+    try:
+        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+        got = _lstm_outputs(shape, np.float32)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        numba.set_num_threads(before)
+    for a, b in zip(want, got):
+        assert a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -209,8 +255,8 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
             with_bias = np.full_like(out, np.nan)
             product(a, packed, with_bias, bias)
             assert with_bias.tobytes() == (out + bias).tobytes()
-            step = np.full_like(out, np.nan)  # the time loops' entry: the same kernel
-            cpu._VARIANTS[parallel].step_product(a, packed, step)
+            step = np.full_like(out, np.nan)  # the serial time loop's entry: the same kernel
+            cpu._SERIAL.step_product(a, packed, step)
             assert step.tobytes() == out.tobytes()
     a = np.ones((3, 4), dtype)
     width = _cpu_gemm.panel_width(dtype)

@@ -183,21 +183,30 @@ def test_cpu_cell_infinite_input_gives_the_references_nan_and_inf_pattern(cell, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_cell_serial_and_parallel_variants_give_the_same_bits(cell, dtype, monkeypatch):
-    # _cpu_common.parallel_steps picks a variant for speed only: whichever runs, every
-    # output bit is the same. B=5 leaves a partial 4-row block, H=37 a partial panel.
-    p = _problem(cell, 4, 5, 6, 37, seed=9)
-    results = []
+def test_cpu_cell_serial_and_persistent_loops_give_the_same_bits(cell, dtype, monkeypatch):
+    # _cpu_common.time_loop picks a time loop for speed only: whichever runs, with any
+    # number of workers (3 on 2 threads: one thread runs two workers one after the
+    # other), every output bit is the same. B=5 leaves a partial 4-row block, H=37 a
+    # partial panel; B=64 a step-norm sum that vectorizes.
+    module = cpu_gru if cell == "gru" else cpu_rnn
+    persistent = module._PERSISTENT if cell == "gru" else module._PERSISTENT[cell[4:]]
+    arguments = _cpu_common.persistent_arguments
     monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
-    for threshold in (10**12, 0):  # serial everywhere, then parallel wherever B > 1
-        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_UNITS", threshold)
-        monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", threshold)
-        y, h_n, grads = _run(cell, *_inputs(cell, p, dtype))
-        results.append([y, h_n] + [grads[name] for name in GRADS])
-    module, key = (cpu_gru, True) if cell == "gru" else (cpu_rnn, (cell[4:], True))
-    assert module._VARIANTS[key].forward_steps.signatures  # the parallel variant did run
-    for serial, parallel in zip(*results):
-        assert serial.tobytes() == parallel.tobytes()
+    for shape in ((4, 5, 6, 37), (3, 64, 5, 20)):
+        p = _problem(cell, *shape, seed=9)
+        results = []
+        for threshold, workers in ((10**12, 2), (0, 2), (0, 3)):  # serial, then persistent
+            for name in ("PERSISTENT_MIN_MACS", "PERSISTENT_MIN_GROUPS", "PARALLEL_MIN_UNITS", "PARALLEL_MIN_MACS"):
+                monkeypatch.setattr(_cpu_common, name, threshold)
+            monkeypatch.setattr(
+                _cpu_common, "persistent_arguments", lambda *a, w=workers: (arguments(*a)[0], w, *arguments(*a)[2:])
+            )
+            y, h_n, grads = _run(cell, *_inputs(cell, p, dtype))
+            results.append([y, h_n] + [grads[name] for name in GRADS])
+        assert persistent.forward_steps.signatures and persistent.backward_steps.signatures  # they did run
+        for serial, *others in zip(*results):
+            for other in others:
+                assert serial.tobytes() == other.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -278,7 +287,7 @@ def test_cpu_cell_saved_arrays_round_trip_inference_inputs_and_repeats(cell, ste
         assert (before is None and after is None) or before.tobytes() == after.tobytes()
 
 
-# A child process: every variant of both modules on a small problem (the parallel ones
+# A child process: every variant of both modules on a small problem (the persistent ones
 # forced), digests of the outputs, and per used dispatcher the number of signatures it
 # compiled against the number it loaded from the on-disk cache.
 CHILD = r"""
@@ -291,6 +300,7 @@ _cpu_common.threads = lambda: 2
 digest = hashlib.sha256()
 for threshold in (10**12, 0):
     _cpu_common.PARALLEL_MIN_UNITS = _cpu_common.PARALLEL_MIN_MACS = threshold
+    _cpu_common.PERSISTENT_MIN_MACS = _cpu_common.PERSISTENT_MIN_GROUPS = threshold
     for cell in t.CELLS:
         for dtype in ("float32", "float64"):
             y, h_n, grads = t._run(cell, *t._inputs(cell, t._problem(cell, 3, 2, 4, 5), dtype))
@@ -320,7 +330,7 @@ def test_cpu_cells_same_bits_in_a_new_process_from_a_disk_cache_that_hits():
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     first, second = results
     assert first["digest"] == second["digest"]
-    assert "rnnkernels.cpu_gru.backward_steps_parallel" in second["used"], second
+    assert "rnnkernels.cpu_gru.backward_steps_persistent" in second["used"], second
     assert "rnnkernels.cpu_rnn.forward_steps_relu_serial" in second["used"], second
     for name, (compiled, hits) in second["used"].items():
         assert hits == compiled, (name, second)
@@ -372,8 +382,8 @@ def test_cpu_cell_through_the_api_matches_the_reference_backend(cell, upstream):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_cell_through_the_api_at_a_size_for_the_parallel_rule(cell):
-    # B·H = 64·260 >= _cpu_common.PARALLEL_MIN_UNITS: with more than one Numba thread the
-    # rule itself (no patching) takes the parallel variant; either way against the
+    # B·H = 64·260: with more than one Numba thread the rule itself (no patching) takes
+    # the persistent loop; either way against the
     # float64 reference, through the generic cell_forward / cell_backward.
     from rnnkernels import _api
 

@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A child: optionally a small call (serial cell variant) first, then a call large
-# enough for the parallel variant; prints the digests of its outputs and which cell
+# A child: optionally a small call (the serial loop) first, then a call large
+# enough for the persistent loop; prints the digests of its outputs and which cell
 # dispatchers were served from the on-disk cache.
 CHILD = r"""
 import hashlib, json, sys, time
@@ -95,7 +95,7 @@ def test_same_bits_in_any_process_and_a_disk_cache_that_hits(tmp_path):
     assert files, "nothing was written to the Numba cache"
     again = _result(_start(cache, small_first=True))
     used = {name: n for name, n in again["compiled"].items() if n}
-    assert "forward_steps_serial" in used and "backward_steps_parallel" in used, again
+    assert "forward_steps_serial" in used and "backward_steps_persistent" in used, again
     for name, count in used.items():
         assert again["cache_hits"][name] == count, (name, again)
     assert _cache_files(cache) == files

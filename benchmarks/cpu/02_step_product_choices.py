@@ -103,7 +103,7 @@ def make_candidates():
     from rnnkernels import _cpu_gemm, cpu
 
     found = _symbols()
-    cell = cpu._VARIANTS[False].cell_forward
+    cell = cpu._SERIAL.cell_forward
     i32, i64, ptr_t = types.int32, types.int64, types.voidptr
     row_major, no_trans, trans, packed_id, b_matrix = 101, 111, 112, 151, 162
 
@@ -186,7 +186,7 @@ def make_candidates():
         gates = projection(x, w_ih)
         h, c = states(x, w_hh.shape[1])
         packed = _cpu_gemm.pack(w_hh.T)
-        cpu._VARIANTS[False].forward_steps(gates, h, c, packed,
+        cpu._SERIAL.forward_steps(gates, h, c, packed,
                                            np.empty((x.shape[1], packed.shape[0] * packed.shape[2]), x.dtype))
         return h[1:]
 

@@ -112,7 +112,7 @@ def _phase_call(a, dw):
     bias = a["b_ih"] + a["b_hh"]
     steps, batch, input_size = x.shape
     hidden = w_hh.shape[1]
-    variant = cpu._variant(batch, hidden)
+    loop = _cpu_common.time_loop(batch, hidden, 4, x.dtype)  # as cpu.forward and cpu.backward
     gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 4 * hidden, bias)
     gates = gates.reshape(steps, batch, 4 * hidden)
     mark("projection")
@@ -121,16 +121,24 @@ def _phase_call(a, dw):
     h[0], c[0] = a["h0"], a["c0"]
     packed = _cpu_gemm.pack(w_hh.T)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), x.dtype)
-    variant.forward_steps(gates, h, c, packed, z)
+    if loop == "persistent":
+        cpu._PERSISTENT.forward_steps(h, packed, z, (gates, h, c), *_cpu_common.persistent_arguments(batch, packed))
+    else:
+        cpu._SERIAL.forward_steps(gates, h, c, packed, z)
     mark("forward loop")
     # backward, as cpu.backward
     dz = np.empty((steps, batch, 4 * hidden), x.dtype)
     packed = _cpu_gemm.pack(w_hh)
     dh_next = np.zeros((batch, packed.shape[0] * packed.shape[2]), x.dtype)
     carry = np.zeros((batch, hidden), x.dtype)
-    row_sq = np.empty((batch, 2))
     norms = np.empty(steps), np.empty(steps)
-    variant.backward_steps(dy, gates, c, packed, dz, dh_next, carry, row_sq, *norms)
+    if loop == "persistent":
+        row_sq = np.empty((steps, batch, 2))
+        state = (dy, gates, c, dz, carry, row_sq)
+        cpu._PERSISTENT.backward_steps(dz, packed, dh_next, state, *_cpu_common.persistent_arguments(batch, packed))
+        _cpu_common.STEP_NORMS(row_sq, *norms)
+    else:
+        cpu._SERIAL.backward_steps(dy, gates, c, packed, dz, dh_next, carry, np.empty((batch, 2)), *norms)
     mark("backward loop")
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
     _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)

@@ -1,0 +1,140 @@
+"""Experiment 05: the time loop at two threads: serial, a fork per step, or persistent.
+
+    NUMBA_NUM_THREADS=2 python benchmarks/cpu/05_persistent_loop.py
+    NUMBA_NUM_THREADS=2 python benchmarks/cpu/05_persistent_loop.py --size 128,8,128 --mode training
+
+LSTM, float32, I = H, our cpu backend only, in one process; per size and mode, the
+time loops below run interleaved (each repeat runs each once, in a rotating order),
+and the report is the median (p10, p90) of each loop's time over the serial loop's
+in the same repeat (lower is better):
+
+* ``serial``: the serial variant (one thread);
+* ``parallel`` (in the results below only: removed with this experiment): the
+  per-step parallel variant it replaced: per step, one fork and join for the product
+  (panel groups over the threads) and one for the cell (rows);
+* ``persistent/R,G,W``: ``_cpu_common``'s persistent loop (one parallel region per
+  call, work claimed chunk by chunk, ``_cpu_sync``), with about R cell chunks (blocks
+  of rows) and G product chunks (of 4-panel groups) per worker and step, W workers
+  (0: Numba's thread count; 1: one thread does everything, the machinery's own cost).
+
+Every loop is checked against the serial one, bit for bit, before timing. Times are
+wall time of a whole ``lstm_forward`` (inference) or forward + backward (training)
+call, projection and packing included, which every loop shares. Run it under
+``/work/bin/quiet`` (a 2-core machine shared with other jobs moves single rows by
++-20% otherwise).
+
+Results (2-core Zen 4 VM, quiet, 2026-12-01, 30 repeats; inference): the persistent
+loop at 0.70-0.85 of the serial loop from 256,1,128 to 64,64,512, where the
+fork-per-step variant gave 0.70-0.93 at B·H >= 1024 and 1.38-1.80 below; losses
+where the product has a single 4-panel group (H = 32: 1.06-1.14). One chunk of each
+kind per worker (1,1,0) beat two (2,2,0) by 1-9%; one worker alone (1,1,1) costs
+0-1% over the serial loop (the atomics). All numbers and the rule they gave:
+``rnnkernels/_cpu_common.py``'s module docstring. A variant where each worker tried
+"its own" chunks first every step (cache affinity) with a barrier per phase lost at
+128,8,128 (0.94-0.99 against 0.75-0.78) and gained nothing at larger sizes: removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(_CHECKOUT))
+
+import rnnkernels  # noqa: E402
+from rnnkernels import _cpu_common  # noqa: E402
+
+SIZES = ((128, 8, 128), (512, 8, 128), (128, 16, 256), (64, 64, 512), (1024, 4, 64), (256, 2, 128))
+
+
+def _size(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def _problem(steps, batch, hidden, training):
+    rng = np.random.default_rng([steps, batch, hidden])
+    bound = 1 / np.sqrt(hidden)
+    f32 = np.float32
+    problem = {
+        "x": rng.standard_normal((steps, batch, hidden)).astype(f32),
+        "w_ih": rng.uniform(-bound, bound, (4 * hidden, hidden)).astype(f32),
+        "w_hh": rng.uniform(-bound, bound, (4 * hidden, hidden)).astype(f32),
+        "b_ih": rng.uniform(-bound, bound, 4 * hidden).astype(f32),
+        "b_hh": rng.uniform(-bound, bound, 4 * hidden).astype(f32),
+    }
+    dy = rng.standard_normal((steps, batch, hidden)).astype(f32) if training else None
+    return problem, dy
+
+
+def _runner(loop, config, problem, dy):
+    """A call with the time loop forced to ``loop``; for the persistent loop, ``config``
+    = (cell chunks per worker, product chunks per worker, workers or 0 for all)."""
+    original = (_cpu_common.persistent_arguments, _cpu_common.ROW_CHUNKS_PER_WORKER,
+                _cpu_common.GROUP_CHUNKS_PER_WORKER)
+
+    def run():
+        _cpu_common.time_loop = lambda *shape: loop
+        if config:
+            rows, groups, workers = config
+            _cpu_common.ROW_CHUNKS_PER_WORKER, _cpu_common.GROUP_CHUNKS_PER_WORKER = rows, groups
+            if workers:
+                _cpu_common.persistent_arguments = lambda *a: (original[0](*a)[0], workers, *original[0](*a)[2:])
+        try:
+            out = rnnkernels.lstm_forward(**problem, training=dy is not None, backend="cpu")
+            if dy is None:
+                return [out.y]
+            grads = rnnkernels.lstm_backward(out, dy=dy, return_step_norms=True)
+            return [out.y, grads.dx, grads.dw_hh, grads.dh0, grads.dh_norms]
+        finally:
+            (_cpu_common.persistent_arguments, _cpu_common.ROW_CHUNKS_PER_WORKER,
+             _cpu_common.GROUP_CHUNKS_PER_WORKER) = original
+
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=_size, action="append")
+    parser.add_argument("--mode", choices=("forward", "training"), action="append")
+    parser.add_argument("--config", action="append", metavar="R,G,W",
+                        help="persistent loop: cell chunks per worker, product chunks per worker, "
+                             "workers (0: all); repeat for several (default 1,1,0)")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    original_rule = _cpu_common.time_loop
+    print(f"numba threads {_cpu_common.threads()}")
+    for steps, batch, hidden in args.size or SIZES:
+        for mode in args.mode or ("forward",):
+            problem, dy = _problem(steps, batch, hidden, mode == "training")
+            loops = {"serial": _runner("serial", 0, problem, dy)}
+            for config in args.config or ["1,1,0"]:
+                loops[f"persistent/{config}"] = _runner("persistent", _size(config), problem, dy)
+            want = [a.tobytes() for a in loops["serial"]()]
+            for name, run in loops.items():
+                if [a.tobytes() for a in run()] != want:
+                    raise SystemExit(f"{name} differs from serial at {steps, batch, hidden} {mode}")
+                run()  # warm
+            times = {name: [] for name in loops}
+            names = list(loops)
+            for repeat in range(args.repeats):
+                for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+                    start = time.perf_counter()
+                    loops[name]()
+                    times[name].append(time.perf_counter() - start)
+            serial = np.array(times["serial"])
+            cells = []
+            for name in names:
+                ratio = np.array(times[name]) / serial
+                p10, p50, p90 = np.percentile(ratio, [10, 50, 90])
+                cells.append(f"{name} {1e3 * np.median(times[name]):.2f} ms {p50:.2f} ({p10:.2f}-{p90:.2f})")
+            print(f"{steps},{batch},{hidden} {mode}: " + " | ".join(cells), flush=True)
+    _cpu_common.time_loop = original_rule
+
+
+if __name__ == "__main__":
+    main()
