@@ -64,9 +64,15 @@
 // four consecutive units); a work unit is (item, group of RowTile state rows, k-part),
 // k-part p summing the float4 columns p, p + KSplit, ... Consecutive threads take
 // consecutive k-parts of one (item, group), so the 8 threads of a quarter warp read 8
-// consecutive float4s of one row: every LDS.128 is conflict-free. Per float4 column a
-// thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward, 4 x 4:
-// 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
+// consecutive float4s of one row: every LDS.128 of the product is conflict-free
+// (KSplit = 8, the shipped tile). Not so the partials: sum_partials's 8 scalar loads per
+// output hit the same bank for consecutive units (an item's outputs are
+// groups·ItemRows·RowTile·KSplit words apart), 8-way at B = 64, H = 512 and 12-way at
+// B = 16, H = 768 on an H100's plan (counted from the layout, not measured): about
+// 2,000 shared-memory cycles a step at B = 64 next to the product's ~8,200, a PREDICTED
+// ~25%; a padded or transposed partials layout is the first thing to try. Per float4
+// column a thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward,
+// 4 x 4: 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
 // sum_partials adds them in k-part order: a fixed order, so results are bitwise
 // deterministic, with no shuffles and no float atomics.
 #pragma once
@@ -288,10 +294,20 @@ __device__ __forceinline__ void wait_for(unsigned int* flags, int producers, uns
 //                                 memory between steps (SharedLayout's cells region)
 //   const Storage* w_hh           W_hh, read once into the slice
 //   struct Inputs                 what a pair's pointwise step reads that no block
-//                                 writes in the launch; Inputs load_inputs(step, row,
-//                                 unit). Each thread loads its first pair's before
-//                                 the wait, where the latency overlaps the wait.
+//                                 (this one included) writes in the launch; Inputs
+//                                 load_inputs(step, row, unit). Each thread loads its
+//                                 first pair's before the wait, where the latency
+//                                 overlaps the wait, so nothing in it may depend on
+//                                 another block's step. Declared without an
+//                                 initialiser: a plain aggregate of floats.
 //   float initial_carry(index_t cell)        carry only: the carry's value on entry
+// Both updates run once per (row, unit) pair inside the pair loop, whose trip count
+// differs between threads: no barrier, no warp collective, no early exit. They read the
+// exchanged state only through their arguments (product / staged_row forward,
+// recurrent_part backward), never h_all or dz with plain loads (another block's slice,
+// possibly stale in L1: see the header), and write only their own pair's slot of step t
+// (h_all[t+1], dz_t), which no consumer reads before this block publishes. Without a
+// carry, `carry` points past the layout: never dereference it.
 // Forward policies add:
 //   static constexpr bool gate_items  an item is the gates rows of one unit (the
 //                                     register tile's ItemRows = gates), else four
