@@ -19,6 +19,7 @@
 //                          and the per-cell carry sit in it; rnnkernels/_persistent.py
 //                          mirrors the arithmetic (shared_bytes) to size the launch
 //   load_slice             the block's weight rows into shared memory, once
+//   load_carry             the policy's carry into shared memory, once
 //   stage_rows             rows of the exchanged state into shared memory: InFlight
 //                          16-byte __ldcg loads per thread issued back to back into
 //                          registers before any of them is stored
@@ -27,6 +28,7 @@
 //                          sums to shared memory
 //   sum_partials           the fixed-order sum of one output's KSplit partials
 //   publish / wait_for     the per-producer flags (memory ordering below)
+//   load_first_inputs      a thread's first pair's inputs, loaded before the wait
 //   forward_recurrence     the two loops, on a cell policy (its interface is
 //   backward_recurrence    described above them)
 //
@@ -283,6 +285,32 @@ __device__ __forceinline__ void wait_for(unsigned int* flags, int producers, uns
     __syncthreads();
 }
 
+// The carry's initial values of the block's cells (row, unit0 + u), u < own_units, into
+// carry[row·units + u] (SharedLayout's cells region); carry policies only. Both
+// directions start so.
+template <int Threads, typename Cell>
+__device__ __forceinline__ void load_carry(const Cell& cell, float* carry, int batch, int hidden, int unit0,
+                                           int units, int own_units) {
+    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
+        const int row = e / own_units, u = e - row * own_units;
+        carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
+    }
+}
+
+// The policy's Inputs of this thread's first (row, unit) pair of `step`: pair threadIdx.x
+// of the first chunk (first_rows rows), the one the pair loop takes first. Both
+// directions call it before their wait; Inputs hold nothing a block writes in the launch
+// (the policy contract below), so nothing here waits for another block. A thread with no
+// pair in the first chunk leaves `first` unset, and the pair loop never reads it.
+template <typename Cell>
+__device__ __forceinline__ void load_first_inputs(const Cell& cell, typename Cell::Inputs& first, int step,
+                                                  int first_rows, int unit0, int own_units) {
+    if ((int)threadIdx.x < first_rows * own_units) {
+        const int r = threadIdx.x / own_units;
+        first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+    }
+}
+
 // ------------------------------------------------------------------ the recurrences
 // The two loops every cell's persistent kernels run (lstm_*, gru_*, rnn_*_persistent
 // are thin kernels that build a cell policy and call one of them). A policy says what
@@ -362,24 +390,14 @@ __device__ __forceinline__ void forward_recurrence(const Cell& cell,
         const int gate = Cell::gate_items ? r / units : 0, u = r - gate * units;
         return u < own_units ? to_float(cell.w_hh[((index_t)gate * hidden + unit0 + u) * hidden + k]) : 0.0f;
     });
-    if constexpr (Cell::carry) {
-        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-            const int row = e / own_units, u = e - row * own_units;
-            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
-        }
-    }
+    if constexpr (Cell::carry) load_carry<Threads>(cell, carry, batch, hidden, unit0, units, own_units);
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
-        // The inputs of this thread's first (row, unit) pair, loaded BEFORE the wait:
-        // they do not depend on the other blocks, so their global-memory latency
-        // overlaps the wait instead of following the product (what a small batch's
-        // step is made of).
+        // Before the wait: the latency overlaps it instead of following the product (what
+        // a small batch's step is made of).
         typename Cell::Inputs first;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units;
-            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
-        }
+        load_first_inputs(cell, first, step, min(chunk_rows, batch), unit0, own_units);
         if (step > 0) wait_for<Threads>(flags, producers, (unsigned int)step);
         const float* h_prev = h_all + (index_t)step * state_size;
         for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
@@ -452,24 +470,15 @@ __device__ __forceinline__ void backward_recurrence(const Cell& cell,
     load_slice<Threads>(w_slice, padded_units, gate_width, layout.k_pad, [&](int u, int k) {
         return u < own_units ? to_float(cell.w_hh[(index_t)k * hidden + unit0 + u]) : 0.0f;
     });
-    if constexpr (Cell::carry) {
-        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-            const int row = e / own_units, u = e - row * own_units;
-            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
-        }
-    }
+    if constexpr (Cell::carry) load_carry<Threads>(cell, carry, batch, hidden, unit0, units, own_units);
     __syncthreads();
 
     for (int step = steps - 1; step >= 0; --step) {
         // The last step has no dz_{t+1}: the branch is uniform over the grid.
         const bool recurrent = step + 1 < steps;
-        // The inputs of this thread's first pair, loaded BEFORE the wait: their latency
-        // overlaps the wait instead of following the product.
+        // Before the wait: the latency overlaps it instead of following the product.
         typename Cell::Inputs first;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units;
-            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
-        }
+        load_first_inputs(cell, first, step, min(chunk_rows, batch), unit0, own_units);
         if (recurrent) wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
         double squares[Cell::norms];  // Σ of each squared state gradient of this thread's pairs
 #pragma unroll
