@@ -94,8 +94,10 @@ __device__ __forceinline__ float tanh_activation(float x) { return tanhf(x); }
 // Sums each of values[0 .. Count) over the Threads threads of a 1-, 2- or 3-D block (every
 // thread must call it; none may have exited). A fixed-shape tree, so the result does
 // not depend on the order threads run: a shuffle tree inside each warp, then thread 0
-// adds the warp sums in warp order. The totals are valid in thread 0 only. Call it once
-// per kernel: a second call would overwrite warp_sums while thread 0 may still read it.
+// adds the warp sums in warp order. The totals are valid in thread 0 only. A second call
+// needs a __syncthreads() between the two (the persistent backward calls it once a step,
+// with publish's barrier between): without one it would overwrite warp_sums while thread
+// 0 may still read them.
 template <int Threads, int Count>
 __device__ __forceinline__ void block_sum(double (&values)[Count]) {
     static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps only");

@@ -19,6 +19,7 @@
 //                          and the per-cell carry sit in it; rnnkernels/_persistent.py
 //                          mirrors the arithmetic (shared_bytes) to size the launch
 //   load_slice             the block's weight rows into shared memory, once
+//   load_carry             the policy's carry into shared memory, once
 //   stage_rows             rows of the exchanged state into shared memory: InFlight
 //                          16-byte __ldcg loads per thread issued back to back into
 //                          registers before any of them is stored
@@ -27,6 +28,7 @@
 //                          sums to shared memory
 //   sum_partials           the fixed-order sum of one output's KSplit partials
 //   publish / wait_for     the per-producer flags (memory ordering below)
+//   load_first_inputs      a thread's first pair's inputs, loaded before the wait
 //   forward_recurrence     the two loops, on a cell policy (its interface is
 //   backward_recurrence    described above them)
 //
@@ -64,9 +66,15 @@
 // four consecutive units); a work unit is (item, group of RowTile state rows, k-part),
 // k-part p summing the float4 columns p, p + KSplit, ... Consecutive threads take
 // consecutive k-parts of one (item, group), so the 8 threads of a quarter warp read 8
-// consecutive float4s of one row: every LDS.128 is conflict-free. Per float4 column a
-// thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward, 4 x 4:
-// 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
+// consecutive float4s of one row: every LDS.128 of the product is conflict-free
+// (KSplit = 8, the shipped tile). Not so the partials: sum_partials's 8 scalar loads per
+// output hit the same bank for consecutive units (an item's outputs are
+// groups·ItemRows·RowTile·KSplit words apart), 8-way at B = 64, H = 512 and 12-way at
+// B = 16, H = 768 on an H100's plan (counted from the layout, not measured): about
+// 2,000 shared-memory cycles a step at B = 64 next to the product's ~8,200, a PREDICTED
+// ~25%; a padded or transposed partials layout is the first thing to try. Per float4
+// column a thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward,
+// 4 x 4: 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
 // sum_partials adds them in k-part order: a fixed order, so results are bitwise
 // deterministic, with no shuffles and no float atomics.
 #pragma once
@@ -277,6 +285,32 @@ __device__ __forceinline__ void wait_for(unsigned int* flags, int producers, uns
     __syncthreads();
 }
 
+// The carry's initial values of the block's cells (row, unit0 + u), u < own_units, into
+// carry[row·units + u] (SharedLayout's cells region); carry policies only. Both
+// directions start so.
+template <int Threads, typename Cell>
+__device__ __forceinline__ void load_carry(const Cell& cell, float* carry, int batch, int hidden, int unit0,
+                                           int units, int own_units) {
+    for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
+        const int row = e / own_units, u = e - row * own_units;
+        carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
+    }
+}
+
+// The policy's Inputs of this thread's first (row, unit) pair of `step`: pair threadIdx.x
+// of the first chunk (first_rows rows), the one the pair loop takes first. Both
+// directions call it before their wait; Inputs hold nothing a block writes in the launch
+// (the policy contract below), so nothing here waits for another block. A thread with no
+// pair in the first chunk leaves `first` unset, and the pair loop never reads it.
+template <typename Cell>
+__device__ __forceinline__ void load_first_inputs(const Cell& cell, typename Cell::Inputs& first, int step,
+                                                  int first_rows, int unit0, int own_units) {
+    if ((int)threadIdx.x < first_rows * own_units) {
+        const int r = threadIdx.x / own_units;
+        first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
+    }
+}
+
 // ------------------------------------------------------------------ the recurrences
 // The two loops every cell's persistent kernels run (lstm_*, gru_*, rnn_*_persistent
 // are thin kernels that build a cell policy and call one of them). A policy says what
@@ -288,10 +322,20 @@ __device__ __forceinline__ void wait_for(unsigned int* flags, int producers, uns
 //                                 memory between steps (SharedLayout's cells region)
 //   const Storage* w_hh           W_hh, read once into the slice
 //   struct Inputs                 what a pair's pointwise step reads that no block
-//                                 writes in the launch; Inputs load_inputs(step, row,
-//                                 unit). Each thread loads its first pair's before
-//                                 the wait, where the latency overlaps the wait.
+//                                 (this one included) writes in the launch; Inputs
+//                                 load_inputs(step, row, unit). Each thread loads its
+//                                 first pair's before the wait, where the latency
+//                                 overlaps the wait, so nothing in it may depend on
+//                                 another block's step. Declared without an
+//                                 initialiser: a plain aggregate of floats.
 //   float initial_carry(index_t cell)        carry only: the carry's value on entry
+// Both updates run once per (row, unit) pair inside the pair loop, whose trip count
+// differs between threads: no barrier, no warp collective, no early exit. They read the
+// exchanged state only through their arguments (product / staged_row forward,
+// recurrent_part backward), never h_all or dz with plain loads (another block's slice,
+// possibly stale in L1: see the header), and write only their own pair's slot of step t
+// (h_all[t+1], dz_t), which no consumer reads before this block publishes. Without a
+// carry, `carry` points past the layout: never dereference it.
 // Forward policies add:
 //   static constexpr bool gate_items  an item is the gates rows of one unit (the
 //                                     register tile's ItemRows = gates), else four
@@ -346,24 +390,14 @@ __device__ __forceinline__ void forward_recurrence(const Cell& cell,
         const int gate = Cell::gate_items ? r / units : 0, u = r - gate * units;
         return u < own_units ? to_float(cell.w_hh[((index_t)gate * hidden + unit0 + u) * hidden + k]) : 0.0f;
     });
-    if constexpr (Cell::carry) {
-        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-            const int row = e / own_units, u = e - row * own_units;
-            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
-        }
-    }
+    if constexpr (Cell::carry) load_carry<Threads>(cell, carry, batch, hidden, unit0, units, own_units);
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
-        // The inputs of this thread's first (row, unit) pair, loaded BEFORE the wait:
-        // they do not depend on the other blocks, so their global-memory latency
-        // overlaps the wait instead of following the product (what a small batch's
-        // step is made of).
+        // Before the wait: the latency overlaps it instead of following the product (what
+        // a small batch's step is made of).
         typename Cell::Inputs first;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units;
-            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
-        }
+        load_first_inputs(cell, first, step, min(chunk_rows, batch), unit0, own_units);
         if (step > 0) wait_for<Threads>(flags, producers, (unsigned int)step);
         const float* h_prev = h_all + (index_t)step * state_size;
         for (int row0 = 0; row0 < batch; row0 += chunk_rows) {
@@ -436,24 +470,15 @@ __device__ __forceinline__ void backward_recurrence(const Cell& cell,
     load_slice<Threads>(w_slice, padded_units, gate_width, layout.k_pad, [&](int u, int k) {
         return u < own_units ? to_float(cell.w_hh[(index_t)k * hidden + unit0 + u]) : 0.0f;
     });
-    if constexpr (Cell::carry) {
-        for (int e = threadIdx.x; e < batch * own_units; e += Threads) {
-            const int row = e / own_units, u = e - row * own_units;
-            carry[row * units + u] = cell.initial_carry((index_t)row * hidden + unit0 + u);
-        }
-    }
+    if constexpr (Cell::carry) load_carry<Threads>(cell, carry, batch, hidden, unit0, units, own_units);
     __syncthreads();
 
     for (int step = steps - 1; step >= 0; --step) {
         // The last step has no dz_{t+1}: the branch is uniform over the grid.
         const bool recurrent = step + 1 < steps;
-        // The inputs of this thread's first pair, loaded BEFORE the wait: their latency
-        // overlaps the wait instead of following the product.
+        // Before the wait: the latency overlaps it instead of following the product.
         typename Cell::Inputs first;
-        if ((int)threadIdx.x < min(chunk_rows, batch) * own_units) {
-            const int r = threadIdx.x / own_units;
-            first = cell.load_inputs(step, r, unit0 + (threadIdx.x - r * own_units));
-        }
+        load_first_inputs(cell, first, step, min(chunk_rows, batch), unit0, own_units);
         if (recurrent) wait_for<Threads>(flags, producers, (unsigned int)(steps - 1 - step));
         double squares[Cell::norms];  // Σ of each squared state gradient of this thread's pairs
 #pragma unroll
