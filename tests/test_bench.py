@@ -1308,6 +1308,16 @@ def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
     assert "steal 5.0% of the CPU" in lines[1] and "steal 0.0%" in lines[0]
     assert "agree within 2%" in stability.host_report(run(1.0, 0.0), run(1.02, 0.0))[-1]
     assert "cannot tell the host from us" in stability.host_report({"results": []}, run(1.0, 0))[0]
+
+    def judged_run(usual_ms, slow_fraction):  # a run that judged its rounds: usual speed
+        data = run(1.0, 0.0)
+        data["config"].update(wall_seconds=14.0)
+        data["config"]["calibration"].update(usual_ms=usual_ms, slow_fraction=slow_fraction)
+        return data
+    judged = stability.host_report(judged_run(0.28, 0.5), judged_run(0.31, 0.2))
+    assert "usual 0.280 ms, over 10% slower than that in 50% of the rounds" in judged[0]
+    assert judged[0].endswith("; 14.0 s")
+    assert "run 2's usual calibration time was 11% slower than run 1's" in judged[-1]
     shown = stability.format_verdict(verdict, host_lines=lines)
     assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
     assert "diagnosis of the 6 median misses: 3 moved with the calibration" in shown
