@@ -57,7 +57,7 @@ from . import impls as impl_registry
 from . import plot as plotting
 from .device_info import device_info, gpu_present, load_average
 from .flops import MODES
-from .runner import ROW_DOCS, ROW_FIELDS, Settings, cells, run_suite
+from .runner import ROW_DOCS, ROW_FIELDS, Settings, run_suite, steps
 from .timing import DRIFT_LIMIT, LOAD_LIMIT, NOISE_LIMIT, Schedule
 
 
@@ -75,14 +75,15 @@ PRESETS = {
     # 3 rounds and at least 0.1-0.3 s (clock ramp-up, caches); at least 15 repeats so that
     # p10 and p90 are not single samples; a call under 1 ms is repeated within a sample
     # until the sample lasts 1 ms (interrupts and timer ticks otherwise dominate a 40 us
-    # decode step). A CPU round counts only when the host ran at its usual speed and no
-    # other process took the CPU; a cell with too few rounds that count, or too
-    # spread, is timed again at the end of the run, up to twice (runner._run_on_cpu).
-    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(3, 15, 60, 0.25, 0.1, 2, 0.001)),
+    # decode step). CPU cells are timed in 3 passes over the run, each a third of the
+    # repeats; a round counts only when the host ran at its usual speed and no other
+    # process took the CPU; a cell with too few rounds that count, or too spread, is
+    # timed again at the end of the run, up to twice (runner._run_on_cpu).
+    ("cpu", "quick"): Preset((32, 128, 512), 4, 64, Schedule(3, 15, 60, 0.25, 0.1, 2, 0.001, 3)),
     ("cpu", "default"): Preset((32, 64, 128, 256, 512, 1024), 8, 128,
-                               Schedule(3, 15, 100, 0.5, 0.2, 2, 0.001)),
+                               Schedule(3, 15, 100, 0.5, 0.2, 2, 0.001, 3)),
     ("cpu", "full"): Preset((32, 64, 128, 256, 512, 1024, 2048), 16, 256,
-                            Schedule(3, 20, 200, 1.5, 0.3, 2, 0.001)),
+                            Schedule(3, 20, 200, 1.5, 0.3, 2, 0.001, 3)),
     ("cuda", "quick"): Preset((128, 512, 2048), 8, 256, Schedule(5, 20, 100, 0.3, 0.1, 1)),
     # GPU default: the LSTM runs one launch per step, and a step at B=16, H=512 is
     # latency-bound (an estimate from the PTX, not yet measured: 20 to 150 us), so a
@@ -203,7 +204,9 @@ def columns_help() -> str:
              f"                  speed and other processes took under {100 * LOAD_LIMIT:.0f}% "
              "of the CPU; a cell with too few such rounds is timed again at the end;",
              "                  a row that still fails a check is flagged 'noisy' (table, "
-             "JSON, plot) and no crossover is drawn from it"]
+             "JSON, plot) and no crossover is drawn from it",
+             "  (CPU: each cell is timed in 3 passes over the run; its figures are from the "
+             "rounds kept of all of them)"]
     return "\n".join(lines)
 
 
@@ -564,7 +567,7 @@ def main(argv=None) -> int:
     paths = output_paths(args, device)
     info = device_info(device)
     load_before = load_average()
-    with Progress(len(cells(settings))) as progress:
+    with Progress(steps(settings)) as progress:
         rows = run_suite(settings, on_cell_done=progress.finish, on_cell_start=progress.start)
     rows = _json_safe(rows)
     elapsed = time.perf_counter() - started

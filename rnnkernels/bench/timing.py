@@ -74,7 +74,7 @@ import math
 import os
 import time
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -235,11 +235,32 @@ class Schedule:
     warmup_s: float = 0.0
     retries: int = 0
     min_sample_s: float = 0.0
+    passes: int = 1
 
     def __post_init__(self):
         if (self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats
-                or self.warmup_s < 0 or self.retries < 0 or self.min_sample_s < 0):
+                or self.warmup_s < 0 or self.retries < 0 or self.min_sample_s < 0
+                or self.passes < 1):
             raise ValueError(f"bad schedule {self}")
+
+    def retry(self) -> "Schedule":
+        """The schedule of a CPU cell timed again at the end of a run: one warm-up
+        round, a pass's share of the repeats, the whole budget (so that a cell the slow
+        host left short may wait ``HOST_WAIT`` times that for rounds that count)."""
+        return replace(self.one_pass(False), budget_s=self.budget_s)
+
+    def one_pass(self, first: bool) -> "Schedule":
+        """The schedule of one of ``passes`` passes over a CPU run (``runner``): a share
+        of the repeats and of the budget; the whole warm-up in the first pass, one
+        round in the others (compiled and the clock up: only the caches to refill after
+        the other cells, and a call under ``PRIME_BELOW_MS`` is primed in every sample)."""
+        if self.passes == 1:
+            return self
+        min_repeats = math.ceil(self.min_repeats / self.passes)
+        return Schedule(self.warmup if first else min(self.warmup, 1), min_repeats,
+                        max(min_repeats, math.ceil(self.max_repeats / self.passes)),
+                        self.budget_s / self.passes, self.warmup_s if first else 0.0,
+                        self.retries, self.min_sample_s)
 
 
 # On a CPU (``min_sample_s`` set), a call shorter than this is preceded, in every
@@ -705,24 +726,22 @@ class Attempt:
         return len(next(iter(self.samples.values()), []))
 
 
-# Fewer rounds than this (or than the minimum repeats) kept: the row's figures come
-# from all its rounds (and it is flagged).
-MIN_ROUNDS = 5
-
-
 class CellTiming:
     """Every round timed for one CPU cell, over one or more attempts, and which rounds
     count (module docstring, "host drift"): a round counts when its calibration was
     within the limit of the host's usual speed (``HostDrift.counts``, judged again at
     the end against the whole run's usual speed) and its attempt's other load was
-    within ``load_limit``. The row's figures come from the rounds that count. The cell
-    is ``short`` when fewer than ``min_repeats`` count, or ``noisy`` when those spread
-    more than ``noise_limit``; ``runner`` then times it again (the new rounds are added
-    to the old), and flags what still fails."""
+    within ``load_limit``. The cell is ``short`` when fewer than ``min_repeats`` count,
+    or ``noisy`` when those spread more than ``noise_limit``; ``runner`` then times it
+    again (the new rounds are added to the old). The rows' figures come from the rounds
+    that count when at least half of ``min_repeats`` do (``enough``: a median of 8
+    undisturbed rounds is better than one of 15 with slow ones among them); else from
+    all the rounds, and the rows are flagged with the reason."""
 
     def __init__(self, min_repeats: int, host: HostDrift | None = None,
                  noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT):
         self.min_repeats, self.host = min_repeats, host
+        self.enough = math.ceil(min_repeats / 2)
         self.noise_limit, self.load_limit = noise_limit, load_limit
         self.attempts: list[Attempt] = []
         self.plan: dict[str, tuple[int, bool]] = {}  # shared by every attempt of the cell
@@ -764,7 +783,7 @@ class CellTiming:
 
     def _chosen(self) -> list[tuple[Attempt, int]]:
         kept = self.kept_rounds()
-        if len(kept) >= min(MIN_ROUNDS, self.min_repeats):
+        if len(kept) >= self.enough:
             return kept
         return [(attempt, i) for attempt in self.attempts for i in range(attempt.rounds)]
 
@@ -774,9 +793,9 @@ class CellTiming:
                    for name in self.attempts[0].samples)
 
     def checked(self) -> CheckedSamples:
-        """The rows' samples (the rounds kept; all rounds when fewer than
-        ``MIN_ROUNDS`` and ``min_repeats`` are), and what still fails: p90/p10 above the noise limit, and,
-        when fewer than ``min_repeats`` rounds were kept, why the others were not."""
+        """The rows' samples (the rounds kept; all rounds when fewer than ``enough``
+        are), and what still fails: p90/p10 above the noise limit, and, when fewer than
+        ``enough`` rounds were kept, why the others were not."""
         chosen = self._chosen()
         names = list(self.attempts[0].samples)
         samples = {name: [attempt.samples[name][i] for attempt, i in chosen] for name in names}
@@ -793,7 +812,7 @@ class CellTiming:
                         if i < len(attempt.calibrations)]
         calibration = float(np.median(calibrations)) if calibrations else None
         failures = []
-        if self.short():
+        if len(self.kept_rounds()) < self.enough:
             slow = sum(self._slow(attempt, i) for attempt in self.attempts
                        for i in range(attempt.rounds))
             if slow:
