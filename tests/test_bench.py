@@ -1101,15 +1101,16 @@ def test_calibration_brackets_every_sample_and_rounds_the_host_slowed_are_timed_
     # each round is as slow as the slowest reading around its samples: the slow reading
     # (3.0, after round 1's last sample) is also the one before round 2's first
     assert calibrations == [3.0, 3.0]
-    # rounds that do not count are timed again, until min_repeats count
-    verdicts = iter([False, True, False, True])
+    # rounds that do not count are timed again, until min_repeats count; a round counts
+    # when it and the round before it ran at the usual speed
+    verdicts = iter([False, True, True, False, True, True])
     calibrations.clear()
     samples = timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer([], "a")},
                                          timing.Schedule(0, 2, 10, 0.0), clock=lambda: 0.0,
                                          calibration=lambda: 1.0,
                                          calibration_samples=calibrations,
                                          counts=lambda ms: next(verdicts))
-    assert len(samples["a"]) == 4 and calibrations == [1.0] * 4
+    assert len(samples["a"]) == 6 and calibrations == [1.0] * 6
     # ... for at most HOST_WAIT times the budget, then the cell is left short
     clock = iter(range(1000))
     samples = timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer([], "a")},
@@ -1172,13 +1173,15 @@ def time_cell(cell, attempt, probe=None):
 def test_a_cell_keeps_the_rounds_that_ran_at_the_hosts_usual_speed():
     host = usual_host()
     cell = timing.CellTiming(4, host)
-    # six rounds; the host slow (1.5x) in the third and fourth, and the samples with it
-    time_cell(cell, ({"a": [1.0, 1.05, 2.0, 2.1, 1.0, 1.02]}, [1.0, 1.0, 1.5, 1.5, 1.02, 1.0]))
+    # seven rounds; the host slow (1.5x) in the third and fourth, and the samples with
+    # it; the fifth's readings look usual, but it follows a slow round (and was slowed)
+    time_cell(cell, ({"a": [1.0, 1.05, 2.0, 2.1, 1.5, 1.0, 1.02]},
+                     [1.0, 1.0, 1.5, 1.5, 1.0, 1.02, 1.0]))
     checked = cell.checked()
     assert not cell.short() and not cell.noisy() and not checked.noisy
-    assert checked.samples["a"] == [1.0, 1.05, 1.0, 1.02] and checked.dropped == 2
+    assert checked.samples["a"] == [1.0, 1.05, 1.0, 1.02] and checked.dropped == 3
     assert checked.calibration_ms == pytest.approx(1.0) and checked.drift == pytest.approx(0.0)
-    assert host.readings[-1]["where"] == "cell attempt 1" and host.readings[-1]["rounds"] == 6
+    assert host.readings[-1]["where"] == "cell attempt 1" and host.readings[-1]["rounds"] == 7
 
 
 def test_a_cell_the_host_left_short_is_flagged_until_timed_again_at_its_usual_speed():
@@ -1198,6 +1201,16 @@ def test_a_cell_the_host_left_short_is_flagged_until_timed_again_at_its_usual_sp
     # three of four kept: short (timed again while retries are left), but enough to trust
     assert cell.short() and not checked.noisy and checked.attempts == 2
     assert checked.samples["a"] == [1.0] * 3 and checked.dropped == 6
+
+
+def test_a_flagged_cell_keeps_its_figures_from_the_few_rounds_at_the_usual_speed():
+    cell = timing.CellTiming(8, usual_host())  # enough: 4
+    time_cell(cell, ({"a": [1.0, 1.01, 1.02, 2.0, 2.0, 2.0, 2.0]},
+                     [1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5]))
+    checked = cell.checked()
+    assert checked.samples["a"] == [1.0, 1.01, 1.02] and checked.dropped == 4
+    assert checked.noisy["a"] == ("host drift: the host ran over 10% slower than its usual "
+                                  "speed in 4 of 7 rounds")
 
 
 def test_rounds_under_competing_load_do_not_count_and_a_spread_cell_is_noisy():

@@ -396,6 +396,7 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
     previous = calibrate() if calibration is not None else None
     started = clock()
     repeat = counted = 0
+    previous_usual = True
     while repeat < schedule.max_repeats * (HOST_WAIT if counts else 1) and (
         counted < schedule.min_repeats or (clock() - started < schedule.budget_s
                                            and counted < schedule.max_repeats)
@@ -419,7 +420,9 @@ def _measure_interleaved(calls, timers, schedule, clock, batches, names, samples
         slowest = max(bracket)  # the round is as slow as the slowest moment around it
         if calibration_samples is not None:
             calibration_samples.append(slowest)
-        counted += 1 if counts is None or counts(slowest) else 0
+        usual = counts is None or counts(slowest)
+        counted += 1 if usual and previous_usual else 0  # see CellTiming._slow
+        previous_usual = usual
     return samples
 
 
@@ -726,6 +729,9 @@ class Attempt:
         return len(next(iter(self.samples.values()), []))
 
 
+MIN_KEPT = 3  # fewer rounds at the host's usual speed: a row's figures from all its rounds
+
+
 class CellTiming:
     """Every round timed for one CPU cell, over one or more attempts, and which rounds
     count (module docstring, "host drift"): a round counts when its calibration was
@@ -734,9 +740,12 @@ class CellTiming:
     within ``load_limit``. The cell is ``short`` when fewer than ``min_repeats`` count,
     or ``noisy`` when those spread more than ``noise_limit``; ``runner`` then times it
     again (the new rounds are added to the old). The rows' figures come from the rounds
-    that count when at least half of ``min_repeats`` do (``enough``: a median of 8
-    undisturbed rounds is better than one of 15 with slow ones among them); else from
-    all the rounds, and the rows are flagged with the reason."""
+    that count, and the rows are flagged, with the reason, when fewer than half of
+    ``min_repeats`` do (``enough``: a median of 8 undisturbed rounds is better than one
+    of 15 with slow ones among them). With fewer than ``MIN_KEPT`` rounds that count
+    the figures come from all the rounds (flagged). Why not from all the rounds as soon
+    as it is flagged: on issue 14's VM a cell that found 5 of 114 rounds at the usual
+    speed got, from all its rounds, medians 17-22% above those of the other run."""
 
     def __init__(self, min_repeats: int, host: HostDrift | None = None,
                  noise_limit: float = NOISE_LIMIT, load_limit: float = LOAD_LIMIT):
@@ -771,8 +780,17 @@ class CellTiming:
         return attempt.other_load is not None and attempt.other_load > self.load_limit
 
     def _slow(self, attempt: Attempt, index: int) -> bool:
-        return (self.host is not None and index < len(attempt.calibrations)
-                and not self.host.counts(attempt.calibrations[index]))
+        """Whether round ``index`` of ``attempt``, or the round before it, ran while the
+        host was slow. The round before as well: in a stretch where the host switches
+        from round to round, a round whose few readings all look usual can still have
+        had its samples slowed between them; two rounds in a row at the usual speed
+        (7-9 readings over a few ms to 0.1 s) seldom happen in such a stretch, and always
+        do while the host is steady (issue 14: torch's LSTM rows 18-26% slower in a run
+        spent 83% slow than in one 70% slow, judging by single rounds)."""
+        if self.host is None:
+            return False
+        return any(not self.host.counts(attempt.calibrations[i])
+                   for i in (index - 1, index) if 0 <= i < len(attempt.calibrations))
 
     def kept_rounds(self) -> list[tuple[Attempt, int]]:
         return [(attempt, i) for attempt in self.attempts for i in range(attempt.rounds)
@@ -783,7 +801,7 @@ class CellTiming:
 
     def _chosen(self) -> list[tuple[Attempt, int]]:
         kept = self.kept_rounds()
-        if len(kept) >= self.enough:
+        if len(kept) >= min(MIN_KEPT, self.enough):
             return kept
         return [(attempt, i) for attempt in self.attempts for i in range(attempt.rounds)]
 
@@ -793,7 +811,7 @@ class CellTiming:
                    for name in self.attempts[0].samples)
 
     def checked(self) -> CheckedSamples:
-        """The rows' samples (the rounds kept; all rounds when fewer than ``enough``
+        """The rows' samples (the rounds kept; all rounds when fewer than ``MIN_KEPT``
         are), and what still fails: p90/p10 above the noise limit, and, when fewer than
         ``enough`` rounds were kept, why the others were not."""
         chosen = self._chosen()
