@@ -70,8 +70,9 @@ class Preset:
 
 
 PRESETS = {
-    # --quick on a CPU finishes in about a minute on 2 cores, Numba compilation
-    # included; the default takes a few minutes; --full tens of minutes. CPU warm-up is
+    # --quick on a CPU finishes in 15-35 s on issue 14's 2-core VM, Numba compilation
+    # included (the longer the more of the run the host spends slow: rounds it slowed
+    # are timed again); the default takes a few minutes; --full tens of minutes. CPU warm-up is
     # 3 rounds and at least 0.1-0.3 s (clock ramp-up, caches); at least 15 repeats so that
     # p10 and p90 are not single samples; a call under 1 ms is repeated within a sample
     # until the sample lasts 1 ms (interrupts and timer ticks otherwise dominate a 40 us

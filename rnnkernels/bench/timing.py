@@ -243,13 +243,13 @@ class Schedule:
                 or self.passes < 1):
             raise ValueError(f"bad schedule {self}")
 
-    def retry(self) -> "Schedule":
+    def retry(self) -> Schedule:
         """The schedule of a CPU cell timed again at the end of a run: one warm-up
         round, a pass's share of the repeats, the whole budget (so that a cell the slow
         host left short may wait ``HOST_WAIT`` times that for rounds that count)."""
         return replace(self.one_pass(False), budget_s=self.budget_s)
 
-    def one_pass(self, first: bool) -> "Schedule":
+    def one_pass(self, first: bool) -> Schedule:
         """The schedule of one of ``passes`` passes over a CPU run (``runner``): a share
         of the repeats and of the budget; the whole warm-up in the first pass, one
         round in the others (compiled and the clock up: only the caches to refill after
