@@ -70,7 +70,7 @@ class Preset:
 
 
 PRESETS = {
-    # --quick on a CPU finishes in 15-35 s on issue 14's 2-core VM, Numba compilation
+    # --quick on a CPU finishes in 15-40 s on issue 14's 2-core VM, Numba compilation
     # included (the longer the more of the run the host spends slow: rounds it slowed
     # are timed again); the default takes a few minutes; --full tens of minutes. CPU warm-up is
     # 3 rounds and at least 0.1-0.3 s (clock ramp-up, caches); at least 15 repeats so that
