@@ -1046,45 +1046,80 @@ def test_plot_names_the_cell():
 
 # --- host drift: calibration, steal, and what the stability check makes of them -----------
 
-def test_calibration_workload_is_short_and_the_readings_say_how_the_host_drifted():
+def test_host_drift_judges_rounds_against_the_hosts_usual_speed():
     ms = timing.calibration_workload()()
-    assert 0 < ms < 1000  # ten small LSTM steps: about 0.55 ms on a 2.6 GHz core
+    assert 0 < ms < 1000  # ten small LSTM steps: about 0.3 ms on a 2.6 GHz core
     host = fake_host()
+    assert host.usual_ms() is None and host.counts(5.0) and host.drift(1.0) is None
+    for value in [1.0] * 19 + [1.8]:
+        host.observe(value)
+    assert host.usual_ms() == pytest.approx(1.0)
+    # up to 10% slower than usual counts, and faster always does; 20% slower does not
+    assert host.counts(1.09) and host.counts(0.5) and not host.counts(1.2)
+    assert host.judge_round(1.5) is False and len(host.samples) == 21  # observed, then judged
+    assert host.drift(1.3) == pytest.approx(0.3)
+    # a run the host spent mostly slow: its usual speed is still that of its calm rounds
+    for value in [2.0] * 300:
+        host.observe(value)
+    assert host.usual_ms() == pytest.approx(1.0)
     for where, samples in (("a", [1.0, 1.2, 1.0]), ("b", [1.1]), ("c", [1.3, 1.3])):
-        host.record(samples, where, kept=True)
-    host.record([9.0], "an attempt not kept")  # does not move the reference
-    assert [r["ms"] for r in host.readings] == [1.0, 1.1, 1.3, 9.0]
-    assert host.reference_ms() == 1.1 and host.drift(1.3) == pytest.approx(0.2 / 1.1)
-    assert host.drifted(1.3) and host.drifted(0.95) and not host.drifted(1.05)  # either way
+        host.record(samples, where, rounds=len(samples))
+    assert [r["ms"] for r in host.readings] == [1.0, 1.1, 1.3] and host.reference_ms() == 1.1
     summary = host.summary()
-    assert summary["median_ms"] == 1.1 and summary["fastest_ms"] == 1.0
-    assert summary["slowest_ms"] == 9.0 and summary["drift_limit"] == timing.DRIFT_LIMIT
-    assert host.spent_s == pytest.approx(15.9e-3) and summary["spent_s"] == 0.016
-    assert [r["where"] for r in summary["readings"]][:3] == ["a", "b", "c"]
+    assert summary["median_ms"] == 1.1 and summary["usual_ms"] == pytest.approx(1.0)
+    assert summary["slow_fraction"] == pytest.approx(302 / 321, abs=1e-3)
+    assert summary["fastest_ms"] == 1.0 and summary["slowest_ms"] == 1.3
+    assert host.spent_s == pytest.approx(2 * 6.9e-3)  # every calibration runs twice (primed)
     assert summary["readings"][1]["at_s"] == 1.0 and summary["readings"][0]["cpu_mhz"] == 2600.0
-    assert summary["readings"][0]["samples"] == 3
-    empty = timing.HostDrift(lambda: 1.0)
-    assert empty.reference_ms() is None and empty.drift(5.0) == 0.0 and not empty.drifted(5.0)
+    assert summary["readings"][0]["samples"] == 3 and summary["readings"][0]["rounds"] == 3
     with pytest.raises(ValueError):
         host.record([])
-    assert "15% faster than the run's median" in timing.drift_reason(-0.15)
+    settled = timing.HostDrift(lambda: 0.5)
+    settled.settle(10)
+    assert settled.samples == [0.5] * 10 and settled.usual_ms() == 0.5
+    assert timing.drift_reason(3, 20) == ("host drift: the host ran over 10% slower than its "
+                                          "usual speed in 3 of 20 rounds")
 
 
-def test_calibration_takes_a_slot_in_every_repeat_round():
+def test_calibration_brackets_every_sample_and_rounds_the_host_slowed_are_timed_again():
     log: list[str] = []
+    readings = iter([1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0])
 
     def calibration():
         log.append("cal")
-        return 0.5
+        return next(readings)
 
-    samples: list[float] = []
+    calibrations: list[float] = []
     timing.measure_interleaved({"a": lambda: None, "b": lambda: None},
                                {"a": FakeTimer(log, "a"), "b": FakeTimer(log, "b")},
-                               timing.Schedule(1, 3, 3, 0.0), calibration=calibration,
-                               calibration_samples=samples)
-    # one warm-up round without it, then three rounds rotating a, b and the calibration
-    assert log == ["a", "b", "a", "b", "cal", "b", "cal", "a", "cal", "a", "b"]
-    assert samples == [0.5] * 3
+                               timing.Schedule(1, 2, 2, 0.0), calibration=calibration,
+                               calibration_samples=calibrations)
+    # one warm-up round without it; then a reading (primed: run twice, the second kept)
+    # before the first round and after every sample, the implementations rotating
+    assert log == ["a", "b", "cal", "cal", "a", "cal", "cal", "b", "cal", "cal",
+                   "b", "cal", "cal", "a", "cal", "cal"]
+    # each round is as slow as the slowest reading around its samples: the slow reading
+    # (3.0, after round 1's last sample) is also the one before round 2's first
+    assert calibrations == [3.0, 3.0]
+    # rounds that do not count are timed again, until min_repeats count; a round counts
+    # when it and the round before it ran at the usual speed
+    verdicts = iter([False, True, True, False, True, True])
+    calibrations.clear()
+    samples = timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer([], "a")},
+                                         timing.Schedule(0, 2, 10, 0.0), clock=lambda: 0.0,
+                                         calibration=lambda: 1.0,
+                                         calibration_samples=calibrations,
+                                         counts=lambda ms: next(verdicts))
+    assert len(samples["a"]) == 6 and calibrations == [1.0] * 6
+    # ... for at most HOST_WAIT times the budget, then the cell is left short
+    clock = iter(range(1000))
+    samples = timing.measure_interleaved({"a": lambda: None}, {"a": FakeTimer([], "a")},
+                                         timing.Schedule(0, 2, 10, 1.0),
+                                         clock=lambda: float(next(clock)),
+                                         calibration=lambda: 1.0, counts=lambda ms: False)
+    # the clock reads 2 when the rounds start and 1 more at every check from the third
+    # round on: it stops when more than 4 s (HOST_WAIT x 1 s) have passed
+    assert timing.HOST_WAIT == 4 and len(samples["a"]) == 6
 
 
 def test_read_steal_and_cpu_clock(tmp_path):
@@ -1107,82 +1142,120 @@ def test_read_steal_and_cpu_clock(tmp_path):
     assert probe.other_fraction(before, after) == pytest.approx(0.1)
 
 
-def calibrated_measure(attempts, calibrations):
-    """scripted_measure that also hands out calibration samples, one list an attempt."""
-    script, cal = iter(attempts), iter(calibrations)
+def rounds_measure(attempts):
+    """A stand-in for measure_interleaved: each call hands out the next attempt's
+    (samples, one calibration per round), judging the calibrations as the real one does."""
+    script = iter(attempts)
 
-    def measure(calls, timers, schedule, calibration_samples=None, **options):
-        calibration_samples.extend(next(cal))
-        return next(script)
+    def measure(calls, timers, schedule, calibration_samples=None, counts=None, **options):
+        samples, calibrations = next(script)
+        for ms in calibrations:
+            calibration_samples.append(ms)
+            if counts:
+                counts(ms)
+        return samples
     return measure
 
 
-def test_measure_checked_times_a_drifted_cell_again():
+def usual_host(usual_ms=1.0):
+    """A fake host whose run so far ran at ``usual_ms``."""
     host = fake_host()
-    for _ in range(3):
-        host.record([1.0] * 3, "an earlier cell", kept=True)
-    # attempt 1: the host 30% slower than the run so far: timed again; attempt 2: kept
-    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=2),
-                                     probe=fake_probe(1.0, 1.0), host=host, label="cell",
-                                     measure=calibrated_measure([{"a": STEADY}] * 2,
-                                                                [[1.3] * 5, [1.05] * 5]))
-    assert checked.attempts == 2 and not checked.noisy
-    assert checked.calibration_ms == 1.05 and checked.drift == pytest.approx(0.05)
-    assert [(r["where"], r["kept"]) for r in host.readings[2:]] == [
-        ("an earlier cell", True), ("cell attempt 1", False), ("cell attempt 2", True)]
-    # a host that stays slow: flagged with the reason after every retry
-    host = fake_host()
-    for _ in range(3):
-        host.record([1.0] * 3, "an earlier cell", kept=True)
-    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
-                                     probe=fake_probe(1.0, 1.0), host=host,
-                                     measure=calibrated_measure([{"a": STEADY}] * 2,
-                                                                [[1.5] * 5, [1.5] * 5]))
-    assert checked.attempts == 2
-    assert "host drift: the calibration ran 50% slower than the run's median" in checked.noisy["a"]
-    # the attempt kept (the first: equally calm) is the one flagged, and its reading counts
-    assert [r["kept"] for r in host.readings[2:]] == [True, True, False]
-    # when every attempt fails, one at the usual host speed is kept before a calmer one
-    # that drifted
-    host = fake_host()
-    for _ in range(3):
-        host.record([1.0] * 3, "an earlier cell", kept=True)
-    checked = timing.measure_checked({"a": None}, {}, timing.Schedule(0, 5, 5, 0, retries=1),
-                                     probe=fake_probe(1.0, 1.0), host=host,
-                                     measure=calibrated_measure([{"a": STEADY}, {"a": WILD}],
-                                                                [[1.5] * 5, [1.0] * 5]))
-    assert checked.samples["a"] == WILD and checked.calibration_ms == 1.0
-    assert checked.noisy["a"].startswith("p90/p10")
+    for _ in range(50):
+        host.observe(usual_ms)
+    return host
 
 
-def test_rows_carry_the_calibration_and_drift_seen_after_the_run_flags_them(monkeypatch):
-    # three cells; the host is 30% slower during the second only
+def time_cell(cell, attempt, probe=None):
+    cell.time({"a": None}, {}, timing.Schedule(0, 4, 4, 0.0), probe or fake_probe(1.0, 1.0),
+              f"cell attempt {len(cell.attempts) + 1}", measure=rounds_measure([attempt]))
+
+
+def test_a_cell_keeps_the_rounds_that_ran_at_the_hosts_usual_speed():
+    host = usual_host()
+    cell = timing.CellTiming(4, host)
+    # seven rounds; the host slow (1.5x) in the third and fourth, and the samples with
+    # it; the fifth's readings look usual, but it follows a slow round (and was slowed)
+    time_cell(cell, ({"a": [1.0, 1.05, 2.0, 2.1, 1.5, 1.0, 1.02]},
+                     [1.0, 1.0, 1.5, 1.5, 1.0, 1.02, 1.0]))
+    checked = cell.checked()
+    assert not cell.short() and not cell.noisy() and not checked.noisy
+    assert checked.samples["a"] == [1.0, 1.05, 1.0, 1.02] and checked.dropped == 3
+    assert checked.calibration_ms == pytest.approx(1.0) and checked.drift == pytest.approx(0.0)
+    assert host.readings[-1]["where"] == "cell attempt 1" and host.readings[-1]["rounds"] == 7
+
+
+def test_a_cell_the_host_left_short_is_flagged_until_timed_again_at_its_usual_speed():
+    host = usual_host()
+    cell = timing.CellTiming(4, host)
+    time_cell(cell, ({"a": [2.0] * 6}, [1.6] * 6))
+    assert cell.short()
+    checked = cell.checked()
+    # fewer than half the minimum repeats kept: the row's figures from all its rounds,
+    # as measured, flagged
+    assert cell.enough == 2
+    assert checked.samples["a"] == [2.0] * 6 and checked.drift == pytest.approx(0.6)
+    assert checked.noisy["a"] == ("host drift: the host ran over 10% slower than its usual "
+                                  "speed in 6 of 6 rounds")
+    time_cell(cell, ({"a": [1.0] * 3}, [1.0] * 3))  # later, the host back to its usual speed
+    checked = cell.checked()
+    # three of four kept: short (timed again while retries are left), but enough to trust
+    assert cell.short() and not checked.noisy and checked.attempts == 2
+    assert checked.samples["a"] == [1.0] * 3 and checked.dropped == 6
+
+
+def test_a_flagged_cell_keeps_its_figures_from_the_few_rounds_at_the_usual_speed():
+    cell = timing.CellTiming(8, usual_host())  # enough: 4
+    time_cell(cell, ({"a": [1.0, 1.01, 1.02, 2.0, 2.0, 2.0, 2.0]},
+                     [1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5]))
+    checked = cell.checked()
+    assert checked.samples["a"] == [1.0, 1.01, 1.02] and checked.dropped == 4
+    assert checked.noisy["a"] == ("host drift: the host ran over 10% slower than its usual "
+                                  "speed in 4 of 7 rounds")
+
+
+def test_rounds_under_competing_load_do_not_count_and_a_spread_cell_is_noisy():
+    cell = timing.CellTiming(4)  # no host: load alone
+    # another process held one of two cores (0.5 of the machine) the whole attempt
+    time_cell(cell, ({"a": STEADY}, []), fake_probe(2.0, 1.0))
+    assert cell.short() and cell.checked().noisy["a"] == "other processes took 50% of the CPU"
+    time_cell(cell, ({"a": STEADY}, []))
+    checked = cell.checked()
+    assert not checked.noisy and checked.samples["a"] == STEADY
+    assert checked.other_load == pytest.approx(0.25)  # over both attempts' time
+    cell = timing.CellTiming(4)
+    time_cell(cell, ({"a": WILD}, []))
+    assert not cell.short() and cell.noisy()
+    assert cell.checked().noisy["a"].startswith("p90/p10 = ")
+
+
+def test_rows_carry_the_calibration_and_a_cell_the_host_slowed_is_timed_again_at_the_end(
+        monkeypatch):
+    # three cells; the host 1.5x slower while the second is timed
     settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16))
     settings.probe = fake_probe(1.0, 1.0)
-    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
-        [{"attention-numpy": STEADY}] * 3, [[1.0] * 5, [1.3] * 5, [1.0] * 5]))
+    settings.schedule = timing.Schedule(0, 3, 3, 0.0, retries=1)
+    first = [({"attention-numpy": STEADY}, [1.0] * 5), ({"attention-numpy": [2.0] * 5}, [1.5] * 5),
+             ({"attention-numpy": STEADY}, [1.0] * 5)]
+    monkeypatch.setattr(timing, "measure_interleaved", rounds_measure(
+        first + [({"attention-numpy": [1.0] * 5}, [1.05] * 5)]))
     rows = runner.run_suite(settings)
     assert [r["where"] for r in settings.host.readings] == [
-        f"forward attention T={T} attempt 1" for T in (4, 8, 16)]
-    assert [row["calibration_ms"] for row in rows] == [1.0, 1.3, 1.0]
-    assert [row["host_drift"] for row in rows] == [0.0, pytest.approx(0.3), 0.0]
-    assert [row["noisy"] for row in rows] == [False, True, False]
-    assert rows[1]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
-                                       "run's median")
-    assert rows[1]["median_ms"] == 1.0  # kept as measured, never divided by the calibration
-    # the first cell has nothing to be judged against while it runs, and the second is
-    # judged against it (15% off the median of 1.3 and 1.0): the whole run shows that
-    # the first was off, and the second was not
-    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8, 16, 32))
-    settings.probe = fake_probe(1.0, 1.0)
-    monkeypatch.setattr(timing, "measure_interleaved", calibrated_measure(
-        [{"attention-numpy": STEADY}] * 4, [[1.3] * 5, [1.0] * 5, [1.0] * 5, [1.0] * 5]))
+        "forward attention T=4 attempt 1", "forward attention T=8 attempt 1",
+        "forward attention T=16 attempt 1", "forward attention T=8 attempt 2"]
+    assert [row["attempts"] for row in rows] == [1, 2, 1]
+    assert [row["noisy"] for row in rows] == [False] * 3
+    assert rows[1]["median_ms"] == 1.0 and rows[1]["dropped_rounds"] == 5
+    assert rows[1]["calibration_ms"] == 1.05 and rows[1]["host_drift"] == pytest.approx(0.05)
+    # with no retry left it is flagged, its figures as measured (never divided by the
+    # calibration)
+    settings.host = fake_host()
+    settings.schedule = timing.Schedule(0, 3, 3, 0.0)
+    monkeypatch.setattr(timing, "measure_interleaved", rounds_measure(first))
     rows = runner.run_suite(settings)
-    assert [row["noisy"] for row in rows] == [True, False, False, False]
-    assert rows[1]["noise_reason"] is None and rows[1]["host_drift"] == 0.0
-    assert rows[0]["noise_reason"] == ("host drift: the calibration ran 30% slower than the "
-                                       "run's median")
-    assert rows[0]["steal"] == 0.0
+    assert [row["noisy"] for row in rows] == [False, True, False]
+    assert rows[1]["noise_reason"] == ("host drift: the host ran over 10% slower than its "
+                                       "usual speed in 5 of 5 rounds")
+    assert rows[1]["median_ms"] == 2.0 and rows[0]["steal"] == 0.0
 
 
 def test_garbage_collection_is_off_while_a_cell_is_timed():
@@ -1251,6 +1324,16 @@ def test_stability_diagnosis_tells_the_host_from_load_and_from_us():
     assert "steal 5.0% of the CPU" in lines[1] and "steal 0.0%" in lines[0]
     assert "agree within 2%" in stability.host_report(run(1.0, 0.0), run(1.02, 0.0))[-1]
     assert "cannot tell the host from us" in stability.host_report({"results": []}, run(1.0, 0))[0]
+
+    def judged_run(usual_ms, slow_fraction):  # a run that judged its rounds: usual speed
+        data = run(1.0, 0.0)
+        data["config"].update(wall_seconds=14.0)
+        data["config"]["calibration"].update(usual_ms=usual_ms, slow_fraction=slow_fraction)
+        return data
+    judged = stability.host_report(judged_run(0.28, 0.5), judged_run(0.31, 0.2))
+    assert "usual 0.280 ms, over 10% slower than that in 50% of the rounds" in judged[0]
+    assert judged[0].endswith("; 14.0 s")
+    assert "run 2's usual calibration time was 11% slower than run 1's" in judged[-1]
     shown = stability.format_verdict(verdict, host_lines=lines)
     assert shown.index("verdict: NOT STABLE") < shown.index("run 2's calibration")
     assert "diagnosis of the 6 median misses: 3 moved with the calibration" in shown
@@ -1279,3 +1362,35 @@ def test_stability_runs_import_the_same_rnnkernels_as_the_check(tmp_path, monkey
         assert command[1:4] == ["-m", "rnnkernels.bench", "--quick"]
         assert env["PYTHONPATH"].split(os.pathsep)[0] == root
         assert "--device" in command
+
+
+def test_cpu_cells_are_timed_in_passes_over_the_run(monkeypatch):
+    schedule = timing.Schedule(3, 15, 60, 0.3, 0.1, 2, 0.001, passes=3)
+    first, later, retry = schedule.one_pass(True), schedule.one_pass(False), schedule.retry()
+    assert (first.warmup, first.warmup_s, first.min_repeats, first.max_repeats) == (3, 0.1, 5, 20)
+    assert first.budget_s == pytest.approx(0.1) and first.passes == 1
+    assert (later.warmup, later.warmup_s, later.min_repeats) == (1, 0.0, 5)
+    assert (retry.warmup, retry.min_repeats, retry.budget_s) == (1, 5, 0.3)
+    assert timing.Schedule().one_pass(True) == timing.Schedule()
+    with pytest.raises(ValueError):
+        timing.Schedule(passes=0)
+    # two cells, three passes: every cell once a pass, in run order; the rows from the
+    # rounds of all three
+    settings = tiny_settings([numpy_attention_impl()], seq_lens=(4, 8))
+    settings.probe = fake_probe(1.0, 1.0)
+    settings.schedule = timing.Schedule(0, 3, 3, 0.0, passes=3)
+    shares = []
+
+    def measure(calls, timers, schedule, calibration_samples=None, counts=None, **options):
+        shares.append(schedule.min_repeats)
+        calibration_samples.append(1.0)
+        return {"attention-numpy": [1.0 + 0.01 * len(shares)]}
+    monkeypatch.setattr(timing, "measure_interleaved", measure)
+    started = []
+    rows = runner.run_suite(settings, on_cell_start=lambda *cell: started.append(cell[2]))
+    assert runner.steps(settings) == 6 and started == [4, 8] * 3 and shares == [1] * 6
+    assert [r["where"] for r in settings.host.readings] == [
+        f"forward attention T={T} attempt {n}" for n in (1, 2, 3) for T in (4, 8)]
+    assert [row["attempts"] for row in rows] == [3, 3]
+    assert [row["repeats"] for row in rows] == [3, 3] and not any(row["noisy"] for row in rows)
+    assert [row["median_ms"] for row in rows] == [pytest.approx(1.03), pytest.approx(1.04)]

@@ -130,8 +130,11 @@ def steal_fraction(calibration: dict) -> float | None:
 
 def host_report(first: dict, second: dict, drift_limit: float = DRIFT_LIMIT) -> list[str]:
     """Lines on the host in the two runs (each a run's whole JSON): its calibration's
-    median and range in each, whether the two medians differ by more than the drift
-    limit, stolen time, other processes' load, the CPU clock if it moved."""
+    median and range in each, its usual (undisturbed) time and how much of the run it
+    was slower than that (runs that record it), whether the two runs differ by more than
+    the drift limit (in the usual time where both record it: that is what each run's
+    rounds were judged against; else in the median), stolen time, other processes'
+    load, the CPU clock if it moved, and each run's wall time."""
     calibrations = [run.get("config", {}).get("calibration") for run in (first, second)]
     if None in calibrations or None in [c.get("median_ms") for c in calibrations]:
         return ["host: no calibration recorded in "
@@ -147,21 +150,29 @@ def host_report(first: dict, second: dict, drift_limit: float = DRIFT_LIMIT) -> 
                  if row.get("status") == "ok" and row.get("other_load") is not None]
         clocks = sorted({reading["cpu_mhz"] for reading in calibration["readings"]
                          if reading.get("cpu_mhz")})
+        usual, slow = calibration.get("usual_ms"), calibration.get("slow_fraction")
+        wall = data.get("config", {}).get("wall_seconds")
         lines.append(
             f"host, run {run}: calibration median {calibration['median_ms']:.3f} ms "
             f"(attempts from {min(values):.3f} to {max(values):.3f}: "
             f"{100 * relative_gap(min(values), max(values)):.0f}% apart, {len(values)} attempts)"
+            + ("" if usual is None or slow is None else
+               f"; usual {usual:.3f} ms, over {100 * drift_limit:.0f}% slower than that in "
+               f"{100 * slow:.0f}% of the rounds (not kept)")
             + ("" if stolen is None else f"; steal {100 * stolen:.1f}% of the CPU")
             + ("" if not loads else f"; other processes up to {100 * max(loads):.0f}%")
-            + ("" if len(clocks) < 2 else f"; CPU clock {clocks[0]:.0f}-{clocks[-1]:.0f} MHz"))
-    medians = [calibration["median_ms"] for calibration in calibrations]
-    between = relative_gap(*medians)
-    slower = 1 if medians[0] > medians[1] else 2
+            + ("" if len(clocks) < 2 else f"; CPU clock {clocks[0]:.0f}-{clocks[-1]:.0f} MHz")
+            + ("" if wall is None else f"; {wall:.1f} s"))
+    usual = [calibration.get("usual_ms") for calibration in calibrations]
+    which = "usual calibration time" if None not in usual else "calibration"
+    figures = usual if None not in usual else [c["median_ms"] for c in calibrations]
+    between = relative_gap(*figures)
+    slower = 1 if figures[0] > figures[1] else 2
     if between > drift_limit:
-        lines.append(f"host: run {slower}'s calibration was {100 * between:.0f}% slower "
+        lines.append(f"host: run {slower}'s {which} was {100 * between:.0f}% slower "
                      f"than run {3 - slower}'s: the machine itself changed speed between the runs")
     else:
-        lines.append(f"host: the two runs' calibrations agree within {100 * between:.0f}% "
+        lines.append(f"host: the two runs' {which}s agree within {100 * between:.0f}% "
                      f"(limit {100 * drift_limit:.0f}%): the machine ran at the same speed")
     return lines
 
