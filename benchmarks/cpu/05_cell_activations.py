@@ -37,10 +37,40 @@ checked before timing (LSTM forward and backward cells against float64 NumPy for
 rel. err. < 1e-5; the GRU's and RNN's against the package's own cells, which
 tests/test_cpu_cells.py checks against their references).
 
-Result (2-core AMD EPYC Zen 4 VM, AVX-512, numba 0.68; see the README's CPU section for
-the run; quiet = nothing else running):
+Result (2-core AMD EPYC Zen 4 VM, AVX-512, numba 0.68; 2026-12-01 20:04-20:07 UTC,
+under the project's ``quiet`` wrapper: nothing else running; 2m49s):
 
-RESULT_TABLE
+    candidate   σ max rel. err.   tanh max rel. err.   σ ns/value   tanh ns/value
+    taylor7            1.78e-07             1.88e-07        0.383           0.405
+    minimax            1.71e-07             1.69e-07        0.335           0.345
+    kept               1.47e-07             1.69e-07        0.295           0.290
+
+    B x H      cell               product µs   taylor7 µs (new/old)   minimax µs (new/old)   kept µs (new/old)   kept cell / product
+     8 x 128   lstm forward             9.22      2.34 (1.000)      2.05 (0.878)      1.90 (0.823)   0.206
+     8 x 128   lstm backward            9.22      1.18 (1.000)      1.37 (1.154)      1.21 (1.027)   0.132
+     8 x 128   gru forward              9.22      1.47 (1.000)      1.38 (0.941)      1.23 (0.827)   0.133
+     8 x 128   rnn tanh forward         9.22      0.42 (1.000)      0.37 (0.891)      0.34 (0.802)   0.036
+    16 x 256   lstm forward            72.93      8.91 (1.000)      7.93 (0.885)      7.09 (0.794)   0.097
+    16 x 256   lstm backward           72.93      4.36 (1.000)      4.39 (1.000)      3.95 (0.901)   0.054
+    16 x 256   gru forward             72.93      5.43 (1.000)      4.86 (0.892)      4.38 (0.806)   0.060
+    16 x 256   rnn tanh forward        72.93      1.64 (1.000)      1.48 (0.900)      1.27 (0.772)   0.017
+
+Kept: ``kept``. Per value σ is 23% and tanh 28% cheaper; the cells that are mostly
+activations (LSTM and GRU forward, tanh RNN) 17-23% cheaper; the LSTM's backward cell
+(one tanh per unit among many products) within noise to 10%. Against a step the gain is
+small: at 8 x 128 the LSTM forward cell was 25% of the step product's time (2.34 µs
+against 9.22) and is 21% now, so a forward step is about 4% shorter, and a whole
+inference call at (512, 8, 128) about 1.3% (``06_against_checkout.py``: 0.987, p10-p90
+0.931-1.032; the input projection is some 40% of that call). What is left in the cell is
+mostly the activations themselves, at 21-24 operations per 16 values, one of them a
+division: at 8 x 128 the kept forward cell took 2.13 µs, its four loops timed one at a
+time 2.02 µs together, and its 5·B·H activations at 0.3 ns per value 1.54 µs (thread CPU
+time, one run, not quiet). Tried and dropped on the side (one run each, not quiet):
+64-byte aligned cell arrays (each step's gates, z, h and c land 16-48 bytes off a cache
+line; a cell with all its arrays aligned ran 17% faster alone, but the 512 x 8 x 128 time
+loop with every array aligned ran 19% slower, likely 4K aliasing between arrays that
+then share their low address bits), and Cody-Waite's rounding by the 1.5·2^23
+trick instead of floor (no gain measured).
 """
 
 from __future__ import annotations
@@ -56,7 +86,18 @@ import numba
 import numpy as np
 
 from rnnkernels import _cpu_common, _cpu_gemm, _fastmath, cpu, cpu_gru, cpu_rnn
-from rnnkernels._fastmath import _JIT, _LN2_HI, _LN2_LO, _LOG2E, _MAX_ARG, _ZERO, _HALF, _ONE, _TWO, _exp2_int
+from rnnkernels._fastmath import (
+    _HALF,
+    _JIT,
+    _LN2_HI,
+    _LN2_LO,
+    _LOG2E,
+    _MAX_ARG,
+    _ONE,
+    _TWO,
+    _ZERO,
+    _exp2_int,
+)
 
 # -- the candidates' activations ---------------------------------------------------------
 
