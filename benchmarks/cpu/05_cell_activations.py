@@ -70,7 +70,9 @@ time, one run, not quiet). Tried and dropped on the side (one run each, not quie
 line; a cell with all its arrays aligned ran 17% faster alone, but the 512 x 8 x 128 time
 loop with every array aligned ran 19% slower, likely 4K aliasing between arrays that
 then share their low address bits), and Cody-Waite's rounding by the 1.5·2^23
-trick instead of floor (no gain measured).
+trick instead of floor (no gain measured), and Eigen's rational tanh (x P(x²) / Q(x²),
+degrees 13 and 6, clamped at ±7.9): 2.7e-7 max relative error over the same arguments,
+past the 2e-7, for only about 10% less time per value than ``kept``'s tanh.
 """
 
 from __future__ import annotations
