@@ -55,6 +55,12 @@ under the project's ``quiet`` wrapper: nothing else running; 2m49s):
     16 x 256   gru forward             72.93      5.43 (1.000)      4.86 (0.892)      4.38 (0.806)   0.060
     16 x 256   rnn tanh forward        72.93      1.64 (1.000)      1.48 (0.900)      1.27 (0.772)   0.017
 
+A second quiet run (20:34-20:38 UTC, after ``cpu._cell_forward`` moved σ(o) into its
+update loop, a body all candidates share; the machine ran about 20% slower per value
+that time) gave ``kept``'s LSTM forward cell 0.794 and 0.862 of taylor7's at 8 x 128
+and 16 x 256, GRU 0.845 and 0.811, tanh RNN 0.770 and 0.765, LSTM backward 1.015 and
+0.967.
+
 Kept: ``kept``. Per value σ is 23% and tanh 28% cheaper; the cells that are mostly
 activations (LSTM and GRU forward, tanh RNN) 17-23% cheaper; the LSTM's backward cell
 (one tanh per unit among many products) within noise to 10%. Against a step the gain is
