@@ -1,6 +1,6 @@
-"""Experiment 05: cheaper σ and tanh for the CPU cells (issue 12, the one-thread half).
+"""Experiment 06: cheaper σ and tanh for the CPU cells (issue 12, the one-thread half).
 
-    python benchmarks/cpu/05_cell_activations.py          # 1 thread; about a minute
+    python benchmarks/cpu/06_cell_activations.py          # 1 thread; about 3 minutes
 
 Candidates for ``rnnkernels/_fastmath.py``'s float32 activations (each a (σ, tanh) pair):
 
@@ -8,7 +8,7 @@ Candidates for ``rnnkernels/_fastmath.py``'s float32 activations (each a (σ, ta
   of e^r - 1 (7 operations); σ(x) = (x >= 0 ? 1 : e) / (1 + e) with e = e^{-|x|};
   tanh(|x|) = -u / (2 + u), u = e^{-2|x|} - 1, both with the two-constant ln2 split;
 * ``minimax``: the same, with e^r - 1 = r + r^2 Q(r), Q the degree-4 minimax polynomial
-  of ``04_expm1_minimax.py`` (6 operations, error 1.7e-8 relative);
+  of ``05_expm1_minimax.py`` (6 operations, error 1.7e-8 relative);
 * ``kept`` (what _fastmath.py now has): the minimax polynomial; σ(x) = 1 / (1 + e) with
   e = e^{-x} for x clamped to [-87, 87] (no select between two numerators, no |x|);
   tanh with the one-constant reduction r = fma(m, ln2, -2|x|) (its error matters only
@@ -66,7 +66,7 @@ activations (LSTM and GRU forward, tanh RNN) 17-23% cheaper; the LSTM's backward
 (one tanh per unit among many products) within noise to 10%. Against a step the gain is
 small: at 8 x 128 the LSTM forward cell was 25% of the step product's time (2.34 µs
 against 9.22) and is 21% now, so a forward step is about 4% shorter, and a whole
-inference call at (512, 8, 128) about 1.3% (``06_against_checkout.py``: 0.987, p10-p90
+inference call at (512, 8, 128) about 1.3% (``07_against_checkout.py``: 0.987, p10-p90
 0.931-1.032; the input projection is some 40% of that call). What is left in the cell is
 mostly the activations themselves, at 21-24 operations per 16 values, one of them a
 division: at 8 x 128 the kept forward cell took 2.13 µs, its four loops timed one at a

@@ -1,8 +1,8 @@
-"""Experiment 06: this checkout's cpu backend against another checkout's, paired in one process.
+"""Experiment 07: this checkout's cpu backend against another checkout's, paired in one process.
 
     mkdir -p /tmp/base && git archive main | tar -x -C /tmp/base
     NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \\
-        python benchmarks/cpu/06_against_checkout.py --other /tmp/base --size 512,8,128 --size 128,16,256
+        python benchmarks/cpu/07_against_checkout.py --other /tmp/base --size 512,8,128 --size 128,16,256
 
 A change that saves 2-4% of a step is within the run-to-run spread of
 ``benchmarks/cpu_vs_torch.py``'s ratios to torch (±0.03 between two quiet runs of the
@@ -15,7 +15,7 @@ training=True, then backward). Outputs of both are checked against the float64
 reference first (rel. err. < 2e-5). Run it with one thread per library, as above, and
 under the project's ``quiet`` wrapper.
 
-Result: this branch (the activations of ``05_cell_activations.py``, then σ(o) moved into
+Result: this branch (the activations of ``06_cell_activations.py``, then σ(o) moved into
 the LSTM cell's update loop) against main before it (other, 89af9ad), one thread, quiet.
 Activations only, 2026-12-01 20:10-20:15 UTC, 61 pairs per row:
 
@@ -37,8 +37,43 @@ Both changes, two runs of 45 pairs per row (20:38 and 20:43 UTC):
       128  16  256 forward      22.78     23.57       0.986     (0.931, 1.016)
       128  16  256 training     72.38     71.65       1.005     (0.940, 1.051)
 
+After rebasing onto main 0ef82b1 (the weight gradients on the packed kernel), against
+it, 20:53 UTC, 45 pairs per row:
+
+      512   8  128 forward      11.80     12.00       0.984     (0.964, 1.030)
+      512   8  128 training     41.21     40.60       1.004     (0.958, 1.057)
+      128  16  256 forward      21.82     22.20       0.985     (0.954, 1.013)
+      128  16  256 training     74.19     75.04       0.996     (0.947, 1.048)
+
 Run time: 25 s with the Numba caches warm.
 """
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+
+import rnnkernels
+from rnnkernels import cpu, reference
+
+
+def _size(text):
+    steps, batch, hidden = (int(v) for v in text.split(","))
+    return steps, batch, hidden
+
+
+def load_other(checkout):
+    """The other checkout's package, imported as ``rnnkernels_other``."""
     source = Path(checkout) / "rnnkernels"
     if not (source / "__init__.py").exists():
         raise SystemExit(f"--other: no rnnkernels package in {checkout}")
