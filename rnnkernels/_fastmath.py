@@ -14,7 +14,7 @@ Both rest on one range reduction of e^{-a} (Cody and Waite)::
 
 q = r + r^2 Q(r) with Q the degree-4 minimax polynomial for (e^r - 1 - r) / r^2 on
 |r| <= ln2/2 (relative error of q below 1.7e-8 with its float32 coefficients; derived
-by Remez's algorithm in ``benchmarks/cpu/05_expm1_minimax.py``): six operations, one
+by Remez's algorithm in ``benchmarks/cpu/06_expm1_minimax.py``): six operations, one
 fewer than the degree-7 Taylor polynomial used before, at a quarter of an ulp. s is
 built directly from its exponent bits. Then::
 
@@ -67,7 +67,7 @@ _LN2_HI = np.float32(0.693145751953125)  # ln 2 split so that m * _LN2_HI is exa
 _LN2_LO = np.float32(1.428606765330187e-06)
 _MAX_ARG = np.float32(87.0)  # 2^-126 is the smallest normal float32
 # Q(r) ≈ (e^r - 1 - r) / r^2 on |r| <= ln2/2, lowest degree first (the module docstring;
-# printed by benchmarks/cpu/05_expm1_minimax.py).
+# printed by benchmarks/cpu/06_expm1_minimax.py).
 _Q0, _Q1, _Q2, _Q3, _Q4 = (
     np.float32(v) for v in (0.4999999701976776, 0.1666654348373413, 0.04166720062494278, 0.00836651399731636, 0.0013882522471249104)
 )

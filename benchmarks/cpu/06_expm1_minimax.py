@@ -1,6 +1,6 @@
-"""Experiment 05: the polynomial for e^r - 1 in ``rnnkernels/_fastmath.py``, derived.
+"""Experiment 06: the polynomial for e^r - 1 in ``rnnkernels/_fastmath.py``, derived.
 
-    python benchmarks/cpu/05_expm1_minimax.py          # about 10 s; needs mpmath
+    python benchmarks/cpu/06_expm1_minimax.py          # about 10 s; needs mpmath
 
 After Cody-Waite's reduction the activations need q = e^r - 1 for |r| <= ln2 / 2. Until
 issue 12's cell work this was the degree-7 Taylor polynomial (7 operations: 6 FMAs and

@@ -1,8 +1,8 @@
-"""Experiment 07: this checkout's cpu backend against another checkout's, paired in one process.
+"""Experiment 08: this checkout's cpu backend against another checkout's, paired in one process.
 
     mkdir -p /tmp/base && git archive main | tar -x -C /tmp/base
     NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \\
-        python benchmarks/cpu/07_against_checkout.py --other /tmp/base --size 512,8,128 --size 128,16,256
+        python benchmarks/cpu/08_against_checkout.py --other /tmp/base --size 512,8,128 --size 128,16,256
 
 A change that saves 2-4% of a step is within the run-to-run spread of
 ``benchmarks/cpu_vs_torch.py``'s ratios to torch (±0.03 between two quiet runs of the
@@ -15,7 +15,7 @@ training=True, then backward). Outputs of both are checked against the float64
 reference first (rel. err. < 2e-5). Run it with one thread per library, as above, and
 under the project's ``quiet`` wrapper.
 
-Result: this branch (the activations of ``06_cell_activations.py``, then σ(o) moved into
+Result: this branch (the activations of ``07_cell_activations.py``, then σ(o) moved into
 the LSTM cell's update loop) against main before it (other, 89af9ad), one thread, quiet.
 Activations only, 2026-12-01 20:10-20:15 UTC, 61 pairs per row:
 

@@ -1,6 +1,6 @@
-"""Experiment 06: cheaper σ and tanh for the CPU cells (issue 12, the one-thread half).
+"""Experiment 07: cheaper σ and tanh for the CPU cells (issue 12, the one-thread half).
 
-    python benchmarks/cpu/06_cell_activations.py          # 1 thread; about 3 minutes
+    python benchmarks/cpu/07_cell_activations.py          # 1 thread; about 3 minutes
 
 Candidates for ``rnnkernels/_fastmath.py``'s float32 activations (each a (σ, tanh) pair):
 
@@ -8,7 +8,7 @@ Candidates for ``rnnkernels/_fastmath.py``'s float32 activations (each a (σ, ta
   of e^r - 1 (7 operations); σ(x) = (x >= 0 ? 1 : e) / (1 + e) with e = e^{-|x|};
   tanh(|x|) = -u / (2 + u), u = e^{-2|x|} - 1, both with the two-constant ln2 split;
 * ``minimax``: the same, with e^r - 1 = r + r^2 Q(r), Q the degree-4 minimax polynomial
-  of ``05_expm1_minimax.py`` (6 operations, error 1.7e-8 relative);
+  of ``06_expm1_minimax.py`` (6 operations, error 1.7e-8 relative);
 * ``kept`` (what _fastmath.py now has): the minimax polynomial; σ(x) = 1 / (1 + e) with
   e = e^{-x} for x clamped to [-87, 87] (no select between two numerators, no |x|);
   tanh with the one-constant reduction r = fma(m, ln2, -2|x|) (its error matters only
@@ -30,7 +30,7 @@ over the 3.1 million arguments of tests/test_cpu.py (the test asks <= 2e-7); ns 
 value over a 4096-value array in L1 (median of 15 rounds); then the cells alone, each
 compiled with the candidate's activations exactly as ``_cpu_common.compile_variant``
 compiles the package's (serial variant), timed in pairs against the step product
-h W_hhᵀ on the same B x H (serial ``_cpu_common.STEP_PRODUCT``), the order rotating
+h W_hhᵀ on the same B x H (``_cpu_common.STEP_PRODUCT``), the order rotating
 each round: the median µs per call, and ``new/old``, the median of the per-round
 ratios of the candidate's cell to taylor7's. Every candidate's cell outputs are
 checked before timing (LSTM forward and backward cells against float64 NumPy formulas,
@@ -66,7 +66,7 @@ activations (LSTM and GRU forward, tanh RNN) 17-23% cheaper; the LSTM's backward
 (one tanh per unit among many products) within noise to 10%. Against a step the gain is
 small: at 8 x 128 the LSTM forward cell was 25% of the step product's time (2.34 µs
 against 9.22) and is 21% now, so a forward step is about 4% shorter, and a whole
-inference call at (512, 8, 128) about 1.3% (``07_against_checkout.py``: 0.987, p10-p90
+inference call at (512, 8, 128) about 1.3% (``08_against_checkout.py``: 0.987, p10-p90
 0.931-1.032; the input projection is some 40% of that call). What is left in the cell is
 mostly the activations themselves, at 21-24 operations per 16 values, one of them a
 division: at 8 x 128 the kept forward cell took 2.13 µs, its four loops timed one at a
@@ -346,7 +346,7 @@ def time_cells(batch, hidden, rounds=21, target_s=0.004):
     packed = _cpu_gemm.pack(w_hh.T)
     h = rng.standard_normal((batch, hidden), dtype=np.float32)
     z = np.empty((batch, packed.shape[0] * packed.shape[2]), np.float32)
-    product = _compiled(_repeat("PRODUCT", 3), {"PRODUCT": _cpu_common.STEP_PRODUCT[False]})
+    product = _compiled(_repeat("PRODUCT", 3), {"PRODUCT": _cpu_common.STEP_PRODUCT})
     results = {}
     product_samples = []
     for cell_name, (py_func, make_args, check) in cell_cases(batch, hidden).items():
