@@ -103,7 +103,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
@@ -351,8 +351,9 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
     dx = _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
-    dw_ih = _cpu_common.weight_gradient(flat_dz, x.reshape(steps * batch, input_size), input_size)
-    dw_hh = _cpu_common.weight_gradient(flat_dz, saved.h[:-1].reshape(steps * batch, hidden), hidden)
+    dw_ih, dw_hh = _cpu_blas.weight_gradients(
+        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden)
+    )
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads
