@@ -12,14 +12,14 @@ the other product instead (on a persistent one-worker thread, which blocks on a 
 when idle: it never spins). Each product is one single-threaded BLAS call, whichever
 thread runs it, so its bits do not depend on the thread count.
 
-The thread limit is threadpoolctl's (the library that finds NumPy's BLAS among the
-loaded libraries and sets its threads through the BLAS's own call): OpenBLAS, MKL and
-BLIS. It is process-global, so ``one_blas_thread`` counts who is inside: the first
+The thread limit is set through threadpoolctl (the library that finds NumPy's BLAS among
+the loaded libraries and calls the BLAS's own thread setter): OpenBLAS, MKL and BLIS.
+The setting is process-global, so ``one_blas_thread`` counts who is inside: the first
 entrant sets 1 and remembers the user's setting, the last one out restores it, under
 one lock, so concurrent backward calls never leave the setting changed. While any call
 is inside, NumPy products of other Python threads run at one BLAS thread too, and a
 change of the BLAS's threads made from another thread in that time is undone at the
-exit. Setting and restoring costs about 5 µs per call (2-core VM, not quiet). A BLAS
+exit. Setting and restoring costs about 2-5 µs per call (2-core VM, not quiet). A BLAS
 that threadpoolctl cannot control (none of the three) is called as it is: its own
 thread count applies, and with it whatever it does to the bits and to idle cores.
 """
@@ -36,22 +36,32 @@ from threadpoolctl import ThreadpoolController
 from . import _cpu_common
 
 _lock = threading.Lock()
-_controller = None  # made once, on the first call (a scan of the loaded libraries: ~1 ms)
-_limiter = None  # the limit in force while _entrants > 0; restores the user's setting
+_blas = None  # threadpoolctl's controllers of the loaded BLAS libraries, found on the first call
+_saved = None  # [(controller, the user's thread count)] while _entrants > 0
 _entrants = 0
 _executor = None
 _executor_pid = None
+
+
+def _set_threads(library, count):
+    # Not threadpoolctl's public set_num_threads: for a pthreads OpenBLAS (NumPy's wheels)
+    # it acts only for the first Python thread that ever set a limit (its guard against
+    # threads fighting over the process-wide setting; our lock and count do that here).
+    # Called first from a worker thread it would make that thread the owner, and the
+    # user's own threadpool_limits from the main thread would silently do nothing; from
+    # any other thread ours would (tests/test_cpu.py saw it: the BLAS stayed at 2).
+    getattr(library, "_real_set_num_threads", library.set_num_threads)(count)
 
 
 def _reset_after_fork():
     # A forked child has only the thread that forked, which was not inside (a fork from
     # inside a product is impossible): a lock held by another thread stays held, and a
     # limit in force stays in force. Release both, restoring the user's setting.
-    global _lock, _limiter, _entrants
+    global _lock, _saved, _entrants
     _lock = threading.Lock()
-    if _limiter is not None:
-        _limiter.restore_original_limits()
-    _limiter, _entrants = None, 0
+    for library, count in _saved or ():
+        _set_threads(library, count)
+    _saved, _entrants = None, 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -60,22 +70,25 @@ if hasattr(os, "register_at_fork"):
 
 class _OneBlasThread:
     def __enter__(self):
-        global _controller, _limiter, _entrants
+        global _blas, _saved, _entrants
         with _lock:
             if _entrants == 0:
-                if _controller is None:
-                    _controller = ThreadpoolController()
-                _limiter = _controller.limit(limits=1, user_api="blas")
+                if _blas is None:  # a scan of the loaded libraries: ~1 ms, once
+                    _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+                _saved = [(library, library.num_threads) for library in _blas]
+                for library, _ in _saved:
+                    _set_threads(library, 1)
             _entrants += 1
         return self
 
     def __exit__(self, *exc):
-        global _limiter, _entrants
+        global _saved, _entrants
         with _lock:
             _entrants -= 1
             if _entrants == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
+                for library, count in _saved:
+                    _set_threads(library, count)
+                _saved = None
         return False
 
 
