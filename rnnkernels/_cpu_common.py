@@ -70,6 +70,7 @@ PARALLEL_MIN_UNITS = 1
 PARALLEL_MIN_MACS = 1 << 20
 _PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
 
+
 def _check_product(a, packed, out, bias):
     """The shapes the kernel trusts (it reads K from a and writes whole panels)."""
     if a.shape[1] != packed.shape[1] or out.shape[0] != a.shape[0] or out.shape[1] < packed.shape[0] * packed.shape[2]:
