@@ -64,7 +64,10 @@ setup(
         "rnnkernels.bench": ["*.cu"],
     },
     include_package_data=True,
-    install_requires=["numpy>=1.24", "numba>=0.59"],
+    # threadpoolctl holds NumPy's BLAS at one thread around the cpu backends' weight
+    # gradients (rnnkernels/_cpu_blas.py): a multi-threaded OpenBLAS's worker spins for
+    # ~100 ms after each call, taking the core Numba's pool and torch need.
+    install_requires=["numpy>=1.24", "numba>=0.59", "threadpoolctl>=3.1"],
     extras_require={
         "cuda13": CUDA_RUNTIME_13,
         "cuda12": CUDA_RUNTIME_12,

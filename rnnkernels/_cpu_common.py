@@ -1,9 +1,8 @@
 """What the Numba cpu backends of every cell share (``cpu.py``: LSTM, ``cpu_gru.py``,
 ``cpu_rnn.py``): compiling a variant so that Numba's on-disk cache hits, the packed
 step product, the persistent parallel time loops and the rule that picks them, the
-thread count, the all-steps input projection and the weight gradients
-(``weight_gradient``: on the packed kernel, so that a call runs on Numba's thread pool
-only; cpu.py's "Threading policy"). A cell's module keeps only its cell loops, its two
+thread count and the all-steps input projection (the weight gradients are NumPy's
+products, ``_cpu_blas``). A cell's module keeps only its cell loops, its two
 serial time loops, the two functions that run its cell over a block of rows for the
 persistent loops, and its single-step path; the design is the one ``cpu.py``'s
 docstring describes.
@@ -70,10 +69,6 @@ PARALLEL_MIN_UNITS = 1
 # microseconds; 2^20 multiply-adds take about 30 µs on one core).
 PARALLEL_MIN_MACS = 1 << 20
 _PANEL_BYTES = _cpu_gemm.panel_width(np.float32) * 4  # the same for every dtype
-# The weight gradients' blocking (``_weight_product``): rows per work item (a multiple of
-# 4, the row block) and steps of K per block.
-WEIGHT_ROW_CHUNK = 64
-WEIGHT_K_BLOCK = 64
 
 
 def _check_product(a, packed, out, bias):
@@ -198,50 +193,6 @@ def _backward_persistent(grad, packed, out, state, counters, workers, row_chunk,
             _cpu_sync.finish(counters)
 
 
-def _weight_product(a_t, packed, out):
-    """out[:, :N] = a_tᵀ @ M for a_t [K, R] and M [K, N] packed by ``_cpu_gemm.pack``:
-    a weight gradient (dW = dzᵀ x, K = T·B). ``out`` [R, ≥ the packed width] must hold
-    zeros on entry (the tiles add to it). The work is split into items of
-    WEIGHT_ROW_CHUNK rows by one tile's panels (the parallel variant splits the items:
-    enough of them at any of issue 12's sizes, where a split over panels alone left
-    one item at I = 64); in each item K runs in blocks of WEIGHT_K_BLOCK, so that the
-    block of packed panels (16 KiB for float32 with AVX-512) stays in L1 while every
-    row block of the item reads it, and each output tile continues its sums block after
-    block. Every output element is one item's, summed k = 0, 1, ... whatever the thread
-    count."""
-    steps = a_t.shape[0]
-    rows = a_t.shape[1]
-    panels = packed.shape[0]
-    if packed.shape[1] != steps or out.shape[0] != rows or out.shape[1] < panels * packed.shape[2]:
-        raise ValueError("weight product: a_t, packed and out do not fit together")
-    if packed.shape[2] * a_t.itemsize != _PANEL_BYTES:
-        raise ValueError("weight product: packed was not made by _cpu_gemm.pack for this dtype")
-    step = 2 if _cpu_gemm.TWO_PANEL_BLOCKS else 1  # panels per tile
-    groups = (panels + step - 1) // step
-    chunks = (rows + WEIGHT_ROW_CHUNK - 1) // WEIGHT_ROW_CHUNK
-    for item in numba.prange(groups * chunks):
-        group = item // chunks
-        first_row = (item % chunks) * WEIGHT_ROW_CHUNK
-        last_row = min(first_row + WEIGHT_ROW_CHUNK, rows)
-        full = last_row - (last_row - first_row) % 4
-        panel = group * step
-        count = min(step, panels - panel)
-        for k0 in range(0, steps, WEIGHT_K_BLOCK):
-            k1 = min(k0 + WEIGHT_K_BLOCK, steps)
-            for row in range(first_row, full, 4):
-                if count == 2:
-                    _cpu_gemm.tile_t4x2(a_t, row, packed, panel, out, k0, k1)
-                else:
-                    _cpu_gemm.tile_t4x1(a_t, row, packed, panel, out, k0, k1)
-            for p in range(panel, panel + count):
-                if last_row - full == 1:
-                    _cpu_gemm.tile_t1x1(a_t, full, packed, p, out, k0, k1)
-                elif last_row - full == 2:
-                    _cpu_gemm.tile_t2x1(a_t, full, packed, p, out, k0, k1)
-                elif last_row - full == 3:
-                    _cpu_gemm.tile_t3x1(a_t, full, packed, p, out, k0, k1)
-
-
 def _step_product(a, packed, out):
     """``_product`` without a bias: the per-step product the time loops call (its
     interface unchanged for the cells' loops)."""
@@ -293,10 +244,6 @@ _PRODUCT_CALLEES = {
 }
 PRODUCT = {
     parallel: compile_function(_product, "parallel" if parallel else "serial", parallel, _PRODUCT_CALLEES)
-    for parallel in (False, True)
-}
-WEIGHT_PRODUCT = {
-    parallel: compile_function(_weight_product, "parallel" if parallel else "serial", parallel)
     for parallel in (False, True)
 }
 STEP_PRODUCT = compile_function(_step_product, "serial", False, {"product": PRODUCT[False]})
@@ -432,19 +379,3 @@ def project(a, packed, columns, bias=None):
     if bias is not None and fused is None:
         out += bias
     return out
-
-
-def weight_gradient(grad, inputs, columns):
-    """gradᵀ @ inputs as a new C-contiguous [R, columns] array, for grad [K, R] and
-    inputs [K, ≥columns] (their first ``columns`` columns): a weight gradient summed over
-    K = T·B rows. On the packed kernel (``_weight_product``) rather than NumPy's BLAS, so
-    that backward runs on one thread pool, Numba's: OpenBLAS's workers spin for about
-    100 ms after each call, into the next forward and the caller's code (cpu.py's
-    threading policy). Parallel on the same rule as ``project``."""
-    steps, rows = grad.shape
-    packed = _cpu_gemm.pack(inputs[:, :columns])
-    width = packed.shape[0] * packed.shape[2]
-    parallel = rows * width * steps >= PARALLEL_MIN_MACS and threads() > 1
-    out = np.zeros((rows, width), grad.dtype)
-    WEIGHT_PRODUCT[parallel](np.ascontiguousarray(grad), packed, out)
-    return out if width == columns else np.ascontiguousarray(out[:, :columns])

@@ -92,8 +92,12 @@ def _make_tile(rows, panels):
 
     @intrinsic
     def tile(typingctx, a, row0, packed, panel, out, bias):
-        if not _operands_fit(a, packed, out):
+        if not (isinstance(a, types.Array) and isinstance(packed, types.Array) and isinstance(out, types.Array)):
             return None
+        if not (a.dtype == packed.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
+            return None
+        if not (a.ndim == out.ndim == 2 and packed.ndim == 3 and a.layout == packed.layout == out.layout == "C"):
+            return None  # the kernel computes addresses from C-contiguous strides
         has_bias = not isinstance(bias, types.NoneType)
         if has_bias and not (isinstance(bias, types.Array) and bias.dtype == a.dtype and bias.ndim == 1
                              and bias.layout == "C"):
@@ -101,175 +105,102 @@ def _make_tile(rows, panels):
         sig = types.void(a, row0, packed, panel, out, bias)
 
         def codegen(context, builder, signature, args):
-            a_t, row0_t, p_t, panel_t, o_t, bias_t = signature.args
+            a_t, _, p_t, _, o_t, _ = signature.args
             a_arr = context.make_array(a_t)(context, builder, args[0])
+            p_arr = context.make_array(p_t)(context, builder, args[2])
+            o_arr = context.make_array(o_t)(context, builder, args[4])
+            scalar = context.get_value_type(a_t.dtype)
+            width = VECTOR_BYTES // (4 if a_t.dtype == types.float32 else 8)
+            vec = ir.VectorType(scalar, width)
             intp = context.get_value_type(types.intp)
-            k_total = cgutils.unpack_tuple(builder, a_arr.shape, 2)[1]
-            bias_arr = context.make_array(bias_t)(context, builder, args[5]) if has_bias else None
-            _emit_tile(context, builder, rows, panels, a_t.dtype, a_arr, False,
-                       context.cast(builder, args[1], row0_t, types.intp),
-                       context.make_array(p_t)(context, builder, args[2]),
-                       context.cast(builder, args[3], panel_t, types.intp),
-                       context.make_array(o_t)(context, builder, args[4]),
-                       ir.Constant(intp, 0), k_total, False, bias_arr)
+            row0_v = context.cast(builder, args[1], signature.args[1], types.intp)
+            panel_v = context.cast(builder, args[3], signature.args[3], types.intp)
+            a_shape = cgutils.unpack_tuple(builder, a_arr.shape, 2)
+            o_shape = cgutils.unpack_tuple(builder, o_arr.shape, 2)
+            k_total = a_shape[1]
+            lda, ldo = a_shape[1], o_shape[1]
+            panel_elems = builder.mul(k_total, ir.Constant(intp, VECTORS * width))
+            p_bases = [
+                builder.gep(p_arr.data, [builder.mul(builder.add(panel_v, ir.Constant(intp, q)), panel_elems)])
+                for q in range(panels)
+            ]
+            a_rows = [
+                builder.gep(a_arr.data, [builder.mul(builder.add(row0_v, ir.Constant(intp, r)), lda)])
+                for r in range(rows)
+            ]
+            suffix = f"v{width}f{32 if a_t.dtype == types.float32 else 64}"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{suffix}")
+            zero = ir.Constant(vec, [0.0] * width)
+            undef = ir.Constant(vec, ir.Undefined)
+            mask0 = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+
+            entry = builder.basic_block
+            loop = builder.append_basic_block("tile.loop")
+            done = builder.append_basic_block("tile.done")
+            has_work = builder.icmp_signed(">", k_total, ir.Constant(intp, 0))
+            builder.cbranch(has_work, loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(intp)
+            k.add_incoming(ir.Constant(intp, 0), entry)
+            columns = panels * VECTORS  # accumulators per row
+            acc = [[builder.phi(vec) for _ in range(columns)] for _ in range(rows)]
+            for row in acc:
+                for phi in row:
+                    phi.add_incoming(zero, entry)
+            k_offset = builder.mul(k, ir.Constant(intp, VECTORS * width))
+            w = [
+                builder.load(
+                    builder.bitcast(
+                        builder.gep(p_bases[q], [builder.add(k_offset, ir.Constant(intp, v * width))]), vec.as_pointer()
+                    ),
+                    align=4,
+                )
+                for q in range(panels)
+                for v in range(VECTORS)
+            ]
+            new_acc = []
+            for r in range(rows):
+                x = builder.load(builder.gep(a_rows[r], [k]))
+                xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
+                new_acc.append([builder.call(fma, [xb, w[v], acc[r][v]]) for v in range(columns)])
+            k_next = builder.add(k, ir.Constant(intp, 1))
+            latch = builder.basic_block
+            k.add_incoming(k_next, latch)
+            for r in range(rows):
+                for v in range(columns):
+                    acc[r][v].add_incoming(new_acc[r][v], latch)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_total), loop, done)
+
+            builder.position_at_end(done)
+            results = []
+            for r in range(rows):  # the phis first: LLVM wants them at the top of the block
+                results.append([])
+                for v in range(columns):
+                    phi = builder.phi(vec)
+                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(new_acc[r][v], latch)
+                    results[r].append(phi)
+            col0 = builder.mul(panel_v, ir.Constant(intp, VECTORS * width))
+            if has_bias:  # loaded once, added to every row's sums as they are stored
+                b_arr = context.make_array(signature.args[5])(context, builder, args[5])
+                b_row = builder.gep(b_arr.data, [col0])
+                b_vecs = [
+                    builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(intp, v * width)]), vec.as_pointer()),
+                                 align=4)
+                    for v in range(columns)
+                ]
+                results = [[builder.fadd(row[v], b_vecs[v]) for v in range(columns)] for row in results]
+            for r in range(rows):
+                row_ptr = builder.gep(o_arr.data, [builder.add(builder.mul(builder.add(row0_v, ir.Constant(intp, r)), ldo), col0)])
+                for v in range(columns):  # the panels' columns are adjacent in out
+                    dst = builder.bitcast(builder.gep(row_ptr, [ir.Constant(intp, v * width)]), vec.as_pointer())
+                    builder.store(results[r][v], dst, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return tile
-
-
-def _make_tile_transposed(rows, panels):
-    """An intrinsic ``tile(a_t, row0, packed, panel0, out, k0, k1)`` for the weight
-    gradients (``dW = dzᵀ x``, a sum over the T·B rows of dz and x): out[row0:row0+rows,
-    panel0·W:(panel0+panels)·W] += a_t[k0:k1, row0:row0+rows]ᵀ @ packed[panel0:…, k0:k1].
-    a_t [K, R] is read down its columns (the rows of the product are its columns: no
-    transposed copy of dz), and the sums continue from what ``out`` holds, so that a
-    caller can split K into blocks that keep the packed operand in cache: per element
-    the additions still run k = 0, 1, ... in one chain, each an FMA into the running
-    sum, which a store and a load leave as it is, so blocking does not change a bit
-    (starting from out = 0, the first FMA gives the rounded product, as from a register
-    set to 0). a_t, out C-contiguous 2-D, packed C-contiguous 3-D, one float dtype."""
-
-    @intrinsic
-    def tile(typingctx, a_t, row0, packed, panel, out, k0, k1):
-        if not _operands_fit(a_t, packed, out):
-            return None
-        sig = types.void(a_t, row0, packed, panel, out, k0, k1)
-
-        def codegen(context, builder, signature, args):
-            at_t, row0_t, p_t, panel_t, o_t, k0_t, k1_t = signature.args
-            _emit_tile(context, builder, rows, panels, at_t.dtype,
-                       context.make_array(at_t)(context, builder, args[0]), True,
-                       context.cast(builder, args[1], row0_t, types.intp),
-                       context.make_array(p_t)(context, builder, args[2]),
-                       context.cast(builder, args[3], panel_t, types.intp),
-                       context.make_array(o_t)(context, builder, args[4]),
-                       context.cast(builder, args[5], k0_t, types.intp),
-                       context.cast(builder, args[6], k1_t, types.intp), True, None)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
-
-
-def _operands_fit(a, packed, out):
-    """Whether the typed operands are ones the tile code handles."""
-    if not (isinstance(a, types.Array) and isinstance(packed, types.Array) and isinstance(out, types.Array)):
-        return False
-    if not (a.dtype == packed.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
-        return False
-    # the kernel computes addresses from C-contiguous strides
-    return a.ndim == out.ndim == 2 and packed.ndim == 3 and a.layout == packed.layout == out.layout == "C"
-
-
-def _emit_tile(context, builder, rows, panels, dtype, a_arr, a_transposed, row0_v, p_arr, panel_v, o_arr,
-               k_begin, k_end, accumulate, bias_arr):
-    """The LLVM IR of one tile (``_make_tile``, ``_make_tile_transposed``): the
-    rows x panels·2 accumulators in vector registers over k in [k_begin, k_end), each
-    step two loads per panel, one broadcast per row and an FMA per accumulator; then
-    the stores. Row r's element k is a[row0 + r, k], or a[k, row0 + r] where
-    ``a_transposed``; the accumulators start at 0, or at what out holds where
-    ``accumulate``; ``bias_arr`` (or None) is added as they are stored."""
-    scalar = context.get_value_type(dtype)
-    width = VECTOR_BYTES // (4 if dtype == types.float32 else 8)
-    vec = ir.VectorType(scalar, width)
-    intp = context.get_value_type(types.intp)
-    a_shape = cgutils.unpack_tuple(builder, a_arr.shape, 2)
-    o_shape = cgutils.unpack_tuple(builder, o_arr.shape, 2)
-    lda, ldo = a_shape[1], o_shape[1]
-    k_total = cgutils.unpack_tuple(builder, p_arr.shape, 3)[1]  # the packed K, as the panels are laid out
-    panel_elems = builder.mul(k_total, ir.Constant(intp, VECTORS * width))
-    p_bases = [
-        builder.gep(p_arr.data, [builder.mul(builder.add(panel_v, ir.Constant(intp, q)), panel_elems)])
-        for q in range(panels)
-    ]
-    if a_transposed:
-        a_base = builder.gep(a_arr.data, [row0_v])
-    else:
-        a_rows = [
-            builder.gep(a_arr.data, [builder.mul(builder.add(row0_v, ir.Constant(intp, r)), lda)])
-            for r in range(rows)
-        ]
-    suffix = f"v{width}f{32 if dtype == types.float32 else 64}"
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{suffix}")
-    undef = ir.Constant(vec, ir.Undefined)
-    mask0 = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-    columns = panels * VECTORS  # accumulators per row
-    col0 = builder.mul(panel_v, ir.Constant(intp, VECTORS * width))
-    out_rows = [
-        builder.gep(o_arr.data, [builder.add(builder.mul(builder.add(row0_v, ir.Constant(intp, r)), ldo), col0)])
-        for r in range(rows)
-    ]
-
-    def out_vector(r, v):  # the panels' columns are adjacent in out
-        return builder.bitcast(builder.gep(out_rows[r], [ir.Constant(intp, v * width)]), vec.as_pointer())
-
-    if accumulate:
-        start = [[builder.load(out_vector(r, v), align=4) for v in range(columns)] for r in range(rows)]
-    else:
-        zero = ir.Constant(vec, [0.0] * width)
-        start = [[zero] * columns for _ in range(rows)]
-
-    entry = builder.basic_block
-    loop = builder.append_basic_block("tile.loop")
-    done = builder.append_basic_block("tile.done")
-    builder.cbranch(builder.icmp_signed("<", k_begin, k_end), loop, done)
-
-    builder.position_at_end(loop)
-    k = builder.phi(intp)
-    k.add_incoming(k_begin, entry)
-    acc = [[builder.phi(vec) for _ in range(columns)] for _ in range(rows)]
-    for r in range(rows):
-        for v in range(columns):
-            acc[r][v].add_incoming(start[r][v], entry)
-    k_offset = builder.mul(k, ir.Constant(intp, VECTORS * width))
-    w = [
-        builder.load(
-            builder.bitcast(
-                builder.gep(p_bases[q], [builder.add(k_offset, ir.Constant(intp, v * width))]), vec.as_pointer()
-            ),
-            align=4,
-        )
-        for q in range(panels)
-        for v in range(VECTORS)
-    ]
-    if a_transposed:
-        a_k = builder.gep(a_base, [builder.mul(k, lda)])
-    new_acc = []
-    for r in range(rows):
-        x = builder.load(builder.gep(a_k, [ir.Constant(intp, r)]) if a_transposed else builder.gep(a_rows[r], [k]))
-        xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
-        new_acc.append([builder.call(fma, [xb, w[v], acc[r][v]]) for v in range(columns)])
-    k_next = builder.add(k, ir.Constant(intp, 1))
-    latch = builder.basic_block
-    k.add_incoming(k_next, latch)
-    for r in range(rows):
-        for v in range(columns):
-            acc[r][v].add_incoming(new_acc[r][v], latch)
-    builder.cbranch(builder.icmp_signed("<", k_next, k_end), loop, done)
-
-    builder.position_at_end(done)
-    results = []
-    for r in range(rows):  # the phis first: LLVM wants them at the top of the block
-        results.append([])
-        for v in range(columns):
-            phi = builder.phi(vec)
-            phi.add_incoming(start[r][v], entry)
-            phi.add_incoming(new_acc[r][v], latch)
-            results[r].append(phi)
-    if bias_arr is not None:  # loaded once, added to every row's sums as they are stored
-        b_row = builder.gep(bias_arr.data, [col0])
-        b_vecs = [
-            builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(intp, v * width)]), vec.as_pointer()),
-                         align=4)
-            for v in range(columns)
-        ]
-        results = [[builder.fadd(row[v], b_vecs[v]) for v in range(columns)] for row in results]
-    for r in range(rows):
-        for v in range(columns):
-            builder.store(results[r][v], out_vector(r, v), align=4)
 
 
 # rows x panels: 4 rows per block; a last block of 1-3 rows takes 4, 2 or 1 panels.
@@ -285,10 +216,3 @@ tile2x2 = _make_tile(2, 2)
 tile2x1 = _make_tile(2, 1)
 tile1x4 = _make_tile(1, 4)
 tile1x1 = _make_tile(1, 1)
-# The weight gradients' tiles: 4 rows by the same panels as the products above, and a
-# last block of 1-3 rows one panel at a time (at most 3 of the 4H, 3H or H rows).
-tile_t4x2 = _make_tile_transposed(4, 2)
-tile_t4x1 = _make_tile_transposed(4, 1)
-tile_t3x1 = _make_tile_transposed(3, 1)
-tile_t2x1 = _make_tile_transposed(2, 1)
-tile_t1x1 = _make_tile_transposed(1, 1)

@@ -14,11 +14,11 @@ way the CUDA kernels split it:
   activated gates (the buffer backward reads);
 * backward mirrors it in one call (``_backward_steps``): per step the cell turns dh,
   dc and the saved gates into the gate gradients dz_t (and the per-step gradient
-  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, dx = dz W_ih by
-  the packed kernel (8-12% faster than OpenBLAS's sgemm there, packing included,
-  1 thread), dW_ih = dzᵀ x and dW_hh = dzᵀ h_{t-1} by the packed kernel too
-  (``_cpu_common.weight_gradient``: K = T·B long, so blocked over K), and a column sum
-  gives db;
+  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, dW_ih = dzᵀ x and
+  dW_hh = dzᵀ h_{t-1} as NumPy (OpenBLAS) products held at one BLAS thread, side by
+  side at two threads (``_cpu_blas.weight_gradients``), dx = dz W_ih by the packed
+  kernel (8-12% faster than OpenBLAS's sgemm there, packing included, 1 thread), and
+  a column sum gives db;
 * a single step (T = 1: token-by-token decoding) packs nothing: two BLAS products and
   the same fused cell (``_single_step``), since packing would cost more than the step.
 
@@ -44,52 +44,59 @@ sums keep their order at either width. The compiled code is cached on disk
 (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process loads it
 instead of compiling (about a second per variant).
 
-Threading policy: one thread pool, Numba's, for everything a call with T > 1 does: the
-input projection, both time loops, dx and the weight gradients. ``numba.set_num_threads``
-/ ``NUMBA_NUM_THREADS`` sets its threads; the rule for what runs in parallel is above.
-NumPy's BLAS (``OPENBLAS_NUM_THREADS``) is used only by the single step's forward (T = 1:
-two small products, see ``_single_step``; at two BLAS threads its worker still spins
-after each decoding step). No OpenMP variable is set or needed. Why, as
-measured on the 2-core Zen 4 VM the project builds on (quiet machine, float32,
+Threading policy: Numba's thread pool for the input projection, both time loops and dx;
+NumPy's BLAS, held at ONE thread, for the two weight gradients (``_cpu_blas``: the
+user's BLAS setting is restored after, also when several Python threads call backward
+at once). ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets Numba's threads; the
+rule for what runs in parallel is above. With two Numba threads or more, dW_ih runs on a
+persistent one-worker thread (blocked on a queue when idle) while the caller computes
+dW_hh, each a one-thread BLAS call, so the bits are the same at any thread count. They
+run before dx: after a serial backward loop no OpenMP worker is spinning yet to take
+the core the second product needs. NumPy's BLAS at the user's threads
+(``OPENBLAS_NUM_THREADS``) is used only by the single step's forward (T = 1: two small
+products, see ``_single_step``; at two BLAS threads its worker still spins after each
+decoding step). No OpenMP variable is set or needed. Why, as measured on the 2-core
+Zen 4 VM the project builds on (quiet machine, float32,
 ``benchmarks/cpu/04_thread_interference.py``, 2026-12-01):
 
 * OpenBLAS's workers spin for about 100 ms after each call. When dW_ih and dW_hh were
-  NumPy products, a training call burnt 0.10-0.11 s of CPU in the 0.2 s after it
-  returned, at two threads (now 0.004-0.008 s, Numba's OpenMP workers' own short spin;
+  NumPy products at two BLAS threads, a training call burnt 0.10-0.11 s of CPU in the
+  0.2 s after it returned (now 0.004-0.008 s, Numba's OpenMP workers' own short spin;
   tests/test_cpu_process.py checks it), and the spinning worker took the core that
   the next call's parallel projection and dx needed: our training call alone in a
   process took 65.7 / 8.6 / 3.1 / 11.2 ms at one thread and 69.7 / 17.0 / 8.0 / 16.1 ms
   at two (p90 131.6 / 26.0 / 17.2 / 25.3) at (T, B, H) = 128,16,256 / 128,8,128 /
   256,1,128 / 1024,4,64; by phase at 256,1,128, the projection 0.34 -> 3.72 ms. With
-  OpenBLAS at one thread: 47.9 / 8.9 / 3.2 / 11.3 ms; with the weight gradients on the
-  packed kernel (now): 38.2 / 9.9 / 2.9 / 10.3 ms (p90 41.4 / 11.1 / 6.6 / 12.3).
+  OpenBLAS at one thread (the whole process): 47.9 / 8.9 / 3.2 / 11.3 ms; with the
+  weight gradients on our packed kernel: 38.2 / 9.9 / 2.9 / 10.3 ms.
 * The spinning also slowed PyTorch when both ran in one process, taking turns (as
   ``benchmarks/cpu_vs_torch.py`` times them): torch's two-thread training calls took
   69.2 / 17.6 / 7.6 / 29.3 ms paired with ours against 36.4 / 7.4 / 3.6 / 13.4 ms
-  alone; since, 39.9 / 6.7 / 3.9 / 12.8 ms (0.91-1.10x alone), in a fresh process.
-  Two OpenMP runtimes are loaded (Numba's ``omp`` layer the system's libgomp, torch
-  its own copy); each spins a few ms after a parallel region, then sleeps. Not
-  explained yet: in a process that had run 64,64,512 first, torch's two-thread calls
-  at 1024,4,64 took 10.9 / 23.3 ms (inference / training) paired with ours, 4.9 /
-  16.9 ms alone (so benchmarks/cpu_vs_torch.py runs each size in a fresh process).
+  alone; without the spinning, 39.9 / 6.7 / 3.9 / 12.8 ms (0.91-1.10x alone), in a
+  fresh process. Two OpenMP runtimes are loaded (Numba's ``omp`` layer the system's
+  libgomp, torch its own copy); each spins a few ms after a parallel region, then
+  sleeps. Not explained yet: in a process that had run 64,64,512 first, torch's
+  two-thread calls at 1024,4,64 took 10.9 / 23.3 ms (inference / training) paired
+  with ours, 4.9 / 16.9 ms alone (so benchmarks/cpu_vs_torch.py runs each size in a
+  fresh process).
 * OMP_WAIT_POLICY=passive (no spinning at all) is no remedy: it slowed torch's
   two-thread calls 1.8-24x (1024,4,64 inference: 4.2 -> 101.7 ms alone; oneDNN's
   per-step parallel regions need spinning workers) and our two-thread inference up to
   2x (128,16,256: 12.1 -> 24.2 ms); GOMP_SPINCOUNT=0 did the same to the paired calls.
   OMP_WAIT_POLICY=active moved torch's rows by -28% to +32%, no consistent gain.
-
-The price, at one thread: the packed weight gradients are slower than OpenBLAS's sgemm
-at the long products. Best of 5 in thread time they ran at 91-110 GFLOP/s against
-94-101 at the products of issue 12's sizes, but the median is another matter: the two
-products at 128,16,256 (2048 x 1024 x 256 each) took 30-34 ms (min 25-31) against
-NumPy's 23-24 ms in wall time, alone, with warm or evicted caches (buffers aligned to
-64 bytes did not change it), and 26.7-31.3 against 22.5-22.8 inside a training call,
-so the one-thread training ratio to torch there rose from 1.00-1.02 to 1.10-1.19 in
-paired runs (512,8,128: 1.02-1.04 to 1.09-1.17). Where the time goes is open (the
-kernel's spread between calls, not its best case). At two threads the call is 20%
-faster than with OpenBLAS pinned to one thread (38.2 against 47.9 ms at 128,16,256),
-and neither slows the other library's next call; pinning OpenBLAS would also need a
-library to find and set NumPy's BLAS (threadpoolctl) around every call.
+* Why OpenBLAS and not our packed kernel for the weight gradients (dW = dzᵀ x through
+  a transposed-A tile blocked over K, parallel over row chunks; deleted): at one
+  thread it was slower than OpenBLAS's sgemm at these long-K products, the two at
+  128,16,256 (2048 x 1024 x 256 each) 30-34 ms against 23-24 ms, which put one-thread
+  training at 1.07-1.11x torch at 128,16,256, 512,8,128 and 64,64,512. Paired in one
+  process (LSTM training call, 40 pairs, quiet, median B/A with p10-p90; A the packed
+  kernel, B the weight gradients as now): one thread 0.86 (0.83-0.89) / 0.92
+  (0.86-0.99) / 0.96 (0.89-1.02) at 128,16,256 / 512,8,128 / 64,64,512; two threads,
+  with the products before dx, 1.03 (0.93-1.26) / 0.96 (0.87-1.10) / 0.94 (0.74-1.11),
+  and after dx 1.02 / 1.08 / 0.94 (the spinning OpenMP worker of dx's parallel
+  product took the second product's core). Holding the BLAS at one thread and
+  restoring it costs 2-5 µs per call. (Measured before the persistent time loops
+  came in, on the fork-per-step parallel variant.)
 
 The persistent time loop's waiters spin too (``_cpu_sync``): they call ``sched_yield``
 after a few thousand spins, but with more runnable threads than cores (NUMBA_NUM_THREADS
@@ -103,7 +110,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
@@ -350,9 +357,12 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
+    # The weight gradients before dx: after a serial backward loop no OpenMP worker is
+    # spinning yet to contend with the second BLAS product's thread (cpu.py's policy).
+    dw_ih, dw_hh = _cpu_blas.weight_gradients(
+        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden)
+    )
     dx = _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
-    dw_ih = _cpu_common.weight_gradient(flat_dz, x.reshape(steps * batch, input_size), input_size)
-    dw_hh = _cpu_common.weight_gradient(flat_dz, saved.h[:-1].reshape(steps * batch, hidden), hidden)
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads

@@ -32,7 +32,7 @@ from functools import partial
 import numba
 import numpy as np
 
-from . import _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
 from ._backend import Backend, SavedArrays
 
 NONLINEARITIES = ("tanh", "relu")
@@ -265,10 +265,12 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     dh0 = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_da = da.reshape(steps * batch, hidden)
-    # On the packed kernel, as the LSTM's (cpu.py's threading policy: no BLAS pool).
+    # As the LSTM's (cpu.py's threading policy): the weight gradients with NumPy's BLAS
+    # at one thread, then dx on the packed kernel.
+    dw_ih, dw_hh = _cpu_blas.weight_gradients(
+        flat_da, x.reshape(steps * batch, input_size), flat_da, saved.h[:-1].reshape(steps * batch, hidden)
+    )
     dx = _cpu_common.project(flat_da, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
-    dw_ih = _cpu_common.weight_gradient(flat_da, x.reshape(steps * batch, input_size), input_size)
-    dw_hh = _cpu_common.weight_gradient(flat_da, saved.h[:-1].reshape(steps * batch, hidden), hidden)
     db = flat_da.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh0)
     return grads + (dh_norms,) if return_step_norms else grads

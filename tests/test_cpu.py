@@ -234,6 +234,24 @@ def _force_loop(monkeypatch, persistent):
         monkeypatch.setattr(_cpu_common, name, threshold)
 
 
+def _count_weight_gradient_submissions(monkeypatch, record=None):
+    """A list that gets one entry per product the weight gradients hand to their worker
+    thread (``_cpu_blas``): the BLAS thread counts ``record()`` returns at that moment,
+    or None."""
+    from rnnkernels import _cpu_blas
+
+    submitted = []
+    real = _cpu_blas._worker
+
+    class Spy:
+        def submit(self, *args):
+            submitted.append(record() if record else None)
+            return real().submit(*args)
+
+    monkeypatch.setattr(_cpu_blas, "_worker", Spy)
+    return submitted
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64), (3, 64, 5, 40)])
 def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkeypatch):
@@ -244,13 +262,16 @@ def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkey
     from rnnkernels import _cpu_common, cpu
 
     results = []
+    submitted = _count_weight_gradient_submissions(monkeypatch)
     for persistent in (False, True):
         _force_loop(monkeypatch, persistent)
         results.append(_lstm_outputs(shape, dtype))
     # The persistent loops did run, and the parallel projection (the loops' callees
-    # record no signature when the loops come from the on-disk cache).
+    # record no signature when the loops come from the on-disk cache), and the weight
+    # gradients side by side (dW_ih on the worker thread) only then.
     assert cpu._PERSISTENT.forward_steps.signatures and cpu._PERSISTENT.backward_steps.signatures
-    assert _cpu_common.PRODUCT[True].signatures and _cpu_common.WEIGHT_PRODUCT[True].signatures
+    assert _cpu_common.PRODUCT[True].signatures
+    assert len(submitted) == 1
     for serial, persistent in zip(*results):
         assert serial.tobytes() == persistent.tobytes()
 
@@ -326,38 +347,60 @@ def test_cpu_step_product_matches_float64_matmul(dtype, parallel):
         product(a, _cpu_gemm.pack(np.ones((4, width), dtype)), np.empty((3, width), dtype), np.ones(width - 1, dtype))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cpu_weight_product_matches_float64_and_the_step_products_bits(dtype):
-    # The weight gradients' kernel (dW = dzᵀ x, _cpu_common.weight_gradient): every
-    # row-block remainder, partial panels and an odd panel, K below, at and across the
-    # K block (one and three blocks) and K = 0. Its sums run k = 0, 1, ... per element
-    # whatever the blocking and the threads: the same bits as the step product's kernel
-    # on a transposed copy, and in the serial and the parallel variant.
-    from rnnkernels import _cpu_common, _cpu_gemm
+def test_cpu_backward_leaves_the_users_blas_threads_as_they_were(monkeypatch):
+    # _cpu_blas pins NumPy's BLAS to one thread around the weight gradients; the limit
+    # is process-global, so the last of several concurrent callers restores the user's
+    # setting. Two Python threads run every cell's backward at once, many times, the
+    # products side by side: the BLAS ran at one thread in each product handed to the
+    # worker, and is back at the user's 2 after.
+    import threading
 
-    rng = np.random.default_rng(5)
-    block = _cpu_common.WEIGHT_K_BLOCK
-    width = _cpu_gemm.panel_width(dtype)
-    for k in (0, 1, 7, block, 2 * block + 3):
-        for rows, n in ((1, 1), (3, 33), (6, 3 * width - 5), (67, 70), (_cpu_common.WEIGHT_ROW_CHUNK + 9, width)):
-            grad = rng.standard_normal((k, rows)).astype(dtype)
-            inputs = rng.standard_normal((k, n + 2)).astype(dtype)  # columns past n are not read
-            inputs_copy = inputs.copy()
-            got = _cpu_common.weight_gradient(grad, inputs, n)
-            assert got.shape == (rows, n) and got.dtype == dtype and got.flags.c_contiguous
-            assert inputs.tobytes() == inputs_copy.tobytes()
-            want = grad.T.astype(np.float64) @ inputs[:, :n].astype(np.float64)
-            np.testing.assert_allclose(got, want, rtol=0, atol=4 * TOLERANCE[dtype] * max(1.0, np.abs(want).max(initial=0.0)))
-            packed = _cpu_gemm.pack(inputs[:, :n])
-            step = np.empty((rows, packed.shape[0] * packed.shape[2]), dtype)
-            _cpu_common.PRODUCT[False](np.ascontiguousarray(grad.T), packed, step, None)
-            assert got.tobytes() == np.ascontiguousarray(step[:, :n]).tobytes()
-            for parallel in (False, True):
-                out = np.zeros_like(step)
-                _cpu_common.WEIGHT_PRODUCT[parallel](grad, packed, out)
-                assert out.tobytes() == step.tobytes()
-    packed = _cpu_gemm.pack(np.ones((4, width), dtype))
-    with pytest.raises(ValueError, match="do not fit"):
-        _cpu_common.WEIGHT_PRODUCT[False](np.ones((5, 3), dtype), packed, np.zeros((3, width), dtype))
-    with pytest.raises(ValueError, match="do not fit"):
-        _cpu_common.WEIGHT_PRODUCT[False](np.ones((4, 3), dtype), packed, np.zeros((3, width - 1), dtype))
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    from rnnkernels import _cpu_common
+
+    blas = ThreadpoolController().select(user_api="blas")
+    assert blas.lib_controllers, "NumPy's BLAS is not one threadpoolctl can control"
+    monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
+    monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", 0)
+    submitted = _count_weight_gradient_submissions(
+        monkeypatch, lambda: [lib.num_threads for lib in blas.lib_controllers])
+    rng = np.random.default_rng(2)
+    steps, batch, hidden = 6, 4, 24
+    calls = []
+    for forward, backward, gates in ((rnnkernels.lstm_forward, rnnkernels.lstm_backward, 4),
+                                     (rnnkernels.gru_forward, rnnkernels.gru_backward, 3),
+                                     (rnnkernels.rnn_forward, rnnkernels.rnn_backward, 1)):
+        x = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+        w_ih, w_hh = (rng.standard_normal((gates * hidden, hidden)).astype(np.float32) / hidden for _ in range(2))
+        dy = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+        calls.append((backward, forward(x, w_ih, w_hh, training=True, backend="cpu"), dy))
+    want = [backward(out, dy=dy) for backward, out, dy in calls]
+    rounds = 40
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def run():
+        try:
+            for _ in range(rounds):
+                barrier.wait()
+                for (backward, out, dy), expected in zip(calls, want):
+                    got = backward(out, dy=dy)
+                    assert got.dw_ih.tobytes() == expected.dw_ih.tobytes()
+                    assert got.dw_hh.tobytes() == expected.dw_hh.tobytes()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread's assert
+            barrier.abort()
+            errors.append(error)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = [lib.num_threads for lib in blas.lib_controllers]
+        assert set(before) == {2}
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert [lib.num_threads for lib in blas.lib_controllers] == before
+    assert len(submitted) == 2 * rounds * len(calls) + len(calls)
+    assert all(set(counts) == {1} for counts in submitted), submitted

@@ -17,10 +17,17 @@ working or spinning). ``--phases`` times the parts of our training call (the inp
 projection, the forward loop, the backward loop, dx, the two weight-gradient products,
 db) by running, in place of our call, a copy of what ``rnnkernels.cpu.forward``/
 ``backward`` do with a clock between the parts (``--dw blas``: the weight gradients as
-NumPy products, as before this experiment).
+NumPy products at the process's BLAS threads, as before this experiment).
 
 What was found, and the numbers, are in rnnkernels/cpu.py's docstring ("Threading
-policy") and in the report of the branch that added this file.
+policy") and in the report of the branch that added this file. What this experiment
+led to first, the weight gradients on our packed kernel (a transposed-A tile blocked
+over K) so that no OpenBLAS worker spins, lost afterwards and was deleted: at one
+thread it was 8-14% slower per LSTM training call than OpenBLAS's sgemm held at one
+thread (paired, quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed
+kernel's at 128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products
+side by side, one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in
+cpu.py's docstring; ``--dw blas1`` is what rnnkernels.cpu does now.
 """
 
 from __future__ import annotations
@@ -75,9 +82,9 @@ def parse(argv):
     parser.add_argument("--repeats", type=int, default=25, help="timed calls per library and row")
     parser.add_argument("--phases", action="store_true",
                         help="our training call by phase (a copy of it with a clock between the parts)")
-    parser.add_argument("--dw", choices=("packed", "blas"), default="packed",
-                        help="--phases: the weight gradients on our packed kernel (what rnnkernels.cpu "
-                             "does) or NumPy's BLAS (what it did before)")
+    parser.add_argument("--dw", choices=("blas1", "blas"), default="blas1",
+                        help="--phases: the weight gradients with NumPy's BLAS held at one thread (what "
+                             "rnnkernels.cpu does) or at the process's BLAS threads (what it did before)")
     parser.add_argument("--json", metavar="PATH", help="also write every row")
     parser.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -97,11 +104,12 @@ def _percentiles(values):
 def _phase_call(a, dw):
     """Our LSTM training call (forward with training=True, then backward), as
     rnnkernels.cpu does it for T > 1, with a clock between its parts: ms per part. The
-    weight gradients by ``dw``: "packed" (``_cpu_common.weight_gradient``, what
-    rnnkernels.cpu does) or "blas" (NumPy's matmul, what it did before)."""
+    weight gradients by ``dw``: "blas1" (``_cpu_blas.weight_gradients``, what
+    rnnkernels.cpu does) or "blas" (NumPy's matmul at the process's BLAS threads, what
+    it did before); here after dx, as the parts were first timed."""
     import numpy as np
 
-    from rnnkernels import _cpu_common, _cpu_gemm, cpu
+    from rnnkernels import _cpu_blas, _cpu_common, _cpu_gemm, cpu
 
     marks = [("start", time.perf_counter())]
 
@@ -147,8 +155,8 @@ def _phase_call(a, dw):
         flat_dz.T @ x.reshape(steps * batch, input_size)
         flat_dz.T @ h[:-1].reshape(steps * batch, hidden)
     else:
-        _cpu_common.weight_gradient(flat_dz, x.reshape(steps * batch, input_size), input_size)
-        _cpu_common.weight_gradient(flat_dz, h[:-1].reshape(steps * batch, hidden), hidden)
+        _cpu_blas.weight_gradients(flat_dz, x.reshape(steps * batch, input_size), flat_dz,
+                                   h[:-1].reshape(steps * batch, hidden))
     mark("dW")
     flat_dz.sum(axis=0)
     mark("db")

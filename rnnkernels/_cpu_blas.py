@@ -1,0 +1,130 @@
+"""The cpu backends' weight gradients (dW_ih = gᵀ x, dW_hh = gᵀ h_{t-1}, summed over the
+T·B rows) as NumPy products with NumPy's BLAS held at one thread, the two products
+side by side when Numba has two threads or more (cpu.py's "Threading policy").
+
+Why a BLAS at all: OpenBLAS's sgemm ran these long-K products faster at one thread than
+our packed kernel (``_cpu_gemm``'s tiles; the measurements are in cpu.py's docstring
+and benchmarks/cpu/04_thread_interference.py). Why one BLAS thread: at two, OpenBLAS
+splits a product over a worker that spins for about 100 ms after each call, taking
+the core that our next parallel region, torch, or the caller's code needs. Pinned to
+one thread, OpenBLAS has no worker to wake; the second core, where there is one, runs
+the other product instead (on a persistent one-worker thread, which blocks on a queue
+when idle: it never spins). Each product is one single-threaded BLAS call, whichever
+thread runs it, so its bits do not depend on the thread count.
+
+The thread limit is set through threadpoolctl (the library that finds NumPy's BLAS among
+the loaded libraries and calls the BLAS's own thread setter): OpenBLAS, MKL and BLIS.
+The setting is process-global, so ``one_blas_thread`` counts who is inside: the first
+entrant sets 1 and remembers the user's setting, the last one out restores it, under
+one lock, so concurrent backward calls never leave the setting changed. While any call
+is inside, NumPy products of other Python threads run at one BLAS thread too, and a
+change of the BLAS's threads made from another thread in that time is undone at the
+exit. Setting and restoring costs about 2-5 µs per call (2-core VM, not quiet). A BLAS
+that threadpoolctl cannot control (none of the three) is called as it is: its own
+thread count applies, and with it whatever it does to the bits and to idle cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from . import _cpu_common
+
+_lock = threading.Lock()
+_blas = None  # threadpoolctl's controllers of the loaded BLAS libraries, found on the first call
+_saved = None  # [(controller, the user's thread count)] while _entrants > 0
+_entrants = 0
+_executor = None
+_executor_pid = None
+
+
+def _set_threads(library, count):
+    # Not threadpoolctl's public set_num_threads: for a pthreads OpenBLAS (NumPy's wheels)
+    # it acts only for the first Python thread that ever set a limit (its guard against
+    # threads fighting over the process-wide setting; our lock and count do that here).
+    # Called first from a worker thread it would make that thread the owner, and the
+    # user's own threadpool_limits from the main thread would silently do nothing; from
+    # any other thread ours would (tests/test_cpu.py saw it: the BLAS stayed at 2).
+    getattr(library, "_real_set_num_threads", library.set_num_threads)(count)
+
+
+def _reset_after_fork():
+    # A forked child has only the thread that forked, which was not inside (a fork from
+    # inside a product is impossible): a lock held by another thread stays held, and a
+    # limit in force stays in force. Release both, restoring the user's setting.
+    global _lock, _saved, _entrants
+    _lock = threading.Lock()
+    for library, count in _saved or ():
+        _set_threads(library, count)
+    _saved, _entrants = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class _OneBlasThread:
+    def __enter__(self):
+        global _blas, _saved, _entrants
+        with _lock:
+            if _entrants == 0:
+                if _blas is None:  # a scan of the loaded libraries: ~1 ms, once
+                    _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+                _saved = [(library, library.num_threads) for library in _blas]
+                for library, _ in _saved:
+                    _set_threads(library, 1)
+            _entrants += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _saved, _entrants
+        with _lock:
+            _entrants -= 1
+            if _entrants == 0:
+                for library, count in _saved:
+                    _set_threads(library, count)
+                _saved = None
+        return False
+
+
+def one_blas_thread():
+    """A context in which NumPy's BLAS runs at one thread; the user's setting is back
+    when the last of the concurrent callers has left (see the module docstring)."""
+    return _OneBlasThread()
+
+
+def _worker():
+    """The persistent one-worker executor, made anew in a forked child (whose copy has
+    no thread behind it)."""
+    global _executor, _executor_pid
+    with _lock:
+        if _executor is None or _executor_pid != os.getpid():
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnkernels-dw")
+            _executor_pid = os.getpid()
+        return _executor
+
+
+def weight_gradients(grad_ih, inputs, grad_hh, hidden_states):
+    """(grad_ihᵀ @ inputs, grad_hhᵀ @ hidden_states) as new C-contiguous arrays, for
+    grad_ih [K, R_ih], inputs [K, I], grad_hh [K, R_hh], hidden_states [K, H] (K = T·B):
+    a cell's dW_ih and dW_hh. NumPy's products with its BLAS at one thread; with two
+    Numba threads or more and at least _cpu_common.PARALLEL_MIN_MACS multiply-adds in
+    all, dW_ih runs on the worker thread while the caller computes dW_hh (NumPy
+    releases the GIL in both). The same bits either way."""
+    steps = grad_ih.shape[0]
+    macs = steps * (grad_ih.shape[1] * inputs.shape[1] + grad_hh.shape[1] * hidden_states.shape[1])
+    with one_blas_thread():
+        if _cpu_common.threads() < 2 or macs < _cpu_common.PARALLEL_MIN_MACS:
+            return grad_ih.T @ inputs, grad_hh.T @ hidden_states
+        future = _worker().submit(np.matmul, grad_ih.T, inputs)
+        try:
+            dw_hh = grad_hh.T @ hidden_states
+        finally:
+            # The worker's product must end inside the limit, whatever happened here.
+            concurrent.futures.wait([future])
+        return future.result(), dw_hh
