@@ -77,7 +77,9 @@ thread there. Measured (benchmarks/cpu/08_oversubscribed.py, quiet, 2-core VM, L
 1024,4,64 inference, NUMBA_NUM_THREADS=4, persistent over serial, median (p10-p90)
 over 25 paired repeats): spinning without end 1.25 (0.84-1346), spinning 2^15 then
 naps 1.54 (0.82-216), spinning 2^15 then yielding without end 13.5 (0.87-177), this
-policy 1.05 (0.81-10.2). The price: where ONE other process's busy thread shares 2
+policy 1.05 (0.81-10.2); the policy before this one (spin, ``sched_yield`` every 2^12
+spins), run in another process beside one busy loop: 1.03 (0.78-117) against this
+policy's 1.05 (0.79-18.7) (quiet otherwise, 25 repeats: p90 is the third-worst). The price: where ONE other process's busy thread shares 2
 cores with our 2 workers, giving the core away lets that process run until the
 next scheduler tick, and pure spinning was better (128,8,128 training 0.98 against
 2.21; 1024,4,64 training 1.21 against 2.82; same run); no stage bound tried (256 to
