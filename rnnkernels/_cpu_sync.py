@@ -73,7 +73,7 @@ descheduled, often on the other core's run queue, where ``sched_yield`` (Linux C
 it only skips the yielder once, on its own queue) does not reach it; a spinning
 waiter then burns its whole slice, and with several of our own threads per core the
 waits chain. A napping waiter leaves its core idle, the scheduler moves the needed
-thread there. Measured (benchmarks/cpu/08_oversubscribed.py, quiet, 2-core VM, LSTM
+thread there. Measured (benchmarks/cpu/09_oversubscribed.py, quiet, 2-core VM, LSTM
 1024,4,64 inference, NUMBA_NUM_THREADS=4, persistent over serial, median (p10-p90)
 over 25 paired repeats): spinning without end 1.25 (0.84-1346), spinning 2^15 then
 naps 1.54 (0.82-216), spinning 2^15 then yielding without end 13.5 (0.87-177), this
@@ -142,7 +142,7 @@ def policy():
 
 def set_policy(spins=SPINS, yields=YIELDS):
     """The wait policy of the counters made from now on: ``spins`` pause spins, then
-    ``yields`` sched_yield calls, then naps (benchmarks/cpu/08_oversubscribed.py sweeps
+    ``yields`` sched_yield calls, then naps (benchmarks/cpu/09_oversubscribed.py sweeps
     it; the policy is data, not code, so changing it recompiles nothing)."""
     for name, value in (("spins", spins), ("yields", yields)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):

@@ -93,7 +93,7 @@ library to find and set NumPy's BLAS (threadpoolctl) around every call.
 
 The persistent time loop's waiters spin about 100 µs, then yield 16 times, then nap
 (``usleep(20)``) until their phase is done (``_cpu_sync``'s "Waiting": the policy and
-its measurements, benchmarks/cpu/08_oversubscribed.py). On an unloaded machine that is
+its measurements, benchmarks/cpu/09_oversubscribed.py). On an unloaded machine that is
 a spin (no cost measured); with more runnable threads than cores it bounds the damage:
 at NUMBA_NUM_THREADS=4 on 2 cores, 1024,4,64 inference, p90 10x the serial loop
 instead of 1346x with a spin alone. When another process's busy threads share the

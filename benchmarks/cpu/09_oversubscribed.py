@@ -1,7 +1,7 @@
-"""Experiment 08: the persistent loop when other jobs hold the cores (issue 12).
+"""Experiment 09: the persistent loop when other jobs hold the cores (issue 12).
 
-    NUMBA_NUM_THREADS=2 python benchmarks/cpu/08_oversubscribed.py                 # loads 0, 1, 2
-    NUMBA_NUM_THREADS=2 python benchmarks/cpu/08_oversubscribed.py --load 1 --size 128,8,128
+    NUMBA_NUM_THREADS=2 python benchmarks/cpu/09_oversubscribed.py                 # loads 0, 1, 2
+    NUMBA_NUM_THREADS=2 python benchmarks/cpu/09_oversubscribed.py --load 1 --size 128,8,128
 
 LSTM, float32, I = H, our cpu backend only, in one process. For each load (0, 1 or 2
 busy-loop processes started by this script, pinned to no core in particular, killed
