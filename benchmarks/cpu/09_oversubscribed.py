@@ -32,7 +32,7 @@ import numpy as np
 _CHECKOUT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_CHECKOUT))
 
-from rnnkernels import _cpu_common, _cpu_sync  # noqa: E402
+from rnnkernels import _cpu_common, _cpu_sync
 
 # Experiment 05's problem and its loop-forcing runner, not copied.
 _spec = importlib.util.spec_from_file_location("persistent05", Path(__file__).with_name("05_persistent_loop.py"))
