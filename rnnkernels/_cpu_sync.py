@@ -53,17 +53,54 @@ Memory ordering (why h_t written by one thread is what another reads):
 * ``claim`` needs no ordering for data (it hands out indices, all writes are
   ordered by done/wait); it is ``acq_rel`` anyway: it costs the same on x86 (a
   ``lock xadd``) and keeps the argument simple on weaker machines.
-The counters only grow (zeroed by the caller, one pair per call), so none is ever
+The counters only grow (zeroed by ``counters()``, one pair per call), so none is ever
 reset while another thread reads it.
 
-The spin: ``pause`` emits x86's ``pause`` (``llvm.x86.sse2.pause``: the spinning
-hyperthread yields pipeline resources and the loop exits the memory-order
-mis-speculation cheaply). On other architectures it emits nothing: the spin is a
-plain loop of acquire loads, correct (the load cannot be hoisted: it is atomic)
-but without the hint. After ``YIELD_AFTER`` spins a waiter calls ``sched_yield``
-(POSIX; on Windows it keeps spinning): when the machine has more runnable threads
-than cores, the thread we wait for may be descheduled, and spinning on would only
-take its core for the rest of our time slice.
+Waiting (``wait``): a check of the done counter, and only if the phase is
+unfinished, three stages, by the number of checks so far (the bounds are data in the
+counters' third cache line, ``set_policy``; defaults SPINS, YIELDS):
+1. SPINS = 2^11 checks each followed by ``pause`` (x86's ``llvm.x86.sse2.pause``:
+   the spinning hyperthread yields pipeline resources and the loop leaves the
+   memory-order mis-speculation cheaply; elsewhere nothing: a plain loop of acquire
+   loads, correct, the atomic load cannot be hoisted). ~48 ns per check on the
+   project's Zen 4 VM, so ~100 µs: longer than almost every wait of an unloaded
+   machine at the measured sizes (a step is ~5-50 µs there).
+2. YIELDS = 16 checks each followed by ``sched_yield`` (~0.6-1.1 µs each here).
+3. Then checks each followed by a nap, ``usleep(NAP_MICROSECONDS = 20)`` (Linux
+   rounds it up by the timer slack, 50 µs by default), without end.
+Why naps: with more runnable threads than cores, the thread a waiter needs may be
+descheduled, often on the other core's run queue, where ``sched_yield`` (Linux CFS:
+it only skips the yielder once, on its own queue) does not reach it; a spinning
+waiter then burns its whole slice, and with several of our own threads per core the
+waits chain. A napping waiter leaves its core idle, the scheduler moves the needed
+thread there. Measured (benchmarks/cpu/09_oversubscribed.py, quiet, 2-core VM, LSTM
+1024,4,64 inference, NUMBA_NUM_THREADS=4, persistent over serial, median (p10-p90)
+over 25 paired repeats): spinning without end 1.25 (0.84-1346), spinning 2^15 then
+naps 1.54 (0.82-216), spinning 2^15 then yielding without end 13.5 (0.87-177), this
+policy 1.05 (0.81-10.2); the policy before this one (spin, ``sched_yield`` every 2^12
+spins), run in another process beside one busy loop: 1.03 (0.78-117) against this
+policy's 1.05 (0.79-18.7) (quiet otherwise, 25 repeats: p90 is the third-worst). The price: where ONE other process's busy thread shares 2
+cores with our 2 workers, giving the core away lets that process run until the
+next scheduler tick, and pure spinning was better (128,8,128 training 0.98 against
+2.21; 1024,4,64 training 1.21 against 2.82; same run); no stage bound tried (256 to
+2^15 spins) escaped that, so the policy bounds the pathological case rather than
+optimizing that one. On an unloaded machine it costs nothing measurable (pure spin
+against it: 0.97/0.96, 0.90/0.89, 0.80/0.79, 1.13/1.17 at 128,8,128 and 1024,4,64,
+inference/training, within the p10-p90 spreads); spinning only 256 times before
+napping cost 2.7x in quiet training (backward waits are longer than 12 µs).
+Not a futex: waking needs the finisher to know whether anyone sleeps (a waiter
+count and the recheck protocol against lost wake-ups, or a syscall per ``finish``,
+~1 µs each, hundreds per call), the futex word is 32 bits (the done counter 64) and
+it is Linux only (macOS ``__ulock_wait`` is private, Windows ``WaitOnAddress``); a
+nap needs none of it and bounds the extra latency to one nap past the spin stage.
+A worker that finds nothing left to claim leaves the loop at once (``claim`` >= the
+chunk count: the loops ``break``); what it does next is the threading layer's join.
+
+Deadlock-freedom and memory ordering are unchanged by the stages: a waiter only ever
+re-reads the done counter with the same acquire load, whatever it did between two
+reads, and a nap ends by itself (nothing needs to wake it). The policy slots are
+written by the calling thread before the parallel region and only read inside it:
+the region's start orders them (as it does the arrays' contents).
 """
 
 from __future__ import annotations
@@ -79,20 +116,48 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # The claim counter at 0, the done counter a cache line (8 int64) further, so that a
-# claim by one thread does not evict the line the others spin on.
+# claim by one thread does not evict the line the others spin on; the wait policy on a
+# third line, written before the parallel region and only read in it.
 _CLAIM = 0
 _DONE = 8
-_COUNTERS = 16
-# Spins (each one ``pause``, about 10-140 cycles depending on the core) before a
-# waiter yields its core: around 10-100 µs, several steps of the loops' sizes.
-YIELD_AFTER = 1 << 12
+_SPINS = 16
+_YIELDS = 17
+_COUNTERS = 24
+# The wait policy (module docstring, "Waiting"): SPINS ``pause`` spins (about 10-140
+# cycles each depending on the core: ~48 ns with its check on the project's VM, so 2^11
+# spins ~ 100 µs, longer than a quiet wait at the measured sizes), then YIELDS ``sched_yield`` calls, then naps of
+# NAP_MICROSECONDS (Linux rounds a nap up by the thread's timer slack, 50 µs by default).
+SPINS = 1 << 11
+YIELDS = 16
+NAP_MICROSECONDS = 20
+_policy = [SPINS, YIELDS]
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 _POSIX = sys.platform != "win32"
 
 
+def policy():
+    """(spins, yields) of the counters made from now on (``set_policy``)."""
+    return tuple(_policy)
+
+
+def set_policy(spins=SPINS, yields=YIELDS):
+    """The wait policy of the counters made from now on: ``spins`` pause spins, then
+    ``yields`` sched_yield calls, then naps (benchmarks/cpu/09_oversubscribed.py sweeps
+    it; the policy is data, not code, so changing it recompiles nothing)."""
+    for name, value in (("spins", spins), ("yields", yields)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= value < 2**62:  # spins + yields must not overflow the int64 count
+            raise ValueError(f"{name} must be in [0, 2**62), got {value}")
+    _policy[:] = [int(spins), int(yields)]
+
+
 def counters():
-    """A call's zeroed claim and done counters (int64, two cache lines)."""
-    return np.zeros(_COUNTERS, np.int64)
+    """A call's zeroed claim and done counters and the wait policy (int64, three cache
+    lines)."""
+    array = np.zeros(_COUNTERS, np.int64)
+    array[_SPINS], array[_YIELDS] = _policy
+    return array
 
 
 def _element_pointer(context, builder, array_type, array, index, index_type):
@@ -162,6 +227,24 @@ def yield_core(typingctx):
     return sig, codegen
 
 
+@intrinsic
+def nap(typingctx):
+    """``usleep(NAP_MICROSECONDS)`` on POSIX (libc, resolved when the code is linked);
+    nothing on Windows (it keeps spinning: its Sleep has millisecond steps). usleep, not
+    nanosleep: it takes one unsigned int, where nanosleep's struct timespec has a
+    time_t whose width the IR would have to know per platform."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _POSIX:
+            function = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]), "usleep")
+            builder.call(function, [ir.Constant(ir.IntType(32), NAP_MICROSECONDS)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 _JIT = dict(inline="always", nogil=True)
 
 
@@ -178,13 +261,24 @@ def finish(counters):
 
 
 @numba.njit(**_JIT)
-def wait(counters, first):
-    """Spin until ``first`` chunks are done (acquire: their stores are visible after):
-    call it with the number of the first chunk of the phase of the chunk held."""
-    spins = 0
+def _wait_long(counters, first):
+    spins = counters[_SPINS]
+    patience = spins + counters[_YIELDS]
+    tries = 0
     while load_acquire(counters, _DONE) < first:
-        pause()
-        spins += 1
-        if spins == YIELD_AFTER:
+        if tries < spins:
+            pause()
+        elif tries < patience:
             yield_core()
-            spins = 0
+        else:
+            nap()
+        tries += 1
+
+
+@numba.njit(**_JIT)
+def wait(counters, first):
+    """Wait until ``first`` chunks are done (acquire: their stores are visible after):
+    call it with the number of the first chunk of the phase of the chunk held. Spins,
+    then yields, then naps (module docstring, "Waiting")."""
+    if load_acquire(counters, _DONE) < first:
+        _wait_long(counters, first)

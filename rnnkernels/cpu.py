@@ -98,11 +98,16 @@ Zen 4 VM the project builds on (quiet machine, float32,
   restoring it costs 2-5 µs per call. (Measured before the persistent time loops
   came in, on the fork-per-step parallel variant.)
 
-The persistent time loop's waiters spin too (``_cpu_sync``): they call ``sched_yield``
-after a few thousand spins, but with more runnable threads than cores (NUMBA_NUM_THREADS
-above the cores the process may use, or other busy processes) a step can cost a
-scheduler time slice: one thread per core, as Numba's default, is the setting it is
-made for.
+The persistent time loop's waiters spin about 100 µs, then yield 16 times, then nap
+(``usleep(20)``) until their phase is done (``_cpu_sync``'s "Waiting": the policy and
+its measurements, benchmarks/cpu/09_oversubscribed.py). On an unloaded machine that is
+a spin (no cost measured); with more runnable threads than cores it bounds the damage:
+at NUMBA_NUM_THREADS=4 on 2 cores, 1024,4,64 inference, p90 10x the serial loop
+instead of 1346x with a spin alone. When another process's busy threads share the
+cores, giving the core away costs up to a scheduler tick per nap (128,8,128 training
+at 2.2x the serial loop where pure spinning gave 1.0x): one thread per core, Numba's
+default, on cores nobody else needs, is still the setting the loop is made for, and
+NUMBA_NUM_THREADS=1 (the serial loop) the one for a loaded machine.
 """
 
 from __future__ import annotations

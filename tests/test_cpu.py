@@ -276,19 +276,24 @@ def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkey
         assert serial.tobytes() == persistent.tobytes()
 
 
-@pytest.mark.parametrize(("workers", "numba_threads"), [(1, 2), (2, 1), (3, 2)])
-def test_cpu_persistent_loop_with_any_number_of_workers_and_threads(workers, numba_threads, monkeypatch):
+@pytest.mark.parametrize(("workers", "numba_threads", "policy"), [(1, 2, None), (2, 1, None), (3, 2, None), (3, 2, (0, 0)), (2, 2, (1, 1))])
+def test_cpu_persistent_loop_with_any_number_of_workers_and_threads(workers, numba_threads, policy, monkeypatch):
     # The persistent loops hand out work by claiming (rnnkernels/_cpu_sync.py), never by
     # a fixed thread per chunk, so they finish and give the serial loop's bits when one
     # worker does everything (1 worker), when one thread runs two workers one after the
     # other (2 workers on 1 Numba thread: the second finds nothing left) and with more
     # workers than threads (3 on 2). A deadlock would hang: faulthandler ends the run
-    # with every thread's traceback instead.
+    # with every thread's traceback instead. ``policy``: the waits' (spins, yields)
+    # (_cpu_sync.set_policy): (0, 0) naps at every wait that finds its phase unfinished,
+    # (1, 1) goes through a spin, a yield and naps; the same bits either way.
     import faulthandler
 
     import numba
 
-    from rnnkernels import _cpu_common
+    from rnnkernels import _cpu_common, _cpu_sync
+
+    if policy is not None:
+        monkeypatch.setattr(_cpu_sync, "_policy", list(policy))
 
     shape = (6, 7, 5, 40)  # 7 rows: cell chunks of unequal size
     _force_loop(monkeypatch, False)
@@ -404,3 +409,16 @@ def test_cpu_backward_leaves_the_users_blas_threads_as_they_were(monkeypatch):
         assert [lib.num_threads for lib in blas.lib_controllers] == before
     assert len(submitted) == 2 * rounds * len(calls) + len(calls)
     assert all(set(counts) == {1} for counts in submitted), submitted
+
+
+@pytest.mark.parametrize("bad", [-1, 2**62, 1.5, True, "8"])
+def test_cpu_sync_set_policy_rejects_bad_bounds(bad, monkeypatch):
+    from rnnkernels import _cpu_sync
+
+    monkeypatch.setattr(_cpu_sync, "_policy", list(_cpu_sync.policy()))
+    for arguments in ((bad, 0), (0, bad)):
+        with pytest.raises(ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError, match="spins|yields"):
+            _cpu_sync.set_policy(*arguments)
+    _cpu_sync.set_policy(3, 4)
+    assert _cpu_sync.policy() == (3, 4)
+    assert list(_cpu_sync.counters()[[_cpu_sync._SPINS, _cpu_sync._YIELDS]]) == [3, 4]
