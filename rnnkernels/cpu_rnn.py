@@ -32,7 +32,7 @@ from functools import partial
 import numba
 import numpy as np
 
-from . import _cpu_common, _cpu_gemm, _cpu_lock, _fastmath
+from . import _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
 from ._backend import Backend, SavedArrays
 
 NONLINEARITIES = ("tanh", "relu")
@@ -290,8 +290,8 @@ def _make_backend(nonlinearity):
         name="cpu",
         device="cpu",
         compute_dtypes=("float32", "float64"),
-        forward=_cpu_lock.one_launch_at_a_time(partial(forward, nonlinearity)),
-        backward=_cpu_lock.one_launch_at_a_time(backward),
+        forward=_cpu_threading.one_launch_at_a_time(partial(forward, nonlinearity)),
+        backward=_cpu_threading.one_launch_at_a_time(backward),
         # h [T+1, B, H] in the input dtype (act' is read off it).
         saved_arrays=SavedArrays(_layout, lambda saved: [saved.h], partial(_from_arrays, nonlinearity)),
     )
