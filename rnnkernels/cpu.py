@@ -115,7 +115,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
@@ -377,8 +377,8 @@ BACKEND = Backend(
     name="cpu",
     device="cpu",
     compute_dtypes=("float32", "float64"),
-    forward=forward,
-    backward=backward,
+    forward=_cpu_threading.one_launch_at_a_time(forward),
+    backward=_cpu_threading.one_launch_at_a_time(backward),
     # reference.Saved in the input dtype (the saved state as arrays, for torch's ops).
     saved_arrays=saved_arrays(lambda dtype: dtype),
 )

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
 from ._backend import Backend, SavedArrays
 
 
@@ -309,8 +309,8 @@ BACKEND = Backend(
     name="cpu",
     device="cpu",
     compute_dtypes=("float32", "float64"),
-    forward=forward,
-    backward=backward,
+    forward=_cpu_threading.one_launch_at_a_time(forward),
+    backward=_cpu_threading.one_launch_at_a_time(backward),
     # gates [T, B, 3H], hn [T, B, H], h [T+1, B, H], in the input dtype.
     saved_arrays=SavedArrays(_layout, lambda saved: [saved.gates, saved.hn, saved.h], _from_arrays),
 )

@@ -32,7 +32,7 @@ from functools import partial
 import numba
 import numpy as np
 
-from . import _cpu_blas, _cpu_common, _cpu_gemm, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
 from ._backend import Backend, SavedArrays
 
 NONLINEARITIES = ("tanh", "relu")
@@ -292,8 +292,8 @@ def _make_backend(nonlinearity):
         name="cpu",
         device="cpu",
         compute_dtypes=("float32", "float64"),
-        forward=partial(forward, nonlinearity),
-        backward=backward,
+        forward=_cpu_threading.one_launch_at_a_time(partial(forward, nonlinearity)),
+        backward=_cpu_threading.one_launch_at_a_time(backward),
         # h [T+1, B, H] in the input dtype (act' is read off it).
         saved_arrays=SavedArrays(_layout, lambda saved: [saved.h], partial(_from_arrays, nonlinearity)),
     )
