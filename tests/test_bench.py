@@ -1394,3 +1394,25 @@ def test_cpu_cells_are_timed_in_passes_over_the_run(monkeypatch):
     assert [row["attempts"] for row in rows] == [3, 3]
     assert [row["repeats"] for row in rows] == [3, 3] and not any(row["noisy"] for row in rows)
     assert [row["median_ms"] for row in rows] == [pytest.approx(1.03), pytest.approx(1.04)]
+
+
+def test_table_notes_one_line_per_note_and_a_flagged_row_says_noisy():
+    # Implementations of one cell share its noise reason: one line names them all
+    # (the new-user pass read 42 lines where 14 said everything), and a flagged row's
+    # status says "noisy", not "ok, noisy".
+    import io
+
+    reason = "host drift: the host ran over 10% slower than its usual speed in 9 of 10 rounds"
+    base = {"model": "lstm", "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.1, "spread": 1.2,
+            "tflops": None, "peak_mem_bytes": None, "ratio_to_baseline": None, "ratio_p10": None,
+            "ratio_p90": None, "status": "ok", "note": None}
+    rows = [dict(base, impl=impl, mode="forward", T=512, noisy=True, noise_reason=reason)
+            for impl in ("rnnkernels-cpu", "torch-cpu")]
+    rows.append(dict(base, impl="torch-cpu", mode="decode", T=64, noisy=True, noise_reason="p90/p10 = 1.54 > 1.5"))
+    rows.append(dict(base, impl="rnnkernels-cpu", mode="decode", T=64, noisy=False, noise_reason=None))
+    assert [cli.table_cells(row)[-1] for row in rows] == ["noisy", "noisy", "noisy", "ok"]
+    out = io.StringIO()
+    cli.print_table(rows, "title", out=out)
+    notes = [line.strip() for line in out.getvalue().splitlines() if line.startswith("  ") and "noisy:" in line]
+    assert notes == [f"rnnkernels-cpu, torch-cpu (forward T=512): noisy: {reason}",
+                     "torch-cpu (decode T=64): noisy: p90/p10 = 1.54 > 1.5"]

@@ -366,7 +366,8 @@ def table_cells(row: dict) -> list[str]:
         elif kind == "spread":
             cells.append("-" if row["spread"] is None else f"{row['spread']:.2f}")
         elif kind == "status":
-            cells.append(f"{row['status']}, noisy" if row.get("noisy") else row["status"])
+            # A flagged row ran and validated but is not to be trusted: say only that.
+            cells.append("noisy" if row.get("noisy") and row["status"] == "ok" else row["status"])
         else:
             cells.append(_fmt(row[key], kind))
     return cells
@@ -411,8 +412,19 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
                 style = "yellow"
             table.add_row(*table_cells(row), style=style)
         console.print(table)
+    for impls, where, note in grouped_notes(notes):
+        print(f"  {', '.join(impls)} ({', '.join(where)}): {note}", file=out)
+
+
+def grouped_notes(notes: dict[tuple[str, str], list[str]]) -> list[tuple[list[str], list[str], str]]:
+    """The table's notes, one line per note and the cells it happened in: the
+    implementations of one cell share its noise reason (the host drifted under all of
+    them), so a line per implementation would repeat it. ``notes`` maps (impl, note)
+    to the cells ("forward T=512"); returns (impls, cells, note), in first-seen order."""
+    grouped: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for (impl, note), where in notes.items():
-        print(f"  {impl} ({', '.join(where)}): {note}", file=out)
+        grouped.setdefault((note, tuple(where)), []).append(impl)
+    return [(impls, list(where), note) for (note, where), impls in grouped.items()]
 
 
 class Progress:
