@@ -234,10 +234,11 @@ def _steps(x, w_ih, w_hh, bias, h0):
     loop = _cpu_common.time_loop(batch, hidden, 3, dtype)
     # Through the packed kernel rather than BLAS so that forward runs on one thread
     # pool, Numba's (cpu.py's threading policy).
-    gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 3 * hidden)
+    # The bias's input-side blocks (r, z, n_ih) are added by the kernel as it stores each
+    # tile, as in the LSTM's projection; b_hn stays for the cell (inside r ⊙ (...)).
+    input_bias = None if bias is None else bias[: 3 * hidden]
+    gates = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), 3 * hidden, input_bias)
     gates = gates.reshape(steps, batch, 3 * hidden)
-    if bias is not None:
-        gates += bias[: 3 * hidden]
     h = np.empty((steps + 1, batch, hidden), dtype)
     hn = np.empty((steps, batch, hidden), dtype)
     h[0] = h0

@@ -221,10 +221,9 @@ def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):
     loop = _cpu_common.time_loop(batch, hidden, 1, dtype)
     # Through the packed kernel rather than BLAS so that forward runs on one thread
     # pool, Numba's (cpu.py's threading policy).
-    gx = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), hidden)
+    # The bias added by the kernel as it stores each tile, as in the LSTM's projection.
+    gx = _cpu_common.project(x.reshape(steps * batch, input_size), _cpu_gemm.pack(w_ih.T), hidden, bias)
     gx = gx.reshape(steps, batch, hidden)
-    if bias is not None:
-        gx += bias
     h = np.empty((steps + 1, batch, hidden), dtype)
     h[0] = h0
     packed = _cpu_gemm.pack(w_hh.T)
