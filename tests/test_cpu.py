@@ -133,19 +133,6 @@ def test_fastmath_sigmoid32_saturates_to_exact_zero_and_one():
         assert abs(_fastmath.sigmoid32(np.float32(x)) - want) <= 1e-6 * want
 
 
-def _activation_arguments():
-    """The 3.1 million float32 arguments of _fastmath's stated accuracy: Gaussian (scale
-    3, where gates live), a ramp over [-100, 100] (every branch and both clamps), tiny
-    values (tanh through expm1, σ near 1/2) and ±1e4."""
-    rng = np.random.default_rng(12)
-    return np.concatenate([
-        3 * rng.standard_normal(1_000_000, dtype=np.float32),
-        np.linspace(-100, 100, 2_000_001, dtype=np.float32),
-        1e-6 * rng.standard_normal(100_000, dtype=np.float32),
-        np.float32(1e4) * rng.choice(np.array([-1, 1], np.float32), 10_001),
-    ])
-
-
 def test_fastmath_activations_max_relative_error():
     """sigmoid32 and tanh32 as the cell loops run them (vectorized loops over an array)
     within the 2e-7 relative error _fastmath's docstring states, against float64; σ an
@@ -164,7 +151,7 @@ def test_fastmath_activations_max_relative_error():
             for j in range(x.shape[0]):
                 out[j] = _fastmath.tanh(x[j])
 
-    x = _activation_arguments()
+    x = _fastmath.accuracy_arguments()
     wide = x.astype(np.float64)
     got_sigmoid, got_tanh = np.empty_like(x), np.empty_like(x)
     apply(x, got_sigmoid, 0)

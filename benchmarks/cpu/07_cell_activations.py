@@ -175,17 +175,6 @@ def _compiled(py_func, glob):
 # -- accuracy and throughput of the activations -----------------------------------------
 
 
-def arguments():
-    """The arguments of tests/test_cpu.py's accuracy test (same seed and sets)."""
-    rng = np.random.default_rng(12)
-    return np.concatenate([
-        3 * rng.standard_normal(1_000_000, dtype=np.float32),
-        np.linspace(-100, 100, 2_000_001, dtype=np.float32),
-        1e-6 * rng.standard_normal(100_000, dtype=np.float32),
-        np.float32(1e4) * rng.choice(np.array([-1, 1], np.float32), 10_001),
-    ])
-
-
 def _loops(sigmoid32, tanh32):
     @numba.njit(fastmath={"contract"}, error_model="numpy")
     def sigmoid_loop(rounds, x, out):
@@ -386,7 +375,7 @@ def time_cells(batch, hidden, rounds=21, target_s=0.004):
 
 def main():
     numba.set_num_threads(1)
-    x = arguments()
+    x = _fastmath.accuracy_arguments()
     loops = {name: _loops(*pair) for name, pair in CANDIDATES.items()}
     speed = throughput(loops)
     print("candidate   σ max rel. err.   tanh max rel. err.   σ ns/value   tanh ns/value")
