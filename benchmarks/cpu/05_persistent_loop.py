@@ -97,6 +97,27 @@ def _runner(loop, config, problem, dy):
     return run
 
 
+def same_bits_then_paired(loops, repeats, where, warm):
+    """Each of ``loops`` (name: a call returning its output arrays; "serial" among them)
+    checked bit for bit against "serial" (SystemExit naming ``where`` if one differs),
+    called once more if ``warm``, then timed ``repeats`` times, all of them in every
+    repeat in a rotating order: {name: [seconds]}. Experiment 09 times the same way."""
+    want = [a.tobytes() for a in loops["serial"]()]
+    for name, run in loops.items():
+        if [a.tobytes() for a in run()] != want:
+            raise SystemExit(f"{name} differs from serial at {where}")
+        if warm:
+            run()
+    times = {name: [] for name in loops}
+    names = list(loops)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            start = time.perf_counter()
+            loops[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=_size, action="append")
@@ -114,18 +135,8 @@ def main(argv=None):
             loops = {"serial": _runner("serial", 0, problem, dy)}
             for config in args.config or ["1,1,0"]:
                 loops[f"persistent/{config}"] = _runner("persistent", _size(config), problem, dy)
-            want = [a.tobytes() for a in loops["serial"]()]
-            for name, run in loops.items():
-                if [a.tobytes() for a in run()] != want:
-                    raise SystemExit(f"{name} differs from serial at {steps, batch, hidden} {mode}")
-                run()  # warm
-            times = {name: [] for name in loops}
+            times = same_bits_then_paired(loops, args.repeats, f"{steps, batch, hidden} {mode}", warm=True)
             names = list(loops)
-            for repeat in range(args.repeats):
-                for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-                    start = time.perf_counter()
-                    loops[name]()
-                    times[name].append(time.perf_counter() - start)
             serial = np.array(times["serial"])
             cells = []
             for name in names:

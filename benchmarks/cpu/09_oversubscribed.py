@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +81,8 @@ def main(argv=None):
                     for policy in args.policy or [None]:
                         name = "persistent" if policy is None else "persistent/{},{}".format(*policy)
                         loops[name] = _with_policy(persistent, policy)
-                    want = [a.tobytes() for a in loops["serial"]()]
-                    for name, run in loops.items():
-                        if [a.tobytes() for a in run()] != want:
-                            raise SystemExit(f"{name} differs from serial at {steps, batch, hidden} {mode}")
-                    times = {name: [] for name in loops}
+                    times = _05.same_bits_then_paired(loops, args.repeats, f"{steps, batch, hidden} {mode}", warm=False)
                     names = list(loops)
-                    for repeat in range(args.repeats):
-                        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-                            start = time.perf_counter()
-                            loops[name]()
-                            times[name].append(time.perf_counter() - start)
                     serial = np.array(times["serial"])
                     cells = [f"serial {1e3 * np.median(serial):.2f} ms"]
                     for name in names[1:]:
