@@ -292,9 +292,9 @@ def table(devices=("H200", "A100-SXM"), cells=("lstm", "gru", "rnn_tanh"), sizes
     cost_model.DEVICES; H200's plan is the H100's: same SMs and shared memory)."""
     from . import _persistent, cost_model
 
-    lines = ["PREDICTED from the layouts (rnnkernels/_shared_banks.py), not measured: per block and step, the "
-             "busiest block; ways = worst instruction's wavefronts / the conflict-free least; cycles = "
-             "wavefronts (one a clock).", "",
+    lines = ["PREDICTED from the layouts (rnnkernels/_shared_banks.py), not measured: per block and step; "
+             "ways = the worst instruction's wavefronts / the conflict-free least (the busiest block or the "
+             "last); cycles = wavefronts (one a clock) of the busier of the two.", "",
              "| device | cell | direction | B | H | units | chunk | load ways plain -> swizzled | "
              "store ways plain -> swizzled | partials cycles plain -> swizzled | product cycles |",
              "|---|---|---|---:|---:|---:|---:|---|---|---|---:|"]
