@@ -48,6 +48,11 @@ running to its limit, 415 s in all, under the 420 s budget; --budget caps the to
                    same process
   microbench   35  03_microbenchmarks: L2 latency, grid-wide sync (flags and
                    grid.sync), launch gap (Python and graph node), L2/HBM bandwidth
+  banks        30  on what the stages above left of the budget (not counted in the
+                   415 s): Nsight Compute's shared-memory counters (bank conflicts,
+                   wavefronts, instructions; loads and stores) of the persistent LSTM
+                   kernels at the anchors' (B, H), T = 4, beside the counts
+                   rnnkernels/_shared_banks.py PREDICTS from persistent.cuh's layout
 
 ``--emulated`` (alias ``--dry-run``) runs the same logic on the CPU emulator
 (``_launch.EmulatorRuntime``, NumPy) with tiny shapes and T = 4 vs 2; cuDNN, the
@@ -94,6 +99,9 @@ class Stage:
     name: str
     limit_s: int
     what: str
+    # Runs only on what the stages before it left of the budget (they usually finish
+    # well inside their limits): not counted in the worst case below, and last.
+    leftover: bool = False
 
 
 STAGES = (
@@ -104,8 +112,12 @@ STAGES = (
     Stage("sanitizer", 80, "compute-sanitizer memcheck + racecheck, smallest shape"),
     Stage("timing", 140, "us per step, every variant x anchor x mode, and cuDNN"),
     Stage("microbench", 35, "L2 latency, grid sync, launch gap, bandwidth"),
+    Stage("banks", 30, "ncu shared-memory bank conflicts of the persistent kernels vs the counted layout",
+          leftover=True),
 )
-assert sum(stage.limit_s for stage in STAGES) <= BUDGET_S - 5, "the stages' limits must fit the budget"
+assert sum(stage.limit_s for stage in STAGES if not stage.leftover) <= BUDGET_S - 5, \
+    "the stages' limits must fit the budget"
+assert [s.leftover for s in STAGES] == sorted(s.leftover for s in STAGES), "leftover stages come last"
 
 # Tolerances against the float64 reference (max over outputs of ‖got − ref‖ / ‖ref‖):
 # float32 math leaves ~1e-6; float16 outputs carry their own rounding (2^-11 relative
@@ -795,9 +807,118 @@ def stage_microbench(args, record) -> None:
         raise RuntimeError(f"microbenchmarks failed: {[results[k] for k in errors]}")
 
 
+# ------------------------------------------------------------------ bank conflicts
+# Nsight Compute's shared-memory counters: wavefronts beyond one per phase (bank
+# conflicts), wavefronts, and instructions, of loads and of stores.
+BANK_METRICS = (
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
+    "smsp__sass_inst_executed_op_shared_ld.sum",
+    "smsp__sass_inst_executed_op_shared_st.sum",
+)
+# The anchors' (B, H) (cost_model.ANCHORS), the LSTM in float32, training (the forward
+# and the backward persistent kernel each launch once). The counts grow with T and ncu
+# replays each launch once per pass: a short sequence says as much.
+BANK_CONFIGS = ((64, 512), (16, 768))
+BANK_STEPS = 4
+
+
+def banks_predictions(sm_count: int, max_shared_bytes: int) -> list[dict]:
+    """What the banks stage expects ncu to see, in launch order (per config: the
+    forward, then the backward): the plan the launcher makes on this device and the
+    partials' traffic rnnkernels/_shared_banks.py PREDICTS for it, under the shipped
+    layout and under the plain one it replaced (for scale)."""
+    from rnnkernels import _persistent, _shared_banks
+
+    expected = []
+    for batch, hidden in BANK_CONFIGS:
+        for direction in (_persistent.FORWARD, _persistent.BACKWARD):
+            found = _persistent.plan(direction, batch, hidden, sm_count,
+                                     max_shared_bytes - _persistent.STATIC_SHARED_BYTES)
+            entry = {"config": f"B={batch} H={hidden} T={BANK_STEPS}", "direction": direction, "plan": None}
+            if found is not None:
+                entry.update(plan={"blocks": found.blocks, "units": found.units, "chunk_rows": found.chunk_rows},
+                             predicted=_shared_banks.launch_totals(found, batch, hidden, BANK_STEPS),
+                             predicted_plain_layout=_shared_banks.launch_totals(found, batch, hidden, BANK_STEPS,
+                                                                                layout="plain"))
+            expected.append(entry)
+    return expected
+
+
+def parse_ncu_csv(output: str) -> list[dict]:
+    """ncu --csv's rows (one per kernel launch and metric) as one dict per launch, in
+    launch order: {"kernel", "grid", "metrics": {name: value}}. Lines that are not CSV
+    (the target's own output, ncu's ==PROF== lines) are left out."""
+    import csv
+
+    lines = [line for line in output.splitlines() if line.startswith('"')]
+    header = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if header is None:
+        return []
+    launches: dict[str, dict] = {}
+    for row in csv.DictReader(lines[header:]):
+        if row.get("ID") is None or row.get("Metric Name") is None:
+            continue
+        launch = launches.setdefault(row["ID"], {"kernel": row.get("Kernel Name", ""), "grid": row.get("Grid Size", ""),
+                                                 "metrics": {}})
+        value = (row.get("Metric Value") or "").replace(",", "")
+        try:
+            launch["metrics"][row["Metric Name"]] = float(value)
+        except ValueError:
+            launch["metrics"][row["Metric Name"]] = value
+    return list(launches.values())
+
+
+def _ncu_path():
+    found = os.environ.get("NCU") or shutil.which("ncu")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not found and root and os.access(os.path.join(root, "bin", "ncu"), os.X_OK):
+            found = os.path.join(root, "bin", "ncu")
+    return found
+
+
+def stage_banks(args, record) -> None:
+    if args.emulated:
+        raise Skip("Nsight Compute needs a GPU (the emulator has no shared-memory counters)")
+    ncu = _ncu_path()
+    if not ncu:
+        raise Skip("ncu (Nsight Compute) not found (PATH, $NCU, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    rt = Runtime(False)
+    expected = banks_predictions(rt.launch.sm_count, rt.launch.max_shared_bytes)
+    for entry in expected:  # recorded first: a stage killed at its limit keeps them
+        record("banks_predicted", **entry)
+    command = [ncu, "--metrics", ",".join(BANK_METRICS), "--kernel-name", "regex:_persistent", "--csv",
+               "--target-processes", "all", sys.executable, str(Path(__file__).resolve()), "--banks-target"]
+    start = time.perf_counter()
+    rc, output = run_group(command, max(5.0, args.limit_s - 3))
+    print(output[-6000:], flush=True)
+    launches = parse_ncu_csv(output)
+    for entry, launch in zip(expected, launches):
+        record("banks", config=entry["config"], direction=entry["direction"], kernel=launch["kernel"],
+               grid=launch["grid"], measured=launch["metrics"], predicted=entry.get("predicted"),
+               predicted_plain_layout=entry.get("predicted_plain_layout"))
+    record("banks_run", exit=rc, seconds=time.perf_counter() - start, launches=len(launches),
+           tail=output[-1500:] if rc != 0 or len(launches) != len(expected) else "")
+    if rc != 0 or len(launches) != len(expected):
+        raise RuntimeError(f"ncu: exit {rc}, {len(launches)} of {len(expected)} persistent launches profiled")
+
+
+def banks_target() -> int:
+    """What ncu runs: the LSTM's persistent forward (training) and backward, float32,
+    once per BANK_CONFIGS entry, in that order (banks_predictions' order)."""
+    rt = Runtime(False)
+    for batch, hidden in BANK_CONFIGS:
+        problem = make_problem(BANK_STEPS, batch, hidden, hidden, "float32", seed=batch + hidden)
+        run_ours(rt, on_device(rt, problem, "float32"), "persistent", "training")
+    rt.synchronize()
+    return 0
+
+
 STAGE_FUNCTIONS = {
     "env": stage_env, "compile": stage_compile, "ftz": stage_ftz, "correctness": stage_correctness,
-    "sanitizer": stage_sanitizer, "timing": stage_timing, "microbench": stage_microbench,
+    "sanitizer": stage_sanitizer, "timing": stage_timing, "microbench": stage_microbench, "banks": stage_banks,
 }
 assert set(STAGE_FUNCTIONS) == {stage.name for stage in STAGES}
 
@@ -1054,6 +1175,22 @@ def render_markdown(report: dict) -> str:
     if sanitizer:
         lines += ["", "## compute-sanitizer", ""]
         lines += [f"- {s['tool']}: exit {s['exit']}, {_fmt(s['seconds'])} s, {s['summary']}" for s in sanitizer]
+    banks = records.get("banks", [])
+    if banks:
+        lines += ["", "## Shared-memory bank conflicts of the persistent kernels (ncu), measured vs PREDICTED", "",
+                  "Predicted: the k-partials only (rnnkernels/_shared_banks.py; the kernels' other shared "
+                  "accesses are predicted conflict-free); 'plain': the layout the swizzle replaced.", "",
+                  "| config | direction | ld conflicts | predicted | plain | st conflicts | predicted | plain |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for b in banks:
+            measured, predicted, plain = b.get("measured") or {}, b.get("predicted") or {}, \
+                b.get("predicted_plain_layout") or {}
+            cells = []
+            for op in ("ld", "st"):
+                for value in (measured.get(f"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_{op}.sum"),
+                              predicted.get(f"{op}_conflicts"), plain.get(f"{op}_conflicts")):
+                    cells.append(f"{value:.0f}" if isinstance(value, (int, float)) else _fmt(value))
+            lines.append(f"| {b['config']} | {b['direction']} | " + " | ".join(cells) + " |")
     skips = records.get("skip", []) + [c for c in records.get("cudnn", []) if c.get("skipped")] + \
         [p for p in records.get("ptxas", []) if p.get("skipped")]
     if skips:
@@ -1073,6 +1210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("--limit-s", type=float, default=60, help=argparse.SUPPRESS)
     parser.add_argument("--sanitizer-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--banks-target", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-source", help=argparse.SUPPRESS)
     parser.add_argument("--inject-failure", help=argparse.SUPPRESS)
     parser.add_argument("--inject-hang", help=argparse.SUPPRESS)
@@ -1080,6 +1218,8 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     if args.sanitizer_target:
         return sanitizer_target()
+    if args.banks_target:
+        return banks_target()
     if args.compile_source:
         print(compile_seconds(args.compile_source, args.emulated))
         return 0

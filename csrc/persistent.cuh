@@ -25,7 +25,7 @@
 //                          registers before any of them is stored
 //   slice_times_state      the register-blocked product: each thread ItemRows weight
 //                          rows x RowTile state rows over a 1/KSplit share of k, partial
-//                          sums to shared memory
+//                          sums to shared memory (swizzled: SharedLayout::partial_index)
 //   sum_partials           the fixed-order sum of one output's KSplit partials
 //   publish / wait_for     the per-producer flags (memory ordering below)
 //   load_first_inputs      a thread's first pair's inputs, loaded before the wait
@@ -67,16 +67,16 @@
 // k-part p summing the float4 columns p, p + KSplit, ... Consecutive threads take
 // consecutive k-parts of one (item, group), so the 8 threads of a quarter warp read 8
 // consecutive float4s of one row: every LDS.128 of the product is conflict-free
-// (KSplit = 8, the shipped tile). Not so the partials: sum_partials's 8 scalar loads per
-// output hit the same bank for consecutive units (an item's outputs are
-// groups·ItemRows·RowTile·KSplit words apart), 8-way at B = 64, H = 512 and 12-way at
-// B = 16, H = 768 on an H100's plan (counted from the layout, not measured): about
-// 2,000 shared-memory cycles a step at B = 64 next to the product's ~8,200, a PREDICTED
-// ~25%; a padded or transposed partials layout is the first thing to try. Per float4
-// column a thread does ItemRows + RowTile LDS.128 and 4·ItemRows·RowTile FMAs (forward,
-// 4 x 4: 8 loads for 64 FMAs). The KSplit partials of each output go to shared memory and
-// sum_partials adds them in k-part order: a fixed order, so results are bitwise
-// deterministic, with no shuffles and no float atomics.
+// (KSplit = 8, the shipped tile). Per float4 column a thread does ItemRows + RowTile
+// LDS.128 and 4·ItemRows·RowTile FMAs (forward, 4 x 4: 8 loads for 64 FMAs). The KSplit
+// partials of each output go to shared memory and sum_partials adds them in k-part
+// order: a fixed order, so results are bitwise deterministic, with no shuffles and no
+// float atomics. The partials are swizzled (SharedLayout::partial_index) so that both
+// the product's stores and sum_partials's loads are conflict-free on the launcher's
+// plans (2-way at worst where they are not; rnnkernels/_shared_banks.py counts them):
+// the plain layout cost, PREDICTED from the count, ~3,000 shared-memory cycles a step
+// at B = 64, H = 512 (loads 8-way, stores 4-way) next to the product's ~8,200; the
+// swizzle ~500.
 #pragma once
 
 #include <cuda/atomic>
@@ -105,10 +105,14 @@ __host__ __device__ constexpr int round_up(int value, int multiple) { return (va
 // computes the same sizes: keep the two in step.
 //   weights   [weight_rows][k_pad]                  the stationary slice
 //   state     [chunk_rows][k_pad]                   the staged exchanged state
-//   partials  [items·groups·ItemRows·RowTile][KSplit]
+//   partials  [items·groups·ItemRows·RowTile][KSplit], swizzled: partial_index
 //   cells     [batch][units]                        c (forward) or the dc carry
-template <int ItemRows, int RowTile, int KSplit>
+// GateItems: an item is the ItemRows gate rows of one unit (the LSTM's and GRU's
+// forward), else ItemRows = 4 consecutive units (the Elman forward, every backward).
+template <int ItemRows, int RowTile, int KSplit, bool GateItems>
 struct SharedLayout {
+    static_assert(KSplit == 8 && RowTile == 4, "the partials' swizzle is written for 8 k-parts and 4-row tiles");
+    static_assert(GateItems || ItemRows == 4, "unit items are four consecutive units");
     int k_pad, items, groups;
     int weights, state, partials, cells, total;
 
@@ -122,6 +126,45 @@ struct SharedLayout {
         partials = state + round_up(chunk_rows * k_pad, 4);
         cells = partials + round_up(items * groups * ItemRows * RowTile * KSplit, 4);
         total = cells + round_up(batch * units, 4);
+    }
+
+    // Where k-part `part` of output (item, j) x chunk row `row` sits in the partials
+    // region. The product stores with lanes = 4 tiles x 8 k-parts (one STS per (j, r) of
+    // the register tile), the pointwise loop loads with lanes = 32 consecutive (row,
+    // unit) pairs (one LDS per k-part); with KSplit·4 bytes per output, four outputs
+    // fill the 32 banks, so an output's bank group is its slot mod 4. The plain order
+    // (outputs by item, group, j, r; k-parts side by side) put consecutive units
+    // groups·ItemRows·RowTile·KSplit words apart, in one bank: the loads were 8-way
+    // (B = 64, H = 512 on 132 SMs) to 12-way (B = 16, H = 768), the stores 4-way. So:
+    //  * the outputs go in the order the loads' lanes meet them, (row, unit): per gate
+    //    in a block of its own (gate items), or with unit = 4·item + j (unit items).
+    //    The 32 lanes of a load then cover 8 aligned runs of four outputs, and the XOR
+    //    of the k-part with the run's index mod 8 (the key) puts each run's four
+    //    outputs in 8 distinct banks of each group;
+    //  * within each run the four slots are rotated by items·group (gate items) or
+    //    items·group + item (unit items): mod 4 that is slice_times_state's tile index
+    //    (item fastest) plus a constant of the (j, r) being stored, so the 4
+    //    consecutive tiles of a warp's store land in 4 distinct bank groups, and the 8
+    //    k-parts of each tile (XOR'd by one key) in the group's 8 banks. The rotation
+    //    and the key depend on the run only (gate items: group = run / items, as
+    //    RowTile = 4), so the map is a permutation within each run and within each
+    //    output: the same size as the plain layout, no padding.
+    // A thread's 16 stores are a per-r base plus j times the gate block (gate items)
+    // or a per-j rotation (unit items): cheap addresses. What is left
+    // (rnnkernels/_shared_banks.py counts it for the launcher's plans): with unit items
+    // and units % 4 != 0 the loads' lanes skip the padded units, so runs 8 apart can
+    // share a key, 2-way at worst; the last block, when it owns fewer units, likewise.
+    // The sum's order over k-parts is unchanged, so are the bits. The output's chunk
+    // row is group·RowTile + r.
+    __device__ __forceinline__ int partial_index(int item, int j, int group, int r, int part) const {
+        const int row = group * RowTile + r;
+        if (GateItems) {
+            const int order = row * items + item;
+            const int slot = (order & ~3) | ((order + items * group) & 3);
+            return (j * groups * RowTile * items + slot) * KSplit + (part ^ ((order >> 2) & (KSplit - 1)));
+        }
+        const int run = row * items + item;
+        return (4 * run + ((j + items * group + item) & 3)) * KSplit + (part ^ (run & (KSplit - 1)));
     }
 };
 
@@ -187,10 +230,11 @@ __device__ __forceinline__ void stage_rows(float* dst, int k_pad, const float* s
     }
 }
 
-// partials[(((item·groups + group)·ItemRows + j)·RowTile + r)·KSplit + part] =
+// partials[layout.partial_index(item, j, group, r, part)] =
 //     Σ_{k in part's columns} w[row(item, j)·k_pad + k] · s[(group·RowTile + r)·k_pad + k]
 // for every item < layout.items, group < layout.groups, with row(item, j) =
 // item·item_stride + j·row_stride (forward: unit + gate·units; backward: 4·item + j).
+// Tiles go item fastest, which partial_index's rotation assumes (conflict-free stores).
 // Within a thread the k order is fixed (column by column, x y z w), so every partial
 // is bitwise reproducible.
 //
@@ -210,8 +254,8 @@ __device__ __forceinline__ void slice_times_state(const float* w, const float* s
     for (int unit = threadIdx.x; unit < work; unit += Threads) {
         const int part = unit % KSplit;
         const int tile = unit / KSplit;
-        const int group = tile % layout.groups;
-        const int item = tile / layout.groups;
+        const int item = tile % layout.items;
+        const int group = tile / layout.items;
         const float4* w_rows[ItemRows];
         const float4* s_rows[RowTile];
 #pragma unroll
@@ -241,23 +285,26 @@ __device__ __forceinline__ void slice_times_state(const float* w, const float* s
                 }
             }
         }
-        float* out = partials + (tile * ItemRows * RowTile) * KSplit + part;
 #pragma unroll
         for (int j = 0; j < ItemRows; ++j)
 #pragma unroll
-            for (int r = 0; r < RowTile; ++r) out[(j * RowTile + r) * KSplit] = acc[j][r];
+            for (int r = 0; r < RowTile; ++r) partials[layout.partial_index(item, j, group, r, part)] = acc[j][r];
     }
 }
 
 // The sum of one output's KSplit partials, in k-part order (see slice_times_state):
-// output (item, j) x state row `row` of the chunk.
-template <int KSplit, int ItemRows, int RowTile, typename Layout>
+// output (item, j) x state row `row` of the chunk. An output's partials share one
+// KSplit-word slot, permuted by an XOR (SharedLayout::partial_index): the slot and the
+// key are worked out once, each load is slot + (part ^ key).
+template <int KSplit, int RowTile, typename Layout>
 __device__ __forceinline__ float sum_partials(const float* partials, const Layout& layout, int item, int j, int row) {
-    const int group = row / RowTile, r = row - group * RowTile;
-    const float* p = partials + (((item * layout.groups + group) * ItemRows + j) * RowTile + r) * KSplit;
-    float sum = p[0];
+    const int group = row / RowTile;
+    const int first = layout.partial_index(item, j, group, row - group * RowTile, 0);
+    const float* slot = partials + (first & ~(KSplit - 1));
+    const int key = first & (KSplit - 1);
+    float sum = slot[key];
 #pragma unroll
-    for (int part = 1; part < KSplit; ++part) sum += p[part];
+    for (int part = 1; part < KSplit; ++part) sum += slot[part ^ key];
     return sum;
 }
 
@@ -378,8 +425,8 @@ __device__ __forceinline__ void forward_recurrence(const Cell& cell,
     const int weight_rows = Cell::gate_items ? Cell::gates * units : round_up(units, ItemRows);
     const int items = Cell::gate_items ? units : weight_rows / ItemRows;
 
-    const SharedLayout<ItemRows, RowTile, KSplit> layout(weight_rows, hidden, chunk_rows, items, batch,
-                                                         Cell::carry ? units : 0);
+    const SharedLayout<ItemRows, RowTile, KSplit, Cell::gate_items> layout(weight_rows, hidden, chunk_rows, items,
+                                                                           batch, Cell::carry ? units : 0);
     float* shared = dynamic_shared<float>();
     float* w_slice = shared + layout.weights;
     float* h_chunk = shared + layout.state;
@@ -418,9 +465,8 @@ __device__ __forceinline__ void forward_recurrence(const Cell& cell,
 #pragma unroll
                 for (int g = 0; g < Cell::gates; ++g)
                     product[g] = Cell::gate_items
-                                     ? sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u, g, r)
-                                     : sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows,
-                                                                               u % ItemRows, r);
+                                     ? sum_partials<KSplit, RowTile>(partials, layout, u, g, r)
+                                     : sum_partials<KSplit, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r);
                 cell.update(in, product, step, row0 + r, unit0 + u, h_chunk + r * layout.k_pad,
                             carry + (row0 + r) * units + u);
             }
@@ -459,8 +505,9 @@ __device__ __forceinline__ void backward_recurrence(const Cell& cell,
     const int gate_width = Cell::gates * hidden;
     const int padded_units = round_up(units, ItemRows);
 
-    const SharedLayout<ItemRows, RowTile, KSplit> layout(padded_units, gate_width, chunk_rows, padded_units / ItemRows,
-                                                         batch, Cell::carry ? units : 0);
+    const SharedLayout<ItemRows, RowTile, KSplit, false> layout(padded_units, gate_width, chunk_rows,
+                                                                padded_units / ItemRows, batch,
+                                                                Cell::carry ? units : 0);
     float* shared = dynamic_shared<float>();
     float* w_slice = shared + layout.weights;  // row u = W_hh[:, unit0 + u]
     float* dz_chunk = shared + layout.state;
@@ -499,8 +546,7 @@ __device__ __forceinline__ void backward_recurrence(const Cell& cell,
                 const typename Cell::Inputs in =
                     (row0 == 0 && pair == (int)threadIdx.x) ? first : cell.load_inputs(step, row0 + r, unit0 + u);
                 const float recurrent_part =
-                    recurrent ? sum_partials<KSplit, ItemRows, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r)
-                              : 0.0f;
+                    recurrent ? sum_partials<KSplit, RowTile>(partials, layout, u / ItemRows, u % ItemRows, r) : 0.0f;
                 cell.update(in, recurrent, recurrent_part, step, row0 + r, unit0 + u, carry + (row0 + r) * units + u,
                             squares);
             }

@@ -43,9 +43,12 @@ written). The product reads 2 bytes of shared memory per FMA (8 LDS.128 per 64 F
 see slice_times_state), so it is bound by shared-memory bandwidth (128 B/clock/SM) at
 64 FMA/clock/SM, half the FP32 peak. H100/H200 at ~1.75 GHz, per step:
   * B=64, H=512 (4 units a block, 128 blocks, all 64 rows in one chunk): 524,288 FMA
-    per block, ~8,200 clocks ~ 4.7 us; staging h (128 KiB per block from L2, not yet
-    overlapped with the product) ~1-2 us; handing over through the flags ~1 us: ~7 us
-    a step, ~1.8 ms forward for T = 256.
+    per block, ~8,200 clocks ~ 4.7 us; the k-partials through shared memory (the
+    product's stores, sum_partials's loads) ~500 clocks, conflict-free by persistent.cuh's
+    swizzle (~3,000 with the plain layout: 8-way loads, 4-way stores; counted by
+    rnnkernels/_shared_banks.py, a cost-model term); staging h (128 KiB per block from
+    L2, not yet overlapped with the product) ~1-2 us; handing over through the flags
+    ~1 us: ~7 us a step, ~1.8 ms forward for T = 256.
   * B=16, H=768 (6 units, 128 blocks): ~2.6 us product + ~0.5 us staging + ~1 us
     hand-over: ~4 us a step, ~4 ms forward for T = 1024.
   * B=1, H=512: latency-bound: ~0.3 us product, ~0.6 us staging (one L2 round trip),

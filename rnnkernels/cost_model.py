@@ -40,7 +40,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 
-from . import _launch
+from . import _launch, _shared_banks
 
 GATES = 4
 # Gate row blocks of each cell's W_ih / W_hh (the LSTM's is GATES).
@@ -458,6 +458,8 @@ def model_persistent(direction: str, p: Problem, dev: Device, *, prefetch: bool 
                                                            dz_{t+1}, with 16-byte loads)
            + max(block FMAs · 2 / (FP32 rate per SM · fma_efficiency(row_tile)),
                  HBM bytes / HBM bandwidth)
+           + partials wavefronts / clock                  (the k-partials' stores and
+                                                           loads, counted bank by bank)
            + inputs                                       (0 with the prefetch, else
                                                            one L2 latency)
            + GEMM share (cuBLAS)
@@ -465,7 +467,11 @@ def model_persistent(direction: str, p: Problem, dev: Device, *, prefetch: bool 
     with block FMAs = B rounded up to the row tile × the block's weight rows × K (the
     padded rows are computed too): the inner loop reads 4 weight rows and row_tile
     state rows from shared memory per 4·row_tile FMAs (slice_times_state), which bounds
-    it at fma_efficiency(row_tile) of the FP32 rate. ``inputs``: the pointwise step
+    it at fma_efficiency(row_tile) of the FP32 rate. ``partials``: the product's KSplit
+    partials of each output go through shared memory (the product's stores, then
+    sum_partials's loads, after a barrier: serial), one wavefront a cycle, the
+    wavefronts counted from persistent.cuh's layout for this plan, bank conflicts
+    included (``_shared_banks.persistent_partials``, the busiest block). ``inputs``: the pointwise step
     reads each pair's inputs (gx forward; the saved gates, states and dy backward),
     none written in the launch. Every persistent kernel loads its first pair's before
     the wait for the other blocks (``prefetch``), so that round trip overlaps the wait;
@@ -496,18 +502,23 @@ def model_persistent(direction: str, p: Problem, dev: Device, *, prefetch: bool 
     hbm = hbm_bytes_per_step(direction, p)
     stage_bytes = b * k * 4
     per_sm_flops_per_us = dev.fp32_flops_per_us / dev.sms
+    partials = _shared_banks.persistent_partials(found, b, h, p.cell)
     terms = {
         "sync_us": dev.grid_sync_ns / 1e3,
         "stage_us": chunks * dev.l2_latency_ns / 1e3 + stage_bytes / (dev.l2_gbs * 1e3 / dev.sms),
         "flops_us": 2.0 * block_fmas / (per_sm_flops_per_us * fma_efficiency(tile.row_tile, item_rows)),
         "hbm_us": hbm / (dev.hbm_gbs * 1e3),
+        "partials_us": partials.wavefronts / (dev.clock_ghz * 1e3),
         "inputs_us": 0.0 if prefetch else dev.l2_latency_ns / 1e3,
         "gemm_us": _gemm_share(direction, p, dev, CUBLAS_FP32_EFFICIENCY),
     }
-    us = (terms["sync_us"] + terms["stage_us"] + max(terms["flops_us"], terms["hbm_us"]) + terms["inputs_us"]
-          + terms["gemm_us"])
+    us = (terms["sync_us"] + terms["stage_us"] + max(terms["flops_us"], terms["hbm_us"]) + terms["partials_us"]
+          + terms["inputs_us"] + terms["gemm_us"])
     counts.update(blocks=found.blocks, units=found.units, chunks=chunks, block_fmas=block_fmas, hbm_bytes=hbm,
-                  l2_bytes=found.blocks * stage_bytes, serial_l2_round_trips=chunks)
+                  l2_bytes=found.blocks * stage_bytes, serial_l2_round_trips=chunks,
+                  partials_wavefronts=partials.wavefronts,
+                  partials_load_ways=max(partials.loads.worst_ways, partials.last_loads.worst_ways),
+                  partials_store_ways=max(partials.stores.worst_ways, partials.last_stores.worst_ways))
     return Breakdown("persistent", direction, us, terms, counts)
 
 

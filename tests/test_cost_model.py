@@ -85,7 +85,11 @@ def test_persistent_formula_and_infeasible_sizes():
                 + H200.l2_latency_ns / 1e3 + 512 * 4 / (H200.l2_gbs * 1e3 / H200.sms)
                 + max(2 * block_fmas / (H200.fp32_tflops * 1e6 / H200.sms * cost_model.fma_efficiency(4)),
                       b.terms["hbm_us"])
+                + b.counts["partials_wavefronts"] / (H200.clock_ghz * 1e3)
                 + b.terms["gemm_us"])
+    # One row (of a row tile of 4): 4 units x 4 gates x 8 k-parts loaded by 4 threads,
+    # 4 tiles x 8 k-parts storing 16 partials each, conflict-free (tests/test_shared_banks.py).
+    assert b.counts["partials_wavefronts"] == 4 * 8 + 16
     assert b.us == pytest.approx(expected)
     # 16·H² bytes of float32 W_hh at H = 2048 is 64 MiB: more than any table entry's
     # shared memory in all.

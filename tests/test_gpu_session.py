@@ -60,9 +60,9 @@ def test_emulated_session_runs_every_stage_and_writes_the_results(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json", "session.jsonl", "session.log", "session.md"]
     stages, report = stages_of(tmp_path)
-    assert list(stages) == ["env", "compile", "ftz", "correctness", "sanitizer", "timing", "microbench"]
+    assert list(stages) == ["env", "compile", "ftz", "correctness", "sanitizer", "timing", "microbench", "banks"]
     for name, stage in stages.items():
-        if name == "sanitizer":
+        if name in ("sanitizer", "banks"):
             assert stage["status"] == "skipped" and "needs a GPU" in stage["reason"]
         else:
             assert stage["status"] == "ok", stage
@@ -124,7 +124,11 @@ def test_the_budget_skips_what_no_longer_fits(tmp_path):
 
 
 def test_stage_limits_fit_seven_minutes(session):
-    assert sum(stage.limit_s for stage in session.STAGES) <= 420 - 5
+    """Every stage but the leftover ones (last: they run on what the others left) gets
+    its whole limit within 7 minutes."""
+    assert sum(stage.limit_s for stage in session.STAGES if not stage.leftover) <= 420 - 5
+    assert [stage.name for stage in session.STAGES if stage.leftover] == ["banks"]
+    assert session.STAGES[-1].leftover
     with pytest.raises(SystemExit, match="--limits"):
         session.main(["--emulated", "--out", "/nonexistent-never-written", "--limits", "timing"])
 
@@ -246,3 +250,81 @@ def test_wrapper_passes_arguments_through(tmp_path):
                           env={**os.environ, "PYTHON": str(python)}, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "args").read_text().split() == ["benchmarks/gpu_session.py", "--out", "X", "--emulated"]
+
+
+# ------------------------------------------------------------------ banks (ncu)
+def _fake_ncu(tmp_path: Path, launches: int) -> Path:
+    """An ncu that logs its command line and prints the CSV of ``launches`` persistent
+    launches (its real output's shape: the target's lines, ==PROF== lines, then one
+    quoted row per launch and metric, values with thousands separators)."""
+    session = load_script(SCRIPT, "gpu_session")
+    rows = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"']
+    for launch in range(launches):
+        kernel = "lstm_forward_persistent" if launch % 2 == 0 else "lstm_backward_persistent"
+        for m, metric in enumerate(session.BANK_METRICS):
+            rows.append(f'"{launch}","1","python3","host","{kernel}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0",'
+                        f'"Command line profiler metrics","{metric}","","{1000 * launch + m:,}"')
+    body = "\n".join(["==PROF== Connected to process 1"] + [r.replace('"', '\\"') for r in rows])
+    tool = tmp_path / "ncu"
+    tool.write_text(f'#!/bin/sh\necho "ncu $*" >> {tmp_path / "calls"}\necho "the target prints this"\n'
+                    f'printf "%s\\n" "{body}"\n')
+    tool.chmod(0o755)
+    return tool
+
+
+class _H200Launch:
+    sm_count, max_shared_bytes = 132, 232448
+
+
+class _StubRuntime:
+    def __init__(self, emulated):
+        self.launch = _H200Launch()
+
+
+def test_banks_stage_records_ncu_beside_the_predictions(session, tmp_path, monkeypatch):
+    from rnnkernels import _persistent, _shared_banks
+
+    monkeypatch.setenv("NCU", str(_fake_ncu(tmp_path, 4)))
+    monkeypatch.setattr(session, "Runtime", _StubRuntime)
+    records = []
+    session.stage_banks(argparse.Namespace(emulated=False, limit_s=20),
+                        lambda kind, **data: records.append((kind, data)))
+    call = (tmp_path / "calls").read_text()
+    assert "--metrics " + ",".join(session.BANK_METRICS) in call and "--kernel-name regex:_persistent" in call
+    assert call.strip().endswith("gpu_session.py --banks-target")
+    banks = [data for kind, data in records if kind == "banks"]
+    assert [(b["config"], b["direction"]) for b in banks] == [
+        (f"B={b} H={h} T={session.BANK_STEPS}", d) for b, h in session.BANK_CONFIGS for d in ("forward", "backward")]
+    assert banks[3]["measured"][session.BANK_METRICS[5]] == 3005.0  # "3,005"
+    plan = _persistent.plan("forward", 64, 512, 132, 232448 - _persistent.STATIC_SHARED_BYTES)
+    assert banks[0]["predicted"] == _shared_banks.launch_totals(plan, 64, 512, session.BANK_STEPS)
+    assert banks[0]["predicted"]["ld_conflicts"] == 0 < banks[0]["predicted_plain_layout"]["ld_conflicts"]
+    out = tmp_path / "out"
+    out.mkdir()
+    recorder = session.Recorder(out, "banks")
+    for kind, data in records:
+        recorder(kind, **data)
+    markdown = session.render_markdown(session.build_report(out))
+    assert "| B=64 H=512 T=4 | forward | 0 | 0 | 917504 | 1 | 0 | 393216 |" in markdown, markdown
+
+
+def test_banks_stage_fails_when_ncu_profiles_too_few_launches(session, tmp_path, monkeypatch):
+    monkeypatch.setenv("NCU", str(_fake_ncu(tmp_path, 3)))
+    monkeypatch.setattr(session, "Runtime", _StubRuntime)
+    records = []
+    with pytest.raises(RuntimeError, match="3 of 4"):
+        session.stage_banks(argparse.Namespace(emulated=False, limit_s=20),
+                            lambda kind, **data: records.append((kind, data)))
+    assert [kind for kind, _ in records].count("banks_predicted") == 4
+
+
+def test_banks_stage_skips_emulated_and_without_ncu(session, monkeypatch):
+    with pytest.raises(session.Skip, match="needs a GPU"):
+        session.stage_banks(argparse.Namespace(emulated=True, limit_s=20), lambda *a, **k: None)
+    monkeypatch.delenv("NCU", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    monkeypatch.setattr(session.os, "access", lambda *a: False)
+    with pytest.raises(session.Skip, match="ncu .* not found"):
+        session.stage_banks(argparse.Namespace(emulated=False, limit_s=20), lambda *a, **k: None)
