@@ -155,8 +155,14 @@ def set_policy(spins=SPINS, yields=YIELDS):
 def counters():
     """A call's zeroed claim and done counters and the wait policy (int64, three cache
     lines)."""
-    array = np.zeros(_COUNTERS, np.int64)
-    array[_SPINS], array[_YIELDS] = _policy
+    return team_counters(1)[0]
+
+
+def team_counters(teams):
+    """``counters()`` for each of ``teams`` teams of workers: [teams, 24] int64, a row
+    (three cache lines) per team."""
+    array = np.zeros((teams, _COUNTERS), np.int64)
+    array[:, _SPINS], array[:, _YIELDS] = _policy
     return array
 
 

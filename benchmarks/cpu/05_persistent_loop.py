@@ -47,9 +47,28 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_CHECKOUT))
 
 import rnnkernels  # noqa: E402
-from rnnkernels import _cpu_common  # noqa: E402
+from rnnkernels import _cpu_common, cpu  # noqa: E402
 
-SIZES = ((128, 8, 128), (512, 8, 128), (128, 16, 256), (64, 64, 512), (1024, 4, 64), (256, 2, 128))
+# --loops: the seconds of each time-loop call of the current run (forward, backward),
+# recorded by wrappers around the compiled loops (a Python call each, ~1 µs).
+_LOOP_SECONDS = {}
+
+
+def _timed(name, function):
+    def call(*args):
+        start = time.perf_counter()
+        function(*args)
+        _LOOP_SECONDS[name] = time.perf_counter() - start
+
+    return call
+
+
+def _time_the_loops():
+    for variant in (cpu._SERIAL, cpu._PERSISTENT):
+        for name, direction in (("forward_steps", "forward loop"), ("backward_steps", "backward loop")):
+            setattr(variant, name, _timed(direction, getattr(variant, name)))
+
+SIZES = ((128, 8, 128), (512, 8, 128), (128, 16, 256), (64, 64, 512), (1024, 4, 64), (256, 1, 128), (256, 2, 128))
 
 
 def _size(text):
@@ -73,28 +92,42 @@ def _problem(steps, batch, hidden, training):
 
 def _runner(loop, config, problem, dy):
     """A call with the time loop forced to ``loop``; for the persistent loop, ``config``
-    = (cell chunks per worker, product chunks per worker, workers or 0 for all)."""
-    original = (_cpu_common.persistent_arguments, _cpu_common.ROW_CHUNKS_PER_WORKER,
-                _cpu_common.GROUP_CHUNKS_PER_WORKER)
+    = (cell chunks per worker, product chunks per worker, workers or 0 for all[, rows
+    per team at least, or 0 for one team of all the rows])."""
+    names = ("persistent_arguments", "ROW_CHUNKS_PER_WORKER", "PRODUCT_CHUNKS_PER_WORKER", "TEAM_MIN_ROWS")
+    original = {name: getattr(_cpu_common, name) for name in names}
 
     def run():
         _cpu_common.time_loop = lambda *shape: loop
         if config:
-            rows, groups, workers = config
-            _cpu_common.ROW_CHUNKS_PER_WORKER, _cpu_common.GROUP_CHUNKS_PER_WORKER = rows, groups
+            rows, groups, workers, *team_rows = config
+            _cpu_common.ROW_CHUNKS_PER_WORKER, _cpu_common.PRODUCT_CHUNKS_PER_WORKER = rows, groups
+            if team_rows:
+                _cpu_common.TEAM_MIN_ROWS = team_rows[0] or 1 << 30
             if workers:
-                _cpu_common.persistent_arguments = lambda *a: (original[0](*a)[0], workers, *original[0](*a)[2:])
+                arguments = original["persistent_arguments"]
+                _cpu_common.persistent_arguments = lambda *a: (arguments(*a)[0], workers, *arguments(*a)[2:])
         try:
+            _LOOP_SECONDS.clear()
             out = rnnkernels.lstm_forward(**problem, training=dy is not None, backend="cpu")
             if dy is None:
+                run.loops.append(dict(_LOOP_SECONDS))
                 return [out.y]
             grads = rnnkernels.lstm_backward(out, dy=dy, return_step_norms=True)
+            run.loops.append(dict(_LOOP_SECONDS))
             return [out.y, grads.dx, grads.dw_hh, grads.dh0, grads.dh_norms]
         finally:
-            (_cpu_common.persistent_arguments, _cpu_common.ROW_CHUNKS_PER_WORKER,
-             _cpu_common.GROUP_CHUNKS_PER_WORKER) = original
+            for name, value in original.items():
+                setattr(_cpu_common, name, value)
 
+    run.loops = []  # per call: {"forward loop": s, "backward loop": s} (with --loops)
     return run
+
+
+def _cell(name, seconds, baseline):
+    ratio = np.array(seconds) / np.array(baseline)
+    p10, p50, p90 = np.percentile(ratio, [10, 50, 90])
+    return f"{name} {1e3 * np.median(seconds):.2f} ms {p50:.2f} ({p10:.2f}-{p90:.2f})"
 
 
 def same_bits_then_paired(loops, repeats, where, warm):
@@ -122,11 +155,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=_size, action="append")
     parser.add_argument("--mode", choices=("forward", "training"), action="append")
-    parser.add_argument("--config", action="append", metavar="R,G,W",
+    parser.add_argument("--config", action="append", metavar="R,G,W[,M]",
                         help="persistent loop: cell chunks per worker, product chunks per worker, "
-                             "workers (0: all); repeat for several (default 1,1,0)")
+                             "workers (0: all), rows per team at least (0: one team; default "
+                             "_cpu_common.TEAM_MIN_ROWS); repeat for several (default 1,1,0)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--baseline", default="serial",
+                        help="the loop the ratios are over: serial (default) or persistent/CONFIG")
+    parser.add_argument("--loops", action="store_true",
+                        help="also each time loop's own time (forward loop, backward loop), paired the same way")
     args = parser.parse_args(argv)
+    if args.loops:
+        _time_the_loops()
     original_rule = _cpu_common.time_loop
     print(f"numba threads {_cpu_common.threads()}")
     for steps, batch, hidden in args.size or SIZES:
@@ -137,13 +177,14 @@ def main(argv=None):
                 loops[f"persistent/{config}"] = _runner("persistent", _size(config), problem, dy)
             times = same_bits_then_paired(loops, args.repeats, f"{steps, batch, hidden} {mode}", warm=True)
             names = list(loops)
-            serial = np.array(times["serial"])
-            cells = []
-            for name in names:
-                ratio = np.array(times[name]) / serial
-                p10, p50, p90 = np.percentile(ratio, [10, 50, 90])
-                cells.append(f"{name} {1e3 * np.median(times[name]):.2f} ms {p50:.2f} ({p10:.2f}-{p90:.2f})")
+            cells = [_cell(name, times[name], times[args.baseline]) for name in names]
             print(f"{steps},{batch},{hidden} {mode}: " + " | ".join(cells), flush=True)
+            for part in ("forward loop", "backward loop") if args.loops else ():
+                seconds = {name: [call[part] for call in loops[name].loops[-args.repeats:]] for name in names
+                           if part in loops[name].loops[-1]}
+                if args.baseline in seconds:
+                    cells = [_cell(name, seconds[name], seconds[args.baseline]) for name in seconds]
+                    print(f"  {part}: " + " | ".join(cells), flush=True)
     _cpu_common.time_loop = original_rule
 
 
