@@ -386,12 +386,16 @@ def time_loop(batch, hidden, gates, dtype):
     """Which time loop runs steps of B x H for a cell of ``gates`` gates in ``dtype``:
     "serial" or "persistent" (one parallel region per call). Persistent when Numba has
     more than one thread, B·H >= PARALLEL_MIN_UNITS, the step product has at least
-    PERSISTENT_MIN_MACS multiply-adds (B·gates·H²) and at least PERSISTENT_MIN_GROUPS
-    4-panel groups to share (gates·H columns); the module docstring has the
-    measurements. Both loops compute the same bits (tests/test_cpu.py and
-    tests/test_cpu_cells.py check it), so the rule decides speed only."""
+    PERSISTENT_MIN_MACS multiply-adds (B·gates·H²), and there is something to share:
+    at least PERSISTENT_MIN_GROUPS 4-panel groups of the product (gates·H columns) or
+    at least two teams of rows (B >= 2·TEAM_MIN_ROWS, ``persistent_arguments``); the
+    module docstring has the measurements. Both loops compute the same bits
+    (tests/test_cpu.py and tests/test_cpu_cells.py check it), so the rule decides
+    speed only."""
     groups = -(-gates * hidden // (4 * _cpu_gemm.panel_width(dtype)))
-    if threads() < 2 or batch * hidden < PARALLEL_MIN_UNITS or groups < PERSISTENT_MIN_GROUPS:
+    if threads() < 2 or batch * hidden < PARALLEL_MIN_UNITS:
+        return "serial"
+    if groups < PERSISTENT_MIN_GROUPS and _teams(batch, threads()) < 2:
         return "serial"
     return "persistent" if batch * gates * hidden * hidden >= PERSISTENT_MIN_MACS else "serial"
 
@@ -408,8 +412,14 @@ def persistent_arguments(batch, packed):
     counters for each team, Numba's thread count, the teams of rows, and the cell and
     product chunks per team member and phase."""
     workers = threads()
-    teams = max(1, min(workers, batch // TEAM_MIN_ROWS))
+    teams = _teams(batch, workers)
     return _cpu_sync.team_counters(teams), workers, teams, ROW_CHUNKS_PER_WORKER, PRODUCT_CHUNKS_PER_WORKER
+
+
+def _teams(batch, workers):
+    """Teams of rows for ``batch`` rows and ``workers`` workers: one per worker while
+    each gets TEAM_MIN_ROWS rows or more, at least one."""
+    return max(1, min(workers, batch // TEAM_MIN_ROWS))
 
 
 def project(a, packed, columns, bias=None):

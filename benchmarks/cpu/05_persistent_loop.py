@@ -47,7 +47,7 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_CHECKOUT))
 
 import rnnkernels  # noqa: E402
-from rnnkernels import _cpu_common, cpu  # noqa: E402
+from rnnkernels import _cpu_common, cpu, cpu_gru, cpu_rnn  # noqa: E402
 
 # --loops: the seconds of each time-loop call of the current run (forward, backward),
 # recorded by wrappers around the compiled loops (a Python call each, ~1 µs).
@@ -64,7 +64,8 @@ def _timed(name, function):
 
 
 def _time_the_loops():
-    for variant in (cpu._SERIAL, cpu._PERSISTENT):
+    for variant in (cpu._SERIAL, cpu._PERSISTENT, cpu_gru._SERIAL, cpu_gru._PERSISTENT,
+                    *cpu_rnn._SERIAL.values(), *cpu_rnn._PERSISTENT.values()):
         for name, direction in (("forward_steps", "forward loop"), ("backward_steps", "backward loop")):
             setattr(variant, name, _timed(direction, getattr(variant, name)))
 
@@ -75,16 +76,26 @@ def _size(text):
     return tuple(int(v) for v in text.split(","))
 
 
+# --cell: (forward, backward, gate rows per hidden unit)
+CELLS = {
+    "lstm": (rnnkernels.lstm_forward, rnnkernels.lstm_backward, 4),
+    "gru": (rnnkernels.gru_forward, rnnkernels.gru_backward, 3),
+    "rnn": (rnnkernels.rnn_forward, rnnkernels.rnn_backward, 1),
+}
+_CELL = "lstm"
+
+
 def _problem(steps, batch, hidden, training):
     rng = np.random.default_rng([steps, batch, hidden])
     bound = 1 / np.sqrt(hidden)
     f32 = np.float32
+    rows = CELLS[_CELL][2] * hidden
     problem = {
         "x": rng.standard_normal((steps, batch, hidden)).astype(f32),
-        "w_ih": rng.uniform(-bound, bound, (4 * hidden, hidden)).astype(f32),
-        "w_hh": rng.uniform(-bound, bound, (4 * hidden, hidden)).astype(f32),
-        "b_ih": rng.uniform(-bound, bound, 4 * hidden).astype(f32),
-        "b_hh": rng.uniform(-bound, bound, 4 * hidden).astype(f32),
+        "w_ih": rng.uniform(-bound, bound, (rows, hidden)).astype(f32),
+        "w_hh": rng.uniform(-bound, bound, (rows, hidden)).astype(f32),
+        "b_ih": rng.uniform(-bound, bound, rows).astype(f32),
+        "b_hh": rng.uniform(-bound, bound, rows).astype(f32),
     }
     dy = rng.standard_normal((steps, batch, hidden)).astype(f32) if training else None
     return problem, dy
@@ -109,11 +120,12 @@ def _runner(loop, config, problem, dy):
                 _cpu_common.persistent_arguments = lambda *a: (arguments(*a)[0], workers, *arguments(*a)[2:])
         try:
             _LOOP_SECONDS.clear()
-            out = rnnkernels.lstm_forward(**problem, training=dy is not None, backend="cpu")
+            forward, backward, _ = CELLS[_CELL]
+            out = forward(**problem, training=dy is not None, backend="cpu")
             if dy is None:
                 run.loops.append(dict(_LOOP_SECONDS))
                 return [out.y]
-            grads = rnnkernels.lstm_backward(out, dy=dy, return_step_norms=True)
+            grads = backward(out, dy=dy, return_step_norms=True)
             run.loops.append(dict(_LOOP_SECONDS))
             return [out.y, grads.dx, grads.dw_hh, grads.dh0, grads.dh_norms]
         finally:
@@ -164,7 +176,10 @@ def main(argv=None):
                         help="the loop the ratios are over: serial (default) or persistent/CONFIG")
     parser.add_argument("--loops", action="store_true",
                         help="also each time loop's own time (forward loop, backward loop), paired the same way")
+    parser.add_argument("--cell", choices=CELLS, default="lstm", help="the LSTM (default), the GRU or the tanh RNN")
     args = parser.parse_args(argv)
+    global _CELL
+    _CELL = args.cell
     if args.loops:
         _time_the_loops()
     original_rule = _cpu_common.time_loop
