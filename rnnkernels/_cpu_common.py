@@ -13,27 +13,67 @@ float64 are signatures of each):
 * *serial*: the time loops and cells on one thread;
 * *persistent* (``_forward_persistent``, ``_backward_persistent``): ONE parallel
   region per call, the CPU twin of the GPU persistent kernel. The workers stay in it
-  for all T steps; per step the product is cut into chunks of 4-panel groups and the
-  cell into chunks of batch rows, and the workers claim chunks with atomic counters
-  and wait for a phase to finish before the next starts (``_cpu_sync.py``: the
-  atomics, why it cannot deadlock whatever the threading layer does, and the memory
-  ordering). Each element is computed by the serial variant's code (the persistent
-  loops call the serial cells on row blocks, and the same tiles), so the two give the
-  same bits at any thread count. The per-step parallel variant it replaced forked and
-  joined Numba's pool twice per step, which cost more than half of a 10-20 µs step.
+  for all T steps. The batch rows are split into *teams*, one per worker while each
+  gets TEAM_MIN_ROWS (2) rows or more: a row's recurrence never reads another row
+  (h_t[b] needs only h_{t-1}[b]; the step norms are summed after the loop), so a
+  team runs its rows through all T steps on its own counters and never waits for
+  another. Within a team (all the rows where B < 2·TEAM_MIN_ROWS at two threads) each
+  step's product is cut into runs of panels (whole 4-panel groups, or pairs of
+  panels where the groups are fewer than the chunks wanted) and the cell into blocks
+  of rows; the team's workers claim chunks with atomic counters and wait for a phase
+  to finish before the next starts (``_cpu_sync.py``: the atomics, why it cannot
+  deadlock whatever the threading layer does, and the memory ordering). Each element
+  is computed by the serial variant's code (the persistent loops call the serial
+  cells on row blocks, and the same tile kernels; which tile computes an element does
+  not change it), so the two give the same bits at any thread count. The per-step
+  parallel variant it replaced forked and joined Numba's pool twice per step, which
+  cost more than half of a 10-20 µs step.
+
+Why teams and pairs (2-core Zen 4 VM, LSTM, float32, quiet, 2026-12-01). Before them
+all workers shared every step, and at H = 128 the backward product dh = dz W_hh has
+128 columns, 4 panels of 32 float32, ONE 4-panel group, so one chunk: one worker
+computed the whole product (8.2 µs a step at 128,8,128, cycle counters around each
+phase, not quiet) while the other waited for it (8.3 µs a step), and the backward
+loop barely scaled (1.69 -> 1.60 ms from 1 to 2 threads). Pairs of panels alone (one
+team) took it to 1.08 ms, teams to about 0.95 ms. The time loops at two threads, one
+team with pairs -> teams (``benchmarks/cpu/05_persistent_loop.py --loops``, medians
+of 30 paired ratios, p10-p90): 128,8,128 forward 0.91 (0.77-1.01), backward 0.92
+(0.70-1.09); 512,8,128 0.82 (0.72-0.90), 0.71 (0.35-0.83); 128,16,256 0.97, 0.97;
+64,64,512 0.97, 0.89; 1024,4,64 0.80, 0.65; 256,1,128 and 256,2,128 (one team either
+way) 0.99-1.00. One row per team lost (TEAM_MIN_ROWS = 1: 256,2,128 forward 1.36x
+one team; each core streams all of W_hh from its L2 for a single row), hence 2. By
+phase, ms at 2 threads, the loops before this change -> now
+(``benchmarks/cpu/04_thread_interference.py --phases``, 20 calls, each checkout in its
+own process, not paired): forward loop 1.05 -> 0.99, backward loop 1.64 -> 0.95 at
+128,8,128; 3.70 -> 3.59, 6.53 -> 4.34 at 512,8,128; 6.57 -> 6.09, 6.92 -> 6.48 at
+128,16,256; 45.7 -> 44.7, 51.2 -> 50.0 at 64,64,512; 0.56 -> 0.64, 0.85 -> 0.63 at
+256,1,128; 4.76 -> 1.73, 4.46 -> 1.94 at 1024,4,64 (one thread: 1.57 / 1.69 ms at
+128,8,128). A team of 4 rows at two threads runs within 11% of the serial loop on those
+4 rows alone at 512,8,128 and 128,16,256 (3.92 against 3.53 ms forward at 512,8,128).
+Whole LSTM calls at two threads against the loops before (``08_against_checkout.py``,
+quiet, 41 pairs, this/before): training 0.95 / 0.89 / 0.98 / 0.96 / 0.88 / 0.87 at
+128,8,128 / 512,8,128 / 128,16,256 / 64,64,512 / 256,1,128 / 1024,4,64, inference
+0.91-0.99; at one thread (the serial loop, whose product now goes through
+``_product_panels`` too) 0.97-1.03, within the spreads.
 
 The rule (``time_loop``): persistent when Numba has more than one thread, the step
-product has at least two 4-panel groups (gates·H columns; else only the cell would
-split) and at least 2^14 multiply-adds (B·gates·H²). Measured on the 2-core Zen 4 VM,
-LSTM inference, two threads, float32, our persistent loop against our serial loop in
-one process (``benchmarks/cpu/05_persistent_loop.py``, quiet, 2026-12-01; medians of
-30 paired ratios, whole calls including the projection): (T,B,H) = 512,1,64 0.85,
-512,2,64 0.91, 512,2,96 0.91, 256,1,128 0.77, 1024,4,64 0.85, 128,8,128 0.76,
-512,8,128 0.74, 128,16,256 0.70, 64,64,512 0.70 (the fork-per-step variant: 0.88,
-0.93, 0.72, 0.70 at the last four, 1.38-1.80 below B·H = 1024); it lost where the
-product has one group (512,2,32 1.14, 512,4,32 1.06, 512,8,32 1.06) and at 16,2,8
-(1.15). Training (forward + backward, OPENBLAS_NUM_THREADS=1): 0.81-0.95 at 128,8,128,
-512,8,128, 128,16,256, 1024,4,64, 256,1,128. Against torch.nn.LSTM at two threads
+product has at least 2^14 multiply-adds (B·gates·H²), and there is something to
+share: at least two 4-panel groups (gates·H columns) or at least two teams of rows.
+Measured on the 2-core Zen 4 VM, LSTM inference, two threads, float32, our persistent
+loop against our serial loop in one process (``benchmarks/cpu/05_persistent_loop.py``,
+quiet, 2026-12-01, before teams; medians of 30 paired ratios, whole calls including
+the projection): (T,B,H) = 512,1,64 0.85, 512,2,64 0.91, 512,2,96 0.91, 256,1,128
+0.77, 1024,4,64 0.85, 128,8,128 0.76, 512,8,128 0.74, 128,16,256 0.70, 64,64,512 0.70
+(the fork-per-step variant: 0.88, 0.93, 0.72, 0.70 at the last four, 1.38-1.80 below
+B·H = 1024); it lost where the product has one group (512,2,32 1.14, 512,4,32 1.06,
+512,8,32 1.06) and at 16,2,8 (1.15). With teams one group is enough where the rows
+make two teams (training, quiet, 30 pairs, persistent over serial): LSTM 512,8,32 0.87
+(0.76-0.97), 512,4,32 0.98 (0.89-1.09), but 512,2,32 (one team) 1.20 and 16,2,8 1.19;
+the tanh Elman RNN (one group up to H = 128) 128,8,128 0.89, 512,8,128 0.87,
+1024,4,64 0.94 (128,16,256, two groups: 0.87), its 256,1,128 (one team) 0.97
+(0.90-1.08), left serial; the GRU at 1024,4,64 0.91 (one team: 1.05), 128,8,128
+0.83. Training (forward + backward, OPENBLAS_NUM_THREADS=1), before teams: 0.81-0.95
+at 128,8,128, 512,8,128, 128,16,256, 1024,4,64, 256,1,128. Against torch.nn.LSTM at two threads
 (``benchmarks/cpu_vs_torch.py --threads 2``, quiet): see README's table.
 Chunks per worker: one product chunk and one cell chunk per worker and step ran
 1-9% faster than two of each (fewer atomics on the shared lines; the same at
@@ -408,7 +448,7 @@ TEAM_MIN_ROWS = 2
 
 
 def persistent_arguments(batch, packed):
-    """(counters, workers, teams, row_parts, group_parts) for a persistent loop: zeroed
+    """(counters, workers, teams, row_parts, product_parts) for a persistent loop: zeroed
     counters for each team, Numba's thread count, the teams of rows, and the cell and
     product chunks per team member and phase."""
     workers = threads()

@@ -2,20 +2,26 @@
 
     NUMBA_NUM_THREADS=2 python benchmarks/cpu/05_persistent_loop.py
     NUMBA_NUM_THREADS=2 python benchmarks/cpu/05_persistent_loop.py --size 128,8,128 --mode training
+    NUMBA_NUM_THREADS=2 python benchmarks/cpu/05_persistent_loop.py --mode training --loops \
+        --config 1,1,0,0 --config 1,1,0,2 --baseline persistent/1,1,0,0
 
-LSTM, float32, I = H, our cpu backend only, in one process; per size and mode, the
-time loops below run interleaved (each repeat runs each once, in a rotating order),
-and the report is the median (p10, p90) of each loop's time over the serial loop's
-in the same repeat (lower is better):
+LSTM (``--cell gru`` / ``rnn``: the GRU, the tanh RNN), float32, I = H, our cpu
+backend only, in one process; per size and mode, the time loops below run interleaved
+(each repeat runs each once, in a rotating order), and the report is the median (p10,
+p90) of each loop's time over the serial loop's (``--baseline``: another loop's) in
+the same repeat (lower is better); ``--loops`` adds the forward and backward time
+loops' own times, ratios paired the same way:
 
 * ``serial``: the serial variant (one thread);
 * ``parallel`` (in the results below only: removed with this experiment): the
   per-step parallel variant it replaced: per step, one fork and join for the product
   (panel groups over the threads) and one for the cell (rows);
-* ``persistent/R,G,W``: ``_cpu_common``'s persistent loop (one parallel region per
-  call, work claimed chunk by chunk, ``_cpu_sync``), with about R cell chunks (blocks
-  of rows) and G product chunks (of 4-panel groups) per worker and step, W workers
-  (0: Numba's thread count; 1: one thread does everything, the machinery's own cost).
+* ``persistent/R,G,W[,M]``: ``_cpu_common``'s persistent loop (one parallel region
+  per call, work claimed chunk by chunk, ``_cpu_sync``), with about R cell chunks
+  (blocks of rows) and G product chunks (runs of panels) per worker and step, W
+  workers (0: Numba's thread count; 1: one thread does everything, the machinery's
+  own cost), teams of at least M rows (0: one team of all the rows, every worker
+  sharing every step, as before teams; default ``_cpu_common.TEAM_MIN_ROWS``).
 
 Every loop is checked against the serial one, bit for bit, before timing. Times are
 wall time of a whole ``lstm_forward`` (inference) or forward + backward (training)
@@ -32,6 +38,19 @@ kind per worker (1,1,0) beat two (2,2,0) by 1-9%; one worker alone (1,1,1) costs
 ``rnnkernels/_cpu_common.py``'s module docstring. A variant where each worker tried
 "its own" chunks first every step (cache affinity) with a barrier per phase lost at
 128,8,128 (0.94-0.99 against 0.75-0.78) and gained nothing at larger sizes: removed.
+
+Teams of rows and pairs of panels (training, ``--loops``, quiet, 2026-12-01 22:31 UTC,
+30 repeats; persistent/1,1,0,2, teams, over persistent/1,1,0,0, one team, both with
+pairs of panels where the groups are few; forward loop, backward loop): 128,8,128
+0.91, 0.92; 512,8,128 0.82, 0.71; 128,16,256 0.97, 0.97; 64,64,512 0.97, 0.89;
+1024,4,64 0.80, 0.65; 256,1,128 and 256,2,128 (one team either way) 0.99-1.00. The
+pairs alone took the backward loop at 128,8,128 from 1.52 ms (one 4-panel group: one
+worker computed the whole product) to 1.08 ms, teams to 1.01 (22:26 run: 0.87).
+Teams of one row (M = 1) lost at 256,2,128: forward loop 1.36x one team. Persistent
+with teams over serial where the product has one group (``--mode training``): LSTM
+512,8,32 0.87, 512,4,32 0.98, 512,2,32 (one team) 1.20; tanh RNN (``--cell rnn``)
+128,8,128 0.89, 512,8,128 0.87, 1024,4,64 0.94, 256,1,128 (one team) 0.97. The
+rule they gave: ``_cpu_common.time_loop``.
 """
 
 from __future__ import annotations
