@@ -53,8 +53,10 @@ own process, not paired): forward loop 1.05 -> 0.99, backward loop 1.64 -> 0.95 
 Whole LSTM calls at two threads against the loops before (``08_against_checkout.py``,
 quiet, 41 pairs, this/before): training 0.95 / 0.89 / 0.98 / 0.96 / 0.88 / 0.87 at
 128,8,128 / 512,8,128 / 128,16,256 / 64,64,512 / 256,1,128 / 1024,4,64, inference
-0.91-0.99; at one thread (the serial loop, whose product now goes through
-``_product_panels`` too) 0.97-1.03, within the spreads.
+0.91-0.99 (at B <= 2, one team, the algorithm unchanged: 256,1,128 0.995, 256,2,128
+1.000, 512,2,64 1.007, 161 pairs, p10-p90 within 0.90-1.11); at one thread (the
+serial loop, whose product now goes through ``_product_panels`` too) 0.97-1.03,
+within the spreads.
 
 The rule (``time_loop``): persistent when Numba has more than one thread, the step
 product has at least 2^14 multiply-adds (B·gates·H²), and there is something to
