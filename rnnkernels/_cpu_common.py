@@ -13,27 +13,69 @@ float64 are signatures of each):
 * *serial*: the time loops and cells on one thread;
 * *persistent* (``_forward_persistent``, ``_backward_persistent``): ONE parallel
   region per call, the CPU twin of the GPU persistent kernel. The workers stay in it
-  for all T steps; per step the product is cut into chunks of 4-panel groups and the
-  cell into chunks of batch rows, and the workers claim chunks with atomic counters
-  and wait for a phase to finish before the next starts (``_cpu_sync.py``: the
-  atomics, why it cannot deadlock whatever the threading layer does, and the memory
-  ordering). Each element is computed by the serial variant's code (the persistent
-  loops call the serial cells on row blocks, and the same tiles), so the two give the
-  same bits at any thread count. The per-step parallel variant it replaced forked and
-  joined Numba's pool twice per step, which cost more than half of a 10-20 µs step.
+  for all T steps. The batch rows are split into *teams*, one per worker while each
+  gets TEAM_MIN_ROWS (2) rows or more: a row's recurrence never reads another row
+  (h_t[b] needs only h_{t-1}[b]; the step norms are summed after the loop), so a
+  team runs its rows through all T steps on its own counters and never waits for
+  another. Within a team (all the rows where B < 2·TEAM_MIN_ROWS at two threads) each
+  step's product is cut into runs of panels (whole 4-panel groups, or pairs of
+  panels where the groups are fewer than the chunks wanted) and the cell into blocks
+  of rows; the team's workers claim chunks with atomic counters and wait for a phase
+  to finish before the next starts (``_cpu_sync.py``: the atomics, why it cannot
+  deadlock whatever the threading layer does, and the memory ordering). Each element
+  is computed by the serial variant's code (the persistent loops call the serial
+  cells on row blocks, and the same tile kernels; which tile computes an element does
+  not change it), so the two give the same bits at any thread count. The per-step
+  parallel variant it replaced forked and joined Numba's pool twice per step, which
+  cost more than half of a 10-20 µs step.
+
+Why teams and pairs (2-core Zen 4 VM, LSTM, float32, quiet, 2026-12-01). Before them
+all workers shared every step, and at H = 128 the backward product dh = dz W_hh has
+128 columns, 4 panels of 32 float32, ONE 4-panel group, so one chunk: one worker
+computed the whole product (8.2 µs a step at 128,8,128, cycle counters around each
+phase, not quiet) while the other waited for it (8.3 µs a step), and the backward
+loop barely scaled (1.69 -> 1.60 ms from 1 to 2 threads). Pairs of panels alone (one
+team) took it to 1.08 ms, teams to about 0.95 ms. The time loops at two threads, one
+team with pairs -> teams (``benchmarks/cpu/05_persistent_loop.py --loops``, medians
+of 30 paired ratios, p10-p90): 128,8,128 forward 0.91 (0.77-1.01), backward 0.92
+(0.70-1.09); 512,8,128 0.82 (0.72-0.90), 0.71 (0.35-0.83); 128,16,256 0.97, 0.97;
+64,64,512 0.97, 0.89; 1024,4,64 0.80, 0.65; 256,1,128 and 256,2,128 (one team either
+way) 0.99-1.00. One row per team lost (TEAM_MIN_ROWS = 1: 256,2,128 forward 1.36x
+one team; each core streams all of W_hh from its L2 for a single row), hence 2. By
+phase, ms at 2 threads, the loops before this change -> now
+(``benchmarks/cpu/04_thread_interference.py --phases``, 20 calls, each checkout in its
+own process, not paired): forward loop 1.05 -> 0.99, backward loop 1.64 -> 0.95 at
+128,8,128; 3.70 -> 3.59, 6.53 -> 4.34 at 512,8,128; 6.57 -> 6.09, 6.92 -> 6.48 at
+128,16,256; 45.7 -> 44.7, 51.2 -> 50.0 at 64,64,512; 0.56 -> 0.64, 0.85 -> 0.63 at
+256,1,128; 4.76 -> 1.73, 4.46 -> 1.94 at 1024,4,64 (one thread: 1.57 / 1.69 ms at
+128,8,128). A team of 4 rows at two threads runs within 11% of the serial loop on those
+4 rows alone at 512,8,128 and 128,16,256 (3.92 against 3.53 ms forward at 512,8,128).
+Whole LSTM calls at two threads against the loops before (``08_against_checkout.py``,
+quiet, 41 pairs, this/before): training 0.95 / 0.89 / 0.98 / 0.96 / 0.88 / 0.87 at
+128,8,128 / 512,8,128 / 128,16,256 / 64,64,512 / 256,1,128 / 1024,4,64, inference
+0.91-0.99 (at B <= 2, one team, the algorithm unchanged: 256,1,128 0.995, 256,2,128
+1.000, 512,2,64 1.007, 161 pairs, p10-p90 within 0.90-1.11); at one thread (the
+serial loop, whose product now goes through ``_product_panels`` too) 0.97-1.03,
+within the spreads.
 
 The rule (``time_loop``): persistent when Numba has more than one thread, the step
-product has at least two 4-panel groups (gates·H columns; else only the cell would
-split) and at least 2^14 multiply-adds (B·gates·H²). Measured on the 2-core Zen 4 VM,
-LSTM inference, two threads, float32, our persistent loop against our serial loop in
-one process (``benchmarks/cpu/05_persistent_loop.py``, quiet, 2026-12-01; medians of
-30 paired ratios, whole calls including the projection): (T,B,H) = 512,1,64 0.85,
-512,2,64 0.91, 512,2,96 0.91, 256,1,128 0.77, 1024,4,64 0.85, 128,8,128 0.76,
-512,8,128 0.74, 128,16,256 0.70, 64,64,512 0.70 (the fork-per-step variant: 0.88,
-0.93, 0.72, 0.70 at the last four, 1.38-1.80 below B·H = 1024); it lost where the
-product has one group (512,2,32 1.14, 512,4,32 1.06, 512,8,32 1.06) and at 16,2,8
-(1.15). Training (forward + backward, OPENBLAS_NUM_THREADS=1): 0.81-0.95 at 128,8,128,
-512,8,128, 128,16,256, 1024,4,64, 256,1,128. Against torch.nn.LSTM at two threads
+product has at least 2^14 multiply-adds (B·gates·H²), and there is something to
+share: at least two 4-panel groups (gates·H columns) or at least two teams of rows.
+Measured on the 2-core Zen 4 VM, LSTM inference, two threads, float32, our persistent
+loop against our serial loop in one process (``benchmarks/cpu/05_persistent_loop.py``,
+quiet, 2026-12-01, before teams; medians of 30 paired ratios, whole calls including
+the projection): (T,B,H) = 512,1,64 0.85, 512,2,64 0.91, 512,2,96 0.91, 256,1,128
+0.77, 1024,4,64 0.85, 128,8,128 0.76, 512,8,128 0.74, 128,16,256 0.70, 64,64,512 0.70
+(the fork-per-step variant: 0.88, 0.93, 0.72, 0.70 at the last four, 1.38-1.80 below
+B·H = 1024); it lost where the product has one group (512,2,32 1.14, 512,4,32 1.06,
+512,8,32 1.06) and at 16,2,8 (1.15). With teams one group is enough where the rows
+make two teams (training, quiet, 30 pairs, persistent over serial): LSTM 512,8,32 0.87
+(0.76-0.97), 512,4,32 0.98 (0.89-1.09), but 512,2,32 (one team) 1.20 and 16,2,8 1.19;
+the tanh Elman RNN (one group up to H = 128) 128,8,128 0.89, 512,8,128 0.87,
+1024,4,64 0.94 (128,16,256, two groups: 0.87), its 256,1,128 (one team) 0.97
+(0.90-1.08), left serial; the GRU at 1024,4,64 0.91 (one team: 1.05), 128,8,128
+0.83. Training (forward + backward, OPENBLAS_NUM_THREADS=1), before teams: 0.81-0.95
+at 128,8,128, 512,8,128, 128,16,256, 1024,4,64, 256,1,128. Against torch.nn.LSTM at two threads
 (``benchmarks/cpu_vs_torch.py --threads 2``, quiet): see README's table.
 Chunks per worker: one product chunk and one cell chunk per worker and step ran
 1-9% faster than two of each (fewer atomics on the shared lines; the same at
@@ -81,116 +123,167 @@ def _check_product(a, packed, out, bias):
         raise ValueError("step product: bias is shorter than the packed width")
 
 
-def _product_group(a, packed, out, bias, group):
-    """``_product``'s work for one group of 4 panels (columns 4·group·W onwards): blocks
-    of 4 rows (by 2 panels at a time with AVX-512's 32 registers, else 1), and a last
-    block of 1-3 rows through the kernel that keeps 8 accumulators busy. Unchecked:
-    the callers check once (``_check_product``)."""
+def _product_panels(a, packed, out, bias, first, end):
+    """``_product``'s work for panels first:end (columns first·W to end·W): blocks of 4
+    rows (by 2 panels at a time with AVX-512's 32 registers, else 1), and a last
+    block of 1-3 rows through kernels that keep 8 accumulators busy where the panels
+    allow (1 row by 4 panels, 2 rows by 2). Which tile computes an element does not
+    change it (every tile sums over k in order, from 0, with one FMA per k), so any
+    split of the panels or rows gives the same bits. Unchecked: the callers check once
+    (``_check_product``)."""
     rows = a.shape[0]
     full = rows - rows % 4
     rest = rows - full
-    panels = packed.shape[0]
-    first = 4 * group
-    count = min(4, panels - first)
-    if _cpu_gemm.TWO_PANEL_BLOCKS and count == 4:  # a compile-time constant
-        for panel in range(first, first + 4, 2):
+    pairs_end = end - (end - first) % 2
+    if _cpu_gemm.TWO_PANEL_BLOCKS:  # a compile-time constant
+        for panel in range(first, pairs_end, 2):
             for row in range(0, full, 4):
                 _cpu_gemm.tile4x2(a, row, packed, panel, out, bias)
+        if pairs_end < end:
+            for row in range(0, full, 4):
+                _cpu_gemm.tile4x1(a, row, packed, pairs_end, out, bias)
     else:
-        for panel in range(first, first + count):
+        for panel in range(first, end):
             for row in range(0, full, 4):
                 _cpu_gemm.tile4x1(a, row, packed, panel, out, bias)
-    if rest == 1 and count == 4:
-        _cpu_gemm.tile1x4(a, full, packed, first, out, bias)
-    elif rest == 2 and count == 4:
-        _cpu_gemm.tile2x2(a, full, packed, first, out, bias)
-        _cpu_gemm.tile2x2(a, full, packed, first + 2, out, bias)
-    elif rest > 0:
-        for panel in range(first, first + count):
-            if rest == 1:
-                _cpu_gemm.tile1x1(a, full, packed, panel, out, bias)
-            elif rest == 2:
-                _cpu_gemm.tile2x1(a, full, packed, panel, out, bias)
-            else:
-                _cpu_gemm.tile3x1(a, full, packed, panel, out, bias)
+    if rest == 1:
+        panel = first
+        while panel + 4 <= end:
+            _cpu_gemm.tile1x4(a, full, packed, panel, out, bias)
+            panel += 4
+        if panel + 2 <= end:
+            _cpu_gemm.tile1x2(a, full, packed, panel, out, bias)
+            panel += 2
+        if panel < end:
+            _cpu_gemm.tile1x1(a, full, packed, panel, out, bias)
+    elif rest == 2:
+        for panel in range(first, pairs_end, 2):
+            _cpu_gemm.tile2x2(a, full, packed, panel, out, bias)
+        if pairs_end < end:
+            _cpu_gemm.tile2x1(a, full, packed, pairs_end, out, bias)
+    elif rest == 3:
+        for panel in range(first, end):
+            _cpu_gemm.tile3x1(a, full, packed, panel, out, bias)
 
 
 def _product(a, packed, out, bias):
     """out[:, :N] = a [R, K] @ M [K, N] (+ bias unless None) for M packed by
     ``_cpu_gemm.pack``; out [R, ≥N] C-contiguous, its columns past N get the zero
     padding's products (zeros, plus the bias's padding); bias [≥ out's columns], added
-    by the kernel as it stores each tile. Groups of 4 panels (``_product_group``; the
+    by the kernel as it stores each tile. Groups of 4 panels (``_product_panels``; the
     parallel variant splits the groups over the threads)."""
     check_product(a, packed, out, bias)  # noqa: F821 - a global of each variant
-    for group in numba.prange((packed.shape[0] + 3) // 4):
-        product_group(a, packed, out, bias, group)  # noqa: F821
+    panels = packed.shape[0]
+    for group in numba.prange((panels + 3) // 4):
+        product_panels(a, packed, out, bias, 4 * group, min(panels, 4 * group + 4))  # noqa: F821
 
 
-def _forward_persistent(h, packed, z, state, counters, workers, row_chunk, group_chunk):
+def _team(batch, workers, teams, worker, row_parts, product_parts, panels):
+    """Worker ``worker``'s team and its share of the work: (team, first_row, end_row,
+    row_chunk, panel_chunk). Team k of ``teams`` owns rows k·B//teams up to
+    (k+1)·B//teams for all T steps and has the workers w with w % teams == k; its
+    members split each phase into about ``row_parts`` cell chunks (blocks of rows) and
+    ``product_parts`` product chunks (runs of ``panel_chunk`` panels) per member. A
+    product chunk is whole 4-panel groups where there are enough groups, else pairs of
+    panels (the 2-panel tiles: 1 row by 2 panels still keeps 4 FMA chains): with one
+    group (H = 128 backward, 4 panels of 32 float32) two members would otherwise get
+    one chunk, and one of them would wait for the other's whole product."""
+    team = worker % teams
+    members = workers // teams + (1 if team < workers % teams else 0)
+    first_row = team * batch // teams
+    end_row = (team + 1) * batch // teams
+    row_chunk = max(1, -(-(end_row - first_row) // (row_parts * members)))
+    parts = product_parts * members
+    unit = 4 if (panels + 3) // 4 >= parts else 2
+    units = (panels + unit - 1) // unit
+    panel_chunk = unit * max(1, (units + parts - 1) // parts)
+    return team, first_row, end_row, row_chunk, panel_chunk
+
+
+def _forward_persistent(h, packed, z, state, counters, workers, teams, row_parts, product_parts):
     """All T steps of a forward in ONE parallel region (``_cpu_sync``: how the workers
     share the chunks and why it cannot deadlock). h [T+1, B, H] with h[0] set; packed:
     W_hhᵀ packed; z [B, ≥ packed width] scratch; ``state``: the cell's arrays, passed
-    to its ``forward_rows(state, z, t, first_row, end_row)``. Per step: the product
-    h_t W_hhᵀ in 4-panel groups, then the cell in blocks of ``row_chunk`` rows; each
-    element by the same code as the serial loop, so the same bits."""
+    to its ``forward_rows(state, z, t, first_row, end_row)``; counters [≥ teams, ...]
+    (``_cpu_sync.team_counters``). The batch rows are split into ``teams`` blocks
+    (at most one per worker and per row): a row's recurrence never reads another row,
+    so each team runs its rows through all T steps on its own counters and never
+    waits for another team (``_team``). Per step and team: the product h_t W_hhᵀ of
+    its rows in runs of panels, then the cell over its rows in blocks; each element by
+    the same code as the serial loop, so the same bits."""
     steps = h.shape[0] - 1
     batch = h.shape[1]
-    groups = (packed.shape[0] + 3) // 4
-    group_chunks = (groups + group_chunk - 1) // group_chunk
-    row_chunks = (batch + row_chunk - 1) // row_chunk
-    per_step = group_chunks + row_chunks
-    total = steps * per_step
+    panels = packed.shape[0]
+    used_teams = max(1, min(teams, workers, batch))
     check_product(h[0], packed, z, None)  # noqa: F821 - a global of each variant
-    for _ in numba.prange(workers):
+    for worker in numba.prange(workers):
+        team, first_row, end_row, row_chunk, panel_chunk = team_share(  # noqa: F821
+            batch, workers, used_teams, worker, row_parts, product_parts, panels
+        )
+        product_chunks = (panels + panel_chunk - 1) // panel_chunk
+        row_chunks = (end_row - first_row + row_chunk - 1) // row_chunk
+        per_step = product_chunks + row_chunks
+        total = steps * per_step
+        own = counters[team]
         while True:
-            index = _cpu_sync.claim(counters)
+            index = _cpu_sync.claim(own)
             if index >= total:
                 break
             t = index // per_step
             chunk = index - t * per_step
-            if chunk < group_chunks:
-                _cpu_sync.wait(counters, t * per_step)  # step t-1's cell is done
-                for group in range(chunk * group_chunk, min(groups, (chunk + 1) * group_chunk)):
-                    product_group(h[t], packed, z, None, group)  # noqa: F821
+            if chunk < product_chunks:
+                _cpu_sync.wait(own, t * per_step)  # step t-1's cell is done (these rows)
+                product_panels(  # noqa: F821
+                    h[t][first_row:end_row], packed, z[first_row:end_row], None,
+                    chunk * panel_chunk, min(panels, (chunk + 1) * panel_chunk),
+                )
             else:
-                _cpu_sync.wait(counters, t * per_step + group_chunks)  # step t's product is done
-                first = (chunk - group_chunks) * row_chunk
-                forward_rows(state, z, t, first, min(batch, first + row_chunk))  # noqa: F821
-            _cpu_sync.finish(counters)
+                _cpu_sync.wait(own, t * per_step + product_chunks)  # step t's product is done
+                first = first_row + (chunk - product_chunks) * row_chunk
+                forward_rows(state, z, t, first, min(end_row, first + row_chunk))  # noqa: F821
+            _cpu_sync.finish(own)
 
 
-def _backward_persistent(grad, packed, out, state, counters, workers, row_chunk, group_chunk):
+def _backward_persistent(grad, packed, out, state, counters, workers, teams, row_parts, product_parts):
     """All T steps of a backward loop in ONE parallel region, steps T-1 down to 0: per
     step the cell's ``backward_rows(state, out, t, first_row, end_row)`` in blocks of
-    ``row_chunk`` rows (it reads ``out``, the gradient reaching h_t through W_hh, and
-    writes grad[t]), then out = grad[t] @ M with M packed, in 4-panel groups. grad
-    [T, B, K]; out [B, ≥ packed width]."""
+    rows (it reads ``out``, the gradient reaching h_t through W_hh, and writes
+    grad[t]), then out = grad[t] @ M with M packed, in runs of panels. grad
+    [T, B, K]; out [B, ≥ packed width]. Rows in ``teams`` blocks, each on its own
+    counters, as in ``_forward_persistent``."""
     steps = grad.shape[0]
     batch = grad.shape[1]
-    groups = (packed.shape[0] + 3) // 4
-    group_chunks = (groups + group_chunk - 1) // group_chunk
-    row_chunks = (batch + row_chunk - 1) // row_chunk
-    per_step = group_chunks + row_chunks
-    total = steps * per_step
+    panels = packed.shape[0]
+    used_teams = max(1, min(teams, workers, batch))
     check_product(grad[0], packed, out, None)  # noqa: F821 - a global of each variant
-    for _ in numba.prange(workers):
+    for worker in numba.prange(workers):
+        team, first_row, end_row, row_chunk, panel_chunk = team_share(  # noqa: F821
+            batch, workers, used_teams, worker, row_parts, product_parts, panels
+        )
+        product_chunks = (panels + panel_chunk - 1) // panel_chunk
+        row_chunks = (end_row - first_row + row_chunk - 1) // row_chunk
+        per_step = product_chunks + row_chunks
+        total = steps * per_step
+        own = counters[team]
         while True:
-            index = _cpu_sync.claim(counters)
+            index = _cpu_sync.claim(own)
             if index >= total:
                 break
             s = index // per_step
             t = steps - 1 - s
             chunk = index - s * per_step
             if chunk < row_chunks:
-                _cpu_sync.wait(counters, s * per_step)  # step t+1's product is done
-                first = chunk * row_chunk
-                backward_rows(state, out, t, first, min(batch, first + row_chunk))  # noqa: F821
+                _cpu_sync.wait(own, s * per_step)  # step t+1's product is done (these rows)
+                first = first_row + chunk * row_chunk
+                backward_rows(state, out, t, first, min(end_row, first + row_chunk))  # noqa: F821
             else:
-                _cpu_sync.wait(counters, s * per_step + row_chunks)  # step t's cell is done
+                _cpu_sync.wait(own, s * per_step + row_chunks)  # step t's cell is done
                 chunk -= row_chunks
-                for group in range(chunk * group_chunk, min(groups, (chunk + 1) * group_chunk)):
-                    product_group(grad[t], packed, out, None, group)  # noqa: F821
-            _cpu_sync.finish(counters)
+                product_panels(  # noqa: F821
+                    grad[t][first_row:end_row], packed, out[first_row:end_row], None,
+                    chunk * panel_chunk, min(panels, (chunk + 1) * panel_chunk),
+                )
+            _cpu_sync.finish(own)
 
 
 def _step_product(a, packed, out):
@@ -240,8 +333,9 @@ def compile_function(py_func, variant, parallel, callees=None):
 
 _PRODUCT_CALLEES = {
     "check_product": compile_function(_check_product, "serial", False),
-    "product_group": compile_function(_product_group, "serial", False),
+    "product_panels": compile_function(_product_panels, "serial", False),
 }
+_TEAM_SHARE = compile_function(_team, "serial", False)
 PRODUCT = {
     parallel: compile_function(_product, "parallel" if parallel else "serial", parallel, _PRODUCT_CALLEES)
     for parallel in (False, True)
@@ -274,7 +368,7 @@ def compile_persistent(label, serial, rows):
     namespace like ``compile_variant``'s; ``label`` names its dispatchers in the cache."""
     variant = types.SimpleNamespace()
     cells = {name: getattr(serial, name) for name in ("cell_forward", "cell_backward")}
-    callees = dict(_PRODUCT_CALLEES)
+    callees = dict(_PRODUCT_CALLEES, team_share=_TEAM_SHARE)
     for attribute, py_func in rows.items():
         callees[attribute] = compile_function(py_func, label, False, cells)
     for attribute, py_func in (("forward_steps", _forward_persistent), ("backward_steps", _backward_persistent)):
@@ -334,29 +428,40 @@ def time_loop(batch, hidden, gates, dtype):
     """Which time loop runs steps of B x H for a cell of ``gates`` gates in ``dtype``:
     "serial" or "persistent" (one parallel region per call). Persistent when Numba has
     more than one thread, B·H >= PARALLEL_MIN_UNITS, the step product has at least
-    PERSISTENT_MIN_MACS multiply-adds (B·gates·H²) and at least PERSISTENT_MIN_GROUPS
-    4-panel groups to share (gates·H columns); the module docstring has the
-    measurements. Both loops compute the same bits (tests/test_cpu.py and
-    tests/test_cpu_cells.py check it), so the rule decides speed only."""
+    PERSISTENT_MIN_MACS multiply-adds (B·gates·H²), and there is something to share:
+    at least PERSISTENT_MIN_GROUPS 4-panel groups of the product (gates·H columns) or
+    at least two teams of rows (B >= 2·TEAM_MIN_ROWS, ``persistent_arguments``); the
+    module docstring has the measurements. Both loops compute the same bits
+    (tests/test_cpu.py and tests/test_cpu_cells.py check it), so the rule decides
+    speed only."""
     groups = -(-gates * hidden // (4 * _cpu_gemm.panel_width(dtype)))
-    if threads() < 2 or batch * hidden < PARALLEL_MIN_UNITS or groups < PERSISTENT_MIN_GROUPS:
+    if threads() < 2 or batch * hidden < PARALLEL_MIN_UNITS:
+        return "serial"
+    if groups < PERSISTENT_MIN_GROUPS and _teams(batch, threads()) < 2:
         return "serial"
     return "persistent" if batch * gates * hidden * hidden >= PERSISTENT_MIN_MACS else "serial"
 
 
 ROW_CHUNKS_PER_WORKER = 1
-GROUP_CHUNKS_PER_WORKER = 1
+PRODUCT_CHUNKS_PER_WORKER = 1
+# Rows per team at least (``persistent_arguments``): the batch is split into
+# min(workers, B // TEAM_MIN_ROWS) teams of rows, at least one.
+TEAM_MIN_ROWS = 2
 
 
 def persistent_arguments(batch, packed):
-    """(counters, workers, row_chunk, group_chunk) for a persistent loop: zeroed
-    counters, Numba's thread count, the rows per cell chunk and the 4-panel groups per
-    product chunk."""
+    """(counters, workers, teams, row_parts, product_parts) for a persistent loop: zeroed
+    counters for each team, Numba's thread count, the teams of rows, and the cell and
+    product chunks per team member and phase."""
     workers = threads()
-    groups = -(-packed.shape[0] // 4)
-    row_chunk = max(1, -(-batch // (ROW_CHUNKS_PER_WORKER * workers)))
-    group_chunk = max(1, -(-groups // (GROUP_CHUNKS_PER_WORKER * workers)))
-    return _cpu_sync.counters(), workers, row_chunk, group_chunk
+    teams = _teams(batch, workers)
+    return _cpu_sync.team_counters(teams), workers, teams, ROW_CHUNKS_PER_WORKER, PRODUCT_CHUNKS_PER_WORKER
+
+
+def _teams(batch, workers):
+    """Teams of rows for ``batch`` rows and ``workers`` workers: one per worker while
+    each gets TEAM_MIN_ROWS rows or more, at least one."""
+    return max(1, min(workers, batch // TEAM_MIN_ROWS))
 
 
 def project(a, packed, columns, bias=None):

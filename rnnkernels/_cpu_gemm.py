@@ -203,7 +203,8 @@ def _make_tile(rows, panels):
     return tile
 
 
-# rows x panels: 4 rows per block; a last block of 1-3 rows takes 4, 2 or 1 panels.
+# rows x panels: 4 rows per block; a last block of 1-3 rows takes 4, 2 or 1 panels (1 row
+# by 2: the persistent loop's 2-panel product chunks, _cpu_common._team).
 # With 32 vector registers (AVX-512) a block of 4 rows takes 2 panels: 16 accumulators
 # (+ 4 panel vectors + a broadcast) halve the broadcasts per multiply-add; 2-7% faster
 # than 4x1 at the products of issue 12's sizes (thread CPU time, 2-core Zen 4). With
@@ -215,4 +216,5 @@ tile3x1 = _make_tile(3, 1)
 tile2x2 = _make_tile(2, 2)
 tile2x1 = _make_tile(2, 1)
 tile1x4 = _make_tile(1, 4)
+tile1x2 = _make_tile(1, 2)
 tile1x1 = _make_tile(1, 1)

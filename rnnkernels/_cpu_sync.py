@@ -6,10 +6,15 @@ counters in a NumPy array.
 
 How the loops use them (``_cpu_common``'s persistent loops): ONE parallel region per
 call, ``for worker in numba.prange(workers)``, and inside it the workers share all T
-steps' work. Each step has phases (the step product, then the cell, or the reverse
-in backward), each phase a few *chunks* (4-panel groups of the product, blocks of
-batch rows of the cell). The chunks of the whole call are numbered in the order the
-math needs them, step by step and phase by phase, and two counters hand them out:
+steps' work. The batch rows are split into teams (``_cpu_common._team``: worker w in
+team w % teams); a team's work touches only its own rows (a row's recurrence never
+reads another row), and each team has its own counters (a row of
+``team_counters(teams)``), so everything below holds per team, and teams never wait
+for one another. Each step of a team has phases (the step product, then the cell, or
+the reverse in backward), each phase a few *chunks* (runs of panels of the product,
+blocks of the team's rows of the cell). The chunks of the team's whole call are
+numbered in the order the math needs them, step by step and phase by phase, and two
+counters hand them out:
 
 * ``claim(counters)``: fetch-add on the claim counter; the old value is the chunk
   this worker computes next (>= the call's chunk count: nothing left);
@@ -24,15 +29,17 @@ chunks before it. Hence a phase starts only when the previous one is complete, a
 with a barrier, and a worker that claimed a chunk of the next phase early simply
 holds it while it waits.
 
-Deadlock-free whatever the threading layer does: a worker waits only for chunks
-numbered below the one it holds, each of which was claimed by a worker that is
-running (it was inside ``claim``); the lowest unfinished chunk's worker waits for
-nothing (everything before it is done), so it always progresses. A layer that runs
-the prange's iterations one after another on one thread (``workqueue``; ``tbb``
-may) is the case of one worker: the first iteration claims and computes every chunk
-in order, the next ones find nothing left. Every element is computed by the same
-code whichever worker computes it, so the bits do not depend on the thread count or
-on who claims what.
+Deadlock-free whatever the threading layer does: a worker waits only for chunks of
+its own team numbered below the one it holds, each of which was claimed by a worker
+that is running (it was inside ``claim``); the lowest unfinished chunk of a team has
+its worker wait for nothing (everything of the team before it is done), so every team
+always progresses. Teams share no counters and wait for nothing of each other's, so
+they cannot block one another, whatever the layer runs when. A layer that runs the
+prange's iterations one after another on one thread (``workqueue``; ``tbb`` may) is
+the case of one worker per team: the first iteration of a team claims and computes
+every chunk of that team in order, that team's later iterations find nothing left.
+Every element is computed by the same code whichever worker or team computes it, so
+the bits do not depend on the thread count, the teams or on who claims what.
 
 Memory ordering (why h_t written by one thread is what another reads):
 * A worker's chunk writes its outputs (h_t, c_t, z, gates ...) with plain stores,
@@ -53,8 +60,11 @@ Memory ordering (why h_t written by one thread is what another reads):
 * ``claim`` needs no ordering for data (it hands out indices, all writes are
   ordered by done/wait); it is ``acq_rel`` anyway: it costs the same on x86 (a
   ``lock xadd``) and keeps the argument simple on weaker machines.
-The counters only grow (zeroed by ``counters()``, one pair per call), so none is ever
-reset while another thread reads it.
+* Across teams: no team reads what another writes during the region (their rows are
+  disjoint; the packed weights are only read); the caller reads the results after
+  the region's join, which orders them.
+The counters only grow (zeroed by ``counters()`` / ``team_counters()``, one pair per
+team and call), so none is ever reset while another thread reads it.
 
 Waiting (``wait``): a check of the done counter, and only if the phase is
 unfinished, three stages, by the number of checks so far (the bounds are data in the
@@ -155,8 +165,14 @@ def set_policy(spins=SPINS, yields=YIELDS):
 def counters():
     """A call's zeroed claim and done counters and the wait policy (int64, three cache
     lines)."""
-    array = np.zeros(_COUNTERS, np.int64)
-    array[_SPINS], array[_YIELDS] = _policy
+    return team_counters(1)[0]
+
+
+def team_counters(teams):
+    """``counters()`` for each of ``teams`` teams of workers: [teams, 24] int64, a row
+    (three cache lines) per team."""
+    array = np.zeros((teams, _COUNTERS), np.int64)
+    array[:, _SPINS], array[:, _YIELDS] = _policy
     return array
 
 

@@ -30,12 +30,16 @@ Compiled variants (``rnnkernels/_cpu_common.py``, shared with the GRU and the El
 RNN; the rule is ``_cpu_common.time_loop``): a *serial* and a *persistent* copy of
 each time loop, each under its own name in Numba's cache; float32 and float64 are
 signatures of each. The persistent loop is one parallel region per call: the threads
-stay in it for all T steps and share each step's product (4-panel groups) and cell
-(batch rows) by claiming chunks with atomic counters (``_cpu_sync.py``), instead of
-forking and joining the pool twice per step. It runs when Numba has more than one
-thread and the step product has two 4-panel groups or more and 2^14 multiply-adds or
-more (B·4H·H for the LSTM): 0.70-0.85x our serial loop's time from (T,B,H) =
-256,1,128 to 64,64,512 at two threads (measurements in ``_cpu_common``'s docstring).
+stay in it for all T steps; the batch rows are split into one team per thread (from 2
+rows each: a row's recurrence never reads another row, so a team never waits for
+another), and where a team has several threads they share each step's product (runs
+of panels) and cell (blocks of rows) by claiming chunks with atomic counters
+(``_cpu_sync.py``), instead of forking and joining the pool twice per step. It runs
+when Numba has more than one thread, the step product has 2^14 multiply-adds or more
+(B·4H·H for the LSTM) and two 4-panel groups or more, or two teams: 0.70-0.85x our
+serial loop's time from (T,B,H) = 256,1,128 to 64,64,512 at two threads in
+inference, before the teams, which took the backward loop from 1.64 to 0.95 ms at
+128,8,128 (measurements in ``_cpu_common``'s docstring).
 The input projection is one product, split over the threads from 2^20 multiply-adds
 up. The packed kernel's vector
 width follows Numba's target (``_cpu_gemm.VECTOR_BYTES``: 64 bytes where it has

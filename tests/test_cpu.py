@@ -263,6 +263,73 @@ def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkey
         assert serial.tobytes() == persistent.tobytes()
 
 
+def test_cpu_persistent_teams_and_product_chunks_at_their_boundaries():
+    # _cpu_common._team splits the rows into teams (one per worker from TEAM_MIN_ROWS
+    # rows each) and each team's product into runs of panels: whole 4-panel groups
+    # while there are as many groups as chunks wanted, else pairs of panels. Every
+    # split covers each row and each panel exactly once.
+    from rnnkernels import _cpu_common
+
+    least = _cpu_common.TEAM_MIN_ROWS
+    assert _cpu_common._teams(2 * least - 1, 2) == 1
+    assert _cpu_common._teams(2 * least, 2) == 2
+    assert _cpu_common._teams(1, 2) == 1 and _cpu_common._teams(3 * least, 3) == 3
+    assert _cpu_common._teams(100, 1) == 1
+    for batch, workers, teams, panels, parts in [
+        (8, 2, 2, 4, 1), (3, 2, 1, 4, 1), (3, 2, 1, 8, 1), (3, 2, 1, 5, 1), (3, 2, 1, 1, 1),
+        (3, 2, 1, 3, 1), (7, 3, 2, 16, 1), (7, 3, 2, 3, 2), (1, 1, 1, 9, 1),
+    ]:
+        rows, chunks = [], {}
+        for worker in range(workers):
+            team, first, end, row_chunk, panel_chunk = _cpu_common._team(
+                batch, workers, teams, worker, 1, parts, panels
+            )
+            rows.append((team, first, end))
+            chunks.setdefault(team, set()).add((row_chunk, panel_chunk))
+        covered = sorted(set(rows), key=lambda row: row[1])
+        assert [first for _, first, _ in covered] == [0] + [end for _, _, end in covered[:-1]]
+        assert covered[-1][2] == batch and len(covered) == teams
+        for team, shares in chunks.items():
+            assert len(shares) == 1  # the members of a team agree on the chunks
+            members = sum(1 for row in rows if row[0] == team)
+            (row_chunk, panel_chunk), = shares
+            groups = -(-panels // 4)
+            if members == 1 and parts == 1:
+                assert panel_chunk >= panels  # one chunk: the whole product
+            elif groups >= members * parts:
+                assert panel_chunk % 4 == 0
+            else:  # fewer groups than chunks wanted: pairs of panels (here one pair each)
+                assert panel_chunk == 2
+    # The boundaries: 2 groups for 2 members: one group each; 1 group (4 panels): a
+    # pair each; 5 panels (2 groups, the second partial): 4 + 1.
+    assert _cpu_common._team(3, 2, 1, 0, 1, 1, 8)[4] == 4
+    assert _cpu_common._team(3, 2, 1, 0, 1, 1, 4)[4] == 2
+    assert _cpu_common._team(3, 2, 1, 0, 1, 1, 5)[4] == 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5])
+def test_cpu_persistent_loop_at_the_team_and_pair_boundaries(batch, dtype, monkeypatch):
+    # B = 3 (2·TEAM_MIN_ROWS - 1): one team, its two workers share each product in
+    # pairs of panels where it has one 4-panel group (H = 64 float64 / 128 float32
+    # backward: 4 panels), with a 3-row tile; B = 4, 5: two teams (2 + 2, 2 + 3 rows);
+    # B = 1: one row, pairs by the 1 x 2 tile. The serial loop's bits, also with 3
+    # workers on 2 threads.
+    from rnnkernels import _cpu_common, _cpu_gemm
+
+    hidden = 4 * _cpu_gemm.panel_width(dtype)
+    shape = (5, batch, 6, hidden)
+    _force_loop(monkeypatch, False)
+    want = _lstm_outputs(shape, dtype)
+    _force_loop(monkeypatch, True)
+    arguments = _cpu_common.persistent_arguments
+    for workers in (2, 3):
+        monkeypatch.setattr(_cpu_common, "persistent_arguments", lambda *a, w=workers: (arguments(*a)[0], w, *arguments(*a)[2:]))
+        got = _lstm_outputs(shape, dtype)
+        for a, b in zip(want, got):
+            assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize(("workers", "numba_threads", "policy"), [(1, 2, None), (2, 1, None), (3, 2, None), (3, 2, (0, 0)), (2, 2, (1, 1))])
 def test_cpu_persistent_loop_with_any_number_of_workers_and_threads(workers, numba_threads, policy, monkeypatch):
     # The persistent loops hand out work by claiming (rnnkernels/_cpu_sync.py), never by

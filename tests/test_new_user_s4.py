@@ -32,10 +32,10 @@ import numpy as np
 import numba
 import rnnkernels
 
-def problem(cell, seed):
+def problem(cell, seed, batch=16):
     gates = {{"lstm": 4, "gru": 3, "rnn": 1}}[cell]
     rng = np.random.default_rng(seed)
-    steps, batch, size = 6, 16, 96
+    steps, size = 6, 96
     x = rng.standard_normal((steps, batch, size)).astype(np.float32)
     w_ih = (rng.standard_normal((gates * size, size)) / size).astype(np.float32)
     w_hh = (rng.standard_normal((gates * size, size)) / size).astype(np.float32)
@@ -51,6 +51,15 @@ def call(cell, x, w_ih, w_hh):
 problems = [problem("lstm", 0), problem("gru", 1), problem("lstm", 0)]
 expected = [call(*p) for p in problems]
 assert numba.threading_layer() == "workqueue", numba.threading_layer()
+# The persistent loops on this layer give the serial loop's bits: two teams of rows
+# (B = 16), and one team of two workers sharing pairs of panels (B = 3, H = 96: the
+# backward product's 3 panels).
+small = problem("lstm", 2, batch=3)
+persistent = [call(*p) for p in problems[:2] + [small]]
+numba.set_num_threads(1)
+serial = [call(*p) for p in problems[:2] + [small]]
+numba.set_num_threads(2)
+assert persistent == serial
 wrong = []
 
 def work(k):
