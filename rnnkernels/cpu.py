@@ -366,12 +366,11 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
-    # The weight gradients before dx: after a serial backward loop no OpenMP worker is
-    # spinning yet to contend with the second BLAS product's thread (cpu.py's policy).
-    dw_ih, dw_hh = _cpu_blas.weight_gradients(
-        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden)
+    # dW_ih, dW_hh and dx on one thread team (the threading policy above).
+    dw_ih, dw_hh, dx = _cpu_blas.backward_products(
+        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden), w_ih
     )
-    dx = _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dx = dx.reshape(steps, batch, input_size)
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads

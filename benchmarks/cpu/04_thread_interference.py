@@ -82,9 +82,11 @@ def parse(argv):
     parser.add_argument("--repeats", type=int, default=25, help="timed calls per library and row")
     parser.add_argument("--phases", action="store_true",
                         help="our training call by phase (a copy of it with a clock between the parts)")
-    parser.add_argument("--dw", choices=("blas1", "blas"), default="blas1",
-                        help="--phases: the weight gradients with NumPy's BLAS held at one thread (what "
-                             "rnnkernels.cpu does) or at the process's BLAS threads (what it did before)")
+    parser.add_argument("--dw", choices=("team", "team-dxblas", "blas1", "blas"), default="team",
+                        help="--phases: the after-loop products on one thread team with dx on the packed "
+                             "kernel (what rnnkernels.cpu does) or on the BLAS; the weight gradients with "
+                             "NumPy's BLAS held at one thread, side by side, then dx (before the team); or "
+                             "dx, then NumPy's products at the process's BLAS threads (before that)")
     parser.add_argument("--json", metavar="PATH", help="also write every row")
     parser.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,15 +151,27 @@ def _phase_call(a, dw):
         cpu._SERIAL.backward_steps(dy, gates, c, packed, dz, dh_next, carry, np.empty((batch, 2)), *norms)
     mark("backward loop")
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
-    _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
-    mark("dx")
-    if dw == "blas":  # as rnnkernels.cpu did before this experiment: NumPy's BLAS
-        flat_dz.T @ x.reshape(steps * batch, input_size)
-        flat_dz.T @ h[:-1].reshape(steps * batch, hidden)
-    else:
+    if dw in ("team", "team-dxblas"):  # what rnnkernels.cpu does: one phase, one team
+        saved_choice = _cpu_blas.DX_ON_BLAS
+        _cpu_blas.DX_ON_BLAS = dw == "team-dxblas"
+        try:
+            _cpu_blas.backward_products(flat_dz, x.reshape(steps * batch, input_size), flat_dz,
+                                        h[:-1].reshape(steps * batch, hidden), w_ih)
+        finally:
+            _cpu_blas.DX_ON_BLAS = saved_choice
+        mark("dx+dW")
+    elif dw == "blas1":  # as rnnkernels.cpu did before the team: the weight gradients first
         _cpu_blas.weight_gradients(flat_dz, x.reshape(steps * batch, input_size), flat_dz,
                                    h[:-1].reshape(steps * batch, hidden))
-    mark("dW")
+        mark("dW")
+        _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
+        mark("dx")
+    else:  # as rnnkernels.cpu did before this experiment: NumPy's BLAS
+        _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
+        mark("dx")
+        flat_dz.T @ x.reshape(steps * batch, input_size)
+        flat_dz.T @ h[:-1].reshape(steps * batch, hidden)
+        mark("dW")
     flat_dz.sum(axis=0)
     mark("db")
     return {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}
