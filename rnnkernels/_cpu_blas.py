@@ -1,6 +1,16 @@
-"""The cpu backends' weight gradients (dW_ih = gᵀ x, dW_hh = gᵀ h_{t-1}, summed over the
-T·B rows) as NumPy products with NumPy's BLAS held at one thread, the two products
-side by side when Numba has two threads or more (cpu.py's "Threading policy").
+"""The cpu backends' after-loop products of backward (dW_ih = gᵀ x, dW_hh = gᵀ h_{t-1},
+summed over the T·B rows, and dx = g W_ih), with NumPy's BLAS held at one thread
+(cpu.py's "Threading policy").
+
+``backward_products`` is what the three cells call. Where it knows the BLAS's gemm
+(``team_gemm``: OpenBLAS, MKL) and the products have TEAM_MIN_MACS multiply-adds or
+more, all three run on ONE Numba thread team (``_cpu_team``): Numba's threads call the
+BLAS's single-threaded gemm from inside one parallel region, chunk by chunk, and dx is
+computed by our packed kernel in the same region. Otherwise, as before the team (the
+rest of this docstring): ``weight_gradients``, two NumPy products side by side when
+Numba has two threads or more, then dx as a parallel product of its own. The team at
+two threads took 0.77-0.83 of the old way's LSTM training call at five of issue 12's
+six sizes (0.95 at 64,64,512) and the same time at one thread (cpu.py has the numbers).
 
 Why a BLAS at all: OpenBLAS's sgemm ran these long-K products faster at one thread than
 our packed kernel (``_cpu_gemm``'s tiles; the measurements are in cpu.py's docstring

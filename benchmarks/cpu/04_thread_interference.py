@@ -14,10 +14,15 @@ elsewhere), then warmed up and timed call by call in wall time; each row gives t
 median and p10/p90 in ms and ``cpu/wall``, the process CPU time per call over its
 wall time (1.0: one busy core; near 2.0 at two threads: both cores busy, whether
 working or spinning). ``--phases`` times the parts of our training call (the input
-projection, the forward loop, the backward loop, dx, the two weight-gradient products,
-db) by running, in place of our call, a copy of what ``rnnkernels.cpu.forward``/
-``backward`` do with a clock between the parts (``--dw blas``: the weight gradients as
-NumPy products at the process's BLAS threads, as before this experiment).
+projection, the forward loop, the backward loop, the after-loop products, db) by
+running, in place of our call, a copy of what ``rnnkernels.cpu.forward``/``backward``
+do with a clock between the parts. ``--dw`` picks the after-loop products: ``team``
+(what rnnkernels.cpu does: dx and both weight gradients on one Numba thread team,
+``_cpu_team``, one phase "dx+dW"), ``team-dxblas`` (the same with dx by the BLAS's
+gemm), ``blas1`` (before the team: the weight gradients as NumPy products at one BLAS
+thread, side by side on an executor thread, then dx: phases "dW" and "dx"), ``blas``
+(before this experiment: dx, then the weight gradients as NumPy products at the
+process's BLAS threads).
 
 What was found, and the numbers, are in rnnkernels/cpu.py's docstring ("Threading
 policy") and in the report of the branch that added this file. What this experiment
@@ -27,7 +32,12 @@ thread it was 8-14% slower per LSTM training call than OpenBLAS's sgemm held at 
 thread (paired, quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed
 kernel's at 128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products
 side by side, one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in
-cpu.py's docstring; ``--dw blas1`` is what rnnkernels.cpu does now.
+cpu.py's docstring. What the phases showed next (quiet, 2026-12-01, 128,8,128 at two
+threads): dW 3.99 ms and dx 1.60 ms with ``--dw blas1``, where the OpenMP worker
+left spinning by the persistent backward loop's region held the core the executor
+thread wanted; on one team (``--dw team``, benchmarks/cpu/10_after_loop_team.py
+compares the whole calls) the two phases take 2.56-2.70 ms together and the whole
+call 6.44-6.70 ms instead of 9.68-10.16 (two runs each).
 """
 
 from __future__ import annotations
@@ -106,9 +116,9 @@ def _percentiles(values):
 def _phase_call(a, dw):
     """Our LSTM training call (forward with training=True, then backward), as
     rnnkernels.cpu does it for T > 1, with a clock between its parts: ms per part. The
-    weight gradients by ``dw``: "blas1" (``_cpu_blas.weight_gradients``, what
-    rnnkernels.cpu does) or "blas" (NumPy's matmul at the process's BLAS threads, what
-    it did before); here after dx, as the parts were first timed."""
+    after-loop products by ``dw`` (the module docstring): "team" and "team-dxblas" (one
+    phase), "blas1" (the weight gradients, then dx) or "blas" (dx, then the weight
+    gradients)."""
     import numpy as np
 
     from rnnkernels import _cpu_blas, _cpu_common, _cpu_gemm, cpu
