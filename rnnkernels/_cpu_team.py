@@ -32,7 +32,8 @@ argument, the compiled code is the same in every process and the on-disk cache h
 
 Which symbols (``find_gemm``; the integer width is part of the ABI and must be known,
 never guessed):
-* OpenBLAS (``internal_api == "openblas"``), with the symbol prefix and suffix
+* OpenBLAS (``internal_api == "openblas"``) built with pthreads (threadpoolctl's
+  ``threading_layer``; NumPy's wheels), 0.3.7 or later, with the symbol prefix and suffix
   threadpoolctl found (NumPy's wheels: ``scipy_cblas_sgemm64_``, older ones
   ``cblas_sgemm64_``, a plain build ``cblas_sgemm``): 64-bit integers when its
   ``openblas_get_config()`` lists USE64BITINT, else 32.
@@ -46,11 +47,14 @@ never guessed):
 Thread safety of concurrent single-thread calls: OpenBLAS built with threads (NumPy's
 wheels: pthreads) takes its memory-buffer lock around its per-call buffers, and a
 call made while its thread count is 1 runs the single-threaded driver in the calling
-thread (the serialization OpenBLAS 0.3.4 added is for its multi-threaded level-3
-path only); OpenBLAS 0.3.7 added USE_LOCKING so that even builds without threads are
+thread (the serialization of concurrent callers OpenBLAS 0.3.4 added, the level-3
+lock of driver/level3/level3_thread.c, is taken only by its multi-threaded driver,
+which a call at one thread never reaches); OpenBLAS 0.3.7 added USE_LOCKING so that even builds without threads are
 safe when called from several threads, and a test program for exactly that
 (OpenBLAS's Changelog, 0.3.4 and 0.3.7). Older OpenBLAS (< 0.3.7) is not used here
-(``MIN_OPENBLAS``). MKL is thread-safe by its documentation.
+(``MIN_OPENBLAS``), nor an OpenMP or single-threaded build (not checked here). MKL is
+thread-safe by its documentation. tests/test_cpu_team.py runs the team's gemm calls
+from two and three threads at once against a float64 product and one thread's bits.
 """
 
 from __future__ import annotations
@@ -96,6 +100,12 @@ def _version(text):
 
 
 def _openblas_gemm(controller):
+    # Only the pthreads build (NumPy's wheels), whose thread safety at one thread is
+    # the module docstring's argument; an OpenMP build called from inside our own
+    # OpenMP region, or a build without threads (safe only if built with USE_LOCKING,
+    # which nothing reports), is left to the fallback.
+    if getattr(controller, "threading_layer", None) != "pthreads":
+        return None
     # threadpoolctl found the library's symbol affixes (scipy_ ... 64_) to call its
     # thread setter; the cblas symbols carry the same ones.
     prefix = getattr(controller, "_symbol_prefix", "")

@@ -102,16 +102,17 @@ def test_team_plan_is_the_shapes_alone_and_covers_every_row():
 
 
 class _Controller:
-    def __init__(self, internal_api, **symbols):
+    def __init__(self, internal_api, threading_layer="pthreads", **symbols):
         self.internal_api = internal_api
+        self.threading_layer = threading_layer
         self.filepath = f"/fake/{internal_api}.so"
         self.dynlib = types.SimpleNamespace(**symbols)
 
 
 def test_find_gemm_knows_openblas_and_mkl_and_nothing_else():
     # find_gemm returns a gemm only where it knows the symbol and its integer width:
-    # the real library here (NumPy's OpenBLAS), nothing for BLIS or an OpenBLAS without
-    # its config or older than 0.3.7.
+    # the real library here (NumPy's OpenBLAS), nothing for BLIS, nor for an OpenBLAS
+    # without its config, older than 0.3.7 or built with OpenMP.
     from threadpoolctl import ThreadpoolController
 
     real = _cpu_team.find_gemm(ThreadpoolController().select(user_api="blas").lib_controllers)
@@ -129,6 +130,9 @@ def test_find_gemm_knows_openblas_and_mkl_and_nothing_else():
 
     old = _Controller("openblas", openblas_get_config=Config(b"OpenBLAS 0.3.6 USE64BITINT"))
     assert _cpu_team.find_gemm([old]) is None
+    # An OpenMP build: the team would call it from inside its own OpenMP region.
+    openmp = _Controller("openblas", threading_layer="openmp", openblas_get_config=Config(b"OpenBLAS 0.3.31"))
+    assert _cpu_team.find_gemm([openmp]) is None
     assert _cpu_team._version("OpenBLAS 0.3.31.188.0 USE64BITINT") == (0, 3, 31)
 
 
