@@ -45,16 +45,17 @@ never guessed):
   at one thread, side by side at two threads, then dx on the packed kernel).
 
 Thread safety of concurrent single-thread calls: OpenBLAS built with threads (NumPy's
-wheels: pthreads) takes its memory-buffer lock around its per-call buffers, and a
-call made while its thread count is 1 runs the single-threaded driver in the calling
-thread (the serialization of concurrent callers OpenBLAS 0.3.4 added, the level-3
-lock of driver/level3/level3_thread.c, is taken only by its multi-threaded driver,
-which a call at one thread never reaches); OpenBLAS 0.3.7 added USE_LOCKING so that even builds without threads are
-safe when called from several threads, and a test program for exactly that
-(OpenBLAS's Changelog, 0.3.4 and 0.3.7). Older OpenBLAS (< 0.3.7) is not used here
-(``MIN_OPENBLAS``), nor an OpenMP or single-threaded build (not checked here). MKL is
-thread-safe by its documentation. tests/test_cpu_team.py runs the team's gemm calls
-from two and three threads at once against a float64 product and one thread's bits.
+wheels: pthreads) takes its memory-buffer lock around its per-call buffers, and a call
+made while its thread count is 1 runs the single-threaded driver in the calling thread
+(the serialization of concurrent callers OpenBLAS 0.3.4 added, the level-3 lock of
+driver/level3/level3_thread.c, is taken only by its multi-threaded driver, which a call
+at one thread never reaches); OpenBLAS 0.3.7 added USE_LOCKING so that even builds
+without threads are safe when called from several threads, and a test program for
+exactly that (OpenBLAS's Changelog, 0.3.4 and 0.3.7). Older OpenBLAS (< 0.3.7) is not
+used here (``MIN_OPENBLAS``), nor an OpenMP or single-threaded build (not checked here).
+MKL is thread-safe by its documentation. tests/test_cpu_team.py runs the team's gemm
+calls from two and three threads at once against a float64 product and one thread's
+bits.
 """
 
 from __future__ import annotations
@@ -152,10 +153,10 @@ def find_gemm(controllers):
 
 
 def _make_gemm(bits):
-    """An intrinsic ``gemm(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
-    beta, c, ldc)``: cblas_?gemm(RowMajor, ...) called through ``address``, with
-    ``bits``-wide integers (the arguments: any integer type); a, b, c are addresses; alpha's type (float32 or
-    float64) picks the real type, so ``address`` must be the matching ?gemm."""
+    """An intrinsic ``gemm(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+    ldc)``: cblas_?gemm(RowMajor, ...) called through ``address``, with ``bits``-wide
+    integers (the arguments: any integer type); a, b, c are addresses; alpha's type
+    (float32 or float64) picks the real type, so ``address`` must be the matching ?gemm."""
 
     @intrinsic
     def gemm(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
