@@ -9,8 +9,8 @@ BLAS's single-threaded gemm from inside one parallel region, chunk by chunk, and
 computed by our packed kernel in the same region. Otherwise, as before the team (the
 rest of this docstring): ``weight_gradients``, two NumPy products side by side when
 Numba has two threads or more, then dx as a parallel product of its own. The team at
-two threads took 0.77-0.83 of the old way's LSTM training call at five of issue 12's
-six sizes (0.95 at 64,64,512) and the same time at one thread (cpu.py has the numbers).
+two threads took 0.69-0.86 of the old way's LSTM training call at five of issue 12's
+six sizes (0.94 at 64,64,512) and the same time at one thread (cpu.py has the numbers).
 
 Why a BLAS at all: OpenBLAS's sgemm ran these long-K products faster at one thread than
 our packed kernel (``_cpu_gemm``'s tiles; the measurements are in cpu.py's docstring

@@ -73,34 +73,36 @@ float32, ``benchmarks/cpu/04_thread_interference.py`` and ``10_after_loop_team.p
 
 * One team for the after-loop products (dW_ih, dW_hh, dx), against the weight gradients
   side by side on the executor thread, then dx in a region of its own: the whole LSTM
-  training call at two threads took 0.83 (0.73-0.99) / 0.77 (0.70-0.83) / 0.79
-  (0.69-0.86) / 0.95 (0.85-1.06) / 0.77 (0.69-0.85) / 0.81 (0.59-1.28) of the time, at
+  training call at two threads took 0.86 (0.72-0.99) / 0.74 (0.68-0.84) / 0.69
+  (0.63-0.76) / 0.94 (0.82-1.02) / 0.85 (0.75-0.98) / 0.72 (0.67-0.75) of the time, at
   (T,B,H) = 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 / 1024,4,64
-  (experiment 10, quiet, 25 interleaved repeats, median (p10-p90) of the paired ratios);
-  at one thread 1.00 / 0.99 / 1.01 / 1.00 / 1.00 / 0.99 (within p10-p90 of 0.93-1.09).
-  The GRU and the tanh RNN at 128,16,256 / 128,8,128 / 512,8,128, two threads: 0.80 /
-  0.90 / 0.78 and 0.80 / 0.74 / 0.77; one thread 1.00-1.01. Against torch
+  (experiment 10, quiet, 25 interleaved repeats, median (p10-p90) of the paired ratios;
+  with the time loops that split rows into teams). Measured before those loops came in:
+  at one thread 1.00 / 0.99 / 1.01 / 1.00 / 1.00 / 0.99 (p10-p90 within 0.93-1.09); the
+  GRU and the tanh RNN at 128,16,256 / 128,8,128 / 512,8,128, two threads 0.80 / 0.90 /
+  0.78 and 0.80 / 0.74 / 0.77, one thread 1.00-1.01. Against torch
   (``benchmarks/cpu_vs_torch.py --mode training``, quiet, LSTM, ours/torch at the six
-  sizes in the order above): two threads 0.98 / 0.91 / 1.01 / 0.97 / 0.73 / 0.67 (before
-  the team, same session: 1.20 / 1.26 / 1.38 at the first three), one thread 0.99 / 0.93
-  / 1.03 / 0.89 / 0.76 / 0.88. Not done: the products inside the persistent backward
-  loop's own region (no region end between the last step and the first chunk): an empty
-  parallel region of the team costs 3.2 µs at two threads and the whole team call at a
-  tiny size 15 µs (quiet), under 0.3% of the 6.4 ms call at 128,8,128, so it was not
-  worth a change to the shared loop. By phase at 128,8,128, two threads (experiment 04
-  --phases, quiet): dW 3.99 + dx 1.60 ms before, 2.56-2.70 ms for both on the team, the
-  whole call 9.68-10.16 -> 6.44-6.70 ms (two runs). The cause of the old cost: libgomp's
-  worker, spinning after the persistent backward loop's region ended, held the second
-  core while the executor's thread wanted it (with OMP_WAIT_POLICY=passive the dW phase
-  had halved); now that worker is the one that takes the next chunk. dx by the BLAS's
-  sgemm in the team instead of the packed kernel: 1.00-1.03x the packed kernel's whole
-  call at one thread, 0.97-1.04x at two (ratios of the medians, same runs), so the
-  packed kernel stays. Chunks: each chunk of a BLAS product is one gemm call that
-  repacks the other operand, which at one thread cost 2-14% of the three products when
-  each was cut into 2-8 chunks (quiet, the products alone), so a weight gradient is one
-  chunk unless it is more than half of the work, and dx (whose packed row blocks cost
-  nothing extra) is cut into four: with I = H, each of two threads runs a weight
-  gradient and two dx blocks.
+  sizes in the order above): two threads 0.98 / 0.81 / 0.85 / 0.92 / 0.58 / 0.72 (the
+  weight gradients on the executor thread, same loops, same session: 1.10 / 1.12 / 1.24
+  at the first three), one thread 0.97 / 0.92 / 1.01 / 0.92 / 0.86 / 0.87. Not done: the
+  products inside the persistent backward loop's own region (no region end between the
+  last step and the first chunk): an empty parallel region of the team costs 3.2 µs at
+  two threads and the whole team call at a tiny size 15 µs (quiet), under 0.3% of the 6
+  ms call at 128,8,128, so it was not worth a change to the shared loop. By phase at
+  128,8,128, two threads (experiment 04 --phases, quiet, before the rows-in-teams
+  loops): dW 3.99 + dx 1.60 ms before, 2.56-2.70 ms for both on the team, the whole call
+  9.68-10.16 -> 6.44-6.70 ms (two runs). The cause of the old cost: libgomp's worker,
+  spinning after the persistent backward loop's region ended, held the second core while
+  the executor's thread wanted it (with OMP_WAIT_POLICY=passive the dW phase had
+  halved); now that worker is the one that takes the next chunk. dx by the BLAS's sgemm
+  in the team instead of the packed kernel: 1.00-1.03x the packed kernel's whole call at
+  one thread, 0.97-1.04x at two (ratios of the medians, same runs as the first numbers;
+  1.01-1.04x at two with the new loops), so the packed kernel stays. Chunks: each chunk
+  of a BLAS product is one gemm call that repacks the other operand, which at one thread
+  cost 2-14% of the three products when each was cut into 2-8 chunks (quiet, the
+  products alone), so a weight gradient is one chunk unless it is more than half of the
+  work, and dx (whose packed row blocks cost nothing extra) is cut into four: with I =
+  H, each of two threads runs a weight gradient and two dx blocks.
 * OpenBLAS's workers spin for about 100 ms after each call. When dW_ih and dW_hh were
   NumPy products at two BLAS threads, a training call burnt 0.10-0.11 s of CPU in the
   0.2 s after it returned (now 0.004-0.008 s, Numba's OpenMP workers' own short spin;

@@ -25,19 +25,20 @@ thread, side by side on an executor thread, then dx: phases "dW" and "dx"), ``bl
 process's BLAS threads).
 
 What was found, and the numbers, are in rnnkernels/cpu.py's docstring ("Threading
-policy") and in the report of the branch that added this file. What this experiment
-led to first, the weight gradients on our packed kernel (a transposed-A tile blocked
-over K) so that no OpenBLAS worker spins, lost afterwards and was deleted: at one
-thread it was 8-14% slower per LSTM training call than OpenBLAS's sgemm held at one
-thread (paired, quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed
-kernel's at 128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products
-side by side, one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in
-cpu.py's docstring. What the phases showed next (quiet, 2026-12-01, 128,8,128 at two
-threads): dW 3.99 ms and dx 1.60 ms with ``--dw blas1``, where the OpenMP worker
-left spinning by the persistent backward loop's region held the core the executor
-thread wanted; on one team (``--dw team``, benchmarks/cpu/10_after_loop_team.py
-compares the whole calls) the two phases take 2.56-2.70 ms together and the whole
-call 6.44-6.70 ms instead of 9.68-10.16 (two runs each).
+policy") and in the report of the branch that added this file. What this experiment led
+to first, the weight gradients on our packed kernel (a transposed-A tile blocked over K)
+so that no OpenBLAS worker spins, lost afterwards and was deleted: at one thread it was
+8-14% slower per LSTM training call than OpenBLAS's sgemm held at one thread (paired,
+quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed kernel's at
+128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products side by side,
+one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in cpu.py's docstring.
+What the phases showed next (quiet, 2026-12-01, 128,8,128 at two threads, before the
+time loops split rows into teams): dW 3.99 ms and dx 1.60 ms with ``--dw blas1``, where
+the OpenMP worker left spinning by the persistent backward loop's region held the core
+the executor thread wanted; on one team (``--dw team``,
+benchmarks/cpu/10_after_loop_team.py compares the whole calls) the two phases take
+2.56-2.70 ms together and the whole call 6.44-6.70 ms instead of 9.68-10.16 (two runs
+each).
 """
 
 from __future__ import annotations
