@@ -91,18 +91,20 @@ float32, ``benchmarks/cpu/04_thread_interference.py`` and ``10_after_loop_team.p
   ms call at 128,8,128, so it was not worth a change to the shared loop. By phase at
   128,8,128, two threads (experiment 04 --phases, quiet, before the rows-in-teams
   loops): dW 3.99 + dx 1.60 ms before, 2.56-2.70 ms for both on the team, the whole call
-  9.68-10.16 -> 6.44-6.70 ms (two runs). The cause of the old cost: libgomp's worker,
-  spinning after the persistent backward loop's region ended, held the second core while
-  the executor's thread wanted it (with OMP_WAIT_POLICY=passive the dW phase had
-  halved); now that worker is the one that takes the next chunk. dx by the BLAS's sgemm
-  in the team instead of the packed kernel: 1.00-1.03x the packed kernel's whole call at
-  one thread, 0.97-1.04x at two (ratios of the medians, same runs as the first numbers;
-  1.01-1.04x at two with the new loops), so the packed kernel stays. Chunks: each chunk
-  of a BLAS product is one gemm call that repacks the other operand, which at one thread
-  cost 2-14% of the three products when each was cut into 2-8 chunks (quiet, the
-  products alone), so a weight gradient is one chunk unless it is more than half of the
-  work, and dx (whose packed row blocks cost nothing extra) is cut into four: with I =
-  H, each of two threads runs a weight gradient and two dx blocks.
+  9.68-10.16 -> 6.44-6.70 ms (two runs). With the rows-in-teams loops: dW 3.40 + dx 1.44
+  -> 2.27 ms, the call 7.92 -> 5.19 ms; at 512,8,128 dW 12.51 + dx 5.73 -> 8.90 ms, the
+  call 30.55 -> 19.99 ms. The cause of the old cost: libgomp's worker, spinning after
+  the persistent backward loop's region ended, held the second core while the executor's
+  thread wanted it (with OMP_WAIT_POLICY=passive the dW phase had halved); now that
+  worker is the one that takes the next chunk. dx by the BLAS's sgemm in the team
+  instead of the packed kernel: 1.00-1.03x the packed kernel's whole call at one thread,
+  0.97-1.04x at two (ratios of the medians, same runs as the first numbers; 1.01-1.04x
+  at two with the new loops), so the packed kernel stays. Chunks: each chunk of a BLAS
+  product is one gemm call that repacks the other operand, which at one thread cost
+  2-14% of the three products when each was cut into 2-8 chunks (quiet, the products
+  alone), so a weight gradient is one chunk unless it is more than half of the work, and
+  dx (whose packed row blocks cost nothing extra) is cut into four: with I = H, each of
+  two threads runs a weight gradient and two dx blocks.
 * OpenBLAS's workers spin for about 100 ms after each call. When dW_ih and dW_hh were
   NumPy products at two BLAS threads, a training call burnt 0.10-0.11 s of CPU in the
   0.2 s after it returned (now 0.004-0.008 s, Numba's OpenMP workers' own short spin;
