@@ -1,6 +1,16 @@
-"""The cpu backends' weight gradients (dW_ih = gᵀ x, dW_hh = gᵀ h_{t-1}, summed over the
-T·B rows) as NumPy products with NumPy's BLAS held at one thread, the two products
-side by side when Numba has two threads or more (cpu.py's "Threading policy").
+"""The cpu backends' after-loop products of backward (dW_ih = gᵀ x, dW_hh = gᵀ h_{t-1},
+summed over the T·B rows, and dx = g W_ih), with NumPy's BLAS held at one thread
+(cpu.py's "Threading policy").
+
+``backward_products`` is what the three cells call. Where it knows the BLAS's gemm
+(``team_gemm``: OpenBLAS, MKL) and the products have TEAM_MIN_MACS multiply-adds or
+more, all three run on ONE Numba thread team (``_cpu_team``): Numba's threads call the
+BLAS's single-threaded gemm from inside one parallel region, chunk by chunk, and dx is
+computed by our packed kernel in the same region. Otherwise, as before the team (the
+rest of this docstring): ``weight_gradients``, two NumPy products side by side when
+Numba has two threads or more, then dx as a parallel product of its own. The team at
+two threads took 0.69-0.86 of the old way's LSTM training call at five of issue 12's
+six sizes (0.94 at 64,64,512) and the same time at one thread (cpu.py has the numbers).
 
 Why a BLAS at all: OpenBLAS's sgemm ran these long-K products faster at one thread than
 our packed kernel (``_cpu_gemm``'s tiles; the measurements are in cpu.py's docstring
@@ -33,7 +43,7 @@ import threading
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from . import _cpu_common
+from . import _cpu_common, _cpu_gemm, _cpu_team
 
 _lock = threading.Lock()
 _blas = None  # threadpoolctl's controllers of the loaded BLAS libraries, found on the first call
@@ -41,6 +51,14 @@ _saved = None  # [(controller, the user's thread count)] while _entrants > 0
 _entrants = 0
 _executor = None
 _executor_pid = None
+_gemm = None  # _cpu_team.Gemm of the BLAS, or False where none is usable; found on the first call
+# dx = g W_ih in the team by the BLAS (True) or by our packed kernel (False): cpu.py's
+# threading policy has the measurements behind the choice.
+DX_ON_BLAS = False
+# The team from this many multiply-adds (all three products) up; below, the products
+# run as before (``backward_products``). A rule on the shape alone, so that the path,
+# and with it every bit, does not depend on the thread count.
+TEAM_MIN_MACS = 1 << 20
 
 
 def _set_threads(library, count):
@@ -68,13 +86,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _controllers():
+    """threadpoolctl's controllers of the loaded BLAS libraries (call under _lock)."""
+    global _blas
+    if _blas is None:  # a scan of the loaded libraries: ~1 ms, once
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas
+
+
 class _OneBlasThread:
     def __enter__(self):
-        global _blas, _saved, _entrants
+        global _saved, _entrants
         with _lock:
             if _entrants == 0:
-                if _blas is None:  # a scan of the loaded libraries: ~1 ms, once
-                    _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+                _controllers()
                 _saved = [(library, library.num_threads) for library in _blas]
                 for library, _ in _saved:
                     _set_threads(library, 1)
@@ -128,3 +153,36 @@ def weight_gradients(grad_ih, inputs, grad_hh, hidden_states):
             # The worker's product must end inside the limit, whatever happened here.
             concurrent.futures.wait([future])
         return future.result(), dw_hh
+
+
+def team_gemm():
+    """The BLAS gemm the team calls (``_cpu_team.find_gemm`` over the loaded BLAS
+    libraries, looked up once), or None: then ``backward_products`` runs as before."""
+    global _gemm
+    if _gemm is None:
+        with _lock:
+            if _gemm is None:
+                _gemm = _cpu_team.find_gemm(_controllers()) or False
+    return _gemm or None
+
+
+def backward_products(grad_ih, inputs, grad_hh, hidden_states, w_ih):
+    """(dW_ih, dW_hh, dx) = (grad_ihᵀ inputs, grad_hhᵀ hidden_states, grad_ih W_ih) as
+    new C-contiguous arrays, for grad_ih [K, R_ih], inputs [K, I], grad_hh [K, R_hh],
+    hidden_states [K, H] (K = T·B) and w_ih [R_ih, I], one dtype: a cell's after-loop
+    products. From TEAM_MIN_MACS multiply-adds up, on one thread team
+    through the BLAS's gemm (``_cpu_team``), with the BLAS held at one thread; below it
+    (the team's fixed costs, some 10 µs, would show), where no gemm is known
+    (``team_gemm`` None) or where a dimension is 0, as before: ``weight_gradients``,
+    then dx on the packed kernel (``_cpu_common.project``). Which path runs depends on
+    the shape alone, and each gives the same bits at any thread count."""
+    arrays = [np.ascontiguousarray(a) for a in (grad_ih, inputs, grad_hh, hidden_states, w_ih)]
+    gemm = team_gemm()
+    macs = grad_ih.shape[0] * (grad_ih.shape[1] * inputs.shape[1] * 2 + grad_hh.shape[1] * hidden_states.shape[1])
+    if gemm is not None and macs >= TEAM_MIN_MACS and all(a.size for a in arrays):
+        with one_blas_thread():
+            return _cpu_team.run(gemm, *arrays, DX_ON_BLAS)
+    grad_ih, inputs, grad_hh, hidden_states, w_ih = arrays
+    dw_ih, dw_hh = weight_gradients(grad_ih, inputs, grad_hh, hidden_states)
+    dx = _cpu_common.project(grad_ih, _cpu_gemm.pack(w_ih), w_ih.shape[1])
+    return dw_ih, dw_hh, dx

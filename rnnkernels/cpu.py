@@ -14,11 +14,13 @@ way the CUDA kernels split it:
   activated gates (the buffer backward reads);
 * backward mirrors it in one call (``_backward_steps``): per step the cell turns dh,
   dc and the saved gates into the gate gradients dz_t (and the per-step gradient
-  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, dW_ih = dzᵀ x and
-  dW_hh = dzᵀ h_{t-1} as NumPy (OpenBLAS) products held at one BLAS thread, side by
-  side at two threads (``_cpu_blas.weight_gradients``), dx = dz W_ih by the packed
-  kernel (8-12% faster than OpenBLAS's sgemm there, packing included, 1 thread), and
-  a column sum gives db;
+  norms), then dh_{t-1} = dz_t W_hh with packed W_hh; after the loop, dW_ih = dzᵀ x,
+  dW_hh = dzᵀ h_{t-1} and dx = dz W_ih on ONE Numba thread team (``_cpu_team``, through
+  ``_cpu_blas.backward_products``): the weight gradients by the BLAS's sgemm, called
+  from inside the parallel region through a function pointer at one BLAS thread, dx
+  by the packed kernel (the whole training call 0-3% faster than with dx by the
+  BLAS's sgemm in the team at one thread), a fixed list of chunks the threads claim;
+  then a column sum gives db;
 * a single step (T = 1: token-by-token decoding) packs nothing: two BLAS products and
   the same fused cell (``_single_step``), since packing would cost more than the step.
 
@@ -48,21 +50,61 @@ sums keep their order at either width. The compiled code is cached on disk
 (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``): a new process loads it
 instead of compiling (about a second per variant).
 
-Threading policy: Numba's thread pool for the input projection, both time loops and dx;
-NumPy's BLAS, held at ONE thread, for the two weight gradients (``_cpu_blas``: the
-user's BLAS setting is restored after, also when several Python threads call backward
-at once). ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets Numba's threads; the
-rule for what runs in parallel is above. With two Numba threads or more, dW_ih runs on a
-persistent one-worker thread (blocked on a queue when idle) while the caller computes
-dW_hh, each a one-thread BLAS call, so the bits are the same at any thread count. They
-run before dx: after a serial backward loop no OpenMP worker is spinning yet to take
-the core the second product needs. NumPy's BLAS at the user's threads
-(``OPENBLAS_NUM_THREADS``) is used only by the single step's forward (T = 1: two small
-products, see ``_single_step``; at two BLAS threads its worker still spins after each
-decoding step). No OpenMP variable is set or needed. Why, as measured on the 2-core
-Zen 4 VM the project builds on (quiet machine, float32,
-``benchmarks/cpu/04_thread_interference.py``, 2026-12-01):
+Threading policy: ONE thread pool, Numba's, for everything a call of T > 1 steps
+computes: the input projection, both time loops, and backward's after-loop products
+(``_cpu_team``). The weight gradients among those are gemm calls into NumPy's BLAS,
+made by Numba's threads from inside the team's parallel region, with the BLAS held at
+ONE thread meanwhile (``_cpu_blas``: the user's BLAS setting is restored after, also
+when several Python threads call backward at once), so no BLAS thread ever runs. The
+products are cut into a fixed list of chunks (a function of the shape, never of the
+thread count) that the threads claim in order, so the bits are the same at any thread
+count. ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` sets Numba's threads; the rule
+for what runs in parallel is above. Where the team has no gemm to call (a BLAS other
+than OpenBLAS or MKL: ``_cpu_team.find_gemm``) or the products are small (under
+``_cpu_blas.TEAM_MIN_MACS`` multiply-adds), the weight gradients are NumPy products at
+one BLAS thread, side by side on a one-worker executor thread at two Numba threads or
+more, then dx is a parallel product of its own (what every call did before the team).
+NumPy's BLAS at the user's threads (``OPENBLAS_NUM_THREADS``) is used only by the
+single step's forward (T = 1: two small products, see ``_single_step``; at two BLAS
+threads its worker still spins after each decoding step). No OpenMP variable is set or
+needed. Why, as measured on the 2-core Zen 4 VM the project builds on (quiet machine,
+float32, ``benchmarks/cpu/04_thread_interference.py`` and ``10_after_loop_team.py``,
+2026-12-01):
 
+* One team for the after-loop products (dW_ih, dW_hh, dx), against the weight gradients
+  side by side on the executor thread, then dx in a region of its own: the whole LSTM
+  training call at two threads took 0.86 (0.72-0.99) / 0.74 (0.68-0.84) / 0.69
+  (0.63-0.76) / 0.94 (0.82-1.02) / 0.85 (0.75-0.98) / 0.72 (0.67-0.75) of the time, at
+  (T,B,H) = 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 / 1024,4,64
+  (experiment 10, quiet, 25 interleaved repeats, median (p10-p90) of the paired ratios;
+  with the time loops that split rows into teams). Measured before those loops came in:
+  at one thread 1.00 / 0.99 / 1.01 / 1.00 / 1.00 / 0.99 (p10-p90 within 0.93-1.09); the
+  GRU and the tanh RNN at 128,16,256 / 128,8,128 / 512,8,128, two threads 0.80 / 0.90 /
+  0.78 and 0.80 / 0.74 / 0.77, one thread 1.00-1.01. Against torch
+  (``benchmarks/cpu_vs_torch.py --mode training``, quiet, LSTM, ours/torch at the six
+  sizes in the order above): two threads 0.98 / 0.81 / 0.85 / 0.92 / 0.58 / 0.72 (the
+  weight gradients on the executor thread, same loops, same session: 1.10 / 1.12 / 1.24
+  at the first three), one thread 0.97 / 0.92 / 1.01 / 0.92 / 0.86 / 0.87. Not done: the
+  products inside the persistent backward loop's own region (no region end between the
+  last step and the first chunk): an empty parallel region of the team costs 3.2 µs at
+  two threads and the whole team call at a tiny size 15 µs (quiet), under 0.3% of the 6
+  ms call at 128,8,128, so it was not worth a change to the shared loop. By phase at
+  128,8,128, two threads (experiment 04 --phases, quiet, before the rows-in-teams
+  loops): dW 3.99 + dx 1.60 ms before, 2.56-2.70 ms for both on the team, the whole call
+  9.68-10.16 -> 6.44-6.70 ms (two runs). With the rows-in-teams loops: dW 3.40 + dx 1.44
+  -> 2.27 ms, the call 7.92 -> 5.19 ms; at 512,8,128 dW 12.51 + dx 5.73 -> 8.90 ms, the
+  call 30.55 -> 19.99 ms. The cause of the old cost: libgomp's worker, spinning after
+  the persistent backward loop's region ended, held the second core while the executor's
+  thread wanted it (with OMP_WAIT_POLICY=passive the dW phase had halved); now that
+  worker is the one that takes the next chunk. dx by the BLAS's sgemm in the team
+  instead of the packed kernel: 1.00-1.03x the packed kernel's whole call at one thread,
+  0.97-1.04x at two (ratios of the medians, same runs as the first numbers; 1.01-1.04x
+  at two with the new loops), so the packed kernel stays. Chunks: each chunk of a BLAS
+  product is one gemm call that repacks the other operand, which at one thread cost
+  2-14% of the three products when each was cut into 2-8 chunks (quiet, the products
+  alone), so a weight gradient is one chunk unless it is more than half of the work, and
+  dx (whose packed row blocks cost nothing extra) is cut into four: with I = H, each of
+  two threads runs a weight gradient and two dx blocks.
 * OpenBLAS's workers spin for about 100 ms after each call. When dW_ih and dW_hh were
   NumPy products at two BLAS threads, a training call burnt 0.10-0.11 s of CPU in the
   0.2 s after it returned (now 0.004-0.008 s, Numba's OpenMP workers' own short spin;
@@ -366,12 +408,11 @@ def backward(saved: Saved, dy, dh_n, dc_n, return_step_norms=False):
     dh_next = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
-    # The weight gradients before dx: after a serial backward loop no OpenMP worker is
-    # spinning yet to contend with the second BLAS product's thread (cpu.py's policy).
-    dw_ih, dw_hh = _cpu_blas.weight_gradients(
-        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden)
+    # dW_ih, dW_hh and dx on one thread team (the threading policy above).
+    dw_ih, dw_hh, dx = _cpu_blas.backward_products(
+        flat_dz, x.reshape(steps * batch, input_size), flat_dz, saved.h[:-1].reshape(steps * batch, hidden), w_ih
     )
-    dx = _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dx = dx.reshape(steps, batch, input_size)
     db = flat_dz.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh_next, carry)
     return grads + (dh_norms, dc_norms) if return_step_norms else grads

@@ -282,12 +282,11 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
 
     flat_dgi = dgi.reshape(steps * batch, 3 * hidden)
     flat_dgh = dgh.reshape(steps * batch, 3 * hidden)
-    # As the LSTM's (cpu.py's threading policy): the weight gradients with NumPy's BLAS
-    # at one thread, then dx on the packed kernel.
-    dw_ih, dw_hh = _cpu_blas.weight_gradients(
-        flat_dgi, x.reshape(steps * batch, input_size), flat_dgh, saved.h[:-1].reshape(steps * batch, hidden)
+    # As the LSTM's (cpu.py's threading policy): dW_ih, dW_hh and dx on one thread team.
+    dw_ih, dw_hh, dx = _cpu_blas.backward_products(
+        flat_dgi, x.reshape(steps * batch, input_size), flat_dgh, saved.h[:-1].reshape(steps * batch, hidden), w_ih
     )
-    dx = _cpu_common.project(flat_dgi, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dx = dx.reshape(steps, batch, input_size)
     # The folded layout [r, z, n_ih, n_hh]: dgi's column sums, then dgh's n block's.
     db = np.concatenate([flat_dgi.sum(axis=0), flat_dgh[:, 2 * hidden :].sum(axis=0)]) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh0)

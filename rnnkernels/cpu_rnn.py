@@ -264,12 +264,11 @@ def backward(saved: Saved, dy, dh_n, return_step_norms=False):
     dh0 = np.ascontiguousarray(dh_next[:, :hidden])
 
     flat_da = da.reshape(steps * batch, hidden)
-    # As the LSTM's (cpu.py's threading policy): the weight gradients with NumPy's BLAS
-    # at one thread, then dx on the packed kernel.
-    dw_ih, dw_hh = _cpu_blas.weight_gradients(
-        flat_da, x.reshape(steps * batch, input_size), flat_da, saved.h[:-1].reshape(steps * batch, hidden)
+    # As the LSTM's (cpu.py's threading policy): dW_ih, dW_hh and dx on one thread team.
+    dw_ih, dw_hh, dx = _cpu_blas.backward_products(
+        flat_da, x.reshape(steps * batch, input_size), flat_da, saved.h[:-1].reshape(steps * batch, hidden), w_ih
     )
-    dx = _cpu_common.project(flat_da, _cpu_gemm.pack(w_ih), input_size).reshape(steps, batch, input_size)
+    dx = dx.reshape(steps, batch, input_size)
     db = flat_da.sum(axis=0) if saved.has_bias else None
     grads = (dx, dw_ih, dw_hh, db, dh0)
     return grads + (dh_norms,) if return_step_norms else grads

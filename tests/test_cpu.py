@@ -239,6 +239,17 @@ def _count_weight_gradient_submissions(monkeypatch, record=None):
     return submitted
 
 
+def _count_team_runs(monkeypatch):
+    """A list that gets one entry per run of the after-loop products' team
+    (``_cpu_team``): True where it ran in parallel, False where serial."""
+    from rnnkernels import _cpu_team
+
+    runs = []
+    for parallel, real in list(_cpu_team.PRODUCTS.items()):
+        monkeypatch.setitem(_cpu_team.PRODUCTS, parallel, lambda *a, p=parallel, f=real: runs.append(p) or f(*a))
+    return runs
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(4, 5, 6, 37), (3, 1, 4, 20), (2, 9, 3, 64), (3, 64, 5, 40)])
 def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkeypatch):
@@ -250,15 +261,21 @@ def test_cpu_serial_and_persistent_loops_give_the_same_bits(shape, dtype, monkey
 
     results = []
     submitted = _count_weight_gradient_submissions(monkeypatch)
+    team = _count_team_runs(monkeypatch)
     for persistent in (False, True):
         _force_loop(monkeypatch, persistent)
         results.append(_lstm_outputs(shape, dtype))
     # The persistent loops did run, and the parallel projection (the loops' callees
-    # record no signature when the loops come from the on-disk cache), and the weight
-    # gradients side by side (dW_ih on the worker thread) only then.
+    # record no signature when the loops come from the on-disk cache); the after-loop
+    # products on the team (from _cpu_blas.TEAM_MIN_MACS, whichever loop ran: serial,
+    # then parallel), or below it as before, the weight gradients side by side (dW_ih
+    # on the worker thread) only with the persistent loop's settings.
     assert cpu._PERSISTENT.forward_steps.signatures and cpu._PERSISTENT.backward_steps.signatures
     assert _cpu_common.PRODUCT[True].signatures
-    assert len(submitted) == 1
+    if team:
+        assert team == [False, True] and not submitted
+    else:
+        assert len(submitted) == 1
     for serial, persistent in zip(*results):
         assert serial.tobytes() == persistent.tobytes()
 

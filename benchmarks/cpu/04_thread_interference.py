@@ -14,20 +14,32 @@ elsewhere), then warmed up and timed call by call in wall time; each row gives t
 median and p10/p90 in ms and ``cpu/wall``, the process CPU time per call over its
 wall time (1.0: one busy core; near 2.0 at two threads: both cores busy, whether
 working or spinning). ``--phases`` times the parts of our training call (the input
-projection, the forward loop, the backward loop, dx, the two weight-gradient products,
-db) by running, in place of our call, a copy of what ``rnnkernels.cpu.forward``/
-``backward`` do with a clock between the parts (``--dw blas``: the weight gradients as
-NumPy products at the process's BLAS threads, as before this experiment).
+projection, the forward loop, the backward loop, the after-loop products, db) by
+running, in place of our call, a copy of what ``rnnkernels.cpu.forward``/``backward``
+do with a clock between the parts. ``--dw`` picks the after-loop products: ``team``
+(what rnnkernels.cpu does: dx and both weight gradients on one Numba thread team,
+``_cpu_team``, one phase "dx+dW"), ``team-dxblas`` (the same with dx by the BLAS's
+gemm), ``blas1`` (before the team: the weight gradients as NumPy products at one BLAS
+thread, side by side on an executor thread, then dx: phases "dW" and "dx"), ``blas``
+(before this experiment: dx, then the weight gradients as NumPy products at the
+process's BLAS threads).
 
 What was found, and the numbers, are in rnnkernels/cpu.py's docstring ("Threading
-policy") and in the report of the branch that added this file. What this experiment
-led to first, the weight gradients on our packed kernel (a transposed-A tile blocked
-over K) so that no OpenBLAS worker spins, lost afterwards and was deleted: at one
-thread it was 8-14% slower per LSTM training call than OpenBLAS's sgemm held at one
-thread (paired, quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed
-kernel's at 128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products
-side by side, one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in
-cpu.py's docstring; ``--dw blas1`` is what rnnkernels.cpu does now.
+policy") and in the report of the branch that added this file. What this experiment led
+to first, the weight gradients on our packed kernel (a transposed-A tile blocked over K)
+so that no OpenBLAS worker spins, lost afterwards and was deleted: at one thread it was
+8-14% slower per LSTM training call than OpenBLAS's sgemm held at one thread (paired,
+quiet: 0.86 / 0.92 / 0.96 the ratio of the BLAS's call to the packed kernel's at
+128,16,256 / 512,8,128 / 64,64,512), and at two threads the BLAS products side by side,
+one per thread, matched it (1.03 / 0.96 / 0.94). The numbers are in cpu.py's docstring.
+What the phases showed next (quiet, 2026-12-01, 128,8,128 at two threads, before the
+time loops split rows into teams): dW 3.99 ms and dx 1.60 ms with ``--dw blas1``, where
+the OpenMP worker left spinning by the persistent backward loop's region held the core
+the executor thread wanted; on one team (``--dw team``,
+benchmarks/cpu/10_after_loop_team.py compares the whole calls) the two phases take
+2.56-2.70 ms together and the whole call 6.44-6.70 ms instead of 9.68-10.16 (two runs
+each). With the rows-in-teams loops: dW 3.40 + dx 1.44 ms -> 2.27 ms, the call 7.92 ->
+5.19 ms; at 512,8,128 dW 12.51 + dx 5.73 -> 8.90 ms, the call 30.55 -> 19.99 ms.
 """
 
 from __future__ import annotations
@@ -82,9 +94,11 @@ def parse(argv):
     parser.add_argument("--repeats", type=int, default=25, help="timed calls per library and row")
     parser.add_argument("--phases", action="store_true",
                         help="our training call by phase (a copy of it with a clock between the parts)")
-    parser.add_argument("--dw", choices=("blas1", "blas"), default="blas1",
-                        help="--phases: the weight gradients with NumPy's BLAS held at one thread (what "
-                             "rnnkernels.cpu does) or at the process's BLAS threads (what it did before)")
+    parser.add_argument("--dw", choices=("team", "team-dxblas", "blas1", "blas"), default="team",
+                        help="--phases: the after-loop products on one thread team with dx on the packed "
+                             "kernel (what rnnkernels.cpu does) or on the BLAS; the weight gradients with "
+                             "NumPy's BLAS held at one thread, side by side, then dx (before the team); or "
+                             "dx, then NumPy's products at the process's BLAS threads (before that)")
     parser.add_argument("--json", metavar="PATH", help="also write every row")
     parser.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,9 +118,9 @@ def _percentiles(values):
 def _phase_call(a, dw):
     """Our LSTM training call (forward with training=True, then backward), as
     rnnkernels.cpu does it for T > 1, with a clock between its parts: ms per part. The
-    weight gradients by ``dw``: "blas1" (``_cpu_blas.weight_gradients``, what
-    rnnkernels.cpu does) or "blas" (NumPy's matmul at the process's BLAS threads, what
-    it did before); here after dx, as the parts were first timed."""
+    after-loop products by ``dw`` (the module docstring): "team" and "team-dxblas" (one
+    phase), "blas1" (the weight gradients, then dx) or "blas" (dx, then the weight
+    gradients)."""
     import numpy as np
 
     from rnnkernels import _cpu_blas, _cpu_common, _cpu_gemm, cpu
@@ -149,15 +163,27 @@ def _phase_call(a, dw):
         cpu._SERIAL.backward_steps(dy, gates, c, packed, dz, dh_next, carry, np.empty((batch, 2)), *norms)
     mark("backward loop")
     flat_dz = dz.reshape(steps * batch, 4 * hidden)
-    _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
-    mark("dx")
-    if dw == "blas":  # as rnnkernels.cpu did before this experiment: NumPy's BLAS
-        flat_dz.T @ x.reshape(steps * batch, input_size)
-        flat_dz.T @ h[:-1].reshape(steps * batch, hidden)
-    else:
+    if dw in ("team", "team-dxblas"):  # what rnnkernels.cpu does: one phase, one team
+        saved_choice = _cpu_blas.DX_ON_BLAS
+        _cpu_blas.DX_ON_BLAS = dw == "team-dxblas"
+        try:
+            _cpu_blas.backward_products(flat_dz, x.reshape(steps * batch, input_size), flat_dz,
+                                        h[:-1].reshape(steps * batch, hidden), w_ih)
+        finally:
+            _cpu_blas.DX_ON_BLAS = saved_choice
+        mark("dx+dW")
+    elif dw == "blas1":  # as rnnkernels.cpu did before the team: the weight gradients first
         _cpu_blas.weight_gradients(flat_dz, x.reshape(steps * batch, input_size), flat_dz,
                                    h[:-1].reshape(steps * batch, hidden))
-    mark("dW")
+        mark("dW")
+        _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
+        mark("dx")
+    else:  # as rnnkernels.cpu did before this experiment: NumPy's BLAS
+        _cpu_common.project(flat_dz, _cpu_gemm.pack(w_ih), input_size)
+        mark("dx")
+        flat_dz.T @ x.reshape(steps * batch, input_size)
+        flat_dz.T @ h[:-1].reshape(steps * batch, hidden)
+        mark("dW")
     flat_dz.sum(axis=0)
     mark("db")
     return {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}

@@ -1,0 +1,239 @@
+"""The cpu backends' after-loop products on one thread team (rnnkernels/_cpu_team.py):
+the BLAS's gemm called from compiled code through a function pointer, the chunks, the
+fallback where no gemm is known, the same bits at any thread count, and the user's
+BLAS threads left as they were."""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import numpy as np
+import pytest
+
+import rnnkernels
+from rnnkernels import _cpu_blas, _cpu_common, _cpu_team
+
+# Of a product's largest value, for K up to a few hundred (tests/test_cpu.py's step
+# products use the same).
+TOLERANCE = {np.float32: 2e-5, np.float64: 1e-9}
+
+
+def _gemm_or_fail():
+    gemm = _cpu_blas.team_gemm()
+    # NumPy's wheels bundle OpenBLAS, whose gemm the team knows: None here would mean
+    # the symbol lookup broke, not an unknown BLAS.
+    assert gemm is not None, "no BLAS gemm found for the team"
+    return gemm
+
+
+def _operands(rng, steps, rows_ih, input_size, rows_hh, hidden, dtype, same_grad=False):
+    grad_ih = rng.standard_normal((steps, rows_ih)).astype(dtype)
+    grad_hh = grad_ih if same_grad else rng.standard_normal((steps, rows_hh)).astype(dtype)
+    inputs = rng.standard_normal((steps, input_size)).astype(dtype)
+    hidden_states = rng.standard_normal((steps, hidden)).astype(dtype)
+    w_ih = rng.standard_normal((rows_ih, input_size)).astype(dtype)
+    return grad_ih, inputs, grad_hh, hidden_states, w_ih
+
+
+def _check(got, operands, dtype):
+    grad_ih, inputs, grad_hh, hidden_states, w_ih = (a.astype(np.float64) for a in operands)
+    for name, result, want in zip(("dw_ih", "dw_hh", "dx"), got,
+                                  (grad_ih.T @ inputs, grad_hh.T @ hidden_states, grad_ih @ w_ih)):
+        assert result.dtype == dtype and result.shape == want.shape and result.flags.c_contiguous, name
+        scale = max(1.0, np.abs(want).max(initial=0.0))
+        np.testing.assert_allclose(result, want, rtol=0, atol=4 * TOLERANCE[dtype] * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dx_on_blas", [False, True])
+def test_team_products_through_the_blas_function_pointer_match_float64(dtype, dx_on_blas, monkeypatch):
+    # Shapes whose rows are not multiples of the chunks' 16 (a short last chunk), one
+    # row or column, a hidden size more than twice the input size (dW_hh is more than
+    # half the work: cut in two), K > and < the row counts; at 1 worker and at 2 and 3
+    # (3 workers on Numba's pool: one thread runs two, or all where there is one).
+    gemm = _gemm_or_fail()
+    monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(1)
+    for steps, rows_ih, input_size, rows_hh, hidden in ((1, 1, 1, 1, 1), (37, 45, 13, 45, 7), (70, 17, 5, 160, 40),
+                                                        (300, 100, 70, 100, 33), (5, 400, 129, 400, 3)):
+        operands = _operands(rng, steps, rows_ih, input_size, rows_hh, hidden, dtype)
+        table, _ = _cpu_team.plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas)
+        assert len(table) >= 2
+        results = []
+        for workers in (1, 2, 3):
+            monkeypatch.setattr(_cpu_common, "threads", lambda workers=workers: workers)
+            with _cpu_blas.one_blas_thread():
+                got = _cpu_team.run(gemm, *operands, dx_on_blas)
+            _check(got, operands, dtype)
+            results.append([a.tobytes() for a in got])
+        assert results[0] == results[1] == results[2]
+    # dW_hh more than half the work: two gemm chunks (of 80 rows each), not one.
+    table, _ = _cpu_team.plan(70, 17, 5, 160, 40, False)
+    dw_hh_rows = table[(table[:, _cpu_team._KIND] == _cpu_team.BLAS) & (table[:, _cpu_team._C] == _cpu_team.DW_HH)]
+    assert sorted(dw_hh_rows[:, _cpu_team._M]) == [80, 80]
+
+
+def test_team_plan_is_the_shapes_alone_and_covers_every_row():
+    # The chunks are a function of the shape (never of the thread count): each output
+    # row of each product in exactly one chunk, largest chunks first.
+    for shape in ((1024, 512, 128, 512, 128), (33, 9, 300, 9, 4), (1, 3, 2, 3, 2)):
+        for dx_on_blas in (False, True):
+            table, total = _cpu_team.plan(*shape, dx_on_blas)
+            steps, rows_ih, input_size, rows_hh, hidden = shape
+            assert total == steps * (2 * rows_ih * input_size + rows_hh * hidden)
+            covered = {_cpu_team.DW_IH: [], _cpu_team.DW_HH: [], _cpu_team.DX: []}
+            macs = []
+            for row in table:
+                if row[_cpu_team._KIND] == _cpu_team.PACKED:
+                    first, end = row[_cpu_team._M], row[_cpu_team._N]
+                    covered[_cpu_team.DX].extend(range(first, end))
+                    macs.append((end - first) * rows_ih * input_size)
+                else:
+                    columns = row[_cpu_team._N]
+                    first = row[_cpu_team._C_AT] // columns
+                    covered[row[_cpu_team._C]].extend(range(first, first + row[_cpu_team._M]))
+                    macs.append(row[_cpu_team._M] * columns * row[_cpu_team._K])
+            assert sorted(covered[_cpu_team.DW_IH]) == list(range(rows_ih))
+            assert sorted(covered[_cpu_team.DW_HH]) == list(range(rows_hh))
+            assert sorted(covered[_cpu_team.DX]) == list(range(steps))
+            assert macs == sorted(macs, reverse=True) and sum(macs) == total
+            assert not table.flags.writeable
+
+
+class _Controller:
+    def __init__(self, internal_api, threading_layer="pthreads", **symbols):
+        self.internal_api = internal_api
+        self.threading_layer = threading_layer
+        self.filepath = f"/fake/{internal_api}.so"
+        self.dynlib = types.SimpleNamespace(**symbols)
+
+
+def test_find_gemm_knows_openblas_and_mkl_and_nothing_else():
+    # find_gemm returns a gemm only where it knows the symbol and its integer width:
+    # the real library here (NumPy's OpenBLAS), nothing for BLIS, nor for an OpenBLAS
+    # without its config, older than 0.3.7 or built with OpenMP.
+    from threadpoolctl import ThreadpoolController
+
+    real = _cpu_team.find_gemm(ThreadpoolController().select(user_api="blas").lib_controllers)
+    assert real is not None and real.sgemm and real.dgemm
+    assert _cpu_team.find_gemm([]) is None
+    assert _cpu_team.find_gemm([_Controller("blis")]) is None
+    assert _cpu_team.find_gemm([_Controller("openblas")]) is None  # no openblas_get_config
+
+    class Config:
+        def __init__(self, text):
+            self.text, self.restype = text, None
+
+        def __call__(self):
+            return self.text
+
+    old = _Controller("openblas", openblas_get_config=Config(b"OpenBLAS 0.3.6 USE64BITINT"))
+    assert _cpu_team.find_gemm([old]) is None
+    # An OpenMP build: the team would call it from inside its own OpenMP region.
+    openmp = _Controller("openblas", threading_layer="openmp", openblas_get_config=Config(b"OpenBLAS 0.3.31"))
+    assert _cpu_team.find_gemm([openmp]) is None
+    assert _cpu_team._version("OpenBLAS 0.3.31.188.0 USE64BITINT") == (0, 3, 31)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_products_without_a_known_gemm_runs_as_before(dtype, monkeypatch):
+    # The fallback (Accelerate, BLIS, an unknown BLAS): NumPy's products with the BLAS
+    # at one thread, then dx on the packed kernel; the team is never entered.
+    monkeypatch.setattr(_cpu_blas, "_gemm", False)
+    monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
+    entered = []
+    monkeypatch.setattr(_cpu_team, "run", lambda *a: entered.append(a))
+    rng = np.random.default_rng(2)
+    operands = _operands(rng, 50, 60, 21, 60, 15, dtype, same_grad=True)
+    _check(_cpu_blas.backward_products(*operands), operands, dtype)
+    assert not entered
+
+
+def _train(cell, steps, batch, hidden, dtype):
+    rng = np.random.default_rng(3)
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    x = rng.standard_normal((steps, batch, hidden + 3)).astype(dtype)
+    w_ih = (rng.standard_normal((gates * hidden, hidden + 3)) / hidden).astype(dtype)
+    w_hh = (rng.standard_normal((gates * hidden, hidden)) / hidden).astype(dtype)
+    b_ih, b_hh = (rng.standard_normal(gates * hidden).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal((steps, batch, hidden)).astype(dtype)
+    forward, backward = {"lstm": (rnnkernels.lstm_forward, rnnkernels.lstm_backward),
+                         "gru": (rnnkernels.gru_forward, rnnkernels.gru_backward),
+                         "rnn": (rnnkernels.rnn_forward, rnnkernels.rnn_backward)}[cell]
+    grads = backward(forward(x, w_ih, w_hh, b_ih, b_hh, backend="cpu"), dy=dy)
+    return [grads.dx, grads.dw_ih, grads.dw_hh, grads.db_ih, grads.db_hh]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_every_cell_gives_the_same_bits_on_the_team_at_1_2_3_workers(cell, monkeypatch):
+    # Each cell's backward through the team at 1, 2 and 3 workers (with the time loops'
+    # choice forced along: serial at 1, persistent otherwise): bit for bit the same, and
+    # within float32 rounding of the products as before (the fallback's).
+    _gemm_or_fail()
+    ran = []
+    real = _cpu_team.run
+    monkeypatch.setattr(_cpu_team, "run", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(_cpu_common, "threads", lambda workers=workers: workers)
+        for name in ("PERSISTENT_MIN_MACS", "PERSISTENT_MIN_GROUPS", "PARALLEL_MIN_UNITS", "PARALLEL_MIN_MACS"):
+            monkeypatch.setattr(_cpu_common, name, 0)
+        results.append(_train(cell, 5, 6, 37, np.float32))
+    assert len(ran) == 3
+    for one, other in zip(results[0], results[1]):
+        assert one.tobytes() == other.tobytes()
+    for one, other in zip(results[0], results[2]):
+        assert one.tobytes() == other.tobytes()
+    monkeypatch.setattr(_cpu_blas, "_gemm", False)
+    for team, before in zip(results[0], _train(cell, 5, 6, 37, np.float32)):
+        np.testing.assert_allclose(team, before, rtol=0, atol=1e-5 * max(1.0, np.abs(before).max()))
+
+
+def test_team_holds_the_blas_at_one_thread_and_gives_the_users_setting_back(monkeypatch):
+    # Two Python threads run every cell's backward at once through the team: the BLAS
+    # is at one thread whenever the team runs (its gemm calls must not start OpenBLAS's
+    # own threads inside ours), the bits are those of a call alone, and the user's 2 is
+    # back after.
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    _gemm_or_fail()
+    blas = ThreadpoolController().select(user_api="blas")
+    monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
+    monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
+    monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", 0)
+    seen = []
+    real = _cpu_team.run
+
+    def spy(*args):
+        seen.append([lib.num_threads for lib in blas.lib_controllers])
+        return real(*args)
+
+    monkeypatch.setattr(_cpu_team, "run", spy)
+    cells = ("lstm", "gru", "rnn")
+    want = {cell: _train(cell, 4, 3, 20, np.float32) for cell in cells}
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def run():
+        try:
+            for _ in range(15):
+                barrier.wait()
+                for cell in cells:
+                    for got, expected in zip(_train(cell, 4, 3, 20, np.float32), want[cell]):
+                        assert got.tobytes() == expected.tobytes()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread's assert
+            barrier.abort()
+            errors.append(error)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert [lib.num_threads for lib in blas.lib_controllers] == [2] * len(blas.lib_controllers)
+    assert len(seen) == len(cells) * (1 + 2 * 15)
+    assert all(set(counts) == {1} for counts in seen), seen
