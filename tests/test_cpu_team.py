@@ -248,15 +248,15 @@ class _FakeMkl:
         self.shared = shared
         self._local = threading.local()
 
-    def MKL_Set_Num_Threads(self, count):  # noqa: N802 - MKL's names
+    def MKL_Set_Num_Threads(self, count):
         self.shared = count
 
-    def MKL_Set_Num_Threads_Local(self, count):  # noqa: N802
+    def MKL_Set_Num_Threads_Local(self, count):
         previous = getattr(self._local, "count", 0)
         self._local.count = count
         return previous
 
-    def MKL_Get_Max_Threads(self):  # noqa: N802
+    def MKL_Get_Max_Threads(self):
         return getattr(self._local, "count", 0) or self.shared
 
 
