@@ -303,3 +303,25 @@ def test_one_blas_thread_holds_mkl_at_one_thread_in_every_thread(callers_local, 
         assert _seen_from_another_thread(mkl) == 1
     assert mkl.shared == 2 and _seen_from_another_thread(mkl) == 2
     assert mkl.MKL_Set_Num_Threads_Local(callers_local) == callers_local
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_32_bit_blas_never_gets_a_dimension_past_its_integers(wide, monkeypatch):
+    # A BLAS with 32-bit integers (an OpenBLAS without USE64BITINT, MKL's LP64 cblas)
+    # takes m, n, k and the leading dimensions as C ints: K = T·B rows past 2^31 - 1
+    # would be cut to their low 32 bits by the intrinsic, a silently wrong product.
+    # Such shapes must take the fallback (NumPy's products check their BLAS's integer
+    # width themselves). The limit lowered here so that a small shape crosses it.
+    gemm = _gemm_or_fail()._replace(wide=wide)
+    monkeypatch.setattr(_cpu_blas, "_gemm", gemm)
+    monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
+    monkeypatch.setattr(_cpu_team, "INT32_MAX", 49)
+    entered = []
+    real = _cpu_team.run
+    monkeypatch.setattr(_cpu_team, "run", lambda *a: entered.append(1) or real(*a))
+    rng = np.random.default_rng(4)
+    operands = _operands(rng, 50, 12, 5, 12, 3, np.float32, same_grad=True)
+    _check(_cpu_blas.backward_products(*operands), operands, np.float32)
+    assert entered == ([1] if wide else [])
+    assert _cpu_team.fits(gemm, (50, 12, 5, 12, 3)) == wide
+    assert _cpu_team.fits(gemm, (49, 12, 5, 12, 3))
