@@ -203,13 +203,15 @@ def backward_products(grad_ih, inputs, grad_hh, hidden_states, w_ih):
     products. From TEAM_MIN_MACS multiply-adds up, on one thread team
     through the BLAS's gemm (``_cpu_team``), with the BLAS held at one thread; below it
     (the team's fixed costs, some 10 µs, would show), where no gemm is known
-    (``team_gemm`` None) or where a dimension is 0, as before: ``weight_gradients``,
+    (``team_gemm`` None), where a dimension is 0 or past the gemm's integers
+    (``_cpu_team.fits``), as before: ``weight_gradients``,
     then dx on the packed kernel (``_cpu_common.project``). Which path runs depends on
     the shape alone, and each gives the same bits at any thread count."""
     arrays = [np.ascontiguousarray(a) for a in (grad_ih, inputs, grad_hh, hidden_states, w_ih)]
     gemm = team_gemm()
     macs = grad_ih.shape[0] * (grad_ih.shape[1] * inputs.shape[1] * 2 + grad_hh.shape[1] * hidden_states.shape[1])
-    if gemm is not None and macs >= TEAM_MIN_MACS and all(a.size for a in arrays):
+    dimensions = (grad_ih.shape[0], grad_ih.shape[1], inputs.shape[1], grad_hh.shape[1], hidden_states.shape[1])
+    if gemm is not None and macs >= TEAM_MIN_MACS and all(a.size for a in arrays) and _cpu_team.fits(gemm, dimensions):
         with one_blas_thread():
             return _cpu_team.run(gemm, *arrays, DX_ON_BLAS)
     grad_ih, inputs, grad_hh, hidden_states, w_ih = arrays
