@@ -23,7 +23,9 @@ when idle: it never spins). Each product is one single-threaded BLAS call, which
 thread runs it, so its bits do not depend on the thread count.
 
 The thread limit is set through threadpoolctl (the library that finds NumPy's BLAS among
-the loaded libraries and calls the BLAS's own thread setter): OpenBLAS, MKL and BLIS.
+the loaded libraries and calls the BLAS's own thread setter): OpenBLAS, MKL and BLIS;
+for MKL, whose threadpoolctl limit is the calling thread's alone, MKL's process-wide
+setting instead (``_is_mkl``: the team's other threads follow that one).
 The setting is process-global, so ``one_blas_thread`` counts who is inside: the first
 entrant sets 1 and remembers the user's setting, the last one out restores it, under
 one lock, so concurrent backward calls never leave the setting changed. While any call
@@ -71,6 +73,28 @@ def _set_threads(library, count):
     getattr(library, "_real_set_num_threads", library.set_num_threads)(count)
 
 
+def _is_mkl(library):
+    # threadpoolctl limits MKL with MKL_Set_Num_Threads_Local: the calling thread's
+    # setting alone. The team's gemm calls (and weight_gradients' worker) come from
+    # other threads, which follow MKL's process-wide setting, so MKL is held through
+    # that one (MKL_Set_Num_Threads), and each caller's own setting is unset meanwhile
+    # (the caller runs chunks too). Seen with MKL 2026.2.1 (gnu layer): through
+    # threadpoolctl alone, another thread still saw 2 threads inside the context.
+    return getattr(library, "internal_api", None) == "mkl"
+
+
+def _shared_threads(library):
+    """The process-wide thread count (MKL: the caller's own setting must be unset)."""
+    return library.dynlib.MKL_Get_Max_Threads() if _is_mkl(library) else library.num_threads
+
+
+def _set_shared_threads(library, count):
+    if _is_mkl(library):
+        library.dynlib.MKL_Set_Num_Threads(count)
+    else:
+        _set_threads(library, count)
+
+
 def _reset_after_fork():
     # A forked child has only the thread that forked, which was not inside (a fork from
     # inside a product is impossible): a lock held by another thread stays held, and a
@@ -78,7 +102,7 @@ def _reset_after_fork():
     global _lock, _saved, _entrants
     _lock = threading.Lock()
     for library, count in _saved or ():
-        _set_threads(library, count)
+        _set_shared_threads(library, count)
     _saved, _entrants = None, 0
 
 
@@ -98,11 +122,15 @@ class _OneBlasThread:
     def __enter__(self):
         global _saved, _entrants
         with _lock:
+            _controllers()
+            # This caller's own MKL setting (0: none), unset so that it follows the
+            # process-wide 1; given back at this caller's exit (``_is_mkl``).
+            self._mkl_locals = [(library, library.dynlib.MKL_Set_Num_Threads_Local(0))
+                                for library in _blas if _is_mkl(library)]
             if _entrants == 0:
-                _controllers()
-                _saved = [(library, library.num_threads) for library in _blas]
+                _saved = [(library, _shared_threads(library)) for library in _blas]
                 for library, _ in _saved:
-                    _set_threads(library, 1)
+                    _set_shared_threads(library, 1)
             _entrants += 1
         return self
 
@@ -112,8 +140,10 @@ class _OneBlasThread:
             _entrants -= 1
             if _entrants == 0:
                 for library, count in _saved:
-                    _set_threads(library, count)
+                    _set_shared_threads(library, count)
                 _saved = None
+            for library, count in self._mkl_locals:
+                library.dynlib.MKL_Set_Num_Threads_Local(count)
         return False
 
 
@@ -173,13 +203,15 @@ def backward_products(grad_ih, inputs, grad_hh, hidden_states, w_ih):
     products. From TEAM_MIN_MACS multiply-adds up, on one thread team
     through the BLAS's gemm (``_cpu_team``), with the BLAS held at one thread; below it
     (the team's fixed costs, some 10 µs, would show), where no gemm is known
-    (``team_gemm`` None) or where a dimension is 0, as before: ``weight_gradients``,
+    (``team_gemm`` None), where a dimension is 0 or past the gemm's integers
+    (``_cpu_team.fits``), as before: ``weight_gradients``,
     then dx on the packed kernel (``_cpu_common.project``). Which path runs depends on
     the shape alone, and each gives the same bits at any thread count."""
     arrays = [np.ascontiguousarray(a) for a in (grad_ih, inputs, grad_hh, hidden_states, w_ih)]
     gemm = team_gemm()
     macs = grad_ih.shape[0] * (grad_ih.shape[1] * inputs.shape[1] * 2 + grad_hh.shape[1] * hidden_states.shape[1])
-    if gemm is not None and macs >= TEAM_MIN_MACS and all(a.size for a in arrays):
+    dimensions = (grad_ih.shape[0], grad_ih.shape[1], inputs.shape[1], grad_hh.shape[1], hidden_states.shape[1])
+    if gemm is not None and macs >= TEAM_MIN_MACS and all(a.size for a in arrays) and _cpu_team.fits(gemm, dimensions):
         with one_blas_thread():
             return _cpu_team.run(gemm, *arrays, DX_ON_BLAS)
     grad_ih, inputs, grad_hh, hidden_states, w_ih = arrays

@@ -79,6 +79,9 @@ ROW_MAJOR = 101
 NO_TRANS = 111
 TRANS = 112
 MIN_OPENBLAS = (0, 3, 7)
+# The largest m, n, k or leading dimension a BLAS with 32-bit integers takes (a C int):
+# ``_gemm32`` truncates its arguments to 32 bits, so larger ones never reach it (``fits``).
+INT32_MAX = 2**31 - 1
 
 
 class Gemm(NamedTuple):
@@ -150,6 +153,13 @@ def find_gemm(controllers):
         if found is not None:
             return found
     return None
+
+
+def fits(gemm, dimensions):
+    """Whether ``gemm``'s integers hold every one of ``dimensions`` (the products' K, R_ih,
+    I, R_hh, H: every m, n, k and leading dimension of the plan is one of them). False
+    sends the products to the fallback, whose NumPy products check their BLAS's width."""
+    return gemm.wide or max(dimensions) <= INT32_MAX
 
 
 def _make_gemm(bits):

@@ -237,3 +237,91 @@ def test_team_holds_the_blas_at_one_thread_and_gives_the_users_setting_back(monk
         assert [lib.num_threads for lib in blas.lib_controllers] == [2] * len(blas.lib_controllers)
     assert len(seen) == len(cells) * (1 + 2 * 15)
     assert all(set(counts) == {1} for counts in seen), seen
+
+
+class _FakeMkl:
+    """MKL's two thread settings as its documentation gives them: a process-wide one
+    (MKL_Set_Num_Threads) and one per thread that overrides it where set
+    (MKL_Set_Num_Threads_Local, which returns the previous one, 0 for none; 0 unsets)."""
+
+    def __init__(self, shared):
+        self.shared = shared
+        self._local = threading.local()
+
+    def MKL_Set_Num_Threads(self, count):
+        self.shared = count
+
+    def MKL_Set_Num_Threads_Local(self, count):
+        previous = getattr(self._local, "count", 0)
+        self._local.count = count
+        return previous
+
+    def MKL_Get_Max_Threads(self):
+        return getattr(self._local, "count", 0) or self.shared
+
+
+class _MklController:
+    """threadpoolctl's MKLController as far as _cpu_blas uses it: its limit is
+    MKL_Set_Num_Threads_Local, the calling thread's alone."""
+
+    internal_api = "mkl"
+
+    def __init__(self, dynlib):
+        self.dynlib = dynlib
+
+    @property
+    def num_threads(self):
+        return self.dynlib.MKL_Get_Max_Threads()
+
+    def set_num_threads(self, count):
+        return self.dynlib.MKL_Set_Num_Threads_Local(count)
+
+
+def _seen_from_another_thread(mkl):
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(mkl.MKL_Get_Max_Threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.parametrize("callers_local", [0, 3])
+def test_one_blas_thread_holds_mkl_at_one_thread_in_every_thread(callers_local, monkeypatch):
+    # MKL (conda's NumPy): the team's gemm calls, and weight_gradients' worker, run on
+    # threads other than the caller's, which follow MKL's process-wide setting, not the
+    # caller's thread-local one (threadpoolctl's limit). Inside, every thread must see 1;
+    # after, the process-wide setting and the caller's own (none, or the user's 3) are
+    # as they were. (Seen with MKL 2026.2.1, gnu layer: the other thread saw 2 inside.)
+    mkl = _FakeMkl(shared=2)
+    mkl.MKL_Set_Num_Threads_Local(callers_local)
+    monkeypatch.setattr(_cpu_blas, "_blas", [_MklController(mkl)])
+    with _cpu_blas.one_blas_thread():
+        assert mkl.MKL_Get_Max_Threads() == 1
+        assert _seen_from_another_thread(mkl) == 1
+        with _cpu_blas.one_blas_thread():  # a second entrant changes nothing
+            assert _seen_from_another_thread(mkl) == 1
+        assert _seen_from_another_thread(mkl) == 1
+    assert mkl.shared == 2 and _seen_from_another_thread(mkl) == 2
+    assert mkl.MKL_Set_Num_Threads_Local(callers_local) == callers_local
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_32_bit_blas_never_gets_a_dimension_past_its_integers(wide, monkeypatch):
+    # A BLAS with 32-bit integers (an OpenBLAS without USE64BITINT, MKL's LP64 cblas)
+    # takes m, n, k and the leading dimensions as C ints: K = T·B rows past 2^31 - 1
+    # would be cut to their low 32 bits by the intrinsic, a silently wrong product.
+    # Such shapes must take the fallback (NumPy's products check their BLAS's integer
+    # width themselves). The limit lowered here so that a small shape crosses it.
+    gemm = _gemm_or_fail()._replace(wide=wide)
+    monkeypatch.setattr(_cpu_blas, "_gemm", gemm)
+    monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
+    monkeypatch.setattr(_cpu_team, "INT32_MAX", 49)
+    entered = []
+    real = _cpu_team.run
+    monkeypatch.setattr(_cpu_team, "run", lambda *a: entered.append(1) or real(*a))
+    rng = np.random.default_rng(4)
+    operands = _operands(rng, 50, 12, 5, 12, 3, np.float32, same_grad=True)
+    _check(_cpu_blas.backward_products(*operands), operands, np.float32)
+    assert entered == ([1] if wide else [])
+    assert _cpu_team.fits(gemm, (50, 12, 5, 12, 3)) == wide
+    assert _cpu_team.fits(gemm, (49, 12, 5, 12, 3))
