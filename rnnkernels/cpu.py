@@ -271,6 +271,27 @@ def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_no
         step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
 
 
+def _inference_steps(x, packed_ih, bias, h, c, packed_hh, z, gates):
+    """All T steps of an inference forward in one compiled call, the input projection
+    done a chunk of steps at a time just ahead of the steps that read it. x [T, B, I];
+    packed_ih: W_ihᵀ packed; bias [≥ its packed width] or None; h [T+1, B, H] with h[0]
+    set; c [2, B, H] with c[0] set (c_t in c[t % 2]: no history, inference returns
+    only c_T); packed_hh: W_hhᵀ packed; z [B, ≥ its packed width] scratch; gates
+    [chunk·B, ≥ W_ih's packed width] scratch for one chunk's projection. The same
+    kernels as ``_steps``'s projection and loop, each element by the same code, so the
+    same bits as a training forward."""
+    steps, batch, inputs = x.shape
+    chunk = gates.shape[0] // batch
+    for first in range(0, steps, chunk):
+        count = min(chunk, steps - first)
+        rows = count * batch
+        product(x[first : first + count].reshape(rows, inputs), packed_ih, gates[:rows], bias)  # noqa: F821
+        for s in range(count):
+            t = first + s
+            step_product(h[t], packed_hh, z)  # noqa: F821
+            cell_forward(gates[s * batch : (s + 1) * batch], z, c[t % 2], h[t + 1], c[(t + 1) % 2])  # noqa: F821
+
+
 def _forward_rows(state, z, t, first, end):
     """Step t's cell over rows first:end, for the persistent loop (state: gates, h, c)."""
     gates, h, c = state
@@ -301,6 +322,15 @@ _PERSISTENT = _cpu_common.compile_persistent(
 )
 
 
+# The inference loop: the serial variant's cells and step product, and the projection's
+# product (serial) called per chunk.
+_INFERENCE_STEPS = _cpu_common.compile_function(
+    _inference_steps, "serial", False,
+    {"product": _cpu_common.PRODUCT[False], "step_product": _cpu_common.STEP_PRODUCT,
+     "cell_forward": _SERIAL.cell_forward},
+)
+
+
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
     e.g. ``dispatcher.stats.cache_hits``."""
@@ -309,6 +339,9 @@ def compiled_functions():
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps = x.shape[0]
+    if not training and steps > 1 and _inference_fits(x, w_hh, bias):
+        h, c_n = _inference(x, w_ih, w_hh, bias, h0, c0)
+        return h[1:], h[steps].copy(), c_n, None
     if steps == 1:
         h, c, gates = _single_step(x, w_ih, w_hh, bias, h0, c0)
     else:
@@ -367,6 +400,41 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     else:
         _SERIAL.forward_steps(gates, h, c, packed, z)
     return h, c, gates
+
+
+# Rows (chunk steps x B) of input projection per chunk of the inference loop.
+INFERENCE_CHUNK_ROWS = 64
+
+
+def _inference_fits(x, w_hh, bias):
+    """Whether ``_inference`` runs this call: the serial time loop, and no bias of
+    another dtype (that one NumPy adds after the product, as ``project`` does)."""
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    if batch == 0 or (bias is not None and bias.dtype != x.dtype):
+        return False
+    return _cpu_common.time_loop(batch, hidden, 4, x.dtype) == "serial"
+
+
+def _inference(x, w_ih, w_hh, bias, h0, c0):
+    """(h [T+1, B, H], c_T) of an inference forward (``_inference_steps``)."""
+    steps, batch, input_size = x.shape
+    hidden = w_hh.shape[1]
+    dtype = x.dtype
+    packed_ih = _cpu_gemm.pack(w_ih.T)
+    packed_hh = _cpu_gemm.pack(w_hh.T)
+    width_ih = packed_ih.shape[0] * packed_ih.shape[2]
+    fused = None
+    if bias is not None:
+        fused = np.zeros(width_ih, dtype)  # the packed width: padding columns get 0
+        fused[: 4 * hidden] = bias
+    chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // batch))
+    gates = np.empty((chunk * batch, width_ih), dtype)
+    z = np.empty((batch, packed_hh.shape[0] * packed_hh.shape[2]), dtype)
+    h = np.empty((steps + 1, batch, hidden), dtype)
+    c = np.empty((2, batch, hidden), dtype)
+    h[0], c[0] = h0, c0
+    _INFERENCE_STEPS(np.ascontiguousarray(x), packed_ih, fused, h, c, packed_hh, z, gates)
+    return h, c[steps % 2].copy()
 
 
 def cell_step(gates, z, c_prev, h_out, c_out):
