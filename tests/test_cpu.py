@@ -493,3 +493,38 @@ def test_cpu_sync_set_policy_rejects_bad_bounds(bad, monkeypatch):
     _cpu_sync.set_policy(3, 4)
     assert _cpu_sync.policy() == (3, 4)
     assert list(_cpu_sync.counters()[[_cpu_sync._SPINS, _cpu_sync._YIELDS]]) == [3, 4]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("split", [False, True])
+def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatch):
+    # Inference (training=False) runs its own loop (cpu._inference_steps: the input
+    # projection a chunk of steps at a time, c without history; with threads, the batch
+    # split into row blocks, one per thread): every output bit is the training
+    # forward's, for any chunk (1 row: one step per chunk; 5 rows: chunks that end
+    # mid-sequence; the default), any split (9 and 13 rows: unequal blocks), with and
+    # without bias and initial state.
+    import numba
+
+    from rnnkernels import _cpu_common, cpu
+
+    calls = []
+    for name in ("_INFERENCE_STEPS", "_INFERENCE_SPLIT"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _name=name, _real=real: (calls.append(_name), _real(*a))[1])
+    cases = [((5, 3, 7, 20), True), ((9, 16, 20, 64), False), ((7, 9, 13, 40), True), ((4, 13, 70, 20), False)]
+    for shape, options in cases:
+        for chunk_rows in (1, 5, cpu.INFERENCE_CHUNK_ROWS):
+            problem = make_problem(*shape, dtype=dtype, bias=options, state=options, seed=sum(shape))
+            want = rnnkernels.lstm_forward(**problem, backend="cpu", training=True)
+            ref = rnnkernels.lstm_forward(**problem, backend="reference", training=False)
+            monkeypatch.setattr(cpu, "INFERENCE_CHUNK_ROWS", chunk_rows)
+            # Two row blocks whatever Numba has (the blocks then share its threads).
+            monkeypatch.setattr(_cpu_common, "threads", lambda: 2 if split else 1)
+            got = rnnkernels.lstm_forward(**problem, backend="cpu", training=False)
+            monkeypatch.setattr(_cpu_common, "threads", numba.get_num_threads)
+            for field in ("y", "h_n", "c_n"):
+                assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), (shape, chunk_rows, field)
+                assert rel_err(getattr(got, field), getattr(ref, field)) < TOLERANCE[dtype], (shape, field)
+            ran = "_INFERENCE_SPLIT" if split and shape[1] >= 2 * cpu.SPLIT_MIN_ROWS else "_INFERENCE_STEPS"
+            assert calls.pop() == ran and not calls, (shape, split)
