@@ -22,7 +22,46 @@ way the CUDA kernels split it:
   BLAS's sgemm in the team at one thread), a fixed list of chunks the threads claim;
   then a column sum gives db;
 * a single step (T = 1: token-by-token decoding) packs nothing: two BLAS products and
-  the same fused cell (``_single_step``), since packing would cost more than the step.
+  the same fused cell (``_single_step``), since packing would cost more than the step;
+* inference (training=False, T > 1) keeps nothing for backward (``_inference_steps``):
+  the input projection is done a chunk of 64 rows (64 / B steps) at a time just ahead
+  of the steps that read it, so each chunk is read back from L2 instead of a T·B·4H
+  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
+  With two Numba threads or more and B >= 8, the batch is split into row blocks, one
+  per thread, each running that loop on its own rows with no synchronization at all
+  (``_inference_split``; rows never interact), instead of the persistent loop, which
+  synchronizes twice per step. The same kernels, each element by the same code: the
+  same bits as the training forward at any chunk, split and thread count
+  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits).
+
+Where one-thread inference time goes, and the floor (2-core Zen 4 VM, float32; phases
+timed alone, not quiet): at (T,B,I=H) = 128,16,256 the projection took 10.1 ms and the
+loop 10.6 ms (its step products 9.9 ms, its cells 128 x 7 µs), packing 0.2 ms; at
+512,8,128 5.6 ms, 6.1 ms (cells 512 x 1.6 µs), 0.05 ms. The packed kernel's 4x2 tile
+runs 112 GFLOP/s with its operands in L1 (16 float32 FMAs per cycle: AVX-512 FMAs
+double-pumped on two 256-bit pipes, at about 3.5 GHz); the projection ran at 101-106 of
+that and the step product at about 108, so the multiply-adds alone (2·T·B·4H·(I+H)
+flops) take at least 19.2 ms at 128,16,256 and 9.6 ms at 512,8,128. torch took 22.1-22.7
+and 12.7-13.3 ms there: 0.8x torch (issue 12's goal) is below that floor at 128,16,256
+and within the cells' own time of it at 512,8,128. What chunking saved is the projection
+buffer's round trip through L3, 5-10% (below). The cells cost 4-7% of the call; a cell
+fused into the product's tile (W_hh packed so one tile holds all four gates of its
+units) would save only their loads and stores of z and the gates, not their σ/tanh
+arithmetic, which is most of it (benchmarks/cpu/07): not tried.
+
+Inference, this loop against the training forward's loop (the loop before), paired in
+one process (``benchmarks/cpu/08_against_checkout.py --mode forward`` against main
+302a23f, 31 pairs, quiet, 2026-12-01 22:32-22:35 UTC; median new/old with p10-p90), at
+128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 / 1024,4,64: one thread 0.93
+(0.90-0.96) / 0.99 (0.95-1.02) / 0.90 (0.87-0.94) / 0.97 (0.93-1.01) / 1.03 (0.96-1.13) /
+0.93 (0.88-1.01); two threads (the split against the persistent loop, the last two
+rows both the persistent loop) 0.94 / 0.60 / 0.86 / 0.94 / 1.03 / 1.02, p90 up to 1.3:
+another job's thread ran beside the quiet ones then. Chunk sizes of 16-256 rows were
+within 1% of each other at every size (not quiet). Against torch
+(``benchmarks/cpu_vs_torch.py --mode forward``, quiet, 22:36-22:39 UTC, before ->
+after, ours/torch): one thread 1.00 -> 0.97, 0.93 -> 0.92, 1.05 -> 0.94, 0.98 -> 0.92,
+0.87 -> 0.83, 0.87 -> 0.83; two threads 1.00 -> 0.95, 0.90 -> 0.86, 0.90 -> 0.88, 1.10
+-> 0.94, 0.77 -> 0.79, 0.59 -> 0.58.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
@@ -447,10 +486,10 @@ SPLIT_MIN_ROWS = 4
 def _inference_blocks(batch, hidden, dtype):
     """Row blocks an inference forward splits the batch into (one per thread), 1 for the
     serial ``_inference_steps``, or 0 where ``_steps``'s persistent loop runs instead."""
-    blocks = min(_cpu_common.threads(), batch // SPLIT_MIN_ROWS)
-    if blocks >= 2:
-        return blocks
-    return 1 if _cpu_common.time_loop(batch, hidden, 4, dtype) == "serial" else 0
+    threads = _cpu_common.threads()
+    if threads >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
+        return min(threads, batch // SPLIT_MIN_ROWS)
+    return 1 if threads < 2 or _cpu_common.time_loop(batch, hidden, 4, dtype) == "serial" else 0
 
 
 def _inference(x, w_ih, w_hh, bias, h0, c0, blocks):
