@@ -29,7 +29,7 @@ way the CUDA kernels split it:
   buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
   With two Numba threads or more and B >= 8, the batch is split into row blocks, one
   per thread, each running that loop on its own rows with no synchronization at all
-  (``_inference_split``; rows never interact), instead of the persistent loop, which
+  (``_cpu_common.run_blocks``; rows never interact), instead of the persistent loop, which
   synchronizes twice per step. The same kernels, each element by the same code: the
   same bits as the training forward at any chunk, split and thread count
   (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits).
@@ -311,48 +311,29 @@ def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_no
 
 
 def _inference_steps(x, first_row, end_row, packed_ih, bias, h, c, packed_hh, z, gates, rows_in):
-    """All T steps of an inference forward for batch rows first_row:end_row, in one
-    compiled call, the input projection done a chunk of steps at a time just ahead of
-    the steps that read it. x [T, B, I]; packed_ih: W_ihᵀ packed; bias [≥ its packed
-    width] or None; h [T+1, B, H] with h[0] set; c [2, B, H] with c[0] set (c_t in
-    c[t % 2]: no history, inference returns only c_T); packed_hh: W_hhᵀ packed; z
-    [rows, ≥ W_hh's packed width] scratch; gates [chunk·rows, ≥ W_ih's packed width]
-    scratch for one chunk's projection; rows_in [chunk·rows, I] scratch for the
-    chunk's inputs when the rows are not the whole batch (x's rows of a step are then
-    not adjacent). Rows never interact, and every element comes from the same kernels
-    as ``_steps``'s projection and loop, so the same bits as a training forward for
-    any split of the batch."""
-    steps, batch, inputs = x.shape
+    """All T steps of an inference forward for batch rows first_row:end_row (R rows)
+    in one compiled call, the input projection a chunk of steps at a time just ahead
+    of the steps that read it (``_cpu_common.project_chunk``). x [T, B, I]; packed_ih:
+    W_ihᵀ packed; bias [≥ its packed width] (``_cpu_common.padded_bias``: -0.0 without one); h [T+1, B, H] with h[0] set; c
+    [2, B, H] with c[0] set (c_t in c[t % 2]: inference returns only c_T); packed_hh:
+    W_hhᵀ packed; z [≥R, ≥ its packed width], gates [chunk·R, ≥ W_ih's packed width]
+    and rows_in [chunk·R, I] (or empty for the whole batch) scratch. Rows never
+    interact, and every element comes from the same kernels as ``_steps``'s projection
+    and loop, so the same bits as a training forward for any split of the batch."""
+    steps = x.shape[0]
     count_rows = end_row - first_row
     chunk = gates.shape[0] // count_rows
     z = z[:count_rows]
     for first in range(0, steps, chunk):
         count = min(chunk, steps - first)
-        rows = count * count_rows
-        if count_rows == batch:
-            a = x[first : first + count].reshape(rows, inputs)
-        else:
-            a = rows_in[:rows]
-            for s in range(count):
-                a[s * count_rows : (s + 1) * count_rows] = x[first + s, first_row:end_row]
-        product(a, packed_ih, gates[:rows], bias)  # noqa: F821 - a global of this function
+        project_chunk(x, first, count, first_row, end_row, packed_ih, bias, gates, rows_in)  # noqa: F821
         for s in range(count):
             t = first + s
-            step_product(h[t, first_row:end_row], packed_hh, z)  # noqa: F821
+            step_product(h[t, first_row:end_row], packed_hh, z)  # noqa: F821 - a global of each variant
             cell_forward(  # noqa: F821
                 gates[s * count_rows : (s + 1) * count_rows], z, c[t % 2, first_row:end_row],
                 h[t + 1, first_row:end_row], c[(t + 1) % 2, first_row:end_row],
             )
-
-
-def _inference_split(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, row_blocks):
-    """``_inference_steps`` on each block of batch rows (row_blocks [n+1]: the blocks'
-    bounds), one block per thread; z, gates, rows_in [n, ...]: each block's scratch."""
-    for block in numba.prange(row_blocks.shape[0] - 1):
-        inference_steps(  # noqa: F821
-            x, row_blocks[block], row_blocks[block + 1], packed_ih, bias, h, c, packed_hh, z[block],
-            gates[block], rows_in[block],
-        )
 
 
 def _forward_rows(state, z, t, first, end):
@@ -385,16 +366,8 @@ _PERSISTENT = _cpu_common.compile_persistent(
 )
 
 
-# The inference loop: the serial variant's cells and step product, and the projection's
-# product (serial) called per chunk.
-_INFERENCE_STEPS = _cpu_common.compile_function(
-    _inference_steps, "serial", False,
-    {"product": _cpu_common.PRODUCT[False], "step_product": _cpu_common.STEP_PRODUCT,
-     "cell_forward": _SERIAL.cell_forward},
-)
-_INFERENCE_SPLIT = _cpu_common.compile_function(
-    _inference_split, "parallel", True, {"inference_steps": _INFERENCE_STEPS}
-)
+# The inference loop (``_cpu_common.compile_inference``): the serial variant's cell.
+_INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
 
 
 def compiled_functions():
@@ -405,8 +378,12 @@ def compiled_functions():
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps = x.shape[0]
-    blocks = _inference_blocks(x.shape[1], w_hh.shape[1], x.dtype) if not training and steps > 1 else 0
-    if blocks and _inference_fits(x, bias):
+    blocks = 0
+    # Not for a bias of another dtype (NumPy adds that one after the product, as
+    # ``_cpu_common.project`` does) nor an empty batch.
+    if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
+        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 4, x.dtype)
+    if blocks:
         h, c_n = _inference(x, w_ih, w_hh, bias, h0, c0, blocks)
         return h[1:], h[steps].copy(), c_n, None
     if steps == 1:
@@ -469,59 +446,24 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     return h, c, gates
 
 
-# Rows (chunk steps x B) of input projection per chunk of the inference loop.
-INFERENCE_CHUNK_ROWS = 64
-
-
-def _inference_fits(x, bias):
-    """Whether ``_inference`` runs this call: a batch (no bias of another dtype: that
-    one NumPy adds after the product, as ``project`` does)."""
-    return x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype)
-
-
-# Batch rows per thread from which inference splits the batch over the threads.
-SPLIT_MIN_ROWS = 4
-
-
-def _inference_blocks(batch, hidden, dtype):
-    """Row blocks an inference forward splits the batch into (one per thread), 1 for the
-    serial ``_inference_steps``, or 0 where ``_steps``'s persistent loop runs instead."""
-    threads = _cpu_common.threads()
-    if threads >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
-        return min(threads, batch // SPLIT_MIN_ROWS)
-    return 1 if threads < 2 or _cpu_common.time_loop(batch, hidden, 4, dtype) == "serial" else 0
-
-
 def _inference(x, w_ih, w_hh, bias, h0, c0, blocks):
-    """(h [T+1, B, H], c_T) of an inference forward (``_inference_steps``) in ``blocks``
-    row blocks."""
-    steps, batch, input_size = x.shape
+    """(h [T+1, B, H], c_T) of an inference forward in ``blocks`` row blocks
+    (``_cpu_common.inference_blocks``): ``_inference_steps`` on each, side by side
+    (``_cpu_common.run_blocks``)."""
+    steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
+    x = np.ascontiguousarray(x)
     packed_ih = _cpu_gemm.pack(w_ih.T)
     packed_hh = _cpu_gemm.pack(w_hh.T)
-    width_ih = packed_ih.shape[0] * packed_ih.shape[2]
-    fused = None
-    if bias is not None:
-        fused = np.zeros(width_ih, dtype)  # the packed width: padding columns get 0
-        fused[: 4 * hidden] = bias
+    bias = _cpu_common.padded_bias(bias, packed_ih, 4 * hidden, dtype)
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((2, batch, hidden), dtype)
     h[0], c[0] = h0, c0
-    x = np.ascontiguousarray(x)
-    if blocks >= 2:
-        bounds = np.array([batch * i // blocks for i in range(blocks + 1)], np.int64)
-        rows = -(-batch // blocks)
-        chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // rows))
-        z = np.empty((blocks, rows, packed_hh.shape[0] * packed_hh.shape[2]), dtype)
-        gates = np.empty((blocks, chunk * rows, width_ih), dtype)
-        rows_in = np.empty((blocks, chunk * rows, input_size), dtype)
-        _INFERENCE_SPLIT(x, packed_ih, fused, h, c, packed_hh, z, gates, rows_in, bounds)
-    else:
-        chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // batch))
-        z = np.empty((batch, packed_hh.shape[0] * packed_hh.shape[2]), dtype)
-        gates = np.empty((chunk * batch, width_ih), dtype)
-        _INFERENCE_STEPS(x, 0, batch, packed_ih, fused, h, c, packed_hh, z, gates, np.empty((0, input_size), dtype))
+    bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+    _cpu_common.run_blocks(_INFERENCE_STEPS, [
+        (x, bounds[i], bounds[i + 1], packed_ih, bias, h, c, packed_hh, z[i], gates[i], rows_in[i]) for i in range(blocks)
+    ])
     return h, c[steps % 2].copy()
 
 

@@ -495,30 +495,54 @@ def test_cpu_sync_set_policy_rejects_bad_bounds(bad, monkeypatch):
     assert list(_cpu_sync.counters()[[_cpu_sync._SPINS, _cpu_sync._YIELDS]]) == [3, 4]
 
 
+def spy_inference_loop(monkeypatch, owner, key):
+    """A list that gets the (first, end) batch rows of each call of the inference loop
+    ``owner.key`` (or ``owner[key]`` for a dict) from Python."""
+    calls = []
+    real = owner[key] if isinstance(owner, dict) else getattr(owner, key)
+
+    def spy(*args):
+        calls.append((int(args[1]), int(args[2])))
+        return real(*args)
+
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, key, spy)
+    else:
+        monkeypatch.setattr(owner, key, spy)
+    return calls
+
+
+def expected_blocks(batch, split):
+    """The row blocks an inference forward of ``batch`` rows runs at two threads
+    (split) or one."""
+    from rnnkernels import _cpu_common
+
+    if split and batch >= 2 * _cpu_common.SPLIT_MIN_ROWS:
+        return [(0, batch // 2), (batch // 2, batch)]
+    return [(0, batch)]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("split", [False, True])
 def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatch):
     # Inference (training=False) runs its own loop (cpu._inference_steps: the input
-    # projection a chunk of steps at a time, c without history; with threads, the batch
-    # split into row blocks, one per thread): every output bit is the training
+    # projection a chunk of steps at a time, c without history; at two threads, the
+    # batch split into two row blocks, side by side): every output bit is the training
     # forward's, for any chunk (1 row: one step per chunk; 5 rows: chunks that end
     # mid-sequence; the default), any split (9 and 13 rows: unequal blocks), with and
-    # without bias and initial state.
+    # without bias and initial state, and within the reference's tolerance.
     import numba
 
     from rnnkernels import _cpu_common, cpu
 
-    calls = []
-    for name in ("_INFERENCE_STEPS", "_INFERENCE_SPLIT"):
-        real = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _name=name, _real=real: (calls.append(_name), _real(*a))[1])
+    calls = spy_inference_loop(monkeypatch, cpu, "_INFERENCE_STEPS")
     cases = [((5, 3, 7, 20), True), ((9, 16, 20, 64), False), ((7, 9, 13, 40), True), ((4, 13, 70, 20), False)]
     for shape, options in cases:
-        for chunk_rows in (1, 5, cpu.INFERENCE_CHUNK_ROWS):
+        for chunk_rows in (1, 5, _cpu_common.INFERENCE_CHUNK_ROWS):
             problem = make_problem(*shape, dtype=dtype, bias=options, state=options, seed=sum(shape))
             want = rnnkernels.lstm_forward(**problem, backend="cpu", training=True)
             ref = rnnkernels.lstm_forward(**problem, backend="reference", training=False)
-            monkeypatch.setattr(cpu, "INFERENCE_CHUNK_ROWS", chunk_rows)
+            monkeypatch.setattr(_cpu_common, "INFERENCE_CHUNK_ROWS", chunk_rows)
             # Two row blocks whatever Numba has (the blocks then share its threads).
             monkeypatch.setattr(_cpu_common, "threads", lambda: 2 if split else 1)
             got = rnnkernels.lstm_forward(**problem, backend="cpu", training=False)
@@ -526,5 +550,5 @@ def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatc
             for field in ("y", "h_n", "c_n"):
                 assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), (shape, chunk_rows, field)
                 assert rel_err(getattr(got, field), getattr(ref, field)) < TOLERANCE[dtype], (shape, field)
-            ran = "_INFERENCE_SPLIT" if split and shape[1] >= 2 * cpu.SPLIT_MIN_ROWS else "_INFERENCE_STEPS"
-            assert calls.pop() == ran and not calls, (shape, split)
+            assert sorted(calls) == expected_blocks(shape[1], split), (shape, split)
+            calls.clear()
