@@ -91,7 +91,6 @@ multiply-adds up (``project``: one fork for the whole product).
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import types
 from pathlib import Path
@@ -479,40 +478,22 @@ def time_loop(batch, hidden, gates, dtype):
 
 
 # Inference (training=False, T > 1; cpu.py's docstring): rows (chunk steps x B rows)
-# of input projection per chunk, and the batch rows per block from which, at two
-# threads, the batch is split into two blocks instead of the persistent loop.
+# of input projection per chunk, and the batch rows per thread from which the batch is
+# split over the threads (one row block each) instead of the persistent loop.
 INFERENCE_CHUNK_ROWS = 64
 SPLIT_MIN_ROWS = 4
 
 
-def inference_blocks(batch, hidden, gates, dtype):
+def inference_blocks(batch, hidden, gates, dtype, split=True):
     """Row blocks an inference forward of a cell of ``gates`` gates splits the batch
-    into: 2 at two threads from 2·SPLIT_MIN_ROWS rows (``run_blocks``); 1 at one thread,
-    or where ``time_loop`` says serial; 0 where the persistent loop runs instead (at
-    three threads or more, which it uses all of, and for a small batch at two). Every
-    choice gives the same bits."""
+    into, one per thread (the cell's parallel loop; ``split``: whether it has one):
+    from two threads and 2·SPLIT_MIN_ROWS rows; else 1 at one thread or where
+    ``time_loop`` says serial; 0 where the persistent loop runs instead. Every choice
+    gives the same bits."""
     workers = threads()
-    if workers == 2 and batch >= 2 * SPLIT_MIN_ROWS:
-        return 2
+    if split and workers >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
+        return min(workers, batch // SPLIT_MIN_ROWS)
     return 1 if workers < 2 or time_loop(batch, hidden, gates, dtype) == "serial" else 0
-
-
-def run_blocks(function, arguments):
-    """``function(*arguments[i])`` for each block i, the first on the one-worker thread
-    of the weight gradients (``_cpu_blas``: it blocks on a queue when idle, never
-    spins), the last on the caller's, side by side: ``function`` is compiled nogil.
-    Python threads rather than a parallel Numba region: the loop's code is the serial
-    one, compiled once (a prange over the blocks was one more compile of all of it,
-    4.4-5.5 s cold per cell and dtype), and the worker is already there."""
-    from . import _cpu_blas  # not at import time: _cpu_blas imports this module
-
-    futures = [_cpu_blas._worker().submit(function, *args) for args in arguments[:-1]]
-    try:
-        function(*arguments[-1])
-    finally:
-        concurrent.futures.wait(futures)
-    for future in futures:
-        future.result()
 
 
 def inference_scratch(blocks, x, packed_ih, packed_hh):

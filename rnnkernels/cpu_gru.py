@@ -214,7 +214,7 @@ def forward(x, w_ih, w_hh, bias, h0, training=True):
     blocks = 0
     # As cpu.py's forward: not for a bias of another dtype nor an empty batch.
     if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
-        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 3, x.dtype)
+        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 3, x.dtype, split=False)
     if blocks:
         h = _inference(x, w_ih, w_hh, bias, h0, blocks)
         return h[1:], h[steps].copy(), None
@@ -257,8 +257,9 @@ def cell_step(gates, z, b_hn, h_prev, h_out, hn_out):
 
 
 def _inference(x, w_ih, w_hh, bias, h0, blocks):
-    """h [T+1, B, H] of an inference forward in ``blocks`` row blocks (cpu.py's
-    ``_inference``)."""
+    """h [T+1, B, H] of an inference forward (cpu.py's ``_inference``) in one row block
+    (``blocks`` is 1): no split over threads here; the LSTM's parallel split costs a
+    cold compile of 4.4-5.5 s per cell and dtype, and was measured for the LSTM only."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     dtype = x.dtype
@@ -271,10 +272,7 @@ def _inference(x, w_ih, w_hh, bias, h0, blocks):
     h[0] = h0
     b_hn = _b_hn(bias, hidden, dtype)
     bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
-    _cpu_common.run_blocks(_INFERENCE_STEPS, [
-        (x, bounds[i], bounds[i + 1], packed_ih, input_bias, b_hn, h, hn, packed_hh, z[i], gates[i], rows_in[i])
-        for i in range(blocks)
-    ])
+    _INFERENCE_STEPS(x, 0, batch, packed_ih, input_bias, b_hn, h, hn, packed_hh, z[0], gates[0], rows_in[0])
     return h
 
 

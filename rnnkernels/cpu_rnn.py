@@ -204,7 +204,7 @@ def forward(nonlinearity, x, w_ih, w_hh, bias, h0, training=True):
     blocks = 0
     # As cpu.py's forward: not for a bias of another dtype nor an empty batch.
     if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
-        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 1, x.dtype)
+        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 1, x.dtype, split=False)
     if blocks:
         h = _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks)
         return h[1:], h[steps].copy(), None
@@ -243,8 +243,8 @@ def cell_step(nonlinearity, gx, z, h_out):
 
 
 def _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks):
-    """h [T+1, B, H] of an inference forward in ``blocks`` row blocks (cpu.py's
-    ``_inference``)."""
+    """h [T+1, B, H] of an inference forward (cpu.py's ``_inference``) in one row block
+    (``blocks`` is 1; as the GRU's, no split over threads)."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     x = np.ascontiguousarray(x)
@@ -254,9 +254,7 @@ def _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks):
     h = np.empty((steps + 1, batch, hidden), x.dtype)
     h[0] = h0
     bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
-    _cpu_common.run_blocks(_INFERENCE_STEPS[nonlinearity], [
-        (x, bounds[i], bounds[i + 1], packed_ih, bias, h, packed_hh, z[i], gates[i], rows_in[i]) for i in range(blocks)
-    ])
+    _INFERENCE_STEPS[nonlinearity](x, 0, batch, packed_ih, bias, h, packed_hh, z[0], gates[0], rows_in[0])
     return h
 
 

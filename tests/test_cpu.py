@@ -495,14 +495,19 @@ def test_cpu_sync_set_policy_rejects_bad_bounds(bad, monkeypatch):
     assert list(_cpu_sync.counters()[[_cpu_sync._SPINS, _cpu_sync._YIELDS]]) == [3, 4]
 
 
-def spy_inference_loop(monkeypatch, owner, key):
+def spy_inference_loop(monkeypatch, owner, key, calls=None):
     """A list that gets the (first, end) batch rows of each call of the inference loop
-    ``owner.key`` (or ``owner[key]`` for a dict) from Python."""
-    calls = []
+    ``owner.key`` (or ``owner[key]`` for a dict) from Python; for a split over row
+    blocks (the last argument: their bounds), each block's."""
+    calls = [] if calls is None else calls
     real = owner[key] if isinstance(owner, dict) else getattr(owner, key)
 
     def spy(*args):
-        calls.append((int(args[1]), int(args[2])))
+        if key.endswith("SPLIT"):
+            bounds = [int(b) for b in args[-1]]
+            calls.extend(zip(bounds[:-1], bounds[1:]))
+        else:
+            calls.append((int(args[1]), int(args[2])))
         return real(*args)
 
     if isinstance(owner, dict):
@@ -527,7 +532,7 @@ def expected_blocks(batch, split):
 def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatch):
     # Inference (training=False) runs its own loop (cpu._inference_steps: the input
     # projection a chunk of steps at a time, c without history; at two threads, the
-    # batch split into two row blocks, side by side): every output bit is the training
+    # batch split into two row blocks, one per thread): every output bit is the training
     # forward's, for any chunk (1 row: one step per chunk; 5 rows: chunks that end
     # mid-sequence; the default), any split (9 and 13 rows: unequal blocks), with and
     # without bias and initial state, and within the reference's tolerance.
@@ -536,6 +541,7 @@ def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatc
     from rnnkernels import _cpu_common, cpu
 
     calls = spy_inference_loop(monkeypatch, cpu, "_INFERENCE_STEPS")
+    spy_inference_loop(monkeypatch, cpu, "_INFERENCE_SPLIT", calls)
     cases = [((5, 3, 7, 20), True), ((9, 16, 20, 64), False), ((7, 9, 13, 40), True), ((4, 13, 70, 20), False)]
     for shape, options in cases:
         for chunk_rows in (1, 5, _cpu_common.INFERENCE_CHUNK_ROWS):
