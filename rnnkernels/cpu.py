@@ -28,11 +28,15 @@ way the CUDA kernels split it:
   of the steps that read it, so each chunk is read back from L2 instead of a T·B·4H
   buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
   With two Numba threads or more and B >= 8, the batch is split into row blocks, one
-  per thread, each running that loop on its own rows with no synchronization at all
-  (``_inference_split``; rows never interact), instead of the persistent loop, which
-  synchronizes twice per step. The same kernels, each element by the same code: the
-  same bits as the training forward at any chunk, split and thread count
-  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits).
+  per thread, each running that whole loop, chunked projection included, on its own
+  rows (``_inference_split``; rows never interact) instead of the persistent loop
+  (whose teams split the rows the same way, after one parallel projection of all
+  steps). The same kernels, each element by the same code: the same bits as the
+  training forward at any chunk, split and thread count
+  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The GRU
+  and the Elman RNN run the same chunked loop (``cpu_gru``, ``cpu_rnn``), in one block:
+  no split, since a split costs one more cold compile (4.4-5.5 s per cell and dtype,
+  measured) and was measured for the LSTM only.
 
 Where one-thread inference time goes, and the floor (2-core Zen 4 VM, float32; phases
 timed alone, not quiet): at (T,B,I=H) = 128,16,256 the projection took 10.1 ms and the
@@ -41,27 +45,41 @@ loop 10.6 ms (its step products 9.9 ms, its cells 128 x 7 µs), packing 0.2 ms; 
 runs 112 GFLOP/s with its operands in L1 (16 float32 FMAs per cycle: AVX-512 FMAs
 double-pumped on two 256-bit pipes, at about 3.5 GHz); the projection ran at 101-106 of
 that and the step product at about 108, so the multiply-adds alone (2·T·B·4H·(I+H)
-flops) take at least 19.2 ms at 128,16,256 and 9.6 ms at 512,8,128. torch took 22.1-22.7
-and 12.7-13.3 ms there: 0.8x torch (issue 12's goal) is below that floor at 128,16,256
-and within the cells' own time of it at 512,8,128. What chunking saved is the projection
-buffer's round trip through L3, 5-10% (below). The cells cost 4-7% of the call; a cell
-fused into the product's tile (W_hh packed so one tile holds all four gates of its
-units) would save only their loads and stores of z and the gates, not their σ/tanh
-arithmetic, which is most of it (benchmarks/cpu/07): not tried.
+flops) take at least 19.2 ms at 128,16,256 and 9.6 ms at 512,8,128. torch took 21.4-22.7
+and 11.6-13.3 ms there: 0.8x torch (issue 12's goal) is below that floor at 128,16,256
+and within the cells' own time of it at 512,8,128. What chunking saves is the
+projection buffer's round trip through L3 (below). The cells cost 4-7% of the call; a
+cell fused into the product's tile (W_hh packed so one tile holds all four gates of
+its units) would save only their loads and stores of z and the gates, not their
+σ/tanh arithmetic, which is most of it (benchmarks/cpu/07): not tried. Chunk sizes of
+16-256 rows were within 1% of each other at every size (not quiet).
 
-Inference, this loop against the training forward's loop (the loop before), paired in
-one process (``benchmarks/cpu/08_against_checkout.py --mode forward`` against main
-302a23f, 31 pairs, quiet, 2026-12-01 22:32-22:35 UTC; median new/old with p10-p90), at
-128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 / 1024,4,64: one thread 0.93
-(0.90-0.96) / 0.99 (0.95-1.02) / 0.90 (0.87-0.94) / 0.97 (0.93-1.01) / 1.03 (0.96-1.13) /
-0.93 (0.88-1.01); two threads (the split against the persistent loop, the last two
-rows both the persistent loop) 0.94 / 0.60 / 0.86 / 0.94 / 1.03 / 1.02, p90 up to 1.3:
-another job's thread ran beside the quiet ones then. Chunk sizes of 16-256 rows were
-within 1% of each other at every size (not quiet). Against torch
-(``benchmarks/cpu_vs_torch.py --mode forward``, quiet, 22:36-22:39 UTC, before ->
-after, ours/torch): one thread 1.00 -> 0.97, 0.93 -> 0.92, 1.05 -> 0.94, 0.98 -> 0.92,
-0.87 -> 0.83, 0.87 -> 0.83; two threads 1.00 -> 0.95, 0.90 -> 0.86, 0.90 -> 0.88, 1.10
--> 0.94, 0.77 -> 0.79, 0.59 -> 0.58.
+Inference against the training forward's loops (the path before), paired in one
+process (``benchmarks/cpu/08_against_checkout.py --mode forward``, 31 pairs, quiet,
+2026-12-01; median new/old, p10-p90), at 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512
+/ 256,1,128 / 1024,4,64. Against main 302a23f (before bwdloop's teams), 23:00 UTC:
+one thread 0.94 (0.90-0.97) / 0.98 (0.91-1.08) / 0.87 (0.79-0.93) / 0.97 (0.92-1.03) /
+1.03 (0.97-1.11) / 0.90 (0.87-0.98); two threads 0.94 / 0.94 / 0.78 / 0.94 (p90 <=
+0.98). Against main 5591497 (the persistent loop in teams, the serial product in runs
+of panels), 23:19 UTC: one thread 0.98 (0.95-0.99) / 1.00 (0.98-1.01) / 0.96
+(0.93-0.99) / 0.97 (0.93-1.03) / 1.02 (0.99-1.04) / 0.99 (0.96-1.02); two threads 0.95
+(0.70-1.00) / 1.01 (0.96-1.04) / 0.96 (0.94-1.01) / 0.96 (0.76-1.02). At B = 1 the
+chunked loop is 2-3% slower (about 80 ns more a step, its slicing per step), within
+the spread at 1024,4,64. Training runs the loops it ran before (08, one thread, against
+302a23f: 0.99-1.03, within the spreads). Tried and lost: the two row blocks on Python
+threads (the caller and ``_cpu_blas``'s worker; the nogil serial loop, so no parallel
+function to compile) instead of a prange: 1.0-1.8x the prange at B = 8-16 beside torch
+or our persistent loop, whose OpenMP workers spin on the second core for a while after
+each call where a sleeping Python thread had to be woken and scheduled.
+
+Against torch (``benchmarks/cpu_vs_torch.py --mode forward``, quiet, ours/torch with
+p10-p90), on this branch at 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 /
+1024,4,64: one thread (23:16 UTC, before rebasing onto 5591497) 0.97 (0.95-0.99) / 0.95 (0.93-0.97) / 0.93
+(0.91-0.96) / 0.95 (0.94-0.96) / 0.90 (0.87-0.94) / 0.89 (0.87-0.90); two threads (after
+rebasing onto 5591497, 23:20-23:24) 0.94 (0.84-1.05) / 0.78 (0.61-0.91) / 0.83
+(0.76-0.92) / 0.95 (0.92-1.01) / 0.76 (0.65-1.07) / 0.46 (0.39-0.52). Before, on
+302a23f (22:36-22:39): one thread 1.00 / 0.93 / 1.05 / 0.98 / 0.87 / 0.87, two threads
+1.00 / 0.90 / 0.90 / 1.10 / 0.77 / 0.59.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
