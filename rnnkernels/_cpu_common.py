@@ -292,7 +292,7 @@ def _project_chunk(x, first, count, first_row, end_row, packed, bias, gates, row
     (+ bias unless None), for the cells' inference loops. rows_in [≥ count·R, I]
     scratch, used only when the rows are not the whole batch (then a step's rows of x
     are not adjacent to the next step's)."""
-    steps, batch, inputs = x.shape
+    _, batch, inputs = x.shape
     count_rows = end_row - first_row
     rows = count * count_rows
     if count_rows == batch:

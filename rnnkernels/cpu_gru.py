@@ -271,7 +271,7 @@ def _inference(x, w_ih, w_hh, bias, h0, blocks):
     hn = np.empty((batch, hidden), dtype)
     h[0] = h0
     b_hn = _b_hn(bias, hidden, dtype)
-    bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+    _, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
     _INFERENCE_STEPS(x, 0, batch, packed_ih, input_bias, b_hn, h, hn, packed_hh, z[0], gates[0], rows_in[0])
     return h
 

@@ -253,7 +253,7 @@ def _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks):
     bias = _cpu_common.padded_bias(bias, packed_ih, hidden, x.dtype)
     h = np.empty((steps + 1, batch, hidden), x.dtype)
     h[0] = h0
-    bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+    _, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
     _INFERENCE_STEPS[nonlinearity](x, 0, batch, packed_ih, bias, h, packed_hh, z[0], gates[0], rows_in[0])
     return h
 

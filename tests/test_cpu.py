@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import GRAD_OF, make_problem, make_upstream, rel_err, torch_or_skip
@@ -505,7 +507,7 @@ def spy_inference_loop(monkeypatch, owner, key, calls=None):
     def spy(*args):
         if key.endswith("SPLIT"):
             bounds = [int(b) for b in args[-1]]
-            calls.extend(zip(bounds[:-1], bounds[1:]))
+            calls.extend(itertools.pairwise(bounds))
         else:
             calls.append((int(args[1]), int(args[2])))
         return real(*args)
