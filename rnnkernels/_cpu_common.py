@@ -484,14 +484,13 @@ INFERENCE_CHUNK_ROWS = 64
 SPLIT_MIN_ROWS = 4
 
 
-def inference_blocks(batch, hidden, gates, dtype, split=True):
+def inference_blocks(batch, hidden, gates, dtype):
     """Row blocks an inference forward of a cell of ``gates`` gates splits the batch
-    into, one per thread (the cell's parallel loop; ``split``: whether it has one):
-    from two threads and 2·SPLIT_MIN_ROWS rows; else 1 at one thread or where
-    ``time_loop`` says serial; 0 where the persistent loop runs instead. Every choice
-    gives the same bits."""
+    into, one per thread (the cell's parallel inference loop): from two threads and
+    2·SPLIT_MIN_ROWS rows; else 1 at one thread or where ``time_loop`` says serial; 0
+    where the persistent loop runs instead. Every choice gives the same bits."""
     workers = threads()
-    if split and workers >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
+    if workers >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
         return min(workers, batch // SPLIT_MIN_ROWS)
     return 1 if workers < 2 or time_loop(batch, hidden, gates, dtype) == "serial" else 0
 

@@ -33,10 +33,11 @@ way the CUDA kernels split it:
   (whose teams split the rows the same way, after one parallel projection of all
   steps). The same kernels, each element by the same code: the same bits as the
   training forward at any chunk, split and thread count
-  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The GRU
-  and the Elman RNN run the same chunked loop (``cpu_gru``, ``cpu_rnn``), in one block:
-  no split, since a split costs one more cold compile (4.4-5.5 s per cell and dtype,
-  measured) and was measured for the LSTM only.
+  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The
+  helpers are in ``_cpu_common`` (the chunk's projection, the block rule, the scratch,
+  the padded bias) for the GRU and the Elman RNN, which do not use them yet: each
+  cell's loop is one more compiled function, 1.2-2.4 s cold per dtype (the split
+  4.4-5.5 s), which CI pays once per run.
 
 Where one-thread inference time goes, and the floor (2-core Zen 4 VM, float32; phases
 timed alone, not quiet): at (T,B,I=H) = 128,16,256 the projection took 10.1 ms and the
@@ -332,10 +333,11 @@ def _inference_steps(x, first_row, end_row, packed_ih, bias, h, c, packed_hh, z,
     """All T steps of an inference forward for batch rows first_row:end_row (R rows)
     in one compiled call, the input projection a chunk of steps at a time just ahead
     of the steps that read it (``_cpu_common.project_chunk``). x [T, B, I]; packed_ih:
-    W_ihᵀ packed; bias [≥ its packed width] (``_cpu_common.padded_bias``: -0.0 without one); h [T+1, B, H] with h[0] set; c
-    [2, B, H] with c[0] set (c_t in c[t % 2]: inference returns only c_T); packed_hh:
-    W_hhᵀ packed; z [≥R, ≥ its packed width], gates [chunk·R, ≥ W_ih's packed width]
-    and rows_in [chunk·R, I] (or empty for the whole batch) scratch. Rows never
+    W_ihᵀ packed; bias [≥ its packed width] (``_cpu_common.padded_bias``: -0.0 without
+    one); h [T+1, B, H] with h[0] set; c [2, B, H] with c[0] set (c_t in c[t % 2]:
+    inference returns only c_T); packed_hh: W_hhᵀ packed; z [≥R, ≥ its packed width],
+    gates [chunk·R, ≥ W_ih's packed width] and rows_in [chunk·R, I] (or empty for the
+    whole batch) scratch. Rows never
     interact, and every element comes from the same kernels as ``_steps``'s projection
     and loop, so the same bits as a training forward for any split of the batch."""
     steps = x.shape[0]

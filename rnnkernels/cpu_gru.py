@@ -145,28 +145,6 @@ def _backward_steps(dy, gates, hn, h, packed_w_hh, dgi, dgh, dh_rec, carry, row_
         step_product(dgh[t], packed_w_hh, dh_rec)  # noqa: F821
 
 
-def _inference_steps(x, first_row, end_row, packed_ih, bias, b_hn, h, hn, packed_hh, z, gates, rows_in):
-    """All T steps of an inference forward for batch rows first_row:end_row (R rows),
-    the input projection a chunk of steps at a time (cpu.py's ``_inference_steps``,
-    the design and its arguments). b_hn [H]; h [T+1, B, H] with h[0] set; hn [B, H]
-    scratch (W_hn h_{t-1} + b_hn, which only backward reads): the same bits as a
-    training forward."""
-    steps = x.shape[0]
-    count_rows = end_row - first_row
-    chunk = gates.shape[0] // count_rows
-    z = z[:count_rows]
-    for first in range(0, steps, chunk):
-        count = min(chunk, steps - first)
-        project_chunk(x, first, count, first_row, end_row, packed_ih, bias, gates, rows_in)  # noqa: F821
-        for s in range(count):
-            t = first + s
-            step_product(h[t, first_row:end_row], packed_hh, z)  # noqa: F821 - a global of each variant
-            cell_forward(  # noqa: F821
-                gates[s * count_rows : (s + 1) * count_rows], z, b_hn, h[t, first_row:end_row],
-                h[t + 1, first_row:end_row], hn[first_row:end_row],
-            )
-
-
 def _forward_rows(state, z, t, first, end):
     """Step t's cell over rows first:end, for the persistent loop (state: gates, b_hn, h, hn)."""
     gates, b_hn, h, hn = state
@@ -194,8 +172,6 @@ _PERSISTENT = _cpu_common.compile_persistent(
     "persistent", _SERIAL, rows={"forward_rows": _forward_rows, "backward_rows": _backward_rows}
 )
 
-_INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
-
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling."""
@@ -211,13 +187,6 @@ def _b_hn(bias, hidden, dtype):
 
 def forward(x, w_ih, w_hh, bias, h0, training=True):
     steps = x.shape[0]
-    blocks = 0
-    # As cpu.py's forward: not for a bias of another dtype nor an empty batch.
-    if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
-        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 3, x.dtype, split=False)
-    if blocks:
-        h = _inference(x, w_ih, w_hh, bias, h0, blocks)
-        return h[1:], h[steps].copy(), None
     if steps == 1:
         h, hn, gates = _single_step(x, w_ih, w_hh, bias, h0)
     else:
@@ -254,26 +223,6 @@ def cell_step(gates, z, b_hn, h_prev, h_out, hn_out):
     [B, ≥3H] = h_{t-1} W_hhᵀ; b_hn [H] (zeros without biases); h_prev, h_out, hn_out
     [B, H]; C-contiguous, one dtype (float32 or float64)."""
     _SERIAL.cell_forward(gates, z, b_hn, h_prev, h_out, hn_out)
-
-
-def _inference(x, w_ih, w_hh, bias, h0, blocks):
-    """h [T+1, B, H] of an inference forward (cpu.py's ``_inference``) in one row block
-    (``blocks`` is 1): no split over threads here; the LSTM's parallel split costs a
-    cold compile of 4.4-5.5 s per cell and dtype, and was measured for the LSTM only."""
-    steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
-    dtype = x.dtype
-    x = np.ascontiguousarray(x)
-    packed_ih = _cpu_gemm.pack(w_ih.T)
-    packed_hh = _cpu_gemm.pack(w_hh.T)
-    input_bias = _cpu_common.padded_bias(None if bias is None else bias[: 3 * hidden], packed_ih, 3 * hidden, dtype)
-    h = np.empty((steps + 1, batch, hidden), dtype)
-    hn = np.empty((batch, hidden), dtype)
-    h[0] = h0
-    b_hn = _b_hn(bias, hidden, dtype)
-    _, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
-    _INFERENCE_STEPS(x, 0, batch, packed_ih, input_bias, b_hn, h, hn, packed_hh, z[0], gates[0], rows_in[0])
-    return h
 
 
 def _steps(x, w_ih, w_hh, bias, h0):

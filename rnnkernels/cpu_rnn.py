@@ -135,24 +135,6 @@ def _backward_steps(dy, h, packed_w_hh, da, dh_next, row_sq, dh_norms):
         step_product(da[t], packed_w_hh, dh_next)  # noqa: F821
 
 
-def _inference_steps(x, first_row, end_row, packed_ih, bias, h, packed_hh, z, gates, rows_in):
-    """All T steps of an inference forward for batch rows first_row:end_row (R rows),
-    the input projection a chunk of steps at a time (cpu.py's ``_inference_steps``,
-    the design and its arguments); h [T+1, B, H] with h[0] set. The same bits as a
-    training forward."""
-    steps = x.shape[0]
-    count_rows = end_row - first_row
-    chunk = gates.shape[0] // count_rows
-    z = z[:count_rows]
-    for first in range(0, steps, chunk):
-        count = min(chunk, steps - first)
-        project_chunk(x, first, count, first_row, end_row, packed_ih, bias, gates, rows_in)  # noqa: F821
-        for s in range(count):
-            t = first + s
-            step_product(h[t, first_row:end_row], packed_hh, z)  # noqa: F821 - a global of each variant
-            cell_forward(gates[s * count_rows : (s + 1) * count_rows], z, h[t + 1, first_row:end_row])  # noqa: F821
-
-
 def _forward_rows(state, z, t, first, end):
     """Step t's cell over rows first:end, for the persistent loop (state: gx, h)."""
     gx, h = state
@@ -185,11 +167,6 @@ _PERSISTENT = {
     for nonlinearity in NONLINEARITIES
 }
 
-_INFERENCE_STEPS = {
-    nonlinearity: _cpu_common.compile_inference(f"{nonlinearity}_serial", _SERIAL[nonlinearity], _inference_steps)
-    for nonlinearity in NONLINEARITIES
-}
-
 
 def compiled_functions():
     """The dispatchers by name (``forward_steps_tanh_serial`` ...): for tests and profiling."""
@@ -201,13 +178,6 @@ def compiled_functions():
 def forward(nonlinearity, x, w_ih, w_hh, bias, h0, training=True):
     """The backend's forward for ``nonlinearity`` (bound by TANH_/RELU_BACKEND)."""
     steps = x.shape[0]
-    blocks = 0
-    # As cpu.py's forward: not for a bias of another dtype nor an empty batch.
-    if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
-        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 1, x.dtype, split=False)
-    if blocks:
-        h = _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks)
-        return h[1:], h[steps].copy(), None
     step = _single_step if steps == 1 else _steps
     h = step(nonlinearity, x, w_ih, w_hh, bias, h0)
     if not training:
@@ -240,22 +210,6 @@ def cell_step(nonlinearity, gx, z, h_out):
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     _SERIAL[nonlinearity].cell_forward(gx, z, h_out)
-
-
-def _inference(nonlinearity, x, w_ih, w_hh, bias, h0, blocks):
-    """h [T+1, B, H] of an inference forward (cpu.py's ``_inference``) in one row block
-    (``blocks`` is 1; as the GRU's, no split over threads)."""
-    steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
-    x = np.ascontiguousarray(x)
-    packed_ih = _cpu_gemm.pack(w_ih.T)
-    packed_hh = _cpu_gemm.pack(w_hh.T)
-    bias = _cpu_common.padded_bias(bias, packed_ih, hidden, x.dtype)
-    h = np.empty((steps + 1, batch, hidden), x.dtype)
-    h[0] = h0
-    _, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
-    _INFERENCE_STEPS[nonlinearity](x, 0, batch, packed_ih, bias, h, packed_hh, z[0], gates[0], rows_in[0])
-    return h
 
 
 def _steps(nonlinearity, x, w_ih, w_hh, bias, h0):

@@ -211,35 +211,6 @@ def test_cpu_cell_serial_and_persistent_loops_give_the_same_bits(cell, dtype, mo
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_cell_inference_gives_the_training_forwards_bits(cell, dtype, monkeypatch):
-    # As the LSTM's (tests/test_cpu.py): the inference loop, chunked, gives the training
-    # forward's bits, at one thread and at two (no split over threads here). H=37 a
-    # partial panel; 3 rows at 5 rows a chunk: one step per chunk. Both shapes too small
-    # for the time loop rule to pick the persistent loop at two threads.
-    from test_cpu import spy_inference_loop
-
-    if cell == "gru":
-        calls = spy_inference_loop(monkeypatch, cpu_gru, "_INFERENCE_STEPS")
-    else:
-        calls = spy_inference_loop(monkeypatch, cpu_rnn._INFERENCE_STEPS, cell[4:])
-    backend = _backend(cell)
-    for shape, options in (((6, 3, 7, 37), True), ((5, 13, 9, 20), False)):
-        p = _problem(cell, *shape, bias=options, state=options, seed=3)
-        (x, w_ih, w_hh, bias, h0), _ = _inputs(cell, p, dtype)
-        want = backend.forward(x, w_ih, w_hh, bias, h0, training=True)
-        for two_threads, chunk_rows in ((False, 5), (True, 5), (True, _cpu_common.INFERENCE_CHUNK_ROWS)):
-            monkeypatch.setattr(_cpu_common, "INFERENCE_CHUNK_ROWS", chunk_rows)
-            monkeypatch.setattr(_cpu_common, "threads", lambda two=two_threads: 2 if two else 1)
-            got = backend.forward(x, w_ih, w_hh, bias, h0, training=False)
-            assert got[2] is None
-            for a, b in zip(want[:2], got[:2]):
-                assert a.tobytes() == b.tobytes(), (shape, two_threads, chunk_rows)
-            assert calls == [(0, shape[1])], (shape, two_threads)
-            calls.clear()
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cell", CELLS)
 def test_cpu_cell_single_step_path_matches_the_time_loop(cell, dtype):
     # T = 1 takes the BLAS path without packing; the packed loop on the same step must
     # agree (to rounding: BLAS and the packed kernel sum in different orders).
