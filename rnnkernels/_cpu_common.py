@@ -286,6 +286,24 @@ def _backward_persistent(grad, packed, out, state, counters, workers, teams, row
             _cpu_sync.finish(own)
 
 
+def _project_chunk(x, first, count, first_row, end_row, packed, bias, gates, rows_in):
+    """gates[:count·R] = the input projection of steps first:first+count, batch rows
+    first_row:end_row (R of them), rows in step order: x [T, B, I] @ the packed W_ihᵀ
+    (+ bias unless None), for the cells' inference loops. rows_in [≥ count·R, I]
+    scratch, used only when the rows are not the whole batch (then a step's rows of x
+    are not adjacent to the next step's)."""
+    _, batch, inputs = x.shape
+    count_rows = end_row - first_row
+    rows = count * count_rows
+    if count_rows == batch:
+        a = x[first : first + count].reshape(rows, inputs)
+    else:
+        a = rows_in[:rows]
+        for s in range(count):
+            a[s * count_rows : (s + 1) * count_rows] = x[first + s, first_row:end_row]
+    product(a, packed, gates[:rows], bias)  # noqa: F821 - a global of each variant
+
+
 def _step_product(a, packed, out):
     """``_product`` without a bias: the per-step product the time loops call (its
     interface unchanged for the cells' loops)."""
@@ -312,9 +330,10 @@ SOURCE_DIGEST = hashlib.sha256(
 ).hexdigest()[:12]
 
 
-def compile_function(py_func, variant, parallel, callees=None):
+def compile_function(py_func, variant, parallel, callees=None, inline=False):
     """``py_func`` compiled as its own cached dispatcher named ``{name}_{variant}``,
-    with ``callees`` (name: dispatcher) added to the globals it sees."""
+    with ``callees`` (name: dispatcher) added to the globals it sees; ``inline``: into
+    its callers, at Numba's IR level."""
     name = f"{py_func.__name__}_{variant}"
     func = types.FunctionType(py_func.__code__, dict(py_func.__globals__, **(callees or {})), name)
     # The vector width shapes the generated code but not the source: it is in the name.
@@ -323,6 +342,7 @@ def compile_function(py_func, variant, parallel, callees=None):
     return numba.njit(
         nogil=True,
         cache=True,
+        inline="always" if inline else "never",
         parallel=parallel,
         error_model="numpy",  # no zero-division branches: they stop vectorization
         # ``reassoc`` lets the norm sums in backward vectorize; everything else in the
@@ -341,6 +361,9 @@ PRODUCT = {
     for parallel in (False, True)
 }
 STEP_PRODUCT = compile_function(_step_product, "serial", False, {"product": PRODUCT[False]})
+# Inlined into each cell's inference loop: as a dispatcher of its own, its compiled code
+# (the product's, linked in) was optimized once for it and once more for every loop.
+PROJECT_CHUNK = compile_function(_project_chunk, "serial", False, {"product": PRODUCT[False]}, inline=True)
 
 
 def compile_variant(label, cells, loops):
@@ -357,6 +380,18 @@ def compile_variant(label, cells, loops):
     for attribute, dispatcher in callees.items():
         setattr(variant, attribute, dispatcher)
     return variant
+
+
+def compile_inference(label, serial, steps):
+    """A cell's inference loop ``steps`` (all T steps over a block of batch rows, the
+    projection a chunk at a time through ``project_chunk``) with the serial variant's
+    cell (``serial``: its namespace) and step product. The Python function lives in
+    the cell's module, so that Numba's cache, which checks only its file's timestamp,
+    sees a change to the cell."""
+    return compile_function(
+        steps, label, False,
+        {"project_chunk": PROJECT_CHUNK, "step_product": STEP_PRODUCT, "cell_forward": serial.cell_forward},
+    )
 
 
 def compile_persistent(label, serial, rows):
@@ -440,6 +475,54 @@ def time_loop(batch, hidden, gates, dtype):
     if groups < PERSISTENT_MIN_GROUPS and _teams(batch, threads()) < 2:
         return "serial"
     return "persistent" if batch * gates * hidden * hidden >= PERSISTENT_MIN_MACS else "serial"
+
+
+# Inference (training=False, T > 1; cpu.py's docstring): rows (chunk steps x B rows)
+# of input projection per chunk, and the batch rows per thread from which the batch is
+# split over the threads (one row block each) instead of the persistent loop.
+INFERENCE_CHUNK_ROWS = 64
+SPLIT_MIN_ROWS = 4
+
+
+def inference_blocks(batch, hidden, gates, dtype):
+    """Row blocks an inference forward of a cell of ``gates`` gates splits the batch
+    into, one per thread (the cell's parallel inference loop): from two threads and
+    2·SPLIT_MIN_ROWS rows; else 1 at one thread or where ``time_loop`` says serial; 0
+    where the persistent loop runs instead. Every choice gives the same bits."""
+    workers = threads()
+    if workers >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
+        return min(workers, batch // SPLIT_MIN_ROWS)
+    return 1 if workers < 2 or time_loop(batch, hidden, gates, dtype) == "serial" else 0
+
+
+def inference_scratch(blocks, x, packed_ih, packed_hh):
+    """(bounds [blocks+1], z, gates, rows_in) for a cell's inference loops over
+    ``blocks`` row blocks of x [T, B, I]: the blocks' bounds, and per block the step
+    product's output [R, W_hh's packed width], one chunk's projection [chunk·R, W_ih's
+    packed width] and its inputs [chunk·R, I] (empty for one block), R the largest
+    block's rows."""
+    steps, batch, input_size = x.shape
+    rows = -(-batch // blocks)
+    chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // rows))
+    bounds = np.array([batch * i // blocks for i in range(blocks + 1)], np.int64)
+    z = np.empty((blocks, rows, packed_hh.shape[0] * packed_hh.shape[2]), x.dtype)
+    gates = np.empty((blocks, chunk * rows, packed_ih.shape[0] * packed_ih.shape[2]), x.dtype)
+    rows_in = np.empty((blocks, chunk * rows if blocks > 1 else 0, input_size), x.dtype)
+    return bounds, z, gates, rows_in
+
+
+def padded_bias(bias, packed, columns, dtype):
+    """bias [columns] as the packed width's row (zeros past ``columns``), for the packed
+    kernel to add as it stores each tile. Without a bias, -0.0 everywhere: x + (-0.0)
+    is x for every x (+0.0 would turn a -0.0 sum into +0.0), so the same bits as no
+    addition, and the inference loops need no second specialization (a cold compile
+    of one costs seconds)."""
+    width = packed.shape[0] * packed.shape[2]
+    if bias is None:
+        return np.full(width, -0.0, dtype)
+    padded = np.zeros(width, dtype)
+    padded[:columns] = bias
+    return padded
 
 
 ROW_CHUNKS_PER_WORKER = 1

@@ -22,7 +22,66 @@ way the CUDA kernels split it:
   BLAS's sgemm in the team at one thread), a fixed list of chunks the threads claim;
   then a column sum gives db;
 * a single step (T = 1: token-by-token decoding) packs nothing: two BLAS products and
-  the same fused cell (``_single_step``), since packing would cost more than the step.
+  the same fused cell (``_single_step``), since packing would cost more than the step;
+* inference (training=False, T > 1) keeps nothing for backward (``_inference_steps``):
+  the input projection is done a chunk of 64 rows (64 / B steps) at a time just ahead
+  of the steps that read it, so each chunk is read back from L2 instead of a T·B·4H
+  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
+  With two Numba threads or more and B >= 8, the batch is split into row blocks, one
+  per thread, each running that whole loop, chunked projection included, on its own
+  rows (``_inference_split``; rows never interact) instead of the persistent loop
+  (whose teams split the rows the same way, after one parallel projection of all
+  steps). The same kernels, each element by the same code: the same bits as the
+  training forward at any chunk, split and thread count
+  (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The
+  helpers are in ``_cpu_common`` (the chunk's projection, the block rule, the scratch,
+  the padded bias) for the GRU and the Elman RNN, which do not use them yet: each
+  cell's loop is one more compiled function, 1.2-2.4 s cold per dtype (the split
+  4.4-5.5 s), which CI pays once per run.
+
+Where one-thread inference time goes, and the floor (2-core Zen 4 VM, float32; phases
+timed alone, not quiet; ``benchmarks/cpu/10_inference_phases.py``, which has a quiet
+run too): at (T,B,I=H) = 128,16,256 the projection took 10.1 ms and the
+loop 10.6 ms (its step products 9.9 ms, its cells 128 x 7 µs), packing 0.2 ms; at
+512,8,128 5.6 ms, 6.1 ms (cells 512 x 1.6 µs), 0.05 ms. The packed kernel's 4x2 tile
+runs 112 GFLOP/s with its operands in L1 (16 float32 FMAs per cycle: AVX-512 FMAs
+double-pumped on two 256-bit pipes, at about 3.5 GHz); the projection ran at 101-106 of
+that and the step product at about 108, so the multiply-adds alone (2·T·B·4H·(I+H)
+flops) take at least 19.2 ms at 128,16,256 and 9.6 ms at 512,8,128. torch took 21.4-22.7
+and 11.6-13.3 ms there: 0.8x torch (issue 12's goal) is below that floor at 128,16,256
+and within the cells' own time of it at 512,8,128. What chunking saves is the
+projection buffer's round trip through L3 (below). The cells cost 4-7% of the call; a
+cell fused into the product's tile (W_hh packed so one tile holds all four gates of
+its units) would save only their loads and stores of z and the gates, not their
+σ/tanh arithmetic, which is most of it (benchmarks/cpu/07): not tried. Chunk sizes of
+16-256 rows were within 1% of each other at every size (not quiet).
+
+Inference against the training forward's loops (the path before), paired in one
+process (``benchmarks/cpu/08_against_checkout.py --mode forward``, 31 pairs, quiet,
+2026-12-01; median new/old, p10-p90), at 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512
+/ 256,1,128 / 1024,4,64. Against main 302a23f (before bwdloop's teams), 23:00 UTC:
+one thread 0.94 (0.90-0.97) / 0.98 (0.91-1.08) / 0.87 (0.79-0.93) / 0.97 (0.92-1.03) /
+1.03 (0.97-1.11) / 0.90 (0.87-0.98); two threads 0.94 / 0.94 / 0.78 / 0.94 (p90 <=
+0.98). Against main 5591497 (the persistent loop in teams, the serial product in runs
+of panels), 23:19 UTC: one thread 0.98 (0.95-0.99) / 1.00 (0.98-1.01) / 0.96
+(0.93-0.99) / 0.97 (0.93-1.03) / 1.02 (0.99-1.04) / 0.99 (0.96-1.02); two threads 0.95
+(0.70-1.00) / 1.01 (0.96-1.04) / 0.96 (0.94-1.01) / 0.96 (0.76-1.02). At B = 1 the
+chunked loop is 2-3% slower (about 80 ns more a step, its slicing per step), within
+the spread at 1024,4,64. Training runs the loops it ran before (08, one thread, against
+302a23f: 0.99-1.03, within the spreads). Tried and lost: the two row blocks on Python
+threads (the caller and ``_cpu_blas``'s worker; the nogil serial loop, so no parallel
+function to compile) instead of a prange: 1.0-1.8x the prange at B = 8-16 beside torch
+or our persistent loop, whose OpenMP workers spin on the second core for a while after
+each call where a sleeping Python thread had to be woken and scheduled.
+
+Against torch (``benchmarks/cpu_vs_torch.py --mode forward``, quiet, ours/torch with
+p10-p90), on this branch at 128,16,256 / 128,8,128 / 512,8,128 / 64,64,512 / 256,1,128 /
+1024,4,64: one thread (23:16 UTC, before rebasing onto 5591497) 0.97 (0.95-0.99) / 0.95 (0.93-0.97) / 0.93
+(0.91-0.96) / 0.95 (0.94-0.96) / 0.90 (0.87-0.94) / 0.89 (0.87-0.90); two threads (after
+rebasing onto 5591497, 23:20-23:24) 0.94 (0.84-1.05) / 0.78 (0.61-0.91) / 0.83
+(0.76-0.92) / 0.95 (0.92-1.01) / 0.76 (0.65-1.07) / 0.46 (0.39-0.52). Before, on
+302a23f (22:36-22:39): one thread 1.00 / 0.93 / 1.05 / 0.98 / 0.87 / 0.87, two threads
+1.00 / 0.90 / 0.90 / 1.10 / 0.77 / 0.59.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
@@ -271,6 +330,47 @@ def _backward_steps(dy, gates, c, packed_w_hh, dz, dh_next, carry, row_sq, dh_no
         step_product(dz[t], packed_w_hh, dh_next)  # noqa: F821
 
 
+def _inference_steps(x, first_row, end_row, packed_ih, bias, h, c, packed_hh, z, gates, rows_in):
+    """All T steps of an inference forward for batch rows first_row:end_row (R rows)
+    in one compiled call, the input projection a chunk of steps at a time just ahead
+    of the steps that read it (``_cpu_common.project_chunk``). x [T, B, I]; packed_ih:
+    W_ihᵀ packed; bias [≥ its packed width] (``_cpu_common.padded_bias``: -0.0 without
+    one); h [T+1, B, H] with h[0] set; c [2, B, H] with c[0] set (c_t in c[t % 2]:
+    inference returns only c_T); packed_hh: W_hhᵀ packed; z [≥R, ≥ its packed width],
+    gates [chunk·R, ≥ W_ih's packed width] and rows_in [chunk·R, I] (or empty for the
+    whole batch) scratch. Rows never
+    interact, and every element comes from the same kernels as ``_steps``'s projection
+    and loop, so the same bits as a training forward for any split of the batch."""
+    steps = x.shape[0]
+    count_rows = end_row - first_row
+    chunk = gates.shape[0] // count_rows
+    z = z[:count_rows]
+    for first in range(0, steps, chunk):
+        count = min(chunk, steps - first)
+        project_chunk(x, first, count, first_row, end_row, packed_ih, bias, gates, rows_in)  # noqa: F821
+        for s in range(count):
+            t = first + s
+            step_product(h[t, first_row:end_row], packed_hh, z)  # noqa: F821 - a global of each variant
+            cell_forward(  # noqa: F821
+                gates[s * count_rows : (s + 1) * count_rows], z, c[t % 2, first_row:end_row],
+                h[t + 1, first_row:end_row], c[(t + 1) % 2, first_row:end_row],
+            )
+
+
+def _inference_split(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds):
+    """``_inference_steps`` on each block of batch rows (bounds [n+1]), one block per
+    thread; z, gates, rows_in [n, ...]: each block's scratch. A prange, not Python
+    threads running the nogil serial loop side by side (which would compile nothing
+    more): those lost to it, 1.0-1.8x at B = 8-16 paired with torch or with our
+    persistent loop (quiet), whose OpenMP workers spin on the second core for a while
+    after each call, where a sleeping Python thread had to be scheduled."""
+    for block in numba.prange(bounds.shape[0] - 1):
+        inference_steps(  # noqa: F821 - a global of this function
+            x, bounds[block], bounds[block + 1], packed_ih, bias, h, c, packed_hh, z[block], gates[block],
+            rows_in[block],
+        )
+
+
 def _forward_rows(state, z, t, first, end):
     """Step t's cell over rows first:end, for the persistent loop (state: gates, h, c)."""
     gates, h, c = state
@@ -301,6 +401,13 @@ _PERSISTENT = _cpu_common.compile_persistent(
 )
 
 
+# The inference loop (``_cpu_common.compile_inference``): the serial variant's cell.
+_INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
+_INFERENCE_SPLIT = _cpu_common.compile_function(
+    _inference_split, "parallel", True, {"inference_steps": _INFERENCE_STEPS}
+)
+
+
 def compiled_functions():
     """The dispatchers by name (``forward_steps_serial`` ...): for tests and profiling,
     e.g. ``dispatcher.stats.cache_hits``."""
@@ -309,6 +416,14 @@ def compiled_functions():
 
 def forward(x, w_ih, w_hh, bias, h0, c0, training=True):
     steps = x.shape[0]
+    blocks = 0
+    # Not for a bias of another dtype (NumPy adds that one after the product, as
+    # ``_cpu_common.project`` does) nor an empty batch.
+    if not training and steps > 1 and x.shape[1] > 0 and (bias is None or bias.dtype == x.dtype):
+        blocks = _cpu_common.inference_blocks(x.shape[1], w_hh.shape[1], 4, x.dtype)
+    if blocks:
+        h, c_n = _inference(x, w_ih, w_hh, bias, h0, c0, blocks)
+        return h[1:], h[steps].copy(), c_n, None
     if steps == 1:
         h, c, gates = _single_step(x, w_ih, w_hh, bias, h0, c0)
     else:
@@ -367,6 +482,28 @@ def _steps(x, w_ih, w_hh, bias, h0, c0):
     else:
         _SERIAL.forward_steps(gates, h, c, packed, z)
     return h, c, gates
+
+
+def _inference(x, w_ih, w_hh, bias, h0, c0, blocks):
+    """(h [T+1, B, H], c_T) of an inference forward in ``blocks`` row blocks
+    (``_cpu_common.inference_blocks``): ``_inference_steps``, on one thread per block
+    where there are two or more (``_inference_split``)."""
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    dtype = x.dtype
+    x = np.ascontiguousarray(x)
+    packed_ih = _cpu_gemm.pack(w_ih.T)
+    packed_hh = _cpu_gemm.pack(w_hh.T)
+    bias = _cpu_common.padded_bias(bias, packed_ih, 4 * hidden, dtype)
+    h = np.empty((steps + 1, batch, hidden), dtype)
+    c = np.empty((2, batch, hidden), dtype)
+    h[0], c[0] = h0, c0
+    bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+    if blocks > 1:
+        _INFERENCE_SPLIT(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds)
+    else:
+        _INFERENCE_STEPS(x, 0, batch, packed_ih, bias, h, c, packed_hh, z[0], gates[0], rows_in[0])
+    return h, c[steps % 2].copy()
 
 
 def cell_step(gates, z, c_prev, h_out, c_out):

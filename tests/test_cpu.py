@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import GRAD_OF, make_problem, make_upstream, rel_err, torch_or_skip
@@ -493,3 +495,69 @@ def test_cpu_sync_set_policy_rejects_bad_bounds(bad, monkeypatch):
     _cpu_sync.set_policy(3, 4)
     assert _cpu_sync.policy() == (3, 4)
     assert list(_cpu_sync.counters()[[_cpu_sync._SPINS, _cpu_sync._YIELDS]]) == [3, 4]
+
+
+def spy_inference_loop(monkeypatch, owner, key, calls=None):
+    """A list that gets the (first, end) batch rows of each call of the inference loop
+    ``owner.key`` (or ``owner[key]`` for a dict) from Python; for a split over row
+    blocks (the last argument: their bounds), each block's."""
+    calls = [] if calls is None else calls
+    real = owner[key] if isinstance(owner, dict) else getattr(owner, key)
+
+    def spy(*args):
+        if key.endswith("SPLIT"):
+            bounds = [int(b) for b in args[-1]]
+            calls.extend(itertools.pairwise(bounds))
+        else:
+            calls.append((int(args[1]), int(args[2])))
+        return real(*args)
+
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, key, spy)
+    else:
+        monkeypatch.setattr(owner, key, spy)
+    return calls
+
+
+def expected_blocks(batch, split):
+    """The row blocks an inference forward of ``batch`` rows runs at two threads
+    (split) or one."""
+    from rnnkernels import _cpu_common
+
+    if split and batch >= 2 * _cpu_common.SPLIT_MIN_ROWS:
+        return [(0, batch // 2), (batch // 2, batch)]
+    return [(0, batch)]
+
+
+# The split in float32 only: its float64 signature is one more cold compile (about 5 s
+# of CI) of the same code; the serial loop in both dtypes.
+@pytest.mark.parametrize(("split", "dtype"), [(False, np.float32), (False, np.float64), (True, np.float32)])
+def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatch):
+    # Inference (training=False) runs its own loop (cpu._inference_steps: the input
+    # projection a chunk of steps at a time, c without history; at two threads, the
+    # batch split into two row blocks, one per thread): every output bit is the training
+    # forward's, for any chunk (1 row: one step per chunk; 5 rows: chunks that end
+    # mid-sequence; the default), any split (9 and 13 rows: unequal blocks), with and
+    # without bias and initial state, and within the reference's tolerance.
+    import numba
+
+    from rnnkernels import _cpu_common, cpu
+
+    calls = spy_inference_loop(monkeypatch, cpu, "_INFERENCE_STEPS")
+    spy_inference_loop(monkeypatch, cpu, "_INFERENCE_SPLIT", calls)
+    cases = [((5, 3, 7, 20), True), ((9, 16, 20, 64), False), ((7, 9, 13, 40), True), ((4, 13, 70, 20), False)]
+    for shape, options in cases:
+        for chunk_rows in (1, 5, _cpu_common.INFERENCE_CHUNK_ROWS):
+            problem = make_problem(*shape, dtype=dtype, bias=options, state=options, seed=sum(shape))
+            want = rnnkernels.lstm_forward(**problem, backend="cpu", training=True)
+            ref = rnnkernels.lstm_forward(**problem, backend="reference", training=False)
+            monkeypatch.setattr(_cpu_common, "INFERENCE_CHUNK_ROWS", chunk_rows)
+            # Two row blocks whatever Numba has (the blocks then share its threads).
+            monkeypatch.setattr(_cpu_common, "threads", lambda: 2 if split else 1)
+            got = rnnkernels.lstm_forward(**problem, backend="cpu", training=False)
+            monkeypatch.setattr(_cpu_common, "threads", numba.get_num_threads)
+            for field in ("y", "h_n", "c_n"):
+                assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), (shape, chunk_rows, field)
+                assert rel_err(getattr(got, field), getattr(ref, field)) < TOLERANCE[dtype], (shape, field)
+            assert sorted(calls) == expected_blocks(shape[1], split), (shape, split)
+            calls.clear()

@@ -121,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--other", required=True, help="a checkout of rnnkernels to compare against")
     parser.add_argument("--size", type=_size, action="append", metavar="T,B,H", required=True)
     parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--mode", choices=("forward", "training"), action="append",
+                        help="forward (inference) or training; repeat for both (default: both)")
     args = parser.parse_args(argv)
     other = load_other(args.other)
     print(f"this: {Path(rnnkernels.__file__).parent}   other: {args.other}")
@@ -129,7 +131,7 @@ def main(argv=None):
         inputs, dy = problem(steps, batch, hidden)
         check(cpu, inputs, "this")
         check(other, inputs, "other")
-        for mode in ("forward", "training"):
+        for mode in args.mode or ("forward", "training"):
             for module in (cpu, other, cpu, other):
                 run(module, inputs, dy, mode)  # warm-up: compiles or loads the cache
             times = {"this": [], "other": []}
