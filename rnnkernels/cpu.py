@@ -40,7 +40,7 @@ way the CUDA kernels split it:
   4.4-5.5 s), which CI pays once per run.
 
 Where one-thread inference time goes, and the floor (2-core Zen 4 VM, float32; phases
-timed alone, not quiet; ``benchmarks/cpu/10_inference_phases.py``, which has a quiet
+timed alone, not quiet; ``benchmarks/cpu/11_inference_phases.py``, which has a quiet
 run too): at (T,B,I=H) = 128,16,256 the projection took 10.1 ms and the
 loop 10.6 ms (its step products 9.9 ms, its cells 128 x 7 µs), packing 0.2 ms; at
 512,8,128 5.6 ms, 6.1 ms (cells 512 x 1.6 µs), 0.05 ms. The packed kernel's 4x2 tile

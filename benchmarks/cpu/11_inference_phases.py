@@ -1,6 +1,6 @@
 """Experiment 10: where one-thread LSTM inference time goes, and the floor of the packed kernel.
 
-    NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/cpu/10_inference_phases.py
+    NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/cpu/11_inference_phases.py
 
 Per size (T, B, I=H; float32), after checking ``cpu.forward(training=False)`` against
 the float64 reference (rel. err. < 2e-5): the median time of the whole inference call;
