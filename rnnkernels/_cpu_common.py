@@ -1,9 +1,10 @@
 """What the Numba cpu backends of every cell share (``cpu.py``: LSTM, ``cpu_gru.py``,
 ``cpu_rnn.py``): compiling a variant so that Numba's on-disk cache hits, the packed
 step product, the persistent parallel time loops and the rule that picks them, the
-thread count and the all-steps input projection (the weight gradients are NumPy's
-products, ``_cpu_blas``). A cell's module keeps only its cell loops, its two
-serial time loops, the two functions that run its cell over a block of rows for the
+thread count and the all-steps input projection (backward's after-loop products,
+dW_ih, dW_hh and dx, are ``_cpu_blas.backward_products``: one thread team, the BLAS's
+gemm called from it through ``_cpu_team``). A cell's module keeps only its cell
+loops, its two serial time loops, the two functions that run its cell over a block of rows for the
 persistent loops, and its single-step path; the design is the one ``cpu.py``'s
 docstring describes.
 
