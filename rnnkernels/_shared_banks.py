@@ -32,8 +32,8 @@ with the C++.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 BANKS = 32
 WORD_BYTES = 4
@@ -145,18 +145,18 @@ class AccessCount:
     least: int = 0
     worst_ways: float = 1.0
 
-    def add(self, addresses: Sequence[int | None], width: int = 4) -> "AccessCount":
+    def add(self, addresses: Sequence[int | None], width: int = 4) -> AccessCount:
         got, least = wavefronts(addresses, width), least_wavefronts(addresses, width)
         if least == 0:
             return self
         return AccessCount(self.instructions + 1, self.wavefronts + got, self.least + least,
                            max(self.worst_ways, got / least))
 
-    def __add__(self, other: "AccessCount") -> "AccessCount":
+    def __add__(self, other: AccessCount) -> AccessCount:
         return AccessCount(self.instructions + other.instructions, self.wavefronts + other.wavefronts,
                            self.least + other.least, max(self.worst_ways, other.worst_ways))
 
-    def times(self, n: int) -> "AccessCount":
+    def times(self, n: int) -> AccessCount:
         return AccessCount(self.instructions * n, self.wavefronts * n, self.least * n, self.worst_ways)
 
     @property
@@ -236,7 +236,7 @@ def persistent_partials(plan, batch: int, hidden: int, cell: str = "lstm", layou
 
     pcell = _persistent.CELLS[cell]
     tile = plan.tile
-    item_rows, weight_rows, reduction, items, _ = pcell.geometry(plan.direction, plan.units, hidden)
+    item_rows, _, reduction, items, _ = pcell.geometry(plan.direction, plan.units, hidden)
     gate_items = plan.direction == _persistent.FORWARD and pcell.forward_items_are_gates
     shape = PartialsShape(items, plan.chunk_rows // tile.row_tile, item_rows, tile.row_tile, tile.k_split, gate_items)
     gates = pcell.gates if gate_items else 1
