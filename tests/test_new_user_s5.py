@@ -81,7 +81,7 @@ def test_fork_while_another_thread_is_inside_a_call_on_the_workqueue_layer():
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
     result = subprocess.run(
         [sys.executable, "-c", FORK_WHILE_CALLING.format(repo=str(REPO))],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
