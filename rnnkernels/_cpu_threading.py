@@ -20,7 +20,8 @@ forever for it. In such a child the forking thread's Numba thread count is set t
 launch nothing; the bits are those of any thread count. Other threads the child
 starts later get Numba's default again, and their parallel launches still abort:
 NUMBA_THREADING_LAYER=workqueue (fork-safe, and thread-safe for our calls by 1.)
-avoids both.
+avoids both (the lock of 1. is made anew in a forked child: a call another thread
+of the parent was in does not go on there).
 
 A module of its own, not in ``_cpu_common``: that file's bytes are part of every
 compiled function's cache name, and this has nothing to do with the compiled code.
@@ -61,6 +62,11 @@ def one_launch_at_a_time(function):
 
 
 def _after_fork_in_child():
+    # The child has only the forking thread: a lock another thread held at the fork (a
+    # call of ours in progress there) would stay held for good, and the child's first
+    # call wait forever. No call is in progress in the child, so a new lock is right.
+    global _WORKQUEUE_LOCK
+    _WORKQUEUE_LOCK = threading.RLock()
     try:
         layer = numba.threading_layer()
     except ValueError:  # nothing launched before the fork: the child may launch
