@@ -286,18 +286,12 @@ def launch_totals(plan, batch: int, hidden: int, steps: int, cell: str = "lstm",
 TABLE_SIZES = ((16, 768), (64, 512), (8, 256), (1, 1024), (1, 512), (4, 768), (32, 1024), (128, 512), (256, 256))
 
 
-def table(devices=("H200", "A100-SXM"), cells=("lstm", "gru", "rnn_tanh"), sizes=TABLE_SIZES) -> str:
-    """A markdown table of the PREDICTED partials traffic per block and step, the plain
-    layout against the shipped one, for the launcher's plans on ``devices`` (names in
-    cost_model.DEVICES; H200's plan is the H100's: same SMs and shared memory)."""
+def plans(devices=("H200", "A100-SXM"), cells=("lstm", "gru", "rnn_tanh"), sizes=TABLE_SIZES):
+    """(device, cell, direction, B, H, plan) for every plan the launcher makes on ``devices``
+    (names in cost_model.DEVICES; H200's plan is the H100's: same SMs and shared memory)
+    for ``cells`` and ``sizes``, both directions; sizes it cannot plan are left out."""
     from . import _persistent, cost_model
 
-    lines = ["PREDICTED from the layouts (rnnkernels/_shared_banks.py), not measured: per block and step; "
-             "ways = the worst instruction's wavefronts / the conflict-free least (the busiest block or the "
-             "last); cycles = wavefronts (one a clock) of the busier of the two.", "",
-             "| device | cell | direction | B | H | units | chunk | load ways plain -> swizzled | "
-             "store ways plain -> swizzled | partials cycles plain -> swizzled | product cycles |",
-             "|---|---|---|---:|---:|---:|---:|---|---|---|---:|"]
     for name in devices:
         dev = cost_model.device(name)
         for cell in cells:
@@ -305,18 +299,30 @@ def table(devices=("H200", "A100-SXM"), cells=("lstm", "gru", "rnn_tanh"), sizes
                 for batch, hidden in sizes:
                     found = _persistent.plan(direction, batch, hidden, dev.sms,
                                              dev.shared_per_block - _persistent.STATIC_SHARED_BYTES, cell=cell)
-                    if found is None:
-                        continue
-                    old, new = (persistent_partials(found, batch, hidden, cell, layout) for layout in ("plain", LAYOUT))
+                    if found is not None:
+                        yield dev, cell, direction, batch, hidden, found
 
-                    def ways(count: PartialsCount, loads: bool) -> float:
-                        busy, last = (count.loads, count.last_loads) if loads else (count.stores, count.last_stores)
-                        return max(busy.worst_ways, last.worst_ways)
 
-                    lines.append(f"| {dev.name} | {cell} | {direction} | {batch} | {hidden} | {found.units} | "
-                                 f"{found.chunk_rows} | {ways(old, True):.0f} -> {ways(new, True):.0f} | "
-                                 f"{ways(old, False):.0f} -> {ways(new, False):.0f} | {old.wavefronts} -> "
-                                 f"{new.wavefronts} | {new.product_wavefronts} |")
+def table(devices=("H200", "A100-SXM"), cells=("lstm", "gru", "rnn_tanh"), sizes=TABLE_SIZES) -> str:
+    """A markdown table of the PREDICTED partials traffic per block and step, the plain
+    layout against the shipped one, for the launcher's plans (``plans``)."""
+
+    def ways(count: PartialsCount, loads: bool) -> float:
+        busy, last = (count.loads, count.last_loads) if loads else (count.stores, count.last_stores)
+        return max(busy.worst_ways, last.worst_ways)
+
+    lines = ["PREDICTED from the layouts (rnnkernels/_shared_banks.py), not measured: per block and step; "
+             "ways = the worst instruction's wavefronts / the conflict-free least (the busiest block or the "
+             "last); cycles = wavefronts (one a clock) of the busier of the two.", "",
+             "| device | cell | direction | B | H | units | chunk | load ways plain -> swizzled | "
+             "store ways plain -> swizzled | partials cycles plain -> swizzled | product cycles |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---|---:|"]
+    for dev, cell, direction, batch, hidden, found in plans(devices, cells, sizes):
+        old, new = (persistent_partials(found, batch, hidden, cell, layout) for layout in ("plain", LAYOUT))
+        lines.append(f"| {dev.name} | {cell} | {direction} | {batch} | {hidden} | {found.units} | "
+                     f"{found.chunk_rows} | {ways(old, True):.0f} -> {ways(new, True):.0f} | "
+                     f"{ways(old, False):.0f} -> {ways(new, False):.0f} | {old.wavefronts} -> "
+                     f"{new.wavefronts} | {new.product_wavefronts} |")
     return "\n".join(lines)
 
 

@@ -54,17 +54,10 @@ def test_counter_rejects_bad_input(addresses, width, match):
 
 
 # ------------------------------------------------------------------ the partials
-def _plans(devices=("H200", "A100-SXM"), cells=tuple(_persistent.CELLS),
-           sizes=_shared_banks.TABLE_SIZES + ((3, 333), (64, 256), (16, 1024), (5, 100), (2, 40))):
-    for name in devices:
-        dev = cost_model.device(name)
-        for cell in cells:
-            for direction in (_persistent.FORWARD, _persistent.BACKWARD):
-                for batch, hidden in sizes:
-                    found = _persistent.plan(direction, batch, hidden, dev.sms,
-                                             dev.shared_per_block - _persistent.STATIC_SHARED_BYTES, cell=cell)
-                    if found is not None:
-                        yield name, cell, batch, hidden, found
+def _plans():
+    sizes = _shared_banks.TABLE_SIZES + ((3, 333), (64, 256), (16, 1024), (5, 100), (2, 40))
+    for dev, cell, _, batch, hidden, found in _shared_banks.plans(cells=tuple(_persistent.CELLS), sizes=sizes):
+        yield dev.name, cell, batch, hidden, found
 
 
 def _plan(direction, batch, hidden, device="H200", cell="lstm"):
