@@ -419,12 +419,18 @@ def _commit() -> str:
     return "unknown (no .git here; pass GIT_COMMIT)"
 
 
-def _sanitizer_path():
-    found = os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
+def _cuda_tool(name, variable):
+    """The CUDA tool ``name``: $``variable``, else on PATH, else in $CUDA_HOME/bin or
+    /usr/local/cuda/bin; None if none."""
+    found = os.environ.get(variable) or shutil.which(name)
     for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if not found and root and os.access(os.path.join(root, "bin", "compute-sanitizer"), os.X_OK):
-            found = os.path.join(root, "bin", "compute-sanitizer")
+        if not found and root and os.access(os.path.join(root, "bin", name), os.X_OK):
+            found = os.path.join(root, "bin", name)
     return found
+
+
+def _sanitizer_path():
+    return _cuda_tool("compute-sanitizer", "COMPUTE_SANITIZER")
 
 
 def _device_dict(dev: cost_model.Device) -> dict:
@@ -872,11 +878,7 @@ def parse_ncu_csv(output: str) -> list[dict]:
 
 
 def _ncu_path():
-    found = os.environ.get("NCU") or shutil.which("ncu")
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if not found and root and os.access(os.path.join(root, "bin", "ncu"), os.X_OK):
-            found = os.path.join(root, "bin", "ncu")
-    return found
+    return _cuda_tool("ncu", "NCU")
 
 
 def stage_banks(args, record) -> None:
