@@ -6,7 +6,11 @@ file, ``np.load`` of a file written on a big-endian machine, ``np.frombuffer(...
 ">f4")``) are float32 numbers like any other, and the reference backend takes them.
 The cpu backend handed them to Numba as they came, which cannot type them: a Numba
 ``TypingError`` from deep inside the packed product instead of a result (and a mix of
-``>f4`` and ``<f4`` arguments was refused as two dtypes)."""
+``>f4`` and ``<f4`` arguments was refused as two dtypes; the NumPy modules refused
+``>f4`` input to float32 parameters).
+
+The NumPy modules (``rnnkernels.LSTM``, ``GRU``, ``RNN``) could not be pickled once
+they had run a forward (below)."""
 
 from __future__ import annotations
 
@@ -58,3 +62,35 @@ def test_non_native_byte_order_gives_the_native_arrays_bits(cell, dtype):
             assert np.array_equal(got[name], want), name
         for name, a in arrays.items():  # inputs never written, their byte order kept
             assert a.dtype == kept[name].dtype and np.array_equal(a, kept[name]), name
+
+
+@pytest.mark.parametrize("module", ["LSTM", "GRU"])
+def test_numpy_module_takes_non_native_byte_order(module):
+    layer = getattr(rnnkernels, module)(7, 9, backend="cpu", seed=0)
+    x = _problem(module.lower(), np.float32)["x"]
+    want = layer(x)[0]
+    assert np.array_equal(layer(x.astype(">f4"))[0], want)
+
+
+# The NumPy modules keep their last forward's state for ``backward`` (the torch modules
+# keep none: autograd does). That state holds the cell's Backend, whose functions are
+# wrapped (``_cpu_threading.one_launch_at_a_time``) under their original names, so
+# pickle found another object under the name and refused: a module could not be
+# pickled once it had run (``multiprocessing``, ``joblib``, a checkpoint), while
+# ``copy.deepcopy`` worked.
+@pytest.mark.parametrize("module", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_numpy_module_pickles_after_forward_and_its_copy_runs_backward(module, backend):
+    import pickle
+
+    layer = getattr(rnnkernels, module)(5, 8, num_layers=2, bidirectional=True, backend=backend, seed=0)
+    x = np.random.default_rng(1).standard_normal((4, 3, 5)).astype(np.float32)
+    y = layer(x)[0]
+    copy = pickle.loads(pickle.dumps(layer))
+    dy = np.ones_like(y)
+    want, got = layer.backward(dy), copy.backward(dy)
+    for name in ("dx", "dh0"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    for name, grad in want.params.items():
+        assert np.array_equal(got.params[name], grad), name
+    assert np.array_equal(copy(x)[0], y)
