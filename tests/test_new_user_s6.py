@@ -94,3 +94,46 @@ def test_numpy_module_pickles_after_forward_and_its_copy_runs_backward(module, b
     for name, grad in want.params.items():
         assert np.array_equal(got.params[name], grad), name
     assert np.array_equal(copy(x)[0], y)
+
+
+# NUMBA_DISABLE_JIT=1 (Numba's switch for debugging jitted code in Python) leaves the
+# cpu backend's hand-written LLVM (the packed tile, the atomics) with no compiler: the
+# first call raised "NotImplementedError: <intrinsic tile> is not usable in
+# pure-python" from deep inside, for backend "cpu" and for "auto" (cpu on the host).
+# A backend that cannot run here says why and what to do (_backend.Backend's
+# check_available), before any work; the reference backend still runs.
+NO_JIT_CHILD = r"""
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+import rnnkernels
+
+x = np.ones((3, 2, 4), np.float32)
+for cell, gates in (("lstm", 4), ("gru", 3), ("rnn", 1)):
+    forward = getattr(rnnkernels, cell + "_forward")
+    w_ih, w_hh = np.full((gates * 5, 4), 0.1, np.float32), np.full((gates * 5, 5), 0.1, np.float32)
+    for backend in ("cpu", "auto"):
+        try:
+            forward(x, w_ih, w_hh, backend=backend)
+        except RuntimeError as error:
+            assert "NUMBA_DISABLE_JIT" in str(error) and "reference" in str(error), str(error)
+        else:
+            raise AssertionError(f"{{cell}} on {{backend}} ran with the JIT disabled")
+    forward(x, w_ih, w_hh, backend="reference")
+print("ok")
+"""
+
+
+def test_cpu_backend_with_numbas_jit_disabled_says_so():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    child = subprocess.run(
+        [sys.executable, "-c", NO_JIT_CHILD.format(repo=str(Path(__file__).resolve().parents[1]))],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip().endswith("ok")
