@@ -137,3 +137,18 @@ def test_cpu_backend_with_numbas_jit_disabled_says_so():
     )
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("cell", sorted(GATES))
+def test_functional_output_pickles_and_its_copy_runs_backward(cell):
+    # The same Backend inside lstm_forward's output: send it to another process, or
+    # checkpoint it, and run the backward there.
+    import pickle
+
+    arrays = _problem(cell, np.float32, seed=3)
+    out = getattr(rnnkernels, f"{cell}_forward")(**arrays, backend="cpu")
+    backward = getattr(rnnkernels, f"{cell}_backward")
+    dy = np.ones_like(out.y)
+    want, got = backward(out, dy=dy), backward(pickle.loads(pickle.dumps(out)), dy=dy)
+    for name in ("dx", "dw_ih", "dw_hh", "db_ih", "dh0"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
