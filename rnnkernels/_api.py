@@ -203,7 +203,9 @@ def _check_array(value, name: str):
             f"{name} must hold floating-point numbers (float16, float32 or float64), "
             f"got dtype {_arrays.dtype_name(value)}"
         )
-    return kind, dtype
+    # The byte order is storage, not the numbers: ">f4" and "<f4" are one dtype here,
+    # and the arrays are made native on their way to a backend (_arrays.to_backend).
+    return kind, dtype.newbyteorder("=")
 
 
 def _check_shape(value, name: str, expected: tuple, meaning: str):

@@ -125,6 +125,8 @@ def to_backend(obj, device: str):
             cupy = import_cupy()
             return np.ascontiguousarray(cupy.asnumpy(_as_cupy(obj, cupy)))
         if isinstance(obj, np.ndarray):
+            if not obj.dtype.isnative:  # ">f4" on x86: Numba (and CuPy) take native order only
+                return np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("="))
             return np.ascontiguousarray(obj)
         return np.ascontiguousarray(np.from_dlpack(obj))
     cupy = import_cupy()

@@ -49,6 +49,8 @@ of the same kind and, except for the reference (always float64), the same dtype.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -76,3 +78,24 @@ class Backend:
     check_available: Callable[[], None] = lambda: None
     # The saved state as arrays; None: callers that need arrays recompute the forward.
     saved_arrays: Optional[SavedArrays] = None
+
+    def __reduce__(self):
+        # A Backend is a module-level object registered in cells.py, and some of its
+        # functions are lambdas or wrapped under their original names, which pickle
+        # cannot name; a forward's saved state holds its Backend (rnnkernels.LSTM keeps
+        # one between forward and backward), so it pickles as where it is registered.
+        from . import cells
+
+        for cell in cells.CELLS.values():
+            for where in cell.implementations.values():
+                module_name, attribute = where.split(":")
+                module = sys.modules.get(module_name)  # a Backend in use was imported
+                if module is not None and getattr(module, attribute, None) is self:
+                    return _registered_backend, (where,)
+        raise TypeError(f"cannot pickle the {self.name!r} Backend: it is not registered in rnnkernels.cells")
+
+
+def _registered_backend(where: str) -> Backend:
+    """The Backend at ``where`` ("module:ATTRIBUTE"), for unpickling."""
+    module_name, attribute = where.split(":")
+    return getattr(importlib.import_module(module_name), attribute)

@@ -568,3 +568,16 @@ def project(a, packed, columns, bias=None):
     if bias is not None and fused is None:
         out += bias
     return out
+
+
+def check_jit():
+    """The cpu backends' ``check_available``: their tiles and atomics are LLVM IR written
+    by hand (``numba.extending.intrinsic``), which has no pure-Python form, so they
+    cannot run with Numba's compiler off (NUMBA_DISABLE_JIT=1, a debugging switch);
+    without this the first call failed deep inside with "<intrinsic tile> is not usable
+    in pure-python"."""
+    if numba.config.DISABLE_JIT:
+        raise RuntimeError(
+            "backend 'cpu' runs Numba-compiled code, and NUMBA_DISABLE_JIT=1 turns Numba's compiler off; "
+            "unset NUMBA_DISABLE_JIT, or pass backend='reference' (NumPy, float64)"
+        )

@@ -561,6 +561,7 @@ BACKEND = Backend(
     compute_dtypes=("float32", "float64"),
     forward=_cpu_threading.one_launch_at_a_time(forward),
     backward=_cpu_threading.one_launch_at_a_time(backward),
+    check_available=_cpu_common.check_jit,
     # reference.Saved in the input dtype (the saved state as arrays, for torch's ops).
     saved_arrays=saved_arrays(lambda dtype: dtype),
 )

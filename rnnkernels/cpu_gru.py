@@ -311,6 +311,7 @@ BACKEND = Backend(
     compute_dtypes=("float32", "float64"),
     forward=_cpu_threading.one_launch_at_a_time(forward),
     backward=_cpu_threading.one_launch_at_a_time(backward),
+    check_available=_cpu_common.check_jit,
     # gates [T, B, 3H], hn [T, B, H], h [T+1, B, H], in the input dtype.
     saved_arrays=SavedArrays(_layout, lambda saved: [saved.gates, saved.hn, saved.h], _from_arrays),
 )

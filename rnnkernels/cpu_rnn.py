@@ -292,6 +292,7 @@ def _make_backend(nonlinearity):
         compute_dtypes=("float32", "float64"),
         forward=_cpu_threading.one_launch_at_a_time(partial(forward, nonlinearity)),
         backward=_cpu_threading.one_launch_at_a_time(backward),
+        check_available=_cpu_common.check_jit,
         # h [T+1, B, H] in the input dtype (act' is read off it).
         saved_arrays=SavedArrays(_layout, lambda saved: [saved.h], partial(_from_arrays, nonlinearity)),
     )

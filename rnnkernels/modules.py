@@ -665,6 +665,8 @@ class _Recurrent:
     def _to_device(self, value, name: str):
         kind = _arrays.array_kind(value, name)
         dtype = _arrays.array_dtype(value)
+        if dtype is not None:
+            dtype = dtype.newbyteorder("=")  # ">f4" is float32 (to_backend makes it native)
         if dtype != self.dtype:
             raise TypeError(
                 f"{name} has dtype {_arrays.dtype_name(value)} but this {type(self).__name__}'s parameters are {self.dtype}"
