@@ -305,6 +305,30 @@ def _project_chunk(x, first, count, first_row, end_row, packed, bias, gates, row
     product(a, packed, gates[:rows], bias)  # noqa: F821 - a global of each variant
 
 
+def _pack_panels(matrix, packed, first, end):
+    """packed[first:end] = panels first:end of ``_cpu_gemm.pack(matrix.T)``:
+    packed[p, k, c] = matrix[p·W + c, k], zero past matrix's rows. matrix [N, K]
+    C-contiguous (W_ih or W_hh as given: its rows are the product's columns); packed
+    [ceil(N/W), K, W]. For the inference split, whose threads pack the weights between
+    them before their rows' steps (``cpu._inference_split``); a copy, so the same array
+    as ``_cpu_gemm.pack``'s. Each column of a panel is one contiguous row of the
+    matrix, written at a stride of W: at 2048 x 512 float32 0.75 ms against NumPy's
+    strided copy's 1.43 ms (not quiet), and split over the threads."""
+    rows, depth = matrix.shape
+    width = packed.shape[2]
+    zero = packed.dtype.type(0)
+    for panel in range(first, end):
+        for column in range(width):
+            row = panel * width + column
+            if row < rows:
+                source = matrix[row]
+                for k in range(depth):
+                    packed[panel, k, column] = source[k]
+            else:
+                for k in range(depth):
+                    packed[panel, k, column] = zero
+
+
 def _step_product(a, packed, out):
     """``_product`` without a bias: the per-step product the time loops call (its
     interface unchanged for the cells' loops)."""
@@ -365,6 +389,7 @@ STEP_PRODUCT = compile_function(_step_product, "serial", False, {"product": PROD
 # Inlined into each cell's inference loop: as a dispatcher of its own, its compiled code
 # (the product's, linked in) was optimized once for it and once more for every loop.
 PROJECT_CHUNK = compile_function(_project_chunk, "serial", False, {"product": PRODUCT[False]}, inline=True)
+PACK_PANELS = compile_function(_pack_panels, "serial", False, inline=True)
 
 
 def compile_variant(label, cells, loops):
@@ -494,6 +519,21 @@ def inference_blocks(batch, hidden, gates, dtype):
     if workers >= 2 and batch >= 2 * SPLIT_MIN_ROWS:
         return min(workers, batch // SPLIT_MIN_ROWS)
     return 1 if workers < 2 or time_loop(batch, hidden, gates, dtype) == "serial" else 0
+
+
+# Panels per packing chunk of the inference split (``split_packing``): 8 panels of W_hh
+# at H = 512 are 512 KB, 0.1 ms of packing, so a thread waits at most about that long
+# for the other's last chunk.
+PACK_CHUNK_PANELS = 8
+
+
+def split_packing(w_ih, w_hh):
+    """(w_ih, w_hh as C-contiguous arrays, packed_ih, packed_hh (empty: the split's
+    threads fill them, ``_pack_panels``), counters) for a cell's inference split."""
+    w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)
+    width = _cpu_gemm.panel_width(w_ih.dtype)
+    packed = [np.empty((-(-w.shape[0] // width), w.shape[1], width), w.dtype) for w in (w_ih, w_hh)]
+    return w_ih, w_hh, packed[0], packed[1], _cpu_sync.counters()
 
 
 def inference_scratch(blocks, x, packed_ih, packed_hh):

@@ -220,7 +220,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_sync, _cpu_threading, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
@@ -357,18 +357,46 @@ def _inference_steps(x, first_row, end_row, packed_ih, bias, h, c, packed_hh, z,
             )
 
 
-def _inference_split(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds):
+def _inference_split(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, counters, bounds):
     """``_inference_steps`` on each block of batch rows (bounds [n+1]), one block per
-    thread; z, gates, rows_in [n, ...]: each block's scratch. A prange, not Python
-    threads running the nogil serial loop side by side (which would compile nothing
-    more): those lost to it, 1.0-1.8x at B = 8-16 paired with torch or with our
-    persistent loop (quiet), whose OpenMP workers spin on the second core for a while
-    after each call, where a sleeping Python thread had to be scheduled."""
-    for block in numba.prange(bounds.shape[0] - 1):
-        inference_steps(  # noqa: F821 - a global of this function
-            x, bounds[block], bounds[block + 1], packed_ih, bias, h, c, packed_hh, z[block], gates[block],
-            rows_in[block],
-        )
+    thread, after the threads packed W_ihᵀ and W_hhᵀ between them (packed_ih,
+    packed_hh: empty on entry, ``_cpu_common.split_packing``; 8 MB at H = 512, 3.7 ms
+    of NumPy packing before the region, serial, 4% of the two-thread call). z, gates,
+    rows_in [n, ...]: each block's scratch. The work is a list of chunks, the packing
+    chunks (``_cpu_common.PACK_CHUNK_PANELS`` panels of one matrix) and then one per
+    row block, that the threads claim in order with ``_cpu_sync``'s counters; a row
+    block waits until every packing chunk is done. The same argument as the persistent
+    loops' (``_cpu_sync``'s docstring): a chunk waits only for chunks numbered below it,
+    each held by a running thread, so no deadlock whatever the threading layer does (a
+    layer that runs the iterations one after another runs every chunk on the first);
+    the packers' stores are released by ``finish`` and acquired by ``wait`` before any
+    product reads them. Which thread runs which block does not change a bit. A prange,
+    not Python threads running the nogil serial loop side by side (which would compile
+    nothing more): those lost to it, 1.0-1.8x at B = 8-16 paired with torch or with
+    our persistent loop (quiet), whose OpenMP workers spin on the second core for a
+    while after each call, where a sleeping Python thread had to be scheduled."""
+    blocks = bounds.shape[0] - 1
+    per_matrix = (packed_hh.shape[0] + PACK_CHUNK_PANELS - 1) // PACK_CHUNK_PANELS  # noqa: F821
+    ih_chunks = (packed_ih.shape[0] + PACK_CHUNK_PANELS - 1) // PACK_CHUNK_PANELS  # noqa: F821
+    pack_chunks = ih_chunks + per_matrix
+    total = pack_chunks + blocks
+    for _ in numba.prange(blocks):
+        while True:
+            index = _cpu_sync.claim(counters)
+            if index >= total:
+                break
+            if index < pack_chunks:
+                matrix, packed, chunk = (w_ih, packed_ih, index) if index < ih_chunks else (w_hh, packed_hh, index - ih_chunks)
+                first = chunk * PACK_CHUNK_PANELS  # noqa: F821
+                pack_panels(matrix, packed, first, min(packed.shape[0], first + PACK_CHUNK_PANELS))  # noqa: F821
+            else:
+                _cpu_sync.wait(counters, pack_chunks)  # both weights are packed
+                block = index - pack_chunks
+                inference_steps(  # noqa: F821 - a global of this function
+                    x, bounds[block], bounds[block + 1], packed_ih, bias, h, c, packed_hh, z[block], gates[block],
+                    rows_in[block],
+                )
+            _cpu_sync.finish(counters)
 
 
 def _forward_rows(state, z, t, first, end):
@@ -404,7 +432,9 @@ _PERSISTENT = _cpu_common.compile_persistent(
 # The inference loop (``_cpu_common.compile_inference``): the serial variant's cell.
 _INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
 _INFERENCE_SPLIT = _cpu_common.compile_function(
-    _inference_split, "parallel", True, {"inference_steps": _INFERENCE_STEPS}
+    _inference_split, "parallel", True,
+    {"inference_steps": _INFERENCE_STEPS, "pack_panels": _cpu_common.PACK_PANELS,
+     "PACK_CHUNK_PANELS": _cpu_common.PACK_CHUNK_PANELS},
 )
 
 
@@ -492,15 +522,18 @@ def _inference(x, w_ih, w_hh, bias, h0, c0, blocks):
     hidden = w_hh.shape[1]
     dtype = x.dtype
     x = np.ascontiguousarray(x)
-    packed_ih = _cpu_gemm.pack(w_ih.T)
-    packed_hh = _cpu_gemm.pack(w_hh.T)
+    if blocks > 1:  # the split's threads pack the weights (``_inference_split``)
+        w_ih, w_hh, packed_ih, packed_hh, counters = _cpu_common.split_packing(w_ih, w_hh)
+    else:
+        packed_ih = _cpu_gemm.pack(w_ih.T)
+        packed_hh = _cpu_gemm.pack(w_hh.T)
     bias = _cpu_common.padded_bias(bias, packed_ih, 4 * hidden, dtype)
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((2, batch, hidden), dtype)
     h[0], c[0] = h0, c0
     bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
     if blocks > 1:
-        _INFERENCE_SPLIT(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds)
+        _INFERENCE_SPLIT(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, counters, bounds)
     else:
         _INFERENCE_STEPS(x, 0, batch, packed_ih, bias, h, c, packed_hh, z[0], gates[0], rows_in[0])
     return h, c[steps % 2].copy()

@@ -1,0 +1,235 @@
+"""Experiment 12: where two-thread LSTM inference time goes at 64,64,512, against torch.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/cpu/12_two_thread_inference.py [--size 64,64,512] [--part scaling]
+
+Two parts (float32, I = H, inference: ``cpu.forward(training=False)``, checked against
+the float64 reference first):
+
+* ``scaling``: ours and torch.nn.LSTM at one and at two threads (Numba's and torch's
+  ``set_num_threads``), the four interleaved in a rotating order per repeat; per
+  repeat the one-to-two-thread speed-up of each library, reported as median (p10-p90)
+  over the repeats, and the medians of each. Is torch's two-thread scaling stable?
+* ``phases``: the row split's work (``cpu._inference_steps`` on each half of the
+  batch) taken apart, each phase over all T steps of one half: the chunked input
+  projections (``project_chunk``), the step products (``STEP_PRODUCT``), the cells,
+  and the whole loop; each once on one thread alone (the other core idle) and once on
+  two Python threads at the same time, one half each (the compiled functions release
+  the GIL), each thread's wall and CPU time (``time.thread_time``). A phase that takes
+  longer beside the other thread than alone is slowed by what the two cores share (L3,
+  memory, the clock). ``product, units`` is the column split's product: all B rows,
+  the panels of half the hidden units (all four gates of units 0:H/2 or H/2:H), so
+  each core streams half of the packed W_hh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numba
+import numpy as np
+
+from rnnkernels import _cpu_common, _cpu_gemm, cpu, reference
+
+
+def _size(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def problem(steps, batch, hidden, seed=0):
+    rng = np.random.default_rng(seed)
+    scale = 1 / np.sqrt(hidden)
+    x = rng.standard_normal((steps, batch, hidden), dtype=np.float32)
+    w_ih = (scale * rng.standard_normal((4 * hidden, hidden))).astype(np.float32)
+    w_hh = (scale * rng.standard_normal((4 * hidden, hidden))).astype(np.float32)
+    bias = (scale * rng.standard_normal(4 * hidden)).astype(np.float32)
+    h0 = rng.standard_normal((batch, hidden), dtype=np.float32) * 0.5
+    c0 = rng.standard_normal((batch, hidden), dtype=np.float32) * 0.5
+    return x, w_ih, w_hh, bias, h0, c0
+
+
+def check(args):
+    want = reference.forward(*(a.astype(np.float64) for a in args), training=False)[0]
+    got = cpu.forward(*args, training=False)[0]
+    error = np.abs(got - want).max() / np.abs(want).max()
+    if error > 2e-5:
+        raise SystemExit(f"cpu.forward: rel. err. {error:.2e} against the float64 reference")
+
+
+def scaling(args, repeats):
+    import torch
+
+    steps, batch, hidden = args[0].shape[0], args[0].shape[1], args[2].shape[1]
+    lstm = torch.nn.LSTM(hidden, hidden)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(torch.from_numpy(args[1]))
+        lstm.weight_hh_l0.copy_(torch.from_numpy(args[2]))
+        lstm.bias_ih_l0.copy_(torch.from_numpy(args[3]))
+        lstm.bias_hh_l0.zero_()
+    tx, th, tc = (torch.from_numpy(a) for a in (args[0], args[4], args[5]))
+
+    def ours():
+        cpu.forward(*args, training=False)
+
+    def theirs():
+        with torch.no_grad():
+            lstm(tx, (th[None], tc[None]))
+
+    with torch.no_grad():
+        want = reference.forward(*(a.astype(np.float64) for a in args), training=False)[0]
+        got = lstm(tx, (th[None], tc[None]))[0].numpy()
+        if np.abs(got - want).max() / np.abs(want).max() > 2e-5:
+            raise SystemExit("torch: wrong against the float64 reference")
+    # Blocks of rounds at one thread count, the counts alternating: torch rebuilds its
+    # OpenMP team when its thread count changes (a call after a change took 260 ms at
+    # 16,16,128), so the count changes only between blocks, each opened by a warm-up
+    # round.
+    runs = [("ours", ours), ("torch", theirs)]
+    times = {(name, threads): [] for name, _ in runs for threads in (1, 2)}
+    per_block = 5
+    for block in range(2 * (-(-repeats // per_block))):
+        threads = 1 + block % 2
+        numba.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        for repeat in range(per_block + 1):
+            for name, function in runs if repeat % 2 == 0 else runs[::-1]:
+                start = time.perf_counter()
+                function()
+                if repeat > 0:
+                    times[(name, threads)].append(time.perf_counter() - start)
+    print(f"scaling, {steps},{batch},{hidden}, {len(times[('ours', 1)])} rounds per thread count (ms medians)")
+    for name in ("ours", "torch"):
+        one, two = np.array(times[(name, 1)]), np.array(times[(name, 2)])
+        p10, p50, p90 = np.percentile(one / two, [10, 50, 90])
+        print(f"  {name:5s} 1 thr {1e3 * np.median(one):7.2f}  2 thr {1e3 * np.median(two):7.2f}"
+              f"  (p10-p90 {1e3 * np.percentile(two, 10):.1f}-{1e3 * np.percentile(two, 90):.1f})"
+              f"  speed-up {p50:.2f} ({p10:.2f}-{p90:.2f})")
+    ratio1 = np.array(times[("ours", 1)]) / np.array(times[("torch", 1)])
+    ratio2 = np.array(times[("ours", 2)]) / np.array(times[("torch", 2)])
+    for label, ratio in (("1 thr", ratio1), ("2 thr", ratio2)):
+        p10, p50, p90 = np.percentile(ratio, [10, 50, 90])
+        print(f"  ours/torch {label}: {p50:.3f} ({p10:.3f}-{p90:.3f})")
+
+
+def phase_functions(args):
+    """{phase: function(half) running that phase over all T steps of batch half 0 or 1}."""
+    x, w_ih, w_hh, bias, h0, c0 = args
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    packed_ih = _cpu_gemm.pack(w_ih.T)
+    packed_hh = _cpu_gemm.pack(w_hh.T)
+    padded = _cpu_common.padded_bias(bias, packed_ih, 4 * hidden, x.dtype)
+    h = np.empty((steps + 1, batch, hidden), x.dtype)
+    c = np.empty((2, batch, hidden), x.dtype)
+    h[0], c[0] = h0, c0
+    cpu._INFERENCE_STEPS(x, 0, batch, packed_ih, padded, h, c, packed_hh,
+                         *(s[0] for s in _cpu_common.inference_scratch(1, x, packed_ih, packed_hh)[1:]))
+    bounds, z, gates, rows_in = _cpu_common.inference_scratch(2, x, packed_ih, packed_hh)
+    wide_z = np.empty((2, batch, z.shape[2]), x.dtype)
+    rows = batch // 2
+    chunk = gates.shape[1] // rows
+    panels = packed_hh.shape[0]
+    unit_panels = panels // 8  # panels of half the units of one gate
+    product_panels = _cpu_common._PRODUCT_CALLEES["product_panels"]
+    c_work = np.empty((2, 2, batch, hidden), x.dtype)
+    h_out = np.empty((2, batch, hidden), x.dtype)
+
+    def project(half):
+        first_row, end_row = bounds[half], bounds[half + 1]
+        for first in range(0, steps, chunk):
+            _cpu_common.PROJECT_CHUNK(x, first, min(chunk, steps - first), first_row, end_row, packed_ih, padded,
+                                      gates[half], rows_in[half])
+
+    def product(half):
+        first_row, end_row = bounds[half], bounds[half + 1]
+        for t in range(steps):
+            _cpu_common.STEP_PRODUCT(h[t, first_row:end_row], packed_hh, z[half])
+
+    def product_units(half):
+        for t in range(steps):
+            for gate in range(4):
+                first = gate * 2 * unit_panels + half * unit_panels
+                product_panels(h[t], packed_hh, wide_z[half], None, first, first + unit_panels)
+
+    def cells(half):
+        first_row, end_row = bounds[half], bounds[half + 1]
+        scratch = gates[half][:rows].copy()
+        for t in range(steps):
+            work = scratch.copy()  # the cell overwrites its gates; about 2% of a cell
+            cpu._SERIAL.cell_forward(work, z[half], c_work[half, t % 2, first_row:end_row],
+                                     h_out[half, first_row:end_row], c_work[half, (t + 1) % 2, first_row:end_row])
+
+    def whole(half):
+        cpu._INFERENCE_STEPS(x, bounds[half], bounds[half + 1], packed_ih, padded, h, c, packed_hh, z[half],
+                             gates[half], rows_in[half])
+
+    c_work[:] = 0.5
+    return {"projection": project, "product": product, "product, units": product_units, "cells": cells,
+            "whole loop": whole}
+
+
+def timed(function, half, out, barrier=None):
+    if barrier is not None:
+        barrier.wait()
+    wall, cpu_time = time.perf_counter(), time.thread_time()
+    function(half)
+    out[half] = (time.perf_counter() - wall, time.thread_time() - cpu_time)
+
+
+def phases(args, repeats):
+    functions = phase_functions(args)
+    print(f"phases: ms over all T steps of one half of the batch, median of {repeats};"
+          " alone: one thread, the other core idle; both: two threads at once, one half each")
+    print("  phase              alone wall  alone cpu   both wall (h0, h1)      both cpu (h0, h1)   both/alone")
+    for name, function in functions.items():
+        for half in (0, 1):
+            function(half)  # compiles or loads the cache
+        alone = {0: [], 1: []}
+        both = {0: [], 1: []}
+        for _ in range(repeats):
+            out = {}
+            for half in (0, 1):
+                timed(function, half, out)
+                alone[half].append(out[half])
+            out = {}
+            barrier = threading.Barrier(2)
+            workers = [threading.Thread(target=timed, args=(function, half, out, barrier)) for half in (0, 1)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            for half in (0, 1):
+                both[half].append(out[half])
+        a = np.array(alone[0] + alone[1]) * 1e3
+        b = [np.array(both[half]) * 1e3 for half in (0, 1)]
+        a_wall, a_cpu = np.median(a[:, 0]), np.median(a[:, 1])
+        b_wall = [np.median(v[:, 0]) for v in b]
+        b_cpu = [np.median(v[:, 1]) for v in b]
+        print(f"  {name:16s} {a_wall:10.2f} {a_cpu:10.2f}   {b_wall[0]:8.2f} {b_wall[1]:8.2f}     "
+              f"{b_cpu[0]:8.2f} {b_cpu[1]:8.2f}     {max(b_wall) / a_wall:6.3f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=_size, default=(64, 64, 512), metavar="T,B,H")
+    parser.add_argument("--part", choices=("scaling", "phases"), action="append")
+    parser.add_argument("--repeats", type=int, default=15)
+    options = parser.parse_args(argv)
+    steps, batch, hidden = options.size
+    args = problem(steps, batch, hidden)
+    check(args)
+    for part in options.part or ("scaling", "phases"):
+        if part == "scaling":
+            scaling(args, options.repeats)
+        else:
+            numba.set_num_threads(1)
+            phases(args, options.repeats)
+
+
+if __name__ == "__main__":
+    main()
