@@ -507,6 +507,18 @@ def time_loop(batch, hidden, gates, dtype):
 # of input projection per chunk, and the batch rows per thread from which the batch is
 # split over the threads (one row block each) instead of the persistent loop.
 INFERENCE_CHUNK_ROWS = 64
+# Where W_ih's packed panels are over LARGE_WEIGHTS_BYTES (half of the 2 MB L2 of the
+# project's Zen 4 cores: they come from L3 on every chunk, the step's W_hh with them),
+# the chunk is LARGE_CHUNK_ROWS rows, so that each pass over W_ih serves 4x the rows.
+# Whole inference calls, quiet, medians of 30-40 paired ratios (2-core Zen 4 VM,
+# float32, /tmp scripts of experiment 12's kind, 2026-12-02 01:18-01:20 UTC), 256 rows
+# over 64: (T,B,I=H) = 64,64,512 two threads 0.950 (0.864-1.040), 0.913 (0.757-1.042)
+# in a second run, one thread 0.951 (0.923-1.009); 128,16,512 one thread 0.925
+# (0.787-0.973), two 0.994 (0.941-1.078); 512 rows within 1% of 256 and 1024 no
+# better. Where W_ih fits (I = 256 and below) 256 rows lost or did nothing: 128,16,256
+# two threads 1.054 (0.829-1.357), 512,8,128 1.015 (0.872-1.227).
+LARGE_WEIGHTS_BYTES = 1 << 20
+LARGE_CHUNK_ROWS = 256
 SPLIT_MIN_ROWS = 4
 
 
@@ -541,10 +553,13 @@ def inference_scratch(blocks, x, packed_ih, packed_hh):
     ``blocks`` row blocks of x [T, B, I]: the blocks' bounds, and per block the step
     product's output [R, W_hh's packed width], one chunk's projection [chunk·R, W_ih's
     packed width] and its inputs [chunk·R, I] (empty for one block), R the largest
-    block's rows."""
+    block's rows; a chunk is INFERENCE_CHUNK_ROWS rows, LARGE_CHUNK_ROWS where the
+    packed W_ih is over LARGE_WEIGHTS_BYTES (whole steps, at least one). Any chunk
+    gives the same bits."""
     steps, batch, input_size = x.shape
     rows = -(-batch // blocks)
-    chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // rows))
+    chunk_rows = LARGE_CHUNK_ROWS if packed_ih.nbytes > LARGE_WEIGHTS_BYTES else INFERENCE_CHUNK_ROWS
+    chunk = max(1, min(steps, chunk_rows // rows))
     bounds = np.array([batch * i // blocks for i in range(blocks + 1)], np.int64)
     z = np.empty((blocks, rows, packed_hh.shape[0] * packed_hh.shape[2]), x.dtype)
     gates = np.empty((blocks, chunk * rows, packed_ih.shape[0] * packed_ih.shape[2]), x.dtype)

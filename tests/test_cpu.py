@@ -609,3 +609,24 @@ def test_cpu_inference_split_on_one_worker(monkeypatch):
     assert calls == [(0, 5), (5, 11)]
     for field in ("y", "h_n", "c_n"):
         assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), field
+
+
+def test_cpu_inference_chunk_rule():
+    # A chunk of the inference loop's input projection is INFERENCE_CHUNK_ROWS rows,
+    # LARGE_CHUNK_ROWS where the packed W_ih is over LARGE_WEIGHTS_BYTES (it comes from
+    # L3 each chunk), whole steps of a block's rows, at least one step, at most T.
+    from rnnkernels import _cpu_common
+
+    def chunk_steps(steps, batch, blocks, packed_ih_bytes):
+        x = np.empty((steps, batch, 3), np.float32)
+        packed_ih = np.empty((1, packed_ih_bytes // 128, 32), np.float32)
+        packed_hh = np.empty((1, 3, 32), np.float32)
+        _, _, gates, _ = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+        return gates.shape[1] // -(-batch // blocks)
+
+    small, large = _cpu_common.LARGE_WEIGHTS_BYTES, _cpu_common.LARGE_WEIGHTS_BYTES + 128
+    assert chunk_steps(64, 64, 2, small) == _cpu_common.INFERENCE_CHUNK_ROWS // 32
+    assert chunk_steps(64, 64, 2, large) == _cpu_common.LARGE_CHUNK_ROWS // 32
+    assert chunk_steps(64, 64, 1, large) == _cpu_common.LARGE_CHUNK_ROWS // 64
+    assert chunk_steps(3, 64, 2, large) == 3
+    assert chunk_steps(5, 300, 1, large) == 1

@@ -19,6 +19,10 @@ the float64 reference first):
   memory, the clock). ``product, units`` is the column split's product: all B rows,
   the panels of half the hidden units (all four gates of units 0:H/2 or H/2:H), so
   each core streams half of the packed W_hh.
+* ``chunks``: whole inference calls at ``--threads`` threads with chunks of each of
+  ``--chunk-rows`` rows (``_cpu_common.INFERENCE_CHUNK_ROWS`` and ``LARGE_CHUNK_ROWS``
+  both set to it), interleaved, bits checked against the first; median (p10-p90) of
+  the paired ratios to the first.
 """
 
 from __future__ import annotations
@@ -214,10 +218,33 @@ def phases(args, repeats):
               f"{b_cpu[0]:8.2f} {b_cpu[1]:8.2f}     {max(b_wall) / a_wall:6.3f}")
 
 
+def chunks(args, threads, choices, repeats):
+    numba.set_num_threads(threads)
+    want = cpu.forward(*args, training=False)[0]
+    times = {rows: [] for rows in choices}
+    for repeat in range(repeats + 1):
+        for rows in choices if repeat % 2 == 0 else choices[::-1]:
+            _cpu_common.INFERENCE_CHUNK_ROWS = _cpu_common.LARGE_CHUNK_ROWS = rows
+            start = time.perf_counter()
+            got = cpu.forward(*args, training=False)[0]
+            if repeat > 0:
+                times[rows].append(time.perf_counter() - start)
+            if got.tobytes() != want.tobytes():
+                raise SystemExit(f"chunks of {rows} rows: other bits")
+    base = np.array(times[choices[0]])
+    for rows in choices:
+        ratio = np.array(times[rows]) / base
+        print(f"  {threads} thr, chunks of {rows:4d} rows: {1e3 * np.median(times[rows]):8.2f} ms,"
+              f" over {choices[0]} rows {np.median(ratio):.3f} ({np.percentile(ratio, 10):.3f}-"
+              f"{np.percentile(ratio, 90):.3f})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=_size, default=(64, 64, 512), metavar="T,B,H")
-    parser.add_argument("--part", choices=("scaling", "phases"), action="append")
+    parser.add_argument("--part", choices=("scaling", "phases", "chunks"), action="append")
+    parser.add_argument("--threads", type=int, default=2, help="for --part chunks")
+    parser.add_argument("--chunk-rows", default="64,256", help="for --part chunks: comma-separated")
     parser.add_argument("--repeats", type=int, default=15)
     options = parser.parse_args(argv)
     steps, batch, hidden = options.size
@@ -226,6 +253,8 @@ def main(argv=None):
     for part in options.part or ("scaling", "phases"):
         if part == "scaling":
             scaling(args, options.repeats)
+        elif part == "chunks":
+            chunks(args, options.threads, [int(v) for v in options.chunk_rows.split(",")], options.repeats)
         else:
             numba.set_num_threads(1)
             phases(args, options.repeats)
