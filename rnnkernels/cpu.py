@@ -26,12 +26,23 @@ way the CUDA kernels split it:
 * inference (training=False, T > 1) keeps nothing for backward (``_inference_steps``):
   the input projection is done a chunk of 64 rows (64 / B steps) at a time just ahead
   of the steps that read it, so each chunk is read back from L2 instead of a T·B·4H
-  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
+  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong);
+  where the packed W_ih is over 1 MB (I = H = 512: 4 MB, from L3 each chunk) a chunk
+  is 256 rows (``_cpu_common.inference_scratch``; 0.94-0.97 of the time at 64,64,512).
   With two Numba threads or more and B >= 8, the batch is split into row blocks, one
   per thread, each running that whole loop, chunked projection included, on its own
   rows (``_inference_split``; rows never interact) instead of the persistent loop
   (whose teams split the rows the same way, after one parallel projection of all
-  steps). The same kernels, each element by the same code: the same bits as the
+  steps); the split's threads first pack W_ih and W_hh between them (NumPy's packing
+  before the region was serial: 3.7 ms, 4% of the two-thread call at 64,64,512).
+  Why rows and not columns (each core the gates of half of the hidden units, so its
+  half of W_hh could stay in its 2 MB L2) at 64,64,512, where W_hh is 4 MB: the step
+  product of a block of 32 rows already runs at the tile's L1 peak (111.6 GFLOP/s,
+  each panel pair reused by 8 row blocks while in L2), and beside the other core its
+  thread CPU time is unchanged (the phases, benchmarks/cpu/12_two_thread_inference.py),
+  so keeping W_hh in L2 has nothing to save and a column split adds a barrier per
+  step; its product alone was 6% slower (40.9 against 38.5 ms). The same kernels,
+  each element by the same code: the same bits as the
   training forward at any chunk, split and thread count
   (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The
   helpers are in ``_cpu_common`` (the chunk's projection, the block rule, the scratch,
@@ -82,6 +93,18 @@ rebasing onto 5591497, 23:20-23:24) 0.94 (0.84-1.05) / 0.78 (0.61-0.91) / 0.83
 (0.76-0.92) / 0.95 (0.92-1.01) / 0.76 (0.65-1.07) / 0.46 (0.39-0.52). Before, on
 302a23f (22:36-22:39): one thread 1.00 / 0.93 / 1.05 / 0.98 / 0.87 / 0.87, two threads
 1.00 / 0.90 / 0.90 / 1.10 / 0.77 / 0.59.
+
+The split's threads packing the weights, and chunks of 256 rows where W_ih is over 1
+MB (issue 12's two-thread target at 64,64,512; benchmarks/cpu/12_two_thread_inference.py
+has where the time goes), 2026-12-02, quiet: against main 3593bda, paired
+(``08_against_checkout.py --mode forward``, median new/old with p10-p90), at
+64,64,512 / 128,16,256 / 128,8,128 / 512,8,128 / 256,1,128 / 1024,4,64, two threads (41
+pairs) 0.938 (0.88-1.05) / 0.967 / 0.927 / 0.985 / 0.976 / 0.996 (the last two do not
+split: B < 8); one thread (31 pairs) 0.963 (0.91-1.00) / 0.993 / 0.998 / 1.001 / 0.998 /
+0.996 (only 64,64,512's chunks changed). Against torch (``cpu_vs_torch.py --mode
+forward``, same order), two threads 0.86 (0.77-0.90) / 0.87 / 0.77 / 0.78 / 0.80 / 0.49,
+one thread 0.89 (0.85-0.93) / 0.95 / 0.91 / 0.91 / 0.82 / 0.83: every size at two
+threads at or under its one-thread ratio.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in

@@ -23,6 +23,46 @@ the float64 reference first):
   ``--chunk-rows`` rows (``_cpu_common.INFERENCE_CHUNK_ROWS`` and ``LARGE_CHUNK_ROWS``
   both set to it), interleaved, bits checked against the first; median (p10-p90) of
   the paired ratios to the first.
+
+Results (2-core Zen 4 VM, AVX-512, 2 MB L2 per core, 32 MB L3; quiet; 64,64,512).
+Before this experiment's changes (main 3593bda's code), 2026-12-02 00:59-01:01 UTC, 20
+rounds per thread count: ours 179.2 ms at one thread, 97.5 (p10-p90 83.6-106.8) at
+two, speed-up 1.86 (1.68-2.28); torch 200.5 and 103.2 (93.2-116.8), speed-up 1.88
+(1.73-2.24); ours/torch 0.911 (0.843-0.948) at one thread, 0.920 (0.840-1.027) at two.
+Torch's two-thread scaling is as unstable as ours, and both move with the host: in
+one quiet process a little later (01:05-01:12 UTC), the medians of 15 two-thread calls of ours
+were 168 ms and then 86 ms, with the process on both cores all along (CPU time /
+wall 1.98 and 1.94) and no steal time reported by the guest's /proc/stat; the
+previous session's 0.98 against 0.91 is within that. Phases (ms, medians of 20, one
+half of the batch = 32 rows over all 64 steps):
+
+    phase              alone wall  alone cpu   both wall (h0, h1)   both cpu (h0, h1)  both/alone
+    projection            40.22      40.22      43.60    44.12      39.90    40.22      1.097
+    product               38.52      38.50      43.09    42.74      38.86    38.55      1.118
+    product, units        40.88      40.85      44.67    44.97      40.62    40.94      1.100
+    cells                  2.83       2.83       4.14     3.85       3.44     3.49      1.466
+    whole loop            89.86      89.48      92.24    93.84      88.04    89.51      1.044
+
+So the row split does not lose compute beside the other core: each thread's CPU time
+is what it is alone (the cells, 3% of it, excepted); what the wall time loses (4-12%)
+is time the thread was not running (other processes' wake-ups on a machine whose two
+cores we both hold). The step product of 32 rows runs at 111.6 GFLOP/s (4.29 GFLOP in
+38.5 ms), the 4x2 tile's L1 peak, with the 4 MB W_hh streamed from L3 every step:
+each panel pair (128 KB) is reused by 8 row blocks while in L2, so a column split
+(``product, units``: each core the four gates of half of the units, 2 MB of W_hh)
+has nothing to save, was 6% slower here, and would add a barrier per step; the
+persistent loop's one team (dynamic chunk claims, so no core keeps its panels
+either) measured 0.97x teams last session for the same reason. What the call had on
+top of the split: NumPy packing W_ih and W_hh before the region, serial, 3.7 ms (1.4
+ms per matrix in a warm loop; ``_cpu_common._pack_panels`` 0.75 ms), 4% of the
+two-thread call. Changed: the split's threads pack both weights between them
+(claimed chunks, then the row blocks); and the loop itself was 8 ms (10%) over the
+sum of its phases, which chunks of 256 projection rows instead of 64 cut where W_ih
+is 4 MB (``--part chunks``, 01:21 UTC, 30 pairs): 0.940 (0.899-1.046) at two threads,
+0.967 (0.895-1.039) at one; 128,16,512 two threads 0.983 (0.825-1.062); 128,16,256
+(W_ih 1 MB, in L2) 1.008 (0.820-1.130), hence the rule's 1 MB. Whole calls after
+both: rnnkernels/cpu.py's docstring (0.94 of main at two threads, ours/torch 0.86
+against 0.89 at one).
 """
 
 from __future__ import annotations
