@@ -104,7 +104,11 @@ split: B < 8); one thread (31 pairs) 0.963 (0.91-1.00) / 0.993 / 0.998 / 1.001 /
 0.996 (only 64,64,512's chunks changed). Against torch (``cpu_vs_torch.py --mode
 forward``, same order), two threads 0.86 (0.77-0.90) / 0.87 / 0.77 / 0.78 / 0.80 / 0.49,
 one thread 0.89 (0.85-0.93) / 0.95 / 0.91 / 0.91 / 0.82 / 0.83: every size at two
-threads at or under its one-thread ratio.
+threads at or under its one-thread ratio. A second run at 64,64,512 (``--size
+64,64,512 --threads 1 --threads 2 --repeats 40``, 01:43 UTC): 0.89 (0.85-0.94) at one
+thread, 0.89 (0.85-0.96) at two; experiment 12's scaling part (01:41 UTC): ours
+speeds up 2.01x (1.78-2.10) from one thread to two, torch 1.91x (1.75-2.16), ours/torch
+0.903 at one thread, 0.869 at two.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in

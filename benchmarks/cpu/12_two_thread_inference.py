@@ -62,7 +62,10 @@ is 4 MB (``--part chunks``, 01:21 UTC, 30 pairs): 0.940 (0.899-1.046) at two thr
 0.967 (0.895-1.039) at one; 128,16,512 two threads 0.983 (0.825-1.062); 128,16,256
 (W_ih 1 MB, in L2) 1.008 (0.820-1.130), hence the rule's 1 MB. Whole calls after
 both: rnnkernels/cpu.py's docstring (0.94 of main at two threads, ours/torch 0.86
-against 0.89 at one).
+against 0.89 at one). This experiment's scaling part after both, 01:41 UTC: ours 170.0
+ms at one thread, 84.2 (82.1-94.3) at two, speed-up 2.01 (1.78-2.10); torch 190.6 and
+97.5 (93.5-103.6), 1.91 (1.75-2.16); ours/torch 0.903 (0.843-0.928) at one thread,
+0.869 (0.807-0.980) at two. Run time: about 2 minutes for the two default parts.
 """
 
 from __future__ import annotations
