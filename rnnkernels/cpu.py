@@ -403,9 +403,9 @@ def _inference_split(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, 
     our persistent loop (quiet), whose OpenMP workers spin on the second core for a
     while after each call, where a sleeping Python thread had to be scheduled."""
     blocks = bounds.shape[0] - 1
-    per_matrix = (packed_hh.shape[0] + PACK_CHUNK_PANELS - 1) // PACK_CHUNK_PANELS  # noqa: F821
-    ih_chunks = (packed_ih.shape[0] + PACK_CHUNK_PANELS - 1) // PACK_CHUNK_PANELS  # noqa: F821
-    pack_chunks = ih_chunks + per_matrix
+    panels = _cpu_common.PACK_CHUNK_PANELS  # a compile-time constant
+    ih_chunks = (packed_ih.shape[0] + panels - 1) // panels
+    pack_chunks = ih_chunks + (packed_hh.shape[0] + panels - 1) // panels
     total = pack_chunks + blocks
     for _ in numba.prange(blocks):
         while True:
@@ -413,9 +413,11 @@ def _inference_split(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, 
             if index >= total:
                 break
             if index < pack_chunks:
-                matrix, packed, chunk = (w_ih, packed_ih, index) if index < ih_chunks else (w_hh, packed_hh, index - ih_chunks)
-                first = chunk * PACK_CHUNK_PANELS  # noqa: F821
-                pack_panels(matrix, packed, first, min(packed.shape[0], first + PACK_CHUNK_PANELS))  # noqa: F821
+                if index < ih_chunks:
+                    matrix, packed, first = w_ih, packed_ih, index * panels
+                else:
+                    matrix, packed, first = w_hh, packed_hh, (index - ih_chunks) * panels
+                pack_panels(matrix, packed, first, min(packed.shape[0], first + panels))  # noqa: F821
             else:
                 _cpu_sync.wait(counters, pack_chunks)  # both weights are packed
                 block = index - pack_chunks
@@ -460,8 +462,7 @@ _PERSISTENT = _cpu_common.compile_persistent(
 _INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
 _INFERENCE_SPLIT = _cpu_common.compile_function(
     _inference_split, "parallel", True,
-    {"inference_steps": _INFERENCE_STEPS, "pack_panels": _cpu_common.PACK_PANELS,
-     "PACK_CHUNK_PANELS": _cpu_common.PACK_CHUNK_PANELS},
+    {"inference_steps": _INFERENCE_STEPS, "pack_panels": _cpu_common.PACK_PANELS},
 )
 
 
