@@ -305,6 +305,30 @@ def _project_chunk(x, first, count, first_row, end_row, packed, bias, gates, row
     product(a, packed, gates[:rows], bias)  # noqa: F821 - a global of each variant
 
 
+def _pack_panels(matrix, packed, first, end):
+    """packed[first:end] = panels first:end of ``_cpu_gemm.pack(matrix.T)``:
+    packed[p, k, c] = matrix[p·W + c, k], zero past matrix's rows. matrix [N, K]
+    C-contiguous (W_ih or W_hh as given: its rows are the product's columns); packed
+    [ceil(N/W), K, W]. For the inference split, whose threads pack the weights between
+    them before their rows' steps (``cpu._inference_split``); a copy, so the same array
+    as ``_cpu_gemm.pack``'s. Each column of a panel is one contiguous row of the
+    matrix, written at a stride of W: at 2048 x 512 float32 0.75 ms against NumPy's
+    strided copy's 1.43 ms (not quiet), and split over the threads."""
+    rows, depth = matrix.shape
+    width = packed.shape[2]
+    zero = packed.dtype.type(0)
+    for panel in range(first, end):
+        for column in range(width):
+            row = panel * width + column
+            if row < rows:
+                source = matrix[row]
+                for k in range(depth):
+                    packed[panel, k, column] = source[k]
+            else:
+                for k in range(depth):
+                    packed[panel, k, column] = zero
+
+
 def _step_product(a, packed, out):
     """``_product`` without a bias: the per-step product the time loops call (its
     interface unchanged for the cells' loops)."""
@@ -365,6 +389,7 @@ STEP_PRODUCT = compile_function(_step_product, "serial", False, {"product": PROD
 # Inlined into each cell's inference loop: as a dispatcher of its own, its compiled code
 # (the product's, linked in) was optimized once for it and once more for every loop.
 PROJECT_CHUNK = compile_function(_project_chunk, "serial", False, {"product": PRODUCT[False]}, inline=True)
+PACK_PANELS = compile_function(_pack_panels, "serial", False, inline=True)
 
 
 def compile_variant(label, cells, loops):
@@ -482,6 +507,18 @@ def time_loop(batch, hidden, gates, dtype):
 # of input projection per chunk, and the batch rows per thread from which the batch is
 # split over the threads (one row block each) instead of the persistent loop.
 INFERENCE_CHUNK_ROWS = 64
+# Where W_ih's packed panels are over LARGE_WEIGHTS_BYTES (half of the 2 MB L2 of the
+# project's Zen 4 cores: they come from L3 on every chunk, the step's W_hh with them),
+# the chunk is LARGE_CHUNK_ROWS rows, so that each pass over W_ih serves 4x the rows.
+# Whole inference calls, quiet, medians of 30-40 paired ratios (2-core Zen 4 VM,
+# float32, /tmp scripts of experiment 12's kind, 2026-12-02 01:18-01:20 UTC), 256 rows
+# over 64: (T,B,I=H) = 64,64,512 two threads 0.950 (0.864-1.040), 0.913 (0.757-1.042)
+# in a second run, one thread 0.951 (0.923-1.009); 128,16,512 one thread 0.925
+# (0.787-0.973), two 0.994 (0.941-1.078); 512 rows within 1% of 256 and 1024 no
+# better. Where W_ih fits (I = 256 and below) 256 rows lost or did nothing: 128,16,256
+# two threads 1.054 (0.829-1.357), 512,8,128 1.015 (0.872-1.227).
+LARGE_WEIGHTS_BYTES = 1 << 20
+LARGE_CHUNK_ROWS = 256
 SPLIT_MIN_ROWS = 4
 
 
@@ -496,15 +533,33 @@ def inference_blocks(batch, hidden, gates, dtype):
     return 1 if workers < 2 or time_loop(batch, hidden, gates, dtype) == "serial" else 0
 
 
+# Panels per packing chunk of the inference split (``split_packing``): 8 panels of W_hh
+# at H = 512 are 512 KB, 0.1 ms of packing, so a thread waits at most about that long
+# for the other's last chunk.
+PACK_CHUNK_PANELS = 8
+
+
+def split_packing(w_ih, w_hh):
+    """(w_ih, w_hh as C-contiguous arrays, packed_ih, packed_hh (empty: the split's
+    threads fill them, ``_pack_panels``), counters) for a cell's inference split."""
+    w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)
+    width = _cpu_gemm.panel_width(w_ih.dtype)
+    packed = [np.empty((-(-w.shape[0] // width), w.shape[1], width), w.dtype) for w in (w_ih, w_hh)]
+    return w_ih, w_hh, packed[0], packed[1], _cpu_sync.counters()
+
+
 def inference_scratch(blocks, x, packed_ih, packed_hh):
     """(bounds [blocks+1], z, gates, rows_in) for a cell's inference loops over
     ``blocks`` row blocks of x [T, B, I]: the blocks' bounds, and per block the step
     product's output [R, W_hh's packed width], one chunk's projection [chunk·R, W_ih's
     packed width] and its inputs [chunk·R, I] (empty for one block), R the largest
-    block's rows."""
+    block's rows; a chunk is INFERENCE_CHUNK_ROWS rows, LARGE_CHUNK_ROWS where the
+    packed W_ih is over LARGE_WEIGHTS_BYTES (whole steps, at least one). Any chunk
+    gives the same bits."""
     steps, batch, input_size = x.shape
     rows = -(-batch // blocks)
-    chunk = max(1, min(steps, INFERENCE_CHUNK_ROWS // rows))
+    chunk_rows = LARGE_CHUNK_ROWS if packed_ih.nbytes > LARGE_WEIGHTS_BYTES else INFERENCE_CHUNK_ROWS
+    chunk = max(1, min(steps, chunk_rows // rows))
     bounds = np.array([batch * i // blocks for i in range(blocks + 1)], np.int64)
     z = np.empty((blocks, rows, packed_hh.shape[0] * packed_hh.shape[2]), x.dtype)
     gates = np.empty((blocks, chunk * rows, packed_ih.shape[0] * packed_ih.shape[2]), x.dtype)

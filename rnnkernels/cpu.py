@@ -26,12 +26,23 @@ way the CUDA kernels split it:
 * inference (training=False, T > 1) keeps nothing for backward (``_inference_steps``):
   the input projection is done a chunk of 64 rows (64 / B steps) at a time just ahead
   of the steps that read it, so each chunk is read back from L2 instead of a T·B·4H
-  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong).
+  buffer from L3 (8 MB at 128,16,256), and c has no history (two rows, ping-pong);
+  where the packed W_ih is over 1 MB (I = H = 512: 4 MB, from L3 each chunk) a chunk
+  is 256 rows (``_cpu_common.inference_scratch``; 0.94-0.97 of the time at 64,64,512).
   With two Numba threads or more and B >= 8, the batch is split into row blocks, one
   per thread, each running that whole loop, chunked projection included, on its own
   rows (``_inference_split``; rows never interact) instead of the persistent loop
   (whose teams split the rows the same way, after one parallel projection of all
-  steps). The same kernels, each element by the same code: the same bits as the
+  steps); the split's threads first pack W_ih and W_hh between them (NumPy's packing
+  before the region was serial: 3.7 ms, 4% of the two-thread call at 64,64,512).
+  Why rows and not columns (each core the gates of half of the hidden units, so its
+  half of W_hh could stay in its 2 MB L2) at 64,64,512, where W_hh is 4 MB: the step
+  product of a block of 32 rows already runs at the tile's L1 peak (111.6 GFLOP/s,
+  each panel pair reused by 8 row blocks while in L2), and beside the other core its
+  thread CPU time is unchanged (the phases, benchmarks/cpu/12_two_thread_inference.py),
+  so keeping W_hh in L2 has nothing to save and a column split adds a barrier per
+  step; its product alone was 6% slower (40.9 against 38.5 ms). The same kernels,
+  each element by the same code: the same bits as the
   training forward at any chunk, split and thread count
   (tests/test_cpu.py::test_cpu_inference_gives_the_training_forwards_bits). The
   helpers are in ``_cpu_common`` (the chunk's projection, the block rule, the scratch,
@@ -82,6 +93,22 @@ rebasing onto 5591497, 23:20-23:24) 0.94 (0.84-1.05) / 0.78 (0.61-0.91) / 0.83
 (0.76-0.92) / 0.95 (0.92-1.01) / 0.76 (0.65-1.07) / 0.46 (0.39-0.52). Before, on
 302a23f (22:36-22:39): one thread 1.00 / 0.93 / 1.05 / 0.98 / 0.87 / 0.87, two threads
 1.00 / 0.90 / 0.90 / 1.10 / 0.77 / 0.59.
+
+The split's threads packing the weights, and chunks of 256 rows where W_ih is over 1
+MB (issue 12's two-thread target at 64,64,512; benchmarks/cpu/12_two_thread_inference.py
+has where the time goes), 2026-12-02, quiet: against main 3593bda, paired
+(``08_against_checkout.py --mode forward``, median new/old with p10-p90), at
+64,64,512 / 128,16,256 / 128,8,128 / 512,8,128 / 256,1,128 / 1024,4,64, two threads (41
+pairs) 0.938 (0.88-1.05) / 0.967 / 0.927 / 0.985 / 0.976 / 0.996 (the last two do not
+split: B < 8); one thread (31 pairs) 0.963 (0.91-1.00) / 0.993 / 0.998 / 1.001 / 0.998 /
+0.996 (only 64,64,512's chunks changed). Against torch (``cpu_vs_torch.py --mode
+forward``, same order), two threads 0.86 (0.77-0.90) / 0.87 / 0.77 / 0.78 / 0.80 / 0.49,
+one thread 0.89 (0.85-0.93) / 0.95 / 0.91 / 0.91 / 0.82 / 0.83: every size at two
+threads at or under its one-thread ratio. A second run at 64,64,512 (``--size
+64,64,512 --threads 1 --threads 2 --repeats 40``, 01:43 UTC): 0.89 (0.85-0.94) at one
+thread, 0.89 (0.85-0.96) at two; experiment 12's scaling part (01:41 UTC): ours
+speeds up 2.01x (1.78-2.10) from one thread to two, torch 1.91x (1.75-2.16), ours/torch
+0.903 at one thread, 0.869 at two.
 
 float32 and float64 are supported; arithmetic stays in the input dtype. Every output
 bit is the same in any process, whatever ran before, at any thread count and in
@@ -220,7 +247,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_threading, _fastmath
+from . import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_sync, _cpu_threading, _fastmath
 from ._backend import Backend
 from .reference import Saved, saved_arrays
 
@@ -357,18 +384,48 @@ def _inference_steps(x, first_row, end_row, packed_ih, bias, h, c, packed_hh, z,
             )
 
 
-def _inference_split(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds):
+def _inference_split(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, counters, bounds):
     """``_inference_steps`` on each block of batch rows (bounds [n+1]), one block per
-    thread; z, gates, rows_in [n, ...]: each block's scratch. A prange, not Python
-    threads running the nogil serial loop side by side (which would compile nothing
-    more): those lost to it, 1.0-1.8x at B = 8-16 paired with torch or with our
-    persistent loop (quiet), whose OpenMP workers spin on the second core for a while
-    after each call, where a sleeping Python thread had to be scheduled."""
-    for block in numba.prange(bounds.shape[0] - 1):
-        inference_steps(  # noqa: F821 - a global of this function
-            x, bounds[block], bounds[block + 1], packed_ih, bias, h, c, packed_hh, z[block], gates[block],
-            rows_in[block],
-        )
+    thread, after the threads packed W_ihᵀ and W_hhᵀ between them (packed_ih,
+    packed_hh: empty on entry, ``_cpu_common.split_packing``; 8 MB at H = 512, 3.7 ms
+    of NumPy packing before the region, serial, 4% of the two-thread call). z, gates,
+    rows_in [n, ...]: each block's scratch. The work is a list of chunks, the packing
+    chunks (``_cpu_common.PACK_CHUNK_PANELS`` panels of one matrix) and then one per
+    row block, that the threads claim in order with ``_cpu_sync``'s counters; a row
+    block waits until every packing chunk is done. The same argument as the persistent
+    loops' (``_cpu_sync``'s docstring): a chunk waits only for chunks numbered below it,
+    each held by a running thread, so no deadlock whatever the threading layer does (a
+    layer that runs the iterations one after another runs every chunk on the first);
+    the packers' stores are released by ``finish`` and acquired by ``wait`` before any
+    product reads them. Which thread runs which block does not change a bit. A prange,
+    not Python threads running the nogil serial loop side by side (which would compile
+    nothing more): those lost to it, 1.0-1.8x at B = 8-16 paired with torch or with
+    our persistent loop (quiet), whose OpenMP workers spin on the second core for a
+    while after each call, where a sleeping Python thread had to be scheduled."""
+    blocks = bounds.shape[0] - 1
+    panels = _cpu_common.PACK_CHUNK_PANELS  # a compile-time constant
+    ih_chunks = (packed_ih.shape[0] + panels - 1) // panels
+    pack_chunks = ih_chunks + (packed_hh.shape[0] + panels - 1) // panels
+    total = pack_chunks + blocks
+    for _ in numba.prange(blocks):
+        while True:
+            index = _cpu_sync.claim(counters)
+            if index >= total:
+                break
+            if index < pack_chunks:
+                if index < ih_chunks:
+                    matrix, packed, first = w_ih, packed_ih, index * panels
+                else:
+                    matrix, packed, first = w_hh, packed_hh, (index - ih_chunks) * panels
+                pack_panels(matrix, packed, first, min(packed.shape[0], first + panels))  # noqa: F821
+            else:
+                _cpu_sync.wait(counters, pack_chunks)  # both weights are packed
+                block = index - pack_chunks
+                inference_steps(  # noqa: F821 - a global of this function
+                    x, bounds[block], bounds[block + 1], packed_ih, bias, h, c, packed_hh, z[block], gates[block],
+                    rows_in[block],
+                )
+            _cpu_sync.finish(counters)
 
 
 def _forward_rows(state, z, t, first, end):
@@ -404,7 +461,8 @@ _PERSISTENT = _cpu_common.compile_persistent(
 # The inference loop (``_cpu_common.compile_inference``): the serial variant's cell.
 _INFERENCE_STEPS = _cpu_common.compile_inference("serial", _SERIAL, _inference_steps)
 _INFERENCE_SPLIT = _cpu_common.compile_function(
-    _inference_split, "parallel", True, {"inference_steps": _INFERENCE_STEPS}
+    _inference_split, "parallel", True,
+    {"inference_steps": _INFERENCE_STEPS, "pack_panels": _cpu_common.PACK_PANELS},
 )
 
 
@@ -492,15 +550,18 @@ def _inference(x, w_ih, w_hh, bias, h0, c0, blocks):
     hidden = w_hh.shape[1]
     dtype = x.dtype
     x = np.ascontiguousarray(x)
-    packed_ih = _cpu_gemm.pack(w_ih.T)
-    packed_hh = _cpu_gemm.pack(w_hh.T)
+    if blocks > 1:  # the split's threads pack the weights (``_inference_split``)
+        w_ih, w_hh, packed_ih, packed_hh, counters = _cpu_common.split_packing(w_ih, w_hh)
+    else:
+        packed_ih = _cpu_gemm.pack(w_ih.T)
+        packed_hh = _cpu_gemm.pack(w_hh.T)
     bias = _cpu_common.padded_bias(bias, packed_ih, 4 * hidden, dtype)
     h = np.empty((steps + 1, batch, hidden), dtype)
     c = np.empty((2, batch, hidden), dtype)
     h[0], c[0] = h0, c0
     bounds, z, gates, rows_in = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
     if blocks > 1:
-        _INFERENCE_SPLIT(x, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, bounds)
+        _INFERENCE_SPLIT(x, w_ih, w_hh, packed_ih, bias, h, c, packed_hh, z, gates, rows_in, counters, bounds)
     else:
         _INFERENCE_STEPS(x, 0, batch, packed_ih, bias, h, c, packed_hh, z[0], gates[0], rows_in[0])
     return h, c[steps % 2].copy()

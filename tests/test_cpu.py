@@ -561,3 +561,72 @@ def test_cpu_inference_gives_the_training_forwards_bits(split, dtype, monkeypatc
                 assert rel_err(getattr(got, field), getattr(ref, field)) < TOLERANCE[dtype], (shape, field)
             assert sorted(calls) == expected_blocks(shape[1], split), (shape, split)
             calls.clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_split_packing_gives_the_packed_kernels_layout(dtype):
+    # The inference split's threads pack W_ih and W_hh themselves, a chunk of panels
+    # each (_cpu_common._pack_panels): the same array as _cpu_gemm.pack, zero padding
+    # included, for any chunk of panels, partial last panels and K = 0, 1.
+    from rnnkernels import _cpu_common, _cpu_gemm
+
+    rng = np.random.default_rng(7)
+    for rows, depth in ((1, 1), (28, 5), (64, 0), (80, 13), (200, 40)):
+        matrix = rng.standard_normal((rows, depth)).astype(dtype)
+        want = _cpu_gemm.pack(matrix.T)
+        _, _, packed, _, _ = _cpu_common.split_packing(matrix, matrix)
+        packed[:] = np.nan  # every element must be written
+        panels = packed.shape[0]
+        for first in range(0, panels, 3):
+            _cpu_common.PACK_PANELS(matrix, packed, first, min(panels, first + 3))
+        assert packed.tobytes() == want.tobytes(), (rows, depth)
+
+
+def test_cpu_inference_split_on_one_worker(monkeypatch):
+    # The split's work is a list of chunks claimed in order (packing first, then one per
+    # row block, which waits for the packing): a threading layer that runs the prange's
+    # iterations one after another, here one Numba thread for two blocks, runs every
+    # chunk on the first iteration, without waiting for the second. Same bits as the
+    # training forward.
+    import faulthandler
+
+    import numba
+
+    from rnnkernels import _cpu_common, cpu
+
+    calls = spy_inference_loop(monkeypatch, cpu, "_INFERENCE_SPLIT")
+    problem = make_problem(6, 11, 20, 72, dtype=np.float32, bias=True, state=True, seed=3)
+    want = rnnkernels.lstm_forward(**problem, backend="cpu", training=True)
+    monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
+    before = numba.get_num_threads()
+    faulthandler.dump_traceback_later(300, exit=True)
+    try:
+        numba.set_num_threads(1)
+        got = rnnkernels.lstm_forward(**problem, backend="cpu", training=False)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        numba.set_num_threads(before)
+    assert calls == [(0, 5), (5, 11)]
+    for field in ("y", "h_n", "c_n"):
+        assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), field
+
+
+def test_cpu_inference_chunk_rule():
+    # A chunk of the inference loop's input projection is INFERENCE_CHUNK_ROWS rows,
+    # LARGE_CHUNK_ROWS where the packed W_ih is over LARGE_WEIGHTS_BYTES (it comes from
+    # L3 each chunk), whole steps of a block's rows, at least one step, at most T.
+    from rnnkernels import _cpu_common
+
+    def chunk_steps(steps, batch, blocks, packed_ih_bytes):
+        x = np.empty((steps, batch, 3), np.float32)
+        packed_ih = np.empty((1, packed_ih_bytes // 128, 32), np.float32)
+        packed_hh = np.empty((1, 3, 32), np.float32)
+        _, _, gates, _ = _cpu_common.inference_scratch(blocks, x, packed_ih, packed_hh)
+        return gates.shape[1] // -(-batch // blocks)
+
+    small, large = _cpu_common.LARGE_WEIGHTS_BYTES, _cpu_common.LARGE_WEIGHTS_BYTES + 128
+    assert chunk_steps(64, 64, 2, small) == _cpu_common.INFERENCE_CHUNK_ROWS // 32
+    assert chunk_steps(64, 64, 2, large) == _cpu_common.LARGE_CHUNK_ROWS // 32
+    assert chunk_steps(64, 64, 1, large) == _cpu_common.LARGE_CHUNK_ROWS // 64
+    assert chunk_steps(3, 64, 2, large) == 3
+    assert chunk_steps(5, 300, 1, large) == 1
