@@ -511,7 +511,7 @@ INFERENCE_CHUNK_ROWS = 64
 # project's Zen 4 cores: they come from L3 on every chunk, the step's W_hh with them),
 # the chunk is LARGE_CHUNK_ROWS rows, so that each pass over W_ih serves 4x the rows.
 # Whole inference calls, quiet, medians of 30-40 paired ratios (2-core Zen 4 VM,
-# float32, /tmp scripts of experiment 12's kind, 2026-12-02 01:18-01:20 UTC), 256 rows
+# float32, /tmp scripts of experiment 13's kind, 2026-12-02 01:18-01:20 UTC), 256 rows
 # over 64: (T,B,I=H) = 64,64,512 two threads 0.950 (0.864-1.040), 0.913 (0.757-1.042)
 # in a second run, one thread 0.951 (0.923-1.009); 128,16,512 one thread 0.925
 # (0.787-0.973), two 0.994 (0.941-1.078); 512 rows within 1% of 256 and 1024 no

@@ -39,7 +39,7 @@ way the CUDA kernels split it:
   half of W_hh could stay in its 2 MB L2) at 64,64,512, where W_hh is 4 MB: the step
   product of a block of 32 rows already runs at the tile's L1 peak (111.6 GFLOP/s,
   each panel pair reused by 8 row blocks while in L2), and beside the other core its
-  thread CPU time is unchanged (the phases, benchmarks/cpu/12_two_thread_inference.py),
+  thread CPU time is unchanged (the phases, benchmarks/cpu/13_two_thread_inference.py),
   so keeping W_hh in L2 has nothing to save and a column split adds a barrier per
   step; its product alone was 6% slower (40.9 against 38.5 ms). The same kernels,
   each element by the same code: the same bits as the
@@ -95,7 +95,7 @@ rebasing onto 5591497, 23:20-23:24) 0.94 (0.84-1.05) / 0.78 (0.61-0.91) / 0.83
 1.00 / 0.90 / 0.90 / 1.10 / 0.77 / 0.59.
 
 The split's threads packing the weights, and chunks of 256 rows where W_ih is over 1
-MB (issue 12's two-thread target at 64,64,512; benchmarks/cpu/12_two_thread_inference.py
+MB (issue 12's two-thread target at 64,64,512; benchmarks/cpu/13_two_thread_inference.py
 has where the time goes), 2026-12-02, quiet: against main 3593bda, paired
 (``08_against_checkout.py --mode forward``, median new/old with p10-p90), at
 64,64,512 / 128,16,256 / 128,8,128 / 512,8,128 / 256,1,128 / 1024,4,64, two threads (41
@@ -106,7 +106,7 @@ forward``, same order), two threads 0.86 (0.77-0.90) / 0.87 / 0.77 / 0.78 / 0.80
 one thread 0.89 (0.85-0.93) / 0.95 / 0.91 / 0.91 / 0.82 / 0.83: every size at two
 threads at or under its one-thread ratio. A second run at 64,64,512 (``--size
 64,64,512 --threads 1 --threads 2 --repeats 40``, 01:43 UTC): 0.89 (0.85-0.94) at one
-thread, 0.89 (0.85-0.96) at two; experiment 12's scaling part (01:41 UTC): ours
+thread, 0.89 (0.85-0.96) at two; experiment 13's scaling part (01:41 UTC): ours
 speeds up 2.01x (1.78-2.10) from one thread to two, torch 1.91x (1.75-2.16), ours/torch
 0.903 at one thread, 0.869 at two.
 

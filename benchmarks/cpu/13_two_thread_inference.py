@@ -1,6 +1,6 @@
 """Experiment 12: where two-thread LSTM inference time goes at 64,64,512, against torch.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/cpu/12_two_thread_inference.py [--size 64,64,512] [--part scaling]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/cpu/13_two_thread_inference.py [--size 64,64,512] [--part scaling]
 
 Two parts (float32, I = H, inference: ``cpu.forward(training=False)``, checked against
 the float64 reference first):
