@@ -216,12 +216,57 @@ _gemm64 = _make_gemm(64)
 # The operands, in a tuple of 2-D arrays of one dtype (indexable at run time).
 GRAD_IH, INPUTS, GRAD_HH, HIDDEN, W_IH, DW_IH, DW_HH, DX = range(8)
 # A chunk, a row of the plan: one gemm (``BLAS``: C[m, n] = op(A) @ B, A, B and C given
-# as operand, element offset and leading dimension) or a block of dx's rows on the
-# packed kernel (``PACKED``: rows m to n).
+# as operand, element offset and leading dimension), a block of dx's rows on the
+# packed kernel (``PACKED``: rows m to n), or a block of a weight gradient's rows on our
+# gradient tiles (``TILES``: the fields of the BLAS chunk it replaces, always Aᵀ B;
+# ``weight_rows``).
 BLAS = 0
 PACKED = 1
+TILES = 2
 _KIND, _TRANS_A, _M, _N, _K, _A, _A_AT, _LDA, _B, _B_AT, _LDB, _C, _C_AT, _LDC = range(14)
 _FIELDS = 14
+
+
+# Weight gradients on our tiles (``weight_rows``): k in blocks of this many rows, each
+# block's sums added to the output (module docstring of the rule, ``tiled``).
+GRADIENT_BLOCK = 128
+# ... only where a row of g (A's rows are read with this stride) is at most this many
+# bytes: each k then touches one page of A (``tiled``).
+GRADIENT_MAX_ROW_BYTES = 4096
+
+
+def _weight_rows(a, b, out, first, end):
+    """out[first:end] = a[:, first:end]ᵀ @ b, for a [K, M], b [K, N], out [M, N],
+    C-contiguous, one float dtype, with first, end and M multiples of 4 and N of the
+    panel width (``tiled``): ``_cpu_gemm``'s gradient tiles, read straight from a and b.
+    k runs in blocks of GRADIENT_BLOCK rows, in order; a block's sums are added to the
+    output's (the first block's stored), so every element's bits depend on the shape
+    alone. Within a block: rows of 4, each across all columns (the block's b, 64 KB at
+    N = 128 float32, stays in the cache while a's rows stream)."""
+    steps = a.shape[0]
+    columns = b.shape[1]
+    panel = _cpu_gemm.VECTORS * (_cpu_gemm.VECTOR_BYTES // a.itemsize)
+    pairs = columns - columns % (2 * panel)
+    for k0 in range(0, steps, GRADIENT_BLOCK):
+        count = min(GRADIENT_BLOCK, steps - k0)
+        add = k0 > 0
+        for row in range(first, end, 4):
+            for column in range(0, pairs, 2 * panel):
+                _cpu_gemm.gradient_tile4x2(a, b, out, row, column, k0, k0, count, add)
+            if pairs < columns:
+                _cpu_gemm.gradient_tile4x1(a, b, out, row, pairs, k0, k0, count, add)
+
+
+def tiled(rows, columns, dtype):
+    """Whether a weight gradient [rows, columns] = gᵀ x (g [K, rows]) runs on our tiles
+    (``weight_rows``) rather than the BLAS's gemm: a rule on the shape and dtype alone.
+    float32 with 512-bit vectors (the only case measured: benchmarks/cpu/12), rows a
+    multiple of the tiles' 4 and columns of a panel (no partial tiles), and a row of g
+    at most GRADIENT_MAX_ROW_BYTES: at [2048, 4096]ᵀ @ [4096, 512] (64,64,512; a row of
+    8 KB) OpenBLAS won, 96 against 75 GFLOP/s, at the three others ours."""
+    dtype = np.dtype(dtype)
+    return (dtype == np.float32 and _cpu_gemm.TWO_PANEL_BLOCKS and rows % 4 == 0
+            and columns % _cpu_gemm.panel_width(dtype) == 0 and rows * dtype.itemsize <= GRADIENT_MAX_ROW_BYTES)
 
 
 def _products(plan, gemm_address, wide, counters, workers, operands, packed):
@@ -244,6 +289,10 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                 first, end = task[_M], task[_N]
                 product(operands[GRAD_IH][first:end], packed, out[first:end], None)  # noqa: F821 - a global of each variant
                 continue
+            if task[_KIND] == TILES:
+                first = task[_A_AT]
+                weight_rows(operands[task[_A]], operands[task[_B]], operands[task[_C]], first, first + task[_M])  # noqa: F821
+                continue
             a = operands[task[_A]].ctypes.data + task[_A_AT] * item
             b = operands[task[_B]].ctypes.data + task[_B_AT] * item
             c = operands[task[_C]].ctypes.data + task[_C_AT] * item
@@ -255,9 +304,11 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                         a, task[_LDA], b, task[_LDB], zero, c, task[_LDC])
 
 
+WEIGHT_ROWS = _cpu_common.compile_function(_weight_rows, "serial", False)
 PRODUCTS = {
     parallel: _cpu_common.compile_function(
-        _products, "parallel" if parallel else "serial", parallel, {"product": _cpu_common.PRODUCT[False]}
+        _products, "parallel" if parallel else "serial", parallel,
+        {"product": _cpu_common.PRODUCT[False], "weight_rows": WEIGHT_ROWS},
     )
     for parallel in (False, True)
 }
@@ -282,10 +333,11 @@ def chunk_rows(rows, pieces):
     return max(ROW_ALIGN, -(-per_chunk // ROW_ALIGN) * ROW_ALIGN)
 
 
-def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces):
+def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces, kind=BLAS):
     """C = op(A) @ B's chunks (blocks of C's rows) as (multiply-adds, plan row), for
     operands a, b, c (indices) of C-contiguous shapes: op(A) = Aᵀ for trans_a (A
-    [K, M]), else A [M, K]; B [K, N]; C [M, N]."""
+    [K, M]), else A [M, K]; B [K, N]; C [M, N]. ``kind`` TILES (trans_a only): on our
+    gradient tiles, the same fields."""
     depth, columns = b_shape
     rows = a_shape[1] if trans_a else a_shape[0]
     lda = a_shape[1]
@@ -294,23 +346,24 @@ def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces):
         count = min(step, rows - first)
         # op(A)'s rows first: columns of A when transposed, rows of A otherwise.
         a_at = first if trans_a else first * lda
-        chunks.append((count * columns * depth, (BLAS, TRANS if trans_a else NO_TRANS, count, columns, depth,
+        chunks.append((count * columns * depth, (kind, TRANS if trans_a else NO_TRANS, count, columns, depth,
                                                  a, a_at, lda, b, 0, columns, c, first * columns, columns)))
 
 
 @functools.lru_cache(maxsize=64)
-def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas):
+def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas, tiles=(False, False)):
     """The chunks of the three products for K = ``steps`` rows, R_ih, I, R_hh, H (module
     docstring; ``DX_CHUNKS``), largest first, as a read-only int64 [chunks, _FIELDS]
-    array; and the multiply-adds of all three."""
+    array; and the multiply-adds of all three. ``tiles``: dW_ih, dW_hh on our gradient
+    tiles (``tiled``), else through the BLAS."""
     macs_ih = steps * rows_ih * input_size  # dW_ih's and dx's each
     macs_hh = steps * rows_hh * hidden
     total = 2 * macs_ih + macs_hh
     chunks = []
     _gemm_chunks(chunks, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
-                 2 if 2 * macs_ih > total else 1)
+                 2 if 2 * macs_ih > total else 1, TILES if tiles[0] else BLAS)
     _gemm_chunks(chunks, GRAD_HH, True, (steps, rows_hh), HIDDEN, (steps, hidden), DW_HH,
-                 2 if 2 * macs_hh > total else 1)
+                 2 if 2 * macs_hh > total else 1, TILES if tiles[1] else BLAS)
     if dx_on_blas:
         _gemm_chunks(chunks, GRAD_IH, False, (steps, rows_ih), W_IH, (rows_ih, input_size), DX, DX_CHUNKS)
     else:
@@ -335,7 +388,8 @@ def run(gemm, grad_ih, inputs, grad_hh, hidden_states, w_ih, dx_on_blas):
     dtype = grad_ih.dtype
     (steps, rows_ih), input_size = grad_ih.shape, inputs.shape[1]
     rows_hh, hidden = grad_hh.shape[1], hidden_states.shape[1]
-    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas))
+    tiles = (tiled(rows_ih, input_size, dtype), tiled(rows_hh, hidden, dtype))
+    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas), tiles)
     dw_ih = np.empty((rows_ih, input_size), dtype)
     dw_hh = np.empty((rows_hh, hidden), dtype)
     if dx_on_blas:
