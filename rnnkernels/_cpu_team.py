@@ -219,10 +219,12 @@ GRAD_IH, INPUTS, GRAD_HH, HIDDEN, W_IH, DW_IH, DW_HH, DX = range(8)
 # as operand, element offset and leading dimension), a block of dx's rows on the
 # packed kernel (``PACKED``: rows m to n), or a block of a weight gradient's rows on our
 # gradient tiles (``TILES``: the fields of the BLAS chunk it replaces, always Aᵀ B;
-# ``weight_rows``).
+# ``weight_rows``), or, where dW_ih and dW_hh read the same g (the LSTM's), a block of
+# both's rows in one pass over g (``TILES_PAIR``: dW_ih's fields; dW_hh's rows the same).
 BLAS = 0
 PACKED = 1
 TILES = 2
+TILES_PAIR = 3
 _KIND, _TRANS_A, _M, _N, _K, _A, _A_AT, _LDA, _B, _B_AT, _LDB, _C, _C_AT, _LDC = range(14)
 _FIELDS = 14
 
@@ -235,26 +237,37 @@ GRADIENT_BLOCK = 128
 GRADIENT_MAX_ROW_BYTES = 4096
 
 
-def _weight_rows(a, b, out, first, end):
-    """out[first:end] = a[:, first:end]ᵀ @ b, for a [K, M], b [K, N], out [M, N],
-    C-contiguous, one float dtype, with first, end and M multiples of 4 and N of the
-    panel width (``tiled``): ``_cpu_gemm``'s gradient tiles, read straight from a and b.
-    k runs in blocks of GRADIENT_BLOCK rows, in order; a block's sums are added to the
-    output's (the first block's stored), so every element's bits depend on the shape
-    alone. Within a block: rows of 4, each across all columns (the block's b, 64 KB at
-    N = 128 float32, stays in the cache while a's rows stream)."""
-    steps = a.shape[0]
+def _tile_row(a, b, out, row, k0, count, add):
+    # One row block (4 rows of out) across all of b's columns: pairs of panels, then the
+    # odd panel.
     columns = b.shape[1]
     panel = _cpu_gemm.VECTORS * (_cpu_gemm.VECTOR_BYTES // a.itemsize)
     pairs = columns - columns % (2 * panel)
+    for column in range(0, pairs, 2 * panel):
+        _cpu_gemm.gradient_tile4x2(a, b, out, row, column, k0, k0, count, add)
+    if pairs < columns:
+        _cpu_gemm.gradient_tile4x1(a, b, out, row, pairs, k0, k0, count, add)
+
+
+def _weight_rows(a, b, out, b2, out2, first, end, pair):
+    """out[first:end] = a[:, first:end]ᵀ @ b, and when ``pair`` out2[first:end] =
+    a[:, first:end]ᵀ @ b2 in the same pass, for a [K, M], b [K, N], out [M, N] (b2, out2
+    likewise), C-contiguous, one float dtype, with first, end and M multiples of 4 and
+    N of the panel width (``tiled``): ``_cpu_gemm``'s gradient tiles, read straight from
+    a and b. k runs in blocks of GRADIENT_BLOCK rows, in order; a block's sums are added
+    to the output's (the first block's stored), so every element's bits depend on the
+    shape alone (and are the same whether or not the pair shares the pass). Within a
+    block: rows of 4, each across all columns of b (then of b2): the block's b, 64 KB at
+    N = 128 float32, stays in the cache while a's rows stream, and the pair reads each
+    of a's rows once for both products."""
+    steps = a.shape[0]
     for k0 in range(0, steps, GRADIENT_BLOCK):
         count = min(GRADIENT_BLOCK, steps - k0)
         add = k0 > 0
         for row in range(first, end, 4):
-            for column in range(0, pairs, 2 * panel):
-                _cpu_gemm.gradient_tile4x2(a, b, out, row, column, k0, k0, count, add)
-            if pairs < columns:
-                _cpu_gemm.gradient_tile4x1(a, b, out, row, pairs, k0, k0, count, add)
+            _tile_row(a, b, out, row, k0, count, add)
+            if pair:
+                _tile_row(a, b2, out2, row, k0, count, add)
 
 
 def tiled(rows, columns, dtype):
@@ -289,9 +302,10 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                 first, end = task[_M], task[_N]
                 product(operands[GRAD_IH][first:end], packed, out[first:end], None)  # noqa: F821 - a global of each variant
                 continue
-            if task[_KIND] == TILES:
+            if task[_KIND] == TILES or task[_KIND] == TILES_PAIR:
                 first = task[_A_AT]
-                weight_rows(operands[task[_A]], operands[task[_B]], operands[task[_C]], first, first + task[_M])  # noqa: F821
+                weight_rows(operands[task[_A]], operands[task[_B]], operands[task[_C]],  # noqa: F821
+                            operands[HIDDEN], operands[DW_HH], first, first + task[_M], task[_KIND] == TILES_PAIR)
                 continue
             a = operands[task[_A]].ctypes.data + task[_A_AT] * item
             b = operands[task[_B]].ctypes.data + task[_B_AT] * item
@@ -304,7 +318,9 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                         a, task[_LDA], b, task[_LDB], zero, c, task[_LDC])
 
 
-WEIGHT_ROWS = _cpu_common.compile_function(_weight_rows, "serial", False)
+WEIGHT_ROWS = _cpu_common.compile_function(
+    _weight_rows, "serial", False, {"_tile_row": _cpu_common.compile_function(_tile_row, "serial", False, inline=True)}
+)
 PRODUCTS = {
     parallel: _cpu_common.compile_function(
         _products, "parallel" if parallel else "serial", parallel,
@@ -351,19 +367,27 @@ def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces, kind=BLAS):
 
 
 @functools.lru_cache(maxsize=64)
-def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas, tiles=(False, False)):
+def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas, tiles=(False, False), shared=False):
     """The chunks of the three products for K = ``steps`` rows, R_ih, I, R_hh, H (module
     docstring; ``DX_CHUNKS``), largest first, as a read-only int64 [chunks, _FIELDS]
     array; and the multiply-adds of all three. ``tiles``: dW_ih, dW_hh on our gradient
-    tiles (``tiled``), else through the BLAS."""
+    tiles (``tiled``), else through the BLAS; ``shared``: both read the same g (then,
+    both on the tiles, in TILES_PAIR chunks)."""
     macs_ih = steps * rows_ih * input_size  # dW_ih's and dx's each
     macs_hh = steps * rows_hh * hidden
     total = 2 * macs_ih + macs_hh
     chunks = []
-    _gemm_chunks(chunks, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
-                 2 if 2 * macs_ih > total else 1, TILES if tiles[0] else BLAS)
-    _gemm_chunks(chunks, GRAD_HH, True, (steps, rows_hh), HIDDEN, (steps, hidden), DW_HH,
-                 2 if 2 * macs_hh > total else 1, TILES if tiles[1] else BLAS)
+    if shared and tiles[0] and tiles[1]:
+        # One pass over g for both: dW_ih's chunks, each carrying dW_hh's same rows.
+        pair = []
+        _gemm_chunks(pair, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
+                     2 if 2 * (macs_ih + macs_hh) > total else 1, TILES_PAIR)
+        chunks.extend((row[_M] * (input_size + hidden) * steps, row) for _, row in pair)
+    else:
+        _gemm_chunks(chunks, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
+                     2 if 2 * macs_ih > total else 1, TILES if tiles[0] else BLAS)
+        _gemm_chunks(chunks, GRAD_HH, True, (steps, rows_hh), HIDDEN, (steps, hidden), DW_HH,
+                     2 if 2 * macs_hh > total else 1, TILES if tiles[1] else BLAS)
     if dx_on_blas:
         _gemm_chunks(chunks, GRAD_IH, False, (steps, rows_ih), W_IH, (rows_ih, input_size), DX, DX_CHUNKS)
     else:
@@ -389,7 +413,9 @@ def run(gemm, grad_ih, inputs, grad_hh, hidden_states, w_ih, dx_on_blas):
     (steps, rows_ih), input_size = grad_ih.shape, inputs.shape[1]
     rows_hh, hidden = grad_hh.shape[1], hidden_states.shape[1]
     tiles = (tiled(rows_ih, input_size, dtype), tiled(rows_hh, hidden, dtype))
-    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas), tiles)
+    # The LSTM passes its one g as both (the GRU its two): a property of the cell.
+    shared = grad_ih is grad_hh
+    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas), tiles, shared)
     dw_ih = np.empty((rows_ih, input_size), dtype)
     dw_hh = np.empty((rows_hh, hidden), dtype)
     if dx_on_blas:
