@@ -377,7 +377,7 @@ def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas, tiles=(False, 
     macs_hh = steps * rows_hh * hidden
     total = 2 * macs_ih + macs_hh
     chunks = []
-    if shared and tiles[0] and tiles[1]:
+    if shared and tiles[0] and tiles[1] and rows_ih == rows_hh:
         # One pass over g for both: dW_ih's chunks, each carrying dW_hh's same rows.
         pair = []
         _gemm_chunks(pair, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
