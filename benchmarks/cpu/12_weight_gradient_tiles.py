@@ -1,0 +1,178 @@
+"""Experiment 12: the weight gradients gᵀ x on our own tiles against OpenBLAS's sgemm (issue 12).
+
+    NUMBA_NUM_THREADS=1 python benchmarks/cpu/12_weight_gradient_tiles.py
+    NUMBA_NUM_THREADS=1 python benchmarks/cpu/12_weight_gradient_tiles.py --size 512,8,128 --part product
+
+Two parts, float32, random operands of issue 12's shapes (K = T·B rows, R = 4H, I = H):
+
+* ``product``: one weight gradient gᵀ x ([R, K] @ [K, I]) by NumPy's BLAS held at one
+  thread (``g.T @ x``: OpenBLAS's sgemm in NumPy's wheels) and by our tiles
+  (``_cpu_team.WEIGHT_ROWS``: ``_cpu_gemm``'s gradient tiles read straight from the
+  row-major g and x, k in blocks of _cpu_team.GRADIENT_BLOCK rows),
+  interleaved, in thread CPU time (what a loaded machine disturbs least) and wall time;
+  GFLOP/s from the thread CPU time's median;
+* ``team``: the three after-loop products as the LSTM's backward runs them
+  (``_cpu_blas.backward_products``: dW_ih, dW_hh and dx on one team) three ways, in
+  rotating order: ``blas`` (both weight gradients through the BLAS: before this
+  experiment), ``tiles`` (each on our tiles, g passed as two arrays: what the GRU, whose
+  two g differ, gets) and ``pairs`` (the LSTM's one g: both weight gradients in one
+  pass over g); ratios to ``blas`` in the same repeat, median (p10-p90), thread CPU time.
+
+Every variant is checked against a float64 product first. Run it under
+``/work/bin/quiet``. What it showed (quiet, 2-core Zen 4 VM, one thread, 2026-12-02):
+
+``product`` (GFLOP/s, thread CPU time; the same random operands; block 128 unless said;
+the other blocks and tile shapes from this experiment's first drafts, same method):
+
+    shape ([R,K]@[K,I])      OpenBLAS   ours    (block 256)
+    512,8,128   [512,4096]@[4096,128]    76-86   96-103  (98-103)
+    128,16,256  [1024,2048]@[2048,256]   91      106     (105)
+    64,64,512   [2048,4096]@[4096,512]   96      75      (75-81)   <- OpenBLAS: _cpu_team.tiled
+    256,1,128   [512,256]@[256,128]      90-95   96-112
+    1024,4,64   [256,4096]@[4096,64]     83      110-112
+
+  Across runs ours moved 84-103 GFLOP/s at 512,8,128 (OpenBLAS 73-87): in one run
+  block 256 did 103 and 128 84, in another the reverse; with the operands placed at
+  chosen offsets modulo 4 KB (x at 0, 64, 256, 1024, 2048, 3072 bytes past g's), block
+  128 did 96-99 and 256 98-99, OpenBLAS 79-87. 128 is kept: the smaller block adds the
+  blocks' partial sums more often, which keeps the float32 error lower (max abs error at
+  512,8,128: 7e-5 against 1.0e-4 at 256 and 1.3e-4 for OpenBLAS; a sequential sum over
+  all 4096 k: 7e-4). Tiles of 8 rows x 1 panel (8 broadcasts, 2 loads per k) did 78-81
+  at 512,8,128, and 4x2 tiles with the columns outside the rows 66-77: not kept.
+
+``team`` (ratio to ``blas``, thread CPU time, 25 repeats):
+
+    T,B,H        blas ms   tiles             pairs
+    512,8,128    19.36     0.93 (0.89-1.00)  0.92 (0.87-0.97)
+    128,16,256   34.40     0.99 (0.94-1.02)  0.97 (0.94-1.01)
+    128,8,128     4.85     0.96 (0.92-1.02)  0.94 (0.90-1.00)
+    256,1,128     1.13     1.03 (0.91-1.12)  0.94 (0.87-1.00)
+    1024,4,64     6.17     0.91 (0.85-0.96)  0.83 (0.74-0.90)
+
+The whole LSTM training call against torch and against main: rnnkernels/cpu.py's
+docstring ("Threading policy") and _cpu_team's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(_CHECKOUT))
+
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from rnnkernels import _cpu_blas, _cpu_team  # noqa: E402 - after the path
+
+SIZES = ((512, 8, 128), (128, 16, 256), (64, 64, 512), (256, 1, 128), (1024, 4, 64), (128, 8, 128))
+
+
+def _size(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def _check(name, got, want):
+    error = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+    if error > 1e-5:
+        raise SystemExit(f"{name} is off by {error:.1e}")
+
+
+def product(sizes, repeats):
+    rng = np.random.default_rng(0)
+    weight_rows = _cpu_team.WEIGHT_ROWS
+    print(f"part product: one thread, thread CPU time (wall), k block {_cpu_team.GRADIENT_BLOCK}")
+    for steps, batch, hidden in sizes:
+        rows, depth = 4 * hidden, steps * batch
+        g = rng.standard_normal((depth, rows), dtype=np.float32)
+        x = rng.standard_normal((depth, hidden), dtype=np.float32)
+        out = np.empty((rows, hidden), np.float32)
+        want = g.astype(np.float64).T @ x.astype(np.float64)
+
+        def ours():
+            weight_rows(g, x, out, x, out, 0, rows, False)
+
+        def blas():
+            return g.T @ x  # at one thread: main() holds the BLAS there
+
+        _check("blas", blas(), want)
+        ours()
+        _check("ours", out, want)
+        times = {"blas": ([], []), "ours": ([], [])}
+        for repeat in range(repeats):
+            for name, run in ((("blas", blas), ("ours", ours)) if repeat % 2 else (("ours", ours), ("blas", blas))):
+                cpu, wall = time.thread_time(), time.perf_counter()
+                run()
+                times[name][0].append(time.thread_time() - cpu)
+                times[name][1].append(time.perf_counter() - wall)
+        flops = 2 * rows * depth * hidden
+        cells = [f"{name} {1e3 * np.median(c):.2f} ms ({1e3 * np.median(w):.2f}) {flops / np.median(c) / 1e9:.1f} GFLOP/s"
+                 for name, (c, w) in times.items()]
+        print(f"  {steps},{batch},{hidden} [{rows},{depth}]@[{depth},{hidden}] tiled={_cpu_team.tiled(rows, hidden, np.float32)}: "
+              + " | ".join(cells), flush=True)
+
+
+def team(sizes, repeats):
+    rng = np.random.default_rng(0)
+    real = _cpu_team.tiled
+    print("part team: ratio to blas, thread CPU time, median (p10-p90)")
+    for steps, batch, hidden in sizes:
+        depth, rows = steps * batch, 4 * hidden
+        g = rng.standard_normal((depth, rows), dtype=np.float32)
+        g_copy = g.copy()
+        x = rng.standard_normal((depth, hidden), dtype=np.float32)
+        h = rng.standard_normal((depth, hidden), dtype=np.float32)
+        w_ih = rng.standard_normal((rows, hidden), dtype=np.float32)
+        wide = [a.astype(np.float64) for a in (g, x, h, w_ih)]
+        want = (wide[0].T @ wide[1], wide[0].T @ wide[2], wide[0] @ wide[3])
+
+        def blas():
+            _cpu_team.tiled = lambda *a: False
+            try:
+                return _cpu_blas.backward_products(g, x, g, h, w_ih)
+            finally:
+                _cpu_team.tiled = real
+
+        ways = {"blas": blas, "tiles": lambda: _cpu_blas.backward_products(g, x, g_copy, h, w_ih),
+                "pairs": lambda: _cpu_blas.backward_products(g, x, g, h, w_ih)}
+        for name, run in ways.items():
+            for got, expected in zip(run(), want):
+                _check(name, got, expected)
+        times = {name: [] for name in ways}
+        names = list(ways)
+        for repeat in range(repeats):
+            for name in names[repeat % 3:] + names[: repeat % 3]:
+                start = time.thread_time()
+                ways[name]()
+                times[name].append(time.thread_time() - start)
+        base = np.array(times["blas"])
+        cells = []
+        for name in names:
+            ratio = np.array(times[name]) / base
+            p10, p50, p90 = np.percentile(ratio, [10, 50, 90])
+            cells.append(f"{name} {1e3 * np.median(times[name]):.2f} ms {p50:.3f} ({p10:.2f}-{p90:.2f})")
+        print(f"  {steps},{batch},{hidden}: " + " | ".join(cells), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=_size, action="append", metavar="T,B,H", help="default: issue 12's six")
+    parser.add_argument("--part", choices=("product", "team"), action="append", help="default: both")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    if _cpu_blas.team_gemm() is None:
+        raise SystemExit("no BLAS gemm the team can call here (rnnkernels/_cpu_team.py): nothing to compare")
+    parts = args.part or ("product", "team")
+    if "product" in parts:
+        with threadpool_limits(1, user_api="blas"):  # once: a limit per call scans the libraries
+            product(args.size or SIZES, args.repeats)
+    if "team" in parts:
+        team(args.size or SIZES, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
