@@ -12,7 +12,8 @@ of the thread count), and the threads of Numba's team claim the chunks in order 
 an atomic counter (``_cpu_sync.claim``) until none is left. Each chunk is one call of
 the BLAS's single-threaded gemm (the BLAS is held at one thread around the region,
 ``_cpu_blas.one_blas_thread``) or, for dx where it wins, of our packed kernel on a
-block of rows. At one thread the same chunks run one after the other, so every output
+block of rows, or, for a weight gradient where ``tiled`` says so, of our gradient tiles
+on a block of its rows (below). At one thread the same chunks run one after the other, so every output
 bit is the same at any thread count (each chunk's bits depend only on its own call).
 
 Why one team: before this, dW_ih ran on a one-worker Python executor thread while the
@@ -22,6 +23,31 @@ for a while after a region ends; GOMP_SPINCOUNT) held the second core while the
 executor's thread wanted it: the dW phase took 3.1 ms at two threads against 2.9 at
 one at (T,B,H) = 128,8,128, and halved with OMP_WAIT_POLICY=passive. Here the spinning
 worker is the one that picks up the work.
+
+The weight gradients on our own tiles (``TILES``, ``TILES_PAIR``; ``tiled`` is the rule,
+on the shape and dtype alone): OpenBLAS's sgemm ran dW = gᵀ x, a long-K product with a
+transposed A (K = T·B = 4096, R = 512, I = 128 at 512,8,128), at 73-87 GFLOP/s at one
+thread, against 109-112 for our step tiles. ``_cpu_gemm``'s gradient tiles (4 rows of
+R x 2 panels of columns) read g and x where they lie, row-major, with no packing: per k
+they broadcast 4 adjacent elements of g's row k and load 4 vectors of x's row k. k runs
+in blocks of GRADIENT_BLOCK = 128 rows; within a block the tile's sums start at zero
+and are then added to the output (the first block's stored), in order, so the bits
+are the shape's alone, as every chunk's must be; the blocks' partial sums also keep the
+float32 error under OpenBLAS's (7e-5 against 1.3e-4 max abs at 512,8,128; one
+sequential sum over all 4096 k: 7e-4). Where one g feeds both (the LSTM and the Elman
+RNN pass the same array twice; the GRU has two), a ``TILES_PAIR`` chunk runs both
+products for its rows in one pass over g, the same bits as two passes. Quiet, one
+thread, 2-core Zen 4, thread CPU time (benchmarks/cpu/12_weight_gradient_tiles.py):
+one gᵀ x at 99.5 / 101 / 112 / 76 / 101 GFLOP/s against OpenBLAS's 83 / 87 / 97 / 68 /
+92 at (T,B,H) = 512,8,128 / 128,16,256 / 256,1,128 / 1024,4,64 / 128,8,128, and at
+64,64,512 ([2048, 4096]ᵀ @ [4096, 512], a row of g 8 KB) 79 against 98: there the BLAS
+stays (``tiled``: a row of g at most GRADIENT_MAX_ROW_BYTES). All three products of the
+team, pairs against the BLAS: 0.87 / 0.96 / 0.89 / 0.86 / 0.94 (each alone: 0.90 / 0.96
+/ 0.92 / 0.96 / 0.95). The whole LSTM training call against main's (the BLAS),
+paired, quiet (benchmarks/cpu/08_against_checkout.py, 15 repeats, one thread): 0.946 /
+0.977 / 1.005 / 0.929 / 0.972, and 1.013 (0.96-1.57) at 64,64,512, whose path did not
+change; against torch at one thread, 512,8,128 went from 1.02 to 0.95 (0.87-1.00).
+Only float32 with 512-bit vectors was measured, so float64 and AVX2 keep the BLAS.
 
 The function pointer: the gemm's address is found once with ctypes in the BLAS library
 threadpoolctl reports (``find_gemm``) and passed to the compiled code as a run-time

@@ -21,33 +21,37 @@ Two parts, float32, random operands of issue 12's shapes (K = T·B rows, R = 4H,
 Every variant is checked against a float64 product first. Run it under
 ``/work/bin/quiet``. What it showed (quiet, 2-core Zen 4 VM, one thread, 2026-12-02):
 
-``product`` (GFLOP/s, thread CPU time; the same random operands; block 128 unless said;
-the other blocks and tile shapes from this experiment's first drafts, same method):
+``product`` (GFLOP/s from thread CPU time; 20 repeats, 01:28 UTC; in brackets the range
+over this experiment's drafts, same method, not all quiet):
 
-    shape ([R,K]@[K,I])      OpenBLAS   ours    (block 256)
-    512,8,128   [512,4096]@[4096,128]    76-86   96-103  (98-103)
-    128,16,256  [1024,2048]@[2048,256]   91      106     (105)
-    64,64,512   [2048,4096]@[4096,512]   96      75      (75-81)   <- OpenBLAS: _cpu_team.tiled
-    256,1,128   [512,256]@[256,128]      90-95   96-112
-    1024,4,64   [256,4096]@[4096,64]     83      110-112
+    T,B,H        [R,K]@[K,I]                OpenBLAS         ours (block 128)
+    512,8,128    [512,4096]@[4096,128]      83.0 (73-87)     99.5 (80-103)
+    128,16,256   [1024,2048]@[2048,256]     87.0 (86-91)     101.0 (88-106)
+    64,64,512    [2048,4096]@[4096,512]     97.7 (96-98)     79.2 (75-79)  <- the BLAS stays
+    256,1,128    [512,256]@[256,128]        97.1 (90-97)     111.8 (96-112)
+    1024,4,64    [256,4096]@[4096,64]       67.9 (59-71)     75.6 (68-93)
+    128,8,128    [512,1024]@[1024,128]      91.9             100.6
 
-  Across runs ours moved 84-103 GFLOP/s at 512,8,128 (OpenBLAS 73-87): in one run
+  At 512,8,128 ours moved 80-103 GFLOP/s between runs (OpenBLAS 73-87): in one draft
   block 256 did 103 and 128 84, in another the reverse; with the operands placed at
-  chosen offsets modulo 4 KB (x at 0, 64, 256, 1024, 2048, 3072 bytes past g's), block
-  128 did 96-99 and 256 98-99, OpenBLAS 79-87. 128 is kept: the smaller block adds the
-  blocks' partial sums more often, which keeps the float32 error lower (max abs error at
-  512,8,128: 7e-5 against 1.0e-4 at 256 and 1.3e-4 for OpenBLAS; a sequential sum over
-  all 4096 k: 7e-4). Tiles of 8 rows x 1 panel (8 broadcasts, 2 loads per k) did 78-81
-  at 512,8,128, and 4x2 tiles with the columns outside the rows 66-77: not kept.
+  chosen offsets modulo 4 KB (x at 0, 64, 256, 1024, 2048, 3072 bytes past a page,
+  g page-aligned) block 128 did 96-99 and 256 98-99, OpenBLAS 79-87. 128 is kept: the
+  smaller block adds the blocks' partial sums more often, which keeps the float32 error
+  lower (max abs error at 512,8,128: 7e-5 against 1.0e-4 at 256 and 1.3e-4 for
+  OpenBLAS; one sequential sum over all 4096 k: 7e-4). Not kept: tiles of 8 rows x 1
+  panel (8 broadcasts, 2 loads per k) 78-81 at 512,8,128; the 4x2 tiles with the column
+  loop outside the rows' 66-82; dWᵀ = xᵀ g (x's columns broadcast, g's rows loaded)
+  73-90; g's block packed first into 4-wide panels (a plain Numba copy loop) 64-81.
 
-``team`` (ratio to ``blas``, thread CPU time, 25 repeats):
+``team`` (ratio to ``blas`` in the same repeat, thread CPU time, 20 repeats, same run):
 
     T,B,H        blas ms   tiles             pairs
-    512,8,128    19.36     0.93 (0.89-1.00)  0.92 (0.87-0.97)
-    128,16,256   34.40     0.99 (0.94-1.02)  0.97 (0.94-1.01)
-    128,8,128     4.85     0.96 (0.92-1.02)  0.94 (0.90-1.00)
-    256,1,128     1.13     1.03 (0.91-1.12)  0.94 (0.87-1.00)
-    1024,4,64     6.17     0.91 (0.85-0.96)  0.83 (0.74-0.90)
+    512,8,128    19.39     0.90 (0.84-0.99)  0.87 (0.85-0.93)
+    128,16,256   36.79     0.96 (0.92-0.98)  0.96 (0.91-1.01)
+    64,64,512   266.36     1.00 (0.96-1.03)  1.00 (0.97-1.03)  (not tiled: the same path)
+    256,1,128    1.08      0.92 (0.87-1.02)  0.89 (0.81-0.99)
+    1024,4,64    5.43      0.96 (0.86-1.04)  0.86 (0.79-0.94)
+    128,8,128    4.47      0.95 (0.85-1.02)  0.94 (0.76-0.97)
 
 The whole LSTM training call against torch and against main: rnnkernels/cpu.py's
 docstring ("Threading policy") and _cpu_team's.
