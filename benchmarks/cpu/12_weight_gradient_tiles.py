@@ -53,6 +53,13 @@ over this experiment's drafts, same method, not all quiet):
     1024,4,64    5.43      0.96 (0.86-1.04)  0.86 (0.79-0.94)
     128,8,128    4.47      0.95 (0.85-1.02)  0.94 (0.76-0.97)
 
+Tried and not kept: the bias gradient db (g's column sums, 0.5-0.6 ms of the 512,8,128
+call by NumPy after the team) summed in the pairs' pass over g, from the scalars the
+tiles broadcast anyway (a scalar sum per row in the first tile of each row block): the
+whole training call against the same code without it, paired, quiet, one thread, 30
+repeats: 0.99 (0.95-1.03) / 1.04 (0.96-1.11) / 0.99 (0.89-1.04) / 1.01 (0.97-1.05) at
+512,8,128 / 128,8,128 / 1024,4,64 / 256,1,128: no gain to show for the extra code.
+
 The whole LSTM training call against torch and against main: rnnkernels/cpu.py's
 docstring ("Threading policy") and _cpu_team's.
 """
