@@ -14,7 +14,10 @@ six sizes (0.94 at 64,64,512) and the same time at one thread (cpu.py has the nu
 
 Why a BLAS at all: OpenBLAS's sgemm ran these long-K products faster at one thread than
 our packed kernel (``_cpu_gemm``'s tiles; the measurements are in cpu.py's docstring
-and benchmarks/cpu/04_thread_interference.py). Why one BLAS thread: at two, OpenBLAS
+and benchmarks/cpu/04_thread_interference.py). Since then the team runs the weight
+gradients on gradient tiles of our own wherever a shape rule says they win
+(``_cpu_team.tiled``; float32 with AVX-512; measurements in _cpu_team's docstring);
+the BLAS keeps the rest (64,64,512, float64, AVX2, the fallback below). Why one BLAS thread: at two, OpenBLAS
 splits a product over a worker that spins for about 100 ms after each call, taking
 the core that our next parallel region, torch, or the caller's code needs. Pinned to
 one thread, OpenBLAS has no worker to wake; the second core, where there is one, runs

@@ -218,3 +218,115 @@ tile2x1 = _make_tile(2, 1)
 tile1x4 = _make_tile(1, 4)
 tile1x2 = _make_tile(1, 2)
 tile1x1 = _make_tile(1, 1)
+
+
+def _make_gradient_tile(rows, panels):
+    """An intrinsic ``tile(a, b, out, row0, col0, a_k0, b_k0, count, add)``: the
+    rows x panels·W tile at (row0, col0) of a[a_k0:a_k0+count, row0:row0+rows]ᵀ @
+    b[b_k0:b_k0+count, col0:col0+panels·W], stored into ``out`` at the same place, or
+    added to what is there when ``add`` is nonzero (one IEEE addition per element, after
+    the whole k sum). a [., R], b [., N], out [R, N]: C-contiguous, one float dtype. The
+    k sum runs in registers from zero, k = 0, 1, ... in order, as the per-step tile's.
+    Per k: ``rows`` scalar broadcasts of adjacent elements of a row of a and panels·2
+    vector loads of a row of b. No bounds checks: the caller keeps every index inside."""
+
+    @intrinsic
+    def tile(typingctx, a, b, out, row0, col0, a_k0, b_k0, count, add):
+        arrays = (a, b, out)
+        if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in arrays):
+            return None
+        if not (a.dtype == b.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
+            return None
+        if not (all(isinstance(t, types.Integer) for t in (row0, col0, a_k0, b_k0, count))
+                and isinstance(add, (types.Integer, types.Boolean))):
+            return None
+        sig = types.void(a, b, out, row0, col0, a_k0, b_k0, count, add)
+
+        def codegen(context, builder, signature, args):
+            a_t, b_t, o_t = signature.args[:3]
+            a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip((a_t, b_t, o_t), args[:3]))
+            row0_v, col0_v, a_k0_v, b_k0_v, count_v, add_v = (
+                context.cast(builder, v, t, types.intp) for v, t in zip(args[3:], signature.args[3:]))
+            scalar = context.get_value_type(a_t.dtype)
+            width = VECTOR_BYTES // (4 if a_t.dtype == types.float32 else 8)
+            vec = ir.VectorType(scalar, width)
+            intp = context.get_value_type(types.intp)
+            lda = cgutils.unpack_tuple(builder, a_arr.shape, 2)[1]
+            ldb = cgutils.unpack_tuple(builder, b_arr.shape, 2)[1]
+            ldo = cgutils.unpack_tuple(builder, o_arr.shape, 2)[1]
+            columns = panels * VECTORS
+            suffix = f"v{width}f{32 if a_t.dtype == types.float32 else 64}"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{suffix}")
+            zero = ir.Constant(vec, [0.0] * width)
+            undef = ir.Constant(vec, ir.Undefined)
+            mask0 = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+
+            def const(value):
+                return ir.Constant(intp, value)
+
+            # Pointers walked by k: a's and b's first elements of row k = 0.
+            a_base = builder.gep(a_arr.data, [builder.add(builder.mul(a_k0_v, lda), row0_v)])
+            b_base = builder.gep(b_arr.data, [builder.add(builder.mul(b_k0_v, ldb), col0_v)])
+            entry = builder.basic_block
+            loop = builder.append_basic_block("gradient_tile.loop")
+            done = builder.append_basic_block("gradient_tile.done")
+            builder.cbranch(builder.icmp_signed(">", count_v, const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(intp)
+            k.add_incoming(const(0), entry)
+            acc = [[builder.phi(vec) for _ in range(columns)] for _ in range(rows)]
+            for row in acc:
+                for phi in row:
+                    phi.add_incoming(zero, entry)
+            b_row = builder.gep(b_base, [builder.mul(k, ldb)])
+            w = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vec.as_pointer()), align=4)
+                 for v in range(columns)]
+            a_row = builder.gep(a_base, [builder.mul(k, lda)])
+            new_acc = []
+            for r in range(rows):
+                x = builder.load(builder.gep(a_row, [const(r)]))
+                xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
+                new_acc.append([builder.call(fma, [xb, w[v], acc[r][v]]) for v in range(columns)])
+            k_next = builder.add(k, const(1))
+            latch = builder.basic_block
+            k.add_incoming(k_next, latch)
+            for r in range(rows):
+                for v in range(columns):
+                    acc[r][v].add_incoming(new_acc[r][v], latch)
+            builder.cbranch(builder.icmp_signed("<", k_next, count_v), loop, done)
+
+            builder.position_at_end(done)
+            results = []
+            for r in range(rows):  # the phis first: LLVM wants them at the top of the block
+                results.append([])
+                for v in range(columns):
+                    phi = builder.phi(vec)
+                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(new_acc[r][v], latch)
+                    results[r].append(phi)
+            adding = builder.icmp_signed("!=", add_v, const(0))
+            pointers = []
+            for r in range(rows):
+                row_ptr = builder.gep(o_arr.data, [builder.add(builder.mul(builder.add(row0_v, const(r)), ldo), col0_v)])
+                pointers.append([builder.bitcast(builder.gep(row_ptr, [const(v * width)]), vec.as_pointer())
+                                 for v in range(columns)])
+            with builder.if_else(adding) as (then, otherwise):
+                with then:
+                    for r in range(rows):
+                        for v in range(columns):
+                            total = builder.fadd(builder.load(pointers[r][v], align=4), results[r][v])
+                            builder.store(total, pointers[r][v], align=4)
+                with otherwise:
+                    for r in range(rows):
+                        for v in range(columns):
+                            builder.store(results[r][v], pointers[r][v], align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+gradient_tile4x2 = _make_gradient_tile(4, 2)
+gradient_tile4x1 = _make_gradient_tile(4, 1)

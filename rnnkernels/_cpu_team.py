@@ -12,7 +12,8 @@ of the thread count), and the threads of Numba's team claim the chunks in order 
 an atomic counter (``_cpu_sync.claim``) until none is left. Each chunk is one call of
 the BLAS's single-threaded gemm (the BLAS is held at one thread around the region,
 ``_cpu_blas.one_blas_thread``) or, for dx where it wins, of our packed kernel on a
-block of rows. At one thread the same chunks run one after the other, so every output
+block of rows, or, for a weight gradient where ``tiled`` says so, of our gradient tiles
+on a block of its rows (below). At one thread the same chunks run one after the other, so every output
 bit is the same at any thread count (each chunk's bits depend only on its own call).
 
 Why one team: before this, dW_ih ran on a one-worker Python executor thread while the
@@ -22,6 +23,31 @@ for a while after a region ends; GOMP_SPINCOUNT) held the second core while the
 executor's thread wanted it: the dW phase took 3.1 ms at two threads against 2.9 at
 one at (T,B,H) = 128,8,128, and halved with OMP_WAIT_POLICY=passive. Here the spinning
 worker is the one that picks up the work.
+
+The weight gradients on our own tiles (``TILES``, ``TILES_PAIR``; ``tiled`` is the rule,
+on the shape and dtype alone): OpenBLAS's sgemm ran dW = gᵀ x, a long-K product with a
+transposed A (K = T·B = 4096, R = 512, I = 128 at 512,8,128), at 73-87 GFLOP/s at one
+thread, against 109-112 for our step tiles. ``_cpu_gemm``'s gradient tiles (4 rows of
+R x 2 panels of columns) read g and x where they lie, row-major, with no packing: per k
+they broadcast 4 adjacent elements of g's row k and load 4 vectors of x's row k. k runs
+in blocks of GRADIENT_BLOCK = 128 rows; within a block the tile's sums start at zero
+and are then added to the output (the first block's stored), in order, so the bits
+are the shape's alone, as every chunk's must be; the blocks' partial sums also keep the
+float32 error under OpenBLAS's (7e-5 against 1.3e-4 max abs at 512,8,128; one
+sequential sum over all 4096 k: 7e-4). Where one g feeds both (the LSTM and the Elman
+RNN pass the same array twice; the GRU has two), a ``TILES_PAIR`` chunk runs both
+products for its rows in one pass over g, the same bits as two passes. Quiet, one
+thread, 2-core Zen 4, thread CPU time (benchmarks/cpu/12_weight_gradient_tiles.py):
+one gᵀ x at 99.5 / 101 / 112 / 76 / 101 GFLOP/s against OpenBLAS's 83 / 87 / 97 / 68 /
+92 at (T,B,H) = 512,8,128 / 128,16,256 / 256,1,128 / 1024,4,64 / 128,8,128, and at
+64,64,512 ([2048, 4096]ᵀ @ [4096, 512], a row of g 8 KB) 79 against 98: there the BLAS
+stays (``tiled``: a row of g at most GRADIENT_MAX_ROW_BYTES). All three products of the
+team, pairs against the BLAS: 0.87 / 0.96 / 0.89 / 0.86 / 0.94 (each alone: 0.90 / 0.96
+/ 0.92 / 0.96 / 0.95). The whole LSTM training call against main's (the BLAS),
+paired, quiet (benchmarks/cpu/08_against_checkout.py, 15 repeats, one thread): 0.946 /
+0.977 / 1.005 / 0.929 / 0.972, and 1.013 (0.96-1.57) at 64,64,512, whose path did not
+change; against torch at one thread, 512,8,128 went from 1.02 to 0.95 (0.87-1.00).
+Only float32 with 512-bit vectors was measured, so float64 and AVX2 keep the BLAS.
 
 The function pointer: the gemm's address is found once with ctypes in the BLAS library
 threadpoolctl reports (``find_gemm``) and passed to the compiled code as a run-time
@@ -216,12 +242,70 @@ _gemm64 = _make_gemm(64)
 # The operands, in a tuple of 2-D arrays of one dtype (indexable at run time).
 GRAD_IH, INPUTS, GRAD_HH, HIDDEN, W_IH, DW_IH, DW_HH, DX = range(8)
 # A chunk, a row of the plan: one gemm (``BLAS``: C[m, n] = op(A) @ B, A, B and C given
-# as operand, element offset and leading dimension) or a block of dx's rows on the
-# packed kernel (``PACKED``: rows m to n).
+# as operand, element offset and leading dimension), a block of dx's rows on the
+# packed kernel (``PACKED``: rows m to n), or a block of a weight gradient's rows on our
+# gradient tiles (``TILES``: the fields of the BLAS chunk it replaces, always Aᵀ B;
+# ``weight_rows``), or, where dW_ih and dW_hh read the same g (the LSTM's), a block of
+# both's rows in one pass over g (``TILES_PAIR``: dW_ih's fields; dW_hh's rows the same).
 BLAS = 0
 PACKED = 1
+TILES = 2
+TILES_PAIR = 3
 _KIND, _TRANS_A, _M, _N, _K, _A, _A_AT, _LDA, _B, _B_AT, _LDB, _C, _C_AT, _LDC = range(14)
 _FIELDS = 14
+
+
+# Weight gradients on our tiles (``weight_rows``): k in blocks of this many rows, each
+# block's sums added to the output (module docstring of the rule, ``tiled``).
+GRADIENT_BLOCK = 128
+# ... only where a row of g (A's rows are read with this stride) is at most this many
+# bytes: each k then touches one page of A (``tiled``).
+GRADIENT_MAX_ROW_BYTES = 4096
+
+
+def _tile_row(a, b, out, row, k0, count, add):
+    # One row block (4 rows of out) across all of b's columns: pairs of panels, then the
+    # odd panel.
+    columns = b.shape[1]
+    panel = _cpu_gemm.VECTORS * (_cpu_gemm.VECTOR_BYTES // a.itemsize)
+    pairs = columns - columns % (2 * panel)
+    for column in range(0, pairs, 2 * panel):
+        _cpu_gemm.gradient_tile4x2(a, b, out, row, column, k0, k0, count, add)
+    if pairs < columns:
+        _cpu_gemm.gradient_tile4x1(a, b, out, row, pairs, k0, k0, count, add)
+
+
+def _weight_rows(a, b, out, b2, out2, first, end, pair):
+    """out[first:end] = a[:, first:end]ᵀ @ b, and when ``pair`` out2[first:end] =
+    a[:, first:end]ᵀ @ b2 in the same pass, for a [K, M], b [K, N], out [M, N] (b2, out2
+    likewise), C-contiguous, one float dtype, with first, end and M multiples of 4 and
+    N of the panel width (``tiled``): ``_cpu_gemm``'s gradient tiles, read straight from
+    a and b. k runs in blocks of GRADIENT_BLOCK rows, in order; a block's sums are added
+    to the output's (the first block's stored), so every element's bits depend on the
+    shape alone (and are the same whether or not the pair shares the pass). Within a
+    block: rows of 4, each across all columns of b (then of b2): the block's b, 64 KB at
+    N = 128 float32, stays in the cache while a's rows stream, and the pair reads each
+    of a's rows once for both products."""
+    steps = a.shape[0]
+    for k0 in range(0, steps, GRADIENT_BLOCK):
+        count = min(GRADIENT_BLOCK, steps - k0)
+        add = k0 > 0
+        for row in range(first, end, 4):
+            _tile_row(a, b, out, row, k0, count, add)
+            if pair:
+                _tile_row(a, b2, out2, row, k0, count, add)
+
+
+def tiled(rows, columns, dtype):
+    """Whether a weight gradient [rows, columns] = gᵀ x (g [K, rows]) runs on our tiles
+    (``weight_rows``) rather than the BLAS's gemm: a rule on the shape and dtype alone.
+    float32 with 512-bit vectors (the only case measured: benchmarks/cpu/12), rows a
+    multiple of the tiles' 4 and columns of a panel (no partial tiles), and a row of g
+    at most GRADIENT_MAX_ROW_BYTES: at [2048, 4096]ᵀ @ [4096, 512] (64,64,512; a row of
+    8 KB) OpenBLAS won, 96 against 75 GFLOP/s, at the three others ours."""
+    dtype = np.dtype(dtype)
+    return (dtype == np.float32 and _cpu_gemm.TWO_PANEL_BLOCKS and rows % 4 == 0
+            and columns % _cpu_gemm.panel_width(dtype) == 0 and rows * dtype.itemsize <= GRADIENT_MAX_ROW_BYTES)
 
 
 def _products(plan, gemm_address, wide, counters, workers, operands, packed):
@@ -244,6 +328,11 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                 first, end = task[_M], task[_N]
                 product(operands[GRAD_IH][first:end], packed, out[first:end], None)  # noqa: F821 - a global of each variant
                 continue
+            if task[_KIND] == TILES or task[_KIND] == TILES_PAIR:
+                first = task[_A_AT]
+                weight_rows(operands[task[_A]], operands[task[_B]], operands[task[_C]],  # noqa: F821
+                            operands[HIDDEN], operands[DW_HH], first, first + task[_M], task[_KIND] == TILES_PAIR)
+                continue
             a = operands[task[_A]].ctypes.data + task[_A_AT] * item
             b = operands[task[_B]].ctypes.data + task[_B_AT] * item
             c = operands[task[_C]].ctypes.data + task[_C_AT] * item
@@ -255,9 +344,13 @@ def _products(plan, gemm_address, wide, counters, workers, operands, packed):
                         a, task[_LDA], b, task[_LDB], zero, c, task[_LDC])
 
 
+WEIGHT_ROWS = _cpu_common.compile_function(
+    _weight_rows, "serial", False, {"_tile_row": _cpu_common.compile_function(_tile_row, "serial", False, inline=True)}
+)
 PRODUCTS = {
     parallel: _cpu_common.compile_function(
-        _products, "parallel" if parallel else "serial", parallel, {"product": _cpu_common.PRODUCT[False]}
+        _products, "parallel" if parallel else "serial", parallel,
+        {"product": _cpu_common.PRODUCT[False], "weight_rows": WEIGHT_ROWS},
     )
     for parallel in (False, True)
 }
@@ -282,10 +375,11 @@ def chunk_rows(rows, pieces):
     return max(ROW_ALIGN, -(-per_chunk // ROW_ALIGN) * ROW_ALIGN)
 
 
-def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces):
+def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces, kind=BLAS):
     """C = op(A) @ B's chunks (blocks of C's rows) as (multiply-adds, plan row), for
     operands a, b, c (indices) of C-contiguous shapes: op(A) = Aᵀ for trans_a (A
-    [K, M]), else A [M, K]; B [K, N]; C [M, N]."""
+    [K, M]), else A [M, K]; B [K, N]; C [M, N]. ``kind`` TILES (trans_a only): on our
+    gradient tiles, the same fields."""
     depth, columns = b_shape
     rows = a_shape[1] if trans_a else a_shape[0]
     lda = a_shape[1]
@@ -294,23 +388,32 @@ def _gemm_chunks(chunks, a, trans_a, a_shape, b, b_shape, c, pieces):
         count = min(step, rows - first)
         # op(A)'s rows first: columns of A when transposed, rows of A otherwise.
         a_at = first if trans_a else first * lda
-        chunks.append((count * columns * depth, (BLAS, TRANS if trans_a else NO_TRANS, count, columns, depth,
+        chunks.append((count * columns * depth, (kind, TRANS if trans_a else NO_TRANS, count, columns, depth,
                                                  a, a_at, lda, b, 0, columns, c, first * columns, columns)))
 
 
 @functools.lru_cache(maxsize=64)
-def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas):
+def plan(steps, rows_ih, input_size, rows_hh, hidden, dx_on_blas, tiles=(False, False), shared=False):
     """The chunks of the three products for K = ``steps`` rows, R_ih, I, R_hh, H (module
     docstring; ``DX_CHUNKS``), largest first, as a read-only int64 [chunks, _FIELDS]
-    array; and the multiply-adds of all three."""
+    array; and the multiply-adds of all three. ``tiles``: dW_ih, dW_hh on our gradient
+    tiles (``tiled``), else through the BLAS; ``shared``: both read the same g (then,
+    both on the tiles, in TILES_PAIR chunks)."""
     macs_ih = steps * rows_ih * input_size  # dW_ih's and dx's each
     macs_hh = steps * rows_hh * hidden
     total = 2 * macs_ih + macs_hh
     chunks = []
-    _gemm_chunks(chunks, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
-                 2 if 2 * macs_ih > total else 1)
-    _gemm_chunks(chunks, GRAD_HH, True, (steps, rows_hh), HIDDEN, (steps, hidden), DW_HH,
-                 2 if 2 * macs_hh > total else 1)
+    if shared and tiles[0] and tiles[1] and rows_ih == rows_hh:
+        # One pass over g for both: dW_ih's chunks, each carrying dW_hh's same rows.
+        pair = []
+        _gemm_chunks(pair, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
+                     2 if 2 * (macs_ih + macs_hh) > total else 1, TILES_PAIR)
+        chunks.extend((row[_M] * (input_size + hidden) * steps, row) for _, row in pair)
+    else:
+        _gemm_chunks(chunks, GRAD_IH, True, (steps, rows_ih), INPUTS, (steps, input_size), DW_IH,
+                     2 if 2 * macs_ih > total else 1, TILES if tiles[0] else BLAS)
+        _gemm_chunks(chunks, GRAD_HH, True, (steps, rows_hh), HIDDEN, (steps, hidden), DW_HH,
+                     2 if 2 * macs_hh > total else 1, TILES if tiles[1] else BLAS)
     if dx_on_blas:
         _gemm_chunks(chunks, GRAD_IH, False, (steps, rows_ih), W_IH, (rows_ih, input_size), DX, DX_CHUNKS)
     else:
@@ -335,7 +438,10 @@ def run(gemm, grad_ih, inputs, grad_hh, hidden_states, w_ih, dx_on_blas):
     dtype = grad_ih.dtype
     (steps, rows_ih), input_size = grad_ih.shape, inputs.shape[1]
     rows_hh, hidden = grad_hh.shape[1], hidden_states.shape[1]
-    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas))
+    tiles = (tiled(rows_ih, input_size, dtype), tiled(rows_hh, hidden, dtype))
+    # The LSTM passes its one g as both (the GRU its two): a property of the cell.
+    shared = grad_ih is grad_hh
+    table, total = plan(steps, rows_ih, input_size, rows_hh, hidden, bool(dx_on_blas), tiles, shared)
     dw_ih = np.empty((rows_ih, input_size), dtype)
     dw_hh = np.empty((rows_hh, hidden), dtype)
     if dx_on_blas:

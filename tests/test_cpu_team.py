@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rnnkernels
-from rnnkernels import _cpu_blas, _cpu_common, _cpu_team
+from rnnkernels import _cpu_blas, _cpu_common, _cpu_gemm, _cpu_team
 
 # Of a product's largest value, for K up to a few hundred (tests/test_cpu.py's step
 # products use the same).
@@ -74,31 +74,118 @@ def test_team_products_through_the_blas_function_pointer_match_float64(dtype, dx
     assert sorted(dw_hh_rows[:, _cpu_team._M]) == [80, 80]
 
 
-def test_team_plan_is_the_shapes_alone_and_covers_every_row():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradient_tiles_match_a_float64_product_on_odd_shapes(dtype):
+    # Our weight-gradient tiles (_cpu_team._weight_rows: aᵀ b read straight from the
+    # operands, k in blocks): K = 1, one short of, one past and not a multiple of the k
+    # block; rows a multiple of the tiles' 4 but not of 16; one, two, three and five
+    # panels of columns (pairs of panels and an odd one). A block of rows writes those
+    # rows alone, with the bits of the whole; the pair's products (one pass over a) the
+    # bits of two passes.
+    block = _cpu_team.GRADIENT_BLOCK
+    panel = _cpu_gemm.panel_width(dtype)
+    rng = np.random.default_rng(5)
+    for steps in (1, block - 1, block + 1, 2 * block + 44):
+        for rows, panels in ((4, 1), (12, 2), (100, 3), (36, 5)):
+            a = rng.standard_normal((steps, rows)).astype(dtype)
+            b = rng.standard_normal((steps, panels * panel)).astype(dtype)
+            b2 = rng.standard_normal((steps, panel)).astype(dtype)
+            out = np.full((rows, panels * panel), np.nan, dtype)
+            out2 = np.full((rows, panel), np.nan, dtype)
+            _cpu_team.WEIGHT_ROWS(a, b, out, b2, out2, 0, rows, True)
+            for got, other in ((out, b), (out2, b2)):
+                want = a.astype(np.float64).T @ other.astype(np.float64)
+                scale = max(1.0, np.abs(want).max())
+                np.testing.assert_allclose(got, want, rtol=0, atol=4 * TOLERANCE[dtype] * scale)
+            alone = np.full_like(out, np.nan)
+            _cpu_team.WEIGHT_ROWS(a, b, alone, b, alone, 0, rows, False)
+            assert alone.tobytes() == out.tobytes()
+            part = np.full_like(out, np.nan)
+            _cpu_team.WEIGHT_ROWS(a, b, part, b, part, 4, rows, False)
+            assert np.isnan(part[:4]).all() and part[4:].tobytes() == out[4:].tobytes()
+
+
+def test_gradient_tiles_rule_is_the_shape_and_dtype_alone(monkeypatch):
+    # float32, 512-bit vectors, rows % 4, columns % a panel, a row of g <= 4 KB.
+    monkeypatch.setattr(_cpu_gemm, "TWO_PANEL_BLOCKS", True)
+    panel = _cpu_gemm.panel_width(np.float32)
+    assert _cpu_team.tiled(512, 128, np.float32) and _cpu_team.tiled(1024, 256, np.float32)
+    assert _cpu_team.tiled(4, panel, np.float32) and _cpu_team.tiled(12, 3 * panel, np.float32)
+    assert not _cpu_team.tiled(512, 128, np.float64)
+    assert not _cpu_team.tiled(510, 128, np.float32) and not _cpu_team.tiled(512, 120, np.float32)
+    assert not _cpu_team.tiled(2048, 512, np.float32)  # 64,64,512: OpenBLAS won
+    monkeypatch.setattr(_cpu_gemm, "TWO_PANEL_BLOCKS", False)
+    assert not _cpu_team.tiled(512, 128, np.float32)
+
+
+@pytest.mark.parametrize("same_grad", [False, True])
+def test_team_weight_gradients_on_our_tiles_match_float64_with_the_same_bits_at_1_2_3_workers(same_grad, monkeypatch):
+    # The team with dW_ih and dW_hh on our tiles (the LSTM's shared g: in one pass as
+    # pairs; otherwise each alone), dW_hh over half the work (cut in two), K past and
+    # short of the k block, one row block: float64's products within float32 rounding,
+    # and the same bits at 1, 2 and 3 workers.
+    gemm = _gemm_or_fail()
+    monkeypatch.setattr(_cpu_gemm, "TWO_PANEL_BLOCKS", True)  # the rule's vector width: any here
+    monkeypatch.setattr(_cpu_common, "PARALLEL_MIN_MACS", 0)
+    panel = _cpu_gemm.panel_width(np.float32)
+    rng = np.random.default_rng(6)
+    for steps, rows, input_size, hidden in ((300, 100, 2 * panel, 3 * panel), (129, 16, panel, 5 * panel),
+                                           (1, 4, panel, panel)):
+        assert _cpu_team.tiled(rows, input_size, np.float32) and _cpu_team.tiled(rows, hidden, np.float32)
+        operands = _operands(rng, steps, rows, input_size, rows, hidden, np.float32, same_grad)
+        kinds = set(_cpu_team.plan(steps, rows, input_size, rows, hidden, False, (True, True), same_grad)[0][:, 0])
+        assert kinds == {_cpu_team.PACKED, _cpu_team.TILES_PAIR if same_grad else _cpu_team.TILES}
+        results = []
+        for workers in (1, 2, 3):
+            monkeypatch.setattr(_cpu_common, "threads", lambda workers=workers: workers)
+            with _cpu_blas.one_blas_thread():
+                got = _cpu_team.run(gemm, *operands, False)
+            _check(got, operands, np.float32)
+            results.append([a.tobytes() for a in got])
+        assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("options", [(False, (False, False), False), (True, (False, False), False),
+                                     (False, (True, True), False), (False, (True, False), True),
+                                     (True, (True, True), True)])
+def test_team_plan_is_the_shapes_alone_and_covers_every_row(options):
     # The chunks are a function of the shape (never of the thread count): each output
-    # row of each product in exactly one chunk, largest chunks first.
-    for shape in ((1024, 512, 128, 512, 128), (33, 9, 300, 9, 4), (1, 3, 2, 3, 2)):
-        for dx_on_blas in (False, True):
-            table, total = _cpu_team.plan(*shape, dx_on_blas)
-            steps, rows_ih, input_size, rows_hh, hidden = shape
-            assert total == steps * (2 * rows_ih * input_size + rows_hh * hidden)
-            covered = {_cpu_team.DW_IH: [], _cpu_team.DW_HH: [], _cpu_team.DX: []}
-            macs = []
-            for row in table:
-                if row[_cpu_team._KIND] == _cpu_team.PACKED:
-                    first, end = row[_cpu_team._M], row[_cpu_team._N]
-                    covered[_cpu_team.DX].extend(range(first, end))
-                    macs.append((end - first) * rows_ih * input_size)
-                else:
-                    columns = row[_cpu_team._N]
-                    first = row[_cpu_team._C_AT] // columns
-                    covered[row[_cpu_team._C]].extend(range(first, first + row[_cpu_team._M]))
-                    macs.append(row[_cpu_team._M] * columns * row[_cpu_team._K])
-            assert sorted(covered[_cpu_team.DW_IH]) == list(range(rows_ih))
-            assert sorted(covered[_cpu_team.DW_HH]) == list(range(rows_hh))
-            assert sorted(covered[_cpu_team.DX]) == list(range(steps))
-            assert macs == sorted(macs, reverse=True) and sum(macs) == total
-            assert not table.flags.writeable
+    # row of each product in exactly one chunk, largest chunks first; with the weight
+    # gradients on our tiles, alone or (shared g) as pairs too.
+    dx_on_blas, tiles, shared = options
+    for shape in ((1024, 512, 128, 512, 128), (33, 9, 300, 9, 4), (1, 3, 2, 3, 2), (300, 100, 64, 100, 96)):
+        table, total = _cpu_team.plan(*shape, dx_on_blas, tiles, shared)
+        steps, rows_ih, input_size, rows_hh, hidden = shape
+        assert total == steps * (2 * rows_ih * input_size + rows_hh * hidden)
+        covered = {_cpu_team.DW_IH: [], _cpu_team.DW_HH: [], _cpu_team.DX: []}
+        macs = []
+        for row in table:
+            if row[_cpu_team._KIND] == _cpu_team.PACKED:
+                first, end = row[_cpu_team._M], row[_cpu_team._N]
+                covered[_cpu_team.DX].extend(range(first, end))
+                macs.append((end - first) * rows_ih * input_size)
+            elif row[_cpu_team._KIND] == _cpu_team.TILES_PAIR:  # dW_ih's and dW_hh's same rows
+                assert shared and tiles == (True, True) and row[_cpu_team._C] == _cpu_team.DW_IH
+                first, count = row[_cpu_team._A_AT], row[_cpu_team._M]
+                covered[_cpu_team.DW_IH].extend(range(first, first + count))
+                covered[_cpu_team.DW_HH].extend(range(first, first + count))
+                macs.append(count * (input_size + hidden) * steps)
+            else:
+                kind = row[_cpu_team._KIND]
+                dw = {_cpu_team.DW_IH: 0, _cpu_team.DW_HH: 1}.get(row[_cpu_team._C])
+                want = _cpu_team.BLAS if dw is None or not tiles[dw] else _cpu_team.TILES
+                assert kind == want and not (shared and tiles == (True, True) and dw is not None)
+                columns = row[_cpu_team._N]
+                first = row[_cpu_team._C_AT] // columns
+                covered[row[_cpu_team._C]].extend(range(first, first + row[_cpu_team._M]))
+                macs.append(row[_cpu_team._M] * columns * row[_cpu_team._K])
+        assert sorted(covered[_cpu_team.DW_IH]) == list(range(rows_ih))
+        assert sorted(covered[_cpu_team.DW_HH]) == list(range(rows_hh))
+        assert sorted(covered[_cpu_team.DX]) == list(range(steps))
+        assert macs == sorted(macs, reverse=True) and sum(macs) == total
+        assert not table.flags.writeable
+        if tiles == (True, True) and shared:  # dW in 1 or 2 pair chunks
+            assert 1 <= sum(table[:, _cpu_team._KIND] == _cpu_team.TILES_PAIR) <= 2
 
 
 class _Controller:
@@ -150,11 +237,12 @@ def test_backward_products_without_a_known_gemm_runs_as_before(dtype, monkeypatc
     assert not entered
 
 
-def _train(cell, steps, batch, hidden, dtype):
+def _train(cell, steps, batch, hidden, dtype, inputs=None):
     rng = np.random.default_rng(3)
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
-    x = rng.standard_normal((steps, batch, hidden + 3)).astype(dtype)
-    w_ih = (rng.standard_normal((gates * hidden, hidden + 3)) / hidden).astype(dtype)
+    inputs = hidden + 3 if inputs is None else inputs
+    x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+    w_ih = (rng.standard_normal((gates * hidden, inputs)) / hidden).astype(dtype)
     w_hh = (rng.standard_normal((gates * hidden, hidden)) / hidden).astype(dtype)
     b_ih, b_hh = (rng.standard_normal(gates * hidden).astype(dtype) for _ in range(2))
     dy = rng.standard_normal((steps, batch, hidden)).astype(dtype)
@@ -165,29 +253,39 @@ def _train(cell, steps, batch, hidden, dtype):
     return [grads.dx, grads.dw_ih, grads.dw_hh, grads.db_ih, grads.db_hh]
 
 
+@pytest.mark.parametrize("hidden, inputs", [(37, 40), (32, 32)])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_every_cell_gives_the_same_bits_on_the_team_at_1_2_3_workers(cell, monkeypatch):
+def test_every_cell_gives_the_same_bits_on_the_team_at_1_2_3_workers(cell, hidden, inputs, monkeypatch):
     # Each cell's backward through the team at 1, 2 and 3 workers (with the time loops'
     # choice forced along: serial at 1, persistent otherwise): bit for bit the same, and
-    # within float32 rounding of the products as before (the fallback's).
+    # within float32 rounding of the products as before (the fallback's). At H = I = 32
+    # the weight gradients run on our tiles (the LSTM's and RNN's as pairs over one g), where
+    # the rule's vector width allows (forced here).
     _gemm_or_fail()
+    monkeypatch.setattr(_cpu_gemm, "TWO_PANEL_BLOCKS", True)
     ran = []
     real = _cpu_team.run
     monkeypatch.setattr(_cpu_team, "run", lambda *a: ran.append(1) or real(*a))
+    kinds = []
+    real_plan = _cpu_team.plan
+    monkeypatch.setattr(_cpu_team, "plan", lambda *a: kinds.append(set(real_plan(*a)[0][:, 0])) or real_plan(*a))
     monkeypatch.setattr(_cpu_blas, "TEAM_MIN_MACS", 0)
     results = []
     for workers in (1, 2, 3):
         monkeypatch.setattr(_cpu_common, "threads", lambda workers=workers: workers)
         for name in ("PERSISTENT_MIN_MACS", "PERSISTENT_MIN_GROUPS", "PARALLEL_MIN_UNITS", "PARALLEL_MIN_MACS"):
             monkeypatch.setattr(_cpu_common, name, 0)
-        results.append(_train(cell, 5, 6, 37, np.float32))
+        results.append(_train(cell, 5, 6, hidden, np.float32, inputs))
     assert len(ran) == 3
+    # The LSTM and the Elman RNN pass one g for both (pairs), the GRU two.
+    tiles = set() if hidden != 32 else {_cpu_team.TILES if cell == "gru" else _cpu_team.TILES_PAIR}
+    assert all(k - {_cpu_team.BLAS, _cpu_team.PACKED} == tiles for k in kinds) and len(kinds) == 3
     for one, other in zip(results[0], results[1]):
         assert one.tobytes() == other.tobytes()
     for one, other in zip(results[0], results[2]):
         assert one.tobytes() == other.tobytes()
     monkeypatch.setattr(_cpu_blas, "_gemm", False)
-    for team, before in zip(results[0], _train(cell, 5, 6, 37, np.float32)):
+    for team, before in zip(results[0], _train(cell, 5, 6, hidden, np.float32, inputs)):
         np.testing.assert_allclose(team, before, rtol=0, atol=1e-5 * max(1.0, np.abs(before).max()))
 
 
