@@ -94,6 +94,15 @@ class Backend:
                     return _registered_backend, (where,)
         raise TypeError(f"cannot pickle the {self.name!r} Backend: it is not registered in rnnkernels.cells")
 
+    # copy.copy and copy.deepcopy would go through __reduce__ too, and refuse a Backend
+    # made outside cells.py (dataclasses.replace, a test's stand-in); a Backend is
+    # immutable (frozen, functions and names), so it is its own copy.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 def _registered_backend(where: str) -> Backend:
     """The Backend at ``where`` ("module:ATTRIBUTE"), for unpickling."""

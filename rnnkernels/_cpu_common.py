@@ -541,8 +541,12 @@ PACK_CHUNK_PANELS = 8
 
 def split_packing(w_ih, w_hh):
     """(w_ih, w_hh as C-contiguous arrays, packed_ih, packed_hh (empty: the split's
-    threads fill them, ``_pack_panels``), counters) for a cell's inference split."""
-    w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)
+    threads fill them, ``_pack_panels``), counters) for a cell's inference split.
+    Read-only weights (np.load(mmap_mode="r"), np.frombuffer) are copied: the split
+    reads them in its compiled region, where a read-only array is another Numba type,
+    a second cold compile of the whole split (about 6 s, not quiet) for the same code;
+    the copy is one serial pass on the calling thread, for read-only weights only."""
+    w_ih, w_hh = (np.ascontiguousarray(w) if w.flags.writeable else np.array(w, order="C") for w in (w_ih, w_hh))
     width = _cpu_gemm.panel_width(w_ih.dtype)
     packed = [np.empty((-(-w.shape[0] // width), w.shape[1], width), w.dtype) for w in (w_ih, w_hh)]
     return w_ih, w_hh, packed[0], packed[1], _cpu_sync.counters()

@@ -630,3 +630,25 @@ def test_cpu_inference_chunk_rule():
     assert chunk_steps(64, 64, 1, large) == _cpu_common.LARGE_CHUNK_ROWS // 64
     assert chunk_steps(3, 64, 2, large) == 3
     assert chunk_steps(5, 300, 1, large) == 1
+
+
+def test_cpu_inference_split_with_read_only_weights_compiles_nothing_more(monkeypatch):
+    # Read-only weights (np.load(mmap_mode="r"), np.frombuffer) reach the cpu backend as
+    # they are (_arrays.to_backend copies nothing that fits). The inference split packs
+    # them on its threads, so they became arguments of its compiled region: a read-only
+    # array is another Numba type, and every process with a fresh cache paid a second
+    # cold compile of the split (about 6 s) for the same code. Same bits either way.
+    from rnnkernels import _cpu_common, cpu
+
+    monkeypatch.setattr(_cpu_common, "threads", lambda: 2)
+    problem = make_problem(4, 8, 6, 20, dtype=np.float32, bias=True, state=True, seed=11)
+    want = rnnkernels.lstm_forward(**problem, backend="cpu", training=False)
+    compiled = len(cpu._INFERENCE_SPLIT.signatures)
+    read_only = dict(problem)
+    for name in ("w_ih", "w_hh"):
+        read_only[name] = problem[name].copy()
+        read_only[name].setflags(write=False)
+    got = rnnkernels.lstm_forward(**read_only, backend="cpu", training=False)
+    for field in ("y", "h_n", "c_n"):
+        assert getattr(got, field).tobytes() == getattr(want, field).tobytes(), field
+    assert len(cpu._INFERENCE_SPLIT.signatures) == compiled, cpu._INFERENCE_SPLIT.signatures

@@ -152,3 +152,24 @@ def test_functional_output_pickles_and_its_copy_runs_backward(cell):
     want, got = backward(out, dy=dy), backward(pickle.loads(pickle.dumps(out)), dy=dy)
     for name in ("dx", "dw_ih", "dw_hh", "db_ih", "dh0"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_backend_copies_are_itself_registered_or_not():
+    # A Backend pickles by where cells.py registers it, and refuses to pickle otherwise
+    # (its functions have no importable names). copy.copy and copy.deepcopy go through
+    # the same __reduce__, so they began to raise for a Backend made outside cells.py
+    # (dataclasses.replace of a registered one, a test's stand-in), which they had
+    # copied before. A Backend is immutable functions and names: its copy is itself.
+    import copy
+    import dataclasses
+
+    from rnnkernels import reference
+
+    made = dataclasses.replace(reference.BACKEND, name="stand-in")
+    for backend in (made, reference.BACKEND):
+        assert copy.copy(backend) is backend
+        assert copy.deepcopy(backend) is backend
+    with pytest.raises(TypeError, match="not registered"):
+        import pickle
+
+        pickle.dumps(made)
