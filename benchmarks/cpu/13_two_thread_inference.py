@@ -1,4 +1,4 @@
-"""Experiment 12: where two-thread LSTM inference time goes at 64,64,512, against torch.
+"""Experiment 13: where two-thread LSTM inference time goes at 64,64,512, against torch.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/cpu/13_two_thread_inference.py [--size 64,64,512] [--part scaling]
 
