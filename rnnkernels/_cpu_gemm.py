@@ -80,6 +80,45 @@ def pack(matrix_t, dtype=None):
     return packed
 
 
+def _fma_rows(builder, fma, undef, mask0, element, w, acc):
+    """One k of a tile's loop, for both kinds of tile: each row r's element (at the
+    pointer ``element(r)`` emits) broadcast to a vector and multiplied into that row's
+    accumulators ``acc[r]`` with the panel vectors ``w`` (one ``llvm.fma`` each); the
+    new sums, row by row."""
+    new_acc = []
+    for r, row in enumerate(acc):
+        x = builder.load(element(r))
+        xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
+        new_acc.append([builder.call(fma, [xb, w[v], phi]) for v, phi in enumerate(row)])
+    return new_acc
+
+
+def _end_k_loop(builder, k, total, acc, new_acc, start, blocks):
+    """Closes a tile's k loop (again while k + 1 < total) and returns, positioned at its
+    exit block, each accumulator's value there: the zero vector where the loop did not
+    run (start = (entry block, zero)), else its last sum. blocks = (loop, done)."""
+    entry, zero = start
+    loop, done = blocks
+    k_next = builder.add(k, ir.Constant(k.type, 1))
+    latch = builder.basic_block
+    k.add_incoming(k_next, latch)
+    for row, new_row in zip(acc, new_acc, strict=True):
+        for phi, value in zip(row, new_row, strict=True):
+            phi.add_incoming(value, latch)
+    builder.cbranch(builder.icmp_signed("<", k_next, total), loop, done)
+
+    builder.position_at_end(done)
+    results = []
+    for new_row in new_acc:  # the phis first: LLVM wants them at the top of the block
+        results.append([])
+        for value in new_row:
+            phi = builder.phi(value.type)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, latch)
+            results[-1].append(phi)
+    return results
+
+
 def _make_tile(rows, panels):
     """An intrinsic ``tile(a, row0, packed, panel0, out, bias)``: out[row0:row0+rows,
     panel0·W:(panel0+panels)·W] = a[row0:row0+rows, :K] @ packed[panel0:panel0+panels]
@@ -159,28 +198,8 @@ def _make_tile(rows, panels):
                 for q in range(panels)
                 for v in range(VECTORS)
             ]
-            new_acc = []
-            for r in range(rows):
-                x = builder.load(builder.gep(a_rows[r], [k]))
-                xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
-                new_acc.append([builder.call(fma, [xb, w[v], acc[r][v]]) for v in range(columns)])
-            k_next = builder.add(k, ir.Constant(intp, 1))
-            latch = builder.basic_block
-            k.add_incoming(k_next, latch)
-            for r in range(rows):
-                for v in range(columns):
-                    acc[r][v].add_incoming(new_acc[r][v], latch)
-            builder.cbranch(builder.icmp_signed("<", k_next, k_total), loop, done)
-
-            builder.position_at_end(done)
-            results = []
-            for r in range(rows):  # the phis first: LLVM wants them at the top of the block
-                results.append([])
-                for v in range(columns):
-                    phi = builder.phi(vec)
-                    phi.add_incoming(zero, entry)
-                    phi.add_incoming(new_acc[r][v], latch)
-                    results[r].append(phi)
+            new_acc = _fma_rows(builder, fma, undef, mask0, lambda r: builder.gep(a_rows[r], [k]), w, acc)
+            results = _end_k_loop(builder, k, k_total, acc, new_acc, (entry, zero), (loop, done))
             col0 = builder.mul(panel_v, ir.Constant(intp, VECTORS * width))
             if has_bias:  # loaded once, added to every row's sums as they are stored
                 b_arr = context.make_array(signature.args[5])(context, builder, args[5])
@@ -283,28 +302,8 @@ def _make_gradient_tile(rows, panels):
             w = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vec.as_pointer()), align=4)
                  for v in range(columns)]
             a_row = builder.gep(a_base, [builder.mul(k, lda)])
-            new_acc = []
-            for r in range(rows):
-                x = builder.load(builder.gep(a_row, [const(r)]))
-                xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef, mask0)
-                new_acc.append([builder.call(fma, [xb, w[v], acc[r][v]]) for v in range(columns)])
-            k_next = builder.add(k, const(1))
-            latch = builder.basic_block
-            k.add_incoming(k_next, latch)
-            for r in range(rows):
-                for v in range(columns):
-                    acc[r][v].add_incoming(new_acc[r][v], latch)
-            builder.cbranch(builder.icmp_signed("<", k_next, count_v), loop, done)
-
-            builder.position_at_end(done)
-            results = []
-            for r in range(rows):  # the phis first: LLVM wants them at the top of the block
-                results.append([])
-                for v in range(columns):
-                    phi = builder.phi(vec)
-                    phi.add_incoming(zero, entry)
-                    phi.add_incoming(new_acc[r][v], latch)
-                    results[r].append(phi)
+            new_acc = _fma_rows(builder, fma, undef, mask0, lambda r: builder.gep(a_row, [const(r)]), w, acc)
+            results = _end_k_loop(builder, k, count_v, acc, new_acc, (entry, zero), (loop, done))
             adding = builder.icmp_signed("!=", add_v, const(0))
             pointers = []
             for r in range(rows):
