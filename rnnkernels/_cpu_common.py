@@ -181,7 +181,8 @@ def _product(a, packed, out, bias):
 
 def _team(batch, workers, teams, worker, row_parts, product_parts, panels):
     """Worker ``worker``'s team and its share of the work: (team, first_row, end_row,
-    row_chunk, panel_chunk). Team k of ``teams`` owns rows k·B//teams up to
+    row_chunk, panel_chunk, product_chunks, per_step): the last two are how many
+    product chunks a step has and how many chunks in all (product and cell). Team k of ``teams`` owns rows k·B//teams up to
     (k+1)·B//teams for all T steps and has the workers w with w % teams == k; its
     members split each phase into about ``row_parts`` cell chunks (blocks of rows) and
     ``product_parts`` product chunks (runs of ``panel_chunk`` panels) per member. A
@@ -198,7 +199,9 @@ def _team(batch, workers, teams, worker, row_parts, product_parts, panels):
     unit = 4 if (panels + 3) // 4 >= parts else 2
     units = (panels + unit - 1) // unit
     panel_chunk = unit * max(1, (units + parts - 1) // parts)
-    return team, first_row, end_row, row_chunk, panel_chunk
+    product_chunks = (panels + panel_chunk - 1) // panel_chunk
+    per_step = product_chunks + (end_row - first_row + row_chunk - 1) // row_chunk
+    return team, first_row, end_row, row_chunk, panel_chunk, product_chunks, per_step
 
 
 def _forward_persistent(h, packed, z, state, counters, workers, teams, row_parts, product_parts):
@@ -218,12 +221,9 @@ def _forward_persistent(h, packed, z, state, counters, workers, teams, row_parts
     used_teams = max(1, min(teams, workers, batch))
     check_product(h[0], packed, z, None)  # noqa: F821 - a global of each variant
     for worker in numba.prange(workers):
-        team, first_row, end_row, row_chunk, panel_chunk = team_share(  # noqa: F821
+        team, first_row, end_row, row_chunk, panel_chunk, product_chunks, per_step = team_share(  # noqa: F821
             batch, workers, used_teams, worker, row_parts, product_parts, panels
         )
-        product_chunks = (panels + panel_chunk - 1) // panel_chunk
-        row_chunks = (end_row - first_row + row_chunk - 1) // row_chunk
-        per_step = product_chunks + row_chunks
         total = steps * per_step
         own = counters[team]
         while True:
@@ -258,12 +258,10 @@ def _backward_persistent(grad, packed, out, state, counters, workers, teams, row
     used_teams = max(1, min(teams, workers, batch))
     check_product(grad[0], packed, out, None)  # noqa: F821 - a global of each variant
     for worker in numba.prange(workers):
-        team, first_row, end_row, row_chunk, panel_chunk = team_share(  # noqa: F821
+        team, first_row, end_row, row_chunk, panel_chunk, product_chunks, per_step = team_share(  # noqa: F821
             batch, workers, used_teams, worker, row_parts, product_parts, panels
         )
-        product_chunks = (panels + panel_chunk - 1) // panel_chunk
-        row_chunks = (end_row - first_row + row_chunk - 1) // row_chunk
-        per_step = product_chunks + row_chunks
+        row_chunks = per_step - product_chunks  # a step's cell chunks come first here
         total = steps * per_step
         own = counters[team]
         while True:

@@ -300,9 +300,11 @@ def test_cpu_persistent_teams_and_product_chunks_at_their_boundaries():
     ]:
         rows, chunks = [], {}
         for worker in range(workers):
-            team, first, end, row_chunk, panel_chunk = _cpu_common._team(
+            team, first, end, row_chunk, panel_chunk, product_chunks, per_step = _cpu_common._team(
                 batch, workers, teams, worker, 1, parts, panels
             )
+            assert product_chunks == -(-panels // panel_chunk)
+            assert per_step == product_chunks + -(-(end - first) // row_chunk)
             rows.append((team, first, end))
             chunks.setdefault(team, set()).add((row_chunk, panel_chunk))
         covered = sorted(set(rows), key=lambda row: row[1])
